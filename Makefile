@@ -1,0 +1,51 @@
+# Two commands for a fresh clone: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+LOCK := requirements-dev.lock
+# PYTHONDONTWRITEBYTECODE may be set: compile bytecode at install time so `import airflow` stays fast.
+UV_FLAGS := --compile-bytecode --quiet
+
+.PHONY: venv test lint typecheck check demo bench bench-large soak lock clean
+
+$(STAMP): $(LOCK) pyproject.toml
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --user uv || $(PYTHON) -m pip install --quiet uv
+	@test -x $(PY) || uv venv --quiet --python $(PYTHON) $(VENV) || $(PYTHON) -m venv $(VENV)
+	VIRTUAL_ENV=$(VENV) uv pip sync $(UV_FLAGS) $(LOCK)
+	VIRTUAL_ENV=$(VENV) uv pip install $(UV_FLAGS) --no-deps -e .
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+demo: $(STAMP)
+	$(PY) -m airflow_provider_stopchurn.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --rows 1000000
+
+bench-large: $(STAMP)
+	$(PY) benchmarks/run.py --rows 10000000 --large
+
+soak: $(STAMP)
+	STOPCHURN_SOAK=long $(PY) -m pytest -m slow tests/test_soak.py
+
+# Re-pin the exact dependency set after editing pyproject.toml.
+lock:
+	uv pip compile pyproject.toml --extra dev --python-version 3.11 --quiet -o $(LOCK)
+
+clean:
+	rm -rf $(VENV) .airflow .demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,77 @@
+"""The one error tree of the provider (no Airflow import).
+
+Every error says whether retrying the same work later could succeed:
+
+* ``permanent = True``: bad configuration, bad source data, a safeguard, a rejected request (400), a wrong
+  API key (401). Retrying cannot help; the operator maps these to ``AirflowFailException``.
+* ``permanent = False``: exhausted retries on 429/5xx/network errors, a busy lock. A task retry resumes the
+  unfinished plan; the operator maps these to ``AirflowException``.
+
+No exception text ever contains the API key: messages are built only from StopChurn's response ``message``,
+status codes, counts, column names and connection ids.
+"""
+
+from __future__ import annotations
+
+
+class StopChurnError(Exception):
+    """Base of every error raised by this provider."""
+
+    permanent: bool = True
+
+
+# --- configuration -------------------------------------------------------------------------------------------
+class StopChurnConfigError(StopChurnError, ValueError):
+    """Invalid configuration: missing API key or brand id, insecure base URL, bad operator arguments."""
+
+
+# --- source data ---------------------------------------------------------------------------------------------
+class SourceDataError(StopChurnError, ValueError):
+    """The source table cannot be delivered as it is (keys, value types, row size, table contract)."""
+
+
+class SafeguardError(StopChurnError):
+    """A plan tripped a safeguard (mass delete, empty source, schema drift); nothing was sent."""
+
+
+# --- snapshot store ------------------------------------------------------------------------------------------
+class SnapshotError(StopChurnError):
+    """The snapshot store is unreadable, corrupt, of a newer format, or not writable."""
+
+
+class SnapshotLockedError(SnapshotError):
+    """Another run holds the lock of this brand/table; retrying later may succeed."""
+
+    permanent = False
+
+
+# --- delivery ------------------------------------------------------------------------------------------------
+class DeliveryError(StopChurnError):
+    """StopChurn did not accept a request."""
+
+    def __init__(self, message: str, *, status: int | None = None, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+        self.attempts = attempts
+
+
+class StopChurnAuthError(DeliveryError):
+    """401: the API key was refused. Never retried."""
+
+
+class StopChurnRejectedError(DeliveryError):
+    """400: StopChurn rejected the request; ``reason`` is StopChurn's ``message`` verbatim. Never retried."""
+
+    def __init__(self, message: str, *, reason: str, status: int | None = 400, attempts: int = 1) -> None:
+        super().__init__(message, status=status, attempts=attempts)
+        self.reason = reason
+
+
+class StopChurnHTTPError(DeliveryError):
+    """Any other non-retryable HTTP status (403, 404, 413, other 4xx, unexpected 2xx/3xx)."""
+
+
+class TransientDeliveryError(DeliveryError):
+    """429/5xx/network errors persisted through every retry; a later retry may succeed."""
+
+    permanent = False
