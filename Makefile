@@ -10,11 +10,14 @@ UV_FLAGS := --compile-bytecode --quiet
 
 .PHONY: venv test lint typecheck check demo bench bench-large soak lock clean
 
+# uv installs the locked set in seconds (plain pip takes over a minute); it is bootstrapped with pip.
+UV := $(PYTHON) -m uv
+
 $(STAMP): $(LOCK) pyproject.toml
-	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --user uv || $(PYTHON) -m pip install --quiet uv
-	@test -x $(PY) || uv venv --quiet --python $(PYTHON) $(VENV) || $(PYTHON) -m venv $(VENV)
-	VIRTUAL_ENV=$(VENV) uv pip sync $(UV_FLAGS) $(LOCK)
-	VIRTUAL_ENV=$(VENV) uv pip install $(UV_FLAGS) --no-deps -e .
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check "uv>=0.5"
+	@test -x $(PY) || $(UV) venv --quiet --python $(PYTHON) $(VENV)
+	VIRTUAL_ENV=$(VENV) $(UV) pip sync $(UV_FLAGS) $(LOCK)
+	VIRTUAL_ENV=$(VENV) $(UV) pip install $(UV_FLAGS) --no-deps -e .
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -32,7 +35,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 demo: $(STAMP)
-	$(PY) -m airflow_provider_stopchurn.demo
+	$(PY) demo/run_demo.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --rows 1000000
@@ -45,7 +48,11 @@ soak: $(STAMP)
 
 # Re-pin the exact dependency set after editing pyproject.toml.
 lock:
-	uv pip compile pyproject.toml --extra dev --python-version 3.11 --quiet -o $(LOCK)
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --quiet -o $(LOCK)
 
 clean:
 	rm -rf $(VENV) .airflow .demo .pytest_cache .mypy_cache .ruff_cache
+
+# CI checks style without rewriting files.
+lint-ci: $(STAMP)
+	$(VENV)/bin/ruff check .
