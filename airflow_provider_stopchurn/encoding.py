@@ -1,0 +1,761 @@
+"""Source table -> canonical frame -> StopChurn update records -> request bodies.
+
+Three steps, all vectorised (no Python loop over rows, except ``orjson.dumps`` for cells of JSON-kind
+columns, which hold arbitrary Python objects anyway):
+
+1. :func:`canonicalize` turns a pandas DataFrame into a :class:`Canonical` polars frame whose every column
+   has one of the :data:`KINDS`. The canonical frame is what the snapshot stores and what the diff compares, so
+   equal values always have equal canonical representations (``Decimal("1.50")`` and ``Decimal("1.5")``, the
+   same instant in two time zones, dicts with keys in another order).
+2. :func:`encode_rows` writes each row as one JSON object text; :func:`encode_updates` wraps the rows in
+   StopChurn's update envelope.
+3. :func:`plan_chunks` cuts the encoded updates into request bodies bounded by row count and byte size;
+   :func:`chunk_body` builds one body.
+
+Canonical kinds and their polars dtypes:
+
+========== ============ ==========================================================================
+kind       dtype        meaning / JSON encoding
+========== ============ ==========================================================================
+int        Int64        exact integer
+float      Float64      NaN and +/-inf are null; integral values encode as integers (``3``)
+bool       Boolean      ``true`` / ``false``
+string     String       JSON string (also UUIDs, ``datetime.time`` and durations as ISO-8601 text)
+timestamp  Int64        epoch milliseconds, UTC (naive values are taken as UTC)
+date       Int64        epoch milliseconds of UTC midnight
+decimal    String       exact canonical decimal text, encoded as a raw JSON number
+json       String       canonical JSON text (sorted keys), encoded raw (nested JSON)
+null       String       a column without values or type information; always ``null``
+========== ============ ==========================================================================
+
+The ``id`` column: StopChurn requires every row to carry ``id``. When the source has no ``id`` column,
+:func:`canonicalize` adds one as the last column: a copy of the key column for a single key, or, for a composite
+key, a string made of the key parts' canonical texts joined with ``":"`` (timestamps and dates as their epoch
+milliseconds), e.g. key ``("brand", 42)`` -> ``"brand:42"``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal as _decimal
+import json
+import uuid as _uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+
+from airflow_provider_stopchurn.exceptions import SourceDataError
+
+__all__ = [
+    "KINDS",
+    "Canonical",
+    "canonicalize",
+    "chunk_body",
+    "encode_rows",
+    "encode_updates",
+    "plan_chunks",
+]
+
+KINDS = ("int", "float", "bool", "string", "timestamp", "date", "decimal", "json", "null")
+
+#: Kinds whose canonical text is written into the JSON row as it is (not as a JSON string).
+_RAW_KINDS = frozenset({"decimal", "json"})
+_KEY_KINDS = frozenset({"int", "string", "timestamp", "date"})
+_MAX_LISTED = 5
+_INT64_MAX = 2**63 - 1
+_BODY_HEAD = b'{"data":['
+_BODY_TAIL = b"]}"
+#: A body of n updates is ``len(head) + sum(sizes) + (n - 1) commas + len(tail)`` bytes.
+_BODY_OVERHEAD = len(_BODY_HEAD) + len(_BODY_TAIL)
+_UPDATE_TYPES = ("insert", "update", "delete")
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+_JSON_SCALARS = (str, int, float, bool, np.generic)
+_JSON_CONTAINERS = (dict, list, tuple)
+_JSON_CONVERTIBLE = (_dt.datetime, _dt.date, _dt.time, _dt.timedelta, _decimal.Decimal, _uuid.UUID)
+_SECONDS_PER_UNIT = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+_MS_PER_DAY = 86_400_000
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+#: Decimal exponents beyond this are written in canonical scientific notation instead of plain digits.
+_MAX_PLAIN_EXPONENT = 60
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """A source table in canonical form: what the snapshot stores and the diff compares."""
+
+    frame: pl.DataFrame
+    kinds: dict[str, str]
+    key_columns: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# canonicalize
+# --------------------------------------------------------------------------------------------------------------
+def canonicalize(df: pd.DataFrame, *, key_columns: Sequence[str], decimal_as_string: bool = False) -> Canonical:
+    """Validate ``df`` and convert it to a :class:`Canonical` frame.
+
+    ``decimal_as_string=True`` gives Decimal columns the kind ``"string"`` (same canonical text, sent as a JSON
+    string). Raises :class:`SourceDataError` for bad column names, unsupported values and invalid keys.
+    """
+    if isinstance(key_columns, str):
+        key_columns = [key_columns]
+    keys = tuple(key_columns)
+    if not keys:
+        raise SourceDataError("At least one key column is required.")
+    names = list(df.columns)
+    bad_names = [repr(n) for n in names if not isinstance(n, str)]
+    if bad_names:
+        raise SourceDataError(
+            f"Column names must be strings; got {', '.join(bad_names[:_MAX_LISTED])}. Rename the columns."
+        )
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise SourceDataError(f"Duplicate column names: {', '.join(map(repr, duplicated))}.")
+    missing = [k for k in keys if k not in names]
+    if missing:
+        raise SourceDataError(
+            f"Key column(s) {', '.join(map(repr, missing))} not found; available columns: "
+            f"{', '.join(map(repr, names)) or '(none)'}."
+        )
+    if len(set(keys)) != len(keys):
+        raise SourceDataError(f"Key columns are repeated: {keys!r}.")
+
+    series: list[pl.Series] = []
+    kinds: dict[str, str] = {}
+    for name in names:
+        col = df[name]
+        if name in keys:
+            _check_key_values(name, col, df.index)
+        converted, kind = _convert_column(name, col, decimal_as_string=decimal_as_string)
+        if name in keys:
+            converted, kind = _as_key(name, converted, kind)
+        series.append(converted.alias(name))
+        kinds[name] = kind
+    frame = pl.DataFrame(series) if series else pl.DataFrame(schema={})
+    if frame.width == 0:
+        frame = pl.DataFrame(schema={})
+    _check_unique(frame, keys)
+
+    if "id" not in kinds:
+        if len(keys) == 1:
+            frame = frame.with_columns(pl.col(keys[0]).alias("id"))
+            kinds["id"] = kinds[keys[0]]
+        else:
+            frame = frame.with_columns(
+                pl.concat_str([pl.col(k).cast(pl.String) for k in keys], separator=":").alias("id")
+            )
+            kinds["id"] = "string"
+    return Canonical(frame=frame, kinds=kinds, key_columns=keys)
+
+
+def _listed(values: Sequence[Any]) -> str:
+    shown = ", ".join(repr(v) for v in list(values)[:_MAX_LISTED])
+    more = len(values) - _MAX_LISTED
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _check_key_values(name: str, col: pd.Series, index: pd.Index) -> None:
+    """Checks that need the raw values (NaN and infinities become null in the canonical frame)."""
+    null_mask = np.asarray(col.isna(), dtype=bool)
+    if null_mask.any():
+        rows = list(index[null_mask])
+        raise SourceDataError(
+            f"Key column {name!r} has {int(null_mask.sum())} missing value(s) (null/NaN/NaT) at row(s) "
+            f"{_listed(rows)}; every key must be present."
+        )
+    if pd.api.types.is_float_dtype(col.dtype):
+        raw = col.to_numpy(dtype="float64", na_value=np.nan)
+        inf_mask = np.isinf(raw)
+        if inf_mask.any():
+            raise SourceDataError(
+                f"Key column {name!r} has infinite value(s) at row(s) {_listed(list(index[inf_mask]))}."
+            )
+        frac_mask = raw != np.floor(raw)
+        if frac_mask.any():
+            raise SourceDataError(
+                f"Key column {name!r} is a float column with non-integral value(s) "
+                f"{_listed(raw[frac_mask].tolist())}; float keys must be whole numbers."
+            )
+
+
+def _as_key(name: str, s: pl.Series, kind: str) -> tuple[pl.Series, str]:
+    if kind == "float":
+        values = s.to_numpy()
+        if values.size and (np.abs(values) >= 2.0**63).any():
+            raise SourceDataError(f"Key column {name!r} has float values beyond the 64-bit integer range.")
+        return s.cast(pl.Int64), "int"
+    if kind == "json":
+        raise SourceDataError(
+            f"Key column {name!r} mixes value types (e.g. 1 and '1'); a key column must hold one type. "
+            "Cast it in the source (e.g. CAST(... AS TEXT))."
+        )
+    if kind not in _KEY_KINDS:
+        raise SourceDataError(
+            f"Key column {name!r} has kind {kind!r}; key columns must hold integers or strings (or timestamps/dates)."
+        )
+    return s, kind
+
+
+def _check_unique(frame: pl.DataFrame, keys: tuple[str, ...]) -> None:
+    if frame.height == 0:
+        return
+    key_frame = frame.select(keys)
+    dup_mask = key_frame.is_duplicated()
+    if dup_mask.any():
+        dups = key_frame.filter(dup_mask).unique(maintain_order=True)
+        shown = [row[0] if len(keys) == 1 else row for row in dups.head(_MAX_LISTED).rows()]
+        label = "key" if len(keys) == 1 else "composite key"
+        raise SourceDataError(
+            f"Duplicate {label} value(s) in {', '.join(map(repr, keys))}: {_listed(shown)}"
+            + (f" (and {dups.height - _MAX_LISTED} more)" if dups.height > _MAX_LISTED else "")
+            + "; keys must be unique."
+        )
+
+
+def _convert_column(name: str, col: pd.Series, *, decimal_as_string: bool) -> tuple[pl.Series, str]:
+    """One pandas column -> (canonical polars Series, kind)."""
+    dtype = col.dtype
+    try:
+        if isinstance(dtype, pd.CategoricalDtype):
+            return _convert_column(name, col.astype(object), decimal_as_string=decimal_as_string)
+        if isinstance(dtype, pd.ArrowDtype):
+            return _convert_arrow(name, pa.array(col), decimal_as_string=decimal_as_string)
+        if pd.api.types.is_object_dtype(dtype):
+            return _convert_object(name, col, decimal_as_string=decimal_as_string)
+        if pd.api.types.is_bool_dtype(dtype):
+            return _from_arrow(pa.array(col, from_pandas=True, type=pa.bool_())), "bool"
+        if pd.api.types.is_integer_dtype(dtype):
+            return _from_arrow(_int64_array(name, pa.array(col, from_pandas=True))), "int"
+        if pd.api.types.is_float_dtype(dtype):
+            return _float_series(col.to_numpy(dtype="float64", na_value=np.nan)), "float"
+        if pd.api.types.is_datetime64_any_dtype(dtype):
+            return _timestamp_series(col), "timestamp"
+        if pd.api.types.is_timedelta64_dtype(dtype):
+            return _duration_series(col), "string"
+        if pd.api.types.is_string_dtype(dtype):
+            return _from_arrow(pa.array(col, from_pandas=True, type=pa.large_string())), "string"
+    except SourceDataError:
+        raise
+    except (pa.ArrowException, OverflowError, ValueError, TypeError) as exc:
+        raise SourceDataError(f"Column {name!r} (dtype {dtype}) cannot be converted: {exc}") from exc
+    raise SourceDataError(
+        f"Column {name!r} has unsupported dtype {dtype}; cast it in the source (e.g. CAST(... AS TEXT))."
+    )
+
+
+def _from_arrow(arr: pa.Array | pa.ChunkedArray) -> pl.Series:
+    out = pl.from_arrow(arr)
+    assert isinstance(out, pl.Series)
+    return out
+
+
+def _int64_array(name: str, arr: pa.Array) -> pa.Array:
+    try:
+        return arr.cast(pa.int64())
+    except pa.ArrowInvalid as exc:
+        raise SourceDataError(
+            f"Column {name!r} has integers outside the signed 64-bit range; cast it to text or numeric in the source."
+        ) from exc
+
+
+def _float_series(values: np.ndarray) -> pl.Series:
+    values = np.array(values, dtype="float64", copy=True)
+    values[~np.isfinite(values)] = np.nan
+    return pl.Series(values=values, dtype=pl.Float64, nan_to_null=True)
+
+
+def _timestamp_series(col: pd.Series) -> pl.Series:
+    """datetime64 (any unit, naive = UTC, or tz-aware) -> Int64 epoch ms (floored)."""
+    if getattr(col.dt, "tz", None) is not None:
+        col = col.dt.tz_convert("UTC").dt.tz_localize(None)
+    values = col.to_numpy()
+    unit, _count = np.datetime_data(values.dtype)
+    if unit not in _SECONDS_PER_UNIT:
+        values = values.astype("datetime64[s]")
+        unit = "s"
+    return _epoch_ms(values.view("int64"), unit, np.isnat(values))
+
+
+def _epoch_ms(ints: np.ndarray, unit: str, null_mask: np.ndarray) -> pl.Series:
+    per_second = _SECONDS_PER_UNIT[unit]
+    ms = ints * (1000 // per_second) if per_second <= 1000 else ints // (per_second // 1000)
+    return _with_nulls(pl.Series(values=ms, dtype=pl.Int64), null_mask)
+
+
+def _duration_series(col: pd.Series) -> pl.Series:
+    """timedelta64 -> ISO-8601 duration text, e.g. ``P1DT2H3M4.5S``, ``PT0S``, ``-PT1S``."""
+    values = col.to_numpy()
+    unit, _count = np.datetime_data(values.dtype)
+    if unit not in _SECONDS_PER_UNIT:
+        values = values.astype("timedelta64[s]")
+        unit = "s"
+    null_mask = np.isnat(values)
+    ints = pl.Series("v", values.view("int64"), dtype=pl.Int64)
+    ints = _with_nulls(ints, null_mask)
+    per_second = _SECONDS_PER_UNIT[unit]
+    digits = len(str(per_second)) - 1
+    v = pl.col("v")
+    a = v.abs()
+    total = a // per_second
+    frac = a % per_second
+    days = total // 86_400
+    hours = (total // 3_600) % 24
+    minutes = (total // 60) % 60
+    seconds = total % 60
+
+    def part(value: pl.Expr, suffix: str) -> pl.Expr:
+        return pl.when(value > 0).then(value.cast(pl.String) + suffix).otherwise(pl.lit(""))
+
+    frac_text = (
+        pl.when(frac > 0)
+        .then("." + frac.cast(pl.String).str.zfill(digits).str.strip_chars_end("0"))
+        .otherwise(pl.lit(""))
+    )
+    sec_part = pl.when((seconds > 0) | (frac > 0)).then(seconds.cast(pl.String) + frac_text + "S")
+    time_part = pl.concat_str([part(hours, "H"), part(minutes, "M"), sec_part.otherwise(pl.lit(""))])
+    text = pl.concat_str(
+        [
+            pl.when(v < 0).then(pl.lit("-P")).otherwise(pl.lit("P")),
+            part(days, "D"),
+            pl.when(time_part != "").then("T" + time_part).when(days == 0).then(pl.lit("T0S")).otherwise(pl.lit("")),
+        ]
+    )
+    return pl.DataFrame([ints]).select(pl.when(v.is_null()).then(None).otherwise(text)).to_series()
+
+
+def _time_series(values: np.ndarray) -> pl.Series:
+    """datetime.time objects -> ``HH:MM:SS[.ffffff]`` (like ``time.isoformat()``)."""
+    arr = pa.array(values, from_pandas=True, type=pa.time64("us"))
+    us = pl.col("us")
+    pad = {2: lambda e: e.cast(pl.String).str.zfill(2), 6: lambda e: e.cast(pl.String).str.zfill(6)}
+    frac = us % 1_000_000
+    text = pl.concat_str(
+        [
+            pad[2](us // 3_600_000_000),
+            pl.lit(":"),
+            pad[2]((us // 60_000_000) % 60),
+            pl.lit(":"),
+            pad[2]((us // 1_000_000) % 60),
+            pl.when(frac > 0).then("." + pad[6](frac)).otherwise(pl.lit("")),
+        ]
+    )
+    frame = pl.DataFrame([_from_arrow(arr.cast(pa.int64())).alias("us")])
+    return frame.select(text).to_series()
+
+
+def _decimal_text(text: pl.Series) -> pl.Series:
+    """Decimal text (``1.50``, ``1E+3``, ``-0.00``, ``0E-30``) -> canonical text; anything else -> null.
+
+    Canonical: no exponent, no trailing fractional zeros, no leading zeros, ``0`` for zero; beyond
+    ``_MAX_PLAIN_EXPONENT`` the form ``<digits>E<exp>`` (digits without trailing zeros).
+    """
+    pattern = r"^([+-]?)(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?$"
+    frame = pl.DataFrame([text.alias("t")]).select(
+        pl.col("t").str.extract_groups(pattern).alias("g"), pl.col("t").str.contains(pattern).alias("ok")
+    )
+    g = pl.col("g").struct
+    sign, int_part, frac_part = g.field("1"), g.field("2").fill_null(""), g.field("3").fill_null("")
+    exp = g.field("4").cast(pl.Int64).fill_null(0)
+    digits_raw = (int_part + frac_part).str.strip_chars_start("0")
+    digits = digits_raw.str.strip_chars_end("0")
+    # value = digits * 10 ** exp10
+    exp10 = (
+        exp
+        - frac_part.str.len_chars().cast(pl.Int64)
+        + (digits_raw.str.len_chars().cast(pl.Int64) - digits.str.len_chars().cast(pl.Int64))
+    )
+    n = digits.str.len_chars().cast(pl.Int64)
+    point = n + exp10  # digits before the decimal point
+    zeros = pl.lit("0" * _MAX_PLAIN_EXPONENT * 2)
+    magnitude = (
+        pl.when(exp10 >= 0)
+        .then(digits + zeros.str.slice(0, exp10))
+        .when(point > 0)
+        .then(digits.str.slice(0, point) + "." + digits.str.slice(point))
+        .otherwise("0." + zeros.str.slice(0, -point) + digits)
+    )
+    scientific = digits + "E" + exp10.cast(pl.String)
+    body = pl.when(exp10.abs() > _MAX_PLAIN_EXPONENT).then(scientific).otherwise(magnitude)
+    valid = pl.col("ok").fill_null(False) & (int_part + frac_part).str.contains(r"\d")
+    out = frame.select(
+        pl.when(~valid)
+        .then(None)
+        .when(digits == "")
+        .then(pl.lit("0"))
+        .otherwise(pl.when(sign == "-").then(pl.lit("-")).otherwise(pl.lit("")) + body)
+        .alias("t")
+    ).to_series()
+    return out
+
+
+def _convert_arrow(name: str, arr: pa.Array | pa.ChunkedArray, *, decimal_as_string: bool) -> tuple[pl.Series, str]:
+    t = arr.type
+    if pa.types.is_boolean(t):
+        return _from_arrow(arr), "bool"
+    if pa.types.is_integer(t):
+        return _from_arrow(_int64_array(name, arr)), "int"
+    if pa.types.is_floating(t):
+        return _float_series(arr.to_numpy(zero_copy_only=False)), "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return _from_arrow(arr.cast(pa.large_string())), "string"
+    if pa.types.is_timestamp(t):
+        if t.tz is not None:
+            arr = arr.cast(pa.timestamp(t.unit))  # arrow stores UTC instants
+        return _timestamp_series(pd.Series(arr.to_numpy(zero_copy_only=False))), "timestamp"
+    if pa.types.is_date(t):
+        days = _from_arrow(arr.cast(pa.date32()).cast(pa.int32())).cast(pl.Int64)
+        return days * _MS_PER_DAY, "date"
+    if pa.types.is_decimal(t):
+        return _decimal_text(_from_arrow(arr.cast(pa.large_string()))), ("string" if decimal_as_string else "decimal")
+    if pa.types.is_null(t):
+        return pl.Series(values=[None] * len(arr), dtype=pl.String), "null"
+    raise SourceDataError(
+        f"Column {name!r} has unsupported Arrow type {t}; cast it in the source (e.g. CAST(... AS TEXT))."
+    )
+
+
+def _convert_object(name: str, col: pd.Series, *, decimal_as_string: bool) -> tuple[pl.Series, str]:
+    inferred = pd.api.types.infer_dtype(col, skipna=True)
+    values = col.to_numpy(dtype=object)
+    if inferred == "empty":
+        return pl.Series(values=[None] * len(values), dtype=pl.String), "null"
+    if inferred == "string":
+        return _from_arrow(pa.array(values, from_pandas=True, type=pa.large_string())), "string"
+    if inferred == "integer":
+        try:
+            arr = pa.array(values, from_pandas=True, type=pa.int64())
+        except (OverflowError, pa.ArrowInvalid) as exc:
+            raise SourceDataError(
+                f"Column {name!r} has integers outside the signed 64-bit range; cast them to text or "
+                "numeric in the source."
+            ) from exc
+        return _from_arrow(arr), "int"
+    if inferred in ("floating", "mixed-integer-float"):
+        return _float_series(pa.array(values, from_pandas=True, type=pa.float64()).to_numpy(False)), "float"
+    if inferred == "boolean":
+        return _from_arrow(pa.array(values, from_pandas=True, type=pa.bool_())), "bool"
+    if inferred in ("datetime", "datetime64", "date"):
+        stamps = pd.Series(pd.to_datetime(col, utc=True))
+        return _timestamp_series(stamps), "date" if inferred == "date" else "timestamp"
+    if inferred == "time":
+        return _time_series(values), "string"
+    if inferred == "timedelta":
+        return _duration_series(pd.Series(pd.to_timedelta(col))), "string"
+    if inferred == "decimal":
+        text = _text_of(values, np.asarray(col.isna(), dtype=bool))
+        return _decimal_text(text), "string" if decimal_as_string else "decimal"
+    if inferred == "bytes":
+        _raise_bytes(name)
+    return _convert_mixed(name, values)
+
+
+def _with_nulls(s: pl.Series, null_mask: np.ndarray) -> pl.Series:
+    return s.set(pl.Series(null_mask, dtype=pl.Boolean), None) if null_mask.any() else s
+
+
+def _text_of(values: np.ndarray, null_mask: np.ndarray) -> pl.Series:
+    """``str()`` of every object (bulk, via pandas), null where ``null_mask``."""
+    present = np.where(null_mask, "", values)
+    text = pd.Series(present, dtype=object).astype(str)
+    return _with_nulls(_from_arrow(pa.array(text, from_pandas=True, type=pa.large_string())), null_mask)
+
+
+def _raise_bytes(name: str) -> None:
+    raise SourceDataError(
+        f"Column {name!r} holds binary values (bytes), which JSON cannot carry; convert them in the source "
+        f"query, e.g. encode({name}, 'base64') or CAST({name} AS TEXT)."
+    )
+
+
+def _convert_mixed(name: str, values: np.ndarray) -> tuple[pl.Series, str]:
+    mask = np.asarray(pd.isna(values), dtype=bool)
+    present = values[~mask]
+    types = set(map(type, present))
+    if any(issubclass(t, _BYTES_TYPES) for t in types):
+        _raise_bytes(name)
+    if types and all(issubclass(t, _uuid.UUID) for t in types):
+        return _text_of(values, mask), "string"
+    allowed = _JSON_SCALARS + _JSON_CONTAINERS + _JSON_CONVERTIBLE
+    unknown = sorted({t.__qualname__ for t in types if not issubclass(t, allowed)})
+    if unknown:
+        raise SourceDataError(
+            f"Column {name!r} holds values of unsupported Python type(s) {', '.join(unknown)}; convert them "
+            "to text, numbers, booleans, dates or JSON objects in the source."
+        )
+    return _json_series(name, values, mask), "json"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.UTC)
+        return (value - _EPOCH) // _dt.timedelta(milliseconds=1)
+    if isinstance(value, _dt.date):
+        return (value - _dt.date(1970, 1, 1)).days * _MS_PER_DAY
+    if isinstance(value, _dt.time):
+        return value.isoformat()
+    if isinstance(value, _dt.timedelta):
+        return _duration_series(pd.Series([value], dtype="timedelta64[us]")).item()
+    if isinstance(value, _decimal.Decimal):
+        if not value.is_finite():
+            return None
+        return orjson.Fragment(_decimal_text(pl.Series([str(value)])).item())
+    if isinstance(value, _uuid.UUID):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    if isinstance(value, _BYTES_TYPES):
+        raise TypeError("binary value (bytes)")
+    raise TypeError(f"unsupported type {type(value).__qualname__}")
+
+
+_JSON_OPTIONS = (
+    orjson.OPT_SORT_KEYS
+    | orjson.OPT_NON_STR_KEYS
+    | orjson.OPT_SERIALIZE_NUMPY
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+
+
+def _json_series(name: str, values: np.ndarray, mask: np.ndarray) -> pl.Series:
+    dumps = orjson.dumps
+    try:
+        texts = [
+            None if missing else dumps(v, default=_json_default, option=_JSON_OPTIONS).decode()
+            for v, missing in zip(values, mask, strict=True)
+        ]
+    except (orjson.JSONEncodeError, TypeError) as exc:
+        raise SourceDataError(
+            f"Column {name!r} holds a value that cannot be written as JSON: {exc}. Convert it in the source."
+        ) from exc
+    return pl.Series(values=texts, dtype=pl.String)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# encode_rows / encode_updates
+# --------------------------------------------------------------------------------------------------------------
+def _fragment(name: str, kind: str, dtype: pl.DataType, *, decimal_as_string: bool) -> pl.Expr:
+    """A String expression holding the JSON text of column ``name`` for each row (``null`` for nulls)."""
+    c = pl.col(name)
+    if kind == "null" or dtype == pl.Null:
+        return pl.lit("null")
+    if kind in ("int", "timestamp", "date"):
+        if dtype.is_float():
+            return _float_fragment(c)
+        return c.cast(pl.String).fill_null("null")
+    if kind == "float":
+        return _float_fragment(c.cast(pl.Float64))
+    if kind == "bool":
+        return pl.when(c.is_null()).then(pl.lit("null")).when(c).then(pl.lit("true")).otherwise(pl.lit("false"))
+    if kind == "json" or (kind == "decimal" and not decimal_as_string):
+        return c.cast(pl.String).fill_null("null")
+    if kind not in KINDS:
+        raise ValueError(f"Unknown kind {kind!r} for column {name!r}; expected one of {KINDS}.")
+    # string-like: let polars' JSON writer do the escaping, then strip the '{"v":' ... '}' wrapper.
+    return pl.struct(c.cast(pl.String).alias("v")).struct.json_encode().str.slice(5).str.head(-1)
+
+
+def _float_fragment(c: pl.Expr) -> pl.Expr:
+    integral = (c == c.floor()) & (c.abs() < 2.0**63)
+    return (
+        pl.when(c.is_null() | ~c.is_finite())
+        .then(pl.lit("null"))
+        .when(integral)
+        .then(c.cast(pl.Int64).cast(pl.String))
+        .otherwise(c.cast(pl.String))
+    )
+
+
+def _key_text(name: str) -> str:
+    return json.dumps(name, ensure_ascii=False)
+
+
+def _build_tree(names: Sequence[str], nest: bool) -> dict[str, Any]:
+    """Column names -> nested dict whose leaves are column names (dotted names nest when ``nest``)."""
+    tree: dict[str, Any] = {}
+    for name in names:
+        parts = name.split(".") if nest else [name]
+        if not all(parts):
+            parts = [name]
+        node = tree
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            here = ".".join(parts[: depth + 1])
+            if last:
+                if part in node:
+                    raise SourceDataError(
+                        f"Column {name!r} clashes with nested column(s) under {here!r}: a JSON key cannot be "
+                        "both a value and an object. Rename one of them."
+                    )
+                node[part] = name
+            else:
+                child = node.setdefault(part, {})
+                if isinstance(child, str):
+                    raise SourceDataError(
+                        f"Column {name!r} would nest under {here!r}, but column {child!r} already holds a "
+                        "value there: a JSON key cannot be both a value and an object. Rename one of them."
+                    )
+                node = child
+    return tree
+
+
+def _object_pieces(tree: Mapping[str, Any], fragments: Mapping[str, pl.Expr]) -> list[pl.Expr]:
+    pieces: list[pl.Expr] = []
+    for i, (key, sub) in enumerate(tree.items()):
+        pieces.append(pl.lit(("," if i else "") + _key_text(key) + ":"))
+        if isinstance(sub, str):
+            pieces.append(fragments[sub])
+        else:
+            pieces.append(pl.lit("{"))
+            pieces.extend(_object_pieces(sub, fragments))
+            pieces.append(pl.lit("}"))
+    return pieces
+
+
+def encode_rows(
+    frame: pl.DataFrame,
+    kinds: Mapping[str, str],
+    *,
+    nest_dotted_columns: bool = True,
+    decimal_as_string: bool = False,
+) -> pl.Series:
+    """Each row of a canonical ``frame`` -> one JSON object text (a String Series named ``"row"``).
+
+    Keys are the column names; with ``nest_dotted_columns`` a column ``"a.b"`` becomes ``{"a": {"b": ...}}``.
+    """
+    missing = [c for c in frame.columns if c not in kinds]
+    if missing:
+        raise ValueError(f"No kind given for column(s) {missing!r}.")
+    tree = _build_tree(frame.columns, nest_dotted_columns)
+    if frame.height == 0:
+        return pl.Series("row", [], dtype=pl.String)
+    fragments = {
+        name: _fragment(name, kinds[name], dtype, decimal_as_string=decimal_as_string)
+        for name, dtype in frame.schema.items()
+    }
+    pieces = [pl.lit("{"), *_object_pieces(tree, fragments), pl.lit("}")]
+    return frame.select(pl.concat_str(pieces).alias("row")).to_series()
+
+
+def _ms_series(s: pl.Series, label: str) -> pl.Series:
+    if isinstance(s.dtype, pl.Datetime | pl.Date):
+        s = s.dt.epoch("ms")
+    if not s.dtype.is_integer():
+        raise ValueError(f"{label} must hold epoch milliseconds (integers); got dtype {s.dtype}.")
+    if s.null_count():
+        raise ValueError(f"{label} has {s.null_count()} null value(s); every update needs epoch milliseconds.")
+    return s.cast(pl.Int64).cast(pl.String)
+
+
+def encode_updates(
+    ops: pl.Series,
+    rows_json: pl.Series,
+    created_at: pl.Series,
+    updated_at: pl.Series,
+    *,
+    brand_id: int,
+    table_name: str,
+) -> pl.Series:
+    """Wrap encoded rows in StopChurn's update envelope; returns one JSON text per update (String Series).
+
+    ``{"type": <op>, "data": {"brandId": .., "tableName": .., "data": <row>, "createdAt": <ms>,
+    "updatedAt": <ms>}}``
+    """
+    if isinstance(brand_id, bool) or not isinstance(brand_id, int | np.integer):
+        raise ValueError(f"brand_id must be an integer; got {brand_id!r}.")
+    n = len(rows_json)
+    if not (len(ops) == len(created_at) == len(updated_at) == n):
+        raise ValueError(
+            f"Length mismatch: ops={len(ops)}, rows_json={n}, created_at={len(created_at)}, "
+            f"updated_at={len(updated_at)}."
+        )
+    if n == 0:
+        return pl.Series("update", [], dtype=pl.String)
+    ops = ops.cast(pl.String)
+    bad = ops.filter(~ops.is_in(_UPDATE_TYPES) | ops.is_null())
+    if len(bad):
+        raise ValueError(f"Unknown update type(s) {_listed(bad.unique().to_list())}; expected {_UPDATE_TYPES}.")
+    if rows_json.null_count():
+        raise ValueError("rows_json has null rows.")
+    head = '{"brandId":' + str(int(brand_id)) + ',"tableName":' + _key_text(table_name) + ',"data":'
+    frame = pl.DataFrame(
+        [
+            ops.alias("op"),
+            rows_json.cast(pl.String).alias("row"),
+            _ms_series(created_at, "created_at").alias("c"),
+            _ms_series(updated_at, "updated_at").alias("u"),
+        ]
+    )
+    return frame.select(
+        pl.concat_str(
+            [
+                pl.lit('{"type":"'),
+                pl.col("op"),
+                pl.lit('","data":' + head),
+                pl.col("row"),
+                pl.lit(',"createdAt":'),
+                pl.col("c"),
+                pl.lit(',"updatedAt":'),
+                pl.col("u"),
+                pl.lit("}}"),
+            ]
+        ).alias("update")
+    ).to_series()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# chunking
+# --------------------------------------------------------------------------------------------------------------
+def plan_chunks(sizes: np.ndarray, *, chunk_size: int, max_chunk_bytes: int) -> list[tuple[int, int]]:
+    """Greedy ``[start, end)`` ranges over updates of the given UTF-8 byte ``sizes``, in order.
+
+    Each body ``{"data":[u1,u2,...]}`` holds at most ``chunk_size`` updates and ``max_chunk_bytes`` bytes.
+    An update too large for a body on its own raises :class:`SourceDataError`.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1; got {chunk_size}.")
+    if max_chunk_bytes < 1:
+        raise ValueError(f"max_chunk_bytes must be at least 1; got {max_chunk_bytes}.")
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n = int(sizes.shape[0])
+    if n == 0:
+        return []
+    # cum[i] = bytes of updates [0, i) each followed by a comma; body(s, e) = cum[e] - cum[s] - 1 + overhead.
+    cum = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sizes + 1, out=cum[1:])
+    budget = max_chunk_bytes - _BODY_OVERHEAD + 1
+    ranges: list[tuple[int, int]] = []
+    start = 0
+    while start < n:
+        fit = int(np.searchsorted(cum, cum[start] + budget, side="right")) - 1
+        end = min(fit, start + chunk_size, n)
+        if end <= start:
+            size = int(sizes[start])
+            raise SourceDataError(
+                f"Update at position {start} is {size} bytes; with the request envelope it needs "
+                f"{size + _BODY_OVERHEAD} bytes, above the limit max_chunk_bytes={max_chunk_bytes}. "
+                "Shrink the row (drop or truncate large columns) or raise max_chunk_bytes."
+            )
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+def chunk_body(updates: pl.Series | Sequence[bytes], start: int, end: int) -> bytes:
+    """The request body ``{"data":[...]}`` for updates ``[start, end)``."""
+    n = len(updates)
+    if not 0 <= start <= end <= n:
+        raise ValueError(f"Invalid chunk range [{start}, {end}) for {n} updates.")
+    if isinstance(updates, pl.Series):
+        joined = updates.slice(start, end - start).str.join(",").item()
+        inner = (joined or "").encode()
+    else:
+        inner = b",".join(bytes(u) for u in updates[start:end])
+    return _BODY_HEAD + inner + _BODY_TAIL
