@@ -28,7 +28,6 @@ from airflow_provider_stopchurn.diff import ChangeSet, diff_frames
 from airflow_provider_stopchurn.encoding import (
     Canonical,
     canonicalize,
-    chunk_body,
     encode_rows,
     encode_updates,
     plan_chunks,
@@ -573,10 +572,9 @@ def _resume(
     updates = _encode_plan(frame, dict(meta["kinds"]), replay)
     resumed = SyncSummary(options.table_name, options.brand_id)
     _deliver_and_commit(plan, updates, store, sender, replay, resumed, lock, acked=acked)
-    summary.resumed_chunks = resumed.chunks
+    summary.resumed_chunks = len(plan.chunks) - len(acked)
     summary.requests += resumed.requests
     summary.retries += resumed.retries
-    summary.bytes += resumed.bytes
     summary.quarantined += resumed.quarantined
 
 
@@ -632,7 +630,6 @@ def _deliver_and_commit(
                     continue
                 store.ack(plan, index)
                 done += 1
-                summary.chunks += 1
                 if lock is not None:
                     lock.refresh()
                 if time.monotonic() - last_progress >= options.progress_interval_s:
@@ -674,7 +671,7 @@ def _send_range(
     chunks: int,
 ) -> list[_Rejected]:
     """Send updates [start, end); under the quarantine policy, bisect a rejected range to isolate bad rows."""
-    body = chunk_body([s.encode() for s in blob[start:end]], 0, end - start)
+    body = chunk_body(blob, start, end)
     try:
         result = sender.post_update_body(body)
     except StopChurnRejectedError as err:
@@ -695,9 +692,13 @@ def _send_range(
             sender, blob, mid, end, options, summary, chunk, chunks
         )
     summary.requests += 1
-    summary.bytes += len(body)
     summary.retries += max(int(getattr(result, "attempts", 1)) - 1, 0)
     return []
+
+
+def chunk_body(updates: Sequence[str], start: int, end: int) -> bytes:
+    """The request body of updates [start, end): one join in C, one encode."""
+    return ('{"data":[' + ",".join(updates[start:end]) + "]}").encode()
 
 
 def _quarantine(
