@@ -532,6 +532,8 @@ def _json_series(name: str, values: np.ndarray, mask: np.ndarray) -> pl.Series:
             for v, missing in zip(values, mask, strict=True)
         ]
     except (orjson.JSONEncodeError, TypeError) as exc:
+        if "bytes" in str(exc):
+            _raise_bytes(name)
         raise SourceDataError(
             f"Column {name!r} holds a value that cannot be written as JSON: {exc}. Convert it in the source."
         ) from exc
