@@ -1,0 +1,1 @@
+"""Airflow hooks of the StopChurn provider (``airflow_provider_stopchurn.hooks.stopchurn.StopChurnHook``)."""

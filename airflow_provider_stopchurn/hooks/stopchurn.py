@@ -1,0 +1,213 @@
+"""Airflow hook of the StopChurn API: an Airflow connection turned into a :class:`StopChurnClient`."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from airflow.sdk import BaseHook
+
+from airflow_provider_stopchurn.client import DEFAULT_BASE_URL, SendResult, StopChurnClient
+from airflow_provider_stopchurn.exceptions import StopChurnConfigError
+
+__all__ = ["StopChurnHook"]
+
+# Connection-form fields (``conn-fields`` in get_provider_info). Airflow 3's UI stores their values in the
+# connection extra under the plain name ("brand_id"); connections made by older UIs or by hand may use the
+# legacy prefixed form ("extra__stopchurn__brand_id"). Both are read; the plain name wins.
+_EXTRA_PREFIX = "extra__stopchurn__"
+
+
+class StopChurnHook(BaseHook):
+    """Interact with the StopChurn API through an Airflow connection of type ``stopchurn``.
+
+    The connection holds:
+
+    * **host** - API base URL. Empty means ``https://marketplace.stopchurn.com``; a host given without a
+      scheme is taken as ``https://`` (or the connection's ``schema`` when it is ``http``/``https``).
+      ``http://`` is refused unless the host is loopback (a local sandbox).
+    * **password** - the StopChurn API key (sent as a Bearer token; never logged).
+    * **extra** - optional ``brand_id`` (int), ``timeout`` (read timeout in seconds; the connect timeout is
+      ``min(10, timeout)``), ``max_retries`` (retries on 429/5xx/network errors). Strings are accepted.
+
+    Arguments given to the hook override the connection's extras. The constructor does no I/O; the client is
+    built on first use of :attr:`client` and cached.
+
+    :param stopchurn_conn_id: Airflow connection id (default ``stopchurn_default``).
+    :param base_url: overrides the connection's host.
+    :param timeout: overrides the ``timeout`` extra (read timeout of one attempt, seconds).
+    :param max_retries: overrides the ``max_retries`` extra.
+    :param session: a ``requests.Session`` for the client to use (for tests or custom adapters).
+    :param client_kwargs: further keyword arguments of :class:`StopChurnClient` (``connect_timeout``,
+        ``backoff_base``, ``backoff_max``, ``retry_after_max``, ``max_total_wait``, ``pacer``).
+    """
+
+    conn_name_attr = "stopchurn_conn_id"
+    default_conn_name = "stopchurn_default"
+    conn_type = "stopchurn"
+    hook_name = "StopChurn"
+
+    def __init__(
+        self,
+        stopchurn_conn_id: str = default_conn_name,
+        *,
+        base_url: str | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        session: requests.Session | None = None,
+        **client_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.stopchurn_conn_id = stopchurn_conn_id
+        self.base_url = base_url
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.session = session
+        self.client_kwargs = client_kwargs
+
+    # --- connection -----------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _connection_extras(self) -> dict[str, Any]:
+        return dict(self._connection.extra_dejson or {})
+
+    @functools.cached_property
+    def _connection(self) -> Any:
+        return self.get_connection(self.stopchurn_conn_id)
+
+    def _extra(self, name: str) -> Any:
+        extras = self._connection_extras
+        value = extras.get(name)
+        if value is None or value == "":
+            value = extras.get(_EXTRA_PREFIX + name)
+        if isinstance(value, str):
+            value = value.strip()
+        return None if value in (None, "") else value
+
+    def _number_extra(self, name: str, *, integer: bool) -> Any:
+        value = self._extra(name)
+        if value is None:
+            return None
+        try:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            number = float(value)
+            if not math.isfinite(number) or (integer and not number.is_integer()):
+                raise ValueError(value)
+        except (TypeError, ValueError):
+            kind = "an integer" if integer else "a number"
+            raise StopChurnConfigError(
+                f"Connection '{self.stopchurn_conn_id}': extra {name!r} must be {kind} (got {value!r})"
+            ) from None
+        return int(number) if integer else number
+
+    def _resolve_base_url(self) -> str:
+        if self.base_url is not None:
+            return self.base_url
+        conn = self._connection
+        host = (conn.host or "").strip()
+        if not host:
+            return DEFAULT_BASE_URL
+        if "://" not in host:
+            schema = (conn.schema or "").strip().lower()
+            host = f"{schema if schema in ('http', 'https') else 'https'}://{host}"
+        port = conn.port
+        if port:
+            parts = urlsplit(host)
+            try:
+                has_port = parts.port is not None
+            except ValueError:
+                has_port = True  # let the client report the malformed URL
+            if not has_port:
+                host = parts._replace(netloc=f"{parts.netloc}:{int(port)}").geturl()
+        return host
+
+    @property
+    def brand_id(self) -> int | None:
+        """The connection's default brand id (extra ``brand_id``), or None when it is not set."""
+        value: int | None = self._number_extra("brand_id", integer=True)
+        return value
+
+    @functools.cached_property
+    def client(self) -> StopChurnClient:
+        """The :class:`StopChurnClient` of this connection (built on first use, then cached)."""
+        conn = self._connection
+        password = conn.password
+        if not password or not str(password).strip():
+            raise StopChurnConfigError(
+                f"Connection '{self.stopchurn_conn_id}' has no StopChurn API key: set it in the "
+                "connection's password field."
+            )
+        if len(str(password)) >= 5:  # Airflow's masker ignores (and warns about) shorter secrets
+            try:
+                from airflow.sdk.log import mask_secret
+
+                mask_secret(str(password))
+            except Exception:  # noqa: S110 - masking is best effort outside a task
+                pass
+        timeout = self.timeout if self.timeout is not None else self._number_extra("timeout", integer=False)
+        max_retries = (
+            self.max_retries if self.max_retries is not None else self._number_extra("max_retries", integer=True)
+        )
+        kwargs: dict[str, Any] = dict(self.client_kwargs)
+        if timeout is not None:
+            kwargs["timeout"] = float(timeout)
+            kwargs.setdefault("connect_timeout", min(10.0, float(timeout)))
+        if max_retries is not None:
+            kwargs["max_retries"] = int(max_retries)
+        return StopChurnClient(
+            self._resolve_base_url(),
+            str(password),
+            conn_id=self.stopchurn_conn_id,
+            session=self.session,
+            **kwargs,
+        )
+
+    def get_conn(self) -> StopChurnClient:
+        """Return the cached :class:`StopChurnClient` (same as :attr:`client`)."""
+        return self.client
+
+    # --- API ------------------------------------------------------------------------------------------------
+    def send_updates(self, updates: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Send table updates to ``POST /client-data/update`` in one request.
+
+        Each update is ``{"type": "insert"|"update"|"delete", "data": {"brandId", "tableName", "data",
+        "createdAt", "updatedAt"}}`` (see StopChurn's docs); the body sent is ``{"data": updates}``. 429, 5xx
+        and network errors are retried with backoff; 400 and 401 are not.
+
+        :return: ``{"status": 200, "message": "Updates received", "attempts": <n>}``.
+        :raises StopChurnAuthError: 401, the API key was refused.
+        :raises StopChurnRejectedError: 400; ``reason`` is StopChurn's message.
+        :raises StopChurnHTTPError: another non-retryable status.
+        :raises TransientDeliveryError: retries exhausted on 429/5xx/network errors.
+        """
+        result = self.client.post_updates(updates)
+        return {"status": result.status, "message": result.message, "attempts": result.attempts}
+
+    def send_update_body(self, body: bytes) -> SendResult:
+        """Send an already-encoded JSON body ``{"data": [...]}`` to ``POST /client-data/update`` unchanged.
+
+        Same errors and retries as :meth:`send_updates`.
+        """
+        return self.client.post_update_body(body)
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check the connection's base URL and API key without changing anything at StopChurn.
+
+        One ``POST /client-data/update`` with an empty data array (``{"data": []}``), which carries no update.
+        200 means the key works; 401 is reported as a refused API key; anything else (another status, a
+        network error, a configuration error such as a missing key or an insecure URL) is reported with what
+        happened. Never raises.
+        """
+        try:
+            return self.client.check_api_key()
+        except StopChurnConfigError as exc:
+            return False, str(exc)
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(stopchurn_conn_id={self.stopchurn_conn_id!r}, base_url={self.base_url!r})"
