@@ -140,7 +140,8 @@ class StopChurnUpdateOperator(BaseOperator):
         self.initial_load = initial_load
         self.chunk_size = chunk_size
         self.max_chunk_bytes = max_chunk_bytes
-        self.dry_run = dry_run
+        # BaseOperator already has a dry_run() method: keep the flag under another name.
+        self.sync_dry_run = dry_run
         self.max_delete_fraction = max_delete_fraction
         self.allow_empty_source = allow_empty_source
         self.allow_large_changes = allow_large_changes
@@ -188,7 +189,7 @@ class StopChurnUpdateOperator(BaseOperator):
             initial_load=self.initial_load,  # type: ignore[arg-type]
             chunk_size=self.chunk_size,
             max_chunk_bytes=self.max_chunk_bytes,
-            dry_run=self.dry_run,
+            dry_run=self.sync_dry_run,
             max_delete_fraction=self.max_delete_fraction,
             allow_empty_source=self.allow_empty_source,
             allow_large_changes=_as_bool(self.allow_large_changes),
@@ -217,7 +218,7 @@ class StopChurnUpdateOperator(BaseOperator):
         """The source as a callable, so the engine reads it after it has finished any pending plan."""
         if self.sql is not None:
             sql, parameters = self.sql, self.parameters
-            conn_id = self.sql_conn_id
+            conn_id = str(self.sql_conn_id)
 
             def read() -> pd.DataFrame:
                 hook = BaseHook.get_connection(conn_id).get_hook(hook_params=self.sql_hook_params)
