@@ -137,9 +137,7 @@ def canonicalize(df: pd.DataFrame, *, key_columns: Sequence[str], decimal_as_str
             converted, kind = _as_key(name, converted, kind)
         series.append(converted.alias(name))
         kinds[name] = kind
-    frame = pl.DataFrame(series) if series else pl.DataFrame(schema={})
-    if frame.width == 0:
-        frame = pl.DataFrame(schema={})
+    frame = pl.DataFrame(series)
     _check_unique(frame, keys)
 
     if "id" not in kinds:
@@ -185,6 +183,8 @@ def _check_key_values(name: str, col: pd.Series, index: pd.Index) -> None:
 
 
 def _as_key(name: str, s: pl.Series, kind: str) -> tuple[pl.Series, str]:
+    if s.null_count():  # e.g. infinities in an object column, null after conversion
+        raise SourceDataError(f"Key column {name!r} has {s.null_count()} missing or non-finite value(s).")
     if kind == "float":
         values = s.to_numpy()
         if values.size and (np.abs(values) >= 2.0**63).any():
@@ -329,26 +329,6 @@ def _duration_series(col: pd.Series) -> pl.Series:
     return pl.DataFrame([ints]).select(pl.when(v.is_null()).then(None).otherwise(text)).to_series()
 
 
-def _time_series(values: np.ndarray) -> pl.Series:
-    """datetime.time objects -> ``HH:MM:SS[.ffffff]`` (like ``time.isoformat()``)."""
-    arr = pa.array(values, from_pandas=True, type=pa.time64("us"))
-    us = pl.col("us")
-    pad = {2: lambda e: e.cast(pl.String).str.zfill(2), 6: lambda e: e.cast(pl.String).str.zfill(6)}
-    frac = us % 1_000_000
-    text = pl.concat_str(
-        [
-            pad[2](us // 3_600_000_000),
-            pl.lit(":"),
-            pad[2]((us // 60_000_000) % 60),
-            pl.lit(":"),
-            pad[2]((us // 1_000_000) % 60),
-            pl.when(frac > 0).then("." + pad[6](frac)).otherwise(pl.lit("")),
-        ]
-    )
-    frame = pl.DataFrame([_from_arrow(arr.cast(pa.int64())).alias("us")])
-    return frame.select(text).to_series()
-
-
 def _decimal_text(text: pl.Series) -> pl.Series:
     """Decimal text (``1.50``, ``1E+3``, ``-0.00``, ``0E-30``) -> canonical text; anything else -> null.
 
@@ -443,8 +423,8 @@ def _convert_object(name: str, col: pd.Series, *, decimal_as_string: bool) -> tu
     if inferred in ("datetime", "datetime64", "date"):
         stamps = pd.Series(pd.to_datetime(col, utc=True))
         return _timestamp_series(stamps), "date" if inferred == "date" else "timestamp"
-    if inferred == "time":
-        return _time_series(values), "string"
+    if inferred == "time":  # str(time) is time.isoformat(): HH:MM:SS[.ffffff][+HH:MM]
+        return _text_of(values, np.asarray(col.isna(), dtype=bool)), "string"
     if inferred == "timedelta":
         return _duration_series(pd.Series(pd.to_timedelta(col))), "string"
     if inferred == "decimal":

@@ -106,6 +106,8 @@ TYPE_CASES: list[tuple[str, pd.Series | list[Any], str, list[Any]]] = [
     ),
     ("pre-epoch floors", pd.Series(pd.to_datetime(["1969-12-31 23:59:59.9995"])), "timestamp", [-1]),
     ("time", [dt.time(1, 2, 3), dt.time(23, 59, 59, 5), None], "string", ["01:02:03", "23:59:59.000005", None]),
+    ("time with offset", [dt.time(1, tzinfo=dt.timezone(dt.timedelta(hours=2)))], "string", ["01:00:00+02:00"]),
+    ("categorical", pd.Series(["a", None, "a"], dtype="category"), "string", ["a", None, "a"]),
     (
         "timedelta objects",
         [dt.timedelta(days=1, hours=2, minutes=3, seconds=4.5), dt.timedelta(0), dt.timedelta(seconds=-1), None],
@@ -268,6 +270,9 @@ def test_column_names_must_be_strings() -> None:
         pytest.param(pd.DataFrame({"k": ["a", None]}), ["k"], r"'k'.*missing.*row\(s\) 1", id="None"),
         pytest.param(pd.DataFrame({"k": [1.0, np.nan]}), ["k"], r"missing", id="NaN"),
         pytest.param(pd.DataFrame({"k": [1.0, np.inf]}), ["k"], r"infinite", id="inf"),
+        pytest.param(
+            pd.DataFrame({"k": pd.Series([1.0, -np.inf], dtype=object)}), ["k"], r"non-finite", id="object inf"
+        ),
         pytest.param(pd.DataFrame({"k": [1.0, 1.5]}), ["k"], r"whole numbers", id="fractional float"),
         pytest.param(pd.DataFrame({"k": [1, 2, 1]}), ["k"], r"Duplicate key.*1", id="duplicate"),
         pytest.param(
