@@ -398,10 +398,14 @@ class SnapshotStore:
             table_lock.release()
 
     def read_lock(self) -> dict[str, Any] | None:
+        raw = self._read_bytes("LOCK")
+        if raw is None:
+            return None
         try:
-            return self._read_json("LOCK")
-        except SnapshotError:
+            data = json.loads(raw)
+        except ValueError:
             return None  # a torn lock file is treated as absent: its writer died mid-write
+        return data if isinstance(data, dict) else None
 
     def break_lock(self) -> None:
         """Remove the lock whoever holds it. Safe only when that run is known to be dead."""
@@ -461,8 +465,8 @@ class TableLock:
         data = json.dumps(self._record(), sort_keys=True).encode()
         path = store._path("LOCK")
         if isinstance(path, Path):
-            path.parent.mkdir(parents=True, exist_ok=True)
             try:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 raise SnapshotLockedError(

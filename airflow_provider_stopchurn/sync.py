@@ -375,7 +375,7 @@ def _plan_and_apply(
         base_version=committed.version if committed is not None else None,
         changes=change_frame,
         chunks=chunks,
-        meta=_plan_meta(options, kinds, keys, run_ms),
+        meta={**_plan_meta(options, kinds, keys, run_ms), "target_rows": target.height},
     )
     _deliver_and_commit(plan, updates, store, sender, options, summary, lock, acked=set())
 
@@ -644,7 +644,7 @@ def _deliver_and_commit(
         target_version, target_rows = _quarantine(plan, updates, rejected, store, options, summary)
     kinds = dict(plan.meta["kinds"])
     if target_rows is None:
-        target_rows = -1
+        target_rows = int(plan.meta.get("target_rows", -1))
     store.commit(
         target_version,
         kinds=kinds,
