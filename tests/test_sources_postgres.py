@@ -1,0 +1,308 @@
+"""Type fidelity of PostgreSQL sources: database value -> read_sql_frame -> canonicalize -> encode_rows -> JSON.
+
+Each case reads ``SELECT 1 AS id, CAST(<literal> AS <type>) AS v UNION ALL SELECT 2, NULL`` through a real
+``PostgresHook`` (connection from ``AIRFLOW_CONN_*``) on a throwaway server whose session time zone is
+Asia/Kolkata (+05:30), so a time zone slip cannot hide.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import polars as pl
+import pytest
+
+from airflow_provider_stopchurn.diff import diff_frames
+from airflow_provider_stopchurn.encoding import canonicalize, encode_rows
+from airflow_provider_stopchurn.exceptions import SourceDataError
+from airflow_provider_stopchurn.sources import read_sql_frame
+
+pytestmark = pytest.mark.postgres
+
+UTC = dt.UTC
+
+
+def ms(value: dt.datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return (value - dt.datetime(1970, 1, 1, tzinfo=UTC)) // dt.timedelta(milliseconds=1)
+
+
+def day_ms(value: dt.date) -> int:
+    return (value - dt.date(1970, 1, 1)).days * 86_400_000
+
+
+def assert_json_same(actual: Any, expected: Any, where: str = "v") -> None:
+    """Equal values of the same JSON type (an int is not a float, a bool is not an int)."""
+    if expected is None:
+        assert actual is None, f"{where}: {actual!r} is not null"
+    elif isinstance(expected, bool):
+        assert actual is expected, f"{where}: {actual!r} is not {expected!r}"
+    elif isinstance(expected, int):
+        assert type(actual) is int and actual == expected, f"{where}: {actual!r} is not the integer {expected}"
+    elif isinstance(expected, Decimal):  # rows are parsed with parse_float=Decimal: exact digits
+        assert isinstance(actual, int | Decimal) and not isinstance(actual, bool), f"{where}: {actual!r}"
+        assert Decimal(actual) == expected, f"{where}: {actual!r} != {expected}"
+    elif isinstance(expected, float):
+        assert isinstance(actual, int | Decimal) and not isinstance(actual, bool), f"{where}: {actual!r}"
+        assert float(actual) == expected, f"{where}: {actual!r} != {expected!r}"
+    elif isinstance(expected, str):
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), f"{where}: {actual!r}"
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_json_same(a, e, f"{where}[{i}]")
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(actual) == set(expected), f"{where}: {actual!r}"
+        for key, e in expected.items():
+            assert_json_same(actual[key], e, f"{where}.{key}")
+    else:  # pragma: no cover - a mistake in the table
+        raise TypeError(type(expected))
+
+
+def encoded_rows(frame: pd.DataFrame, *, decimal_as_string: bool = False) -> list[dict[str, Any]]:
+    canon = canonicalize(frame, key_columns=["id"], decimal_as_string=decimal_as_string)
+    rows = encode_rows(canon.frame, canon.kinds, nest_dotted_columns=True, decimal_as_string=decimal_as_string)
+    return [json.loads(text, parse_float=Decimal) for text in rows.to_list()]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    sql_type: str
+    literal: str
+    expected: Any
+    decimal_as_string: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+
+CASES = [
+    Case("integer", "integer", "42", 42),
+    Case("integer-negative", "integer", "-2147483648", -2147483648),
+    Case("smallint", "smallint", "-32768", -32768),
+    Case("bigint-beyond-2**53", "bigint", "9007199254740993", 9007199254740993),
+    Case("bigint-min", "bigint", "-9223372036854775808", -9223372036854775808),
+    Case("numeric-wide", "numeric", "12345678901234567890.123456789", Decimal("12345678901234567890.123456789")),
+    Case("numeric-scale", "numeric(12,3)", "1.100", Decimal("1.1")),
+    Case("numeric-tiny", "numeric", "0.000000000000000000000001", Decimal("1E-24")),
+    Case("numeric-negative", "numeric", "-7.5", Decimal("-7.5")),
+    Case("numeric-integral", "numeric", "5", Decimal(5)),
+    Case("numeric-nan", "numeric", "'NaN'", None),
+    Case("numeric-as-string", "numeric", "12345678901234567890.5", "12345678901234567890.5", True),
+    Case("real", "real", "1.5", 1.5),
+    Case("real-nan", "real", "'NaN'", None),
+    Case("real-inf", "real", "'Infinity'", None),
+    Case("double", "double precision", "0.1", 0.1),
+    Case("double-nan", "double precision", "'NaN'", None),
+    Case("double-inf", "double precision", "'Infinity'", None),
+    Case("double-minus-inf", "double precision", "'-Infinity'", None),
+    Case("boolean-true", "boolean", "true", True),
+    Case("boolean-false", "boolean", "false", False),
+    Case("text", "text", "'héllo \"quoted\" \\ and\nnew line'", 'héllo "quoted" \\ and\nnew line'),
+    Case("varchar", "varchar(10)", "'v'", "v"),
+    Case("char-padded", "char(5)", "'ab'", "ab   "),
+    Case("uuid", "uuid", "'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11'", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+    Case("date", "date", "'2024-02-29'", day_ms(dt.date(2024, 2, 29))),
+    Case("date-before-1970", "date", "'1969-12-31'", -86_400_000),
+    Case("timestamp", "timestamp", "'2024-01-02 03:04:05.678901'", ms(dt.datetime(2024, 1, 2, 3, 4, 5, 678000))),
+    Case("timestamp-before-1970", "timestamp", "'1969-12-31 23:59:59.999'", -1),
+    Case(
+        "timestamptz",
+        "timestamptz",
+        "'2024-01-02 03:04:05.678+02'",
+        ms(dt.datetime(2024, 1, 2, 1, 4, 5, 678000, tzinfo=UTC)),
+    ),
+    Case(
+        "timestamptz-dst",
+        "timestamptz",
+        "'2024-07-01 12:00:00 America/New_York'",
+        ms(dt.datetime(2024, 7, 1, 16, 0, tzinfo=UTC)),
+    ),
+    Case("time", "time", "'13:45:30.123456'", "13:45:30.123456"),
+    Case("time-whole", "time", "'07:05:00'", "07:05:00"),
+    Case("timetz", "timetz", "'13:45:30.5+02'", "13:45:30.500000+02:00"),
+    Case("interval", "interval", "'1 day 02:03:04.5'", "P1DT2H3M4.5S"),
+    Case("interval-zero", "interval", "'0'", "PT0S"),
+    Case("interval-negative", "interval", "'-1 second'", "-PT1S"),
+    Case(
+        "json-object",
+        "json",
+        """'{"b": 1, "a": [1, 2.5, null], "c": {"d": "x"}}'""",
+        {"b": 1, "a": [1, Decimal("2.5"), None], "c": {"d": "x"}},
+    ),
+    Case("jsonb-object", "jsonb", """'{"b": true, "a": {"x": null}}'""", {"b": True, "a": {"x": None}}),
+    Case("jsonb-array", "jsonb", """'[1, "x", {"k": false}]'""", [1, "x", {"k": False}]),
+    Case("jsonb-empty-object", "jsonb", "'{}'", {}),
+    Case("jsonb-bigint", "jsonb", """'{"n": 9007199254740993}'""", {"n": 9007199254740993}),
+    Case("text-array", "text[]", """'{a,NULL,"c d"}'""", ["a", None, "c d"]),
+    Case("int-array", "int[]", "'{1,2,NULL}'", [1, 2, None]),
+    Case("empty-array", "int[]", "'{}'", []),
+]
+
+
+@pytest.fixture
+def pg_hook(postgres_database: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A PostgresHook on a fresh database whose sessions run in Asia/Kolkata (+05:30)."""
+    from pg_plugin import set_airflow_postgres_conn
+
+    postgres_database.execute(f"ALTER DATABASE \"{postgres_database.dbname}\" SET timezone = 'Asia/Kolkata'")
+    conn_id = set_airflow_postgres_conn(monkeypatch, postgres_database, "stopchurn_types_pg")
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    return PostgresHook(postgres_conn_id=conn_id)
+
+
+def _case_sql(case: Case) -> str:
+    return (
+        f"SELECT 1 AS id, CAST({case.literal} AS {case.sql_type}) AS v "
+        f"UNION ALL SELECT 2, CAST(NULL AS {case.sql_type}) ORDER BY id"
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: getattr(case, "name", None))
+def test_type_fidelity(pg_hook: Any, case: Case) -> None:
+    frame = read_sql_frame(pg_hook, _case_sql(case))
+    rows = encoded_rows(frame, decimal_as_string=case.decimal_as_string)
+    assert [row["id"] for row in rows] == [1, 2]
+    assert_json_same(rows[0]["v"], case.expected)
+    assert rows[1]["v"] is None
+
+
+def test_bytea_is_refused_naming_the_column(pg_hook: Any) -> None:
+    with pytest.raises(SourceDataError, match=r"'avatar'.*encode\(avatar, 'base64'\)"):
+        read_sql_frame(pg_hook, "SELECT 1 AS id, '\\xdeadbeef'::bytea AS avatar")
+
+
+def test_empty_result_keeps_the_columns(pg_hook: Any) -> None:
+    frame = read_sql_frame(pg_hook, "SELECT 1::bigint AS id, 'x'::text AS name, '{}'::jsonb AS doc WHERE false")
+    assert list(frame.columns) == ["id", "name", "doc"]
+    assert len(frame) == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="encoding: canonicalize rejects an empty result (key column of kind 'null'), so an empty source "
+    "cannot reach the empty-source safeguard",
+)
+def test_empty_result_canonicalizes(pg_hook: Any) -> None:
+    frame = read_sql_frame(pg_hook, "SELECT 1::bigint AS id, 'x'::text AS name WHERE false")
+    canon = canonicalize(frame, key_columns=["id"])
+    assert canon.frame.height == 0
+    assert canon.frame.columns == ["id", "name"]
+
+
+def test_parameters_and_statement_lists(pg_hook: Any) -> None:
+    frame = read_sql_frame(pg_hook, "SELECT %(n)s::bigint AS id", {"n": 9007199254740993})
+    assert frame["id"].tolist() == [9007199254740993]
+    frame = read_sql_frame(
+        pg_hook,
+        ["CREATE TEMP TABLE tmp_ids AS SELECT generate_series(1, 3) AS id", "SELECT id FROM tmp_ids ORDER BY id"],
+    )
+    assert frame["id"].tolist() == [1, 2, 3]
+
+
+def test_database_errors_propagate(pg_hook: Any) -> None:
+    import psycopg
+
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        read_sql_frame(pg_hook, "SELECT * FROM no_such_table")
+
+
+def test_plain_get_df_would_lose_integers(pg_hook: Any) -> None:
+    """Why read_sql_frame does not call get_df on a DbApiHook (measured on pandas 3.1, common-sql 2.4)."""
+    sql = "SELECT 9007199254740993::bigint AS b, '{\"a\": 1}'::jsonb AS j UNION ALL SELECT NULL, NULL"
+    plain = pg_hook.get_df(sql, df_type="pandas", coerce_float=False)
+    assert plain["b"].dtype == "float64"  # 2**53 + 1 silently became 2**53
+    nullable = pg_hook.get_df(sql, df_type="pandas", dtype_backend="numpy_nullable", coerce_float=False)
+    assert nullable["j"].iloc[0] == "{'a': 1}"  # a dict's Python repr, not JSON
+    exact = read_sql_frame(pg_hook, sql)
+    assert exact["b"].iloc[0] == 9007199254740993
+    assert exact["j"].iloc[0] == {"a": 1}
+
+
+# --- the same table read twice, through a Parquet snapshot -----------------------------------------------------
+_TABLE = """
+CREATE TABLE fidelity (
+    id bigint PRIMARY KEY, i integer, b bigint, s smallint, n numeric, n3 numeric(12, 3), r real,
+    d double precision, flag boolean, t text, c char(4), u uuid, day date, at timestamp, at_tz timestamptz,
+    tm time, iv interval, j json, jb jsonb, tags text[], nums int[]
+)
+"""
+_ROWS = """
+INSERT INTO fidelity VALUES
+ (1, 1, 9007199254740993, 1, 12345678901234567890.123456789, 1.100, 0.1, 0.1, true, 'a', 'x',
+  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2024-02-29', '2024-01-02 03:04:05.678901',
+  '2024-01-02 03:04:05.678901+02', '13:45:30.5', '1 day 2 hours', '{"b": 1, "a": 0.1}', '{"z": [1, 2], "y": null}',
+  '{a,b}', '{1,NULL}'),
+ (2, NULL, NULL, NULL, NULL, NULL, 'NaN', 'Infinity', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL),
+ (3, -5, -9223372036854775808, -32768, -0.5, 0, 3.0, 3.0, false, '', '    ', NULL, '1969-07-20', '1969-07-20 20:17:40',
+  '1969-07-20 20:17:40+00', '00:00:00', '-3 seconds', '[1, "two", {"three": 3}]', '{"a": {"c": 1, "b": 2}}',
+  '{}', '{}')
+"""
+
+
+def test_unchanged_table_round_trips_through_parquet_without_changes(
+    postgres_database: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+    from pg_plugin import set_airflow_postgres_conn
+
+    db = postgres_database
+    db.execute(_TABLE, _ROWS)
+    hook = PostgresHook(postgres_conn_id=set_airflow_postgres_conn(monkeypatch, db, "stopchurn_roundtrip_pg"))
+
+    db.execute(f"ALTER DATABASE \"{db.dbname}\" SET timezone = 'Asia/Kolkata'")
+    first = canonicalize(read_sql_frame(hook, "SELECT * FROM fidelity ORDER BY id"), key_columns=["id"])
+    snapshot = tmp_path / "snapshot.parquet"
+    first.frame.write_parquet(snapshot)
+    stored = pl.read_parquet(snapshot)
+    assert stored.schema == first.frame.schema
+    assert stored.equals(first.frame)
+
+    # Same data, seen from another session time zone, in another row order, with json keys in another order.
+    db.execute(
+        f"ALTER DATABASE \"{db.dbname}\" SET timezone = 'America/Los_Angeles'",
+        """UPDATE fidelity SET j = '{"a": 0.1, "b": 1}' WHERE id = 1""",
+    )
+    second = canonicalize(read_sql_frame(hook, "SELECT * FROM fidelity ORDER BY id DESC"), key_columns=["id"])
+    assert second.kinds == first.kinds
+    changes = diff_frames(stored, second.frame, ["id"])
+    assert changes.inserted.height == 0
+    assert changes.updated.height == 0, changes.updated
+    assert changes.deleted.height == 0
+    assert changes.unchanged == 3
+
+    # And a real change is seen: one float ulp, one json value.
+    db.execute(
+        "UPDATE fidelity SET d = 0.1 + 1e-16 WHERE id = 1",
+        """UPDATE fidelity SET jb = '{"a": {"c": 1, "b": 3}}' WHERE id = 3""",
+    )
+    third = canonicalize(read_sql_frame(hook, "SELECT * FROM fidelity"), key_columns=["id"])
+    changes = diff_frames(stored, third.frame, ["id"])
+    assert sorted(changes.updated["id"].to_list()) == [1, 3]
+    assert changes.unchanged == 1
+
+
+def test_round_trip_values_are_what_the_database_holds(pg_hook: Any) -> None:
+    """Spot checks of the canonical values behind the round trip (NaN/inf -> null, integral floats)."""
+    pg_hook.run([_TABLE, _ROWS])
+    rows = {row["id"]: row for row in encoded_rows(read_sql_frame(pg_hook, "SELECT * FROM fidelity"))}
+    assert_json_same(rows[1]["b"], 9007199254740993)
+    assert_json_same(rows[1]["n"], Decimal("12345678901234567890.123456789"))
+    assert_json_same(rows[1]["at_tz"], ms(dt.datetime(2024, 1, 2, 1, 4, 5, 678000, tzinfo=UTC)))
+    assert_json_same(rows[1]["j"], {"a": Decimal("0.1"), "b": 1})
+    assert rows[2]["r"] is None and rows[2]["d"] is None and rows[2]["i"] is None
+    assert_json_same(rows[3]["b"], -9223372036854775808)
+    assert_json_same(rows[3]["at"], ms(dt.datetime(1969, 7, 20, 20, 17, 40)))
+    assert_json_same(rows[3]["tags"], [])
+    assert math.isclose(float(rows[1]["r"]), 0.1, rel_tol=1e-7)
