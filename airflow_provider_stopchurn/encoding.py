@@ -195,6 +195,8 @@ def _as_key(name: str, s: pl.Series, kind: str) -> tuple[pl.Series, str]:
             f"Key column {name!r} mixes value types (e.g. 1 and '1'); a key column must hold one type. "
             "Cast it in the source (e.g. CAST(... AS TEXT))."
         )
+    if kind == "null" and s.len() == 0:
+        return s, kind  # an empty source: no values to type the key by; compatible with any key kind
     if kind not in _KEY_KINDS:
         raise SourceDataError(
             f"Key column {name!r} has kind {kind!r}; key columns must hold integers or strings (or timestamps/dates)."

@@ -24,6 +24,7 @@ import orjson
 import pandas as pd
 import polars as pl
 
+from airflow_provider_stopchurn.contract import check_user_table
 from airflow_provider_stopchurn.diff import ChangeSet, diff_frames
 from airflow_provider_stopchurn.encoding import (
     Canonical,
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 SchemaPolicy = Literal["fail", "update_all", "rebaseline"]
 RejectPolicy = Literal["fail", "quarantine"]
 _NUMERIC = {"int", "float"}
+USER_TABLE = "user"  # StopChurn's built-in table, with a contract checked before sending
 
 
 class Sender(Protocol):
@@ -269,6 +271,8 @@ def _plan_and_apply(
     canon = canonicalize(
         _load_source(source), key_columns=options.key_columns, decimal_as_string=options.decimal_as_string
     )
+    if options.table_name == USER_TABLE and canon.frame.height:
+        check_user_table(canon.frame, canon.kinds, nest_dotted_columns=options.nest_dotted_columns)
     keys = list(canon.key_columns)
     created_expr = _timestamp_column(canon, options.created_at_column, "created_at")
     updated_expr = _timestamp_column(canon, options.updated_at_column, "updated_at")

@@ -188,11 +188,6 @@ def test_empty_result_keeps_the_columns(pg_hook: Any) -> None:
     assert len(frame) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="encoding: canonicalize rejects an empty result (key column of kind 'null'), so an empty source "
-    "cannot reach the empty-source safeguard",
-)
 def test_empty_result_canonicalizes(pg_hook: Any) -> None:
     frame = read_sql_frame(pg_hook, "SELECT 1::bigint AS id, 'x'::text AS name WHERE false")
     canon = canonicalize(frame, key_columns=["id"])
