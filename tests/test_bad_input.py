@@ -1,0 +1,414 @@
+"""The bad input matrix: every refusal is clear, sends nothing it should not, and leaves the snapshot alone.
+
+Each case starts from a committed snapshot (one clean run), then asserts the error type, that its text names
+what is wrong (column, keys, numbers), that no update request reached the sandbox, and that no file under the
+snapshot root changed (a digest of the whole tree before and after).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers_sync import (
+    BRAND,
+    T0,
+    TABLE,
+    assert_sandbox_matches,
+    list_files,
+    make_client,
+    options,
+    read_json,
+    received_counts,
+    sandbox_rows,
+    tree_digest,
+    update_requests,
+)
+
+from airflow_provider_stopchurn.exceptions import (
+    SafeguardError,
+    SourceDataError,
+    StopChurnAuthError,
+    StopChurnConfigError,
+    StopChurnError,
+    StopChurnRejectedError,
+    TransientDeliveryError,
+)
+from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
+from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.sync import SyncOptions, run_sync
+
+N = 200
+
+
+def base_frame(n: int = N) -> pd.DataFrame:
+    ids = np.arange(1, n + 1)
+    return pd.DataFrame(
+        {
+            "id": ids,
+            "plan": np.where(ids % 3 == 0, "pro", "free").astype(object),
+            "qty": (ids * 7) % 11,
+            "score": np.where(ids % 5 == 0, np.nan, ids / 4),
+        }
+    )
+
+
+@dataclass
+class World:
+    sb: SandboxServer
+    store: SnapshotStore
+    root: Path
+
+    def client(self, **kwargs: Any) -> Any:
+        return make_client(self.sb, **kwargs)
+
+    def run(self, frame: pd.DataFrame, **opts: Any) -> Any:
+        client_kwargs = opts.pop("client_kwargs", {})
+        return run_sync(frame, self.store, self.client(**client_kwargs), options(**opts), run_ms=T0 + 1000)
+
+    def current(self) -> dict[str, Any]:
+        return read_json(self.root / str(BRAND) / TABLE / "CURRENT")
+
+
+@pytest.fixture
+def world(stopchurn_sandbox_factory: Any, tmp_path: Path) -> Iterator[World]:
+    sb = stopchurn_sandbox_factory(record=True)
+    root = tmp_path / "snapshots"
+    store = SnapshotStore(root, BRAND, TABLE)
+    run_sync(base_frame(), store, make_client(sb), options(chunk_size=50), run_ms=T0)
+    sb.reset()  # count only what the case under test sends
+    yield World(sb, store, root)
+
+
+def refused(
+    world: World, frame: pd.DataFrame | Callable[[], Any], error: type[Exception], words: list[str], **opts: Any
+) -> StopChurnError:
+    """Run and assert: ``error`` naming ``words``, no request, no file changed, the lock released."""
+    digest = tree_digest(world.root)
+    with pytest.raises(error) as info:
+        run_sync(frame, world.store, world.client(), options(**opts), run_ms=T0 + 1000)
+    text = str(info.value)
+    for word in words:
+        assert word in text, (word, text)
+    assert update_requests(world.sb) == 0
+    assert tree_digest(world.root) == digest
+    assert world.store.read_lock() is None
+    assert isinstance(info.value, StopChurnError)
+    return info.value
+
+
+class Thing:
+    """A value no JSON encoder knows."""
+
+
+# --- source data -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("frame", "keys", "words"),
+    [
+        pytest.param(
+            pd.DataFrame({"id": [1, 2, 2, 3, 3], "v": range(5)}),
+            ("id",),
+            ["Duplicate key", "'id'", "2, 3", "unique"],
+            id="duplicate-keys",
+        ),
+        pytest.param(
+            pd.DataFrame({"region": ["eu", "eu", "us"], "num": [1, 1, 1]}),
+            ("region", "num"),
+            ["Duplicate composite key", "'region', 'num'", "('eu', 1)"],
+            id="duplicate-composite-keys",
+        ),
+        pytest.param(
+            pd.DataFrame({"id": pd.array([1, None, 3], dtype="Int64"), "v": [1, 2, 3]}),
+            ("id",),
+            ["Key column 'id'", "1 missing value", "row(s) 1"],
+            id="null-int-key",
+        ),
+        pytest.param(
+            pd.DataFrame({"id": ["a", None, None], "v": [1, 2, 3]}),
+            ("id",),
+            ["Key column 'id'", "2 missing value", "1, 2"],
+            id="null-string-key",
+        ),
+        pytest.param(
+            pd.DataFrame({"id": [1, 2], "v": [1, 2]}),
+            ("user_id",),
+            ["'user_id' not found", "'id', 'v'"],
+            id="missing-key-column",
+        ),
+        pytest.param(
+            pd.DataFrame({"id": [1, 2], "avatar": [b"\x89PNG", b"GIF8"]}),
+            ("id",),
+            ["'avatar'", "bytes"],
+            id="bytes-values",
+        ),
+        pytest.param(
+            pd.DataFrame({"id": [1, 2], "owner": [Thing(), Thing()]}),
+            ("id",),
+            ["'owner'", "Thing"],
+            id="object-values",
+        ),
+        pytest.param(
+            pd.DataFrame({"id": [1.0, np.nan, 3.0], "v": [1, 2, 3]}),
+            ("id",),
+            ["Key column 'id'", "missing value", "NaN"],
+            id="nan-key",
+        ),
+        pytest.param(
+            pd.DataFrame({"id": [1.0, np.inf, -np.inf], "v": [1, 2, 3]}),
+            ("id",),
+            ["Key column 'id'", "infinite", "1, 2"],
+            id="inf-key",
+        ),
+        pytest.param(
+            pd.DataFrame({"id": [1, "2", 3], "v": [1, 2, 3]}),
+            ("id",),
+            ["Key column 'id'", "mixes value types"],
+            id="mixed-key-types",
+        ),
+        pytest.param(
+            pd.DataFrame({"id": [1.5, 2.0], "v": [1, 2]}),
+            ("id",),
+            ["Key column 'id'", "1.5", "whole numbers"],
+            id="fractional-float-key",
+        ),
+    ],
+)
+def test_bad_source_is_refused_before_anything_is_sent(
+    world: World, frame: pd.DataFrame, keys: tuple[str, ...], words: list[str]
+) -> None:
+    refused(world, frame, SourceDataError, words, key_columns=keys)
+
+
+def test_source_that_is_not_a_dataframe(world: World) -> None:
+    refused(world, lambda: [{"id": 1}], SourceDataError, ["pandas DataFrame", "list"])
+
+
+def test_bad_timestamp_column(world: World) -> None:
+    frame = base_frame().assign(created=["yesterday"] * N)
+    refused(world, frame, SourceDataError, ["created_at column 'created'", "string"], created_at_column="created")
+    refused(world, base_frame(), SourceDataError, ["'nope'", "not in the source"], updated_at_column="nope")
+
+
+def test_row_over_max_chunk_bytes(world: World) -> None:
+    frame = base_frame()
+    frame.loc[frame.id == 5, "plan"] = "x" * 5000
+    err = refused(world, frame, SourceDataError, ["max_chunk_bytes=2000", "bytes"], max_chunk_bytes=2000)
+    assert "position" in str(err)
+
+
+# --- safeguards ------------------------------------------------------------------------------------------------
+def test_empty_source_over_a_non_empty_snapshot(world: World) -> None:
+    empty = base_frame().iloc[0:0]
+    refused(world, empty, SafeguardError, ["is empty", f"holds {N} rows", "allow_empty_source"])
+    summary = world.run(empty, allow_empty_source=True)
+    assert summary.deleted == N
+    assert world.sb.rows(BRAND, TABLE) == [] and len(world.sb.received()) == N
+
+
+def test_mass_delete_over_max_delete_fraction(world: World) -> None:
+    kept = base_frame().iloc[:80]  # deletes 120 of 200 = 60%
+    refused(world, kept, SafeguardError, ["deletes 120 of 200 rows", "60.0%", "max_delete_fraction=50%"])
+    refused(
+        world,
+        base_frame().iloc[:150],
+        SafeguardError,
+        ["deletes 50 of 200", "max_delete_fraction=20%"],
+        max_delete_fraction=0.2,
+    )
+    summary = world.run(kept, allow_large_changes=True)
+    assert summary.deleted == 120
+    counts = received_counts(world.sb.received())
+    assert sum(counts.values()) == 120 and {k for k, _ in counts} == {"delete"}
+
+
+def test_schema_drift_fail_lists_the_columns(world: World) -> None:
+    drifted = base_frame().drop(columns=["score"]).assign(tier=1, qty=lambda f: f.qty.astype(str))
+    err = refused(world, drifted, SafeguardError, ["added ['tier']", "removed ['score']", "qty (int -> string)"])
+    assert "on_schema_change" in str(err)
+
+
+def test_schema_drift_update_all_sends_every_row(world: World) -> None:
+    drifted = base_frame().assign(tier="gold")
+    drifted = drifted[drifted.id != 7]  # plus one delete and one insert
+    drifted = pd.concat([drifted, base_frame(N + 1).tail(1).assign(tier="new")], ignore_index=True)
+    summary = world.run(drifted, on_schema_change="update_all")
+    assert summary.schema_change is not None and summary.schema_change["added"] == ["tier"]
+    assert (summary.updated, summary.inserted, summary.deleted) == (N - 1, 1, 1)
+    counts = received_counts(world.sb.received())
+    assert sum(1 for kind, _ in counts if kind == "update") == N - 1
+    assert sum(1 for kind, _ in counts if kind == "insert") == 1
+    assert ("delete", 7) in counts
+    assert_sandbox_matches(world.sb, drifted)
+    # the new schema is the snapshot now: the same source again sends nothing
+    again = world.run(drifted)
+    assert again.requests == 0 and again.schema_change is None
+
+
+def test_schema_drift_rebaseline_records_without_sending(world: World) -> None:
+    before = world.current()
+    drifted = base_frame().assign(tier="gold")
+    summary = world.run(drifted, on_schema_change="rebaseline")
+    assert summary.baseline and summary.requests == 0
+    assert summary.schema_change == {"policy": "rebaseline", "added": ["tier"]}
+    assert update_requests(world.sb) == 0
+    after = world.current()
+    assert after["version"] != before["version"] and "tier" in after["kinds"]
+    again = world.run(drifted)
+    assert again.requests == 0 and again.unchanged == N
+
+
+# --- delivery refused by StopChurn -----------------------------------------------------------------------------
+def test_wrong_api_key_fails_once_without_retry(world: World) -> None:
+    before = world.current()
+    with pytest.raises(StopChurnAuthError) as info:
+        world.run(base_frame().assign(qty=0), client_kwargs={"api_key": "not-the-key", "max_retries": 5})
+    assert "401" in str(info.value) and "Invalid client api token" in str(info.value)
+    assert info.value.permanent
+    stats = world.sb.stats()
+    assert stats["requests"] == 1 and stats["unauthorized"] == 1
+    assert world.current() == before
+    assert world.sb.rows(BRAND, TABLE) == []
+    # with the right key the next run resumes the plan
+    summary = world.run(base_frame().assign(qty=0))
+    assert summary.resumed_chunks >= 1
+    assert all(r["qty"] == 0 for r in world.sb.rows(BRAND, TABLE))
+
+
+def test_400_with_json_body_keeps_acknowledged_chunks(world: World) -> None:
+    changed = base_frame().assign(qty=-1)  # 200 updates in 4 chunks of 50
+    world.sb.reject_ids({120})  # in the third chunk
+    before = world.current()
+    with pytest.raises(StopChurnRejectedError) as info:
+        world.run(changed, chunk_size=50, max_concurrent_requests=1)
+    text = str(info.value)
+    assert "chunk 3 of 4" in text and "updates 101-150" in text
+    assert "Update reception failed: row 120 rejected by sandbox rule" in text
+    assert info.value.reason == "Update reception failed: row 120 rejected by sandbox rule"
+    assert info.value.permanent and info.value.attempts == 1
+    assert world.current() == before  # not committed
+    plan = world.store.pending_plan()
+    assert plan is not None and world.store.acked(plan) == {0, 1}
+    assert update_requests(world.sb) == 3
+    assert sum(received_counts(world.sb.received()).values()) == 100
+
+    world.sb.reject_ids(set())
+    summary = world.run(changed, chunk_size=50, max_concurrent_requests=1)
+    assert summary.resumed_chunks == 2
+    counts = received_counts(world.sb.received())
+    assert len(counts) == N and set(counts.values()) == {1}
+    assert all(r["qty"] == -1 for r in world.sb.rows(BRAND, TABLE))
+
+
+def test_400_without_json_body(world: World) -> None:
+    world.sb.queue_response(400, "<html><body><h1>Bad Request</h1> <b>payload</b> refused</body></html>")
+    before = world.current()
+    with pytest.raises(StopChurnRejectedError) as info:
+        world.run(base_frame().assign(qty=5), chunk_size=100, max_concurrent_requests=1)
+    text = str(info.value)
+    assert "chunk 1 of 2" in text and "Bad Request payload refused" in text and "<h1>" not in text
+    assert world.current() == before
+    assert update_requests(world.sb) == 1
+
+
+@pytest.mark.parametrize("html", [False, True])
+def test_5xx_forever(world: World, html: bool) -> None:
+    world.sb.set_faults(FaultConfig(error_rate=1.0, html_errors=html))
+    before = world.current()
+    with pytest.raises(TransientDeliveryError) as info:
+        world.run(base_frame().assign(qty=5), client_kwargs={"max_retries": 2}, max_concurrent_requests=1)
+    text = str(info.value)
+    assert "3 attempts" in text and "HTTP 500" in text
+    if html:
+        assert "500 Internal Server Error" in text and "<h1>" not in text and "<html>" not in text
+    else:
+        assert "Internal server error" in text
+    assert not info.value.permanent and info.value.status == 500
+    assert update_requests(world.sb) == 3
+    assert world.current() == before
+    assert world.sb.rows(BRAND, TABLE) == []
+
+
+# --- options ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"brand_id": None, "table_name": TABLE}, ["brand_id must be an integer", "None"]),
+        ({"brand_id": "7", "table_name": TABLE}, ["brand_id must be an integer", "'7'"]),
+        ({"brand_id": True, "table_name": TABLE}, ["brand_id must be an integer"]),
+        ({"brand_id": 7, "table_name": " "}, ["table_name must be a non-empty string"]),
+        ({"brand_id": 7, "table_name": TABLE, "key_columns": ()}, ["primary_key"]),
+        ({"brand_id": 7, "table_name": TABLE, "chunk_size": 0}, ["chunk_size", "0"]),
+        ({"brand_id": 7, "table_name": TABLE, "max_delete_fraction": 1.5}, ["max_delete_fraction", "1.5"]),
+        ({"brand_id": 7, "table_name": TABLE, "on_schema_change": "ignore"}, ["on_schema_change", "'ignore'"]),
+        ({"brand_id": 7, "table_name": TABLE, "max_concurrent_requests": 0}, ["max_concurrent_requests"]),
+    ],
+)
+def test_invalid_options(kwargs: dict[str, Any], words: list[str]) -> None:
+    with pytest.raises(StopChurnConfigError) as info:
+        SyncOptions(**kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_sender_required_unless_dry_run(world: World) -> None:
+    with pytest.raises(StopChurnConfigError, match="sender"):
+        run_sync(base_frame(), world.store, None, options(), run_ms=T0)
+
+
+# --- quarantine ------------------------------------------------------------------------------------------------
+def _quarantine_records(world: World) -> list[dict[str, Any]]:
+    files = [p for p in list_files(world.root) if "quarantine" in p.parts]
+    return [json.loads(line) for p in files for line in p.read_text().splitlines()]
+
+
+def test_quarantine_delivers_the_rest_and_retries_rejected_rows(world: World) -> None:
+    frame = base_frame().assign(qty=lambda f: f.qty + 100)  # 200 updates
+    frame = frame[frame.id != 50]  # 1 delete
+    frame = pd.concat([frame, pd.DataFrame({"id": [500, 501], "plan": ["new", "new"], "qty": [1, 2]})])
+    world.sb.reject_ids({17, 50, 501, 160})
+    summary = world.run(frame, chunk_size=40, on_rejected_rows="quarantine")
+    assert summary.quarantined == 4 and summary.quarantine_uri is not None
+    records = _quarantine_records(world)
+    assert sorted(r["update"]["data"]["data"]["id"] for r in records) == [17, 50, 160, 501]
+    for record in records:
+        row_id = record["update"]["data"]["data"]["id"]
+        assert record["reason"] == f"Update reception failed: row {row_id} rejected by sandbox rule"
+    assert {r["update"]["type"] for r in records} == {"update", "delete", "insert"}
+    # everything else arrived; the rejected rows did not
+    got = sandbox_rows(world.sb)
+    assert ("int", 17) not in got and ("int", 501) not in got and ("int", 500) in got
+    assert len(got) == (N - 1 - 2) + 1  # 199 updates but 17 and 160, plus insert 500 (the sandbox was reset)
+    # the snapshot was committed without the rejected changes: the next run sends exactly those
+    assert world.store.pending_plan() is None
+    world.sb.reject_ids(set())
+    mark = len(world.sb.received())
+    again = world.run(frame, chunk_size=40, on_rejected_rows="quarantine")
+    assert (again.inserted, again.updated, again.deleted, again.quarantined) == (1, 2, 1, 0)
+    assert sorted(row_id for _, _, _, row_id in world.sb.received()[mark:]) == [17, 50, 160, 501]
+    got = sandbox_rows(world.sb)
+    assert got[("int", 17)]["qty"] == int(frame[frame.id == 17].qty.iloc[0]) and ("int", 501) in got
+
+
+def test_max_rejected_rows_exceeded_commits_the_rest(world: World) -> None:
+    frame = base_frame().assign(qty=lambda f: f.qty + 1)
+    bad = {3, 33, 63, 93, 123}
+    world.sb.reject_ids(bad)
+    before = world.current()
+    with pytest.raises(SafeguardError) as info:
+        world.run(frame, chunk_size=50, on_rejected_rows="quarantine", max_rejected_rows=2)
+    text = str(info.value)
+    assert "rejected 5 rows" in text and "max_rejected_rows=2" in text and "quarantine" in text
+    assert world.current()["version"] != before["version"]  # the rest was committed
+    assert world.store.pending_plan() is None
+    assert len(world.sb.rows(BRAND, TABLE)) == N - len(bad)
+    assert sorted(r["update"]["data"]["data"]["id"] for r in _quarantine_records(world)) == sorted(bad)
+    world.sb.reject_ids(set())
+    again = world.run(frame, on_rejected_rows="quarantine", max_rejected_rows=2)
+    assert again.updated == len(bad)
+    assert all(r["qty"] == int(frame[frame.id == r["id"]].qty.iloc[0]) for r in world.sb.rows(BRAND, TABLE))

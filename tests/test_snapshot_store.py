@@ -1,0 +1,378 @@
+"""The snapshot store under the engine: local paths and object storage, pointers, plan ledger, lock, corruption.
+
+Airflow is imported here only for ``ObjectStoragePath`` (the store itself imports none).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+from helpers_sync import (
+    BRAND,
+    T0,
+    TABLE,
+    Churn,
+    FailAfter,
+    assert_sandbox_matches,
+    list_files,
+    make_client,
+    options,
+    read_json,
+    received_counts,
+    tree_digest,
+    update_requests,
+)
+
+from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError, TransientDeliveryError
+from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
+from airflow_provider_stopchurn.snapshot import CREATED_AT, FORMAT_VERSION, SnapshotStore
+from airflow_provider_stopchurn.sync import run_sync
+
+
+@pytest.fixture(scope="module")
+def object_storage_path() -> Callable[[str], Any]:
+    from airflow.sdk import ObjectStoragePath
+    from airflow.sdk.io import attach
+
+    attach("memory", fs=fsspec.filesystem("memory"))
+    return ObjectStoragePath
+
+
+@pytest.fixture
+def sb(stopchurn_sandbox_factory: Any) -> SandboxServer:
+    sandbox: SandboxServer = stopchurn_sandbox_factory(record=True)
+    return sandbox
+
+
+@pytest.fixture(params=["pathlib", "file", "memory"])
+def root(request: pytest.FixtureRequest, tmp_path: Path, object_storage_path: Callable[[str], Any]) -> Any:
+    if request.param == "pathlib":
+        return tmp_path / "snapshots"
+    if request.param == "file":
+        return object_storage_path(f"file://{tmp_path}/snapshots")
+    return object_storage_path(f"memory://stopchurn-tests/{uuid.uuid4().hex}")
+
+
+def _table_dir(root: Any) -> Any:
+    return root / str(BRAND) / TABLE
+
+
+def _synced_store(sb: SandboxServer, root: Any, rows: int = 200) -> tuple[SnapshotStore, Churn]:
+    store = SnapshotStore(root, BRAND, TABLE)
+    churn = Churn(21, rows, with_json=False)
+    run_sync(churn.frame, store, make_client(sb), options(chunk_size=50), run_ms=T0)
+    return store, churn
+
+
+# --- convergence on every kind of root -------------------------------------------------------------------------
+def test_convergence_on_every_root(sb: SandboxServer, root: Any) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    churn = Churn(20, 800, composite=True)
+    client = make_client(sb)
+    frame = churn.frame
+    for run in range(4):
+        run_sync(frame, store, client, options(key_columns=churn.keys, chunk_size=120), run_ms=T0 + run)
+        assert_sandbox_matches(sb, frame, churn.keys)
+        frame = churn.step()
+    # only the pointer and one snapshot remain after a clean run
+    names = sorted(str(p)[len(str(_table_dir(root))) :] for p in list_files(root))
+    assert len(names) == 2 and names[0] == "/CURRENT" and names[1].startswith("/snapshots/"), names
+    assert store.location.endswith(f"{BRAND}/{TABLE}")
+
+
+def test_pointer_after_a_clean_run(sb: SandboxServer, root: Any) -> None:
+    store, _ = _synced_store(sb, root)
+    current = read_json(_table_dir(root) / "CURRENT")
+    assert current["format_version"] == FORMAT_VERSION
+    assert (current["brand_id"], current["table_name"]) == (BRAND, TABLE)
+    assert current["key_columns"] == ["id"]
+    assert current["kinds"]["id"] == "int" and current["kinds"]["score"] == "float"
+    assert isinstance(current["plan_id"], str)
+    assert (_table_dir(root) / "snapshots" / f"{current['version']}.parquet").exists()
+    assert not (_table_dir(root) / "PLAN").exists()
+    committed = store.read_committed()
+    assert committed is not None and committed.version == current["version"]
+    assert committed.frame.height == 200
+    assert committed.frame.get_column(CREATED_AT).unique().to_list() == [T0]
+    assert store.pending_plan() is None and store.read_lock() is None
+
+
+def test_pointer_records_the_row_count(sb: SandboxServer, root: Any) -> None:
+    _synced_store(sb, root)
+    assert read_json(_table_dir(root) / "CURRENT")["rows"] == 200
+
+
+# --- plan and ledger -------------------------------------------------------------------------------------------
+def test_plan_ledger_of_an_interrupted_delivery(sb: SandboxServer, root: Any) -> None:
+    store, churn = _synced_store(sb, root)
+    committed = store.read_committed()
+    assert committed is not None
+    frame = churn.step(deletes=0.2, updates=0.5, inserts=0.3)
+    client = make_client(sb)
+    opts = options(chunk_size=20, max_concurrent_requests=1)
+    with pytest.raises(TransientDeliveryError):
+        run_sync(frame, store, FailAfter(client, sb, 2), opts, run_ms=T0 + 1)
+    sb.set_faults(FaultConfig())
+
+    table = _table_dir(root)
+    pointer = read_json(table / "PLAN")
+    plan = store.pending_plan()
+    assert plan is not None and plan.plan_id == pointer["plan_id"]
+    assert plan.base_version == committed.version
+    assert plan.target_version != committed.version
+    assert (table / "snapshots" / f"{plan.target_version}.parquet").exists()
+    assert (table / "plans" / plan.plan_id / "changes.parquet").exists()
+    assert store.acked(plan) == {0, 1}
+    assert sorted(p.name for p in (table / "plans" / plan.plan_id / "acks").iterdir()) == ["0000000", "0000001"]
+    assert read_json(table / "CURRENT")["version"] == committed.version  # not committed
+    assert plan.chunks[0][0] == 0 and all(a[1] == b[0] for a, b in zip(plan.chunks, plan.chunks[1:], strict=False))
+
+    # acknowledging is idempotent and order-free
+    store.ack(plan, 5)
+    store.ack(plan, 5)
+    assert store.acked(plan) == {0, 1, 5}
+    (table / "plans" / plan.plan_id / "acks" / "0000005").unlink()
+
+    plan_bytes = (table / "PLAN").read_bytes()
+    summary = run_sync(frame, store, client, opts, run_ms=T0 + 2)
+    assert summary.resumed_chunks == len(plan.chunks) - 2
+    assert_sandbox_matches(sb, frame)
+    assert read_json(table / "CURRENT")["version"] == plan.target_version
+    assert not (table / "PLAN").exists()
+    assert not (table / "snapshots" / f"{committed.version}.parquet").exists()  # the old snapshot is gone
+
+    # a PLAN pointer that outlived its commit (crash between the two writes) is recognised and dropped
+    with (table / "PLAN").open("wb") as fh:
+        fh.write(plan_bytes)
+    assert store.pending_plan() is None
+    assert not (table / "PLAN").exists()
+    requests = update_requests(sb)
+    summary = run_sync(frame, store, client, opts, run_ms=T0 + 3)
+    assert summary.resumed_chunks == 0 and update_requests(sb) == requests
+
+
+def test_plan_made_against_another_snapshot_is_refused(sb: SandboxServer, tmp_path: Path) -> None:
+    root = tmp_path / "snapshots"
+    store, churn = _synced_store(sb, root)
+    table = _table_dir(root)
+    (table / "PLAN").write_text(
+        json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "plan_id": "p1",
+                "base_version": "some-other-version",
+                "target_version": "t1",
+                "chunks": [[0, 1]],
+                "meta": {"brand_id": BRAND, "table_name": TABLE},
+            }
+        )
+    )
+    requests = update_requests(sb)
+    with pytest.raises(SnapshotError, match="Delete the PLAN file") as info:
+        run_sync(churn.step(), store, make_client(sb), options(), run_ms=T0 + 1)
+    assert "some-other-version" in str(info.value)
+    assert update_requests(sb) == requests
+    assert store.read_lock() is None
+
+
+def test_plan_of_another_table_is_refused(sb: SandboxServer, tmp_path: Path) -> None:
+    root = tmp_path / "snapshots"
+    store, churn = _synced_store(sb, root)
+    current = read_json(_table_dir(root) / "CURRENT")
+    (_table_dir(root) / "PLAN").write_text(
+        json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "plan_id": "p1",
+                "base_version": current["version"],
+                "target_version": "t1",
+                "chunks": [[0, 1]],
+                "meta": {"brand_id": BRAND + 1, "table_name": TABLE},
+            }
+        )
+    )
+    requests = update_requests(sb)
+    with pytest.raises(SnapshotError, match="another brand or table"):
+        run_sync(churn.step(), store, make_client(sb), options(), run_ms=T0 + 1)
+    assert update_requests(sb) == requests
+
+
+# --- lock ------------------------------------------------------------------------------------------------------
+def _write_lock(store: SnapshotStore, **fields: Any) -> None:
+    record = {
+        "format_version": FORMAT_VERSION,
+        "holder": "someone",
+        "token": "t0ken",
+        "host": socket.gethostname(),
+        "pid": 1,
+        "acquired_at": "2024-01-01T00:00:00+00:00",
+        "expires_at": time.time() + 3600,
+        **fields,
+    }
+    store._write_bytes(json.dumps(record).encode(), "LOCK")
+
+
+def test_second_run_fails_fast_while_the_lock_is_held(sb: SandboxServer, root: Any) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    churn = Churn(22, 100)
+    other = SnapshotStore(root, BRAND, TABLE)
+    with other.lock("dag_a.sync_users run 2024-05-01"):
+        started = time.monotonic()
+        with pytest.raises(SnapshotLockedError) as info:
+            run_sync(churn.frame, store, make_client(sb), options(), run_ms=T0)
+        assert time.monotonic() - started < 2.0
+        text = str(info.value)
+        assert "dag_a.sync_users run 2024-05-01" in text and f"{BRAND}/{TABLE}" in text
+        assert not info.value.permanent
+        assert update_requests(sb) == 0
+        assert store.read_lock() is not None  # the holder's lock is left alone
+    assert store.read_lock() is None
+    run_sync(churn.frame, store, make_client(sb), options(), run_ms=T0)
+    assert_sandbox_matches(sb, churn.frame)
+
+
+def test_live_lock_of_another_host_is_respected(sb: SandboxServer, root: Any) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    _write_lock(store, holder="worker-7", host="some-other-host", pid=4242)
+    with pytest.raises(SnapshotLockedError, match="worker-7"):
+        run_sync(Churn(23, 10).frame, store, make_client(sb), options(), run_ms=T0)
+    assert update_requests(sb) == 0
+
+
+def test_expired_lock_is_taken_over(sb: SandboxServer, root: Any) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    _write_lock(store, holder="crashed-worker", host="some-other-host", pid=4242, expires_at=time.time() - 5)
+    churn = Churn(24, 50)
+    run_sync(churn.frame, store, make_client(sb), options(), run_ms=T0)
+    assert_sandbox_matches(sb, churn.frame)
+    assert store.read_lock() is None
+
+
+def test_lock_of_a_dead_process_on_this_host_is_broken(sb: SandboxServer, root: Any) -> None:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, timeout=30)
+    dead_pid = int(proc.stdout)
+    store = SnapshotStore(root, BRAND, TABLE)
+    _write_lock(store, holder="killed-run", pid=dead_pid)  # not expired, but its process is gone
+    churn = Churn(25, 50)
+    run_sync(churn.frame, store, make_client(sb), options(), run_ms=T0)
+    assert_sandbox_matches(sb, churn.frame)
+    assert store.read_lock() is None
+
+
+def test_lock_of_a_live_process_on_this_host_is_respected(sb: SandboxServer, tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path / "snapshots", BRAND, TABLE)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        _write_lock(store, holder="live-run", pid=proc.pid)
+        with pytest.raises(SnapshotLockedError, match="live-run"):
+            run_sync(Churn(26, 10).frame, store, make_client(sb), options(), run_ms=T0)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert update_requests(sb) == 0
+
+
+# --- corruption ------------------------------------------------------------------------------------------------
+def _truncate_snapshot(table: Path) -> None:
+    version = json.loads((table / "CURRENT").read_text())["version"]
+    path = table / "snapshots" / f"{version}.parquet"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _corrupt_current(table: Path) -> None:
+    text = (table / "CURRENT").read_text()
+    (table / "CURRENT").write_text(text[: len(text) // 2])
+
+
+def _newer_format(table: Path) -> None:
+    data = json.loads((table / "CURRENT").read_text())
+    data["format_version"] = FORMAT_VERSION + 98
+    (table / "CURRENT").write_text(json.dumps(data))
+
+
+def _missing_snapshot(table: Path) -> None:
+    for path in (table / "snapshots").iterdir():
+        path.unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (_truncate_snapshot, ["unreadable", "truncated or corrupt", ".parquet"]),
+        (_corrupt_current, ["CURRENT", "not valid JSON"]),
+        (_newer_format, ["format version 99", "Upgrade"]),
+        (_missing_snapshot, ["missing", ".parquet"]),
+    ],
+)
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_damaged_snapshot_raises_a_clear_error_and_sends_nothing(
+    sb: SandboxServer, tmp_path: Path, damage: Callable[[Path], None], words: list[str], dry_run: bool
+) -> None:
+    root = tmp_path / "snapshots"
+    store, churn = _synced_store(sb, root)
+    damage(_table_dir(root))
+    digest = tree_digest(root)
+    requests = update_requests(sb)
+    with pytest.raises(SnapshotError) as info:
+        run_sync(churn.step(), store, make_client(sb), options(dry_run=dry_run), run_ms=T0 + 1)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    assert update_requests(sb) == requests
+    assert tree_digest(root) == digest  # nothing written, the lock released
+
+
+# --- unwritable location ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["pathlib", "file"])
+def test_unwritable_location_fails_before_sending(
+    sb: SandboxServer, tmp_path: Path, kind: str, object_storage_path: Callable[[str], Any]
+) -> None:
+    blocker = tmp_path / "a-regular-file"
+    blocker.write_text("not a directory")  # tests run as root: chmod would not block writes, a file does
+    root: Any = blocker / "sub" if kind == "pathlib" else object_storage_path(f"file://{blocker}/sub")
+    store = SnapshotStore(root, BRAND, TABLE)
+    with pytest.raises(SnapshotError) as info:
+        run_sync(Churn(27, 20).frame, store, make_client(sb), options(), run_ms=T0)
+    assert "a-regular-file" in str(info.value)
+    assert update_requests(sb) == 0
+    assert blocker.read_text() == "not a directory"
+
+
+def test_unwritable_snapshot_folder_fails_before_sending(sb: SandboxServer, tmp_path: Path) -> None:
+    root = tmp_path / "snapshots"
+    table = _table_dir(root)
+    table.mkdir(parents=True)
+    (table / "snapshots").write_text("in the way")  # the folder cannot be created
+    store = SnapshotStore(root, BRAND, TABLE)
+    with pytest.raises(SnapshotError, match="writable"):
+        run_sync(Churn(28, 20).frame, store, make_client(sb), options(), run_ms=T0)
+    assert update_requests(sb) == 0
+    assert store.read_lock() is None
+
+
+def test_each_acknowledged_update_once_across_resumes_on_object_storage(
+    sb: SandboxServer, object_storage_path: Callable[[str], Any]
+) -> None:
+    root = object_storage_path(f"memory://stopchurn-tests/{uuid.uuid4().hex}")
+    store = SnapshotStore(root, BRAND, TABLE)
+    churn = Churn(29, 600, with_json=False)
+    client = make_client(sb)
+    opts = options(chunk_size=40, max_concurrent_requests=3)
+    for n in (3, 5, 2):
+        with pytest.raises(TransientDeliveryError):
+            run_sync(churn.frame, store, FailAfter(client, sb, n), opts, run_ms=T0)
+        sb.set_faults(FaultConfig())
+    run_sync(churn.frame, store, client, opts, run_ms=T0)
+    assert_sandbox_matches(sb, churn.frame)
+    counts = received_counts(sb.received())
+    assert len(counts) == 600 and set(counts.values()) == {1}
