@@ -1,0 +1,40 @@
+"""Run one sync of a deterministic table in its own process, so that a test can kill it mid-delivery.
+
+Usage: ``python crash_worker.py <sandbox url> <api key env var> <snapshot root> <seed> <rows> <chunk size>``.
+The API key is read from the named environment variable (never from argv, which ``ps`` shows). Prints
+``started`` once the source is built, then the summary as JSON when the sync finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from helpers_sync import BRAND, T0, TABLE, deterministic_table, options
+
+from airflow_provider_stopchurn.client import StopChurnClient
+from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.sync import run_sync
+
+
+def main(argv: list[str]) -> int:
+    url, key_var, root, seed, rows, chunk_size = argv
+    frame = deterministic_table(int(seed), int(rows))
+    store = SnapshotStore(Path(root), BRAND, TABLE)
+    client = StopChurnClient(url, os.environ[key_var], max_retries=0, timeout=30.0)
+    print("started", flush=True)
+    summary = run_sync(
+        frame,
+        store,
+        client,
+        options(chunk_size=int(chunk_size), max_concurrent_requests=1, holder="crash-worker"),
+        run_ms=T0,
+    )
+    print(json.dumps(summary.as_dict()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
