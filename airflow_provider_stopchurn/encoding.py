@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import decimal as _decimal
+import functools
 import json
 import uuid as _uuid
 from collections.abc import Mapping, Sequence
@@ -507,19 +508,39 @@ _JSON_OPTIONS = (
 
 
 def _json_series(name: str, values: np.ndarray, mask: np.ndarray) -> pl.Series:
-    dumps = orjson.dumps
     try:
-        texts = [
-            None if missing else dumps(v, default=_json_default, option=_JSON_OPTIONS).decode()
-            for v, missing in zip(values, mask, strict=True)
-        ]
+        present = _dump_each(values[~mask])
     except (orjson.JSONEncodeError, TypeError) as exc:
         if "bytes" in str(exc):
             _raise_bytes(name)
         raise SourceDataError(
             f"Column {name!r} holds a value that cannot be written as JSON: {exc}. Convert it in the source."
         ) from exc
-    return pl.Series(values=texts, dtype=pl.String)
+    if not mask.any():
+        return present
+    full = pl.repeat(None, len(values), dtype=pl.String, eager=True)
+    return full.scatter(np.flatnonzero(~mask), present)
+
+
+def _dump_each(values: np.ndarray) -> pl.Series:
+    """Canonical JSON text of each value, with one orjson call for the whole column.
+
+    The values are interleaved with a sentinel string holding a fresh random token, dumped as one JSON array,
+    and split at the sentinels (a value cannot produce the sentinel's text unless it contains the token). If
+    the split does not give one part per value, fall back to one call per value.
+    """
+    n = len(values)
+    if n == 0:
+        return pl.Series(values=[], dtype=pl.String)
+    token = "\x00" + _uuid.uuid4().hex + "\x00"
+    items: list[Any] = [token] * (2 * n - 1)
+    items[::2] = values.tolist()
+    whole = orjson.dumps(items, default=_json_default, option=_JSON_OPTIONS)
+    parts = whole[1:-1].split(b"," + orjson.dumps(token) + b",")
+    if len(parts) != n:  # pragma: no cover - a value contained the token
+        dumps = functools.partial(orjson.dumps, default=_json_default, option=_JSON_OPTIONS)
+        parts = list(map(dumps, values))
+    return pl.Series(values=parts, dtype=pl.Binary).cast(pl.String)
 
 
 # --------------------------------------------------------------------------------------------------------------
