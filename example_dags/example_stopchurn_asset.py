@@ -20,6 +20,7 @@ USER_SEGMENTS = Asset("stopchurn_demo_user_segments")
     schedule="@hourly",
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
+    doc_md=__doc__,
     tags=["stopchurn", "example"],
 )
 def example_stopchurn_asset_etl() -> None:
@@ -46,6 +47,7 @@ def example_stopchurn_asset_etl() -> None:
     schedule=[USER_SEGMENTS],
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
+    doc_md=__doc__,
     tags=["stopchurn", "example"],
 )
 def example_stopchurn_asset_sync() -> None:

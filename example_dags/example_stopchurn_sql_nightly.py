@@ -23,6 +23,7 @@ from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperat
     schedule="@daily",
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
+    doc_md=__doc__,
     tags=["stopchurn", "example"],
 )
 def example_stopchurn_sql_nightly() -> None:

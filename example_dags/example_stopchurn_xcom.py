@@ -29,6 +29,7 @@ def build_frame() -> pd.DataFrame:
     schedule="@daily",
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
+    doc_md=__doc__,
     tags=["stopchurn", "example"],
 )
 def example_stopchurn_xcom() -> None:

@@ -1,0 +1,130 @@
+"""The example DAGs parse cleanly, cheaply (no network, no user code) and have the expected shape.
+
+Running them end to end against the sandbox is in ``test_operator_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+EXAMPLE_DAGS = Path(__file__).resolve().parent.parent / "example_dags"
+EXPECTED = {
+    "example_stopchurn_sql_nightly": ["sync_users"],
+    "example_stopchurn_asset_etl": ["build_user_segments"],
+    "example_stopchurn_asset_sync": ["sync_user_segments"],
+    "example_stopchurn_xcom": ["build_frame", "sync_channel_consents"],
+}
+
+
+@pytest.fixture(scope="module")
+def dagbag() -> Any:
+    """The example DAGs parsed while any network connection would fail."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("parsing a DAG file must not open a network connection")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", refuse)
+        return DagBag(dag_folder=str(EXAMPLE_DAGS))
+
+
+def test_no_import_errors_or_warnings(dagbag: Any) -> None:
+    assert dagbag.import_errors == {}
+    assert dagbag.captured_warnings == {}
+
+
+def test_expected_dags_and_tasks(dagbag: Any) -> None:
+    assert set(dagbag.dag_ids) == set(EXPECTED)
+    for dag_id, task_ids in EXPECTED.items():
+        assert sorted(dagbag.dags[dag_id].task_ids) == sorted(task_ids), dag_id
+
+
+def test_every_dag_is_documented_and_tagged(dagbag: Any) -> None:
+    for dag in dagbag.dags.values():
+        assert dag.doc_md, dag.dag_id
+        assert "stopchurn" in dag.tags
+
+
+def test_nightly_sql_dag(dagbag: Any) -> None:
+    dag = dagbag.dags["example_stopchurn_sql_nightly"]
+    assert dag.catchup is False
+    assert dag.schedule == "@daily"
+    op = dag.task_dict["sync_users"]
+    assert (op.table_name, op.sql_conn_id, op.stopchurn_conn_id) == ("user", "stopchurn_demo_db", "stopchurn_default")
+    assert op.brand_id is None  # taken from the StopChurn connection's extras
+    query = (EXAMPLE_DAGS / "sql" / "users.sql").read_text()
+    assert op.sql in ("sql/users.sql", query)  # the DagBag already read the template file
+    for alias in (
+        "marketingPreferences.email",
+        "marketingPreferences.phone",
+        "systemPreferences.email",
+        "systemPreferences.phone",
+    ):
+        assert f'AS "{alias}"' in query
+
+
+def test_asset_dags(dagbag: Any) -> None:
+    etl = dagbag.dags["example_stopchurn_asset_etl"]
+    sync = dagbag.dags["example_stopchurn_asset_sync"]
+    (outlet,) = etl.task_dict["build_user_segments"].outlets
+    assert list(sync.timetable.asset_condition.objects) == [outlet]  # scheduled on what the ETL produces
+    op = sync.task_dict["sync_user_segments"]
+    assert op.sql_conn_id == "stopchurn_demo_db"
+
+
+def test_xcom_dag(dagbag: Any) -> None:
+    from airflow.sdk.definitions.xcom_arg import XComArg
+
+    dag = dagbag.dags["example_stopchurn_xcom"]
+    op = dag.task_dict["sync_channel_consents"]
+    assert isinstance(op.dataframe, XComArg)
+    assert op.upstream_task_ids == {"build_frame"}
+    assert op.primary_key == ["userId", "channel"]
+
+
+def test_dag_files_name_no_machine_paths() -> None:
+    for path in [*EXAMPLE_DAGS.glob("*.py"), *EXAMPLE_DAGS.glob("sql/*.sql")]:
+        text = path.read_text()
+        assert "/tmp" not in text, path
+        assert "/home/" not in text, path
+        assert "127.0.0.1" not in text, path
+        assert "demo-key" not in text, path
+
+
+def test_operator_constructor_does_no_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Building the operator with an unreachable connection, a poisoned callable and a remote snapshot URI
+    touches nothing: no connection lookup, no network, no file, no call."""
+    from airflow.sdk import DAG
+
+    from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
+
+    def poisoned() -> Any:
+        raise AssertionError("the source callable was called at DAG parse time")
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the operator constructor opened a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("AIRFLOW_CONN_UNREACHABLE", '{"conn_type": "stopchurn", "host": "https://10.255.255.1"}')
+    monkeypatch.chdir(tmp_path)
+    with DAG("no_io", schedule=None):
+        StopChurnUpdateOperator(
+            task_id="from_callable",
+            table_name="account",
+            dataframe=poisoned,
+            stopchurn_conn_id="unreachable",
+            snapshot_uri="s3://bucket-that-does-not-exist/prefix",
+        )
+        StopChurnUpdateOperator(
+            task_id="from_sql",
+            table_name="account",
+            sql="SELECT * FROM accounts",
+            sql_conn_id="no_such_connection",
+            stopchurn_conn_id="no_such_connection_either",
+        )
+    assert list(tmp_path.iterdir()) == []

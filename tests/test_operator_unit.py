@@ -1,0 +1,172 @@
+"""StopChurnUpdateOperator on its own: constructor checks, templating declarations, brand id resolution, and
+how engine errors become Airflow errors (``execute()`` called directly, against the sandbox)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from airflow.sdk import DAG, task
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
+from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
+
+FRAME = pd.DataFrame({"id": [1, 2, 3], "name": ["a", "b", "c"]})
+CONTEXT: dict[str, Any] = {"run_id": "manual__unit", "ti": None}
+
+
+def _op(**kwargs: Any) -> StopChurnUpdateOperator:
+    kwargs.setdefault("task_id", "sync")
+    kwargs.setdefault("table_name", "account")
+    return StopChurnUpdateOperator(**kwargs)
+
+
+def _explode() -> pd.DataFrame:
+    raise AssertionError("the source callable must not be called at DAG parse time")
+
+
+# --- constructor -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one of `dataframe` or `sql`"),
+        ({"dataframe": FRAME, "sql": "SELECT 1", "sql_conn_id": "db"}, "exactly one of `dataframe` or `sql`"),
+        ({"sql": "SELECT 1"}, "`sql` needs `sql_conn_id`"),
+        ({"dataframe": FRAME, "initial_load": "everything"}, "initial_load must be 'send' or 'baseline'"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _op(**kwargs)
+
+
+def test_template_fields() -> None:
+    fields = set(StopChurnUpdateOperator.template_fields)
+    assert {"table_name", "brand_id", "sql", "parameters", "snapshot_uri", "dataframe"} <= fields
+    assert "stopchurn_conn_id" not in fields  # a connection id is not a template
+    assert ".sql" in StopChurnUpdateOperator.template_ext
+
+
+def test_constructor_does_no_io_and_calls_nothing() -> None:
+    with DAG("unit_parse", schedule=None) as dag:
+        op = _op(dataframe=_explode, stopchurn_conn_id="does_not_exist", snapshot_uri="s3://nowhere/at-all")
+    assert dag.task_dict["sync"] is op
+    assert op.dataframe is None  # the callable is kept out of the template fields: the renderer would call it
+    assert op.primary_key == ["id"]
+
+
+def test_primary_key_list() -> None:
+    assert _op(dataframe=FRAME, primary_key=("tenant", "code")).primary_key == ["tenant", "code"]
+
+
+def test_xcom_arg_stays_in_the_template_field() -> None:
+    with DAG("unit_xcom", schedule=None):
+
+        @task
+        def build() -> pd.DataFrame:
+            return FRAME
+
+        frame = build()
+        op = _op(dataframe=frame)
+    assert op.dataframe is frame
+    assert [t.task_id for t in op.upstream_list] == ["build"]
+
+
+# --- execute ---------------------------------------------------------------------------------------------------
+def _conn(airflow_conn: Any, sandbox: SandboxServer, conn_id: str = "stopchurn_default", **extra: Any) -> None:
+    airflow_conn(conn_id, conn_type="stopchurn", host=sandbox.url, password=sandbox.token, extra=extra)
+
+
+def test_brand_id_from_connection(stopchurn_conn: SandboxServer, tmp_path: Path) -> None:
+    summary = _op(dataframe=FRAME, snapshot_uri=str(tmp_path)).execute(CONTEXT)
+    assert summary["brand_id"] == 1
+    assert [r["id"] for r in stopchurn_conn.rows(1, "account")] == [1, 2, 3]
+
+
+def test_brand_id_argument_wins(stopchurn_conn: SandboxServer, tmp_path: Path) -> None:
+    summary = _op(dataframe=FRAME, brand_id="42", snapshot_uri=str(tmp_path)).execute(CONTEXT)
+    assert summary["brand_id"] == 42
+    assert len(stopchurn_conn.rows(42, "account")) == 3
+    assert stopchurn_conn.rows(1, "account") == []
+
+
+def test_no_brand_id_anywhere(stopchurn_sandbox: SandboxServer, airflow_conn: Any, tmp_path: Path) -> None:
+    _conn(airflow_conn, stopchurn_sandbox, "stopchurn_nobrand")
+    op = _op(dataframe=FRAME, stopchurn_conn_id="stopchurn_nobrand", snapshot_uri=str(tmp_path))
+    with pytest.raises(AirflowFailException, match=r"No brand id.*brand_id.*stopchurn_nobrand"):
+        op.execute(CONTEXT)
+    assert stopchurn_sandbox.stats()["requests"] == 0
+
+
+def test_callable_receives_context(stopchurn_conn: SandboxServer, tmp_path: Path) -> None:
+    seen: list[Any] = []
+
+    def source(context: Any) -> pd.DataFrame:
+        seen.append(context["run_id"])
+        return FRAME
+
+    _op(dataframe=source, snapshot_uri=str(tmp_path)).execute(CONTEXT)
+    assert seen == ["manual__unit"]
+
+
+def test_wrong_api_key_is_permanent(stopchurn_sandbox: SandboxServer, airflow_conn: Any, tmp_path: Path) -> None:
+    airflow_conn(
+        "stopchurn_default",
+        conn_type="stopchurn",
+        host=stopchurn_sandbox.url,
+        password="wrong-key",
+        extra={"brand_id": 1},
+    )
+    with pytest.raises(AirflowFailException) as info:
+        _op(dataframe=FRAME, snapshot_uri=str(tmp_path)).execute(CONTEXT)
+    assert "wrong-key" not in str(info.value)
+    assert stopchurn_sandbox.stats()["unauthorized"] == 1  # a 401 is not retried
+
+
+def test_rejected_request_is_permanent(stopchurn_conn: SandboxServer, tmp_path: Path) -> None:
+    stopchurn_conn.reject_ids({2})
+    with pytest.raises(AirflowFailException, match="rejected"):
+        _op(dataframe=FRAME, snapshot_uri=str(tmp_path)).execute(CONTEXT)
+
+
+def test_bad_source_data_is_permanent(stopchurn_conn: SandboxServer, tmp_path: Path) -> None:
+    duplicated = pd.DataFrame({"id": [1, 1], "name": ["a", "b"]})
+    with pytest.raises(AirflowFailException):
+        _op(dataframe=duplicated, snapshot_uri=str(tmp_path)).execute(CONTEXT)
+    assert stopchurn_conn.stats()["requests"] == 0
+
+
+def test_source_that_is_not_a_frame_is_permanent(stopchurn_conn: SandboxServer, tmp_path: Path) -> None:
+    with pytest.raises(AirflowFailException, match="DataFrame"):
+        _op(dataframe=lambda: [{"id": 1}], snapshot_uri=str(tmp_path)).execute(CONTEXT)
+
+
+def test_server_errors_are_transient_and_the_next_try_resumes(
+    stopchurn_sandbox: SandboxServer, airflow_conn: Any, tmp_path: Path
+) -> None:
+    """500 on every request: HTTP retries (max_retries from the connection) run out -> AirflowException, which
+    Airflow may retry; once the server recovers, the next try delivers and commits the same plan."""
+    _conn(airflow_conn, stopchurn_sandbox, brand_id=1, max_retries=1, timeout=5)
+    stopchurn_sandbox.set_faults(FaultConfig(error_rate=1.0))
+    op = _op(dataframe=FRAME, snapshot_uri=str(tmp_path), chunk_size=2, max_concurrent_requests=1)
+    with pytest.raises(AirflowException) as info:
+        op.execute(CONTEXT)
+    assert not isinstance(info.value, AirflowFailException)
+    assert stopchurn_sandbox.stats()["requests"] == 2  # one attempt + one retry, then the run stops
+
+    stopchurn_sandbox.set_faults(FaultConfig())
+    summary = op.execute(CONTEXT)
+    assert summary["resumed_chunks"] == 2
+    assert (summary["inserted"], summary["updated"], summary["deleted"]) == (0, 0, 0)
+    assert [r["id"] for r in stopchurn_sandbox.rows(1, "account")] == [1, 2, 3]
+
+
+def test_mass_delete_safeguard_is_permanent(stopchurn_conn: SandboxServer, tmp_path: Path) -> None:
+    _op(dataframe=FRAME, snapshot_uri=str(tmp_path)).execute(CONTEXT)
+    with pytest.raises(AirflowFailException, match="max_delete_fraction"):
+        _op(dataframe=FRAME.head(1), snapshot_uri=str(tmp_path)).execute(CONTEXT)
+    summary = _op(dataframe=FRAME.head(1), snapshot_uri=str(tmp_path), allow_large_changes="True").execute(CONTEXT)
+    assert summary["deleted"] == 2
