@@ -397,3 +397,39 @@ def test_transient_failure_leaves_committed_snapshot_untouched(sb: SandboxServer
     sb.set_faults(FaultConfig())
     run_sync(frame, store, client, options(chunk_size=100), run_ms=T0 + 2)
     assert_sandbox_matches(sb, frame)
+
+
+@pytest.mark.parametrize(
+    "first_run",
+    [
+        True,
+        pytest.param(
+            False,
+            marks=pytest.mark.xfail(
+                strict=True, reason="engine bug: a dry run ignores a pending plan once a snapshot is committed"
+            ),
+        ),
+    ],
+)
+def test_dry_run_with_a_pending_plan_predicts_the_next_run(
+    sb: SandboxServer, store: SnapshotStore, first_run: bool
+) -> None:
+    churn = Churn(17, 500, with_json=False)
+    client = make_client(sb, max_retries=0)
+    if not first_run:
+        run_sync(churn.frame, store, client, options(), run_ms=T0)
+    frame = churn.frame if first_run else churn.step()
+    opts = options(chunk_size=20, max_concurrent_requests=1)
+    with pytest.raises(TransientDeliveryError):
+        run_sync(frame, store, FailAfter(client, sb, 2), opts, run_ms=T0 + 1)
+    sb.set_faults(FaultConfig())
+    plan = store.pending_plan()
+    assert plan is not None
+    digest = tree_digest(store._root)
+
+    dry = run_sync(frame, store, None, options(dry_run=True), run_ms=T0 + 2)
+    assert tree_digest(store._root) == digest
+    real = run_sync(frame, store, client, opts, run_ms=T0 + 3)
+    assert real.resumed_chunks == len(plan.chunks) - 2
+    assert (dry.inserted, dry.updated, dry.deleted) == (real.inserted, real.updated, real.deleted) == (0, 0, 0)
+    assert_sandbox_matches(sb, frame)
