@@ -376,3 +376,33 @@ def test_each_acknowledged_update_once_across_resumes_on_object_storage(
     assert_sandbox_matches(sb, churn.frame)
     counts = received_counts(sb.received())
     assert len(counts) == 600 and set(counts.values()) == {1}
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: TableLock.refresh waits 30 s whatever lock_ttl_s is")
+def test_lock_is_refreshed_while_delivering(stopchurn_sandbox_factory: Any, tmp_path: Path) -> None:
+    import threading
+
+    sb = stopchurn_sandbox_factory(record=True, faults=FaultConfig(latency=0.05))
+    root = tmp_path / "snapshots"
+    churn = Churn(30, 800, with_json=False)
+    opts = options(chunk_size=20, max_concurrent_requests=1, lock_ttl_s=1.0)  # ~2 s of delivery, 1 s lease
+    outcome: dict[str, Any] = {}
+
+    def first() -> None:
+        try:
+            outcome["first"] = run_sync(churn.frame, SnapshotStore(root, BRAND, TABLE), make_client(sb), opts)
+        except Exception as exc:  # reported below
+            outcome["first"] = exc
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        time.sleep(1.5)
+        with pytest.raises(SnapshotLockedError):
+            run_sync(churn.frame, SnapshotStore(root, BRAND, TABLE), make_client(sb), opts)
+    finally:
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert not isinstance(outcome["first"], Exception), outcome["first"]
+    counts = received_counts(sb.received())
+    assert set(counts.values()) == {1}  # no chunk sent by two runs
