@@ -20,7 +20,7 @@ import polars as pl
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
 
-__all__ = ["PREFERENCE_FIELDS", "PREFERENCE_OBJECTS", "USER_TABLE", "check_user_table"]
+__all__ = ["PREFERENCE_FIELDS", "PREFERENCE_OBJECTS", "USER_TABLE", "check_user_table", "coerce_user_flags"]
 
 USER_TABLE = "user"
 PREFERENCE_OBJECTS = ("marketingPreferences", "systemPreferences")
@@ -28,6 +28,24 @@ PREFERENCE_FIELDS = ("email", "phone")
 _MAX_EXAMPLES = 5
 _BOOL_TEXTS = ("true", "false")
 _PREFERENCE_DTYPE = pl.Struct({field: pl.Boolean for field in PREFERENCE_FIELDS})
+
+
+def coerce_user_flags(frame: pl.DataFrame, kinds: Mapping[str, str]) -> tuple[pl.DataFrame, dict[str, str]]:
+    """Turn 0/1 integer preference columns (``marketingPreferences.email``...) into booleans.
+
+    SQLite has no boolean type and MySQL's BOOLEAN is TINYINT(1): both return 0/1. A dotted preference column of
+    kind ``int`` whose values are all 0 or 1 becomes kind ``bool``; any other integer is left for the check to
+    refuse.
+    """
+    kinds = dict(kinds)
+    casts = []
+    for obj in PREFERENCE_OBJECTS:
+        for field in PREFERENCE_FIELDS:
+            name = f"{obj}.{field}"
+            if kinds.get(name) == "int" and frame[name].drop_nulls().is_in([0, 1]).all():
+                casts.append(pl.col(name).cast(pl.Boolean))
+                kinds[name] = "bool"
+    return (frame.with_columns(casts) if casts else frame), kinds
 
 
 def check_user_table(frame: pl.DataFrame, kinds: Mapping[str, str], *, nest_dotted_columns: bool = True) -> None:

@@ -332,8 +332,11 @@ class SnapshotStore:
         )
         return plan
 
-    def pending_plan(self) -> Plan | None:
-        """The unfinished plan, if one exists and still applies to the committed snapshot."""
+    def pending_plan(self, *, cleanup: bool = True) -> Plan | None:
+        """The unfinished plan, if one exists and still applies to the committed snapshot.
+
+        ``cleanup=False`` (dry runs) never writes: a plan already committed is simply not returned.
+        """
         data = self._read_json("PLAN")
         if data is None:
             return None
@@ -341,8 +344,9 @@ class SnapshotStore:
         current_version = None if current is None else current.get("version")
         if current_version == data["target_version"]:
             # committed already; the PLAN pointer outlived a crash between the two writes
-            self._delete("PLAN")
-            self._delete_tree("plans", str(data["plan_id"]))
+            if cleanup:
+                self._delete("PLAN")
+                self._delete_tree("plans", str(data["plan_id"]))
             return None
         if current_version != data.get("base_version"):
             raise SnapshotError(
@@ -489,9 +493,13 @@ class TableLock:
                 )
         self._last_refresh = time.monotonic()
 
-    def refresh(self, *, min_interval_s: float = 30.0) -> None:
-        """Extend the lease (rate-limited); call it while a long delivery makes progress."""
-        if time.monotonic() - self._last_refresh < min_interval_s:
+    def refresh(self) -> None:
+        """Extend the lease; call it while a long delivery makes progress.
+
+        Rate-limited to one write per third of the lease (at most every 30 s), so a lease never lapses while
+        its run is making progress.
+        """
+        if time.monotonic() - self._last_refresh < min(30.0, self.ttl_s / 3):
             return
         self.store._write_json({k: v for k, v in self._record().items() if k != "format_version"}, "LOCK")
         self._last_refresh = time.monotonic()

@@ -24,7 +24,7 @@ import orjson
 import pandas as pd
 import polars as pl
 
-from airflow_provider_stopchurn.contract import check_user_table
+from airflow_provider_stopchurn.contract import USER_TABLE, check_user_table, coerce_user_flags
 from airflow_provider_stopchurn.diff import ChangeSet, diff_frames
 from airflow_provider_stopchurn.encoding import (
     Canonical,
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 SchemaPolicy = Literal["fail", "update_all", "rebaseline"]
 RejectPolicy = Literal["fail", "quarantine"]
 _NUMERIC = {"int", "float"}
-USER_TABLE = "user"  # StopChurn's built-in table, with a contract checked before sending
 
 
 class Sender(Protocol):
@@ -222,9 +221,7 @@ def schema_changes(committed: Committed, canon: Canonical) -> dict[str, Any]:
     return change
 
 
-def _align(
-    base: pl.DataFrame, canon: Canonical, base_kinds: Mapping[str, str]
-) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _align(base: pl.DataFrame, canon: Canonical, base_kinds: Mapping[str, str]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Cast all-null ('null' kind) columns on either side to the other side's dtype so they compare."""
     new = canon.frame
     casts_base, casts_new = [], []
@@ -271,15 +268,18 @@ def _plan_and_apply(
     canon = canonicalize(
         _load_source(source), key_columns=options.key_columns, decimal_as_string=options.decimal_as_string
     )
-    if options.table_name == USER_TABLE and canon.frame.height:
-        check_user_table(canon.frame, canon.kinds, nest_dotted_columns=options.nest_dotted_columns)
+    if options.table_name == USER_TABLE:
+        frame, user_kinds = coerce_user_flags(canon.frame, canon.kinds)
+        canon = Canonical(frame=frame, kinds=user_kinds, key_columns=canon.key_columns)
+        if frame.height:
+            check_user_table(frame, user_kinds, nest_dotted_columns=options.nest_dotted_columns)
     keys = list(canon.key_columns)
     created_expr = _timestamp_column(canon, options.created_at_column, "created_at")
     updated_expr = _timestamp_column(canon, options.updated_at_column, "updated_at")
 
     committed = store.read_committed()
-    if committed is None and options.dry_run:
-        pending = store.pending_plan()
+    if options.dry_run:
+        pending = store.pending_plan(cleanup=False)
         if pending is not None:  # a dry run sees the state the pending plan will commit
             committed = Committed(
                 store.read_snapshot(pending.target_version),
@@ -348,16 +348,12 @@ def _plan_and_apply(
     if summary.inserted + summary.updated + summary.deleted == 0:
         if committed is not None and base_kinds == kinds:
             return  # nothing to send, nothing to record
-        _record_baseline(
-            store, canon, kinds, committed, created_expr, run_ms, options, summary, baseline=False
-        )
+        _record_baseline(store, canon, kinds, committed, created_expr, run_ms, options, summary, baseline=False)
         return
 
     # --- target snapshot and change set -------------------------------------------------------------------------
     target = _target_snapshot(new_data, committed, keys, created_expr, run_ms)
-    change_frame = (
-        None if committed is None else _change_frame(changes, target, committed, keys, updated_expr, run_ms)
-    )
+    change_frame = None if committed is None else _change_frame(changes, target, committed, keys, updated_expr, run_ms)
     updates = _encode_plan(
         change_frame if change_frame is not None else _inserts_from_target(target, updated_expr, run_ms),
         kinds,
@@ -396,9 +392,7 @@ def _describe(change: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _check_safeguards(
-    changes: ChangeSet, base: pl.DataFrame | None, canon: Canonical, options: SyncOptions
-) -> None:
+def _check_safeguards(changes: ChangeSet, base: pl.DataFrame | None, canon: Canonical, options: SyncOptions) -> None:
     if base is None or base.height == 0 or options.allow_large_changes:
         return
     hint = " Nothing was sent. To let this run through, set allow_large_changes=True for one run."
@@ -408,9 +402,7 @@ def _check_safeguards(
             f"{base.height} rows; syncing would delete them all.{hint} (or allow_empty_source=True)"
         )
     fraction = changes.deleted.height / base.height
-    if fraction > options.max_delete_fraction and not (
-        canon.frame.height == 0 and options.allow_empty_source
-    ):
+    if fraction > options.max_delete_fraction and not (canon.frame.height == 0 and options.allow_empty_source):
         raise SafeguardError(
             f"The plan deletes {changes.deleted.height} of {base.height} rows ({fraction:.1%}) of brand "
             f"{options.brand_id} table {options.table_name!r}, more than max_delete_fraction="
@@ -455,9 +447,7 @@ def _change_frame(
         deleted = changes.deleted.join(
             committed.frame.select([*keys, CREATED_AT]), on=keys, how="left", maintain_order="left"
         )
-        parts.append(
-            deleted.with_columns(pl.lit(run_ms, dtype=pl.Int64).alias(UPDATED_AT), pl.lit("delete").alias(OP))
-        )
+        parts.append(deleted.with_columns(pl.lit(run_ms, dtype=pl.Int64).alias(UPDATED_AT), pl.lit("delete").alias(OP)))
     created = target.select([*keys, CREATED_AT])
     for op, frame in (("update", changes.updated), ("insert", changes.inserted)):
         if frame.height:
@@ -495,9 +485,7 @@ def _bytes_of(sizes: np.ndarray, chunks: Sequence[tuple[int, int]]) -> int:
     return total + sum(envelope + max(end - start - 1, 0) for start, end in chunks)
 
 
-def _plan_meta(
-    options: SyncOptions, kinds: Mapping[str, str], keys: list[str], run_ms: int
-) -> dict[str, Any]:
+def _plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], run_ms: int) -> dict[str, Any]:
     return {
         "brand_id": options.brand_id,
         "table_name": options.table_name,
@@ -544,9 +532,7 @@ def _resume(
     """Finish a plan a previous run left: send only its unacknowledged chunks, then commit it."""
     meta = plan.meta
     if meta.get("brand_id") != options.brand_id or meta.get("table_name") != options.table_name:
-        raise SnapshotError(
-            f"The pending plan {plan.plan_id} in {store.location} belongs to another brand or table."
-        )
+        raise SnapshotError(f"The pending plan {plan.plan_id} in {store.location} belongs to another brand or table.")
     acked = store.acked(plan)
     log.warning(
         "Resuming unfinished plan %s of %r: %d of %d chunks already acknowledged.",
@@ -559,10 +545,7 @@ def _resume(
         frame = _inserts_from_target(store.read_snapshot(plan.target_version), None, int(meta["run_ms"]))
         if meta.get("updated_at_column"):
             frame = frame.with_columns(
-                pl.col(meta["updated_at_column"])
-                .cast(pl.Int64)
-                .fill_null(int(meta["run_ms"]))
-                .alias(UPDATED_AT)
+                pl.col(meta["updated_at_column"]).cast(pl.Int64).fill_null(int(meta["run_ms"])).alias(UPDATED_AT)
             )
     else:
         frame = store.read_changes(plan)
@@ -574,12 +557,8 @@ def _resume(
         }
     )
     updates = _encode_plan(frame, dict(meta["kinds"]), replay)
-    resumed = SyncSummary(options.table_name, options.brand_id)
-    _deliver_and_commit(plan, updates, store, sender, replay, resumed, lock, acked=acked)
     summary.resumed_chunks = len(plan.chunks) - len(acked)
-    summary.requests += resumed.requests
-    summary.retries += resumed.retries
-    summary.quarantined += resumed.quarantined
+    _deliver_and_commit(plan, updates, store, sender, replay, summary, lock, acked=acked)
 
 
 @dataclass
@@ -722,7 +701,7 @@ def _quarantine(
     for i in indices:
         update = orjson.loads(updates[i])
         records.append({"reason": reasons[i], "position": i, "update": update})
-    summary.quarantined = len(records)
+    summary.quarantined += len(records)
     summary.quarantine_uri = store.write_quarantine(plan.plan_id, records)
     log.warning(
         "StopChurn rejected %d rows of %r; they are in %s and will be tried again next run.",

@@ -415,7 +415,6 @@ def test_max_rejected_rows_exceeded_commits_the_rest(world: World) -> None:
     assert all(r["qty"] == int(frame[frame.id == r["id"]].qty.iloc[0]) for r in world.sb.rows(BRAND, TABLE))
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: the new plan's quarantine count overwrites the resumed plan's")
 def test_quarantine_counts_rows_of_the_resumed_plan_and_the_new_plan(world: World) -> None:
     client = world.client()
     first = base_frame().assign(qty=lambda f: f.qty + 1)  # 200 updates, 10 chunks of 20

@@ -378,7 +378,6 @@ def test_each_acknowledged_update_once_across_resumes_on_object_storage(
     assert len(counts) == 600 and set(counts.values()) == {1}
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: TableLock.refresh waits 30 s whatever lock_ttl_s is")
 def test_lock_is_refreshed_while_delivering(stopchurn_sandbox_factory: Any, tmp_path: Path) -> None:
     import threading
 

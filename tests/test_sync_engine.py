@@ -405,9 +405,6 @@ def test_transient_failure_leaves_committed_snapshot_untouched(sb: SandboxServer
         True,
         pytest.param(
             False,
-            marks=pytest.mark.xfail(
-                strict=True, reason="engine bug: a dry run ignores a pending plan once a snapshot is committed"
-            ),
         ),
     ],
 )
