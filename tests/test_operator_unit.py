@@ -170,3 +170,19 @@ def test_mass_delete_safeguard_is_permanent(stopchurn_conn: SandboxServer, tmp_p
         _op(dataframe=FRAME.head(1), snapshot_uri=str(tmp_path)).execute(CONTEXT)
     summary = _op(dataframe=FRAME.head(1), snapshot_uri=str(tmp_path), allow_large_changes="True").execute(CONTEXT)
     assert summary["deleted"] == 2
+
+
+@pytest.mark.parametrize("form", ["as_uri", "localhost"])
+def test_file_uri_snapshot_location(stopchurn_conn: SandboxServer, tmp_path: Path, form: str) -> None:
+    """A ``file://`` URL names the same folder as its path, percent-escapes and a ``localhost`` host included."""
+    folder = tmp_path / "snap shots"
+    uri = folder.as_uri() if form == "as_uri" else f"file://localhost{folder.as_posix()}"
+    summary = _op(dataframe=FRAME, snapshot_uri=uri).execute(CONTEXT)
+    assert summary["snapshot_uri"] == f"{folder}/1/account"
+    assert any(p.suffix == ".parquet" for p in folder.rglob("*"))
+
+
+def test_file_uri_on_another_host_is_refused(stopchurn_conn: SandboxServer) -> None:
+    with pytest.raises(AirflowFailException, match="remote host"):
+        _op(dataframe=FRAME, snapshot_uri="file://fileserver/share/snapshots").execute(CONTEXT)
+    assert stopchurn_conn.stats()["requests"] == 0

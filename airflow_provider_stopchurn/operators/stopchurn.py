@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import unquote, urlsplit
 
 from airflow.sdk import BaseHook, BaseOperator, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -211,7 +212,12 @@ class StopChurnUpdateOperator(BaseOperator):
         if "://" not in uri:
             return Path(uri).expanduser()
         if uri.startswith("file://"):
-            return Path(uri.removeprefix("file://"))
+            parts = urlsplit(uri)
+            if parts.netloc not in ("", "localhost"):
+                raise StopChurnConfigError(
+                    f"snapshot_uri {uri!r} names a remote host; a file:// URL must be local (file:///path)."
+                )
+            return Path(unquote(parts.path))
         return ObjectStoragePath(uri, conn_id=self.snapshot_conn_id)
 
     def _source(self, context: Context) -> Callable[[], pd.DataFrame]:
