@@ -16,8 +16,8 @@ UV := $(PYTHON) -m uv
 $(STAMP): $(LOCK) pyproject.toml
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check "uv>=0.5"
 	@test -x $(PY) || $(UV) venv --quiet --python $(PYTHON) $(VENV)
-	VIRTUAL_ENV=$(VENV) $(UV) pip sync $(UV_FLAGS) $(LOCK)
-	VIRTUAL_ENV=$(VENV) $(UV) pip install $(UV_FLAGS) --no-deps -e .
+	$(UV) pip sync $(UV_FLAGS) --python $(PY) $(LOCK)
+	$(UV) pip install $(UV_FLAGS) --python $(PY) --no-deps -e .
 	@touch $(STAMP)
 
 venv: $(STAMP)
