@@ -101,7 +101,7 @@ def mutate_source(rng: random.Random) -> dict[str, int]:
 
 
 def source_rows() -> list[dict[str, Any]]:
-    """The rows StopChurn should hold: the DAG's own query, dotted aliases nested into objects."""
+    """The rows StopChurn should hold: the DAG's own query, dotted aliases nested into boolean flags."""
     with sqlite3.connect(SOURCE_DB) as db:
         cursor = db.execute(QUERY.read_text())
         names = [d[0] for d in cursor.description]
@@ -110,8 +110,8 @@ def source_rows() -> list[dict[str, Any]]:
             row: dict[str, Any] = {}
             for name, value in zip(names, values, strict=True):
                 head, _, tail = name.partition(".")
-                if tail:
-                    row.setdefault(head, {})[tail] = value
+                if tail:  # marketingPreferences.email etc.: booleans (SQLite stores 0/1)
+                    row.setdefault(head, {})[tail] = bool(value)
                 else:
                     row[name] = value
             rows.append(row)
@@ -237,7 +237,8 @@ def main() -> int:
 
         table = get_json(f"{url}/_sandbox/tables/{BRAND_ID}/user")
         expected = source_rows()
-        same = sorted(table["rows"], key=lambda r: r["id"]) == expected
+        received = sorted(table["rows"], key=lambda r: r["id"])
+        same = json.dumps(received, sort_keys=True) == json.dumps(expected, sort_keys=True)  # true is not 1 here
         print(f"\nsandbox table == source table: {same} ({table['count']} rows in StopChurn, {len(expected)} in users)")
         stats = get_json(f"{url}/_sandbox/stats")
         print(f"sandbox received {stats['accepted_requests']} request(s): {stats['updates']}")
