@@ -365,8 +365,19 @@ class SnapshotStore:
         return self._read_frame("plans", plan.plan_id, "changes.parquet")
 
     def ack(self, plan: Plan, chunk: int) -> None:
-        """Record that StopChurn acknowledged ``chunk`` (one small whole-file write, safe in any order)."""
-        self._write_bytes(b"", "plans", plan.plan_id, "acks", f"{chunk:07d}")
+        """Record that StopChurn acknowledged ``chunk`` (one empty file, created atomically, safe in any order)."""
+        path = self._path("plans", plan.plan_id, "acks", f"{chunk:07d}")
+        if not isinstance(path, Path):
+            self._write_bytes(b"", "plans", plan.plan_id, "acks", f"{chunk:07d}")
+            return
+        try:
+            try:
+                path.touch()
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+        except OSError as err:
+            raise SnapshotError(f"Cannot record an acknowledgement in {_display(path.parent)}: {err}") from err
 
     def acked(self, plan: Plan) -> set[int]:
         path = self._path("plans", plan.plan_id, "acks")
