@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CREATED_AT = "__sc_created_at"
+HASH_1 = "__sc_hash_1"
+HASH_2 = "__sc_hash_2"
+META_COLUMNS = (CREATED_AT, HASH_1, HASH_2)
 OP = "__sc_op"
 UPDATED_AT = "__sc_updated_at"
 
@@ -72,15 +75,41 @@ def _new_version() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:8]
 
 
-@dataclass(frozen=True)
 class Committed:
-    """The committed snapshot: the canonical table as last delivered and what describes it."""
+    """The committed snapshot: what describes it, and its table as last delivered, read on demand."""
 
-    frame: pl.DataFrame
-    kinds: dict[str, str]
-    key_columns: tuple[str, ...]
-    version: str
-    committed_at: str
+    def __init__(
+        self,
+        store: SnapshotStore,
+        *,
+        kinds: dict[str, str],
+        key_columns: Sequence[str],
+        version: str,
+        committed_at: str = "",
+        rows: int | None = None,
+        row_hash: str | None = None,
+    ) -> None:
+        self.store = store
+        self.kinds = kinds
+        self.key_columns = tuple(key_columns)
+        self.version = version
+        self.committed_at = committed_at
+        self.rows = rows
+        self.row_hash = row_hash
+        self._frame: pl.DataFrame | None = None
+
+    @property
+    def frame(self) -> pl.DataFrame:
+        """The whole snapshot (read once, then kept)."""
+        if self._frame is None:
+            self._frame = self.store.read_snapshot(self.version)
+        return self._frame
+
+    def columns(self, names: Sequence[str]) -> pl.DataFrame:
+        """Only some columns of the snapshot (Parquet reads just those)."""
+        if self._frame is not None:
+            return self._frame.select(names)
+        return self.store.read_snapshot(self.version, columns=names)
 
 
 @dataclass(frozen=True)
@@ -207,15 +236,16 @@ class SnapshotStore:
         payload = {"format_version": FORMAT_VERSION, **data}
         self._write_bytes(json.dumps(payload, indent=1, sort_keys=True).encode(), *parts, replace=True)
 
-    def _read_frame(self, *parts: str) -> pl.DataFrame:
+    def _read_frame(self, *parts: str, columns: Sequence[str] | None = None) -> pl.DataFrame:
         path = self._path(*parts)
+        wanted = None if columns is None else list(columns)
         try:
             if isinstance(path, Path):
-                return pl.read_parquet(path)
+                return pl.read_parquet(path, columns=wanted)
             raw = self._read_bytes(*parts)
             if raw is None:
                 raise FileNotFoundError(str(path))
-            return pl.read_parquet(io.BytesIO(raw))
+            return pl.read_parquet(io.BytesIO(raw), columns=wanted)
         except FileNotFoundError as err:
             raise SnapshotError(
                 f"Snapshot file {_display(path)} is missing although a pointer names it. Restore it, or delete "
@@ -255,14 +285,17 @@ class SnapshotStore:
         if pointer is None:
             return None
         version = str(pointer["version"])
-        frame = self._read_frame("snapshots", f"{version}.parquet")
-        return Committed(
-            frame=frame,
+        committed = Committed(
+            self,
             kinds=dict(pointer["kinds"]),
             key_columns=tuple(pointer["key_columns"]),
             version=version,
             committed_at=str(pointer.get("committed_at", "")),
+            rows=pointer.get("rows"),
+            row_hash=pointer.get("row_hash"),
         )
+        committed.columns(list(committed.key_columns))  # fail now, not mid-plan, if the file is unreadable
+        return committed
 
     def write_snapshot(self, frame: pl.DataFrame) -> str:
         """Write an immutable snapshot file and return its version (not yet committed)."""
@@ -270,8 +303,12 @@ class SnapshotStore:
         self._write_frame(frame, "snapshots", f"{version}.parquet")
         return version
 
-    def read_snapshot(self, version: str) -> pl.DataFrame:
-        return self._read_frame("snapshots", f"{version}.parquet")
+    def delete_snapshot(self, version: str) -> None:
+        """Remove a snapshot file that no pointer names (one replaced before its commit)."""
+        self._delete("snapshots", f"{version}.parquet")
+
+    def read_snapshot(self, version: str, *, columns: Sequence[str] | None = None) -> pl.DataFrame:
+        return self._read_frame("snapshots", f"{version}.parquet", columns=columns)
 
     def commit(
         self,
@@ -281,8 +318,13 @@ class SnapshotStore:
         key_columns: Sequence[str],
         rows: int,
         plan_id: str | None,
+        row_hash: str | None = None,
     ) -> None:
-        """Publish ``version`` as the committed snapshot, then forget the plan and older files."""
+        """Publish ``version`` as the committed snapshot, then forget the plan and older files.
+
+        ``row_hash`` names the function that made the snapshot's row-hash columns (hashes are only comparable
+        when it matches).
+        """
         previous = self._read_json("CURRENT")
         self._write_json(
             {
@@ -290,6 +332,7 @@ class SnapshotStore:
                 "kinds": kinds,
                 "key_columns": list(key_columns),
                 "rows": rows,
+                "row_hash": row_hash,
                 "committed_at": datetime.now(UTC).isoformat(),
                 "plan_id": plan_id,
                 "brand_id": self.brand_id,

@@ -40,7 +40,17 @@ from airflow_provider_stopchurn.exceptions import (
     StopChurnConfigError,
     StopChurnRejectedError,
 )
-from airflow_provider_stopchurn.snapshot import CREATED_AT, OP, UPDATED_AT, Committed, Plan, SnapshotStore
+from airflow_provider_stopchurn.snapshot import (
+    CREATED_AT,
+    HASH_1,
+    HASH_2,
+    META_COLUMNS,
+    OP,
+    UPDATED_AT,
+    Committed,
+    Plan,
+    SnapshotStore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -282,11 +292,12 @@ def _plan_and_apply(
         pending = store.pending_plan(cleanup=False)
         if pending is not None:  # a dry run sees the state the pending plan will commit
             committed = Committed(
-                store.read_snapshot(pending.target_version),
-                dict(pending.meta["kinds"]),
-                tuple(pending.meta["key_columns"]),
-                pending.target_version,
-                "",
+                store,
+                kinds=dict(pending.meta["kinds"]),
+                key_columns=pending.meta["key_columns"],
+                version=pending.target_version,
+                rows=pending.meta.get("target_rows"),
+                row_hash=pending.meta.get("row_hash"),
             )
     base_kinds: dict[str, str] = dict(committed.kinds) if committed is not None else {}
     kinds = _kinds_after(canon, base_kinds)
@@ -321,38 +332,40 @@ def _plan_and_apply(
         return
 
     # --- diff ---------------------------------------------------------------------------------------------------
-    base_frame = committed.frame if committed is not None else None
-    if base_frame is not None and not update_all:
-        base_data, new_data = _align(base_frame.drop(CREATED_AT), canon, base_kinds)
-        changes = diff_frames(base_data, new_data, keys)
-    elif base_frame is not None:
+    if committed is None:
         new_data = canon.frame
-        base_keys = base_frame.select(keys)
-        common = new_data.join(base_keys, on=keys, how="semi")
-        changes = ChangeSet(
-            inserted=new_data.join(base_keys, on=keys, how="anti").sort(keys),
-            updated=common.sort(keys),
-            deleted=base_frame.drop(CREATED_AT).join(new_data.select(keys), on=keys, how="anti").sort(keys),
-            unchanged=0,
-        )
-    else:
-        new_data = canon.frame
+        target = _target_snapshot(new_data, None, keys, created_expr, run_ms)
         changes = ChangeSet(new_data.sort(keys), new_data.clear(), new_data.clear(), 0)
+    elif not update_all and committed.row_hash == ROW_HASH and base_kinds == canon.kinds:
+        new_data = canon.frame
+        target, changes = _diff_by_hash(new_data, committed, keys, created_expr, run_ms)
+    else:
+        base_data, new_data = _align(_data(committed.frame), canon, base_kinds)
+        if update_all:
+            base_keys = base_data.select(keys)
+            changes = ChangeSet(
+                inserted=new_data.join(base_keys, on=keys, how="anti").sort(keys),
+                updated=new_data.join(base_keys, on=keys, how="semi").sort(keys),
+                deleted=base_data.join(new_data.select(keys), on=keys, how="anti").sort(keys),
+                unchanged=0,
+            )
+        else:
+            changes = diff_frames(base_data, new_data, keys)
+        target = _target_snapshot(new_data, committed, keys, created_expr, run_ms)
 
     summary.inserted = changes.inserted.height
     summary.updated = changes.updated.height
     summary.deleted = changes.deleted.height
     summary.unchanged = changes.unchanged
-    _check_safeguards(changes, base_frame, canon, options)
+    _check_safeguards(changes, committed, canon, options)
 
     if summary.inserted + summary.updated + summary.deleted == 0:
-        if committed is not None and base_kinds == kinds:
+        if committed is not None and base_kinds == kinds and committed.row_hash == ROW_HASH:
             return  # nothing to send, nothing to record
         _record_baseline(store, canon, kinds, committed, created_expr, run_ms, options, summary, baseline=False)
         return
 
     # --- target snapshot and change set -------------------------------------------------------------------------
-    target = _target_snapshot(new_data, committed, keys, created_expr, run_ms)
     change_frame = None if committed is None else _change_frame(changes, target, committed, keys, updated_expr, run_ms)
     updates = _encode_plan(
         change_frame if change_frame is not None else _inserts_from_target(target, updated_expr, run_ms),
@@ -392,19 +405,22 @@ def _describe(change: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _check_safeguards(changes: ChangeSet, base: pl.DataFrame | None, canon: Canonical, options: SyncOptions) -> None:
-    if base is None or base.height == 0 or options.allow_large_changes:
+def _check_safeguards(changes: ChangeSet, committed: Committed | None, canon: Canonical, options: SyncOptions) -> None:
+    if committed is None or options.allow_large_changes:
+        return
+    base_rows = committed.rows if committed.rows is not None and committed.rows >= 0 else committed.frame.height
+    if base_rows == 0:
         return
     hint = " Nothing was sent. To let this run through, set allow_large_changes=True for one run."
     if canon.frame.height == 0 and not options.allow_empty_source:
         raise SafeguardError(
             f"The source of brand {options.brand_id} table {options.table_name!r} is empty but the snapshot holds "
-            f"{base.height} rows; syncing would delete them all.{hint} (or allow_empty_source=True)"
+            f"{base_rows} rows; syncing would delete them all.{hint} (or allow_empty_source=True)"
         )
-    fraction = changes.deleted.height / base.height
+    fraction = changes.deleted.height / base_rows
     if fraction > options.max_delete_fraction and not (canon.frame.height == 0 and options.allow_empty_source):
         raise SafeguardError(
-            f"The plan deletes {changes.deleted.height} of {base.height} rows ({fraction:.1%}) of brand "
+            f"The plan deletes {changes.deleted.height} of {base_rows} rows ({fraction:.1%}) of brand "
             f"{options.brand_id} table {options.table_name!r}, more than max_delete_fraction="
             f"{options.max_delete_fraction:.0%}.{hint}"
         )
@@ -417,14 +433,71 @@ def _target_snapshot(
     created_expr: pl.Expr | None,
     run_ms: int,
 ) -> pl.DataFrame:
-    """The source plus each key's createdAt: from the named column, else when the key was first delivered."""
+    """The source plus each key's createdAt (the named column, else when the key was first delivered) and hashes."""
     if created_expr is not None:
-        return new_data.with_columns(created_expr.fill_null(run_ms).alias(CREATED_AT))
-    if committed is None:
-        return new_data.with_columns(pl.lit(run_ms, dtype=pl.Int64).alias(CREATED_AT))
-    known = committed.frame.select([*keys, CREATED_AT])
-    target = new_data.join(known, on=keys, how="left", maintain_order="left")
-    return target.with_columns(pl.col(CREATED_AT).fill_null(run_ms))
+        target = new_data.with_columns(created_expr.fill_null(run_ms).alias(CREATED_AT))
+    elif committed is None:
+        target = new_data.with_columns(pl.lit(run_ms, dtype=pl.Int64).alias(CREATED_AT))
+    else:
+        known = committed.columns([*keys, CREATED_AT])
+        target = new_data.join(known, on=keys, how="left", maintain_order="left")
+        target = target.with_columns(pl.col(CREATED_AT).fill_null(run_ms))
+    return _with_hashes(target)
+
+
+# Polars keeps row hashes stable within one version only: a snapshot records which function made its hashes.
+ROW_HASH = f"polars-{pl.__version__}-hash_rows-2x64"
+_SEEDS = (0x5EED0001, 0x0BADC0DE)
+
+
+def _data(frame: pl.DataFrame) -> pl.DataFrame:
+    """The data columns of a snapshot frame (without createdAt and the hashes)."""
+    return frame.drop([c for c in META_COLUMNS if c in frame.columns])
+
+
+def _with_hashes(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add two independent 64-bit hashes of each row's data columns (in name order: column order is free).
+
+    Together they are 128 bits: a changed row keeping both hashes has a chance of about 2^-128. A run on another
+    polars version (``ROW_HASH`` differs) compares the columns themselves instead and rewrites the hashes.
+    """
+    data = _data(frame)
+    ordered = data.select(sorted(data.columns))
+    return frame.with_columns(
+        ordered.hash_rows(seed=_SEEDS[0]).alias(HASH_1),
+        ordered.hash_rows(seed=_SEEDS[1]).alias(HASH_2),
+    )
+
+
+def _diff_by_hash(
+    new_data: pl.DataFrame,
+    committed: Committed,
+    keys: list[str],
+    created_expr: pl.Expr | None,
+    run_ms: int,
+) -> tuple[pl.DataFrame, ChangeSet]:
+    """Diff against the row hashes kept in the snapshot, reading only its keys, createdAt and hashes.
+
+    Returns the target snapshot (source + createdAt + hashes) and the change set. Only when keys were deleted
+    is the whole old snapshot read, for the rows as last delivered.
+    """
+    hashed = _with_hashes(new_data)
+    old = committed.columns([*keys, CREATED_AT, HASH_1, HASH_2]).rename(
+        {CREATED_AT: "__sc_old_created", HASH_1: "__sc_old_1", HASH_2: "__sc_old_2"}
+    )
+    joined = hashed.join(old, on=keys, how="left", maintain_order="left")
+    is_new = pl.col("__sc_old_1").is_null()
+    changed = (pl.col(HASH_1) != pl.col("__sc_old_1")) | (pl.col(HASH_2) != pl.col("__sc_old_2"))
+    created = created_expr if created_expr is not None else pl.col("__sc_old_created")
+    state = joined.select(pl.when(is_new).then(1).when(changed).then(2).otherwise(0).cast(pl.Int8)).to_series()
+    columns = new_data.columns
+    inserted = joined.filter(state == 1).select(columns).sort(keys)
+    updated = joined.filter(state == 2).select(columns).sort(keys)
+    target = joined.select([*columns, created.fill_null(run_ms).alias(CREATED_AT), HASH_1, HASH_2])
+    gone = old.select(keys).join(new_data.select(keys), on=keys, how="anti")
+    deleted = _data(committed.frame).join(gone, on=keys, how="semi").sort(keys) if gone.height else new_data.clear()
+    unchanged = new_data.height - inserted.height - updated.height
+    return target, ChangeSet(inserted=inserted, updated=updated, deleted=deleted, unchanged=unchanged)
 
 
 def _change_frame(
@@ -440,12 +513,12 @@ def _change_frame(
     Inserts and updates carry the source row and the target's createdAt; deletes carry the row as last
     delivered with the createdAt recorded in the committed snapshot.
     """
-    columns = [c for c in target.columns if c != CREATED_AT]
+    columns = [c for c in target.columns if c not in META_COLUMNS]
     upd = updated_expr.fill_null(run_ms) if updated_expr is not None else pl.lit(run_ms, dtype=pl.Int64)
     parts = []
     if changes.deleted.height:
         deleted = changes.deleted.join(
-            committed.frame.select([*keys, CREATED_AT]), on=keys, how="left", maintain_order="left"
+            committed.columns([*keys, CREATED_AT]), on=keys, how="left", maintain_order="left"
         )
         parts.append(deleted.with_columns(pl.lit(run_ms, dtype=pl.Int64).alias(UPDATED_AT), pl.lit("delete").alias(OP)))
     created = target.select([*keys, CREATED_AT])
@@ -462,7 +535,7 @@ def _inserts_from_target(target: pl.DataFrame, updated_expr: pl.Expr | None, run
 
 
 def _encode_plan(frame: pl.DataFrame, kinds: Mapping[str, str], options: SyncOptions) -> pl.Series:
-    data_columns = [c for c in frame.columns if c not in (OP, CREATED_AT, UPDATED_AT)]
+    data_columns = [c for c in frame.columns if c not in (OP, UPDATED_AT, *META_COLUMNS)]
     rows = encode_rows(
         frame.select(data_columns),
         {c: kinds[c] for c in data_columns},
@@ -496,6 +569,7 @@ def _plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], 
         "decimal_as_string": options.decimal_as_string,
         "created_at_column": options.created_at_column,
         "updated_at_column": options.updated_at_column,
+        "row_hash": ROW_HASH,
     }
 
 
@@ -519,10 +593,12 @@ def _record_baseline(
         return
     data = canon.frame
     if committed is not None:
-        data = _align(committed.frame.drop(CREATED_AT), canon, committed.kinds)[1]
+        data = _align(_data(committed.frame), canon, committed.kinds)[1]
     target = _target_snapshot(data, committed, list(canon.key_columns), created_expr, run_ms)
     version = store.write_snapshot(target)
-    store.commit(version, kinds=kinds, key_columns=canon.key_columns, rows=target.height, plan_id=None)
+    store.commit(
+        version, kinds=kinds, key_columns=canon.key_columns, rows=target.height, plan_id=None, row_hash=ROW_HASH
+    )
 
 
 # --- delivery ------------------------------------------------------------------------------------------------
@@ -634,6 +710,7 @@ def _deliver_and_commit(
         key_columns=plan.meta["key_columns"],
         rows=target_rows,
         plan_id=plan.plan_id,
+        row_hash=plan.meta.get("row_hash"),
     )
     if summary.quarantined > options.max_rejected_rows:
         raise SafeguardError(
@@ -730,8 +807,8 @@ def _quarantine(
     if plan.base_version is not None:
         base = store.read_snapshot(plan.base_version)
         target = pl.concat([target, base.join(bad, on=keys, how="semi")], how="diagonal_relaxed")
-    version = store.write_snapshot(target)
-    store._delete("snapshots", f"{plan.target_version}.parquet")
+    version = store.write_snapshot(_with_hashes(target))
+    store.delete_snapshot(plan.target_version)
     return version, target.height
 
 

@@ -1,0 +1,98 @@
+"""The diff on stored row hashes against the exact column-by-column diff, through the engine.
+
+The engine compares a source with the committed snapshot by two 64-bit row hashes kept in the snapshot (reading
+only keys, createdAt and hashes). When the hashes cannot be trusted (another polars version made them, or a
+column's kind changed) it compares the columns themselves. Both must give the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers_sync import BRAND, T0, TABLE, Churn, RecordingSender, make_client, options
+
+from airflow_provider_stopchurn.snapshot import HASH_1, HASH_2, SnapshotStore
+from airflow_provider_stopchurn.sync import ROW_HASH, run_sync
+
+
+@pytest.fixture
+def sender(stopchurn_sandbox_factory: Any) -> RecordingSender:
+    return RecordingSender(make_client(stopchurn_sandbox_factory()))
+
+
+def _counts(summary: Any) -> tuple[int, int, int, int]:
+    return summary.inserted, summary.updated, summary.deleted, summary.unchanged
+
+
+def _forget_hash_function(store_root: Path) -> None:
+    current = store_root / str(BRAND) / TABLE / "CURRENT"
+    pointer = json.loads(current.read_text())
+    pointer["row_hash"] = "polars-0.0.0-hash_rows-2x64"  # as if an older polars had written it
+    current.write_text(json.dumps(pointer))
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_hash_diff_equals_the_exact_diff(tmp_path: Path, seed: int, stopchurn_sandbox_factory: Any) -> None:
+    """Same churn, two stores: one diffs by hash, the other is forced onto the column-by-column path."""
+    churn = Churn(seed, 800)
+    stores = {name: SnapshotStore(tmp_path / name, BRAND, TABLE) for name in ("hash", "exact")}
+    senders = {name: RecordingSender(make_client(stopchurn_sandbox_factory())) for name in stores}
+    for name, store in stores.items():
+        run_sync(churn.frame, store, senders[name], options(), run_ms=T0)
+    for step in range(3):
+        churn.step()  # rows come back shuffled
+        results = {}
+        for name, store in stores.items():
+            if name == "exact":
+                _forget_hash_function(tmp_path / name)
+            results[name] = run_sync(churn.frame, store, senders[name], options(), run_ms=T0 + step + 1)
+        assert _counts(results["hash"]) == _counts(results["exact"])
+        assert sum(_counts(results["hash"])[:3]) > 0
+    assert senders["hash"].bodies == senders["exact"].bodies
+
+
+def test_a_single_changed_cell_is_seen(tmp_path: Path, sender: RecordingSender) -> None:
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    frame = pd.DataFrame({"id": np.arange(1000), "name": [f"n{i}" for i in range(1000)], "score": np.arange(1000.0)})
+    run_sync(frame, store, sender, options(), run_ms=T0)
+    changed = frame.copy()
+    changed.loc[417, "score"] = 417.000001
+    summary = run_sync(changed, store, sender, options(), run_ms=T0 + 1)
+    assert _counts(summary) == (0, 1, 0, 999)
+
+
+def test_column_order_does_not_matter(tmp_path: Path, sender: RecordingSender) -> None:
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    frame = pd.DataFrame({"id": [1, 2, 3], "a": ["x", "y", "z"], "b": [1.5, None, 2.5]})
+    run_sync(frame, store, sender, options(), run_ms=T0)
+    summary = run_sync(frame[["b", "id", "a"]], store, sender, options(), run_ms=T0 + 1)
+    assert _counts(summary) == (0, 0, 0, 3)
+
+
+def test_int_column_turned_float_by_nulls_is_not_a_change(tmp_path: Path, sender: RecordingSender) -> None:
+    """pandas makes an int column float once it holds a NULL: the kinds differ, the values do not."""
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    run_sync(pd.DataFrame({"id": [1, 2, 3], "n": [10, 20, 30]}), store, sender, options(), run_ms=T0)
+    summary = run_sync(
+        pd.DataFrame({"id": [1, 2, 3, 4], "n": [10.0, 20.0, 30.0, np.nan]}), store, sender, options(), run_ms=T0 + 1
+    )
+    assert _counts(summary) == (1, 0, 0, 3)
+
+
+def test_snapshot_from_another_polars_version_is_diffed_exactly_and_rehashed(
+    tmp_path: Path, sender: RecordingSender
+) -> None:
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    frame = pd.DataFrame({"id": np.arange(50), "v": np.arange(50)})
+    run_sync(frame, store, sender, options(), run_ms=T0)
+    _forget_hash_function(tmp_path)
+    summary = run_sync(frame, store, sender, options(), run_ms=T0 + 1)
+    assert _counts(summary) == (0, 0, 0, 50)
+    committed = store.read_committed()
+    assert committed is not None and committed.row_hash == ROW_HASH  # rewritten with this version's hashes
+    assert {HASH_1, HASH_2} <= set(committed.frame.columns)
