@@ -209,8 +209,10 @@ def _check_unique(frame: pl.DataFrame, keys: tuple[str, ...]) -> None:
     if frame.height == 0:
         return
     key_frame = frame.select(keys)
-    dup_mask = key_frame.is_duplicated()
-    if dup_mask.any():
+    # counting distinct keys is several times cheaper than marking duplicates; mark only when there are some
+    distinct = key_frame.to_series().n_unique() if len(keys) == 1 else key_frame.n_unique()
+    if distinct != frame.height:
+        dup_mask = key_frame.is_duplicated()
         dups = key_frame.filter(dup_mask).unique(maintain_order=True)
         shown = [row[0] if len(keys) == 1 else row for row in dups.head(_MAX_LISTED).rows()]
         label = "key" if len(keys) == 1 else "composite key"

@@ -490,12 +490,17 @@ def _diff_by_hash(
     changed = (pl.col(HASH_1) != pl.col("__sc_old_1")) | (pl.col(HASH_2) != pl.col("__sc_old_2"))
     created = created_expr if created_expr is not None else pl.col("__sc_old_created")
     state = joined.select(pl.when(is_new).then(1).when(changed).then(2).otherwise(0).cast(pl.Int8)).to_series()
-    columns = new_data.columns
+    columns = [*new_data.columns, CREATED_AT]
+    joined = joined.with_columns(created.fill_null(run_ms).alias(CREATED_AT))
+    # the changed rows keep their createdAt, so the change frame needs no further join
     inserted = joined.filter(state == 1).select(columns).sort(keys)
     updated = joined.filter(state == 2).select(columns).sort(keys)
-    target = joined.select([*columns, created.fill_null(run_ms).alias(CREATED_AT), HASH_1, HASH_2])
+    target = joined.select([*columns, HASH_1, HASH_2])
     gone = old.select(keys).join(new_data.select(keys), on=keys, how="anti")
-    deleted = _data(committed.frame).join(gone, on=keys, how="semi").sort(keys) if gone.height else new_data.clear()
+    if gone.height:
+        deleted = committed.frame.join(gone, on=keys, how="semi").drop(HASH_1, HASH_2).sort(keys)
+    else:
+        deleted = inserted.clear()
     unchanged = new_data.height - inserted.height - updated.height
     return target, ChangeSet(inserted=inserted, updated=updated, deleted=deleted, unchanged=unchanged)
 
@@ -511,20 +516,24 @@ def _change_frame(
     """One frame in send order (deletes, updates, inserts; each by key) with op and timestamps.
 
     Inserts and updates carry the source row and the target's createdAt; deletes carry the row as last
-    delivered with the createdAt recorded in the committed snapshot.
+    delivered with the createdAt recorded in the committed snapshot. Frames of the change set that carry their
+    createdAt already (the hash diff's) are taken as they are.
     """
     columns = [c for c in target.columns if c not in META_COLUMNS]
     upd = updated_expr.fill_null(run_ms) if updated_expr is not None else pl.lit(run_ms, dtype=pl.Int64)
     parts = []
     if changes.deleted.height:
-        deleted = changes.deleted.join(
-            committed.columns([*keys, CREATED_AT]), on=keys, how="left", maintain_order="left"
-        )
+        deleted = changes.deleted
+        if CREATED_AT not in deleted.columns:
+            deleted = deleted.join(committed.columns([*keys, CREATED_AT]), on=keys, how="left", maintain_order="left")
         parts.append(deleted.with_columns(pl.lit(run_ms, dtype=pl.Int64).alias(UPDATED_AT), pl.lit("delete").alias(OP)))
     created = target.select([*keys, CREATED_AT])
     for op, frame in (("update", changes.updated), ("insert", changes.inserted)):
         if frame.height:
-            part = frame.select(columns).join(created, on=keys, how="left", maintain_order="left")
+            if CREATED_AT in frame.columns:
+                part = frame.select([*columns, CREATED_AT])
+            else:
+                part = frame.select(columns).join(created, on=keys, how="left", maintain_order="left")
             parts.append(part.with_columns(upd.alias(UPDATED_AT), pl.lit(op).alias(OP)))
     return pl.concat(parts, how="diagonal_relaxed")
 
@@ -655,27 +664,26 @@ def _deliver_and_commit(
     acked: set[int],
 ) -> None:
     todo = [i for i in range(len(plan.chunks)) if i not in acked]
-    bodies = _chunk_bodies(updates, plan.chunks, todo)
     rejected: list[_Rejected] = []
     total = len(todo)
     last_progress = time.monotonic()
     done = 0
 
-    def send(index: int) -> list[_Rejected]:
+    def send(index: int, body: bytes) -> list[_Rejected]:
         start, end = plan.chunks[index]
-        return _send_range(sender, updates, start, end, options, summary, index, len(plan.chunks), bodies.pop(index))
+        return _send_range(sender, updates, start, end, options, summary, index, len(plan.chunks), body)
 
     workers = max(1, min(options.max_concurrent_requests, total))
     failure: BaseException | None = None
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stopchurn-send") as pool:
         pending: dict[Future[list[_Rejected]], int] = {}
-        queue: Iterator[int] = iter(todo)
+        queue = _chunk_bodies(updates, plan.chunks, todo, window=max(64, 8 * workers))
         while True:
             while failure is None and len(pending) < workers:
                 nxt = next(queue, None)
                 if nxt is None:
                     break
-                pending[pool.submit(send, nxt)] = nxt
+                pending[pool.submit(send, *nxt)] = nxt[0]
             if not pending:
                 break
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -758,17 +766,28 @@ def _send_range(
     return []
 
 
-def _chunk_bodies(updates: pl.Series, chunks: Sequence[tuple[int, int]], todo: Sequence[int]) -> dict[int, bytes]:
-    """The request bodies of the chunks still to send, built in one polars group-by (no loop over updates)."""
-    if not todo:
-        return {}
-    lengths = np.array([end - start for start, end in chunks], dtype=np.int64)
-    chunk_of = np.repeat(np.arange(len(chunks), dtype=np.int64), lengths)
-    frame = pl.DataFrame({"chunk": chunk_of, "update": updates}).filter(pl.col("chunk").is_in(list(todo)))
-    grouped = frame.group_by("chunk", maintain_order=True).agg(
-        pl.concat_str([pl.lit('{"data":['), pl.col("update").str.join(","), pl.lit("]}")]).cast(pl.Binary).alias("body")
-    )
-    return dict(zip(grouped["chunk"].to_list(), grouped["body"].to_list(), strict=True))
+def _chunk_bodies(
+    updates: pl.Series, chunks: Sequence[tuple[int, int]], todo: Sequence[int], *, window: int
+) -> Iterator[tuple[int, bytes]]:
+    """(chunk, request body) of the chunks still to send, in order.
+
+    Bodies are built ``window`` chunks at a time, each window in one polars group-by over just its updates, so
+    no more than a window of bodies is held beside the encoded updates.
+    """
+    for first in range(0, len(todo), window):
+        part = todo[first : first + window]
+        lo, hi = chunks[part[0]][0], chunks[part[-1]][1]
+        lengths = np.array([chunks[i][1] - chunks[i][0] for i in range(part[0], part[-1] + 1)], dtype=np.int64)
+        chunk_of = np.repeat(np.arange(part[0], part[-1] + 1, dtype=np.int64), lengths)
+        frame = pl.DataFrame({"chunk": chunk_of, "update": updates.slice(lo, hi - lo)})
+        if len(part) != part[-1] - part[0] + 1:  # a resumed plan: skip the chunks acknowledged already
+            frame = frame.filter(pl.col("chunk").is_in(list(part)))
+        grouped = frame.group_by("chunk", maintain_order=True).agg(
+            pl.concat_str([pl.lit('{"data":['), pl.col("update").str.join(","), pl.lit("]}")])
+            .cast(pl.Binary)
+            .alias("body")
+        )
+        yield from zip(grouped["chunk"].to_list(), grouped["body"].to_list(), strict=True)
 
 
 def _quarantine(
