@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         faults=faults,
         record=args.record,
         max_body_bytes=args.max_body_bytes,
+        freeze_gc=True,  # this process runs only the sandbox
     )
     try:
         sandbox.start()

@@ -22,6 +22,7 @@ Only the standard library and orjson are used, so the module imports nothing fro
 from __future__ import annotations
 
 import contextlib
+import gc
 import hmac
 import logging
 import math
@@ -320,6 +321,10 @@ class SandboxServer:
         faults: the :class:`FaultConfig` to inject; none by default.
         record: keep the ordered list of applied updates returned by :meth:`received`.
         max_body_bytes: answer ``413`` to API request bodies larger than this; unlimited by default.
+        freeze_gc: after each applied batch, move every object of the process out of the cyclic garbage
+            collector's reach (``gc.freeze()``). With a million rows held, the collector's passes cost more than
+            the requests (measured: sandbox CPU halved on a 500k-row load). Meant for a process that runs only
+            the sandbox, as the command line does; leave it off inside another program.
     """
 
     def __init__(
@@ -331,6 +336,7 @@ class SandboxServer:
         faults: FaultConfig | None = None,
         record: bool = False,
         max_body_bytes: int | None = None,
+        freeze_gc: bool = False,
     ) -> None:
         if not isinstance(token, str) or not token:
             raise ValueError("token must be a non-empty string")
@@ -340,6 +346,7 @@ class SandboxServer:
         self.host = host
         self.record = record
         self.max_body_bytes = max_body_bytes
+        self.freeze_gc = freeze_gc
         self._auth_header = f"Bearer {token}".encode()
         self._port = port
         self._lock = threading.Lock()
@@ -647,6 +654,8 @@ class SandboxServer:
                     counters.update += 1
             if received is not None:
                 received.append((kind, brand_id, table_name, key[1]))
+        if self.freeze_gc:
+            gc.freeze()
 
     def _process_inspection(self, method: str, path: str, body: bytes) -> _Response:
         """Answer one ``/_sandbox/`` request (no auth, no faults)."""
