@@ -682,3 +682,26 @@ def test_import_does_not_load_airflow() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(result.stdout) == []
+
+
+def test_freeze_gc_keeps_held_rows_out_of_the_collector(
+    stopchurn_sandbox_factory: Callable[..., SandboxServer], session: requests.Session
+) -> None:
+    import gc
+
+    sb = stopchurn_sandbox_factory(freeze_gc=True)
+    try:
+        gc.unfreeze()
+        assert post_updates(session, sb, [update(i) for i in range(50)]).status_code == 200
+        assert gc.get_freeze_count() > 0
+        assert len(sb.rows(1, "user")) == 50
+    finally:
+        gc.unfreeze()
+
+
+def test_freeze_gc_is_off_by_default(sandbox: SandboxServer, session: requests.Session) -> None:
+    import gc
+
+    gc.unfreeze()
+    assert post_updates(session, sandbox, [update(1)]).status_code == 200
+    assert gc.get_freeze_count() == 0
