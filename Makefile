@@ -52,7 +52,3 @@ lock:
 
 clean:
 	rm -rf $(VENV) .airflow .demo .pytest_cache .mypy_cache .ruff_cache
-
-# CI checks style without rewriting files.
-lint-ci: $(STAMP)
-	$(VENV)/bin/ruff check .
