@@ -524,6 +524,9 @@ def _json_series(name: str, values: np.ndarray, mask: np.ndarray) -> pl.Series:
     return full.scatter(np.flatnonzero(~mask), present)
 
 
+_JSON_BATCH = 250_000
+
+
 def _dump_each(values: np.ndarray) -> pl.Series:
     """Canonical JSON text of each value, with one orjson call for the whole column.
 
@@ -531,6 +534,8 @@ def _dump_each(values: np.ndarray) -> pl.Series:
     and split at the sentinels (a value cannot produce the sentinel's text unless it contains the token). If
     the split does not give one part per value, fall back to one call per value.
     """
+    if len(values) > _JSON_BATCH:  # bound the transient copies (values list, JSON text, parts) to one batch
+        return pl.concat([_dump_each(values[i : i + _JSON_BATCH]) for i in range(0, len(values), _JSON_BATCH)])
     n = len(values)
     if n == 0:
         return pl.Series(values=[], dtype=pl.String)
