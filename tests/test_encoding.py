@@ -537,3 +537,15 @@ def test_chunk_body_matches_plan_sizes() -> None:
     assert chunk_body(raw, 1, 1) == b'{"data":[]}'
     with pytest.raises(ValueError, match="range"):
         chunk_body(raw, 2, 4)
+
+
+def test_long_json_columns_are_dumped_in_batches_without_losing_order_or_nulls() -> None:
+    """Over 250k values the JSON column is dumped batch by batch; every row keeps its own value."""
+    n = 250_000 * 2 + 17
+    values: list[Any] = [{"n": i, "tag": "x" * (i % 3)} if i % 1000 else None for i in range(n)]
+    canon = canonicalize(pd.DataFrame({"id": np.arange(n), "doc": values}), key_columns=["id"])
+    assert canon.kinds["doc"] == "json"
+    docs = canon.frame.get_column("doc")
+    assert docs.null_count() == len(range(0, n, 1000))
+    for i in (1, 249_999, 250_000, 250_001, 499_999, 500_001, n - 1):
+        assert json.loads(docs[i]) == values[i]
