@@ -105,6 +105,12 @@ class Committed:
             self._frame = self.store.read_snapshot(self.version)
         return self._frame
 
+    def rows_with_keys(self, keys: pl.DataFrame) -> pl.DataFrame:
+        """The snapshot's rows whose key is in ``keys`` (a frame of key columns)."""
+        if self._frame is not None:
+            return self._frame.join(keys, on=keys.columns, how="semi")
+        return self.store.read_rows(self.version, keys)
+
     def columns(self, names: Sequence[str]) -> pl.DataFrame:
         """Only some columns of the snapshot (Parquet reads just those)."""
         if self._frame is not None:
@@ -302,6 +308,22 @@ class SnapshotStore:
         version = _new_version()
         self._write_frame(frame, "snapshots", f"{version}.parquet")
         return version
+
+    def read_rows(self, version: str, keys: pl.DataFrame) -> pl.DataFrame:
+        """Rows of a snapshot whose key is in ``keys``; a local file is streamed, never held whole."""
+        path = self._path("snapshots", f"{version}.parquet")
+        if not isinstance(path, Path):
+            return self.read_snapshot(version).join(keys, on=keys.columns, how="semi")
+        try:
+            scan = pl.scan_parquet(path).join(keys.lazy(), on=keys.columns, how="semi")
+            return scan.collect(engine="streaming")
+        except FileNotFoundError as err:
+            raise SnapshotError(f"Snapshot file {_display(path)} is missing although a pointer names it.") from err
+        except Exception as err:
+            raise SnapshotError(
+                f"Snapshot file {_display(path)} is unreadable (truncated or corrupt): {err.__class__.__name__}: "
+                f"{err}. Restore it, or delete the table's snapshot folder to start again."
+            ) from err
 
     def delete_snapshot(self, version: str) -> None:
         """Remove a snapshot file that no pointer names (one replaced before its commit)."""

@@ -478,29 +478,30 @@ def _diff_by_hash(
 ) -> tuple[pl.DataFrame, ChangeSet]:
     """Diff against the row hashes kept in the snapshot, reading only its keys, createdAt and hashes.
 
-    Returns the target snapshot (source + createdAt + hashes) and the change set. Only when keys were deleted
-    is the whole old snapshot read, for the rows as last delivered.
+    Returns the target snapshot (source + createdAt + hashes) and the change set. Deleted rows, as last
+    delivered, are streamed out of the old snapshot file.
     """
     hashed = _with_hashes(new_data)
     old = committed.columns([*keys, CREATED_AT, HASH_1, HASH_2]).rename(
         {CREATED_AT: "__sc_old_created", HASH_1: "__sc_old_1", HASH_2: "__sc_old_2"}
     )
-    joined = hashed.join(old, on=keys, how="left", maintain_order="left")
+    # Join only keys and hashes; the old keys are unique, so the result is row-aligned with the source and the
+    # data columns are never copied.
+    matched = hashed.select([*keys, HASH_1, HASH_2]).join(old, on=keys, how="left", maintain_order="left")
     is_new = pl.col("__sc_old_1").is_null()
     changed = (pl.col(HASH_1) != pl.col("__sc_old_1")) | (pl.col(HASH_2) != pl.col("__sc_old_2"))
-    created = created_expr if created_expr is not None else pl.col("__sc_old_created")
-    state = joined.select(pl.when(is_new).then(1).when(changed).then(2).otherwise(0).cast(pl.Int8)).to_series()
-    columns = [*new_data.columns, CREATED_AT]
-    joined = joined.with_columns(created.fill_null(run_ms).alias(CREATED_AT))
-    # the changed rows keep their createdAt, so the change frame needs no further join
-    inserted = joined.filter(state == 1).select(columns).sort(keys)
-    updated = joined.filter(state == 2).select(columns).sort(keys)
-    target = joined.select([*columns, HASH_1, HASH_2])
-    gone = old.select(keys).join(new_data.select(keys), on=keys, how="anti")
-    if gone.height:
-        deleted = committed.frame.join(gone, on=keys, how="semi").drop(HASH_1, HASH_2).sort(keys)
+    state = matched.select(pl.when(is_new).then(1).when(changed).then(2).otherwise(0).cast(pl.Int8)).to_series()
+    if created_expr is not None:
+        created = new_data.select(created_expr).to_series()
     else:
-        deleted = inserted.clear()
+        created = matched.get_column("__sc_old_created")
+    columns = [*new_data.columns, CREATED_AT]
+    target = hashed.with_columns(created.fill_null(run_ms).alias(CREATED_AT)).select([*columns, HASH_1, HASH_2])
+    # the changed rows keep their createdAt, so the change frame needs no further join
+    inserted = target.filter(state == 1).select(columns).sort(keys)
+    updated = target.filter(state == 2).select(columns).sort(keys)
+    gone = old.select(keys).join(new_data.select(keys), on=keys, how="anti")
+    deleted = committed.rows_with_keys(gone).drop(HASH_1, HASH_2).sort(keys) if gone.height else inserted.clear()
     unchanged = new_data.height - inserted.height - updated.height
     return target, ChangeSet(inserted=inserted, updated=updated, deleted=deleted, unchanged=unchanged)
 
