@@ -10,7 +10,7 @@ columns, which hold arbitrary Python objects anyway):
 2. :func:`encode_rows` writes each row as one JSON object text; :func:`encode_updates` wraps the rows in
    StopChurn's update envelope.
 3. :func:`plan_chunks` cuts the encoded updates into request bodies bounded by row count and byte size;
-   :func:`chunk_body` builds one body.
+   :func:`chunk_body` builds one body, :func:`chunk_bodies` the bodies of many chunks in one pass.
 
 Canonical kinds and their polars dtypes:
 
@@ -41,7 +41,7 @@ import decimal as _decimal
 import functools
 import json
 import uuid as _uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,7 @@ __all__ = [
     "KINDS",
     "Canonical",
     "canonicalize",
+    "chunk_bodies",
     "chunk_body",
     "encode_rows",
     "encode_updates",
@@ -771,3 +772,27 @@ def chunk_body(updates: pl.Series | Sequence[bytes], start: int, end: int) -> by
     else:
         inner = b",".join(bytes(u) for u in updates[start:end])
     return _BODY_HEAD + inner + _BODY_TAIL
+
+
+def chunk_bodies(
+    updates: pl.Series, chunks: Sequence[tuple[int, int]], todo: Sequence[int], *, window: int
+) -> Iterator[tuple[int, bytes]]:
+    """(chunk, request body) of the chunks still to send, in order.
+
+    Bodies are built ``window`` chunks at a time, each window in one polars group-by over just its updates, so
+    no more than a window of bodies is held beside the encoded updates.
+    """
+    for first in range(0, len(todo), window):
+        part = todo[first : first + window]
+        lo, hi = chunks[part[0]][0], chunks[part[-1]][1]
+        lengths = np.array([chunks[i][1] - chunks[i][0] for i in range(part[0], part[-1] + 1)], dtype=np.int64)
+        chunk_of = np.repeat(np.arange(part[0], part[-1] + 1, dtype=np.int64), lengths)
+        frame = pl.DataFrame({"chunk": chunk_of, "update": updates.slice(lo, hi - lo)})
+        if len(part) != part[-1] - part[0] + 1:  # a resumed plan: skip the chunks acknowledged already
+            frame = frame.filter(pl.col("chunk").is_in(list(part)))
+        grouped = frame.group_by("chunk", maintain_order=True).agg(
+            pl.concat_str([pl.lit('{"data":['), pl.col("update").str.join(","), pl.lit("]}")])
+            .cast(pl.Binary)
+            .alias("body")
+        )
+        yield from zip(grouped["chunk"].to_list(), grouped["body"].to_list(), strict=True)

@@ -12,9 +12,10 @@ nothing: the next run (or a task retry) resumes at the first unacknowledged chun
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
@@ -29,6 +30,8 @@ from airflow_provider_stopchurn.diff import ChangeSet, diff_frames
 from airflow_provider_stopchurn.encoding import (
     Canonical,
     canonicalize,
+    chunk_bodies,
+    chunk_body,
     encode_rows,
     encode_updates,
     plan_chunks,
@@ -635,12 +638,11 @@ def _resume(
             )
     else:
         frame = store.read_changes(plan)
-    replay = SyncOptions(
-        **{
-            **{k: getattr(options, k) for k in options.__dataclass_fields__},
-            "nest_dotted_columns": bool(meta.get("nest_dotted_columns", True)),
-            "decimal_as_string": bool(meta.get("decimal_as_string", False)),
-        }
+    # encode exactly as the plan was encoded, whatever this run's options say
+    replay = dataclasses.replace(
+        options,
+        nest_dotted_columns=bool(meta.get("nest_dotted_columns", True)),
+        decimal_as_string=bool(meta.get("decimal_as_string", False)),
     )
     updates = _encode_plan(frame, dict(meta["kinds"]), replay)
     summary.resumed_chunks = len(plan.chunks) - len(acked)
@@ -678,7 +680,7 @@ def _deliver_and_commit(
     failure: BaseException | None = None
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stopchurn-send") as pool:
         pending: dict[Future[list[_Rejected]], int] = {}
-        queue = _chunk_bodies(updates, plan.chunks, todo, window=max(64, 8 * workers))
+        queue = chunk_bodies(updates, plan.chunks, todo, window=max(64, 8 * workers))
         while True:
             while failure is None and len(pending) < workers:
                 nxt = next(queue, None)
@@ -742,7 +744,7 @@ def _send_range(
 ) -> list[_Rejected]:
     """Send updates [start, end); under the quarantine policy, bisect a rejected range to isolate bad rows."""
     if body is None:
-        body = ('{"data":[' + ",".join(updates.slice(start, end - start).to_list()) + "]}").encode()
+        body = chunk_body(updates, start, end)
     try:
         result = sender.post_update_body(body)
     except StopChurnRejectedError as err:
@@ -765,30 +767,6 @@ def _send_range(
     summary.requests += 1
     summary.retries += max(int(getattr(result, "attempts", 1)) - 1, 0)
     return []
-
-
-def _chunk_bodies(
-    updates: pl.Series, chunks: Sequence[tuple[int, int]], todo: Sequence[int], *, window: int
-) -> Iterator[tuple[int, bytes]]:
-    """(chunk, request body) of the chunks still to send, in order.
-
-    Bodies are built ``window`` chunks at a time, each window in one polars group-by over just its updates, so
-    no more than a window of bodies is held beside the encoded updates.
-    """
-    for first in range(0, len(todo), window):
-        part = todo[first : first + window]
-        lo, hi = chunks[part[0]][0], chunks[part[-1]][1]
-        lengths = np.array([chunks[i][1] - chunks[i][0] for i in range(part[0], part[-1] + 1)], dtype=np.int64)
-        chunk_of = np.repeat(np.arange(part[0], part[-1] + 1, dtype=np.int64), lengths)
-        frame = pl.DataFrame({"chunk": chunk_of, "update": updates.slice(lo, hi - lo)})
-        if len(part) != part[-1] - part[0] + 1:  # a resumed plan: skip the chunks acknowledged already
-            frame = frame.filter(pl.col("chunk").is_in(list(part)))
-        grouped = frame.group_by("chunk", maintain_order=True).agg(
-            pl.concat_str([pl.lit('{"data":['), pl.col("update").str.join(","), pl.lit("]}")])
-            .cast(pl.Binary)
-            .alias("body")
-        )
-        yield from zip(grouped["chunk"].to_list(), grouped["body"].to_list(), strict=True)
 
 
 def _quarantine(

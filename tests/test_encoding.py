@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from airflow_provider_stopchurn.encoding import (
     KINDS,
     canonicalize,
+    chunk_bodies,
     chunk_body,
     encode_rows,
     encode_updates,
@@ -549,3 +550,15 @@ def test_long_json_columns_are_dumped_in_batches_without_losing_order_or_nulls()
     assert docs.null_count() == len(range(0, n, 1000))
     for i in (1, 249_999, 250_000, 250_001, 499_999, 500_001, n - 1):
         assert (None if docs[i] is None else json.loads(docs[i])) == values[i]
+
+
+@pytest.mark.parametrize("window", [1, 2, 64])
+def test_chunk_bodies_equal_chunk_body_and_skip_acknowledged_chunks(window: int) -> None:
+    updates = pl.Series([json.dumps({"n": i}) for i in range(23)], dtype=pl.String)
+    chunks = plan_chunks(updates.str.len_bytes().to_numpy(), chunk_size=4, max_chunk_bytes=10_000)
+    todo = [i for i in range(len(chunks)) if i not in {0, 3}]  # a resumed plan: chunks 0 and 3 acknowledged
+    got = list(chunk_bodies(updates, chunks, todo, window=window))
+    assert [index for index, _ in got] == todo
+    for index, body in got:
+        assert body == chunk_body(updates, *chunks[index])
+        assert len(json.loads(body)["data"]) == chunks[index][1] - chunks[index][0]
