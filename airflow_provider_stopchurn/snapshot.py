@@ -538,7 +538,8 @@ class TableLock:
                     f"{store.brand_id}/{store.table_name} is being synced by another run: "
                     f"{current.get('holder')!r} (host {current.get('host')}, pid {current.get('pid')}, since "
                     f"{current.get('acquired_at')}). Wait for it to finish; a lock left by a killed run expires "
-                    f"at {datetime.fromtimestamp(float(current.get('expires_at', 0)), UTC).isoformat()}."
+                    f"at {datetime.fromtimestamp(float(current.get('expires_at', 0)), UTC).isoformat()}, or delete "
+                    f"{_display(store._path('LOCK'))} once that run is known to be dead."
                 )
             log.warning("Breaking the lock of %r on %s: %s.", current.get("holder"), store.location, reason)
             store.break_lock()
