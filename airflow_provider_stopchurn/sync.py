@@ -682,7 +682,8 @@ def _deliver_and_commit(
         pending: dict[Future[list[_Rejected]], int] = {}
         queue = chunk_bodies(updates, plan.chunks, todo, window=max(64, 8 * workers))
         while True:
-            while failure is None and len(pending) < workers:
+            # one request first: a wrong key or a rejected first chunk then costs one request, not `workers`
+            while failure is None and len(pending) < (workers if done else 1):
                 nxt = next(queue, None)
                 if nxt is None:
                     break

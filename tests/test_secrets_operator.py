@@ -1,0 +1,104 @@
+"""The API key never leaves the connection: real DAG runs (``dag.test()``), every logger at DEBUG.
+
+A recognisable key is used for a successful sync, a sync StopChurn rejects (400), a 5xx outage and a refused
+key (401). After each run the key must appear in no captured log record, nothing the process printed, no XCom,
+and no file under the snapshot root.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pendulum
+import pytest
+from airflow.sdk import DAG
+from airflow_plugin import run_dag, xcom_return
+
+from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
+from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+KEY = "sk-OPERATOR-LEAKCHECK-5f4e3d2c1b"
+_ids = itertools.count(1)
+
+
+def _frame(n: int) -> pd.DataFrame:
+    return pd.DataFrame({"id": range(n), "name": [f"name {i}" for i in range(n)]})
+
+
+def _dag(snapshot_root: Path, frame: pd.DataFrame) -> DAG:
+    with DAG(f"secrets_operator_{next(_ids)}", schedule=None, start_date=pendulum.datetime(2025, 1, 1)) as dag:
+        StopChurnUpdateOperator(
+            task_id="sync", table_name="account", dataframe=frame, snapshot_uri=str(snapshot_root), chunk_size=10
+        )
+    return dag
+
+
+def _files_text(root: Path) -> str:
+    return "".join(p.read_bytes().decode("utf-8", "replace") for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def sandbox(
+    stopchurn_sandbox_factory: Callable[..., SandboxServer], airflow_conn: Callable[..., None]
+) -> SandboxServer:
+    sb = stopchurn_sandbox_factory(token=KEY)
+    airflow_conn(
+        "stopchurn_default",
+        conn_type="stopchurn",
+        host=sb.url,
+        password=KEY,
+        extra={"brand_id": 3, "max_retries": 1, "timeout": 5},
+    )
+    return sb
+
+
+@pytest.mark.parametrize("path", ["success", "rejected", "outage", "wrong_key"])
+def test_key_never_appears_in_logs_xcom_or_files(
+    path: str,
+    sandbox: SandboxServer,
+    airflow_conn: Callable[..., None],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    root = tmp_path / "snapshots"
+    frame = _frame(40)
+    if path == "rejected":
+        sandbox.reject_ids({"7"})
+    elif path == "outage":
+        sandbox.set_faults(FaultConfig(seed=1, error_rate=1.0))
+    elif path == "wrong_key":
+        # the connection now holds a different recognisable key, which the sandbox refuses
+        airflow_conn(
+            "stopchurn_default", conn_type="stopchurn", host=sandbox.url, password=KEY + "-old", extra={"brand_id": 3}
+        )
+    caplog.set_level(logging.DEBUG)
+    dagrun = run_dag(_dag(root, frame))
+
+    expected_state = "success" if path == "success" else "failed"
+    assert str(dagrun.state) == expected_state
+    if path == "success":
+        assert len(sandbox.rows(3, "account")) == 40
+    else:
+        stats = sandbox.stats()  # the failure really happened at StopChurn's side
+        assert stats["unauthorized"] == 1 if path == "wrong_key" else stats["requests"] >= 1, stats  # 401: one request
+
+    printed = capfd.readouterr()
+    records = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records)
+    summary = json.dumps(xcom_return(dagrun, "sync"), default=str)
+    assert records  # something was logged at all, so the scan is not vacuous
+    for where, text in {
+        "log records": records,
+        "stdout": printed.out,
+        "stderr": printed.err,
+        "xcom": summary,
+        "snapshot files": _files_text(root) if root.exists() else "",
+    }.items():
+        assert KEY not in text, f"the API key leaked into {where}"
