@@ -547,22 +547,36 @@ def _inserts_from_target(target: pl.DataFrame, updated_expr: pl.Expr | None, run
     return target.with_columns(upd.alias(UPDATED_AT), pl.lit("insert").alias(OP))
 
 
+_ENCODE_BATCH = 200_000
+
+
 def _encode_plan(frame: pl.DataFrame, kinds: Mapping[str, str], options: SyncOptions) -> pl.Series:
+    """The update JSON of every row of a change frame, in order.
+
+    Encoded in batches of rows, so the intermediate row JSON of only one batch is held beside the updates.
+    """
     data_columns = [c for c in frame.columns if c not in (OP, UPDATED_AT, *META_COLUMNS)]
-    rows = encode_rows(
-        frame.select(data_columns),
-        {c: kinds[c] for c in data_columns},
-        nest_dotted_columns=options.nest_dotted_columns,
-        decimal_as_string=options.decimal_as_string,
-    )
-    return encode_updates(
-        frame.get_column(OP),
-        rows,
-        frame.get_column(CREATED_AT),
-        frame.get_column(UPDATED_AT),
-        brand_id=options.brand_id,
-        table_name=options.table_name,
-    )
+    column_kinds = {c: kinds[c] for c in data_columns}
+    parts = []
+    for offset in range(0, max(frame.height, 1), _ENCODE_BATCH):
+        batch = frame.slice(offset, _ENCODE_BATCH)
+        rows = encode_rows(
+            batch.select(data_columns),
+            column_kinds,
+            nest_dotted_columns=options.nest_dotted_columns,
+            decimal_as_string=options.decimal_as_string,
+        )
+        parts.append(
+            encode_updates(
+                batch.get_column(OP),
+                rows,
+                batch.get_column(CREATED_AT),
+                batch.get_column(UPDATED_AT),
+                brand_id=options.brand_id,
+                table_name=options.table_name,
+            )
+        )
+    return parts[0] if len(parts) == 1 else pl.concat(parts)
 
 
 def _bytes_of(sizes: np.ndarray, chunks: Sequence[tuple[int, int]]) -> int:
