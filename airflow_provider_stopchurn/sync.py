@@ -442,10 +442,17 @@ def _target_snapshot(
     elif committed is None:
         target = new_data.with_columns(pl.lit(run_ms, dtype=pl.Int64).alias(CREATED_AT))
     else:
-        known = committed.columns([*keys, CREATED_AT])
-        target = new_data.join(known, on=keys, how="left", maintain_order="left")
+        target = new_data.join(_created_at(committed, keys, new_data), on=keys, how="left", maintain_order="left")
         target = target.with_columns(pl.col(CREATED_AT).fill_null(run_ms))
     return _with_hashes(target)
+
+
+def _created_at(committed: Committed, keys: list[str], like: pl.DataFrame) -> pl.DataFrame:
+    """Keys and createdAt of the committed snapshot, keys cast to ``like``'s dtypes (an all-null key column of
+    an empty snapshot is stored as text)."""
+    known = committed.columns([*keys, CREATED_AT])
+    casts = [pl.col(k).cast(like.schema[k], strict=False) for k in keys if known.schema[k] != like.schema[k]]
+    return known.with_columns(casts) if casts else known
 
 
 # Polars keeps row hashes stable within one version only: a snapshot records which function made its hashes.
@@ -529,7 +536,7 @@ def _change_frame(
     if changes.deleted.height:
         deleted = changes.deleted
         if CREATED_AT not in deleted.columns:
-            deleted = deleted.join(committed.columns([*keys, CREATED_AT]), on=keys, how="left", maintain_order="left")
+            deleted = deleted.join(_created_at(committed, keys, deleted), on=keys, how="left", maintain_order="left")
         parts.append(deleted.with_columns(pl.lit(run_ms, dtype=pl.Int64).alias(UPDATED_AT), pl.lit("delete").alias(OP)))
     created = target.select([*keys, CREATED_AT])
     for op, frame in (("update", changes.updated), ("insert", changes.inserted)):
