@@ -8,6 +8,7 @@ column's kind changed) it compares the columns themselves. Both must give the sa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -158,3 +159,39 @@ def test_engine_plan_matches_the_dict_oracle(pair: tuple[list, list, list[str], 
     inserted, updated, deleted, unchanged = oracle(missing_as_none(base_rows), missing_as_none(new_rows), keys)
     assert (summary.inserted, summary.updated, summary.deleted) == (len(inserted), len(updated), len(deleted))
     assert summary.unchanged == unchanged
+
+
+@pytest.fixture(scope="module")
+def shared_sandbox() -> Any:
+    from airflow_provider_stopchurn.sandbox import SandboxServer
+
+    with SandboxServer(token="property-key") as sb:
+        yield sb
+
+
+_tables = itertools.count()
+
+
+@settings(max_examples=60, deadline=None)
+@given(frame_pair(), frame_pair())
+def test_stopchurn_equals_the_source_after_every_run(shared_sandbox: Any, first: tuple, second: tuple) -> None:
+    """Up to four sends of random tables (NaN/None, ints turned floats, empty tables, composite keys) with deletes
+    allowed: after each, StopChurn's table is exactly the source, as JSON."""
+    keys = first[2]
+    table = f"prop{next(_tables)}"
+    # successive versions of one table (the second pair's tables join when they are keyed alike)
+    versions = [first[0], first[1]] + ([second[0], second[1]] if second[2] == keys else [])
+    columns = [*keys, "i", "f", "s"]
+    client = make_client(shared_sandbox)
+    with tempfile.TemporaryDirectory() as root:
+        store = SnapshotStore(Path(root), BRAND, table)
+        opts = options(table_name=table, key_columns=tuple(keys), allow_large_changes=True, chunk_size=3)
+        for n, rows in enumerate(versions):
+            frame = pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=object) for c in columns})
+            run_sync(frame, store, client, opts, run_ms=T0 + n)
+            expected = {}
+            for r in rows:
+                row = {c: None if isinstance(v, float) and v != v else v for c, v in r.items()}
+                row["id"] = row["k1"] if len(keys) == 1 else f"{row['k1']}:{row['k2']}"
+                expected[row["id"]] = row
+            assert {r["id"]: r for r in shared_sandbox.rows(BRAND, table)} == expected
