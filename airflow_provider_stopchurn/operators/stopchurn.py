@@ -161,7 +161,11 @@ class StopChurnUpdateOperator(BaseOperator):
             options = self._options(hook, context)
             store = SnapshotStore(self._snapshot_root(), options.brand_id, options.table_name)
             sender = None if options.dry_run else hook.client
-            summary = run_sync(self._source(context), store, sender, options, run_ms=run_ms)
+            try:
+                summary = run_sync(self._source(context), store, sender, options, run_ms=run_ms)
+            finally:
+                if sender is not None:
+                    sender.close()  # release the keep-alive connections now, not when the worker exits
         except StopChurnError as err:
             if err.permanent:
                 raise AirflowFailException(str(err)) from err
