@@ -167,6 +167,17 @@ def sandbox(stopchurn_conn: SandboxServer) -> SandboxServer:
     return stopchurn_conn
 
 
+def default_conn_with_brand(airflow_conn: Callable[..., None], sandbox: SandboxServer, brand_id: int) -> None:
+    """Point ``stopchurn_default`` at the sandbox with ``brand_id`` in its extras (the example DAGs name none)."""
+    airflow_conn(
+        "stopchurn_default",
+        conn_type="stopchurn",
+        host=sandbox.url,
+        password=sandbox.token,
+        extra={"brand_id": brand_id},
+    )
+
+
 # --- sources ---------------------------------------------------------------------------------------------------
 def test_dataframe_from_upstream_task_via_xcom_composite_key(sandbox: SandboxServer, tmp_path: Path) -> None:
     rng = random.Random(11)
@@ -293,13 +304,7 @@ def test_sql_source_nightly_example_dag(
     sandbox: SandboxServer, demo_db: Path, brand_id: int, airflow_conn: Callable[..., None], example_dagbag: Any
 ) -> None:
     """The nightly example DAG itself, against a temp SQLite file: StopChurn's ``user`` table stays in step."""
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=sandbox.url,
-        password=sandbox.token,
-        extra={"brand_id": brand_id},
-    )
+    default_conn_with_brand(airflow_conn, sandbox, brand_id)
     rng = random.Random(33)
     serial = itertools.count(1)
     frame = users_frame(rng, 150)
@@ -325,13 +330,7 @@ def test_sql_source_nightly_example_dag(
 def test_asset_example_dags(
     sandbox: SandboxServer, demo_db: Path, brand_id: int, airflow_conn: Callable[..., None], example_dagbag: Any
 ) -> None:
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=sandbox.url,
-        password=sandbox.token,
-        extra={"brand_id": brand_id},
-    )
+    default_conn_with_brand(airflow_conn, sandbox, brand_id)
     rng = random.Random(44)
     _write_users(demo_db, users_frame(rng, 60))
     etl = example_dagbag.dags["example_stopchurn_asset_etl"]
@@ -348,13 +347,7 @@ def test_asset_example_dags(
 def test_xcom_example_dag(
     sandbox: SandboxServer, demo_db: Path, brand_id: int, airflow_conn: Callable[..., None], example_dagbag: Any
 ) -> None:
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=sandbox.url,
-        password=sandbox.token,
-        extra={"brand_id": brand_id},
-    )
+    default_conn_with_brand(airflow_conn, sandbox, brand_id)
     users = users_frame(random.Random(55), 30)
     _write_users(demo_db, users)
     summary = run_ok(example_dagbag.dags["example_stopchurn_xcom"], 0, task_id="sync_channel_consents")
