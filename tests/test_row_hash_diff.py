@@ -21,6 +21,7 @@ from helpers_sync import BRAND, T0, TABLE, Churn, RecordingSender, make_client, 
 from hypothesis import given, settings
 from test_diff import frame_pair, oracle
 
+from airflow_provider_stopchurn.exceptions import SafeguardError
 from airflow_provider_stopchurn.snapshot import HASH_1, HASH_2, SnapshotStore
 from airflow_provider_stopchurn.sync import ROW_HASH, run_sync
 
@@ -195,3 +196,13 @@ def test_stopchurn_equals_the_source_after_every_run(shared_sandbox: Any, first:
                 row["id"] = row["k1"] if len(keys) == 1 else f"{row['k1']}:{row['k2']}"
                 expected[row["id"]] = row
             assert {r["id"]: r for r in shared_sandbox.rows(BRAND, table)} == expected
+
+
+def test_a_key_whose_type_changes_is_schema_drift_not_a_mass_update(tmp_path: Path, sender: RecordingSender) -> None:
+    """StopChurn does not promise that 1 and "1" are the same id: the run stops before sending anything."""
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    run_sync(pd.DataFrame({"id": [1, 2, 3], "v": ["a", "b", "c"]}), store, sender, options(), run_ms=T0)
+    sent = len(sender.bodies)
+    with pytest.raises(SafeguardError, match=r"retyped id \(int -> string\)"):
+        run_sync(pd.DataFrame({"id": ["1", "2", "3"], "v": ["a", "b", "c"]}), store, sender, options(), run_ms=T0)
+    assert len(sender.bodies) == sent
