@@ -13,6 +13,7 @@ nothing: the next run (or a task retry) resumes at the first unacknowledged chun
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -455,9 +456,24 @@ def _created_at(committed: Committed, keys: list[str], like: pl.DataFrame) -> pl
     return known.with_columns(casts) if casts else known
 
 
-# Polars keeps row hashes stable within one version only: a snapshot records which function made its hashes.
-ROW_HASH = f"polars-{pl.__version__}-hash_rows-2x64"
 _SEEDS = (0x5EED0001, 0x0BADC0DE)
+
+
+def _row_hash_id() -> str:
+    """Name the row-hash function by what it computes on a fixed probe table.
+
+    Polars promises stable hashes within one version only, and its hashers may differ between CPUs. A snapshot
+    records this id; a worker whose hashes differ (another polars version, another platform) sees another id
+    and compares the columns themselves instead of trusting the stored hashes.
+    """
+    probe = pl.DataFrame(
+        {"i": [1, None, 2**62], "f": [1.5, None, -0.0], "s": ["x", None, "é"], "b": [True, None, False]}
+    )
+    values = [probe.hash_rows(seed=seed).to_list() for seed in _SEEDS]
+    return f"polars-{pl.__version__}-" + hashlib.sha256(repr(values).encode()).hexdigest()[:16]
+
+
+ROW_HASH = _row_hash_id()
 
 
 def _data(frame: pl.DataFrame) -> pl.DataFrame:
@@ -468,8 +484,8 @@ def _data(frame: pl.DataFrame) -> pl.DataFrame:
 def _with_hashes(frame: pl.DataFrame) -> pl.DataFrame:
     """Add two independent 64-bit hashes of each row's data columns (in name order: column order is free).
 
-    Together they are 128 bits: a changed row keeping both hashes has a chance of about 2^-128. A run on another
-    polars version (``ROW_HASH`` differs) compares the columns themselves instead and rewrites the hashes.
+    Together they are 128 bits: a changed row keeping both hashes has a chance of about 2^-128. A run whose
+    hash function differs (``ROW_HASH``) compares the columns themselves instead and rewrites the hashes.
     """
     data = _data(frame)
     ordered = data.select(sorted(data.columns))
