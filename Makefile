@@ -10,12 +10,14 @@ UV_FLAGS := --compile-bytecode --quiet
 
 .PHONY: venv test lint typecheck check demo bench bench-large soak lock clean
 
-# uv installs the locked set in seconds (plain pip takes over a minute); it is bootstrapped with pip.
-UV := $(PYTHON) -m uv
+# The venv is made by the standard library, then uv (pinned in the lock, so syncing keeps it) installs the
+# locked set into it in seconds (plain pip takes over a minute). Nothing is installed outside .venv.
+UV := $(VENV)/bin/uv
 
 $(STAMP): $(LOCK) pyproject.toml
-	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check "uv>=0.5"
-	@test -x $(PY) || $(UV) venv --quiet --python $(PYTHON) $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(UV) || { $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --upgrade >/dev/null; \
+		$(PY) -m pip install --quiet --disable-pip-version-check "$$(grep '^uv==' $(LOCK))"; }
 	$(UV) pip sync $(UV_FLAGS) --python $(PY) $(LOCK)
 	$(UV) pip install $(UV_FLAGS) --python $(PY) --no-deps -e .
 	@touch $(STAMP)
@@ -47,7 +49,7 @@ soak: $(STAMP)
 	STOPCHURN_SOAK=long $(PY) -m pytest -m slow tests/test_soak.py
 
 # Re-pin the exact dependency set after editing pyproject.toml.
-lock:
+lock: $(STAMP)
 	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --quiet -o $(LOCK)
 
 clean:
