@@ -56,6 +56,7 @@ from airflow_provider_stopchurn.exceptions import SourceDataError
 __all__ = [
     "KINDS",
     "Canonical",
+    "bodies_bytes",
     "canonicalize",
     "chunk_bodies",
     "chunk_body",
@@ -761,6 +762,12 @@ def plan_chunks(sizes: np.ndarray, *, chunk_size: int, max_chunk_bytes: int) -> 
     return ranges
 
 
+def bodies_bytes(sizes: np.ndarray, chunks: Sequence[tuple[int, int]]) -> int:
+    """Total bytes of the request bodies of ``chunks`` (envelopes and commas included)."""
+    separators = sum(_BODY_OVERHEAD + max(end - start - 1, 0) for start, end in chunks)
+    return (int(sizes.sum()) if len(sizes) else 0) + separators
+
+
 def chunk_body(updates: pl.Series | Sequence[bytes], start: int, end: int) -> bytes:
     """The request body ``{"data":[...]}`` for updates ``[start, end)``."""
     n = len(updates)
@@ -791,7 +798,7 @@ def chunk_bodies(
         if len(part) != part[-1] - part[0] + 1:  # a resumed plan: skip the chunks acknowledged already
             frame = frame.filter(pl.col("chunk").is_in(list(part)))
         grouped = frame.group_by("chunk", maintain_order=True).agg(
-            pl.concat_str([pl.lit('{"data":['), pl.col("update").str.join(","), pl.lit("]}")])
+            pl.concat_str([pl.lit(_BODY_HEAD.decode()), pl.col("update").str.join(","), pl.lit(_BODY_TAIL.decode())])
             .cast(pl.Binary)
             .alias("body")
         )

@@ -16,12 +16,11 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-import numpy as np
 import orjson
 import pandas as pd
 import polars as pl
@@ -30,6 +29,7 @@ from airflow_provider_stopchurn.contract import USER_TABLE, check_user_table, co
 from airflow_provider_stopchurn.diff import ChangeSet, diff_frames
 from airflow_provider_stopchurn.encoding import (
     Canonical,
+    bodies_bytes,
     canonicalize,
     chunk_bodies,
     chunk_body,
@@ -379,7 +379,7 @@ def _plan_and_apply(
     sizes = updates.str.len_bytes().to_numpy()
     chunks = plan_chunks(sizes, chunk_size=options.chunk_size, max_chunk_bytes=options.max_chunk_bytes)
     summary.chunks = len(chunks)
-    summary.bytes = _bytes_of(sizes, chunks)
+    summary.bytes = bodies_bytes(sizes, chunks)
 
     if options.dry_run:
         summary.samples = [orjson.loads(u) for u in updates.head(5).to_list()]
@@ -602,12 +602,6 @@ def _encode_plan(frame: pl.DataFrame, kinds: Mapping[str, str], options: SyncOpt
     return parts[0] if len(parts) == 1 else pl.concat(parts)
 
 
-def _bytes_of(sizes: np.ndarray, chunks: Sequence[tuple[int, int]]) -> int:
-    envelope = len(b'{"data":[]}')
-    total = int(sizes.sum()) if len(sizes) else 0
-    return total + sum(envelope + max(end - start - 1, 0) for start, end in chunks)
-
-
 def _plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], run_ms: int) -> dict[str, Any]:
     return {
         "brand_id": options.brand_id,
@@ -668,11 +662,9 @@ def _resume(
         len(plan.chunks),
     )
     if plan.changes_from_target:
-        frame = _inserts_from_target(store.read_snapshot(plan.target_version), None, int(meta["run_ms"]))
-        if meta.get("updated_at_column"):
-            frame = frame.with_columns(
-                pl.col(meta["updated_at_column"]).cast(pl.Int64).fill_null(int(meta["run_ms"])).alias(UPDATED_AT)
-            )
+        updated_column = meta.get("updated_at_column")
+        updated_expr = pl.col(updated_column).cast(pl.Int64) if updated_column else None
+        frame = _inserts_from_target(store.read_snapshot(plan.target_version), updated_expr, int(meta["run_ms"]))
     else:
         frame = store.read_changes(plan)
     # encode exactly as the plan was encoded, whatever this run's options say
