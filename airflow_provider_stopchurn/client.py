@@ -6,18 +6,24 @@ dozen concurrent senders) and knows the API's contract:
 * every request carries ``Authorization: Bearer <key>``, ``Content-Type: application/json`` and a
   ``User-Agent`` naming this provider; TLS verification stays on; plain ``http://`` is accepted only for a
   loopback host (a local sandbox);
-* 200 is success; 401 raises :class:`~airflow_provider_stopchurn.exceptions.StopChurnAuthError`, 400 raises
-  :class:`~airflow_provider_stopchurn.exceptions.StopChurnRejectedError` (StopChurn's message verbatim), any
-  other status outside 429/5xx raises :class:`~airflow_provider_stopchurn.exceptions.StopChurnHTTPError`;
-  none of them is retried;
-* 429, 5xx and network errors (connection refused/reset, timeouts, truncated bodies) are retried with
-  exponential backoff and full jitter, honouring ``Retry-After``; when retries run out,
-  :class:`~airflow_provider_stopchurn.exceptions.TransientDeliveryError` says how many attempts were made and
-  what the last one got;
+* only StopChurn's acknowledgement is success: a 200 whose body is a JSON object with ``"statusCode": 200``
+  (``{"statusCode": 200, "message": "Updates received"}``). Any other 200 (a proxy's or a web site's HTML
+  page, an empty body, other JSON) means something else answered: it is retried like a 5xx, and its message
+  quotes the start of the body and says the base URL may be wrong;
+* 401 raises :class:`~airflow_provider_stopchurn.exceptions.StopChurnAuthError`, 400 raises
+  :class:`~airflow_provider_stopchurn.exceptions.StopChurnRejectedError` (StopChurn's message verbatim), 413
+  raises :class:`~airflow_provider_stopchurn.exceptions.StopChurnPayloadTooLargeError` (the caller may split
+  the body), any other status outside 408/429/5xx raises
+  :class:`~airflow_provider_stopchurn.exceptions.StopChurnHTTPError`; none of them is retried;
+* 408, 429, 5xx, unacknowledged 200s and network errors (connection refused/reset, timeouts, truncated
+  bodies) are retried with exponential backoff and full jitter, honouring ``Retry-After``; when retries run
+  out, :class:`~airflow_provider_stopchurn.exceptions.TransientDeliveryError` says how many attempts were made
+  and what the last one got;
 * a 429 slows down every thread that uses the same client (a shared :class:`Pacer`), not only the thread that
   received it.
 
-The API key is kept in a masked wrapper: it never appears in a repr, a log line or an exception message.
+The API key is kept in a masked wrapper: it never appears in a repr, a log line or an exception message
+(a response body that echoes it, as a misconfigured echo service would, is quoted with the key masked).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -49,6 +55,7 @@ from airflow_provider_stopchurn.exceptions import (
     StopChurnConfigError,
     StopChurnError,
     StopChurnHTTPError,
+    StopChurnPayloadTooLargeError,
     StopChurnRejectedError,
     TransientDeliveryError,
 )
@@ -68,7 +75,10 @@ _RETRYABLE_EXCEPTIONS: tuple[type[Exception], ...] = (
     requests.exceptions.Timeout,
     requests.exceptions.ChunkedEncodingError,
 )
+#: Statuses retried besides 5xx: 408 Request Timeout and 429 Too Many Requests.
+_RETRYABLE_STATUSES = frozenset({408, 429})
 _EXCERPT_CHARS = 200
+_QUOTE_BYTES = 200  # how much of an unexpected 200 body an error message quotes
 _SCRIPT_STYLE_RE = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _TAG_RE = re.compile(r"<[^>]*>")
 _SPACE_RE = re.compile(r"\s+")
@@ -222,22 +232,51 @@ def _excerpt(text: str) -> str:
     return text
 
 
-def _response_message(response: requests.Response) -> tuple[str | None, str]:
-    """Return (StopChurn's ``message`` or None, a printable description of the body)."""
-    raw = response.content or b""
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character (controls, line breaks, bidi marks) as an escape."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _quote_start(raw: bytes) -> str:
+    """The size and the first ``_QUOTE_BYTES`` bytes of a body, decoded leniently and made printable."""
+    if not raw:
+        return "an empty body"
+    head = _printable(raw[:_QUOTE_BYTES].decode("utf-8", errors="replace"))
+    more = "..." if len(raw) > _QUOTE_BYTES else ""
+    return f'{len(raw)} bytes starting "{head}"{more}'
+
+
+class _Answer(NamedTuple):
+    """What a response body says.
+
+    ``message``: StopChurn's ``message`` or None; ``described``: a printable description of the body;
+    ``acknowledged``: the body is a JSON object whose ``statusCode`` is 200 (StopChurn's acknowledgement).
+    """
+
+    message: str | None
+    described: str
+    acknowledged: bool
+
+
+def _read_answer(raw: bytes) -> _Answer:
     text = raw.decode("utf-8", errors="replace")
     try:
         payload = json.loads(text) if text.strip() else None
     except ValueError:
         payload = None
-    if isinstance(payload, dict):
-        message = payload.get("message")
-        if isinstance(message, str):
-            return message, message
-        if isinstance(message, list) and all(isinstance(m, str) for m in message):
-            joined = "; ".join(message)
-            return joined, joined
-    return None, _excerpt(text)
+    if not isinstance(payload, dict):
+        return _Answer(None, _excerpt(text), False)
+    status_code = payload.get("statusCode")
+    acknowledged = type(status_code) is int and status_code == 200
+    message = payload.get("message")
+    if isinstance(message, str):
+        return _Answer(message, message, acknowledged)
+    if isinstance(message, list) and all(isinstance(m, str) for m in message):
+        joined = "; ".join(message)
+        return _Answer(joined, joined, acknowledged)
+    return _Answer(None, _excerpt(text), acknowledged)
 
 
 def _parse_retry_after(value: str | None) -> float | None:
@@ -281,7 +320,8 @@ class StopChurnClient:
     :param conn_id: Airflow connection id, named in error messages (optional).
     :param timeout: read timeout of one attempt, in seconds.
     :param connect_timeout: connect timeout of one attempt, in seconds.
-    :param max_retries: retries after the first attempt on 429, 5xx and network errors.
+    :param max_retries: retries after the first attempt on 408, 429, 5xx, unacknowledged 200s and network
+        errors.
     :param backoff_base: first backoff ceiling; attempt ``n`` waits ``uniform(0, backoff_base * 2**n)``.
     :param backoff_max: cap of one backoff wait.
     :param retry_after_max: cap applied to a server's ``Retry-After``.
@@ -359,9 +399,10 @@ class StopChurnClient:
     def check_api_key(self) -> tuple[bool, str]:
         """Check the API key with one request that changes nothing: ``{"data": []}`` to the update route.
 
-        Returns ``(True, message)`` on 200 and ``(False, explanation)`` otherwise: a 401 is reported as a
-        refused key (naming the connection), anything else (other status, network error, timeout) with what
-        happened. The check makes a single attempt (no retries) and never raises for an HTTP outcome.
+        Returns ``(True, message)`` on StopChurn's acknowledgement and ``(False, explanation)`` otherwise: a 401
+        is reported as a refused key (naming the connection), anything else (other status, a 200 that is not
+        StopChurn's acknowledgement, network error, timeout) with what happened. The check makes a single
+        attempt (no retries) and never raises for an HTTP outcome.
         """
         try:
             result = self._post(UPDATE_PATH, b'{"data":[]}', max_retries=0)
@@ -455,7 +496,8 @@ class StopChurnClient:
                 ) from None
             else:
                 status = response.status_code
-                message, described = _response_message(response)
+                raw = self._mask(response.content or b"")
+                answer = _read_answer(raw)
                 log.debug(
                     "POST %s attempt %d/%d: HTTP %d after %.3fs, %d bytes sent, %d bytes received",
                     path,
@@ -464,19 +506,22 @@ class StopChurnClient:
                     status,
                     time.monotonic() - started,
                     len(body),
-                    len(response.content or b""),
+                    len(raw),
                 )
-                if status == 200:
+                if status == 200 and answer.acknowledged:
                     return SendResult(
                         status=status,
-                        message=message if message is not None else described,
+                        message=answer.message if answer.message is not None else answer.described,
                         attempts=attempt,
                         waited_s=waited,
                     )
-                if status != 429 and not 500 <= status <= 599:
-                    raise self._permanent_error(status, message, described, attempt)
+                if status == 200:
+                    last = self._not_acknowledged(response, raw)
+                elif status in _RETRYABLE_STATUSES or 500 <= status <= 599:
+                    last = f"HTTP {status}: {answer.described}"
+                else:
+                    raise self._permanent_error(status, answer, attempt, len(body))
                 last_status = status
-                last = f"HTTP {status}: {described}"
                 retry_after = _parse_retry_after(response.headers.get("Retry-After"))
 
             if attempt >= total_attempts:
@@ -486,12 +531,18 @@ class StopChurnClient:
             if waited + delay > self.max_total_wait:
                 stop_reason = f"the next wait of {delay:.1f}s would exceed max_total_wait={self.max_total_wait:g}s"
                 break
+            if last_status is None:
+                short = last
+            elif last_status == 200:
+                short = "HTTP 200 without StopChurn's acknowledgement"
+            else:
+                short = f"HTTP {last_status}"
             log.warning(
                 "StopChurn POST %s attempt %d/%d failed (%s); retrying in %.2fs",
                 path,
                 attempt,
                 total_attempts,
-                last if last_status is None else f"HTTP {last_status}",
+                short,
                 delay,
             )
             if last_status == 429:
@@ -507,7 +558,24 @@ class StopChurnClient:
             attempts=attempts_made,
         )
 
-    def _permanent_error(self, status: int, message: str | None, described: str, attempt: int) -> DeliveryError:
+    def _mask(self, raw: bytes) -> bytes:
+        """``raw`` with every occurrence of the API key replaced by ``***`` (a body may echo the request)."""
+        key = self._key.reveal().encode("ascii")
+        return raw.replace(key, b"***") if key in raw else raw
+
+    def _not_acknowledged(self, response: requests.Response, raw: bytes) -> str:
+        """Describe a 200 that is not StopChurn's acknowledgement (``raw``: the body, key already masked)."""
+        content_type = response.headers.get("Content-Type", "").replace(self._key.reveal(), "***")
+        content_type = _printable(content_type[:100])
+        return (
+            f"HTTP 200 without StopChurn's acknowledgement (a JSON object with statusCode 200); got "
+            f"{content_type or 'no Content-Type'}, {_quote_start(raw)}. The base URL {self.base_url} may be "
+            f"wrong: something other than StopChurn's API (a web site, a proxy) answered; StopChurn's API host "
+            f"is e.g. {DEFAULT_BASE_URL}"
+        )
+
+    def _permanent_error(self, status: int, answer: _Answer, attempt: int, body_bytes: int) -> DeliveryError:
+        message, described = answer.message, answer.described
         if status == 401:
             return StopChurnAuthError(
                 f"StopChurn refused the API key (401: {described}){self._where()}. Check the connection's "
@@ -523,11 +591,16 @@ class StopChurnClient:
                 status=status,
                 attempts=attempt,
             )
+        if status == 413:
+            return StopChurnPayloadTooLargeError(
+                f"StopChurn refused a request body of {body_bytes} bytes as too large (413){self._where()}: "
+                f"{described}. Send smaller chunks.",
+                status=status,
+                attempts=attempt,
+            )
         hint = ""
         if status in (403, 404):
             hint = " Check the base URL and the key's permissions."
-        elif status == 413:
-            hint = " The request body is too large: send smaller chunks."
         elif 300 <= status < 400:
             hint = " Redirects are not followed: check the base URL."
         return StopChurnHTTPError(

@@ -3,12 +3,29 @@
 Every error says whether retrying the same work later could succeed:
 
 * ``permanent = True``: bad configuration, bad source data, a safeguard, a rejected request (400), a wrong
-  API key (401). Retrying cannot help; the operator maps these to ``AirflowFailException``.
-* ``permanent = False``: exhausted retries on 429/5xx/network errors, a busy lock. A task retry resumes the
-  unfinished plan; the operator maps these to ``AirflowException``.
+  API key (401), a body too large (413: the same body never fits, though a caller may split it and send the
+  halves). Retrying the same work cannot help; the operator maps these to ``AirflowFailException``.
+* ``permanent = False``: exhausted retries on 408/429/5xx/network errors or on a 200 that is not StopChurn's
+  acknowledgement, a busy lock. A task retry resumes the unfinished plan; the operator maps these to
+  ``AirflowException``.
 
-No exception text ever contains the API key: messages are built only from StopChurn's response ``message``,
-status codes, counts, column names and connection ids.
+The tree (``permanent`` in brackets)::
+
+    StopChurnError                          [True]
+    +-- StopChurnConfigError (ValueError)   [True]
+    +-- SourceDataError (ValueError)        [True]
+    +-- SafeguardError                      [True]
+    +-- SnapshotError                       [True]
+    |   `-- SnapshotLockedError             [False]
+    `-- DeliveryError                       [True]  .status, .attempts
+        +-- StopChurnAuthError              [True]  401
+        +-- StopChurnRejectedError          [True]  400, .reason
+        +-- StopChurnPayloadTooLargeError   [True]  413
+        +-- StopChurnHTTPError              [True]  any other non-retryable status
+        `-- TransientDeliveryError          [False] retries exhausted
+
+No exception text ever contains the API key: messages are built only from StopChurn's response ``message``
+(or the start of a response body, with the key masked), status codes, counts, column names and connection ids.
 """
 
 from __future__ import annotations
@@ -67,11 +84,23 @@ class StopChurnRejectedError(DeliveryError):
         self.reason = reason
 
 
+class StopChurnPayloadTooLargeError(DeliveryError):
+    """413: StopChurn (or a proxy in front of it) refused the request body as too large. Never retried.
+
+    Permanent for the client, which cannot change the body; a caller that built the body from several updates
+    may split it and send the halves.
+    """
+
+
 class StopChurnHTTPError(DeliveryError):
-    """Any other non-retryable HTTP status (403, 404, 413, other 4xx, unexpected 2xx/3xx)."""
+    """Any other non-retryable HTTP status (403, 404, other 4xx, unexpected 2xx/3xx)."""
 
 
 class TransientDeliveryError(DeliveryError):
-    """429/5xx/network errors persisted through every retry; a later retry may succeed."""
+    """408/429/5xx, network errors or unacknowledged 200s persisted through every retry; a later retry may succeed.
+
+    ``status`` is the HTTP status of the last attempt (``None`` after a network error; ``200`` when the last
+    answer was a 200 without StopChurn's acknowledgement).
+    """
 
     permanent = False

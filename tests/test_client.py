@@ -21,10 +21,12 @@ import requests
 from airflow_provider_stopchurn import __version__
 from airflow_provider_stopchurn.client import DEFAULT_BASE_URL, Pacer, SendResult, StopChurnClient
 from airflow_provider_stopchurn.exceptions import (
+    DeliveryError,
     SourceDataError,
     StopChurnAuthError,
     StopChurnConfigError,
     StopChurnHTTPError,
+    StopChurnPayloadTooLargeError,
     StopChurnRejectedError,
     TransientDeliveryError,
 )
@@ -142,9 +144,143 @@ def test_200_applies_updates(client: StopChurnClient, stopchurn_sandbox: Sandbox
     assert stopchurn_sandbox.events(1) == [{"brandId": 1, "userId": "1", "name": "X", "value": 3}]
 
 
-def test_200_with_a_non_json_body(client: StopChurnClient, stopchurn_sandbox: SandboxServer) -> None:
-    stopchurn_sandbox.queue_response(200, "OK")
-    assert client.post_updates([]).message == "OK"
+def test_acknowledgement_without_message_is_success(client: StopChurnClient, stopchurn_sandbox: SandboxServer) -> None:
+    stopchurn_sandbox.queue_response(200, {"statusCode": 200})
+    result = client.post_updates([])
+    assert (result.status, result.attempts) == (200, 1)
+    assert "statusCode" in result.message  # the body itself stands in for the missing message
+
+
+# --- a 200 that is not StopChurn's acknowledgement -------------------------------------------------------------
+HTML_PAGE = (
+    "<!DOCTYPE html>\n<html><head><title>Example Domain</title></head>"
+    "<body><h1>Example Domain</h1><p>This domain is for use in examples.</p></body></html>"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "quoted"),
+    [
+        ("OK", None, '2 bytes starting "OK"'),
+        (None, None, "an empty body"),
+        ({"ok": True}, None, '{"ok":true}'),
+        ({"message": "Updates received"}, None, "Updates received"),  # no statusCode
+        ({"statusCode": 500, "message": "boom"}, None, '"statusCode":500'),
+        ({"statusCode": "200", "message": "Updates received"}, None, '"statusCode":"200"'),
+        (b"[200]", {"Content-Type": "application/json"}, '"[200]"'),
+        (HTML_PAGE, {"Content-Type": "text/html"}, "<!DOCTYPE html>\\n<html><head><title>Example Domain"),
+    ],
+    ids=[
+        "text",
+        "empty",
+        "json-without-statusCode",
+        "message-only",
+        "statusCode-500",
+        "statusCode-string",
+        "array",
+        "html",
+    ],
+)
+def test_200_without_acknowledgement_is_transient(
+    stopchurn_sandbox: SandboxServer, body: Any, headers: dict[str, str] | None, quoted: str
+) -> None:
+    for _ in range(3):
+        stopchurn_sandbox.queue_response(200, body, headers)
+    with (
+        StopChurnClient(stopchurn_sandbox.url, KEY, conn_id="sc_test", max_retries=2, **FAST) as c,
+        pytest.raises(TransientDeliveryError) as info,
+    ):
+        c.post_updates([update("1")])
+    err = info.value
+    assert (err.status, err.attempts, err.permanent) == (200, 3, False)
+    text = str(err)
+    assert "HTTP 200 without StopChurn's acknowledgement" in text
+    assert quoted in text
+    assert f"base URL {stopchurn_sandbox.url} may be wrong" in text
+    assert "sc_test" in text
+    assert stopchurn_sandbox.stats()["requests"] == 3
+    assert stopchurn_sandbox.rows(1, "user") == []
+
+
+def test_html_200_from_a_proxy_is_retried_then_fails(stopchurn_sandbox: SandboxServer) -> None:
+    stopchurn_sandbox.set_faults(FaultConfig(seed=0, html_ok_rate=1.0))
+    with (
+        StopChurnClient(stopchurn_sandbox.url, KEY, max_retries=3, **FAST) as c,
+        pytest.raises(TransientDeliveryError) as info,
+    ):
+        c.post_updates([update("1"), update("2")])
+    err = info.value
+    assert (err.status, err.attempts, err.permanent) == (200, 4, False)
+    assert "4 attempts" in str(err)
+    assert "text/html" in str(err)
+    assert '"<!DOCTYPE html>\\n<html><head><title>' in str(err)  # the page start, line break made printable
+    assert "may be wrong" in str(err)
+    stats = stopchurn_sandbox.stats()
+    assert (stats["requests"], stats["faults"]["html_ok"], stats["accepted_requests"]) == (4, 4, 0)
+    assert stopchurn_sandbox.rows(1, "user") == []  # a proxy applied nothing
+
+
+def test_html_200_then_acknowledgement_succeeds(
+    client: StopChurnClient, stopchurn_sandbox: SandboxServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    stopchurn_sandbox.queue_response(200, HTML_PAGE, {"Content-Type": "text/html"})
+    with caplog.at_level("WARNING", logger="airflow_provider_stopchurn.client"):
+        result = client.post_updates([update("1")])
+    assert (result.status, result.message, result.attempts) == (200, "Updates received", 2)
+    assert [r["id"] for r in stopchurn_sandbox.rows(1, "user")] == ["1"]
+    assert stopchurn_sandbox.stats()["accepted_requests"] == 1
+    [record] = [r for r in caplog.records if r.name == "airflow_provider_stopchurn.client"]
+    assert "HTTP 200 without StopChurn's acknowledgement" in record.getMessage()
+
+
+def test_unacknowledged_200_quotes_200_bytes_printably(
+    client: StopChurnClient, stopchurn_sandbox: SandboxServer
+) -> None:
+    head = b"\x1b[31mred\r\n\x00\tend\xff\xfe \xe2\x80\xae"  # ANSI escape, controls, bad UTF-8, bidi override
+    body = head + b"a" * (200 - len(head)) + b"AFTER-THE-QUOTE" * 10
+    for _ in range(4):
+        stopchurn_sandbox.queue_response(200, body)
+    with pytest.raises(TransientDeliveryError) as info:
+        client.post_updates([])
+    text = str(info.value)
+    expected = "\\x1b[31mred\\r\\n\\x00\\tend\ufffd\ufffd \\u202e" + "a" * (200 - len(head)) + '"...'
+    assert f'{len(body)} bytes starting "{expected}' in text
+    assert "AFTER-THE-QUOTE" not in text
+    assert text.isprintable()
+    assert "application/octet-stream" in text
+
+
+ECHOED_KEY = "sk-ECHOED-KEY-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("body", "shown"),
+    [
+        (f"POST /client-data/update\nAuthorization: Bearer {ECHOED_KEY}\n", "Authorization: Bearer ***"),
+        ("x" * 190 + ECHOED_KEY, '"' + "x" * 190 + '***"'),  # the key straddles the 200-byte cut
+    ],
+    ids=["echo-service", "straddling-the-cut"],
+)
+def test_unacknowledged_200_echoing_the_key_is_masked(body: str, shown: str) -> None:
+    with SandboxServer(token=ECHOED_KEY) as sb, StopChurnClient(sb.url, ECHOED_KEY, max_retries=0) as c:
+        sb.queue_response(200, body)
+        with pytest.raises(TransientDeliveryError) as info:
+            c.post_updates([])
+        sb.queue_response(200, body)
+        ok, message = c.check_api_key()
+    assert shown in str(info.value)
+    assert not ok
+    for text in (str(info.value), message):
+        assert "sk-ECHO" not in text
+
+
+def test_check_api_key_refuses_a_web_site(stopchurn_sandbox: SandboxServer) -> None:
+    stopchurn_sandbox.set_faults(FaultConfig(seed=0, html_ok_rate=1.0))
+    with StopChurnClient(stopchurn_sandbox.url, KEY, **FAST) as c:
+        ok, message = c.check_api_key()
+    assert not ok
+    assert "HTTP 200" in message and "may be wrong" in message
+    assert stopchurn_sandbox.stats()["requests"] == 1  # a single attempt
 
 
 def test_400_reason_is_stopchurns_message_verbatim(client: StopChurnClient, stopchurn_sandbox: SandboxServer) -> None:
@@ -194,7 +330,7 @@ def test_401_is_not_retried_and_names_the_connection(stopchurn_sandbox: SandboxS
     assert stopchurn_sandbox.rows(1, "user") == []
 
 
-@pytest.mark.parametrize("status", [403, 404, 405, 409, 413, 422, 302, 204])
+@pytest.mark.parametrize("status", [403, 404, 405, 409, 422, 302, 204])
 def test_other_statuses_are_not_retried(client: StopChurnClient, stopchurn_sandbox: SandboxServer, status: int) -> None:
     stopchurn_sandbox.queue_response(status, {"message": f"status {status}"}, {"Location": "https://x.test/"})
     with pytest.raises(StopChurnHTTPError) as info:
@@ -204,7 +340,53 @@ def test_other_statuses_are_not_retried(client: StopChurnClient, stopchurn_sandb
     assert stopchurn_sandbox.stats()["requests"] == 1
 
 
+def test_413_raises_payload_too_large_without_retry(client: StopChurnClient, stopchurn_sandbox: SandboxServer) -> None:
+    stopchurn_sandbox.queue_response(413, {"statusCode": 413, "message": "Payload too large"})
+    with pytest.raises(StopChurnPayloadTooLargeError) as info:
+        client.post_update_body(b'{"data":[]}')
+    err = info.value
+    assert isinstance(err, DeliveryError)
+    assert not isinstance(err, StopChurnHTTPError)
+    assert (err.status, err.attempts, err.permanent) == (413, 1, True)
+    assert "11 bytes" in str(err) and "Payload too large" in str(err) and "sc_test" in str(err)
+    assert stopchurn_sandbox.stats()["requests"] == 1
+
+
+def test_413_from_the_sandbox_body_limit(stopchurn_sandbox: SandboxServer) -> None:
+    stopchurn_sandbox.set_faults(FaultConfig(max_body_bytes=500))
+    with StopChurnClient(stopchurn_sandbox.url, KEY, max_retries=5, **FAST) as c:
+        with pytest.raises(StopChurnPayloadTooLargeError) as info:
+            c.post_updates([update(str(i)) for i in range(20)])
+        assert info.value.attempts == 1
+        stats = stopchurn_sandbox.stats()
+        assert (stats["requests"], stats["too_large_requests"], stats["accepted_requests"]) == (1, 1, 0)
+        assert stopchurn_sandbox.rows(1, "user") == []
+        assert c.post_updates([update("1")]).attempts == 1  # a small body still goes through (new connection)
+    assert [r["id"] for r in stopchurn_sandbox.rows(1, "user")] == ["1"]
+
+
 # --- retries -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("body", [{"statusCode": 408, "message": "Request Timeout"}, None])
+def test_408_is_retried(client: StopChurnClient, stopchurn_sandbox: SandboxServer, body: Any) -> None:
+    stopchurn_sandbox.queue_response(408, body)
+    result = client.post_updates([update("1")])
+    assert (result.status, result.attempts) == (200, 2)
+    assert stopchurn_sandbox.stats()["requests"] == 2
+    assert [r["id"] for r in stopchurn_sandbox.rows(1, "user")] == ["1"]
+
+
+def test_408_forever_is_transient(stopchurn_sandbox: SandboxServer) -> None:
+    for _ in range(3):
+        stopchurn_sandbox.queue_response(408, {"statusCode": 408, "message": "Request Timeout"})
+    with (
+        StopChurnClient(stopchurn_sandbox.url, KEY, max_retries=2, **FAST) as c,
+        pytest.raises(TransientDeliveryError) as info,
+    ):
+        c.post_updates([])
+    assert (info.value.status, info.value.attempts, info.value.permanent) == (408, 3, False)
+    assert "HTTP 408: Request Timeout" in str(info.value)
+
+
 def test_429_honours_retry_after_seconds(client: StopChurnClient, stopchurn_sandbox: SandboxServer) -> None:
     stopchurn_sandbox.queue_response(429, {"message": "Too Many Requests"}, {"Retry-After": "1"})
     start = time.monotonic()

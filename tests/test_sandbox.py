@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -309,6 +310,87 @@ def test_body_limit(stopchurn_sandbox_factory: Callable[..., SandboxServer], ses
     assert sb.stats()["rejected_requests"] == 1
 
 
+TOO_LARGE = {"statusCode": 413, "message": "Payload too large", "error": "Payload Too Large"}
+
+
+def test_fault_config_body_limit_is_exact_and_applies_nothing(
+    sandbox: SandboxServer, session: requests.Session
+) -> None:
+    body = orjson.dumps({"data": [update(1), update(2)]})
+    sandbox.set_faults(FaultConfig(max_body_bytes=len(body) - 1))
+    assert sandbox.max_body_bytes == len(body) - 1
+    r = session.post(f"{sandbox.url}/client-data/update", data=body, timeout=10)
+    assert r.status_code == 413
+    assert r.headers["Content-Type"] == "application/json"
+    assert r.json() == TOO_LARGE
+    assert sandbox.rows(1, "user") == []
+
+    sandbox.set_faults(FaultConfig(max_body_bytes=len(body)))  # a body of exactly the limit is accepted
+    assert session.post(f"{sandbox.url}/client-data/update", data=body, timeout=10).status_code == 200
+    assert [row["id"] for row in sandbox.rows(1, "user")] == [1, 2]
+
+    sandbox.set_faults(FaultConfig(max_body_bytes=10))  # the event route too, and a chunked body
+    r = session.post(f"{sandbox.url}/client-data/event", json={"data": [GOOD_EVENT]}, timeout=10)
+    assert (r.status_code, r.json()) == (413, TOO_LARGE)
+    r = session.post(f"{sandbox.url}/client-data/update", data=iter([body[:8], body[8:]]), timeout=10)
+    assert (r.status_code, r.json()) == (413, TOO_LARGE)
+    assert sandbox.events(1) == []
+
+    stats = sandbox.stats()
+    assert stats["too_large_requests"] == 3
+    assert stats["rejected_requests"] == 3
+    assert stats["accepted_requests"] == 1
+    assert stats["requests"] == 4
+    assert stats["faults"] == dict.fromkeys(stats["faults"], 0)  # a 413 is not a random fault
+
+
+def test_body_limit_takes_no_draw_and_keeps_queued_responses(
+    stopchurn_sandbox_factory: Callable[..., SandboxServer], session: requests.Session
+) -> None:
+    faults = FaultConfig(seed=4, error_rate=0.3, throttle_rate=0.3)
+    plain = stopchurn_sandbox_factory(faults=faults)
+    limited = stopchurn_sandbox_factory(faults=replace(faults, max_body_bytes=500))
+    big = [update(i, blob="x" * 100) for i in range(10)]
+    expected = [post_updates(session, plain, [update(i)]).status_code for i in range(20)]
+    assert {200, 429, 500} <= set(expected)
+    seen = []
+    with requests.Session() as s:
+        s.headers.update(AUTH)
+        for i in range(20):
+            assert post_updates(s, limited, big).status_code == 413  # interleaved, deterministic
+            seen.append(post_updates(s, limited, [update(i)]).status_code)
+        assert seen == expected
+        limited.queue_response(202, {"queued": True})
+        assert post_updates(s, limited, big).status_code == 413
+        assert post_updates(s, limited, [update(1)]).json() == {"queued": True}  # still waiting for its turn
+    assert limited.stats()["too_large_requests"] == 21
+
+
+def test_body_limit_shorthand_and_validation(
+    stopchurn_sandbox_factory: Callable[..., SandboxServer], session: requests.Session
+) -> None:
+    sb = stopchurn_sandbox_factory(max_body_bytes=1000, faults=FaultConfig(seed=3, error_rate=0.1))
+    assert sb.faults == FaultConfig(seed=3, error_rate=0.1, max_body_bytes=1000)
+    assert sb.max_body_bytes == 1000
+    assert requests.get(f"{sb.url}/_sandbox/faults", timeout=10).json()["max_body_bytes"] == 1000
+    r = requests.put(f"{sb.url}/_sandbox/faults", json={"max_body_bytes": 20}, timeout=10)
+    assert r.status_code == 200
+    assert sb.max_body_bytes == 20
+    assert post_updates(session, sb, [update(1)]).status_code == 413
+    for bad in (-1, 1.5, "100", True):
+        r = requests.put(f"{sb.url}/_sandbox/faults", json={"max_body_bytes": bad}, timeout=10)
+        assert r.status_code == 400
+        assert "max_body_bytes" in r.json()["message"]
+    assert sb.max_body_bytes == 20
+    sb.set_faults(FaultConfig())  # the limit is part of the fault configuration
+    assert sb.max_body_bytes is None
+    assert SandboxServer(max_body_bytes=5, faults=FaultConfig(max_body_bytes=5)).max_body_bytes == 5
+    with pytest.raises(ValueError):
+        SandboxServer(max_body_bytes=5, faults=FaultConfig(max_body_bytes=6))
+    with pytest.raises(ValueError):
+        SandboxServer(max_body_bytes=-1)
+
+
 def test_reject_ids(sandbox: SandboxServer, session: requests.Session) -> None:
     sandbox.reject_ids({"42"})
     r = post_updates(session, sandbox, [update(1), update(42)])
@@ -424,6 +506,43 @@ def test_error_fault_json_and_html(stopchurn_sandbox_factory: Callable[..., Sand
     assert sb.stats()["faults"]["error"] == 2
 
 
+def test_html_ok_fault_is_a_proxy_page(stopchurn_sandbox_factory: Callable[..., SandboxServer]) -> None:
+    sb = stopchurn_sandbox_factory(faults=FaultConfig(html_ok_rate=1.0), record=True)
+    r = requests.post(f"{sb.url}/client-data/update", json={"data": [update(1)]}, headers=AUTH, timeout=10)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].startswith("text/html")
+    assert r.text.startswith("<!DOCTYPE html>")
+    assert "</html>" in r.text
+    r = requests.post(f"{sb.url}/client-data/event", json={"data": [GOOD_EVENT]}, timeout=10)  # no key: a proxy
+    assert (r.status_code, r.headers["Content-Type"].split(";")[0]) == (200, "text/html")
+    assert sb.rows(1, "user") == []
+    assert sb.events(1) == []
+    assert sb.received() == []
+    stats = sb.stats()
+    assert stats["faults"]["html_ok"] == 2
+    assert (stats["requests"], stats["accepted_requests"], stats["unauthorized"]) == (2, 0, 0)
+
+
+def test_html_ok_is_one_band_of_the_draw(stopchurn_sandbox_factory: Callable[..., SandboxServer]) -> None:
+    faults = FaultConfig(seed=21, error_rate=0.2, html_ok_rate=0.3, throttle_rate=0.1)
+    runs = []
+    for sb in (stopchurn_sandbox_factory(faults=faults), stopchurn_sandbox_factory(faults=faults)):
+        kinds = []
+        with requests.Session() as s:
+            s.headers.update(AUTH)
+            for i in range(80):
+                r = post_updates(s, sb, [update(i)])
+                html = r.headers.get("Content-Type", "").startswith("text/html")
+                kinds.append("html_ok" if r.status_code == 200 and html else r.status_code)
+        runs.append(kinds)
+        counted = sb.stats()["faults"]
+        assert counted["html_ok"] == kinds.count("html_ok") > 0
+        assert counted["error"] == kinds.count(500) > 0
+        assert counted["throttle"] == kinds.count(429) > 0
+        assert len(sb.rows(1, "user")) == kinds.count(200) > 0  # only the real acknowledgements applied
+    assert runs[0] == runs[1]
+
+
 def test_drop_closes_connection_without_applying(stopchurn_sandbox_factory: Callable[..., SandboxServer]) -> None:
     sb = stopchurn_sandbox_factory(faults=FaultConfig(drop_rate=1.0))
     with socket.create_connection(("127.0.0.1", sb.port), timeout=10) as conn:
@@ -486,6 +605,36 @@ def test_fault_config_validation() -> None:
     config = FaultConfig.from_dict({"seed": 3, "throttle_rate": 0.5})
     assert config == FaultConfig(seed=3, throttle_rate=0.5)
     assert FaultConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"html_ok_rate": -0.1},
+        {"html_ok_rate": 1.5},
+        {"html_ok_rate": "0.5"},
+        {"html_ok_rate": True},
+        {"html_ok_rate": float("nan")},
+        {"html_ok_rate": 0.6, "error_rate": 0.5},  # the bands add up to more than 1
+        {"max_body_bytes": -1},
+        {"max_body_bytes": 1.5},
+        {"max_body_bytes": 100.0},
+        {"max_body_bytes": "100"},
+        {"max_body_bytes": True},
+    ],
+)
+def test_new_fault_fields_are_validated(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"html_ok_rate|max_body_bytes|add up"):
+        FaultConfig(**kwargs)
+
+
+def test_new_fault_fields_round_trip() -> None:
+    config = FaultConfig(seed=2, html_ok_rate=0.25, error_rate=0.75, max_body_bytes=0)
+    assert config.injects_faults
+    assert not FaultConfig(max_body_bytes=100).injects_faults  # a limit is not a random fault
+    assert FaultConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert FaultConfig().to_dict()["max_body_bytes"] is None
+    assert FaultConfig().to_dict()["html_ok_rate"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------- inspection API
@@ -638,7 +787,7 @@ def _read_line(stream: Any, timeout: float) -> str:
 
 def test_cli_serves_until_terminated() -> None:
     cmd = [sys.executable, "-m", "airflow_provider_stopchurn.sandbox", "--port", "0", "--token", TOKEN]
-    cmd += ["--seed", "3", "--retry-after", "2", "--record"]
+    cmd += ["--seed", "3", "--retry-after", "2", "--record", "--max-body-bytes", "100000", "--html-ok-rate", "0.0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -648,7 +797,8 @@ def test_cli_serves_until_terminated() -> None:
         r = requests.post(f"{url}/client-data/update", json={"data": [update(1)]}, headers=AUTH, timeout=10)
         assert r.status_code == 200
         assert requests.get(f"{url}/_sandbox/tables/1/user", timeout=10).json()["count"] == 1
-        assert requests.get(f"{url}/_sandbox/faults", timeout=10).json()["retry_after"] == 2
+        faults = requests.get(f"{url}/_sandbox/faults", timeout=10).json()
+        assert (faults["retry_after"], faults["max_body_bytes"], faults["html_ok_rate"]) == (2, 100000, 0.0)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert proc.stderr is not None
@@ -659,11 +809,20 @@ def test_cli_serves_until_terminated() -> None:
             proc.wait(timeout=15)
 
 
-def test_cli_rejects_bad_fault_rates() -> None:
-    cmd = [sys.executable, "-m", "airflow_provider_stopchurn.sandbox", "--port", "0", "--error-rate", "2"]
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--error-rate", "2"], "error_rate"),
+        (["--html-ok-rate", "2"], "html_ok_rate"),
+        (["--html-ok-rate", "0.6", "--error-rate", "0.6"], "add up"),
+        (["--max-body-bytes", "-1"], "max_body_bytes"),
+    ],
+)
+def test_cli_rejects_bad_fault_rates(args: list[str], field: str) -> None:
+    cmd = [sys.executable, "-m", "airflow_provider_stopchurn.sandbox", "--port", "0", *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "error_rate" in result.stderr
+    assert field in result.stderr
 
 
 @pytest.mark.parametrize(

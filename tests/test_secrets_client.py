@@ -80,7 +80,22 @@ def test_logs_are_really_captured(debug_logs: pytest.LogCaptureFixture, sandbox:
 
 @pytest.mark.parametrize(
     "scenario",
-    ["success", "401", "400", "400-html", "5xx-forever", "429", "dropped", "timeout", "refused", "check-key"],
+    [
+        "success",
+        "401",
+        "400",
+        "400-html",
+        "5xx-forever",
+        "429",
+        "408",
+        "413",
+        "200-html",
+        "200-echo",
+        "dropped",
+        "timeout",
+        "refused",
+        "check-key",
+    ],
 )
 def test_client_paths_never_leak_the_key(
     debug_logs: pytest.LogCaptureFixture, sandbox: SandboxServer, scenario: str
@@ -95,6 +110,16 @@ def test_client_paths_never_leak_the_key(
         sandbox.set_faults(FaultConfig(seed=0, error_rate=1.0, html_errors=True))
     elif scenario == "429":
         sandbox.set_faults(FaultConfig(seed=0, throttle_rate=1.0, retry_after=0.01))
+    elif scenario == "408":
+        for _ in range(3):
+            sandbox.queue_response(408, {"statusCode": 408, "message": "Request Timeout"})
+    elif scenario == "413":
+        sandbox.set_faults(FaultConfig(seed=0, max_body_bytes=10))
+    elif scenario == "200-html":
+        sandbox.set_faults(FaultConfig(seed=0, html_ok_rate=1.0))
+    elif scenario == "200-echo":  # a base URL pointing at a service that echoes the request, headers included
+        for _ in range(4):  # 3 attempts, then check_api_key below
+            sandbox.queue_response(200, f"<pre>Authorization: Bearer {LEAK}</pre>")
     elif scenario == "dropped":
         sandbox.set_faults(FaultConfig(seed=0, drop_rate=1.0))
     elif scenario == "timeout":
@@ -114,7 +139,7 @@ def test_client_paths_never_leak_the_key(
         exc = _run(lambda: client.post_updates([{"type": "insert", "data": row}]))
         assert (exc is None) == (scenario == "success")
     assert_no_leak(debug_logs, client, exc=exc)
-    if scenario in ("401", "5xx-forever", "dropped"):
+    if scenario in ("401", "5xx-forever", "dropped", "200-html", "200-echo"):
         ok, message = client.check_api_key()
         assert not ok and LEAK not in message
     client.close()

@@ -1,7 +1,8 @@
 """A local server that behaves like StopChurn's documented API.
 
 Use it to run the demo, to test DAGs and this provider without the real service, and to rehearse failures
-(500s, 429s, dropped connections, lost acknowledgements) deterministically::
+(500s, 429s, dropped connections, lost acknowledgements, a proxy's 200 HTML pages, 413s above a body size
+limit) deterministically::
 
     from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 

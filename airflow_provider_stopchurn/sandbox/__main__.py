@@ -29,7 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8765, help="port to bind, 0 for any free port (default: 8765)")
     parser.add_argument("--token", default="demo-key", help="API key clients must send (default: demo-key)")
     parser.add_argument("--record", action="store_true", help="record applied updates (GET /_sandbox/received)")
-    parser.add_argument("--max-body-bytes", type=int, default=None, help="answer 413 above this body size")
     faults = parser.add_argument_group("fault injection (shares of API requests, 0..1)")
     faults.add_argument("--seed", type=int, default=0, help="seed of the fault sequence")
     faults.add_argument("--error-rate", type=float, default=0.0, help="answered 500, nothing applied")
@@ -43,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--slow-seconds", type=float, default=2.0, help="delay of a slow request")
     faults.add_argument("--latency", type=float, default=0.0, help="seconds added to every API request")
     faults.add_argument("--html-errors", action="store_true", help="send injected 500s as HTML pages")
+    faults.add_argument(
+        "--html-ok-rate", type=float, default=0.0, help="answered 200 with an HTML page (a proxy), nothing applied"
+    )
+    faults.add_argument(
+        "--max-body-bytes", type=int, default=None, help="answer 413 to larger request bodies, nothing applied"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request to stderr")
     return parser
 
@@ -72,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             slow_seconds=args.slow_seconds,
             latency=args.latency,
             html_errors=args.html_errors,
+            html_ok_rate=args.html_ok_rate,
+            max_body_bytes=args.max_body_bytes,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -88,7 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=args.port,
         faults=faults,
         record=args.record,
-        max_body_bytes=args.max_body_bytes,
         freeze_gc=True,  # this process runs only the sandbox
     )
     try:

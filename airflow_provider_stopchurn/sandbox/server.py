@@ -3,7 +3,8 @@
 The sandbox implements the two documented routes, ``POST /client-data/update`` and
 ``POST /client-data/event``, validates every request strictly against the published contract, keeps the
 resulting table state in memory, and can inject faults (500s, 429s with ``Retry-After``, dropped
-connections, lost acknowledgements, slow responses) in a deterministic, seeded order.
+connections, lost acknowledgements, slow responses, 200s with an HTML page as a proxy would send) in a
+deterministic, seeded order, and answer ``413`` to bodies above a size limit.
 
 A separate inspection API under ``/_sandbox/`` (not part of StopChurn, no authentication) exposes the state
 over HTTP for tools that run out of process:
@@ -33,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -58,13 +59,19 @@ _UPDATE_TYPES = ("insert", "update", "delete")
 _UPDATE_KEYS = frozenset({"type", "data"})
 _RECORD_KEYS = frozenset({"brandId", "tableName", "data", "createdAt", "updatedAt"})
 _EVENT_KEYS = frozenset({"brandId", "userId", "name", "value"})
-_FAULT_KINDS = ("error", "throttle", "drop", "drop_after_apply", "slow")
+_FAULT_KINDS = ("error", "throttle", "drop", "drop_after_apply", "slow", "html_ok")
 _DRAIN_LIMIT = 64 * 1024 * 1024
 _MISSING: Any = object()
 
 _HTML_ERROR_PAGE = (
     b"<!DOCTYPE html>\n<html><head><title>500 Internal Server Error</title></head>\n"
     b"<body><h1>500 Internal Server Error</h1><p>The server encountered an internal error.</p>"
+    b"</body></html>\n"
+)
+#: What a captive portal, a proxy or a web site at the wrong base URL answers: 200 and a page, not JSON.
+_HTML_OK_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>Welcome</title></head>\n"
+    b"<body><h1>Welcome</h1><p>This page is served by a proxy, not by the API you asked for.</p>"
     b"</body></html>\n"
 )
 
@@ -90,6 +97,12 @@ class FaultConfig:
         slow_seconds: the delay of a slow request.
         latency: seconds added to every API request (simulates a real network).
         html_errors: send injected 500s as an HTML page instead of JSON.
+        html_ok_rate: answered ``200`` with ``Content-Type: text/html`` and an HTML page, as a proxy or a web
+            site at the wrong base URL would (no authentication check); nothing applied.
+        max_body_bytes: a request body larger than this many bytes is answered ``413`` with
+            ``{"statusCode": 413, "message": "Payload too large", "error": "Payload Too Large"}``; nothing
+            applied. Deterministic, not a rate: it is checked when the body is read, before queued responses
+            and faults, and takes no random draw. ``None`` (the default) means no limit.
     """
 
     seed: int = 0
@@ -102,13 +115,19 @@ class FaultConfig:
     slow_seconds: float = 2.0
     latency: float = 0.0
     html_errors: bool = False
+    html_ok_rate: float = 0.0
+    max_body_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if type(self.seed) is not int:
             raise ValueError(f"FaultConfig.seed must be an integer, got {self.seed!r}")
         if type(self.html_errors) is not bool:
             raise ValueError(f"FaultConfig.html_errors must be a boolean, got {self.html_errors!r}")
-        for name in ("error_rate", "throttle_rate", "drop_rate", "drop_after_apply_rate", "slow_rate"):
+        if self.max_body_bytes is not None and (type(self.max_body_bytes) is not int or self.max_body_bytes < 0):
+            raise ValueError(
+                f"FaultConfig.max_body_bytes must be None or a non-negative integer, got {self.max_body_bytes!r}"
+            )
+        for name in ("error_rate", "throttle_rate", "drop_rate", "drop_after_apply_rate", "slow_rate", "html_ok_rate"):
             value = getattr(self, name)
             if not _is_real(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"FaultConfig.{name} must be a number between 0 and 1, got {value!r}")
@@ -126,11 +145,12 @@ class FaultConfig:
             ("drop", self.drop_rate),
             ("drop_after_apply", self.drop_after_apply_rate),
             ("slow", self.slow_rate),
+            ("html_ok", self.html_ok_rate),
         )
 
     @property
     def injects_faults(self) -> bool:
-        """Whether any fault rate is above zero."""
+        """Whether any fault rate is above zero (``max_body_bytes`` is not a rate and does not count)."""
         return any(rate > 0.0 for _, rate in self._bands())
 
     @property
@@ -189,8 +209,15 @@ def _json_response(status: int, payload: Any, headers: tuple[tuple[str, str], ..
     return _Response(status, orjson.dumps(payload), "application/json", headers)
 
 
-def _error_response(status: int, message: str) -> _Response:
-    return _json_response(status, {"statusCode": status, "message": message, "error": HTTPStatus(status).phrase})
+def _error_response(status: int, message: str, error: str | None = None) -> _Response:
+    """An error answer in the shape of StopChurn's documented ones: ``{"statusCode", "message", "error"}``."""
+    if error is None:
+        error = HTTPStatus(status).phrase
+    return _json_response(status, {"statusCode": status, "message": message, "error": error})
+
+
+#: The answer to a body above ``FaultConfig.max_body_bytes``.
+_TOO_LARGE = _error_response(413, "Payload too large", "Payload Too Large")
 
 
 def _describe(value: Any) -> str:
@@ -299,6 +326,7 @@ class _Counters:
     accepted_requests: int = 0
     rejected_requests: int = 0
     unauthorized: int = 0
+    too_large_requests: int = 0
     insert: int = 0
     update: int = 0
     delete: int = 0
@@ -320,7 +348,10 @@ class SandboxServer:
         port: port to bind; ``0`` picks a free port, known (in :attr:`url`) once started.
         faults: the :class:`FaultConfig` to inject; none by default.
         record: keep the ordered list of applied updates returned by :meth:`received`.
-        max_body_bytes: answer ``413`` to API request bodies larger than this; unlimited by default.
+        max_body_bytes: answer ``413`` to API request bodies larger than this; unlimited by default. A shorthand
+            for ``FaultConfig(max_body_bytes=...)``: the limit is part of the fault configuration, so
+            :meth:`set_faults` and ``PUT /_sandbox/faults`` replace it. Giving both with different values is an
+            error.
         freeze_gc: after each applied batch, move every object of the process out of the cyclic garbage
             collector's reach (``gc.freeze()``). With a million rows held, the collector's passes cost more than
             the requests (measured: sandbox CPU halved on a 500k-row load). Meant for a process that runs only
@@ -340,18 +371,25 @@ class SandboxServer:
     ) -> None:
         if not isinstance(token, str) or not token:
             raise ValueError("token must be a non-empty string")
-        if max_body_bytes is not None and max_body_bytes < 0:
-            raise ValueError("max_body_bytes must be non-negative")
+        if faults is None:
+            faults = FaultConfig()
+        elif not isinstance(faults, FaultConfig):
+            raise TypeError("faults must be a FaultConfig")
+        if max_body_bytes is not None:
+            if faults.max_body_bytes not in (None, max_body_bytes):
+                raise ValueError(
+                    f"max_body_bytes={max_body_bytes!r} contradicts faults.max_body_bytes={faults.max_body_bytes!r}"
+                )
+            faults = replace(faults, max_body_bytes=max_body_bytes)  # validated by FaultConfig
         self.token = token
         self.host = host
         self.record = record
-        self.max_body_bytes = max_body_bytes
         self.freeze_gc = freeze_gc
         self._auth_header = f"Bearer {token}".encode()
         self._port = port
         self._lock = threading.Lock()
         self._lifecycle_lock = threading.Lock()
-        self._faults = faults if faults is not None else FaultConfig()
+        self._faults = faults
         self._rng = random.Random(self._faults.seed)
         self._tables: dict[tuple[int, str], dict[tuple[str, Any], dict[str, Any]]] = {}
         self._events: dict[int, list[dict[str, Any]]] = {}
@@ -440,6 +478,11 @@ class SandboxServer:
     def faults(self) -> FaultConfig:
         """The fault configuration in force."""
         return self._faults
+
+    @property
+    def max_body_bytes(self) -> int | None:
+        """The body size limit in force (``faults.max_body_bytes``); ``None`` means no limit."""
+        return self._faults.max_body_bytes
 
     def set_faults(self, faults: FaultConfig) -> None:
         """Replace the fault configuration; its random sequence starts afresh from its seed."""
@@ -539,7 +582,13 @@ class SandboxServer:
             return list(self._received)
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start or the last reset (StopChurn API routes only)."""
+        """Counters since start or the last reset (StopChurn API routes only).
+
+        ``rejected_requests`` counts every request refused without being applied for its content: 400s, bodies
+        that could not be read, and 413s; ``too_large_requests`` counts the 413s alone. ``faults`` counts the
+        injected faults by kind (``error``, ``throttle``, ``drop``, ``drop_after_apply``, ``slow``,
+        ``html_ok``).
+        """
         with self._lock:
             c = self._counters
             return {
@@ -547,6 +596,7 @@ class SandboxServer:
                 "accepted_requests": c.accepted_requests,
                 "rejected_requests": c.rejected_requests,
                 "unauthorized": c.unauthorized,
+                "too_large_requests": c.too_large_requests,
                 "updates": {"insert": c.insert, "update": c.update, "delete": c.delete},
                 "events": c.events,
                 "faults": dict(c.faults),
@@ -554,11 +604,13 @@ class SandboxServer:
 
     # ------------------------------------------------------------------------------- request processing
 
-    def _count_refused(self) -> None:
-        """Count an API request refused before processing (bad framing or too large)."""
+    def _count_refused(self, status: int) -> None:
+        """Count an API request refused before processing: bad framing, or too large when ``status`` is 413."""
         with self._lock:
             self._counters.requests += 1
             self._counters.rejected_requests += 1
+            if status == 413:
+                self._counters.too_large_requests += 1
 
     def _process_api(self, route: str, authorization: str | None, body: bytes) -> _Response:
         """Answer one StopChurn API request: scripted response, then faults, then the real work."""
@@ -593,6 +645,8 @@ class SandboxServer:
             )
         elif fault == "drop":
             return _DROP
+        elif fault == "html_ok":
+            return _Response(200, _HTML_OK_PAGE, "text/html; charset=utf-8")
         response = self._process_valid(route, authorization, body)
         return _DROP if fault == "drop_after_apply" else response
 
@@ -749,6 +803,8 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
 
     _API_ROUTES: ClassVar[frozenset[str]] = frozenset({UPDATE_ROUTE, EVENT_ROUTE})
+    _api_request = False  # the request being read is a StopChurn API request (counted in stats)
+    _refused = False  # _refuse answered the request being read
 
     def log_message(self, format: str, *args: Any) -> None:
         _log.debug("StopChurn sandbox %s: " + format, self.address_string(), *args)
@@ -771,10 +827,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         sandbox = self.server.sandbox
         path = self.path.split("?", 1)[0]
+        self._api_request, self._refused = path in self._API_ROUTES, False
         if path in self._API_ROUTES:
             body = self._read_body(sandbox.max_body_bytes)
             if body is None:
-                sandbox._count_refused()
+                if not self._refused:  # the client went away in the middle of its body
+                    sandbox._count_refused(0)
                 return
             if method != "POST":
                 response = _error_response(404, f"Cannot {method} {path}")
@@ -796,7 +854,7 @@ class _Handler(BaseHTTPRequestHandler):
         encoding = (self.headers.get("Transfer-Encoding") or "").strip().lower()
         if encoding and encoding != "identity":
             if encoding != "chunked":
-                self._refuse(501, f"Transfer-Encoding {encoding} is not supported")
+                self._refuse(_error_response(501, f"Transfer-Encoding {encoding} is not supported"))
                 return None
             return self._read_chunked(limit)
         length_header = self.headers.get("Content-Length")
@@ -807,10 +865,10 @@ class _Handler(BaseHTTPRequestHandler):
             if length < 0:
                 raise ValueError
         except ValueError:
-            self._refuse(400, "invalid Content-Length")
+            self._refuse(_error_response(400, "invalid Content-Length"))
             return None
         if limit is not None and length > limit:
-            self._refuse(413, f"request body of {length} bytes exceeds the limit of {limit} bytes", length)
+            self._refuse(_TOO_LARGE, length)
             return None
         body = self.rfile.read(length)
         if len(body) < length:
@@ -826,7 +884,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 size = int(line.split(b";", 1)[0].strip(), 16)
             except ValueError:
-                self._refuse(400, "malformed chunked body")
+                self._refuse(_error_response(400, "malformed chunked body"))
                 return None
             if size == 0:
                 while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
@@ -834,7 +892,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return b"".join(parts)
             total += size
             if limit is not None and total > limit:
-                self._refuse(413, f"request body exceeds the limit of {limit} bytes")
+                self._refuse(_TOO_LARGE)
                 return None
             chunk = self.rfile.read(size)
             if len(chunk) < size:
@@ -843,8 +901,11 @@ class _Handler(BaseHTTPRequestHandler):
             parts.append(chunk)
             self.rfile.readline(3)
 
-    def _refuse(self, status: int, message: str, drain: int = 0) -> None:
+    def _refuse(self, response: _Response, drain: int = 0) -> None:
         """Answer a request whose body could not be read, then close the connection."""
+        self._refused = True
+        if self._api_request:  # counted before answering, so that a client sees the count with the answer
+            self.server.sandbox._count_refused(response.status)
         if 0 < drain <= _DRAIN_LIMIT:  # read the body first so that the client sees the answer
             while drain > 0:
                 chunk = self.rfile.read(min(drain, 1 << 20))
@@ -852,8 +913,8 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 drain -= len(chunk)
         self.close_connection = True
-        self.log_request(status)
-        self._send(_error_response(status, message))
+        self.log_request(response.status)
+        self._send(response)
 
     def _send(self, response: _Response) -> None:
         if response.status == 0:
