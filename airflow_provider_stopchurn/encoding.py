@@ -24,14 +24,26 @@ string     String       JSON string (also UUIDs, ``datetime.time`` and durations
 timestamp  Int64        epoch milliseconds, UTC (naive values are taken as UTC)
 date       Int64        epoch milliseconds of UTC midnight
 decimal    String       exact canonical decimal text, encoded as a raw JSON number
-json       String       canonical JSON text (sorted keys), encoded raw (nested JSON)
+json       String       canonical JSON text (sorted keys), encoded raw: dicts, lists, numpy arrays, Arrow lists/structs
 null       String       a column without values or type information; always ``null``
 ========== ============ ==========================================================================
 
-The ``id`` column: StopChurn requires every row to carry ``id``. When the source has no ``id`` column,
-:func:`canonicalize` adds one as the last column: a copy of the key column for a single key, or, for a composite
-key, a string made of the key parts' canonical texts joined with ``":"`` (timestamps and dates as their epoch
-milliseconds), e.g. key ``("brand", 42)`` -> ``"brand:42"``.
+The ``id`` column: StopChurn requires every row to carry ``id`` and keys rows by it, so the ``id`` sent must be
+present and unique over the whole table. When the source has no ``id`` column, :func:`canonicalize` adds one as the
+last column: a copy of the key column for a single key, or, for a composite key, a string made of the key parts'
+canonical texts (timestamps and dates as their epoch milliseconds) joined with ``":"``, where a ``\\`` in a part is
+written ``\\\\`` and a ``":"`` is written ``\\:`` (so the id tells the parts apart, and parts holding neither
+character are joined as they are): key ``("brand", 42)`` -> ``"brand:42"``, ``("x:y", "z")`` -> ``"x\\:y:z"``,
+``("x", "y:z")`` -> ``"x:y\\:z"``. When the source has an ``id`` column that is not the whole key (key
+``("tenant", "id")``, or a key ``user_key`` beside an ``id``), that column is sent as it is and must hold strings or
+numbers (no booleans, no fractions, no nulls), each value once.
+
+JSON numbers: a decimal is sent as an exact number only when it is finite and its magnitude is at most
+``1.7976931348623157e308`` (the largest double: parsers that read JSON numbers as doubles, JavaScript's among
+them, turn anything larger into Infinity); anything else is refused, except that ``decimal_as_string=True`` sends
+a decimal column's large values as their exact text (and NaN/Infinity as ``null``, as ever). Decimals inside JSON
+values are always numbers. JSON object keys: dict keys that are not strings are written as text (``1`` -> ``"1"``,
+``True`` -> ``"true"``); a dict with two keys written alike is refused.
 """
 
 from __future__ import annotations
@@ -79,13 +91,21 @@ _BODY_OVERHEAD = len(_BODY_HEAD) + len(_BODY_TAIL)
 _UPDATE_TYPES = ("insert", "update", "delete")
 _BYTES_TYPES = (bytes, bytearray, memoryview)
 _JSON_SCALARS = (str, int, float, bool, np.generic)
-_JSON_CONTAINERS = (dict, list, tuple)
+_JSON_CONTAINERS = (dict, list, tuple, np.ndarray)
 _JSON_CONVERTIBLE = (_dt.datetime, _dt.date, _dt.time, _dt.timedelta, _decimal.Decimal, _uuid.UUID)
 _SECONDS_PER_UNIT = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _MS_PER_DAY = 86_400_000
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 #: Decimal exponents beyond this are written in canonical scientific notation instead of plain digits.
 _MAX_PLAIN_EXPONENT = 60
+#: The largest magnitude a decimal may have to be sent as a JSON number: the largest double. Parsers that read
+#: JSON numbers as doubles (JavaScript's among them) turn anything larger into Infinity.
+_MAX_JSON_NUMBER_TEXT = "1.7976931348623157e308"
+_MAX_JSON_NUMBER = _decimal.Decimal(_MAX_JSON_NUMBER_TEXT)
+#: The same bound as its significant digits and the power of ten of its leading digit (for the vectorised check).
+_MAX_JSON_DIGITS, _MAX_JSON_ORDER = "17976931348623157", 308
+#: Composite ids: the separator of the key parts, and the escape character written before one inside a part.
+_ID_SEPARATOR, _ID_ESCAPE = ":", "\\"
 
 
 @dataclass(frozen=True)
@@ -148,17 +168,84 @@ def canonicalize(df: pd.DataFrame, *, key_columns: Sequence[str], decimal_as_str
             frame = frame.with_columns(pl.col(keys[0]).alias("id"))
             kinds["id"] = kinds[keys[0]]
         else:
-            frame = frame.with_columns(
-                pl.concat_str([pl.col(k).cast(pl.String) for k in keys], separator=":").alias("id")
-            )
+            frame = frame.with_columns(_composite_id(keys, kinds).alias("id"))
             kinds["id"] = "string"
+    elif keys != ("id",):  # the key checks cover an id that is the whole key
+        _check_id(frame, kinds["id"], keys)
     return Canonical(frame=frame, kinds=kinds, key_columns=keys)
 
 
+def _composite_id(keys: Sequence[str], kinds: Mapping[str, str]) -> pl.Expr:
+    """The id of a composite key: the parts' canonical texts joined with ``:``, ``\\`` and ``:`` escaped in parts.
+
+    ``("a", 1)`` -> ``a:1`` (as ever, for parts holding neither character); ``("x:y", "z")`` -> ``x\\:y:z``;
+    ``("x", "y:z")`` -> ``x:y\\:z``; ``("a\\", "b")`` -> ``a\\\\:b``. Escaping the escape character first makes
+    the id tell the parts apart, so distinct keys have distinct ids.
+    """
+    parts = []
+    for key in keys:
+        text = pl.col(key).cast(pl.String)
+        if kinds[key] in ("string", "null"):  # numbers and epoch milliseconds hold neither character
+            text = text.str.replace_all(_ID_ESCAPE, _ID_ESCAPE * 2, literal=True).str.replace_all(
+                _ID_SEPARATOR, _ID_ESCAPE + _ID_SEPARATOR, literal=True
+            )
+        parts.append(text)
+    return pl.concat_str(parts, separator=_ID_SEPARATOR)
+
+
+def _check_id(frame: pl.DataFrame, kind: str, keys: tuple[str, ...]) -> None:
+    """The source's own ``id`` column (not the whole key) is what StopChurn keys rows by: check it over the table."""
+    if frame.height == 0:
+        return
+    ids = frame.get_column("id")
+    remedy = (
+        f"StopChurn keys rows by 'id', so the column 'id' is what identifies a row there, not the key "
+        f"{', '.join(map(repr, keys))}. Drop or rename the source's 'id' column (an id is then derived from the key), "
+        "or make 'id' the key."
+    )
+    if kind == "bool":
+        raise SourceDataError(f"Column 'id' holds booleans; StopChurn ids are strings or numbers. {remedy}")
+    if kind == "json":
+        raise SourceDataError(
+            "Column 'id' holds JSON values or mixes value types (e.g. 1 and '1'); StopChurn ids are strings or "
+            f"numbers, one type per table. {remedy}"
+        )
+    missing = ids.is_null()
+    if missing.any():
+        count = int(missing.sum())
+        keyed = frame.filter(missing).select(keys).head(_MAX_LISTED).rows()
+        shown = [row[0] if len(keys) == 1 else row for row in keyed]
+        raise SourceDataError(
+            f"Column 'id' has {count} missing value(s) (null/NaN/inf), in the row(s) with key "
+            f"{_examples(shown, count)}; every row sent needs an id. {remedy}"
+        )
+    if kind in ("float", "decimal"):
+        if kind == "float":
+            fractional = ids != ids.floor()
+        else:  # canonical decimal text: a point, or a negative exponent, means a fraction
+            fractional = ids.str.contains(".", literal=True) | ids.str.contains("E-", literal=True)
+        if fractional.any():
+            bad = ids.filter(fractional).unique(maintain_order=True)
+            raise SourceDataError(
+                f"Column 'id' has non-integral value(s) {_examples(bad.head(_MAX_LISTED).to_list(), bad.len())}; "
+                f"numeric ids must be whole numbers. {remedy}"
+            )
+    if ids.n_unique() != frame.height:
+        dups = ids.filter(ids.is_duplicated()).unique(maintain_order=True)
+        raise SourceDataError(
+            f"Column 'id' has duplicate value(s) {_examples(dups.head(_MAX_LISTED).to_list(), dups.len())}: rows "
+            f"with the same id would collapse into one row at StopChurn. {remedy}"
+        )
+
+
 def _listed(values: Sequence[Any]) -> str:
-    shown = ", ".join(repr(v) for v in list(values)[:_MAX_LISTED])
-    more = len(values) - _MAX_LISTED
-    return shown + (f" (and {more} more)" if more > 0 else "")
+    return _examples(list(values)[:_MAX_LISTED], len(values))
+
+
+def _examples(shown: Sequence[Any], total: int) -> str:
+    """The first values of ``total`` (``shown``, at most ``_MAX_LISTED``), and how many more there are."""
+    more = total - len(shown)
+    return ", ".join(repr(v) for v in shown) + (f" (and {more} more)" if more > 0 else "")
 
 
 def _check_key_values(name: str, col: pd.Series, index: pd.Index) -> None:
@@ -171,18 +258,27 @@ def _check_key_values(name: str, col: pd.Series, index: pd.Index) -> None:
             f"{_listed(rows)}; every key must be present."
         )
     if pd.api.types.is_float_dtype(col.dtype):
-        raw = col.to_numpy(dtype="float64", na_value=np.nan)
-        inf_mask = np.isinf(raw)
-        if inf_mask.any():
-            raise SourceDataError(
-                f"Key column {name!r} has infinite value(s) at row(s) {_listed(list(index[inf_mask]))}."
-            )
-        frac_mask = raw != np.floor(raw)
-        if frac_mask.any():
-            raise SourceDataError(
-                f"Key column {name!r} is a float column with non-integral value(s) "
-                f"{_listed(raw[frac_mask].tolist())}; float keys must be whole numbers."
-            )
+        _check_float_key(name, col.to_numpy(dtype="float64", na_value=np.nan), index)
+    elif pd.api.types.is_object_dtype(col.dtype) and pd.api.types.infer_dtype(col, skipna=False) in (
+        "floating",
+        "mixed-integer-float",
+    ):  # Python floats (with ints), which become a float column: the same checks, before the cast to integers
+        _check_float_key(name, np.asarray(col.to_numpy(dtype=object), dtype="float64"), index)
+
+
+def _check_float_key(name: str, raw: np.ndarray, index: pd.Index) -> None:
+    """A float key column (nulls refused already) must hold finite whole numbers."""
+    inf_mask = np.isinf(raw)
+    if inf_mask.any():
+        raise SourceDataError(
+            f"Key column {name!r} has infinite (non-finite) value(s) at row(s) {_listed(list(index[inf_mask]))}."
+        )
+    frac_mask = raw != np.floor(raw)
+    if frac_mask.any():
+        raise SourceDataError(
+            f"Key column {name!r} is a float column with non-integral value(s) "
+            f"{_listed(raw[frac_mask].tolist())}; float keys must be whole numbers."
+        )
 
 
 def _as_key(name: str, s: pl.Series, kind: str) -> tuple[pl.Series, str]:
@@ -195,8 +291,8 @@ def _as_key(name: str, s: pl.Series, kind: str) -> tuple[pl.Series, str]:
         return s.cast(pl.Int64), "int"
     if kind == "json":
         raise SourceDataError(
-            f"Key column {name!r} mixes value types (e.g. 1 and '1'); a key column must hold one type. "
-            "Cast it in the source (e.g. CAST(... AS TEXT))."
+            f"Key column {name!r} mixes value types (e.g. 1 and '1') or holds JSON values (lists, objects); a key "
+            "column must hold integers or strings of one type. Cast it in the source (e.g. CAST(... AS TEXT))."
         )
     if kind == "null" and s.len() == 0:
         return s, kind  # an empty source: no values to type the key by; compatible with any key kind
@@ -342,6 +438,34 @@ def _decimal_text(text: pl.Series) -> pl.Series:
     Canonical: no exponent, no trailing fractional zeros, no leading zeros, ``0`` for zero; beyond
     ``_MAX_PLAIN_EXPONENT`` the form ``<digits>E<exp>`` (digits without trailing zeros).
     """
+    return _decimal_canonical(text).get_column("t")
+
+
+def _decimal_column(name: str, text: pl.Series, *, decimal_as_string: bool) -> tuple[pl.Series, str]:
+    """Decimal text (null for missing values; ``NaN``/``Infinity`` as such) -> (canonical Series, kind).
+
+    As numbers, decimals must be finite and within +/- ``_MAX_JSON_NUMBER``; as strings (``decimal_as_string``)
+    large ones are their exact text and NaN/Infinity are null.
+    """
+    canon = _decimal_canonical(text)
+    canonical = canon.get_column("t")
+    if decimal_as_string:
+        return canonical, "string"
+    unsendable = (text.is_not_null() & canonical.is_null()) | canon.get_column("big")
+    if unsendable.any():
+        bad = text.filter(unsendable).unique(maintain_order=True)
+        raise SourceDataError(
+            f"Column {name!r} holds decimal value(s) that a JSON number cannot carry: "
+            f"{_examples(bad.head(_MAX_LISTED).to_list(), bad.len())}. Decimals are sent as exact JSON numbers, "
+            f"which must be finite and within +/-{_MAX_JSON_NUMBER_TEXT} (the largest double; parsers such as "
+            "JavaScript's read larger numbers as Infinity). Convert or drop them in the source, or set "
+            "decimal_as_string=True to send decimals as strings."
+        )
+    return canonical, "decimal"
+
+
+def _decimal_canonical(text: pl.Series) -> pl.DataFrame:
+    """:func:`_decimal_text` as column ``t``, and whether the value is beyond +/- ``_MAX_JSON_NUMBER`` as ``big``."""
     pattern = r"^([+-]?)(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?$"
     frame = pl.DataFrame([text.alias("t")]).select(
         pl.col("t").str.extract_groups(pattern).alias("g"), pl.col("t").str.contains(pattern).alias("ok")
@@ -370,15 +494,19 @@ def _decimal_text(text: pl.Series) -> pl.Series:
     scientific = digits + "E" + exp10.cast(pl.String)
     body = pl.when(exp10.abs() > _MAX_PLAIN_EXPONENT).then(scientific).otherwise(magnitude)
     valid = pl.col("ok").fill_null(False) & (int_part + frac_part).str.contains(r"\d")
-    out = frame.select(
+    order = point - 1  # the power of ten of the leading digit
+    big = (digits != "") & (
+        (order > _MAX_JSON_ORDER) | ((order == _MAX_JSON_ORDER) & (digits > pl.lit(_MAX_JSON_DIGITS)))
+    )
+    return frame.select(
         pl.when(~valid)
         .then(None)
         .when(digits == "")
         .then(pl.lit("0"))
         .otherwise(pl.when(sign == "-").then(pl.lit("-")).otherwise(pl.lit("")) + body)
-        .alias("t")
-    ).to_series()
-    return out
+        .alias("t"),
+        (valid & big).fill_null(False).alias("big"),
+    )
 
 
 def _convert_arrow(name: str, arr: pa.Array | pa.ChunkedArray, *, decimal_as_string: bool) -> tuple[pl.Series, str]:
@@ -399,11 +527,36 @@ def _convert_arrow(name: str, arr: pa.Array | pa.ChunkedArray, *, decimal_as_str
         days = _from_arrow(arr.cast(pa.date32()).cast(pa.int32())).cast(pl.Int64)
         return days * _MS_PER_DAY, "date"
     if pa.types.is_decimal(t):
-        return _decimal_text(_from_arrow(arr.cast(pa.large_string()))), ("string" if decimal_as_string else "decimal")
+        return _decimal_column(name, _from_arrow(arr.cast(pa.large_string())), decimal_as_string=decimal_as_string)
     if pa.types.is_null(t):
         return pl.Series(values=[None] * len(arr), dtype=pl.String), "null"
+    if _is_arrow_container(t):
+        # the values as Python lists/dicts, dumped like an object column's: one canonical form whichever way a
+        # value arrives (a list cell, a numpy array cell or an Arrow list of the same numbers give the same JSON)
+        try:
+            pylist = arr.to_pylist(maps_as_pydicts="strict")
+        except KeyError as exc:  # a map holding a key twice
+            raise SourceDataError(
+                f"Column {name!r} holds a map with a repeated key, which a JSON object cannot hold: {exc}"
+            ) from exc
+        values = np.fromiter(pylist, dtype=object, count=len(arr))
+        null_mask = arr.is_null().to_numpy(zero_copy_only=False)
+        return _json_series(name, values, np.asarray(null_mask, dtype=bool)), "json"
     raise SourceDataError(
         f"Column {name!r} has unsupported Arrow type {t}; cast it in the source (e.g. CAST(... AS TEXT))."
+    )
+
+
+def _is_arrow_container(t: pa.DataType) -> bool:
+    """Arrow lists (of any layout), structs and maps: JSON arrays and objects."""
+    return bool(
+        pa.types.is_list(t)
+        or pa.types.is_large_list(t)
+        or pa.types.is_fixed_size_list(t)
+        or pa.types.is_list_view(t)
+        or pa.types.is_large_list_view(t)
+        or pa.types.is_struct(t)
+        or pa.types.is_map(t)
     )
 
 
@@ -435,8 +588,13 @@ def _convert_object(name: str, col: pd.Series, *, decimal_as_string: bool) -> tu
     if inferred == "timedelta":
         return _duration_series(pd.Series(pd.to_timedelta(col))), "string"
     if inferred == "decimal":
-        text = _text_of(values, np.asarray(col.isna(), dtype=bool))
-        return _decimal_text(text), "string" if decimal_as_string else "decimal"
+        missing = np.asarray(col.isna(), dtype=bool)
+        text = _text_of(values, missing)
+        if missing.any():  # pandas counts Decimal("NaN") as missing: keep its text ("NaN"), to refuse it as a number
+            where = np.flatnonzero(missing)
+            nan_text = [str(v) if isinstance(v, _decimal.Decimal) else None for v in values[where]]
+            text = text.scatter(where, pl.Series(nan_text, dtype=pl.String))
+        return _decimal_column(name, text, decimal_as_string=decimal_as_string)
     if inferred == "bytes":
         _raise_bytes(name)
     return _convert_mixed(name, values)
@@ -478,6 +636,10 @@ def _convert_mixed(name: str, values: np.ndarray) -> tuple[pl.Series, str]:
     return _json_series(name, values, mask), "json"
 
 
+class _UnsendableError(ValueError):
+    """A value inside a JSON value that cannot be sent; the message completes "Column 'x' holds ..."."""
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, _dt.datetime):
         if value.tzinfo is None:
@@ -490,9 +652,15 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, _dt.timedelta):
         return _duration_series(pd.Series([value], dtype="timedelta64[us]")).item()
     if isinstance(value, _decimal.Decimal):
-        if not value.is_finite():
-            return None
+        if not value.is_finite() or abs(value) > _MAX_JSON_NUMBER:
+            raise _UnsendableError(
+                f"a decimal {str(value)!r} inside a JSON value, which a JSON number cannot carry: decimals inside "
+                f"JSON values are sent as numbers, which must be finite and within +/-{_MAX_JSON_NUMBER_TEXT} "
+                "(the largest double)"
+            )
         return orjson.Fragment(_decimal_text(pl.Series([str(value)])).item())
+    if isinstance(value, np.ndarray):  # the arrays orjson does not write itself (object dtype, non-contiguous, ...)
+        return list(value) if value.dtype.kind in "mM" else value.tolist()
     if isinstance(value, _uuid.UUID):
         return str(value)
     if isinstance(value, set | frozenset):
@@ -502,19 +670,23 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"unsupported type {type(value).__qualname__}")
 
 
+#: Dict keys must be strings; a dump with :data:`_JSON_OPTIONS_ANY_KEYS` also writes other keys as text (``1`` ->
+#: ``"1"``, ``True`` -> ``"true"``), and the keys are sorted as text (the same order for string keys).
 _JSON_OPTIONS = (
     orjson.OPT_SORT_KEYS
-    | orjson.OPT_NON_STR_KEYS
     | orjson.OPT_SERIALIZE_NUMPY
     | orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_DATACLASS
 )
+_JSON_OPTIONS_ANY_KEYS = _JSON_OPTIONS | orjson.OPT_NON_STR_KEYS
 
 
 def _json_series(name: str, values: np.ndarray, mask: np.ndarray) -> pl.Series:
     try:
-        present = _dump_each(values[~mask])
+        present = _dump_each(values[~mask], name)
     except (orjson.JSONEncodeError, TypeError) as exc:
+        if isinstance(exc.__cause__, _UnsendableError):
+            raise SourceDataError(f"Column {name!r} holds {exc.__cause__}. Convert it in the source.") from exc
         if "bytes" in str(exc):
             _raise_bytes(name)
         raise SourceDataError(
@@ -529,27 +701,81 @@ def _json_series(name: str, values: np.ndarray, mask: np.ndarray) -> pl.Series:
 _JSON_BATCH = 250_000
 
 
-def _dump_each(values: np.ndarray) -> pl.Series:
+def _dump_each(values: np.ndarray, name: str) -> pl.Series:
     """Canonical JSON text of each value, with one orjson call for the whole column.
 
     The values are interleaved with a sentinel string holding a fresh random token, dumped as one JSON array,
     and split at the sentinels (a value cannot produce the sentinel's text unless it contains the token). If
     the split does not give one part per value, fall back to one call per value.
+
+    Dicts with keys that are not strings (``{1: "a"}``) make the dump fail; the column is then dumped again
+    writing such keys as text, and refused if two keys of one dict became the same text (see
+    :func:`_check_key_collisions`).
     """
     if len(values) > _JSON_BATCH:  # bound the transient copies (values list, JSON text, parts) to one batch
-        return pl.concat([_dump_each(values[i : i + _JSON_BATCH]) for i in range(0, len(values), _JSON_BATCH)])
+        return pl.concat([_dump_each(values[i : i + _JSON_BATCH], name) for i in range(0, len(values), _JSON_BATCH)])
     n = len(values)
     if n == 0:
         return pl.Series(values=[], dtype=pl.String)
     token = "\x00" + _uuid.uuid4().hex + "\x00"
     items: list[Any] = [token] * (2 * n - 1)
     items[::2] = values.tolist()
-    whole = orjson.dumps(items, default=_json_default, option=_JSON_OPTIONS)
+    option = _JSON_OPTIONS
+    try:
+        whole = orjson.dumps(items, default=_json_default, option=option)
+    except orjson.JSONEncodeError:  # a key that is not a string (or a value that fails again below)
+        option = _JSON_OPTIONS_ANY_KEYS
+        whole = orjson.dumps(items, default=_json_default, option=option)
     parts = whole[1:-1].split(b"," + orjson.dumps(token) + b",")
     if len(parts) != n:  # pragma: no cover - a value contained the token
-        dumps = functools.partial(orjson.dumps, default=_json_default, option=_JSON_OPTIONS)
+        dumps = functools.partial(orjson.dumps, default=_json_default, option=option)
         parts = list(map(dumps, values))
+    if option == _JSON_OPTIONS_ANY_KEYS:
+        _check_key_collisions(name, items[::2], parts)
     return pl.Series(values=parts, dtype=pl.Binary).cast(pl.String)
+
+
+def _check_key_collisions(name: str, values: Sequence[Any], parts: Sequence[bytes]) -> None:
+    """Refuse values whose dicts hold two keys written as the same JSON key (``1`` and ``"1"``).
+
+    Only the values that cannot be dumped with string keys alone hold other keys; their JSON texts are read back
+    to find keys written twice in one object.
+    """
+    strict = functools.partial(orjson.dumps, default=_json_default, option=_JSON_OPTIONS)
+    collided: dict[str, None] = {}
+    count = 0
+    for value, part in zip(values, parts, strict=True):
+        if not isinstance(value, _JSON_CONTAINERS):
+            continue
+        try:
+            strict(value)
+        except orjson.JSONEncodeError:
+            repeated = _repeated_keys(part)
+            if repeated:
+                count += 1
+                collided.update(dict.fromkeys(repeated))
+    if count:
+        raise SourceDataError(
+            f"Column {name!r} holds {count} value(s) with objects whose keys collide once written as JSON keys, "
+            f"which are text: {_listed(list(collided))} (e.g. the keys 1 and '1' both become \"1\", True and "
+            "'true' both become \"true\"). A JSON object cannot hold a key twice: make the keys distinct (e.g. all "
+            "strings) in the source."
+        )
+
+
+def _repeated_keys(text: bytes) -> list[str]:
+    """The keys written more than once in one object of the JSON ``text``."""
+    repeated: list[str] = []
+
+    def check(pairs: list[tuple[str, Any]]) -> None:
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                repeated.append(key)
+            seen.add(key)
+
+    json.loads(text, object_pairs_hook=check)
+    return repeated
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 import pandas as pd
+import polars as pl
 import pytest
 
 from airflow_provider_stopchurn.contract import check_user_table
@@ -175,9 +176,14 @@ def test_all_problems_are_listed_at_once() -> None:
 
 
 def test_null_id_is_refused() -> None:
-    canon = canonicalize(pd.DataFrame([{**dotted(None), "pk": 1}, {**dotted("u7"), "pk": 2}]), key_columns=["pk"])
+    # canonicalize refuses a null id over the whole table already; the contract also checks frames built otherwise
+    source = pd.DataFrame([{**dotted(None), "pk": 1}, {**dotted("u7"), "pk": 2}])
+    with pytest.raises(SourceDataError, match=r"Column 'id' has 1 missing value\(s\).*key 1"):
+        canonicalize(source, key_columns=["pk"])
+    canon = canonicalize(source.assign(id=["placeholder", "u7"]), key_columns=["pk"])
+    frame = canon.frame.with_columns(pl.when(pl.col("pk") == 1).then(None).otherwise(pl.col("id")).alias("id"))
     with pytest.raises(SourceDataError, match=r"1 row\(s\) have a null 'id'"):
-        check_user_table(canon.frame, canon.kinds)
+        check_user_table(frame, canon.kinds)
 
 
 def test_module_imports_no_airflow() -> None:
