@@ -6,16 +6,20 @@ Airflow is imported here only for ``ObjectStoragePath`` (the store itself import
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import polars as pl
 import pytest
 from helpers_sync import (
     BRAND,
@@ -33,9 +37,23 @@ from helpers_sync import (
     update_requests,
 )
 
-from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError, TransientDeliveryError
+from airflow_provider_stopchurn.exceptions import (
+    SnapshotError,
+    SnapshotLockedError,
+    StopChurnError,
+    TransientDeliveryError,
+)
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.snapshot import CREATED_AT, FORMAT_VERSION, SnapshotStore
+from airflow_provider_stopchurn.snapshot import (
+    CREATED_AT,
+    FORMAT_VERSION,
+    Backend,
+    LocalBackend,
+    ObjectStoreBackend,
+    Plan,
+    SnapshotStore,
+    backend_for,
+)
 from airflow_provider_stopchurn.sync import run_sync
 
 
@@ -161,7 +179,7 @@ def test_plan_ledger_of_an_interrupted_delivery(sb: SandboxServer, root: Any) ->
     assert summary.resumed_chunks == 0 and update_requests(sb) == requests
 
 
-def test_plan_made_against_another_snapshot_is_refused(sb: SandboxServer, tmp_path: Path) -> None:
+def test_plan_made_against_another_snapshot_is_discarded(sb: SandboxServer, tmp_path: Path) -> None:
     root = tmp_path / "snapshots"
     store, churn = _synced_store(sb, root)
     table = _table_dir(root)
@@ -177,11 +195,11 @@ def test_plan_made_against_another_snapshot_is_refused(sb: SandboxServer, tmp_pa
             }
         )
     )
-    requests = update_requests(sb)
-    with pytest.raises(SnapshotError, match="Delete the PLAN file") as info:
-        run_sync(churn.step(), store, make_client(sb), options(), run_ms=T0 + 1)
-    assert "some-other-version" in str(info.value)
-    assert update_requests(sb) == requests
+    assert store.pending_plan(cleanup=False) is None and (table / "PLAN").exists()  # a dry look changes nothing
+    frame = churn.step()
+    run_sync(frame, store, make_client(sb), options(), run_ms=T0 + 1)  # its changes are simply diffed again
+    assert_sandbox_matches(sb, frame)
+    assert not (table / "PLAN").exists() and not (table / "plans" / "p1").exists()
     assert store.read_lock() is None
 
 
@@ -202,7 +220,7 @@ def test_plan_of_another_table_is_refused(sb: SandboxServer, tmp_path: Path) -> 
         )
     )
     requests = update_requests(sb)
-    with pytest.raises(SnapshotError, match="another brand or table"):
+    with pytest.raises(StopChurnError, match="another brand or table"):
         run_sync(churn.step(), store, make_client(sb), options(), run_ms=T0 + 1)
     assert update_requests(sb) == requests
 
@@ -219,7 +237,7 @@ def _write_lock(store: SnapshotStore, **fields: Any) -> None:
         "expires_at": time.time() + 3600,
         **fields,
     }
-    store._write_bytes(json.dumps(record).encode(), "LOCK")
+    store.backend.write_bytes("LOCK", json.dumps(record).encode())
 
 
 def test_second_run_fails_fast_while_the_lock_is_held(sb: SandboxServer, root: Any) -> None:
@@ -405,3 +423,271 @@ def test_lock_is_refreshed_while_delivering(stopchurn_sandbox_factory: Any, tmp_
     assert not isinstance(outcome["first"], Exception), outcome["first"]
     counts = received_counts(sb.received())
     assert set(counts.values()) == {1}  # no chunk sent by two runs
+
+
+# --- the store's API on its own (no engine) --------------------------------------------------------------------
+KINDS = {"id": "int", "name": "str"}
+
+
+def _frame(*ids: int) -> pl.DataFrame:
+    return pl.DataFrame({"id": list(ids), "name": [f"n{i}" for i in ids], CREATED_AT: [T0] * len(ids)})
+
+
+def _commit(store: SnapshotStore, version: str, base: str | None, plan_id: str | None = None) -> None:
+    store.commit(version, base_version=base, kinds=KINDS, key_columns=["id"], rows=1, plan_id=plan_id)
+
+
+def _plan(store: SnapshotStore, base: str | None, *ids: int) -> Plan:
+    return store.write_plan(
+        target_version=store.write_snapshot(_frame(*ids)),
+        base_version=base,
+        changes=_frame(*ids),
+        chunks=[(0, 1), (1, len(ids))],
+        meta={"brand_id": BRAND, "table_name": TABLE, "kinds": KINDS, "key_columns": ["id"]},
+    )
+
+
+def test_commit_checks_its_base_and_writes_nothing_when_it_moved(root: Any) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    first = store.write_snapshot(_frame(1))
+    _commit(store, first, None)
+    second = store.write_snapshot(_frame(1, 2))
+    digest = tree_digest(root)
+    for stale_base in (None, "some-older-version"):
+        with pytest.raises(SnapshotError, match=r"moved from .* while this run was working; nothing was committed"):
+            _commit(store, second, stale_base)
+        assert tree_digest(root) == digest
+    committed = store.read_committed()
+    assert committed is not None and committed.version == first and committed.plan_id is None
+    _commit(store, second, first)
+    committed = store.read_committed()
+    assert committed is not None and committed.version == second
+    assert not (_table_dir(root) / "snapshots" / f"{first}.parquet").exists()  # the replaced snapshot is gone
+
+
+def test_commit_records_its_plan_and_removes_only_that_plan(root: Any) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    plan = _plan(store, None, 1, 2)
+    store.ack(plan, 0)
+    _commit(store, plan.target_version, None, plan.plan_id)
+    assert read_json(_table_dir(root) / "CURRENT")["plan_id"] == plan.plan_id
+    assert not (_table_dir(root) / "PLAN").exists() and store.acked(plan) == set()
+    assert not (_table_dir(root) / "plans" / plan.plan_id).exists()
+
+
+def test_pending_plan_already_committed_is_recognised_by_its_plan_id(root: Any) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    plan = _plan(store, None, 1, 2)
+    store.ack(plan, 0, [{"position": 1, "reason": "bad name", "key": {"id": 2}}])
+    pointer = store.backend.read_bytes("PLAN")
+    settled = store.write_snapshot(_frame(1))  # committed without the rejected row: another version
+    _commit(store, settled, None, plan.plan_id)
+    store.backend.write_bytes("PLAN", pointer or b"")  # as if the run died between CURRENT and removing PLAN
+    store.ack(plan, 0)
+    assert store.pending_plan(cleanup=False) is None
+    assert (_table_dir(root) / "PLAN").exists()  # a dry look writes nothing
+    assert store.pending_plan() is None
+    assert not (_table_dir(root) / "PLAN").exists() and store.acked(plan) == set()
+    assert not (_table_dir(root) / "snapshots" / f"{plan.target_version}.parquet").exists()
+    assert (_table_dir(root) / "snapshots" / f"{settled}.parquet").exists()
+
+
+def test_pending_plan_of_another_base_is_discarded_with_a_warning(root: Any, caplog: pytest.LogCaptureFixture) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    base = store.write_snapshot(_frame(1))
+    _commit(store, base, None)
+    plan = _plan(store, "a-version-never-committed", 1, 2, 3)
+    store.ack(plan, 0)
+    digest = tree_digest(root)
+    assert store.pending_plan(cleanup=False) is None
+    assert tree_digest(root) == digest
+    with caplog.at_level(logging.WARNING):
+        assert store.pending_plan() is None
+    assert "Discarding the pending plan" in caplog.text and "a-version-never-committed" in caplog.text
+    assert not (_table_dir(root) / "PLAN").exists() and store.acked(plan) == set()
+    assert not (_table_dir(root) / "snapshots" / f"{plan.target_version}.parquet").exists()
+    committed = store.read_committed()
+    assert committed is not None and committed.version == base and committed.frame.height == 1
+
+
+def test_pending_plan_on_its_base_is_returned_whole(root: Any) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    assert store.pending_plan() is None
+    plan = _plan(store, None, 1, 2)
+    found = store.pending_plan()
+    assert found == plan
+    assert store.read_changes(found).get_column("id").to_list() == [1, 2]
+    store.discard_plan(found)
+    assert store.pending_plan() is None
+    assert store.backend.list_names("snapshots") == [] and store.backend.list_names() == []
+
+
+def test_acks_carry_the_rejections_of_their_chunk(root: Any) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    plan = _plan(store, None, 1, 2, 3)
+    rejections = [
+        {"position": 1, "reason": "name too long", "key": {"id": 2}},
+        {"position": 2, "reason": "bad date", "key": {"id": 3}, "at": datetime(2024, 5, 1, tzinfo=UTC)},
+    ]
+    store.ack(plan, 1, rejections)
+    store.ack(plan, 0)
+    store.ack(plan, 0)  # idempotent
+    acks = store.acks(plan)
+    assert sorted(acks) == [0, 1] and acks[0] == []
+    assert acks[1][0] == rejections[0]
+    assert acks[1][1]["at"] == "2024-05-01 00:00:00+00:00"  # not JSON-native: stored as text
+    assert store.acked(plan) == {0, 1}
+    folder = _table_dir(root) / "plans" / plan.plan_id / "acks"
+    assert sorted(p.name for p in folder.iterdir()) == ["0000000", "0000001"]  # no temporary file left
+    assert (folder / "0000000").read_bytes() == b""
+    lines = (folder / "0000001").read_bytes().splitlines()
+    assert [json.loads(line)["position"] for line in lines] == [1, 2]
+    store.ack(plan, 1)  # sent again and accepted this time: the record is replaced
+    assert store.acks(plan) == {0: [], 1: []}
+    with pytest.raises(ValueError):
+        store.ack(plan, -1)
+
+
+def test_quarantine_files_newest_last(root: Any) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    assert store.read_quarantine() == [] and store.read_quarantine(all_files=True) == []
+    older = [{"reason": "a", "position": 0}]
+    newer = [{"reason": "b", "position": 3}, {"reason": "c", "position": 4}]
+    uri = store.write_quarantine("20240101T000000000000Z-aaaa", older)
+    assert uri.endswith("quarantine/20240101T000000000000Z-aaaa.jsonl") and uri.startswith(store.location)
+    store.write_quarantine("20240102T000000000000Z-bbbb", newer)
+    assert store.read_quarantine() == newer
+    assert store.read_quarantine(all_files=True) == older + newer
+    store.clear_quarantine(keep="20240102T000000000000Z-bbbb")
+    assert store.read_quarantine(all_files=True) == newer
+    store.clear_quarantine()
+    assert store.read_quarantine() == [] and store.quarantine_files() == []
+
+
+def test_delete_plan_files_keeps_the_snapshots(root: Any) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    plan = _plan(store, None, 1)
+    other = _plan(store, None, 2)  # the PLAN pointer now names this one
+    store.delete_plan_files(plan)
+    assert store.pending_plan(cleanup=False) == other  # another plan's pointer is left alone
+    assert store.backend.exists(f"snapshots/{plan.target_version}.parquet")
+    assert not store.backend.exists(f"plans/{plan.plan_id}/changes.parquet")
+    store.delete_plan_files(other)
+    assert store.pending_plan() is None
+
+
+# --- the backend seam ------------------------------------------------------------------------------------------
+@pytest.fixture(params=["local", "file", "memory"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path, object_storage_path: Callable[[str], Any]) -> Backend:
+    if request.param == "local":
+        return backend_for(tmp_path / "table")
+    if request.param == "file":
+        return backend_for(object_storage_path(f"file://{tmp_path}/table"))
+    return backend_for(object_storage_path(f"memory://stopchurn-tests/{uuid.uuid4().hex}"))
+
+
+def test_backend_selection(tmp_path: Path, object_storage_path: Callable[[str], Any]) -> None:
+    assert isinstance(backend_for(tmp_path), LocalBackend)
+    assert isinstance(backend_for(str(tmp_path)), LocalBackend)
+    local_uri = backend_for(object_storage_path(f"file://{tmp_path}/t"))
+    assert isinstance(local_uri, LocalBackend) and local_uri.location("CURRENT") == f"file://{tmp_path}/t/CURRENT"
+    memory = backend_for(object_storage_path("memory://bucket/t"))
+    assert isinstance(memory, ObjectStoreBackend) and memory.location("CURRENT") == "memory://bucket/t/CURRENT"
+    with pytest.raises(TypeError, match="ObjectStoragePath"):
+        backend_for(42)
+
+
+def test_backend_contract(backend: Backend) -> None:
+    assert backend.read_bytes("missing") is None and not backend.exists("missing")
+    assert backend.list_names() == [] and backend.list_sizes("nowhere") == {}
+    backend.delete("missing")  # no error
+    backend.write_bytes("a/b/file", b"one")
+    backend.write_bytes("a/b/file", b"two", durable=True)
+    assert backend.read_bytes("a/b/file") == b"two" and backend.exists("a/b/file")
+    assert backend.create_exclusive("a/b/lock", b"first")
+    assert not backend.create_exclusive("a/b/lock", b"second")
+    assert backend.read_bytes("a/b/lock") == b"first"
+    assert backend.list_names("a/b") == ["file", "lock"] and backend.list_sizes("a/b") == {"file": 3, "lock": 5}
+    backend.delete("a/b/lock")
+    assert backend.read_bytes("a/b/lock") is None
+    frame = _frame(1, 2, 3)
+    backend.write_frame("f/x.parquet", frame)
+    assert backend.read_frame("f/x.parquet").equals(frame)
+    assert backend.read_frame("f/x.parquet", ["id"]).columns == ["id"]
+    rows = backend.read_rows("f/x.parquet", pl.DataFrame({"id": [3, 1, 9]}))
+    assert sorted(rows.get_column("id").to_list()) == [1, 3]
+    with pytest.raises(FileNotFoundError):
+        backend.read_frame("f/none.parquet")
+    backend.delete_tree("a")
+    assert backend.read_bytes("a/b/file") is None and backend.list_names("a/b") == []
+    with pytest.raises(ValueError):
+        backend.read_bytes("../escape")
+
+
+class _NoExclusiveMode:
+    """A UPath-like path whose file system refuses ``open(mode="xb")`` (like some fsspec back ends)."""
+
+    def __init__(self, path: Any) -> None:
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._path, name)
+
+    def __truediv__(self, other: str) -> _NoExclusiveMode:
+        return _NoExclusiveMode(self._path / other)
+
+    @property
+    def parent(self) -> _NoExclusiveMode:
+        return _NoExclusiveMode(self._path.parent)
+
+    def open(self, mode: str = "r", **kwargs: Any) -> Any:
+        if "x" in mode:
+            raise NotImplementedError("File mode not supported")
+        return self._path.open(mode, **kwargs)
+
+
+def test_exclusive_create_falls_back_without_x_mode(object_storage_path: Callable[[str], Any]) -> None:
+    backend = backend_for(_NoExclusiveMode(object_storage_path(f"memory://stopchurn-tests/{uuid.uuid4().hex}")))
+    assert isinstance(backend, ObjectStoreBackend)
+    assert backend.create_exclusive("LOCK", b"mine")
+    assert not backend.create_exclusive("LOCK", b"theirs")
+    assert backend.read_bytes("LOCK") == b"mine"
+    store = SnapshotStore(_NoExclusiveMode(object_storage_path(f"memory://stopchurn-tests/{uuid.uuid4().hex}")), 1, "t")
+    with store.lock("run"):
+        assert store.read_lock() is not None
+    assert store.read_lock() is None
+
+
+def test_a_local_write_is_never_half_visible(tmp_path: Path) -> None:
+    backend = backend_for(tmp_path)
+    versions = [bytes([65 + i]) * 2_000_000 for i in range(2)]
+    backend.write_bytes("plans/p/acks/0000001", versions[0])
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def read() -> None:
+        for _ in range(100_000):
+            if stop.is_set():
+                return
+            data = backend.read_bytes("plans/p/acks/0000001")
+            seen.add(-1 if data not in versions else versions.index(data))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(40):
+            backend.write_bytes("plans/p/acks/0000001", versions[i % 2])
+    finally:
+        stop.set()
+        reader.join(timeout=60)
+    assert -1 not in seen and seen
+    assert backend.list_names("plans/p/acks") == ["0000001"]
+
+
+def test_only_the_backend_knows_about_pathlib() -> None:
+    package = Path(__file__).resolve().parent.parent / "airflow_provider_stopchurn" / "snapshot"
+    for path in package.glob("*.py"):
+        if path.name != "backend.py":
+            text = path.read_text()
+            assert "isinstance(" not in text or "Path)" not in text, path.name
+            assert "from pathlib" not in text and "import pathlib" not in text, path.name

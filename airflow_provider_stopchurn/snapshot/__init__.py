@@ -1,0 +1,74 @@
+"""The snapshot store: what was last delivered for one (brand, table), and the plan being delivered now.
+
+Layout under ``<root>/<brand_id>/<table_name>/`` (every file but the pointers and the lock is written once)::
+
+    CURRENT                            pointer to the committed snapshot (JSON: version, kinds, key columns,
+                                       rows, row_hash, plan_id of the plan it finished), written last at commit
+    snapshots/<version>.parquet        a canonical table + the ``__sc_created_at`` column (epoch ms per key)
+    PLAN                               pointer to the plan in flight (JSON: base and target version, chunk
+                                       boundaries, meta), written after its files
+    plans/<plan_id>/changes.parquet    the change set in send order (absent when every update is an insert)
+    plans/<plan_id>/acks/<chunk>       one file per chunk StopChurn acknowledged: empty, or the records it
+                                       rejected inside the chunk, one JSON object per line
+    LOCK                               the run holding this table (JSON), with an expiry (see ``lock``)
+    LOCK.<digest>.claim                for an instant, while a run breaks, refreshes or releases the LOCK
+    quarantine/<plan_id>.jsonl         rows StopChurn rejected, with its reason
+
+Crash safety:
+
+* Object stores have no atomic rename, so nothing is overwritten in place except the pointers, the lock and an
+  acknowledgement written again; each of those is one whole-file write that a reader sees entirely or not at
+  all (locally: a temporary file and ``os.replace``; object stores: a single PUT). A pointer is written only
+  after everything it names exists, and locally it is fsynced.
+* A commit checks its base: it writes CURRENT only if CURRENT still names the snapshot the run started from
+  (and, given the run's lock, only if the lock is still the run's). Otherwise nothing is written, and the next
+  run diffs against whatever is committed.
+* A PLAN whose ``plan_id`` CURRENT records (a crash between writing CURRENT and removing PLAN) is recognised as
+  committed and cleaned up; a PLAN made against a snapshot that is no longer committed is discarded: its
+  changes are diffed again (a row may be sent twice, none is lost).
+* An acknowledgement and the rejections in its chunk are one file, so a rejection is never recorded without
+  its acknowledgement nor the other way round.
+
+The storage seam is :mod:`.backend` (a local directory, or any UPath-like object: s3://, gs://, memory://, ...);
+the lock is :mod:`.lock`; the store itself is :mod:`.store`. This package imports no Airflow.
+"""
+
+from __future__ import annotations
+
+from airflow_provider_stopchurn.snapshot.backend import (
+    Backend,
+    LocalBackend,
+    ObjectStoreBackend,
+    backend_for,
+    display_location,
+)
+from airflow_provider_stopchurn.snapshot.constants import (
+    CREATED_AT,
+    FORMAT_VERSION,
+    HASH_1,
+    HASH_2,
+    META_COLUMNS,
+    OP,
+    UPDATED_AT,
+)
+from airflow_provider_stopchurn.snapshot.lock import TableLock
+from airflow_provider_stopchurn.snapshot.store import Committed, Plan, SnapshotStore
+
+__all__ = [
+    "CREATED_AT",
+    "FORMAT_VERSION",
+    "HASH_1",
+    "HASH_2",
+    "META_COLUMNS",
+    "OP",
+    "UPDATED_AT",
+    "Backend",
+    "Committed",
+    "LocalBackend",
+    "ObjectStoreBackend",
+    "Plan",
+    "SnapshotStore",
+    "TableLock",
+    "backend_for",
+    "display_location",
+]

@@ -1,0 +1,408 @@
+"""The table lock: a lease on one brand/table that at most one run holds, using only the storage backend.
+
+The lease is one small file, ``LOCK``, holding JSON: the holder (a readable run name), a token unique to each
+:class:`TableLock`, host, pid, ``acquired_at``, ``refreshed_at`` and ``expires_at`` (epoch seconds).
+
+**Acquire.** An absent ``LOCK`` is taken with the backend's exclusive create: of several runs, exactly one
+creates it. A present ``LOCK`` is respected (the run fails fast, naming the holder) unless it is stale: expired
+(not refreshed for ``ttl_s``), left by a process of this host that is gone, or unreadable.
+
+**Changing an existing LOCK** (breaking a stale one, refreshing, releasing) is guarded by a *claim*: a file
+``LOCK.<digest>.claim`` named after the exact bytes of the ``LOCK`` being changed, created exclusively. Only
+the run that created the claim changes the ``LOCK``, and only after reading it again and finding the same
+bytes; then it deletes the claim. So two runs that see the same stale lock cannot both break it: the second
+cannot create the claim while the first holds it, and once the first is done the ``LOCK`` has other bytes (its
+own token). A refresh and a break of the same ``LOCK`` are serialised the same way, so a breaker never deletes
+a lease its owner renewed a moment before. A claim left by a crash is removed once its process on this host is
+gone or it is older than ``CLAIM_STALE_S`` (through a claim on the claim, so two runs cannot both remove it).
+
+How strict this is depends on the backend's exclusive create: locally it is atomic (a hard link or ``O_EXCL``);
+on an object store it is as strong as ``open(mode="xb")`` (a conditional PUT on S3); where a file system has no
+such mode, two runs starting in the same instant can both get in. The commit's base check (CURRENT must still
+be the snapshot the run started from) keeps the snapshot consistent even then.
+
+**Owner-checked refresh.** Only the owner extends its lease: :meth:`TableLock.refresh` reads the ``LOCK`` first,
+and if the token is not its own (another run broke the lease after it expired and took it), it raises
+:class:`SnapshotLockedError` and writes nothing. :meth:`TableLock.heartbeat` refreshes from a daemon thread every
+``min(30 s, ttl_s / 3)`` while a block runs; a lost lease is recorded, and :meth:`TableLock.check`, called before
+writing a commit, raises.
+
+This module imports no Airflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError
+from airflow_provider_stopchurn.snapshot.backend import Backend
+from airflow_provider_stopchurn.snapshot.constants import FORMAT_VERSION
+
+log = logging.getLogger(__name__)
+
+#: A claim older than this is left by a crashed run (a live one holds its claim for a few storage calls).
+CLAIM_STALE_S = 30.0
+_ATTEMPTS = 100  # bounds every loop that waits for another run's claim (~2 s of waiting in all)
+_PAUSE_S = 0.02
+_TORN_GRACE_S = 0.5  # an unreadable LOCK is broken only if it is still the same after this pause
+
+
+class _Outcome(Enum):
+    DONE = "done"  # the LOCK had the expected bytes and was changed
+    CHANGED = "changed"  # the LOCK no longer has the expected bytes: nothing was changed
+    BUSY = "busy"  # another run holds the claim on these bytes: nothing was changed, try again shortly
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat()
+
+
+def _parse(raw: bytes | None) -> dict[str, Any] | None:
+    """A lock or claim record, or None when absent or unreadable (a torn write)."""
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _gone(record: dict[str, Any]) -> int | None:
+    """The pid of a record written by a process of this host that no longer exists, else None."""
+    if record.get("host") != socket.gethostname():
+        return None
+    try:
+        pid = int(record.get("pid") or 0)
+    except (TypeError, ValueError):
+        return None
+    if pid and pid != os.getpid() and not _pid_alive(pid):
+        return pid
+    return None
+
+
+class TableLock:
+    """A lease on one brand/table, held by at most one run.
+
+    :param backend: the table's storage (the ``LOCK`` file lives at its top).
+    :param holder: a readable name of the run, shown to a run that finds the table locked.
+    :param ttl_s: the lease lasts this long after each refresh.
+    :param label: how messages name the table (``"<brand>/<table>"``).
+    :param heartbeat_s: the heartbeat's interval and the refresh rate limit; default ``min(30 s, ttl_s / 3)``.
+    :param name: the lock file's name.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        holder: str,
+        *,
+        ttl_s: float = 3600.0,
+        label: str = "",
+        heartbeat_s: float | None = None,
+        name: str = "LOCK",
+    ) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s!r}")
+        self.backend = backend
+        self.holder = holder
+        self.ttl_s = float(ttl_s)
+        self.label = label or backend.location()
+        self.interval_s = float(heartbeat_s) if heartbeat_s is not None else min(30.0, self.ttl_s / 3)
+        self.name = name
+        self.token = uuid.uuid4().hex
+        self._mutex = threading.RLock()  # one refresh / check / release at a time (heartbeat vs engine thread)
+        self._acquired_at: float | None = None
+        self._last_refresh = 0.0
+        self._confirmed = float("-inf")  # when this run last saw the LOCK as its own (monotonic)
+        self._lost: SnapshotLockedError | None = None
+        self._beat: tuple[threading.Thread, threading.Event] | None = None
+
+    def __repr__(self) -> str:
+        return f"TableLock({self.label!r}, holder={self.holder!r})"
+
+    # --- state -----------------------------------------------------------------------------------------------
+    @property
+    def lost(self) -> SnapshotLockedError | None:
+        """Why this run no longer holds its lock (found by a refresh or the heartbeat), or None."""
+        return self._lost
+
+    @property
+    def heartbeat_running(self) -> bool:
+        return self._beat is not None and self._beat[0].is_alive()
+
+    def _record(self) -> bytes:
+        now = time.time()
+        acquired = self._acquired_at if self._acquired_at is not None else now
+        record = {
+            "format_version": FORMAT_VERSION,
+            "holder": self.holder,
+            "token": self.token,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "acquired_at": _iso(acquired),
+            "refreshed_at": _iso(now),
+            "expires_at": now + self.ttl_s,
+        }
+        return json.dumps(record, sort_keys=True).encode()
+
+    def _stale(self, current: dict[str, Any] | None) -> str | None:
+        """Why a lock found in place may be broken, or None while it is live."""
+        if current is None:
+            return "its file is unreadable (its writer died mid-write)"
+        try:
+            expires = float(current.get("expires_at", 0))
+        except (TypeError, ValueError):
+            return "it has no valid expiry"
+        if expires < time.time():
+            return f"it expired at {_iso(expires)}"
+        pid = _gone(current)
+        if pid is not None:
+            return f"its process {pid} on this host is gone"
+        return None
+
+    def _describe(self, current: dict[str, Any] | None) -> str:
+        if current is None:
+            return "an unknown run (the lock file is missing or unreadable)"
+        return (
+            f"{current.get('holder')!r} (host {current.get('host')}, pid {current.get('pid')}, "
+            f"since {current.get('acquired_at')})"
+        )
+
+    def _lose(self, current: dict[str, Any] | None) -> SnapshotLockedError:
+        err = SnapshotLockedError(
+            f"{self.label}: this run ({self.holder!r}) lost its lock to {self._describe(current)}; it stops without "
+            "committing. Its lease was not refreshed in time (a pause longer than lock_ttl_s?); the run holding "
+            "the lock now settles or resumes the unfinished plan."
+        )
+        self._lost = err
+        return err
+
+    # --- claims ----------------------------------------------------------------------------------------------
+    def _claim_record(self) -> bytes:
+        record = {
+            "holder": self.holder,
+            "token": self.token,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "created": time.time(),
+        }
+        return json.dumps(record, sort_keys=True).encode()
+
+    def _with_claim(self, name: str, expected: bytes, action: Callable[[], None], *, depth: int = 0) -> _Outcome:
+        """Run ``action`` if the file ``name`` still holds ``expected``, excluding every other run doing the same."""
+        claim = f"{name}.{hashlib.sha256(expected).hexdigest()[:24]}.claim"
+        if not self.backend.create_exclusive(claim, self._claim_record()):
+            self._remove_if_abandoned(claim, depth)
+            return _Outcome.BUSY
+        try:
+            if self.backend.read_bytes(name) != expected:
+                return _Outcome.CHANGED
+            action()
+            return _Outcome.DONE
+        finally:
+            self.backend.delete(claim)
+
+    def _remove_if_abandoned(self, claim: str, depth: int) -> None:
+        """Remove a claim whose run crashed while holding it; a claim on the claim keeps this to one run."""
+        raw = self.backend.read_bytes(claim)
+        record = _parse(raw)
+        if raw is None or record is None or depth >= 1:
+            return  # gone already, being written, or a claim on a claim: leave it to its age
+        pid = _gone(record)
+        try:
+            age = time.time() - float(record.get("created", 0))
+        except (TypeError, ValueError):
+            age = CLAIM_STALE_S + 1
+        if pid is None and age <= CLAIM_STALE_S:
+            return
+        log.warning("Removing %s, left by a run that crashed while changing the lock.", self.backend.location(claim))
+        self._with_claim(claim, raw, lambda: self.backend.delete(claim), depth=depth + 1)
+
+    # --- acquire / refresh / check / release ------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`SnapshotLockedError` naming the run that holds it."""
+        with self._mutex:
+            torn: bytes | None = None
+            for _ in range(_ATTEMPTS):
+                raw = self.backend.read_bytes(self.name)
+                if raw is None:
+                    self._acquired_at = time.time()
+                    record = self._record()
+                    if self.backend.create_exclusive(self.name, record):
+                        self._last_refresh = self._confirmed = time.monotonic()
+                        self._lost = None
+                        return
+                    continue  # another run created it a moment ago: look at it
+                current = _parse(raw)
+                if current is None and raw != torn:
+                    # unreadable: maybe a writer without atomic create is mid-write; broken only if it stays so
+                    torn = raw
+                    time.sleep(_TORN_GRACE_S)
+                    continue
+                reason = self._stale(current)
+                if reason is None:
+                    raise self._busy(current)
+                holder = (current or {}).get("holder")
+
+                def brk(holder: Any = holder, reason: str = reason) -> None:
+                    log.warning("Breaking the lock of %r on %s: %s.", holder, self.label, reason)
+                    self.backend.delete(self.name)
+
+                if self._with_claim(self.name, raw, brk) is _Outcome.BUSY:
+                    time.sleep(_PAUSE_S)  # another run is changing this same lock: see what it did
+            raise SnapshotLockedError(
+                f"{self.label}: could not take the lock after {_ATTEMPTS} attempts, other runs keep changing "
+                f"{self.backend.location(self.name)}. Try again later; if no other run is active, delete it and "
+                f"any {self.name}.*.claim file next to it."
+            )
+
+    def _busy(self, current: dict[str, Any] | None) -> SnapshotLockedError:
+        expires = float((current or {}).get("expires_at", 0))
+        return SnapshotLockedError(
+            f"{self.label} is being synced by another run: {self._describe(current)}. Wait for it to finish; a "
+            f"lock left by a killed run expires at {_iso(expires)}, or delete "
+            f"{self.backend.location(self.name)} once that run is known to be dead."
+        )
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Extend the lease, after checking that this run still owns it.
+
+        Rate-limited to one write per heartbeat interval unless ``force``. Raises :class:`SnapshotLockedError`, and
+        writes nothing, when another run took the lock over.
+        """
+        with self._mutex:
+            if self._lost is not None:
+                raise self._lost
+            if not force and time.monotonic() - self._last_refresh < self.interval_s:
+                return
+            for _ in range(_ATTEMPTS):
+                raw = self.backend.read_bytes(self.name)
+                current = _parse(raw)
+                if raw is None or current is None or current.get("token") != self.token:
+                    raise self._lose(current)
+                record = self._record()
+
+                def renew(record: bytes = record) -> None:
+                    self.backend.write_bytes(self.name, record, durable=True)
+
+                outcome = self._with_claim(self.name, raw, renew)
+                if outcome is _Outcome.DONE:
+                    self._last_refresh = self._confirmed = time.monotonic()
+                    return
+                if outcome is _Outcome.BUSY:
+                    time.sleep(_PAUSE_S)  # a run that took the lease for stale is breaking it, or gives up
+            raise self._lose(_parse(self.backend.read_bytes(self.name)))
+
+    def check(self, *, max_age_s: float = 0.0) -> None:
+        """Raise :class:`SnapshotLockedError` unless this run still holds the lock; call it before a commit.
+
+        A lease that expired (or is about to) but is still this run's is refreshed first, so the commit that
+        follows runs under a whole lease.
+
+        :param max_age_s: trust a confirmation (acquire, refresh or check) younger than this instead of reading
+            the LOCK again; capped at the heartbeat interval, within which the lease cannot have expired. For
+            per-chunk checks on an object store; the check before a commit keeps the default, 0.
+        """
+        with self._mutex:
+            if self._lost is not None:
+                raise self._lost
+            if time.monotonic() - self._confirmed < min(max_age_s, self.interval_s):
+                return
+            current = _parse(self.backend.read_bytes(self.name))
+            if current is None or current.get("token") != self.token:
+                raise self._lose(current)
+            try:
+                remaining = float(current.get("expires_at", 0)) - time.time()
+            except (TypeError, ValueError):
+                remaining = 0.0
+            if remaining < self.interval_s:
+                self.refresh(force=True)
+            else:
+                self._confirmed = time.monotonic()
+
+    def release(self) -> None:
+        """Delete the lock if it is still this run's; never someone else's. Failures are logged, not raised."""
+        self.stop_heartbeat()
+        with self._mutex:
+            self._confirmed = float("-inf")
+            try:
+                for _ in range(_ATTEMPTS):
+                    raw = self.backend.read_bytes(self.name)
+                    current = _parse(raw)
+                    if raw is None or current is None or current.get("token") != self.token:
+                        return
+                    outcome = self._with_claim(self.name, raw, lambda: self.backend.delete(self.name))
+                    if outcome is _Outcome.DONE:
+                        return
+                    if outcome is _Outcome.BUSY:
+                        time.sleep(_PAUSE_S)
+                log.warning("Could not release the lock of %s; it expires by itself.", self.label)
+            except SnapshotError as err:
+                log.warning("Could not release the lock of %s (%s); it expires by itself.", self.label, err)
+
+    # --- heartbeat -------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def heartbeat(self, interval_s: float | None = None) -> Iterator[TableLock]:
+        """Refresh the lease from a daemon thread while the block runs (every ``interval_s``)."""
+        self.start_heartbeat(interval_s)
+        try:
+            yield self
+        finally:
+            self.stop_heartbeat()
+
+    def start_heartbeat(self, interval_s: float | None = None) -> None:
+        if self._beat is not None:
+            raise RuntimeError(f"The heartbeat of {self!r} is already running.")
+        interval = float(interval_s) if interval_s is not None else self.interval_s
+        if interval <= 0:
+            raise ValueError(f"interval_s must be positive, got {interval!r}")
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._beat_loop, args=(stop, interval), name=f"stopchurn-lock-heartbeat {self.label}", daemon=True
+        )
+        self._beat = (thread, stop)
+        thread.start()
+
+    def stop_heartbeat(self, timeout_s: float = 10.0) -> None:
+        beat, self._beat = self._beat, None
+        if beat is None:
+            return
+        thread, stop = beat
+        stop.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout_s)
+        if thread.is_alive():
+            log.warning("The lock heartbeat of %s did not stop within %.0f s (slow storage?).", self.label, timeout_s)
+
+    def _beat_loop(self, stop: threading.Event, interval: float) -> None:
+        while not stop.wait(interval):
+            try:
+                self.refresh(force=True)
+            except SnapshotLockedError as err:
+                log.error("%s", err)
+                return  # recorded in self.lost; check() raises it before the commit
+            except Exception as err:  # storage hiccup: the lease has ttl_s to spare, try again next beat
+                log.warning("Could not refresh the lock of %s (%s); trying again in %.1f s.", self.label, err, interval)

@@ -1,0 +1,510 @@
+"""The snapshot store of one brand/table: committed snapshot, pending plan, its ledger, quarantine and lock.
+
+The layout and the crash-safety rules are described in the docstring of :mod:`airflow_provider_stopchurn.snapshot`.
+Every file access goes through the storage :class:`~.backend.Backend`; nothing here knows whether it is a local
+disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+
+from airflow_provider_stopchurn.exceptions import SnapshotError
+from airflow_provider_stopchurn.snapshot.backend import Backend, backend_for
+from airflow_provider_stopchurn.snapshot.constants import FORMAT_VERSION
+from airflow_provider_stopchurn.snapshot.lock import TableLock
+
+log = logging.getLogger(__name__)
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+_ACK_DIGITS = 7
+
+
+def _safe(part: str) -> str:
+    """A path segment that is the same on every file system and object store."""
+    cleaned = _SAFE_NAME.sub(lambda m: f"%{ord(m.group()):02X}", part)
+    return cleaned if cleaned not in {"", ".", ".."} else f"%{cleaned}"
+
+
+def _new_version() -> str:
+    """A unique name that sorts by creation time."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def _snapshot(version: str) -> str:
+    return f"snapshots/{version}.parquet"
+
+
+def _plan_dir(plan_id: str) -> str:
+    return f"plans/{plan_id}"
+
+
+def _ack_name(plan_id: str, chunk: int) -> str:
+    return f"plans/{plan_id}/acks/{chunk:0{_ACK_DIGITS}d}"
+
+
+def _quarantine(plan_id: str) -> str:
+    return f"quarantine/{plan_id}.jsonl"
+
+
+def _json_lines(records: Sequence[Mapping[str, Any]]) -> bytes:
+    return b"".join(json.dumps(dict(r), sort_keys=True, default=str).encode() + b"\n" for r in records)
+
+
+class Committed:
+    """The committed snapshot: what describes it, and its table as last delivered, read on demand."""
+
+    def __init__(
+        self,
+        store: SnapshotStore,
+        *,
+        kinds: dict[str, str],
+        key_columns: Sequence[str],
+        version: str,
+        committed_at: str = "",
+        rows: int | None = None,
+        row_hash: str | None = None,
+        plan_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.kinds = kinds
+        self.key_columns = tuple(key_columns)
+        self.version = version
+        self.committed_at = committed_at
+        self.rows = rows
+        self.row_hash = row_hash
+        self.plan_id = plan_id
+        self._frame: pl.DataFrame | None = None
+
+    @property
+    def frame(self) -> pl.DataFrame:
+        """The whole snapshot (read once, then kept)."""
+        if self._frame is None:
+            self._frame = self.store.read_snapshot(self.version)
+        return self._frame
+
+    def rows_with_keys(self, keys: pl.DataFrame) -> pl.DataFrame:
+        """The snapshot's rows whose key is in ``keys`` (a frame of key columns)."""
+        if self._frame is not None:
+            return self._frame.join(keys, on=keys.columns, how="semi")
+        return self.store.read_rows(self.version, keys)
+
+    def columns(self, names: Sequence[str]) -> pl.DataFrame:
+        """Only some columns of the snapshot (Parquet reads just those)."""
+        if self._frame is not None:
+            return self._frame.select(names)
+        return self.store.read_snapshot(self.version, columns=names)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A plan written durably before its first request; ``meta`` holds what re-encoding it needs."""
+
+    plan_id: str
+    base_version: str | None
+    target_version: str
+    chunks: tuple[tuple[int, int], ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def changes_from_target(self) -> bool:
+        return bool(self.meta.get("changes_from_target"))
+
+
+class SnapshotStore:
+    """Committed snapshot, in-flight plan, chunk ledger, lock and quarantine of one brand/table.
+
+    :param root: the snapshot location: a :class:`pathlib.Path`, or an ``ObjectStoragePath`` / UPath.
+    :param brand_id: the StopChurn brand; with ``table_name`` it names the table's folder under ``root``.
+    :param table_name: the StopChurn table.
+
+    The constructor does no I/O.
+    """
+
+    def __init__(self, root: Any, brand_id: int, table_name: str) -> None:
+        self._root = root
+        self.brand_id = brand_id
+        self.table_name = table_name
+        self._backend = backend_for(root / str(int(brand_id)) / _safe(table_name))
+
+    def __repr__(self) -> str:
+        return f"SnapshotStore({self.location!r})"
+
+    @property
+    def backend(self) -> Backend:
+        """The storage of this table's folder."""
+        return self._backend
+
+    @property
+    def location(self) -> str:
+        """Where the table's files live, as a printable URI (never carries credentials)."""
+        return self._backend.location()
+
+    @property
+    def is_local(self) -> bool:
+        return self._backend.is_local
+
+    # --- JSON pointers ---------------------------------------------------------------------------------------
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        raw = self._backend.read_bytes(name)
+        if raw is None:
+            return None
+        where = self._backend.location(name)
+        try:
+            data = json.loads(raw)
+        except ValueError as err:
+            raise SnapshotError(
+                f"{where} is not valid JSON (truncated or corrupt): {err}. "
+                "Restore it from a backup, or delete the table's snapshot folder to start again."
+            ) from err
+        if not isinstance(data, dict):
+            raise SnapshotError(f"{where} does not hold a JSON object.")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise SnapshotError(
+                f"{where} has snapshot format version {version!r}; this provider reads versions up to "
+                f"{FORMAT_VERSION}. Upgrade airflow-provider-stopchurn."
+            )
+        return data
+
+    def _write_json(self, name: str, data: dict[str, Any]) -> None:
+        payload = {"format_version": FORMAT_VERSION, **data}
+        self._backend.write_bytes(name, json.dumps(payload, indent=1, sort_keys=True).encode(), durable=True)
+
+    def _read_frame(self, name: str, columns: Sequence[str] | None = None) -> pl.DataFrame:
+        try:
+            return self._backend.read_frame(name, columns)
+        except FileNotFoundError as err:
+            raise SnapshotError(
+                f"Snapshot file {self._backend.location(name)} is missing although a pointer names it. Restore "
+                "it, or delete the table's snapshot folder to start again."
+            ) from err
+        except SnapshotError:
+            raise
+        except Exception as err:
+            raise SnapshotError(
+                f"Snapshot file {self._backend.location(name)} is unreadable (truncated or corrupt): "
+                f"{err.__class__.__name__}: {err}. Restore it, or delete the table's snapshot folder to start "
+                "again."
+            ) from err
+
+    # --- committed snapshot ----------------------------------------------------------------------------------
+    def read_committed(self) -> Committed | None:
+        """The committed snapshot, or None before the first commit."""
+        pointer = self._read_json("CURRENT")
+        if pointer is None:
+            return None
+        committed = Committed(
+            self,
+            kinds=dict(pointer["kinds"]),
+            key_columns=tuple(pointer["key_columns"]),
+            version=str(pointer["version"]),
+            committed_at=str(pointer.get("committed_at", "")),
+            rows=pointer.get("rows"),
+            row_hash=pointer.get("row_hash"),
+            plan_id=pointer.get("plan_id"),
+        )
+        committed.columns(list(committed.key_columns))  # fail now, not mid-plan, if the file is unreadable
+        return committed
+
+    def write_snapshot(self, frame: pl.DataFrame) -> str:
+        """Write an immutable snapshot file and return its version (not yet committed)."""
+        version = _new_version()
+        self._backend.write_frame(_snapshot(version), frame)
+        return version
+
+    def read_snapshot(self, version: str, *, columns: Sequence[str] | None = None) -> pl.DataFrame:
+        return self._read_frame(_snapshot(version), columns)
+
+    def read_rows(self, version: str, keys: pl.DataFrame) -> pl.DataFrame:
+        """Rows of a snapshot whose key is in ``keys``; a local file is streamed, never held whole."""
+        name = _snapshot(version)
+        try:
+            return self._backend.read_rows(name, keys)
+        except FileNotFoundError as err:
+            raise SnapshotError(
+                f"Snapshot file {self._backend.location(name)} is missing although a pointer names it."
+            ) from err
+        except SnapshotError:
+            raise
+        except Exception as err:
+            raise SnapshotError(
+                f"Snapshot file {self._backend.location(name)} is unreadable (truncated or corrupt): "
+                f"{err.__class__.__name__}: {err}. Restore it, or delete the table's snapshot folder to start again."
+            ) from err
+
+    def delete_snapshot(self, version: str) -> None:
+        """Remove a snapshot file that no pointer names (one replaced before its commit)."""
+        self._backend.delete(_snapshot(version))
+
+    def commit(
+        self,
+        version: str,
+        *,
+        base_version: str | None,
+        kinds: dict[str, str],
+        key_columns: Sequence[str],
+        rows: int,
+        plan_id: str | None,
+        row_hash: str | None = None,
+        lock: TableLock | None = None,
+    ) -> None:
+        """Publish ``version`` as the committed snapshot, then forget the plan and the replaced snapshot.
+
+        :param base_version: the committed version this run started from (None: there was none). If CURRENT no
+            longer names it, another run committed meanwhile: :class:`SnapshotError`, and nothing is written.
+        :param plan_id: the plan this commit finishes (recorded in CURRENT; its files are then removed).
+        :param row_hash: names the function that made the row-hash columns (hashes compare only when it matches).
+        :param lock: the run's lock; checked first (:class:`SnapshotLockedError` if another run took it over).
+        """
+        if lock is not None:
+            lock.check()
+        previous = self._read_json("CURRENT")
+        current_version = None if previous is None else previous.get("version")
+        if current_version != base_version:
+            raise SnapshotError(
+                f"The committed snapshot of {self.brand_id}/{self.table_name} moved from {base_version!r} to "
+                f"{current_version!r} while this run was working; nothing was committed. The next run diffs "
+                "against the new snapshot."
+            )
+        self._write_json(
+            "CURRENT",
+            {
+                "version": version,
+                "kinds": kinds,
+                "key_columns": list(key_columns),
+                "rows": rows,
+                "row_hash": row_hash,
+                "committed_at": datetime.now(UTC).isoformat(),
+                "plan_id": plan_id,
+                "brand_id": self.brand_id,
+                "table_name": self.table_name,
+            },
+        )
+        if plan_id is not None:
+            self._forget_plan(plan_id)
+        if current_version is not None and current_version != version:
+            self._backend.delete(_snapshot(str(current_version)))
+
+    def _forget_plan(self, plan_id: str) -> None:
+        """Remove a plan's files, and the PLAN pointer if it names that plan (never another plan's)."""
+        pointer = _loose_json(self._backend.read_bytes("PLAN"))
+        if pointer is not None and pointer.get("plan_id") == plan_id:
+            self._backend.delete("PLAN")
+        self._backend.delete_tree(_plan_dir(plan_id))
+
+    # --- plan and ledger -------------------------------------------------------------------------------------
+    def write_plan(
+        self,
+        *,
+        target_version: str,
+        base_version: str | None,
+        changes: pl.DataFrame | None,
+        chunks: Sequence[tuple[int, int]],
+        meta: dict[str, Any],
+    ) -> Plan:
+        """Make a plan durable: its change set first, then the PLAN pointer (written last)."""
+        plan_id = _new_version()
+        meta = dict(meta, changes_from_target=changes is None)
+        if changes is not None:
+            self._backend.write_frame(f"{_plan_dir(plan_id)}/changes.parquet", changes)
+        plan = Plan(plan_id, base_version, target_version, tuple((int(a), int(b)) for a, b in chunks), meta)
+        self._write_json(
+            "PLAN",
+            {
+                "plan_id": plan_id,
+                "base_version": base_version,
+                "target_version": target_version,
+                "chunks": [list(c) for c in plan.chunks],
+                "meta": meta,
+                "created_at": datetime.now(UTC).isoformat(),
+            },
+        )
+        return plan
+
+    def pending_plan(self, *, cleanup: bool = True) -> Plan | None:
+        """The unfinished plan, if one exists and still applies to the committed snapshot.
+
+        * no PLAN: None.
+        * committed already (CURRENT records its ``plan_id``, or names its target): None; with ``cleanup`` its
+          files are removed (a crash between writing CURRENT and deleting PLAN leaves this).
+        * made against the committed snapshot: the plan, to resume or settle.
+        * made against another snapshot: None; with ``cleanup`` it is discarded with a warning. Its changes are
+          simply diffed again (may resend, never loses what the snapshot does not yet hold).
+
+        ``cleanup=False`` (dry runs) never writes.
+        """
+        data = self._read_json("PLAN")
+        if data is None:
+            return None
+        plan = Plan(
+            plan_id=str(data["plan_id"]),
+            base_version=data.get("base_version"),
+            target_version=str(data["target_version"]),
+            chunks=tuple((int(a), int(b)) for a, b in data["chunks"]),
+            meta=dict(data.get("meta") or {}),
+        )
+        current = self._read_json("CURRENT")
+        current_version = None if current is None else current.get("version")
+        current_plan = None if current is None else current.get("plan_id")
+        if current_plan == plan.plan_id or current_version == plan.target_version:
+            if cleanup:
+                self._backend.delete("PLAN")
+                self._backend.delete_tree(_plan_dir(plan.plan_id))
+                if plan.target_version != current_version:  # replaced at commit (rejected rows left out)
+                    self._backend.delete(_snapshot(plan.target_version))
+            return None
+        if current_version != plan.base_version:
+            if cleanup:
+                log.warning(
+                    "Discarding the pending plan %s in %s: it was made against snapshot %r but the committed "
+                    "snapshot is %r. Its changes are diffed and sent again.",
+                    plan.plan_id,
+                    self.location,
+                    plan.base_version,
+                    current_version,
+                )
+                self.discard_plan(plan)
+            return None
+        return plan
+
+    def read_changes(self, plan: Plan) -> pl.DataFrame:
+        return self._read_frame(f"{_plan_dir(plan.plan_id)}/changes.parquet")
+
+    def ack(self, plan: Plan, chunk: int, rejections: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Record that StopChurn acknowledged ``chunk``, with the records it rejected inside it.
+
+        One file per chunk, written whole (never half-visible); empty when nothing was rejected, else one JSON
+        object per line. Acknowledging again replaces the record; chunks may be acknowledged in any order.
+        """
+        if chunk < 0:
+            raise ValueError(f"chunk must be >= 0, got {chunk}")
+        data = _json_lines(rejections)
+        try:
+            self._backend.write_bytes(_ack_name(plan.plan_id, chunk), data, durable=bool(data))
+        except SnapshotError as err:
+            raise SnapshotError(f"Cannot record an acknowledgement of plan {plan.plan_id}: {err}") from err
+
+    def acks(self, plan: Plan) -> dict[int, list[dict[str, Any]]]:
+        """Every acknowledged chunk of ``plan`` with the records rejected inside it ([] when none)."""
+        folder = f"{_plan_dir(plan.plan_id)}/acks"
+        result: dict[int, list[dict[str, Any]]] = {}
+        for name, size in sorted(self._backend.list_sizes(folder).items()):
+            if not name.isdigit():
+                continue
+            records: list[dict[str, Any]] = []
+            if size:
+                raw = self._backend.read_bytes(f"{folder}/{name}")
+                records = _read_json_lines(raw or b"", self._backend.location(f"{folder}/{name}"))
+            result[int(name)] = records
+        return result
+
+    def acked(self, plan: Plan) -> set[int]:
+        """The acknowledged chunks of ``plan`` (a listing only; :meth:`acks` also reads the rejections)."""
+        names = self._backend.list_names(f"{_plan_dir(plan.plan_id)}/acks")
+        return {int(n) for n in names if n.isdigit()}
+
+    def delete_plan_files(self, plan: Plan) -> None:
+        """Remove the plan's files (change set, ledger) and the PLAN pointer if it names this plan.
+
+        The snapshots stay: use this once the plan is committed or settled; :meth:`discard_plan` also removes
+        its target snapshot.
+        """
+        self._forget_plan(plan.plan_id)
+
+    def discard_plan(self, plan: Plan) -> None:
+        """Forget a plan that will never be committed: its pointer, its files and its target snapshot."""
+        self._forget_plan(plan.plan_id)
+        current = _loose_json(self._backend.read_bytes("CURRENT"))
+        if current is None or current.get("version") != plan.target_version:
+            self._backend.delete(_snapshot(plan.target_version))
+
+    # --- quarantine ------------------------------------------------------------------------------------------
+    def write_quarantine(self, plan_id: str, records: Sequence[Mapping[str, Any]]) -> str:
+        """Write rejected rows (one JSON object per line) and return the file's location."""
+        name = _quarantine(plan_id)
+        self._backend.write_bytes(name, _json_lines(records), durable=True)
+        return self._backend.location(name)
+
+    def quarantine_files(self) -> list[str]:
+        """Names of the quarantine files, oldest first (plan ids sort by time)."""
+        return [n for n in self._backend.list_names("quarantine") if n.endswith(".jsonl")]
+
+    def read_quarantine(self, *, all_files: bool = False) -> list[dict[str, Any]]:
+        """The records of the newest quarantine file ([] when there is none); ``all_files``: of all, newest last."""
+        files = self.quarantine_files()
+        if not all_files:
+            files = files[-1:]
+        records: list[dict[str, Any]] = []
+        for name in files:
+            raw = self._backend.read_bytes(f"quarantine/{name}")
+            records += _read_json_lines(raw or b"", self._backend.location(f"quarantine/{name}"))
+        return records
+
+    def clear_quarantine(self, keep: str | None = None) -> None:
+        """Delete the quarantine files, except the one of plan ``keep``."""
+        for name in self.quarantine_files():
+            if keep is None or name != f"{keep}.jsonl":
+                self._backend.delete(f"quarantine/{name}")
+
+    # --- lock ------------------------------------------------------------------------------------------------
+    def table_lock(self, holder: str, *, ttl_s: float = 3600.0, heartbeat_s: float | None = None) -> TableLock:
+        """A lock on this table for ``holder``, not yet acquired."""
+        return TableLock(
+            self._backend, holder, ttl_s=ttl_s, label=f"{self.brand_id}/{self.table_name}", heartbeat_s=heartbeat_s
+        )
+
+    @contextlib.contextmanager
+    def lock(self, holder: str, *, ttl_s: float = 3600.0, heartbeat_s: float | None = None) -> Iterator[TableLock]:
+        """Hold the table's lock for the block; a second run fails fast naming the holder.
+
+        The lock is not refreshed by itself: call ``refresh()`` on progress, or run ``with lock.heartbeat():``.
+        """
+        table_lock = self.table_lock(holder, ttl_s=ttl_s, heartbeat_s=heartbeat_s)
+        table_lock.acquire()
+        try:
+            yield table_lock
+        finally:
+            table_lock.release()
+
+    def read_lock(self) -> dict[str, Any] | None:
+        """The LOCK record, or None when there is none (or it is unreadable: its writer died mid-write)."""
+        return _loose_json(self._backend.read_bytes("LOCK"))
+
+    def break_lock(self) -> None:
+        """Remove the lock whoever holds it. Safe only when that run is known to be dead."""
+        self._backend.delete("LOCK")
+
+
+def _loose_json(raw: bytes | None) -> dict[str, Any] | None:
+    """A JSON object, or None when absent or unreadable."""
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_json_lines(raw: bytes, where: str) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise SnapshotError(f"{where} line {number} is not valid JSON (corrupt): {err}") from err
+        records.append(record if isinstance(record, dict) else {"value": record})
+    return records
