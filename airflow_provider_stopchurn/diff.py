@@ -9,13 +9,29 @@ null there.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import polars as pl
 from polars._typing import PolarsDataType
 
-__all__ = ["ChangeSet", "diff_frames"]
+from airflow_provider_stopchurn.snapshot import CREATED_AT, HASH_1, HASH_2, META_COLUMNS
+
+__all__ = [
+    "BASE_ROW",
+    "DIRTY_HASH",
+    "ROW_HASH",
+    "TARGET_ROW",
+    "ChangeSet",
+    "SnapshotDiff",
+    "data_columns",
+    "diff_frames",
+    "diff_snapshot",
+    "first_load",
+    "with_hashes",
+]
 
 _NEW_FLAG = "\x00in_new"
 _BASE_FLAG = "\x00in_base"
@@ -126,3 +142,203 @@ def diff_frames(base: pl.DataFrame | None, new: pl.DataFrame, key_columns: Seque
         deleted=deleted,
         unchanged=matched - updated.height,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Row hashes and the snapshot diff (positions of every change in the base and target snapshots)
+# --------------------------------------------------------------------------------------------------------------
+#: Column of a change frame: the row's position in the target snapshot (inserts and updates).
+TARGET_ROW = "__sc_target_row"
+#: Column of a change frame: the row's position in the base (committed) snapshot (updates and deletes).
+BASE_ROW = "__sc_base_row"
+#: Both hashes of a snapshot row set to this mark a row whose stored values may differ from what StopChurn holds
+#: (a row kept from an older snapshot when settling across a schema change): the next diff always resends it.
+DIRTY_HASH = 0
+
+_SEEDS = (0x5EED0001, 0x0BADC0DE)
+
+
+def _row_hash_id() -> str:
+    """Name the row-hash function by what it computes on a fixed probe table.
+
+    Polars promises stable hashes within one version only, and its hashers may differ between CPUs. A snapshot
+    records this id; a worker whose hashes differ (another polars version, another platform) sees another id
+    and compares the columns themselves instead of trusting the stored hashes.
+    """
+    probe = pl.DataFrame(
+        {"i": [1, None, 2**62], "f": [1.5, None, -0.0], "s": ["x", None, "é"], "b": [True, None, False]}
+    )
+    values = [probe.hash_rows(seed=seed).to_list() for seed in _SEEDS]
+    return f"polars-{pl.__version__}-" + hashlib.sha256(repr(values).encode()).hexdigest()[:16]
+
+
+ROW_HASH = _row_hash_id()
+
+
+def data_columns(frame: pl.DataFrame) -> list[str]:
+    """The data columns of a snapshot or change frame (without createdAt, hashes and bookkeeping)."""
+    return [c for c in frame.columns if c not in _BOOKKEEPING]
+
+
+def with_hashes(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add two independent 64-bit hashes of each row's data columns (in name order: column order is free).
+
+    Together they are 128 bits: a changed row keeping both hashes has a chance of about 2^-128. A run whose
+    hash function differs (``ROW_HASH``) compares the columns themselves instead and rewrites the hashes.
+    """
+    data = frame.select(sorted(data_columns(frame)))
+    return frame.drop([c for c in (HASH_1, HASH_2) if c in frame.columns]).with_columns(
+        data.hash_rows(seed=_SEEDS[0]).alias(HASH_1),
+        data.hash_rows(seed=_SEEDS[1]).alias(HASH_2),
+    )
+
+
+@dataclass(frozen=True)
+class SnapshotDiff:
+    """A source against the committed snapshot, with each change's place in both snapshots.
+
+    ``target`` is the snapshot to commit (the source + ``createdAt`` + row hashes, in source order). ``inserted``
+    and ``updated`` are rows of ``target`` (with ``TARGET_ROW``; ``updated`` also ``BASE_ROW``), ``deleted`` rows of
+    the committed snapshot as last delivered (with ``BASE_ROW``); each sorted by key. Positions let a partly
+    delivered plan be settled whatever the dtypes of the two snapshots.
+    """
+
+    target: pl.DataFrame
+    inserted: pl.DataFrame
+    updated: pl.DataFrame
+    deleted: pl.DataFrame
+    unchanged: int
+
+
+class BaseSnapshot(Protocol):
+    """What the diff reads of the committed snapshot (``snapshot.Committed``)."""
+
+    def columns(self, names: Sequence[str]) -> pl.DataFrame: ...
+    def rows_with_keys(self, keys: pl.DataFrame) -> pl.DataFrame: ...
+
+    @property
+    def frame(self) -> pl.DataFrame: ...
+
+
+def _join_keys(new: pl.DataFrame, old: pl.DataFrame, keys: Sequence[str]) -> tuple[list[pl.Expr], list[pl.Expr]]:
+    """Join expressions for both sides.
+
+    A key column whose type changed (``1`` -> ``"1"``) names other rows: StopChurn does not promise that ``1`` and
+    ``"1"`` are one id, so no old key matches a new one (the old rows are deleted, the new ones inserted). The
+    all-null key column of an empty snapshot matches nothing anyway.
+    """
+    new_exprs, old_exprs = [], []
+    for i, k in enumerate(keys):
+        name = f"__sc_k{i}"
+        if new.schema[k] == old.schema[k]:
+            new_exprs.append(pl.col(k).alias(name))
+            old_exprs.append(pl.col(k).alias(name))
+        else:  # tagged texts that cannot be equal
+            new_exprs.append(pl.concat_str(pl.lit("n"), pl.col(k).cast(pl.String)).alias(name))
+            old_exprs.append(pl.concat_str(pl.lit("o"), pl.col(k).cast(pl.String)).alias(name))
+    return new_exprs, old_exprs
+
+
+def _rows_differ(new: pl.DataFrame, base: pl.DataFrame) -> pl.Series:
+    """Row-aligned exact comparison (null equals null): which rows differ in any data column."""
+    new_cols, base_cols = data_columns(new), data_columns(base)
+    diffs: list[pl.Series] = []
+    for c in new_cols:
+        mine = new.get_column(c)
+        if c not in base_cols:
+            diffs.append(mine.is_not_null())
+            continue
+        other = base.get_column(c)
+        common = _comparable(mine.dtype, other.dtype)
+        if common is not None:
+            mine, other = mine.cast(common, strict=False), other.cast(common, strict=False)
+        diffs.append(mine.ne_missing(other))
+    diffs.extend(base.get_column(c).is_not_null() for c in base_cols if c not in new_cols)
+    if not diffs:
+        return pl.Series([False] * new.height, dtype=pl.Boolean)
+    return pl.DataFrame(diffs).select(pl.any_horizontal(pl.all())).to_series()
+
+
+def diff_snapshot(
+    new_data: pl.DataFrame,
+    base: BaseSnapshot,
+    keys: Sequence[str],
+    *,
+    created: pl.Series | None,
+    run_ms: int,
+    by_hash: bool,
+    update_all: bool = False,
+) -> SnapshotDiff:
+    """Diff a canonical source against the committed snapshot ``base``.
+
+    :param created: each source row's createdAt (epoch ms) from a named column, or None to keep the createdAt
+        recorded for known keys (new keys get ``run_ms``).
+    :param by_hash: compare the stored row hashes (the snapshot was hashed by this ``ROW_HASH`` and its kinds
+        equal the source's); otherwise the data columns are compared exactly.
+    :param update_all: every key present on both sides counts as updated (a schema change being sent).
+    """
+    keys = list(keys)
+    old = base.columns([*keys, CREATED_AT, HASH_1, HASH_2]).with_row_index(BASE_ROW)
+    new_join, old_join = _join_keys(new_data, old, keys)
+    join_names = [f"__sc_k{i}" for i in range(len(keys))]
+    hashed = with_hashes(new_data)
+    left = hashed.select(*new_join, pl.col(HASH_1), pl.col(HASH_2))
+    right = old.select(
+        *old_join,
+        pl.col(BASE_ROW),
+        pl.col(CREATED_AT).alias("__sc_old_created"),
+        pl.col(HASH_1).alias("__sc_old_1"),
+        pl.col(HASH_2).alias("__sc_old_2"),
+    )
+    # the old keys are unique, so the left join is row-aligned with the source
+    matched = left.join(right, on=join_names, how="left", maintain_order="left")
+    is_new = pl.col(BASE_ROW).is_null()
+    dirty = (pl.col("__sc_old_1") == DIRTY_HASH) & (pl.col("__sc_old_2") == DIRTY_HASH)
+    if update_all:
+        changed: pl.Expr = pl.lit(True)
+    elif by_hash:
+        changed = (pl.col(HASH_1) != pl.col("__sc_old_1")) | (pl.col(HASH_2) != pl.col("__sc_old_2"))
+    else:
+        pairs = matched.with_row_index(TARGET_ROW).filter(~is_new).select(TARGET_ROW, BASE_ROW)
+        differ = _rows_differ(
+            new_data.select(data_columns(new_data))[pairs.get_column(TARGET_ROW)],
+            base.frame.select(data_columns(base.frame))[pairs.get_column(BASE_ROW)],
+        )
+        flags = pl.Series("__sc_differs", [False] * matched.height, dtype=pl.Boolean)
+        flags = flags.scatter(pairs.get_column(TARGET_ROW).to_numpy(), differ)
+        matched = matched.with_columns(flags)
+        changed = pl.col("__sc_differs")
+    state = matched.select(
+        pl.when(is_new).then(1).when(changed | dirty).then(2).otherwise(0).cast(pl.Int8).alias("state")
+    ).to_series()
+    created_at = created if created is not None else matched.get_column("__sc_old_created")
+    columns = [*new_data.columns, CREATED_AT]
+    target = hashed.with_columns(created_at.fill_null(run_ms).cast(pl.Int64).alias(CREATED_AT)).select(
+        [*columns, HASH_1, HASH_2]
+    )
+    indexed = target.select(columns).with_row_index(TARGET_ROW).with_columns(matched.get_column(BASE_ROW))
+    inserted = indexed.filter(state == 1).drop(BASE_ROW).sort(keys)
+    updated = indexed.filter(state == 2).sort(keys)
+    gone = (
+        old.with_columns(old_join).join(new_data.select(new_join), on=join_names, how="anti").select([*keys, BASE_ROW])
+    )
+    if gone.height:
+        rows = base.rows_with_keys(gone.select(keys))
+        deleted = (
+            rows.drop([c for c in (HASH_1, HASH_2) if c in rows.columns])
+            .join(gone, on=keys, how="left", maintain_order="left")
+            .sort(keys)
+        )
+    else:
+        deleted = old.select(BASE_ROW).clear()
+    unchanged = new_data.height - inserted.height - updated.height
+    return SnapshotDiff(target=target, inserted=inserted, updated=updated, deleted=deleted, unchanged=unchanged)
+
+
+def first_load(new_data: pl.DataFrame, *, created: pl.Series | None, run_ms: int) -> pl.DataFrame:
+    """The target snapshot of a first load (every row an insert, in source order)."""
+    created_at = created.fill_null(run_ms) if created is not None else pl.lit(run_ms, dtype=pl.Int64)
+    return with_hashes(new_data.with_columns(created_at.cast(pl.Int64).alias(CREATED_AT)))
+
+
+_BOOKKEEPING = frozenset({*META_COLUMNS, TARGET_ROW, BASE_ROW})

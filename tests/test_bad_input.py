@@ -275,9 +275,10 @@ def test_wrong_api_key_fails_once_without_retry(world: World) -> None:
     assert stats["requests"] == 1 and stats["unauthorized"] == 1
     assert world.current() == before
     assert world.sb.rows(BRAND, TABLE) == []
-    # with the right key the next run resumes the plan
+    # nothing was acknowledged, so nothing was committed; with the right key the next run plans again
+    assert world.store.pending_plan() is None
     summary = world.run(base_frame().assign(qty=0))
-    assert summary.resumed_chunks >= 1
+    assert summary.settled_chunks == 0 and summary.updated > 0
     assert all(r["qty"] == 0 for r in world.sb.rows(BRAND, TABLE))
 
 
@@ -292,15 +293,15 @@ def test_400_with_json_body_keeps_acknowledged_chunks(world: World) -> None:
     assert "Update reception failed: row 120 rejected by sandbox rule" in text
     assert info.value.reason == "Update reception failed: row 120 rejected by sandbox rule"
     assert info.value.permanent and info.value.attempts == 1
-    assert world.current() == before  # not committed
-    plan = world.store.pending_plan()
-    assert plan is not None and world.store.acked(plan) == {0, 1}
+    # the two acknowledged chunks were settled: nothing is pending, nothing needs a hand edit
+    assert world.current()["version"] != before["version"] and world.current()["rows"] == N
+    assert world.store.pending_plan() is None
     assert update_requests(world.sb) == 3
     assert sum(received_counts(world.sb.received()).values()) == 100
 
     world.sb.reject_ids(set())
     summary = world.run(changed, chunk_size=50, max_concurrent_requests=1)
-    assert summary.resumed_chunks == 2
+    assert summary.updated == 100 and summary.settled_chunks == 0
     counts = received_counts(world.sb.received())
     assert len(counts) == N and set(counts.values()) == {1}
     assert all(r["qty"] == -1 for r in world.sb.rows(BRAND, TABLE))
@@ -415,16 +416,19 @@ def test_max_rejected_rows_exceeded_commits_the_rest(world: World) -> None:
     assert all(r["qty"] == int(frame[frame.id == r["id"]].qty.iloc[0]) for r in world.sb.rows(BRAND, TABLE))
 
 
-def test_quarantine_counts_rows_of_the_resumed_plan_and_the_new_plan(world: World) -> None:
+def test_quarantine_after_a_failed_try_sends_the_current_source(world: World) -> None:
     client = world.client()
     first = base_frame().assign(qty=lambda f: f.qty + 1)  # 200 updates, 10 chunks of 20
     with pytest.raises(TransientDeliveryError):
         run_sync(first, world.store, FailAfter(client, world.sb, 2), options(chunk_size=20, max_concurrent_requests=1))
     world.sb.set_faults(FaultConfig())
-    # the source moved on: row 7 changes again, row 150 is back to what StopChurn holds (no change left)
+    # the source moved on: row 7 (delivered already) changes again, row 150 (not delivered) is back to what
+    # StopChurn holds, so it is not sent at all
     second = first.assign(qty=lambda f: np.where(f.id == 7, 999, np.where(f.id == 150, (150 * 7) % 11, f.qty)))
-    world.sb.reject_ids({150, 7})  # 150: rejected in the resumed plan; 7: in the new plan
+    world.sb.reject_ids({150, 7})
+    mark = len(world.sb.received())
     summary = run_sync(second, world.store, client, options(chunk_size=20, on_rejected_rows="quarantine"))
-    assert summary.resumed_chunks == 8
-    assert summary.quarantined == 2
-    assert sorted(r["update"]["data"]["data"]["id"] for r in _quarantine_records(world)) == [7, 150]
+    assert summary.quarantined == 1 and summary.rejected[0]["id"] == 7
+    assert sorted(r["update"]["data"]["data"]["id"] for r in _quarantine_records(world)) == [7]
+    assert 150 not in {row_id for _, _, _, row_id in world.sb.received()[mark:]}
+    assert summary.updated == 200 - 40 - 1  # the 160 not yet delivered but 150; the rejected 7 is not counted

@@ -26,6 +26,7 @@ from helpers_sync import (
     options,
     received_counts,
     resent,
+    tree_digest,
     wait_until,
 )
 
@@ -89,8 +90,13 @@ def test_killed_sync_resumes_and_converges(stopchurn_sandbox_factory: Any, tmp_p
 
     sb.set_faults(FaultConfig())
     frame = deterministic_table(seed, ROWS)
+    # a dry run predicts the next run (the pending plan settled in memory) and writes nothing
+    digest = tree_digest(root)
+    dry = run_sync(frame, store, None, options(dry_run=True), run_ms=T0 + 1)
+    assert tree_digest(root) == digest
     summary = run_sync(frame, store, make_client(sb), options(chunk_size=CHUNK), run_ms=T0 + 1)
-    assert summary.resumed_chunks == CHUNKS - len(acked)
+    assert summary.settled_chunks == len(acked)
+    assert dry.inserted == ROWS - CHUNK * len(acked) == summary.inserted - CHUNK * len(acked)
     assert_sandbox_matches(sb, frame)
     counts = received_counts(sb.received())
     assert len(counts) == ROWS

@@ -315,25 +315,24 @@ def test_concurrent_requests_converge(stopchurn_sandbox_factory: Any, store: Sna
 
 
 # --- interrupted delivery and resume ---------------------------------------------------------------------------
-def test_interrupted_delivery_resumes_without_resending(sb: SandboxServer, store: SnapshotStore) -> None:
+def test_interrupted_delivery_settles_then_sends_only_the_rest(sb: SandboxServer, store: SnapshotStore) -> None:
     churn = Churn(13, 1000, with_json=False)
     client = make_client(sb, max_retries=0)
-    opts = options(chunk_size=100, max_concurrent_requests=1)
+    opts = options(chunk_size=100, max_concurrent_requests=1, run_key="dag.task.run-1")
     with pytest.raises(TransientDeliveryError) as info:
         run_sync(churn.frame, store, FailAfter(client, sb, 4), opts, run_ms=T0)
     assert "500" in str(info.value)
     assert len(sb.rows(BRAND, TABLE)) == 400
-    assert store.read_committed() is None  # nothing committed
-    plan = store.pending_plan()
-    assert plan is not None and len(plan.chunks) == 10
-    assert store.acked(plan) == {0, 1, 2, 3}
+    committed = store.read_committed()  # the four acknowledged chunks were settled
+    assert committed is not None and committed.rows == 400
+    assert store.pending_plan() is None
 
     sb.set_faults(FaultConfig())
     requests = update_requests(sb)
     summary = run_sync(churn.frame, store, client, opts, run_ms=T0 + 1)
-    assert summary.resumed_chunks == 6
-    assert update_requests(sb) - requests == 6  # only the unacknowledged chunks
-    assert (summary.inserted, summary.updated, summary.deleted) == (0, 0, 0)  # the resumed plan covered it all
+    assert update_requests(sb) - requests == 6  # only what was not acknowledged
+    assert summary.settled_chunks == 4  # acknowledged in the earlier try of this run
+    assert (summary.inserted, summary.updated, summary.deleted) == (1000, 0, 0)  # the run's whole delivery
     counts = received_counts(sb.received())
     assert len(counts) == 1000 and set(counts.values()) == {1}  # every acknowledged update exactly once
     assert_sandbox_matches(sb, churn.frame)
@@ -352,9 +351,9 @@ def test_resume_then_diff_against_a_changed_source(sb: SandboxServer, store: Sna
     frame2 = churn.step()  # the source moved on before the retry
     mark = len(sb.received())
     summary = run_sync(frame2, store, client, opts, run_ms=T0 + 2)
-    assert summary.resumed_chunks > 0
+    assert summary.inserted + summary.updated + summary.deleted > 0
     assert_sandbox_matches(sb, frame2)
-    # the resumed plan, then the new diff: no update of one run twice
+    # the settled plan, then the new diff: no update of one run twice
     assert max(received_counts(sb.received()[mark:]).values()) <= 2
 
 
@@ -367,14 +366,13 @@ def test_resume_after_out_of_order_acknowledgements(stopchurn_sandbox_factory: A
     opts = options(chunk_size=50, max_concurrent_requests=4)
     with pytest.raises(TransientDeliveryError):
         run_sync(churn.frame, store, sender, opts, run_ms=T0)
-    plan = store.pending_plan()
-    assert plan is not None
-    acked = store.acked(plan)
-    assert 5 not in acked and max(acked) > 5, acked  # a gap: later chunks acknowledged before the failed one
-    assert len(sb.rows(BRAND, TABLE)) == 50 * len(acked)
+    committed = store.read_committed()  # settled: the acknowledged chunks, with a gap where chunk 6 failed
+    assert committed is not None and store.pending_plan() is None
+    held = {r["id"] for r in sb.rows(BRAND, TABLE)}
+    assert len(held) == committed.rows and 250 not in held and max(held) > 300, len(held)
 
     summary = run_sync(churn.frame, store, client, opts, run_ms=T0 + 1)
-    assert summary.resumed_chunks == 20 - len(acked)
+    assert summary.inserted == 1000 - len(held)
     counts = received_counts(sb.received())
     assert len(counts) == 1000 and set(counts.values()) == {1}
     assert_sandbox_matches(sb, churn.frame)
@@ -396,37 +394,4 @@ def test_transient_failure_leaves_committed_snapshot_untouched(sb: SandboxServer
     assert store.read_lock() is None  # the lock is released on failure
     sb.set_faults(FaultConfig())
     run_sync(frame, store, client, options(chunk_size=100), run_ms=T0 + 2)
-    assert_sandbox_matches(sb, frame)
-
-
-@pytest.mark.parametrize(
-    "first_run",
-    [
-        True,
-        pytest.param(
-            False,
-        ),
-    ],
-)
-def test_dry_run_with_a_pending_plan_predicts_the_next_run(
-    sb: SandboxServer, store: SnapshotStore, first_run: bool
-) -> None:
-    churn = Churn(17, 500, with_json=False)
-    client = make_client(sb, max_retries=0)
-    if not first_run:
-        run_sync(churn.frame, store, client, options(), run_ms=T0)
-    frame = churn.frame if first_run else churn.step()
-    opts = options(chunk_size=20, max_concurrent_requests=1)
-    with pytest.raises(TransientDeliveryError):
-        run_sync(frame, store, FailAfter(client, sb, 2), opts, run_ms=T0 + 1)
-    sb.set_faults(FaultConfig())
-    plan = store.pending_plan()
-    assert plan is not None
-    digest = tree_digest(store._root)
-
-    dry = run_sync(frame, store, None, options(dry_run=True), run_ms=T0 + 2)
-    assert tree_digest(store._root) == digest
-    real = run_sync(frame, store, client, opts, run_ms=T0 + 3)
-    assert real.resumed_chunks == len(plan.chunks) - 2
-    assert (dry.inserted, dry.updated, dry.deleted) == (real.inserted, real.updated, real.deleted) == (0, 0, 0)
     assert_sandbox_matches(sb, frame)

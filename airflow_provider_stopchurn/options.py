@@ -1,0 +1,78 @@
+"""``SyncOptions``: every option that shapes a run, defined and validated in one place (no I/O).
+
+The operator builds it from its own arguments (``SyncOptions.field_names()`` lists them), so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from airflow_provider_stopchurn.exceptions import StopChurnConfigError
+
+SchemaPolicy = Literal["fail", "update_all", "rebaseline"]
+RejectPolicy = Literal["fail", "quarantine"]
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    """Everything that shapes one run. Validated on construction (no I/O)."""
+
+    brand_id: int
+    table_name: str
+    key_columns: tuple[str, ...] = ("id",)
+    created_at_column: str | None = None
+    updated_at_column: str | None = None
+    initial_load: Literal["send", "baseline"] = "send"
+    chunk_size: int = 500
+    max_chunk_bytes: int = 5_000_000
+    dry_run: bool = False
+    max_delete_fraction: float = 0.5
+    allow_empty_source: bool = False
+    allow_large_changes: bool = False
+    on_schema_change: SchemaPolicy = "fail"
+    on_rejected_rows: RejectPolicy = "fail"
+    max_rejected_rows: int = 100
+    max_concurrent_requests: int = 4
+    nest_dotted_columns: bool = True
+    decimal_as_string: bool = False
+    holder: str = "stopchurn-sync"
+    lock_ttl_s: float = 3600.0
+    progress_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.brand_id, bool) or not isinstance(self.brand_id, int):
+            problems.append(f"brand_id must be an integer, got {self.brand_id!r}")
+        if not isinstance(self.table_name, str) or not self.table_name.strip():
+            problems.append("table_name must be a non-empty string")
+        if not self.key_columns or not all(isinstance(k, str) and k for k in self.key_columns):
+            problems.append(f"primary_key must name one or more columns, got {self.key_columns!r}")
+        if self.initial_load not in ("send", "baseline"):
+            problems.append(f"initial_load must be 'send' or 'baseline', got {self.initial_load!r}")
+        if self.on_schema_change not in ("fail", "update_all", "rebaseline"):
+            problems.append(
+                f"on_schema_change must be 'fail', 'update_all' or 'rebaseline', got {self.on_schema_change!r}"
+            )
+        if self.on_rejected_rows not in ("fail", "quarantine"):
+            problems.append(f"on_rejected_rows must be 'fail' or 'quarantine', got {self.on_rejected_rows!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            problems.append(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if not isinstance(self.max_chunk_bytes, int) or self.max_chunk_bytes < 64:
+            problems.append(f"max_chunk_bytes must be an integer >= 64, got {self.max_chunk_bytes!r}")
+        if not 0.0 <= float(self.max_delete_fraction) <= 1.0:
+            problems.append(f"max_delete_fraction must be within [0, 1], got {self.max_delete_fraction!r}")
+        if not isinstance(self.max_concurrent_requests, int) or self.max_concurrent_requests < 1:
+            problems.append(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests!r}")
+        if not isinstance(self.max_rejected_rows, int) or self.max_rejected_rows < 0:
+            problems.append(f"max_rejected_rows must be >= 0, got {self.max_rejected_rows!r}")
+        if problems:
+            raise StopChurnConfigError("Invalid sync options: " + "; ".join(problems) + ".")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+__all__ = ["RejectPolicy", "SchemaPolicy", "SyncOptions"]

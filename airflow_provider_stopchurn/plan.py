@@ -1,0 +1,370 @@
+"""Planning a run, without I/O beyond reading the committed snapshot: schema policy, safeguards, the change frame
+and its encoding into chunked updates.
+
+:func:`make_plan` turns a canonical source and the committed snapshot into a :class:`RunPlan`: the target snapshot,
+one encoded update per change in send order (deletes, updates, inserts; each by key) and the chunk ranges. Each
+update keeps its row's position in the base and target snapshots (``BASE_ROW`` / ``TARGET_ROW``), so the plan can
+be settled after any partial delivery (``settle.py``). Deletes are encoded with the committed snapshot's kinds and
+columns (a deleted row goes out as it was last delivered), inserts and updates with the source's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from airflow_provider_stopchurn.diff import (
+    BASE_ROW,
+    ROW_HASH,
+    TARGET_ROW,
+    SnapshotDiff,
+    data_columns,
+    diff_snapshot,
+    first_load,
+)
+from airflow_provider_stopchurn.encoding import Canonical, bodies_bytes, encode_rows, encode_updates, plan_chunks
+from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError
+from airflow_provider_stopchurn.options import SyncOptions
+from airflow_provider_stopchurn.snapshot import CREATED_AT, OP, UPDATED_AT, Committed
+
+log = logging.getLogger(__name__)
+
+#: Version of the plan files this module writes; a pending plan of another version is re-planned.
+PLAN_FORMAT = 2
+UPDATE = "__sc_update"
+_NUMERIC = {"int", "float"}
+_ENCODE_BATCH = 200_000
+
+
+@dataclass
+class RunPlan:
+    """Everything one delivery needs; ``updates`` holds one update JSON text per change, in send order."""
+
+    target: pl.DataFrame
+    kinds: dict[str, str]
+    key_columns: list[str]
+    updates: pl.Series
+    #: per update: OP, BASE_ROW, TARGET_ROW; None for a first load (update i is target row i)
+    positions: pl.DataFrame | None
+    chunks: list[tuple[int, int]]
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    bytes: int = 0
+    #: record ``target`` as delivered without sending anything, on purpose (initial_load="baseline", rebaseline)
+    baseline: bool = False
+    #: nothing to send, but the snapshot must be rewritten (new kinds or another row-hash function)
+    rewrite: bool = False
+    schema_change: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def changes(self) -> int:
+        return self.inserted + self.updated + self.deleted
+
+    def plan_frame(self) -> pl.DataFrame | None:
+        """What the store keeps of the plan: per update its op, positions and JSON text."""
+        if self.positions is None:
+            return None
+        return self.positions.with_columns(self.updates.alias(UPDATE))
+
+
+# --- schema policy -------------------------------------------------------------------------------------------
+def _compatible(old: str, new: str) -> bool:
+    return old == new or "null" in (old, new) or {old, new} <= _NUMERIC
+
+
+def schema_changes(committed: Committed, canon: Canonical) -> dict[str, Any]:
+    """Columns added, removed or retyped between the snapshot and the source ({} when none)."""
+    return kind_changes(committed.kinds, canon.kinds, committed.key_columns, canon.key_columns)
+
+
+def kind_changes(
+    old: Mapping[str, str], new: Mapping[str, str], old_keys: Any = None, new_keys: Any = None
+) -> dict[str, Any]:
+    added = [c for c in new if c not in old]
+    removed = [c for c in old if c not in new]
+    retyped = {c: f"{old[c]} -> {new[c]}" for c in new if c in old and not _compatible(old[c], new[c])}
+    change: dict[str, Any] = {}
+    if added:
+        change["added"] = added
+    if removed:
+        change["removed"] = removed
+    if retyped:
+        change["retyped"] = retyped
+    if old_keys is not None and tuple(old_keys) != tuple(new_keys):
+        change["key_columns"] = f"{list(old_keys)} -> {list(new_keys)}"
+    return change
+
+
+def describe(change: Mapping[str, Any]) -> str:
+    parts = []
+    for what in ("added", "removed"):
+        if what in change:
+            parts.append(f"{what} {change[what]}")
+    if "retyped" in change:
+        parts.append("retyped " + ", ".join(f"{c} ({t})" for c, t in change["retyped"].items()))
+    if "key_columns" in change:
+        parts.append(f"key columns {change['key_columns']}")
+    return "; ".join(parts)
+
+
+def align(canon: Canonical, base: Committed | None) -> pl.DataFrame:
+    """The source with its all-null ('null' kind) columns cast to the snapshot's dtype, so stored types stay."""
+    new = canon.frame
+    if base is None:
+        return new
+    typed = [c for c in new.columns if canon.kinds[c] == "null" and base.kinds.get(c, "null") != "null"]
+    if not typed:
+        return new
+    schema = base.columns(typed).schema
+    return new.with_columns([pl.col(c).cast(schema[c]) for c in typed])
+
+
+def kinds_after(canon: Canonical, base_kinds: Mapping[str, str]) -> dict[str, str]:
+    return {c: (base_kinds.get(c, k) if k == "null" else k) for c, k in canon.kinds.items()}
+
+
+def timestamp_column(canon: Canonical, name: str | None, role: str) -> pl.Series | None:
+    """A named createdAt/updatedAt column as epoch ms, or None."""
+    if name is None:
+        return None
+    if name not in canon.kinds:
+        raise SourceDataError(f"{role} column {name!r} is not in the source (columns: {list(canon.kinds)}).")
+    if canon.kinds[name] not in ("timestamp", "date", "int", "null"):
+        raise SourceDataError(
+            f"{role} column {name!r} must hold datetimes or epoch milliseconds, not {canon.kinds[name]} values."
+        )
+    return canon.frame.get_column(name).cast(pl.Int64)
+
+
+# --- safeguards ----------------------------------------------------------------------------------------------
+def check_safeguards(deleted: int, source_rows: int, committed: Committed | None, options: SyncOptions) -> None:
+    if committed is None or options.allow_large_changes:
+        return
+    base_rows = committed.rows if committed.rows is not None and committed.rows >= 0 else committed.frame.height
+    if base_rows == 0:
+        return
+    hint = " Nothing was sent. To let this run through, set allow_large_changes=True for one run."
+    if source_rows == 0 and not options.allow_empty_source:
+        raise SafeguardError(
+            f"The source of brand {options.brand_id} table {options.table_name!r} is empty but the snapshot holds "
+            f"{base_rows} rows; syncing would delete them all.{hint} (or allow_empty_source=True)"
+        )
+    fraction = deleted / base_rows
+    if fraction > options.max_delete_fraction and not (source_rows == 0 and options.allow_empty_source):
+        raise SafeguardError(
+            f"The plan deletes {deleted} of {base_rows} rows ({fraction:.1%}) of brand "
+            f"{options.brand_id} table {options.table_name!r}, more than max_delete_fraction="
+            f"{options.max_delete_fraction:.0%}.{hint}"
+        )
+
+
+# --- the plan ------------------------------------------------------------------------------------------------
+def make_plan(canon: Canonical, committed: Committed | None, options: SyncOptions, run_ms: int) -> RunPlan:
+    """Diff ``canon`` against ``committed`` under the run's options; raise before anything is sent."""
+    keys = list(canon.key_columns)
+    created = timestamp_column(canon, options.created_at_column, "created_at")
+    timestamp_column(canon, options.updated_at_column, "updated_at")  # validated now, used when encoding
+    base_kinds: dict[str, str] = dict(committed.kinds) if committed is not None else {}
+    kinds = kinds_after(canon, base_kinds)
+    meta = _plan_meta(options, kinds, keys, run_ms)
+
+    update_all = False
+    schema_change = None
+    if committed is not None:
+        change = schema_changes(committed, canon)
+        if change:
+            schema_change = {"policy": options.on_schema_change, **change}
+            if options.on_schema_change == "fail":
+                raise SafeguardError(
+                    f"The columns of the source differ from the snapshot of brand {options.brand_id} table "
+                    f"{options.table_name!r}: {describe(change)}. Nothing was sent. Set on_schema_change="
+                    "'update_all' to send every row with its new columns, or 'rebaseline' to record the new "
+                    "table without sending."
+                )
+            log.warning(
+                "Schema change on %r (%s), policy on_schema_change=%r.",
+                options.table_name,
+                describe(change),
+                options.on_schema_change,
+            )
+            if options.on_schema_change == "rebaseline":
+                return _baseline(canon, committed, kinds, keys, created, run_ms, meta, schema_change)
+            update_all = True
+
+    if committed is None:
+        target = first_load(canon.frame, created=created, run_ms=run_ms)
+        if options.initial_load == "baseline":
+            plan = _empty(target, kinds, keys, meta, baseline=True)
+            plan.unchanged = target.height
+            return plan
+        updates = _encode(
+            _with_updated_at(target, options, run_ms).with_columns(pl.lit("insert").alias(OP)), kinds, options
+        )
+        return _chunked(RunPlan(target, kinds, keys, updates, None, [], inserted=target.height, meta=meta), options)
+
+    new_data = align(canon, committed)
+    by_hash = not update_all and committed.row_hash == ROW_HASH and base_kinds == canon.kinds
+    diff = diff_snapshot(
+        new_data, committed, keys, created=created, run_ms=run_ms, by_hash=by_hash, update_all=update_all
+    )
+    check_safeguards(diff.deleted.height, canon.frame.height, committed, options)
+    if diff.inserted.height + diff.updated.height + diff.deleted.height == 0:
+        plan = _empty(diff.target, kinds, keys, meta, baseline=False)
+        plan.unchanged = diff.unchanged
+        # nothing to send; the snapshot is rewritten only if its kinds or hash function changed
+        plan.rewrite = not (base_kinds == kinds and committed.row_hash == ROW_HASH)
+        return plan
+    updates, positions = _encode_changes(diff, base_kinds, kinds, options, run_ms)
+    plan = RunPlan(
+        diff.target,
+        kinds,
+        keys,
+        updates,
+        positions,
+        [],
+        inserted=diff.inserted.height,
+        updated=diff.updated.height,
+        deleted=diff.deleted.height,
+        unchanged=diff.unchanged,
+        schema_change=schema_change,
+        meta=meta,
+    )
+    return _chunked(plan, options)
+
+
+def _baseline(
+    canon: Canonical,
+    committed: Committed,
+    kinds: dict[str, str],
+    keys: list[str],
+    created: pl.Series | None,
+    run_ms: int,
+    meta: dict[str, Any],
+    schema_change: dict[str, Any],
+) -> RunPlan:
+    """Record the source as delivered (rebaseline), keeping each known key's createdAt."""
+    new_data = align(canon, committed)
+    diff = diff_snapshot(new_data, committed, keys, created=created, run_ms=run_ms, by_hash=True, update_all=True)
+    plan = _empty(diff.target, kinds, keys, meta, baseline=True)
+    plan.unchanged = canon.frame.height
+    plan.schema_change = schema_change
+    return plan
+
+
+def _empty(
+    target: pl.DataFrame, kinds: dict[str, str], keys: list[str], meta: dict[str, Any], *, baseline: bool
+) -> RunPlan:
+    return RunPlan(target, kinds, keys, pl.Series(UPDATE, [], dtype=pl.String), None, [], baseline=baseline, meta=meta)
+
+
+def _chunked(plan: RunPlan, options: SyncOptions) -> RunPlan:
+    sizes = plan.updates.str.len_bytes().to_numpy()
+    plan.chunks = plan_chunks(sizes, chunk_size=options.chunk_size, max_chunk_bytes=options.max_chunk_bytes)
+    plan.bytes = bodies_bytes(sizes, plan.chunks)
+    return plan
+
+
+def _with_updated_at(frame: pl.DataFrame, options: SyncOptions, run_ms: int) -> pl.DataFrame:
+    if options.updated_at_column is not None:
+        upd = pl.col(options.updated_at_column).cast(pl.Int64).fill_null(run_ms)
+    else:
+        upd = pl.lit(run_ms, dtype=pl.Int64)
+    return frame.with_columns(upd.alias(UPDATED_AT))
+
+
+def _encode_changes(
+    diff: SnapshotDiff, base_kinds: Mapping[str, str], kinds: Mapping[str, str], options: SyncOptions, run_ms: int
+) -> tuple[pl.Series, pl.DataFrame]:
+    """The updates of a diff in send order, and per update its op and positions."""
+    parts: list[pl.Series] = []
+    positions: list[pl.DataFrame] = []
+    if diff.deleted.height:
+        deleted = diff.deleted.with_columns(
+            pl.lit(run_ms, dtype=pl.Int64).alias(UPDATED_AT), pl.lit("delete").alias(OP)
+        )
+        parts.append(_encode(deleted, base_kinds, options))
+        positions.append(
+            deleted.select(pl.col(OP), pl.col(BASE_ROW).cast(pl.Int64), pl.lit(None, dtype=pl.Int64).alias(TARGET_ROW))
+        )
+    for op, frame in (("update", diff.updated), ("insert", diff.inserted)):
+        if frame.height:
+            part = _with_updated_at(frame, options, run_ms).with_columns(pl.lit(op).alias(OP))
+            parts.append(_encode(part, kinds, options))
+            base_row = pl.col(BASE_ROW).cast(pl.Int64) if BASE_ROW in part.columns else pl.lit(None, dtype=pl.Int64)
+            positions.append(part.select(pl.col(OP), base_row.alias(BASE_ROW), pl.col(TARGET_ROW).cast(pl.Int64)))
+    return pl.concat(parts), pl.concat(positions)
+
+
+def _encode(frame: pl.DataFrame, kinds: Mapping[str, str], options: SyncOptions) -> pl.Series:
+    """The update JSON of every row of a change frame (data + createdAt + updatedAt + op), in order.
+
+    Encoded in batches of rows, so the intermediate row JSON of only one batch is held beside the updates.
+    """
+    columns = [c for c in data_columns(frame) if c not in (OP, UPDATED_AT)]
+    column_kinds = {c: kinds[c] for c in columns}
+    parts = []
+    for offset in range(0, max(frame.height, 1), _ENCODE_BATCH):
+        batch = frame.slice(offset, _ENCODE_BATCH)
+        rows = encode_rows(
+            batch.select(columns),
+            column_kinds,
+            nest_dotted_columns=options.nest_dotted_columns,
+            decimal_as_string=options.decimal_as_string,
+        )
+        parts.append(
+            encode_updates(
+                batch.get_column(OP),
+                rows,
+                batch.get_column(CREATED_AT),
+                batch.get_column(UPDATED_AT),
+                brand_id=options.brand_id,
+                table_name=options.table_name,
+            )
+        )
+    return (parts[0] if len(parts) == 1 else pl.concat(parts)).alias(UPDATE)
+
+
+def encode_first_load(target: pl.DataFrame, kinds: Mapping[str, str], options: SyncOptions, run_ms: int) -> pl.Series:
+    """Re-encode the inserts of a first-load plan from its target snapshot (its plan keeps no update texts)."""
+    return _encode(_with_updated_at(target, options, run_ms).with_columns(pl.lit("insert").alias(OP)), kinds, options)
+
+
+def _plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], run_ms: int) -> dict[str, Any]:
+    return {
+        "plan_format": PLAN_FORMAT,
+        "brand_id": options.brand_id,
+        "table_name": options.table_name,
+        "kinds": dict(kinds),
+        "key_columns": keys,
+        "run_ms": run_ms,
+        "nest_dotted_columns": options.nest_dotted_columns,
+        "decimal_as_string": options.decimal_as_string,
+        "updated_at_column": options.updated_at_column,
+        "row_hash": ROW_HASH,
+    }
+
+
+def sizes_of(updates: pl.Series) -> np.ndarray:
+    return updates.str.len_bytes().to_numpy()
+
+
+__all__ = [
+    "PLAN_FORMAT",
+    "UPDATE",
+    "RunPlan",
+    "align",
+    "check_safeguards",
+    "describe",
+    "encode_first_load",
+    "kind_changes",
+    "make_plan",
+    "schema_changes",
+]

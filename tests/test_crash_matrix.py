@@ -1,0 +1,72 @@
+"""The crash matrix: a worker killed at every durable write of the store, then a clean run converges.
+
+For each scenario (plain delivery, quarantine, settling after a rejection) the worker process first runs to the
+end to count the store's writes; then one worker per write dies just before, or just after, that write. After
+each death a clean in-process run (StopChurn accepting everything) must leave the sandbox equal to the source,
+no plan pending and no lock held: no crash point needs a hand edit of the store.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
+from recovery_scenarios import SCENARIOS, churned, first_table
+
+from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.sync import run_sync
+
+WORKER = Path(__file__).with_name("crash_at_write_worker.py")
+KEY_VAR = "STOPCHURN_CRASH_MATRIX_KEY"
+
+
+def _worker(sb: Any, root: Path, scenario: str, crash_at: int, when: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, KEY_VAR: sb.token, "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(
+        [sys.executable, str(WORKER), sb.url, KEY_VAR, str(root), scenario, str(crash_at), when],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=WORKER.parent,
+        timeout=120,
+        check=False,
+    )
+
+
+def _fresh(sb: Any, root: Path, scenario: str) -> SnapshotStore:
+    sb.reset()
+    store = SnapshotStore(root, BRAND, TABLE)
+    run_sync(first_table(), store, make_client(sb), options(chunk_size=8), run_ms=T0)
+    sb.reject_ids(SCENARIOS[scenario].rejected)
+    return store
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_killed_at_every_store_write_then_a_clean_run_converges(
+    stopchurn_sandbox_factory: Any, tmp_path: Path, scenario: str
+) -> None:
+    sb = stopchurn_sandbox_factory(record=True)
+    _fresh(sb, tmp_path / "count", scenario)
+    counted = _worker(sb, tmp_path / "count", scenario, 0, "never")
+    assert counted.returncode == 0, counted.stderr
+    writes = int(counted.stdout.strip().splitlines()[-1].split()[-1])
+    assert writes >= 5, counted.stdout
+    points = [(n, when) for n in range(1, writes + 1) for when in ("before", "after")]
+    for n, when in points:
+        root = tmp_path / f"{when}-{n}"
+        store = _fresh(sb, root, scenario)
+        died = _worker(sb, root, scenario, n, when)
+        assert died.returncode == 9, (n, when, died.stdout, died.stderr)
+        sb.reject_ids(())
+        target = churned()
+        run_sync(target, store, make_client(sb), options(chunk_size=8), run_ms=T0 + 2000)
+        assert_sandbox_matches(sb, target)
+        assert store.pending_plan() is None, (n, when)
+        assert store.read_lock() is None, (n, when)
+        again = run_sync(target, store, make_client(sb), options(chunk_size=8), run_ms=T0 + 3000)
+        assert again.inserted + again.updated + again.deleted == 0, (n, when)
