@@ -131,6 +131,23 @@ def test_pointer_records_the_row_count(sb: SandboxServer, root: Any) -> None:
 
 
 # --- plan and ledger -------------------------------------------------------------------------------------------
+class _LedgerPeek:
+    """A sender that, before each request, records what the store shows: the pending plan, its ledger, CURRENT."""
+
+    def __init__(self, inner: Any, store: SnapshotStore) -> None:
+        self.inner = inner
+        self.store = store
+        self.seen: list[tuple[Plan | None, set[int], str | None, bytes | None]] = []
+
+    def post_update_body(self, body: bytes) -> Any:
+        plan = self.store.pending_plan(cleanup=False)
+        acked = set() if plan is None else self.store.acked(plan)
+        committed = self.store.read_committed()
+        pointer = self.store.backend.read_bytes("PLAN")
+        self.seen.append((plan, acked, None if committed is None else committed.version, pointer))
+        return self.inner.post_update_body(body)
+
+
 def test_plan_ledger_of_an_interrupted_delivery(sb: SandboxServer, root: Any) -> None:
     store, churn = _synced_store(sb, root)
     committed = store.read_committed()
@@ -138,45 +155,38 @@ def test_plan_ledger_of_an_interrupted_delivery(sb: SandboxServer, root: Any) ->
     frame = churn.step(deletes=0.2, updates=0.5, inserts=0.3)
     client = make_client(sb)
     opts = options(chunk_size=20, max_concurrent_requests=1)
+    peek = _LedgerPeek(FailAfter(client, sb, 2), store)
     with pytest.raises(TransientDeliveryError):
-        run_sync(frame, store, FailAfter(client, sb, 2), opts, run_ms=T0 + 1)
+        run_sync(frame, store, peek, opts, run_ms=T0 + 1)
     sb.set_faults(FaultConfig())
 
-    table = _table_dir(root)
-    pointer = read_json(table / "PLAN")
-    plan = store.pending_plan()
-    assert plan is not None and plan.plan_id == pointer["plan_id"]
-    assert plan.base_version == committed.version
-    assert plan.target_version != committed.version
-    assert (table / "snapshots" / f"{plan.target_version}.parquet").exists()
-    assert (table / "plans" / plan.plan_id / "changes.parquet").exists()
-    assert store.acked(plan) == {0, 1}
-    assert sorted(p.name for p in (table / "plans" / plan.plan_id / "acks").iterdir()) == ["0000000", "0000001"]
-    assert read_json(table / "CURRENT")["version"] == committed.version  # not committed
+    # while delivering: the plan is durable before the first request, each acknowledgement is recorded
+    assert len(peek.seen) >= 3
+    plan = peek.seen[0][0]
+    assert plan is not None and plan.base_version == committed.version != plan.target_version
+    assert all(p is not None and p.plan_id == plan.plan_id for p, *_ in peek.seen)
+    assert [acked for _, acked, *_ in peek.seen[:3]] == [set(), {0}, {0, 1}]
+    assert {version for _, _, version, _ in peek.seen} == {committed.version}  # nothing committed meanwhile
     assert plan.chunks[0][0] == 0 and all(a[1] == b[0] for a, b in zip(plan.chunks, plan.chunks[1:], strict=False))
 
-    # acknowledging is idempotent and order-free
-    store.ack(plan, 5)
-    store.ack(plan, 5)
-    assert store.acked(plan) == {0, 1, 5}
-    (table / "plans" / plan.plan_id / "acks" / "0000005").unlink()
-
-    plan_bytes = (table / "PLAN").read_bytes()
-    summary = run_sync(frame, store, client, opts, run_ms=T0 + 2)
-    assert summary.resumed_chunks == len(plan.chunks) - 2
-    assert_sandbox_matches(sb, frame)
-    assert read_json(table / "CURRENT")["version"] == plan.target_version
-    assert not (table / "PLAN").exists()
+    # the failed run settled what was acknowledged: CURRENT records the plan, its files are gone
+    table = _table_dir(root)
+    current = read_json(table / "CURRENT")
+    assert current["plan_id"] == plan.plan_id and current["version"] != committed.version
+    assert store.pending_plan() is None and not (table / "PLAN").exists()
+    assert not (table / "plans" / plan.plan_id).exists()
     assert not (table / "snapshots" / f"{committed.version}.parquet").exists()  # the old snapshot is gone
 
-    # a PLAN pointer that outlived its commit (crash between the two writes) is recognised and dropped
-    with (table / "PLAN").open("wb") as fh:
-        fh.write(plan_bytes)
-    assert store.pending_plan() is None
-    assert not (table / "PLAN").exists()
+    # a PLAN pointer that outlived its commit (a crash between the two writes) is recognised and dropped
+    store.backend.write_bytes("PLAN", peek.seen[0][3] or b"")
+    assert store.pending_plan(cleanup=False) is None and (table / "PLAN").exists()
+    assert store.pending_plan() is None and not (table / "PLAN").exists()
+
+    run_sync(frame, store, client, opts, run_ms=T0 + 2)
+    assert_sandbox_matches(sb, frame)
     requests = update_requests(sb)
-    summary = run_sync(frame, store, client, opts, run_ms=T0 + 3)
-    assert summary.resumed_chunks == 0 and update_requests(sb) == requests
+    run_sync(frame, store, client, opts, run_ms=T0 + 3)
+    assert update_requests(sb) == requests  # converged: nothing left to send
 
 
 def test_plan_made_against_another_snapshot_is_discarded(sb: SandboxServer, tmp_path: Path) -> None:
