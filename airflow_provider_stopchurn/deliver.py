@@ -91,9 +91,14 @@ def deliver(
     options: SyncOptions,
     on_ack: Callable[[int, list[Rejection]], None],
     *,
-    heartbeat: Callable[[], None] | None = None,
+    guard: Callable[[], None] | None = None,
 ) -> DeliveryReport:
-    """Send the chunks ``todo`` of ``updates``; see the module docstring."""
+    """Send the chunks ``todo`` of ``updates``; see the module docstring.
+
+    :param on_ack: records an acknowledged chunk with its rejections (called on this thread).
+    :param guard: called before each request is started; an exception from it (the run lost its lock) stops
+        the delivery like a failed request.
+    """
     report = DeliveryReport()
     total = len(todo)
     if not total:
@@ -113,6 +118,12 @@ def deliver(
         while True:
             # one request first: a wrong key or a rejected first chunk then costs one request, not `workers`
             while report.failure is None and len(pending) < (workers if report.acked else 1):
+                if guard is not None:
+                    try:
+                        guard()
+                    except BaseException as err:
+                        report.failure = err
+                        break
                 nxt = next(queue, None)
                 if nxt is None:
                     break
@@ -143,8 +154,6 @@ def deliver(
                         report.failure = err
                     continue
                 report.acked[index] = outcome.rejections
-                if heartbeat is not None:
-                    heartbeat()
                 if time.monotonic() - last_progress >= options.progress_interval_s:
                     last_progress = time.monotonic()
                     log.info("Delivered %d of %d chunks of %r.", len(report.acked), total, options.table_name)

@@ -38,6 +38,9 @@ class SyncOptions:
     nest_dotted_columns: bool = True
     decimal_as_string: bool = False
     holder: str = "stopchurn-sync"
+    #: names the DAG run (and task) this sync belongs to: a later try of the same run reports the run's whole
+    #: delivery, including what earlier tries delivered (None: count this call only)
+    run_key: str | None = None
     lock_ttl_s: float = 3600.0
     progress_interval_s: float = 10.0
 

@@ -21,7 +21,7 @@ so the next run resends them rather than trusting values converted to the new ty
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ import polars as pl
 
 from airflow_provider_stopchurn.diff import BASE_ROW, DIRTY_HASH, ROW_HASH, TARGET_ROW, data_columns, with_hashes
 from airflow_provider_stopchurn.plan import PLAN_FORMAT, UPDATE, kind_changes
-from airflow_provider_stopchurn.snapshot import CREATED_AT, HASH_1, HASH_2, OP, Plan, SnapshotStore
+from airflow_provider_stopchurn.snapshot import CREATED_AT, HASH_1, HASH_2, OP, Committed, Plan, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,12 @@ def settle(
     acks: Mapping[int, Sequence[Mapping[str, Any]]],
     *,
     lock: Any = None,
+    run: Callable[[Settled], Mapping[str, Any]] | None = None,
 ) -> Settled:
-    """Commit what StopChurn acknowledged of ``plan`` (``acks``: chunk -> its rejection records)."""
+    """Commit what StopChurn acknowledged of ``plan`` (``acks``: chunk -> its rejection records).
+
+    :param run: given what this settle delivered, the run record to keep in ``CURRENT`` (see ``SnapshotStore.commit``).
+    """
     result = Settled(plan.plan_id, acked_chunks=len(acks))
     if plan.meta.get("plan_format") != PLAN_FORMAT:
         log.warning(
@@ -96,6 +100,7 @@ def settle(
             plan_id=plan.plan_id,
             row_hash=plan.meta.get("row_hash"),
             lock=lock,
+            run=run(result) if run is not None else None,
         )
         result.version = plan.target_version
         return result
@@ -111,6 +116,7 @@ def settle(
         plan_id=plan.plan_id,
         row_hash=ROW_HASH,
         lock=lock,
+        run=run(result) if run is not None else None,
     )
     store.delete_snapshot(plan.target_version)
     result.version = version
@@ -124,6 +130,32 @@ def settle(
         version,
     )
     return result
+
+
+def preview(store: SnapshotStore, plan: Plan, acks: Mapping[int, Sequence[Mapping[str, Any]]]) -> Committed | None:
+    """The snapshot :func:`settle` would commit for ``plan``, built in memory (a dry run writes nothing)."""
+    committed = store.read_committed()
+    if plan.meta.get("plan_format") != PLAN_FORMAT or not acks:
+        return committed
+    total = plan.chunks[-1][1] if plan.chunks else 0
+    applied = np.zeros(total, dtype=bool)
+    for chunk in acks:
+        start, end = plan.chunks[chunk]
+        applied[start:end] = True
+    applied[sorted({int(r["position"]) for records in acks.values() for r in records})] = False
+    positions = None if plan.changes_from_target else store.read_changes(plan)
+    frame = (
+        store.read_snapshot(plan.target_version) if applied.all() else _settled_frame(store, plan, applied, positions)
+    )
+    return Committed(
+        store,
+        kinds=dict(plan.meta["kinds"]),
+        key_columns=plan.meta["key_columns"],
+        version=plan.target_version,
+        rows=frame.height,
+        row_hash=ROW_HASH if not applied.all() else plan.meta.get("row_hash"),
+        frame=frame,
+    )
 
 
 def _count(result: Settled, applied: np.ndarray, positions: pl.DataFrame | None) -> None:
@@ -188,4 +220,4 @@ def _settled_frame(
     return pl.concat([kept.select(target.columns), with_hashes(new_rows.select(columns))])
 
 
-__all__ = ["Settled", "settle"]
+__all__ = ["Settled", "preview", "settle"]

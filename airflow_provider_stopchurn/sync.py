@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from airflow_provider_stopchurn.encoding import Canonical, canonicalize
 from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError, StopChurnConfigError
 from airflow_provider_stopchurn.options import RejectPolicy, SchemaPolicy, SyncOptions
 from airflow_provider_stopchurn.plan import RunPlan, make_plan, schema_changes
-from airflow_provider_stopchurn.settle import Settled, settle
+from airflow_provider_stopchurn.settle import Settled, preview, settle
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,28 @@ class SyncSummary:
             data.pop("samples")
         data["rejected"] = data["rejected"][:20]  # XCom stays small; the quarantine file holds them all
         return data
+
+    def start_from(self, record: Mapping[str, Any] | None, run_key: str | None) -> None:
+        """Count what earlier tries of the same run delivered (the run record kept with the snapshot)."""
+        if run_key is None or not record or record.get("run_key") != run_key:
+            return
+        self.inserted += int(record.get("inserted", 0))
+        self.updated += int(record.get("updated", 0))
+        self.deleted += int(record.get("deleted", 0))
+        self.settled_chunks += int(record.get("chunks", 0))
+
+    def run_record(self, run_key: str | None, settled: Settled | None = None, chunks: int = 0) -> dict[str, Any] | None:
+        """What the run delivered, with ``settled`` (not yet added) counted in: kept in ``CURRENT``."""
+        if run_key is None:
+            return None
+        extra = settled or Settled("")
+        return {
+            "run_key": run_key,
+            "inserted": self.inserted + extra.inserted,
+            "updated": self.updated + extra.updated,
+            "deleted": self.deleted + extra.deleted,
+            "chunks": chunks + extra.acked_chunks,
+        }
 
     def add(self, settled: Settled) -> None:
         self.inserted += settled.inserted
@@ -125,6 +147,9 @@ def run_sync(
             raise StopChurnConfigError("A sender is required unless dry_run=True.")
         with store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock, lock.heartbeat():
             pending = store.pending_plan()
+            committed = store.read_committed()
+            summary.start_from(committed.run if committed is not None else None, options.run_key)
+            delivered_chunks = summary.settled_chunks
             if pending is not None:
                 _check_owner(pending.meta, store, options)
                 acks = store.acks(pending)
@@ -135,8 +160,16 @@ def run_sync(
                     len(acks),
                     len(pending.chunks),
                 )
-                summary.settled_chunks = len(acks)
-                summary.add(settle(store, pending, acks, lock=lock))
+                summary.settled_chunks += len(acks)
+                summary.add(
+                    settle(
+                        store,
+                        pending,
+                        acks,
+                        lock=lock,
+                        run=lambda s: summary.run_record(options.run_key, s, delivered_chunks),
+                    )
+                )
             _plan_and_deliver(source, store, sender, options, summary, run_ms, lock)
     summary.duration_s = round(time.monotonic() - started, 3)
     log.info("%s", summary.line())
@@ -170,13 +203,10 @@ def _plan_counts(summary: SyncSummary, plan: RunPlan) -> None:
 
 
 def _dry_run(source: Source, store: SnapshotStore, options: SyncOptions, summary: SyncSummary, run_ms: int) -> None:
-    if store.pending_plan(cleanup=False) is not None:
-        log.warning(
-            "An unfinished plan is pending in %s; a real run settles it first, so this dry run's counts may "
-            "include changes StopChurn already acknowledged.",
-            store.location,
-        )
-    plan = make_plan(_canonical(source, options), store.read_committed(), options, run_ms)
+    pending = store.pending_plan(cleanup=False)
+    # a dry run sees the snapshot the pending plan settles to
+    committed = store.read_committed() if pending is None else preview(store, pending, store.acks(pending))
+    plan = make_plan(_canonical(source, options), committed, options, run_ms)
     _plan_counts(summary, plan)
     summary.inserted, summary.updated, summary.deleted = plan.inserted, plan.updated, plan.deleted
     summary.samples = [orjson.loads(u) for u in plan.updates.head(5).to_list()]
@@ -208,6 +238,7 @@ def _plan_and_deliver(
                 plan_id=None,
                 row_hash=ROW_HASH,
                 lock=lock,
+                run=summary.run_record(options.run_key, chunks=summary.settled_chunks),
             )
         return
 
@@ -223,12 +254,26 @@ def _plan_and_deliver(
     def record(chunk: int, rejections: list[Rejection]) -> None:
         store.ack(stored, chunk, [r.record() for r in rejections])
 
-    report = deliver(plan.updates, plan.chunks, range(len(plan.chunks)), sender, options, record, heartbeat=lock.check)
+    report = deliver(
+        plan.updates,
+        plan.chunks,
+        range(len(plan.chunks)),
+        sender,
+        options,
+        record,
+        guard=lambda: lock.check(max_age_s=lock.interval_s),
+    )
     summary.requests += report.requests
     summary.retries += report.retries
     acks = {chunk: [r.record() for r in rejections] for chunk, rejections in report.acked.items()}
     try:
-        settled = settle(store, stored, acks, lock=lock)
+        settled = settle(
+            store,
+            stored,
+            acks,
+            lock=lock,
+            run=lambda s: summary.run_record(options.run_key, s, summary.settled_chunks),
+        )
     except Exception as err:
         if report.failure is None:
             raise

@@ -156,12 +156,14 @@ def test_a_200_html_page_is_not_an_acknowledgement(world: World) -> None:
 def test_retry_after_failure_reports_the_run_counts(world: World) -> None:
     changed = table(qty=np.arange(N) * 11)
     with pytest.raises(TransientDeliveryError):
-        world.run(changed, sender=FailAfter(make_client(world.sb), world.sb, 3))
+        world.run(changed, sender=FailAfter(make_client(world.sb), world.sb, 3), run_key="dag.task.run-2")
     world.sb.set_faults(FaultConfig())
-    retry = world.run(changed)
+    retry = world.run(changed, run_key="dag.task.run-2")
     assert retry.settled_chunks == 3
     assert retry.updated == N  # 15 settled from the first try + 25 sent now
     assert_sandbox_matches(world.sb, changed)
+    later = world.run(changed.assign(qty=1), run_key="dag.task.run-3")  # another DAG run counts afresh
+    assert later.settled_chunks == 0 and later.updated == N
 
 
 # --- 3. the id actually sent ----------------------------------------------------------------------------------

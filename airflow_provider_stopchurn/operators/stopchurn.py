@@ -15,6 +15,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError, StopChurnError
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
+from airflow_provider_stopchurn.operators.commit_guard import CommitGuard
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sources import read_sql_frame
 from airflow_provider_stopchurn.sync import SyncOptions, run_sync
@@ -32,6 +33,16 @@ class StopChurnUpdateOperator(BaseOperator):
     inserted, updated and deleted rows in bounded chunks, and commits the new snapshot once StopChurn has
     acknowledged every chunk. An interrupted delivery is resumed by the next try, without resending
     acknowledged chunks.
+
+    Every commit is also recorded in Airflow's metadata database (an Airflow Variable named
+    ``stopchurn_commit__<brand_id>__<table>__<hash of the snapshot location>``: snapshot version, row count,
+    location; never a key). Before a run reads the source, the store must hold the recorded snapshot or a newer
+    one. When it holds none, or an older one (a worker that cannot see the snapshot of another worker, or a
+    restored old copy), the run fails without retry and sends nothing, where it would otherwise resend the whole
+    table as inserts or resend changes already delivered. Several workers need shared storage: ``snapshot_uri``
+    on an object store (``s3://...`` with ``snapshot_conn_id``). To rebaseline on purpose, run once with
+    ``accept_missing_snapshot=True`` (with ``initial_load="baseline"`` when StopChurn already holds the table, so
+    that nothing is resent), or delete that Variable. A dry run checks but records nothing.
 
     :param table_name: StopChurn table name (templated).
     :param brand_id: StopChurn brand id (templated); None takes ``brand_id`` from the connection's extras.
@@ -56,6 +67,10 @@ class StopChurnUpdateOperator(BaseOperator):
     :param chunk_size: at most this many updates per request.
     :param max_chunk_bytes: at most this many bytes per request body.
     :param dry_run: compute the plan and return its counts with up to 5 sample updates; send and write nothing.
+    :param accept_missing_snapshot: run even though Airflow recorded a commit that the store at ``snapshot_uri``
+        does not hold (no snapshot, or an older one): the run uses the store as it is (a first load follows
+        ``initial_load``) and its commit replaces the record (templated; meant for one run, e.g. from a DAG
+        param). Default: such a run fails with ``AirflowFailException`` before anything is sent.
     :param max_delete_fraction: fail when a plan deletes more than this share of the snapshot's rows.
     :param allow_empty_source: let an empty source delete every row of a non-empty snapshot.
     :param allow_large_changes: let this run through the two guards above (templated; e.g. from a DAG param).
@@ -77,6 +92,7 @@ class StopChurnUpdateOperator(BaseOperator):
         "snapshot_uri",
         "dataframe",
         "allow_large_changes",
+        "accept_missing_snapshot",
     )
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
@@ -102,6 +118,7 @@ class StopChurnUpdateOperator(BaseOperator):
         chunk_size: int = 500,
         max_chunk_bytes: int = 5_000_000,
         dry_run: bool = False,
+        accept_missing_snapshot: bool | str = False,
         max_delete_fraction: float = 0.5,
         allow_empty_source: bool = False,
         allow_large_changes: bool | str = False,
@@ -143,6 +160,7 @@ class StopChurnUpdateOperator(BaseOperator):
         self.max_chunk_bytes = max_chunk_bytes
         # BaseOperator already has a dry_run() method: keep the flag under another name.
         self.sync_dry_run = dry_run
+        self.accept_missing_snapshot = accept_missing_snapshot
         self.max_delete_fraction = max_delete_fraction
         self.allow_empty_source = allow_empty_source
         self.allow_large_changes = allow_large_changes
@@ -160,10 +178,15 @@ class StopChurnUpdateOperator(BaseOperator):
             hook = StopChurnHook(self.stopchurn_conn_id)
             options = self._options(hook, context)
             store = SnapshotStore(self._snapshot_root(), options.brand_id, options.table_name)
+            # Before anything is read or sent: does this worker's store hold what Airflow saw committed last?
+            guard = CommitGuard.for_task(store, options.brand_id, options.table_name, context)
+            guard.check(accept_missing_snapshot=_as_bool(self.accept_missing_snapshot))
             sender = None if options.dry_run else hook.client
             try:
                 summary = run_sync(self._source(context), store, sender, options, run_ms=run_ms)
             finally:
+                if not options.dry_run:
+                    guard.record()  # failed runs too: a run may commit before it fails; never raises
                 if sender is not None:
                     sender.close()  # release the keep-alive connections now, not when the worker exits
         except StopChurnError as err:

@@ -75,7 +75,12 @@ class Committed:
         rows: int | None = None,
         row_hash: str | None = None,
         plan_id: str | None = None,
+        run: dict[str, Any] | None = None,
+        frame: pl.DataFrame | None = None,
     ) -> None:
+        """:param run: what the run that committed it had delivered (``SyncSummary`` counts and its ``run_key``).
+        :param frame: the table itself when it is already in memory (a dry run's preview of a settled plan).
+        """
         self.store = store
         self.kinds = kinds
         self.key_columns = tuple(key_columns)
@@ -84,7 +89,8 @@ class Committed:
         self.rows = rows
         self.row_hash = row_hash
         self.plan_id = plan_id
-        self._frame: pl.DataFrame | None = None
+        self.run = run
+        self._frame: pl.DataFrame | None = frame
 
     @property
     def frame(self) -> pl.DataFrame:
@@ -213,6 +219,7 @@ class SnapshotStore:
             rows=pointer.get("rows"),
             row_hash=pointer.get("row_hash"),
             plan_id=pointer.get("plan_id"),
+            run=pointer.get("run"),
         )
         committed.columns(list(committed.key_columns))  # fail now, not mid-plan, if the file is unreadable
         return committed
@@ -258,6 +265,7 @@ class SnapshotStore:
         plan_id: str | None,
         row_hash: str | None = None,
         lock: TableLock | None = None,
+        run: Mapping[str, Any] | None = None,
     ) -> None:
         """Publish ``version`` as the committed snapshot, then forget the plan and the replaced snapshot.
 
@@ -266,6 +274,8 @@ class SnapshotStore:
         :param plan_id: the plan this commit finishes (recorded in CURRENT; its files are then removed).
         :param row_hash: names the function that made the row-hash columns (hashes compare only when it matches).
         :param lock: the run's lock; checked first (:class:`SnapshotLockedError` if another run took it over).
+        :param run: what the committing run delivered so far (kept in CURRENT, so a later try of the same run can
+            report the run's whole delivery).
         """
         if lock is not None:
             lock.check()
@@ -289,6 +299,7 @@ class SnapshotStore:
                 "plan_id": plan_id,
                 "brand_id": self.brand_id,
                 "table_name": self.table_name,
+                "run": dict(run) if run is not None else None,
             },
         )
         if plan_id is not None:

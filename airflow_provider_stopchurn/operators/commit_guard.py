@@ -1,0 +1,284 @@
+"""The multi-worker guard: Airflow's own record of the last snapshot committed for each table.
+
+Snapshots live where ``snapshot_uri`` points, by default on the worker's local disk. A run on a worker that
+cannot see the last snapshot (another machine, a fresh container) takes itself for a first load and sends the
+whole table again as inserts; a worker holding an old copy diffs against it and resends, or undoes, changes
+that were already delivered. The store cannot notice this by itself: on that worker it looks consistent.
+Airflow's metadata database is shared by every worker, so the operator records each commit there and, before
+a run, compares the record with what the store holds:
+
+* no record: nothing to compare (the first run, a run outside Airflow, or the record was deleted on purpose);
+* the store holds the recorded version or a newer one: the run goes on;
+* the store holds no snapshot, or one whose version sorts lower (a version starts with its UTC commit time):
+  the run stops before the source is read or anything is sent, with :class:`SnapshotBehindError`.
+
+**Where the record lives.** One Airflow Variable per brand, table and snapshot location, named
+``stopchurn_commit__<brand_id>__<table>__<16 hex digits of the location's SHA-256>``. Its value is JSON: the
+snapshot version, its row count, the location (printed without user info), the task run that wrote it and
+when. It never holds an API key or connection details. Variables exist in every Airflow 3 release (the task
+SDK's ``Variable.get``/``Variable.set``), outlive runs, are shared by every DAG and task syncing the same table
+into the same store, and can be seen and deleted in the UI (Admin > Variables) or with ``airflow variables``.
+Airflow 3.3's state stores (AIP-103) do not fit: the task state store lasts only for the tries of one task
+instance, and the asset state store, which outlives runs, answers only for an asset already registered by a
+parsed DAG, whereas the brand (possibly from the connection), the table and the location (both templated)
+are known only in ``execute()``.
+
+Reading the record needs a running task instance (the task SDK talks to Airflow's API server). Without one,
+for example ``execute()`` called by hand, the guard is off and says so in the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_stopchurn.exceptions import SnapshotError, StopChurnError
+
+if TYPE_CHECKING:
+    from airflow_provider_stopchurn.snapshot import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+RECORD_PREFIX = "stopchurn_commit"
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+__all__ = [
+    "RECORD_PREFIX",
+    "CommitGuard",
+    "CommitRecord",
+    "CommitRecordUnavailableError",
+    "SnapshotBehindError",
+    "record_key",
+    "stale_snapshot_message",
+]
+
+
+class SnapshotBehindError(SnapshotError):
+    """Airflow recorded a commit that this worker's snapshot store does not hold (none, or an older one).
+
+    Permanent: retrying on the same worker finds the same store. Nothing was read or sent.
+    """
+
+
+class CommitRecordUnavailableError(StopChurnError):
+    """Airflow's record of the last commit could not be read (the API server did not answer); retryable."""
+
+    permanent = False
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """What Airflow remembers of a store's last commit."""
+
+    version: str
+    rows: int | None
+    location: str
+    written_by: str = ""
+    recorded_at: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CommitRecord:
+        data = json.loads(text)
+        if not isinstance(data, dict) or not isinstance(data.get("version"), str) or not data["version"]:
+            raise ValueError("not an object with a 'version' string")
+        rows = data.get("rows")
+        return cls(
+            version=data["version"],
+            rows=rows if isinstance(rows, int) and not isinstance(rows, bool) else None,
+            location=str(data.get("location", "")),
+            written_by=str(data.get("written_by", "")),
+            recorded_at=str(data.get("recorded_at", "")),
+        )
+
+
+def record_key(brand_id: int, table_name: str, location: str) -> str:
+    """The Variable that records commits of ``brand_id``/``table_name`` into the store at ``location``.
+
+    Variable keys allow letters, digits, ``_``, ``-`` and ``.`` (up to 250 characters): the table name is
+    shortened and other characters become ``_``; the hash of the location keeps such tables apart.
+    """
+    table = _UNSAFE_KEY_CHARS.sub("_", table_name)[:80]
+    digest = hashlib.sha256(location.encode()).hexdigest()[:16]
+    return f"{RECORD_PREFIX}__{int(brand_id)}__{table}__{digest}"
+
+
+def _describe(version: str, rows: int | None) -> str:
+    return f"snapshot {version}" + (f" ({rows} rows)" if rows is not None else "")
+
+
+def stale_snapshot_message(
+    record: CommitRecord, found_version: str | None, found_rows: int | None, *, key: str
+) -> str | None:
+    """Why the store (holding ``found_version``, or nothing) is behind ``record``; None when it is not."""
+    if found_version is not None and found_version >= record.version:
+        return None
+    by = f" by {record.written_by}" if record.written_by else ""
+    if found_version is None:
+        found = "this worker finds no snapshot there"
+        risk = "Going on would take this run for a first load and send the whole table again as inserts."
+    else:
+        found = f"this worker finds an older {_describe(found_version, found_rows)} there"
+        risk = "Going on would diff the source against that old copy and resend or undo delivered changes."
+    return (
+        f"Airflow recorded that {_describe(record.version, record.rows)} was committed at {record.location}{by}, "
+        f"but {found}. Nothing was sent. {risk} "
+        "This happens when several workers keep snapshots on their own disks (the default snapshot_uri, "
+        "$AIRFLOW_HOME/stopchurn/snapshots, suits a single machine only): every worker must see the same "
+        'snapshots, so point snapshot_uri at shared storage, e.g. snapshot_uri="s3://<bucket>/stopchurn/snapshots" '
+        'with snapshot_conn_id="aws_default" (gs://, abfs://, any object store URL works), or copy the '
+        "snapshot folder back to this location. "
+        "To rebaseline on purpose, run this task once with accept_missing_snapshot=True (add "
+        'initial_load="baseline" when StopChurn already holds the table, so that nothing is resent), or '
+        f"delete the Airflow Variable {key!r}."
+    )
+
+
+def _variable_api() -> Any | None:
+    """The task SDK's ``Variable`` class when it can get and set values, else None (no import-time failure)."""
+    try:
+        from airflow.sdk import Variable
+    except ImportError:
+        return None
+    if not all(callable(getattr(Variable, name, None)) for name in ("get", "set")):
+        return None
+    return Variable
+
+
+class CommitGuard:
+    """Check a store against Airflow's record before a run (:meth:`check`); record its commit after (:meth:`record`).
+
+    The constructor does no I/O.
+
+    :param store: the run's snapshot store.
+    :param brand_id: the run's brand.
+    :param table_name: the run's table.
+    :param writer: who writes the record (``dag.task run <run_id>``), or None outside a running task: the
+        guard is then off.
+    """
+
+    def __init__(self, store: SnapshotStore, brand_id: int, table_name: str, writer: str | None) -> None:
+        self.store = store
+        self.key = record_key(brand_id, table_name, store.location)
+        self.writer = writer
+        self._variable = _variable_api() if writer is not None else None
+        self._before: CommitRecord | None = None
+
+    @classmethod
+    def for_task(cls, store: SnapshotStore, brand_id: int, table_name: str, context: Any) -> CommitGuard:
+        """The guard of the task instance in ``context`` (off when there is none)."""
+        ti = context.get("ti") if hasattr(context, "get") else None
+        writer = None
+        if ti is not None:
+            dag_id, task_id = getattr(ti, "dag_id", "?"), getattr(ti, "task_id", "?")
+            writer = f"{dag_id}.{task_id} run {getattr(ti, 'run_id', None) or context.get('run_id')}"
+        return cls(store, brand_id, table_name, writer)
+
+    @property
+    def enabled(self) -> bool:
+        return self._variable is not None
+
+    def read(self) -> CommitRecord | None:
+        """The recorded commit, or None when there is none (or the guard is off)."""
+        if self._variable is None:
+            return None
+        try:
+            text = self._variable.get(self.key, default=None)
+        except Exception as err:
+            raise CommitRecordUnavailableError(
+                f"Cannot read Airflow Variable {self.key!r}, the record of the last snapshot committed at "
+                f"{self.store.location}: {type(err).__name__}: {err}"
+            ) from err
+        if text is None:
+            return None
+        try:
+            return CommitRecord.from_json(text if isinstance(text, str) else json.dumps(text))
+        except (TypeError, ValueError) as err:
+            raise SnapshotBehindError(
+                f"Airflow Variable {self.key!r} should record the last snapshot committed at "
+                f"{self.store.location}, but it is unreadable ({err}). Delete it (the next run then trusts "
+                "the store as it is) or run once with accept_missing_snapshot=True."
+            ) from err
+
+    def check(self, *, accept_missing_snapshot: bool = False) -> None:
+        """Raise :class:`SnapshotBehindError` when the store is behind Airflow's record; read-only.
+
+        With ``accept_missing_snapshot`` the comparison is skipped (and logged): the run uses the store as it is,
+        and :meth:`record` then overwrites the record with what this run commits.
+        """
+        if not self.enabled:
+            log.info(
+                "Not inside a running Airflow task (or this Airflow has no Variable API): the check of "
+                "snapshot_uri against Airflow's record of the last commit is skipped."
+            )
+            return
+        if accept_missing_snapshot:
+            try:
+                self._before = self.read()
+            except SnapshotBehindError:
+                self._before = None  # an unreadable record is overwritten below
+            log.warning(
+                "accept_missing_snapshot=True: using the snapshot store at %s as it is; Airflow's record (%s) "
+                "is %s and will be replaced by what this run commits.",
+                self.store.location,
+                self.key,
+                "empty" if self._before is None else _describe(self._before.version, self._before.rows),
+            )
+            return
+        record = self._before = self.read()
+        if record is None or record.location != self.store.location:
+            return
+        committed = self.store.read_committed()
+        message = stale_snapshot_message(
+            record,
+            None if committed is None else committed.version,
+            None if committed is None else committed.rows,
+            key=self.key,
+        )
+        if message is not None:
+            raise SnapshotBehindError(message)
+
+    def record(self) -> None:
+        """Record the store's committed snapshot in Airflow when it changed; best effort, never raises.
+
+        Called after every run that may have committed, failed runs included (a quarantine run commits before it
+        fails); a dry run must not call it.
+        """
+        if self._variable is None:
+            return
+        try:
+            committed = self.store.read_committed()
+            if committed is None or (self._before is not None and self._before.version == committed.version):
+                return
+            record = CommitRecord(
+                version=committed.version,
+                rows=committed.rows,
+                location=self.store.location,
+                written_by=self.writer or "",
+                recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
+            self._variable.set(
+                self.key,
+                record.to_json(),
+                description=(
+                    f"airflow-provider-stopchurn: last snapshot committed at {record.location}. Runs stop when "
+                    "the store there holds none or an older one; delete this Variable to rebaseline."
+                ),
+            )
+            self._before = record
+            log.info("Recorded %s at %s in Airflow Variable %s.", record.version, record.location, self.key)
+        except Exception:
+            log.warning(
+                "Could not record the committed snapshot of %s in Airflow Variable %s; the next run cannot "
+                "check this worker's store against it.",
+                self.store.location,
+                self.key,
+                exc_info=True,
+            )
