@@ -3,6 +3,7 @@ how engine errors become Airflow errors (``execute()`` called directly, against 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,12 @@ import pytest
 from airflow.sdk import DAG, task
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_provider_stopchurn.operators.commit_guard import (
+    CommitRecord,
+    SnapshotBehindError,
+    record_key,
+    stale_snapshot_message,
+)
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 
@@ -46,6 +53,7 @@ def test_constructor_rejects_bad_arguments(kwargs: dict[str, Any], message: str)
 def test_template_fields() -> None:
     fields = set(StopChurnUpdateOperator.template_fields)
     assert {"table_name", "brand_id", "sql", "parameters", "snapshot_uri", "dataframe"} <= fields
+    assert {"allow_large_changes", "accept_missing_snapshot"} <= fields  # one run can approve them
     assert "stopchurn_conn_id" not in fields  # a connection id is not a template
     assert ".sql" in StopChurnUpdateOperator.template_ext
 
@@ -186,3 +194,81 @@ def test_file_uri_on_another_host_is_refused(stopchurn_conn: SandboxServer) -> N
     with pytest.raises(AirflowFailException, match="remote host"):
         _op(dataframe=FRAME, snapshot_uri="file://fileserver/share/snapshots").execute(CONTEXT)
     assert stopchurn_conn.stats()["requests"] == 0
+
+
+# --- the multi-worker guard (pure parts; end to end in test_multi_worker_guard.py) --------------------------------
+RECORD = CommitRecord(
+    version="20250102T030405000000Z-aaaaaaaa",
+    rows=120,
+    location="s3://bucket/stopchurn/1/account",
+    written_by="nightly.sync run scheduled__2025-01-02",
+)
+KEY = "stopchurn_commit__1__account__0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("found", "rows", "expected"),
+    [
+        ("20250102T030405000000Z-aaaaaaaa", 120, None),  # the recorded snapshot
+        ("20250103T000000000000Z-bbbbbbbb", 125, None),  # a newer one (committed after the record was written)
+        (None, None, "finds no snapshot there"),
+        ("20250101T235959999999Z-ffffffff", 100, "finds an older snapshot 20250101T235959999999Z-ffffffff (100 rows)"),
+        ("20250102T030405000000Z-0aaaaaaa", None, "finds an older snapshot 20250102T030405000000Z-0aaaaaaa there"),
+    ],
+)
+def test_stale_snapshot_message(found: str | None, rows: int | None, expected: str | None) -> None:
+    message = stale_snapshot_message(RECORD, found, rows, key=KEY)
+    if expected is None:
+        assert message is None
+        return
+    assert message is not None
+    assert expected in message
+    assert "Airflow recorded that snapshot 20250102T030405000000Z-aaaaaaaa (120 rows) was committed at " in message
+    assert "s3://bucket/stopchurn/1/account by nightly.sync run scheduled__2025-01-02" in message
+    assert "Nothing was sent." in message
+    assert "several workers" in message
+    assert "snapshot_uri=" in message
+    assert "snapshot_conn_id=" in message
+    assert "accept_missing_snapshot=True" in message
+    assert f"delete the Airflow Variable {KEY!r}" in message
+
+
+def test_snapshot_behind_is_permanent() -> None:
+    assert SnapshotBehindError("x").permanent is True
+
+
+@pytest.mark.parametrize("table", ["account", "user", "a.b", "naïve table/with:odd*chars", "x" * 300])
+def test_record_key_is_a_valid_variable_key(table: str) -> None:
+    from airflow.utils.helpers import validate_key
+
+    key = record_key(42, table, f"/srv/snapshots/42/{table}")
+    validate_key(key)  # letters, digits, _ - . only; at most 250 characters; no ".."
+    assert key.startswith("stopchurn_commit__42__")
+
+
+def test_record_key_depends_on_brand_table_and_location() -> None:
+    keys = {
+        record_key(1, "account", "/a/1/account"),
+        record_key(2, "account", "/a/2/account"),
+        record_key(1, "user", "/a/1/user"),
+        record_key(1, "account", "s3://bucket/a/1/account"),
+    }
+    assert len(keys) == 4
+    assert record_key(1, "account", "/a/1/account") == record_key(1, "account", "/a/1/account")
+
+
+def test_commit_record_json() -> None:
+    assert CommitRecord.from_json(RECORD.to_json()) == RECORD
+    assert CommitRecord.from_json('{"version": "v1", "rows": true}').rows is None
+    for bad in ("[]", "{}", '{"version": ""}', '{"version": 3}', "not json"):
+        with pytest.raises(ValueError):
+            CommitRecord.from_json(bad)
+
+
+def test_execute_outside_a_task_skips_the_guard(stopchurn_conn: SandboxServer, tmp_path: Path) -> None:
+    """Without a running task instance there is no Airflow record to read or write: the run is the engine's."""
+    root = tmp_path / "snapshots"
+    _op(dataframe=FRAME, snapshot_uri=str(root)).execute(CONTEXT)
+    shutil.rmtree(root)  # as if on another worker
+    summary = _op(dataframe=FRAME, snapshot_uri=str(root)).execute(CONTEXT)
+    assert summary["inserted"] == 3  # a first load again: nothing recorded the first run

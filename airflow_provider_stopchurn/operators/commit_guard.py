@@ -213,10 +213,18 @@ class CommitGuard:
         With ``accept_missing_snapshot`` the comparison is skipped (and logged): the run uses the store as it is,
         and :meth:`record` then overwrites the record with what this run commits.
         """
-        if not self.enabled:
+        if self.writer is None:
             log.info(
-                "Not inside a running Airflow task (or this Airflow has no Variable API): the check of "
-                "snapshot_uri against Airflow's record of the last commit is skipped."
+                "Not inside a running Airflow task: the check of %s against Airflow's record of the last commit "
+                "is skipped.",
+                self.store.location,
+            )
+            return
+        if not self.enabled:
+            log.warning(
+                "This Airflow's task SDK offers no Variable.get/Variable.set: the check of %s against a record of "
+                "the last commit is skipped. Use shared storage for snapshot_uri if tasks run on several workers.",
+                self.store.location,
             )
             return
         if accept_missing_snapshot:
