@@ -66,9 +66,16 @@ class DeliveryReport:
     """What one delivery did: acknowledged chunks (with their rejections), requests, retries, the failure."""
 
     acked: dict[int, list[Rejection]] = field(default_factory=dict)
+    #: chunks whose request was started (a started chunk that is not acknowledged may have been applied)
+    started: set[int] = field(default_factory=set)
     requests: int = 0
     retries: int = 0
     failure: BaseException | None = None
+
+    @property
+    def uncertain(self) -> set[int]:
+        """Chunks sent but not acknowledged: StopChurn may have applied them, in whole or in part."""
+        return self.started - set(self.acked)
 
     @property
     def rejections(self) -> list[Rejection]:
@@ -127,6 +134,7 @@ def deliver(
                 nxt = next(queue, None)
                 if nxt is None:
                     break
+                report.started.add(nxt[0])
                 pending[pool.submit(send, *nxt)] = nxt[0]
             if not pending:
                 break

@@ -22,6 +22,8 @@ from airflow_provider_stopchurn.snapshot import CREATED_AT, HASH_1, HASH_2, META
 __all__ = [
     "BASE_ROW",
     "DIRTY_HASH",
+    "DIRTY_INSERT",
+    "DIRTY_UPDATE",
     "ROW_HASH",
     "TARGET_ROW",
     "ChangeSet",
@@ -151,9 +153,13 @@ def diff_frames(base: pl.DataFrame | None, new: pl.DataFrame, key_columns: Seque
 TARGET_ROW = "__sc_target_row"
 #: Column of a change frame: the row's position in the base (committed) snapshot (updates and deletes).
 BASE_ROW = "__sc_base_row"
-#: Both hashes of a snapshot row set to this mark a row whose stored values may differ from what StopChurn holds
-#: (a row kept from an older snapshot when settling across a schema change): the next diff always resends it.
+#: A snapshot row whose first hash is ``DIRTY_HASH`` may differ from what StopChurn holds (its request was sent
+#: but never acknowledged, or its values were converted across a schema change): the next diff always sends the
+#: key's current state again. The second hash says how: ``DIRTY_UPDATE`` (StopChurn holds the key) or
+#: ``DIRTY_INSERT`` (StopChurn may not hold it yet; sent as an insert).
 DIRTY_HASH = 0
+DIRTY_UPDATE = 0
+DIRTY_INSERT = 1
 
 _SEEDS = (0x5EED0001, 0x0BADC0DE)
 
@@ -293,7 +299,8 @@ def diff_snapshot(
     # the old keys are unique, so the left join is row-aligned with the source
     matched = left.join(right, on=join_names, how="left", maintain_order="left")
     is_new = pl.col(BASE_ROW).is_null()
-    dirty = (pl.col("__sc_old_1") == DIRTY_HASH) & (pl.col("__sc_old_2") == DIRTY_HASH)
+    dirty = (pl.col("__sc_old_1") == DIRTY_HASH) & (pl.col("__sc_old_2") == DIRTY_UPDATE)
+    dirty_insert = (pl.col("__sc_old_1") == DIRTY_HASH) & (pl.col("__sc_old_2") == DIRTY_INSERT)
     if update_all:
         changed: pl.Expr = pl.lit(True)
     elif by_hash:
@@ -309,7 +316,7 @@ def diff_snapshot(
         matched = matched.with_columns(flags)
         changed = pl.col("__sc_differs")
     state = matched.select(
-        pl.when(is_new).then(1).when(changed | dirty).then(2).otherwise(0).cast(pl.Int8).alias("state")
+        pl.when(is_new | dirty_insert).then(1).when(changed | dirty).then(2).otherwise(0).cast(pl.Int8).alias("state")
     ).to_series()
     created_at = created if created is not None else matched.get_column("__sc_old_created")
     columns = [*new_data.columns, CREATED_AT]
@@ -317,7 +324,7 @@ def diff_snapshot(
         [*columns, HASH_1, HASH_2]
     )
     indexed = target.select(columns).with_row_index(TARGET_ROW).with_columns(matched.get_column(BASE_ROW))
-    inserted = indexed.filter(state == 1).drop(BASE_ROW).sort(keys)
+    inserted = indexed.filter(state == 1).sort(keys)  # BASE_ROW: a dirty row a settle kept, else null
     updated = indexed.filter(state == 2).sort(keys)
     gone = (
         old.with_columns(old_join).join(new_data.select(new_join), on=join_names, how="anti").select([*keys, BASE_ROW])

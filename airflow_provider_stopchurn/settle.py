@@ -21,7 +21,7 @@ so the next run resends them rather than trusting values converted to the new ty
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,16 @@ import numpy as np
 import orjson
 import polars as pl
 
-from airflow_provider_stopchurn.diff import BASE_ROW, DIRTY_HASH, ROW_HASH, TARGET_ROW, data_columns, with_hashes
+from airflow_provider_stopchurn.diff import (
+    BASE_ROW,
+    DIRTY_HASH,
+    DIRTY_INSERT,
+    DIRTY_UPDATE,
+    ROW_HASH,
+    TARGET_ROW,
+    data_columns,
+    with_hashes,
+)
 from airflow_provider_stopchurn.plan import PLAN_FORMAT, UPDATE, kind_changes
 from airflow_provider_stopchurn.snapshot import CREATED_AT, HASH_1, HASH_2, OP, Committed, Plan, SnapshotStore
 
@@ -50,16 +59,39 @@ class Settled:
     version: str | None = None
 
 
+_NOT_APPLIED, _APPLIED, _UNCERTAIN = 0, 1, 2
+
+
+def _status(plan: Plan, acks: Mapping[int, Sequence[Mapping[str, Any]]], uncertain: Iterable[int] | None) -> np.ndarray:
+    """Per update of the plan: applied, not applied, or uncertain (its request may have been applied)."""
+    total = plan.chunks[-1][1] if plan.chunks else 0
+    status = np.full(total, _NOT_APPLIED, dtype=np.int8)
+    unknown = set(range(len(plan.chunks))) - set(acks) if uncertain is None else set(uncertain) - set(acks)
+    for chunk in unknown:
+        start, end = plan.chunks[chunk]
+        status[start:end] = _UNCERTAIN
+    for chunk in acks:
+        start, end = plan.chunks[chunk]
+        status[start:end] = _APPLIED
+    rejected = sorted({int(r["position"]) for records in acks.values() for r in records})
+    status[rejected] = _NOT_APPLIED  # StopChurn refused that one update on its own: certainly not applied
+    return status
+
+
 def settle(
     store: SnapshotStore,
     plan: Plan,
     acks: Mapping[int, Sequence[Mapping[str, Any]]],
     *,
+    uncertain: Iterable[int] | None = None,
     lock: Any = None,
     run: Callable[[Settled], Mapping[str, Any]] | None = None,
 ) -> Settled:
     """Commit what StopChurn acknowledged of ``plan`` (``acks``: chunk -> its rejection records).
 
+    :param uncertain: chunks whose request was sent but not acknowledged (a timeout, a lost answer, a 5xx, a
+        refusal that may have been applied in part). None: every chunk not acknowledged (a plan a crash left).
+        The rows of these chunks are recorded dirty, so the next run sends their current state again.
     :param run: given what this settle delivered, the run record to keep in ``CURRENT`` (see ``SnapshotStore.commit``).
     """
     result = Settled(plan.plan_id, acked_chunks=len(acks))
@@ -72,25 +104,20 @@ def settle(
         )
         store.discard_plan(plan)
         return result
-    total = plan.chunks[-1][1] if plan.chunks else 0
-    applied = np.zeros(total, dtype=bool)
-    for chunk in acks:
-        start, end = plan.chunks[chunk]
-        applied[start:end] = True
-    rejected = sorted({int(r["position"]) for records in acks.values() for r in records})
-    applied[rejected] = False
+    status = _status(plan, acks, uncertain)
     positions = None if plan.changes_from_target else store.read_changes(plan)
     result.rejections = _rejection_records(acks, positions)
-    _count(result, applied, positions)
+    _count(result, status == _APPLIED, positions)
 
-    if not acks:
+    if not (status != _NOT_APPLIED).any():
         store.discard_plan(plan)
         return result
     if result.rejections:
         result.quarantine_uri = store.write_quarantine(plan.plan_id, result.rejections)
     kinds = dict(plan.meta["kinds"])
     keys = list(plan.meta["key_columns"])
-    if applied.all():
+    record = run(result) if run is not None else None
+    if (status == _APPLIED).all():
         store.commit(
             plan.target_version,
             base_version=plan.base_version,
@@ -100,12 +127,12 @@ def settle(
             plan_id=plan.plan_id,
             row_hash=plan.meta.get("row_hash"),
             lock=lock,
-            run=run(result) if run is not None else None,
+            run=record,
         )
         result.version = plan.target_version
         return result
 
-    frame = _settled_frame(store, plan, applied, positions)
+    frame = _settled_frame(store, plan, status, positions)
     version = store.write_snapshot(frame)
     store.commit(
         version,
@@ -116,44 +143,41 @@ def settle(
         plan_id=plan.plan_id,
         row_hash=ROW_HASH,
         lock=lock,
-        run=run(result) if run is not None else None,
+        run=record,
     )
     store.delete_snapshot(plan.target_version)
     result.version = version
     log.info(
-        "Settled plan %s of %r: %d of %d chunks acknowledged, %d rows rejected; committed %s.",
+        "Settled plan %s of %r: %d of %d chunks acknowledged, %d rows rejected, %d updates uncertain; committed %s.",
         plan.plan_id,
         store.table_name,
         len(acks),
         len(plan.chunks),
-        len(rejected),
+        len(result.rejections),
+        int((status == _UNCERTAIN).sum()),
         version,
     )
     return result
 
 
 def preview(store: SnapshotStore, plan: Plan, acks: Mapping[int, Sequence[Mapping[str, Any]]]) -> Committed | None:
-    """The snapshot :func:`settle` would commit for ``plan``, built in memory (a dry run writes nothing)."""
+    """The snapshot :func:`settle` would commit for a plan a crash left, built in memory (a dry run writes nothing)."""
     committed = store.read_committed()
-    if plan.meta.get("plan_format") != PLAN_FORMAT or not acks:
+    if plan.meta.get("plan_format") != PLAN_FORMAT:
         return committed
-    total = plan.chunks[-1][1] if plan.chunks else 0
-    applied = np.zeros(total, dtype=bool)
-    for chunk in acks:
-        start, end = plan.chunks[chunk]
-        applied[start:end] = True
-    applied[sorted({int(r["position"]) for records in acks.values() for r in records})] = False
+    status = _status(plan, acks, None)
+    if not (status != _NOT_APPLIED).any():
+        return committed
     positions = None if plan.changes_from_target else store.read_changes(plan)
-    frame = (
-        store.read_snapshot(plan.target_version) if applied.all() else _settled_frame(store, plan, applied, positions)
-    )
+    done = (status == _APPLIED).all()
+    frame = store.read_snapshot(plan.target_version) if done else _settled_frame(store, plan, status, positions)
     return Committed(
         store,
         kinds=dict(plan.meta["kinds"]),
         key_columns=plan.meta["key_columns"],
         version=plan.target_version,
         rows=frame.height,
-        row_hash=ROW_HASH if not applied.all() else plan.meta.get("row_hash"),
+        row_hash=plan.meta.get("row_hash") if done else ROW_HASH,
         frame=frame,
     )
 
@@ -179,45 +203,74 @@ def _rejection_records(
     return records
 
 
+def _marked(frame: pl.DataFrame, mark: int, like: pl.DataFrame) -> pl.DataFrame:
+    return frame.with_columns(
+        pl.lit(DIRTY_HASH, dtype=like.schema[HASH_1]).alias(HASH_1),
+        pl.lit(mark, dtype=like.schema[HASH_2]).alias(HASH_2),
+    )
+
+
 def _settled_frame(
-    store: SnapshotStore, plan: Plan, applied: np.ndarray, positions: pl.DataFrame | None
+    store: SnapshotStore, plan: Plan, status: np.ndarray, positions: pl.DataFrame | None
 ) -> pl.DataFrame:
-    """Base rows whose change was not applied + target rows whose change was."""
+    """Base rows whose change was not applied + target rows whose change was; uncertain ones marked dirty."""
     target = store.read_snapshot(plan.target_version)
-    index = pl.Series(np.flatnonzero(applied), dtype=pl.Int64)
-    if positions is None:
-        take, remove = index, pl.Series([], dtype=pl.Int64)
-    else:
-        done = positions[index]
-        take = done.get_column(TARGET_ROW).drop_nulls()
-        remove = done.get_column(BASE_ROW).drop_nulls()
-    new_rows = target[take]
-    if plan.base_version is None:
-        return new_rows
-    committed = store.read_committed()
-    base_kinds = dict(committed.kinds) if committed is not None else {}
-    base = store.read_snapshot(plan.base_version)
-    keep = np.ones(base.height, dtype=bool)
-    keep[remove.to_numpy()] = False
-    kept = base.filter(pl.Series(keep))
+    if positions is None:  # a first load: update i is target row i, an insert
+        positions = pl.DataFrame(
+            {
+                OP: ["insert"] * len(status),
+                BASE_ROW: pl.Series([None] * len(status), dtype=pl.Int64),
+                TARGET_ROW: pl.Series(np.arange(len(status)), dtype=pl.Int64),
+            }
+        )
+    flags = pl.Series("__sc_status", status)
+    marked = positions.select(OP, BASE_ROW, TARGET_ROW).with_columns(flags)
+    applied = marked.filter(pl.col("__sc_status") == _APPLIED)
+    unsure = marked.filter(pl.col("__sc_status") == _UNCERTAIN)
+    unsure_upserts = unsure.filter(pl.col(OP) != "delete")
+    unsure_deletes = unsure.filter(pl.col(OP) == "delete")
     columns = [*data_columns(target), CREATED_AT]
-    kept = kept.select(
+    parts = [with_hashes(target[applied.get_column(TARGET_ROW).drop_nulls()].select(columns))]
+    for op, mark in (("insert", DIRTY_INSERT), ("update", DIRTY_UPDATE)):
+        rows = unsure_upserts.filter(pl.col(OP) == op).get_column(TARGET_ROW)
+        parts.append(_marked(target[rows].select(columns), mark, target))
+    if plan.base_version is not None:
+        committed = store.read_committed()
+        base_kinds = dict(committed.kinds) if committed is not None else {}
+        base = store.read_snapshot(plan.base_version)
+        replaced = pl.concat([applied.get_column(BASE_ROW), unsure.get_column(BASE_ROW)]).drop_nulls()
+        keep = np.ones(base.height, dtype=bool)
+        keep[replaced.to_numpy()] = False
+        kept_base = base.filter(pl.Series(keep))
+        kept = _as_target(kept_base, target, columns)
+        if kind_changes(base_kinds, dict(plan.meta["kinds"])):
+            # values converted to the new types may not be what StopChurn holds: resend them next run
+            kept = _marked(kept, DIRTY_UPDATE, target)
+            kept = kept.filter(pl.all_horizontal([pl.col(k).is_not_null() for k in plan.meta["key_columns"]]))
+        else:
+            # rehash in the target's dtypes, but a row still dirty from an earlier settle stays dirty
+            was_dirty = kept_base.get_column(HASH_1) == DIRTY_HASH
+            old_hashes = kept_base.select(HASH_1, HASH_2).cast(target.select(HASH_1, HASH_2).schema)
+            kept = with_hashes(kept).with_columns(
+                pl.when(was_dirty).then(old_hashes.get_column(h)).otherwise(pl.col(h)).alias(h)
+                for h in (HASH_1, HASH_2)
+            )
+        parts.append(kept)
+        maybe_deleted = _as_target(base[unsure_deletes.get_column(BASE_ROW)], target, columns)
+        parts.append(_marked(maybe_deleted, DIRTY_UPDATE, target))
+    return pl.concat([p.select(target.columns) for p in parts])
+
+
+def _as_target(frame: pl.DataFrame, target: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    """Base rows in the target's columns and dtypes (a column the base lacks is null)."""
+    return frame.select(
         [
             pl.col(c).cast(target.schema[c], strict=False)
-            if c in kept.columns
+            if c in frame.columns
             else pl.lit(None, target.schema[c]).alias(c)
             for c in columns
         ]
     )
-    if kind_changes(base_kinds, dict(plan.meta["kinds"])):
-        kept = kept.with_columns(
-            pl.lit(DIRTY_HASH, dtype=target.schema[HASH_1]).alias(HASH_1),
-            pl.lit(DIRTY_HASH, dtype=target.schema[HASH_2]).alias(HASH_2),
-        )
-        kept = kept.filter(pl.all_horizontal([pl.col(k).is_not_null() for k in plan.meta["key_columns"]]))
-    else:
-        kept = with_hashes(kept)
-    return pl.concat([kept.select(target.columns), with_hashes(new_rows.select(columns))])
 
 
 __all__ = ["Settled", "preview", "settle"]

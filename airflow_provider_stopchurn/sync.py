@@ -271,6 +271,7 @@ def _plan_and_deliver(
             store,
             stored,
             acks,
+            uncertain=report.uncertain,
             lock=lock,
             run=lambda s: summary.run_record(options.run_key, s, summary.settled_chunks),
         )
