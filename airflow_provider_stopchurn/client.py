@@ -331,7 +331,7 @@ class StopChurnClient:
     :param pacer: a :class:`Pacer` to share with other clients; by default each client has its own.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only connection settings, each with a default
         self,
         base_url: str,
         api_key: str,
@@ -450,7 +450,7 @@ class StopChurnClient:
     def _where(self) -> str:
         return f" (connection '{self.conn_id}')" if self.conn_id else ""
 
-    def _post(self, path: str, body: bytes, *, max_retries: int | None = None) -> SendResult:
+    def _post(self, path: str, body: bytes, *, max_retries: int | None = None) -> SendResult:  # noqa: PLR0915 - one retry loop, read top to bottom
         url = self.base_url + path
         retries = self.max_retries if max_retries is None else max_retries
         total_attempts = retries + 1

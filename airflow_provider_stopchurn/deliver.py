@@ -28,6 +28,7 @@ import polars as pl
 
 from airflow_provider_stopchurn.encoding import chunk_bodies, chunk_body
 from airflow_provider_stopchurn.exceptions import (
+    StopChurnAuthError,
     StopChurnPayloadTooLargeError,
     StopChurnRejectedError,
 )
@@ -140,32 +141,37 @@ def deliver(
                 break
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
-                index = pending.pop(fut)
-                try:
-                    outcome = fut.result()
-                except _Failed as failed:
-                    report.requests += failed.outcome.requests
-                    report.retries += failed.outcome.retries
-                    if report.failure is None:
-                        report.failure = failed.error
-                    continue
-                except BaseException as err:  # keep the first failure; let the others in flight finish
-                    if report.failure is None:
-                        report.failure = err
-                    continue
-                report.requests += outcome.requests
-                report.retries += outcome.retries
-                try:
-                    on_ack(index, outcome.rejections)
-                except BaseException as err:  # the store refused the record: stop sending
-                    if report.failure is None:
-                        report.failure = err
-                    continue
-                report.acked[index] = outcome.rejections
+                _collect(fut, pending.pop(fut), report, on_ack)
                 if time.monotonic() - last_progress >= options.progress_interval_s:
                     last_progress = time.monotonic()
                     log.info("Delivered %d of %d chunks of %r.", len(report.acked), total, options.table_name)
     return report
+
+
+def _collect(
+    fut: Future[_Outcome], index: int, report: DeliveryReport, on_ack: Callable[[int, list[Rejection]], None]
+) -> None:
+    """Add one finished chunk to the report; record its acknowledgement, or keep the run's first failure."""
+    try:
+        outcome = fut.result()
+    except _Failed as failed:
+        report.requests += failed.outcome.requests
+        report.retries += failed.outcome.retries
+        if isinstance(failed.error, StopChurnAuthError) and failed.outcome.requests == 0:
+            report.started.discard(index)  # refused before anything was read: surely not applied
+        report.failure = report.failure or failed.error
+        return
+    except BaseException as err:  # keep the first failure; the others in flight finish
+        report.failure = report.failure or err
+        return
+    report.requests += outcome.requests
+    report.retries += outcome.retries
+    try:
+        on_ack(index, outcome.rejections)
+    except BaseException as err:  # the store refused the record: stop sending
+        report.failure = report.failure or err
+        return
+    report.acked[index] = outcome.rejections
 
 
 class _Failed(Exception):

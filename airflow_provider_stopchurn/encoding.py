@@ -444,20 +444,20 @@ def _decimal_text(text: pl.Series) -> pl.Series:
 def _decimal_column(name: str, text: pl.Series, *, decimal_as_string: bool) -> tuple[pl.Series, str]:
     """Decimal text (null for missing values; ``NaN``/``Infinity`` as such) -> (canonical Series, kind).
 
-    As numbers, decimals must be finite and within +/- ``_MAX_JSON_NUMBER``; as strings (``decimal_as_string``)
-    large ones are their exact text and NaN/Infinity are null.
+    NaN and Infinity are null either way, as for floats. As numbers, decimals must be within +/-
+    ``_MAX_JSON_NUMBER``; as strings (``decimal_as_string``) large ones are their exact text.
     """
     canon = _decimal_canonical(text)
     canonical = canon.get_column("t")
     if decimal_as_string:
         return canonical, "string"
-    unsendable = (text.is_not_null() & canonical.is_null()) | canon.get_column("big")
+    unsendable = canon.get_column("big")
     if unsendable.any():
         bad = text.filter(unsendable).unique(maintain_order=True)
         raise SourceDataError(
             f"Column {name!r} holds decimal value(s) that a JSON number cannot carry: "
             f"{_examples(bad.head(_MAX_LISTED).to_list(), bad.len())}. Decimals are sent as exact JSON numbers, "
-            f"which must be finite and within +/-{_MAX_JSON_NUMBER_TEXT} (the largest double; parsers such as "
+            f"which must be within +/-{_MAX_JSON_NUMBER_TEXT} (the largest double; parsers such as "
             "JavaScript's read larger numbers as Infinity). Convert or drop them in the source, or set "
             "decimal_as_string=True to send decimals as strings."
         )
@@ -590,10 +590,6 @@ def _convert_object(name: str, col: pd.Series, *, decimal_as_string: bool) -> tu
     if inferred == "decimal":
         missing = np.asarray(col.isna(), dtype=bool)
         text = _text_of(values, missing)
-        if missing.any():  # pandas counts Decimal("NaN") as missing: keep its text ("NaN"), to refuse it as a number
-            where = np.flatnonzero(missing)
-            nan_text = [str(v) if isinstance(v, _decimal.Decimal) else None for v in values[where]]
-            text = text.scatter(where, pl.Series(nan_text, dtype=pl.String))
         return _decimal_column(name, text, decimal_as_string=decimal_as_string)
     if inferred == "bytes":
         _raise_bytes(name)
@@ -655,7 +651,7 @@ def _json_default(value: Any) -> Any:
         if not value.is_finite() or abs(value) > _MAX_JSON_NUMBER:
             raise _UnsendableError(
                 f"a decimal {str(value)!r} inside a JSON value, which a JSON number cannot carry: decimals inside "
-                f"JSON values are sent as numbers, which must be finite and within +/-{_MAX_JSON_NUMBER_TEXT} "
+                f"JSON values are sent as numbers, which must be within +/-{_MAX_JSON_NUMBER_TEXT} "
                 "(the largest double)"
             )
         return orjson.Fragment(_decimal_text(pl.Series([str(value)])).item())

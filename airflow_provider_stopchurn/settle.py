@@ -85,7 +85,7 @@ def settle(
     *,
     uncertain: Iterable[int] | None = None,
     lock: Any = None,
-    run: Callable[[Settled], Mapping[str, Any]] | None = None,
+    run: Callable[[Settled], Mapping[str, Any] | None] | None = None,
 ) -> Settled:
     """Commit what StopChurn acknowledged of ``plan`` (``acks``: chunk -> its rejection records).
 

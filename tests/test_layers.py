@@ -10,8 +10,17 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "airflow_provider_stopchurn"
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(("airflow_provider_stopchurn", *parts))
+
+
 AIRFLOW_FREE = sorted(
-    "airflow_provider_stopchurn." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts)
+    _module(p)
     for p in PACKAGE.rglob("*.py")
     if p.relative_to(PACKAGE).parts[0] not in ("hooks", "operators")
     and p.name not in ("__main__.py", "get_provider_info.py", "pytest_plugin.py")
@@ -19,7 +28,21 @@ AIRFLOW_FREE = sorted(
 
 
 def test_the_airflow_free_list_is_the_engine() -> None:
-    for module in ("sync", "snapshot", "diff", "encoding", "client", "exceptions", "sources", "contract"):
+    for module in (
+        "sync",
+        "options",
+        "plan",
+        "deliver",
+        "settle",
+        "snapshot",
+        "snapshot.lock",
+        "diff",
+        "encoding",
+        "client",
+        "exceptions",
+        "sources",
+        "contract",
+    ):
         assert f"airflow_provider_stopchurn.{module}" in AIRFLOW_FREE
 
 

@@ -152,11 +152,11 @@ def test_source_that_is_not_a_frame_is_permanent(stopchurn_conn: SandboxServer, 
         _op(dataframe=lambda: [{"id": 1}], snapshot_uri=str(tmp_path)).execute(CONTEXT)
 
 
-def test_server_errors_are_transient_and_the_next_try_resumes(
+def test_server_errors_are_transient_and_the_next_try_delivers(
     stopchurn_sandbox: SandboxServer, airflow_conn: Any, tmp_path: Path
 ) -> None:
     """500 on every request: HTTP retries (max_retries from the connection) run out -> AirflowException, which
-    Airflow may retry; once the server recovers, the next try delivers and commits the same plan."""
+    Airflow may retry; once the server recovers, the next try sends the changes again and commits them."""
     _conn(airflow_conn, stopchurn_sandbox, brand_id=1, max_retries=1, timeout=5)
     stopchurn_sandbox.set_faults(FaultConfig(error_rate=1.0))
     op = _op(dataframe=FRAME, snapshot_uri=str(tmp_path), chunk_size=2, max_concurrent_requests=1)
@@ -167,8 +167,8 @@ def test_server_errors_are_transient_and_the_next_try_resumes(
 
     stopchurn_sandbox.set_faults(FaultConfig())
     summary = op.execute(CONTEXT)
-    assert summary["resumed_chunks"] == 2
-    assert (summary["inserted"], summary["updated"], summary["deleted"]) == (0, 0, 0)
+    assert summary["settled_chunks"] == 0  # the failed try had nothing acknowledged
+    assert (summary["inserted"], summary["updated"], summary["deleted"]) == (3, 0, 0)
     assert [r["id"] for r in stopchurn_sandbox.rows(1, "account")] == [1, 2, 3]
 
 
@@ -272,3 +272,21 @@ def test_execute_outside_a_task_skips_the_guard(stopchurn_conn: SandboxServer, t
     shutil.rmtree(root)  # as if on another worker
     summary = _op(dataframe=FRAME, snapshot_uri=str(root)).execute(CONTEXT)
     assert summary["inserted"] == 3  # a first load again: nothing recorded the first run
+
+
+def test_operator_arguments_mirror_sync_options() -> None:
+    """Every option passed through takes the operator argument of the same name and the same default."""
+    import dataclasses
+    import inspect
+
+    from airflow_provider_stopchurn.operators.stopchurn import SYNC_OPTION_ARGUMENTS, StopChurnUpdateOperator
+    from airflow_provider_stopchurn.sync import SyncOptions
+
+    params = inspect.signature(StopChurnUpdateOperator.__init__).parameters
+    defaults = {f.name: f.default for f in dataclasses.fields(SyncOptions)}
+    assert SYNC_OPTION_ARGUMENTS, "no option is passed through"
+    for name in SYNC_OPTION_ARGUMENTS:
+        assert name in params, name
+        assert params[name].default == defaults[name], (name, params[name].default, defaults[name])
+    assert params["dry_run"].default == defaults["dry_run"]
+    assert params["allow_large_changes"].default == defaults["allow_large_changes"]

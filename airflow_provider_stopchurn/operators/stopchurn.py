@@ -25,6 +25,26 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 
+#: SyncOptions fields the operator takes as arguments of the same name and passes on unchanged (SyncOptions
+#: validates them); the others are derived in ``_options``.
+SYNC_OPTION_ARGUMENTS = tuple(
+    name
+    for name in SyncOptions.field_names()
+    if name
+    not in {
+        "brand_id",
+        "table_name",
+        "key_columns",
+        "dry_run",
+        "allow_large_changes",
+        "holder",
+        "run_key",
+        "lock_ttl_s",
+        "progress_interval_s",
+    }
+)
+
+
 class StopChurnUpdateOperator(BaseOperator):
     """Send the changes of a table since the last run to StopChurn's ``/client-data/update``.
 
@@ -98,7 +118,7 @@ class StopChurnUpdateOperator(BaseOperator):
     template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
     ui_color = "#3c6df0"
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only operator arguments; test_operator_unit checks them against SyncOptions
         self,
         *,
         table_name: str,
@@ -208,26 +228,16 @@ class StopChurnUpdateOperator(BaseOperator):
             raise StopChurnConfigError(f"brand_id must be an integer, got {brand_id!r}.") from None
         ti = context.get("ti")
         holder = f"{self.dag_id}.{self.task_id} run {context.get('run_id')} try {getattr(ti, 'try_number', '?')}"
+        run_key = f"{self.dag_id}.{self.task_id} run {context.get('run_id')} map {getattr(ti, 'map_index', -1)}"
         return SyncOptions(
             brand_id=brand,
             table_name=str(self.table_name),
             key_columns=tuple(self.primary_key),
-            created_at_column=self.created_at_column,
-            updated_at_column=self.updated_at_column,
-            initial_load=self.initial_load,  # type: ignore[arg-type]
-            chunk_size=self.chunk_size,
-            max_chunk_bytes=self.max_chunk_bytes,
             dry_run=self.sync_dry_run,
-            max_delete_fraction=self.max_delete_fraction,
-            allow_empty_source=self.allow_empty_source,
             allow_large_changes=_as_bool(self.allow_large_changes),
-            on_schema_change=self.on_schema_change,  # type: ignore[arg-type]
-            on_rejected_rows=self.on_rejected_rows,  # type: ignore[arg-type]
-            max_rejected_rows=self.max_rejected_rows,
-            max_concurrent_requests=self.max_concurrent_requests,
-            nest_dotted_columns=self.nest_dotted_columns,
-            decimal_as_string=self.decimal_as_string,
             holder=holder,
+            run_key=run_key,
+            **{name: getattr(self, name) for name in SYNC_OPTION_ARGUMENTS},
         )
 
     def _snapshot_root(self) -> Any:

@@ -64,7 +64,7 @@ def _json_lines(records: Sequence[Mapping[str, Any]]) -> bytes:
 class Committed:
     """The committed snapshot: what describes it, and its table as last delivered, read on demand."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only fields of the CURRENT pointer
         self,
         store: SnapshotStore,
         *,
@@ -254,7 +254,7 @@ class SnapshotStore:
         """Remove a snapshot file that no pointer names (one replaced before its commit)."""
         self._backend.delete(_snapshot(version))
 
-    def commit(
+    def commit(  # noqa: PLR0913 - keyword-only fields of the CURRENT pointer
         self,
         version: str,
         *,
