@@ -31,6 +31,13 @@ def churned() -> pd.DataFrame:
     return pd.concat([frame, added], ignore_index=True)
 
 
+def moved_on() -> pd.DataFrame:
+    """The source of the clean run after a crash: back to the first table (the new rows gone), some rows changed."""
+    frame = first_table()
+    frame.loc[frame["id"] % 4 == 0, "v"] = "moved"
+    return frame
+
+
 @dataclass(frozen=True)
 class Scenario:
     second: Callable[[], tuple[pd.DataFrame, SyncOptions]]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
-from recovery_scenarios import SCENARIOS, churned, first_table
+from recovery_scenarios import SCENARIOS, first_table, moved_on
 
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
@@ -63,7 +63,7 @@ def test_killed_at_every_store_write_then_a_clean_run_converges(
         died = _worker(sb, root, scenario, n, when)
         assert died.returncode == 9, (n, when, died.stdout, died.stderr)
         sb.reject_ids(())
-        target = churned()
+        target = moved_on()  # the source moved on: what the dead run may have applied must be undone
         run_sync(target, store, make_client(sb), options(chunk_size=8), run_ms=T0 + 2000)
         assert_sandbox_matches(sb, target)
         assert store.pending_plan() is None, (n, when)
