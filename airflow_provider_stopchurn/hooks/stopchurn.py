@@ -181,8 +181,10 @@ class StopChurnHook(BaseHook):
         :return: ``{"status": 200, "message": "Updates received", "attempts": <n>}``.
         :raises StopChurnAuthError: 401, the API key was refused.
         :raises StopChurnRejectedError: 400; ``reason`` is StopChurn's message.
+        :raises StopChurnPayloadTooLargeError: 413, the body is too large.
         :raises StopChurnHTTPError: another non-retryable status.
-        :raises TransientDeliveryError: retries exhausted on 429/5xx/network errors.
+        :raises TransientDeliveryError: retries exhausted on 408/429/5xx/network errors, or a 200 that is not
+            StopChurn's acknowledgement.
         """
         result = self.client.post_updates(updates)
         return {"status": result.status, "message": result.message, "attempts": result.attempts}
