@@ -16,9 +16,10 @@ returned in the report rather than raised, so the caller can settle what StopChu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -50,9 +51,10 @@ class Rejection:
     position: int
     reason: str
     id: Any = None
+    update: Any = None
 
     def record(self) -> dict[str, Any]:
-        return {"position": self.position, "reason": self.reason, "id": self.id}
+        return {"position": self.position, "reason": self.reason, "id": self.id, "update": self.update}
 
 
 @dataclass
@@ -67,6 +69,9 @@ class DeliveryReport:
     """What one delivery did: acknowledged chunks (with their rejections), requests, retries, the failure."""
 
     acked: dict[int, list[Rejection]] = field(default_factory=dict)
+    #: chunks cut so far (every window reached), and the bytes of their bodies
+    chunks: int = 0
+    bytes: int = 0
     #: chunks whose request was started (a started chunk that is not acknowledged may have been applied)
     started: set[int] = field(default_factory=set)
     requests: int = 0
@@ -86,43 +91,96 @@ class DeliveryReport:
 def update_id(updates: pl.Series, position: int) -> Any:
     """The row ``id`` of one encoded update (for messages)."""
     try:
-        return orjson.loads(updates[position])["data"]["data"].get("id")
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return _row_id(orjson.loads(updates[position]))
+    except orjson.JSONDecodeError:
         return None
 
 
+def _row_id(update: Any) -> Any:
+    try:
+        return update["data"]["data"].get("id")
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+class Window(Protocol):
+    """Consecutive updates of a plan (``plan.Window``): ``updates[i]`` is update ``offset + i``."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def updates(self) -> pl.Series: ...
+    @property
+    def chunks(self) -> list[tuple[int, int]]: ...
+    @property
+    def bytes(self) -> int: ...
+
+
 def deliver(
-    updates: pl.Series,
-    chunks: Sequence[tuple[int, int]],
-    todo: Sequence[int],
+    windows: Iterable[Window],
     sender: Sender,
     options: SyncOptions,
     on_ack: Callable[[int, list[Rejection]], None],
     *,
+    on_chunks: Callable[[int, list[tuple[int, int]]], None] | None = None,
     guard: Callable[[], None] | None = None,
 ) -> DeliveryReport:
-    """Send the chunks ``todo`` of ``updates``; see the module docstring.
+    """Send every chunk of ``windows``, a window at a time; see the module docstring.
 
-    :param on_ack: records an acknowledged chunk with its rejections (called on this thread).
+    :param on_ack: records an acknowledged chunk (its number in the plan) with its rejections, on this thread.
+    :param on_chunks: records a window's chunk ranges (numbered from the first argument) before any is sent.
     :param guard: called before each request is started; an exception from it (the run lost its lock) stops
         the delivery like a failed request.
     """
     report = DeliveryReport()
-    total = len(todo)
-    if not total:
-        return report
-    workers = max(1, min(options.max_concurrent_requests, total))
-    last_progress = time.monotonic()
-
-    def send(index: int, body: bytes) -> _Outcome:
-        start, end = chunks[index]
-        outcome = _Outcome()
-        _send_range(sender, updates, start, end, options, outcome, (index, len(chunks)), body)
-        return outcome
-
+    workers = max(1, options.max_concurrent_requests)
+    windows = iter(windows)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stopchurn-send") as pool:
+        while report.failure is None:
+            try:  # encoding and chunking happen here, a window at a time
+                window = next(windows, None)
+                if window is None:
+                    break
+                if on_chunks is not None and window.chunks:
+                    on_chunks(report.chunks, window.chunks)
+            except BaseException as err:
+                report.failure = err
+                break
+            first = report.chunks
+            report.chunks += len(window.chunks)
+            report.bytes += window.bytes
+            _Sending(pool, workers, sender, options, report, on_ack, guard).window(window, first)
+    return report
+
+
+@dataclass
+class _Sending:
+    """The pool and callbacks of one delivery."""
+
+    pool: ThreadPoolExecutor
+    workers: int
+    sender: Sender
+    options: SyncOptions
+    report: DeliveryReport
+    on_ack: Callable[[int, list[Rejection]], None]
+    guard: Callable[[], None] | None
+
+    def window(self, window: Window, first: int) -> None:
+        """Send the chunks of one window; chunk ``first + i`` is the window's chunk ``i``."""
+        sender, options, report, guard, workers = self.sender, self.options, self.report, self.guard, self.workers
+        updates, offset = window.updates, window.offset
+        local = [(a - offset, b - offset) for a, b in window.chunks]
+        last_progress = time.monotonic()
+
+        def send(index: int, body: bytes) -> _Outcome:
+            start, end = local[index - first]
+            outcome = _Outcome()
+            _send_range(sender, updates, start, end, options, outcome, (index, report.chunks), body)
+            outcome.rejections = [dataclasses.replace(r, position=r.position + offset) for r in outcome.rejections]
+            return outcome
+
         pending: dict[Future[_Outcome], int] = {}
-        queue = chunk_bodies(updates, chunks, list(todo), window=max(64, 8 * workers))
+        bodies = chunk_bodies(updates, local, list(range(len(local))), window=max(64, 8 * workers))
         while True:
             # one request first: a wrong key or a rejected first chunk then costs one request, not `workers`
             while report.failure is None and len(pending) < (workers if report.acked else 1):
@@ -132,20 +190,22 @@ def deliver(
                     except BaseException as err:
                         report.failure = err
                         break
-                nxt = next(queue, None)
+                nxt = next(bodies, None)
                 if nxt is None:
                     break
-                report.started.add(nxt[0])
-                pending[pool.submit(send, *nxt)] = nxt[0]
+                index = first + nxt[0]
+                report.started.add(index)
+                pending[self.pool.submit(send, index, nxt[1])] = index
             if not pending:
                 break
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
-                _collect(fut, pending.pop(fut), report, on_ack)
+                _collect(fut, pending.pop(fut), report, self.on_ack)
                 if time.monotonic() - last_progress >= options.progress_interval_s:
                     last_progress = time.monotonic()
-                    log.info("Delivered %d of %d chunks of %r.", len(report.acked), total, options.table_name)
-    return report
+                    log.info(
+                        "Delivered %d of %d chunks so far of %r.", len(report.acked), report.chunks, options.table_name
+                    )
 
 
 def _collect(
@@ -238,7 +298,8 @@ def _send_range(
                 outcome,
             ) from None
         if end - start == 1:
-            outcome.rejections.append(Rejection(start, err.reason, update_id(updates, start)))
+            update = orjson.loads(updates[start])
+            outcome.rejections.append(Rejection(start, err.reason, _row_id(update), update))
             return
         _split(sender, updates, start, end, options, outcome, where)
         return
@@ -262,4 +323,4 @@ def _split(
     _send_range(sender, updates, mid, end, options, outcome, where)
 
 
-__all__ = ["DeliveryReport", "Rejection", "Sender", "deliver", "update_id"]
+__all__ = ["DeliveryReport", "Rejection", "Sender", "Window", "deliver", "update_id"]

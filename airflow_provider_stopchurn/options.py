@@ -42,6 +42,8 @@ class SyncOptions:
     #: delivery, including what earlier tries delivered (None: count this call only)
     run_key: str | None = None
     lock_ttl_s: float = 3600.0
+    #: updates encoded at a time while delivering: bounds the update JSON held in memory (~400 bytes each)
+    window_rows: int = 250_000
     progress_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -70,6 +72,8 @@ class SyncOptions:
             problems.append(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests!r}")
         if not isinstance(self.max_rejected_rows, int) or self.max_rejected_rows < 0:
             problems.append(f"max_rejected_rows must be >= 0, got {self.max_rejected_rows!r}")
+        if not isinstance(self.window_rows, int) or self.window_rows < 1:
+            problems.append(f"window_rows must be a positive integer, got {self.window_rows!r}")
         if problems:
             raise StopChurnConfigError("Invalid sync options: " + "; ".join(problems) + ".")
 

@@ -11,11 +11,10 @@ columns (a deleted row goes out as it was last delivered), inserts and updates w
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from airflow_provider_stopchurn.diff import (
@@ -41,22 +40,29 @@ _NUMERIC = {"int", "float"}
 _ENCODE_BATCH = 200_000
 
 
+@dataclass(frozen=True)
+class _Part:
+    """A run of updates of one op, in send order: rows with createdAt (+ positions), encoded with ``kinds``."""
+
+    op: str
+    frame: pl.DataFrame
+    kinds: Mapping[str, str]
+
+
 @dataclass
 class RunPlan:
-    """Everything one delivery needs; ``updates`` holds one update JSON text per change, in send order."""
+    """Everything one delivery needs. The updates are encoded window by window (:meth:`windows`), never all at once."""
 
     target: pl.DataFrame
     kinds: dict[str, str]
     key_columns: list[str]
-    updates: pl.Series
     #: per update: OP, BASE_ROW, TARGET_ROW; None for a first load (update i is target row i)
     positions: pl.DataFrame | None
-    chunks: list[tuple[int, int]]
+    parts: list[_Part] = field(default_factory=list)
     inserted: int = 0
     updated: int = 0
     deleted: int = 0
     unchanged: int = 0
-    bytes: int = 0
     #: record ``target`` as delivered without sending anything, on purpose (initial_load="baseline", rebaseline)
     baseline: bool = False
     #: nothing to send, but the snapshot must be rewritten (new kinds or another row-hash function)
@@ -68,11 +74,45 @@ class RunPlan:
     def changes(self) -> int:
         return self.inserted + self.updated + self.deleted
 
-    def plan_frame(self) -> pl.DataFrame | None:
-        """What the store keeps of the plan: per update its op, positions and JSON text."""
-        if self.positions is None:
-            return None
-        return self.positions.with_columns(self.updates.alias(UPDATE))
+    def windows(self, options: SyncOptions, run_ms: int) -> Iterator[Window]:
+        """The updates in send order, ``rows`` at a time: each window encoded and cut into chunks.
+
+        Only one window of update JSON exists at a time. Chunk ranges are positions in the whole plan.
+        """
+        rows = options.window_rows
+        offset = 0
+        pending: list[pl.Series] = []
+        held = 0
+        for part in self.parts:
+            start = 0
+            while start < part.frame.height:  # a window may span parts: chunks pack across ops as before
+                take = min(rows - held, part.frame.height - start)
+                batch = _with_updated_at(part.frame.slice(start, take), options, run_ms, part.op)
+                pending.append(_encode(batch, part.kinds, options))
+                held += take
+                start += take
+                if held == rows:
+                    yield _window(offset, pending, options)
+                    offset, pending, held = offset + held, [], 0
+        if pending:
+            yield _window(offset, pending, options)
+
+
+def _window(offset: int, encoded: list[pl.Series], options: SyncOptions) -> Window:
+    updates = encoded[0] if len(encoded) == 1 else pl.concat(encoded)
+    sizes = updates.str.len_bytes().to_numpy()
+    chunks = plan_chunks(sizes, chunk_size=options.chunk_size, max_chunk_bytes=options.max_chunk_bytes)
+    return Window(offset, updates, [(offset + a, offset + b) for a, b in chunks], bodies_bytes(sizes, chunks))
+
+
+@dataclass(frozen=True)
+class Window:
+    """Consecutive updates of a plan: ``updates[i]`` is update ``offset + i``; ``chunks`` in plan positions."""
+
+    offset: int
+    updates: pl.Series
+    chunks: list[tuple[int, int]]
+    bytes: int
 
 
 # --- schema policy -------------------------------------------------------------------------------------------
@@ -205,10 +245,8 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
             plan = _empty(target, kinds, keys, meta, baseline=True)
             plan.unchanged = target.height
             return plan
-        updates = _encode(
-            _with_updated_at(target, options, run_ms).with_columns(pl.lit("insert").alias(OP)), kinds, options
-        )
-        return _chunked(RunPlan(target, kinds, keys, updates, None, [], inserted=target.height, meta=meta), options)
+        parts = [_Part("insert", target, kinds)] if target.height else []
+        return RunPlan(target, kinds, keys, None, parts, inserted=target.height, meta=meta)
 
     new_data = align(canon, committed)
     by_hash = not update_all and committed.row_hash == ROW_HASH and base_kinds == canon.kinds
@@ -222,14 +260,13 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
         # nothing to send; the snapshot is rewritten only if its kinds or hash function changed
         plan.rewrite = not (base_kinds == kinds and committed.row_hash == ROW_HASH)
         return plan
-    updates, positions = _encode_changes(diff, base_kinds, kinds, options, run_ms)
-    plan = RunPlan(
+    parts, positions = _change_parts(diff, base_kinds, kinds)
+    return RunPlan(
         diff.target,
         kinds,
         keys,
-        updates,
         positions,
-        [],
+        parts,
         inserted=diff.inserted.height,
         updated=diff.updated.height,
         deleted=diff.deleted.height,
@@ -237,7 +274,6 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
         schema_change=schema_change,
         meta=meta,
     )
-    return _chunked(plan, options)
 
 
 def _baseline(
@@ -262,45 +298,41 @@ def _baseline(
 def _empty(
     target: pl.DataFrame, kinds: dict[str, str], keys: list[str], meta: dict[str, Any], *, baseline: bool
 ) -> RunPlan:
-    return RunPlan(target, kinds, keys, pl.Series(UPDATE, [], dtype=pl.String), None, [], baseline=baseline, meta=meta)
+    return RunPlan(target, kinds, keys, None, [], baseline=baseline, meta=meta)
 
 
-def _chunked(plan: RunPlan, options: SyncOptions) -> RunPlan:
-    sizes = plan.updates.str.len_bytes().to_numpy()
-    plan.chunks = plan_chunks(sizes, chunk_size=options.chunk_size, max_chunk_bytes=options.max_chunk_bytes)
-    plan.bytes = bodies_bytes(sizes, plan.chunks)
-    return plan
-
-
-def _with_updated_at(frame: pl.DataFrame, options: SyncOptions, run_ms: int) -> pl.DataFrame:
-    if options.updated_at_column is not None:
+def _with_updated_at(frame: pl.DataFrame, options: SyncOptions, run_ms: int, op: str) -> pl.DataFrame:
+    """The rows with their op and updatedAt: the named column for inserts and updates, else the run's time."""
+    if options.updated_at_column is not None and op != "delete":
         upd = pl.col(options.updated_at_column).cast(pl.Int64).fill_null(run_ms)
     else:
         upd = pl.lit(run_ms, dtype=pl.Int64)
-    return frame.with_columns(upd.alias(UPDATED_AT))
+    return frame.with_columns(upd.alias(UPDATED_AT), pl.lit(op).alias(OP))
 
 
-def _encode_changes(
-    diff: SnapshotDiff, base_kinds: Mapping[str, str], kinds: Mapping[str, str], options: SyncOptions, run_ms: int
-) -> tuple[pl.Series, pl.DataFrame]:
-    """The updates of a diff in send order, and per update its op and positions."""
-    parts: list[pl.Series] = []
+def _change_parts(
+    diff: SnapshotDiff, base_kinds: Mapping[str, str], kinds: Mapping[str, str]
+) -> tuple[list[_Part], pl.DataFrame]:
+    """The change frames of a diff in send order, and per update its op and positions."""
+    parts: list[_Part] = []
     positions: list[pl.DataFrame] = []
-    if diff.deleted.height:
-        deleted = diff.deleted.with_columns(
-            pl.lit(run_ms, dtype=pl.Int64).alias(UPDATED_AT), pl.lit("delete").alias(OP)
-        )
-        parts.append(_encode(deleted, base_kinds, options))
+    null = pl.lit(None, dtype=pl.Int64)
+    for op, frame, part_kinds in (
+        ("delete", diff.deleted, base_kinds),
+        ("update", diff.updated, kinds),
+        ("insert", diff.inserted, kinds),
+    ):
+        if not frame.height:
+            continue
+        parts.append(_Part(op, frame, part_kinds))
         positions.append(
-            deleted.select(pl.col(OP), pl.col(BASE_ROW).cast(pl.Int64), pl.lit(None, dtype=pl.Int64).alias(TARGET_ROW))
+            frame.select(
+                pl.lit(op).alias(OP),
+                (pl.col(BASE_ROW).cast(pl.Int64) if BASE_ROW in frame.columns else null).alias(BASE_ROW),
+                (pl.col(TARGET_ROW).cast(pl.Int64) if TARGET_ROW in frame.columns else null).alias(TARGET_ROW),
+            )
         )
-    for op, frame in (("update", diff.updated), ("insert", diff.inserted)):
-        if frame.height:
-            part = _with_updated_at(frame, options, run_ms).with_columns(pl.lit(op).alias(OP))
-            parts.append(_encode(part, kinds, options))
-            base_row = pl.col(BASE_ROW).cast(pl.Int64) if BASE_ROW in part.columns else pl.lit(None, dtype=pl.Int64)
-            positions.append(part.select(pl.col(OP), base_row.alias(BASE_ROW), pl.col(TARGET_ROW).cast(pl.Int64)))
-    return pl.concat(parts), pl.concat(positions)
+    return parts, pl.concat(positions)
 
 
 def _encode(frame: pl.DataFrame, kinds: Mapping[str, str], options: SyncOptions) -> pl.Series:
@@ -332,11 +364,6 @@ def _encode(frame: pl.DataFrame, kinds: Mapping[str, str], options: SyncOptions)
     return (parts[0] if len(parts) == 1 else pl.concat(parts)).alias(UPDATE)
 
 
-def encode_first_load(target: pl.DataFrame, kinds: Mapping[str, str], options: SyncOptions, run_ms: int) -> pl.Series:
-    """Re-encode the inserts of a first-load plan from its target snapshot (its plan keeps no update texts)."""
-    return _encode(_with_updated_at(target, options, run_ms).with_columns(pl.lit("insert").alias(OP)), kinds, options)
-
-
 def _plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], run_ms: int) -> dict[str, Any]:
     return {
         "plan_format": PLAN_FORMAT,
@@ -352,18 +379,14 @@ def _plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], 
     }
 
 
-def sizes_of(updates: pl.Series) -> np.ndarray:
-    return updates.str.len_bytes().to_numpy()
-
-
 __all__ = [
     "PLAN_FORMAT",
     "UPDATE",
     "RunPlan",
+    "Window",
     "align",
     "check_safeguards",
     "describe",
-    "encode_first_load",
     "kind_changes",
     "make_plan",
     "schema_changes",

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 import polars as pl
 
 from airflow_provider_stopchurn.diff import (
@@ -39,7 +38,7 @@ from airflow_provider_stopchurn.diff import (
     data_columns,
     with_hashes,
 )
-from airflow_provider_stopchurn.plan import PLAN_FORMAT, UPDATE, kind_changes
+from airflow_provider_stopchurn.plan import PLAN_FORMAT, kind_changes
 from airflow_provider_stopchurn.snapshot import CREATED_AT, HASH_1, HASH_2, OP, Committed, Plan, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ _NOT_APPLIED, _APPLIED, _UNCERTAIN = 0, 1, 2
 
 def _status(plan: Plan, acks: Mapping[int, Sequence[Mapping[str, Any]]], uncertain: Iterable[int] | None) -> np.ndarray:
     """Per update of the plan: applied, not applied, or uncertain (its request may have been applied)."""
-    total = plan.chunks[-1][1] if plan.chunks else 0
+    total = int(plan.meta.get("total_updates", plan.chunks[-1][1] if plan.chunks else 0))
     status = np.full(total, _NOT_APPLIED, dtype=np.int8)
     unknown = set(range(len(plan.chunks))) - set(acks) if uncertain is None else set(uncertain) - set(acks)
     for chunk in unknown:
@@ -106,7 +105,7 @@ def settle(
         return result
     status = _status(plan, acks, uncertain)
     positions = None if plan.changes_from_target else store.read_changes(plan)
-    result.rejections = _rejection_records(acks, positions)
+    result.rejections = _rejection_records(acks)
     _count(result, status == _APPLIED, positions)
 
     if not (status != _NOT_APPLIED).any():
@@ -193,14 +192,8 @@ def _count(result: Settled, applied: np.ndarray, positions: pl.DataFrame | None)
     result.deleted = int(counts.get("delete", 0))
 
 
-def _rejection_records(
-    acks: Mapping[int, Sequence[Mapping[str, Any]]], positions: pl.DataFrame | None
-) -> list[dict[str, Any]]:
-    records = [dict(r) for chunk in sorted(acks) for r in acks[chunk]]
-    if positions is not None:
-        for record in records:
-            record["update"] = orjson.loads(positions.get_column(UPDATE)[int(record["position"])])
-    return records
+def _rejection_records(acks: Mapping[int, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    return [dict(r) for chunk in sorted(acks) for r in acks[chunk]]
 
 
 def _marked(frame: pl.DataFrame, mark: int, like: pl.DataFrame) -> pl.DataFrame:

@@ -196,8 +196,6 @@ def _canonical(source: Source, options: SyncOptions) -> Canonical:
 
 def _plan_counts(summary: SyncSummary, plan: RunPlan) -> None:
     summary.unchanged = plan.unchanged
-    summary.chunks = len(plan.chunks)
-    summary.bytes = plan.bytes
     summary.schema_change = plan.schema_change
     summary.baseline = plan.baseline
 
@@ -209,7 +207,11 @@ def _dry_run(source: Source, store: SnapshotStore, options: SyncOptions, summary
     plan = make_plan(_canonical(source, options), committed, options, run_ms)
     _plan_counts(summary, plan)
     summary.inserted, summary.updated, summary.deleted = plan.inserted, plan.updated, plan.deleted
-    summary.samples = [orjson.loads(u) for u in plan.updates.head(5).to_list()]
+    for window in plan.windows(options, run_ms):  # encoded and chunked as a run would, a window at a time
+        summary.chunks += len(window.chunks)
+        summary.bytes += window.bytes
+        if len(summary.samples) < 5:
+            summary.samples += [orjson.loads(u) for u in window.updates.head(5 - len(summary.samples)).to_list()]
 
 
 def _plan_and_deliver(
@@ -243,33 +245,39 @@ def _plan_and_deliver(
         return
 
     target_version = store.write_snapshot(plan.target)
-    stored = store.write_plan(
-        target_version=target_version,
-        base_version=base_version,
-        changes=plan.plan_frame(),
-        chunks=plan.chunks,
-        meta={**plan.meta, "target_rows": plan.target.height},
-    )
+    stored = [
+        store.write_plan(
+            target_version=target_version,
+            base_version=base_version,
+            changes=plan.positions,
+            chunks=[],
+            meta={**plan.meta, "target_rows": plan.target.height, "total_updates": plan.changes},
+        )
+    ]
 
     def record(chunk: int, rejections: list[Rejection]) -> None:
-        store.ack(stored, chunk, [r.record() for r in rejections])
+        store.ack(stored[0], chunk, [r.record() for r in rejections])
+
+    def add_chunks(first: int, chunks: list[tuple[int, int]]) -> None:
+        stored[0] = store.add_chunks(stored[0], first, chunks)
 
     report = deliver(
-        plan.updates,
-        plan.chunks,
-        range(len(plan.chunks)),
+        plan.windows(options, run_ms),
         sender,
         options,
         record,
+        on_chunks=add_chunks,
         guard=lambda: lock.check(max_age_s=lock.interval_s),
     )
     summary.requests += report.requests
     summary.retries += report.retries
+    summary.chunks = report.chunks
+    summary.bytes = report.bytes
     acks = {chunk: [r.record() for r in rejections] for chunk, rejections in report.acked.items()}
     try:
         settled = settle(
             store,
-            stored,
+            stored[0],
             acks,
             uncertain=report.uncertain,
             lock=lock,
@@ -279,7 +287,7 @@ def _plan_and_deliver(
         if report.failure is None:
             raise
         log.error(
-            "Could not settle plan %s after a failed delivery (%s); the next run settles it.", stored.plan_id, err
+            "Could not settle plan %s after a failed delivery (%s); the next run settles it.", stored[0].plan_id, err
         )
         raise report.failure from err
     summary.add(settled)

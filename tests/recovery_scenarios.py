@@ -45,8 +45,9 @@ class Scenario:
 
 
 SCENARIOS = {
-    # every chunk accepted: target committed as it is
-    "plain": Scenario(lambda: (churned(), options(chunk_size=8, max_concurrent_requests=1))),
+    # every chunk accepted: target committed as it is; encoded in windows of 20 updates (chunk ranges recorded
+    # window by window)
+    "plain": Scenario(lambda: (churned(), options(chunk_size=8, max_concurrent_requests=1, window_rows=20))),
     # rows rejected in two chunks: bisection, rejections recorded with the acks, a settled snapshot written
     "quarantine": Scenario(
         lambda: (churned(), options(chunk_size=8, max_concurrent_requests=1, on_rejected_rows="quarantine")),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 from helpers_sync import (
@@ -251,3 +252,21 @@ def test_commit_refuses_when_current_moved(world: World) -> None:
         )
     after = world.store.read_committed()
     assert after is not None and after.version == committed.version
+
+
+# --- plans delivered window by window -----------------------------------------------------------------------
+def test_a_plan_of_many_windows_settles_and_converges(world: World) -> None:
+    """Windows of 7 updates (chunks of 5): a failure in a later window settles the earlier ones."""
+    changed = table(qty=np.arange(N) * 13)
+    with pytest.raises(TransientDeliveryError):
+        world.run(changed, window_rows=7, sender=FailAfter(make_client(world.sb), world.sb, 4))
+    committed = world.store.read_committed()
+    assert committed is not None and world.store.pending_plan() is None
+    world.sb.set_faults(FaultConfig())
+    recorder = RecordingSender(make_client(world.sb))
+    summary = world.run(changed, window_rows=7, sender=recorder)
+    # chunks never pack across windows: 7 updates -> chunks of 5 and 2
+    assert all(len(orjson.loads(b)["data"]) in (5, 2, 1) for b in recorder.bodies)
+    assert_sandbox_matches(world.sb, changed)
+    assert summary.inserted + summary.updated + summary.deleted > 0
+    assert world.run(changed, window_rows=7).updated == 0

@@ -41,6 +41,7 @@ SYNC_OPTION_ARGUMENTS = tuple(
         "run_key",
         "lock_ttl_s",
         "progress_interval_s",
+        "window_rows",
     }
 )
 

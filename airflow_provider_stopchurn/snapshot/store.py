@@ -8,6 +8,7 @@ disk.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -387,7 +388,39 @@ class SnapshotStore:
                 )
                 self.discard_plan(plan)
             return None
-        return plan
+        return self._recorded_chunks(plan)
+
+    def add_chunks(self, plan: Plan, first: int, chunks: Sequence[tuple[int, int]]) -> Plan:
+        """Record the next chunks of a plan (numbered from ``first``) before any of them is sent.
+
+        A plan is cut into chunks window by window as it is encoded; each window's ranges become durable in
+        ``plans/<id>/chunks/<first>`` before its first request, so a settle after a crash knows every chunk that
+        may have been sent. Returns the plan with the chunks added.
+        """
+        if first != len(plan.chunks):
+            raise ValueError(
+                f"Chunks of plan {plan.plan_id} must be added in order: got {first}, expected {len(plan.chunks)}."
+            )
+        ranges = tuple((int(a), int(b)) for a, b in chunks)
+        name = f"{_plan_dir(plan.plan_id)}/chunks/{first:0{_ACK_DIGITS}d}"
+        self._backend.write_bytes(name, json.dumps([list(c) for c in ranges]).encode(), durable=True)
+        return dataclasses.replace(plan, chunks=plan.chunks + ranges)
+
+    def _recorded_chunks(self, plan: Plan) -> Plan:
+        """The plan with the chunks recorded by :meth:`add_chunks` after its PLAN pointer was written."""
+        folder = f"{_plan_dir(plan.plan_id)}/chunks"
+        extra: list[tuple[int, int]] = list(plan.chunks)
+        for name in sorted(n for n in self._backend.list_names(folder) if n.isdigit()):
+            if int(name) != len(extra):
+                break  # a gap: chunks after it were never recorded in order (cannot happen; read no further)
+            raw = self._backend.read_bytes(f"{folder}/{name}")
+            if raw is None:
+                break
+            try:
+                extra.extend((int(a), int(b)) for a, b in json.loads(raw))
+            except (ValueError, TypeError) as err:
+                raise SnapshotError(f"{self._backend.location(f'{folder}/{name}')} is corrupt: {err}") from err
+        return dataclasses.replace(plan, chunks=tuple(extra))
 
     def read_changes(self, plan: Plan) -> pl.DataFrame:
         return self._read_frame(f"{_plan_dir(plan.plan_id)}/changes.parquet")
