@@ -318,7 +318,7 @@ def _lock_text(lock: Mapping[str, Any] | None) -> str:
     state = {
         "alive": "its process is running on this host",
         "gone": "its process is gone from this host: the next run breaks it, or `stopchurn unlock`",
-        "unknown": "on another host (cannot tell whether it still runs)",
+        "unknown": "on another host: cannot tell whether it still runs",
     }.get(str(lock["state"]), str(lock["state"]))
     expiry = (
         f"expired at {lock['expires_at']}: the next run takes it over"
@@ -435,7 +435,7 @@ _EXPORT_COLUMNS = ("plan_id", "id", "reason", "position", "update")
 def _export(rows: list[dict[str, Any]], target: str) -> None:
     suffix = Path(target).suffix.lower()
     if suffix == ".json":
-        Path(target).write_text(json.dumps(rows, indent=2, default=str) + "\n", encoding="utf-8")
+        Path(target).write_text(json.dumps(rows, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
         return
     with Path(target).open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
@@ -443,7 +443,9 @@ def _export(rows: list[dict[str, Any]], target: str) -> None:
         for row in rows:
             writer.writerow(
                 [
-                    json.dumps(row.get(c), default=str) if c == "update" else ("" if row.get(c) is None else row[c])
+                    json.dumps(row.get(c), default=str, ensure_ascii=False)
+                    if c == "update"
+                    else ("" if row.get(c) is None else row[c])
                     for c in _EXPORT_COLUMNS
                 ]
             )
@@ -525,7 +527,8 @@ def _settle(args: argparse.Namespace, out: TextIO) -> None:
     out.write(
         f"Settled plan {result['plan_id']}: {result['acknowledged_chunks']} of {result['total_chunks']} chunks "
         f"acknowledged ({result['inserted']} inserted, {result['updated']} updated, {result['deleted']} deleted, "
-        f"{result['rejected']} rejected), {result['dropped_chunks']} dropped. "
+        f"{result['rejected']} rejected); the next run sends the rows of the other "
+        f"{result['unacknowledged_chunks']} again. "
         + (
             f"Committed version {result['version']} ({result['rows']} rows).\n"
             if result["committed"]
@@ -573,7 +576,8 @@ def _rebaseline(args: argparse.Namespace, out: TextIO) -> None:
         decimal_as_string=args.decimal_as_string,
         holder=operate.operator_name("rebaseline"),
     )
-    preview = operate.preview_rebaseline(store, frame, options)
+    canon = operate.canonical_source(frame, options)  # bad keys or values stop here, before any question
+    preview = operate.preview_rebaseline(store, canon)
     change = preview["schema_change"]
     lines = [
         f"Rebaseline {store.brand_id}/{store.table_name} at {store.location} from {origin}: "
@@ -587,7 +591,7 @@ def _rebaseline(args: argparse.Namespace, out: TextIO) -> None:
     if preview["pending_plan"] is not None:
         lines.append("A pending plan is settled first, as a run would.")
     _confirm(args, "\n".join(lines), "Record this source as what StopChurn holds?")
-    result = operate.rebaseline(store, frame, options)
+    result = operate.rebaseline(store, canon, options)
     if args.json:
         _emit_json(out, {**result, "source": origin})
         return

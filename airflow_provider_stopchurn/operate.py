@@ -31,6 +31,7 @@ import pandas as pd
 
 from airflow_provider_stopchurn import history
 from airflow_provider_stopchurn.diff import ROW_HASH
+from airflow_provider_stopchurn.encoding import Canonical
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError, StopChurnConfigError
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.plan import baseline_plan, kind_changes
@@ -74,7 +75,10 @@ def lock_info(record: dict[str, Any] | None, *, present: bool, now: float | None
     :param present: whether a LOCK file exists (an unreadable one is reported as such).
     """
     if record is None:
-        return {"holder": None, "state": "unreadable", "expired": True} if present else None
+        if not present:
+            return None
+        unknown = dict.fromkeys(("holder", "host", "pid", "acquired_at", "refreshed_at", "expires_at", "age_s"))
+        return {**unknown, "expired": True, "state": "unreadable", "token": None}
     now = time.time() if now is None else now
     try:
         expires = float(record.get("expires_at", 0))
@@ -217,7 +221,8 @@ def settle_pending(store: SnapshotStore, *, holder: str) -> dict[str, Any]:
         "plan_id": plan.plan_id,
         "acknowledged_chunks": len(acks),
         "total_chunks": len(plan.chunks),
-        "dropped_chunks": len(plan.chunks) - len(acks),
+        # not acknowledged: their rows stay as before (or unsure), so the next run sends them again
+        "unacknowledged_chunks": len(plan.chunks) - len(acks),
         **{k: counts[k] for k in ("inserted", "updated", "deleted")},
         "rejected": counts["quarantined"],
         "quarantine_uri": result.quarantine_uri,
@@ -251,9 +256,13 @@ def rebaseline_options(
     )
 
 
-def preview_rebaseline(store: SnapshotStore, frame: pd.DataFrame, options: SyncOptions) -> dict[str, Any]:
+def canonical_source(frame: pd.DataFrame, options: SyncOptions) -> Canonical:
+    """The source as the engine reads it (validated keys, canonical columns, the ``user`` table's contract)."""
+    return _canonical(frame, options)
+
+
+def preview_rebaseline(store: SnapshotStore, canon: Canonical) -> dict[str, Any]:
     """What :func:`rebaseline` would record (reads only): the source's rows and columns, and how they differ."""
-    canon = _canonical(frame, options)
     current = store.read_current()
     change = None
     if current is not None:
@@ -268,8 +277,11 @@ def preview_rebaseline(store: SnapshotStore, frame: pd.DataFrame, options: SyncO
     }
 
 
-def rebaseline(store: SnapshotStore, frame: pd.DataFrame, options: SyncOptions) -> dict[str, Any]:
-    """Record ``frame`` as what StopChurn holds, sending nothing; see the module docstring."""
+def rebaseline(store: SnapshotStore, canon: Canonical, options: SyncOptions) -> dict[str, Any]:
+    """Record the source ``canon`` (:func:`canonical_source`) as what StopChurn holds, sending nothing.
+
+    See the module docstring; ``options`` are those the source was canonicalized with.
+    """
     if options.dry_run:
         raise StopChurnConfigError("A rebaseline cannot be a dry run.")
     started = time.time()
@@ -282,24 +294,19 @@ def rebaseline(store: SnapshotStore, frame: pd.DataFrame, options: SyncOptions) 
             _check_plan_owner(store, pending.meta)
             settle(store, pending, store.acks(pending), lock=lock)
             settled_plan = pending.plan_id
-        canon = _canonical(frame, options)
         committed = store.read_committed()
         plan = baseline_plan(canon, committed, options, run_ms)
         version = store.write_snapshot(plan.target)
-        try:
-            store.commit(
-                version,
-                base_version=None if committed is None else committed.version,
-                kinds=plan.kinds,
-                key_columns=plan.key_columns,
-                rows=plan.target.height,
-                plan_id=None,
-                row_hash=ROW_HASH,
-                lock=lock,
-            )
-        except BaseException:
-            store.delete_snapshot(version)  # never named by a pointer: only space
-            raise
+        store.commit(
+            version,
+            base_version=None if committed is None else committed.version,
+            kinds=plan.kinds,
+            key_columns=plan.key_columns,
+            rows=plan.target.height,
+            plan_id=None,
+            row_hash=ROW_HASH,
+            lock=lock,
+        )
         counts = {"unchanged": plan.target.height, "baseline": True, "schema_change": plan.schema_change}
         history.record(store, kind="rebaseline", holder=options.holder, started=started, counts=counts)
     return {
@@ -316,6 +323,7 @@ def rebaseline(store: SnapshotStore, frame: pd.DataFrame, options: SyncOptions) 
 
 __all__ = [
     "LOCK_TTL_S",
+    "canonical_source",
     "lock_info",
     "operator_name",
     "preview_rebaseline",

@@ -684,3 +684,30 @@ def test_timestamps_sort_with_the_file_names(where: Where) -> None:
         time.sleep(0.002)
     assert [r["n"] for r in store.read_history()] == [2, 1, 0]
     assert store.read_history(0) == []
+
+
+def test_unreadable_lock_is_reported_and_broken(
+    sb: SandboxServer, where: Where, stopchurn: Callable[..., Result]
+) -> None:
+    store = where.store()
+    _synced(sb, store, runs=1)
+    store.backend.write_bytes("LOCK", b'{"holder": "torn')  # a writer that died mid-write on a store without rename
+    lock = stopchurn("status", "--json").json()["lock"]
+    assert (lock["state"], lock["holder"], lock["token"]) == ("unreadable", None, None)
+    assert "cannot be read" in stopchurn("status").out
+    assert stopchurn("unlock", "--yes").code == 0
+    assert not store.backend.exists("LOCK")
+
+
+def test_rebaseline_refuses_bad_source_data_and_changes_nothing(
+    sb: SandboxServer, where: Where, stopchurn: Callable[..., Result], tmp_path: Path
+) -> None:
+    store = where.store()
+    churn, _ = _synced(sb, store, runs=1)
+    duplicated = pd.concat([churn.frame, churn.frame.head(3)], ignore_index=True)
+    source = tmp_path / "duplicated.parquet"
+    duplicated.to_parquet(source)
+    digest = tree_digest(where.root)
+    refused = stopchurn("rebaseline", "--parquet", str(source), "--yes")
+    assert refused.code == cli.ERROR and "duplicate" in _one_line_error(refused).lower()
+    assert tree_digest(where.root) == digest

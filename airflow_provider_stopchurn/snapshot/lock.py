@@ -284,16 +284,16 @@ class TableLock:
                     time.sleep(_PAUSE_S)  # another run is changing this same lock: see what it did
             raise SnapshotLockedError(
                 f"{self.label}: could not take the lock after {_ATTEMPTS} attempts, other runs keep changing "
-                f"{self.backend.location(self.name)}. Try again later; if no other run is active, delete it and "
-                f"any {self.name}.*.claim file next to it."
+                f"{self.backend.location(self.name)}. Try again in a minute (a claim left by a crashed run is "
+                f"removed after {CLAIM_STALE_S:.0f} s); `stopchurn status` shows who holds the table."
             )
 
     def _busy(self, current: dict[str, Any] | None) -> SnapshotLockedError:
         expires = float((current or {}).get("expires_at", 0))
         return SnapshotLockedError(
             f"{self.label} is being synced by another run: {self._describe(current)}. Wait for it to finish; a "
-            f"lock left by a killed run expires at {_iso(expires)}, or delete "
-            f"{self.backend.location(self.name)} once that run is known to be dead."
+            f"lock left by a killed run expires at {_iso(expires)} (at once when its process is gone from this "
+            "host), or break it with `stopchurn unlock` once that run is known to be dead."
         )
 
     def refresh(self, *, force: bool = False) -> None:
