@@ -32,6 +32,8 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_stopchurn.operators.stopchurn"],
             }
         ],
+        # `airflow stopchurn ...`: Airflow 3.2+ calls these functions for the provider's CLI command groups
+        "cli": ["airflow_provider_stopchurn.cli.airflow_cli_commands"],
         "connection-types": [
             {
                 "connection-type": "stopchurn",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import polars as pl
@@ -379,12 +379,36 @@ def _plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], 
     }
 
 
+def baseline_plan(canon: Canonical, committed: Committed | None, options: SyncOptions, run_ms: int) -> RunPlan:
+    """Record ``canon`` as delivered whatever the committed snapshot holds; nothing to send (a rebaseline).
+
+    Keys the snapshot knows keep their createdAt (unless ``created_at_column`` gives one); a snapshot keyed by
+    other columns names other rows, so it is replaced as by a first load. No safeguard applies: recording a
+    table sends nothing.
+    """
+    if committed is not None and tuple(committed.key_columns) == tuple(canon.key_columns):
+        keys = list(canon.key_columns)
+        created = timestamp_column(canon, options.created_at_column, "created_at")
+        kinds = kinds_after(canon, committed.kinds)
+        change = schema_changes(committed, canon)
+        plan = _baseline(
+            canon, committed, kinds, keys, created, run_ms, _plan_meta(options, kinds, keys, run_ms), change
+        )
+        plan.schema_change = {"policy": "rebaseline", **change} if change else None
+        return plan
+    plan = make_plan(canon, None, replace(options, initial_load="baseline"), run_ms)
+    if committed is not None:
+        plan.schema_change = {"policy": "rebaseline", **schema_changes(committed, canon)}
+    return plan
+
+
 __all__ = [
     "PLAN_FORMAT",
     "UPDATE",
     "RunPlan",
     "Window",
     "align",
+    "baseline_plan",
     "check_safeguards",
     "describe",
     "kind_changes",

@@ -5,7 +5,7 @@ One run::
     lock (with a heartbeat) -> settle any plan an earlier try left -> canonicalize the source
          -> plan (diff, schema policy, safeguards, encoding, chunks; plan.py) -> write the target snapshot and plan
          -> deliver (deliver.py), recording each acknowledgement with its rejections -> settle (settle.py)
-         -> summary
+         -> summary (and a record in the store's history when the run committed something; history.py)
 
 Every ending, success or failure, goes through the same :func:`~airflow_provider_stopchurn.settle.settle`: what
 StopChurn acknowledged is committed, nothing else. A failure then surfaces as the run's error; the next run (or
@@ -30,6 +30,7 @@ from airflow_provider_stopchurn.deliver import Rejection, Sender, deliver
 from airflow_provider_stopchurn.diff import ROW_HASH
 from airflow_provider_stopchurn.encoding import Canonical, canonicalize
 from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError, StopChurnConfigError
+from airflow_provider_stopchurn.history import recorded
 from airflow_provider_stopchurn.options import RejectPolicy, SchemaPolicy, SyncOptions
 from airflow_provider_stopchurn.plan import RunPlan, make_plan, schema_changes
 from airflow_provider_stopchurn.settle import Settled, preview, settle
@@ -145,7 +146,11 @@ def run_sync(
     else:
         if sender is None:
             raise StopChurnConfigError("A sender is required unless dry_run=True.")
-        with store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock, lock.heartbeat():
+        with (
+            store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock,
+            lock.heartbeat(),
+            recorded(store, summary, options, lock),  # a run that committed leaves a record in the history
+        ):
             pending = store.pending_plan()
             committed = store.read_committed()
             summary.start_from(committed.run if committed is not None else None, options.run_key)

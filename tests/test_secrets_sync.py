@@ -1,4 +1,4 @@
-"""The API key never leaks from a sync: not in logs, errors, the summary, snapshot files, or reprs.
+"""The API key never leaks from a sync: not in logs, errors, the summary, snapshot or history files, or reprs.
 
 Each path (success, 401, 400, 5xx forever, quarantine) runs a full sync with a recognisable key, every logger
 at DEBUG, and then searches everything the run left behind for the key (and its distinctive middle part).
@@ -152,6 +152,8 @@ def test_api_key_never_leaks(
         places[str(file)] = file.read_bytes()
     places.update(sender.seen)
 
+    if path in ("success", "quarantine", "400"):  # these runs commit, so the history holds a record of them
+        assert any("/history/" in name for name in places), sorted(places)
     assert debug_logs.records, "nothing was logged: the check would prove nothing"
     assert any(name.endswith("LOCK (during the run)") for name in sender.seen), sorted(sender.seen)
     assert any(name.endswith("PLAN (during the run)") for name in sender.seen), sorted(sender.seen)

@@ -102,9 +102,12 @@ def test_convergence_on_every_root(sb: SandboxServer, root: Any) -> None:
         run_sync(frame, store, client, options(key_columns=churn.keys, chunk_size=120), run_ms=T0 + run)
         assert_sandbox_matches(sb, frame, churn.keys)
         frame = churn.step()
-    # only the pointer and one snapshot remain after a clean run
+    # only the pointer and one snapshot remain after a clean run, beside one history record per run
     names = sorted(str(p)[len(str(_table_dir(root))) :] for p in list_files(root))
+    history = [n for n in names if n.startswith("/history/")]
+    names = [n for n in names if n not in history]
     assert len(names) == 2 and names[0] == "/CURRENT" and names[1].startswith("/snapshots/"), names
+    assert len(history) == 4 and all(n.endswith(".json") for n in history), history
     assert store.location.endswith(f"{BRAND}/{TABLE}")
 
 

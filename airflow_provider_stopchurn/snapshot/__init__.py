@@ -13,6 +13,8 @@ Layout under ``<root>/<brand_id>/<table_name>/`` (every file but the pointers an
     LOCK                               the run holding this table (JSON), with an expiry (see ``lock``)
     LOCK.<digest>.claim                for an instant, while a run breaks, refreshes or releases the LOCK
     quarantine/<plan_id>.jsonl         rows StopChurn rejected, with its reason
+    history/<time>-<random>.json       one record per run that committed something (counts, times, version,
+                                       status, first line of a failure); the newest ``HISTORY_LIMIT`` are kept
 
 Crash safety:
 
@@ -28,6 +30,9 @@ Crash safety:
   changes are diffed again (a row may be sent twice, none is lost).
 * An acknowledgement and the rejections in its chunk are one file, so a rejection is never recorded without
   its acknowledgement nor the other way round.
+* The history cannot be appended to in place on an object store, so each record is its own small file, written
+  whole after the commit it describes; pruning the oldest comes after the write, so a crash never loses a
+  record it had written, it only leaves a few records over the bound until the next append.
 
 The storage seam is :mod:`.backend` (a local directory, or any UPath-like object: s3://, gs://, memory://, ...);
 the lock is :mod:`.lock`; the store itself is :mod:`.store`. This package imports no Airflow.
@@ -52,13 +57,14 @@ from airflow_provider_stopchurn.snapshot.constants import (
     UPDATED_AT,
 )
 from airflow_provider_stopchurn.snapshot.lock import TableLock
-from airflow_provider_stopchurn.snapshot.store import Committed, Plan, SnapshotStore
+from airflow_provider_stopchurn.snapshot.store import HISTORY_LIMIT, Committed, Plan, SnapshotStore
 
 __all__ = [
     "CREATED_AT",
     "FORMAT_VERSION",
     "HASH_1",
     "HASH_2",
+    "HISTORY_LIMIT",
     "META_COLUMNS",
     "OP",
     "UPDATED_AT",

@@ -41,7 +41,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
@@ -101,6 +101,15 @@ def _gone(record: dict[str, Any]) -> int | None:
     if pid and pid != os.getpid() and not _pid_alive(pid):
         return pid
     return None
+
+
+def holder_state(record: Mapping[str, Any]) -> str:
+    """Whether the process that wrote a lock record lives: ``"alive"`` (a running process of this host, this one
+    included), ``"gone"`` (of this host, no longer running) or ``"unknown"`` (another host: no way to tell).
+    """
+    if record.get("host") != socket.gethostname():
+        return "unknown"
+    return "gone" if _gone(dict(record)) is not None else "alive"
 
 
 class TableLock:
@@ -275,16 +284,16 @@ class TableLock:
                     time.sleep(_PAUSE_S)  # another run is changing this same lock: see what it did
             raise SnapshotLockedError(
                 f"{self.label}: could not take the lock after {_ATTEMPTS} attempts, other runs keep changing "
-                f"{self.backend.location(self.name)}. Try again later; if no other run is active, delete it and "
-                f"any {self.name}.*.claim file next to it."
+                f"{self.backend.location(self.name)}. Try again in a minute (a claim left by a crashed run is "
+                f"removed after {CLAIM_STALE_S:.0f} s); `stopchurn status` shows who holds the table."
             )
 
     def _busy(self, current: dict[str, Any] | None) -> SnapshotLockedError:
         expires = float((current or {}).get("expires_at", 0))
         return SnapshotLockedError(
             f"{self.label} is being synced by another run: {self._describe(current)}. Wait for it to finish; a "
-            f"lock left by a killed run expires at {_iso(expires)}, or delete "
-            f"{self.backend.location(self.name)} once that run is known to be dead."
+            f"lock left by a killed run expires at {_iso(expires)} (at once when its process is gone from this "
+            "host), or break it with `stopchurn unlock` once that run is known to be dead."
         )
 
     def refresh(self, *, force: bool = False) -> None:
@@ -362,6 +371,34 @@ class TableLock:
                 log.warning("Could not release the lock of %s; it expires by itself.", self.label)
             except SnapshotError as err:
                 log.warning("Could not release the lock of %s (%s); it expires by itself.", self.label, err)
+
+    def break_lease(self, token: str) -> bool:
+        """Delete the LOCK while it holds the lease ``token`` (another run's), through a claim like any change.
+
+        For a person breaking a dead run's lock: its owner may refresh it meanwhile (same token, new bytes: it is
+        read again), but a run that took the table since (another token) keeps it. Returns whether it was deleted.
+        """
+        with self._mutex:
+            for _ in range(_ATTEMPTS):
+                raw = self.backend.read_bytes(self.name)
+                current = _parse(raw)
+                if raw is None or current is None or current.get("token") != token:
+                    return False
+                holder = current.get("holder")
+
+                def brk(holder: Any = holder) -> None:
+                    log.warning("Breaking the lock of %r on %s by hand.", holder, self.label)
+                    self.backend.delete(self.name)
+
+                outcome = self._with_claim(self.name, raw, brk)
+                if outcome is _Outcome.DONE:
+                    return True
+                if outcome is _Outcome.BUSY:
+                    time.sleep(_PAUSE_S)
+            raise SnapshotLockedError(
+                f"{self.label}: could not break the lock after {_ATTEMPTS} attempts, other runs keep changing "
+                f"{self.backend.location(self.name)}. Try again."
+            )
 
     # --- heartbeat -------------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 _ACK_DIGITS = 7
 
+#: How many run records the history keeps (the oldest beyond it are removed when a run is appended).
+HISTORY_LIMIT = 1000
+_HISTORY = "history"
+
 
 def _safe(part: str) -> str:
     """A path segment that is the same on every file system and object store."""
@@ -138,6 +142,9 @@ class SnapshotStore:
     The constructor does no I/O.
     """
 
+    #: records kept by :meth:`append_history` (a class default; a store may set its own)
+    history_limit: int = HISTORY_LIMIT
+
     def __init__(self, root: Any, brand_id: int, table_name: str) -> None:
         self._root = root
         self.brand_id = brand_id
@@ -206,6 +213,13 @@ class SnapshotStore:
             ) from err
 
     # --- committed snapshot ----------------------------------------------------------------------------------
+    def read_current(self) -> dict[str, Any] | None:
+        """The CURRENT pointer as written at the last commit (version, rows, kinds, key columns, committed_at,
+        plan_id, run), or None before the first commit. Unlike :meth:`read_committed`, the snapshot file is not
+        opened.
+        """
+        return self._read_json("CURRENT")
+
     def read_committed(self) -> Committed | None:
         """The committed snapshot, or None before the first commit."""
         pointer = self._read_json("CURRENT")
@@ -495,11 +509,50 @@ class SnapshotStore:
             records += _read_json_lines(raw or b"", self._backend.location(f"quarantine/{name}"))
         return records
 
+    def read_quarantine_file(self, name: str) -> list[dict[str, Any]]:
+        """The records of one quarantine file (a name from :meth:`quarantine_files`); [] when it is gone."""
+        raw = self._backend.read_bytes(f"quarantine/{name}")
+        return _read_json_lines(raw or b"", self._backend.location(f"quarantine/{name}"))
+
     def clear_quarantine(self, keep: str | None = None) -> None:
         """Delete the quarantine files, except the one of plan ``keep``."""
         for name in self.quarantine_files():
             if keep is None or name != f"{keep}.jsonl":
                 self._backend.delete(f"quarantine/{name}")
+
+    # --- history ---------------------------------------------------------------------------------------------
+    def append_history(self, record: Mapping[str, Any]) -> str:
+        """Add one run's record to the history and return its file's location; keep the newest ``history_limit``.
+
+        One small JSON file per record, ``history/<time>-<random>.json`` (names sort by time), written whole (a
+        temporary file and a rename locally, one PUT on an object store): object stores cannot append, and a
+        crash leaves either the whole record or none. Records beyond the bound are removed oldest first, after
+        the write; a crash in between only leaves a few extra records, removed by the next append.
+        """
+        name = f"{_HISTORY}/{_new_version()}.json"
+        self._write_json(name, dict(record))
+        names = self._history_names()
+        for old in names[: max(0, len(names) - max(1, int(self.history_limit)))]:
+            self._backend.delete(f"{_HISTORY}/{old}")
+        return self._backend.location(name)
+
+    def read_history(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` records of the history (all when None), newest first.
+
+        A record that cannot be read (removed by a concurrent append's pruning, or damaged) is skipped.
+        """
+        names = self._history_names()
+        if limit is not None:
+            names = names[-limit:] if limit > 0 else []
+        records: list[dict[str, Any]] = []
+        for name in reversed(names):
+            record = _loose_json(self._backend.read_bytes(f"{_HISTORY}/{name}"))
+            if record is not None:
+                records.append(record)
+        return records
+
+    def _history_names(self) -> list[str]:
+        return [n for n in self._backend.list_names(_HISTORY) if n.endswith(".json")]
 
     # --- lock ------------------------------------------------------------------------------------------------
     def table_lock(self, holder: str, *, ttl_s: float = 3600.0, heartbeat_s: float | None = None) -> TableLock:
@@ -525,9 +578,18 @@ class SnapshotStore:
         """The LOCK record, or None when there is none (or it is unreadable: its writer died mid-write)."""
         return _loose_json(self._backend.read_bytes("LOCK"))
 
-    def break_lock(self) -> None:
-        """Remove the lock whoever holds it. Safe only when that run is known to be dead."""
-        self._backend.delete("LOCK")
+    def break_lock(self, token: str | None = None) -> bool:
+        """Remove the lock. Safe only when the run holding it is known to be dead (or must be stopped).
+
+        :param token: remove it only while it still holds this lease (the ``token`` of a LOCK record read
+            before), through the lock's claim protocol: a run that took the table meanwhile keeps it. None
+            removes whatever is there.
+        :return: whether a lock was removed (always True without ``token``).
+        """
+        if token is None:
+            self._backend.delete("LOCK")
+            return True
+        return self.table_lock("stopchurn unlock").break_lease(token)
 
 
 def _loose_json(raw: bytes | None) -> dict[str, Any] | None:
