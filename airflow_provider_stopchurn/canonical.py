@@ -142,15 +142,27 @@ def canonicalize_source(source: Source, *, key_columns: Sequence[str], decimal_a
     finally:
         if isinstance(data, GeneratorType | pa.RecordBatchReader):
             data.close()  # a SQL source's generator releases its connection
-    raise SourceDataError(
-        "The source must be a pandas or polars DataFrame, a polars LazyFrame, a pyarrow Table, RecordBatch or "
-        "RecordBatchReader, or an iterator of pyarrow RecordBatches (or a callable returning one of these); got "
-        f"{type(data).__module__}.{type(data).__qualname__}."
-    )
+    raise _not_a_source(_type_name(data))
 
 
 def _is_batch_iterable(data: Any) -> bool:
-    return isinstance(data, Iterable) and not isinstance(data, str | bytes | bytearray | Mapping | pd.Series)
+    """An iterator (any items: checked as they come), or a list/tuple of record batches or tables."""
+    if isinstance(data, Iterator):
+        return True
+    return isinstance(data, list | tuple) and all(isinstance(item, pa.RecordBatch | pa.Table) for item in data)
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _not_a_source(got: str) -> SourceDataError:
+    return SourceDataError(
+        "The source must be a pandas DataFrame, a polars DataFrame or LazyFrame, a pyarrow Table, RecordBatch or "
+        "RecordBatchReader, or an iterator of pyarrow RecordBatches (or a callable returning one of these); got "
+        f"{got}."
+    )
 
 
 def _polars_to_arrow(frame: pl.DataFrame) -> pa.Table:
@@ -216,10 +228,7 @@ def _record_batches(data: Any) -> Iterator[pa.RecordBatch]:
             seen = seen or item.num_rows > 0
             continue
         if not isinstance(item, pa.RecordBatch):
-            raise SourceDataError(
-                f"An iterator source must yield pyarrow RecordBatches; got {type(item).__module__}."
-                f"{type(item).__qualname__}."
-            )
+            raise _not_a_source(f"an iterator yielding {_type_name(item)}")
         seen = True
         yield item
     if not seen and schema is not None:

@@ -612,8 +612,11 @@ def _raise_bytes(name: str) -> None:
     )
 
 
-def _convert_mixed(name: str, values: np.ndarray) -> tuple[pl.Series, str]:
-    mask = np.asarray(pd.isna(values), dtype=bool)
+def _convert_mixed(name: str, values: np.ndarray, mask: np.ndarray | None = None) -> tuple[pl.Series, str]:
+    """Python objects of mixed or container types -> JSON (all UUIDs: their text); ``mask``: the missing values
+    (default: pandas' view of missing, None/NaN/NaT)."""
+    if mask is None:
+        mask = np.asarray(pd.isna(values), dtype=bool)
     present = values[~mask]
     types = set(map(type, present))
     if any(issubclass(t, _BYTES_TYPES) for t in types):
