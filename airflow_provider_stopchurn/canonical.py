@@ -111,8 +111,9 @@ _CANONICAL_DTYPES: Mapping[str, pl.DataType] = {
     "json": pl.String(),
     "null": pl.String(),
 }
-#: A JSON number with a fraction or an exponent (or text that looks like one): read exactly, see _json_number.
-_INEXACT_NUMBER = r"\d[.eE]"
+#: Text that may hold a JSON number orjson reads inexactly: one with a fraction or an exponent (see _json_number),
+#: or an integer of 19 digits or more (beyond 64 bits orjson reads a float). Such texts are read by ``json``.
+_INEXACT_NUMBER = r"\d[.eE]|\d{19}"
 _JSON_PARSE_BATCH = 100_000
 _NS_PER_DAY = 86_400 * 10**9
 
@@ -166,12 +167,13 @@ def _not_a_source(got: str) -> SourceDataError:
 
 
 def _polars_to_arrow(frame: pl.DataFrame) -> pa.Table:
-    try:
-        return frame.to_arrow()
-    except Exception as exc:  # polars raises several types here (e.g. for Object columns)
+    objects = [name for name, dtype in frame.schema.items() if dtype == pl.Object]
+    if objects:
         raise SourceDataError(
-            f"The polars DataFrame cannot be read as Arrow: {exc}. Convert Object columns to typed ones."
-        ) from exc
+            f"The polars DataFrame's column(s) {', '.join(map(repr, objects))} have the dtype Object, which has no "
+            "Arrow form; give them a typed dtype (String, Struct, List...)."
+        )
+    return frame.to_arrow()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -605,13 +607,7 @@ def _load_json(name: str, texts: pl.Series, *, exact_numbers: bool) -> np.ndarra
         part = texts.slice(start, _JSON_PARSE_BATCH)
         joined = "[" + (part.str.join(",").item() or "") + "]"
         try:
-            if exact_numbers:
-                values = json.loads(joined, parse_float=_json_number)
-            else:
-                try:
-                    values = orjson.loads(joined)
-                except orjson.JSONDecodeError:  # e.g. integers beyond 64 bits, which json reads exactly
-                    values = json.loads(joined)
+            values = json.loads(joined, parse_float=_json_number) if exact_numbers else orjson.loads(joined)
         except ValueError:
             values = []  # some text is not one JSON value: found below, one by one
         if len(values) != part.len():
