@@ -150,19 +150,23 @@ def postgres_uri(
     secrets = [password or ""] + [parameters.get(name, "") for name in _SECRET_PARAMETERS]
 
     def build(secret: str | None, secret_parameters: Mapping[str, str]) -> str:
-        userinfo = ""
-        if login:
-            userinfo = quote(str(login), safe="")
+        userinfo = quote(str(login), safe="") if login else ""
         if secret:
-            userinfo += ":" + quote(secret, safe="")
+            userinfo += ":" + (secret if secret == _REDACTED else quote(secret, safe=""))
         query = dict(parameters, **secret_parameters)
-        netloc, socket_dirs = _netloc(host, port)
-        if socket_dirs:
-            query = {"host": socket_dirs, **query}
+        netloc = ""
+        if host and str(host).startswith("/"):  # a Unix socket directory: only a query parameter can name it
+            query = {"host": str(host), **({"port": str(port)} if port else {}), **query}
+        elif host:
+            netloc = _hosts(str(host), port)
+        elif port:
+            query = {"port": str(port), **query}
         text = "postgresql://" + (userinfo + "@" if userinfo else "") + netloc
         text += "/" + quote(str(database), safe="") if database else "/"
         if query:
-            text += "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in query.items())
+            text += "?" + "&".join(
+                f"{quote(k, safe='')}={v if v == _REDACTED else quote(v, safe='')}" for k, v in query.items()
+            )
         return text
 
     hidden = {name: _REDACTED for name in _SECRET_PARAMETERS if parameters.get(name)}
@@ -177,19 +181,15 @@ def _parameter_text(value: Any) -> str:
     return str(value)
 
 
-def _netloc(host: str | None, port: int | str | None) -> tuple[str, str]:
-    """The URI's host part, and the Unix socket directories (which go into the query instead)."""
-    if not host:
-        return (f":{port}" if port else ""), ""
-    if str(host).startswith("/"):
-        return (f":{port}" if port else ""), str(host)
+def _hosts(host: str, port: int | str | None) -> str:
+    """The URI's host part: each of the comma-separated hosts with the port (IPv6 addresses in brackets)."""
     parts = []
-    for given in str(host).split(","):
+    for given in host.split(","):
         name = given.strip()
-        if ":" in name and not name.startswith("["):  # an IPv6 address
+        if ":" in name and not name.startswith("["):
             name = f"[{name}]"
         parts.append(quote(name, safe="[]:") + (f":{port}" if port else ""))
-    return ",".join(parts), ""
+    return ",".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------------------
