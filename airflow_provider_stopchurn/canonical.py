@@ -56,6 +56,7 @@ from airflow_provider_stopchurn.encoding import (
     _check_missing_keys,
     _check_names,
     _decimal_column,
+    _decimal_text,
     _duration_text,
     _epoch_ms,
     _finish,
@@ -111,9 +112,10 @@ _CANONICAL_DTYPES: Mapping[str, pl.DataType] = {
     "json": pl.String(),
     "null": pl.String(),
 }
-#: Text that may hold a JSON number orjson reads inexactly: one with a fraction or an exponent (see _json_number),
-#: or an integer of 19 digits or more (beyond 64 bits orjson reads a float). Such texts are read by ``json``.
-_INEXACT_NUMBER = r"\d[.eE]|\d{19}"
+#: JSON numbers with a fraction or an exponent (and text inside strings that looks like one: checked too, harmless).
+_FRACTIONAL_NUMBER = r"[0-9]+(?:\.[0-9]+(?:[eE][+-]?[0-9]+)?|[eE][+-]?[0-9]+)"
+#: An integer of 19 digits or more, which orjson may read as a float (beyond 64 bits).
+_LONG_INTEGER = r"[0-9]{19}"
 _JSON_PARSE_BATCH = 100_000
 _NS_PER_DAY = 86_400 * 10**9
 
@@ -554,7 +556,7 @@ def _interval_text(column: pa.Array) -> pl.Series:
     )
     body = pl.col("rest_text").str.strip_prefix("-").str.strip_prefix("P")
     negated = r"-${1}"
-    number = r"(\d+(?:\.\d+)?)"
+    number = r"([0-9]+(?:\.[0-9]+)?)"
     text = (
         pl.when(m == 0)
         .then(pl.col("rest_text"))
@@ -587,11 +589,31 @@ def _uuid_text(storage: pa.Array) -> pl.Series:
 
 
 def _json_text_column(name: str, texts: pa.Array) -> pl.Series:
-    """JSON texts (json/jsonb) -> canonical JSON text (sorted keys), each number kept at its exact value."""
+    """JSON texts (json/jsonb) -> canonical JSON text (sorted keys), each number kept at its exact value.
+
+    orjson reads a text when that is exact: no long integers, and every number with a fraction or an exponent is
+    the shortest text of its double (``0.1``, ``2.5``, ``1e-7``), checked for all texts at once. Other texts are
+    read by ``json`` with :func:`_json_number`.
+    """
     series = _from_arrow(texts.cast(pa.large_string()))
     missing = np.asarray(series.is_null().to_numpy(), dtype=bool)
     present = series.drop_nulls()
-    inexact = np.asarray(present.str.contains(_INEXACT_NUMBER).to_numpy(), dtype=bool)
+    inexact = np.asarray(present.str.contains(_LONG_INTEGER).to_numpy(), dtype=bool)
+    tokens = (
+        pl.DataFrame({"t": present})
+        .with_row_index("row")
+        .select("row", pl.col("t").str.extract_all(_FRACTIONAL_NUMBER).alias("number"))
+        .explode("number")
+        .drop_nulls("number")
+    )
+    if tokens.height:
+        number = tokens.get_column("number")
+        shortest = number.cast(pl.Float64, strict=False).cast(pl.String)
+        unsure = (number != shortest).fill_null(True)  # most numbers are written as their double's shortest text
+        if unsure.any():
+            sure = (_decimal_text(number.filter(unsure)) == _decimal_text(shortest.filter(unsure))).fill_null(False)
+            rows = tokens.get_column("row").filter(unsure).filter(~sure)
+            inexact[rows.unique().to_numpy()] = True
     parsed = np.empty(len(present), dtype=object)
     parsed[~inexact] = _load_json(name, present.filter(~inexact), exact_numbers=False)
     parsed[inexact] = _load_json(name, present.filter(inexact), exact_numbers=True)

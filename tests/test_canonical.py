@@ -27,7 +27,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from airflow_provider_stopchurn.canonical import canonicalize_arrow, canonicalize_source, convert_arrow_column
-from airflow_provider_stopchurn.encoding import _decimal_text, _decimal_text_of, canonicalize, encode_rows
+from airflow_provider_stopchurn.encoding import (
+    _decimal_canonical,
+    _decimal_canonical_general,
+    _decimal_text,
+    _decimal_text_of,
+    canonicalize,
+    encode_rows,
+)
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.snapshot import SnapshotStore
@@ -455,6 +462,20 @@ def test_a_reader_or_generator_is_closed_after_reading() -> None:
 )
 def test_scalar_decimal_text_matches_the_vectorised_one(value: Decimal) -> None:
     assert _decimal_text_of(value) == _decimal_text(pl.Series([str(value)])).item()
+
+
+_DECIMAL_TEXTS = st.one_of(
+    st.decimals(allow_nan=True, allow_infinity=True).map(str),
+    st.from_regex(r"\A[+-]?[0-9]{0,70}(\.[0-9]{0,70})?([eE][+-]?[0-9]{1,3})?\Z"),
+    st.from_regex(r"\A-?(0|[1-9][0-9]{0,62})(\.[0-9]{1,62})?\Z"),
+    st.text(alphabet="0123456789.-+eE٠１", max_size=8),  # not decimals, or digits of other scripts: null
+)
+
+
+@given(st.lists(st.none() | _DECIMAL_TEXTS, max_size=20))
+def test_the_fast_decimal_rule_matches_the_general_one(texts: list[str | None]) -> None:
+    series = pl.Series(texts, dtype=pl.String)
+    assert _decimal_canonical(series).equals(_decimal_canonical_general(series))
 
 
 def test_decimals_inside_json_values_keep_their_digits() -> None:
