@@ -468,7 +468,7 @@ _DECIMAL_TEXTS = st.one_of(
     st.decimals(allow_nan=True, allow_infinity=True).map(str),
     st.from_regex(r"\A[+-]?[0-9]{0,70}(\.[0-9]{0,70})?([eE][+-]?[0-9]{1,3})?\Z"),
     st.from_regex(r"\A-?(0|[1-9][0-9]{0,62})(\.[0-9]{1,62})?\Z"),
-    st.text(alphabet="0123456789.-+eE٠１", max_size=8),  # not decimals, or digits of other scripts: null
+    st.text(alphabet="0123456789.-+eE\u0660\uff11", max_size=8),  # not decimals, or digits of other scripts
 )
 
 
