@@ -47,7 +47,7 @@ from urllib.parse import quote
 import numpy as np
 import pyarrow as pa
 
-from airflow_provider_stopchurn.canonical import JSON_TEXT_KIND, KIND_METADATA
+from airflow_provider_stopchurn.canonical import JSON_TEXT_KIND, KIND_METADATA, _is_binary
 from airflow_provider_stopchurn.encoding import _BYTES_TYPES, _convert_mixed
 from airflow_provider_stopchurn.exceptions import SourceConnectionError, SourceDataError
 
@@ -431,30 +431,25 @@ _SIMPLE_TYPES = {
 _DECIMAL_TEXT = pa.opaque(pa.string(), type_name="decimal", vendor_name="Python")
 
 
+#: The kind of a driver value by its type, the first that matches (bool before int: True is an int; datetime
+#: before date: a datetime is a date).
+_VALUE_KINDS: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    ((bool, np.bool_), "bool"),
+    ((int, np.integer), "int"),
+    ((float, np.floating), "float"),
+    (str, "str"),
+    (_BYTES_TYPES, "bytes"),
+    (_dt.datetime, "datetime"),
+    (_dt.date, "date"),
+    (_dt.time, "time"),
+    (_dt.timedelta, "timedelta"),
+    (_decimal.Decimal, "decimal"),
+    (_uuid.UUID, "uuid"),
+)
+
+
 def _value_kind(t: type) -> str:
-    if issubclass(t, bool | np.bool_):
-        return "bool"
-    if issubclass(t, int | np.integer):
-        return "int"
-    if issubclass(t, float | np.floating):
-        return "float"
-    if issubclass(t, str):
-        return "str"
-    if issubclass(t, _BYTES_TYPES):
-        return "bytes"
-    if issubclass(t, _dt.datetime):
-        return "datetime"
-    if issubclass(t, _dt.date):
-        return "date"
-    if issubclass(t, _dt.time):
-        return "time"
-    if issubclass(t, _dt.timedelta):
-        return "timedelta"
-    if issubclass(t, _decimal.Decimal):
-        return "decimal"
-    if issubclass(t, _uuid.UUID):
-        return "uuid"
-    return "object"
+    return next((kind for types, kind in _VALUE_KINDS if issubclass(t, types)), "object")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -480,8 +475,7 @@ def _at_least_one(batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> Itera
 def _check_schema(schema: pa.Schema) -> None:
     _check_names(schema.names)
     for field in schema:
-        t = field.type
-        if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        if _is_binary(field.type):
             raise _binary_column(field.name)
 
 
