@@ -537,17 +537,11 @@ def _settle(args: argparse.Namespace, out: TextIO) -> None:
     )
 
 
-def read_sql(hook: Any, sql: str) -> Any:
-    """A SQL query's result as the engine's source, through the project's SQL reader (one place to change it)."""
-    from airflow_provider_stopchurn.sources import read_sql_frame
+def read_sql(conn_id: str, sql: str) -> Any:
+    """A SQL query's result as the engine's source: Arrow batches, read as the operator reads them."""
+    from airflow_provider_stopchurn.operators.stopchurn import read_sql as read_connection
 
-    return read_sql_frame(hook, sql)
-
-
-def _sql_hook(conn_id: str) -> Any:
-    from airflow.sdk import BaseHook
-
-    return BaseHook.get_connection(conn_id).get_hook()
+    return read_connection(conn_id, sql)
 
 
 def _rebaseline_source(args: argparse.Namespace) -> tuple[Any, str]:
@@ -556,7 +550,7 @@ def _rebaseline_source(args: argparse.Namespace) -> tuple[Any, str]:
     if args.sql is not None:
         if not args.sql_conn_id:
             raise UsageError("--sql needs --sql-conn-id")
-        return read_sql(_sql_hook(args.sql_conn_id), args.sql), f"SQL on {args.sql_conn_id!r}"
+        return read_sql(args.sql_conn_id, args.sql), f"SQL on {args.sql_conn_id!r}"
     if args.sql_conn_id:
         raise UsageError("--sql-conn-id goes with --sql")
     import pandas as pd

@@ -126,12 +126,30 @@ def canonicalize(df: pd.DataFrame, *, key_columns: Sequence[str], decimal_as_str
     ``decimal_as_string=True`` gives Decimal columns the kind ``"string"`` (same canonical text, sent as a JSON
     string). Raises :class:`SourceDataError` for bad column names, unsupported values and invalid keys.
     """
-    if isinstance(key_columns, str):
-        key_columns = [key_columns]
-    keys = tuple(key_columns)
+    names = list(df.columns)
+    keys = _check_names(names, key_columns)
+    series: list[pl.Series] = []
+    kinds: dict[str, str] = {}
+    for name in names:
+        col = df[name]
+        if name in keys:
+            _check_key_values(name, col, df.index)
+        converted, kind = _convert_column(name, col, decimal_as_string=decimal_as_string)
+        if name in keys:
+            converted, kind = _as_key(name, converted, kind)
+        series.append(converted.alias(name))
+        kinds[name] = kind
+    return _finish(pl.DataFrame(series), kinds, keys)
+
+
+def _check_names(names: Sequence[Any], key_columns: Sequence[str] | str) -> tuple[str, ...]:
+    """Check a source's column names and key columns; return the key columns as a tuple.
+
+    Column names must be distinct strings, and the key columns (at least one, none repeated) must be among them.
+    """
+    keys = (key_columns,) if isinstance(key_columns, str) else tuple(key_columns)
     if not keys:
         raise SourceDataError("At least one key column is required.")
-    names = list(df.columns)
     bad_names = [repr(n) for n in names if not isinstance(n, str)]
     if bad_names:
         raise SourceDataError(
@@ -148,21 +166,15 @@ def canonicalize(df: pd.DataFrame, *, key_columns: Sequence[str], decimal_as_str
         )
     if len(set(keys)) != len(keys):
         raise SourceDataError(f"Key columns are repeated: {keys!r}.")
+    return keys
 
-    series: list[pl.Series] = []
-    kinds: dict[str, str] = {}
-    for name in names:
-        col = df[name]
-        if name in keys:
-            _check_key_values(name, col, df.index)
-        converted, kind = _convert_column(name, col, decimal_as_string=decimal_as_string)
-        if name in keys:
-            converted, kind = _as_key(name, converted, kind)
-        series.append(converted.alias(name))
-        kinds[name] = kind
-    frame = pl.DataFrame(series)
+
+def _finish(frame: pl.DataFrame, kinds: dict[str, str], keys: tuple[str, ...]) -> Canonical:
+    """The checks over the whole table (unique keys, the ``id`` column), and the derived ``id`` where none is given.
+
+    ``frame`` holds the converted columns of every row, key columns already through :func:`_as_key`.
+    """
     _check_unique(frame, keys)
-
     if "id" not in kinds:
         if len(keys) == 1:
             frame = frame.with_columns(pl.col(keys[0]).alias("id"))
@@ -250,13 +262,7 @@ def _examples(shown: Sequence[Any], total: int) -> str:
 
 def _check_key_values(name: str, col: pd.Series, index: pd.Index) -> None:
     """Checks that need the raw values (NaN and infinities become null in the canonical frame)."""
-    null_mask = np.asarray(col.isna(), dtype=bool)
-    if null_mask.any():
-        rows = list(index[null_mask])
-        raise SourceDataError(
-            f"Key column {name!r} has {int(null_mask.sum())} missing value(s) (null/NaN/NaT) at row(s) "
-            f"{_listed(rows)}; every key must be present."
-        )
+    _check_missing_keys(name, np.asarray(col.isna(), dtype=bool), index)
     if pd.api.types.is_float_dtype(col.dtype):
         _check_float_key(name, col.to_numpy(dtype="float64", na_value=np.nan), index)
     elif pd.api.types.is_object_dtype(col.dtype) and pd.api.types.infer_dtype(col, skipna=False) in (
@@ -266,12 +272,21 @@ def _check_key_values(name: str, col: pd.Series, index: pd.Index) -> None:
         _check_float_key(name, np.asarray(col.to_numpy(dtype=object), dtype="float64"), index)
 
 
-def _check_float_key(name: str, raw: np.ndarray, index: pd.Index) -> None:
+def _check_missing_keys(name: str, null_mask: np.ndarray, rows: pd.Index | np.ndarray) -> None:
+    """Refuse a key column with missing values (``null_mask``); ``rows`` labels each value in the message."""
+    if null_mask.any():
+        raise SourceDataError(
+            f"Key column {name!r} has {int(null_mask.sum())} missing value(s) (null/NaN/NaT) at row(s) "
+            f"{_listed(rows[null_mask].tolist())}; every key must be present."
+        )
+
+
+def _check_float_key(name: str, raw: np.ndarray, index: pd.Index | np.ndarray) -> None:
     """A float key column (nulls refused already) must hold finite whole numbers."""
     inf_mask = np.isinf(raw)
     if inf_mask.any():
         raise SourceDataError(
-            f"Key column {name!r} has infinite (non-finite) value(s) at row(s) {_listed(list(index[inf_mask]))}."
+            f"Key column {name!r} has infinite (non-finite) value(s) at row(s) {_listed(index[inf_mask].tolist())}."
         )
     frac_mask = raw != np.floor(raw)
     if frac_mask.any():
@@ -327,8 +342,10 @@ def _convert_column(name: str, col: pd.Series, *, decimal_as_string: bool) -> tu
     try:
         if isinstance(dtype, pd.CategoricalDtype):
             return _convert_column(name, col.astype(object), decimal_as_string=decimal_as_string)
-        if isinstance(dtype, pd.ArrowDtype):
-            return _convert_arrow(name, pa.array(col), decimal_as_string=decimal_as_string)
+        if isinstance(dtype, pd.ArrowDtype):  # the Arrow types' rules live with the Arrow sources
+            from airflow_provider_stopchurn.canonical import convert_arrow_column
+
+            return convert_arrow_column(name, pa.array(col), decimal_as_string=decimal_as_string)
         if pd.api.types.is_object_dtype(dtype):
             return _convert_object(name, col, decimal_as_string=decimal_as_string)
         if pd.api.types.is_bool_dtype(dtype):
@@ -398,9 +415,16 @@ def _duration_series(col: pd.Series) -> pl.Series:
     if unit not in _SECONDS_PER_UNIT:
         values = values.astype("timedelta64[s]")
         unit = "s"
-    null_mask = np.isnat(values)
-    ints = pl.Series("v", values.view("int64"), dtype=pl.Int64)
-    ints = _with_nulls(ints, null_mask)
+    ints = _with_nulls(pl.Series("v", values.view("int64"), dtype=pl.Int64), np.isnat(values))
+    return _duration_text(ints, unit)
+
+
+def _duration_text(ints: pl.Series, unit: str) -> pl.Series:
+    """Durations as integers of ``unit`` (``s``, ``ms``, ``us``, ``ns``; null for missing) -> ISO-8601 text.
+
+    Days are 24 hours; the fraction of a second keeps its significant digits: ``P1DT2H3M4.5S``, ``PT0S``, ``-PT1S``.
+    """
+    ints = ints.alias("v")
     per_second = _SECONDS_PER_UNIT[unit]
     digits = len(str(per_second)) - 1
     v = pl.col("v")
@@ -441,6 +465,31 @@ def _decimal_text(text: pl.Series) -> pl.Series:
     return _decimal_canonical(text).get_column("t")
 
 
+def _decimal_text_of(value: _decimal.Decimal) -> str:
+    """:func:`_decimal_text` of one finite Decimal, without a polars call (decimals inside JSON values, one by one).
+
+    The same rule: ``value = digits * 10 ** exp10`` with the digits' leading and trailing zeros removed, written
+    plainly unless ``|exp10| > _MAX_PLAIN_EXPONENT``.
+    """
+    sign, digit_tuple, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite: NaN and infinities are refused before
+    raw = "".join(map(str, digit_tuple)).lstrip("0")
+    digits = raw.rstrip("0")
+    if not digits:
+        return "0"
+    exp10 = exponent + len(raw) - len(digits)
+    point = len(digits) + exp10  # digits before the decimal point
+    if abs(exp10) > _MAX_PLAIN_EXPONENT:
+        body = f"{digits}E{exp10}"
+    elif exp10 >= 0:
+        body = digits + "0" * exp10
+    elif point > 0:
+        body = digits[:point] + "." + digits[point:]
+    else:
+        body = "0." + "0" * -point + digits
+    return ("-" if sign else "") + body
+
+
 def _decimal_column(name: str, text: pl.Series, *, decimal_as_string: bool) -> tuple[pl.Series, str]:
     """Decimal text (null for missing values; ``NaN``/``Infinity`` as such) -> (canonical Series, kind).
 
@@ -464,9 +513,37 @@ def _decimal_column(name: str, text: pl.Series, *, decimal_as_string: bool) -> t
     return canonical, "decimal"
 
 
+#: Decimal text that is canonical once trailing fractional zeros (and a bare point) are dropped and ``-0`` is
+#: ``0``: plain digits without leading zeros, short enough for its exponent to stay within _MAX_PLAIN_EXPONENT
+#: and its value far below _MAX_JSON_NUMBER. Databases write decimals so; the general rule is 10x slower.
+_PLAIN_DECIMAL = r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?$"
+_PLAIN_DECIMAL_MAX_CHARS = _MAX_PLAIN_EXPONENT
+
+
 def _decimal_canonical(text: pl.Series) -> pl.DataFrame:
     """:func:`_decimal_text` as column ``t``, and whether the value is beyond +/- ``_MAX_JSON_NUMBER`` as ``big``."""
-    pattern = r"^([+-]?)(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?$"
+    t = pl.col("t")
+    plain = (t.str.contains(_PLAIN_DECIMAL) & (t.str.len_bytes() <= _PLAIN_DECIMAL_MAX_CHARS)).fill_null(True)
+    stripped = pl.when(t.str.contains(".", literal=True)).then(t.str.strip_chars_end("0").str.strip_chars_end("."))
+    fast = pl.DataFrame([text.alias("t")]).select(
+        pl.when(stripped.otherwise(t) == "-0").then(pl.lit("0")).otherwise(stripped.otherwise(t)).alias("t"),
+        pl.lit(False).alias("big"),
+        plain.alias("plain"),
+    )
+    others = np.flatnonzero(~fast.get_column("plain").to_numpy())
+    fast = fast.drop("plain")
+    if len(others) == 0:
+        return fast
+    general = _decimal_canonical_general(text.gather(others))
+    return fast.with_columns(
+        fast.get_column("t").scatter(others, general.get_column("t")),
+        fast.get_column("big").scatter(others, general.get_column("big")),
+    )
+
+
+def _decimal_canonical_general(text: pl.Series) -> pl.DataFrame:
+    """:func:`_decimal_canonical` for any decimal text (signs, leading zeros, exponents, NaN)."""
+    pattern = r"^([+-]?)([0-9]*)(?:\.([0-9]*))?(?:[eE]([+-]?[0-9]+))?$"
     frame = pl.DataFrame([text.alias("t")]).select(
         pl.col("t").str.extract_groups(pattern).alias("g"), pl.col("t").str.contains(pattern).alias("ok")
     )
@@ -493,7 +570,7 @@ def _decimal_canonical(text: pl.Series) -> pl.DataFrame:
     )
     scientific = digits + "E" + exp10.cast(pl.String)
     body = pl.when(exp10.abs() > _MAX_PLAIN_EXPONENT).then(scientific).otherwise(magnitude)
-    valid = pl.col("ok").fill_null(False) & (int_part + frac_part).str.contains(r"\d")
+    valid = pl.col("ok").fill_null(False) & (int_part + frac_part).str.contains(r"[0-9]")
     order = point - 1  # the power of ten of the leading digit
     big = (digits != "") & (
         (order > _MAX_JSON_ORDER) | ((order == _MAX_JSON_ORDER) & (digits > pl.lit(_MAX_JSON_DIGITS)))
@@ -506,57 +583,6 @@ def _decimal_canonical(text: pl.Series) -> pl.DataFrame:
         .otherwise(pl.when(sign == "-").then(pl.lit("-")).otherwise(pl.lit("")) + body)
         .alias("t"),
         (valid & big).fill_null(False).alias("big"),
-    )
-
-
-def _convert_arrow(name: str, arr: pa.Array | pa.ChunkedArray, *, decimal_as_string: bool) -> tuple[pl.Series, str]:
-    t = arr.type
-    if pa.types.is_boolean(t):
-        return _from_arrow(arr), "bool"
-    if pa.types.is_integer(t):
-        return _from_arrow(_int64_array(name, arr)), "int"
-    if pa.types.is_floating(t):
-        return _float_series(arr.to_numpy(zero_copy_only=False)), "float"
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return _from_arrow(arr.cast(pa.large_string())), "string"
-    if pa.types.is_timestamp(t):
-        if t.tz is not None:
-            arr = arr.cast(pa.timestamp(t.unit))  # arrow stores UTC instants
-        return _timestamp_series(pd.Series(arr.to_numpy(zero_copy_only=False))), "timestamp"
-    if pa.types.is_date(t):
-        days = _from_arrow(arr.cast(pa.date32()).cast(pa.int32())).cast(pl.Int64)
-        return days * _MS_PER_DAY, "date"
-    if pa.types.is_decimal(t):
-        return _decimal_column(name, _from_arrow(arr.cast(pa.large_string())), decimal_as_string=decimal_as_string)
-    if pa.types.is_null(t):
-        return pl.Series(values=[None] * len(arr), dtype=pl.String), "null"
-    if _is_arrow_container(t):
-        # the values as Python lists/dicts, dumped like an object column's: one canonical form whichever way a
-        # value arrives (a list cell, a numpy array cell or an Arrow list of the same numbers give the same JSON)
-        try:
-            pylist = arr.to_pylist(maps_as_pydicts="strict")
-        except KeyError as exc:  # a map holding a key twice
-            raise SourceDataError(
-                f"Column {name!r} holds a map with a repeated key, which a JSON object cannot hold: {exc}"
-            ) from exc
-        values = np.fromiter(pylist, dtype=object, count=len(arr))
-        null_mask = arr.is_null().to_numpy(zero_copy_only=False)
-        return _json_series(name, values, np.asarray(null_mask, dtype=bool)), "json"
-    raise SourceDataError(
-        f"Column {name!r} has unsupported Arrow type {t}; cast it in the source (e.g. CAST(... AS TEXT))."
-    )
-
-
-def _is_arrow_container(t: pa.DataType) -> bool:
-    """Arrow lists (of any layout), structs and maps: JSON arrays and objects."""
-    return bool(
-        pa.types.is_list(t)
-        or pa.types.is_large_list(t)
-        or pa.types.is_fixed_size_list(t)
-        or pa.types.is_list_view(t)
-        or pa.types.is_large_list_view(t)
-        or pa.types.is_struct(t)
-        or pa.types.is_map(t)
     )
 
 
@@ -614,8 +640,11 @@ def _raise_bytes(name: str) -> None:
     )
 
 
-def _convert_mixed(name: str, values: np.ndarray) -> tuple[pl.Series, str]:
-    mask = np.asarray(pd.isna(values), dtype=bool)
+def _convert_mixed(name: str, values: np.ndarray, mask: np.ndarray | None = None) -> tuple[pl.Series, str]:
+    """Python objects of mixed or container types -> JSON (all UUIDs: their text); ``mask``: the missing values
+    (default: pandas' view of missing, None/NaN/NaT)."""
+    if mask is None:
+        mask = np.asarray(pd.isna(values), dtype=bool)
     present = values[~mask]
     types = set(map(type, present))
     if any(issubclass(t, _BYTES_TYPES) for t in types):
@@ -646,7 +675,7 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, _dt.time):
         return value.isoformat()
     if isinstance(value, _dt.timedelta):
-        return _duration_series(pd.Series([value], dtype="timedelta64[us]")).item()
+        return _duration_text(pl.Series([value // _dt.timedelta(microseconds=1)], dtype=pl.Int64), "us").item()
     if isinstance(value, _decimal.Decimal):
         if not value.is_finite() or abs(value) > _MAX_JSON_NUMBER:
             raise _UnsendableError(
@@ -654,7 +683,7 @@ def _json_default(value: Any) -> Any:
                 f"JSON values are sent as numbers, which must be within +/-{_MAX_JSON_NUMBER_TEXT} "
                 "(the largest double)"
             )
-        return orjson.Fragment(_decimal_text(pl.Series([str(value)])).item())
+        return orjson.Fragment(_decimal_text_of(value))
     if isinstance(value, np.ndarray):  # the arrays orjson does not write itself (object dtype, non-contiguous, ...)
         return list(value) if value.dtype.kind in "mM" else value.tolist()
     if isinstance(value, _uuid.UUID):

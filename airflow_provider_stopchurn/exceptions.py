@@ -6,14 +6,15 @@ Every error says whether retrying the same work later could succeed:
   API key (401), a body too large (413: the same body never fits, though a caller may split it and send the
   halves). Retrying the same work cannot help; the operator maps these to ``AirflowFailException``.
 * ``permanent = False``: exhausted retries on 408/429/5xx/network errors or on a 200 that is not StopChurn's
-  acknowledgement, a busy lock. A task retry resumes the unfinished plan; the operator maps these to
-  ``AirflowException``.
+  acknowledgement, a busy lock, a source database that could not be reached. A task retry resumes the unfinished
+  plan; the operator maps these to ``AirflowException``.
 
 The tree (``permanent`` in brackets)::
 
     StopChurnError                          [True]
     +-- StopChurnConfigError (ValueError)   [True]
     +-- SourceDataError (ValueError)        [True]
+    +-- SourceConnectionError               [False]
     +-- SafeguardError                      [True]
     +-- SnapshotError                       [True]
     |   `-- SnapshotLockedError             [False]
@@ -26,6 +27,7 @@ The tree (``permanent`` in brackets)::
 
 No exception text ever contains the API key: messages are built only from StopChurn's response ``message``
 (or the start of a response body, with the key masked), status codes, counts, column names and connection ids.
+Nor a source database's password: a failed connection's message has it taken out.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ class StopChurnConfigError(StopChurnError, ValueError):
 # --- source data ---------------------------------------------------------------------------------------------
 class SourceDataError(StopChurnError, ValueError):
     """The source table cannot be delivered as it is (keys, value types, row size, table contract)."""
+
+
+class SourceConnectionError(StopChurnError):
+    """The source database could not be reached (the driver's message, without the password); a retry may succeed."""
+
+    permanent = False
 
 
 class SafeguardError(StopChurnError):

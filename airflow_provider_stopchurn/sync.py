@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
-import pandas as pd
 
+from airflow_provider_stopchurn.canonical import Source, canonicalize_source
 from airflow_provider_stopchurn.contract import USER_TABLE, check_user_table, coerce_user_flags
 from airflow_provider_stopchurn.deliver import Rejection, Sender, deliver
 from airflow_provider_stopchurn.diff import ROW_HASH
-from airflow_provider_stopchurn.encoding import Canonical, canonicalize
-from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError, StopChurnConfigError
+from airflow_provider_stopchurn.encoding import Canonical
+from airflow_provider_stopchurn.exceptions import SafeguardError, StopChurnConfigError
 from airflow_provider_stopchurn.history import recorded
 from airflow_provider_stopchurn.options import RejectPolicy, SchemaPolicy, SyncOptions
 from airflow_provider_stopchurn.plan import RunPlan, make_plan, schema_changes
@@ -37,8 +37,6 @@ from airflow_provider_stopchurn.settle import Settled, preview, settle
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 
 log = logging.getLogger(__name__)
-
-Source = pd.DataFrame | Callable[[], pd.DataFrame]
 
 
 @dataclass
@@ -187,10 +185,7 @@ def _check_owner(meta: dict[str, Any], store: SnapshotStore, options: SyncOption
 
 
 def _canonical(source: Source, options: SyncOptions) -> Canonical:
-    frame = source() if callable(source) else source
-    if not isinstance(frame, pd.DataFrame):
-        raise SourceDataError(f"The source must be a pandas DataFrame, got {type(frame).__name__}.")
-    canon = canonicalize(frame, key_columns=options.key_columns, decimal_as_string=options.decimal_as_string)
+    canon = canonicalize_source(source, key_columns=options.key_columns, decimal_as_string=options.decimal_as_string)
     if options.table_name == USER_TABLE:
         coerced, user_kinds = coerce_user_flags(canon.frame, canon.kinds)
         canon = Canonical(frame=coerced, kinds=user_kinds, key_columns=canon.key_columns)

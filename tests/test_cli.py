@@ -49,7 +49,6 @@ from airflow_provider_stopchurn.diff import DIRTY_HASH
 from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotLockedError, StopChurnRejectedError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.snapshot import CREATED_AT, HASH_1, HISTORY_LIMIT, SnapshotStore
-from airflow_provider_stopchurn.sources import read_sql_frame
 from airflow_provider_stopchurn.sync import SyncSummary, run_sync
 
 TESTS = Path(__file__).resolve().parent
@@ -573,12 +572,11 @@ def test_rebaseline_from_sql_on_sqlite(
     assert (result["rows"], result["key_columns"]) == (100, ["region", "account_id"])
     assert result["source"] == "SQL on 'cli_app_db'"
 
-    from airflow.sdk import BaseHook
+    from airflow_provider_stopchurn.operators.stopchurn import read_sql
 
-    hook = BaseHook.get_connection("cli_app_db").get_hook()
     store = where.store()
     opts = options(key_columns=("region", "account_id"))
-    summary = run_sync(lambda: read_sql_frame(hook, sql), store, make_client(sb), opts, run_ms=T0)
+    summary = run_sync(lambda: read_sql("cli_app_db", sql), store, make_client(sb), opts, run_ms=T0)
     assert (summary.requests, summary.unchanged) == (0, 100)
 
     missing = stopchurn("rebaseline", "--sql", sql, *keys, "--yes")

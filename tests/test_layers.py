@@ -41,6 +41,7 @@ def test_the_airflow_free_list_is_the_engine() -> None:
         "client",
         "exceptions",
         "sources",
+        "canonical",
         "contract",
     ):
         assert f"airflow_provider_stopchurn.{module}" in AIRFLOW_FREE

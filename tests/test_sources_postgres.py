@@ -1,8 +1,11 @@
-"""Type fidelity of PostgreSQL sources: database value -> read_sql_frame -> canonicalize -> encode_rows -> JSON.
+"""Type fidelity of PostgreSQL sources: database value -> ADBC Arrow batches (the operator's ``read_sql``) ->
+canonicalize_source -> encode_rows -> JSON.
 
-Each case reads ``SELECT 1 AS id, CAST(<literal> AS <type>) AS v UNION ALL SELECT 2, NULL`` through a real
-``PostgresHook`` (connection from ``AIRFLOW_CONN_*``) on a throwaway server whose session time zone is
-Asia/Kolkata (+05:30), so a time zone slip cannot hide.
+Each case reads ``SELECT 1 AS id, CAST(<literal> AS <type>) AS v UNION ALL SELECT 2, NULL`` through the
+operator's SQL reader (a postgres connection from ``AIRFLOW_CONN_*``, read through ADBC) on a throwaway server
+whose session time zone is Asia/Kolkata (+05:30), so a time zone slip cannot hide. ``CASES`` is the matrix the
+psycopg path passed; ``EXACT_CASES`` pin what ADBC reads more exactly (interval months, JSON decimals, numeric
+arrays) and what it refuses.
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import polars as pl
 import pytest
 
+from airflow_provider_stopchurn.canonical import Source, canonicalize_source
 from airflow_provider_stopchurn.diff import diff_frames
-from airflow_provider_stopchurn.encoding import canonicalize, encode_rows
+from airflow_provider_stopchurn.encoding import Canonical, encode_rows
 from airflow_provider_stopchurn.exceptions import SourceDataError
-from airflow_provider_stopchurn.sources import read_sql_frame
+from airflow_provider_stopchurn.operators.stopchurn import read_sql
 
 pytestmark = pytest.mark.postgres
 
@@ -67,8 +70,12 @@ def assert_json_same(actual: Any, expected: Any, where: str = "v") -> None:
         raise TypeError(type(expected))
 
 
-def encoded_rows(frame: pd.DataFrame, *, decimal_as_string: bool = False) -> list[dict[str, Any]]:
-    canon = canonicalize(frame, key_columns=["id"], decimal_as_string=decimal_as_string)
+def canonical(source: Source, *, decimal_as_string: bool = False) -> Canonical:
+    return canonicalize_source(source, key_columns=["id"], decimal_as_string=decimal_as_string)
+
+
+def encoded_rows(source: Source, *, decimal_as_string: bool = False) -> list[dict[str, Any]]:
+    canon = canonical(source, decimal_as_string=decimal_as_string)
     rows = encode_rows(canon.frame, canon.kinds, nest_dotted_columns=True, decimal_as_string=decimal_as_string)
     return [json.loads(text, parse_float=Decimal) for text in rows.to_list()]
 
@@ -149,16 +156,49 @@ CASES = [
 ]
 
 
+#: What ADBC reads more exactly than psycopg did, and what it refuses.
+EXACT_CASES = [
+    Case("real-shortest-text", "real", "0.1", 0.1),  # the float4's text, as PostgreSQL prints it (not 0.100000001)
+    Case("interval-months", "interval", "'1 mon'", "P1M"),  # psycopg made this 30 days
+    Case("interval-years-months-days-time", "interval", "'1 year 2 mons 3 days 04:05:06.5'", "P1Y2M3DT4H5M6.5S"),
+    Case("interval-negative-months", "interval", "'-1 year -1 mon'", "-P1Y1M"),
+    Case("interval-mixed-signs", "interval", "'1 mon -1 day'", "P1M-1D"),
+    Case("interval-mixed-signs-time", "interval", "'-2 mons 3 hours'", "P-2MT3H"),
+    Case("interval-days-and-hours-normalised", "interval", "'1 day 25:00:00'", "P2DT1H"),  # months 0: as a timedelta
+    Case(
+        "json-decimal-exact",
+        "jsonb",
+        """'{"x": 12345678901234567890.123456789, "y": 0.1, "z": 1.0}'""",
+        {"x": Decimal("12345678901234567890.123456789"), "y": Decimal("0.1"), "z": Decimal("1.0")},
+    ),
+    Case("json-tiny-decimal-exact", "json", "'[1e-400]'", [Decimal("1e-400")]),
+    Case("json-duplicate-keys-last-wins", "json", """'{"a": 1, "a": 2}'""", {"a": 2}),
+    Case("json-scalar-string", "jsonb", """'"gold"'""", "gold"),
+    Case("numeric-array", "numeric[]", "'{1.50,2,NULL}'", [Decimal("1.5"), 2, None]),
+    Case("uuid-array", "uuid[]", "'{A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11}'", ["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]),
+    Case("jsonb-array", "jsonb[]", """ARRAY['{"b": 1, "a": 2}'::jsonb]""", [{"a": 2, "b": 1}]),
+    Case("timetz-utc", "timetz", "'07:05:00+00'", "07:05:00+00:00"),
+    Case("timetz-negative-offset", "timetz", "'23:59:59.000001-09:30'", "23:59:59.000001-09:30"),
+    Case("timestamp-year-1", "timestamp", "'0001-01-01 00:00:00'", -62135596800000),
+    # multidimensional arrays arrive flattened (ADBC reads no dimensions): documented in the README
+    Case("int-2d-array-flattened", "int[][]", "'{{1,2},{3,4}}'", [1, 2, 3, 4]),
+]
+
+
 @pytest.fixture
-def pg_hook(postgres_database: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """A PostgresHook on a fresh database whose sessions run in Asia/Kolkata (+05:30)."""
+def pg_conn_id(postgres_database: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A postgres connection to a fresh database whose sessions run in Asia/Kolkata (+05:30)."""
     from pg_plugin import set_airflow_postgres_conn
 
     postgres_database.execute(f"ALTER DATABASE \"{postgres_database.dbname}\" SET timezone = 'Asia/Kolkata'")
-    conn_id = set_airflow_postgres_conn(monkeypatch, postgres_database, "stopchurn_types_pg")
+    return set_airflow_postgres_conn(monkeypatch, postgres_database, "stopchurn_types_pg")
+
+
+@pytest.fixture
+def pg_hook(pg_conn_id: str) -> Any:
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
-    return PostgresHook(postgres_conn_id=conn_id)
+    return PostgresHook(postgres_conn_id=pg_conn_id)
 
 
 def _case_sql(case: Case) -> str:
@@ -168,60 +208,141 @@ def _case_sql(case: Case) -> str:
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda case: getattr(case, "name", None))
-def test_type_fidelity(pg_hook: Any, case: Case) -> None:
-    frame = read_sql_frame(pg_hook, _case_sql(case))
-    rows = encoded_rows(frame, decimal_as_string=case.decimal_as_string)
+@pytest.mark.parametrize("case", CASES + EXACT_CASES, ids=lambda case: getattr(case, "name", None))
+def test_type_fidelity(pg_conn_id: str, case: Case) -> None:
+    rows = encoded_rows(read_sql(pg_conn_id, _case_sql(case)), decimal_as_string=case.decimal_as_string)
     assert [row["id"] for row in rows] == [1, 2]
     assert_json_same(rows[0]["v"], case.expected)
     assert rows[1]["v"] is None
 
 
-def test_bytea_is_refused_naming_the_column(pg_hook: Any) -> None:
+def test_the_matrix_is_complete() -> None:
+    assert len(CASES) == 45  # the psycopg path's matrix, unchanged
+
+
+def test_bytea_is_refused_naming_the_column(pg_conn_id: str) -> None:
     with pytest.raises(SourceDataError, match=r"'avatar'.*encode\(avatar, 'base64'\)"):
-        read_sql_frame(pg_hook, "SELECT 1 AS id, '\\xdeadbeef'::bytea AS avatar")
+        canonical(read_sql(pg_conn_id, "SELECT 1 AS id, '\\xdeadbeef'::bytea AS avatar"))
 
 
-def test_empty_result_keeps_the_columns(pg_hook: Any) -> None:
-    frame = read_sql_frame(pg_hook, "SELECT 1::bigint AS id, 'x'::text AS name, '{}'::jsonb AS doc WHERE false")
-    assert list(frame.columns) == ["id", "name", "doc"]
-    assert len(frame) == 0
+@pytest.mark.parametrize(
+    ("sql_type", "literal", "words"),
+    [
+        ("money", "1.5", ["'v'", "money", "v::numeric"]),
+        ("inet", "'10.0.0.1'", ["'v'", "'inet'", "CAST(v AS TEXT)"]),
+        ("bytea[]", "ARRAY['\\x00'::bytea]", ["'v'", "binary"]),
+    ],
+)
+def test_types_without_a_json_form_are_refused(pg_conn_id: str, sql_type: str, literal: str, words: list[str]) -> None:
+    with pytest.raises(SourceDataError) as caught:
+        canonical(read_sql(pg_conn_id, f"SELECT 1 AS id, CAST({literal} AS {sql_type}) AS v"))
+    for word in words:
+        assert word in str(caught.value)
 
 
-def test_empty_result_canonicalizes(pg_hook: Any) -> None:
-    frame = read_sql_frame(pg_hook, "SELECT 1::bigint AS id, 'x'::text AS name WHERE false")
-    canon = canonicalize(frame, key_columns=["id"])
+def test_empty_result_keeps_the_columns_and_their_kinds(pg_conn_id: str) -> None:
+    canon = canonical(read_sql(pg_conn_id, "SELECT 1::bigint AS id, 'x'::text AS name, '{}'::jsonb AS doc WHERE false"))
     assert canon.frame.height == 0
-    assert canon.frame.columns == ["id", "name"]
+    assert canon.frame.columns == ["id", "name", "doc"]
+    assert canon.kinds == {"id": "int", "name": "string", "doc": "json"}
 
 
-def test_parameters_and_statement_lists(pg_hook: Any) -> None:
-    frame = read_sql_frame(pg_hook, "SELECT %(n)s::bigint AS id", {"n": 9007199254740993})
-    assert frame["id"].tolist() == [9007199254740993]
-    frame = read_sql_frame(
-        pg_hook,
-        ["CREATE TEMP TABLE tmp_ids AS SELECT generate_series(1, 3) AS id", "SELECT id FROM tmp_ids ORDER BY id"],
-    )
-    assert frame["id"].tolist() == [1, 2, 3]
+def test_parameters_and_statement_lists(pg_conn_id: str) -> None:
+    def ids(source: Source) -> list[Any]:
+        return canonical(source).frame["id"].to_list()
+
+    assert ids(read_sql(pg_conn_id, "SELECT %(n)s::bigint AS id", {"n": 9007199254740993})) == [9007199254740993]
+    assert ids(
+        read_sql(
+            pg_conn_id,
+            ["CREATE TEMP TABLE tmp_ids AS SELECT generate_series(1, 3) AS id", "SELECT id FROM tmp_ids ORDER BY id"],
+        )
+    ) == [1, 2, 3]
+    # one string of several statements, trailing semicolons and comments, a literal %, a text parameter compared
+    # with a date (bound untyped, as psycopg binds it), a quote inside a parameter
+    script = """
+        CREATE TEMP TABLE days AS SELECT d::date AS day, 'it''s 100%%' AS note
+            FROM generate_series('2024-01-01'::date, '2024-01-05'::date, '1 day') AS d; -- set up
+        SELECT extract(day FROM day)::int AS id, note FROM days
+        WHERE day >= %s AND note <> %s ORDER BY id;  -- the source
+        /* done */
+    """
+    canon = canonical(read_sql(pg_conn_id, script, ["2024-01-04", "x'; DROP TABLE days; --"]))
+    assert canon.frame.rows() == [(4, "it's 100%"), (5, "it's 100%")]
 
 
-def test_database_errors_propagate(pg_hook: Any) -> None:
-    import psycopg
+def test_placeholder_errors_are_clear(pg_conn_id: str) -> None:
+    with pytest.raises(SourceDataError, match="no parameter of that name"):
+        canonical(read_sql(pg_conn_id, "SELECT %(a)s AS id", {"b": 1}))
+    with pytest.raises(SourceDataError, match="more %s placeholders"):
+        canonical(read_sql(pg_conn_id, "SELECT %s AS id, %s AS v", [1]))
+    with pytest.raises(SourceDataError, match="%% for a percent sign"):
+        canonical(read_sql(pg_conn_id, "SELECT 1 AS id WHERE 'a' LIKE '%a'", [1]))
 
-    with pytest.raises(psycopg.errors.UndefinedTable):
-        read_sql_frame(pg_hook, "SELECT * FROM no_such_table")
+
+def test_sql_errors(pg_conn_id: str) -> None:
+    with pytest.raises(SourceDataError, match="empty"):
+        canonical(read_sql(pg_conn_id, " -- nothing\n"))
+    with pytest.raises(SourceDataError, match="no result set"):
+        canonical(read_sql(pg_conn_id, "CREATE TEMP TABLE t (id int)"))
+    with pytest.raises(SourceDataError, match="several columns named 'id'"):
+        canonical(read_sql(pg_conn_id, "SELECT 1 AS id, 2 AS id"))
 
 
-def test_plain_get_df_would_lose_integers(pg_hook: Any) -> None:
-    """Why read_sql_frame does not call get_df on a DbApiHook (measured on pandas 3.1, common-sql 2.4)."""
+def test_database_errors_propagate(pg_conn_id: str) -> None:
+    import adbc_driver_manager
+
+    with pytest.raises(adbc_driver_manager.ProgrammingError, match='relation "no_such_table" does not exist'):
+        canonical(read_sql(pg_conn_id, "SELECT * FROM no_such_table"))
+
+
+def test_statements_are_committed_and_the_connection_released(pg_conn_id: str, postgres_database: Any) -> None:
+    postgres_database.execute("CREATE TABLE audit (id int)")
+    canonical(read_sql(pg_conn_id, ["INSERT INTO audit VALUES (1)", "SELECT id FROM audit"]))
+    with postgres_database.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM audit").fetchone() == (1,)
+        others = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert others == (0,)
+
+
+def test_a_source_abandoned_midway_releases_its_connection(pg_conn_id: str, postgres_database: Any) -> None:
+    batches = read_sql(pg_conn_id, "SELECT generate_series(1, 300000) AS id")
+    next(batches)
+    batches.close()
+    with postgres_database.connect() as conn:
+        others = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert others == (0,)
+
+
+def test_connection_extras_and_hook_params_reach_the_server(
+    postgres_database: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json as _json
+
+    extra = {"application_name": "stopchurn &=+%x", "options": "-c search_path=custom,public", "connect_timeout": 5}
+    conn = {**_json.loads(postgres_database.airflow_connection_json()), "schema": "no_such_db", "extra": extra}
+    monkeypatch.setenv("AIRFLOW_CONN_STOPCHURN_EXTRAS_PG", _json.dumps(conn))
+    postgres_database.execute("CREATE SCHEMA custom", "CREATE TABLE custom.t AS SELECT 7 AS id")
+    sql = "SELECT id, current_setting('application_name') AS app FROM t"
+    # sql_hook_params={"database": ...} overrides the connection's schema, as PostgresHook does
+    canon = canonical(read_sql("stopchurn_extras_pg", sql, hook_params={"database": postgres_database.dbname}))
+    assert canon.frame.rows() == [(7, "stopchurn &=+%x")]
+
+
+def test_plain_get_df_would_lose_integers(pg_hook: Any, pg_conn_id: str) -> None:
+    """Why the SQL source does not call get_df (measured on pandas 3.1, common-sql 2.4)."""
     sql = "SELECT 9007199254740993::bigint AS b, '{\"a\": 1}'::jsonb AS j UNION ALL SELECT NULL, NULL"
     plain = pg_hook.get_df(sql, df_type="pandas", coerce_float=False)
     assert plain["b"].dtype == "float64"  # 2**53 + 1 silently became 2**53
     nullable = pg_hook.get_df(sql, df_type="pandas", dtype_backend="numpy_nullable", coerce_float=False)
     assert nullable["j"].iloc[0] == "{'a': 1}"  # a dict's Python repr, not JSON
-    exact = read_sql_frame(pg_hook, sql)
-    assert exact["b"].iloc[0] == 9007199254740993
-    assert exact["j"].iloc[0] == {"a": 1}
+    exact = encoded_rows(read_sql(pg_conn_id, "SELECT row_number() OVER () AS id, * FROM (" + sql + ") AS q"))
+    assert exact[0]["b"] == 9007199254740993
+    assert exact[0]["j"] == {"a": 1}
 
 
 # --- the same table read twice, through a Parquet snapshot -----------------------------------------------------
@@ -249,15 +370,14 @@ INSERT INTO fidelity VALUES
 def test_unchanged_table_round_trips_through_parquet_without_changes(
     postgres_database: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from airflow.providers.postgres.hooks.postgres import PostgresHook
     from pg_plugin import set_airflow_postgres_conn
 
     db = postgres_database
     db.execute(_TABLE, _ROWS)
-    hook = PostgresHook(postgres_conn_id=set_airflow_postgres_conn(monkeypatch, db, "stopchurn_roundtrip_pg"))
+    conn_id = set_airflow_postgres_conn(monkeypatch, db, "stopchurn_roundtrip_pg")
 
     db.execute(f"ALTER DATABASE \"{db.dbname}\" SET timezone = 'Asia/Kolkata'")
-    first = canonicalize(read_sql_frame(hook, "SELECT * FROM fidelity ORDER BY id"), key_columns=["id"])
+    first = canonical(read_sql(conn_id, "SELECT * FROM fidelity ORDER BY id"))
     snapshot = tmp_path / "snapshot.parquet"
     first.frame.write_parquet(snapshot)
     stored = pl.read_parquet(snapshot)
@@ -269,7 +389,7 @@ def test_unchanged_table_round_trips_through_parquet_without_changes(
         f"ALTER DATABASE \"{db.dbname}\" SET timezone = 'America/Los_Angeles'",
         """UPDATE fidelity SET j = '{"a": 0.1, "b": 1}' WHERE id = 1""",
     )
-    second = canonicalize(read_sql_frame(hook, "SELECT * FROM fidelity ORDER BY id DESC"), key_columns=["id"])
+    second = canonical(read_sql(conn_id, "SELECT * FROM fidelity ORDER BY id DESC"))
     assert second.kinds == first.kinds
     changes = diff_frames(stored, second.frame, ["id"])
     assert changes.inserted.height == 0
@@ -282,16 +402,16 @@ def test_unchanged_table_round_trips_through_parquet_without_changes(
         "UPDATE fidelity SET d = 0.1 + 1e-16 WHERE id = 1",
         """UPDATE fidelity SET jb = '{"a": {"c": 1, "b": 3}}' WHERE id = 3""",
     )
-    third = canonicalize(read_sql_frame(hook, "SELECT * FROM fidelity"), key_columns=["id"])
+    third = canonical(read_sql(conn_id, "SELECT * FROM fidelity"))
     changes = diff_frames(stored, third.frame, ["id"])
     assert sorted(changes.updated["id"].to_list()) == [1, 3]
     assert changes.unchanged == 1
 
 
-def test_round_trip_values_are_what_the_database_holds(pg_hook: Any) -> None:
+def test_round_trip_values_are_what_the_database_holds(pg_hook: Any, pg_conn_id: str) -> None:
     """Spot checks of the canonical values behind the round trip (NaN/inf -> null, integral floats)."""
     pg_hook.run([_TABLE, _ROWS])
-    rows = {row["id"]: row for row in encoded_rows(read_sql_frame(pg_hook, "SELECT * FROM fidelity"))}
+    rows = {row["id"]: row for row in encoded_rows(read_sql(pg_conn_id, "SELECT * FROM fidelity"))}
     assert_json_same(rows[1]["b"], 9007199254740993)
     assert_json_same(rows[1]["n"], Decimal("12345678901234567890.123456789"))
     assert_json_same(rows[1]["at_tz"], ms(dt.datetime(2024, 1, 2, 1, 4, 5, 678000, tzinfo=UTC)))

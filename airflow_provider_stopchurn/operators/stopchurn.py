@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from airflow.sdk import BaseHook, BaseOperator, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.log import mask_secret
 
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError, StopChurnError
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard
 from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sources import read_sql_frame
+from airflow_provider_stopchurn.sources import PostgresUri, SqlHook, postgres_uri, read_dbapi, read_postgres
 from airflow_provider_stopchurn.sync import SyncOptions, run_sync
 
 if TYPE_CHECKING:
-    import pandas as pd
-    from airflow.sdk import Context
+    import pyarrow as pa
+    from airflow.sdk import Connection, Context
+
+    from airflow_provider_stopchurn.canonical import Source
+
+log = logging.getLogger(__name__)
 
 
 #: SyncOptions fields the operator takes as arguments of the same name and passes on unchanged (SyncOptions
@@ -49,11 +56,11 @@ SYNC_OPTION_ARGUMENTS = tuple(
 class StopChurnUpdateOperator(BaseOperator):
     """Send the changes of a table since the last run to StopChurn's ``/client-data/update``.
 
-    Each run reads the source (a DataFrame, an upstream task's XCom, a callable returning a DataFrame, or a SQL
-    query on any Airflow SQL connection), diffs it against the snapshot it delivered last time, sends only the
-    inserted, updated and deleted rows in bounded chunks, and commits the new snapshot once StopChurn has
-    acknowledged every chunk. An interrupted delivery is resumed by the next try, without resending
-    acknowledged chunks.
+    Each run reads the source (a pandas or polars DataFrame, an Arrow table or stream, an upstream task's XCom,
+    a callable returning one of these, or a SQL query on any Airflow SQL connection), diffs it against the
+    snapshot it delivered last time, sends only the inserted, updated and deleted rows in bounded chunks, and
+    commits the new snapshot once StopChurn has acknowledged every chunk. An interrupted delivery is resumed by
+    the next try, without resending acknowledged chunks.
 
     Every commit is also recorded in Airflow's metadata database (an Airflow Variable named
     ``stopchurn_commit__<brand_id>__<table>__<hash of the snapshot location>``: snapshot version, row count,
@@ -69,8 +76,10 @@ class StopChurnUpdateOperator(BaseOperator):
     :param brand_id: StopChurn brand id (templated); None takes ``brand_id`` from the connection's extras.
     :param primary_key: key column, or a list of columns for a composite key. A row without an ``id`` column
         gets one: the key's value, or the key parts joined with ``:``.
-    :param dataframe: a pandas DataFrame, an ``XComArg`` of an upstream task, or a callable returning a DataFrame
-        (called in ``execute``, never at DAG parse time; it receives ``context=`` if it accepts it).
+    :param dataframe: the table: a pandas or polars DataFrame, a polars LazyFrame, a pyarrow Table or
+        RecordBatchReader, an iterator of pyarrow RecordBatches, an ``XComArg`` of an upstream task, or a callable
+        returning any of these (called in ``execute``, never at DAG parse time; it receives ``context=`` if it
+        accepts it). Readers and iterators can be read once: pass them through a callable.
     :param sql: SQL query or ``.sql`` file (templated), run on ``sql_conn_id``. Exactly one of ``dataframe``/``sql``.
     :param sql_conn_id: any Airflow connection whose hook is a common.sql ``DbApiHook``.
     :param parameters: query parameters (templated).
@@ -258,21 +267,12 @@ class StopChurnUpdateOperator(BaseOperator):
             return Path(unquote(parts.path))
         return ObjectStoragePath(uri, conn_id=self.snapshot_conn_id)
 
-    def _source(self, context: Context) -> Callable[[], pd.DataFrame]:
+    def _source(self, context: Context) -> Source:
         """The source as a callable, so the engine reads it after it has finished any pending plan."""
         if self.sql is not None:
-            sql, parameters = self.sql, self.parameters
+            sql, parameters, hook_params = self.sql, self.parameters, self.sql_hook_params
             conn_id = str(self.sql_conn_id)
-
-            def read() -> pd.DataFrame:
-                hook = BaseHook.get_connection(conn_id).get_hook(hook_params=self.sql_hook_params)
-                if not hasattr(hook, "get_df"):
-                    raise StopChurnConfigError(
-                        f"Connection {conn_id!r} has no SQL hook with get_df() (got {type(hook).__name__})."
-                    )
-                return read_sql_frame(hook, sql, parameters)
-
-            return read
+            return lambda: read_sql(conn_id, sql, parameters, hook_params)
         factory = self._dataframe_factory
         if factory is not None:
             if _accepts_context(factory):
@@ -280,6 +280,58 @@ class StopChurnUpdateOperator(BaseOperator):
             return factory
         frame = self.dataframe
         return lambda: frame
+
+
+def read_sql(
+    conn_id: str,
+    sql: str | list[str],
+    parameters: Mapping[str, Any] | Sequence[Any] | None = None,
+    hook_params: Mapping[str, Any] | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """The result of ``sql`` on connection ``conn_id`` as Arrow record batches (see ``sources``).
+
+    A postgres connection is read through ADBC, except with IAM authentication (the token comes from the hook)
+    or without ``adbc-driver-postgresql``; every other connection through its common.sql hook's DB-API connection.
+    """
+    connection = BaseHook.get_connection(conn_id)
+    hook = connection.get_hook(hook_params=dict(hook_params or {}))
+    uri = _adbc_postgres_uri(connection, hook)
+    if uri is not None:
+        return read_postgres(uri, sql, parameters)
+    if not isinstance(hook, SqlHook):
+        raise StopChurnConfigError(
+            f"Connection {conn_id!r} has no SQL hook with get_conn() (got {type(hook).__name__}); `sql` needs a "
+            "common.sql DbApiHook."
+        )
+    return read_dbapi(hook, sql, parameters)
+
+
+def _adbc_postgres_uri(connection: Connection, hook: Any) -> PostgresUri | None:
+    """The ADBC URI of a postgres connection, or None where the hook's own driver must read it."""
+    if connection.conn_type != "postgres":
+        return None
+    extras = connection.extra_dejson
+    if extras.get("iam"):
+        log.info("Connection %r uses IAM authentication: reading through the hook's driver.", connection.conn_id)
+        return None
+    if importlib.util.find_spec("adbc_driver_postgresql") is None:
+        log.warning(
+            "adbc-driver-postgresql is not installed: reading connection %r row by row through the hook's driver, "
+            "which is slower and less exact (install airflow-provider-stopchurn[postgres]).",
+            connection.conn_id,
+        )
+        return None
+    if connection.password:  # Airflow masks the password as it is; the URI holds it percent-encoded
+        mask_secret(quote(connection.password, safe=""))
+    return postgres_uri(
+        host=connection.host,
+        port=connection.port,
+        login=connection.login,
+        password=connection.password,
+        database=getattr(hook, "database", None) or connection.schema,
+        extras=extras,
+        options=getattr(hook, "options", None),
+    )
 
 
 def _is_xcom_arg(value: Any) -> bool:
