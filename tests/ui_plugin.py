@@ -69,19 +69,25 @@ def find_chromium() -> str:
     raise BrowserUnavailable("no chromium binary (install Debian's package: apt-get install -y chromium)")
 
 
+def check_browser() -> str:
+    """Skip (or fail, in CI) unless Playwright imports and a chromium binary is there; return the binary."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as err:
+        unavailable(f"Playwright for Python is not installed ({err}); it is in the dev extra")
+    try:
+        return find_chromium()
+    except BrowserUnavailable as err:
+        unavailable(str(err))
+        raise  # unreachable: unavailable() skips or fails
+
+
 @contextlib.contextmanager
 def chromium() -> Iterator[Any]:
     """A launched headless Chromium (a Playwright ``Browser``); closed, with Playwright, at the end."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as err:
-        unavailable(f"Playwright for Python is not installed ({err}); it is in the dev extra")
-        raise  # unreachable: unavailable() skips or fails
-    try:
-        executable = find_chromium()
-    except BrowserUnavailable as err:
-        unavailable(str(err))
-        raise
+    executable = check_browser()
+    from playwright.sync_api import sync_playwright
+
     playwright = sync_playwright().start()
     try:
         try:

@@ -290,7 +290,7 @@ def create_app(url_prefix: str) -> FastAPI:
     async def syncs(user: UserDep) -> JSONResponse:
         tasks = await run_in_threadpool(collect, user)
         payload = [{"key": task.key, **asdict(task)} for task in tasks]
-        return JSONResponse(jsonable(payload), headers={"Cache-Control": "no-store"})
+        return JSONResponse({"tasks": jsonable(payload)}, headers={"Cache-Control": "no-store"})
 
     @app.get("/icon.svg")
     async def icon() -> Response:

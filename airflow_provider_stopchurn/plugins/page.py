@@ -417,7 +417,7 @@ def _chart_section(tasks: Sequence[SyncTask], selected: SyncTask | None, links: 
             f'<tr data-run-id="{escape(run.run_id)}"><td>'
             f"{links.anchor(links.task_instance(selected, run), _when(run.run_after))}"
             f'<div class="note">{escape(run.run_id)}{escape(tags)}</div></td>'
-            f"<td>{_state_badge(run.state)}</td>{counts}"
+            f'<td data-col="state">{_state_badge(run.state)}</td>{counts}'
             f'<td class="n">{_num(run.count("bytes"))}</td><td class="n">{_num(run.count("retries"))}</td></tr>'
         )
     head = (
