@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -271,6 +272,16 @@ def screenshot(page: Any, name: str) -> Path:
     return path
 
 
+def whole_page_screenshot(context: Any, server: ApiServer, name: str, task: str | None = None) -> None:
+    """The page on its own (outside Airflow's frame), all of it."""
+    page = context.new_page()
+    query = "" if task is None else "?" + urllib.parse.urlencode({"task": task})
+    page.goto(f"{server.url}/stopchurn/{query}")
+    page.locator("#summary").wait_for()
+    screenshot(page, name)
+    page.close()
+
+
 def open_stopchurn_page(context: Any, server: ApiServer) -> tuple[Any, Any]:
     """Open the page as a user would (Browse > StopChurn); return the page and the frame that shows it."""
     page = context.new_page()
@@ -283,8 +294,10 @@ def open_stopchurn_page(context: Any, server: ApiServer) -> tuple[Any, Any]:
     return page, frame
 
 
-def cells(row: Any, columns: tuple[str, ...] = ("inserted", "updated", "deleted", "rejected", "state", "table")):
-    return {col: row.locator(f'[data-col="{col}"]').inner_text().strip() for col in columns}
+def cells(row: Any, columns: tuple[str, ...] = ("inserted", "updated", "deleted", "rejected", "table")):
+    """The texts of a table row's cells, by column; ``state``: the state its badge names."""
+    found = {col: row.locator(f'[data-col="{col}"]').inner_text().strip() for col in columns}
+    return {**found, "state": row.locator('[data-col="state"] .badge').get_attribute("data-state")}
 
 
 # --- the page --------------------------------------------------------------------------------------------------
@@ -305,7 +318,8 @@ def test_page_lists_every_sync_with_its_last_counts_and_status(admin: Any, api_s
     first = syncs.summaries[ACCOUNTS_DAG][0]
     row = cells(accounts_row)
     assert row["inserted"] == f"{first['inserted']:,}" == "200"
-    assert row["state"].startswith("failed") and "counts of the run of" in row["state"]
+    assert row["state"] == "failed"
+    assert "counts of the run of" in accounts_row.locator('[data-col="state"]').inner_text()
     store = syncs.store(ACCOUNTS_TABLE)
     plan = store.pending_plan(cleanup=False)
     assert plan is not None
@@ -319,6 +333,7 @@ def test_page_lists_every_sync_with_its_last_counts_and_status(admin: Any, api_s
     assert TOKEN not in html
     screenshot(page, "stopchurn-page-admin")
     page.close()
+    whole_page_screenshot(admin, api_server, "stopchurn-page-admin-whole", f"{USERS_DAG}/{USERS_TASK}")
 
 
 def test_chart_shows_the_counts_of_each_run_of_one_table(admin: Any, api_server: ApiServer, syncs: Syncs):
@@ -335,14 +350,14 @@ def test_chart_shows_the_counts_of_each_run_of_one_table(admin: Any, api_server:
         assert [h > 0 for h in heights] == [v > 0 for v in values], series  # drawn, and drawn only when > 0
     runs = frame.locator("#sync-runs tbody tr")
     assert runs.count() == len(USERS_COUNTS)
-    newest = cells(runs.first, ("inserted", "updated", "deleted", "rejected", "state"))
+    newest = cells(runs.first, ("inserted", "updated", "deleted", "rejected"))
     expected = dict(zip(("inserted", "updated", "deleted", "rejected"), map(str, USERS_COUNTS[-1]), strict=True))
     assert newest == {**expected, "state": "success"}
     page.locator("iframe").evaluate("f => f.contentWindow.scrollTo(0, 0)")
     screenshot(page, "stopchurn-chart")
     if os.environ.get("STOPCHURN_UPDATE_DOCS_SCREENSHOT") == "1":
         DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.set_viewport_size({"width": 1280, "height": 760})
+        page.set_viewport_size({"width": 1440, "height": 860})
         page.screenshot(path=str(DOCS_SCREENSHOT))
         print(f"docs screenshot: {DOCS_SCREENSHOT}")
     page.close()
@@ -381,6 +396,7 @@ def test_a_user_sees_no_sync_of_a_dag_they_cannot_read(browser: Any, api_server:
         assert PRIVATE_DAG not in frame.locator("html").inner_html()
         assert PRIVATE_TABLE not in frame.locator("html").inner_html()
         screenshot(page, "stopchurn-page-outsider")
+        whole_page_screenshot(outsider, api_server, "stopchurn-page-outsider-whole")
         # the same through the JSON route, and Airflow itself agrees on what this user may read
         theirs = outsider.request.get(f"{api_server.url}/stopchurn/api/syncs").json()
         assert not [t for t in theirs["tasks"] if t["dag_id"] == PRIVATE_DAG]

@@ -29,6 +29,13 @@ SERIES: tuple[tuple[str, str, str], ...] = (
     ("deleted", "deleted", "#c62828"),
     ("rejected", "quarantined", "#ef6c00"),
 )
+#: The count columns of the tables: (heading, summary key).
+_COUNT_COLUMNS: tuple[tuple[str, str], ...] = (
+    *((name, key) for name, key, _ in SERIES),
+    ("unchanged", "unchanged"),
+    ("chunks", "chunks"),
+    ("retries", "retries"),
+)
 #: Runs shown in a task's chart and run table (the newest).
 CHART_RUNS = 30
 #: Quarantined rows listed per store (the count is always the full one).
@@ -269,9 +276,9 @@ def render_chart(task: SyncTask) -> str:
     peak = max((run.count(key) or 0) for run in runs for _, key, _ in SERIES)
     decades = max(1, math.ceil(math.log10(peak + 1)))
     top = math.log10(10**decades + 1)
-    bar, gap, left, right, head, plot_h, foot = 11, 12, 52, 12, 12, 180, 44
+    bar, gap, left, right, head, plot_h, foot = 14, 22, 52, 12, 12, 180, 26
     group = len(SERIES) * bar + gap
-    width = max(360, left + len(runs) * group + right)
+    width = max(480, left + len(runs) * group + right)
     height = head + plot_h + foot
 
     def y_of(value: int) -> float:
@@ -285,7 +292,7 @@ def render_chart(task: SyncTask) -> str:
         y = y_of(tick)
         parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}"/>')
         parts.append(f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_short(tick)}</text>')
-    every = max(1, math.ceil(len(runs) / 12))
+    every = max(1, math.ceil(72 / group))  # a label (about 65 px wide) every few runs
     for index, run in enumerate(runs):
         x0 = left + index * group + gap / 2
         parts.append(f'<g class="run" data-run-id="{escape(run.run_id)}">')
@@ -304,16 +311,15 @@ def render_chart(task: SyncTask) -> str:
             parts.append(
                 f'<text class="tick" x="{cx:.1f}" y="{head + plot_h + 16}" text-anchor="middle">{escape(label)}</text>'
             )
-    parts.append(
-        f'<text class="tick" x="{left}" y="{height - 6}">runs, oldest first (logarithmic scale; '
-        "hover a bar for its run)</text>"
-    )
     parts.append("</svg>")
     legend = "".join(
         f'<span class="legend-item"><span class="swatch" style="background:{colour}"></span>{name}</span>'
         for name, _, colour in SERIES
     )
-    return f'<div class="legend">{legend}</div><div class="chart-box">{"".join(parts)}</div>'
+    return (
+        f'<div class="legend">{legend}</div><div class="chart-box">{"".join(parts)}</div>'
+        '<p class="note">Runs oldest first, on a logarithmic scale; a bar\'s tooltip names its run.</p>'
+    )
 
 
 # --- the page ------------------------------------------------------------------------------------------------
@@ -324,7 +330,7 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
 h1 { font-size: 20px; margin: 0 0 2px; } h2 { font-size: 16px; margin: 26px 0 8px; }
 .muted { color: var(--muted); } a { color: #3c6df0; }
 table { border-collapse: collapse; margin: 4px 0 8px; }
-th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: left; white-space: nowrap; }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 8px; text-align: left; white-space: nowrap; }
 th { background: var(--head); font-weight: 600; } td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
 .badge { border-radius: 9px; padding: 1px 8px; font-size: 12px; background: #e4e7eb; color: #1f2933; }
 .badge.ok { background: #c8e6c9; } .badge.bad { background: #ffcdd2; } .badge.warn { background: #ffe0b2; }
@@ -332,7 +338,8 @@ th { background: var(--head); font-weight: 600; } td.n, th.n { text-align: right
 .note { font-size: 12px; color: var(--muted); }
 .legend { margin: 4px 0; } .legend-item { margin-right: 14px; }
 .swatch { display: inline-block; width: 10px; height: 10px; margin-right: 4px; border-radius: 2px; }
-.chart-box { overflow-x: auto; } svg .grid { stroke: var(--line); } svg .tick { fill: var(--muted); font-size: 11px; }
+.chart-box, .scroll { overflow-x: auto; }
+svg .grid { stroke: var(--line); } svg .tick { fill: var(--muted); font-size: 11px; }
 .store { border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; margin: 8px 0; }
 .store h3 { font-size: 14px; margin: 0 0 4px; } .store .loc { font-family: monospace; font-size: 12px; }
 .error { color: #c62828; }
@@ -343,38 +350,38 @@ def _task_rows(tasks: Sequence[SyncTask], links: _Links) -> str:
     rows = []
     for task in tasks:
         last, counted = task.last_run, task.last_summary
-        last_cell = "-" if last is None else links.anchor(links.task_instance(task, last), _when(last.run_after))
-        note = ""
+        status = _state_badge(None if last is None else last.state)
+        if last is not None:
+            status = f"{links.anchor(links.task_instance(task, last), _when(last.run_after))} {status}"
         if counted is not None and counted is not last:
-            note = f'<div class="note">counts of the run of {escape(_when(counted.run_after))}</div>'
+            status += f'<div class="note">counts of the run of {escape(_when(counted.run_after))}</div>'
         if counted is not None and counted.dry_run:
-            note += '<div class="note">dry run: nothing sent</div>'
+            status += '<div class="note">dry run: nothing sent</div>'
         counts = "".join(
             f'<td class="n" data-col="{name}">{_num(None if counted is None else counted.count(key))}</td>'
-            for name, key in (*((n, k) for n, k, _ in SERIES), ("unchanged", "unchanged"), ("chunks", "chunks"))
+            for name, key in _COUNT_COLUMNS
+            if name != "chunks"
         )
-        retries = _num(None if counted is None else counted.count("retries"))
         duration = "-"
-        if counted is not None and isinstance(counted.summary, dict):
-            seconds = counted.summary.get("duration_s")
-            duration = f"{seconds:.1f} s" if isinstance(seconds, int | float) else "-"
+        seconds = None if counted is None or counted.summary is None else counted.summary.get("duration_s")
+        if isinstance(seconds, int | float):
+            duration = f"{seconds:.1f} s"
+        task_name = task.task_id if task.map_index < 0 else f"{task.task_id} [{task.map_index}]"
         rows.append(
-            f'<tr data-task="{escape(task.key)}"><td>{links.anchor(links.dag(task.dag_id), task.dag_id)}</td>'
-            f"<td>{escape(task.task_id if task.map_index < 0 else f'{task.task_id} [{task.map_index}]')}"
-            f'<div class="note">{escape(task.operator)}</div></td>'
-            f'<td data-col="table">{escape(task.table_label)}</td><td>{last_cell}</td>'
-            f'<td data-col="state">{_state_badge(None if last is None else last.state)}{note}</td>'
-            f'{counts}<td class="n" data-col="retries">{retries}</td><td class="n">{duration}</td>'
-            f"<td>{_store_flags(task.store)}</td>"
+            f'<tr data-task="{escape(task.key)}"><td>{links.anchor(links.dag(task.dag_id), task.dag_id)}'
+            f'<div class="note" title="{escape(task.operator)}">{escape(task_name)}</div></td>'
+            f'<td data-col="table">{escape(task.table_label)}</td><td data-col="state">{status}</td>'
+            f'{counts}<td class="n">{duration}</td><td data-col="store">{_store_flags(task.store)}</td>'
             f'<td><a href="{escape(_chart_link(task))}">chart</a></td></tr>'
         )
     head = (
-        "<tr><th>DAG</th><th>Task</th><th>Table</th><th>Last run</th><th>Status</th>"
-        + "".join(f'<th class="n">{name}</th>' for name, _, _ in SERIES)
-        + '<th class="n">unchanged</th><th class="n">chunks</th><th class="n">retries</th><th class="n">duration</th>'
-        "<th>Store</th><th></th></tr>"
+        "<tr><th>DAG / task</th><th>Table</th><th>Last run</th>"
+        + "".join(f'<th class="n">{name}</th>' for name, _ in _COUNT_COLUMNS if name != "chunks")
+        + '<th class="n">duration</th><th>Store</th><th></th></tr>'
     )
-    return f'<table id="sync-tasks"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+    return (
+        f'<div class="scroll"><table id="sync-tasks"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
+    )
 
 
 def _store_flags(store: StoreState | None) -> str:
@@ -409,26 +416,23 @@ def _chart_section(tasks: Sequence[SyncTask], selected: SyncTask | None, links: 
     rows = []
     for run in runs:
         tags = " (dry run)" if run.dry_run else " (baseline)" if run.baseline else ""
-        counts = "".join(
-            f'<td class="n" data-col="{name}">{_num(run.count(key))}</td>'
-            for name, key in (*((n, k) for n, k, _ in SERIES), ("unchanged", "unchanged"), ("chunks", "chunks"))
-        )
+        counts = "".join(f'<td class="n" data-col="{name}">{_num(run.count(key))}</td>' for name, key in _COUNT_COLUMNS)
         rows.append(
             f'<tr data-run-id="{escape(run.run_id)}"><td>'
             f"{links.anchor(links.task_instance(selected, run), _when(run.run_after))}"
             f'<div class="note">{escape(run.run_id)}{escape(tags)}</div></td>'
             f'<td data-col="state">{_state_badge(run.state)}</td>{counts}'
-            f'<td class="n">{_num(run.count("bytes"))}</td><td class="n">{_num(run.count("retries"))}</td></tr>'
+            f'<td class="n">{_num(run.count("bytes"))}</td></tr>'
         )
     head = (
         "<tr><th>Run</th><th>Status</th>"
-        + "".join(f'<th class="n">{name}</th>' for name, _, _ in SERIES)
-        + '<th class="n">unchanged</th><th class="n">chunks</th><th class="n">bytes</th><th class="n">retries</th></tr>'
+        + "".join(f'<th class="n">{name}</th>' for name, _ in _COUNT_COLUMNS)
+        + '<th class="n">bytes</th></tr>'
     )
     return (
         f'<h2 id="chart">Runs of {escape(selected.label)}: {escape(selected.table_label)}</h2>{picker}'
         f"{render_chart(selected)}"
-        f'<table id="sync-runs"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+        f'<div class="scroll"><table id="sync-runs"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
         '<p class="note">Up to the newest 30 runs. A run that failed before it finished returned no summary; '
         "what it delivered is counted in the run that completed its plan.</p>"
     )
