@@ -147,7 +147,7 @@ def test_the_page_escapes_what_it_shows_and_links_into_airflow() -> None:
     assert (
         'href="/airflow/dags/%3Cscript%3Ealert%281%29%3C%2Fscript%3E/runs/run%2Fwith%3Fodd%26chars/tasks/sync"' in html
     )
-    assert 'data-state="failed"' in html and "counts of the run of" in html
+    assert 'data-state="failed"' in html and "counts: the run of" in html
 
 
 def test_the_chart_shows_the_task_asked_for_else_the_one_that_ran_last() -> None:

@@ -200,7 +200,7 @@ def test_the_runs_left_what_the_page_must_show(syncs: Syncs) -> None:
     accounts = syncs.store(ACCOUNTS_TABLE)
     plan = accounts.pending_plan(cleanup=False)
     assert plan is not None and len(plan.chunks) == 20
-    assert 2 <= len(accounts.acked(plan)) <= 4
+    assert 2 <= len(accounts.acked(plan)) <= 5  # killed once three were acknowledged; one more may land
     assert accounts.read_lock()["holder"] == CRASH_HOLDER
     assert [r["id"] for r in syncs.store(USERS_TABLE).read_quarantine()] == [REJECTED_USER]
     assert syncs.store(USERS_TABLE).read_lock() is None
@@ -319,7 +319,7 @@ def test_page_lists_every_sync_with_its_last_counts_and_status(admin: Any, api_s
     row = cells(accounts_row)
     assert row["inserted"] == f"{first['inserted']:,}" == "200"
     assert row["state"] == "failed"
-    assert "counts of the run of" in accounts_row.locator('[data-col="state"]').inner_text()
+    assert "counts: the run of" in accounts_row.locator('[data-col="state"]').inner_text()
     store = syncs.store(ACCOUNTS_TABLE)
     plan = store.pending_plan(cleanup=False)
     assert plan is not None
@@ -357,7 +357,7 @@ def test_chart_shows_the_counts_of_each_run_of_one_table(admin: Any, api_server:
     screenshot(page, "stopchurn-chart")
     if os.environ.get("STOPCHURN_UPDATE_DOCS_SCREENSHOT") == "1":
         DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.set_viewport_size({"width": 1440, "height": 860})
+        page.set_viewport_size({"width": 1520, "height": 860})
         page.screenshot(path=str(DOCS_SCREENSHOT))
         print(f"docs screenshot: {DOCS_SCREENSHOT}")
     page.close()

@@ -336,6 +336,9 @@ th { background: var(--head); font-weight: 600; } td.n, th.n { text-align: right
 .badge.ok { background: #c8e6c9; } .badge.bad { background: #ffcdd2; } .badge.warn { background: #ffe0b2; }
 .badge.run { background: #bbdefb; }
 .note { font-size: 12px; color: var(--muted); }
+td[data-col="store"] { white-space: normal; min-width: 7em; }
+td[data-col="store"] .badge { display: inline-block; margin: 1px 0; }
+td[data-col="state"] .note { white-space: normal; }
 .legend { margin: 4px 0; } .legend-item { margin-right: 14px; }
 .swatch { display: inline-block; width: 10px; height: 10px; margin-right: 4px; border-radius: 2px; }
 .chart-box, .scroll { overflow-x: auto; }
@@ -354,7 +357,7 @@ def _task_rows(tasks: Sequence[SyncTask], links: _Links) -> str:
         if last is not None:
             status = f"{links.anchor(links.task_instance(task, last), _when(last.run_after))} {status}"
         if counted is not None and counted is not last:
-            status += f'<div class="note">counts of the run of {escape(_when(counted.run_after))}</div>'
+            status += f'<div class="note">counts: the run of {escape(_when(counted.run_after))}</div>'
         if counted is not None and counted.dry_run:
             status += '<div class="note">dry run: nothing sent</div>'
         counts = "".join(
@@ -370,14 +373,15 @@ def _task_rows(tasks: Sequence[SyncTask], links: _Links) -> str:
         rows.append(
             f'<tr data-task="{escape(task.key)}"><td>{links.anchor(links.dag(task.dag_id), task.dag_id)}'
             f'<div class="note" title="{escape(task.operator)}">{escape(task_name)}</div></td>'
-            f'<td data-col="table">{escape(task.table_label)}</td><td data-col="state">{status}</td>'
-            f'{counts}<td class="n">{duration}</td><td data-col="store">{_store_flags(task.store)}</td>'
-            f'<td><a href="{escape(_chart_link(task))}">chart</a></td></tr>'
+            f'<td data-col="table"><a href="{escape(_chart_link(task))}" title="chart of its runs">'
+            f"{escape(task.table_label)}</a></td>"
+            f'<td data-col="state">{status}</td>{counts}<td class="n">{duration}</td>'
+            f'<td data-col="store">{_store_flags(task.store)}</td></tr>'
         )
     head = (
         "<tr><th>DAG / task</th><th>Table</th><th>Last run</th>"
         + "".join(f'<th class="n">{name}</th>' for name, _ in _COUNT_COLUMNS if name != "chunks")
-        + '<th class="n">duration</th><th>Store</th><th></th></tr>'
+        + '<th class="n">duration</th><th>Store</th></tr>'
     )
     return (
         f'<div class="scroll"><table id="sync-tasks"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
