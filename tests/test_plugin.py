@@ -81,7 +81,8 @@ def test_inspect_store_reads_lock_plan_and_quarantine_and_writes_nothing(tmp_pat
     store = SnapshotStore(tmp_path, 3, "account")
     state = inspect_store(tmp_path, 3, "account")
     assert state == StoreState(location=store.location, brand_id=3, table_name="account")
-    store.write_quarantine("20260101T000000000000Z-0000aaaa", [{"id": 5, "reason": "bad email", "position": 0}])
+    rejected = {"id": 5, "reason": "bad email", "position": 0, "update": {"type": "insert", "data": {"id": 5}}}
+    store.write_quarantine("20260101T000000000000Z-0000aaaa", [rejected])
     lock = store.table_lock("someone")
     lock.acquire()
     try:
@@ -92,7 +93,8 @@ def test_inspect_store_reads_lock_plan_and_quarantine_and_writes_nothing(tmp_pat
         lock.release()
     assert state.error is None and state.plan is None
     assert state.lock is not None and state.lock["holder"] == "someone"
-    assert (state.quarantined_total, state.quarantined) == (1, [{"id": 5, "reason": "bad email", "position": 0}])
+    # the row's content stays in the store: the page (and its JSON) get the id, the change and the reason
+    assert (state.quarantined_total, state.quarantined) == (1, [{"id": 5, "change": "insert", "reason": "bad email"}])
 
 
 def test_an_unreadable_store_is_reported_not_raised(tmp_path: Path) -> None:

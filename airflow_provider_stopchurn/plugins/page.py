@@ -88,6 +88,7 @@ class StoreState:
     error: str | None = None
     lock: dict[str, Any] | None = None
     plan: PendingPlan | None = None
+    #: the newest quarantine file's first rows: ``id``, ``change`` (insert/update/delete) and ``reason``
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     quarantined_total: int = 0
 
@@ -144,10 +145,19 @@ def inspect_store(root: Any, brand_id: int, table_name: str, *, rows: int = QUAR
             state.plan = PendingPlan(plan.plan_id, len(store.acked(plan)), len(plan.chunks))
         records = store.read_quarantine()
         state.quarantined_total = len(records)
-        state.quarantined = records[:rows]
+        state.quarantined = [_rejection(record) for record in records[:rows]]
     except Exception as err:  # any storage error: the page says so and shows the rest
         state.error = f"{type(err).__name__}: {err}"
     return state
+
+
+def _rejection(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A quarantined row as the page shows it: its id, the change and StopChurn's reason (not its content)."""
+    update = record.get("update")
+    update = update if isinstance(update, dict) else {}
+    data = update.get("data")
+    data = data if isinstance(data, dict) else {}
+    return {"id": record.get("id", data.get("id")), "change": update.get("type"), "reason": record.get("reason")}
 
 
 def inspect_stores(
@@ -499,15 +509,11 @@ def _lock_line(lock: dict[str, Any] | None, now: datetime) -> str:
 def _quarantine_block(store: StoreState) -> str:
     if not store.quarantined_total:
         return '<p data-item="quarantine">Quarantined rows: none.</p>'
-    rows = []
-    for record in store.quarantined:
-        update = record.get("update") if isinstance(record.get("update"), dict) else {}
-        change = str(update.get("type", "")) if update else ""
-        row_id = record.get("id", (update.get("data") or {}).get("id") if update else None)
-        rows.append(
-            f"<tr><td>{escape(str(row_id))}</td><td>{escape(change)}</td><td>{escape(str(record.get('reason', '')))}"
-            "</td></tr>"
-        )
+    rows = [
+        f"<tr><td>{escape(str(record.get('id')))}</td><td>{escape(str(record.get('change') or ''))}</td>"
+        f"<td>{escape(str(record.get('reason') or ''))}</td></tr>"
+        for record in store.quarantined
+    ]
     more = store.quarantined_total - len(store.quarantined)
     tail = f'<p class="note">and {more} more.</p>' if more > 0 else ""
     return (
