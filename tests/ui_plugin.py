@@ -1,4 +1,4 @@
-"""A real Airflow API server and a real headless Chromium for the UI tests (a pytest plugin module).
+"""A real Airflow API server and a real headless Chromium for the UI tests (helpers of test_ui_page.py).
 
 Chromium is Debian's ``chromium`` package (``/usr/bin/chromium``; ``STOPCHURN_CHROMIUM`` names another binary),
 driven by Playwright for Python with ``executable_path`` pointed at it: Playwright's own browser downloads are
