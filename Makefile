@@ -20,6 +20,9 @@ $(STAMP): $(LOCK) pyproject.toml
 		$(PY) -m pip install --quiet --disable-pip-version-check "$$(grep '^uv==' $(LOCK))"; }
 	$(UV) pip sync $(UV_FLAGS) --python $(PY) $(LOCK)
 	$(UV) pip install $(UV_FLAGS) --python $(PY) --no-deps -e .
+	@# the build leaves an egg-info here; run from this folder, Python would see the package twice and Airflow
+	@# would load its plugin twice ("Plugin 'stopchurn' already registered"); the installed dist-info suffices
+	@rm -rf airflow_provider_stopchurn.egg-info
 	@touch $(STAMP)
 
 venv: $(STAMP)

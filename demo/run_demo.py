@@ -8,7 +8,8 @@ What it does, all under ``.demo/`` (recreated on every run):
 4. ``airflow dags test example_stopchurn_sql_nightly 2025-01-01``: the first run inserts every row;
 5. some users are updated, added and deleted in the source;
 6. ``airflow dags test ... 2025-01-02``: the second run sends only those changes;
-7. StopChurn's ``user`` table, read back from the sandbox, is compared with the source.
+7. StopChurn's ``user`` table, read back from the sandbox, is compared with the source;
+8. how to see both runs on the StopChurn page of the Airflow UI is printed.
 
 The script drives the ``airflow`` CLI of the interpreter that runs it; it never imports Airflow itself.
 Everything it started is stopped when it ends, whatever happens. Run it with ``make demo``.
@@ -196,6 +197,19 @@ def describe(summary: dict[str, Any]) -> str:
     )
 
 
+def page_hint() -> str:
+    """How to open the StopChurn page of the Airflow UI on the demo's metadata DB (the API server is not started)."""
+    home = AIRFLOW_HOME.relative_to(ROOT)
+    airflow_cli = Path(sys.executable).parent / "airflow"
+    cli = airflow_cli.relative_to(ROOT) if airflow_cli.is_relative_to(ROOT) else airflow_cli
+    return (
+        "\nSee both runs on the StopChurn page of the Airflow UI:\n"
+        f"  AIRFLOW_HOME={home} {cli} api-server --host 127.0.0.1 --port 8080\n"
+        "  then open http://127.0.0.1:8080/stopchurn/ (in the UI: Browse > StopChurn) and log in as admin with the\n"
+        f"  password in {home}/simple_auth_manager_passwords.json.generated (written when the API server starts)"
+    )
+
+
 # --- main ------------------------------------------------------------------------------------------------------
 def main() -> int:
     started = time.monotonic()
@@ -242,6 +256,7 @@ def main() -> int:
         print(f"\nsandbox table == source table: {same} ({table['count']} rows in StopChurn, {len(expected)} in users)")
         stats = get_json(f"{url}/_sandbox/stats")
         print(f"sandbox received {stats['accepted_requests']} request(s): {stats['updates']}")
+        print(page_hint())
         print(f"done in {time.monotonic() - started:.1f}s")
         return 0 if same else 1
     except DemoError as err:

@@ -1,4 +1,9 @@
-"""The layering rule: only hooks/ and operators/ import Airflow (the CLI only lazily); the engine needs none."""
+"""The layering rule: only hooks/, operators/ and the UI plugin import Airflow (the CLI only lazily); the engine is
+usable without it.
+
+The UI plugin is ``plugins/stopchurn.py`` (what Airflow loads) and ``plugins/app.py`` (its FastAPI app, imported by
+the API server on the first request); ``plugins/page.py`` renders the page and stays Airflow-free.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +24,19 @@ def _module(path: Path) -> str:
     return ".".join(("airflow_provider_stopchurn", *parts))
 
 
+AIRFLOW_FOLDERS = ("hooks", "operators")
+AIRFLOW_PLUGIN = ("plugins/stopchurn.py", "plugins/app.py")
+
+
+def _may_import_airflow(path: Path) -> bool:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] in AIRFLOW_FOLDERS or relative.as_posix() in AIRFLOW_PLUGIN
+
+
 AIRFLOW_FREE = sorted(
     _module(p)
     for p in PACKAGE.rglob("*.py")
-    if p.relative_to(PACKAGE).parts[0] not in ("hooks", "operators")
-    and p.name not in ("__main__.py", "get_provider_info.py", "pytest_plugin.py")
+    if not _may_import_airflow(p) and p.name not in ("__main__.py", "get_provider_info.py", "pytest_plugin.py")
 )
 
 
@@ -43,6 +56,8 @@ def test_the_airflow_free_list_is_the_engine() -> None:
         "sources",
         "canonical",
         "contract",
+        "plugins",
+        "plugins.page",
     ):
         assert f"airflow_provider_stopchurn.{module}" in AIRFLOW_FREE
 
@@ -71,10 +86,15 @@ def _function_local_imports(tree: ast.AST) -> set[int]:
     return local
 
 
-def test_no_airflow_import_statement_outside_hooks_and_operators() -> None:
+def test_the_plugin_files_exist() -> None:
+    for name in AIRFLOW_PLUGIN:
+        assert (PACKAGE / name).is_file(), name
+
+
+def test_no_airflow_import_statement_outside_hooks_operators_and_the_plugin() -> None:
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.relative_to(PACKAGE).parts[0] in ("hooks", "operators"):
+        if _may_import_airflow(path):
             continue
         tree = ast.parse(path.read_text())
         allowed = _function_local_imports(tree) if path.relative_to(PACKAGE).as_posix() in LAZY_AIRFLOW else set()

@@ -251,21 +251,7 @@ class StopChurnUpdateOperator(BaseOperator):
         )
 
     def _snapshot_root(self) -> Any:
-        uri = self.snapshot_uri
-        if not uri:
-            home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
-            return Path(home) / "stopchurn" / "snapshots"
-        uri = str(uri)
-        if "://" not in uri:
-            return Path(uri).expanduser()
-        if uri.startswith("file://"):
-            parts = urlsplit(uri)
-            if parts.netloc not in ("", "localhost"):
-                raise StopChurnConfigError(
-                    f"snapshot_uri {uri!r} names a remote host; a file:// URL must be local (file:///path)."
-                )
-            return Path(unquote(parts.path))
-        return ObjectStoragePath(uri, conn_id=self.snapshot_conn_id)
+        return snapshot_root(self.snapshot_uri, self.snapshot_conn_id)
 
     def _source(self, context: Context) -> Source:
         """The source as a callable, so the engine reads it after it has finished any pending plan."""
@@ -332,6 +318,28 @@ def _adbc_postgres_uri(connection: Connection, hook: Any) -> PostgresUri | None:
         extras=extras,
         options=getattr(hook, "options", None),
     )
+
+
+def snapshot_root(uri: Any, conn_id: str | None = None) -> Any:
+    """The snapshot location of ``snapshot_uri`` (rendered), as a Path or an ObjectStoragePath.
+
+    Empty: ``$AIRFLOW_HOME/stopchurn/snapshots``. The StopChurn page of the Airflow UI resolves a task's store the
+    same way.
+    """
+    if not uri:
+        home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
+        return Path(home) / "stopchurn" / "snapshots"
+    uri = str(uri)
+    if "://" not in uri:
+        return Path(uri).expanduser()
+    if uri.startswith("file://"):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise StopChurnConfigError(
+                f"snapshot_uri {uri!r} names a remote host; a file:// URL must be local (file:///path)."
+            )
+        return Path(unquote(parts.path))
+    return ObjectStoragePath(uri, conn_id=conn_id)
 
 
 def _is_xcom_arg(value: Any) -> bool:

@@ -1,0 +1,516 @@
+"""The StopChurn page and the StopChurn connection form in the real Airflow UI, driven by a real browser.
+
+The module runs a few real syncs first (``dag.test()`` against the sandbox, in the test session's AIRFLOW_HOME):
+
+* ``ui_page_users``: three runs of table ``uiUser`` (a first load, a day of changes, a day with a row StopChurn
+  rejects: quarantined); its store's lock is then held by a person, as during a manual repair;
+* ``ui_page_accounts``: a run StopChurn stops halfway (a row refused with ``on_rejected_rows="fail"``), which
+  leaves a pending plan with two of its four chunks acknowledged;
+* ``ui_private_secrets``: one run, in a DAG that user ``outsider`` may not read (``ui_auth_manager``).
+
+Then it starts ``airflow api-server`` on 127.0.0.1 against that database (simple auth manager, the users' passwords
+in the generated password file of AIRFLOW_HOME, connection testing enabled) and a headless Chromium
+(``ui_plugin``), logs in through the login form, and checks the page, the chart, the stores, the auth filtering,
+the connection form and its Test button. Screenshots go to ``.artifacts/ui/`` (paths printed).
+``STOPCHURN_UPDATE_DOCS_SCREENSHOT=1`` also refreshes the README's screenshot, ``docs/stopchurn-page.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pendulum
+import pytest
+from airflow.sdk import DAG
+from airflow_plugin import run_dag, task_states, xcom_return
+from helpers_sync import BRAND, TABLE, deterministic_table, wait_until
+from ui_auth_manager import RESTRICTED_USER
+from ui_plugin import ARTIFACTS, TESTS, ApiServer, check_browser, chromium, start_api_server
+
+from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
+from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
+from airflow_provider_stopchurn.snapshot import SnapshotStore
+
+pytestmark = [pytest.mark.usefixtures("airflow_db"), pytest.mark.browser]
+
+START = pendulum.datetime(2025, 3, 1, tz="UTC")
+TOKEN = "ui-test-key"
+CONN_ID = "stopchurn_ui_test"
+USERS_DAG, USERS_TASK, USERS_TABLE = "ui_page_users", "sync_users", "uiUser"
+ACCOUNTS_DAG, ACCOUNTS_TASK, ACCOUNTS_TABLE = "ui_page_accounts", "sync_accounts", TABLE
+PRIVATE_DAG, PRIVATE_TASK, PRIVATE_TABLE = "ui_private_secrets", "sync_secrets", "uiSecret"
+CRASH_WORKER = TESTS / "crash_worker.py"
+CRASH_HOLDER = "crash-worker"  # the holder crash_worker.py names
+KEY_VAR = "STOPCHURN_UI_TEST_KEY"
+#: What the three runs of ui_page_users send: (inserted, updated, deleted, rejected).
+USERS_COUNTS = [(30, 0, 0, 0), (3, 5, 2, 0), (3, 2, 0, 1)]
+REJECTED_USER = 107
+DOCS_SCREENSHOT = TESTS.parent / "docs" / "stopchurn-page.png"
+TIMEOUT_MS = 30_000
+
+
+def users(ids: range | list[int], plan: str = "free") -> pd.DataFrame:
+    ids = list(ids)
+    return pd.DataFrame(
+        {
+            "id": ids,
+            "email": [f"user{i}@example.com" for i in ids],
+            "plan": [plan] * len(ids),
+            "seats": [1 + i % 5 for i in ids],
+        }
+    )
+
+
+@dataclass
+class Syncs:
+    """What the module's DAG runs left: their summaries, the stores, the sandbox."""
+
+    sandbox: SandboxServer
+    snapshots: Path
+    summaries: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    states: dict[str, list[str]] = field(default_factory=dict)
+
+    def store(self, table: str) -> SnapshotStore:
+        return SnapshotStore(self.snapshots, BRAND, table)
+
+
+def sync_dag(dag_id: str, task_id: str, table: str, source: Any, snapshots: Path, **kwargs: Any) -> DAG:
+    with DAG(dag_id, schedule=None, start_date=START, catchup=False) as dag:
+        StopChurnUpdateOperator(
+            task_id=task_id,
+            table_name=table,
+            brand_id=BRAND,
+            dataframe=source,
+            stopchurn_conn_id=CONN_ID,
+            snapshot_uri=str(snapshots),
+            retries=0,
+            **kwargs,
+        )
+    return dag
+
+
+def run(syncs: Syncs, dag: DAG, task_id: str, day: int) -> None:
+    dagrun = run_dag(dag, logical_date=START.add(days=day))
+    syncs.states.setdefault(dag.dag_id, []).append(str(dagrun.state))
+    summary = xcom_return(dagrun, task_id)
+    if summary is not None:
+        syncs.summaries.setdefault(dag.dag_id, []).append(summary)
+    else:
+        assert str(dagrun.state) == "failed", task_states(dagrun)
+
+
+def kill_mid_delivery(sandbox: SandboxServer, snapshots: Path) -> None:
+    """Run crash_worker.py (another table content, 20 chunks) against the accounts store and SIGKILL it once
+    StopChurn acknowledged three chunks."""
+    sandbox.set_faults(FaultConfig(latency=0.2))
+    accepted = sandbox.stats()["accepted_requests"]
+    proc = subprocess.Popen(
+        [sys.executable, str(CRASH_WORKER), sandbox.url, KEY_VAR, str(snapshots), "2", "200", "10"],
+        env={**os.environ, KEY_VAR: TOKEN},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=TESTS,
+    )
+    try:
+        progressed = wait_until(
+            lambda: sandbox.stats()["accepted_requests"] >= accepted + 3 or proc.poll() is not None, timeout_s=60
+        )
+        assert progressed and proc.poll() is None, "the worker ended, or made no progress within 60 s"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+        sandbox.set_faults(FaultConfig())
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def syncs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Syncs]:
+    snapshots = tmp_path_factory.mktemp("ui-snapshots")
+    with SandboxServer(token=TOKEN) as sandbox, pytest.MonkeyPatch.context() as mp:
+        mp.setenv(
+            f"AIRFLOW_CONN_{CONN_ID.upper()}",
+            json.dumps({"conn_type": "stopchurn", "host": sandbox.url, "password": TOKEN}),
+        )
+        result = Syncs(sandbox, snapshots)
+
+        # ui_page_users: a first load, a day of changes, a day with a rejected row
+        frame = {"now": users(range(1, 31))}
+        dag = sync_dag(
+            USERS_DAG, USERS_TASK, USERS_TABLE, lambda: frame["now"].copy(), snapshots, on_rejected_rows="quarantine"
+        )
+        run(result, dag, USERS_TASK, 0)
+        day2 = frame["now"][~frame["now"]["id"].isin([29, 30])].copy()
+        day2.loc[day2["id"].isin([1, 2, 3, 4, 5]), "plan"] = "pro"
+        frame["now"] = pd.concat([day2, users([101, 102, 103])], ignore_index=True)
+        run(result, dag, USERS_TASK, 1)
+        day3 = frame["now"].copy()
+        day3.loc[day3["id"].isin([6, 7]), "plan"] = "team"
+        frame["now"] = pd.concat([day3, users([105, 106, REJECTED_USER, 108])], ignore_index=True)
+        sandbox.reject_ids([REJECTED_USER])
+        run(result, dag, USERS_TASK, 2)
+        sandbox.reject_ids([])
+
+        # ui_page_accounts: a first load, then a run StopChurn stops (a refused row, on_rejected_rows="fail")
+        accounts_frame = {"now": deterministic_table(1, 200)}
+        accounts = sync_dag(
+            ACCOUNTS_DAG,
+            ACCOUNTS_TASK,
+            ACCOUNTS_TABLE,
+            lambda: accounts_frame["now"].copy(),
+            snapshots,
+            chunk_size=5,
+            max_concurrent_requests=1,
+            on_rejected_rows="fail",
+        )
+        run(result, accounts, ACCOUNTS_TASK, 0)
+        changed = accounts_frame["now"].copy()
+        changed.loc[changed["id"] < 20, "qty"] += 1
+        accounts_frame["now"] = changed
+        sandbox.reject_ids([12])
+        run(result, accounts, ACCOUNTS_TASK, 1)
+        sandbox.reject_ids([])
+        # ... and a worker killed mid-delivery (SIGKILL): its pending plan and its lock stay in the store
+        kill_mid_delivery(sandbox, snapshots)
+
+        # ui_private_secrets: a DAG that RESTRICTED_USER may not read
+        private = sync_dag(PRIVATE_DAG, PRIVATE_TASK, PRIVATE_TABLE, lambda: users(range(1, 6)), snapshots)
+        run(result, private, PRIVATE_TASK, 0)
+
+        yield result
+
+
+def test_the_runs_left_what_the_page_must_show(syncs: Syncs) -> None:
+    counts = [(s["inserted"], s["updated"], s["deleted"], s["quarantined"]) for s in syncs.summaries[USERS_DAG]]
+    assert counts == USERS_COUNTS
+    assert syncs.states[ACCOUNTS_DAG] == ["success", "failed"]
+    accounts = syncs.store(ACCOUNTS_TABLE)
+    plan = accounts.pending_plan(cleanup=False)
+    assert plan is not None and len(plan.chunks) == 20
+    assert 2 <= len(accounts.acked(plan)) <= 5  # killed once three were acknowledged; one more may land
+    assert accounts.read_lock()["holder"] == CRASH_HOLDER
+    assert [r["id"] for r in syncs.store(USERS_TABLE).read_quarantine()] == [REJECTED_USER]
+    assert syncs.store(USERS_TABLE).read_lock() is None
+
+
+# --- the API server and the browser ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chromium_ready() -> None:
+    """Skip (or fail in CI) before the module's syncs run, when no browser can be driven."""
+    check_browser()
+
+
+@pytest.fixture(scope="module")
+def api_server(chromium_ready: None, syncs: Syncs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    env = {
+        **os.environ,
+        "AIRFLOW__CORE__AUTH_MANAGER": "ui_auth_manager.DagFilteringAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"admin:admin,{RESTRICTED_USER}:viewer",
+        "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    server = start_api_server(env, tmp_path_factory.mktemp("api-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(api_server: ApiServer) -> Iterator[Any]:
+    with chromium() as launched:
+        yield launched
+
+
+def password(user: str) -> str:
+    """``user``'s password, from the file the simple auth manager generated in AIRFLOW_HOME."""
+    path = Path(os.environ["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+    return str(json.loads(path.read_text())[user])
+
+
+def logged_in(browser: Any, server: ApiServer, user: str) -> Any:
+    """A browser context (own cookies) where ``user`` logged in through Airflow's login form."""
+    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    page.goto(f"{server.url}/auth/login?next={server.url}/")
+    page.get_by_label("Username").fill(user)
+    page.get_by_label("Password").fill(password(user))
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/auth/" not in url)
+    page.close()
+    return context
+
+
+@pytest.fixture(scope="module")
+def admin(browser: Any, api_server: ApiServer) -> Iterator[Any]:
+    context = logged_in(browser, api_server, "admin")
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+def screenshot(page: Any, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    return path
+
+
+def whole_page_screenshot(context: Any, server: ApiServer, name: str, task: str | None = None) -> None:
+    """The page on its own (outside Airflow's frame), all of it."""
+    page = context.new_page()
+    query = "" if task is None else "?" + urllib.parse.urlencode({"task": task})
+    page.goto(f"{server.url}/stopchurn/{query}")
+    page.locator("#summary").wait_for()
+    screenshot(page, name)
+    page.close()
+
+
+def open_stopchurn_page(context: Any, server: ApiServer) -> tuple[Any, Any]:
+    """Open the page as a user would (Browse > StopChurn); return the page and the frame that shows it."""
+    page = context.new_page()
+    page.goto(f"{server.url}/")
+    page.get_by_role("button", name="Browse").click()
+    page.get_by_role("menuitem", name="StopChurn").click()
+    page.wait_for_url("**/plugin/stopchurn")
+    frame = page.frame_locator("iframe")
+    frame.locator("#summary").wait_for()
+    return page, frame
+
+
+def cells(row: Any, columns: tuple[str, ...] = ("inserted", "updated", "deleted", "rejected", "table")):
+    """The texts of a table row's cells, by column; ``state``: the state its badge names."""
+    found = {col: row.locator(f'[data-col="{col}"]').inner_text().strip() for col in columns}
+    return {**found, "state": row.locator('[data-col="state"] .badge').get_attribute("data-state")}
+
+
+# --- the page --------------------------------------------------------------------------------------------------
+def test_page_lists_every_sync_with_its_last_counts_and_status(admin: Any, api_server: ApiServer, syncs: Syncs):
+    page, frame = open_stopchurn_page(admin, api_server)
+    users_row = frame.locator(f'#sync-tasks tr[data-task="{USERS_DAG}/{USERS_TASK}"]')
+    last = syncs.summaries[USERS_DAG][-1]
+    assert cells(users_row) == {
+        "inserted": str(last["inserted"]),
+        "updated": str(last["updated"]),
+        "deleted": str(last["deleted"]),
+        "rejected": str(last["quarantined"]),
+        "state": "success",
+        "table": f"{USERS_TABLE} (brand {BRAND})",
+    }
+    # the accounts run that failed returned nothing: its row says so and shows the counts of the run before
+    accounts_row = frame.locator(f'#sync-tasks tr[data-task="{ACCOUNTS_DAG}/{ACCOUNTS_TASK}"]')
+    first = syncs.summaries[ACCOUNTS_DAG][0]
+    row = cells(accounts_row)
+    assert row["inserted"] == f"{first['inserted']:,}" == "200"
+    assert row["state"] == "failed"
+    assert "counts: the run of" in accounts_row.locator('[data-col="state"]').inner_text()
+    store = syncs.store(ACCOUNTS_TABLE)
+    plan = store.pending_plan(cleanup=False)
+    assert plan is not None
+    flags = accounts_row.locator("[data-flag]").all_inner_texts()
+    assert flags == ["locked", f"plan {len(store.acked(plan))}/{len(plan.chunks)} chunks"]
+    assert users_row.locator('[data-flag="quarantine"]').inner_text() == "1 quarantined"
+    assert frame.locator(f'#sync-tasks tr[data-task="{PRIVATE_DAG}/{PRIVATE_TASK}"]').count() == 1
+    # the example DAGs' tasks are listed too, though they never ran
+    assert frame.locator('#sync-tasks tr[data-task="example_stopchurn_sql_nightly/sync_users"]').count() == 1
+    html = frame.locator("html").inner_html()
+    assert TOKEN not in html
+    screenshot(page, "stopchurn-page-admin")
+    page.close()
+    whole_page_screenshot(admin, api_server, "stopchurn-page-admin-whole", f"{USERS_DAG}/{USERS_TASK}")
+
+
+def test_chart_shows_the_counts_of_each_run_of_one_table(admin: Any, api_server: ApiServer, syncs: Syncs):
+    page, frame = open_stopchurn_page(admin, api_server)
+    frame.locator('select[name="task"]').select_option(f"{USERS_DAG}/{USERS_TASK}")
+    frame.get_by_role("button", name="Show").click()
+    chart = frame.locator(f'svg#sync-chart[data-task="{USERS_DAG}/{USERS_TASK}"]')
+    chart.wait_for()
+    for column, series in enumerate(("inserted", "updated", "deleted", "rejected")):
+        bars = chart.locator(f'rect[data-series="{series}"]')
+        values = [int(v) for v in bars.evaluate_all("bars => bars.map(b => b.dataset.value)")]
+        assert values == [counts[column] for counts in USERS_COUNTS], series
+        heights = bars.evaluate_all("bars => bars.map(b => b.getBoundingClientRect().height)")
+        assert [h > 0 for h in heights] == [v > 0 for v in values], series  # drawn, and drawn only when > 0
+    runs = frame.locator("#sync-runs tbody tr")
+    assert runs.count() == len(USERS_COUNTS)
+    newest = cells(runs.first, ("inserted", "updated", "deleted", "rejected"))
+    expected = dict(zip(("inserted", "updated", "deleted", "rejected"), map(str, USERS_COUNTS[-1]), strict=True))
+    assert newest == {**expected, "state": "success"}
+    page.locator("iframe").evaluate("f => f.contentWindow.scrollTo(0, 0)")
+    screenshot(page, "stopchurn-chart")
+    if os.environ.get("STOPCHURN_UPDATE_DOCS_SCREENSHOT") == "1":
+        DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.set_viewport_size({"width": 1520, "height": 860})
+        page.screenshot(path=str(DOCS_SCREENSHOT))
+        print(f"docs screenshot: {DOCS_SCREENSHOT}")
+    page.close()
+
+
+def test_stores_show_the_lock_the_pending_plan_and_the_quarantined_rows(
+    admin: Any, api_server: ApiServer, syncs: Syncs
+):
+    page, frame = open_stopchurn_page(admin, api_server)
+    accounts = frame.locator(f'#stores ~ .store[data-store="{ACCOUNTS_TABLE}"][data-brand="{BRAND}"]')
+    store = syncs.store(ACCOUNTS_TABLE)
+    plan = store.pending_plan(cleanup=False)
+    assert plan is not None
+    assert f"{len(store.acked(plan))} of {len(plan.chunks)} chunks acknowledged" in accounts.inner_text()
+    assert plan.plan_id in accounts.locator('[data-item="plan"]').inner_text()
+    lock = accounts.locator('[data-item="lock"]').inner_text()
+    assert CRASH_HOLDER in lock and "held" in lock
+    users_store = frame.locator(f'#stores ~ .store[data-store="{USERS_TABLE}"]')
+    assert "Quarantined rows: 1" in users_store.inner_text()
+    rejected = syncs.store(USERS_TABLE).read_quarantine()[0]
+    assert users_store.locator("table.quarantine tbody tr").all_inner_texts() == [
+        f"{REJECTED_USER}\tinsert\t{rejected['reason']}"
+    ]
+    assert "Lock: free." in users_store.inner_text()
+    frame.locator("#stores").scroll_into_view_if_needed()
+    screenshot(page, "stopchurn-stores")
+    page.close()
+
+
+def test_a_user_sees_no_sync_of_a_dag_they_cannot_read(browser: Any, api_server: ApiServer, admin: Any):
+    outsider = logged_in(browser, api_server, RESTRICTED_USER)
+    try:
+        page, frame = open_stopchurn_page(outsider, api_server)
+        assert frame.locator(f'#sync-tasks tr[data-task="{USERS_DAG}/{USERS_TASK}"]').count() == 1
+        assert frame.locator('#sync-tasks tr[data-task^="ui_private_"]').count() == 0
+        assert PRIVATE_DAG not in frame.locator("html").inner_html()
+        assert PRIVATE_TABLE not in frame.locator("html").inner_html()
+        screenshot(page, "stopchurn-page-outsider")
+        whole_page_screenshot(outsider, api_server, "stopchurn-page-outsider-whole")
+        # the same through the JSON route, and Airflow itself agrees on what this user may read
+        theirs = outsider.request.get(f"{api_server.url}/stopchurn/api/syncs").json()
+        assert not [t for t in theirs["tasks"] if t["dag_id"] == PRIVATE_DAG]
+        dags = outsider.request.get(f"{api_server.url}/api/v2/dags?limit=1000").json()["dags"]
+        assert PRIVATE_DAG not in {d["dag_id"] for d in dags} and USERS_DAG in {d["dag_id"] for d in dags}
+        mine = admin.request.get(f"{api_server.url}/stopchurn/api/syncs").json()
+        assert [t["key"] for t in mine["tasks"] if t["dag_id"] == PRIVATE_DAG] == [f"{PRIVATE_DAG}/{PRIVATE_TASK}"]
+        page.close()
+    finally:
+        outsider.close()
+
+
+def test_the_page_needs_a_login(api_server: ApiServer):
+    request = urllib.request.Request(f"{api_server.url}/stopchurn/api/syncs")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
+
+
+# --- the connection form -----------------------------------------------------------------------------------------
+FORM_CONN_ID = "stopchurn_ui_form"
+#: Airflow 3.3.2's UI sends ``"port": 0`` when it tests a saved connection whose port field is hidden, and the API
+#: refuses to test a stored connection at another host or port ("Bad Request").
+PORT_ZERO_BUG = (
+    "Airflow 3.3.2: the Test button sends port 0 for the hidden port field and the API answers 400 'The host or "
+    "port to test differs from the stored connection'; fixed on the provider side on branch lineage-deploy"
+)
+
+
+def open_add_connection_form(context: Any, server: ApiServer) -> Any:
+    page = context.new_page()
+    page.goto(f"{server.url}/connections")
+    page.get_by_role("button", name="Add Connection").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_role("combobox").first.fill("StopChurn")
+    page.keyboard.press("Enter")
+    dialog.get_by_text("API base URL").wait_for()
+    return page
+
+
+def test_connection_form_shows_the_stopchurn_fields(admin: Any, api_server: ApiServer):
+    page = open_add_connection_form(admin, api_server)
+    dialog = page.get_by_role("dialog")
+    assert dialog.get_by_label("API base URL").get_attribute("placeholder") == "https://marketplace.stopchurn.com"
+    assert dialog.get_by_label("API key").get_attribute("type") == "password"
+    dialog.get_by_text("Extra Fields", exact=True).click()
+    for label in ("Brand id", "Timeout (seconds)", "Max retries"):
+        assert dialog.get_by_label(label).is_visible(), label
+    for hidden in ("Port", "Login", "Schema"):
+        assert dialog.get_by_label(hidden, exact=True).count() == 0, hidden
+    screenshot(page, "stopchurn-connection-form")
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def saved_by_the_form(admin: Any, api_server: ApiServer, syncs: Syncs) -> str:
+    """A StopChurn connection to the sandbox, typed into the Add Connection form and saved."""
+    page = open_add_connection_form(admin, api_server)
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Connection ID").fill(FORM_CONN_ID)
+    dialog.get_by_label("API base URL").fill(syncs.sandbox.url)
+    dialog.get_by_label("API key").fill(TOKEN)
+    dialog.get_by_text("Extra Fields", exact=True).click()
+    dialog.get_by_label("Brand id").fill(str(BRAND))
+    dialog.get_by_role("button", name="Save").click()
+    page.get_by_role("row").filter(has_text=FORM_CONN_ID).wait_for()
+    page.close()
+    return FORM_CONN_ID
+
+
+def click_test(context: Any, server: ApiServer, conn_id: str, name: str) -> str:
+    """Click the Test button of connection ``conn_id`` in the list; return the text of the toast it shows."""
+    page = context.new_page()
+    page.goto(f"{server.url}/connections")
+    page.get_by_role("row").filter(has_text=conn_id).get_by_role("button", name="Test Connection").click()
+    toast = page.get_by_role("status").filter(has_text="Test Connection")
+    toast.first.wait_for()
+    text = toast.first.inner_text()
+    screenshot(page, name)
+    page.close()
+    return text
+
+
+def save_through_the_api(context: Any, server: ApiServer, conn_id: str, url: str, key: str) -> None:
+    """Save a StopChurn connection through the REST API, with the port the 3.3.2 UI sends when it tests one."""
+    response = context.request.post(
+        f"{server.url}/api/v2/connections",
+        data={
+            "connection_id": conn_id,
+            "conn_type": "stopchurn",
+            "host": url,
+            "port": 0,
+            "password": key,
+            "extra": json.dumps({"brand_id": BRAND}),
+        },
+    )
+    assert response.status == 201, response.text()
+
+
+def test_test_button_reports_success_and_a_wrong_key(admin: Any, api_server: ApiServer, syncs: Syncs):
+    # Stored with port 0, these connections get past the 3.3.2 bug of PORT_ZERO_BUG: the Test button then runs
+    # the hook's test_connection against the sandbox, and the UI shows its message.
+    save_through_the_api(admin, api_server, "stopchurn_ui_key_ok", syncs.sandbox.url, TOKEN)
+    save_through_the_api(admin, api_server, "stopchurn_ui_key_wrong", syncs.sandbox.url, "not-the-key")
+    ok = click_test(admin, api_server, "stopchurn_ui_key_ok", "connection-test-success")
+    assert ok.startswith("Test Connection Successful"), ok
+    assert f"StopChurn accepted the API key at {syncs.sandbox.url}" in ok
+    wrong = click_test(admin, api_server, "stopchurn_ui_key_wrong", "connection-test-wrong-key")
+    assert wrong.startswith("Test Connection Failed"), wrong
+    assert "StopChurn refused the API key (401" in wrong and "API key (password field)" in wrong
+    assert "not-the-key" not in wrong and TOKEN not in ok
+
+
+@pytest.mark.xfail(strict=True, reason=PORT_ZERO_BUG)
+def test_test_button_of_a_connection_saved_by_the_form(admin: Any, api_server: ApiServer, saved_by_the_form: str):
+    text = click_test(admin, api_server, saved_by_the_form, "connection-test-saved-by-the-form")
+    assert text.startswith("Test Connection Successful"), text
