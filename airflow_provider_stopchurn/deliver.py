@@ -32,7 +32,6 @@ from airflow_provider_stopchurn.exceptions import (
     StopChurnPayloadTooLargeError,
     StopChurnRejectedError,
 )
-from airflow_provider_stopchurn.options import SyncOptions
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,19 @@ class Sender(Protocol):
     """What the engine needs from a client: post one encoded body, raise on failure."""
 
     def post_update_body(self, body: bytes) -> Any: ...
+
+
+class DeliveryOptions(Protocol):
+    """The options a delivery reads (``SyncOptions`` has them; the event engine passes its own)."""
+
+    @property
+    def max_concurrent_requests(self) -> int: ...
+    @property
+    def progress_interval_s(self) -> float: ...
+    @property
+    def table_name(self) -> str: ...
+    @property
+    def on_rejected_rows(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -96,7 +108,7 @@ def deliver(
     chunks: Sequence[tuple[int, int]],
     todo: Sequence[int],
     sender: Sender,
-    options: SyncOptions,
+    options: DeliveryOptions,
     on_ack: Callable[[int, list[Rejection]], None],
     *,
     guard: Callable[[], None] | None = None,
@@ -188,7 +200,7 @@ def _send_range(
     updates: pl.Series,
     start: int,
     end: int,
-    options: SyncOptions,
+    options: DeliveryOptions,
     outcome: _Outcome,
     where: tuple[int, int],
     body: bytes | None = None,
@@ -253,7 +265,7 @@ def _split(
     updates: pl.Series,
     start: int,
     end: int,
-    options: SyncOptions,
+    options: DeliveryOptions,
     outcome: _Outcome,
     where: tuple[int, int],
 ) -> None:
@@ -262,4 +274,4 @@ def _split(
     _send_range(sender, updates, mid, end, options, outcome, where)
 
 
-__all__ = ["DeliveryReport", "Rejection", "Sender", "deliver", "update_id"]
+__all__ = ["DeliveryOptions", "DeliveryReport", "Rejection", "Sender", "deliver", "update_id"]

@@ -69,11 +69,13 @@ __all__ = [
     "KINDS",
     "Canonical",
     "bodies_bytes",
+    "canonical_columns",
     "canonicalize",
     "chunk_bodies",
     "chunk_body",
     "encode_rows",
     "encode_updates",
+    "json_fragment",
     "plan_chunks",
 ]
 
@@ -132,14 +134,7 @@ def canonicalize(df: pd.DataFrame, *, key_columns: Sequence[str], decimal_as_str
     if not keys:
         raise SourceDataError("At least one key column is required.")
     names = list(df.columns)
-    bad_names = [repr(n) for n in names if not isinstance(n, str)]
-    if bad_names:
-        raise SourceDataError(
-            f"Column names must be strings; got {', '.join(bad_names[:_MAX_LISTED])}. Rename the columns."
-        )
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise SourceDataError(f"Duplicate column names: {', '.join(map(repr, duplicated))}.")
+    _check_names(names)
     missing = [k for k in keys if k not in names]
     if missing:
         raise SourceDataError(
@@ -173,6 +168,33 @@ def canonicalize(df: pd.DataFrame, *, key_columns: Sequence[str], decimal_as_str
     elif keys != ("id",):  # the key checks cover an id that is the whole key
         _check_id(frame, kinds["id"], keys)
     return Canonical(frame=frame, kinds=kinds, key_columns=keys)
+
+
+def canonical_columns(df: pd.DataFrame, *, decimal_as_string: bool = False) -> tuple[pl.DataFrame, dict[str, str]]:
+    """Every column of ``df`` in its canonical form, with no key checks and no ``id`` added (events have no key).
+
+    The same conversion as :func:`canonicalize` (the same kinds, the same errors for unsupported values).
+    """
+    names = list(df.columns)
+    _check_names(names)
+    series: list[pl.Series] = []
+    kinds: dict[str, str] = {}
+    for name in names:
+        converted, kind = _convert_column(name, df[name], decimal_as_string=decimal_as_string)
+        series.append(converted.alias(name))
+        kinds[name] = kind
+    return pl.DataFrame(series), kinds
+
+
+def _check_names(names: Sequence[Any]) -> None:
+    bad_names = [repr(n) for n in names if not isinstance(n, str)]
+    if bad_names:
+        raise SourceDataError(
+            f"Column names must be strings; got {', '.join(bad_names[:_MAX_LISTED])}. Rename the columns."
+        )
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise SourceDataError(f"Duplicate column names: {', '.join(map(repr, duplicated))}.")
 
 
 def _composite_id(keys: Sequence[str], kinds: Mapping[str, str]) -> pl.Expr:
@@ -796,6 +818,14 @@ def _fragment(name: str, kind: str, dtype: pl.DataType, *, decimal_as_string: bo
         raise ValueError(f"Unknown kind {kind!r} for column {name!r}; expected one of {KINDS}.")
     # string-like: let polars' JSON writer do the escaping, then strip the '{"v":' ... '}' wrapper.
     return pl.struct(c.cast(pl.String).alias("v")).struct.json_encode().str.slice(5).str.head(-1)
+
+
+def json_fragment(name: str, kind: str, dtype: pl.DataType, *, decimal_as_string: bool = False) -> pl.Expr:
+    """A String expression holding the canonical JSON text of column ``name`` in each row (``null`` for nulls).
+
+    The text :func:`encode_rows` writes for the column, for building other JSON documents (events) around it.
+    """
+    return _fragment(name, kind, dtype, decimal_as_string=decimal_as_string)
 
 
 def _float_fragment(c: pl.Expr) -> pl.Expr:

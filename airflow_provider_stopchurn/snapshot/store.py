@@ -77,9 +77,11 @@ class Committed:
         plan_id: str | None = None,
         run: dict[str, Any] | None = None,
         frame: pl.DataFrame | None = None,
+        state: dict[str, Any] | None = None,
     ) -> None:
         """:param run: what the run that committed it had delivered (``SyncSummary`` counts and its ``run_key``).
         :param frame: the table itself when it is already in memory (a dry run's preview of a settled plan).
+        :param state: what the committing engine keeps beside the table (the event engine's watermark), or None.
         """
         self.store = store
         self.kinds = kinds
@@ -90,6 +92,7 @@ class Committed:
         self.row_hash = row_hash
         self.plan_id = plan_id
         self.run = run
+        self.state = state
         self._frame: pl.DataFrame | None = frame
 
     @property
@@ -220,6 +223,7 @@ class SnapshotStore:
             row_hash=pointer.get("row_hash"),
             plan_id=pointer.get("plan_id"),
             run=pointer.get("run"),
+            state=pointer.get("state"),
         )
         committed.columns(list(committed.key_columns))  # fail now, not mid-plan, if the file is unreadable
         return committed
@@ -266,6 +270,7 @@ class SnapshotStore:
         row_hash: str | None = None,
         lock: TableLock | None = None,
         run: Mapping[str, Any] | None = None,
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         """Publish ``version`` as the committed snapshot, then forget the plan and the replaced snapshot.
 
@@ -276,6 +281,7 @@ class SnapshotStore:
         :param lock: the run's lock; checked first (:class:`SnapshotLockedError` if another run took it over).
         :param run: what the committing run delivered so far (kept in CURRENT, so a later try of the same run can
             report the run's whole delivery).
+        :param state: engine state committed with the snapshot (kept in CURRENT only when given).
         """
         if lock is not None:
             lock.check()
@@ -300,6 +306,7 @@ class SnapshotStore:
                 "brand_id": self.brand_id,
                 "table_name": self.table_name,
                 "run": dict(run) if run is not None else None,
+                **({"state": dict(state)} if state is not None else {}),
             },
         )
         if plan_id is not None:
