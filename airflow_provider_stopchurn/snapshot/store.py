@@ -36,6 +36,10 @@ def _safe(part: str) -> str:
     return cleaned if cleaned not in {"", ".", ".."} else f"%{cleaned}"
 
 
+#: The path segment a name becomes in the store (``/``, ``:`` and other characters percent-escaped).
+safe_name = _safe
+
+
 def _new_version() -> str:
     """A unique name that sorts by creation time."""
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:8]
