@@ -34,7 +34,8 @@ for ``since = watermark - lookback`` (the first run: everything): a SQL source g
 parameters, every source is filtered to ``watermark >= since`` here too, and the ledger keeps the keys of the
 events whose watermark is ``>= since`` of the next run (older keys can never come back through the filter, so
 they are pruned as the watermark moves). A late row whose watermark is inside the window is sent once; one
-older than the window is dropped and counted (``too_late``). Without a watermark column every row is an event
+older than the window is dropped and counted (``before_window``, with the rows a re-run returns that were
+delivered before the window: the ledger no longer needs to know them). Without a watermark column every row is an event
 and the ledger keeps every key it delivered.
 """
 
@@ -226,14 +227,15 @@ class EventSummary:
 
     ``sent`` counts the events StopChurn acknowledged in the whole DAG run (a later try adds what earlier tries
     delivered); ``duplicates`` the rows dropped because their key was delivered already or repeats in the source;
-    ``too_late`` the rows older than the window; ``resumed_chunks`` the chunks of an unfinished plan this run sent.
+    ``before_window`` the rows older than the window (delivered by an earlier run, or late beyond the lookback),
+    not sent; ``resumed_chunks`` the chunks of an unfinished plan this run sent.
     """
 
     brand_id: int
     stream: str
     sent: int = 0
     duplicates: int = 0
-    too_late: int = 0
+    before_window: int = 0
     chunks: int = 0
     bytes: int = 0
     requests: int = 0
@@ -259,7 +261,7 @@ class EventSummary:
         resumed = f", {self.resumed_chunks} chunks resumed from an unfinished plan" if self.resumed_chunks else ""
         return (
             f"StopChurn events of brand {self.brand_id} stream {self.stream!r}{mode}: {self.sent} sent, "
-            f"{self.duplicates} duplicates dropped, {self.too_late} too late; {self.chunks} chunks, "
+            f"{self.duplicates} duplicates dropped, {self.before_window} before the window; {self.chunks} chunks, "
             f"{self.bytes} bytes, {self.retries} retries{resumed}; watermark {self.watermark}; "
             f"{self.duration_s:.2f}s; state {self.state_uri}"
         )
@@ -442,7 +444,7 @@ class EventPlan:
     target: pl.DataFrame
     state: _State
     duplicates: int = 0
-    too_late: int = 0
+    before_window: int = 0
 
 
 def make_event_plan(
@@ -458,16 +460,16 @@ def make_event_plan(
             "not affected by new source columns), or start a new stream (another stream_id) knowing that the "
             "events of the window will be sent again."
         )
-    too_late = 0
+    before_window = 0
     if window.since_ms is not None:
         recent = frame.get_column(WATERMARK) >= window.since_ms
-        too_late = frame.height - int(recent.sum())
-        if too_late:
+        before_window = frame.height - int(recent.sum())
+        if before_window:
             frame = frame.filter(recent)
     unique = frame.unique(subset=[KEY], keep="first", maintain_order=True)
     duplicates = frame.height - unique.height
     if ledger.height and unique.height:
-        fresh = unique.filter(~pl.col(KEY).is_in(ledger.get_column(KEY)))
+        fresh = unique.filter(~pl.col(KEY).is_in(ledger.get_column(KEY).implode()))
         duplicates += unique.height - fresh.height
     else:
         fresh = unique
@@ -483,7 +485,7 @@ def make_event_plan(
         top = int(fresh.get_column(WATERMARK).max())  # type: ignore[arg-type]
         after.watermark_ms = top if state.watermark_ms is None else max(state.watermark_ms, top)
     target = _prune(pl.concat([ledger, fresh.select(KEY, WATERMARK)]), after, options)
-    return EventPlan(fresh, chunks, bodies_bytes(sizes, chunks), target, after, duplicates, too_late)
+    return EventPlan(fresh, chunks, bodies_bytes(sizes, chunks), target, after, duplicates, before_window)
 
 
 def _prune(ledger: pl.DataFrame, state: _State, options: EventOptions) -> pl.DataFrame:
@@ -564,7 +566,7 @@ def _window(state: _State, options: EventOptions) -> Window:
 
 def _plan_counts(summary: EventSummary, plan: EventPlan, window: Window) -> None:
     summary.duplicates += plan.duplicates
-    summary.too_late += plan.too_late
+    summary.before_window += plan.before_window
     summary.chunks += len(plan.chunks)
     summary.bytes += plan.bytes
     summary.since = None if window.since_ms is None else _iso(window.since_ms)

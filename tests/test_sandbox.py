@@ -433,6 +433,18 @@ def test_queue_response_fifo(sandbox: SandboxServer, session: requests.Session) 
     assert [row["id"] for row in sandbox.rows(1, "user")] == [1]
 
 
+def test_queue_pass_lets_requests_through_before_the_scripted_ones(
+    sandbox: SandboxServer, session: requests.Session
+) -> None:
+    sandbox.queue_pass(2)
+    sandbox.queue_response(500, {"statusCode": 500, "message": "scripted"})
+    statuses = [post_updates(session, sandbox, [update(i)]).status_code for i in range(4)]
+    assert statuses == [200, 200, 500, 200]
+    assert [r["id"] for r in sandbox.rows(1, "user")] == [0, 1, 3]
+    with pytest.raises(ValueError, match="count"):
+        sandbox.queue_pass(-1)
+
+
 def test_queue_response_bypasses_auth_and_zero_drops(sandbox: SandboxServer) -> None:
     sandbox.queue_response(200, {"ok": True})
     r = requests.post(f"{sandbox.url}/client-data/update", json={"data": []}, timeout=10)

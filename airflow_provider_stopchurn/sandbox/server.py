@@ -199,6 +199,8 @@ class _Response(NamedTuple):
 
 
 _DROP = _Response(0, b"", None)
+#: A queued entry that lets its request through, processed as usual (see ``SandboxServer.queue_pass``).
+_PASS = _Response(-1, b"", None)
 
 
 class _Invalid(Exception):
@@ -585,6 +587,15 @@ class SandboxServer:
         with self._lock:
             self._queue.append(response)
 
+    def queue_pass(self, count: int = 1) -> None:
+        """Let the next ``count`` StopChurn API requests through, processed as usual, before the responses queued
+        after this call: ``queue_pass(2); queue_response(500)`` applies two requests and answers the third 500.
+        """
+        if type(count) is not int or count < 0:
+            raise ValueError(f"count must be a non-negative integer, got {count!r}")
+        with self._lock:
+            self._queue.extend([_PASS] * count)
+
     def reject_ids(self, ids: Iterable[Any]) -> None:
         """Refuse (400, nothing applied) any update request holding a row whose ``str(id)`` is in ``ids``.
 
@@ -676,6 +687,8 @@ class SandboxServer:
             self._counters.requests += 1
             faults = self._faults
             queued = self._queue.popleft() if self._queue else None
+            if queued is _PASS:
+                queued = None
             if queued is None and faults.injects_faults:
                 draw = self._rng.random()
                 for kind, rate in faults._bands():
