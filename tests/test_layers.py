@@ -42,6 +42,8 @@ def test_the_airflow_free_list_is_the_engine() -> None:
         "exceptions",
         "sources",
         "contract",
+        "events",
+        "export",
     ):
         assert f"airflow_provider_stopchurn.{module}" in AIRFLOW_FREE
 
