@@ -77,6 +77,7 @@ __all__ = [
     "encode_updates",
     "json_fragment",
     "plan_chunks",
+    "row_pieces",
 ]
 
 KINDS = ("int", "float", "bool", "string", "timestamp", "date", "decimal", "json", "null")
@@ -896,18 +897,33 @@ def encode_rows(
 
     Keys are the column names; with ``nest_dotted_columns`` a column ``"a.b"`` becomes ``{"a": {"b": ...}}``.
     """
-    missing = [c for c in frame.columns if c not in kinds]
-    if missing:
-        raise ValueError(f"No kind given for column(s) {missing!r}.")
-    tree = _build_tree(frame.columns, nest_dotted_columns)
+    pieces = row_pieces(
+        frame.schema, kinds, nest_dotted_columns=nest_dotted_columns, decimal_as_string=decimal_as_string
+    )
     if frame.height == 0:
         return pl.Series("row", [], dtype=pl.String)
-    fragments = {
-        name: _fragment(name, kinds[name], dtype, decimal_as_string=decimal_as_string)
-        for name, dtype in frame.schema.items()
-    }
-    pieces = [pl.lit("{"), *_object_pieces(tree, fragments), pl.lit("}")]
     return frame.select(pl.concat_str(pieces).alias("row")).to_series()
+
+
+def row_pieces(
+    schema: Mapping[str, pl.DataType],
+    kinds: Mapping[str, str],
+    *,
+    nest_dotted_columns: bool = True,
+    decimal_as_string: bool = False,
+) -> list[pl.Expr]:
+    """The pieces of :func:`encode_rows`' JSON object text of each row, for ``pl.concat_str`` (never null).
+
+    For building a larger document around each row in one pass (the historical-upload records).
+    """
+    missing = [c for c in schema if c not in kinds]
+    if missing:
+        raise ValueError(f"No kind given for column(s) {missing!r}.")
+    tree = _build_tree(list(schema), nest_dotted_columns)
+    fragments = {
+        name: _fragment(name, kinds[name], dtype, decimal_as_string=decimal_as_string) for name, dtype in schema.items()
+    }
+    return [pl.lit("{"), *_object_pieces(tree, fragments), pl.lit("}")]
 
 
 def _ms_series(s: pl.Series, label: str) -> pl.Series:

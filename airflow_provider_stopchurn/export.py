@@ -25,12 +25,15 @@ itself only one batch of JSON text is held in memory, whatever the table's size.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,7 +42,7 @@ import pandas as pd
 import polars as pl
 
 from airflow_provider_stopchurn.diff import ROW_HASH, data_columns
-from airflow_provider_stopchurn.encoding import encode_rows
+from airflow_provider_stopchurn.encoding import row_pieces
 from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError, StopChurnConfigError
 from airflow_provider_stopchurn.plan import make_plan
 from airflow_provider_stopchurn.snapshot import CREATED_AT, SnapshotStore, backend_for, display_location
@@ -185,8 +188,16 @@ def run_export(
         canon = canonical_source(source, sync_options)
         plan = make_plan(canon, None, sync_options, run_ms)
         target = plan.target
-        files = _write_files(target, plan.kinds, folder, options, run_ms)
-        version = store.write_snapshot(target)
+        # the baseline snapshot is written while the files are (Parquet and file I/O both release the GIL)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stopchurn-snapshot") as pool:
+            snapshot = pool.submit(store.write_snapshot, target)
+            try:
+                files = _write_files(target, plan.kinds, folder, options, run_ms)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    store.delete_snapshot(snapshot.result())  # written for nothing: no pointer names it
+                raise
+            version = snapshot.result()
         manifest_uri = display_location(folder / MANIFEST)
         store.commit(
             version,
@@ -242,31 +253,77 @@ def _check_replace(store: SnapshotStore, committed: Any, pending: bool, options:
 
 # --- files -----------------------------------------------------------------------------------------------------
 class _Part:
-    """One output file being written: its stream, size, rows and running SHA-256."""
+    """One output file. Its size and rows are planned on the encoding thread; the writer thread does the I/O."""
 
     def __init__(self, folder: Any, number: int) -> None:
         self.name = _PART_NAME.format(number)
         self.path = folder / self.name
-        self.handle = self.path.open("wb")
-        self.sha = hashlib.sha256()
-        self.bytes = 0
+        self.planned = 0  # bytes of the records planned into it, each with its head or separator
         self.rows = 0
-        self._put(_HEAD)
+        self._handle: Any = None
+        self._sha = hashlib.sha256()
+        self._bytes = 0
 
-    def _put(self, data: bytes) -> None:
-        self.handle.write(data)
-        self.sha.update(data)
-        self.bytes += len(data)
+    # writer thread
+    def _put(self, data: bytes | memoryview) -> None:
+        self._handle.write(data)
+        self._sha.update(data)
+        self._bytes += len(data)
 
-    def add(self, records: pl.Series) -> None:
-        joined = records.str.join(_SEPARATOR.decode()).item()
-        self._put((_SEPARATOR if self.rows else b"") + joined.encode())
-        self.rows += records.len()
+    def write(self, data: memoryview, first: bool) -> None:
+        """Records ``data`` (each followed by ``,\n`` but the last): the file's first ones, or more."""
+        if first:
+            self._handle = self.path.open("wb")
+            self._put(_HEAD)
+        else:
+            self._put(_SEPARATOR)
+        self._put(data)
 
     def close(self) -> dict[str, Any]:
         self._put(_TAIL)
-        self.handle.close()
-        return {"name": self.name, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha.hexdigest()}
+        self._handle.close()
+        self._handle = None
+        return {"name": self.name, "rows": self.rows, "bytes": self._bytes, "sha256": self._sha.hexdigest()}
+
+    def abandon(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+class _Writer:
+    """Writes and hashes the files on one thread, in order, while the next batch is encoded (both release the GIL).
+
+    At most one batch waits beside the one being encoded, so memory stays bounded.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stopchurn-export")
+        self._last: Future[None] | None = None
+        self.files: list[dict[str, Any]] = []
+
+    def submit(self, jobs: list[Callable[[], None]]) -> None:
+        future = self._pool.submit(_run_all, jobs)
+        if self._last is not None:
+            self._last.result()  # raises the writer's error, if any
+        self._last = future
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self._last is not None:
+            self._last.result()
+        self._pool.shutdown()
+        return self.files
+
+    def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_all(jobs: list[Callable[[], None]]) -> None:
+    for job in jobs:
+        job()
+
+
+def _close_into(files: list[dict[str, Any]], part: _Part) -> None:
+    files.append(part.close())
 
 
 def _write_files(
@@ -275,68 +332,70 @@ def _write_files(
     """Encode ``target`` a batch at a time and fill files up to ``max_file_bytes``; return what each file holds."""
     _prepare(folder)
     columns = data_columns(target)
-    column_kinds = {c: kinds[c] for c in columns}
-    limit = options.max_file_bytes - _TAIL_BYTES  # room for records (each with its head or separator)
-    done: list[dict[str, Any]] = []
-    part: _Part | None = None
-    try:
-        for offset in range(0, target.height, _BATCH_ROWS):
-            batch = target.slice(offset, _BATCH_ROWS)
-            records = _records(batch, columns, column_kinds, options, run_ms)
-            cost = records.str.len_bytes().to_numpy().astype(np.int64) + _PER_RECORD
-            cum = np.concatenate(([0], np.cumsum(cost)))
-            start = 0
-            while start < len(cost):
-                if part is None:
-                    part = _Part(folder, len(done) + 1)
-                room = limit - (part.bytes if part.rows else 0)
-                end = int(np.searchsorted(cum, cum[start] + room, side="right")) - 1
-                if end <= start:
-                    if not part.rows:
-                        raise _too_large(batch, start, int(cost[start]), options)
-                    done.append(part.close())
-                    part = None
-                    continue
-                part.add(records.slice(start, end - start))
-                start = end
-        if part is not None:
-            done.append(part.close())
-            part = None
-    finally:
-        if part is not None:
-            part.handle.close()
-    return done
-
-
-def _records(
-    batch: pl.DataFrame, columns: list[str], kinds: Mapping[str, str], options: ExportOptions, run_ms: int
-) -> pl.Series:
-    """``{"data": <row>, "createdAt": <ms>, "updatedAt": <ms>}`` of each row of a batch of the target."""
-    rows = encode_rows(
-        batch.select(columns),
-        kinds,
+    pieces = row_pieces(
+        target.select(columns).schema,
+        {c: kinds[c] for c in columns},
         nest_dotted_columns=options.nest_dotted_columns,
         decimal_as_string=options.decimal_as_string,
     )
+    limit = options.max_file_bytes - _TAIL_BYTES  # room for records (each with its head or separator)
+    writer = _Writer()
+    parts: list[_Part] = []
+    try:
+        for offset in range(0, target.height, _BATCH_ROWS):
+            batch = target.slice(offset, _BATCH_ROWS)
+            data, ends = _records(batch, pieces, options, run_ms)
+            jobs: list[Callable[[], None]] = []
+            start = 0
+            while start < len(ends) - 1:
+                if not parts or parts[-1].planned + (ends[start + 1] - ends[start]) > limit:
+                    if parts and parts[-1].rows:
+                        jobs.append(functools.partial(_close_into, writer.files, parts[-1]))
+                    parts.append(_Part(folder, len(parts) + 1))
+                part = parts[-1]
+                end = int(np.searchsorted(ends, ends[start] + limit - part.planned, side="right")) - 1
+                if end <= start:
+                    raise _too_large(batch, start, int(ends[start + 1] - ends[start]), options)
+                view = data[int(ends[start]) : int(ends[end]) - len(_SEPARATOR)]
+                jobs.append(functools.partial(part.write, view, not part.rows))
+                part.planned += int(ends[end] - ends[start])
+                part.rows += end - start
+                start = end
+            if offset + _BATCH_ROWS >= target.height and parts and parts[-1].rows:
+                jobs.append(functools.partial(_close_into, writer.files, parts[-1]))
+            writer.submit(jobs)
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        for part in parts:
+            part.abandon()
+        raise
+
+
+def _records(
+    batch: pl.DataFrame, pieces: list[pl.Expr], options: ExportOptions, run_ms: int
+) -> tuple[memoryview, np.ndarray]:
+    """``{"data": <row>, "createdAt": <ms>, "updatedAt": <ms>},\n`` of each row of a batch of the target, as one
+    buffer of UTF-8 bytes and the offsets where each record ends (``ends[0] == 0``)."""
     if options.updated_at_column is not None:
         updated = pl.col(options.updated_at_column).cast(pl.Int64).fill_null(run_ms)
     else:
         updated = pl.lit(run_ms, dtype=pl.Int64)
-    return (
-        batch.with_columns(rows.alias("__sc_row"))
-        .select(
-            pl.concat_str(
-                pl.lit('{"data":'),
-                pl.col("__sc_row"),
-                pl.lit(',"createdAt":'),
-                pl.col(CREATED_AT).cast(pl.String),
-                pl.lit(',"updatedAt":'),
-                updated.cast(pl.String),
-                pl.lit("}"),
-            ).alias("record")
-        )
-        .to_series()
-    )
+    records = batch.select(
+        pl.concat_str(
+            pl.lit('{"data":'),
+            *pieces,
+            pl.lit(',"createdAt":'),
+            pl.col(CREATED_AT).cast(pl.String),
+            pl.lit(',"updatedAt":'),
+            updated.cast(pl.String),
+            pl.lit("}" + _SEPARATOR.decode()),
+        ).alias("record")
+    ).to_series()
+    # the Arrow layout: one buffer of every record's bytes and an offset per record, read without a copy
+    array = records.rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+    return memoryview(array.buffers()[2]), offsets
 
 
 def _too_large(batch: pl.DataFrame, position: int, cost: int, options: ExportOptions) -> SourceDataError:
