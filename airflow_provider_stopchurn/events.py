@@ -682,7 +682,10 @@ class _Run:
             self._settle(plan, acked)
         except Exception as err:
             log.error("Could not settle event plan %s (%s); the next run finishes it.", plan.plan_id, err)
-        raise _explained(failure, len(acked), len(plan.chunks), self.summary.stream) from failure
+        explained = _explained(failure, len(acked), len(plan.chunks), self.summary.stream)
+        if explained is failure:
+            raise failure
+        raise explained from failure
 
     def _commit(self, plan: Plan, version: str, rows: int, state: Mapping[str, Any]) -> None:
         self.store.commit(

@@ -20,6 +20,7 @@ import cProfile
 import dataclasses
 import datetime as dt
 import gc
+import hashlib
 import io
 import json
 import os
@@ -48,10 +49,13 @@ import pyarrow as pa
 import requests
 
 from airflow_provider_stopchurn.client import StopChurnClient
+from airflow_provider_stopchurn.diff import data_columns
+from airflow_provider_stopchurn.encoding import row_pieces
 from airflow_provider_stopchurn.events import EventOptions, EventSummary, event_store, run_events
-from airflow_provider_stopchurn.export import ExportOptions, ExportSummary, run_export
+from airflow_provider_stopchurn.export import _BATCH_ROWS, ExportOptions, ExportSummary, _records, run_export
+from airflow_provider_stopchurn.plan import make_plan
 from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import SyncOptions, SyncSummary, run_sync
+from airflow_provider_stopchurn.sync import SyncOptions, SyncSummary, canonical_source, run_sync
 
 SEED = 20240601
 RUN_MS = 1_700_000_000_000
@@ -634,6 +638,53 @@ def floor_export(frame: pd.DataFrame, path: Path) -> int:
     return path.stat().st_size
 
 
+def export_stages(frame: pd.DataFrame, tmp: Path) -> dict[str, float]:
+    """CPU seconds of each stage of an export, run one after the other (the export overlaps the last three)."""
+    options = ExportOptions(brand_id=BRAND_ID, table_name=TABLE)
+    stages: dict[str, float] = {}
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        start = time.process_time()
+        result = fn()
+        stages[name] = time.process_time() - start
+        return result
+
+    sync_options = options.sync_options()
+    canon = stage(
+        "canonicalize the pandas source (keys, ids, values; the dict column as JSON text)",
+        lambda: canonical_source(frame, sync_options),
+    )
+    plan = stage(
+        "the target snapshot: createdAt and two row hashes", lambda: make_plan(canon, None, sync_options, RUN_MS)
+    )
+    target = plan.target
+    columns = data_columns(target)
+    pieces = row_pieces(target.select(columns).schema, {c: plan.kinds[c] for c in columns})
+    batches = stage(
+        "encode the records (canonical JSON, in batches)",
+        lambda: [
+            _records(target.slice(i, _BATCH_ROWS), pieces, options, RUN_MS)
+            for i in range(0, target.height, _BATCH_ROWS)
+        ],
+    )
+    stage("SHA-256 of the records (writer thread)", lambda: [hashlib.sha256(data).digest() for data, _ in batches])
+    path = tmp / "stages.json"
+
+    def write() -> None:
+        with path.open("wb") as fh:
+            for data, _ in batches:
+                fh.write(data)
+
+    stage("write the records to a file (writer thread)", write)
+    path.unlink()
+    stage(
+        "the baseline snapshot as Parquet (snapshot thread)",
+        lambda: target.write_parquet(tmp / "stages.parquet", compression="zstd", compression_level=1, statistics=False),
+    )
+    (tmp / "stages.parquet").unlink()
+    return stages
+
+
 def export_child_main(args: argparse.Namespace) -> int:
     """Peak memory of one export in a fresh process: build the table, reset the peak, export, print it."""
     rss_imports = psutil.Process().memory_info().rss
@@ -767,6 +818,12 @@ def bench_export(args: argparse.Namespace, tmp: Path, rep: dict[str, Any]) -> No
         raise RuntimeError(f"export: {summary.rows} rows exported, expected {n}")
     rep["export_floor_bytes"] = floor_export(frame, floor_path)
     floor_path.unlink(missing_ok=True)
+    print("export: CPU seconds per stage ...", flush=True)
+    rep["export_stages"] = export_stages(frame, tmp)
+    start = time.process_time()
+    floor_export(frame, floor_path)
+    rep["export_floor_cpu_once"] = time.process_time() - start
+    floor_path.unlink(missing_ok=True)
     gc.collect()
     print("export: peak memory (fresh child process) ...", flush=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "export", "--rows", str(n), "--root"]
@@ -898,6 +955,14 @@ def render_events_export(rep: dict[str, Any], args: argparse.Namespace, command:
                 f"{export.own_median / floor.own_median:.2f}x",
                 "n/a",
             ),
+            "",
+            "Where the export's CPU goes (each stage run once, one after the other, CPU seconds of this process):",
+            "",
+            "| stage | CPU s |",
+            "|---|---|",
+            *(_row(name, f"{seconds:.2f}") for name, seconds in rep["export_stages"].items()),
+            _row("**sum**", f"{sum(rep['export_stages'].values()):.2f}"),
+            _row("polars, for comparison: `from_pandas` + `write_ndjson` (Xf)", f"{rep['export_floor_cpu_once']:.2f}"),
             "",
             f"Peak memory of one export in a fresh process ({rss['peak_source']}): "
             f"{fmt_bytes(rss['peak_during_run'])}, "
