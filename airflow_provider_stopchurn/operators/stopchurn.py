@@ -708,7 +708,15 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
             root = _storage_root(self.snapshot_uri, self.snapshot_conn_id, "snapshots")
             store = SnapshotStore(root, options.brand_id, options.table_name)
             guard = CommitGuard.for_task(store, options.brand_id, options.table_name, context)
-            guard.check(accept_missing_snapshot=options.replace_snapshot)
+            try:
+                guard.check(accept_missing_snapshot=options.replace_snapshot)
+            except SnapshotBehindError as err:
+                raise SnapshotBehindError(
+                    f"Airflow recorded a snapshot of brand {options.brand_id} table {options.table_name!r} committed "
+                    f"at {store.location} (Variable {guard.key!r}) that this worker does not see: updates have been "
+                    "flowing from another worker's store. Nothing was written. Point snapshot_uri at the shared "
+                    "store, or set replace_snapshot=True to replace that baseline with this export on purpose."
+                ) from err
             output = _storage_root(self.output_uri, self.output_conn_id, "exports")
             try:
                 summary = run_export(lambda: self._read(context), store, output, options, run_ms=run_ms)
