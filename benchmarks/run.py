@@ -682,6 +682,10 @@ def export_stages(frame: pd.DataFrame, tmp: Path) -> dict[str, float]:
         lambda: target.write_parquet(tmp / "stages.parquet", compression="zstd", compression_level=1, statistics=False),
     )
     (tmp / "stages.parquet").unlink()
+    start = time.process_time()
+    canon.frame.write_ndjson(tmp / "stages.ndjson")  # the dict column as a quoted string: not the same JSON
+    stages["(comparison) polars write_ndjson of the same canonical frame"] = time.process_time() - start
+    (tmp / "stages.ndjson").unlink()
     return stages
 
 
@@ -960,9 +964,14 @@ def render_events_export(rep: dict[str, Any], args: argparse.Namespace, command:
             "",
             "| stage | CPU s |",
             "|---|---|",
-            *(_row(name, f"{seconds:.2f}") for name, seconds in rep["export_stages"].items()),
-            _row("**sum**", f"{sum(rep['export_stages'].values()):.2f}"),
+            *(_row(name, f"{seconds:.2f}") for name, seconds in rep["export_stages"].items() if name[0] != "("),
+            _row("**sum**", f"{sum(v for k, v in rep['export_stages'].items() if k[0] != '('):.2f}"),
+            *(_row(name[13:], f"{seconds:.2f}") for name, seconds in rep["export_stages"].items() if name[0] == "("),
             _row("polars, for comparison: `from_pandas` + `write_ndjson` (Xf)", f"{rep['export_floor_cpu_once']:.2f}"),
+            "",
+            "The records cost about what polars' own NDJSON writer costs for the same canonical frame; the rest of the "
+            "gap to the floor is work the floor does not do: the dict column as canonical JSON text, the row hashes "
+            "and the Parquet snapshot of the baseline, and SHA-256 of every file for the manifest.",
             "",
             f"Peak memory of one export in a fresh process ({rss['peak_source']}): "
             f"{fmt_bytes(rss['peak_during_run'])}, "
