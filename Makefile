@@ -8,7 +8,7 @@ LOCK := requirements-dev.lock
 # PYTHONDONTWRITEBYTECODE may be set: compile bytecode at install time so `import airflow` stays fast.
 UV_FLAGS := --compile-bytecode --quiet
 
-.PHONY: venv test lint typecheck check demo bench bench-large soak lock clean
+.PHONY: venv test lint typecheck check demo bench bench-events-export bench-large soak lock clean
 
 # The venv is made by the standard library, then uv (pinned in the lock, so syncing keeps it) installs the
 # locked set into it in seconds (plain pip takes over a minute). Nothing is installed outside .venv.
@@ -44,6 +44,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --rows 1000000
+	$(PY) benchmarks/run.py --rows 1000000 --events --export
+
+# the event and historical-export scenarios alone (benchmarks/RESULTS-events-export.md)
+bench-events-export: $(STAMP)
+	$(PY) benchmarks/run.py --rows 1000000 --events --export
 
 bench-large: $(STAMP)
 	$(PY) benchmarks/run.py --rows 10000000 --large

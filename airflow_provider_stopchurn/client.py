@@ -396,6 +396,10 @@ class StopChurnClient:
         """POST ``{"data": events}`` to ``/client-data/event``; return the result of the accepted request."""
         return self._post(EVENT_PATH, _encode({"data": list(events)}))
 
+    def post_event_body(self, body: bytes) -> SendResult:
+        """POST an already-encoded JSON body ``{"data": [...]}`` to ``/client-data/event`` as it is."""
+        return self._post(EVENT_PATH, body)
+
     def check_api_key(self) -> tuple[bool, str]:
         """Check the API key with one request that changes nothing: ``{"data": []}`` to the update route.
 

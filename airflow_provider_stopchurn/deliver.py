@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,7 +33,6 @@ from airflow_provider_stopchurn.exceptions import (
     StopChurnPayloadTooLargeError,
     StopChurnRejectedError,
 )
-from airflow_provider_stopchurn.options import SyncOptions
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,19 @@ class Sender(Protocol):
     """What the engine needs from a client: post one encoded body, raise on failure."""
 
     def post_update_body(self, body: bytes) -> Any: ...
+
+
+class DeliveryOptions(Protocol):
+    """The options a delivery reads (``SyncOptions`` has them; the event engine passes its own)."""
+
+    @property
+    def max_concurrent_requests(self) -> int: ...
+    @property
+    def progress_interval_s(self) -> float: ...
+    @property
+    def table_name(self) -> str: ...
+    @property
+    def on_rejected_rows(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -119,7 +131,7 @@ class Window(Protocol):
 def deliver(
     windows: Iterable[Window],
     sender: Sender,
-    options: SyncOptions,
+    options: DeliveryOptions,
     on_ack: Callable[[int, list[Rejection]], None],
     *,
     on_chunks: Callable[[int, list[tuple[int, int]]], None] | None = None,
@@ -160,13 +172,13 @@ class _Sending:
     pool: ThreadPoolExecutor
     workers: int
     sender: Sender
-    options: SyncOptions
+    options: DeliveryOptions
     report: DeliveryReport
     on_ack: Callable[[int, list[Rejection]], None]
     guard: Callable[[], None] | None
 
-    def window(self, window: Window, first: int) -> None:
-        """Send the chunks of one window; chunk ``first + i`` is the window's chunk ``i``."""
+    def window(self, window: Window, first: int, todo: Sequence[int] | None = None) -> None:
+        """Send the chunks of one window (only ``todo`` of them, if given); chunk ``first + i`` is its chunk ``i``."""
         sender, options, report, guard, workers = self.sender, self.options, self.report, self.guard, self.workers
         updates, offset = window.updates, window.offset
         local = [(a - offset, b - offset) for a, b in window.chunks]
@@ -180,7 +192,8 @@ class _Sending:
             return outcome
 
         pending: dict[Future[_Outcome], int] = {}
-        bodies = chunk_bodies(updates, local, list(range(len(local))), window=max(64, 8 * workers))
+        numbers = list(range(len(local))) if todo is None else list(todo)
+        bodies = chunk_bodies(updates, local, numbers, window=max(64, 8 * workers))
         while True:
             # one request first: a wrong key or a rejected first chunk then costs one request, not `workers`
             while report.failure is None and len(pending) < (workers if report.acked else 1):
@@ -206,6 +219,35 @@ class _Sending:
                     log.info(
                         "Delivered %d of %d chunks so far of %r.", len(report.acked), report.chunks, options.table_name
                     )
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    offset: int
+    updates: pl.Series
+    chunks: list[tuple[int, int]]
+    bytes: int
+
+
+def deliver_chunks(
+    updates: pl.Series,
+    chunks: Sequence[tuple[int, int]],
+    todo: Sequence[int],
+    sender: Sender,
+    options: DeliveryOptions,
+    on_ack: Callable[[int, list[Rejection]], None],
+    *,
+    guard: Callable[[], None] | None = None,
+) -> DeliveryReport:
+    """Send the chunks ``todo`` of a plan whose updates are all encoded already (the event route resumes this way)."""
+    report = DeliveryReport(chunks=len(chunks))
+    if not todo:
+        return report
+    workers = max(1, options.max_concurrent_requests)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stopchurn-send") as pool:
+        whole = _Encoded(0, updates, list(chunks), 0)
+        _Sending(pool, workers, sender, options, report, on_ack, guard).window(whole, 0, todo)
+    return report
 
 
 def _collect(
@@ -248,7 +290,7 @@ def _send_range(
     updates: pl.Series,
     start: int,
     end: int,
-    options: SyncOptions,
+    options: DeliveryOptions,
     outcome: _Outcome,
     where: tuple[int, int],
     body: bytes | None = None,
@@ -314,7 +356,7 @@ def _split(
     updates: pl.Series,
     start: int,
     end: int,
-    options: SyncOptions,
+    options: DeliveryOptions,
     outcome: _Outcome,
     where: tuple[int, int],
 ) -> None:
@@ -323,4 +365,13 @@ def _split(
     _send_range(sender, updates, mid, end, options, outcome, where)
 
 
-__all__ = ["DeliveryReport", "Rejection", "Sender", "Window", "deliver", "update_id"]
+__all__ = [
+    "DeliveryOptions",
+    "DeliveryReport",
+    "Rejection",
+    "Sender",
+    "Window",
+    "deliver",
+    "deliver_chunks",
+    "update_id",
+]

@@ -69,12 +69,15 @@ __all__ = [
     "KINDS",
     "Canonical",
     "bodies_bytes",
+    "canonical_columns",
     "canonicalize",
     "chunk_bodies",
     "chunk_body",
     "encode_rows",
     "encode_updates",
+    "json_fragment",
     "plan_chunks",
+    "row_pieces",
 ]
 
 KINDS = ("int", "float", "bool", "string", "timestamp", "date", "decimal", "json", "null")
@@ -150,14 +153,7 @@ def _check_names(names: Sequence[Any], key_columns: Sequence[str] | str) -> tupl
     keys = (key_columns,) if isinstance(key_columns, str) else tuple(key_columns)
     if not keys:
         raise SourceDataError("At least one key column is required.")
-    bad_names = [repr(n) for n in names if not isinstance(n, str)]
-    if bad_names:
-        raise SourceDataError(
-            f"Column names must be strings; got {', '.join(bad_names[:_MAX_LISTED])}. Rename the columns."
-        )
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise SourceDataError(f"Duplicate column names: {', '.join(map(repr, duplicated))}.")
+    _check_column_names(names)
     missing = [k for k in keys if k not in names]
     if missing:
         raise SourceDataError(
@@ -185,6 +181,33 @@ def _finish(frame: pl.DataFrame, kinds: dict[str, str], keys: tuple[str, ...]) -
     elif keys != ("id",):  # the key checks cover an id that is the whole key
         _check_id(frame, kinds["id"], keys)
     return Canonical(frame=frame, kinds=kinds, key_columns=keys)
+
+
+def canonical_columns(df: pd.DataFrame, *, decimal_as_string: bool = False) -> tuple[pl.DataFrame, dict[str, str]]:
+    """Every column of ``df`` in its canonical form, with no key checks and no ``id`` added (events have no key).
+
+    The same conversion as :func:`canonicalize` (the same kinds, the same errors for unsupported values).
+    """
+    names = list(df.columns)
+    _check_column_names(names)
+    series: list[pl.Series] = []
+    kinds: dict[str, str] = {}
+    for name in names:
+        converted, kind = _convert_column(name, df[name], decimal_as_string=decimal_as_string)
+        series.append(converted.alias(name))
+        kinds[name] = kind
+    return pl.DataFrame(series), kinds
+
+
+def _check_column_names(names: Sequence[Any]) -> None:
+    bad_names = [repr(n) for n in names if not isinstance(n, str)]
+    if bad_names:
+        raise SourceDataError(
+            f"Column names must be strings; got {', '.join(bad_names[:_MAX_LISTED])}. Rename the columns."
+        )
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise SourceDataError(f"Duplicate column names: {', '.join(map(repr, duplicated))}.")
 
 
 def _composite_id(keys: Sequence[str], kinds: Mapping[str, str]) -> pl.Expr:
@@ -827,6 +850,14 @@ def _fragment(name: str, kind: str, dtype: pl.DataType, *, decimal_as_string: bo
     return pl.struct(c.cast(pl.String).alias("v")).struct.json_encode().str.slice(5).str.head(-1)
 
 
+def json_fragment(name: str, kind: str, dtype: pl.DataType, *, decimal_as_string: bool = False) -> pl.Expr:
+    """A String expression holding the canonical JSON text of column ``name`` in each row (``null`` for nulls).
+
+    The text :func:`encode_rows` writes for the column, for building other JSON documents (events) around it.
+    """
+    return _fragment(name, kind, dtype, decimal_as_string=decimal_as_string)
+
+
 def _float_fragment(c: pl.Expr) -> pl.Expr:
     integral = (c == c.floor()) & (c.abs() < 2.0**63)
     return (
@@ -895,18 +926,33 @@ def encode_rows(
 
     Keys are the column names; with ``nest_dotted_columns`` a column ``"a.b"`` becomes ``{"a": {"b": ...}}``.
     """
-    missing = [c for c in frame.columns if c not in kinds]
-    if missing:
-        raise ValueError(f"No kind given for column(s) {missing!r}.")
-    tree = _build_tree(frame.columns, nest_dotted_columns)
+    pieces = row_pieces(
+        frame.schema, kinds, nest_dotted_columns=nest_dotted_columns, decimal_as_string=decimal_as_string
+    )
     if frame.height == 0:
         return pl.Series("row", [], dtype=pl.String)
-    fragments = {
-        name: _fragment(name, kinds[name], dtype, decimal_as_string=decimal_as_string)
-        for name, dtype in frame.schema.items()
-    }
-    pieces = [pl.lit("{"), *_object_pieces(tree, fragments), pl.lit("}")]
     return frame.select(pl.concat_str(pieces).alias("row")).to_series()
+
+
+def row_pieces(
+    schema: Mapping[str, pl.DataType],
+    kinds: Mapping[str, str],
+    *,
+    nest_dotted_columns: bool = True,
+    decimal_as_string: bool = False,
+) -> list[pl.Expr]:
+    """The pieces of :func:`encode_rows`' JSON object text of each row, for ``pl.concat_str`` (never null).
+
+    For building a larger document around each row in one pass (the historical-upload records).
+    """
+    missing = [c for c in schema if c not in kinds]
+    if missing:
+        raise ValueError(f"No kind given for column(s) {missing!r}.")
+    tree = _build_tree(list(schema), nest_dotted_columns)
+    fragments = {
+        name: _fragment(name, kinds[name], dtype, decimal_as_string=decimal_as_string) for name, dtype in schema.items()
+    }
+    return [pl.lit("{"), *_object_pieces(tree, fragments), pl.lit("}")]
 
 
 def _ms_series(s: pl.Series, label: str) -> pl.Series:

@@ -194,6 +194,11 @@ def _canonical(source: Source, options: SyncOptions) -> Canonical:
     return canon
 
 
+def canonical_source(source: Source, options: SyncOptions) -> Canonical:
+    """The source as the engine sends it: canonical columns, keys checked, the ``user`` table's contract checked."""
+    return _canonical(source, options)
+
+
 def _plan_counts(summary: SyncSummary, plan: RunPlan) -> None:
     summary.unchanged = plan.unchanged
     summary.schema_change = plan.schema_change
@@ -315,6 +320,7 @@ __all__ = [
     "Sender",
     "SyncOptions",
     "SyncSummary",
+    "canonical_source",
     "run_sync",
     "schema_changes",
 ]

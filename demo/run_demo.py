@@ -9,7 +9,10 @@ What it does, all under ``.demo/`` (recreated on every run):
 5. some users are updated, added and deleted in the source;
 6. ``airflow dags test ... 2025-01-02``: the second run sends only those changes;
 7. StopChurn's ``user`` table, read back from the sandbox, is compared with the source;
-8. how to see both runs on the StopChurn page of the Airflow UI is printed.
+8. onboarding a second brand: ``example_stopchurn_onboarding`` writes the table as historical-upload files and
+   records them as the baseline, the files are uploaded into the sandbox (as StopChurn's Back Office takes them),
+   the source changes, and the nightly DAG's run for that brand sends only those changes.
+9. how to see the runs on the StopChurn page of the Airflow UI is printed.
 
 The script drives the ``airflow`` CLI of the interpreter that runs it; it never imports Airflow itself.
 Everything it started is stopped when it ends, whatever happens. Run it with ``make demo``.
@@ -40,8 +43,11 @@ QUERY = ROOT / "example_dags" / "sql" / "users.sql"
 
 DAG_ID = "example_stopchurn_sql_nightly"
 TASK_ID = "sync_users"
+ONBOARDING_DAG_ID = "example_stopchurn_onboarding"
+EXPORT_TASK_ID = "export_users"
 TOKEN = "demo-key"  # noqa: S105 - the local sandbox's key, not a secret
 BRAND_ID = 1
+ONBOARDED_BRAND_ID = 2
 SEED = 2025
 USERS = 200
 
@@ -176,18 +182,68 @@ def get_json(url: str) -> Any:
         return json.loads(response.read())
 
 
-def run_summary() -> dict[str, Any]:
-    """The sync task's return value (its summary) of the latest run, from the XCom table of the metadata DB."""
+def run_summary(dag_id: str = DAG_ID, task_id: str = TASK_ID) -> dict[str, Any]:
+    """A task's return value (its summary) of the latest run, from the XCom table of the metadata DB."""
     with sqlite3.connect(AIRFLOW_HOME / "airflow.db") as db:
         row = db.execute(
             "SELECT value FROM xcom WHERE dag_id = ? AND task_id = ? AND key = 'return_value' "
             "ORDER BY timestamp DESC LIMIT 1",
-            (DAG_ID, TASK_ID),
+            (dag_id, task_id),
         ).fetchone()
     if row is None:
         raise DemoError("the sync task returned no summary")
     value = json.loads(row[0])
     return json.loads(value) if isinstance(value, str) else value
+
+
+def upload_historical(url: str, brand_id: int, path: Path) -> int:
+    """Upload one historical-upload file into the sandbox, as StopChurn's Back Office takes it; return its rows."""
+    target = f"{url}/_sandbox/historical/{brand_id}/user"
+    if not target.startswith("http://127.0.0.1:"):
+        raise DemoError(f"refusing to post to {target}: the demo only talks to its local sandbox")
+    request = urllib.request.Request(target, data=path.read_bytes(), method="POST")  # noqa: S310 - checked above
+    with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - checked just above
+        return int(json.loads(response.read())["rows"])
+
+
+def same_as_source(url: str, brand_id: int) -> tuple[bool, int, int]:
+    """Whether StopChurn's ``user`` table of ``brand_id`` equals the source, and both row counts."""
+    table = get_json(f"{url}/_sandbox/tables/{brand_id}/user")
+    expected = source_rows()
+    received = sorted(table["rows"], key=lambda r: r["id"])
+    same = json.dumps(received, sort_keys=True) == json.dumps(expected, sort_keys=True)  # true is not 1 here
+    return same, int(table["count"]), len(expected)
+
+
+def onboarding(env: dict[str, str], url: str, rng: random.Random) -> bool:
+    """Export -> upload -> a nightly run for a second brand; True when StopChurn then equals the source."""
+    env = {
+        **env,
+        "AIRFLOW_CONN_STOPCHURN_DEFAULT": json.dumps(
+            {"conn_type": "stopchurn", "host": url, "password": TOKEN, "extra": {"brand_id": ONBOARDED_BRAND_ID}}
+        ),
+    }
+    print(f"\nonboarding brand {ONBOARDED_BRAND_ID}: historical export, upload, then the nightly update run")
+    seconds = airflow(env, "onboarding-export", "dags", "test", ONBOARDING_DAG_ID, "2025-01-03")
+    exported = run_summary(ONBOARDING_DAG_ID, EXPORT_TASK_ID)
+    folder = Path(exported["output_uri"])
+    print(
+        f"export ({ONBOARDING_DAG_ID}): {exported['rows']} rows in {exported['files']} file(s), "
+        f"{exported['bytes']:,} bytes, baseline snapshot committed  [{seconds:.1f}s]"
+    )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    uploaded = sum(upload_historical(url, ONBOARDED_BRAND_ID, folder / f["name"]) for f in manifest["files"])
+    same, held, _ = same_as_source(url, ONBOARDED_BRAND_ID)
+    print(f"uploaded {len(manifest['files'])} file(s), {uploaded} rows: sandbox == source: {same} ({held} rows)")
+    changes = mutate_source(rng)
+    print(
+        f"source changed: {changes['updated']} users updated, {changes['inserted']} added, {changes['deleted']} deleted"
+    )
+    seconds = airflow(env, "onboarding-nightly", "dags", "test", DAG_ID, "2025-01-04")
+    print(f"nightly run for brand {ONBOARDED_BRAND_ID} ({DAG_ID}): {describe(run_summary())}  [{seconds:.1f}s]")
+    same_after, held, expected = same_as_source(url, ONBOARDED_BRAND_ID)
+    print(f"sandbox table == source table: {same_after} ({held} rows in StopChurn, {expected} in users)")
+    return same and same_after
 
 
 def describe(summary: dict[str, Any]) -> str:
@@ -249,16 +305,14 @@ def main() -> int:
             seconds = airflow(env, f"run-{number}", "dags", "test", DAG_ID, day)
             print(f"run {number} ({DAG_ID}, {day}): {describe(run_summary())}  [{seconds:.1f}s]")
 
-        table = get_json(f"{url}/_sandbox/tables/{BRAND_ID}/user")
-        expected = source_rows()
-        received = sorted(table["rows"], key=lambda r: r["id"])
-        same = json.dumps(received, sort_keys=True) == json.dumps(expected, sort_keys=True)  # true is not 1 here
-        print(f"\nsandbox table == source table: {same} ({table['count']} rows in StopChurn, {len(expected)} in users)")
+        same, held, expected = same_as_source(url, BRAND_ID)
+        print(f"\nsandbox table == source table: {same} ({held} rows in StopChurn, {expected} in users)")
         stats = get_json(f"{url}/_sandbox/stats")
         print(f"sandbox received {stats['accepted_requests']} request(s): {stats['updates']}")
+        onboarded = onboarding(env, url, rng)
         print(page_hint())
         print(f"done in {time.monotonic() - started:.1f}s")
-        return 0 if same else 1
+        return 0 if same and onboarded else 1
     except DemoError as err:
         print(f"\ndemo failed: {err}", file=sys.stderr)
         return 1

@@ -64,6 +64,11 @@ class RecordingSender:
             self.bodies.append(body)
         return self.client.post_update_body(body)
 
+    def post_event_body(self, body: bytes) -> Any:
+        with self._lock:
+            self.bodies.append(body)
+        return self.client.post_event_body(body)
+
     def updates(self) -> list[dict[str, Any]]:
         """Every update of every body, in the order the bodies were handed over."""
         return [u for body in self.bodies for u in orjson.loads(body)["data"]]
@@ -84,7 +89,12 @@ class FailAfter:
         self._lock = threading.Lock()
 
     def post_update_body(self, body: bytes) -> Any:
-        result = self.client.post_update_body(body)
+        return self._count(self.client.post_update_body(body))
+
+    def post_event_body(self, body: bytes) -> Any:
+        return self._count(self.client.post_event_body(body))
+
+    def _count(self, result: Any) -> Any:
         with self._lock:
             self.accepted += 1
             if self.accepted == self.n:

@@ -17,6 +17,8 @@ EXPECTED = {
     "example_stopchurn_asset_etl": ["build_user_segments"],
     "example_stopchurn_asset_sync": ["sync_user_segments"],
     "example_stopchurn_xcom": ["build_frame", "sync_channel_consents"],
+    "example_stopchurn_onboarding": ["export_users"],
+    "example_stopchurn_events": ["send_deposits"],
 }
 
 
@@ -85,6 +87,25 @@ def test_xcom_dag(dagbag: Any) -> None:
     assert isinstance(op.dataframe, XComArg)
     assert op.upstream_task_ids == {"build_frame"}
     assert op.primary_key == ["userId", "channel"]
+
+
+def test_onboarding_dag_exports_what_the_nightly_dag_syncs(dagbag: Any) -> None:
+    export = dagbag.dags["example_stopchurn_onboarding"].task_dict["export_users"]
+    nightly = dagbag.dags["example_stopchurn_sql_nightly"].task_dict["sync_users"]
+    for attr in ("table_name", "sql", "sql_conn_id", "primary_key", "snapshot_uri", "brand_id", "stopchurn_conn_id"):
+        assert getattr(export, attr) == getattr(nightly, attr), attr
+    assert dagbag.dags["example_stopchurn_onboarding"].schedule is None  # run once, by hand
+
+
+def test_events_dag(dagbag: Any) -> None:
+    op = dagbag.dags["example_stopchurn_events"].task_dict["send_deposits"]
+    assert (op.user_id_column, op.name, op.event_key, op.watermark_column) == (
+        "user_id",
+        "DEPOSIT",
+        ["deposit_id"],
+        "created_ms",
+    )
+    assert ":since_ms" in (EXAMPLE_DAGS / "sql" / "deposits.sql").read_text()
 
 
 def test_dag_files_name_no_machine_paths() -> None:

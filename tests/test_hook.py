@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from airflow_provider_stopchurn.client import DEFAULT_BASE_URL, SendResult, StopChurnClient
-from airflow_provider_stopchurn.exceptions import StopChurnAuthError, StopChurnConfigError
+from airflow_provider_stopchurn.exceptions import StopChurnAuthError, StopChurnConfigError, StopChurnRejectedError
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.sandbox import SandboxServer
 
@@ -70,6 +70,21 @@ def test_client_from_sandbox_connection(set_conn: Any, stopchurn_sandbox: Sandbo
 
     body = json.dumps({"data": [UPDATE]}).encode()
     assert hook.send_update_body(body) == SendResult(200, "Updates received", 1, 0.0)
+
+
+def test_send_events(set_conn: Any, stopchurn_sandbox: SandboxServer) -> None:
+    conn_id = set_conn(host=stopchurn_sandbox.url, password=KEY)
+    hook = StopChurnHook(conn_id)
+    events = [
+        {"brandId": 3, "userId": "553", "name": "ORDER_INITIATED", "value": 4000},
+        {"brandId": 3, "userId": "7", "name": "LOGIN"},
+    ]
+    assert hook.send_events(events) == {"status": 200, "message": "Events received", "attempts": 1}
+    body = json.dumps({"data": events[:1]}).encode()
+    assert hook.send_event_body(body).message == "Events received"
+    assert stopchurn_sandbox.events(3) == [*events, events[0]]
+    with pytest.raises(StopChurnRejectedError, match="userId must be a non-empty string"):
+        hook.send_events([{"brandId": 3, "userId": 553, "name": "LOGIN"}])  # the documentation sends strings
 
 
 def test_test_connection_good_and_wrong_key(set_conn: Any, stopchurn_sandbox: SandboxServer) -> None:

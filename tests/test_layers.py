@@ -58,6 +58,8 @@ def test_the_airflow_free_list_is_the_engine() -> None:
         "contract",
         "plugins",
         "plugins.page",
+        "events",
+        "export",
     ):
         assert f"airflow_provider_stopchurn.{module}" in AIRFLOW_FREE
 

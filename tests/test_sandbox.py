@@ -149,15 +149,17 @@ def test_chunked_request_body(sandbox: SandboxServer, session: requests.Session)
 def test_events_are_accepted(sandbox: SandboxServer, session: requests.Session) -> None:
     events = [
         {"brandId": 1, "userId": "553", "name": "ORDER_INITIATED", "value": 4000},
-        {"brandId": 1, "userId": 7, "name": "LOGIN"},
+        {"brandId": 1, "userId": "7", "name": "LOGIN"},
         {"brandId": 2, "userId": "9", "name": "PLAN", "value": {"tier": "gold"}},
+        {"brandId": 2, "userId": "9", "name": "TAGS", "value": ["a", 1, None]},
+        {"brandId": 2, "userId": "9", "name": "NOTHING", "value": None},
     ]
     r = session.post(f"{sandbox.url}/client-data/event", json={"data": events}, timeout=10)
     assert r.status_code == 200
     assert r.json() == {"statusCode": 200, "message": "Events received"}
     assert sandbox.events(1) == events[:2]
     assert sandbox.events(2) == events[2:]
-    assert sandbox.stats()["events"] == 3
+    assert sandbox.stats()["events"] == 5
 
 
 # ----------------------------------------------------------------------------------------------- refusing
@@ -270,11 +272,12 @@ BAD_EVENTS = [
     ("userId empty", {**GOOD_EVENT, "userId": ""}, "data[1].userId"),
     ("userId null", {**GOOD_EVENT, "userId": None}, "data[1].userId"),
     ("userId bool", {**GOOD_EVENT, "userId": True}, "data[1].userId"),
+    ("userId number", {**GOOD_EVENT, "userId": 553}, "data[1].userId must be a non-empty string"),
     ("name missing", {k: v for k, v in GOOD_EVENT.items() if k != "name"}, "data[1].name"),
     ("name empty", {**GOOD_EVENT, "name": ""}, "data[1].name"),
     ("name number", {**GOOD_EVENT, "name": 5}, "data[1].name"),
-    ("value array", {**GOOD_EVENT, "value": [1]}, "data[1].value"),
     ("extra key", {**GOOD_EVENT, "ts": 1}, "unknown field(s): ts"),
+    ("extra key, no value", {"brandId": 1, "userId": "1", "name": "X", "ts": 1}, "unknown field(s): ts"),
 ]
 
 
@@ -428,6 +431,18 @@ def test_queue_response_fifo(sandbox: SandboxServer, session: requests.Session) 
     assert r.status_code == 200
     assert r.json()["message"] == "Updates received"
     assert [row["id"] for row in sandbox.rows(1, "user")] == [1]
+
+
+def test_queue_pass_lets_requests_through_before_the_scripted_ones(
+    sandbox: SandboxServer, session: requests.Session
+) -> None:
+    sandbox.queue_pass(2)
+    sandbox.queue_response(500, {"statusCode": 500, "message": "scripted"})
+    statuses = [post_updates(session, sandbox, [update(i)]).status_code for i in range(4)]
+    assert statuses == [200, 200, 500, 200]
+    assert [r["id"] for r in sandbox.rows(1, "user")] == [0, 1, 3]
+    with pytest.raises(ValueError, match="count"):
+        sandbox.queue_pass(-1)
 
 
 def test_queue_response_bypasses_auth_and_zero_drops(sandbox: SandboxServer) -> None:

@@ -196,6 +196,23 @@ class StopChurnHook(BaseHook):
         """
         return self.client.post_update_body(body)
 
+    def send_events(self, events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Send user events to ``POST /client-data/event`` in one request.
+
+        Each event is ``{"brandId": <int>, "userId": "<string>", "name": "<event name>", "value": <optional>}``
+        (see StopChurn's docs); the body sent is ``{"data": events}``. Retries and errors as :meth:`send_updates`.
+        Nothing here records what was sent: a request whose answer is lost and retried may be applied twice.
+        ``StopChurnEventOperator`` adds the ledger that sends each event once.
+
+        :return: ``{"status": 200, "message": "Events received", "attempts": <n>}``.
+        """
+        result = self.client.post_events(events)
+        return {"status": result.status, "message": result.message, "attempts": result.attempts}
+
+    def send_event_body(self, body: bytes) -> SendResult:
+        """Send an already-encoded JSON body ``{"data": [...]}`` to ``POST /client-data/event`` unchanged."""
+        return self.client.post_event_body(body)
+
     def test_connection(self) -> tuple[bool, str]:
         """Check the connection's base URL and API key without changing anything at StopChurn.
 

@@ -360,3 +360,423 @@ def _as_bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in {"1", "true", "yes", "on"}
     return bool(value)
+
+
+# --- events and the historical export ---------------------------------------------------------------------------
+# StopChurnEventOperator sends a source's rows as events, each event key once; StopChurnHistoricalExportOperator
+# writes a table as StopChurn's historical-upload files and records it as the update operator's baseline. Their
+# imports stay here, beside them, so the module's head is left to the update operator.
+import datetime  # noqa: E402
+
+from airflow_provider_stopchurn.events import EventOptions, Window, event_store, run_events  # noqa: E402
+from airflow_provider_stopchurn.export import MAX_FILE_BYTES, ExportOptions, run_export  # noqa: E402
+from airflow_provider_stopchurn.operators.commit_guard import SnapshotBehindError  # noqa: E402
+
+
+def _storage_root(uri: Any, conn_id: str | None, default_folder: str) -> Any:
+    """A state or output location: a local path, a ``file://`` URL, or any ObjectStoragePath URL with ``conn_id``.
+
+    Empty: ``$AIRFLOW_HOME/stopchurn/<default_folder>`` (a single machine only).
+    """
+    if not uri:
+        home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
+        return Path(home) / "stopchurn" / default_folder
+    uri = str(uri)
+    if "://" not in uri:
+        return Path(uri).expanduser()
+    if uri.startswith("file://"):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise StopChurnConfigError(f"{uri!r} names a remote host; a file:// URL must be local (file:///path).")
+        return Path(unquote(parts.path))
+    return ObjectStoragePath(uri, conn_id=conn_id)
+
+
+def _resolve_brand(brand_id: Any, hook: StopChurnHook, task_id: str, conn_id: str) -> int:
+    value = brand_id if brand_id not in (None, "") else hook.brand_id
+    if value in (None, ""):
+        raise StopChurnConfigError(
+            f"No brand id: set brand_id on task {task_id!r} or `brand_id` in the extras of connection {conn_id!r}."
+        )
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise StopChurnConfigError(f"brand_id must be an integer, got {value!r}.") from None
+
+
+def _run_key(task: BaseOperator, context: Context) -> str:
+    ti = context.get("ti")
+    return f"{task.dag_id}.{task.task_id} run {context.get('run_id')} map {getattr(ti, 'map_index', -1)}"
+
+
+def _holder(task: BaseOperator, context: Context) -> str:
+    ti = context.get("ti")
+    return f"{task.dag_id}.{task.task_id} run {context.get('run_id')} try {getattr(ti, 'try_number', '?')}"
+
+
+class _SourceArguments:
+    """The source arguments shared with ``StopChurnUpdateOperator``: a DataFrame, an XComArg, a callable, or SQL."""
+
+    sql: Any
+    sql_conn_id: str | None
+    parameters: Any
+    sql_hook_params: dict[str, Any]
+    dataframe: Any
+    _dataframe_factory: Callable[..., Any] | None
+
+    def _set_source(
+        self,
+        task_id: str,
+        dataframe: Any,
+        sql: Any,
+        sql_conn_id: str | None,
+        parameters: Any,
+        sql_hook_params: dict[str, Any] | None,
+    ) -> None:
+        if (dataframe is None) == (sql is None):
+            raise ValueError(f"{task_id}: pass exactly one of `dataframe` or `sql`.")
+        if sql is not None and not sql_conn_id:
+            raise ValueError(f"{task_id}: `sql` needs `sql_conn_id`.")
+        # A callable in a template field would be called by the renderer with (context, jinja_env): keep user
+        # callables out of it and call them in execute().
+        self._dataframe_factory = None
+        if callable(dataframe) and not _is_xcom_arg(dataframe):
+            self._dataframe_factory, dataframe = dataframe, None
+        self.dataframe = dataframe
+        self.sql = sql
+        self.sql_conn_id = sql_conn_id
+        self.parameters = parameters
+        self.sql_hook_params = sql_hook_params or {}
+
+    def _read(self, context: Context, extra_parameters: Mapping[str, Any] | None = None) -> Any:
+        """The source's rows now; ``extra_parameters`` are added to a SQL source's named parameters."""
+        if self.sql is not None:
+            parameters = self.parameters
+            if extra_parameters:
+                if parameters is not None and not isinstance(parameters, Mapping):
+                    raise StopChurnConfigError(
+                        f"parameters must be a dict (named parameters) when the SQL gets {sorted(extra_parameters)} "
+                        f"too; got {type(parameters).__name__}."
+                    )
+                clash = sorted(set(parameters or {}) & set(extra_parameters))
+                if clash:
+                    raise StopChurnConfigError(
+                        f"parameters must not set {clash}: the operator passes them (the start of the window)."
+                    )
+                parameters = {**(parameters or {}), **extra_parameters}
+            return read_sql(str(self.sql_conn_id), self.sql, parameters, self.sql_hook_params)
+        factory = self._dataframe_factory
+        if factory is not None:
+            kwargs: dict[str, Any] = {}
+            if _accepts_context(factory):
+                kwargs["context"] = context
+            if extra_parameters and _accepts(factory, "since"):
+                kwargs["since"] = extra_parameters["since"]
+            return factory(**kwargs)
+        return self.dataframe
+
+
+def _accepts(func: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _fail(err: StopChurnError) -> AirflowException:
+    """Permanent errors fail the task without a retry; the others let Airflow retry it."""
+    if err.permanent:
+        return AirflowFailException(str(err))
+    return AirflowException(str(err))
+
+
+class StopChurnEventOperator(_SourceArguments, BaseOperator):
+    """Send the rows of a source as events to StopChurn's ``/client-data/event``, each event key once.
+
+    Each row is one event ``{"brandId": .., "userId": "<user id>", "name": .., "value": ..}``. The delivery protocol
+    is the update operator's: the plan is written before the first request, every acknowledged chunk is recorded,
+    a crash or a retryable failure leaves the plan for the next try to finish (only its unacknowledged chunks are
+    sent), a permanent failure settles it. A ledger of the event keys delivered inside the lookback window, kept in
+    the state store, drops the events an overlapping query or a re-run returns again. A request whose answer was
+    lost is sent again (the API has no idempotency key): its events are delivered at least once, every other
+    event exactly once.
+
+    :param user_id_column: column of each event's user id (sent as a string; integers become their digits).
+    :param name: every event's name (templated); or ``name_column``, the column of each event's name.
+    :param value_column: column sent as the event's ``value`` (left out when null); or ``value_columns``, columns
+        sent as one object ``{"<column>": <value>}`` (``a.b`` columns nest). Neither: no value.
+    :param event_key: columns that make an event unique; default: every column of the source.
+    :param watermark_column: column of datetimes, dates or epoch ms to read incrementally by. A SQL source then
+        gets the named query parameters ``since`` (a UTC datetime) and ``since_ms`` (epoch ms): the last delivered
+        watermark minus ``lookback`` (1970-01-01 on the first run), e.g. ``WHERE created_at >= %(since)s``
+        (PostgreSQL) or ``WHERE created_ms >= :since_ms`` (SQLite); a callable source gets ``since=`` if it takes
+        it. Every source is also filtered to rows at or after ``since`` here.
+    :param lookback: a ``datetime.timedelta``: late rows whose watermark is inside it are still sent, once.
+    :param dataframe: a DataFrame, an ``XComArg``, or a callable returning one (called in ``execute``).
+    :param sql: SQL query or ``.sql`` file (templated), run on ``sql_conn_id``. Exactly one of ``dataframe``/``sql``.
+    :param sql_conn_id: any Airflow connection whose hook is a common.sql ``DbApiHook``.
+    :param parameters: query parameters (templated); a dict when ``watermark_column`` is set.
+    :param sql_hook_params: extra keyword arguments for the SQL hook.
+    :param brand_id: StopChurn brand id (templated); None takes ``brand_id`` from the connection's extras.
+    :param stopchurn_conn_id: the StopChurn connection.
+    :param state_uri: where the ledger lives (templated): a local path or any ObjectStoragePath URL; default
+        ``$AIRFLOW_HOME/stopchurn/snapshots`` (a single machine only; several workers need shared storage).
+    :param state_conn_id: connection for the object store of ``state_uri``.
+    :param stream_id: names this stream's ledger (templated); default ``<dag_id>.<task_id>``. Two tasks sending
+        from the same source under one name share a ledger; renaming it starts a new one.
+    :param chunk_size: at most this many events per request.
+    :param max_chunk_bytes: at most this many bytes per request body.
+    :param max_concurrent_requests: chunks in flight at once (1 = strictly sequential, in watermark order).
+    :param dry_run: compute what would be sent and return the counts with up to 5 sample events; send and write
+        nothing.
+    :param nest_dotted_columns: with ``value_columns``, turn columns named ``a.b`` into nested objects.
+    """
+
+    template_fields: Sequence[str] = ("brand_id", "name", "sql", "parameters", "state_uri", "dataframe", "stream_id")
+    template_ext: Sequence[str] = (".sql",)
+    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
+    ui_color = "#3c6df0"
+
+    def __init__(  # noqa: PLR0913 - keyword-only operator arguments, the EventOptions fields among them
+        self,
+        *,
+        user_id_column: str,
+        name: str | None = None,
+        name_column: str | None = None,
+        value_column: str | None = None,
+        value_columns: Sequence[str] | None = None,
+        event_key: str | Sequence[str] | None = None,
+        watermark_column: str | None = None,
+        lookback: datetime.timedelta | None = None,
+        dataframe: Any = None,
+        sql: str | list[str] | None = None,
+        sql_conn_id: str | None = None,
+        parameters: Mapping[str, Any] | Sequence[Any] | None = None,
+        sql_hook_params: dict[str, Any] | None = None,
+        brand_id: int | str | None = None,
+        stopchurn_conn_id: str = StopChurnHook.default_conn_name,
+        state_uri: str | None = None,
+        state_conn_id: str | None = None,
+        stream_id: str | None = None,
+        chunk_size: int = 1000,
+        max_chunk_bytes: int = 5_000_000,
+        max_concurrent_requests: int = 4,
+        dry_run: bool = False,
+        nest_dotted_columns: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._set_source(self.task_id, dataframe, sql, sql_conn_id, parameters, sql_hook_params)
+        if (name is None) == (name_column is None):
+            raise ValueError(f"{self.task_id}: pass exactly one of `name` or `name_column`.")
+        if value_column is not None and value_columns is not None:
+            raise ValueError(f"{self.task_id}: pass at most one of `value_column` or `value_columns`.")
+        self.user_id_column = user_id_column
+        self.name = name
+        self.name_column = name_column
+        self.value_column = value_column
+        self.value_columns = None if value_columns is None else list(value_columns)
+        self.event_key = [event_key] if isinstance(event_key, str) else (None if event_key is None else list(event_key))
+        self.watermark_column = watermark_column
+        self.lookback = lookback if lookback is not None else datetime.timedelta(0)
+        self.brand_id = brand_id
+        self.stopchurn_conn_id = stopchurn_conn_id
+        self.state_uri = state_uri
+        self.state_conn_id = state_conn_id
+        self.stream_id = stream_id
+        self.chunk_size = chunk_size
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_concurrent_requests = max_concurrent_requests
+        # BaseOperator already has a dry_run() method: keep the flag under another name.
+        self.events_dry_run = dry_run
+        self.nest_dotted_columns = nest_dotted_columns
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        try:
+            hook = StopChurnHook(self.stopchurn_conn_id)
+            options = self.event_options(hook, context)
+            stream = str(self.stream_id or f"{self.dag_id}.{self.task_id}")
+            store = event_store(
+                _storage_root(self.state_uri, self.state_conn_id, "snapshots"), options.brand_id, stream
+            )
+            guard = CommitGuard.for_task(store, options.brand_id, f"events.{stream}", context)
+            _check_event_guard(guard)
+            sender = None if options.dry_run else hook.client
+
+            def read(window: Window) -> Any:
+                return self._read(context, window.parameters() if self.watermark_column else None)
+
+            try:
+                summary = run_events(read, store, sender, options, stream=stream)
+            finally:
+                if not options.dry_run:
+                    guard.record()
+                if sender is not None:
+                    sender.close()
+        except StopChurnError as err:
+            raise _fail(err) from err
+        return summary.as_dict()
+
+    def event_options(self, hook: StopChurnHook, context: Context) -> EventOptions:
+        """The engine's options from this task's arguments (validated by ``EventOptions``)."""
+        return EventOptions(
+            brand_id=_resolve_brand(self.brand_id, hook, self.task_id, self.stopchurn_conn_id),
+            user_id_column=self.user_id_column,
+            name=None if self.name is None else str(self.name),
+            name_column=self.name_column,
+            value_column=self.value_column,
+            value_columns=None if self.value_columns is None else tuple(self.value_columns),
+            event_key=None if self.event_key is None else tuple(self.event_key),
+            watermark_column=self.watermark_column,
+            lookback=self.lookback,
+            chunk_size=self.chunk_size,
+            max_chunk_bytes=self.max_chunk_bytes,
+            max_concurrent_requests=self.max_concurrent_requests,
+            dry_run=self.events_dry_run,
+            nest_dotted_columns=self.nest_dotted_columns,
+            holder=_holder(self, context),
+            run_key=_run_key(self, context),
+        )
+
+
+def _check_event_guard(guard: CommitGuard) -> None:
+    """The multi-worker guard, in the events' terms: a worker missing the ledger would send everything again."""
+    try:
+        guard.check()
+    except SnapshotBehindError as err:
+        raise SnapshotBehindError(
+            f"This worker's event ledger at {guard.store.location} is missing or older than the one Airflow recorded "
+            f"(Variable {guard.key!r}). Nothing was sent: going on would send again every event the ledger "
+            "recorded as delivered. Point state_uri at storage every worker shares (e.g. s3://<bucket>/stopchurn "
+            "with state_conn_id), or copy the ledger folder back; to start over on purpose, delete that Variable."
+        ) from err
+
+
+class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
+    """Write a table as StopChurn's historical-upload files and record it as the update operator's baseline.
+
+    The files (``part-00001.json``, ...; each one JSON array of ``{"data": <row>, "createdAt": <ms>, "updatedAt":
+    <ms>}``, never over ``max_file_bytes``) go under ``<output_uri>/<brand_id>/<table_name>/<run id>/`` with a
+    ``manifest.json`` (rows, bytes and SHA-256 of each file) written last. The rows are encoded exactly as
+    ``StopChurnUpdateOperator`` encodes them (same ids, values and ``user``-table contract), and the exported table
+    is committed as that operator's snapshot (same ``createdAt`` values), so a ``StopChurnUpdateOperator`` on the
+    same brand, table and ``snapshot_uri`` sends only the changes made after the export. Upload the files in
+    StopChurn's Back Office before that update run.
+
+    :param table_name: StopChurn table name (templated).
+    :param primary_key: key column, or a list of columns (as for ``StopChurnUpdateOperator``).
+    :param dataframe: a DataFrame, an ``XComArg``, or a callable returning one (called in ``execute``).
+    :param sql: SQL query or ``.sql`` file (templated), run on ``sql_conn_id``. Exactly one of ``dataframe``/``sql``.
+    :param sql_conn_id: any Airflow connection whose hook is a common.sql ``DbApiHook``.
+    :param parameters: query parameters (templated).
+    :param sql_hook_params: extra keyword arguments for the SQL hook.
+    :param created_at_column: column for ``createdAt`` (datetime or epoch ms); default: the export's time.
+    :param updated_at_column: column for ``updatedAt``; default: the export's time.
+    :param output_uri: where the files go (templated): a local path or any ObjectStoragePath URL
+        (``s3://bucket/prefix``); default ``$AIRFLOW_HOME/stopchurn/exports``.
+    :param output_conn_id: connection for the object store of ``output_uri``.
+    :param max_file_bytes: the largest file written (StopChurn takes at most 2 GB per file).
+    :param snapshot_uri: the update operator's snapshot location (templated), default as there.
+    :param snapshot_conn_id: connection for the object store of ``snapshot_uri``.
+    :param replace_snapshot: replace a snapshot the store already holds (templated). Default: refuse, since the
+        next update run would then compare against the export and skip the changes StopChurn has not seen.
+    :param brand_id: StopChurn brand id (templated); None takes ``brand_id`` from the connection's extras.
+    :param stopchurn_conn_id: the StopChurn connection (read for its ``brand_id`` only; nothing is sent).
+    :param nest_dotted_columns: turn columns named ``a.b`` into nested objects ``{"a": {"b": ...}}``.
+    :param decimal_as_string: write decimals as JSON strings instead of exact JSON numbers.
+    """
+
+    template_fields: Sequence[str] = (
+        "table_name",
+        "brand_id",
+        "sql",
+        "parameters",
+        "output_uri",
+        "snapshot_uri",
+        "dataframe",
+        "replace_snapshot",
+    )
+    template_ext: Sequence[str] = (".sql",)
+    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
+    ui_color = "#3c6df0"
+
+    def __init__(  # noqa: PLR0913 - keyword-only operator arguments
+        self,
+        *,
+        table_name: str,
+        primary_key: str | Sequence[str] = "id",
+        dataframe: Any = None,
+        sql: str | list[str] | None = None,
+        sql_conn_id: str | None = None,
+        parameters: Mapping[str, Any] | Sequence[Any] | None = None,
+        sql_hook_params: dict[str, Any] | None = None,
+        created_at_column: str | None = None,
+        updated_at_column: str | None = None,
+        output_uri: str | None = None,
+        output_conn_id: str | None = None,
+        max_file_bytes: int = MAX_FILE_BYTES,
+        snapshot_uri: str | None = None,
+        snapshot_conn_id: str | None = None,
+        replace_snapshot: bool | str = False,
+        brand_id: int | str | None = None,
+        stopchurn_conn_id: str = StopChurnHook.default_conn_name,
+        nest_dotted_columns: bool = True,
+        decimal_as_string: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._set_source(self.task_id, dataframe, sql, sql_conn_id, parameters, sql_hook_params)
+        self.table_name = table_name
+        self.primary_key = [primary_key] if isinstance(primary_key, str) else list(primary_key)
+        self.created_at_column = created_at_column
+        self.updated_at_column = updated_at_column
+        self.output_uri = output_uri
+        self.output_conn_id = output_conn_id
+        self.max_file_bytes = max_file_bytes
+        self.snapshot_uri = snapshot_uri
+        self.snapshot_conn_id = snapshot_conn_id
+        self.replace_snapshot = replace_snapshot
+        self.brand_id = brand_id
+        self.stopchurn_conn_id = stopchurn_conn_id
+        self.nest_dotted_columns = nest_dotted_columns
+        self.decimal_as_string = decimal_as_string
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        run_ms = time.time_ns() // 1_000_000
+        try:
+            hook = StopChurnHook(self.stopchurn_conn_id)
+            options = ExportOptions(
+                brand_id=_resolve_brand(self.brand_id, hook, self.task_id, self.stopchurn_conn_id),
+                table_name=str(self.table_name),
+                key_columns=tuple(self.primary_key),
+                created_at_column=self.created_at_column,
+                updated_at_column=self.updated_at_column,
+                max_file_bytes=self.max_file_bytes,
+                replace_snapshot=_as_bool(self.replace_snapshot),
+                nest_dotted_columns=self.nest_dotted_columns,
+                decimal_as_string=self.decimal_as_string,
+                run_id=str(context.get("run_id") or "manual"),
+                run_key=_run_key(self, context),
+                holder=_holder(self, context),
+            )
+            root = _storage_root(self.snapshot_uri, self.snapshot_conn_id, "snapshots")
+            store = SnapshotStore(root, options.brand_id, options.table_name)
+            guard = CommitGuard.for_task(store, options.brand_id, options.table_name, context)
+            try:
+                guard.check(accept_missing_snapshot=options.replace_snapshot)
+            except SnapshotBehindError as err:
+                raise SnapshotBehindError(
+                    f"Airflow recorded a snapshot of brand {options.brand_id} table {options.table_name!r} committed "
+                    f"at {store.location} (Variable {guard.key!r}) that this worker does not see: updates have been "
+                    "flowing from another worker's store. Nothing was written. Point snapshot_uri at the shared "
+                    "store, or set replace_snapshot=True to replace that baseline with this export on purpose."
+                ) from err
+            output = _storage_root(self.output_uri, self.output_conn_id, "exports")
+            try:
+                summary = run_export(lambda: self._read(context), store, output, options, run_ms=run_ms)
+            finally:
+                guard.record()
+        except StopChurnError as err:
+            raise _fail(err) from err
+        return summary.as_dict()

@@ -11,7 +11,12 @@ over HTTP for tools that run out of process:
 
 * ``GET /_sandbox/health`` -> ``{"status": "ok"}``
 * ``GET /_sandbox/tables/<brandId>/<tableName>`` -> ``{"rows": [...], "count": n}``
-* ``GET /_sandbox/events/<brandId>`` -> ``{"events": [...], "count": n}``
+* ``GET /_sandbox/events/<brandId>`` -> ``{"events": [...], "count": n}`` (accepted events, in arrival order)
+* ``POST /_sandbox/historical/<brandId>/<tableName>`` with one historical-upload file as the body (a JSON array
+  of ``{"data": <row>, "createdAt": <ms>, "updatedAt": <ms>}``, at most 2 GB), as StopChurn's Back Office takes
+  it: validated strictly, then every row is upserted into the table by ``id``; the answer is
+  ``{"statusCode": 200, "message": "Historical data received", "rows": n}``, or a 400 naming the first problem
+  (nothing of the file is applied)
 * ``GET /_sandbox/received`` -> ``{"received": [[type, brandId, tableName, id], ...]}`` (when recording)
 * ``GET /_sandbox/stats`` -> the same dictionary as :meth:`SandboxServer.stats`
 * ``GET /_sandbox/faults`` / ``PUT /_sandbox/faults`` -> read / replace the :class:`FaultConfig`
@@ -59,6 +64,9 @@ _UPDATE_TYPES = ("insert", "update", "delete")
 _UPDATE_KEYS = frozenset({"type", "data"})
 _RECORD_KEYS = frozenset({"brandId", "tableName", "data", "createdAt", "updatedAt"})
 _EVENT_KEYS = frozenset({"brandId", "userId", "name", "value"})
+_HISTORICAL_KEYS = frozenset({"data", "createdAt", "updatedAt"})
+#: StopChurn's documented limit of one historical-upload file.
+HISTORICAL_MAX_BYTES = 2_000_000_000
 _FAULT_KINDS = ("error", "throttle", "drop", "drop_after_apply", "slow", "html_ok")
 _DRAIN_LIMIT = 64 * 1024 * 1024
 _MISSING: Any = object()
@@ -191,6 +199,8 @@ class _Response(NamedTuple):
 
 
 _DROP = _Response(0, b"", None)
+#: A queued entry that lets its request through, processed as usual (see ``SandboxServer.queue_pass``).
+_PASS = _Response(-1, b"", None)
 
 
 class _Invalid(Exception):
@@ -301,23 +311,69 @@ def _validate_updates(items: list[Any]) -> list[_Op]:
 
 
 def _validate_events(items: list[Any]) -> list[dict[str, Any]]:
-    """Check every event of a batch against the contract; return them, or raise."""
+    """Check every event of a batch against the contract; return them, or raise.
+
+    ``brandId`` an integer, ``userId`` and ``name`` non-empty strings (the documentation sends ``"553"``, a
+    string), ``value`` optional and of any JSON type (its type is set per event in StopChurn, not here).
+    """
+    allowed = _EVENT_KEYS
     for i, event in enumerate(items):
         if type(event) is not dict:
             raise _Invalid(f"data[{i}] must be an object, got {_describe(event)}")
-        _check_extra_keys(event, _EVENT_KEYS, f"data[{i}]")
+        size = len(event)
+        if not (size == 4 and "value" in event) and not (size == 3 and "value" not in event):
+            _check_extra_keys(event, allowed, f"data[{i}]")  # the three fields below are checked one by one
         brand_id = event.get("brandId", _MISSING)
         if type(brand_id) is not int:
             raise _Invalid(f"data[{i}].brandId must be an integer, got {_describe(brand_id)}")
         user_id = event.get("userId", _MISSING)
-        if not ((type(user_id) is str and user_id) or type(user_id) in (int, float)):
-            raise _Invalid(f"data[{i}].userId must be a non-empty string or a number, got {_describe(user_id)}")
+        if type(user_id) is not str or not user_id:
+            raise _Invalid(f"data[{i}].userId must be a non-empty string, got {_describe(user_id)}")
         name = event.get("name", _MISSING)
         if type(name) is not str or not name:
             raise _Invalid(f"data[{i}].name must be a non-empty string, got {_describe(name)}")
-        if type(event.get("value")) is list:
-            raise _Invalid(f"data[{i}].value must be a scalar or an object, got an array")
     return items
+
+
+def _validate_historical(body: bytes) -> list[tuple[tuple[str, Any], dict[str, Any]]]:
+    """Check one historical-upload file; return its rows as ``(key, row)``, or raise.
+
+    The file is a JSON array of ``{"data": <row>, "createdAt": <ms>, "updatedAt": <ms>}`` (exactly those keys),
+    each row an object with an ``id`` that is a string or a number; an ``id`` may appear once per file.
+    """
+    try:
+        items = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _Invalid(f"the file is not valid JSON ({exc})") from None
+    if type(items) is not list:
+        raise _Invalid(f"the file must be a JSON array, got {_describe(items)}")
+    rows: list[tuple[tuple[str, Any], dict[str, Any]]] = []
+    seen: set[tuple[str, Any]] = set()
+    for i, item in enumerate(items):
+        if type(item) is not dict:
+            raise _Invalid(f"[{i}] must be an object, got {_describe(item)}")
+        if len(item) != 3 or not _HISTORICAL_KEYS.issuperset(item):
+            missing = sorted(_HISTORICAL_KEYS - set(item))
+            if missing:
+                raise _Invalid(f"[{i}] lacks {', '.join(missing)}")
+            _check_extra_keys(item, _HISTORICAL_KEYS, f"[{i}]")
+        row = item["data"]
+        if type(row) is not dict:
+            raise _Invalid(f"[{i}].data (the row) must be an object, got {_describe(row)}")
+        row_id = row.get("id", _MISSING)
+        id_type = type(row_id)
+        if id_type is not str and id_type is not int and id_type is not float:
+            raise _Invalid(f"[{i}].data.id must be a string or a number, got {_describe(row_id)}")
+        for stamp_field in ("createdAt", "updatedAt"):
+            stamp = item[stamp_field]
+            if type(stamp) is not int or not EPOCH_MS_MIN <= stamp < EPOCH_MS_MAX:
+                raise _Invalid(f"[{i}].{stamp_field} must be an integer epoch in milliseconds, got {_describe(stamp)}")
+        key = (id_type.__name__, row_id)
+        if key in seen:
+            raise _Invalid(f"[{i}].data.id {row_id!r} appears twice in the file")
+        seen.add(key)
+        rows.append((key, row))
+    return rows
 
 
 @dataclass
@@ -331,6 +387,8 @@ class _Counters:
     update: int = 0
     delete: int = 0
     events: int = 0
+    historical_files: int = 0
+    historical_rows: int = 0
     faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_FAULT_KINDS, 0))
 
 
@@ -529,6 +587,15 @@ class SandboxServer:
         with self._lock:
             self._queue.append(response)
 
+    def queue_pass(self, count: int = 1) -> None:
+        """Let the next ``count`` StopChurn API requests through, processed as usual, before the responses queued
+        after this call: ``queue_pass(2); queue_response(500)`` applies two requests and answers the third 500.
+        """
+        if type(count) is not int or count < 0:
+            raise ValueError(f"count must be a non-negative integer, got {count!r}")
+        with self._lock:
+            self._queue.extend([_PASS] * count)
+
     def reject_ids(self, ids: Iterable[Any]) -> None:
         """Refuse (400, nothing applied) any update request holding a row whose ``str(id)`` is in ``ids``.
 
@@ -599,6 +666,7 @@ class SandboxServer:
                 "too_large_requests": c.too_large_requests,
                 "updates": {"insert": c.insert, "update": c.update, "delete": c.delete},
                 "events": c.events,
+                "historical": {"files": c.historical_files, "rows": c.historical_rows},
                 "faults": dict(c.faults),
             }
 
@@ -619,6 +687,8 @@ class SandboxServer:
             self._counters.requests += 1
             faults = self._faults
             queued = self._queue.popleft() if self._queue else None
+            if queued is _PASS:
+                queued = None
             if queued is None and faults.injects_faults:
                 draw = self._rng.random()
                 for kind, rate in faults._bands():
@@ -738,6 +808,8 @@ class SandboxServer:
             if not self.record:
                 return _error_response(409, "the sandbox was started without recording")
             return _json_response(200, {"received": self.received()})
+        if method == "POST" and parts[0] == "historical" and len(parts) == 3:
+            return self._upload_historical(parts[1], parts[2], body)
         if method == "GET" and parts[0] in ("tables", "events"):
             try:
                 brand_id = int(parts[1]) if len(parts) > 1 else None
@@ -750,6 +822,31 @@ class SandboxServer:
                 events = self.events(brand_id)
                 return _json_response(200, {"events": events, "count": len(events)})
         return _error_response(404, f"Cannot {method} {path}")
+
+    def _upload_historical(self, brand: str, table_name: str, body: bytes) -> _Response:
+        """Apply one historical-upload file to a table (the Back Office's upload), or refuse all of it."""
+        prefix = "Historical upload failed: "
+        try:
+            brand_id = int(brand)
+        except ValueError:
+            return _error_response(400, f"{prefix}the brand id must be an integer, got {brand!r}")
+        if not table_name:
+            return _error_response(400, f"{prefix}the table name is empty")
+        if len(body) > HISTORICAL_MAX_BYTES:
+            return _error_response(413, f"{prefix}a file may hold at most {HISTORICAL_MAX_BYTES} bytes")
+        try:
+            rows = _validate_historical(body)
+        except _Invalid as exc:
+            return _error_response(400, prefix + str(exc))
+        with self._lock:
+            table = self._tables.setdefault((brand_id, table_name), {})
+            for key, row in rows:
+                table[key] = row
+                if self.record:
+                    self._received.append(("historical", brand_id, table_name, key[1]))
+            self._counters.historical_files += 1
+            self._counters.historical_rows += len(rows)
+        return _json_response(200, {"statusCode": 200, "message": "Historical data received", "rows": len(rows)})
 
 
 class _HTTPServer(ThreadingHTTPServer):

@@ -41,6 +41,10 @@ def _safe(part: str) -> str:
     return cleaned if cleaned not in {"", ".", ".."} else f"%{cleaned}"
 
 
+#: The path segment a name becomes in the store (``/``, ``:`` and other characters percent-escaped).
+safe_name = _safe
+
+
 def _new_version() -> str:
     """A unique name that sorts by creation time."""
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:8]
@@ -82,9 +86,11 @@ class Committed:
         plan_id: str | None = None,
         run: dict[str, Any] | None = None,
         frame: pl.DataFrame | None = None,
+        state: dict[str, Any] | None = None,
     ) -> None:
         """:param run: what the run that committed it had delivered (``SyncSummary`` counts and its ``run_key``).
         :param frame: the table itself when it is already in memory (a dry run's preview of a settled plan).
+        :param state: what the committing engine keeps beside the table (the event engine's watermark), or None.
         """
         self.store = store
         self.kinds = kinds
@@ -95,6 +101,7 @@ class Committed:
         self.row_hash = row_hash
         self.plan_id = plan_id
         self.run = run
+        self.state = state
         self._frame: pl.DataFrame | None = frame
 
     @property
@@ -235,6 +242,7 @@ class SnapshotStore:
             row_hash=pointer.get("row_hash"),
             plan_id=pointer.get("plan_id"),
             run=pointer.get("run"),
+            state=pointer.get("state"),
         )
         committed.columns(list(committed.key_columns))  # fail now, not mid-plan, if the file is unreadable
         return committed
@@ -281,6 +289,7 @@ class SnapshotStore:
         row_hash: str | None = None,
         lock: TableLock | None = None,
         run: Mapping[str, Any] | None = None,
+        state: Mapping[str, Any] | None = None,
     ) -> None:
         """Publish ``version`` as the committed snapshot, then forget the plan and the replaced snapshot.
 
@@ -291,6 +300,7 @@ class SnapshotStore:
         :param lock: the run's lock; checked first (:class:`SnapshotLockedError` if another run took it over).
         :param run: what the committing run delivered so far (kept in CURRENT, so a later try of the same run can
             report the run's whole delivery).
+        :param state: engine state committed with the snapshot (kept in CURRENT only when given).
         """
         if lock is not None:
             lock.check()
@@ -315,6 +325,7 @@ class SnapshotStore:
                 "brand_id": self.brand_id,
                 "table_name": self.table_name,
                 "run": dict(run) if run is not None else None,
+                **({"state": dict(state)} if state is not None else {}),
             },
         )
         if plan_id is not None:

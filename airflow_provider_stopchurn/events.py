@@ -1,0 +1,783 @@
+"""The event engine: rows of a source sent once each to ``POST /client-data/event``. No Airflow import.
+
+One run::
+
+    lock (with a heartbeat) -> resume the plan an earlier try or a crashed run left (its unacknowledged chunks)
+         -> read the source for the window [watermark - lookback, ...) -> encode one event per row
+         -> drop rows older than the window, keys seen twice in the source and keys the ledger delivered already
+         -> write the target ledger and the plan -> deliver (``deliver.py``), recording each acknowledged chunk
+         -> commit the target ledger and the new watermark -> summary
+
+**State** (a :class:`~airflow_provider_stopchurn.snapshot.SnapshotStore` under ``<state_uri>/events/<brand_id>/
+<stream>/``, so the same backends, lock and crash rules as table snapshots): the *ledger* is the committed
+"snapshot", a table of the keys of the events delivered inside the lookback window (the canonical JSON of the
+event key columns, and each event's watermark); ``CURRENT`` also keeps the watermark (the highest watermark
+delivered, epoch ms) and the event key columns. A plan is the events to send, encoded, in order, with the ledger
+to commit once they are all acknowledged.
+
+**Events have no diff to recompute**, so a plan is finished rather than re-planned:
+
+* a crash, or a failure that a retry may fix (retries exhausted on 408/429/5xx/network errors, a lost lock),
+  leaves the plan and its acknowledgements in the store; the next try (or the next run) sends the chunks not
+  acknowledged, from the plan, then commits it and only then reads the source again;
+* a permanent failure (400, 401, 413 of a single event) *settles* the plan: the keys of the acknowledged chunks
+  join the ledger, the watermark stays where it was, and the plan is dropped. The next run reads the same window
+  again, the ledger drops what StopChurn acknowledged, and the rest is sent once the cause is fixed.
+
+Nothing acknowledged is ever sent again. A chunk that was sent but not acknowledged (its answer was lost: a
+timeout, a dropped connection, a crash while it was in flight, an HTTP retry after a lost answer) *is* sent
+again, because StopChurn has no idempotency key and no client can know whether it was applied: its events are
+delivered at least once, every other event exactly once.
+
+**Watermark and lookback.** With ``watermark_column`` (datetimes, dates or epoch milliseconds), the source is read
+for ``since = watermark - lookback`` (the first run: everything): a SQL source gets ``since`` as named query
+parameters, every source is filtered to ``watermark >= since`` here too, and the ledger keeps the keys of the
+events whose watermark is ``>= since`` of the next run (older keys can never come back through the filter, so
+they are pruned as the watermark moves). A late row whose watermark is inside the window is sent once; one
+older than the window is dropped and counted (``before_window``, with the rows a re-run returns that were
+delivered before the window: the ledger no longer needs to know them). Without a watermark column every row is an event
+and the ledger keeps every key it delivered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+
+from airflow_provider_stopchurn.deliver import Rejection, deliver_chunks
+from airflow_provider_stopchurn.encoding import (
+    bodies_bytes,
+    canonical_columns,
+    encode_rows,
+    json_fragment,
+    plan_chunks,
+)
+from airflow_provider_stopchurn.exceptions import (
+    SourceDataError,
+    StopChurnConfigError,
+    StopChurnError,
+    StopChurnPayloadTooLargeError,
+    StopChurnRejectedError,
+)
+from airflow_provider_stopchurn.snapshot import Committed, Plan, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+#: Ledger column: the canonical JSON object of an event's key columns.
+KEY = "__sc_event_key"
+#: Ledger and plan column: an event's watermark, epoch ms (null without a watermark column).
+WATERMARK = "__sc_watermark"
+#: Plan column: the event's JSON text, as sent.
+EVENT = "__sc_event"
+LEDGER_KINDS = {KEY: "string", WATERMARK: "int"}
+#: Version of the event plan files; a pending plan of another version is dropped (its events are read again).
+EVENT_PLAN_FORMAT = 1
+#: Folder of the event state under the state root (beside the table folders ``<brand_id>/<table>``).
+EVENTS_FOLDER = "events"
+_MAX_LISTED = 5
+_USER_ID = "__sc_user_id"
+_VALUE = "__sc_value"
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_WATERMARK_KINDS = ("timestamp", "date", "int")
+
+
+# --- options ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EventOptions:
+    """Everything that shapes one event run. Validated on construction (no I/O).
+
+    :param brand_id: the StopChurn brand of every event.
+    :param user_id_column: the column holding each event's user id (sent as a string).
+    :param name: the name of every event; or ``name_column``, the column holding each event's name.
+    :param value_column: a column sent as the event's ``value`` (omitted when null); or ``value_columns``, columns
+        sent as one object ``{"<column>": <value>, ...}``. Neither: events carry no value.
+    :param event_key: the columns that make an event unique; None: every column of the source.
+    :param watermark_column: a column of datetimes, dates or epoch milliseconds: read incrementally by it.
+    :param lookback: how far behind the watermark the next read starts (late rows inside it are still sent once).
+    """
+
+    brand_id: int
+    user_id_column: str
+    name: str | None = None
+    name_column: str | None = None
+    value_column: str | None = None
+    value_columns: tuple[str, ...] | None = None
+    event_key: tuple[str, ...] | None = None
+    watermark_column: str | None = None
+    lookback: dt.timedelta = dt.timedelta(0)
+    chunk_size: int = 1000
+    max_chunk_bytes: int = 5_000_000
+    max_concurrent_requests: int = 4
+    dry_run: bool = False
+    nest_dotted_columns: bool = True
+    holder: str = "stopchurn-events"
+    #: names the DAG run (and task): a later try of the same run reports the run's whole delivery
+    run_key: str | None = None
+    lock_ttl_s: float = 3600.0
+    progress_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.brand_id, bool) or not isinstance(self.brand_id, int):
+            problems.append(f"brand_id must be an integer, got {self.brand_id!r}")
+        if not _is_name(self.user_id_column):
+            problems.append(f"user_id_column must name a column, got {self.user_id_column!r}")
+        if (self.name is None) == (self.name_column is None):
+            problems.append("give exactly one of name (every event's name) or name_column")
+        elif self.name is not None and not (isinstance(self.name, str) and self.name.strip()):
+            problems.append(f"name must be a non-empty string, got {self.name!r}")
+        elif self.name_column is not None and not _is_name(self.name_column):
+            problems.append(f"name_column must name a column, got {self.name_column!r}")
+        if self.value_column is not None and self.value_columns is not None:
+            problems.append("give at most one of value_column or value_columns")
+        if self.value_column is not None and not _is_name(self.value_column):
+            problems.append(f"value_column must name a column, got {self.value_column!r}")
+        if self.value_columns is not None and not (self.value_columns and all(_is_name(c) for c in self.value_columns)):
+            problems.append(f"value_columns must name one or more columns, got {self.value_columns!r}")
+        if self.event_key is not None and not (self.event_key and all(_is_name(c) for c in self.event_key)):
+            problems.append(f"event_key must name one or more columns, got {self.event_key!r}")
+        if self.watermark_column is not None and not _is_name(self.watermark_column):
+            problems.append(f"watermark_column must name a column, got {self.watermark_column!r}")
+        if not isinstance(self.lookback, dt.timedelta) or self.lookback < dt.timedelta(0):
+            problems.append(f"lookback must be a datetime.timedelta >= 0, got {self.lookback!r}")
+        elif self.lookback and self.watermark_column is None:
+            problems.append("lookback needs a watermark_column (it is measured back from the watermark)")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            problems.append(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if not isinstance(self.max_chunk_bytes, int) or self.max_chunk_bytes < 64:
+            problems.append(f"max_chunk_bytes must be an integer >= 64, got {self.max_chunk_bytes!r}")
+        if not isinstance(self.max_concurrent_requests, int) or self.max_concurrent_requests < 1:
+            problems.append(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests!r}")
+        if problems:
+            raise StopChurnConfigError("Invalid event options: " + "; ".join(problems) + ".")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @property
+    def lookback_ms(self) -> int:
+        return self.lookback // dt.timedelta(milliseconds=1)
+
+    # what deliver() reads besides the fields above
+    @property
+    def table_name(self) -> str:
+        return "events"
+
+    @property
+    def on_rejected_rows(self) -> str:
+        return "fail"
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+# --- the window the source is read for ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Window:
+    """Where the read starts: ``since_ms`` (epoch ms), None on a first run or without a watermark column."""
+
+    since_ms: int | None
+
+    @property
+    def since(self) -> dt.datetime:
+        """The start as a timezone-aware UTC datetime (1970-01-01 on a first run)."""
+        return _EPOCH + dt.timedelta(milliseconds=self.since_ms or 0)
+
+    def parameters(self) -> dict[str, Any]:
+        """The named query parameters a SQL source gets: ``since`` (UTC datetime) and ``since_ms`` (epoch ms)."""
+        return {"since": self.since, "since_ms": self.since_ms or 0}
+
+
+Source = pd.DataFrame | Callable[[Window], pd.DataFrame]
+
+
+class EventSender(Protocol):
+    """What the engine needs from a client: post one encoded event body, raise on failure."""
+
+    def post_event_body(self, body: bytes) -> Any: ...
+
+
+class _ToEventRoute:
+    """Adapts an :class:`EventSender` to :func:`deliver`, which posts through ``post_update_body``."""
+
+    def __init__(self, sender: EventSender) -> None:
+        self._sender = sender
+
+    def post_update_body(self, body: bytes) -> Any:
+        return self._sender.post_event_body(body)
+
+
+# --- summary ---------------------------------------------------------------------------------------------------
+@dataclass
+class EventSummary:
+    """What the run delivered; ``as_dict()`` is what the operator returns (and Airflow puts in XCom).
+
+    ``sent`` counts the events StopChurn acknowledged in the whole DAG run (a later try adds what earlier tries
+    delivered); ``duplicates`` the rows dropped because their key was delivered already or repeats in the source;
+    ``before_window`` the rows older than the window (delivered by an earlier run, or late beyond the lookback),
+    not sent; ``resumed_chunks`` the chunks of an unfinished plan this run sent.
+    """
+
+    brand_id: int
+    stream: str
+    sent: int = 0
+    duplicates: int = 0
+    before_window: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    requests: int = 0
+    retries: int = 0
+    resumed_chunks: int = 0
+    since: str | None = None
+    watermark: str | None = None
+    watermark_ms: int | None = None
+    ledger_keys: int = 0
+    dry_run: bool = False
+    state_uri: str = ""
+    duration_s: float = 0.0
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if not self.dry_run:
+            data.pop("samples")
+        return data
+
+    def line(self) -> str:
+        mode = " (dry run: nothing sent)" if self.dry_run else ""
+        resumed = f", {self.resumed_chunks} chunks resumed from an unfinished plan" if self.resumed_chunks else ""
+        return (
+            f"StopChurn events of brand {self.brand_id} stream {self.stream!r}{mode}: {self.sent} sent, "
+            f"{self.duplicates} duplicates dropped, {self.before_window} before the window; {self.chunks} chunks, "
+            f"{self.bytes} bytes, {self.retries} retries{resumed}; watermark {self.watermark}; "
+            f"{self.duration_s:.2f}s; state {self.state_uri}"
+        )
+
+    def set_watermark(self, ms: int | None) -> None:
+        self.watermark_ms = ms
+        self.watermark = None if ms is None else _iso(ms)
+
+
+def _iso(ms: int) -> str:
+    return (_EPOCH + dt.timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- the store -------------------------------------------------------------------------------------------------
+def event_store(root: Any, brand_id: int, stream: str) -> SnapshotStore:
+    """The state store of one event stream: ``<root>/events/<brand_id>/<stream>/`` (no I/O)."""
+    if not isinstance(stream, str) or not stream.strip():
+        raise StopChurnConfigError(f"The event stream needs a non-empty name, got {stream!r}.")
+    return SnapshotStore(root / EVENTS_FOLDER, brand_id, stream)
+
+
+@dataclass
+class _State:
+    """What CURRENT keeps besides the ledger: the watermark and the event key columns."""
+
+    watermark_ms: int | None = None
+    event_key: list[str] | None = None
+
+    @classmethod
+    def of(cls, committed: Committed | None) -> _State:
+        data = (committed.state if committed is not None else None) or {}
+        mark = data.get("watermark_ms")
+        key = data.get("event_key")
+        return cls(int(mark) if mark is not None else None, list(key) if key is not None else None)
+
+    def record(self) -> dict[str, Any]:
+        return {"watermark_ms": self.watermark_ms, "event_key": self.event_key}
+
+
+def _empty_ledger() -> pl.DataFrame:
+    return pl.DataFrame({KEY: pl.Series([], dtype=pl.String), WATERMARK: pl.Series([], dtype=pl.Int64)})
+
+
+def _ledger(committed: Committed | None) -> pl.DataFrame:
+    return committed.frame.select(KEY, WATERMARK) if committed is not None else _empty_ledger()
+
+
+# --- encoding: source rows -> events ---------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    """One event per source row, in source order: ``EVENT`` (JSON text), ``KEY``, ``WATERMARK``."""
+
+    frame: pl.DataFrame
+    key_columns: list[str]
+
+
+def _as_frame(source: Any) -> pd.DataFrame:
+    """A pandas frame of the source; Arrow batches (a SQL source) keep their Arrow types (``pd.ArrowDtype``)."""
+    if isinstance(source, pd.DataFrame):
+        return source
+    if isinstance(source, pl.DataFrame | pl.LazyFrame):
+        source = source.collect() if isinstance(source, pl.LazyFrame) else source
+        return source.to_pandas(use_pyarrow_extension_array=True)
+    if isinstance(source, pa.Table):
+        return source.to_pandas(types_mapper=pd.ArrowDtype)
+    if isinstance(source, pa.RecordBatch):
+        return pa.Table.from_batches([source]).to_pandas(types_mapper=pd.ArrowDtype)
+    if isinstance(source, pa.RecordBatchReader | Iterator | list):
+        batches = list(source)
+        if batches and all(isinstance(b, pa.RecordBatch) for b in batches):
+            return pa.Table.from_batches(batches).to_pandas(types_mapper=pd.ArrowDtype)
+    raise SourceDataError(
+        f"The event source must be a pandas or polars DataFrame or Arrow data, got {type(source).__name__}."
+    )
+
+
+def encode_events(df: Any, options: EventOptions) -> Encoded:
+    """Validate the source and encode one event per row (vectorised); raise before anything is sent."""
+    df = _as_frame(df)
+    columns = [str(c) for c in df.columns]
+    key_columns = list(options.event_key) if options.event_key is not None else columns
+    named = {
+        "user_id_column": [options.user_id_column],
+        "name_column": [options.name_column] if options.name_column else [],
+        "value_column": [options.value_column] if options.value_column else [],
+        "value_columns": list(options.value_columns or ()),
+        "event_key": key_columns,
+        "watermark_column": [options.watermark_column] if options.watermark_column else [],
+    }
+    missing = [f"{arg} {c!r}" for arg, names in named.items() for c in names if c not in df.columns]
+    if missing:
+        raise SourceDataError(
+            f"The event source lacks {', '.join(missing)}; its columns are {columns or '(none)'}. Nothing was sent."
+        )
+    needed = list(dict.fromkeys(c for names in named.values() for c in names))
+    canon, kinds = canonical_columns(df[needed])
+    rows = canon.height
+    canon = canon.with_columns(_user_id(canon, kinds, options.user_id_column).alias(_USER_ID))
+    _check_present(canon, _USER_ID, f"user id (column {options.user_id_column!r})")
+    pieces: list[pl.Expr] = [
+        pl.lit('{"brandId":' + str(int(options.brand_id)) + ',"userId":'),
+        json_fragment(_USER_ID, "string", pl.String()),
+        pl.lit(',"name":'),
+    ]
+    if options.name is not None:
+        pieces.append(pl.lit(json.dumps(options.name, ensure_ascii=False)))
+    else:
+        name = str(options.name_column)
+        if rows and kinds[name] not in ("string", "null"):
+            raise SourceDataError(f"Event name column {name!r} must hold strings, not {kinds[name]} values.")
+        _check_present(canon, name, f"event name (column {name!r})")
+        pieces.append(json_fragment(name, "string", pl.String()))
+    if options.value_columns is not None:
+        cols = list(options.value_columns)
+        obj = encode_rows(
+            canon.select(cols), {c: kinds[c] for c in cols}, nest_dotted_columns=options.nest_dotted_columns
+        )
+        canon = canon.with_columns(obj.alias(_VALUE))
+        pieces += [pl.lit(',"value":'), pl.col(_VALUE)]
+    elif options.value_column is not None:
+        name = options.value_column
+        fragment = json_fragment(name, kinds[name], canon.schema[name])
+        # a null value is left out: the field is optional, and a null may not fit the event's definition
+        pieces.append(pl.when(fragment == "null").then(pl.lit("")).otherwise(pl.lit(',"value":') + fragment))
+    pieces.append(pl.lit("}"))
+    keys = encode_rows(canon.select(key_columns), {c: kinds[c] for c in key_columns}, nest_dotted_columns=False)
+    frame = canon.select(pl.concat_str(pieces).alias(EVENT)).with_columns(
+        keys.alias(KEY), _watermark(canon, kinds, options.watermark_column).alias(WATERMARK)
+    )
+    return Encoded(frame, key_columns)
+
+
+def _user_id(canon: pl.DataFrame, kinds: Mapping[str, str], column: str) -> pl.Series:
+    """The user id as text: strings as they are, integers (also integral floats and decimals) as digits."""
+    values = canon.get_column(column)
+    kind = kinds[column]
+    if kind in ("string", "null"):
+        return values.cast(pl.String)
+    if kind == "int":
+        return values.cast(pl.String)
+    if kind == "float":
+        fractional = values.is_not_null() & (values != values.floor())
+        if fractional.any():
+            raise SourceDataError(
+                f"User id column {column!r} holds non-integral numbers, e.g. "
+                f"{values.filter(fractional).head(_MAX_LISTED).to_list()}; user ids are strings or whole numbers."
+            )
+        return values.cast(pl.Int64).cast(pl.String)
+    if kind == "decimal":
+        fractional = values.str.contains(".", literal=True) | values.str.contains("E-", literal=True)
+        if fractional.fill_null(False).any():
+            raise SourceDataError(f"User id column {column!r} holds non-integral decimals; user ids must be whole.")
+        return values
+    raise SourceDataError(f"User id column {column!r} must hold strings or integers, not {kind} values.")
+
+
+def _check_present(canon: pl.DataFrame, column: str, what: str) -> None:
+    """Refuse null and empty values of a column every event needs (before anything is sent)."""
+    values = canon.get_column(column)
+    bad = values.is_null() | (values == "")
+    if bad.fill_null(True).any():
+        positions = bad.fill_null(True).arg_true()
+        shown = positions.head(_MAX_LISTED).to_list()
+        more = f" (and {positions.len() - len(shown)} more)" if positions.len() > len(shown) else ""
+        raise SourceDataError(
+            f"{positions.len()} row(s) of the event source have no {what} (null or empty), at row position(s) "
+            f"{', '.join(map(str, shown))}{more}; every event needs one. Nothing was sent."
+        )
+
+
+def _watermark(canon: pl.DataFrame, kinds: Mapping[str, str], column: str | None) -> pl.Series:
+    if column is None:
+        return pl.repeat(None, canon.height, dtype=pl.Int64, eager=True)
+    kind = kinds[column]
+    values = canon.get_column(column)
+    missing = values.is_null()
+    if missing.any():
+        positions = missing.arg_true()
+        raise SourceDataError(
+            f"{positions.len()} row(s) of the event source have no watermark (column {column!r} is null), at row "
+            f"position(s) {', '.join(map(str, positions.head(_MAX_LISTED).to_list()))}; the window of the next "
+            "run could not place them. Nothing was sent."
+        )
+    if canon.height and kind not in _WATERMARK_KINDS:
+        raise SourceDataError(
+            f"Watermark column {column!r} must hold datetimes, dates or epoch milliseconds, not {kind} values."
+        )
+    return values.cast(pl.Int64)
+
+
+# --- planning --------------------------------------------------------------------------------------------------
+@dataclass
+class EventPlan:
+    """The events of one run still to send (in send order) and the ledger and state to commit after them."""
+
+    events: pl.DataFrame
+    chunks: list[tuple[int, int]]
+    bytes: int
+    target: pl.DataFrame
+    state: _State
+    duplicates: int = 0
+    before_window: int = 0
+
+
+def make_event_plan(
+    encoded: Encoded, ledger: pl.DataFrame, state: _State, window: Window, options: EventOptions
+) -> EventPlan:
+    """Drop rows older than the window and keys already delivered; order, chunk; the ledger after delivery."""
+    frame = encoded.frame
+    if state.event_key is not None and state.event_key != encoded.key_columns and ledger.height:
+        raise StopChurnConfigError(
+            f"The event key changed from {state.event_key} to {encoded.key_columns}: the ledger of the "
+            f"{ledger.height} events delivered in the lookback window cannot recognise them under the new key, so "
+            "they would be sent again. Nothing was sent. Keep event_key as it was (an explicit event_key is "
+            "not affected by new source columns), or start a new stream (another stream_id) knowing that the "
+            "events of the window will be sent again."
+        )
+    before_window = 0
+    if window.since_ms is not None:
+        recent = frame.get_column(WATERMARK) >= window.since_ms
+        before_window = frame.height - int(recent.sum())
+        if before_window:
+            frame = frame.filter(recent)
+    unique = frame.unique(subset=[KEY], keep="first", maintain_order=True)
+    duplicates = frame.height - unique.height
+    if ledger.height and unique.height:
+        fresh = unique.filter(~pl.col(KEY).is_in(ledger.get_column(KEY).implode()))
+        duplicates += unique.height - fresh.height
+    else:
+        fresh = unique
+    if options.watermark_column is not None:
+        fresh = fresh.sort(WATERMARK, maintain_order=True)
+    sizes = fresh.get_column(EVENT).str.len_bytes().to_numpy()
+    try:
+        chunks = plan_chunks(sizes, chunk_size=options.chunk_size, max_chunk_bytes=options.max_chunk_bytes)
+    except SourceDataError as err:
+        raise SourceDataError(f"An event is too large for one request: {err}") from err
+    after = _State(state.watermark_ms, encoded.key_columns)
+    if options.watermark_column is not None and fresh.height:
+        top = int(fresh.get_column(WATERMARK).max())  # type: ignore[arg-type]
+        after.watermark_ms = top if state.watermark_ms is None else max(state.watermark_ms, top)
+    target = _prune(pl.concat([ledger, fresh.select(KEY, WATERMARK)]), after, options)
+    return EventPlan(fresh, chunks, bodies_bytes(sizes, chunks), target, after, duplicates, before_window)
+
+
+def _prune(ledger: pl.DataFrame, state: _State, options: EventOptions) -> pl.DataFrame:
+    """Keep only the keys a later read can return again (watermark >= the next window's start)."""
+    if options.watermark_column is None or state.watermark_ms is None:
+        return ledger
+    return ledger.filter(pl.col(WATERMARK) >= state.watermark_ms - options.lookback_ms)
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+def run_events(
+    source: Source,
+    store: SnapshotStore,
+    sender: EventSender | None,
+    options: EventOptions,
+    *,
+    stream: str = "",
+) -> EventSummary:
+    """Send the events of ``source`` not delivered yet; see the module docstring.
+
+    :param source: a DataFrame, or a callable given the :class:`Window` to read (called once, after any unfinished
+        plan was finished).
+    :param store: the stream's state store (:func:`event_store`).
+    :param sender: posts event bodies (a ``StopChurnClient``); may be None only for a dry run.
+    :param stream: the stream's name, for the summary and messages.
+    """
+    started = time.monotonic()
+    summary = EventSummary(options.brand_id, stream or store.table_name, dry_run=options.dry_run)
+    summary.state_uri = store.location
+    if options.dry_run:
+        _dry_run(source, store, options, summary)
+    else:
+        if sender is None:
+            raise StopChurnConfigError("A sender is required unless dry_run=True.")
+        run = _Run(store, _ToEventRoute(sender), options, summary)
+        with store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock, lock.heartbeat():
+            run.lock = lock
+            committed = store.read_committed()
+            record = committed.run if committed is not None else None
+            if options.run_key is not None and record and record.get("run_key") == options.run_key:
+                summary.sent += int(record.get("sent", 0))  # earlier tries of this DAG run
+            pending = store.pending_plan()
+            if pending is not None:
+                run.resume(pending)
+            run.fresh(source)
+    summary.duration_s = round(time.monotonic() - started, 3)
+    log.info("%s", summary.line())
+    return summary
+
+
+def _read(source: Source, window: Window, options: EventOptions) -> Encoded:
+    frame = source(window) if callable(source) else source
+    return encode_events(frame, options)
+
+
+def _dry_run(source: Source, store: SnapshotStore, options: EventOptions, summary: EventSummary) -> None:
+    """What a run would send now, with nothing sent or written: an unfinished plan counts as delivered."""
+    committed = store.read_committed()
+    state, ledger = _State.of(committed), _ledger(committed)
+    pending = store.pending_plan(cleanup=False)
+    if pending is not None and pending.meta.get("plan_format") == EVENT_PLAN_FORMAT:
+        acked = store.acked(pending)
+        summary.resumed_chunks = len(pending.chunks) - len(acked)
+        ledger = store.read_snapshot(pending.target_version).select(KEY, WATERMARK)
+        state = _State(pending.meta["state"]["watermark_ms"], pending.meta["state"]["event_key"])
+    window = _window(state, options)
+    plan = make_event_plan(_read(source, window, options), ledger, state, window, options)
+    _plan_counts(summary, plan, window)
+    summary.sent = plan.events.height
+    summary.samples = [orjson.loads(e) for e in plan.events.get_column(EVENT).head(5).to_list()]
+
+
+def _window(state: _State, options: EventOptions) -> Window:
+    if options.watermark_column is None or state.watermark_ms is None:
+        return Window(None)
+    return Window(state.watermark_ms - options.lookback_ms)
+
+
+def _plan_counts(summary: EventSummary, plan: EventPlan, window: Window) -> None:
+    summary.duplicates += plan.duplicates
+    summary.before_window += plan.before_window
+    summary.chunks += len(plan.chunks)
+    summary.bytes += plan.bytes
+    summary.since = None if window.since_ms is None else _iso(window.since_ms)
+    summary.set_watermark(plan.state.watermark_ms)
+    summary.ledger_keys = plan.target.height
+
+
+class _Run:
+    """One locked run: finish an unfinished plan, then plan and deliver the source's new events."""
+
+    def __init__(self, store: SnapshotStore, sender: _ToEventRoute, options: EventOptions, summary: EventSummary):
+        self.store = store
+        self.sender = sender
+        self.options = options
+        self.summary = summary
+        self.lock: Any = None
+
+    def resume(self, plan: Plan) -> None:
+        if plan.meta.get("plan_format") != EVENT_PLAN_FORMAT:
+            log.warning(
+                "Dropping the pending plan %s in %s, written by another version of this provider; its events are "
+                "read from the source again.",
+                plan.plan_id,
+                self.store.location,
+            )
+            self.store.discard_plan(plan)
+            return
+        acked = self.store.acked(plan)
+        events = self.store.read_changes(plan).get_column(EVENT)
+        if self.options.run_key is not None and plan.meta.get("run_key") == self.options.run_key:
+            # an earlier try of this DAG run sent these
+            self.summary.sent += sum(plan.chunks[c][1] - plan.chunks[c][0] for c in acked)
+        todo = [c for c in range(len(plan.chunks)) if c not in acked]
+        log.warning(
+            "Resuming the unfinished event plan %s of %r: %d of %d chunks were acknowledged; sending the other %d "
+            "(a chunk that was in flight when it stopped may reach StopChurn twice: the API has no idempotency key).",
+            plan.plan_id,
+            self.summary.stream,
+            len(acked),
+            len(plan.chunks),
+            len(todo),
+        )
+        self.summary.resumed_chunks += len(todo)
+        sizes = events.str.len_bytes().to_numpy()
+        self.summary.chunks += len(todo)
+        self.summary.bytes += bodies_bytes(sizes, [plan.chunks[c] for c in todo])
+        self._deliver(plan, events, todo, acked)
+        self.summary.set_watermark(plan.meta["state"]["watermark_ms"])
+
+    def fresh(self, source: Source) -> None:
+        committed = self.store.read_committed()
+        state = _State.of(committed)
+        window = _window(state, self.options)
+        ledger = _ledger(committed)
+        plan = make_event_plan(_read(source, window, self.options), ledger, state, window, self.options)
+        _plan_counts(self.summary, plan, window)
+        if not plan.events.height:
+            self.summary.ledger_keys = ledger.height
+            self.summary.set_watermark(state.watermark_ms)
+            return
+        target_version = self.store.write_snapshot(plan.target)
+        stored = self.store.write_plan(
+            target_version=target_version,
+            base_version=committed.version if committed is not None else None,
+            changes=plan.events,
+            chunks=plan.chunks,
+            meta={
+                "plan_format": EVENT_PLAN_FORMAT,
+                "brand_id": self.options.brand_id,
+                "run_key": self.options.run_key,
+                "state": plan.state.record(),
+                "target_rows": plan.target.height,
+                "base_state": state.record(),
+            },
+        )
+        self._deliver(stored, plan.events.get_column(EVENT), list(range(len(plan.chunks))), set())
+
+    def _deliver(self, plan: Plan, events: pl.Series, todo: Sequence[int], acked_before: set[int]) -> None:
+        def record(chunk: int, rejections: list[Rejection]) -> None:
+            self.store.ack(plan, chunk)
+
+        lock = self.lock
+        report = deliver_chunks(
+            events,
+            plan.chunks,
+            todo,
+            self.sender,
+            self.options,
+            record,
+            guard=lambda: lock.check(max_age_s=lock.interval_s),
+        )
+        self.summary.requests += report.requests
+        self.summary.retries += report.retries
+        acked = acked_before | set(report.acked)
+        self.summary.sent += sum(plan.chunks[c][1] - plan.chunks[c][0] for c in report.acked)
+        failure = report.failure
+        if failure is None:
+            self._commit(plan, plan.target_version, int(plan.meta.get("target_rows", -1)), plan.meta["state"])
+            return
+        if not (isinstance(failure, StopChurnError) and failure.permanent):
+            # a crash-like ending (retries exhausted, a lost lock): the plan stays, the next try sends the rest
+            log.warning(
+                "Event delivery of %r stopped (%s); %d of %d chunks acknowledged. The plan stays in %s: the next try "
+                "sends the other chunks.",
+                self.summary.stream,
+                type(failure).__name__,
+                len(acked),
+                len(plan.chunks),
+                self.store.location,
+            )
+            raise failure
+        try:
+            self._settle(plan, acked)
+        except Exception as err:
+            log.error("Could not settle event plan %s (%s); the next run finishes it.", plan.plan_id, err)
+        explained = _explained(failure, len(acked), len(plan.chunks), self.summary.stream)
+        if explained is failure:
+            raise failure
+        raise explained from failure
+
+    def _commit(self, plan: Plan, version: str, rows: int, state: Mapping[str, Any]) -> None:
+        self.store.commit(
+            version,
+            base_version=plan.base_version,
+            kinds=dict(LEDGER_KINDS),
+            key_columns=[KEY],
+            rows=rows,
+            plan_id=plan.plan_id,
+            lock=self.lock,
+            run={"run_key": self.options.run_key, "sent": self.summary.sent},
+            state=state,
+        )
+        self.summary.ledger_keys = rows
+
+    def _settle(self, plan: Plan, acked: set[int]) -> None:
+        """After a permanent failure: the acknowledged keys join the ledger; the watermark stays where it was."""
+        if not acked:
+            self.store.discard_plan(plan)
+            return
+        changes = self.store.read_changes(plan)
+        mask = np.zeros(changes.height, dtype=bool)
+        for chunk in acked:
+            start, end = plan.chunks[chunk]
+            mask[start:end] = True
+        committed = self.store.read_committed()
+        base = _State(**plan.meta["base_state"])
+        ledger = pl.concat([_ledger(committed), changes.filter(pl.Series(mask)).select(KEY, WATERMARK)])
+        version = self.store.write_snapshot(ledger)
+        state = _State(base.watermark_ms, plan.meta["state"]["event_key"])
+        self._commit(plan, version, ledger.height, state.record())
+        self.store.delete_snapshot(plan.target_version)
+        self.summary.set_watermark(base.watermark_ms)
+
+
+def _explained(failure: StopChurnError, acked: int, chunks: int, stream: str) -> StopChurnError:
+    """A permanent failure with what was recorded and what happens next, in the events' terms."""
+    recorded = (
+        f"{acked} of {chunks} chunks were acknowledged and recorded in the ledger (they are never sent again); the "
+        "watermark did not move, so the next run reads the same window and sends the rest."
+    )
+    if isinstance(failure, StopChurnRejectedError):
+        return StopChurnRejectedError(
+            f"StopChurn rejected events of stream {stream!r} (400): {failure.reason}. {recorded} Fix the source "
+            "(an event name unknown to StopChurn, or a value of another type than its definition?).",
+            reason=failure.reason,
+            status=failure.status,
+            attempts=failure.attempts,
+        )
+    if isinstance(failure, StopChurnPayloadTooLargeError):
+        return StopChurnPayloadTooLargeError(
+            f"StopChurn refused an event of stream {stream!r} as too large (413) even alone in a request. "
+            f"{recorded} Shrink that event's value.",
+            status=failure.status,
+            attempts=failure.attempts,
+        )
+    return failure
+
+
+__all__ = [
+    "EVENT",
+    "EVENTS_FOLDER",
+    "KEY",
+    "WATERMARK",
+    "Encoded",
+    "EventOptions",
+    "EventPlan",
+    "EventSender",
+    "EventSummary",
+    "Window",
+    "encode_events",
+    "event_store",
+    "make_event_plan",
+    "run_events",
+]

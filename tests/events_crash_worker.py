@@ -1,0 +1,64 @@
+"""Run one event delivery in its own process, so that a test can kill it mid-delivery.
+
+Usage: ``python events_crash_worker.py <sandbox url> <api key env var> <state root> <rows> <chunk size>``. The API
+key is read from the named environment variable (never from argv, which ``ps`` shows). Prints ``started`` once
+the source is built, then the summary as JSON when the delivery finishes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from airflow_provider_stopchurn.client import StopChurnClient
+from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
+
+BRAND = 5
+STREAM = "crash.deposits"
+
+
+def source(rows: int) -> pd.DataFrame:
+    ids = np.arange(rows, dtype=np.int64)
+    return pd.DataFrame(
+        {
+            "deposit_id": ids,
+            "user_id": ids % 97,
+            "amount": ids * 3,
+            "created_at": pd.Timestamp("2025-01-01", tz="UTC") + pd.to_timedelta(ids, unit="s"),
+        }
+    )
+
+
+def options(chunk_size: int) -> EventOptions:
+    return EventOptions(
+        brand_id=BRAND,
+        user_id_column="user_id",
+        name="DEPOSIT",
+        value_column="amount",
+        event_key=("deposit_id",),
+        watermark_column="created_at",
+        lookback=dt.timedelta(hours=1),
+        chunk_size=chunk_size,
+        max_concurrent_requests=1,
+        holder="events-crash-worker",
+    )
+
+
+def main(argv: list[str]) -> int:
+    url, key_var, root, rows, chunk_size = argv
+    frame = source(int(rows))
+    client = StopChurnClient(url, os.environ[key_var], max_retries=0, timeout=30.0)
+    print("started", flush=True)
+    summary = run_events(frame, event_store(Path(root), BRAND, STREAM), client, options(int(chunk_size)))
+    print(json.dumps(summary.as_dict()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,111 @@
+"""StopChurnEventOperator and StopChurnHistoricalExportOperator on their own: constructor checks, templating,
+no work at DAG parse time, and arguments that cannot drift from the engine's options."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import inspect
+import socket
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from airflow.sdk import DAG
+
+from airflow_provider_stopchurn.events import EventOptions
+from airflow_provider_stopchurn.export import ExportOptions
+from airflow_provider_stopchurn.operators.stopchurn import (
+    StopChurnEventOperator,
+    StopChurnHistoricalExportOperator,
+)
+
+FRAME = pd.DataFrame({"id": [1], "user_id": [2]})
+
+
+def _explode() -> pd.DataFrame:
+    raise AssertionError("the source callable must not be called at DAG parse time")
+
+
+def _event(**kwargs: Any) -> StopChurnEventOperator:
+    kwargs.setdefault("task_id", "send")
+    kwargs.setdefault("user_id_column", "user_id")
+    return StopChurnEventOperator(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "X"}, "exactly one of `dataframe` or `sql`"),
+        ({"name": "X", "sql": "SELECT 1"}, "`sql` needs `sql_conn_id`"),
+        ({"dataframe": FRAME}, "exactly one of `name` or `name_column`"),
+        ({"dataframe": FRAME, "name": "X", "name_column": "n"}, "exactly one of `name` or `name_column`"),
+        ({"dataframe": FRAME, "name": "X", "value_column": "a", "value_columns": ["b"]}, "at most one"),
+    ],
+)
+def test_event_constructor_rejects_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _event(**kwargs)
+
+
+def test_export_constructor_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="exactly one of `dataframe` or `sql`"):
+        StopChurnHistoricalExportOperator(task_id="export", table_name="user")
+
+
+def test_template_fields() -> None:
+    assert {"brand_id", "name", "sql", "parameters", "state_uri", "dataframe", "stream_id"} <= set(
+        StopChurnEventOperator.template_fields
+    )
+    assert {"table_name", "brand_id", "sql", "output_uri", "snapshot_uri", "replace_snapshot"} <= set(
+        StopChurnHistoricalExportOperator.template_fields
+    )
+    for op in (StopChurnEventOperator, StopChurnHistoricalExportOperator):
+        assert ".sql" in op.template_ext
+        assert not {"stopchurn_conn_id", "state_conn_id", "output_conn_id"} & set(op.template_fields)
+
+
+def _parameters(cls: type) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+
+
+def test_event_arguments_cover_the_engine_options() -> None:
+    derived = {"brand_id", "holder", "run_key", "lock_ttl_s", "progress_interval_s"}
+    fields = {f.name for f in dataclasses.fields(EventOptions)} - derived
+    assert fields <= _parameters(StopChurnEventOperator)
+
+
+def test_export_arguments_cover_the_engine_options() -> None:
+    derived = {"brand_id", "holder", "run_key", "run_id", "lock_ttl_s", "key_columns"}
+    fields = {f.name for f in dataclasses.fields(ExportOptions)} - derived
+    assert fields <= _parameters(StopChurnHistoricalExportOperator)
+    assert "primary_key" in _parameters(StopChurnHistoricalExportOperator)
+
+
+def test_constructors_do_no_io_and_call_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("an operator constructor opened a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.chdir(tmp_path)
+    with DAG("unit_new_ops", schedule=None):
+        event = _event(
+            dataframe=_explode,
+            name="X",
+            event_key="id",
+            lookback=dt.timedelta(hours=1),
+            watermark_column="t",
+            state_uri="s3://nowhere/at-all",
+            stopchurn_conn_id="does_not_exist",
+        )
+        export = StopChurnHistoricalExportOperator(
+            task_id="export",
+            table_name="user",
+            dataframe=_explode,
+            output_uri="s3://nowhere/else",
+            snapshot_uri="s3://nowhere/at-all",
+        )
+    assert event.dataframe is None and export.dataframe is None  # callables stay out of the template fields
+    assert event.event_key == ["id"] and export.primary_key == ["id"]
+    assert list(tmp_path.iterdir()) == []
