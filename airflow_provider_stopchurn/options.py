@@ -42,6 +42,9 @@ class SyncOptions:
     #: delivery, including what earlier tries delivered (None: count this call only)
     run_key: str | None = None
     lock_ttl_s: float = 3600.0
+    #: how long a run waits for the table's lock while another run holds it, polling with backoff, before it
+    #: fails as retryable (0: fail at once)
+    lock_wait_s: float = 300.0
     progress_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -70,6 +73,12 @@ class SyncOptions:
             problems.append(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests!r}")
         if not isinstance(self.max_rejected_rows, int) or self.max_rejected_rows < 0:
             problems.append(f"max_rejected_rows must be >= 0, got {self.max_rejected_rows!r}")
+        if (
+            isinstance(self.lock_wait_s, bool)
+            or not isinstance(self.lock_wait_s, int | float)
+            or not (0 <= self.lock_wait_s <= 86_400)
+        ):
+            problems.append(f"lock_wait_s must be a number of seconds within [0, 86400], got {self.lock_wait_s!r}")
         if problems:
             raise StopChurnConfigError("Invalid sync options: " + "; ".join(problems) + ".")
 

@@ -145,7 +145,10 @@ def run_sync(
     else:
         if sender is None:
             raise StopChurnConfigError("A sender is required unless dry_run=True.")
-        with store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock, lock.heartbeat():
+        with (
+            store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
+            lock.heartbeat(),
+        ):
             pending = store.pending_plan()
             committed = store.read_committed()
             summary.start_from(committed.run if committed is not None else None, options.run_key)

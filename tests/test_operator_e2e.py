@@ -521,3 +521,31 @@ def test_summary_in_xcom(sandbox: SandboxServer, tmp_path: Path) -> None:
     assert summary["bytes"] > 0
     assert summary["duration_s"] >= 0
     assert "sandbox-test-key" not in json.dumps(summary)
+
+
+def test_second_run_of_a_table_waits_for_the_lock(sandbox: SandboxServer, tmp_path: Path) -> None:
+    """A run started while another holds the table (e.g. a UI trigger beside the scheduled run) waits for it."""
+    import threading
+    import time
+
+    from airflow_provider_stopchurn.snapshot import SnapshotStore
+
+    root = tmp_path / "snapshots"
+    frame = users_frame(random.Random(7), 20)
+    dag = sync_dag("lockwait", table_name="account", dataframe=lambda: frame, snapshot_uri=str(root), lock_wait_s=60)
+    held = threading.Event()
+
+    def other_run() -> None:
+        with SnapshotStore(root, 1, "account").lock("other_dag.sync run manual"):
+            held.set()
+            time.sleep(2)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(10)
+        summary = run_ok(dag, 0)
+    finally:
+        thread.join(timeout=30)
+    assert summary["inserted"] == 20
+    assert_in_step(sandbox, 1, "account", frame, ["id"])

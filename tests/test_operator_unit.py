@@ -290,3 +290,34 @@ def test_operator_arguments_mirror_sync_options() -> None:
         assert params[name].default == defaults[name], (name, params[name].default, defaults[name])
     assert params["dry_run"].default == defaults["dry_run"]
     assert params["allow_large_changes"].default == defaults["allow_large_changes"]
+
+
+# --- task retries ------------------------------------------------------------------------------------------------
+def test_retries_by_default() -> None:
+    """A retry settles what the failed try delivered and sends the rest: the operator retries unless told not to."""
+    from datetime import timedelta
+
+    op = _op(dataframe=FRAME)
+    assert (op.retries, op.retry_delay, op.retry_exponential_backoff) == (3, timedelta(minutes=2), True)
+
+
+@pytest.mark.parametrize(
+    ("dag_default_args", "task_kwargs", "expected"),
+    [
+        ({"retries": 0}, {}, (0, 300.0, False)),  # the DAG's default_args win, Airflow's delay with them
+        ({"retries": 5, "retry_delay": 10}, {}, (5, 10.0, False)),
+        ({}, {"retries": 1}, (1, 300.0, False)),  # the task's own arguments win
+        ({"retry_delay": 30}, {}, (3, 30.0, True)),  # what the DAG leaves open keeps the operator's default
+        ({"retry_exponential_backoff": False}, {}, (3, 120.0, False)),
+    ],
+)
+def test_dag_and_task_retry_settings_win(
+    dag_default_args: dict[str, Any], task_kwargs: dict[str, Any], expected: tuple[int, float, bool]
+) -> None:
+    with DAG("retry_defaults", schedule=None, default_args=dag_default_args):
+        op = _op(dataframe=FRAME, **task_kwargs)
+    assert (op.retries, op.retry_delay.total_seconds(), op.retry_exponential_backoff) == expected
+
+
+def test_operator_default_args_win_too() -> None:
+    assert _op(dataframe=FRAME, default_args={"retries": 0}).retries == 0

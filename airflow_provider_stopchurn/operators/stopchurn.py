@@ -6,6 +6,7 @@ import inspect
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
@@ -102,6 +103,12 @@ class StopChurnUpdateOperator(BaseOperator):
     :param max_concurrent_requests: chunks in flight at once (1 = strictly sequential).
     :param nest_dotted_columns: turn columns named ``a.b`` into nested objects ``{"a": {"b": ...}}``.
     :param decimal_as_string: send decimals as JSON strings instead of exact JSON numbers.
+    :param lock_wait_s: while another run syncs the same table, wait up to this many seconds for its lock
+        (polling with backoff), then fail as retryable.
+
+    Unless the task or its DAG's ``default_args`` set them (or ``[core] default_task_retries`` is set), the
+    operator retries: ``retries=3``, ``retry_delay=2 minutes``, ``retry_exponential_backoff=True``; a retry
+    settles what an earlier try delivered and sends only the rest.
     """
 
     template_fields: Sequence[str] = (
@@ -148,9 +155,10 @@ class StopChurnUpdateOperator(BaseOperator):
         max_concurrent_requests: int = 4,
         nest_dotted_columns: bool = True,
         decimal_as_string: bool = False,
+        lock_wait_s: float = 300.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**_with_retry_defaults(kwargs))
         if (dataframe is None) == (sql is None):
             raise ValueError(f"{self.task_id}: pass exactly one of `dataframe` or `sql`.")
         if sql is not None and not sql_conn_id:
@@ -190,6 +198,7 @@ class StopChurnUpdateOperator(BaseOperator):
         self.max_concurrent_requests = max_concurrent_requests
         self.nest_dotted_columns = nest_dotted_columns
         self.decimal_as_string = decimal_as_string
+        self.lock_wait_s = lock_wait_s
 
     # --- execute ---------------------------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
@@ -279,6 +288,34 @@ class StopChurnUpdateOperator(BaseOperator):
             return factory
         frame = self.dataframe
         return lambda: frame
+
+
+#: Task retries unless the task, its DAG's default_args or Airflow's configuration say otherwise: a retry
+#: settles what the failed try delivered and sends only the rest.
+RETRY_DEFAULTS: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay": timedelta(minutes=2),
+    "retry_exponential_backoff": True,
+}
+
+
+def _with_retry_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus :data:`RETRY_DEFAULTS` for what neither the task nor the DAG's default_args set.
+
+    Airflow's metaclass passes the merged DAG/task default_args as ``default_args``; BaseOperator fills its own
+    arguments from them only when they are absent from kwargs, so they must not be set here. A deployment-wide
+    ``[core] default_task_retries`` (non-zero) is respected too.
+    """
+    given = set(kwargs) | set(kwargs.get("default_args") or {})
+    if "retries" in given or _configured_default_retries():
+        return kwargs
+    return {**{k: v for k, v in RETRY_DEFAULTS.items() if k not in given}, **kwargs}
+
+
+def _configured_default_retries() -> bool:
+    from airflow.sdk.bases.operator import DEFAULT_RETRIES
+
+    return bool(DEFAULT_RETRIES)
 
 
 def _is_xcom_arg(value: Any) -> bool:
