@@ -174,8 +174,11 @@ def test_server_errors_are_transient_and_the_next_try_delivers(
 
 def test_mass_delete_safeguard_is_permanent(stopchurn_conn: SandboxServer, tmp_path: Path) -> None:
     _op(dataframe=FRAME, snapshot_uri=str(tmp_path)).execute(CONTEXT)
-    with pytest.raises(AirflowFailException, match="max_delete_fraction"):
+    with pytest.raises(AirflowFailException, match="max_delete_fraction") as info:
         _op(dataframe=FRAME.head(1), snapshot_uri=str(tmp_path)).execute(CONTEXT)
+    first, *details = str(info.value).splitlines()
+    assert first == "The plan deletes 2 of 3 rows (66.7%) of brand 1 table 'account'; nothing was sent."
+    assert "Trigger DAG w/ config and set approve_mass_delete" in details[-1]  # how to approve it from the UI
     summary = _op(dataframe=FRAME.head(1), snapshot_uri=str(tmp_path), allow_large_changes="True").execute(CONTEXT)
     assert summary["deleted"] == 2
 
@@ -226,6 +229,7 @@ def test_stale_snapshot_message(found: str | None, rows: int | None, expected: s
     assert "Airflow recorded that snapshot 20250102T030405000000Z-aaaaaaaa (120 rows) was committed at " in message
     assert "s3://bucket/stopchurn/1/account by nightly.sync run scheduled__2025-01-02" in message
     assert "Nothing was sent." in message
+    assert message.splitlines()[0] == "This worker's snapshot store is behind what Airflow recorded. Nothing was sent."
     assert "several workers" in message
     assert "snapshot_uri=" in message
     assert "snapshot_conn_id=" in message

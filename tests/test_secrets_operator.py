@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -35,7 +36,13 @@ def _frame(n: int) -> pd.DataFrame:
 def _dag(snapshot_root: Path, frame: pd.DataFrame) -> DAG:
     with DAG(f"secrets_operator_{next(_ids)}", schedule=None, start_date=pendulum.datetime(2025, 1, 1)) as dag:
         StopChurnUpdateOperator(
-            task_id="sync", table_name="account", dataframe=frame, snapshot_uri=str(snapshot_root), chunk_size=10
+            task_id="sync",
+            table_name="account",
+            dataframe=frame,
+            snapshot_uri=str(snapshot_root),
+            chunk_size=10,
+            retries=1,  # a retryable failure (the outage) runs a second try, at once
+            retry_delay=timedelta(0),
         )
     return dag
 
