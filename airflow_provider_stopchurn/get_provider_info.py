@@ -32,6 +32,14 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_stopchurn.operators.stopchurn"],
             }
         ],
+        "asset-uris": [
+            {
+                "schemes": ["stopchurn"],
+                "handler": "airflow_provider_stopchurn.assets.sanitize_uri",
+                "factory": "airflow_provider_stopchurn.hooks.assets.create_asset",
+                "to_openlineage_converter": "airflow_provider_stopchurn.hooks.assets.convert_asset_to_openlineage",
+            }
+        ],
         "connection-types": [
             {
                 "connection-type": "stopchurn",

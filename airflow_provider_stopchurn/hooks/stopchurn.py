@@ -152,6 +152,11 @@ class StopChurnHook(BaseHook):
         return host
 
     @property
+    def api_host(self) -> str:
+        """The host (and port) of the API base URL, as ``stopchurn://`` assets and lineage name it."""
+        return urlsplit(self._resolve_base_url()).netloc
+
+    @property
     def brand_id(self) -> int | None:
         """The connection's default brand id (extra ``brand_id``), or None when it is not set."""
         value: int | None = self._number_extra("brand_id")

@@ -14,8 +14,10 @@ from urllib.parse import unquote, urlsplit
 from airflow.sdk import BaseHook, BaseOperator, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_provider_stopchurn.assets import TableRef
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError, StopChurnError
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
+from airflow_provider_stopchurn.operators import lineage
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sources import read_sql_frame
@@ -199,6 +201,8 @@ class StopChurnUpdateOperator(BaseOperator):
         self.nest_dotted_columns = nest_dotted_columns
         self.decimal_as_string = decimal_as_string
         self.lock_wait_s = lock_wait_s
+        self._table: TableRef | None = None  # set by execute(), for lineage
+        self._summary: dict[str, Any] | None = None
 
     # --- execute ---------------------------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
@@ -206,6 +210,7 @@ class StopChurnUpdateOperator(BaseOperator):
         try:
             hook = StopChurnHook(self.stopchurn_conn_id)
             options = self._options(hook, context)
+            self._table = lineage.sync_table(hook.api_host, options.brand_id, options.table_name, self.outlets)
             store = SnapshotStore(self._snapshot_root(), options.brand_id, options.table_name)
             # Before anything is read or sent: does this worker's store hold what Airflow saw committed last?
             guard = CommitGuard.for_task(store, options.brand_id, options.table_name, context)
@@ -222,7 +227,16 @@ class StopChurnUpdateOperator(BaseOperator):
             if err.permanent:
                 raise AirflowFailException(str(err)) from err
             raise AirflowException(str(err)) from err
-        return summary.as_dict()
+        self._summary = summary.as_dict()
+        lineage.attach_counts(self.outlets, context.get("outlet_events"), self._summary)
+        return self._summary
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: the SQL's tables (or the asset inlets) in, the StopChurn table out, the counts as facets."""
+        return lineage.operator_lineage(self, self._table, self._summary)
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        return lineage.operator_lineage(self, self._table, None)
 
     def _options(self, hook: StopChurnHook, context: Context) -> SyncOptions:
         brand_id = self.brand_id if self.brand_id not in (None, "") else hook.brand_id
