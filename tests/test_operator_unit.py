@@ -302,21 +302,21 @@ def test_retries_by_default() -> None:
     from datetime import timedelta
 
     op = _op(dataframe=FRAME)
-    assert (op.retries, op.retry_delay, op.retry_exponential_backoff) == (3, timedelta(minutes=2), True)
+    assert (op.retries, op.retry_delay, op.retry_exponential_backoff) == (3, timedelta(minutes=2), 2.0)
 
 
 @pytest.mark.parametrize(
     ("dag_default_args", "task_kwargs", "expected"),
     [
-        ({"retries": 0}, {}, (0, 300.0, False)),  # the DAG's default_args win, Airflow's delay with them
-        ({"retries": 5, "retry_delay": 10}, {}, (5, 10.0, False)),
-        ({}, {"retries": 1}, (1, 300.0, False)),  # the task's own arguments win
-        ({"retry_delay": 30}, {}, (3, 30.0, True)),  # what the DAG leaves open keeps the operator's default
-        ({"retry_exponential_backoff": False}, {}, (3, 120.0, False)),
+        ({"retries": 0}, {}, (0, 300.0, 0)),  # the DAG's default_args win, Airflow's delay with them
+        ({"retries": 5, "retry_delay": 10}, {}, (5, 10.0, 0)),
+        ({}, {"retries": 1}, (1, 300.0, 0)),  # the task's own arguments win
+        ({"retry_delay": 30}, {}, (3, 30.0, 2.0)),  # what the DAG leaves open keeps the operator's default
+        ({"retry_exponential_backoff": 0}, {}, (3, 120.0, 0)),
     ],
 )
 def test_dag_and_task_retry_settings_win(
-    dag_default_args: dict[str, Any], task_kwargs: dict[str, Any], expected: tuple[int, float, bool]
+    dag_default_args: dict[str, Any], task_kwargs: dict[str, Any], expected: tuple[int, float, float]
 ) -> None:
     with DAG("retry_defaults", schedule=None, default_args=dag_default_args):
         op = _op(dataframe=FRAME, **task_kwargs)

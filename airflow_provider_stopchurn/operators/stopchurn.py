@@ -109,7 +109,7 @@ class StopChurnUpdateOperator(BaseOperator):
         (polling with backoff), then fail as retryable.
 
     Unless the task or its DAG's ``default_args`` set them (or ``[core] default_task_retries`` is set), the
-    operator retries: ``retries=3``, ``retry_delay=2 minutes``, ``retry_exponential_backoff=True``; a retry
+    operator retries: ``retries=3``, ``retry_delay=2 minutes``, doubling (``retry_exponential_backoff=2.0``); a retry
     settles what an earlier try delivered and sends only the rest.
     """
 
@@ -309,7 +309,12 @@ class StopChurnUpdateOperator(BaseOperator):
 RETRY_DEFAULTS: dict[str, Any] = {
     "retries": 3,
     "retry_delay": timedelta(minutes=2),
-    "retry_exponential_backoff": True,
+    # Airflow 3.2+ takes a multiplier (True would be 1: a constant delay); older versions a bool
+    "retry_exponential_backoff": (
+        True
+        if isinstance(inspect.signature(BaseOperator.__init__).parameters["retry_exponential_backoff"].default, bool)
+        else 2.0
+    ),
 }
 
 
