@@ -309,7 +309,7 @@ class StopChurnUpdateOperator(BaseOperator):
 RETRY_DEFAULTS: dict[str, Any] = {
     "retries": 3,
     "retry_delay": timedelta(minutes=2),
-    # Airflow 3.2+ takes a multiplier (True would be 1: a constant delay); older versions a bool
+    # Airflow 3.3 takes a multiplier (True would be 1: a constant delay); older versions took a bool
     "retry_exponential_backoff": (
         True
         if isinstance(inspect.signature(BaseOperator.__init__).parameters["retry_exponential_backoff"].default, bool)
@@ -332,8 +332,10 @@ def _with_retry_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _configured_default_retries() -> bool:
-    from airflow.sdk.bases.operator import DEFAULT_RETRIES
-
+    try:
+        from airflow.sdk.bases.operator import DEFAULT_RETRIES
+    except ImportError:  # another Airflow layout: its BaseOperator applies the setting itself
+        return False
     return bool(DEFAULT_RETRIES)
 
 
