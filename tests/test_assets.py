@@ -100,16 +100,14 @@ def test_parse_and_openlineage_name() -> None:
 
 # --- in Airflow ------------------------------------------------------------------------------------------------
 def test_airflow_registers_the_scheme() -> None:
-    from airflow.providers_manager import ProvidersManager
     from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
 
     from airflow_provider_stopchurn.hooks.assets import convert_asset_to_openlineage, create_asset
 
-    pm = ProvidersManager()
+    pm = ProvidersManagerTaskRuntime()
     assert pm.asset_uri_handlers["stopchurn"] is sanitize_uri
     assert pm.asset_factories["stopchurn"] is create_asset
     assert pm.asset_to_openlineage_converters["stopchurn"] is convert_asset_to_openlineage
-    assert ProvidersManagerTaskRuntime().asset_uri_handlers["stopchurn"] is sanitize_uri
 
 
 def test_airflow_normalizes_stopchurn_assets() -> None:
