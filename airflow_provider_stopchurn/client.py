@@ -557,7 +557,7 @@ class StopChurnClient:
         attempts_made = attempt
         raise TransientDeliveryError(
             f"StopChurn did not accept POST {path}{self._where()} after {attempts_made} "
-            f"attempt{'s' if attempts_made != 1 else ''} ({waited:.1f}s waited; {stop_reason}); last: {last}",
+            f"attempt{'s' if attempts_made != 1 else ''}.\nLast answer: {last}\n{waited:.1f}s waited; {stop_reason}.",
             status=last_status,
             attempts=attempts_made,
         )

@@ -329,10 +329,12 @@ def _send_range(
         if options.on_rejected_rows == "fail":
             raise _Failed(
                 StopChurnRejectedError(
-                    f"StopChurn rejected chunk {chunk + 1} of {chunks} (updates {start + 1}-{end}) of "
-                    f"{options.table_name!r}: {err.reason}. The chunks acknowledged before it were committed; "
-                    "nothing else of this plan counts as delivered. Fix the rows in the source (the next run "
-                    "diffs again), or set on_rejected_rows='quarantine' to deliver the other rows.",
+                    f"StopChurn rejected chunk {chunk + 1} of {chunks} of {options.table_name!r} (400).\n"
+                    f"Reason: {err.reason}\n"
+                    f"The chunk held updates {start + 1}-{end}. The chunks acknowledged before it were committed; "
+                    "nothing else of this plan counts as delivered.\n"
+                    "Fix the rows in the source (the next run diffs again), or set on_rejected_rows='quarantine' "
+                    "to deliver the other rows.",
                     reason=err.reason,
                     status=err.status,
                     attempts=err.attempts,

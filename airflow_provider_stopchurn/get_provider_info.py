@@ -34,34 +34,49 @@ def get_provider_info() -> dict[str, Any]:
         ],
         # `airflow stopchurn ...`: Airflow 3.2+ calls these functions for the provider's CLI command groups
         "cli": ["airflow_provider_stopchurn.cli.airflow_cli_commands"],
+        "asset-uris": [
+            {
+                "schemes": ["stopchurn"],
+                "handler": "airflow_provider_stopchurn.assets.sanitize_uri",
+                "factory": "airflow_provider_stopchurn.hooks.assets.create_asset",
+                "to_openlineage_converter": "airflow_provider_stopchurn.hooks.assets.convert_asset_to_openlineage",
+            }
+        ],
         "connection-types": [
             {
                 "connection-type": "stopchurn",
                 "hook-class-name": "airflow_provider_stopchurn.hooks.stopchurn.StopChurnHook",
                 "hook-name": "StopChurn",
                 "ui-field-behaviour": {
-                    "hidden-fields": ["schema", "port", "login"],
-                    "relabeling": {"host": "API base URL", "password": "API key"},
+                    # The port stays visible: Airflow 3.3.2's Test button sends "port": 0 for an empty port and
+                    # its API then refuses to test the saved connection (400); a stored 443 makes them agree.
+                    "hidden-fields": ["schema", "login"],
+                    "relabeling": {"host": "API base URL", "password": "API key", "port": "Port (enter 443)"},
                     "placeholders": {
                         "host": "https://marketplace.stopchurn.com",
                         "password": "StopChurn API key (Back Office > Settings)",
                     },
                 },
+                # Text fields: what is typed reaches the hook, which refuses a bad value naming the field (a number
+                # field would save "abc" as null and clamp "-1" without a word).
                 "conn-fields": {
                     "brand_id": {
                         "label": "Brand id",
-                        "schema": {"type": ["integer", "null"]},
-                        "description": "Default StopChurn brand id for operators that do not set brand_id.",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Default StopChurn brand id (an integer >= 1) for operators that do not "
+                        "set brand_id.",
                     },
                     "timeout": {
                         "label": "Timeout (seconds)",
-                        "schema": {"type": ["number", "null"], "minimum": 1},
-                        "description": "Read timeout of one request; the connect timeout is min(10, timeout).",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Read timeout of one request, in seconds (> 0; default 30); the connect "
+                        "timeout is min(10, timeout).",
                     },
                     "max_retries": {
                         "label": "Max retries",
-                        "schema": {"type": ["integer", "null"], "minimum": 0},
-                        "description": "Retries of one request on 429, 5xx and network errors.",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Retries of one request on 429, 5xx and network errors (an integer >= 0; "
+                        "default 5).",
                     },
                 },
             }

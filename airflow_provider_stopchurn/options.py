@@ -44,6 +44,9 @@ class SyncOptions:
     lock_ttl_s: float = 3600.0
     #: updates encoded at a time while delivering: bounds the update JSON held in memory (~400 bytes each)
     window_rows: int = 250_000
+    #: how long a run waits for the table's lock while another run holds it, polling with backoff, before it
+    #: fails as retryable (0: fail at once)
+    lock_wait_s: float = 300.0
     progress_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -74,6 +77,12 @@ class SyncOptions:
             problems.append(f"max_rejected_rows must be >= 0, got {self.max_rejected_rows!r}")
         if not isinstance(self.window_rows, int) or self.window_rows < 1:
             problems.append(f"window_rows must be a positive integer, got {self.window_rows!r}")
+        if (
+            isinstance(self.lock_wait_s, bool)
+            or not isinstance(self.lock_wait_s, int | float)
+            or not (0 <= self.lock_wait_s <= 86_400)
+        ):
+            problems.append(f"lock_wait_s must be a number of seconds within [0, 86400], got {self.lock_wait_s!r}")
         if problems:
             raise StopChurnConfigError("Invalid sync options: " + "; ".join(problems) + ".")
 

@@ -185,24 +185,33 @@ def timestamp_column(canon: Canonical, name: str | None, role: str) -> pl.Series
 
 
 # --- safeguards ----------------------------------------------------------------------------------------------
+#: How a person lets one run through the delete guards (the example DAGs pass their param to allow_large_changes).
+APPROVE_HINT = (
+    "To approve it, run once with allow_large_changes=True: in the Airflow UI, Trigger DAG w/ config and set "
+    'approve_mass_delete to true (a DAG param the task passes as allow_large_changes="{{ '
+    'params.approve_mass_delete }}", as in the example DAGs).'
+)
+
+
 def check_safeguards(deleted: int, source_rows: int, committed: Committed | None, options: SyncOptions) -> None:
     if committed is None or options.allow_large_changes:
         return
     base_rows = committed.rows if committed.rows is not None and committed.rows >= 0 else committed.frame.height
     if base_rows == 0:
         return
-    hint = " Nothing was sent. To let this run through, set allow_large_changes=True for one run."
     if source_rows == 0 and not options.allow_empty_source:
         raise SafeguardError(
-            f"The source of brand {options.brand_id} table {options.table_name!r} is empty but the snapshot holds "
-            f"{base_rows} rows; syncing would delete them all.{hint} (or allow_empty_source=True)"
+            f"The source of brand {options.brand_id} table {options.table_name!r} is empty; nothing was sent.\n"
+            f"The snapshot holds {base_rows} rows: syncing would delete them all.\n"
+            f"{APPROVE_HINT} To allow an empty source on every run, set allow_empty_source=True."
         )
     fraction = deleted / base_rows
     if fraction > options.max_delete_fraction and not (source_rows == 0 and options.allow_empty_source):
         raise SafeguardError(
-            f"The plan deletes {deleted} of {base_rows} rows ({fraction:.1%}) of brand "
-            f"{options.brand_id} table {options.table_name!r}, more than max_delete_fraction="
-            f"{options.max_delete_fraction:.0%}.{hint}"
+            f"The plan deletes {deleted} of {base_rows} rows ({fraction:.1%}) of brand {options.brand_id} table "
+            f"{options.table_name!r}; nothing was sent.\n"
+            f"That is more than max_delete_fraction={options.max_delete_fraction:.0%}.\n"
+            f"{APPROVE_HINT}"
         )
 
 
@@ -224,10 +233,11 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
             schema_change = {"policy": options.on_schema_change, **change}
             if options.on_schema_change == "fail":
                 raise SafeguardError(
-                    f"The columns of the source differ from the snapshot of brand {options.brand_id} table "
-                    f"{options.table_name!r}: {describe(change)}. Nothing was sent. Set on_schema_change="
-                    "'update_all' to send every row with its new columns, or 'rebaseline' to record the new "
-                    "table without sending."
+                    f"The columns of brand {options.brand_id} table {options.table_name!r} changed; nothing was "
+                    "sent.\n"
+                    f"Source vs snapshot: {describe(change)}.\n"
+                    "Set on_schema_change='update_all' to send every row with its new columns, or 'rebaseline' to "
+                    "record the new table without sending."
                 )
             log.warning(
                 "Schema change on %r (%s), policy on_schema_change=%r.",

@@ -145,7 +145,7 @@ def run_sync(
         if sender is None:
             raise StopChurnConfigError("A sender is required unless dry_run=True.")
         with (
-            store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock,
+            store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
             lock.heartbeat(),
             recorded(store, summary, options, lock),  # a run that committed leaves a record in the history
         ):
@@ -308,8 +308,9 @@ def _plan_and_deliver(
     if summary.quarantined > options.max_rejected_rows:
         raise SafeguardError(
             f"StopChurn rejected {summary.quarantined} rows of {options.table_name!r}, more than max_rejected_rows="
-            f"{options.max_rejected_rows}. The other rows were delivered and committed; the rejected ones are in "
-            f"{summary.quarantine_uri} and will be tried again next run."
+            f"{options.max_rejected_rows}.\n"
+            "The other rows were delivered and committed. The rejected ones will be tried again next run; they are "
+            f"in {summary.quarantine_uri}"
         )
 
 

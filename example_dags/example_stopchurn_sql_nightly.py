@@ -9,12 +9,15 @@ Connections:
 The query lives in ``sql/users.sql``: its dotted aliases (``marketing_email AS "marketingPreferences.email"``)
 become the nested ``marketingPreferences`` / ``systemPreferences`` objects StopChurn's ``user`` table needs.
 Each run sends only the rows inserted, updated or deleted since the previous run.
+
+A run that would delete more than half of the table (or all of it) stops before sending anything. To approve
+one such run: "Trigger DAG w/ config" and tick ``approve_mass_delete``.
 """
 
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import dag
+from airflow.sdk import Param, dag
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
 
@@ -23,6 +26,12 @@ from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperat
     schedule="@daily",
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
+    max_active_runs=1,  # runs of one table queue up instead of waiting for each other's lock
+    params={
+        "approve_mass_delete": Param(
+            False, type="boolean", description="Let this run delete more than half of the table (or empty it)."
+        )
+    },
     doc_md=__doc__,
     tags=["stopchurn", "example"],
 )
@@ -33,6 +42,7 @@ def example_stopchurn_sql_nightly() -> None:
         sql="sql/users.sql",
         sql_conn_id="stopchurn_demo_db",
         primary_key="id",
+        allow_large_changes="{{ params.approve_mass_delete }}",  # "Trigger DAG w/ config" approves one run
     )
 
 

@@ -2,14 +2,15 @@
 
 ``build_frame`` turns the ``users`` table into one row per user and channel (a composite key), and the
 operator receives its result as ``dataframe=build_frame()``. Rows have no ``id`` column, so the operator
-derives it from the key: ``"<user_id>:<channel>"``.
+derives it from the key: ``"<user_id>:<channel>"``. A mass delete waits for approval: "Trigger DAG w/ config"
+with ``approve_mass_delete``.
 """
 
 from __future__ import annotations
 
 import pandas as pd
 import pendulum
-from airflow.sdk import BaseHook, dag, task
+from airflow.sdk import BaseHook, Param, dag, task
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
 
@@ -29,6 +30,12 @@ def build_frame() -> pd.DataFrame:
     schedule="@daily",
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
+    max_active_runs=1,  # runs of one table queue up instead of waiting for each other's lock
+    params={
+        "approve_mass_delete": Param(
+            False, type="boolean", description="Let this run delete more than half of the table (or empty it)."
+        )
+    },
     doc_md=__doc__,
     tags=["stopchurn", "example"],
 )
@@ -38,6 +45,7 @@ def example_stopchurn_xcom() -> None:
         table_name="channelConsent",
         dataframe=build_frame(),
         primary_key=["userId", "channel"],
+        allow_large_changes="{{ params.approve_mass_delete }}",  # "Trigger DAG w/ config" approves one run
     )
 
 

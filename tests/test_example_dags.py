@@ -16,6 +16,7 @@ EXPECTED = {
     "example_stopchurn_sql_nightly": ["sync_users"],
     "example_stopchurn_asset_etl": ["build_user_segments"],
     "example_stopchurn_asset_sync": ["sync_user_segments"],
+    "example_stopchurn_asset_report": ["report_sync"],
     "example_stopchurn_xcom": ["build_frame", "sync_channel_consents"],
     "example_stopchurn_onboarding": ["export_users"],
     "example_stopchurn_events": ["send_deposits"],
@@ -77,6 +78,29 @@ def test_asset_dags(dagbag: Any) -> None:
     assert list(sync.timetable.asset_condition.objects) == [outlet]  # scheduled on what the ETL produces
     op = sync.task_dict["sync_user_segments"]
     assert op.sql_conn_id == "stopchurn_demo_db"
+    # the sync's outlet is the StopChurn table, which the report DAG is scheduled on
+    (table,) = op.outlets
+    assert table.uri == "stopchurn://marketplace.stopchurn.com/1/userSegment"
+    report = dagbag.dags["example_stopchurn_asset_report"]
+    assert list(report.timetable.asset_condition.objects) == [table]
+
+
+SYNC_TASKS = {
+    "example_stopchurn_sql_nightly": "sync_users",
+    "example_stopchurn_asset_sync": "sync_user_segments",
+    "example_stopchurn_xcom": "sync_channel_consents",
+}
+
+
+@pytest.mark.parametrize(("dag_id", "task_id"), SYNC_TASKS.items())
+def test_sync_dags_queue_runs_and_approve_mass_deletes_by_param(dagbag: Any, dag_id: str, task_id: str) -> None:
+    dag = dagbag.dags[dag_id]
+    assert dag.max_active_runs == 1  # a UI trigger beside the scheduled run queues instead of racing for the lock
+    param = dag.params.get_param("approve_mass_delete")
+    assert param.value is False and param.schema["type"] == "boolean"
+    op = dag.task_dict[task_id]
+    assert op.allow_large_changes == "{{ params.approve_mass_delete }}"
+    assert (op.retries, op.retry_exponential_backoff) == (3, 2.0)  # the operator's default: a retry resumes
 
 
 def test_xcom_dag(dagbag: Any) -> None:

@@ -96,13 +96,15 @@ def test_test_connection_good_and_wrong_key(set_conn: Any, stopchurn_sandbox: Sa
     bad = set_conn("sc_wrong", host=stopchurn_sandbox.url, password="not-the-key")
     ok, message = StopChurnHook(bad).test_connection()
     assert not ok
-    assert "sc_wrong" in message
+    assert "refused the API key (401" in message
     assert "Invalid client api token" in message
+    # Airflow's Test button tests a copy under a random temporary id: the message names no id at all
+    assert "sc_wrong" not in message and "connection '" not in message.lower()
 
 
 def test_test_connection_never_raises(set_conn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     ok, message = StopChurnHook(set_conn("sc_nokey", host="https://x.test")).test_connection()
-    assert not ok and "sc_nokey" in message and "password" in message
+    assert not ok and "password" in message and "sc_nokey" not in message
 
     ok, message = StopChurnHook(set_conn("sc_http", host="http://x.test", password="k")).test_connection()
     assert not ok and "http://" in message
@@ -133,6 +135,12 @@ def test_missing_password_names_the_conn_id(set_conn: Any) -> None:
         ({"host": "https://marketplace-staging.stopchurn.com/"}, "https://marketplace-staging.stopchurn.com"),
         ({"host": "127.0.0.1", "schema": "http", "port": 8765}, "http://127.0.0.1:8765"),
         ({"host": "http://localhost:9000", "port": 1}, "http://localhost:9000"),
+        # the port the form asks for (443) is the scheme's own: left out of the URL
+        ({"host": "https://marketplace.stopchurn.com", "port": 443}, DEFAULT_BASE_URL),
+        ({"host": "marketplace.stopchurn.com", "port": 443}, DEFAULT_BASE_URL),
+        ({"host": "marketplace-staging.stopchurn.com", "port": 8443}, "https://marketplace-staging.stopchurn.com:8443"),
+        ({"host": "127.0.0.1", "schema": "http", "port": 80}, "http://127.0.0.1"),
+        ({"host": "https://marketplace.stopchurn.com", "port": 0}, DEFAULT_BASE_URL),
     ],
 )
 def test_base_url_from_host(set_conn: Any, fields: dict[str, Any], expected: str) -> None:
@@ -173,14 +181,49 @@ def test_empty_extras_mean_defaults(set_conn: Any) -> None:
     assert (hook.client.timeout, hook.client.max_retries) == (defaults.timeout, defaults.max_retries)
 
 
-@pytest.mark.parametrize(
-    "extra",
-    [{"brand_id": "abc"}, {"brand_id": 1.5}, {"timeout": "soon"}, {"max_retries": "2.5"}, {"brand_id": True}],
-)
-def test_bad_extras_name_the_connection(set_conn: Any, extra: dict[str, Any]) -> None:
-    hook = StopChurnHook(set_conn("sc_badextra", password="k", extra=extra))
-    with pytest.raises(StopChurnConfigError, match="sc_badextra"):
+BAD_EXTRAS = [
+    ({"brand_id": "abc"}, "Brand id (extra 'brand_id') must be an integer >= 1, got 'abc'"),
+    ({"brand_id": "0"}, "Brand id (extra 'brand_id') must be an integer >= 1, got '0'"),
+    ({"brand_id": "-1"}, "Brand id (extra 'brand_id') must be an integer >= 1, got '-1'"),
+    ({"brand_id": 0}, "Brand id (extra 'brand_id') must be an integer >= 1, got 0"),
+    ({"brand_id": 1.5}, "Brand id (extra 'brand_id')"),
+    ({"brand_id": True}, "Brand id (extra 'brand_id')"),
+    ({"timeout": "abc"}, "Timeout (seconds) (extra 'timeout') must be a number of seconds > 0, got 'abc'"),
+    ({"timeout": "0"}, "Timeout (seconds) (extra 'timeout') must be a number of seconds > 0, got '0'"),
+    ({"timeout": "-1"}, "Timeout (seconds) (extra 'timeout') must be a number of seconds > 0, got '-1'"),
+    ({"timeout": "nan"}, "Timeout (seconds) (extra 'timeout')"),
+    ({"max_retries": "abc"}, "Max retries (extra 'max_retries') must be an integer >= 0, got 'abc'"),
+    ({"max_retries": "-1"}, "Max retries (extra 'max_retries') must be an integer >= 0, got '-1'"),
+    ({"max_retries": "2.5"}, "Max retries (extra 'max_retries')"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_EXTRAS)
+def test_bad_extras_are_refused_naming_the_field_and_the_connection(
+    set_conn: Any, extra: dict[str, Any], message: str
+) -> None:
+    """What the form's text fields let through ("abc", "0", "-1") is refused, never read as null or clamped."""
+    hook = StopChurnHook(set_conn("sc_badextra", password="k-12345", extra=extra))
+    with pytest.raises(StopChurnConfigError) as info:
         _ = hook.brand_id, hook.client
+    assert str(info.value).startswith("Connection 'sc_badextra': ")
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_EXTRAS)
+def test_test_connection_reports_bad_extras_naming_the_field(
+    set_conn: Any, stopchurn_sandbox: SandboxServer, extra: dict[str, Any], message: str
+) -> None:
+    hook = StopChurnHook(set_conn("sc_formtest", host=stopchurn_sandbox.url, password=KEY, extra=extra))
+    ok, text = hook.test_connection()
+    assert not ok
+    assert text.startswith("The connection: ") and message in text
+    assert "sc_formtest" not in text
+    assert stopchurn_sandbox.stats()["requests"] == 0  # refused before anything is sent
+
+
+def test_zero_retries_is_a_valid_extra(set_conn: Any) -> None:
+    assert StopChurnHook(set_conn(password="k-12345", extra={"max_retries": "0"})).client.max_retries == 0
 
 
 def test_hook_arguments_override_extras(set_conn: Any) -> None:

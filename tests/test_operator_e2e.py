@@ -23,6 +23,7 @@ import pytest
 from airflow.sdk import DAG, task
 from airflow_plugin import run_dag, task_states, xcom_return
 
+from airflow_provider_stopchurn.operators import lineage
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
 from airflow_provider_stopchurn.sandbox import SandboxServer
 
@@ -331,18 +332,50 @@ def test_sql_source_nightly_example_dag(
 def test_asset_example_dags(
     sandbox: SandboxServer, demo_db: Path, brand_id: int, airflow_conn: Callable[..., None], example_dagbag: Any
 ) -> None:
-    default_conn_with_brand(airflow_conn, sandbox, brand_id)
+    """ETL -> asset -> sync -> StopChurn table asset (counts in the event's extra) -> a report DAG reading them."""
+    default_conn_with_brand(airflow_conn, sandbox, brand_id)  # the sync names brand 1 itself, with its asset
     rng = random.Random(44)
-    _write_users(demo_db, users_frame(rng, 60))
+    users = users_frame(rng, 60)
+    _write_users(demo_db, users)
     etl = example_dagbag.dags["example_stopchurn_asset_etl"]
     sync = example_dagbag.dags["example_stopchurn_asset_sync"]
+    report = example_dagbag.dags["example_stopchurn_asset_report"]
     assert [a.name for a in etl.task_dict["build_user_segments"].outlets] == ["stopchurn_demo_user_segments"]
-    run_ok(etl, 0, task_id=None)
-    summary = run_ok(sync, 0, task_id="sync_user_segments")
-    assert summary["inserted"] == 60
-    with sqlite3.connect(demo_db) as conn:
-        segments = pd.read_sql_query("SELECT id, segment, status FROM user_segments", conn)
-    assert_in_step(sandbox, brand_id, "userSegment", segments, ["id"])
+    table_uri = "stopchurn://marketplace.stopchurn.com/1/userSegment"
+    for day, changes in enumerate([None, (5, 3)]):
+        if changes is not None:  # some users leave, some change status
+            gone, changed = changes
+            users = users.iloc[gone:].copy()
+            users.loc[users.index[:changed], "status"] = "churned"  # a status no row had
+            _write_users(demo_db, users)
+        run_ok(etl, day, task_id=None)
+        summary = run_ok(sync, day, task_id="sync_user_segments")
+        with sqlite3.connect(demo_db) as conn:
+            segments = pd.read_sql_query("SELECT id, segment, status FROM user_segments", conn)
+        assert_in_step(sandbox, 1, "userSegment", segments, ["id"])
+
+        extra = _latest_asset_event_extra(table_uri)
+        assert extra == {key: summary[key] for key in lineage.EVENT_EXTRA_KEYS}
+        assert "sandbox-test-key" not in json.dumps(extra)
+        reported = run_ok(report, day, task_id="report_sync")
+        assert reported == {k: summary[k] for k in ("inserted", "updated", "deleted", "quarantined", "dry_run")}
+    assert (reported["inserted"], reported["updated"], reported["deleted"]) == (0, 3, 5)
+
+
+def _latest_asset_event_extra(uri: str) -> dict[str, Any]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        query = (
+            select(AssetEvent.extra)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.uri == uri)
+            .order_by(AssetEvent.id.desc())
+            .limit(1)
+        )
+        return dict(session.scalars(query).one())
 
 
 def test_xcom_example_dag(
@@ -521,3 +554,31 @@ def test_summary_in_xcom(sandbox: SandboxServer, tmp_path: Path) -> None:
     assert summary["bytes"] > 0
     assert summary["duration_s"] >= 0
     assert "sandbox-test-key" not in json.dumps(summary)
+
+
+def test_second_run_of_a_table_waits_for_the_lock(sandbox: SandboxServer, tmp_path: Path) -> None:
+    """A run started while another holds the table (e.g. a UI trigger beside the scheduled run) waits for it."""
+    import threading
+    import time
+
+    from airflow_provider_stopchurn.snapshot import SnapshotStore
+
+    root = tmp_path / "snapshots"
+    frame = users_frame(random.Random(7), 20)
+    dag = sync_dag("lockwait", table_name="account", dataframe=lambda: frame, snapshot_uri=str(root), lock_wait_s=60)
+    held = threading.Event()
+
+    def other_run() -> None:
+        with SnapshotStore(root, 1, "account").lock("other_dag.sync run manual"):
+            held.set()
+            time.sleep(2)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(10)
+        summary = run_ok(dag, 0)
+    finally:
+        thread.join(timeout=30)
+    assert summary["inserted"] == 20
+    assert_in_step(sandbox, 1, "account", frame, ["id"])

@@ -174,8 +174,11 @@ def test_server_errors_are_transient_and_the_next_try_delivers(
 
 def test_mass_delete_safeguard_is_permanent(stopchurn_conn: SandboxServer, tmp_path: Path) -> None:
     _op(dataframe=FRAME, snapshot_uri=str(tmp_path)).execute(CONTEXT)
-    with pytest.raises(AirflowFailException, match="max_delete_fraction"):
+    with pytest.raises(AirflowFailException, match="max_delete_fraction") as info:
         _op(dataframe=FRAME.head(1), snapshot_uri=str(tmp_path)).execute(CONTEXT)
+    first, *details = str(info.value).splitlines()
+    assert first == "The plan deletes 2 of 3 rows (66.7%) of brand 1 table 'account'; nothing was sent."
+    assert "Trigger DAG w/ config and set approve_mass_delete" in details[-1]  # how to approve it from the UI
     summary = _op(dataframe=FRAME.head(1), snapshot_uri=str(tmp_path), allow_large_changes="True").execute(CONTEXT)
     assert summary["deleted"] == 2
 
@@ -226,6 +229,7 @@ def test_stale_snapshot_message(found: str | None, rows: int | None, expected: s
     assert "Airflow recorded that snapshot 20250102T030405000000Z-aaaaaaaa (120 rows) was committed at " in message
     assert "s3://bucket/stopchurn/1/account by nightly.sync run scheduled__2025-01-02" in message
     assert "Nothing was sent." in message
+    assert message.splitlines()[0] == "This worker's snapshot store is behind what Airflow recorded. Nothing was sent."
     assert "several workers" in message
     assert "snapshot_uri=" in message
     assert "snapshot_conn_id=" in message
@@ -290,3 +294,34 @@ def test_operator_arguments_mirror_sync_options() -> None:
         assert params[name].default == defaults[name], (name, params[name].default, defaults[name])
     assert params["dry_run"].default == defaults["dry_run"]
     assert params["allow_large_changes"].default == defaults["allow_large_changes"]
+
+
+# --- task retries ------------------------------------------------------------------------------------------------
+def test_retries_by_default() -> None:
+    """A retry settles what the failed try delivered and sends the rest: the operator retries unless told not to."""
+    from datetime import timedelta
+
+    op = _op(dataframe=FRAME)
+    assert (op.retries, op.retry_delay, op.retry_exponential_backoff) == (3, timedelta(minutes=2), 2.0)
+
+
+@pytest.mark.parametrize(
+    ("dag_default_args", "task_kwargs", "expected"),
+    [
+        ({"retries": 0}, {}, (0, 300.0, 0)),  # the DAG's default_args win, Airflow's delay with them
+        ({"retries": 5, "retry_delay": 10}, {}, (5, 10.0, 0)),
+        ({}, {"retries": 1}, (1, 300.0, 0)),  # the task's own arguments win
+        ({"retry_delay": 30}, {}, (3, 30.0, 2.0)),  # what the DAG leaves open keeps the operator's default
+        ({"retry_exponential_backoff": 0}, {}, (3, 120.0, 0)),
+    ],
+)
+def test_dag_and_task_retry_settings_win(
+    dag_default_args: dict[str, Any], task_kwargs: dict[str, Any], expected: tuple[int, float, float]
+) -> None:
+    with DAG("retry_defaults", schedule=None, default_args=dag_default_args):
+        op = _op(dataframe=FRAME, **task_kwargs)
+    assert (op.retries, op.retry_delay.total_seconds(), op.retry_exponential_backoff) == expected
+
+
+def test_operator_default_args_win_too() -> None:
+    assert _op(dataframe=FRAME, default_args={"retries": 0}).retries == 0

@@ -40,6 +40,7 @@ from helpers_sync import (
 from airflow_provider_stopchurn.exceptions import (
     SnapshotError,
     SnapshotLockedError,
+    StopChurnConfigError,
     StopChurnError,
     TransientDeliveryError,
 )
@@ -260,9 +261,10 @@ def test_second_run_fails_fast_while_the_lock_is_held(sb: SandboxServer, root: A
     with other.lock("dag_a.sync_users run 2024-05-01"):
         started = time.monotonic()
         with pytest.raises(SnapshotLockedError) as info:
-            run_sync(churn.frame, store, make_client(sb), options(), run_ms=T0)
+            run_sync(churn.frame, store, make_client(sb), options(lock_wait_s=0), run_ms=T0)
         assert time.monotonic() - started < 2.0
         text = str(info.value)
+        assert text.splitlines()[0] == f"{BRAND}/{TABLE} is being synced by another run."  # short first line
         assert "dag_a.sync_users run 2024-05-01" in text and f"{BRAND}/{TABLE}" in text
         assert not info.value.permanent
         assert update_requests(sb) == 0
@@ -272,11 +274,58 @@ def test_second_run_fails_fast_while_the_lock_is_held(sb: SandboxServer, root: A
     assert_sandbox_matches(sb, churn.frame)
 
 
+def test_second_run_waits_for_the_lock_then_goes_through(sb: SandboxServer, root: Any) -> None:
+    """Two runs of one table started together (a trigger beside the scheduled run): the second waits its turn."""
+    churn = Churn(27, 60)
+    held = threading.Event()
+    release_after_s = 2.0
+
+    def first_run_holding_the_lock() -> None:
+        with SnapshotStore(root, BRAND, TABLE).lock("dag_a.sync run scheduled"):
+            held.set()
+            time.sleep(release_after_s)
+
+    thread = threading.Thread(target=first_run_holding_the_lock)
+    thread.start()
+    try:
+        assert held.wait(10)
+        started = time.monotonic()
+        summary = run_sync(churn.frame, SnapshotStore(root, BRAND, TABLE), make_client(sb), options(lock_wait_s=60))
+        waited = time.monotonic() - started
+    finally:
+        thread.join(timeout=30)
+    assert summary.inserted == 60
+    assert release_after_s - 0.5 < waited < release_after_s + 20  # polled, not given up, not spun forever
+    assert_sandbox_matches(sb, churn.frame)
+
+
+def test_waiting_for_the_lock_is_bounded(sb: SandboxServer, root: Any) -> None:
+    store = SnapshotStore(root, BRAND, TABLE)
+    with SnapshotStore(root, BRAND, TABLE).lock("dag_a.sync run backfill"):
+        started = time.monotonic()
+        with pytest.raises(SnapshotLockedError) as info:
+            run_sync(Churn(28, 10).frame, store, make_client(sb), options(lock_wait_s=1.5), run_ms=T0)
+        waited = time.monotonic() - started
+    assert 1.5 <= waited < 10
+    assert not info.value.permanent  # the operator makes it a retryable failure
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{BRAND}/{TABLE} is being synced by another run."
+    assert "dag_a.sync run backfill" in lines[1]
+    assert lines[-1].startswith("Waited ") and lines[-1].endswith("s for it (lock_wait_s=1.5).")
+    assert update_requests(sb) == 0
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "300", True, 86_401])
+def test_lock_wait_s_is_validated(bad: Any) -> None:
+    with pytest.raises(StopChurnConfigError, match="lock_wait_s"):
+        options(lock_wait_s=bad)
+
+
 def test_live_lock_of_another_host_is_respected(sb: SandboxServer, root: Any) -> None:
     store = SnapshotStore(root, BRAND, TABLE)
     _write_lock(store, holder="worker-7", host="some-other-host", pid=4242)
     with pytest.raises(SnapshotLockedError, match="worker-7"):
-        run_sync(Churn(23, 10).frame, store, make_client(sb), options(), run_ms=T0)
+        run_sync(Churn(23, 10).frame, store, make_client(sb), options(lock_wait_s=0), run_ms=T0)
     assert update_requests(sb) == 0
 
 
@@ -306,7 +355,7 @@ def test_lock_of_a_live_process_on_this_host_is_respected(sb: SandboxServer, tmp
     try:
         _write_lock(store, holder="live-run", pid=proc.pid)
         with pytest.raises(SnapshotLockedError, match="live-run"):
-            run_sync(Churn(26, 10).frame, store, make_client(sb), options(), run_ms=T0)
+            run_sync(Churn(26, 10).frame, store, make_client(sb), options(lock_wait_s=0), run_ms=T0)
     finally:
         proc.kill()
         proc.wait(timeout=10)
@@ -415,7 +464,7 @@ def test_lock_is_refreshed_while_delivering(stopchurn_sandbox_factory: Any, tmp_
     sb = stopchurn_sandbox_factory(record=True, faults=FaultConfig(latency=0.05))
     root = tmp_path / "snapshots"
     churn = Churn(30, 800, with_json=False)
-    opts = options(chunk_size=20, max_concurrent_requests=1, lock_ttl_s=1.0)  # ~2 s of delivery, 1 s lease
+    opts = options(chunk_size=20, max_concurrent_requests=1, lock_ttl_s=1.0, lock_wait_s=0)  # ~2 s delivery, 1 s lease
     outcome: dict[str, Any] = {}
 
     def first() -> None:

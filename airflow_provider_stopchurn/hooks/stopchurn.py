@@ -21,6 +21,16 @@ __all__ = ["StopChurnHook"]
 # legacy prefixed form ("extra__stopchurn__brand_id"). Both are read; the plain name wins.
 _EXTRA_PREFIX = "extra__stopchurn__"
 
+#: extra -> (form label, integer?, minimum: inclusive for integers, exclusive for seconds). The form's fields are text
+#: fields, so that what is typed reaches the hook and a bad value is refused naming its field (a number field
+#: would save "abc" as null and clamp "-1" silently).
+_NUMBER_EXTRAS: dict[str, tuple[str, bool, int]] = {
+    "brand_id": ("Brand id", True, 1),
+    "timeout": ("Timeout (seconds)", False, 0),
+    "max_retries": ("Max retries", True, 0),
+}
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
 
 class StopChurnHook(BaseHook):
     """Interact with the StopChurn API through an Airflow connection of type ``stopchurn``.
@@ -31,8 +41,12 @@ class StopChurnHook(BaseHook):
       scheme is taken as ``https://`` (or the connection's ``schema`` when it is ``http``/``https``).
       ``http://`` is refused unless the host is loopback (a local sandbox).
     * **password** - the StopChurn API key (sent as a Bearer token; never logged).
-    * **extra** - optional ``brand_id`` (int), ``timeout`` (read timeout in seconds; the connect timeout is
-      ``min(10, timeout)``), ``max_retries`` (retries on 429/5xx/network errors). Strings are accepted.
+    * **port** - optional; the scheme's own port (443 for https) is left out of the URL. Airflow 3.3.2's Test
+      button needs a stored port (it sends 0 for an empty one and its API refuses the test), hence the form
+      asks for 443.
+    * **extra** - optional ``brand_id`` (an integer >= 1), ``timeout`` (read timeout in seconds, > 0; the
+      connect timeout is ``min(10, timeout)``), ``max_retries`` (retries on 429/5xx/network errors, an integer
+      >= 0). Strings are accepted (the form's fields are text); any other value is an error naming the field.
 
     Arguments given to the hook override the connection's extras. The constructor does no I/O; the client is
     built on first use of :attr:`client` and cached.
@@ -68,6 +82,7 @@ class StopChurnHook(BaseHook):
         self.max_retries = max_retries
         self.session = session
         self.client_kwargs = client_kwargs
+        self._testing = False
 
     # --- connection -----------------------------------------------------------------------------------------
     @functools.cached_property
@@ -87,22 +102,32 @@ class StopChurnHook(BaseHook):
             value = value.strip()
         return None if value in (None, "") else value
 
-    def _number_extra(self, name: str, *, integer: bool) -> Any:
+    def _number_extra(self, name: str) -> Any:
+        """The extra ``name`` checked against :data:`_NUMBER_EXTRAS`; None when unset, an error naming it if bad."""
         value = self._extra(name)
         if value is None:
             return None
-        try:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            number = float(value)
-            if not math.isfinite(number) or (integer and not number.is_integer()):
-                raise ValueError(value)
-        except (TypeError, ValueError):
-            kind = "an integer" if integer else "a number"
-            raise StopChurnConfigError(
-                f"Connection '{self.stopchurn_conn_id}': extra {name!r} must be {kind} (got {value!r})"
-            ) from None
+        label, integer, minimum = _NUMBER_EXTRAS[name]
+        number: float | None = None
+        if not isinstance(value, bool):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = None
+        valid = (
+            number is not None
+            and math.isfinite(number)
+            and (number.is_integer() if integer else True)
+            and (number >= minimum if integer else number > minimum)
+        )
+        if not valid or number is None:
+            kind = f"an integer >= {minimum}" if integer else f"a number of seconds > {minimum}"
+            raise StopChurnConfigError(f"{self._label()}: {label} (extra {name!r}) must be {kind}, got {value!r}.")
         return int(number) if integer else number
+
+    def _label(self) -> str:
+        # The form's Test button tests a copy of the connection under a random temporary id: name none then.
+        return "The connection" if self._testing else f"Connection {self.stopchurn_conn_id!r}"
 
     def _resolve_base_url(self) -> str:
         if self.base_url is not None:
@@ -115,8 +140,9 @@ class StopChurnHook(BaseHook):
             schema = (conn.schema or "").strip().lower()
             host = f"{schema if schema in ('http', 'https') else 'https'}://{host}"
         port = conn.port
-        if port:
-            parts = urlsplit(host)
+        parts = urlsplit(host)
+        # The scheme's own port is left out (the form asks for 443 so that Airflow 3.3.2's Test button works).
+        if port and int(port) != _DEFAULT_PORTS.get(parts.scheme.lower()):
             try:
                 has_port = parts.port is not None
             except ValueError:
@@ -126,20 +152,27 @@ class StopChurnHook(BaseHook):
         return host
 
     @property
+    def api_host(self) -> str:
+        """The host (and port) of the API base URL, as ``stopchurn://`` assets and lineage name it."""
+        return urlsplit(self._resolve_base_url()).netloc
+
+    @property
     def brand_id(self) -> int | None:
         """The connection's default brand id (extra ``brand_id``), or None when it is not set."""
-        value: int | None = self._number_extra("brand_id", integer=True)
+        value: int | None = self._number_extra("brand_id")
         return value
 
     @functools.cached_property
     def client(self) -> StopChurnClient:
         """The :class:`StopChurnClient` of this connection (built on first use, then cached)."""
+        return self._new_client()
+
+    def _new_client(self) -> StopChurnClient:
         conn = self._connection
         password = conn.password
         if not password or not str(password).strip():
             raise StopChurnConfigError(
-                f"Connection '{self.stopchurn_conn_id}' has no StopChurn API key: set it in the "
-                "connection's password field."
+                f"{self._label()} has no StopChurn API key: set it in the connection's password (API key) field."
             )
         if len(str(password)) >= 5:  # Airflow's masker ignores (and warns about) shorter secrets
             try:
@@ -148,10 +181,8 @@ class StopChurnHook(BaseHook):
                 mask_secret(str(password))
             except Exception:  # noqa: S110 - masking is best effort outside a task
                 pass
-        timeout = self.timeout if self.timeout is not None else self._number_extra("timeout", integer=False)
-        max_retries = (
-            self.max_retries if self.max_retries is not None else self._number_extra("max_retries", integer=True)
-        )
+        timeout = self.timeout if self.timeout is not None else self._number_extra("timeout")
+        max_retries = self.max_retries if self.max_retries is not None else self._number_extra("max_retries")
         kwargs: dict[str, Any] = dict(self.client_kwargs)
         if timeout is not None:
             kwargs["timeout"] = float(timeout)
@@ -161,7 +192,7 @@ class StopChurnHook(BaseHook):
         return StopChurnClient(
             self._resolve_base_url(),
             str(password),
-            conn_id=self.stopchurn_conn_id,
+            conn_id=None if self._testing else self.stopchurn_conn_id,
             session=self.session,
             **kwargs,
         )
@@ -214,19 +245,29 @@ class StopChurnHook(BaseHook):
         return self.client.post_event_body(body)
 
     def test_connection(self) -> tuple[bool, str]:
-        """Check the connection's base URL and API key without changing anything at StopChurn.
+        """Check the connection's extras, base URL and API key without changing anything at StopChurn.
 
-        One ``POST /client-data/update`` with an empty data array (``{"data": []}``), which carries no update.
-        200 means the key works; 401 is reported as a refused API key; anything else (another status, a
-        network error, a configuration error such as a missing key or an insecure URL) is reported with what
-        happened. Never raises.
+        The extras are checked first (an invalid ``brand_id``, ``timeout`` or ``max_retries`` is reported naming
+        the field), then one ``POST /client-data/update`` with an empty data array (``{"data": []}``), which
+        carries no update. 200 means the key works; 401 is reported as a refused API key; anything else (another
+        status, a network error, a configuration error such as a missing key or an insecure URL) is reported
+        with what happened. Messages do not name the connection id: Airflow's Test button tests a copy of the
+        connection under a random temporary id. Never raises.
         """
+        self._testing = True
         try:
-            return self.client.check_api_key()
+            _ = self.brand_id
+            client = self._new_client()
+            try:
+                return client.check_api_key()
+            finally:
+                client.close()
         except StopChurnConfigError as exc:
             return False, str(exc)
         except Exception as exc:
             return False, f"{type(exc).__name__}: {exc}"
+        finally:
+            self._testing = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(stopchurn_conn_id={self.stopchurn_conn_id!r}, base_url={self.base_url!r})"

@@ -128,13 +128,14 @@ def stale_snapshot_message(
         found = f"this worker finds an older {_describe(found_version, found_rows)} there"
         risk = "Going on would diff the source against that old copy and resend or undo delivered changes."
     return (
+        "This worker's snapshot store is behind what Airflow recorded. Nothing was sent.\n"
         f"Airflow recorded that {_describe(record.version, record.rows)} was committed at {record.location}{by}, "
-        f"but {found}. Nothing was sent. {risk} "
+        f"but {found}. {risk}\n"
         "This happens when several workers keep snapshots on their own disks (the default snapshot_uri, "
         "$AIRFLOW_HOME/stopchurn/snapshots, suits a single machine only): every worker must see the same "
         'snapshots, so point snapshot_uri at shared storage, e.g. snapshot_uri="s3://<bucket>/stopchurn/snapshots" '
         'with snapshot_conn_id="aws_default" (gs://, abfs://, any object store URL works), or copy the '
-        "snapshot folder back to this location. "
+        "snapshot folder back to this location.\n"
         "To rebaseline on purpose, run this task once with accept_missing_snapshot=True (add "
         'initial_load="baseline" when StopChurn already holds the table, so that nothing is resent), or '
         f"delete the Airflow Variable {key!r}."

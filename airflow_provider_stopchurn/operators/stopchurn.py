@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, unquote, urlsplit
@@ -16,8 +17,10 @@ from airflow.sdk import BaseHook, BaseOperator, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.sdk.log import mask_secret
 
+from airflow_provider_stopchurn.assets import TableRef
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError, StopChurnError
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
+from airflow_provider_stopchurn.operators import lineage
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sources import PostgresUri, SqlHook, postgres_uri, read_dbapi, read_postgres
@@ -112,6 +115,12 @@ class StopChurnUpdateOperator(BaseOperator):
     :param max_concurrent_requests: chunks in flight at once (1 = strictly sequential).
     :param nest_dotted_columns: turn columns named ``a.b`` into nested objects ``{"a": {"b": ...}}``.
     :param decimal_as_string: send decimals as JSON strings instead of exact JSON numbers.
+    :param lock_wait_s: while another run syncs the same table, wait up to this many seconds for its lock
+        (polling with backoff), then fail as retryable.
+
+    Unless the task or its DAG's ``default_args`` set them (or ``[core] default_task_retries`` is set), the
+    operator retries: ``retries=3``, ``retry_delay=2 minutes``, doubling (``retry_exponential_backoff=2.0``); a retry
+    settles what an earlier try delivered and sends only the rest.
     """
 
     template_fields: Sequence[str] = (
@@ -158,9 +167,10 @@ class StopChurnUpdateOperator(BaseOperator):
         max_concurrent_requests: int = 4,
         nest_dotted_columns: bool = True,
         decimal_as_string: bool = False,
+        lock_wait_s: float = 300.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**_with_retry_defaults(kwargs))
         if (dataframe is None) == (sql is None):
             raise ValueError(f"{self.task_id}: pass exactly one of `dataframe` or `sql`.")
         if sql is not None and not sql_conn_id:
@@ -200,6 +210,9 @@ class StopChurnUpdateOperator(BaseOperator):
         self.max_concurrent_requests = max_concurrent_requests
         self.nest_dotted_columns = nest_dotted_columns
         self.decimal_as_string = decimal_as_string
+        self.lock_wait_s = lock_wait_s
+        self._table: TableRef | None = None  # set by execute(), for lineage
+        self._summary: dict[str, Any] | None = None
 
     # --- execute ---------------------------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
@@ -207,6 +220,7 @@ class StopChurnUpdateOperator(BaseOperator):
         try:
             hook = StopChurnHook(self.stopchurn_conn_id)
             options = self._options(hook, context)
+            self._table = lineage.sync_table(hook.api_host, options.brand_id, options.table_name, self.outlets)
             store = SnapshotStore(self._snapshot_root(), options.brand_id, options.table_name)
             # Before anything is read or sent: does this worker's store hold what Airflow saw committed last?
             guard = CommitGuard.for_task(store, options.brand_id, options.table_name, context)
@@ -223,7 +237,16 @@ class StopChurnUpdateOperator(BaseOperator):
             if err.permanent:
                 raise AirflowFailException(str(err)) from err
             raise AirflowException(str(err)) from err
-        return summary.as_dict()
+        self._summary = summary.as_dict()
+        lineage.attach_counts(self.outlets, context.get("outlet_events"), self._summary)
+        return self._summary
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage: the SQL's tables (or the asset inlets) in, the StopChurn table out, the counts as facets."""
+        return lineage.operator_lineage(self, self._table, self._summary)
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        return lineage.operator_lineage(self, self._table, None)
 
     def _options(self, hook: StopChurnHook, context: Context) -> SyncOptions:
         brand_id = self.brand_id if self.brand_id not in (None, "") else hook.brand_id
@@ -340,6 +363,41 @@ def snapshot_root(uri: Any, conn_id: str | None = None) -> Any:
             )
         return Path(unquote(parts.path))
     return ObjectStoragePath(uri, conn_id=conn_id)
+
+
+#: Task retries unless the task, its DAG's default_args or Airflow's configuration say otherwise: a retry
+#: settles what the failed try delivered and sends only the rest.
+RETRY_DEFAULTS: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay": timedelta(minutes=2),
+    # Airflow 3.3 takes a multiplier (True would be 1: a constant delay); older versions took a bool
+    "retry_exponential_backoff": (
+        True
+        if isinstance(inspect.signature(BaseOperator.__init__).parameters["retry_exponential_backoff"].default, bool)
+        else 2.0
+    ),
+}
+
+
+def _with_retry_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus :data:`RETRY_DEFAULTS` for what neither the task nor the DAG's default_args set.
+
+    Airflow's metaclass passes the merged DAG/task default_args as ``default_args``; BaseOperator fills its own
+    arguments from them only when they are absent from kwargs, so they must not be set here. A deployment-wide
+    ``[core] default_task_retries`` (non-zero) is respected too.
+    """
+    given = set(kwargs) | set(kwargs.get("default_args") or {})
+    if "retries" in given or _configured_default_retries():
+        return kwargs
+    return {**{k: v for k, v in RETRY_DEFAULTS.items() if k not in given}, **kwargs}
+
+
+def _configured_default_retries() -> bool:
+    try:
+        from airflow.sdk.bases.operator import DEFAULT_RETRIES
+    except ImportError:  # another Airflow layout: its BaseOperator applies the setting itself
+        return False
+    return bool(DEFAULT_RETRIES)
 
 
 def _is_xcom_arg(value: Any) -> bool:

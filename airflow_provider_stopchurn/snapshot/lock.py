@@ -202,9 +202,11 @@ class TableLock:
 
     def _lose(self, current: dict[str, Any] | None) -> SnapshotLockedError:
         err = SnapshotLockedError(
-            f"{self.label}: this run ({self.holder!r}) lost its lock to {self._describe(current)}; it stops without "
-            "committing. Its lease was not refreshed in time (a pause longer than lock_ttl_s?); the run holding "
-            "the lock now settles or resumes the unfinished plan."
+            f"{self.label}: this run lost its lock to {(current or {}).get('holder', 'an unknown run')!r}; it stops "
+            "without committing.\n"
+            f"This run: {self.holder!r}. The lock is now held by {self._describe(current)}.\n"
+            "Its lease was not refreshed in time (a pause longer than lock_ttl_s?); the run holding the lock now "
+            "settles or resumes the unfinished plan."
         )
         self._lost = err
         return err
@@ -283,17 +285,18 @@ class TableLock:
                 if self._with_claim(self.name, raw, brk) is _Outcome.BUSY:
                     time.sleep(_PAUSE_S)  # another run is changing this same lock: see what it did
             raise SnapshotLockedError(
-                f"{self.label}: could not take the lock after {_ATTEMPTS} attempts, other runs keep changing "
-                f"{self.backend.location(self.name)}. Try again in a minute (a claim left by a crashed run is "
-                f"removed after {CLAIM_STALE_S:.0f} s); `stopchurn status` shows who holds the table."
+                f"{self.label}: could not take the lock, other runs keep changing it.\n"
+                f"Tried {_ATTEMPTS} times: {self.backend.location(self.name)}. Try again in a minute (a claim left "
+                f"by a crashed run is removed after {CLAIM_STALE_S:.0f} s); `stopchurn status` shows who holds it."
             )
 
     def _busy(self, current: dict[str, Any] | None) -> SnapshotLockedError:
         expires = float((current or {}).get("expires_at", 0))
         return SnapshotLockedError(
-            f"{self.label} is being synced by another run: {self._describe(current)}. Wait for it to finish; a "
-            f"lock left by a killed run expires at {_iso(expires)} (at once when its process is gone from this "
-            "host), or break it with `stopchurn unlock` once that run is known to be dead."
+            f"{self.label} is being synced by another run.\n"
+            f"Holder: {self._describe(current)}.\n"
+            f"Wait for it to finish. A lock left by a killed run expires at {_iso(expires)} (at once when its "
+            "process is gone from this host); or break it with `stopchurn unlock` once that run is known to be dead."
         )
 
     def refresh(self, *, force: bool = False) -> None:

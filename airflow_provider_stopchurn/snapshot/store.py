@@ -11,7 +11,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import random
 import re
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from typing import Any
 
 import polars as pl
 
-from airflow_provider_stopchurn.exceptions import SnapshotError
+from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError
 from airflow_provider_stopchurn.snapshot.backend import Backend, backend_for
 from airflow_provider_stopchurn.snapshot.constants import FORMAT_VERSION
 from airflow_provider_stopchurn.snapshot.lock import TableLock
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 _ACK_DIGITS = 7
+_LOCK_POLL_FIRST_S = 1.0  # a run waiting for the lock looks again after this, then twice as long each time
+_LOCK_POLL_MAX_S = 15.0
 
 #: How many run records the history keeps (the oldest beyond it are removed when a run is appended).
 HISTORY_LIMIT = 1000
@@ -573,13 +577,17 @@ class SnapshotStore:
         )
 
     @contextlib.contextmanager
-    def lock(self, holder: str, *, ttl_s: float = 3600.0, heartbeat_s: float | None = None) -> Iterator[TableLock]:
-        """Hold the table's lock for the block; a second run fails fast naming the holder.
+    def lock(
+        self, holder: str, *, ttl_s: float = 3600.0, heartbeat_s: float | None = None, wait_s: float = 0.0
+    ) -> Iterator[TableLock]:
+        """Hold the table's lock for the block.
 
-        The lock is not refreshed by itself: call ``refresh()`` on progress, or run ``with lock.heartbeat():``.
+        While another run holds it, this waits up to ``wait_s`` seconds, polling with a growing pause (1 s, then
+        up to 15 s apart), then raises the last :class:`SnapshotLockedError`, which names the holder. The lock is
+        not refreshed by itself: call ``refresh()`` on progress, or run ``with lock.heartbeat():``.
         """
         table_lock = self.table_lock(holder, ttl_s=ttl_s, heartbeat_s=heartbeat_s)
-        table_lock.acquire()
+        _acquire_waiting(table_lock, wait_s)
         try:
             yield table_lock
         finally:
@@ -601,6 +609,25 @@ class SnapshotStore:
             self._backend.delete("LOCK")
             return True
         return self.table_lock("stopchurn unlock").break_lease(token)
+
+
+def _acquire_waiting(table_lock: TableLock, wait_s: float) -> None:
+    started = time.monotonic()
+    pause = _LOCK_POLL_FIRST_S
+    while True:
+        try:
+            table_lock.acquire()
+            return
+        except SnapshotLockedError as err:
+            waited = time.monotonic() - started
+            if waited >= wait_s:
+                if wait_s <= 0:
+                    raise
+                raise SnapshotLockedError(f"{err}\nWaited {waited:.0f} s for it (lock_wait_s={wait_s:g}).") from None
+            if pause == _LOCK_POLL_FIRST_S:
+                log.warning("%s\nWaiting up to %.0f s for it (lock_wait_s).", err, wait_s)
+            time.sleep(min(pause * random.uniform(0.8, 1.2), wait_s - waited))
+            pause = min(pause * 2, _LOCK_POLL_MAX_S)
 
 
 def _loose_json(raw: bytes | None) -> dict[str, Any] | None:
