@@ -355,7 +355,7 @@ def _dbapi_batches(
                 _check_schema(reader.schema)
                 yield from _at_least_one(reader, reader.schema)
             else:
-                yield from _fetched_batches(cursor, names, batch_rows)
+                yield from _fetched_batches(cursor, names, batch_rows, _declared_json(conn, description))
         finally:
             cursor.close()
         conn.commit()
@@ -363,26 +363,55 @@ def _dbapi_batches(
         conn.close()
 
 
-def _fetched_batches(cursor: Any, names: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+#: MySQL's field type code of its JSON type (``MySQLdb.constants.FIELD_TYPE.JSON``; MySQL 5.7 and 8).
+MYSQL_JSON_TYPE = 245
+
+
+def _declared_json(conn: Any, description: Sequence[Sequence[Any]]) -> frozenset[str]:
+    """The columns the driver's cursor description declares as JSON: MySQL's JSON type through mysqlclient
+    (which hands the values over as text). MariaDB's JSON is LONGTEXT, which no description can tell."""
+    if not type(conn).__module__.startswith("MySQLdb"):
+        return frozenset()
+    return frozenset(str(column[0]) for column in description if column[1] == MYSQL_JSON_TYPE)
+
+
+def _fetched_batches(
+    cursor: Any, names: list[str], batch_rows: int, json_columns: frozenset[str] = frozenset()
+) -> Iterator[pa.RecordBatch]:
     seen = False
     while rows := cursor.fetchmany(batch_rows):
         seen = True
-        yield rows_to_batch(rows, names)
+        yield rows_to_batch(rows, names, json_columns=json_columns)
     if not seen:
         yield pa.RecordBatch.from_arrays([pa.nulls(0) for _ in names], names=names)
 
 
-def rows_to_batch(rows: Sequence[Any], names: Sequence[str]) -> pa.RecordBatch:
-    """DB-API rows (tuples, or mappings from dict cursors) -> one Arrow batch, each column typed from its values."""
+def rows_to_batch(
+    rows: Sequence[Any], names: Sequence[str], *, json_columns: frozenset[str] = frozenset()
+) -> pa.RecordBatch:
+    """DB-API rows (tuples, or mappings from dict cursors) -> one Arrow batch, each column typed from its values.
+
+    The columns in ``json_columns`` hold JSON text (a database's JSON type): they become ``arrow.json`` arrays,
+    parsed and written canonically by :mod:`~airflow_provider_stopchurn.canonical`."""
     if rows and isinstance(rows[0], Mapping):
         rows = [tuple(row.values()) for row in rows]
     columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     fields, arrays = [], []
     for name, values in zip(names, columns, strict=True):
+        if name in json_columns:
+            arrays.append(_json_array(list(values)))
+            fields.append(pa.field(name, arrays[-1].type))
+            continue
         array, is_json = _column_array(name, list(values))
         arrays.append(array)
         fields.append(pa.field(name, array.type, metadata={KIND_METADATA: JSON_TEXT_KIND} if is_json else None))
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _json_array(values: list[Any]) -> pa.Array:
+    """JSON texts (str, or bytes as some drivers return them) -> an ``arrow.json`` array."""
+    texts = [bytes(v).decode() if isinstance(v, _BYTES_TYPES) else v for v in values]
+    return pa.ExtensionArray.from_storage(pa.json_(pa.large_string()), pa.array(texts, type=pa.large_string()))
 
 
 def _column_array(name: str, values: list[Any]) -> tuple[pa.Array, bool]:

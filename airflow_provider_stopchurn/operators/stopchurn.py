@@ -112,6 +112,9 @@ class StopChurnUpdateOperator(BaseOperator):
     :param max_concurrent_requests: chunks in flight at once (1 = strictly sequential).
     :param nest_dotted_columns: turn columns named ``a.b`` into nested objects ``{"a": {"b": ...}}``.
     :param decimal_as_string: send decimals as JSON strings instead of exact JSON numbers.
+    :param json_columns: text columns holding JSON (MariaDB's JSON, JSON in SQLite TEXT or a VARCHAR), parsed
+        before the diff and sent as JSON values; reformatted JSON text is no change. Text that is not valid JSON
+        fails the run before anything is sent. MySQL 8's JSON and PostgreSQL's json/jsonb need no entry.
     """
 
     template_fields: Sequence[str] = (
@@ -158,6 +161,7 @@ class StopChurnUpdateOperator(BaseOperator):
         max_concurrent_requests: int = 4,
         nest_dotted_columns: bool = True,
         decimal_as_string: bool = False,
+        json_columns: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -200,6 +204,7 @@ class StopChurnUpdateOperator(BaseOperator):
         self.max_concurrent_requests = max_concurrent_requests
         self.nest_dotted_columns = nest_dotted_columns
         self.decimal_as_string = decimal_as_string
+        self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
 
     # --- execute ---------------------------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
