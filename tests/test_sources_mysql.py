@@ -278,3 +278,25 @@ def test_unchanged_rerun_has_no_drift(mysql_database: Any, mysql_conn_id: str) -
     assert first.kinds == second.kinds
     changes = diff_frames(first.frame, second.frame, ["id"])
     assert (changes.changed, changes.unchanged) == (0, 3)
+
+
+def test_the_export_parses_json_columns_too(mysql_database: Any, mysql_conn_id: str, tmp_path: Any) -> None:
+    """The historical export takes json_columns as the update operator does: its files hold nested JSON."""
+    from pathlib import Path
+
+    from airflow_provider_stopchurn.export import ExportOptions, run_export
+    from airflow_provider_stopchurn.snapshot import SnapshotStore
+
+    mysql_database.execute(
+        "CREATE TABLE t (id INT PRIMARY KEY, profile JSON)",
+        """INSERT INTO t VALUES (1, '{"b": 1, "a": [true]}'), (2, NULL)""",
+    )
+    options = ExportOptions(brand_id=1, table_name="t", json_columns=("profile",), run_id="r")
+    store = SnapshotStore(tmp_path / "snapshots", 1, "t")
+    summary = run_export(
+        lambda: read_sql(mysql_conn_id, "SELECT * FROM t ORDER BY id"), store, tmp_path / "export", options, run_ms=1
+    )
+    items = [
+        item for path in sorted(Path(summary.output_uri).glob("part-*.json")) for item in json.loads(path.read_bytes())
+    ]
+    assert [item["data"] for item in items] == [{"id": 1, "profile": {"a": [True], "b": 1}}, {"id": 2, "profile": None}]

@@ -690,6 +690,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
     :param stopchurn_conn_id: the StopChurn connection (read for its ``brand_id`` only; nothing is sent).
     :param nest_dotted_columns: turn columns named ``a.b`` into nested objects ``{"a": {"b": ...}}``.
     :param decimal_as_string: write decimals as JSON strings instead of exact JSON numbers.
+    :param json_columns: text columns holding JSON, parsed and written nested (as the update operator's).
     """
 
     template_fields: Sequence[str] = (
@@ -728,6 +729,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         stopchurn_conn_id: str = StopChurnHook.default_conn_name,
         nest_dotted_columns: bool = True,
         decimal_as_string: bool = False,
+        json_columns: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -746,6 +748,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         self.stopchurn_conn_id = stopchurn_conn_id
         self.nest_dotted_columns = nest_dotted_columns
         self.decimal_as_string = decimal_as_string
+        self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
 
     def execute(self, context: Context) -> dict[str, Any]:
         run_ms = time.time_ns() // 1_000_000
@@ -761,6 +764,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
                 replace_snapshot=_as_bool(self.replace_snapshot),
                 nest_dotted_columns=self.nest_dotted_columns,
                 decimal_as_string=self.decimal_as_string,
+                json_columns=self.json_columns,
                 run_id=str(context.get("run_id") or "manual"),
                 run_key=_run_key(self, context),
                 holder=_holder(self, context),
