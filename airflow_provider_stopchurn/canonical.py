@@ -784,15 +784,8 @@ def _check_json_texts(canon: Canonical, name: str, texts: pl.Series) -> None:
             return
     except orjson.JSONDecodeError:
         pass
-    bad: list[int] = []
-    for row, text in enumerate(texts.to_list()):
-        if text is None:
-            continue
-        try:
-            orjson.loads(text)
-        except orjson.JSONDecodeError:
-            bad.append(row)
-    if not bad:  # orjson refused the joined text for a reason no single text has: let the parser report it
+    bad = [row for row, text in enumerate(texts.to_list()) if text is not None and not _is_json(text)]
+    if not bad:
         return
     keys = canon.frame.select(canon.key_columns)[bad[:_BAD_JSON_KEYS_SHOWN]]
     shown = [row[0] if len(row) == 1 else row for row in keys.rows()]
@@ -801,3 +794,21 @@ def _check_json_texts(canon: Canonical, name: str, texts: pl.Series) -> None:
         f"Column {name!r} is in json_columns, but {len(bad)} row(s) hold text that is not valid JSON; keys "
         f"{', '.join(map(repr, shown))}{more}. Nothing was sent."
     )
+
+
+def _is_json(text: str) -> bool:
+    """Whether ``text`` is one JSON value (numbers beyond a double's range too, as json/jsonb hold them; not NaN)."""
+    try:
+        orjson.loads(text)
+        return True
+    except orjson.JSONDecodeError:
+        pass
+    try:  # what orjson refuses but the exact parser reads: numbers such as 1e400
+        json.loads(text, parse_float=_json_number, parse_constant=_no_constant)
+        return True
+    except ValueError:
+        return False
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
