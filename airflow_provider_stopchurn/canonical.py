@@ -736,14 +736,15 @@ def _python_converter(name: str, t: pa.DataType) -> Converter | None:
 _BAD_JSON_KEYS_SHOWN = 5
 
 
-def parse_json_columns(canon: Canonical, columns: Sequence[str]) -> Canonical:
+def parse_json_columns(canon: Canonical, columns: Sequence[str], *, keys_may_be_json: bool = False) -> Canonical:
     """``canon`` with the text columns named in ``columns`` parsed as JSON: kind ``json``, canonical JSON text.
 
     For every kind of source (the same canonical frame follows from pandas, polars and Arrow), after
     canonicalization: a column of kind ``string`` is parsed (numbers kept exact, keys sorted, so reformatted JSON
     text is no change); a column that is JSON already (PostgreSQL json/jsonb, MySQL 8's JSON) or holds only NULLs
-    is left as it is. Raises :class:`SourceDataError` for a column the source does not have, a key column, a
-    column of another kind, or text that is not one JSON value (naming the column and up to five row keys).
+    is left as it is. Raises :class:`SourceDataError` for a column the source does not have, a key column (unless
+    ``keys_may_be_json``: events, whose key is the whole event), a column of another kind, or text that is not one
+    JSON value (naming the column and the ``key_columns`` of up to five rows).
     """
     if not columns:
         return canon
@@ -756,7 +757,7 @@ def parse_json_columns(canon: Canonical, columns: Sequence[str]) -> Canonical:
                 f"json_columns names {name!r}, which the source does not have (its columns: "
                 f"{', '.join(map(repr, canon.frame.columns))})."
             )
-        if name in canon.key_columns:
+        if name in canon.key_columns and not keys_may_be_json:
             raise SourceDataError(f"json_columns names the key column {name!r}; a key cannot be a JSON value.")
         if kind in ("json", "null"):
             continue
@@ -792,7 +793,7 @@ def _check_json_texts(canon: Canonical, name: str, texts: pl.Series) -> None:
     more = f" (and {len(bad) - len(shown)} more)" if len(bad) > len(shown) else ""
     raise SourceDataError(
         f"Column {name!r} is in json_columns, but {len(bad)} row(s) hold text that is not valid JSON; keys "
-        f"{', '.join(map(repr, shown))}{more}. Nothing was sent."
+        f"({', '.join(canon.key_columns)}) {', '.join(map(repr, shown))}{more}. Nothing was sent."
     )
 
 

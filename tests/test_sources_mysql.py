@@ -189,7 +189,7 @@ def test_invalid_json_names_the_column_and_up_to_five_keys(mysql_database: Any, 
         canonical(read_sql(mysql_conn_id, "SELECT * FROM t ORDER BY id"), json_columns=("profile",))
     message = str(caught.value)
     assert "'profile'" in message and "json_columns" in message
-    assert "keys 2, 4, 5, 6, 8 (and 2 more)" in message, message
+    assert "keys (id) 2, 4, 5, 6, 8 (and 2 more)" in message, message
     assert "Nothing was sent" in message
 
 

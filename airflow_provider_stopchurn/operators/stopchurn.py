@@ -536,6 +536,8 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
     :param dry_run: compute what would be sent and return the counts with up to 5 sample events; send and write
         nothing.
     :param nest_dotted_columns: with ``value_columns``, turn columns named ``a.b`` into nested objects.
+    :param json_columns: text columns holding JSON (a value, or part of the event key), parsed and sent nested, as
+        the update operator's; reformatted JSON text is the same event.
     """
 
     template_fields: Sequence[str] = ("brand_id", "name", "sql", "parameters", "state_uri", "dataframe", "stream_id")
@@ -569,6 +571,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         max_concurrent_requests: int = 4,
         dry_run: bool = False,
         nest_dotted_columns: bool = True,
+        json_columns: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -596,6 +599,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         # BaseOperator already has a dry_run() method: keep the flag under another name.
         self.events_dry_run = dry_run
         self.nest_dotted_columns = nest_dotted_columns
+        self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
 
     def execute(self, context: Context) -> dict[str, Any]:
         try:
@@ -640,6 +644,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
             max_concurrent_requests=self.max_concurrent_requests,
             dry_run=self.events_dry_run,
             nest_dotted_columns=self.nest_dotted_columns,
+            json_columns=self.json_columns,
             holder=_holder(self, context),
             run_key=_run_key(self, context),
         )
