@@ -126,6 +126,14 @@ COMMANDS: dict[str, tuple[str, tuple[ArgSpec, ...]]] = {
             ),
             (("--created-at-column",), {"metavar": "COL", "help": "as the operator's created_at_column"}),
             (("--decimal-as-string",), {"action": "store_true", "help": "as the operator's decimal_as_string"}),
+            (
+                ("--json-column",),
+                {
+                    "action": "append",
+                    "metavar": "COL",
+                    "help": "a text column holding JSON, repeated for several (as the operator's json_columns)",
+                },
+            ),
         ),
     ),
 }
@@ -568,6 +576,7 @@ def _rebaseline(args: argparse.Namespace, out: TextIO) -> None:
         args.key,
         created_at_column=args.created_at_column,
         decimal_as_string=args.decimal_as_string,
+        json_columns=args.json_column or (),
         holder=operate.operator_name("rebaseline"),
     )
     canon = operate.canonical_source(frame, options)  # bad keys or values stop here, before any question

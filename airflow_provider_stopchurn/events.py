@@ -56,8 +56,10 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 
+from airflow_provider_stopchurn.canonical import parse_json_columns
 from airflow_provider_stopchurn.deliver import Rejection, deliver_chunks
 from airflow_provider_stopchurn.encoding import (
+    Canonical,
     bodies_bytes,
     canonical_columns,
     encode_rows,
@@ -122,6 +124,8 @@ class EventOptions:
     max_concurrent_requests: int = 4
     dry_run: bool = False
     nest_dotted_columns: bool = True
+    #: text columns holding JSON, parsed before encoding (as the update operator's ``json_columns``)
+    json_columns: tuple[str, ...] = ()
     holder: str = "stopchurn-events"
     #: names the DAG run (and task): a later try of the same run reports the run's whole delivery
     run_key: str | None = None
@@ -132,6 +136,12 @@ class EventOptions:
         problems = []
         if isinstance(self.brand_id, bool) or not isinstance(self.brand_id, int):
             problems.append(f"brand_id must be an integer, got {self.brand_id!r}")
+        if isinstance(self.json_columns, str):  # one column named alone
+            object.__setattr__(self, "json_columns", (self.json_columns,))
+        elif not isinstance(self.json_columns, tuple):
+            object.__setattr__(self, "json_columns", tuple(self.json_columns or ()))
+        if not all(_is_name(c) for c in self.json_columns):
+            problems.append(f"json_columns must name columns, got {self.json_columns!r}")
         if not _is_name(self.user_id_column):
             problems.append(f"user_id_column must name a column, got {self.user_id_column!r}")
         if (self.name is None) == (self.name_column is None):
@@ -359,6 +369,19 @@ def encode_events(df: Any, options: EventOptions) -> Encoded:
         )
     needed = list(dict.fromkeys(c for names in named.values() for c in names))
     canon, kinds = canonical_columns(df[needed])
+    if options.json_columns:
+        absent = [c for c in options.json_columns if c not in needed]
+        if absent:
+            raise SourceDataError(
+                f"json_columns names {', '.join(map(repr, absent))}, which no event argument uses (columns used: "
+                f"{needed}). Nothing was sent."
+            )
+        parsed = parse_json_columns(
+            Canonical(frame=canon, kinds=kinds, key_columns=tuple(key_columns)),
+            options.json_columns,
+            keys_may_be_json=True,
+        )
+        canon, kinds = parsed.frame, parsed.kinds
     rows = canon.height
     canon = canon.with_columns(_user_id(canon, kinds, options.user_id_column).alias(_USER_ID))
     _check_present(canon, _USER_ID, f"user id (column {options.user_id_column!r})")

@@ -83,6 +83,8 @@ class ExportOptions:
     replace_snapshot: bool = False
     nest_dotted_columns: bool = True
     decimal_as_string: bool = False
+    #: text columns holding JSON, parsed as the update operator's ``json_columns``
+    json_columns: tuple[str, ...] = ()
     run_id: str = "manual"
     run_key: str | None = None
     holder: str = "stopchurn-export"
@@ -112,6 +114,7 @@ class ExportOptions:
             initial_load="baseline",
             nest_dotted_columns=self.nest_dotted_columns,
             decimal_as_string=self.decimal_as_string,
+            json_columns=self.json_columns,
             holder=self.holder,
             run_key=self.run_key,
             lock_ttl_s=self.lock_ttl_s,

@@ -238,6 +238,7 @@ def rebaseline_options(
     *,
     created_at_column: str | None = None,
     decimal_as_string: bool = False,
+    json_columns: Sequence[str] = (),
     holder: str = "stopchurn rebaseline",
 ) -> SyncOptions:
     """The options a rebaseline canonicalizes with: the given key, else the committed snapshot's, else ``id``."""
@@ -251,6 +252,7 @@ def rebaseline_options(
         key_columns=keys,
         created_at_column=created_at_column,
         decimal_as_string=decimal_as_string,
+        json_columns=tuple(json_columns),
         initial_load="baseline",
         holder=holder,
     )

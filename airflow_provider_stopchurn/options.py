@@ -37,6 +37,8 @@ class SyncOptions:
     max_concurrent_requests: int = 4
     nest_dotted_columns: bool = True
     decimal_as_string: bool = False
+    #: text columns holding JSON, parsed before the diff (MariaDB's JSON, SQLite TEXT, JSON kept in VARCHAR...)
+    json_columns: tuple[str, ...] = ()
     holder: str = "stopchurn-sync"
     #: names the DAG run (and task) this sync belongs to: a later try of the same run reports the run's whole
     #: delivery, including what earlier tries delivered (None: count this call only)
@@ -51,6 +53,12 @@ class SyncOptions:
 
     def __post_init__(self) -> None:
         problems = []
+        if isinstance(self.json_columns, str):  # one column named alone
+            object.__setattr__(self, "json_columns", (self.json_columns,))
+        elif not isinstance(self.json_columns, tuple):
+            object.__setattr__(self, "json_columns", tuple(self.json_columns or ()))
+        if not all(isinstance(c, str) and c for c in self.json_columns):
+            problems.append(f"json_columns must name columns, got {self.json_columns!r}")
         if isinstance(self.brand_id, bool) or not isinstance(self.brand_id, int):
             problems.append(f"brand_id must be an integer, got {self.brand_id!r}")
         if not isinstance(self.table_name, str) or not self.table_name.strip():

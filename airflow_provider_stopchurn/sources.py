@@ -16,7 +16,13 @@ Which path a database takes:
   do), and statements are split with sqlparse (COPY takes one query, without a trailing ``;``).
 * **A DB-API hook whose cursor hands out Arrow** (``cursor.fetch_record_batch()``, as ADBC and DuckDB cursors
   do): :func:`read_dbapi` passes the driver's batches on.
-* **Any other DB-API hook** (SQLite, MySQL, ...): :func:`read_dbapi` runs the statements on the hook's
+* **MySQL and MariaDB** (mysqlclient, through MySqlHook): as any other DB-API hook below, with the session
+  time zone set to UTC first (``SET time_zone = '+00:00'``: TIMESTAMP values arrive as exact UTC instants; a
+  ``SET time_zone`` among the statements overrides it, and its TIMESTAMP values are then taken as UTC), and
+  MySQL's JSON type, which the cursor description declares (field type 245), read as JSON. MariaDB's JSON is
+  LONGTEXT: it arrives as text unless named in ``json_columns``. TINYINT(1) (BOOLEAN) arrives as 0/1 integers,
+  TIME as a ``timedelta`` (ISO-8601 duration text).
+* **Any other DB-API hook** (SQLite, ...): :func:`read_dbapi` runs the statements on the hook's
   connection and fetches ``cursor.fetchmany(batch_rows)`` at a time, each call turned into one Arrow batch. A
   column is typed from the Python values the driver returned, as the pandas path infers an object column:
   integers (with NULLs) stay exact integers, integers mixed with floats are floats, Decimals keep their text,
@@ -338,6 +344,9 @@ def _dbapi_batches(
     try:
         cursor = conn.cursor()
         try:
+            if _is_mysqldb(conn):
+                # TIMESTAMP values arrive in the session's time zone without it: in UTC they are exact instants
+                cursor.execute("SET time_zone = '+00:00'")
             for statement in statements:
                 log.info("Running statement: %s", statement)
                 if parameters:
@@ -355,7 +364,7 @@ def _dbapi_batches(
                 _check_schema(reader.schema)
                 yield from _at_least_one(reader, reader.schema)
             else:
-                yield from _fetched_batches(cursor, names, batch_rows)
+                yield from _fetched_batches(cursor, names, batch_rows, _declared_json(conn, description))
         finally:
             cursor.close()
         conn.commit()
@@ -363,26 +372,60 @@ def _dbapi_batches(
         conn.close()
 
 
-def _fetched_batches(cursor: Any, names: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+#: MySQL's field type code of its JSON type (``MySQLdb.constants.FIELD_TYPE.JSON``; MySQL 5.7 and 8).
+MYSQL_JSON_TYPE = 245
+
+
+def _is_mysqldb(conn: Any) -> bool:
+    """Whether ``conn`` is a mysqlclient (``MySQLdb``) connection: MySQL and MariaDB through MySqlHook."""
+    return type(conn).__module__.startswith("MySQLdb")
+
+
+def _declared_json(conn: Any, description: Sequence[Sequence[Any]]) -> frozenset[str]:
+    """The columns the driver's cursor description declares as JSON: MySQL's JSON type through mysqlclient
+    (which hands the values over as text). MariaDB's JSON is LONGTEXT, which no description can tell."""
+    if not _is_mysqldb(conn):
+        return frozenset()
+    return frozenset(str(column[0]) for column in description if column[1] == MYSQL_JSON_TYPE)
+
+
+def _fetched_batches(
+    cursor: Any, names: list[str], batch_rows: int, json_columns: frozenset[str] = frozenset()
+) -> Iterator[pa.RecordBatch]:
     seen = False
     while rows := cursor.fetchmany(batch_rows):
         seen = True
-        yield rows_to_batch(rows, names)
+        yield rows_to_batch(rows, names, json_columns=json_columns)
     if not seen:
         yield pa.RecordBatch.from_arrays([pa.nulls(0) for _ in names], names=names)
 
 
-def rows_to_batch(rows: Sequence[Any], names: Sequence[str]) -> pa.RecordBatch:
-    """DB-API rows (tuples, or mappings from dict cursors) -> one Arrow batch, each column typed from its values."""
+def rows_to_batch(
+    rows: Sequence[Any], names: Sequence[str], *, json_columns: frozenset[str] = frozenset()
+) -> pa.RecordBatch:
+    """DB-API rows (tuples, or mappings from dict cursors) -> one Arrow batch, each column typed from its values.
+
+    The columns in ``json_columns`` hold JSON text (a database's JSON type): they become ``arrow.json`` arrays,
+    parsed and written canonically by :mod:`~airflow_provider_stopchurn.canonical`."""
     if rows and isinstance(rows[0], Mapping):
         rows = [tuple(row.values()) for row in rows]
     columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     fields, arrays = [], []
     for name, values in zip(names, columns, strict=True):
+        if name in json_columns:
+            arrays.append(_json_array(list(values)))
+            fields.append(pa.field(name, arrays[-1].type))
+            continue
         array, is_json = _column_array(name, list(values))
         arrays.append(array)
         fields.append(pa.field(name, array.type, metadata={KIND_METADATA: JSON_TEXT_KIND} if is_json else None))
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _json_array(values: list[Any]) -> pa.Array:
+    """JSON texts (str, or bytes as some drivers return them) -> an ``arrow.json`` array."""
+    texts = [bytes(v).decode() if isinstance(v, _BYTES_TYPES) else v for v in values]
+    return pa.ExtensionArray.from_storage(pa.json_(pa.large_string()), pa.array(texts, type=pa.large_string()))
 
 
 def _column_array(name: str, values: list[Any]) -> tuple[pa.Array, bool]:
@@ -491,7 +534,8 @@ def _check_names(names: Sequence[str]) -> None:
 def _binary_column(name: str) -> SourceDataError:
     return SourceDataError(
         f"Column {name!r} holds binary values (bytea/BLOB), which JSON cannot carry. Convert it in the SQL, e.g. "
-        f"encode({name}, 'base64') AS {name} in PostgreSQL or hex({name}) in SQLite, or leave the column out."
+        f"encode({name}, 'base64') AS {name} in PostgreSQL or hex({name}) in SQLite and MySQL, or leave the column "
+        "out."
     )
 
 

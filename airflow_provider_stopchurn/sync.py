@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from airflow_provider_stopchurn.canonical import Source, canonicalize_source
+from airflow_provider_stopchurn.canonical import Source, canonicalize_source, parse_json_columns
 from airflow_provider_stopchurn.contract import USER_TABLE, check_user_table, coerce_user_flags
 from airflow_provider_stopchurn.deliver import Rejection, Sender, deliver
 from airflow_provider_stopchurn.diff import ROW_HASH
@@ -186,6 +186,7 @@ def _check_owner(meta: dict[str, Any], store: SnapshotStore, options: SyncOption
 
 def _canonical(source: Source, options: SyncOptions) -> Canonical:
     canon = canonicalize_source(source, key_columns=options.key_columns, decimal_as_string=options.decimal_as_string)
+    canon = parse_json_columns(canon, options.json_columns)
     if options.table_name == USER_TABLE:
         coerced, user_kinds = coerce_user_flags(canon.frame, canon.kinds)
         canon = Canonical(frame=coerced, kinds=user_kinds, key_columns=canon.key_columns)

@@ -585,6 +585,28 @@ def test_rebaseline_from_sql_on_sqlite(
     assert both.code == cli.USAGE and "exactly one of" in _one_line_error(both)
 
 
+def test_rebaseline_parses_json_columns_as_the_operator(
+    sb: SandboxServer, where: Where, stopchurn: Callable[..., Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebaseline with --json-column records what a sync with json_columns reads: the next run sends nothing."""
+    db = tmp_path / "app.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE accounts (id INTEGER, profile TEXT)")
+        conn.executemany("INSERT INTO accounts VALUES (?, ?)", [(1, '{"b": 1, "a": [2]}'), (2, None), (3, "[]")])
+    monkeypatch.setenv("AIRFLOW_CONN_CLI_APP_DB", json.dumps({"conn_type": "sqlite", "host": str(db)}))
+    sql = "SELECT id, profile FROM accounts"
+    args = ["rebaseline", "--sql", sql, "--sql-conn-id", "cli_app_db", "--json-column", "profile", "--yes", "--json"]
+    assert stopchurn(*args).json()["rows"] == 3
+
+    from airflow_provider_stopchurn.operators.stopchurn import read_sql
+
+    with sqlite3.connect(db) as conn:  # the same JSON, written another way
+        conn.execute("""UPDATE accounts SET profile = '{"a":[2],"b":1}' WHERE id = 1""")
+    opts = options(json_columns=("profile",))
+    summary = run_sync(lambda: read_sql("cli_app_db", sql), where.store(), make_client(sb), opts, run_ms=T0)
+    assert (summary.requests, summary.unchanged) == (0, 3)
+
+
 # --- errors and entry points -----------------------------------------------------------------------------------
 def test_errors_are_one_line_with_exit_codes(where: Where, stopchurn: Callable[..., Result], capsys: Any) -> None:
     nowhere = stopchurn("status")

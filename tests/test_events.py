@@ -319,6 +319,24 @@ def test_default_key_is_every_column(world: World) -> None:
     }
 
 
+def test_json_columns_send_text_as_json_and_reformatted_text_is_the_same_event(world: World) -> None:
+    plain = {"event_key": None, "watermark_column": None, "lookback": dt.timedelta(0), "json_columns": ("amount",)}
+    frame = pd.DataFrame({"user_id": [1, 2], "amount": ['{"b": 1, "a": [2]}', None]})
+    assert world.run(frame, **plain).sent == 2
+    reformatted = frame.assign(amount=['{"a":[2],"b":1}', None])  # part of the default key: the same event
+    assert (world.run(reformatted, **plain).sent, world.run(reformatted, **plain).duplicates) == (0, 2)
+    assert received_counts(world.sb) == as_counts(
+        [
+            {"brandId": BRAND, "userId": "1", "name": "DEPOSIT", "value": {"a": [2], "b": 1}},
+            {"brandId": BRAND, "userId": "2", "name": "DEPOSIT"},
+        ]
+    )
+    with pytest.raises(SourceDataError, match=r"'amount' is in json_columns.*not valid JSON"):
+        world.run(frame.assign(amount=["{", None]), **plain)
+    with pytest.raises(SourceDataError, match=r"json_columns names 'other', which no event argument uses"):
+        world.run(frame, **dict(plain, json_columns=("other",)))
+
+
 def test_a_changed_event_key_stops_before_sending(world: World) -> None:
     world.run(deposits(range(5)))
     with pytest.raises(StopChurnConfigError, match="event key changed"):

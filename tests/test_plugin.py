@@ -58,7 +58,7 @@ def test_the_plugin_is_registered_once_when_providers_are_discovered_eagerly() -
         "plugins, errors = plugins_manager._get_plugins()\n"
         "assert [p.name for p in plugins].count('stopchurn') == 1, plugins\n"
         "ours = {k: v for k, v in errors.items() if 'stopchurn' in (k + str(v)).lower()}\n"
-            "assert not ours, ours  # other providers' plugins (OpenLineage's) may report their own duplicates\n"
+        "assert not ours, ours  # other providers' plugins (OpenLineage's) may report their own duplicates\n"
     )
     done = _run_python(code, AIRFLOW__CORE__LAZY_DISCOVER_PROVIDERS="False")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -115,6 +115,9 @@ class StopChurnUpdateOperator(BaseOperator):
     :param max_concurrent_requests: chunks in flight at once (1 = strictly sequential).
     :param nest_dotted_columns: turn columns named ``a.b`` into nested objects ``{"a": {"b": ...}}``.
     :param decimal_as_string: send decimals as JSON strings instead of exact JSON numbers.
+    :param json_columns: text columns holding JSON (MariaDB's JSON, JSON in SQLite TEXT or a VARCHAR), parsed
+        before the diff and sent as JSON values; reformatted JSON text is no change. Text that is not valid JSON
+        fails the run before anything is sent. MySQL 8's JSON and PostgreSQL's json/jsonb need no entry.
     :param lock_wait_s: while another run syncs the same table, wait up to this many seconds for its lock
         (polling with backoff), then fail as retryable.
 
@@ -168,6 +171,7 @@ class StopChurnUpdateOperator(BaseOperator):
         nest_dotted_columns: bool = True,
         decimal_as_string: bool = False,
         lock_wait_s: float = 300.0,
+        json_columns: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**_with_retry_defaults(kwargs))
@@ -213,6 +217,7 @@ class StopChurnUpdateOperator(BaseOperator):
         self.lock_wait_s = lock_wait_s
         self._table: TableRef | None = None  # set by execute(), for lineage
         self._summary: dict[str, Any] | None = None
+        self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
 
     # --- execute ---------------------------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
@@ -589,6 +594,8 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
     :param dry_run: compute what would be sent and return the counts with up to 5 sample events; send and write
         nothing.
     :param nest_dotted_columns: with ``value_columns``, turn columns named ``a.b`` into nested objects.
+    :param json_columns: text columns holding JSON (a value, or part of the event key), parsed and sent nested, as
+        the update operator's; reformatted JSON text is the same event.
     """
 
     template_fields: Sequence[str] = ("brand_id", "name", "sql", "parameters", "state_uri", "dataframe", "stream_id")
@@ -622,6 +629,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         max_concurrent_requests: int = 4,
         dry_run: bool = False,
         nest_dotted_columns: bool = True,
+        json_columns: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -649,6 +657,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         # BaseOperator already has a dry_run() method: keep the flag under another name.
         self.events_dry_run = dry_run
         self.nest_dotted_columns = nest_dotted_columns
+        self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
 
     def execute(self, context: Context) -> dict[str, Any]:
         try:
@@ -693,6 +702,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
             max_concurrent_requests=self.max_concurrent_requests,
             dry_run=self.events_dry_run,
             nest_dotted_columns=self.nest_dotted_columns,
+            json_columns=self.json_columns,
             holder=_holder(self, context),
             run_key=_run_key(self, context),
         )
@@ -743,6 +753,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
     :param stopchurn_conn_id: the StopChurn connection (read for its ``brand_id`` only; nothing is sent).
     :param nest_dotted_columns: turn columns named ``a.b`` into nested objects ``{"a": {"b": ...}}``.
     :param decimal_as_string: write decimals as JSON strings instead of exact JSON numbers.
+    :param json_columns: text columns holding JSON, parsed and written nested (as the update operator's).
     """
 
     template_fields: Sequence[str] = (
@@ -781,6 +792,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         stopchurn_conn_id: str = StopChurnHook.default_conn_name,
         nest_dotted_columns: bool = True,
         decimal_as_string: bool = False,
+        json_columns: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -799,6 +811,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         self.stopchurn_conn_id = stopchurn_conn_id
         self.nest_dotted_columns = nest_dotted_columns
         self.decimal_as_string = decimal_as_string
+        self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
 
     def execute(self, context: Context) -> dict[str, Any]:
         run_ms = time.time_ns() // 1_000_000
@@ -814,6 +827,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
                 replace_snapshot=_as_bool(self.replace_snapshot),
                 nest_dotted_columns=self.nest_dotted_columns,
                 decimal_as_string=self.decimal_as_string,
+                json_columns=self.json_columns,
                 run_id=str(context.get("run_id") or "manual"),
                 run_key=_run_key(self, context),
                 holder=_holder(self, context),

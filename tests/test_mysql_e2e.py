@@ -1,0 +1,149 @@
+"""End to end from MariaDB: a DAG run (``dag.test()``) syncs a table of common MySQL column types to the sandbox,
+several times with random inserts, updates and deletes in between; after every run StopChurn's table equals the
+database table, value for value, in the documented JSON forms (computed here independently of the provider's
+encoder). The JSON column is named in ``json_columns`` (MariaDB's JSON is LONGTEXT); a last run over the same
+rows, with the JSON text reformatted, sends nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import random
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pendulum
+import pytest
+from airflow.sdk import DAG
+from airflow_plugin import run_dag, task_states, xcom_return
+
+from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
+from airflow_provider_stopchurn.sandbox import SandboxServer
+
+pytestmark = [pytest.mark.mysql, pytest.mark.usefixtures("airflow_db")]
+
+BRAND = 42
+RUNS = 4
+BIG = 2**53 + 1  # beyond float precision: must arrive exact
+_dag_ids = itertools.count(1)
+
+DDL = """
+CREATE TABLE customers (
+    id BIGINT PRIMARY KEY,
+    name VARCHAR(80) NOT NULL,
+    score DECIMAL(12, 2),
+    active TINYINT(1) NOT NULL,
+    visits INT,
+    ratio DOUBLE,
+    profile JSON,
+    seen_at TIMESTAMP NULL,
+    birthday DATE
+)
+"""
+
+
+def _row(rng: random.Random, key: int) -> dict[str, Any]:
+    return {
+        "id": key,
+        "name": rng.choice(["Ana", "Bo", "Chloé", 'Dan "the man"', ""]) + f" {key}",
+        "score": None if rng.random() < 0.2 else Decimal(rng.randint(-10_000, 10_000)) / 4,
+        "active": int(rng.random() < 0.5),
+        "visits": None if rng.random() < 0.3 else rng.randint(0, 1000),
+        "ratio": None if rng.random() < 0.3 else rng.choice([0.1, 1.5, -2.25, 1e-7]),
+        "profile": rng.choice([None, {"tier": "gold", "n": rng.randint(0, 9)}, {"nested": {"x": [1, 2]}}, []]),
+        "seen_at": None
+        if rng.random() < 0.2
+        else dt.datetime(2025, 1, 1) + dt.timedelta(seconds=rng.randint(0, 10**7)),  # UTC
+        "birthday": rng.choice([None, dt.date(1990, 5, 17), dt.date(2001, 1, 1), dt.date(1969, 7, 20)]),
+    }
+
+
+def _expected_json(row: dict[str, Any]) -> dict[str, Any]:
+    """The row as StopChurn must receive it (README: Values)."""
+    out = dict(row)
+    out["score"] = None if row["score"] is None else float(row["score"])  # quarters: exact in binary
+    out["seen_at"] = None if row["seen_at"] is None else int(row["seen_at"].replace(tzinfo=dt.UTC).timestamp() * 1000)
+    out["birthday"] = (
+        None
+        if row["birthday"] is None
+        else int(dt.datetime.combine(row["birthday"], dt.time(), dt.UTC).timestamp() * 1000)
+    )
+    return out  # active stays 0/1: TINYINT(1) is an integer
+
+
+def _write(server: Any, rows: dict[int, dict[str, Any]], *, indent: int | None = None) -> None:
+    conn = server.connect()
+    try:
+        cursor = conn.cursor()
+        cursor.execute("SET time_zone = '+00:00'")
+        cursor.execute("DELETE FROM customers")
+        cursor.executemany(
+            "INSERT INTO customers VALUES (%(id)s, %(name)s, %(score)s, %(active)s, %(visits)s, %(ratio)s, "
+            "%(profile)s, %(seen_at)s, %(birthday)s)",
+            [
+                dict(r, profile=None if r["profile"] is None else json.dumps(r["profile"], indent=indent))
+                for r in rows.values()
+            ],
+        )
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def sandbox(stopchurn_sandbox: SandboxServer, airflow_conn: Callable[..., None]) -> SandboxServer:
+    airflow_conn(
+        "stopchurn_default",
+        conn_type="stopchurn",
+        host=stopchurn_sandbox.url,
+        password=stopchurn_sandbox.token,
+        extra={"brand_id": BRAND},
+    )
+    return stopchurn_sandbox
+
+
+def test_mysql_table_stays_in_step_through_dag_runs(
+    sandbox: SandboxServer, mysql_database: Any, mysql_conn_id: str, tmp_path: Path
+) -> None:
+    mysql_database.execute(DDL)
+    rng = random.Random(2026)
+    keys = itertools.count(1)
+    rows = {k: _row(rng, k) for k in (next(keys) for _ in range(120))}
+    rows[BIG] = _row(rng, BIG)
+    with DAG(f"mysql_e2e_{next(_dag_ids)}", schedule=None, start_date=pendulum.datetime(2025, 1, 1)) as dag:
+        StopChurnUpdateOperator(
+            task_id="sync",
+            table_name="customers",
+            sql="SELECT * FROM customers WHERE id > %(min_id)s",
+            parameters={"min_id": 0},
+            sql_conn_id=mysql_conn_id,
+            snapshot_uri=str(tmp_path / "snapshots"),
+            chunk_size=25,
+            json_columns=["profile"],
+        )
+    previous: dict[int, dict[str, Any]] = {}
+    for day in range(RUNS + 1):
+        last = day == RUNS  # the same rows again, the JSON text reformatted: nothing to send
+        _write(mysql_database, rows, indent=2 if last else None)
+        dagrun = run_dag(dag, logical_date=pendulum.datetime(2025, 1, 1).add(days=day))
+        assert str(dagrun.state) == "success", task_states(dagrun)
+        summary = xcom_return(dagrun, "sync")
+        inserted = len(rows.keys() - previous.keys())
+        deleted = len(previous.keys() - rows.keys())
+        updated = sum(1 for k in rows.keys() & previous.keys() if rows[k] != previous[k])
+        assert (summary["inserted"], summary["updated"], summary["deleted"]) == (inserted, updated, deleted)
+        if last:
+            assert (inserted, updated, deleted) == (0, 0, 0)
+        assert {r["id"]: r for r in sandbox.rows(BRAND, "customers")} == {k: _expected_json(r) for k, r in rows.items()}
+        previous = {k: dict(r) for k, r in rows.items()}
+        if day >= RUNS - 1:  # the last run reads the rows of the one before
+            continue
+        # churn: update some rows (a few only in one column), delete some, insert some
+        for k in rng.sample(sorted(rows), 15):
+            rows[k] = _row(rng, k) if rng.random() < 0.5 else dict(rows[k], visits=(rows[k]["visits"] or 0) + 1)
+        for k in rng.sample(sorted(k for k in rows if k != BIG), 8):
+            del rows[k]
+        for k in (next(keys) for _ in range(10)):
+            rows[k] = _row(rng, k)
