@@ -23,14 +23,14 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def dagbag() -> Any:
     """The example DAGs parsed while any network connection would fail."""
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow_plugin import dag_bag
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("parsing a DAG file must not open a network connection")
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", refuse)
-        return DagBag(dag_folder=str(EXAMPLE_DAGS))
+        return dag_bag(EXAMPLE_DAGS)
 
 
 def test_no_import_errors_or_warnings(dagbag: Any) -> None:

@@ -21,7 +21,7 @@ import pandas as pd
 import pendulum
 import pytest
 from airflow.sdk import DAG, task
-from airflow_plugin import run_dag, task_states, xcom_return
+from airflow_plugin import dag_bag, run_dag, task_states, xcom_return
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
 from airflow_provider_stopchurn.sandbox import SandboxServer
@@ -361,9 +361,7 @@ def test_xcom_example_dag(
 
 @pytest.fixture(scope="module")
 def example_dagbag(airflow_db: Path) -> Any:
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(Path(__file__).parent.parent / "example_dags"))
+    bag = dag_bag(Path(__file__).parent.parent / "example_dags")
     assert not bag.import_errors
     return bag
 

@@ -10,8 +10,8 @@ from typing import Any
 import pandas as pd
 import pytest
 from airflow.sdk import DAG, task
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_provider_stopchurn.hooks._compat import AirflowException, AirflowFailException
 from airflow_provider_stopchurn.operators.commit_guard import (
     CommitRecord,
     SnapshotBehindError,

@@ -10,10 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
-from airflow.sdk import BaseHook, BaseOperator, ObjectStoragePath
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
-
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError, StopChurnError
+from airflow_provider_stopchurn.hooks._compat import (
+    AirflowException,
+    AirflowFailException,
+    BaseHook,
+    BaseOperator,
+    ObjectStoragePath,
+    XComArg,
+)
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard
 from airflow_provider_stopchurn.snapshot import SnapshotStore
@@ -22,7 +27,8 @@ from airflow_provider_stopchurn.sync import SyncOptions, run_sync
 
 if TYPE_CHECKING:
     import pandas as pd
-    from airflow.sdk import Context
+
+    from airflow_provider_stopchurn.hooks._compat import Context
 
 
 #: SyncOptions fields the operator takes as arguments of the same name and passes on unchanged (SyncOptions
@@ -282,8 +288,6 @@ class StopChurnUpdateOperator(BaseOperator):
 
 
 def _is_xcom_arg(value: Any) -> bool:
-    from airflow.sdk.definitions.xcom_arg import XComArg
-
     return isinstance(value, XComArg)
 
 
