@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 
+#: Runs on every supported Airflow version (make test-matrix): the example DAGs must parse on each.
+pytestmark = pytest.mark.matrix
+
 EXAMPLE_DAGS = Path(__file__).resolve().parent.parent / "example_dags"
 EXPECTED = {
     "example_stopchurn_sql_nightly": ["sync_users"],

@@ -24,6 +24,9 @@ from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 FRAME = pd.DataFrame({"id": [1, 2, 3], "name": ["a", "b", "c"]})
 CONTEXT: dict[str, Any] = {"run_id": "manual__unit", "ti": None}
 
+#: Runs on every supported Airflow version (make test-matrix): the errors the task runner sees differ by release.
+pytestmark = pytest.mark.matrix
+
 
 def _op(**kwargs: Any) -> StopChurnUpdateOperator:
     kwargs.setdefault("task_id", "sync")
