@@ -70,12 +70,12 @@ class StopChurnHook(BaseHook):
         self.session = session
         self.client_kwargs = client_kwargs
 
-    # --- connection form of Airflow 3.0 and 3.1 --------------------------------------------------------------
+    # --- connection form of Airflow 3.1 ----------------------------------------------------------------------
     # Airflow 3.2+ builds the form from ``conn-fields`` / ``ui-field-behaviour`` in get_provider_info and never
-    # calls these two methods. Older releases call them instead; both are derived from the same declaration.
+    # calls these two methods. Airflow 3.1 calls them instead; both are derived from the same declaration.
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Hidden, relabelled and placeholder fields of the connection form (Airflow 3.0 and 3.1)."""
+        """Hidden, relabelled and placeholder fields of the connection form (Airflow 3.1)."""
         behaviour = _connection_type_info()["ui-field-behaviour"]
         return {
             "hidden_fields": list(behaviour["hidden-fields"]),
@@ -85,7 +85,7 @@ class StopChurnHook(BaseHook):
 
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
-        """The extra fields of the connection form as WTForms fields (Airflow 3.0 and 3.1).
+        """The extra fields of the connection form as WTForms fields (Airflow 3.1).
 
         Their values are stored in the connection extra under the plain field name, as on Airflow 3.2+. The
         imports are Airflow's usual ones for this method; its UI supplies stand-ins when FAB is not installed.
