@@ -8,7 +8,7 @@ LOCK := requirements-dev.lock
 # PYTHONDONTWRITEBYTECODE may be set: compile bytecode at install time so `import airflow` stays fast.
 UV_FLAGS := --compile-bytecode --quiet
 
-.PHONY: venv test lint typecheck check demo bench bench-events-export bench-large soak lock clean
+.PHONY: venv test test-matrix test-matrix-oldest lint typecheck check demo bench bench-events-export bench-large soak lock lock-matrix clean
 
 # The venv is made by the standard library, then uv (pinned in the lock, so syncing keeps it) installs the
 # locked set into it in seconds (plain pip takes over a minute). Nothing is installed outside .venv.
@@ -60,5 +60,47 @@ soak: $(STAMP)
 lock: $(STAMP)
 	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --quiet -o $(LOCK)
 
+# --- Airflow version matrix --------------------------------------------------------------------------------------
+# Every supported Airflow minor, tested at its newest patch. The newest minor is the main venv (requirements-dev.lock);
+# each older one gets .venv-airflow-<minor>/ from requirements-airflow-<minor>.lock. `make test-matrix` runs the
+# tests marked `matrix` (pyproject.toml) on each: `make test-matrix MATRIX=3.1` runs one.
+AIRFLOW_MINORS := 3.1 3.2 3.3
+NEWEST_MINOR := 3.3
+OLDEST_MINOR := $(firstword $(AIRFLOW_MINORS))
+OLDER_MINORS := $(filter-out $(NEWEST_MINOR),$(AIRFLOW_MINORS))
+MATRIX ?= $(AIRFLOW_MINORS)
+# A matrix lock resolves requirements-airflow-<minor>.in as of the day after that patch's release, so it holds what
+# existed when Airflow made that release's constraints file (which cannot be fetched here). Without it, today's
+# fastapi, pydantic and cadwyn break Airflow 3.2.2's in-process execution API (dag.test() fails).
+LOCK_DATE_3.1 := 2026-03-12
+LOCK_DATE_3.2 := 2026-05-30
+# Lint and type-check tools stay in the main venv only.
+MATRIX_NO_EMIT := $(addprefix --no-emit-package ,ruff mypy pandas-stubs types-requests uv)
+matrix_stamp = $(if $(filter $(NEWEST_MINOR),$(1)),$(STAMP),.venv-airflow-$(1)/.installed)
+
+.venv-airflow-%/.installed: requirements-airflow-%.lock pyproject.toml | $(STAMP)
+	@test -x $(@D)/bin/python || $(PYTHON) -m venv --without-pip $(@D)
+	$(UV) pip sync $(UV_FLAGS) --python $(@D)/bin/python $<
+	$(UV) pip install $(UV_FLAGS) --python $(@D)/bin/python --no-deps -e .
+	@touch $@
+
+test-matrix: $(foreach minor,$(MATRIX),$(call matrix_stamp,$(minor)))
+	@set -e; for minor in $(MATRIX); do \
+		case $$minor in $(NEWEST_MINOR)) python=$(PY);; *) python=.venv-airflow-$$minor/bin/python;; esac; \
+		echo "=== Airflow $$($$python -c 'import importlib.metadata as m; print(m.version("apache-airflow"))')"; \
+		$$python -m pytest -m matrix $(PYTEST_ARGS); \
+	done
+
+# What CI runs besides `make test` (the whole suite on the newest minor): the whole matrix does not fit in CI's
+# time (README: "Supported Airflow versions").
+test-matrix-oldest:
+	$(MAKE) test-matrix MATRIX="$(OLDEST_MINOR)"
+
+# Re-pin the matrix locks (after editing pyproject.toml or a requirements-airflow-*.in).
+lock-matrix: $(STAMP)
+	$(foreach minor,$(OLDER_MINORS),\
+		$(UV) pip compile pyproject.toml requirements-airflow-$(minor).in --extra dev --python-version 3.11 \
+		--exclude-newer $(LOCK_DATE_$(minor)) $(MATRIX_NO_EMIT) --quiet -o requirements-airflow-$(minor).lock &&) true
+
 clean:
-	rm -rf $(VENV) .airflow .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-airflow-* .airflow .demo .pytest_cache .mypy_cache .ruff_cache

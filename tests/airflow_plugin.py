@@ -94,6 +94,23 @@ def run_dag(dag: Any, logical_date: Any = None, **kwargs: Any) -> Any:
     return dag.test(logical_date=logical_date, **kwargs)
 
 
+def airflow_version() -> tuple[int, int]:
+    """The installed Airflow's ``(major, minor)``, read without importing Airflow (which loads its config)."""
+    from importlib.metadata import version
+
+    major, minor = version("apache-airflow-core").split(".")[:2]
+    return int(major), int(minor)
+
+
+def dag_bag(folder: str | Path) -> Any:
+    """A ``DagBag`` of ``folder`` (Airflow 3.3 moved the class to ``airflow.dag_processing.dagbag``)."""
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow 3.2 and older
+        from airflow.models.dagbag import DagBag
+    return DagBag(dag_folder=str(folder))
+
+
 def xcom_return(dagrun: Any, task_id: str) -> Any:
     """The return value (XCom ``return_value``) of ``task_id`` in ``dagrun``, or None."""
     from airflow.models.xcom import XComModel

@@ -149,6 +149,7 @@ def test_consecutive_runs_record_each_commit(sandbox: SandboxServer, tmp_path: P
     assert sandbox.token not in json.dumps(records(root))
 
 
+@pytest.mark.matrix  # Variables read and written, a failure without retry: on every supported Airflow
 def test_a_worker_without_the_snapshot_stops_before_sending(
     sandbox: SandboxServer, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

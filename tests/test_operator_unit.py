@@ -10,8 +10,8 @@ from typing import Any
 import pandas as pd
 import pytest
 from airflow.sdk import DAG, task
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_provider_stopchurn.hooks._compat import AirflowException, AirflowFailException
 from airflow_provider_stopchurn.operators.commit_guard import (
     CommitRecord,
     SnapshotBehindError,
@@ -23,6 +23,9 @@ from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 
 FRAME = pd.DataFrame({"id": [1, 2, 3], "name": ["a", "b", "c"]})
 CONTEXT: dict[str, Any] = {"run_id": "manual__unit", "ti": None}
+
+#: Runs on every supported Airflow version (make test-matrix): the errors the task runner sees differ by release.
+pytestmark = pytest.mark.matrix
 
 
 def _op(**kwargs: Any) -> StopChurnUpdateOperator:

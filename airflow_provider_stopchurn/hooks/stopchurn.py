@@ -9,10 +9,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from airflow.sdk import BaseHook
 
 from airflow_provider_stopchurn.client import DEFAULT_BASE_URL, SendResult, StopChurnClient
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError
+from airflow_provider_stopchurn.get_provider_info import get_provider_info
+from airflow_provider_stopchurn.hooks._compat import BaseHook
 
 __all__ = ["StopChurnHook"]
 
@@ -83,6 +84,43 @@ class StopChurnHook(BaseHook):
         self.session = session
         self.client_kwargs = client_kwargs
         self._testing = False
+
+    # --- connection form of Airflow 3.1 ----------------------------------------------------------------------
+    # Airflow 3.2+ builds the form from ``conn-fields`` / ``ui-field-behaviour`` in get_provider_info and never
+    # calls these two methods. Airflow 3.1 calls them instead; both are derived from the same declaration.
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Hidden, relabelled and placeholder fields of the connection form (Airflow 3.1)."""
+        behaviour = _connection_type_info()["ui-field-behaviour"]
+        return {
+            "hidden_fields": list(behaviour["hidden-fields"]),
+            "relabeling": dict(behaviour["relabeling"]),
+            "placeholders": dict(behaviour["placeholders"]),
+        }
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """The extra fields of the connection form as WTForms fields (Airflow 3.1).
+
+        Their values are stored in the connection extra under the plain field name, as on Airflow 3.2+. The
+        imports are Airflow's usual ones for this method; its UI supplies stand-ins when FAB is not installed.
+        """
+        from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
+        from flask_babel import lazy_gettext
+        from wtforms import IntegerField, StringField
+        from wtforms.validators import Optional
+
+        widgets: dict[str, Any] = {}
+        for name, spec in _connection_type_info()["conn-fields"].items():
+            # A number that may be fractional has no WTForms field Airflow accepts: it is entered as text.
+            field = IntegerField if "integer" in spec["schema"]["type"] else StringField
+            widgets[name] = field(
+                lazy_gettext(spec["label"]),
+                widget=BS3TextFieldWidget(),
+                validators=[Optional()],
+                description=spec.get("description", ""),
+            )
+        return widgets
 
     # --- connection -----------------------------------------------------------------------------------------
     @functools.cached_property
@@ -271,3 +309,9 @@ class StopChurnHook(BaseHook):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(stopchurn_conn_id={self.stopchurn_conn_id!r}, base_url={self.base_url!r})"
+
+
+def _connection_type_info() -> dict[str, Any]:
+    """The ``stopchurn`` entry of ``connection-types`` in the provider info."""
+    [info] = [c for c in get_provider_info()["connection-types"] if c["connection-type"] == StopChurnHook.conn_type]
+    return dict(info)

@@ -145,7 +145,7 @@ def stale_snapshot_message(
 def _variable_api() -> Any | None:
     """The task SDK's ``Variable`` class when it can get and set values, else None (no import-time failure)."""
     try:
-        from airflow.sdk import Variable
+        from airflow_provider_stopchurn.hooks._compat import Variable
     except ImportError:
         return None
     if not all(callable(getattr(Variable, name, None)) for name in ("get", "set")):

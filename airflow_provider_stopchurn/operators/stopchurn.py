@@ -13,12 +13,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, unquote, urlsplit
 
-from airflow.sdk import BaseHook, BaseOperator, ObjectStoragePath
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
-from airflow.sdk.log import mask_secret
-
 from airflow_provider_stopchurn.assets import TableRef
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError, StopChurnError
+from airflow_provider_stopchurn.hooks._compat import (
+    AirflowException,
+    AirflowFailException,
+    BaseHook,
+    BaseOperator,
+    ObjectStoragePath,
+    XComArg,
+    mask_secret,
+)
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.operators import lineage
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard
@@ -28,9 +33,10 @@ from airflow_provider_stopchurn.sync import SyncOptions, run_sync
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from airflow.sdk import Connection, Context
+    from airflow.sdk import Connection
 
     from airflow_provider_stopchurn.canonical import Source
+    from airflow_provider_stopchurn.hooks._compat import Context
 
 log = logging.getLogger(__name__)
 
@@ -406,8 +412,6 @@ def _configured_default_retries() -> bool:
 
 
 def _is_xcom_arg(value: Any) -> bool:
-    from airflow.sdk.definitions.xcom_arg import XComArg
-
     return isinstance(value, XComArg)
 
 

@@ -108,9 +108,12 @@ def backend_for(path: Any) -> Backend:
         return path
     if isinstance(path, str) and "://" not in path:
         path = Path(path)
-    if isinstance(path, Path):
+    # universal-pathlib before 0.3 (Airflow 3.1's ObjectStoragePath) subclasses pathlib.Path: an object with a
+    # protocol is a file system path, whatever its base classes, and only a local protocol means the local disk.
+    protocol = getattr(path, "protocol", None)
+    if isinstance(path, Path) and protocol is None:
         return LocalBackend(path)
-    if getattr(path, "protocol", None) in ("file", "local") and isinstance(getattr(path, "path", None), str):
+    if protocol in ("file", "local", "") and isinstance(getattr(path, "path", None), str):
         return LocalBackend(Path(path.path), display=display_location(path))
     missing = [a for a in ("__truediv__", "open", "exists", "iterdir", "unlink") if not hasattr(path, a)]
     if missing:
