@@ -103,7 +103,10 @@ def test_sync_dags_queue_runs_and_approve_mass_deletes_by_param(dagbag: Any, dag
     assert param.value is False and param.schema["type"] == "boolean"
     op = dag.task_dict[task_id]
     assert op.allow_large_changes == "{{ params.approve_mass_delete }}"
-    assert (op.retries, op.retry_exponential_backoff) == (3, 2.0)  # the operator's default: a retry resumes
+    from airflow_provider_stopchurn.operators.stopchurn import RETRY_DEFAULTS
+
+    # the operator's default: a retry settles and sends the rest
+    assert (op.retries, op.retry_exponential_backoff) == (3, RETRY_DEFAULTS["retry_exponential_backoff"])
 
 
 def test_xcom_dag(dagbag: Any) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 from airflow.sdk import Asset
-from airflow.sdk.exceptions import AirflowFailException
 
+from airflow_provider_stopchurn.hooks._compat import AirflowFailException
 from airflow_provider_stopchurn.hooks.assets import stopchurn_asset
 from airflow_provider_stopchurn.operators.lineage import EVENT_EXTRA_KEYS
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator

@@ -18,7 +18,7 @@ from airflow_provider_stopchurn.operators.commit_guard import (
     record_key,
     stale_snapshot_message,
 )
-from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
+from airflow_provider_stopchurn.operators.stopchurn import RETRY_DEFAULTS, StopChurnUpdateOperator
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 
 FRAME = pd.DataFrame({"id": [1, 2, 3], "name": ["a", "b", "c"]})
@@ -305,7 +305,9 @@ def test_retries_by_default() -> None:
     from datetime import timedelta
 
     op = _op(dataframe=FRAME)
-    assert (op.retries, op.retry_delay, op.retry_exponential_backoff) == (3, timedelta(minutes=2), 2.0)
+    backoff = RETRY_DEFAULTS["retry_exponential_backoff"]  # 2.0 (a multiplier) on Airflow 3.2+, True before
+    assert backoff == (True if isinstance(backoff, bool) else 2.0)
+    assert (op.retries, op.retry_delay, op.retry_exponential_backoff) == (3, timedelta(minutes=2), backoff)
 
 
 @pytest.mark.parametrize(
@@ -314,8 +316,8 @@ def test_retries_by_default() -> None:
         ({"retries": 0}, {}, (0, 300.0, 0)),  # the DAG's default_args win, Airflow's delay with them
         ({"retries": 5, "retry_delay": 10}, {}, (5, 10.0, 0)),
         ({}, {"retries": 1}, (1, 300.0, 0)),  # the task's own arguments win
-        ({"retry_delay": 30}, {}, (3, 30.0, 2.0)),  # what the DAG leaves open keeps the operator's default
-        ({"retry_exponential_backoff": 0}, {}, (3, 120.0, 0)),
+        ({"retry_delay": 30}, {}, (3, 30.0, RETRY_DEFAULTS["retry_exponential_backoff"])),  # the rest: defaults
+        ({"retry_exponential_backoff": False}, {}, (3, 120.0, False)),
     ],
 )
 def test_dag_and_task_retry_settings_win(

@@ -12,7 +12,6 @@ import pickle
 from typing import Any
 
 import pytest
-from psycopg.conninfo import conninfo_to_dict
 
 from airflow_provider_stopchurn.sources import AIRFLOW_ONLY_EXTRAS, postgres_uri
 
@@ -110,6 +109,8 @@ def test_uri_from_connection_fields(name: str, fields: dict[str, Any], uri: str,
         fields["options"] = "-c hook=1"
     built = postgres_uri(**fields)
     assert built.reveal() == uri
+    from psycopg.conninfo import conninfo_to_dict  # (the PostgreSQL provider brings psycopg; not in every lock)
+
     assert conninfo_to_dict(built.reveal()) == parsed
 
 

@@ -84,6 +84,7 @@ def test_password_never_appears_in_logs_xcom_or_files(
             sql="SELECT * FROM no_such_table" if path == "query-error" else "SELECT * FROM accounts",
             sql_conn_id=CONN_ID,
             snapshot_uri=str(root),
+            retries=0,  # a connection error is retryable; one try is what this test scans
         )
     caplog.set_level(logging.DEBUG)
     dagrun = run_dag(dag)
