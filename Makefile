@@ -40,10 +40,10 @@ demo: $(STAMP)
 	$(PY) demo/run_demo.py
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py --rows 1000000
+	$(PY) benchmarks/run.py --rows 1000000 --profile
 
 bench-large: $(STAMP)
-	$(PY) benchmarks/run.py --rows 10000000 --large
+	$(PY) benchmarks/run.py --rows 10000000 --large --profile
 
 soak: $(STAMP)
 	STOPCHURN_SOAK=long $(PY) -m pytest -m slow tests/test_soak.py
