@@ -43,7 +43,7 @@ demo: $(STAMP)
 	$(PY) demo/run_demo.py
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py --rows 1000000
+	$(PY) benchmarks/run.py --rows 1000000 --profile
 	$(PY) benchmarks/run.py --rows 1000000 --events --export
 
 # the event and historical-export scenarios alone (benchmarks/RESULTS-events-export.md)
@@ -51,7 +51,7 @@ bench-events-export: $(STAMP)
 	$(PY) benchmarks/run.py --rows 1000000 --events --export
 
 bench-large: $(STAMP)
-	$(PY) benchmarks/run.py --rows 10000000 --large
+	$(PY) benchmarks/run.py --rows 10000000 --large --profile
 
 soak: $(STAMP)
 	STOPCHURN_SOAK=long $(PY) -m pytest -m slow tests/test_soak.py

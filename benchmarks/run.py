@@ -21,6 +21,7 @@ import dataclasses
 import datetime as dt
 import gc
 import hashlib
+import importlib.metadata
 import io
 import json
 import os
@@ -63,6 +64,10 @@ BRAND_ID = 1
 TABLE = "bench"
 TOKEN = "bench-token"  # the local sandbox's key, not a secret
 HERE = Path(__file__).resolve().parent
+FRAME_CHILDREN = ("churn", "first-load")
+SQL_CHILDREN = ("sql-floor", "sql-first-load", "sql-churn")
+#: memory the SQL part needs per row of the table (the largest child run; measured at 1M rows)
+SQL_BYTES_PER_ROW = 1_300
 GB = 1024**3
 MB = 1024**2
 
@@ -333,6 +338,241 @@ def naive_sync(new: pd.DataFrame, prev_path: Path, out_path: Path, url: str, chu
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# SQL source: a real PostgreSQL, started as the tests start theirs (tests/pg_server.py)
+# ---------------------------------------------------------------------------------------------------------------
+SQL_TABLE = "bench"
+SQL_EXTRA = "bench_extra"  # the rows the churn inserts, loaded with the table (COPY), copied in with SQL
+SQL_QUERY = f"SELECT * FROM {SQL_TABLE}"
+PG_CONN_ID = "stopchurn_bench_pg"
+PG_CONN_ENV = f"AIRFLOW_CONN_{PG_CONN_ID.upper()}"
+SQL_LOAD_ROWS = 500_000  # rows generated and sent per COPY piece
+SQL_COLUMNS = (
+    ("id", "bigint NOT NULL"),
+    ("quantity", "integer NOT NULL"),
+    ("price", "double precision"),  # 5% NULL
+    ("score", "double precision NOT NULL"),
+    ("balance", "numeric(14,2)"),  # 2% NULL
+    ("name", "text NOT NULL"),
+    ("email", "text"),  # 10% NULL
+    ("status", "text NOT NULL"),
+    ("signup_at", "timestamptz NOT NULL"),
+    ("last_seen_at", "timestamptz"),  # 3% NULL
+    ("is_vip", "boolean NOT NULL"),
+    ("preferences", "jsonb NOT NULL"),  # an object of 3 keys per row
+)
+# 1% updated (every one changes its score; some also status, quantity, balance or preferences), 0.5% deleted
+# (disjoint from the updated ones), 0.5% inserted: one transaction
+SQL_CHURN = (
+    f"DELETE FROM {SQL_TABLE} WHERE id % 200 = 3",
+    f"""UPDATE {SQL_TABLE} SET
+        score = score + 0.5,
+        status = CASE WHEN (id / 100) % 2 = 0 THEN
+                     (CASE WHEN status = 'active' THEN 'churned' ELSE 'active' END) ELSE status END,
+        quantity = quantity + CASE WHEN (id / 100) % 3 = 0 THEN 1 ELSE 0 END,
+        balance = CASE WHEN (id / 100) % 5 = 0 THEN balance + 1 ELSE balance END,
+        preferences = CASE WHEN (id / 100) % 4 = 0 THEN
+                          jsonb_set(preferences, '{{sms}}', to_jsonb(NOT (preferences->>'sms')::boolean))
+                      ELSE preferences END
+        WHERE id % 100 = 11""",
+    f"INSERT INTO {SQL_TABLE} SELECT * FROM {SQL_EXTRA}",
+)
+
+
+def pg_server_module() -> Any:
+    """``tests/pg_server.py``: the test suite's PostgreSQL starter (one code path for both)."""
+    tests_dir = str(HERE.parent / "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    import pg_server
+
+    return pg_server
+
+
+def sql_rows(start: int, n: int, seed: int) -> pl.DataFrame:
+    """``n`` rows of the SQL table from id ``start``, as the text COPY reads (numpy, seeded; vectorised)."""
+    rng = np.random.default_rng(seed)
+    names = _names()
+
+    def nulls(fraction: float) -> pl.Series:
+        return pl.Series(rng.random(n) < fraction)
+
+    signup = rng.integers(0, _FIVE_YEARS_MS, n) + _EPOCH_2020_MS
+    frame = pl.DataFrame(
+        {
+            "id": np.arange(start, start + n, dtype=np.int64),
+            "quantity": rng.integers(0, 1_000, n, dtype=np.int32),
+            "price": np.round(rng.gamma(2.0, 20.0, n), 2),
+            "price_null": nulls(0.05),
+            "score": rng.random(n),
+            "cents": rng.integers(0, 10_000_000, n, dtype=np.int64),
+            "balance_null": nulls(0.02),
+            "name": pl.Series(names[rng.integers(0, len(names), n)].tolist(), dtype=pl.String),
+            "email_null": nulls(0.10),
+            "status": pl.Series(_STATUSES[rng.integers(0, len(_STATUSES), n)].tolist(), dtype=pl.String),
+            "signup_ms": signup,
+            "last_seen_ms": signup + rng.integers(0, 90 * 86_400_000, n),
+            "last_seen_null": nulls(0.03),
+            "is_vip": rng.random(n) < 0.1,
+            "pref_email": rng.random(n) < 0.7,
+            "pref_sms": rng.random(n) < 0.3,
+            "pref_freq": pl.Series(np.array(_FREQUENCIES)[rng.integers(0, len(_FREQUENCIES), n)].tolist()),
+        }
+    )
+
+    def when_not(null: str, value: pl.Expr) -> pl.Expr:
+        return pl.when(pl.col(null)).then(None).otherwise(value)
+
+    def ts(col: str) -> pl.Expr:
+        return pl.from_epoch(col, time_unit="ms").dt.to_string("%Y-%m-%d %H:%M:%S%.3f+00")
+
+    return frame.select(
+        "id",
+        "quantity",
+        when_not("price_null", pl.col("price")).alias("price"),
+        "score",
+        when_not(
+            "balance_null",
+            pl.concat_str(
+                (pl.col("cents") // 100).cast(pl.String),
+                pl.lit("."),
+                (pl.col("cents") % 100).cast(pl.String).str.zfill(2),
+            ),
+        ).alias("balance"),
+        "name",
+        when_not(
+            "email_null",
+            pl.concat_str(pl.col("name").str.to_lowercase(), pl.lit("."), pl.col("id"), pl.lit("@example.com")),
+        ).alias("email"),
+        "status",
+        ts("signup_ms").alias("signup_at"),
+        when_not("last_seen_null", ts("last_seen_ms")).alias("last_seen_at"),
+        "is_vip",
+        pl.concat_str(
+            pl.lit('{"email": '),
+            pl.col("pref_email").cast(pl.String),
+            pl.lit(', "sms": '),
+            pl.col("pref_sms").cast(pl.String),
+            pl.lit(', "frequency": "'),
+            pl.col("pref_freq"),
+            pl.lit('"}'),
+        ).alias("preferences"),
+    )
+
+
+@dataclass
+class SqlTable:
+    load_s: float
+    server_version: str = ""
+    churn_s: float = float("nan")
+    table_bytes: int = 0
+    churn: Churn | None = None
+
+
+def load_sql_table(server: Any, n: int) -> SqlTable:
+    """Create the table and the churn's extra rows, load both with COPY, add the key, VACUUM ANALYZE."""
+    columns = ", ".join(f"{name} {kind}" for name, kind in SQL_COLUMNS)
+    names = ", ".join(name for name, _ in SQL_COLUMNS)
+    t0 = time.perf_counter()
+    with server.connect() as conn:
+        for table in (SQL_TABLE, SQL_EXTRA):
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+            # no autovacuum between the measured reads: the table is vacuumed explicitly after each change
+            conn.execute(f"CREATE TABLE {table} ({columns}) WITH (autovacuum_enabled = false)")
+        for table, first, count in ((SQL_TABLE, 0, n), (SQL_EXTRA, n, n // 200)):
+            with conn.cursor() as cur, cur.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT csv)") as copy:
+                for start in range(first, first + count, SQL_LOAD_ROWS):
+                    piece = sql_rows(start, min(SQL_LOAD_ROWS, first + count - start), SEED + start)
+                    copy.write(piece.write_csv(include_header=False))
+        conn.execute(f"ALTER TABLE {SQL_TABLE} ADD PRIMARY KEY (id)")
+        conn.execute(f"VACUUM (ANALYZE) {SQL_TABLE}")
+        size = conn.execute(f"SELECT pg_total_relation_size('{SQL_TABLE}')").fetchone()[0]
+        version = conn.execute("SHOW server_version").fetchone()[0]
+    return SqlTable(load_s=time.perf_counter() - t0, table_bytes=int(size), server_version=str(version).split()[0])
+
+
+def apply_sql_churn(server: Any, table: SqlTable) -> Churn:
+    """The churn, as SQL in one transaction, then VACUUM ANALYZE; the counts are the statements' row counts."""
+    t0 = time.perf_counter()
+    with server.connect(autocommit=False) as conn:
+        deleted, updated, inserted = (conn.execute(statement).rowcount for statement in SQL_CHURN)
+        conn.commit()
+    server.execute(f"VACUUM (ANALYZE) {SQL_TABLE}")
+    table.churn_s = time.perf_counter() - t0
+    table.churn = Churn(inserted=inserted, updated=updated, deleted=deleted)
+    return table.churn
+
+
+class PostgresCpu:
+    """CPU seconds of the PostgreSQL server: the postmaster, its live children and those it has reaped (each
+    connection's backend)."""
+
+    def __init__(self, server: Any) -> None:
+        with server.connect() as conn:
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        parent = psutil.Process(backend).parent()
+        if parent is None:
+            raise RuntimeError("cannot find the PostgreSQL postmaster")
+        self.ps = parent
+
+    def cpu(self) -> float:
+        t = self.ps.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in self.ps.children():
+            with contextlib.suppress(psutil.Error):
+                c = child.cpu_times()
+                total += c.user + c.system
+        return total
+
+
+def airflow_environment(tmp: Path, server: Any | None) -> None:
+    """A throwaway AIRFLOW_HOME (set before anything imports Airflow) and, with a server, the Airflow connection
+    the operator's SQL path reads (``AIRFLOW_CONN_<ID>``); child processes inherit both."""
+    home = tmp / "airflow-home"
+    home.mkdir(exist_ok=True)
+    os.environ["AIRFLOW_HOME"] = str(home)
+    os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+    os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{home / 'airflow.db'}"
+    os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+    if server is not None:
+        os.environ[PG_CONN_ENV] = server.airflow_connection_json()
+
+
+def sql_floor(uri: Any, phases: Phases | None = None) -> tuple[int, int]:
+    """The floor: ADBC reads the whole table into Arrow, polars hashes every row."""
+    import adbc_driver_postgresql.dbapi as adbc_postgres
+
+    phases = phases or Phases()
+    with phases.step("ADBC read into Arrow"):
+        with adbc_postgres.connect(uri.reveal()) as conn, conn.cursor() as cur:
+            cur.execute(SQL_QUERY)
+            table = cur.fetch_arrow_table()
+        arrow_bytes = table.nbytes
+    with phases.step("polars from_arrow + hash_rows()"):
+        frame = pl.from_arrow(table)
+        del table
+        rows = int(frame.hash_rows().len())  # type: ignore[union-attr]
+    return rows, arrow_bytes
+
+
+def sql_engine_run(root: Path, url: str, chunk_size: int, concurrency: int) -> SyncSummary:
+    """This project through the operator's SQL path: ``run_sync`` with the source the operator builds for
+    ``sql=`` + ``sql_conn_id=`` (``lambda: read_sql(conn_id, sql)``), the read included."""
+    from airflow_provider_stopchurn.operators.stopchurn import read_sql
+
+    client = StopChurnClient(url, TOKEN)
+    try:
+        return run_sync(
+            lambda: read_sql(PG_CONN_ID, SQL_QUERY),
+            SnapshotStore(root, BRAND_ID, TABLE),
+            client,
+            options(chunk_size, concurrency),
+            run_ms=RUN_MS,
+        )
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # measurement helpers
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -340,6 +580,8 @@ class Timing:
     seconds: list[float] = field(default_factory=list)
     sandbox_cpu: list[float] = field(default_factory=list)
     own_cpu: list[float] = field(default_factory=list)
+    db_cpu: list[float] = field(default_factory=list)
+    children: list[dict[str, Any]] = field(default_factory=list)
     result: Any = None
 
     @property
@@ -353,6 +595,25 @@ class Timing:
     @property
     def own_median(self) -> float:
         return statistics.median(self.own_cpu)
+
+    @property
+    def db_median(self) -> float:
+        return statistics.median(self.db_cpu) if self.db_cpu else float("nan")
+
+    @property
+    def median_child(self) -> dict[str, Any]:
+        """The repetition whose seconds are the median (the lower middle one for an even count)."""
+        return sorted(self.children, key=lambda c: c["seconds"])[(len(self.children) - 1) // 2]
+
+    @property
+    def peak_child(self) -> dict[str, Any]:
+        """The repetition with the highest peak RSS above its start."""
+        return max(self.children, key=lambda c: c["peak_during_run"] - c["rss_before_run"])
+
+    @property
+    def peak_above_start(self) -> int:
+        """The highest peak RSS above the RSS before the run, over the repetitions (fresh child processes)."""
+        return max(c["peak_during_run"] - c["rss_before_run"] for c in self.children)
 
     def cell(self) -> str:
         spread = f" ({min(self.seconds):.2f}-{max(self.seconds):.2f})" if len(self.seconds) > 1 else ""
@@ -429,6 +690,102 @@ def _reset_hwm() -> bool:
     return True
 
 
+class Phases:
+    """Seconds and peak RSS of the top-level steps of one run, measured inside the (child) process that runs it.
+
+    :meth:`wrap` replaces an engine function by one that times its top-level calls (one row per call, in the
+    order they ran). VmHWM is read and reset at every step boundary, so each step's peak is its own and the run's
+    peak is the highest of all segments (the steps and the gaps between them). Costs microseconds per step."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[Any]] = []  # [label, seconds, peak RSS (absolute), size of what the step returned]
+        self.gap_peak = 0
+        self.depth = 0
+        self.read_s = 0.0
+
+    def _segment(self) -> int:
+        peak = _vm_hwm_bytes() or 0
+        _reset_hwm()
+        return peak
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Any:
+        if self.depth:  # nested: counted in the enclosing step
+            yield []
+            return
+        self.gap_peak = max(self.gap_peak, self._segment())
+        self.depth += 1
+        row: list[Any] = [label, 0.0, 0, None]
+        t0 = time.perf_counter()
+        try:
+            yield row
+        finally:
+            self.depth -= 1
+            row[1] = time.perf_counter() - t0
+            row[2] = self._segment()
+            self.rows.append(row)
+
+    def wrap(self, owner: Any, name: str, label: str, size: Callable[[Any], int] | None = None) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.step(label) as row:
+                result = original(*args, **kwargs)
+                if size is not None and row:
+                    row[3] = size(result)
+                return result
+
+        setattr(owner, name, timed)
+
+    def timed_batches(self, batches: Any) -> Any:
+        """The source's batches, the time spent producing them (the database read) added to ``read_s``."""
+        it = iter(batches)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    self.read_s += time.perf_counter() - t0
+                yield batch
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def peak(self) -> int:
+        return max(self.gap_peak, self._segment(), *(int(row[2]) for row in self.rows))
+
+    def table(self, start: int) -> list[list[Any]]:
+        """``[label, seconds, peak RSS above start, bytes of the frame the step returned or None]`` per step."""
+        return [[label, seconds, int(peak) - start, size] for label, seconds, peak, size in self.rows]
+
+
+def engine_phases() -> Phases:
+    """Time and measure the engine's steps in this process (a child run's)."""
+    from airflow_provider_stopchurn import sync
+
+    phases = Phases()
+    phases.wrap(
+        sync,
+        "canonicalize_source",
+        "read + canonicalize the source",
+        lambda canon: int(canon.frame.estimated_size()),
+    )
+    phases.wrap(
+        sync,
+        "make_plan",
+        "diff (make_plan; reads the committed snapshot)",
+        lambda plan: int(plan.target.estimated_size()),
+    )
+    phases.wrap(SnapshotStore, "write_snapshot", "write the new snapshot")
+    phases.wrap(sync, "deliver", "encode + send (deliver)")
+    phases.wrap(sync, "settle", "settle + commit")
+    return phases
+
+
 def child_main(args: argparse.Namespace) -> int:
     """Build the input frame, then run one scenario; print the memory numbers as one JSON line."""
     n = args.rows
@@ -442,12 +799,13 @@ def child_main(args: argparse.Namespace) -> int:
     gc.collect()
     rss_frames = psutil.Process().memory_info().rss
     hwm_build = _vm_hwm_bytes()
+    phases = engine_phases()
     hwm_reset = _reset_hwm()
     summary = engine_run(frame, Path(args.root), args.url, args.chunk_size, args.concurrency)
     check_counts(f"child {args.child}", summary, churn)
     # ru_maxrss survives fork + execve (it would report the parent's peak), so VmHWM of this process's own
     # address space is used; it is reset after the frames are built so the run's own peak is seen.
-    run_peak = _vm_hwm_bytes() if hwm_reset else None
+    run_peak = phases.peak() if hwm_reset else None
     if run_peak is None:
         run_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {
@@ -456,12 +814,16 @@ def child_main(args: argparse.Namespace) -> int:
         "peak_while_building": hwm_build or 0,
         "peak_during_run": run_peak,
         "peak_source": "VmHWM, reset after building the frames" if hwm_reset else "ru_maxrss (process lifetime)",
+        "phases": phases.table(rss_frames),
     }
     print("CHILD-RESULT " + json.dumps(result), flush=True)
     return 0
 
 
-def run_child(kind: str, root: Path, url: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_child(
+    kind: str, args: argparse.Namespace, *, root: Path | None = None, url: str | None = None, profile: bool = False
+) -> dict[str, Any]:
+    """Run one scenario in a fresh process (this script with ``--child``) and return what it printed."""
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -469,20 +831,80 @@ def run_child(kind: str, root: Path, url: str, args: argparse.Namespace) -> dict
         kind,
         "--rows",
         str(args.rows),
-        "--root",
-        str(root),
-        "--url",
-        url,
         "--chunk-size",
         str(args.chunk_size),
         "--concurrency",
         str(args.concurrency),
     ]
+    if root is not None:
+        cmd += ["--root", str(root)]
+    if url is not None:
+        cmd += ["--url", url]
+    if profile:
+        cmd.append("--profile")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("CHILD-RESULT "):
             return json.loads(line.split(" ", 1)[1])
-    raise RuntimeError(f"child {kind} failed (exit {out.returncode}): {out.stderr[-2000:]}")
+    raise RuntimeError(f"child {kind} failed (exit {out.returncode}): {out.stderr[-3000:]}")
+
+
+def sql_child_main(args: argparse.Namespace) -> int:
+    """One SQL scenario in a fresh process: its seconds, CPU seconds and peak RSS above the RSS before it, as one
+    JSON line (or, with ``--profile``, its cProfile summary instead)."""
+    # imported before the start, as in a worker that runs the operator: Airflow (through the operator's module),
+    # the postgres hook and the ADBC driver
+    import adbc_driver_postgresql.dbapi  # noqa: F401
+    from airflow.providers.postgres.hooks.postgres import PostgresHook  # noqa: F401
+
+    from airflow_provider_stopchurn.operators.stopchurn import read_sql  # noqa: F401
+    from airflow_provider_stopchurn.sources import postgres_uri
+
+    conn = json.loads(os.environ[PG_CONN_ENV])
+    uri = postgres_uri(
+        host=conn["host"], port=conn["port"], login=conn["login"], password=None, database=conn["schema"]
+    )
+    from airflow_provider_stopchurn.operators import stopchurn as operator_module
+
+    phases = Phases()
+    run: Callable[[], Any]
+    if args.child == "sql-floor":
+        run = lambda: sql_floor(uri, phases)  # noqa: E731
+    else:
+        if not args.profile:
+            phases = engine_phases()
+            reader = operator_module.read_postgres
+            operator_module.read_postgres = lambda *a, **kw: phases.timed_batches(reader(*a, **kw))
+        root, url = Path(args.root), str(args.url)
+        run = lambda: sql_engine_run(root, url, args.chunk_size, args.concurrency)  # noqa: E731
+    if args.profile:
+        print("CHILD-RESULT " + json.dumps({"profile": profile_top(run)}), flush=True)
+        return 0
+    gc.collect()
+    rss_before = psutil.Process().memory_info().rss
+    hwm_reset = _reset_hwm()
+    cpu0 = _own_cpu()
+    t0 = time.perf_counter()
+    got = run()
+    elapsed = time.perf_counter() - t0
+    cpu = _own_cpu() - cpu0
+    peak = phases.peak() if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result: dict[str, Any] = {
+        "seconds": elapsed,
+        "cpu": cpu,
+        "rss_before_run": rss_before,
+        "peak_during_run": peak,
+        "peak_source": "VmHWM, reset before the run" if hwm_reset else "ru_maxrss (process lifetime)",
+        "phases": phases.table(rss_before),
+        "read_s": phases.read_s,
+    }
+    if args.child == "sql-floor":
+        result["rows"], result["arrow_bytes"] = got
+    else:
+        result.update(inserted=got.inserted, updated=got.updated, deleted=got.deleted, chunks=got.chunks)
+        result["bytes"] = got.bytes
+    print("CHILD-RESULT " + json.dumps(result), flush=True)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -541,7 +963,15 @@ def machine() -> dict[str, str]:
         "numpy": np.__version__,
         "orjson": orjson.__version__,
         "requests": requests.__version__,
+        "adbc": _version("adbc-driver-postgresql"),
     }
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def verdict(ok: bool | None) -> str:
@@ -997,12 +1427,17 @@ def main() -> int:
     parser.add_argument(
         "--export", action="store_true", help="run the historical export scenarios (alone, or with --events)"
     )
-    parser.add_argument("--child", choices=["churn", "first-load", "export"], help=argparse.SUPPRESS)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--sql-only", action="store_true", help="only the SQL scenarios (PostgreSQL source)")
+    which.add_argument("--no-sql", action="store_true", help="only the DataFrame scenarios (no PostgreSQL needed)")
+    parser.add_argument("--child", choices=[*FRAME_CHILDREN, *SQL_CHILDREN, "export"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "export":
         return export_child_main(args)
+    if args.child in SQL_CHILDREN:
+        return sql_child_main(args)
     if args.child:
         return child_main(args)
     args.reps = args.reps or (1 if args.large else 3)
@@ -1011,9 +1446,10 @@ def main() -> int:
     if args.out is None:
         args.out = str(HERE / ("RESULTS-large.md" if args.large else "RESULTS.md"))
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
-    # rough need in bytes: ~1.5 KB per row for this process's frames and runs, then the same in a child
-    # process after this one released its frames (measured at 1M rows)
-    need = args.rows * 1_700
+    # rough need in bytes (measured at 1M rows): the DataFrame part ~1.5 KB per row for this process's frames and
+    # runs, then the same in a child process after this one released its frames; the SQL part (afterwards, each
+    # run in a child process) ~SQL_BYTES_PER_ROW
+    need = max(0 if args.sql_only else args.rows * 1_700, 0 if args.no_sql else args.rows * SQL_BYTES_PER_ROW)
     free = psutil.virtual_memory().available
     if need > free:
         print(
@@ -1027,7 +1463,22 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="stopchurn-bench-"))
     sandboxes: list[Sandbox] = []
     try:
-        report = bench(args, tmp, sandboxes)
+        with contextlib.ExitStack() as stack:
+            server = None
+            if not args.no_sql:  # first, so that a missing PostgreSQL fails the run before anything is measured
+                pg = pg_server_module()
+                try:
+                    server = stack.enter_context(pg.running_postgres())
+                except pg.PostgresUnavailable as err:
+                    print(
+                        f"error: the SQL scenarios need a PostgreSQL server and none can run here: {err}. Install "
+                        "the server binaries (Debian: apt-get install postgresql) or pass --no-sql.",
+                        file=sys.stderr,
+                    )
+                    return 2
+                print(f"PostgreSQL up on {server.host}:{server.port} (started as the tests start theirs)", flush=True)
+            airflow_environment(tmp, server)
+            report = bench(args, tmp, sandboxes, server)
     finally:
         for sandbox in sandboxes:
             sandbox.stop()
@@ -1054,25 +1505,110 @@ def commit_baseline(frame: pd.DataFrame, root: Path, url: str) -> Path:
     return root
 
 
-def bench(args: argparse.Namespace, tmp: Path, sandboxes: list[Sandbox]) -> dict[str, Any]:
+def bench(args: argparse.Namespace, tmp: Path, sandboxes: list[Sandbox], server: Any | None) -> dict[str, Any]:
     rep: dict[str, Any] = {}
     sandbox = Sandbox()
     sandboxes.append(sandbox)
     print(f"sandbox up (separate process, pid {sandbox.proc.pid})", flush=True)
+    if not args.sql_only:
+        bench_frames(args, tmp, sandbox, sandboxes, rep)
+    if server is not None:
+        bench_sql(args, tmp, sandbox, server, rep)
+    return rep
+
+
+def bench_frames(
+    args: argparse.Namespace, tmp: Path, sandbox: Sandbox, sandboxes: list[Sandbox], rep: dict[str, Any]
+) -> None:
+    """The DataFrame source: timings in this process, then the peak RSS of each run in a fresh child."""
     committed = bench_in_process(args, tmp, sandbox, sandboxes, rep)  # its frames are released on return
     gc.collect()
 
     # 6. peak RSS, each scenario in a fresh process
     print("peak RSS (fresh child processes) ...", flush=True)
     sandbox.reset()
-    rep["rss_churn"] = run_child("churn", copy_root(committed, tmp / "child-churn"), sandbox.url, args)
+    rep["rss_churn"] = run_child("churn", args, root=copy_root(committed, tmp / "child-churn"), url=sandbox.url)
     print(f"  churn run: {fmt_bytes(rep['rss_churn']['peak_during_run'])}", flush=True)
     if not args.large:
         sandbox.reset()
-        rep["rss_first_load"] = run_child("first-load", fresh_dir(tmp, "child-fl"), sandbox.url, args)
+        rep["rss_first_load"] = run_child("first-load", args, root=fresh_dir(tmp, "child-fl"), url=sandbox.url)
         print(f"  first load: {fmt_bytes(rep['rss_first_load']['peak_during_run'])}", flush=True)
     sandbox.reset()
-    return rep
+    shutil.rmtree(committed, ignore_errors=True)
+
+
+def bench_sql(args: argparse.Namespace, tmp: Path, sandbox: Sandbox, server: Any, rep: dict[str, Any]) -> None:
+    """The SQL source on PostgreSQL; every run in a fresh child process, which measures its own seconds, CPU and
+    peak RSS above the RSS before the run.
+
+    Load the table (COPY); first loads (each into a fresh snapshot root; the last one's root is the committed state
+    of the churn runs); the churn as SQL; then per repetition the floor and a churn run, alternating, so that the
+    machine's other load weighs on both alike."""
+    n, reps = args.rows, args.reps
+    pg = PostgresCpu(server)
+    print(f"SQL: loading {n:,} rows (+ {n // 200:,} for the churn's inserts) with COPY ...", flush=True)
+    table = load_sql_table(server, n)
+    rep["sql_table"] = table
+    print(f"  {table.load_s:.1f} s, table {fmt_bytes(table.table_bytes)}", flush=True)
+    first_load, floor, churn_run = Timing(), Timing(), Timing()
+    rep.update(sql_first_load=first_load, sql_floor=floor, sql_churn=churn_run)
+    roots: list[Path] = []
+
+    def child(timing: Timing, label: str, kind: str, rep_no: int, root: Path | None = None) -> dict[str, Any]:
+        sb0, db0 = sandbox.cpu(), pg.cpu()
+        got = run_child(kind, args, root=root, url=sandbox.url)
+        if kind != "sql-floor":
+            timing.sandbox_cpu.append(sandbox.cpu() - sb0)
+        timing.db_cpu.append(pg.cpu() - db0)
+        timing.seconds.append(got["seconds"])
+        timing.own_cpu.append(got["cpu"])
+        timing.children.append(got)
+        timing.result = got
+        above = got["peak_during_run"] - got["rss_before_run"]
+        print(f"  {label}: rep {rep_no + 1}/{reps}: {got['seconds']:.2f} s, peak +{fmt_bytes(above)}", flush=True)
+        return got
+
+    print("SQL first load (fresh child processes) ...", flush=True)
+    for i in range(reps):
+        sandbox.reset()
+        for old in roots:
+            shutil.rmtree(old, ignore_errors=True)
+        roots = [fresh_dir(tmp, f"sql-fl-{i}")]
+        got = child(first_load, "first load", "sql-first-load", i, roots[0])
+        check_counts("SQL first load", Churn(got["inserted"], got["updated"], got["deleted"]), Churn(n, 0, 0))
+    committed = roots[0]
+    if args.profile and not args.large:  # as for the DataFrame source, --large profiles the churn run only
+        print("SQL first load, profiled ...", flush=True)
+        sandbox.reset()
+        prof_root = fresh_dir(tmp, "sql-prof-fl")
+        rep["profile_sql_first_load"] = run_child(
+            "sql-first-load", args, root=prof_root, url=sandbox.url, profile=True
+        )["profile"]
+        shutil.rmtree(prof_root, ignore_errors=True)
+
+    print("SQL: applying the churn with SQL ...", flush=True)
+    churn = apply_sql_churn(server, table)
+    print(
+        f"  {churn.updated:,} updated, {churn.inserted:,} inserted, {churn.deleted:,} deleted ({table.churn_s:.1f} s)",
+        flush=True,
+    )
+    print("SQL floor and churn run, alternating (fresh child processes) ...", flush=True)
+    for i in range(reps):
+        got = child(floor, "floor", "sql-floor", i)
+        if got["rows"] != n - churn.deleted + churn.inserted:
+            raise RuntimeError(f"SQL floor read {got['rows']:,} rows")
+        sandbox.reset()
+        root = copy_root(committed, tmp / "sql-churn-root")
+        got = child(churn_run, "churn run", "sql-churn", i, root)
+        check_counts("SQL churn run", Churn(got["inserted"], got["updated"], got["deleted"]), churn)
+    if args.profile:
+        print("SQL churn run, profiled ...", flush=True)
+        sandbox.reset()
+        root = copy_root(committed, tmp / "sql-churn-root")
+        rep["profile_sql_churn"] = run_child("sql-churn", args, root=root, url=sandbox.url, profile=True)["profile"]
+    sandbox.reset()
+    shutil.rmtree(tmp / "sql-churn-root", ignore_errors=True)
+    shutil.rmtree(committed, ignore_errors=True)
 
 
 def bench_in_process(
@@ -1220,19 +1756,32 @@ def _row(*cells: Any) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _above(nbytes: float) -> str:
+    return f"+{fmt_bytes(nbytes)}"
+
+
+def phase_table(phases: list[list[Any]], total_peak: int, what: str = "above start") -> list[str]:
+    """The steps of one run: seconds and each step's own peak RSS."""
+    out = [f"| step | seconds | peak RSS {what} during the step | frame it returned |", "|---|---|---|---|"]
+    for label, seconds, peak, size in phases:
+        out.append(_row(label, f"{seconds:.2f}", _above(peak), fmt_bytes(size) if size else ""))
+    out.append(_row("whole run (highest)", "", _above(total_peak), ""))
+    return out
+
+
+SQL_BEFORE = {  # issue 10: the old path (read_sql_frame: psycopg rows -> pandas), 1M rows, PostgreSQL 15, 2 cores
+    "churn": (22.2, "22.2", 1_340 * MB),
+    "first_load": (26.3, "26.3", 2_040 * MB),
+    "floor": (2.3, "1.6-3.0", 150 * MB),
+}
+FRAME_BEFORE = {"churn run": 500 * MB, "first load": 890 * MB}  # issue 10 ("today"): peak above the input
+
+
 def render(rep: dict[str, Any], args: argparse.Namespace, command: str, wall: float) -> str:
     n, reps, large = args.rows, args.reps, args.large
-    churn: Churn = rep["churn"]
-    floor, churn_run = rep["floor"], rep["churn_run"]
-    fl, fl_floor = rep.get("first_load"), rep.get("first_load_floor")
-    naive, naive_nd = rep.get("naive"), rep.get("naive_nd")
-    floor_nd, churn_nd = rep["floor_nd"], rep["churn_nd"]
-    at_1m = n == 1_000_000
     m = machine()
-
-    def sb(t: Timing) -> str:
-        return f"{t.sandbox_median:.2f}" if t.sandbox_cpu else "-"
-
+    sql, frames = "sql_churn" in rep, "churn_run" in rep
+    ran = " and ".join(x for x, ok in (("the DataFrame source", frames), ("the SQL source (PostgreSQL)", sql)) if ok)
     out = [
         f"# Benchmark results: {n:,} rows{' (large mode)' if large else ''}",
         "",
@@ -1240,19 +1789,319 @@ def render(rep: dict[str, Any], args: argparse.Namespace, command: str, wall: fl
         f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; the whole benchmark took {wall:.0f} s",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM, {m['os']}",
         f"- Python {m['python']}; polars {m['polars']}, pandas {m['pandas']}, pyarrow {m['pyarrow']}, "
-        f"numpy {m['numpy']}, orjson {m['orjson']}, requests {m['requests']}",
+        f"numpy {m['numpy']}, orjson {m['orjson']}, requests {m['requests']}, "
+        f"adbc-driver-postgresql {m['adbc']}" + (f"; PostgreSQL {rep['sql_table'].server_version}" if sql else ""),
+        f"- Scenarios: {ran}, in one run.",
+        f"- Engine settings: chunk_size={args.chunk_size}, max_concurrent_requests={args.concurrency}, "
+        "max_delete_fraction=1.0. The StopChurn sandbox runs in its own process on 127.0.0.1 (no latency added).",
+        f"- Seconds: median of {reps} repetition(s)"
+        + (" (min-max in brackets)" if reps > 1 else "")
+        + ". CPU s: CPU seconds of the measuring process (all threads); sandbox CPU s"
+        + (" and PostgreSQL CPU s: of those servers' processes" if sql else ": of the server process")
+        + f". All share the machine's {m['cores']} cores, which other work was also using "
+        f"(1-minute load average {rep['load'][0]:.2f} at the start, {rep['load'][1]:.2f} at the end): seconds are "
+        "noisy; the ratios, measured within this one run, are what counts.",
+    ]
+    out += render_targets(rep, args)
+    if sql:
+        out += render_before_after(rep, args)
+        out += render_sql(rep, args)
+    if frames:
+        out += render_frames(rep, args)
+    for key, title in (
+        ("profile_sql_churn", "SQL churn run"),
+        ("profile_sql_first_load", "SQL first load"),
+        ("profile_churn", "DataFrame churn run"),
+        ("profile_first_load", "DataFrame first load"),
+    ):
+        if key in rep:
+            out += ["", f"## Profile: {title} (cProfile, one run, main thread)", "", "```", rep[key], "```"]
+    return "\n".join(out) + "\n"
+
+
+def render_targets(rep: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """Issue 10's targets: pass/miss, and what bounds each miss."""
+    n = args.rows
+    scale = {1_000_000: "1M", 10_000_000: "10M"}.get(n)
+    note = "" if scale else f" (set at 1M/10M rows; this run has {n:,})"
+    out = ["", "## Targets (issue 10; 2 cores, ratios measured in this run)", ""]
+    out += ["| target | measured | result |", "|---|---|---|"]
+    misses: list[str] = []
+    if "sql_churn" in rep:
+        floor, churn, fl = rep["sql_floor"], rep["sql_churn"], rep["sql_first_load"]
+        ratio = churn.median / floor.median
+        limit = 2.0 if scale == "10M" else 1.5
+        ok = ratio <= limit if scale else None
+        out.append(
+            _row(
+                f"{scale or '1M'}-row SQL churn run <= {limit:g}x its floor{note}",
+                f"{ratio:.2f}x ({churn.median:.2f} s / {floor.median:.2f} s)",
+                verdict(ok),
+            )
+        )
+        if ok is False:
+            misses.append(time_bound(churn, floor, limit))
+        rss_limit = 1536 * MB if scale == "10M" else 500 * MB
+        for label, timing in (("SQL churn run", churn), ("SQL first load", fl)):
+            above = timing.peak_above_start
+            ok = above <= rss_limit if scale else None
+            out.append(
+                _row(
+                    f"{label}: peak RSS above the start of the run <= {fmt_bytes(rss_limit)}{note}",
+                    _above(above),
+                    verdict(ok),
+                )
+            )
+            if ok is False:
+                misses.append(memory_bound(label, timing.peak_child, above))
+    if "churn_run" in rep:
+        for label, r in (("churn run", rep.get("rss_churn")), ("first load", rep.get("rss_first_load"))):
+            if r is None:
+                out.append(
+                    _row(
+                        f"DataFrame path, {label}: peak RSS above the caller's input <= 300 MB at 1M rows",
+                        "not run" + (" in --large" if args.large else ""),
+                        "n/a",
+                    )
+                )
+                continue
+            above = r["peak_during_run"] - r["rss_after_frames"]
+            ok = above <= 300 * MB if scale == "1M" else None
+            out.append(
+                _row(
+                    f"DataFrame path, {label}: peak RSS above the caller's input <= 300 MB at 1M rows"
+                    + ("" if scale == "1M" else f" (this run has {n:,})"),
+                    _above(above),
+                    verdict(ok),
+                )
+            )
+            if ok is False:
+                misses.append(memory_bound(f"DataFrame {label}", r, above, "above input"))
+    if misses:
+        out += [
+            "",
+            "What bounds the misses (from each run's steps, measured in its child process; the cProfile "
+            "summaries, where run with `--profile`, are at the end):",
+            "",
+        ]
+        out += [f"- {m}" for m in misses]
+    return out
+
+
+def _steps_text(phases: list[list[Any]], key: int, fmt: Callable[[Any], str]) -> str:
+    return ", ".join(f"{row[0]} {fmt(row[key])}" for row in phases)
+
+
+def _sizes_text(phases: list[list[Any]]) -> str:
+    sized = [f"{row[0]}: {fmt_bytes(row[3])}" for row in phases if row[3]]
+    return f" Frames the steps returned (polars estimated size): {'; '.join(sized)}." if sized else ""
+
+
+def time_bound(churn: Timing, floor: Timing, limit: float) -> str:
+    run, floor_run = churn.median_child, floor.median_child
+    read_s = run.get("read_s", 0.0)
+    floor_read = next((row[1] for row in floor_run["phases"] if row[0].startswith("ADBC read")), 0.0)
+    budget = limit * floor.median
+    return (
+        f"SQL churn run, time: {churn.median:.2f} s against the floor's {floor.median:.2f} s (the floor's median "
+        f"repetition: ADBC read {floor_read:.2f} s, the rest hashing). Steps of the churn run's median repetition "
+        f"({run['seconds']:.2f} s): {_steps_text(run['phases'], 1, lambda s: f'{s:.2f} s')}. Inside the source "
+        f"step, {read_s:.2f} s went to waiting for ADBC's batches and the rest to converting them to the canonical "
+        "frame; the steps run one after another. Within "
+        f"{limit:g}x the floor the run has {budget:.2f} s; with the read taking about {read_s:.2f} s of it, "
+        f"everything else would have to fit in {budget - read_s:.2f} s (it takes {run['seconds'] - read_s:.2f} s)."
+    )
+
+
+def memory_bound(label: str, child: dict[str, Any], above: int, what: str = "above start") -> str:
+    phases = child.get("phases") or []
+    if not phases:
+        return f"{label}, memory: {_above(above)} {what} (no step breakdown)"
+    top = max(phases, key=lambda r: r[2])
+    return (
+        f"{label}, memory: {_above(above)} {what} at the highest repetition. The peak is reached in the step "
+        f"'{top[0]}'; each step's own peak: {_steps_text(phases, 2, _above)}.{_sizes_text(phases)}"
+    )
+
+
+def render_before_after(rep: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    floor, churn, fl = rep["sql_floor"], rep["sql_churn"], rep["sql_first_load"]
+    at_1m = args.rows == 1_000_000
+    out = [
+        "",
+        "## Before / after (SQL source and DataFrame memory)",
+        "",
+    ]
+    if not at_1m:
+        out.append(
+            "Issue 10 measured the old SQL path at 1M rows only (at 10M it estimated minutes and well over 10 GB of "
+            f"memory); there is no before for this run's {args.rows:,} rows. The 1M-row before/after table is in "
+            "RESULTS.md; this run's numbers are in the tables above and below."
+        )
+        return out
+    out += [
+        "| scenario | before: seconds | before: peak RSS | after: seconds | after: peak RSS |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label, timing in (
+        ("churn", "SQL churn run (operator's SQL path, read included)", churn),
+        ("first_load", "SQL first load (the issue's 'baseline run through the operator')", fl),
+        ("floor", "floor: ADBC read into Arrow + polars `hash_rows()`", floor),
+    ):
+        _, before_s, before_rss = SQL_BEFORE[key]
+        out.append(
+            _row(
+                label,
+                before_s,
+                f"{_above(before_rss)} above start",
+                timing.cell(),
+                f"{_above(timing.peak_above_start)} above start",
+            )
+        )
+    ratio = churn.median / floor.median
+    out.append(_row("SQL churn run / floor", "about 13x (7.4-13.9x)", "", f"{ratio:.2f}x", ""))
+    for label, key in (("churn run", "rss_churn"), ("first load", "rss_first_load")):
+        r = rep.get(key)
+        if r is not None:
+            out.append(
+                _row(
+                    f"DataFrame {label}: peak RSS above the caller's input",
+                    "",
+                    f"{_above(FRAME_BEFORE[label])} above input",
+                    "",
+                    f"{_above(r['peak_during_run'] - r['rss_after_frames'])} above input",
+                )
+            )
+    out += [
+        "",
+        "Before: issue 10's own numbers, measured on this project's 2-core machines with PostgreSQL 15 on a "
+        "1M-row x 12-column table through the old path (`read_sql_frame`: psycopg row tuples into pandas, then the "
+        "engine). That path was removed when SQL sources moved to Arrow batches (`read_sql_frame` no longer "
+        "exists), so it cannot be re-measured here; its table differed a little from this one (no numeric "
+        "column), and its runs were not in this run, so the before/after ratios are indicative, not exact. The "
+        "DataFrame before is the issue's 'today' (the previous RESULTS.md).",
+    ]
+    return out
+
+
+def render_sql(rep: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    n = args.rows
+    table: SqlTable = rep["sql_table"]
+    churn = table.churn or Churn(0, 0, 0)
+    floor, churn_run, fl = rep["sql_floor"], rep["sql_churn"], rep["sql_first_load"]
+
+    def sb(t: Timing) -> str:
+        return f"{t.sandbox_median:.2f}" if t.sandbox_cpu else "-"
+
+    last_floor, last_churn, last_fl = floor.median_child, churn_run.median_child, fl.median_child
+    out = [
+        "",
+        f"## SQL source: PostgreSQL {table.server_version}",
+        "",
+        "- Server: a throwaway PostgreSQL on 127.0.0.1 of this machine, started by `tests/pg_server.py` as the "
+        "test suite starts its own (initdb into a temporary directory, fsync off, shared_buffers 32MB); its CPU "
+        "seconds are the PostgreSQL CPU s column.",
+        f"- Table `{SQL_TABLE}`: {n:,} rows x 12 columns: `id` bigint key; integer; 2 double precision (one 5% "
+        "NULL); numeric(14,2) (2% NULL); 3 text (one 10% NULL); 2 timestamptz (one 3% NULL); boolean; jsonb (an "
+        f"object of 3 keys). {fmt_bytes(table.table_bytes)} with its key. Loaded with `COPY ... FROM STDIN` "
+        f"(CSV generated with polars) in {table.load_s:.1f} s, with the key and `VACUUM ANALYZE`.",
+        f"- Churn, applied with SQL in one transaction after the first loads and before the floor and churn runs: "
+        f"`UPDATE` of {churn.updated:,} rows (1%; each changes its score, some also status, quantity, balance or "
+        f"preferences), `DELETE` of {churn.deleted:,} (0.5%), `INSERT ... SELECT` of {churn.inserted:,} (0.5%) "
+        f"({table.churn_s:.1f} s with `VACUUM ANALYZE`).",
+        "- Source of the runs: the operator's own SQL path. `run_sync` gets `lambda: read_sql(conn_id, "
+        f'"{SQL_QUERY}")`, the source `StopChurnUpdateOperator(sql=..., sql_conn_id=...)` builds, with `read_sql` '
+        f"from `operators/stopchurn.py`; the connection is `{PG_CONN_ENV}` (Airflow's JSON form) in the "
+        "benchmark's environment, so each run goes Airflow connection -> `postgres_uri` -> "
+        "`sources.read_postgres` (ADBC) -> the engine, as in a task.",
+        "- Each run in a fresh child process, which measures its own seconds, CPU seconds and peak RSS. Peak RSS "
+        "above start: VmHWM, reset just before the run, minus the RSS then (after importing Airflow, the "
+        "operator's module, the postgres hook and the ADBC driver, as in a worker); the highest of the "
+        "repetitions. Order: the first loads (each into a fresh snapshot root; the last one's root is the "
+        "committed state of the churn runs), the churn, then per repetition the floor and a churn run alternately.",
+        "",
+        "| # | scenario | seconds | ratio to the floor | CPU s | PostgreSQL CPU s | sandbox CPU s | "
+        "peak RSS above start | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+        _row(
+            "S1",
+            "floor: ADBC reads the table into Arrow (`fetch_arrow_table`), polars `from_arrow` + `hash_rows()`",
+            floor.cell(),
+            "1.00x",
+            f"{floor.own_median:.2f}",
+            f"{floor.db_median:.2f}",
+            "-",
+            _above(floor.peak_above_start),
+            f"Arrow table {fmt_bytes(last_floor['arrow_bytes'])}",
+        ),
+        _row(
+            "S2",
+            "**SQL churn run** through the operator's SQL path: read, canonicalize, diff, encode, send, commit",
+            churn_run.cell(),
+            f"**{churn_run.median / floor.median:.2f}x**",
+            f"{churn_run.own_median:.2f}",
+            f"{churn_run.db_median:.2f}",
+            sb(churn_run),
+            f"**{_above(churn_run.peak_above_start)}**",
+            f"{last_churn['chunks']} chunks",
+        ),
+        _row(
+            "S3",
+            f"**SQL first load** through the operator's SQL path: {n:,} inserts, read included",
+            fl.cell(),
+            f"{fl.median / floor.median:.2f}x",
+            f"{fl.own_median:.2f}",
+            f"{fl.db_median:.2f}",
+            sb(fl),
+            f"**{_above(fl.peak_above_start)}**",
+            f"{last_fl['chunks']} chunks, {fmt_bytes(last_fl['bytes'])} of JSON",
+        ),
+        "",
+        "| scenario | RSS before the run | peak during the run | peak above start, each repetition |",
+        "|---|---|---|---|",
+    ]
+    for label, timing in (("floor", floor), ("churn run", churn_run), ("first load", fl)):
+        out.append(
+            _row(
+                label,
+                fmt_bytes(statistics.median(c["rss_before_run"] for c in timing.children)),
+                fmt_bytes(max(c["peak_during_run"] for c in timing.children)),
+                ", ".join(_above(c["peak_during_run"] - c["rss_before_run"]) for c in timing.children),
+            )
+        )
+    for label, child in (("floor", last_floor), ("churn run", last_churn), ("first load", last_fl)):
+        above = child["peak_during_run"] - child["rss_before_run"]
+        extra = ""
+        if "read_s" in child and label != "floor":
+            extra = f"; {child['read_s']:.2f} s of its source step were spent waiting for ADBC's batches"
+        out += ["", f"Steps of the SQL {label} (its median repetition, {child['seconds']:.2f} s{extra}):", ""]
+        out += phase_table(child["phases"], above)
+    return out
+
+
+def render_frames(rep: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The DataFrame source's sections (the benchmark's original scenarios)."""
+    n, large = args.rows, args.large
+    churn: Churn = rep["churn"]
+    floor, churn_run = rep["floor"], rep["churn_run"]
+    fl, fl_floor = rep.get("first_load"), rep.get("first_load_floor")
+    naive, naive_nd = rep.get("naive"), rep.get("naive_nd")
+    floor_nd, churn_nd = rep["floor_nd"], rep["churn_nd"]
+    at_1m = n == 1_000_000
+
+    def sb(t: Timing) -> str:
+        return f"{t.sandbox_median:.2f}" if t.sandbox_cpu else "-"
+
+    out = [
+        "",
+        "## DataFrame source (pandas DataFrame given to the operator)",
+        "",
         f"- Table: {n:,} rows x 12 columns: `id` int64 key; 2 int64; 2 float64 (one 5% NaN); 3 strings (one 10% null); "
         f"2 UTC timestamps (one 3% null); bool; `preferences`, a dict of 3 keys per row. In memory (pandas, deep) "
         f"{fmt_bytes(rep['input_bytes'])}, of which the dict column {fmt_bytes(rep['input_dict_bytes'])}.",
         f"- Churn: {churn.updated:,} updated (1%), {churn.inserted:,} inserted (0.5%), "
         f"{churn.deleted:,} deleted (0.5%).",
-        f"- Engine settings: chunk_size={args.chunk_size}, max_concurrent_requests={args.concurrency}, "
-        "max_delete_fraction=1.0. The sandbox runs in its own process on 127.0.0.1 (no latency added).",
-        f"- Seconds: median of {reps} repetition(s)"
-        + (" (min-max in brackets)" if reps > 1 else "")
-        + ". CPU s: CPU seconds of the measuring process (all threads); sandbox CPU s: of the server process. "
-        f"Both share the machine's {m['cores']} cores. 1-minute load average {rep['load'][0]:.2f} at the start, "
-        f"{rep['load'][1]:.2f} at the end (anything else running on the machine shows up in the spread).",
+        "- Timings in this process (median of the repetitions); peak RSS in fresh child processes (below).",
         "",
         "| # | scenario | seconds | CPU s | sandbox CPU s | notes |",
         "|---|---|---|---|---|---|",
@@ -1319,7 +2168,7 @@ def render(rep: dict[str, Any], args: argparse.Namespace, command: str, wall: fl
     scale_note = "" if at_1m else f" (set at 1M rows; this run has {n:,})"
     out += [
         "",
-        "## Targets",
+        "### Earlier targets (set before issue 10)",
         "",
         "| target | measured | result |",
         "|---|---|---|",
@@ -1367,7 +2216,7 @@ def render(rep: dict[str, Any], args: argparse.Namespace, command: str, wall: fl
 
     out += [
         "",
-        "## The nested dict column, separately",
+        "### The nested dict column, separately",
         "",
         "The same churn on the table without `preferences` (11 columns; its own committed snapshot):",
         "",
@@ -1395,10 +2244,10 @@ def render(rep: dict[str, Any], args: argparse.Namespace, command: str, wall: fl
         f"The dict column accounts for {churn_run.median - churn_nd.median:.2f} s of the "
         f"{churn_run.median:.2f} s churn run.",
         "",
-        "## Memory (each scenario in a fresh process)",
+        "### Memory (each scenario in a fresh process)",
         "",
         "| scenario | RSS after imports | RSS after building the input frame | peak while building it | "
-        "peak during the run | run peak above the input |",
+        "peak during the run | peak above input |",
         "|---|---|---|---|---|---|",
     ]
     for label, r in (("churn run", rss_c), ("first load", rss_f)):
@@ -1420,8 +2269,14 @@ def render(rep: dict[str, Any], args: argparse.Namespace, command: str, wall: fl
         "base table, derives the churned one and drops the base before the run. For context, the benchmark "
         f"process held {fmt_bytes(rep['input_rss'])} after building both frames "
         f"(generation took {rep['gen_s']:.1f} s).",
+    ]
+    for label, r in (("churn run", rss_c), ("first load", rss_f)):
+        if r is not None and r.get("phases"):
+            out += ["", f"Steps of the {label} (its child process; peak above input):", ""]
+            out += phase_table(r["phases"], r["peak_during_run"] - r["rss_after_frames"], "above input")
+    out += [
         "",
-        f"## Delivery: sequential vs parallel ({rep['parallel_rows']:,}-row first load, a second sandbox adds 50 ms "
+        f"### Delivery: sequential vs parallel ({rep['parallel_rows']:,}-row first load, a second sandbox adds 50 ms "
         f"to every request, {rep['parallel_chunks']} chunks, 1 repetition)",
         "",
         "| max_concurrent_requests | seconds | speedup |",
@@ -1439,10 +2294,7 @@ def render(rep: dict[str, Any], args: argparse.Namespace, command: str, wall: fl
         "vectorised pandas operations (kinder to it than a row-wise `apply`) and sends with one plain session, "
         "one request at a time.",
     ]
-    for key, title in (("profile_churn", "churn run"), ("profile_first_load", "first load")):
-        if key in rep:
-            out += ["", f"## Profile: {title} (cProfile, one run, main thread)", "", "```", rep[key], "```"]
-    return "\n".join(out) + "\n"
+    return out
 
 
 if __name__ == "__main__":

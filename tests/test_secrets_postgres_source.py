@@ -22,7 +22,7 @@ import pendulum
 import pytest
 from airflow.sdk import DAG
 from airflow_plugin import run_dag, xcom_return
-from pg_plugin import _free_port
+from pg_server import _free_port
 
 from airflow_provider_stopchurn.canonical import canonicalize_source
 from airflow_provider_stopchurn.exceptions import SourceConnectionError
