@@ -421,8 +421,8 @@ FORM_CONN_ID = "stopchurn_ui_form"
 #: Airflow 3.3.2's UI sends ``"port": 0`` when it tests a saved connection whose port field is hidden, and the API
 #: refuses to test a stored connection at another host or port ("Bad Request").
 PORT_ZERO_BUG = (
-    "Airflow 3.3.2: the Test button sends port 0 for the hidden port field and the API answers 400 'The host or "
-    "port to test differs from the stored connection'; fixed on the provider side on branch lineage-deploy"
+    "Airflow 3.3.2: the Test button sends port 0 for a connection saved without a port (the form asks for 443), "
+    "and the API answers 400 'The host or port to test differs from the stored connection'"
 )
 
 
@@ -442,11 +442,13 @@ def test_connection_form_shows_the_stopchurn_fields(admin: Any, api_server: ApiS
     dialog = page.get_by_role("dialog")
     assert dialog.get_by_label("API base URL").get_attribute("placeholder") == "https://marketplace.stopchurn.com"
     assert dialog.get_by_label("API key").get_attribute("type") == "password"
-    dialog.get_by_text("Extra Fields", exact=True).click()
-    for label in ("Brand id", "Timeout (seconds)", "Max retries"):
-        assert dialog.get_by_label(label).is_visible(), label
-    for hidden in ("Port", "Login", "Schema"):
+    # the port stays on the form (Airflow 3.3.2's Test button needs a stored one: README, "The StopChurn connection")
+    assert dialog.get_by_text("Port (enter 443)", exact=True).is_visible()
+    for hidden in ("Login", "Schema"):
         assert dialog.get_by_label(hidden, exact=True).count() == 0, hidden
+    dialog.get_by_text("Extra Fields", exact=True).click()
+    for label in ("Brand id", "Timeout (seconds)", "Max retries"):  # text fields: the hook validates what is typed
+        dialog.get_by_text(label, exact=True).wait_for(state="visible", timeout=10_000)
     screenshot(page, "stopchurn-connection-form")
     page.close()
 

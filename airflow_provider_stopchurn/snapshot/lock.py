@@ -69,8 +69,8 @@ def _iso(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat()
 
 
-def _parse(raw: bytes | None) -> dict[str, Any] | None:
-    """A lock or claim record, or None when absent or unreadable (a torn write)."""
+def loose_json(raw: bytes | None) -> dict[str, Any] | None:
+    """A JSON object (a lock or claim record, a pointer), or None when absent or unreadable (a torn write)."""
     if raw is None:
         return None
     try:
@@ -239,7 +239,7 @@ class TableLock:
     def _remove_if_abandoned(self, claim: str, depth: int) -> None:
         """Remove a claim whose run crashed while holding it; a claim on the claim keeps this to one run."""
         raw = self.backend.read_bytes(claim)
-        record = _parse(raw)
+        record = loose_json(raw)
         if raw is None or record is None or depth >= 1:
             return  # gone already, being written, or a claim on a claim: leave it to its age
         pid = _gone(record)
@@ -267,7 +267,7 @@ class TableLock:
                         self._lost = None
                         return
                     continue  # another run created it a moment ago: look at it
-                current = _parse(raw)
+                current = loose_json(raw)
                 if current is None and raw != torn:
                     # unreadable: maybe a writer without atomic create is mid-write; broken only if it stays so
                     torn = raw
@@ -312,7 +312,7 @@ class TableLock:
                 return
             for _ in range(_ATTEMPTS):
                 raw = self.backend.read_bytes(self.name)
-                current = _parse(raw)
+                current = loose_json(raw)
                 if raw is None or current is None or current.get("token") != self.token:
                     raise self._lose(current)
                 record = self._record()
@@ -326,7 +326,7 @@ class TableLock:
                     return
                 if outcome is _Outcome.BUSY:
                     time.sleep(_PAUSE_S)  # a run that took the lease for stale is breaking it, or gives up
-            raise self._lose(_parse(self.backend.read_bytes(self.name)))
+            raise self._lose(loose_json(self.backend.read_bytes(self.name)))
 
     def check(self, *, max_age_s: float = 0.0) -> None:
         """Raise :class:`SnapshotLockedError` unless this run still holds the lock; call it before a commit.
@@ -343,7 +343,7 @@ class TableLock:
                 raise self._lost
             if time.monotonic() - self._confirmed < min(max_age_s, self.interval_s):
                 return
-            current = _parse(self.backend.read_bytes(self.name))
+            current = loose_json(self.backend.read_bytes(self.name))
             if current is None or current.get("token") != self.token:
                 raise self._lose(current)
             try:
@@ -363,7 +363,7 @@ class TableLock:
             try:
                 for _ in range(_ATTEMPTS):
                     raw = self.backend.read_bytes(self.name)
-                    current = _parse(raw)
+                    current = loose_json(raw)
                     if raw is None or current is None or current.get("token") != self.token:
                         return
                     outcome = self._with_claim(self.name, raw, lambda: self.backend.delete(self.name))
@@ -384,7 +384,7 @@ class TableLock:
         with self._mutex:
             for _ in range(_ATTEMPTS):
                 raw = self.backend.read_bytes(self.name)
-                current = _parse(raw)
+                current = loose_json(raw)
                 if raw is None or current is None or current.get("token") != token:
                     return False
                 holder = current.get("holder")

@@ -25,7 +25,7 @@ import polars as pl
 from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError
 from airflow_provider_stopchurn.snapshot.backend import Backend, backend_for
 from airflow_provider_stopchurn.snapshot.constants import FORMAT_VERSION
-from airflow_provider_stopchurn.snapshot.lock import TableLock
+from airflow_provider_stopchurn.snapshot.lock import TableLock, loose_json
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ class SnapshotStore:
 
     def _forget_plan(self, plan_id: str) -> None:
         """Remove a plan's files, and the PLAN pointer if it names that plan (never another plan's)."""
-        pointer = _loose_json(self._backend.read_bytes("PLAN"))
+        pointer = loose_json(self._backend.read_bytes("PLAN"))
         if pointer is not None and pointer.get("plan_id") == plan_id:
             self._backend.delete("PLAN")
         self._backend.delete_tree(_plan_dir(plan_id))
@@ -498,7 +498,7 @@ class SnapshotStore:
     def discard_plan(self, plan: Plan) -> None:
         """Forget a plan that will never be committed: its pointer, its files and its target snapshot."""
         self._forget_plan(plan.plan_id)
-        current = _loose_json(self._backend.read_bytes("CURRENT"))
+        current = loose_json(self._backend.read_bytes("CURRENT"))
         if current is None or current.get("version") != plan.target_version:
             self._backend.delete(_snapshot(plan.target_version))
 
@@ -561,7 +561,7 @@ class SnapshotStore:
             names = names[-limit:] if limit > 0 else []
         records: list[dict[str, Any]] = []
         for name in reversed(names):
-            record = _loose_json(self._backend.read_bytes(f"{_HISTORY}/{name}"))
+            record = loose_json(self._backend.read_bytes(f"{_HISTORY}/{name}"))
             if record is not None:
                 records.append(record)
         return records
@@ -595,7 +595,7 @@ class SnapshotStore:
 
     def read_lock(self) -> dict[str, Any] | None:
         """The LOCK record, or None when there is none (or it is unreadable: its writer died mid-write)."""
-        return _loose_json(self._backend.read_bytes("LOCK"))
+        return loose_json(self._backend.read_bytes("LOCK"))
 
     def break_lock(self, token: str | None = None) -> bool:
         """Remove the lock. Safe only when the run holding it is known to be dead (or must be stopped).
@@ -628,17 +628,6 @@ def _acquire_waiting(table_lock: TableLock, wait_s: float) -> None:
                 log.warning("%s\nWaiting up to %.0f s for it (lock_wait_s).", err, wait_s)
             time.sleep(min(pause * random.uniform(0.8, 1.2), wait_s - waited))
             pause = min(pause * 2, _LOCK_POLL_MAX_S)
-
-
-def _loose_json(raw: bytes | None) -> dict[str, Any] | None:
-    """A JSON object, or None when absent or unreadable."""
-    if raw is None:
-        return None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _read_json_lines(raw: bytes, where: str) -> list[dict[str, Any]]:
