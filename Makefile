@@ -59,6 +59,7 @@ soak: $(STAMP)
 # Re-pin the exact dependency set after editing pyproject.toml.
 lock: $(STAMP)
 	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --quiet -o $(LOCK)
+	@rm -rf airflow_provider_stopchurn.egg-info  # resolving the project builds it here (see venv)
 
 # --- Airflow version matrix --------------------------------------------------------------------------------------
 # Every supported Airflow minor, tested at its newest patch. The newest minor is the main venv (requirements-dev.lock);
@@ -101,6 +102,7 @@ lock-matrix: $(STAMP)
 	$(foreach minor,$(OLDER_MINORS),\
 		$(UV) pip compile pyproject.toml requirements-airflow-$(minor).in --extra dev --python-version 3.11 \
 		--exclude-newer $(LOCK_DATE_$(minor)) $(MATRIX_NO_EMIT) --quiet -o requirements-airflow-$(minor).lock &&) true
+	@rm -rf airflow_provider_stopchurn.egg-info
 
 clean:
 	rm -rf $(VENV) .venv-airflow-* .airflow .demo .pytest_cache .mypy_cache .ruff_cache
