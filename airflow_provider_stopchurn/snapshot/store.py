@@ -22,7 +22,7 @@ from typing import Any
 
 import polars as pl
 
-from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError
+from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError, StopChurnConfigError
 from airflow_provider_stopchurn.snapshot.backend import Backend, backend_for
 from airflow_provider_stopchurn.snapshot.constants import FORMAT_VERSION
 from airflow_provider_stopchurn.snapshot.lock import TableLock, loose_json
@@ -236,6 +236,13 @@ class SnapshotStore:
         pointer = self._read_json("CURRENT")
         if pointer is None:
             return None
+        if (pointer.get("state") or {}).get("diff_location") == "warehouse":
+            raise StopChurnConfigError(
+                f"Brand {self.brand_id} table {self.table_name!r} is diffed in the warehouse (its state table is "
+                f"{pointer['state'].get('state_table')}); the worker diff cannot continue it. Keep "
+                "diff_location='warehouse', or run `stopchurn reconcile --reset` and start again with "
+                "initial_load='baseline' (README: Diff in the warehouse)."
+            )
         committed = Committed(
             self,
             kinds=dict(pointer["kinds"]),
@@ -336,6 +343,16 @@ class SnapshotStore:
             self._forget_plan(plan_id)
         if current_version is not None and current_version != version:
             self._backend.delete(_snapshot(str(current_version)))
+
+    def forget_current(self, *, lock: TableLock | None = None) -> None:
+        """Remove ``CURRENT`` and the snapshot it names: the table is unknown again (``stopchurn reconcile --reset``
+        of a warehouse-diffed table). The history and quarantine files stay."""
+        if lock is not None:
+            lock.check()
+        previous = self._read_json("CURRENT")
+        self._backend.delete("CURRENT")
+        if previous is not None and previous.get("version"):
+            self._backend.delete(_snapshot(str(previous["version"])))
 
     def _forget_plan(self, plan_id: str) -> None:
         """Remove a plan's files, and the PLAN pointer if it names that plan (never another plan's)."""

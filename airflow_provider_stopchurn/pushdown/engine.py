@@ -1,0 +1,978 @@
+"""The pushdown sync: the diff runs inside the warehouse that holds the source; only changed rows leave it.
+
+One run (``diff_location="warehouse"``), beside the local engine's :func:`~airflow_provider_stopchurn.sync.run_sync`::
+
+    lock (the snapshot store's, with a heartbeat) -> settle any plan an earlier try left (into the state table)
+         -> check the state table against the store (drift) -> the source's columns (schema policy)
+         -> key checks and counts in SQL (safeguards, before any row leaves) -> the changed rows as Arrow batches
+         -> canonical rows and update JSON exactly as the local path makes them -> plan in the store
+         -> deliver (deliver.py) -> settle: acknowledged changes into the state table, then CURRENT
+
+**Where state lives.** The state table (``<state_schema>.b<brand>_<table>``) holds per key: the key columns as
+text, the row hash (``pushdown/sql.py``), createdAt and the last delivered row as JSON text (a delete carries it).
+Its bookkeeping table (``..__meta``) holds a token; the snapshot store's ``CURRENT`` holds the same token after every
+commit. The plan (the changed rows with their update JSON), the acknowledgements and the rejected rows stay in the
+snapshot store, exactly as on the local path, so a crash, a rejection or a retry is settled the same way.
+
+**Settling** writes the acknowledged changes to the state table (DELETE + INSERT in one transaction with the new
+token, or a rewrite and swap where the warehouse has no transactions), then commits ``CURRENT`` with the token. A
+crash between the two is recognised by the token (the state already holds the plan) and finished by the next run.
+Any other disagreement between the two is *drift*: the run stops before reading the source and names the
+``stopchurn reconcile`` command that repairs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import orjson
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from airflow_provider_stopchurn.deliver import Rejection, Sender, deliver
+from airflow_provider_stopchurn.encoding import encode_rows, encode_updates
+from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, StopChurnConfigError
+from airflow_provider_stopchurn.history import recorded
+from airflow_provider_stopchurn.options import SyncOptions
+from airflow_provider_stopchurn.plan import Window, _window, check_safeguards, describe, kind_changes, timestamp_column
+from airflow_provider_stopchurn.pushdown import sql as S
+from airflow_provider_stopchurn.pushdown.warehouse import Warehouse
+from airflow_provider_stopchurn.settle import _APPLIED, _NOT_APPLIED, _UNCERTAIN, Settled, _rejection_records, _status
+from airflow_provider_stopchurn.snapshot import Committed, Plan, SnapshotStore
+from airflow_provider_stopchurn.sync import SyncSummary, canonical_source
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PLAN_FORMAT", "ROW_HASH", "StateDriftError", "WarehouseSource", "reconcile", "run_warehouse_sync"]
+
+#: Names the row hash of a warehouse-diffed table in ``CURRENT`` (``row_hash``): the local engine never compares it.
+ROW_HASH = "warehouse-md5-v1"
+PLAN_FORMAT = "warehouse-1"
+DIFF_LOCATION = "warehouse"
+_STAGING = "__stopchurn_staging"
+#: plan frame columns
+_OP, _HASH, _CREATED, _UPDATED, _ROW = "op", "hash", "created_at", "updated_at", "row"
+_RANK = {"delete": 0, "update": 1, "insert": 2}
+
+
+class StateDriftError(SnapshotError):
+    """The state table and the snapshot store disagree about what StopChurn holds (repair: ``stopchurn reconcile``)."""
+
+
+@dataclass(frozen=True)
+class WarehouseSource:
+    """A SQL source diffed where it lives: ``sql`` (one SELECT) on ``warehouse``, state kept in ``state_schema``."""
+
+    sql: str
+    warehouse: Warehouse
+    state_schema: str = "stopchurn_state"
+
+    def state(self, options: SyncOptions) -> S.StateTable:
+        return S.StateTable(
+            self.state_schema,
+            S.state_table_name(options.brand_id, options.table_name),
+            tuple(options.key_columns),
+            self.warehouse.dialect,
+        )
+
+
+@dataclass
+class _Meta:
+    format: int
+    token: str
+    plan_id: str | None
+    columns: dict[str, str]
+    key_columns: tuple[str, ...]
+    rows: int
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------------------
+def run_warehouse_sync(
+    source: WarehouseSource,
+    store: SnapshotStore,
+    sender: Sender | None,
+    options: SyncOptions,
+    *,
+    run_ms: int | None = None,
+) -> SyncSummary:
+    """Deliver the difference between the source query and the state table; see the module docstring."""
+    started = time.monotonic()
+    run_ms = run_ms if run_ms is not None else time.time_ns() // 1_000_000
+    summary = SyncSummary(options.table_name, options.brand_id, dry_run=options.dry_run)
+    summary.snapshot_uri = store.location
+    state = source.state(options)
+    query = S.source_query(source.sql)
+    warehouse = source.warehouse
+    try:
+        if options.dry_run:
+            _dry_run(query, warehouse, state, store, options, summary, run_ms)
+        else:
+            if sender is None:
+                raise StopChurnConfigError("A sender is required unless dry_run=True.")
+            with (
+                store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
+                lock.heartbeat(),
+                recorded(store, summary, options, lock),
+            ):
+                current = _current(store)
+                summary.start_from(current.get("run") if current else None, options.run_key)
+                delivered = summary.settled_chunks
+                pending = store.pending_plan()
+                if pending is not None:
+                    acks = store.acks(pending)
+                    log.warning(
+                        "Settling the unfinished plan %s of %r into %s: %d of %d chunks were acknowledged.",
+                        pending.plan_id,
+                        options.table_name,
+                        state.display,
+                        len(acks),
+                        len(pending.chunks),
+                    )
+                    summary.settled_chunks += len(acks)
+                    summary.add(
+                        settle_state(
+                            store,
+                            pending,
+                            acks,
+                            warehouse,
+                            state,
+                            lock=lock,
+                            run=lambda s: summary.run_record(options.run_key, s, delivered),
+                        )
+                    )
+                _plan_and_deliver(query, warehouse, state, store, sender, options, summary, run_ms, lock)
+    finally:
+        warehouse.close()
+    summary.duration_s = round(time.monotonic() - started, 3)
+    log.info("%s", summary.line())
+    return summary
+
+
+def _current(store: SnapshotStore) -> dict[str, Any] | None:
+    """``CURRENT``, checked to belong to a warehouse-diffed table."""
+    current = store.read_current()
+    if current is not None and (current.get("state") or {}).get("diff_location") != DIFF_LOCATION:
+        raise StopChurnConfigError(
+            f"The snapshot of brand {store.brand_id} table {store.table_name!r} in {store.location} was made by the "
+            "worker diff (diff_location='worker'); it cannot be continued in the warehouse.\n"
+            "To switch, record the table once in the warehouse without sending: run `stopchurn reconcile --reset` "
+            "(README: Diff in the warehouse), then one run with initial_load='baseline'."
+        )
+    return current
+
+
+def _meta(warehouse: Warehouse, state: S.StateTable) -> _Meta | None:
+    """The state table's bookkeeping row, or None when the state table does not exist."""
+    try:
+        rows = warehouse.rows(state.read_meta())
+    except Exception as err:  # the table is missing: every database says it differently
+        log.debug("No state bookkeeping in %s: %s", state.display, err)
+        return None
+    if not rows:
+        return None
+    fmt, token, plan_id, columns, keys, count = rows[0]
+    return _Meta(int(fmt), str(token), plan_id, dict(S.columns_of(columns)), tuple(str(keys).split(",")), int(count))
+
+
+def _table_exists(warehouse: Warehouse, state: S.StateTable, name: str) -> bool:
+    try:
+        warehouse.rows(state.exists_sql(name))
+    except Exception:
+        return False
+    return True
+
+
+def check_state(
+    warehouse: Warehouse, state: S.StateTable, store: SnapshotStore, current: Mapping[str, Any] | None
+) -> _Meta | None:
+    """The state table's bookkeeping row when it agrees with ``CURRENT``; else :class:`StateDriftError`."""
+    if not warehouse.transactions and not _table_exists(warehouse, state, state.name):
+        if _table_exists(warehouse, state, state.name + "__next"):
+            # a rewrite was swapped half-way (dropped, not yet renamed): finish it
+            log.warning("Finishing the interrupted swap of %s.", state.display)
+            warehouse.execute(state.swap()[1:])
+    meta = _meta(warehouse, state)
+    if meta is not None and meta.format > S.STATE_FORMAT:
+        raise StopChurnConfigError(
+            f"The state table {state.display} has format {meta.format}, written by a newer version of this "
+            f"provider (this one reads up to {S.STATE_FORMAT}). Upgrade the provider on every worker."
+        )
+    token = None if current is None else str(current["version"])
+    if meta is None and token is None:
+        return None
+    if meta is not None and token == meta.token:
+        if meta.format < S.STATE_FORMAT:
+            _migrate(warehouse, state, meta.format)
+        return meta
+    where = f"brand {store.brand_id} table {store.table_name!r}"
+    if meta is None:
+        problem = f"The snapshot store ({store.location}) records a sync of {where}, but its state table "
+        problem += f"{state.display} is missing."
+    elif token is None:
+        problem = f"The state table {state.display} exists (written by plan {meta.plan_id}), but the snapshot "
+        problem += f"store ({store.location}) has no record of {where}."
+    else:
+        problem = f"The state table {state.display} was last written with token {meta.token} (plan "
+        problem += f"{meta.plan_id}); the snapshot store ({store.location}) committed {token}."
+    raise StateDriftError(
+        f"{problem} Nothing was read or sent.\n"
+        "Repair it with `stopchurn reconcile` (README: Diff in the warehouse): --adopt-state when the state table "
+        "is right (it holds what StopChurn was sent), or --reset to drop both and start again with a run using "
+        "initial_load='baseline' (records the source as delivered without sending) or a full first load."
+    )
+
+
+#: format -> statements that upgrade a state table from it to the next format (none yet: format 1 is the first).
+_MIGRATIONS: dict[int, list[str]] = {}
+
+
+def _migrate(warehouse: Warehouse, state: S.StateTable, version: int) -> None:
+    for step in range(version, S.STATE_FORMAT):
+        log.warning("Migrating the state table %s from format %d.", state.display, step)
+        warehouse.execute(_MIGRATIONS.get(step, []))
+
+
+def _source_schema(warehouse: Warehouse, state: S.StateTable, query: str, options: SyncOptions) -> pa.Schema:
+    schema = next(iter(warehouse.batches(state.probe(query)))).schema
+    missing = [k for k in options.key_columns if k not in schema.names]
+    if missing:
+        raise StopChurnConfigError(
+            f"Key column(s) {missing} are not in the source (columns: {schema.names}); set key_columns."
+        )
+    taken = [c for c in schema.names if c.startswith("__sc_") or c.startswith("_stopchurn_")]
+    if taken:
+        raise StopChurnConfigError(f"Source columns {taken} use a prefix the warehouse diff reserves.")
+    return schema
+
+
+def _check_keys(warehouse: Warehouse, state: S.StateTable, query: str, options: SyncOptions) -> None:
+    null_keys, repeated = warehouse.rows(state.key_check(query))[0]
+    if null_keys:
+        raise SafeguardError(
+            f"{null_keys} source rows of {options.table_name!r} have a NULL in key column(s) "
+            f"{list(options.key_columns)}; nothing was sent. Every row needs its key."
+        )
+    if repeated:
+        examples = warehouse.rows(state.repeated_keys(query))
+        raise SafeguardError(
+            f"{repeated} keys of {options.table_name!r} are held by more than one source row (for example "
+            f"{[tuple(r[:-1]) for r in examples]}); nothing was sent. Keys must be unique."
+        )
+
+
+@dataclass
+class _Diff:
+    update_all: bool
+    baseline: bool
+    schema_change: dict[str, Any] | None
+    counts: dict[str, int]
+
+
+def _decide(
+    warehouse: Warehouse,
+    state: S.StateTable,
+    query: str,
+    schema: pa.Schema,
+    meta: _Meta | None,
+    options: SyncOptions,
+) -> _Diff:
+    """Schema policy and counts (in SQL), and the safeguards on them."""
+    columns = schema.names
+    if meta is None:
+        (total,) = warehouse.rows(state.r(f"SELECT COUNT(*) FROM {S.q(S.SOURCE)} AS s", query))[0]
+        baseline = options.initial_load == "baseline"
+        return _Diff(False, baseline, None, {"insert": 0 if baseline else int(total), "unchanged": int(total)})
+    new_types = {f.name: str(f.type) for f in schema}
+    change = kind_changes(meta.columns, new_types, meta.key_columns, tuple(options.key_columns))
+    update_all = baseline = False
+    schema_change = None
+    if change:
+        schema_change = {"policy": options.on_schema_change, **change}
+        if options.on_schema_change == "fail" or ("key_columns" in change and options.on_schema_change != "rebaseline"):
+            raise SafeguardError(
+                f"The columns of brand {options.brand_id} table {options.table_name!r} changed; nothing was sent.\n"
+                f"Source vs state table: {describe(change)}.\n"
+                + (
+                    "Key columns name the rows of the state table: only on_schema_change='rebaseline' can change them."
+                    if "key_columns" in change
+                    else "Set on_schema_change='update_all' to send every row with its new columns, or 'rebaseline' "
+                    "to record the new table without sending."
+                )
+            )
+        log.warning(
+            "Schema change on %r (%s), policy on_schema_change=%r.",
+            options.table_name,
+            describe(change),
+            options.on_schema_change,
+        )
+        baseline = options.on_schema_change == "rebaseline"
+        update_all = not baseline
+    if baseline:
+        (total,) = warehouse.rows(state.r(f"SELECT COUNT(*) FROM {S.q(S.SOURCE)} AS s", query))[0]
+        return _Diff(False, True, schema_change, {"unchanged": int(total)})
+    raw = warehouse.rows(state.counts(query, columns, update_all=update_all))
+    counts = {("unchanged" if op is None else str(op)): int(n) for op, n in raw}
+    source_rows = counts.get("insert", 0) + counts.get("update", 0) + counts.get("unchanged", 0)
+    committed = Committed(None, kinds={}, key_columns=options.key_columns, version=meta.token, rows=meta.rows)  # type: ignore[arg-type]
+    check_safeguards(counts.get("delete", 0), source_rows, committed, options)
+    return _Diff(update_all, False, schema_change, counts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the changed rows, encoded as the local path encodes them
+# --------------------------------------------------------------------------------------------------------------
+def _change_batches(
+    warehouse: Warehouse, state: S.StateTable, query: str, columns: Sequence[str], diff: _Diff, first: bool
+) -> Iterator[pa.RecordBatch]:
+    sql = state.first_load(query, columns) if first else state.changes(query, columns, update_all=diff.update_all)
+    yield from warehouse.batches(sql)
+
+
+def _encode_batch(
+    batch: pa.RecordBatch,
+    columns: Sequence[str],
+    options: SyncOptions,
+    key_kinds: Mapping[str, str],
+    run_ms: int,
+) -> tuple[pl.DataFrame, dict[str, str]]:
+    """One batch of changed rows -> plan rows (op, key texts, hash, createdAt, updatedAt, row JSON, sort keys)."""
+    table = pa.Table.from_batches([batch])
+    ops = table.column(S.OP)
+    is_delete = pc.equal(ops, "delete")
+    keys = list(options.key_columns)
+    texts = [S.key_text(i) for i in range(len(keys))]
+    parts: list[pl.DataFrame] = []
+    kinds: dict[str, str] = {}
+    upserts = table.filter(pc.invert(is_delete))
+    if upserts.num_rows:
+        canon = canonical_source(upserts.select(list(columns)), options)
+        kinds = dict(canon.kinds)
+        frame = canon.frame
+        rows = encode_rows(
+            frame.select(list(columns)),
+            {c: canon.kinds[c] for c in columns},
+            nest_dotted_columns=options.nest_dotted_columns,
+            decimal_as_string=options.decimal_as_string,
+        )
+        meta = pl.from_arrow(upserts.select([*texts, S.NEW_HASH, S.OLD_CREATED, S.OP]))
+        assert isinstance(meta, pl.DataFrame)
+        created = timestamp_column(canon, options.created_at_column, "created_at")
+        created_at = (created if created is not None else meta.get_column(S.OLD_CREATED).cast(pl.Int64)).fill_null(
+            run_ms
+        )
+        if options.updated_at_column is not None:
+            updated_at = frame.get_column(options.updated_at_column).cast(pl.Int64).fill_null(run_ms)
+        else:
+            updated_at = pl.repeat(run_ms, frame.height, dtype=pl.Int64, eager=True)
+        parts.append(
+            pl.DataFrame(
+                [
+                    meta.get_column(S.OP).cast(pl.String).alias(_OP),
+                    *(meta.get_column(t).cast(pl.String) for t in texts),
+                    meta.get_column(S.NEW_HASH).cast(pl.String).alias(_HASH),
+                    created_at.cast(pl.Int64).alias(_CREATED),
+                    updated_at.alias(_UPDATED),
+                    rows.cast(pl.String).alias(_ROW),
+                    *(_sort_key(frame.get_column(k), key_kinds.get(k, kinds[k]), i) for i, k in enumerate(keys)),
+                ]
+            )
+        )
+    deletes = table.filter(is_delete)
+    if deletes.num_rows:
+        meta = pl.from_arrow(deletes.select([*texts, S.OLD_CREATED, S.OLD_ROW]))
+        assert isinstance(meta, pl.DataFrame)
+        parts.append(
+            pl.DataFrame(
+                [
+                    pl.repeat("delete", meta.height, dtype=pl.String, eager=True).alias(_OP),
+                    *(meta.get_column(t).cast(pl.String) for t in texts),
+                    pl.repeat(None, meta.height, dtype=pl.String, eager=True).alias(_HASH),
+                    meta.get_column(S.OLD_CREATED).cast(pl.Int64).alias(_CREATED),
+                    pl.repeat(run_ms, meta.height, dtype=pl.Int64, eager=True).alias(_UPDATED),
+                    meta.get_column(S.OLD_ROW).cast(pl.String).alias(_ROW),
+                    *(
+                        _sort_key(meta.get_column(t), key_kinds.get(k, "string"), i)
+                        for i, (t, k) in enumerate(zip(texts, keys, strict=True))
+                    ),
+                ]
+            )
+        )
+    if not parts:
+        return _empty_plan(len(keys)), kinds
+    return pl.concat([p.select(_empty_plan(len(keys)).columns) for p in parts], how="vertical_relaxed"), kinds
+
+
+def _sort_key(values: pl.Series, kind: str, i: int) -> pl.Series:
+    """A key as the local path sorts it: integers as integers, everything else by its text."""
+    name = f"__sc_sort_{i}"
+    if kind == "int":
+        return values.cast(pl.Int64).alias(name)
+    return values.cast(pl.String).alias(name)
+
+
+def _empty_plan(keys: int) -> pl.DataFrame:
+    return pl.DataFrame(
+        schema={
+            _OP: pl.String,
+            **{S.key_text(i): pl.String for i in range(keys)},
+            _HASH: pl.String,
+            _CREATED: pl.Int64,
+            _UPDATED: pl.Int64,
+            _ROW: pl.String,
+            **{f"__sc_sort_{i}": pl.String for i in range(keys)},
+        }
+    )
+
+
+def _plan_frame(
+    batches: Iterator[pa.RecordBatch],
+    columns: Sequence[str],
+    options: SyncOptions,
+    key_kinds: Mapping[str, str],
+    run_ms: int,
+    *,
+    first: bool,
+) -> pl.DataFrame:
+    """Every changed row, in the local path's send order: a first load in source order; else deletes, updates,
+    inserts, each by key."""
+    frames = []
+    kinds = dict(key_kinds)
+    for batch in batches:
+        frame, batch_kinds = _encode_batch(batch, columns, options, kinds, run_ms)
+        for k in options.key_columns:
+            kinds.setdefault(k, batch_kinds.get(k, "string"))
+        if frame.height:
+            frames.append(frame)
+    keys = len(options.key_columns)
+    if not frames:
+        return _empty_plan(keys).drop([f"__sc_sort_{i}" for i in range(keys)])
+    frame = pl.concat(frames, how="vertical_relaxed")
+    sort_columns = [f"__sc_sort_{i}" for i in range(keys)]
+    if not first:
+        rank = pl.col(_OP).replace_strict(_RANK, return_dtype=pl.Int8)
+        frame = frame.with_columns(rank.alias("__sc_rank")).sort(["__sc_rank", *sort_columns], maintain_order=True)
+        frame = frame.drop("__sc_rank")
+    return frame.drop(sort_columns)
+
+
+def windows(frame: pl.DataFrame, options: SyncOptions) -> Iterator[Window]:
+    """The plan's updates, encoded and chunked ``window_rows`` at a time as the local path does."""
+    for offset in range(0, frame.height, options.window_rows):
+        part = frame.slice(offset, options.window_rows)
+        updates = encode_updates(
+            part.get_column(_OP),
+            part.get_column(_ROW),
+            part.get_column(_CREATED),
+            part.get_column(_UPDATED),
+            brand_id=options.brand_id,
+            table_name=options.table_name,
+        )
+        yield _window(offset, [updates.alias("update")], options)
+
+
+def _plan_meta(
+    options: SyncOptions, state: S.StateTable, kinds: Mapping[str, str], schema: pa.Schema, run_ms: int
+) -> dict[str, Any]:
+    return {
+        "plan_format": PLAN_FORMAT,
+        "diff_location": DIFF_LOCATION,
+        "brand_id": options.brand_id,
+        "table_name": options.table_name,
+        "state_table": state.display,
+        "kinds": dict(kinds),
+        "key_columns": list(options.key_columns),
+        "columns": S.columns_text(schema),
+        "run_ms": run_ms,
+    }
+
+
+def _kinds(schema: pa.Schema, options: SyncOptions) -> dict[str, str]:
+    """The source's kinds, as the canonical conversion names them for its (empty) result."""
+    empty = pa.Table.from_batches([], schema=schema)
+    try:
+        return dict(canonical_source(empty, options).kinds)
+    except Exception:  # an empty result may not satisfy every check (the user table's contract)
+        return {f.name: "null" for f in schema}
+
+
+def _plan_and_deliver(
+    query: str,
+    warehouse: Warehouse,
+    state: S.StateTable,
+    store: SnapshotStore,
+    sender: Sender,
+    options: SyncOptions,
+    summary: SyncSummary,
+    run_ms: int,
+    lock: Any,
+) -> None:
+    current = _current(store)
+    meta = check_state(warehouse, state, store, current)
+    schema = _source_schema(warehouse, state, query, options)
+    _check_keys(warehouse, state, query, options)
+    diff = _decide(warehouse, state, query, schema, meta, options)
+    summary.schema_change = diff.schema_change
+    kinds = _kinds(schema, options)
+    plan_meta = _plan_meta(options, state, kinds, schema, run_ms)
+    base = None if current is None else str(current["version"])
+    if meta is None:
+        warehouse.execute(state.create())
+    if diff.baseline:
+        summary.baseline = True
+        summary.unchanged = diff.counts.get("unchanged", 0)
+        _baseline(query, warehouse, state, store, options, schema, plan_meta, base, lock, summary, run_ms, meta)
+        return
+    first = meta is None
+    columns = schema.names
+    key_kinds = {k: kinds.get(k, "string") for k in options.key_columns}
+    if current is not None:
+        key_kinds.update(
+            {k: v for k, v in (current.get("kinds") or {}).items() if k in options.key_columns and v != "null"}
+        )
+    frame = _plan_frame(
+        _change_batches(warehouse, state, query, columns, diff, first), columns, options, key_kinds, run_ms, first=first
+    )
+    ops = frame.get_column(_OP).value_counts()
+    counted = dict(zip(ops.get_column(_OP).to_list(), ops.get_column("count").to_list(), strict=True))
+    summary.unchanged = diff.counts.get("unchanged", 0) if not first else 0
+    if not first:
+        committed = Committed(
+            store, kinds={}, key_columns=options.key_columns, version=base or "", rows=meta.rows if meta else 0
+        )
+        source_rows = counted.get("insert", 0) + counted.get("update", 0) + summary.unchanged
+        check_safeguards(int(counted.get("delete", 0)), source_rows, committed, options)  # the rows as read
+    token = _token()
+    if frame.height == 0:
+        if first or diff.schema_change:
+            _commit(
+                store,
+                warehouse,
+                state,
+                token=token,
+                base=base,
+                plan_id=None,
+                meta=plan_meta,
+                lock=lock,
+                run=summary.run_record(options.run_key, chunks=summary.settled_chunks),
+                write_state=True,
+            )
+        return
+    stored = [
+        store.write_plan(
+            target_version=token,
+            base_version=base,
+            changes=frame,
+            chunks=[],
+            meta={**plan_meta, "total_updates": frame.height},
+        )
+    ]
+
+    def record(chunk: int, rejections: list[Rejection]) -> None:
+        store.ack(stored[0], chunk, [r.record() for r in rejections])
+
+    def add_chunks(first_chunk: int, chunks: list[tuple[int, int]]) -> None:
+        stored[0] = store.add_chunks(stored[0], first_chunk, chunks)
+
+    report = deliver(
+        windows(frame, options),
+        sender,
+        options,
+        record,
+        on_chunks=add_chunks,
+        guard=lambda: lock.check(max_age_s=lock.interval_s),
+    )
+    summary.requests += report.requests
+    summary.retries += report.retries
+    summary.chunks = report.chunks
+    summary.bytes = report.bytes
+    acks = {chunk: [r.record() for r in rejections] for chunk, rejections in report.acked.items()}
+    try:
+        settled = settle_state(
+            store,
+            stored[0],
+            acks,
+            warehouse,
+            state,
+            uncertain=report.uncertain,
+            lock=lock,
+            run=lambda s: summary.run_record(options.run_key, s, summary.settled_chunks),
+            frame=frame,
+        )
+    except Exception as err:
+        if report.failure is None:
+            raise
+        log.error(
+            "Could not settle plan %s after a failed delivery (%s); the next run settles it.", stored[0].plan_id, err
+        )
+        raise report.failure from err
+    summary.add(settled)
+    if report.failure is not None:
+        raise report.failure
+    if settled.rejections:
+        log.warning(
+            "StopChurn rejected %d rows of %r; they are in %s and will be tried again next run.",
+            len(settled.rejections),
+            options.table_name,
+            settled.quarantine_uri,
+        )
+    if summary.quarantined > options.max_rejected_rows:
+        raise SafeguardError(
+            f"StopChurn rejected {summary.quarantined} rows of {options.table_name!r}, more than max_rejected_rows="
+            f"{options.max_rejected_rows}.\n"
+            "The other rows were delivered and committed. The rejected ones will be tried again next run; they are "
+            f"in {summary.quarantine_uri}"
+        )
+
+
+def _token() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
+
+
+def _commit(
+    store: SnapshotStore,
+    warehouse: Warehouse,
+    state: S.StateTable,
+    *,
+    token: str,
+    base: str | None,
+    plan_id: str | None,
+    meta: Mapping[str, Any],
+    lock: Any,
+    run: Mapping[str, Any] | None,
+    write_state: bool,
+    statements: Sequence[str] = (),
+) -> int:
+    """Write ``statements`` and the new token into the warehouse (one transaction where it has them), then
+    ``CURRENT`` with the same token. Returns the state table's row count."""
+    if lock is not None:
+        lock.check()
+    if write_state:
+        bookkeeping = state.write_meta(
+            token=token,
+            plan_id=plan_id,
+            columns=str(meta["columns"]),
+            rows_sql=state.count_rows(),
+            transactions=warehouse.transactions,
+        )
+        if warehouse.transactions:
+            warehouse.execute([*statements, *bookkeeping])
+        else:
+            if statements:
+                warehouse.execute(statements)
+            warehouse.execute(bookkeeping)
+    found = _meta(warehouse, state)
+    rows = found.rows if found is not None else 0
+    store.commit(
+        token,
+        base_version=base,
+        kinds=dict(meta["kinds"]),
+        key_columns=list(meta["key_columns"]),
+        rows=rows,
+        plan_id=plan_id,
+        row_hash=ROW_HASH,
+        lock=lock,
+        run=run,
+        state={"diff_location": DIFF_LOCATION, "state_table": str(meta["state_table"])},
+    )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# settling into the state table
+# --------------------------------------------------------------------------------------------------------------
+def settle_state(
+    store: SnapshotStore,
+    plan: Plan,
+    acks: Mapping[int, Sequence[Mapping[str, Any]]],
+    warehouse: Warehouse,
+    state: S.StateTable,
+    *,
+    uncertain: Sequence[int] | set[int] | None = None,
+    lock: Any = None,
+    run: Any = None,
+    frame: pl.DataFrame | None = None,
+) -> Settled:
+    """Write what StopChurn acknowledged of ``plan`` into the state table, then commit ``CURRENT``.
+
+    Applied changes are written as sent; the rows of chunks sent but not acknowledged (``uncertain``; None: every
+    recorded chunk not acknowledged, as after a crash) are marked dirty so the next run sends their current state;
+    rejected rows and chunks never sent leave the state as it was.
+    """
+    result = Settled(plan.plan_id, acked_chunks=len(acks))
+    if plan.meta.get("plan_format") != PLAN_FORMAT:
+        log.warning(
+            "Dropping the pending plan %s in %s: not a warehouse plan of this version.", plan.plan_id, store.location
+        )
+        store.discard_plan(plan)
+        return result
+    if plan.meta.get("baseline"):
+        return _settle_baseline(store, plan, warehouse, state, lock=lock, run=run, result=result)
+    frame = frame if frame is not None else store.read_changes(plan)
+    status = _status(plan, acks, uncertain)
+    result.rejections = _rejection_records(acks)
+    applied = status == _APPLIED
+    ops = frame.get_column(_OP).filter(pl.Series(applied)).value_counts()
+    counts = dict(zip(ops.get_column(_OP).to_list(), ops.get_column("count").to_list(), strict=True))
+    result.inserted, result.updated, result.deleted = (int(counts.get(o, 0)) for o in ("insert", "update", "delete"))
+    if not (status != _NOT_APPLIED).any():
+        store.discard_plan(plan)
+        return result
+    if result.rejections:
+        result.quarantine_uri = store.write_quarantine(plan.plan_id, result.rejections)
+    record = run(result) if run is not None else None
+    meta = _meta(warehouse, state)
+    already = meta is not None and meta.token == plan.target_version
+    statements: list[str] = []
+    if not already:
+        staged = _staged(frame, status, len(plan.meta["key_columns"]))
+        warehouse.load(_STAGING, staged)
+        statements = state.apply(_STAGING, transactions=warehouse.transactions)
+    _commit(
+        store,
+        warehouse,
+        state,
+        token=plan.target_version,
+        base=plan.base_version,
+        plan_id=plan.plan_id,
+        meta=plan.meta,
+        lock=lock,
+        run=record,
+        write_state=not already,
+        statements=statements,
+    )
+    result.version = plan.target_version
+    log.info(
+        "Settled plan %s of %r into %s: %d of %d chunks acknowledged, %d rows rejected, %d updates uncertain.",
+        plan.plan_id,
+        store.table_name,
+        state.display,
+        len(acks),
+        len(plan.chunks),
+        len(result.rejections),
+        int((status == _UNCERTAIN).sum()),
+    )
+    return result
+
+
+def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int) -> pa.Table:
+    """The state table's new rows (``upsert``) and removed keys (``delete``) for a plan's statuses."""
+    flags = pl.Series("__sc_status", status)
+    marked = frame.with_columns(flags).filter(pl.col("__sc_status") != _NOT_APPLIED)
+    applied = pl.col("__sc_status") == _APPLIED
+    is_delete = pl.col(_OP) == "delete"
+    hash_ = (
+        pl.when(applied)
+        .then(pl.col(_HASH))
+        .when(pl.col(_OP) == "insert")
+        .then(pl.lit(S.DIRTY_INSERT))
+        .otherwise(pl.lit(S.DIRTY_UPDATE))  # an update, or a delete that may not have happened
+    )
+    out = marked.select(
+        *(pl.col(S.key_text(i)) for i in range(keys)),
+        hash_.alias(S.HASH),
+        pl.col(_CREATED).alias(S.CREATED),
+        pl.col(_ROW).alias(S.ROW),
+        pl.when(applied & is_delete).then(pl.lit("delete")).otherwise(pl.lit("upsert")).alias(S.ACTION),
+    )
+    return out.to_arrow().cast(
+        pa.schema(
+            [
+                *(pa.field(S.key_text(i), pa.string()) for i in range(keys)),
+                pa.field(S.HASH, pa.string()),
+                pa.field(S.CREATED, pa.int64()),
+                pa.field(S.ROW, pa.string()),
+                pa.field(S.ACTION, pa.string()),
+            ]
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# baseline: record the source as delivered, nothing sent
+# --------------------------------------------------------------------------------------------------------------
+def _baseline(
+    query: str,
+    warehouse: Warehouse,
+    state: S.StateTable,
+    store: SnapshotStore,
+    options: SyncOptions,
+    schema: pa.Schema,
+    plan_meta: dict[str, Any],
+    base: str | None,
+    lock: Any,
+    summary: SyncSummary,
+    run_ms: int,
+    meta: _Meta | None,
+) -> None:
+    """Rebuild the state table from the source into ``..__next`` (every row encoded in the worker, a batch at a
+    time), then swap it in with the new token. A plan marks the swap, so a crash is finished or dropped."""
+    token = _token()
+    plan = store.write_plan(
+        target_version=token,
+        base_version=base,
+        changes=None,
+        chunks=[],
+        meta={**plan_meta, "baseline": True, "total_updates": 0},
+    )
+    warehouse.execute(state.baseline_into_next())
+    columns = schema.names
+    sql = state.baseline(query, columns, keep_created=meta is not None)
+    kinds: dict[str, str] = {}
+    for batch in warehouse.batches(sql):
+        frame, _ = _encode_batch(batch, columns, replace(options, updated_at_column=None), kinds, run_ms)
+        if not frame.height:
+            continue
+        staged = _staged(frame, np.full(frame.height, _APPLIED, dtype=np.int8), len(options.key_columns))
+        warehouse.load(_STAGING, staged)
+        warehouse.execute([state.insert_next(_STAGING)])
+    _settle_baseline(
+        store,
+        plan,
+        warehouse,
+        state,
+        lock=lock,
+        run=summary.run_record(options.run_key, chunks=summary.settled_chunks),
+        result=Settled(plan.plan_id),
+        swap=True,
+    )
+
+
+def _settle_baseline(
+    store: SnapshotStore,
+    plan: Plan,
+    warehouse: Warehouse,
+    state: S.StateTable,
+    *,
+    lock: Any,
+    run: Any,
+    result: Settled,
+    swap: bool = False,
+) -> Settled:
+    meta = _meta(warehouse, state)
+    if swap:
+        statements = [s for s in state.swap()] if warehouse.transactions else []
+        if not warehouse.transactions:
+            warehouse.execute(state.swap())
+        record = run(result) if callable(run) else run
+        _commit(
+            store,
+            warehouse,
+            state,
+            token=plan.target_version,
+            base=plan.base_version,
+            plan_id=plan.plan_id,
+            meta=plan.meta,
+            lock=lock,
+            run=record,
+            write_state=True,
+            statements=statements,
+        )
+        return result
+    if meta is not None and meta.token == plan.target_version:  # swapped before a crash: finish the commit
+        record = run(result) if callable(run) else run
+        _commit(
+            store,
+            warehouse,
+            state,
+            token=plan.target_version,
+            base=plan.base_version,
+            plan_id=plan.plan_id,
+            meta=plan.meta,
+            lock=lock,
+            run=record,
+            write_state=False,
+        )
+        return result
+    store.discard_plan(plan)  # the swap never happened: the state table is as it was
+    warehouse.execute([state.r(f"DROP TABLE IF EXISTS {state.next}")])
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dry run and repair
+# --------------------------------------------------------------------------------------------------------------
+def _dry_run(
+    query: str,
+    warehouse: Warehouse,
+    state: S.StateTable,
+    store: SnapshotStore,
+    options: SyncOptions,
+    summary: SyncSummary,
+    run_ms: int,
+) -> None:
+    """Counts and sample updates from SQL; nothing is written anywhere."""
+    current = _current(store)
+    if store.pending_plan(cleanup=False) is not None:
+        log.warning("A plan of an earlier run is pending: the next real run settles it first; counts may differ.")
+    meta = check_state(warehouse, state, store, current)
+    schema = _source_schema(warehouse, state, query, options)
+    _check_keys(warehouse, state, query, options)
+    diff = _decide(warehouse, state, query, schema, meta, options)
+    summary.schema_change = diff.schema_change
+    summary.baseline = diff.baseline
+    summary.inserted = diff.counts.get("insert", 0)
+    summary.updated = diff.counts.get("update", 0)
+    summary.deleted = diff.counts.get("delete", 0)
+    summary.unchanged = diff.counts.get("unchanged", 0) if meta is not None else 0
+    if diff.baseline:
+        return
+    kinds = _kinds(schema, options)
+    first = meta is None
+    key_kinds = {k: kinds.get(k, "string") for k in options.key_columns}
+    batches = _change_batches(warehouse, state, query, schema.names, diff, first)
+    try:
+        batch = next(iter(batches))
+    finally:
+        batches.close()  # type: ignore[attr-defined]
+    frame, _ = _encode_batch(batch.slice(0, 5), schema.names, options, key_kinds, run_ms)
+    for window in windows(frame, options):
+        summary.samples += [orjson.loads(u) for u in window.updates.to_list()]
+
+
+def reconcile(source: WarehouseSource, store: SnapshotStore, options: SyncOptions, *, action: str) -> str:
+    """Repair drift between the state table and the snapshot store (the ``stopchurn reconcile`` command).
+
+    ``adopt-state``: the state table is right; ``CURRENT`` takes its token (any pending plan is dropped).
+    ``reset``: drop the state table and the store's record; the next run is a first load (or, with
+    ``initial_load='baseline'``, records the source without sending).
+    """
+    state = source.state(options)
+    warehouse = source.warehouse
+    try:
+        with store.lock("stopchurn-reconcile", ttl_s=options.lock_ttl_s, wait_s=0) as lock:
+            pending = store.pending_plan(cleanup=False)
+            if pending is not None:
+                store.discard_plan(pending)
+            if action == "reset":
+                warehouse.execute(state.drop())
+                current = store.read_current()
+                if current is not None:
+                    store.forget_current(lock=lock)
+                return f"Dropped {state.display} and the store's record of {options.table_name!r}."
+            meta = _meta(warehouse, state)
+            if meta is None:
+                raise StateDriftError(f"The state table {state.display} does not exist: nothing to adopt; use --reset.")
+            current = store.read_current()
+            store.commit(
+                meta.token,
+                base_version=None if current is None else str(current["version"]),
+                kinds=(current or {}).get("kinds") or {},
+                key_columns=list(meta.key_columns),
+                rows=meta.rows,
+                plan_id=meta.plan_id,
+                row_hash=ROW_HASH,
+                lock=lock,
+                state={"diff_location": DIFF_LOCATION, "state_table": state.display},
+            )
+            return f"The store now records {state.display} (token {meta.token}, {meta.rows} rows) as delivered."
+    finally:
+        warehouse.close()

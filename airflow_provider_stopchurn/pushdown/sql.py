@@ -1,0 +1,338 @@
+"""The SQL of the pushdown diff, written once and rendered for each warehouse's dialect by sqlglot (no Airflow).
+
+Every statement is written here in PostgreSQL's dialect and transpiled with ``sqlglot.transpile(..., write=dialect)``
+(types, quoting, ``MD5`` as hex text, string concatenation). The user's source query is never parsed or rewritten:
+it is placed, as written, in a ``WITH __stopchurn_source AS (...)`` clause in front of the transpiled statement.
+
+**The row hash** (:func:`row_hash_sql`): the data columns in name order, each written as ``n`` when NULL, else
+``v<length>:<text>`` where ``<text>`` is ``CAST(column AS TEXT)`` in the warehouse (its own text form of the value)
+and ``<length>`` that text's length; the pieces are concatenated and hashed by the warehouse's ``MD5`` as 32
+lower-case hex digits. The length prefix makes the text unambiguous without escaping. The hash is only compared
+with hashes the same warehouse computed (the state table lives beside the source), so one engine's text forms
+(float digits, timestamp format) never meet another's.
+
+**Keys** are compared as ``CAST(key AS TEXT)``: the state table keeps each key column as text. Rows are marked
+``dirty:insert`` / ``dirty:update`` in place of a hash when their chunk's request was sent but never acknowledged:
+the next diff sends their current state again, as the local path does (``settle.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import sqlglot
+
+from airflow_provider_stopchurn.exceptions import StopChurnConfigError
+
+__all__ = [
+    "DIRTY_INSERT",
+    "DIRTY_UPDATE",
+    "STATE_FORMAT",
+    "StateTable",
+    "render",
+    "row_hash_sql",
+    "staging_ddl",
+]
+
+#: Bumped when the state table's layout changes; ``_MIGRATIONS`` upgrades older tables in place.
+STATE_FORMAT = 1
+SOURCE = "__stopchurn_source"
+HASH = "_stopchurn_row_hash"
+CREATED = "_stopchurn_created_at"
+ROW = "_stopchurn_row"
+DIRTY_INSERT = "dirty:insert"
+DIRTY_UPDATE = "dirty:update"
+#: Output columns of the change query besides the source's own.
+OP = "__sc_op"
+NEW_HASH = "__sc_hash"
+OLD_CREATED = "__sc_old_created"
+OLD_ROW = "__sc_old_row"
+ACTION = "__sc_action"
+
+
+_QUALIFIED_RENAME = frozenset({"spark", "databricks", "hive"})
+
+
+def key_text(i: int) -> str:
+    """The name of the i-th key's text in the change query and the staging table."""
+    return f"__sc_key_{i}"
+
+
+def q(name: str) -> str:
+    """A quoted identifier in the template dialect (PostgreSQL)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def render(sql: str, dialect: str, *, source: str | None = None) -> str:
+    """``sql`` (PostgreSQL dialect) in ``dialect``, with the user's ``source`` query as the ``__stopchurn_source``
+    CTE when given."""
+    out = sql if dialect == "postgres" else sqlglot.transpile(sql, read="postgres", write=dialect)[0]
+    if source is None:
+        return out
+    head = f"WITH {render_identifier(SOURCE, dialect)} AS (\n{source}\n)"
+    if out[:5].upper() == "WITH ":
+        return f"{head},\n{out[5:]}"
+    return f"{head}\n{out}"
+
+
+def render_identifier(name: str, dialect: str) -> str:
+    return sqlglot.exp.to_identifier(name, quoted=True).sql(dialect=dialect)
+
+
+def source_query(sql: str) -> str:
+    """The user's query, checked to be one statement that can sit inside a ``WITH`` clause."""
+    import sqlparse
+
+    statements = [s.strip().rstrip(";").strip() for s in sqlparse.split(sql) if s.strip().rstrip(";").strip()]
+    if len(statements) != 1:
+        raise StopChurnConfigError(
+            f"diff_location='warehouse' needs the source to be one SELECT query; got {len(statements)} statements. "
+            "Put setup statements in an upstream task, or use a view."
+        )
+    return statements[0]
+
+
+def row_hash_sql(columns: Sequence[str], alias: str = "s") -> str:
+    """The row hash expression over ``columns`` (see the module docstring), in the template dialect."""
+    pieces = []
+    for name in sorted(columns):
+        text = f"CAST({alias}.{q(name)} AS TEXT)"
+        pieces.append(f"COALESCE('v' || CAST(LENGTH({text}) AS TEXT) || ':' || {text}, 'n')")
+    return "MD5(" + (" || ".join(pieces) if pieces else "''") + ")"
+
+
+def staging_ddl(dialect: str, table: str, schema: pa.Schema) -> str:
+    """CREATE TABLE for a staging table holding ``schema`` (warehouses whose load inserts row by row)."""
+    types = {pa.int64(): "BIGINT", pa.string(): "TEXT", pa.large_string(): "TEXT"}
+    columns = ", ".join(f"{q(f.name)} {types.get(f.type, 'TEXT')}" for f in schema)
+    return render(f"CREATE TEMPORARY TABLE {q(table)} ({columns})", dialect)
+
+
+def state_table_name(brand_id: int, table_name: str) -> str:
+    """``b<brand>_<table>``; characters other than letters, digits and ``_`` become ``_`` (with a hash of the
+    real name appended then, so two tables never share a state table)."""
+    clean = re.sub(r"[^A-Za-z0-9_]", "_", table_name).lower()
+    name = f"b{int(brand_id)}_{clean}"
+    if clean != table_name:
+        name += "_" + hashlib.sha256(table_name.encode()).hexdigest()[:8]
+    return name[:120]
+
+
+@dataclass(frozen=True)
+class StateTable:
+    """The statements of one state table (``<schema>.b<brand>_<table>``) and its bookkeeping row (``..__meta``)."""
+
+    schema: str
+    name: str
+    key_columns: tuple[str, ...]
+    dialect: str
+
+    @property
+    def qualified(self) -> str:
+        return f"{q(self.schema)}.{q(self.name)}"
+
+    @property
+    def display(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def meta(self) -> str:
+        return f"{q(self.schema)}.{q(self.name + '__meta')}"
+
+    @property
+    def next(self) -> str:
+        return f"{q(self.schema)}.{q(self.name + '__next')}"
+
+    def r(self, sql: str, source: str | None = None) -> str:
+        return render(sql, self.dialect, source=source)
+
+    # --- DDL ----------------------------------------------------------------------------------------------
+    def create(self) -> list[str]:
+        keys = ", ".join(f"{q(k)} TEXT" for k in self.key_columns)
+        return [
+            self.r(f"CREATE SCHEMA IF NOT EXISTS {q(self.schema)}"),
+            self.r(
+                f"CREATE TABLE IF NOT EXISTS {self.qualified} "
+                f"({keys}, {q(HASH)} TEXT, {q(CREATED)} BIGINT, {q(ROW)} TEXT)"
+            ),
+            self.r(
+                f"CREATE TABLE IF NOT EXISTS {self.meta} "
+                '("format" INT, "token" TEXT, "plan_id" TEXT, "columns" TEXT, "key_columns" TEXT, "rows" BIGINT)'
+            ),
+        ]
+
+    def drop(self) -> list[str]:
+        return [self.r(f"DROP TABLE IF EXISTS {t}") for t in (self.qualified, self.meta, self.next)]
+
+    def read_meta(self) -> str:
+        return self.r(f'SELECT "format", "token", "plan_id", "columns", "key_columns", "rows" FROM {self.meta}')
+
+    def write_meta(
+        self, *, token: str, plan_id: str | None, columns: str, rows_sql: str, transactions: bool
+    ) -> list[str]:
+        keys = lit(",".join(self.key_columns))
+        values = (
+            f'SELECT {STATE_FORMAT} AS "format", {lit(token)} AS "token", '
+            f'{lit(plan_id) if plan_id else "CAST(NULL AS TEXT)"} AS "plan_id", {lit(columns)} AS "columns", '
+            f'{keys} AS "key_columns", ({rows_sql}) AS "rows"'
+        )
+        if transactions:
+            return [self.r(f"DELETE FROM {self.meta}"), self.r(f"INSERT INTO {self.meta} {values}")]
+        # no DELETE (Spark's file tables): overwrite the one-row table; INSERT OVERWRITE is not PostgreSQL's
+        overwrite = sqlglot.transpile(f"INSERT OVERWRITE TABLE {self.meta} {values}", read="postgres", write="spark")
+        return [sqlglot.transpile(overwrite[0], read="spark", write=self.dialect)[0]]
+
+    def count_rows(self) -> str:
+        return f"SELECT COUNT(*) FROM {self.qualified}"
+
+    # --- checks and the diff --------------------------------------------------------------------------------
+    def probe(self, source: str) -> str:
+        """The source's columns and types (no rows)."""
+        return self.r(f"SELECT * FROM {q(SOURCE)} AS s LIMIT 0", source)
+
+    def key_check(self, source: str) -> str:
+        """Rows with a NULL key, and keys held by more than one row."""
+        nulls = " OR ".join(f"s.{q(k)} IS NULL" for k in self.key_columns)
+        keys = ", ".join(f"s.{q(k)}" for k in self.key_columns)
+        return self.r(
+            f"SELECT (SELECT COUNT(*) FROM {q(SOURCE)} AS s WHERE {nulls}) AS null_keys, "
+            f"(SELECT COUNT(*) FROM (SELECT {keys} FROM {q(SOURCE)} AS s GROUP BY {keys} HAVING COUNT(*) > 1) AS d) "
+            "AS repeated_keys",
+            source,
+        )
+
+    def repeated_keys(self, source: str, limit: int = 5) -> str:
+        keys = ", ".join(f"s.{q(k)}" for k in self.key_columns)
+        return self.r(
+            f"SELECT {keys}, COUNT(*) AS n FROM {q(SOURCE)} AS s GROUP BY {keys} HAVING COUNT(*) > 1 LIMIT {limit}",
+            source,
+        )
+
+    def _diff_cte(self, columns: Sequence[str], *, update_all: bool) -> str:
+        texts = ", ".join(f"CAST(s.{q(k)} AS TEXT) AS {q(key_text(i))}" for i, k in enumerate(self.key_columns))
+        on = " AND ".join(f"n.{q(key_text(i))} = t.{q(k)}" for i, k in enumerate(self.key_columns))
+        first_key = q(key_text(0))
+        old_texts = ", ".join(
+            f"COALESCE(n.{q(key_text(i))}, t.{q(k)}) AS {q(key_text(i))}" for i, k in enumerate(self.key_columns)
+        )
+        changed = "TRUE" if update_all else f"n.{q(NEW_HASH)} <> t.{q(HASH)}"
+        data = ", ".join(f"n.{q(c)}" for c in columns)
+        return (
+            f"WITH n AS (SELECT s.*, {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {q(SOURCE)} AS s), "
+            f"d AS (SELECT {data}{', ' if data else ''}{old_texts}, n.{q(NEW_HASH)}, "
+            f"t.{q(CREATED)} AS {q(OLD_CREATED)}, t.{q(ROW)} AS {q(OLD_ROW)}, "
+            f"CASE WHEN n.{first_key} IS NULL THEN 'delete' "
+            f"WHEN t.{q(HASH)} IS NULL OR t.{q(HASH)} = {lit(DIRTY_INSERT)} THEN 'insert' "
+            f"WHEN {changed} THEN 'update' ELSE NULL END AS {q(OP)} "
+            f"FROM n FULL OUTER JOIN {self.qualified} AS t ON {on}) "
+        )
+
+    def counts(self, source: str, columns: Sequence[str], *, update_all: bool) -> str:
+        """One row per op (NULL: unchanged) with its count: what the safeguards see before any row leaves."""
+        return self.r(
+            self._diff_cte(columns, update_all=update_all) + f"SELECT d.{q(OP)}, COUNT(*) FROM d GROUP BY d.{q(OP)}",
+            source,
+        )
+
+    def changes(self, source: str, columns: Sequence[str], *, update_all: bool) -> str:
+        """The changed rows only: the source's columns (NULL for deletes), the key texts, the new hash, and the
+        state's createdAt and last delivered row."""
+        return self.r(
+            self._diff_cte(columns, update_all=update_all) + f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL",
+            source,
+        )
+
+    def first_load(self, source: str, columns: Sequence[str]) -> str:
+        """Every source row, in the query's order, with its key texts and hash (no state to join)."""
+        texts = ", ".join(f"CAST(s.{q(k)} AS TEXT) AS {q(key_text(i))}" for i, k in enumerate(self.key_columns))
+        return self.r(
+            f"SELECT s.*, {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)}, 'insert' AS {q(OP)}, "
+            f"CAST(NULL AS BIGINT) AS {q(OLD_CREATED)} FROM {q(SOURCE)} AS s",
+            source,
+        )
+
+    def baseline(self, source: str, columns: Sequence[str], *, keep_created: bool) -> str:
+        """Every source row with its key texts and hash, and the createdAt the state table holds for its key."""
+        if not keep_created:
+            return self.first_load(source, columns)
+        texts = ", ".join(f"CAST(s.{q(k)} AS TEXT) AS {q(key_text(i))}" for i, k in enumerate(self.key_columns))
+        on = " AND ".join(f"n.{q(key_text(i))} = t.{q(k)}" for i, k in enumerate(self.key_columns))
+        return self.r(
+            f"WITH n AS (SELECT s.*, {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {q(SOURCE)} AS s) "
+            f"SELECT n.*, 'insert' AS {q(OP)}, t.{q(CREATED)} AS {q(OLD_CREATED)} "
+            f"FROM n LEFT JOIN {self.qualified} AS t ON {on}",
+            source,
+        )
+
+    # --- applying acknowledged changes -----------------------------------------------------------------------
+    def _staged(self, staging: str, *, upserts_only: bool) -> str:
+        keys = ", ".join(f"g.{q(key_text(i))}" for i in range(len(self.key_columns)))
+        where = f" WHERE g.{q(ACTION)} = 'upsert'" if upserts_only else ""
+        return f"SELECT {keys}, g.{q(HASH)}, g.{q(CREATED)}, g.{q(ROW)} FROM {q(staging)} AS g{where}"
+
+    def apply(self, staging: str, *, transactions: bool) -> list[str]:
+        """Statements that make the state table hold the staged rows (``upsert``) and not hold the staged keys
+        (``delete``): a DELETE + INSERT in one transaction, or (warehouses without either) a rewrite of the table
+        into ``..__next`` that :meth:`swap` puts in place."""
+        match = " AND ".join(f"g.{q(key_text(i))} = t.{q(k)}" for i, k in enumerate(self.key_columns))
+        columns = ", ".join([*(q(k) for k in self.key_columns), q(HASH), q(CREATED), q(ROW)])
+        if transactions:
+            return [
+                self.r(
+                    f"DELETE FROM {self.qualified} AS t WHERE EXISTS (SELECT 1 FROM {q(staging)} AS g WHERE {match})"
+                ),
+                self.r(f"INSERT INTO {self.qualified} ({columns}) {self._staged(staging, upserts_only=True)}"),
+            ]
+        kept = (
+            f"SELECT {', '.join(f't.{c}' for c in columns.split(', '))} FROM {self.qualified} AS t "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {q(staging)} AS g WHERE {match})"
+        )
+        return [
+            self.r(f"DROP TABLE IF EXISTS {self.next}"),
+            self.r(f"CREATE TABLE {self.next} AS {kept} UNION ALL {self._staged(staging, upserts_only=True)}"),
+            *self.swap(),
+        ]
+
+    def swap(self) -> list[str]:
+        """Put ``..__next`` in place of the state table (warehouses without transactions)."""
+        return [
+            self.r(f"DROP TABLE IF EXISTS {self.qualified}"),
+            # PostgreSQL and DuckDB take the new name alone (same schema); Spark's catalog the qualified name
+            self.r(f"ALTER TABLE {self.next} RENAME TO {self.qualified if self.dialect in _QUALIFIED_RENAME else q(self.name)}"),
+        ]
+
+    def baseline_into_next(self) -> list[str]:
+        keys = ", ".join(f"{q(k)} TEXT" for k in self.key_columns)
+        return [
+            self.r(f"DROP TABLE IF EXISTS {self.next}"),
+            self.r(f"CREATE TABLE {self.next} ({keys}, {q(HASH)} TEXT, {q(CREATED)} BIGINT, {q(ROW)} TEXT)"),
+        ]
+
+    def insert_next(self, staging: str) -> str:
+        columns = ", ".join([*(q(k) for k in self.key_columns), q(HASH), q(CREATED), q(ROW)])
+        return self.r(f"INSERT INTO {self.next} ({columns}) {self._staged(staging, upserts_only=False)}")
+
+    def exists_sql(self, table: str) -> str:
+        """A query that fails when ``table`` (``name``, ``name__meta`` or ``name__next``) does not exist."""
+        return self.r(f"SELECT 1 FROM {q(self.schema)}.{q(table)} WHERE 1 = 0")
+
+
+def columns_text(schema: pa.Schema) -> str:
+    """The source's columns and Arrow types, as kept in the state table's bookkeeping row."""
+    import json
+
+    return json.dumps({f.name: str(f.type) for f in schema}, sort_keys=False)
+
+
+def columns_of(text: str | None) -> Mapping[str, str]:
+    import json
+
+    return dict(json.loads(text)) if text else {}

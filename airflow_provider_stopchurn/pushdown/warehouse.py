@@ -1,0 +1,242 @@
+"""Where the pushdown diff runs: one small protocol, one class per way of talking to a database (no Airflow import).
+
+The SQL itself is built by :mod:`~airflow_provider_stopchurn.pushdown.sql` for the warehouse's ``dialect`` (a
+sqlglot dialect name). A warehouse only runs it:
+
+* :meth:`Warehouse.batches` reads a query's result as Arrow record batches **through the same reader as the
+  local path** for that database (ADBC for PostgreSQL, the driver's own Arrow batches for DuckDB, ``fetchmany``
+  for any other DB-API connection), so the changed rows arrive with exactly the types the local path would see,
+  and both paths send byte-identical bodies.
+* :meth:`Warehouse.rows` reads a small result (counts, the state table's bookkeeping row).
+* :meth:`Warehouse.execute` runs statements, in one transaction where the database has them.
+* :meth:`Warehouse.load` creates a staging table holding an Arrow table (the acknowledged changes of a settle).
+
+Implementations: :class:`PostgresWarehouse` (ADBC), :class:`DuckDBWarehouse`, :class:`DbApiWarehouse` (any other
+DB-API connection: Snowflake, Trino, Databricks SQL, ...), and ``SparkWarehouse`` (``pushdown/spark.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import pyarrow as pa
+
+from airflow_provider_stopchurn.sources import BATCH_ROWS, PostgresUri, _connect_postgres, rows_to_batch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DbApiWarehouse", "DuckDBWarehouse", "PostgresWarehouse", "Warehouse"]
+
+
+@runtime_checkable
+class Warehouse(Protocol):
+    """A database the diff runs in. ``dialect`` names its SQL for sqlglot (``postgres``, ``duckdb``, ``spark``,
+    ``snowflake``, ``bigquery``, ``databricks``, ``trino``). ``transactions``: whether :meth:`execute` runs its
+    statements atomically and the database can ``DELETE`` rows (else the state table is rewritten and swapped)."""
+
+    dialect: str
+    transactions: bool
+
+    def batches(self, sql: str) -> Iterator[pa.RecordBatch]: ...
+    def rows(self, sql: str) -> list[tuple[Any, ...]]: ...
+    def execute(self, statements: Sequence[str]) -> None: ...
+    def load(self, table: str, data: pa.Table) -> None: ...
+    def close(self) -> None: ...
+
+
+class _CursorWarehouse:
+    """Shared by the DB-API warehouses: one connection held for the run, statements through its cursor."""
+
+    dialect = ""
+    transactions = True
+
+    def __init__(self, connect: Callable[[], Any]) -> None:
+        self._connect = connect
+        self._conn: Any = None
+
+    def __repr__(self) -> str:  # never the connection (its URI may hold a password)
+        return f"{type(self).__name__}(dialect={self.dialect!r})"
+
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        cursor = self.conn.cursor()
+        try:
+            cursor.execute(sql)
+            result = [tuple(r) for r in cursor.fetchall()]
+        except BaseException:
+            self.conn.rollback()  # a failed statement aborts the transaction (PostgreSQL): start clean
+            raise
+        finally:
+            cursor.close()
+        self.conn.commit()
+        return result
+
+    def execute(self, statements: Sequence[str]) -> None:
+        cursor = self.conn.cursor()
+        try:
+            for statement in statements:
+                log.debug("Running statement: %s", statement)
+                cursor.execute(statement)
+        except BaseException:
+            self.conn.rollback()
+            raise
+        finally:
+            cursor.close()
+        self.conn.commit()
+
+    def batches(self, sql: str) -> Iterator[pa.RecordBatch]:
+        """Read on a connection of its own, so the run may write (a baseline's batches) while it streams."""
+        conn = self._reader()
+        try:
+            cursor = conn.cursor()
+            try:
+                cursor.execute(sql)
+                yield from self._read(cursor)
+            finally:
+                cursor.close()
+            conn.commit()
+        finally:
+            conn.close()
+
+    def _reader(self) -> Any:
+        return self._connect()
+
+    def _read(self, cursor: Any) -> Iterator[pa.RecordBatch]:
+        names = [str(c[0]) for c in cursor.description]
+        seen = False
+        while rows := cursor.fetchmany(BATCH_ROWS):
+            seen = True
+            yield rows_to_batch(rows, names)
+        if not seen:
+            yield pa.RecordBatch.from_arrays([pa.nulls(0) for _ in names], names=names)
+
+    def load(self, table: str, data: pa.Table) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+
+class PostgresWarehouse(_CursorWarehouse):
+    """PostgreSQL through ADBC: the reader of the local path, bulk loads by COPY (``adbc_ingest``)."""
+
+    dialect = "postgres"
+
+    def __init__(self, uri: PostgresUri) -> None:
+        super().__init__(lambda: _connect_postgres(uri))
+
+    def _read(self, cursor: Any) -> Iterator[pa.RecordBatch]:
+        reader = cursor.fetch_record_batch()
+        seen = False
+        for batch in reader:
+            seen = True
+            yield batch
+        if not seen:
+            yield pa.RecordBatch.from_pylist([], schema=reader.schema)
+
+    def load(self, table: str, data: pa.Table) -> None:
+        cursor = self.conn.cursor()
+        try:
+            cursor.execute(f'DROP TABLE IF EXISTS "{table}"')
+            cursor.adbc_ingest(table, data, mode="create", temporary=True)
+        finally:
+            cursor.close()
+
+
+class DuckDBWarehouse(_CursorWarehouse):
+    """DuckDB (a database file, or an open ``duckdb`` connection): Arrow in and out natively."""
+
+    dialect = "duckdb"
+
+    def __init__(self, database: str | Any = ":memory:") -> None:
+        if isinstance(database, str):
+            path = database
+
+            def connect() -> Any:
+                import duckdb
+
+                return duckdb.connect(path)
+
+            super().__init__(connect)
+            self._owned = True
+        else:
+            super().__init__(lambda: database)
+            self._owned = False
+
+    def batches(self, sql: str) -> Iterator[pa.RecordBatch]:
+        reader_conn = self.conn.cursor()  # a connection of its own to the same database
+        try:
+            relation = reader_conn.sql(sql)
+            # DuckDB 2.x names it to_arrow_reader, 1.x fetch_arrow_reader
+            read = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
+            reader = read(BATCH_ROWS)
+            seen = False
+            for batch in reader:
+                seen = True
+                yield batch
+            if not seen:
+                yield pa.RecordBatch.from_pylist([], schema=reader.schema)
+        finally:
+            reader_conn.close()
+
+    def execute(self, statements: Sequence[str]) -> None:
+        conn = self.conn
+        conn.execute("BEGIN TRANSACTION")
+        try:
+            for statement in statements:
+                log.debug("Running statement: %s", statement)
+                conn.execute(statement)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def load(self, table: str, data: pa.Table) -> None:
+        conn = self.conn
+        conn.register("__stopchurn_arrow", data)
+        try:
+            conn.execute(f'CREATE OR REPLACE TEMP TABLE "{table}" AS SELECT * FROM __stopchurn_arrow')
+        finally:
+            conn.unregister("__stopchurn_arrow")
+
+    def close(self) -> None:
+        if self._owned:
+            super().close()
+
+
+class DbApiWarehouse(_CursorWarehouse):
+    """Any other DB-API connection (Snowflake, Trino, Databricks SQL, BigQuery's DB-API, ...): rows are fetched
+    ``fetchmany`` at a time into Arrow as on the local path; a load inserts with ``executemany``.
+
+    Same code path as the tested warehouses, not tested in this project's CI (README: "Diff in the warehouse").
+    """
+
+    def __init__(self, connect: Callable[[], Any], dialect: str, *, paramstyle: str = "format") -> None:
+        super().__init__(connect)
+        self.dialect = dialect
+        self._marker = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(paramstyle, "%s")
+
+    def load(self, table: str, data: pa.Table) -> None:
+        from airflow_provider_stopchurn.pushdown.sql import staging_ddl
+
+        names = data.column_names
+        self.execute([staging_ddl(self.dialect, table, data.schema)])
+        insert = f'INSERT INTO "{table}" ({", ".join(names)}) VALUES ({", ".join([self._marker] * len(names))})'
+        cursor = self.conn.cursor()
+        try:
+            for batch in data.to_batches(BATCH_ROWS):
+                cursor.executemany(insert, list(zip(*(c.to_pylist() for c in batch.columns), strict=True)))
+        finally:
+            cursor.close()
+        self.conn.commit()
