@@ -84,6 +84,23 @@ class WarehouseSource:
 
 
 @dataclass
+class _Run:
+    """What one run works with (keeps the helpers' argument lists short)."""
+
+    query: str
+    warehouse: Warehouse
+    state: S.StateTable
+    store: SnapshotStore
+    options: SyncOptions
+    summary: SyncSummary
+    run_ms: int
+    lock: Any = None
+
+    def record(self, settled: Settled | None = None) -> dict[str, Any] | None:
+        return self.summary.run_record(self.options.run_key, settled, self.summary.settled_chunks)
+
+
+@dataclass
 class _Meta:
     format: int
     token: str
@@ -112,9 +129,10 @@ def run_warehouse_sync(
     state = source.state(options)
     query = S.source_query(source.sql)
     warehouse = source.warehouse
+    run = _Run(query, warehouse, state, store, options, summary, run_ms)
     try:
         if options.dry_run:
-            _dry_run(query, warehouse, state, store, options, summary, run_ms)
+            _dry_run(run)
         else:
             if sender is None:
                 raise StopChurnConfigError("A sender is required unless dry_run=True.")
@@ -149,7 +167,8 @@ def run_warehouse_sync(
                             run=lambda s: summary.run_record(options.run_key, s, delivered),
                         )
                     )
-                _plan_and_deliver(query, warehouse, state, store, sender, options, summary, run_ms, lock)
+                run.lock = lock
+                _plan_and_deliver(run, sender)
     finally:
         warehouse.close()
     summary.duration_s = round(time.monotonic() - started, 3)
@@ -195,11 +214,14 @@ def check_state(
     warehouse: Warehouse, state: S.StateTable, store: SnapshotStore, current: Mapping[str, Any] | None
 ) -> _Meta | None:
     """The state table's bookkeeping row when it agrees with ``CURRENT``; else :class:`StateDriftError`."""
-    if not warehouse.transactions and not _table_exists(warehouse, state, state.name):
-        if _table_exists(warehouse, state, state.name + "__next"):
-            # a rewrite was swapped half-way (dropped, not yet renamed): finish it
-            log.warning("Finishing the interrupted swap of %s.", state.display)
-            warehouse.execute(state.swap()[1:])
+    if (
+        not warehouse.transactions
+        and not _table_exists(warehouse, state, state.name)
+        and _table_exists(warehouse, state, state.name + "__next")
+    ):
+        # a rewrite was swapped half-way (dropped, not yet renamed): finish it
+        log.warning("Finishing the interrupted swap of %s.", state.display)
+        warehouse.execute(state.swap()[1:])
     meta = _meta(warehouse, state)
     if meta is not None and meta.format > S.STATE_FORMAT:
         raise StopChurnConfigError(
@@ -330,11 +352,12 @@ def _decide(
 # --------------------------------------------------------------------------------------------------------------
 # the changed rows, encoded as the local path encodes them
 # --------------------------------------------------------------------------------------------------------------
-def _change_batches(
-    warehouse: Warehouse, state: S.StateTable, query: str, columns: Sequence[str], diff: _Diff, first: bool
-) -> Iterator[pa.RecordBatch]:
-    sql = state.first_load(query, columns) if first else state.changes(query, columns, update_all=diff.update_all)
-    yield from warehouse.batches(sql)
+def _change_batches(run: _Run, columns: Sequence[str], diff: _Diff, *, first: bool) -> Iterator[pa.RecordBatch]:
+    state = run.state
+    sql = (
+        state.first_load(run.query, columns) if first else state.changes(run.query, columns, update_all=diff.update_all)
+    )
+    yield from run.warehouse.batches(sql)
 
 
 def _encode_batch(
@@ -434,20 +457,18 @@ def _empty_plan(keys: int) -> pl.DataFrame:
 
 
 def _plan_frame(
-    batches: Iterator[pa.RecordBatch],
-    columns: Sequence[str],
-    options: SyncOptions,
-    key_kinds: Mapping[str, str],
-    run_ms: int,
-    *,
-    first: bool,
+    run: _Run, batches: Iterator[pa.RecordBatch], key_kinds: Mapping[str, str], first: bool
 ) -> pl.DataFrame:
     """Every changed row, in the local path's send order: a first load in source order; else deletes, updates,
     inserts, each by key."""
     frames = []
     kinds = dict(key_kinds)
+    options = run.options
+    columns: list[str] | None = None
     for batch in batches:
-        frame, batch_kinds = _encode_batch(batch, columns, options, kinds, run_ms)
+        if columns is None:
+            columns = [c for c in batch.schema.names if not c.startswith("__sc_")]
+        frame, batch_kinds = _encode_batch(batch, columns, options, kinds, run.run_ms)
         for k in options.key_columns:
             kinds.setdefault(k, batch_kinds.get(k, "string"))
         if frame.height:
@@ -504,77 +525,71 @@ def _kinds(schema: pa.Schema, options: SyncOptions) -> dict[str, str]:
         return {f.name: "null" for f in schema}
 
 
-def _plan_and_deliver(
-    query: str,
-    warehouse: Warehouse,
-    state: S.StateTable,
-    store: SnapshotStore,
-    sender: Sender,
-    options: SyncOptions,
-    summary: SyncSummary,
-    run_ms: int,
-    lock: Any,
-) -> None:
+def _plan_and_deliver(run: _Run, sender: Sender) -> None:
+    store, warehouse, state, options, summary = run.store, run.warehouse, run.state, run.options, run.summary
     current = _current(store)
     meta = check_state(warehouse, state, store, current)
-    schema = _source_schema(warehouse, state, query, options)
-    _check_keys(warehouse, state, query, options)
-    diff = _decide(warehouse, state, query, schema, meta, options)
+    schema = _source_schema(warehouse, state, run.query, options)
+    _check_keys(warehouse, state, run.query, options)
+    diff = _decide(warehouse, state, run.query, schema, meta, options)
     summary.schema_change = diff.schema_change
     kinds = _kinds(schema, options)
-    plan_meta = _plan_meta(options, state, kinds, schema, run_ms)
+    plan_meta = _plan_meta(options, state, kinds, schema, run.run_ms)
     base = None if current is None else str(current["version"])
     if meta is None:
         warehouse.execute(state.create())
     if diff.baseline:
         summary.baseline = True
         summary.unchanged = diff.counts.get("unchanged", 0)
-        _baseline(query, warehouse, state, store, options, schema, plan_meta, base, lock, summary, run_ms, meta)
+        _baseline(run, schema, plan_meta, base, keep_created=meta is not None)
         return
-    first = meta is None
-    columns = schema.names
-    key_kinds = {k: kinds.get(k, "string") for k in options.key_columns}
-    if current is not None:
-        key_kinds.update(
-            {k: v for k, v in (current.get("kinds") or {}).items() if k in options.key_columns and v != "null"}
-        )
-    frame = _plan_frame(
-        _change_batches(warehouse, state, query, columns, diff, first), columns, options, key_kinds, run_ms, first=first
-    )
-    ops = frame.get_column(_OP).value_counts()
-    counted = dict(zip(ops.get_column(_OP).to_list(), ops.get_column("count").to_list(), strict=True))
-    summary.unchanged = diff.counts.get("unchanged", 0) if not first else 0
-    if not first:
-        committed = Committed(
-            store, kinds={}, key_columns=options.key_columns, version=base or "", rows=meta.rows if meta else 0
-        )
-        source_rows = counted.get("insert", 0) + counted.get("update", 0) + summary.unchanged
-        check_safeguards(int(counted.get("delete", 0)), source_rows, committed, options)  # the rows as read
+    key_kinds = _key_kinds(kinds, current, options)
+    frame = _plan_frame(run, _change_batches(run, schema.names, diff, first=meta is None), key_kinds, meta is None)
+    summary.unchanged = diff.counts.get("unchanged", 0) if meta is not None else 0
+    if meta is not None:
+        _check_plan(frame, meta, summary.unchanged, options)
     token = _token()
     if frame.height == 0:
-        if first or diff.schema_change:
-            _commit(
-                store,
-                warehouse,
-                state,
-                token=token,
-                base=base,
-                plan_id=None,
-                meta=plan_meta,
-                lock=lock,
-                run=summary.run_record(options.run_key, chunks=summary.settled_chunks),
-                write_state=True,
-            )
+        if meta is None or diff.schema_change:
+            _commit(run, _Commit(token, base, None, plan_meta), write_state=True)
         return
-    stored = [
-        store.write_plan(
-            target_version=token,
-            base_version=base,
-            changes=frame,
-            chunks=[],
-            meta={**plan_meta, "total_updates": frame.height},
-        )
-    ]
+    plan = store.write_plan(
+        target_version=token,
+        base_version=base,
+        changes=frame,
+        chunks=[],
+        meta={**plan_meta, "total_updates": frame.height},
+    )
+    _deliver_and_settle(run, sender, plan, frame)
+
+
+def _key_kinds(kinds: Mapping[str, str], current: Mapping[str, Any] | None, options: SyncOptions) -> dict[str, str]:
+    """The key columns' kinds as the local path sorts them (the committed ones win over an all-null source)."""
+    key_kinds = {k: kinds.get(k, "string") for k in options.key_columns}
+    committed = (current or {}).get("kinds") or {}
+    key_kinds.update({k: v for k, v in committed.items() if k in options.key_columns and v != "null"})
+    return key_kinds
+
+
+def _check_plan(frame: pl.DataFrame, meta: _Meta, unchanged: int, options: SyncOptions) -> None:
+    """The safeguards again, on the rows as read (the source may have moved since the counts)."""
+    counted = _op_counts(frame.get_column(_OP))
+    committed = Committed(None, kinds={}, key_columns=options.key_columns, version=meta.token, rows=meta.rows)  # type: ignore[arg-type]
+    source_rows = counted.get("insert", 0) + counted.get("update", 0) + unchanged
+    check_safeguards(counted.get("delete", 0), source_rows, committed, options)
+
+
+def _op_counts(ops: pl.Series) -> dict[str, int]:
+    counts = ops.value_counts()
+    return {
+        str(k): int(v)
+        for k, v in zip(counts.get_column(ops.name).to_list(), counts.get_column("count").to_list(), strict=True)
+    }
+
+
+def _deliver_and_settle(run: _Run, sender: Sender, plan: Plan, frame: pl.DataFrame) -> None:
+    store, options, summary, lock = run.store, run.options, run.summary, run.lock
+    stored = [plan]
 
     def record(chunk: int, rejections: list[Rejection]) -> None:
         store.ack(stored[0], chunk, [r.record() for r in rejections])
@@ -600,11 +615,11 @@ def _plan_and_deliver(
             store,
             stored[0],
             acks,
-            warehouse,
-            state,
+            run.warehouse,
+            run.state,
             uncertain=report.uncertain,
             lock=lock,
-            run=lambda s: summary.run_record(options.run_key, s, summary.settled_chunks),
+            run=run.record,
             frame=frame,
         )
     except Exception as err:
@@ -637,29 +652,29 @@ def _token() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
 
 
+@dataclass(frozen=True)
+class _Commit:
+    """A commit of the state table and the store: the new token, the one it replaces, the plan it finishes."""
+
+    token: str
+    base: str | None
+    plan_id: str | None
+    meta: Mapping[str, Any]
+
+
 def _commit(
-    store: SnapshotStore,
-    warehouse: Warehouse,
-    state: S.StateTable,
-    *,
-    token: str,
-    base: str | None,
-    plan_id: str | None,
-    meta: Mapping[str, Any],
-    lock: Any,
-    run: Mapping[str, Any] | None,
-    write_state: bool,
-    statements: Sequence[str] = (),
-) -> int:
+    run: _Run, commit: _Commit, *, write_state: bool, statements: Sequence[str] = (), record: Any = None
+) -> None:
     """Write ``statements`` and the new token into the warehouse (one transaction where it has them), then
-    ``CURRENT`` with the same token. Returns the state table's row count."""
+    ``CURRENT`` with the same token."""
+    warehouse, state, lock = run.warehouse, run.state, run.lock
     if lock is not None:
         lock.check()
     if write_state:
         bookkeeping = state.write_meta(
-            token=token,
-            plan_id=plan_id,
-            columns=str(meta["columns"]),
+            token=commit.token,
+            plan_id=commit.plan_id,
+            columns=str(commit.meta["columns"]),
             rows_sql=state.count_rows(),
             transactions=warehouse.transactions,
         )
@@ -670,26 +685,24 @@ def _commit(
                 warehouse.execute(statements)
             warehouse.execute(bookkeeping)
     found = _meta(warehouse, state)
-    rows = found.rows if found is not None else 0
-    store.commit(
-        token,
-        base_version=base,
-        kinds=dict(meta["kinds"]),
-        key_columns=list(meta["key_columns"]),
-        rows=rows,
-        plan_id=plan_id,
+    run.store.commit(
+        commit.token,
+        base_version=commit.base,
+        kinds=dict(commit.meta["kinds"]),
+        key_columns=list(commit.meta["key_columns"]),
+        rows=found.rows if found is not None else 0,
+        plan_id=commit.plan_id,
         row_hash=ROW_HASH,
         lock=lock,
-        run=run,
-        state={"diff_location": DIFF_LOCATION, "state_table": str(meta["state_table"])},
+        run=record if record is not None else run.record(),
+        state={"diff_location": DIFF_LOCATION, "state_table": str(commit.meta["state_table"])},
     )
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
 # settling into the state table
 # --------------------------------------------------------------------------------------------------------------
-def settle_state(
+def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the warehouse and its state table
     store: SnapshotStore,
     plan: Plan,
     acks: Mapping[int, Sequence[Mapping[str, Any]]],
@@ -706,23 +719,32 @@ def settle_state(
     Applied changes are written as sent; the rows of chunks sent but not acknowledged (``uncertain``; None: every
     recorded chunk not acknowledged, as after a crash) are marked dirty so the next run sends their current state;
     rejected rows and chunks never sent leave the state as it was.
+
+    :param run: given what this settle delivered, the run record to keep in ``CURRENT``.
     """
     result = Settled(plan.plan_id, acked_chunks=len(acks))
+    ctx = _Run(
+        "",
+        warehouse,
+        state,
+        store,
+        SyncOptions(brand_id=store.brand_id, table_name=store.table_name),
+        SyncSummary(store.table_name, store.brand_id),
+        0,
+        lock,
+    )
     if plan.meta.get("plan_format") != PLAN_FORMAT:
-        log.warning(
-            "Dropping the pending plan %s in %s: not a warehouse plan of this version.", plan.plan_id, store.location
-        )
+        log.warning("Dropping the pending plan %s in %s: not a warehouse plan.", plan.plan_id, store.location)
         store.discard_plan(plan)
         return result
+    commit = _Commit(plan.target_version, plan.base_version, plan.plan_id, plan.meta)
     if plan.meta.get("baseline"):
-        return _settle_baseline(store, plan, warehouse, state, lock=lock, run=run, result=result)
+        return _settle_baseline(ctx, plan, commit, run(result) if run is not None else None, result)
     frame = frame if frame is not None else store.read_changes(plan)
     status = _status(plan, acks, uncertain)
     result.rejections = _rejection_records(acks)
-    applied = status == _APPLIED
-    ops = frame.get_column(_OP).filter(pl.Series(applied)).value_counts()
-    counts = dict(zip(ops.get_column(_OP).to_list(), ops.get_column("count").to_list(), strict=True))
-    result.inserted, result.updated, result.deleted = (int(counts.get(o, 0)) for o in ("insert", "update", "delete"))
+    counts = _op_counts(frame.get_column(_OP).filter(pl.Series(status == _APPLIED)))
+    result.inserted, result.updated, result.deleted = (counts.get(o, 0) for o in ("insert", "update", "delete"))
     if not (status != _NOT_APPLIED).any():
         store.discard_plan(plan)
         return result
@@ -733,22 +755,9 @@ def settle_state(
     already = meta is not None and meta.token == plan.target_version
     statements: list[str] = []
     if not already:
-        staged = _staged(frame, status, len(plan.meta["key_columns"]))
-        warehouse.load(_STAGING, staged)
+        warehouse.load(_STAGING, _staged(frame, status, len(plan.meta["key_columns"])))
         statements = state.apply(_STAGING, transactions=warehouse.transactions)
-    _commit(
-        store,
-        warehouse,
-        state,
-        token=plan.target_version,
-        base=plan.base_version,
-        plan_id=plan.plan_id,
-        meta=plan.meta,
-        lock=lock,
-        run=record,
-        write_state=not already,
-        statements=statements,
-    )
+    _commit(ctx, commit, write_state=not already, statements=statements, record=record)
     result.version = plan.target_version
     log.info(
         "Settled plan %s of %r into %s: %d of %d chunks acknowledged, %d rows rejected, %d updates uncertain.",
@@ -799,25 +808,12 @@ def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int) -> pa.Table:
 # --------------------------------------------------------------------------------------------------------------
 # baseline: record the source as delivered, nothing sent
 # --------------------------------------------------------------------------------------------------------------
-def _baseline(
-    query: str,
-    warehouse: Warehouse,
-    state: S.StateTable,
-    store: SnapshotStore,
-    options: SyncOptions,
-    schema: pa.Schema,
-    plan_meta: dict[str, Any],
-    base: str | None,
-    lock: Any,
-    summary: SyncSummary,
-    run_ms: int,
-    meta: _Meta | None,
-) -> None:
+def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str | None, *, keep_created: bool) -> None:
     """Rebuild the state table from the source into ``..__next`` (every row encoded in the worker, a batch at a
     time), then swap it in with the new token. A plan marks the swap, so a crash is finished or dropped."""
-    token = _token()
-    plan = store.write_plan(
-        target_version=token,
+    warehouse, state = run.warehouse, run.state
+    plan = run.store.write_plan(
+        target_version=_token(),
         base_version=base,
         changes=None,
         chunks=[],
@@ -825,98 +821,46 @@ def _baseline(
     )
     warehouse.execute(state.baseline_into_next())
     columns = schema.names
-    sql = state.baseline(query, columns, keep_created=meta is not None)
+    options = replace(run.options, updated_at_column=None)
     kinds: dict[str, str] = {}
-    for batch in warehouse.batches(sql):
-        frame, _ = _encode_batch(batch, columns, replace(options, updated_at_column=None), kinds, run_ms)
-        if not frame.height:
-            continue
-        staged = _staged(frame, np.full(frame.height, _APPLIED, dtype=np.int8), len(options.key_columns))
-        warehouse.load(_STAGING, staged)
-        warehouse.execute([state.insert_next(_STAGING)])
-    _settle_baseline(
-        store,
-        plan,
-        warehouse,
-        state,
-        lock=lock,
-        run=summary.run_record(options.run_key, chunks=summary.settled_chunks),
-        result=Settled(plan.plan_id),
-        swap=True,
-    )
+    for batch in warehouse.batches(state.baseline(run.query, columns, keep_created=keep_created)):
+        frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms)
+        if frame.height:
+            staged = _staged(frame, np.full(frame.height, _APPLIED, dtype=np.int8), len(options.key_columns))
+            warehouse.load(_STAGING, staged)
+            warehouse.execute([state.insert_next(_STAGING)])
+    commit = _Commit(plan.target_version, plan.base_version, plan.plan_id, plan.meta)
+    if warehouse.transactions:
+        _commit(run, commit, write_state=True, statements=state.swap())
+    else:
+        warehouse.execute(state.swap())
+        _commit(run, commit, write_state=True)
 
 
-def _settle_baseline(
-    store: SnapshotStore,
-    plan: Plan,
-    warehouse: Warehouse,
-    state: S.StateTable,
-    *,
-    lock: Any,
-    run: Any,
-    result: Settled,
-    swap: bool = False,
-) -> Settled:
-    meta = _meta(warehouse, state)
-    if swap:
-        statements = [s for s in state.swap()] if warehouse.transactions else []
-        if not warehouse.transactions:
-            warehouse.execute(state.swap())
-        record = run(result) if callable(run) else run
-        _commit(
-            store,
-            warehouse,
-            state,
-            token=plan.target_version,
-            base=plan.base_version,
-            plan_id=plan.plan_id,
-            meta=plan.meta,
-            lock=lock,
-            run=record,
-            write_state=True,
-            statements=statements,
-        )
+def _settle_baseline(run: _Run, plan: Plan, commit: _Commit, record: Any, result: Settled) -> Settled:
+    """A baseline a crash interrupted: committed if its swap happened (the state holds its token), else dropped."""
+    meta = _meta(run.warehouse, run.state)
+    if meta is not None and meta.token == plan.target_version:
+        _commit(run, commit, write_state=False, record=record)
         return result
-    if meta is not None and meta.token == plan.target_version:  # swapped before a crash: finish the commit
-        record = run(result) if callable(run) else run
-        _commit(
-            store,
-            warehouse,
-            state,
-            token=plan.target_version,
-            base=plan.base_version,
-            plan_id=plan.plan_id,
-            meta=plan.meta,
-            lock=lock,
-            run=record,
-            write_state=False,
-        )
-        return result
-    store.discard_plan(plan)  # the swap never happened: the state table is as it was
-    warehouse.execute([state.r(f"DROP TABLE IF EXISTS {state.next}")])
+    run.store.discard_plan(plan)  # the swap never happened: the state table is as it was
+    run.warehouse.execute([run.state.r(f"DROP TABLE IF EXISTS {run.state.next}")])
     return result
 
 
 # --------------------------------------------------------------------------------------------------------------
 # dry run and repair
 # --------------------------------------------------------------------------------------------------------------
-def _dry_run(
-    query: str,
-    warehouse: Warehouse,
-    state: S.StateTable,
-    store: SnapshotStore,
-    options: SyncOptions,
-    summary: SyncSummary,
-    run_ms: int,
-) -> None:
+def _dry_run(run: _Run) -> None:
     """Counts and sample updates from SQL; nothing is written anywhere."""
+    store, warehouse, state, options, summary = run.store, run.warehouse, run.state, run.options, run.summary
     current = _current(store)
     if store.pending_plan(cleanup=False) is not None:
         log.warning("A plan of an earlier run is pending: the next real run settles it first; counts may differ.")
     meta = check_state(warehouse, state, store, current)
-    schema = _source_schema(warehouse, state, query, options)
-    _check_keys(warehouse, state, query, options)
-    diff = _decide(warehouse, state, query, schema, meta, options)
+    schema = _source_schema(warehouse, state, run.query, options)
+    _check_keys(warehouse, state, run.query, options)
+    diff = _decide(warehouse, state, run.query, schema, meta, options)
     summary.schema_change = diff.schema_change
     summary.baseline = diff.baseline
     summary.inserted = diff.counts.get("insert", 0)
@@ -925,15 +869,13 @@ def _dry_run(
     summary.unchanged = diff.counts.get("unchanged", 0) if meta is not None else 0
     if diff.baseline:
         return
-    kinds = _kinds(schema, options)
-    first = meta is None
-    key_kinds = {k: kinds.get(k, "string") for k in options.key_columns}
-    batches = _change_batches(warehouse, state, query, schema.names, diff, first)
+    batches = _change_batches(run, schema.names, diff, first=meta is None)
     try:
         batch = next(iter(batches))
     finally:
         batches.close()  # type: ignore[attr-defined]
-    frame, _ = _encode_batch(batch.slice(0, 5), schema.names, options, key_kinds, run_ms)
+    kinds = _kinds(schema, options)
+    frame, _ = _encode_batch(batch.slice(0, 5), schema.names, options, _key_kinds(kinds, current, options), run.run_ms)
     for window in windows(frame, options):
         summary.samples += [orjson.loads(u) for u in window.updates.to_list()]
 

@@ -303,10 +303,11 @@ class StateTable:
 
     def swap(self) -> list[str]:
         """Put ``..__next`` in place of the state table (warehouses without transactions)."""
+        renamed = self.qualified if self.dialect in _QUALIFIED_RENAME else q(self.name)
         return [
             self.r(f"DROP TABLE IF EXISTS {self.qualified}"),
             # PostgreSQL and DuckDB take the new name alone (same schema); Spark's catalog the qualified name
-            self.r(f"ALTER TABLE {self.next} RENAME TO {self.qualified if self.dialect in _QUALIFIED_RENAME else q(self.name)}"),
+            self.r(f"ALTER TABLE {self.next} RENAME TO {renamed}"),
         ]
 
     def baseline_into_next(self) -> list[str]:
