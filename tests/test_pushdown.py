@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 from helpers_sync import BRAND, T0, TABLE, RecordingSender, assert_sandbox_matches, make_client, options, sandbox_rows
@@ -175,3 +176,51 @@ def test_worker_snapshot_is_not_continued_in_the_warehouse(world: World) -> None
     with pytest.raises(StopChurnConfigError, match="worker diff"):
         world.run()
     assert sandbox_rows(world.sb)
+
+
+RICH_TABLE = """
+CREATE TABLE src AS
+SELECT g AS region_num, CASE g % 3 WHEN 0 THEN 'eu' WHEN 1 THEN 'us' ELSE 'apac' END AS region,
+       (g * 1.25)::numeric(12, 4) AS amount, ('{"tier": ' || g % 4 || ', "tags": ["a", "b"]}')::jsonb AS meta,
+       md5(g::text)::uuid AS ref, DATE '2026-01-01' + g AS day,
+       TIMESTAMPTZ '2026-01-01 00:00:00+00' + g * INTERVAL '90 minutes' AS at,
+       ARRAY[g, g + 1] AS pair, CASE WHEN g % 5 = 0 THEN NULL ELSE 'naïve "' || g || '" 東京' END AS note,
+       g % 2 = 0 AS even, (g / 7.0)::float8 AS ratio
+FROM generate_series(1, 60) AS g
+"""
+RICH_CHANGES = (
+    "DELETE FROM src WHERE region_num % 9 = 0",
+    "UPDATE src SET meta = '{\"tier\": 9}'::jsonb, amount = amount + 0.0001 WHERE region_num % 7 = 0",
+    "UPDATE src SET note = NULL, at = at + INTERVAL '1 second' WHERE region_num % 11 = 0",
+    "INSERT INTO src SELECT region_num + 100, region, amount, meta, ref, day, at, pair, note, even, ratio FROM src "
+    "WHERE region_num < 6",
+)
+
+
+@pytest.mark.postgres
+def test_postgres_types_and_composite_keys_are_byte_identical(
+    postgres_database: Any, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """numeric, jsonb, uuid, date, timestamptz, arrays, unicode text and a composite key: same bodies both ways."""
+    engine = Engine("postgres", postgres_database)
+    bodies: dict[str, list[bytes]] = {}
+    for path in ("local", "warehouse"):
+        engine.execute("DROP TABLE IF EXISTS src")
+        engine.execute("DROP SCHEMA IF EXISTS stopchurn_state CASCADE")
+        engine.execute(RICH_TABLE)
+        sb = stopchurn_sandbox_factory(record=True)
+        sender = RecordingSender(make_client(sb))
+        store = SnapshotStore(tmp_path / path, BRAND, TABLE)
+        opts = options(key_columns=["region", "region_num"], chunk_size=8, max_concurrent_requests=1)
+        for i in range(2):
+            if i:
+                for statement in RICH_CHANGES:
+                    engine.execute(statement)
+            if path == "local":
+                run_sync(engine.read(QUERY), store, sender, opts, run_ms=T0 + i)
+            else:
+                run_warehouse_sync(WarehouseSource(QUERY, engine.warehouse()), store, sender, opts, run_ms=T0 + i)
+        bodies[path] = sender.bodies
+    updates = [u for body in bodies["local"] for u in orjson.loads(body)["data"]]
+    assert {u["type"] for u in updates} == {"insert", "update", "delete"}
+    assert bodies["warehouse"] == bodies["local"]

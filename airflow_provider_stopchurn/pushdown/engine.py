@@ -380,9 +380,9 @@ def _encode_batch(
         canon = canonical_source(upserts.select(list(columns)), options)
         kinds = dict(canon.kinds)
         frame = canon.frame
-        rows = encode_rows(
-            frame.select(list(columns)),
-            {c: canon.kinds[c] for c in columns},
+        rows = encode_rows(  # every canonical column: the source's, and the id a composite key is given
+            frame,
+            {c: canon.kinds[c] for c in frame.columns},
             nest_dotted_columns=options.nest_dotted_columns,
             decimal_as_string=options.decimal_as_string,
         )
