@@ -20,4 +20,10 @@ os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME /
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
 
-pytest_plugins = ["airflow_provider_stopchurn.sandbox.pytest_plugin", "pg_plugin", "mysql_plugin", "airflow_plugin"]
+pytest_plugins = [
+    "airflow_provider_stopchurn.sandbox.pytest_plugin",
+    "pg_plugin",
+    "mysql_plugin",
+    "airflow_plugin",
+    "spark_session",
+]

@@ -25,6 +25,8 @@ from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
 
 ENGINES = ["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)]
+#: Spark's local mode takes seconds per statement: the core properties only
+WITH_SPARK = [*ENGINES, pytest.param("spark", marks=pytest.mark.spark)]
 QUERY = "SELECT * FROM src"
 
 
@@ -59,6 +61,11 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     yield from engine_fixture(request.param, request, tmp_path)
 
 
+@pytest.fixture(params=WITH_SPARK)
+def any_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    yield from engine_fixture(request.param, request, tmp_path)
+
+
 @dataclass
 class World:
     engine: Engine
@@ -84,7 +91,10 @@ def world(engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path) -> Wor
     return World(engine, sb, SnapshotStore(tmp_path / "snapshots", BRAND, TABLE))
 
 
-def test_first_load_then_churn_matches_the_source(world: World) -> None:
+def test_first_load_then_churn_matches_the_source(
+    any_engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    world = World(any_engine, stopchurn_sandbox_factory(record=True), SnapshotStore(tmp_path / "s", BRAND, TABLE))
     frame = table()
     world.engine.load(frame)
     first = world.run()
@@ -103,9 +113,10 @@ def test_first_load_then_churn_matches_the_source(world: World) -> None:
 
 
 def test_bodies_are_byte_identical_to_the_local_path(
-    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+    any_engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
 ) -> None:
     """The same table through both paths: the same request bodies, byte for byte, run after run."""
+    engine = any_engine
     frames = [table(40, 1)]
     for step in range(3):
         frames.append(churn(frames[-1], 10 + step))
@@ -224,3 +235,67 @@ def test_postgres_types_and_composite_keys_are_byte_identical(
     updates = [u for body in bodies["local"] for u in orjson.loads(body)["data"]]
     assert {u["type"] for u in updates} == {"insert", "update", "delete"}
     assert bodies["warehouse"] == bodies["local"]
+
+
+def test_schema_change_policies(world: World) -> None:
+    frame = table()
+    world.engine.load(frame)
+    world.run()
+    wider = frame.assign(tier=np.arange(len(frame)) % 3)
+    world.engine.load(wider)
+    with pytest.raises(SafeguardError, match=r"added \['tier'\]"):
+        world.run()
+    sent = world.run(on_schema_change="update_all")
+    assert sent.updated == len(frame) and sent.schema_change["added"] == ["tier"]
+    assert_sandbox_matches(world.sb, wider)
+    narrower = wider.drop(columns=["plan"])
+    world.engine.load(narrower)
+    requests = world.sb.stats()["requests"]
+    recorded = world.run(on_schema_change="rebaseline")
+    assert recorded.baseline and world.sb.stats()["requests"] == requests  # recorded, nothing sent
+    changed = narrower.assign(score=narrower["score"] + 1)
+    world.engine.load(changed)
+    after = world.run()
+    assert after.updated == len(frame)  # the rebaselined table is diffed as recorded
+
+
+def test_key_columns_can_change_only_by_rebaseline(world: World) -> None:
+    frame = table().assign(account=lambda f: f["id"] * 10)
+    world.engine.load(frame)
+    world.run()
+    with pytest.raises(SafeguardError, match="rebaseline"):
+        world.run(key_columns=["account"])
+    recorded = world.run(key_columns=["account"], on_schema_change="rebaseline")
+    assert recorded.baseline
+
+
+def test_the_user_table_contract_is_checked_as_on_the_local_path(world: World, tmp_path: Path) -> None:
+    users = pd.DataFrame(
+        {
+            "id": [1, 2, 3],
+            "marketingPreferences.email": [True, False, True],
+            "marketingPreferences.phone": [True, None, False],
+            "systemPreferences.email": [True, True, True],
+            "systemPreferences.phone": [False, False, False],
+        }
+    )
+    world.engine.load(users)
+    store = SnapshotStore(tmp_path / "local", BRAND, "user")
+    world.store = SnapshotStore(tmp_path / "warehouse", BRAND, "user")
+    with pytest.raises(Exception) as local:
+        run_sync(world.engine.read(QUERY), store, make_client(world.sb), options(table_name="user"), run_ms=T0)
+    with pytest.raises(type(local.value)) as pushed:
+        world.run(table_name="user")
+    assert str(pushed.value) == str(local.value)
+    assert world.sb.stats()["requests"] == 0
+    world.engine.load(users.fillna(False))
+    world.run(table_name="user")
+    assert len(world.sb.rows(BRAND, "user")) == 3
+
+
+def test_a_state_table_from_a_newer_provider_is_refused(world: World) -> None:
+    world.engine.load(table())
+    world.run()
+    world.engine.execute('UPDATE stopchurn_state.b7_subscription__meta SET "format" = 99')
+    with pytest.raises(StopChurnConfigError, match="newer version"):
+        world.run()

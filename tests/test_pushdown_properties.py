@@ -22,7 +22,7 @@ from airflow_provider_stopchurn.snapshot import SnapshotStore
 ENGINES = [
     "duckdb",
     pytest.param("postgres", marks=pytest.mark.postgres),
-    "spark",
+    pytest.param("spark", marks=pytest.mark.spark),
 ]
 EXAMPLES = {"duckdb": 12, "postgres": 8, "spark": 2}
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -264,7 +265,8 @@ def _migrate(warehouse: Warehouse, state: S.StateTable, version: int) -> None:
 
 
 def _source_schema(warehouse: Warehouse, state: S.StateTable, query: str, options: SyncOptions) -> pa.Schema:
-    schema = next(iter(warehouse.batches(state.probe(query)))).schema
+    with closing(warehouse.batches(state.probe(query))) as batches:
+        schema = next(iter(batches)).schema
     missing = [k for k in options.key_columns if k not in schema.names]
     if missing:
         raise StopChurnConfigError(
@@ -352,7 +354,7 @@ def _decide(
 # --------------------------------------------------------------------------------------------------------------
 # the changed rows, encoded as the local path encodes them
 # --------------------------------------------------------------------------------------------------------------
-def _change_batches(run: _Run, columns: Sequence[str], diff: _Diff, *, first: bool) -> Iterator[pa.RecordBatch]:
+def _change_batches(run: _Run, columns: Sequence[str], diff: _Diff, *, first: bool) -> Generator[pa.RecordBatch]:
     state = run.state
     sql = (
         state.first_load(run.query, columns) if first else state.changes(run.query, columns, update_all=diff.update_all)
@@ -541,10 +543,13 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
     if diff.baseline:
         summary.baseline = True
         summary.unchanged = diff.counts.get("unchanged", 0)
-        _baseline(run, schema, plan_meta, base, keep_created=meta is not None)
+        same_keys = meta is not None and meta.key_columns == tuple(options.key_columns)
+        _baseline(run, schema, plan_meta, base, keep_created=same_keys)  # other keys name other rows
         return
     key_kinds = _key_kinds(kinds, current, options)
-    frame = _plan_frame(run, _change_batches(run, schema.names, diff, first=meta is None), key_kinds, meta is None)
+    # closed at once on an error: an open read keeps its connection (and its locks) until garbage collection
+    with closing(_change_batches(run, schema.names, diff, first=meta is None)) as batches:
+        frame = _plan_frame(run, batches, key_kinds, meta is None)
     summary.unchanged = diff.counts.get("unchanged", 0) if meta is not None else 0
     if meta is not None:
         _check_plan(frame, meta, summary.unchanged, options)
@@ -823,12 +828,13 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
     columns = schema.names
     options = replace(run.options, updated_at_column=None)
     kinds: dict[str, str] = {}
-    for batch in warehouse.batches(state.baseline(run.query, columns, keep_created=keep_created)):
-        frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms)
-        if frame.height:
-            staged = _staged(frame, np.full(frame.height, _APPLIED, dtype=np.int8), len(options.key_columns))
-            warehouse.load(_STAGING, staged)
-            warehouse.execute([state.insert_next(_STAGING)])
+    with closing(warehouse.batches(state.baseline(run.query, columns, keep_created=keep_created))) as batches:
+        for batch in batches:
+            frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms)
+            if frame.height:
+                staged = _staged(frame, np.full(frame.height, _APPLIED, dtype=np.int8), len(options.key_columns))
+                warehouse.load(_STAGING, staged)
+                warehouse.execute([state.insert_next(_STAGING)])
     commit = _Commit(plan.target_version, plan.base_version, plan.plan_id, plan.meta)
     if warehouse.transactions:
         _commit(run, commit, write_state=True, statements=state.swap())
@@ -869,11 +875,8 @@ def _dry_run(run: _Run) -> None:
     summary.unchanged = diff.counts.get("unchanged", 0) if meta is not None else 0
     if diff.baseline:
         return
-    batches = _change_batches(run, schema.names, diff, first=meta is None)
-    try:
+    with closing(_change_batches(run, schema.names, diff, first=meta is None)) as batches:
         batch = next(iter(batches))
-    finally:
-        batches.close()  # type: ignore[attr-defined]
     kinds = _kinds(schema, options)
     frame, _ = _encode_batch(batch.slice(0, 5), schema.names, options, _key_kinds(kinds, current, options), run.run_ms)
     for window in windows(frame, options):

@@ -6,10 +6,11 @@
   overwrites. The engine rewrites the state table into a new one (``CREATE TABLE .. AS SELECT``), drops the old one
   and renames the new one into place; ``INSERT INTO``, ``INSERT OVERWRITE TABLE`` (from another table),
   ``DROP TABLE``, ``ALTER TABLE .. RENAME TO`` and ``CREATE SCHEMA IF NOT EXISTS`` all work.
-* :meth:`SparkWarehouse.batches` reads with ``DataFrame.toArrow()`` (Spark 4): no Python workers, the same on
-  Spark Connect, Spark's own Arrow types (``timestamp`` -> ``timestamp[us, tz=UTC]``). The whole result is
-  collected on the driver first (bounded by ``spark.driver.maxResultSize``), then handed out
-  :data:`~airflow_provider_stopchurn.sources.BATCH_ROWS` rows at a time; the diff only reads changed rows.
+* :meth:`SparkWarehouse.batches` reads with ``DataFrame.toArrow()`` (Spark 4): no Python workers (unlike the
+  streaming ``DataFrame.__arrow_c_stream__``, which runs ``mapInArrow`` in workers that need pyarrow), Spark's
+  own Arrow types (``timestamp`` -> ``timestamp[us, tz=UTC]``). The whole result is collected on the driver first
+  (bounded by ``spark.driver.maxResultSize``), then handed out ``BATCH_ROWS`` rows at a time; the diff only reads
+  changed rows.
 * :meth:`SparkWarehouse.load` makes a **temporary view** (single-part name, session-scoped) over
   ``spark.createDataFrame(arrow_table)``; :meth:`SparkWarehouse.close` drops the views it made and leaves the
   session running.
@@ -22,7 +23,7 @@ that changes between runs, changes the hashes. A warning is logged on first use 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -45,13 +46,55 @@ def spark_identifier(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
+def _nested_nullable(data_type: Any) -> tuple[Any, bool]:
+    """``data_type`` (a pyspark ``DataType``) with every field of every struct inside it nullable, and whether that
+    changed anything."""
+    from pyspark.sql.types import ArrayType, MapType, StructField, StructType
+
+    if isinstance(data_type, StructType):
+        fields, changed = [], False
+        for field in data_type.fields:
+            inner, inner_changed = _nested_nullable(field.dataType)
+            changed = changed or inner_changed or not field.nullable
+            fields.append(StructField(field.name, inner, True, field.metadata))
+        return StructType(fields), changed
+    if isinstance(data_type, ArrayType):
+        element, changed = _nested_nullable(data_type.elementType)
+        return ArrayType(element, data_type.containsNull), changed
+    if isinstance(data_type, MapType):
+        key, key_changed = _nested_nullable(data_type.keyType)
+        value, value_changed = _nested_nullable(data_type.valueType)
+        return MapType(key, value, data_type.valueContainsNull), key_changed or value_changed
+    return data_type, False
+
+
+def _to_arrow(frame: Any) -> pa.Table:
+    """``frame.toArrow()``, first marking the fields inside struct columns nullable when Spark says they are not:
+    ``toArrow`` casts to Spark's nullability, and pyarrow refuses that cast for a NULL struct whose fields are
+    declared NOT NULL (``SELECT named_struct('a', 1) UNION ALL SELECT NULL``). ``DataFrame.to`` only re-labels
+    the columns (one projection); it cannot take duplicate column names, which are then left as they are."""
+    from pyspark.sql.types import StructField, StructType
+
+    schema = frame.schema
+    fields, changed = [], False
+    for field in schema.fields:
+        inner, inner_changed = _nested_nullable(field.dataType)
+        changed = changed or inner_changed
+        fields.append(StructField(field.name, inner, field.nullable, field.metadata))
+    if changed and len(set(schema.names)) == len(schema.names):
+        frame = frame.to(StructType(fields))
+    table: pa.Table = frame.toArrow()
+    return table
+
+
 def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([pa.array([], type=field.type) for field in schema], schema=schema)
 
 
 class SparkWarehouse:
-    """A :class:`~airflow_provider_stopchurn.pushdown.warehouse.Warehouse` over a ``SparkSession`` (classic or
-    Spark Connect). The constructor only keeps the session; the caller starts and stops it."""
+    """A :class:`~airflow_provider_stopchurn.pushdown.warehouse.Warehouse` over a ``SparkSession`` (tested with
+    classic sessions; the calls it makes exist on Spark Connect too). The constructor only keeps the session;
+    the caller starts and stops it."""
 
     dialect = "spark"
     transactions = False
@@ -85,10 +128,9 @@ class SparkWarehouse:
     def _arrow(self, sql: str) -> pa.Table:
         self._check_zone()
         log.debug("Running query: %s", sql)
-        table: pa.Table = self._spark.sql(sql).toArrow()
-        return table
+        return _to_arrow(self._spark.sql(sql))
 
-    def batches(self, sql: str) -> Iterator[pa.RecordBatch]:
+    def batches(self, sql: str) -> Generator[pa.RecordBatch]:
         """The result of ``sql`` as Arrow batches of at most ``BATCH_ROWS`` rows; an empty result is one zero-row
         batch carrying the schema."""
         table = self._arrow(sql)

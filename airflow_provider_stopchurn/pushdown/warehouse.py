@@ -18,7 +18,7 @@ DB-API connection: Snowflake, Trino, Databricks SQL, ...), and ``SparkWarehouse`
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
@@ -39,7 +39,7 @@ class Warehouse(Protocol):
     dialect: str
     transactions: bool
 
-    def batches(self, sql: str) -> Iterator[pa.RecordBatch]: ...
+    def batches(self, sql: str) -> Generator[pa.RecordBatch]: ...
     def rows(self, sql: str) -> list[tuple[Any, ...]]: ...
     def execute(self, statements: Sequence[str]) -> None: ...
     def load(self, table: str, data: pa.Table) -> None: ...
@@ -91,7 +91,7 @@ class _CursorWarehouse:
             cursor.close()
         self.conn.commit()
 
-    def batches(self, sql: str) -> Iterator[pa.RecordBatch]:
+    def batches(self, sql: str) -> Generator[pa.RecordBatch]:
         """Read on a connection of its own, so the run may write (a baseline's batches) while it streams."""
         conn = self._reader()
         try:
@@ -174,7 +174,7 @@ class DuckDBWarehouse(_CursorWarehouse):
             super().__init__(lambda: database)
             self._owned = False
 
-    def batches(self, sql: str) -> Iterator[pa.RecordBatch]:
+    def batches(self, sql: str) -> Generator[pa.RecordBatch]:
         reader_conn = self.conn.cursor()  # a connection of its own to the same database
         try:
             relation = reader_conn.sql(sql)
