@@ -8,6 +8,8 @@
     stopchurn unlock     URI --brand B --table T [--force] [--yes]
     stopchurn settle     URI --brand B --table T [--yes]
     stopchurn rebaseline URI --brand B --table T (--parquet FILE | --sql QUERY --sql-conn-id ID) [--key COL ...]
+    stopchurn reconcile  URI --brand B --table T (--sql-conn-id ID | --duckdb PATH) (--adopt-state | --reset)
+                         [--state-schema S] [--key-columns COL ...] [--yes]
 
 ``URI`` is the operator's ``snapshot_uri``: a local path, ``file://...``, or an object store URL (``s3://``,
 ``gs://``, ``memory://``, ...) read with universal_pathlib and the environment's credentials, or, with
@@ -16,8 +18,8 @@ prints one JSON document instead. A command that changes the store asks first, o
 ``--yes``. Exit codes: 0 done, 1 error (nothing changed unless the message says so), 2 usage.
 
 This module imports no Airflow, and only the standard library at import time (Airflow imports it to list its
-commands): the engine is imported when a command runs, and Airflow only for ``--conn-id``, ``--sql`` and
-:func:`airflow_cli_commands`.
+commands): the engine is imported when a command runs, and Airflow only for ``--conn-id``, ``--sql``,
+``reconcile --sql-conn-id`` and :func:`airflow_cli_commands`.
 """
 
 from __future__ import annotations
@@ -132,6 +134,51 @@ COMMANDS: dict[str, tuple[str, tuple[ArgSpec, ...]]] = {
                     "action": "append",
                     "metavar": "COL",
                     "help": "a text column holding JSON, repeated for several (as the operator's json_columns)",
+                },
+            ),
+        ),
+    ),
+    "reconcile": (
+        "Repair a table diffed in the warehouse (diff_location='warehouse') whose state table and snapshot store "
+        "disagree: --adopt-state keeps the state table, --reset drops both.",
+        (
+            *_TABLE,
+            _YES,
+            (
+                ("--sql-conn-id",),
+                {"metavar": "ID", "help": "the Airflow connection of the warehouse (the operator's sql_conn_id)"},
+            ),
+            (("--duckdb",), {"metavar": "PATH", "help": "the warehouse is this DuckDB database file (no Airflow)"}),
+            (
+                ("--state-schema",),
+                {
+                    "default": "stopchurn_state",
+                    "metavar": "SCHEMA",
+                    "help": "the schema of the state tables (the operator's state_schema; stopchurn_state)",
+                },
+            ),
+            (
+                ("--key-columns",),
+                {
+                    "action": "append",
+                    "metavar": "COL",
+                    "help": "a key column, repeated (or comma-separated) for a composite key (default: the state "
+                    "table's, else the store's, else id)",
+                },
+            ),
+            (
+                ("--adopt-state",),
+                {
+                    "action": "store_true",
+                    "help": "the state table is right (it holds what StopChurn was sent): the store takes its token",
+                },
+            ),
+            (
+                ("--reset",),
+                {
+                    "action": "store_true",
+                    "help": "drop the state table and the store's record; the next run is a first load "
+                    "(initial_load='baseline' records the source without sending)",
                 },
             ),
         ),
@@ -507,10 +554,26 @@ def _unlock(args: argparse.Namespace, out: TextIO) -> None:
         raise Aborted("the lock changed meanwhile (released, or taken by another run); nothing was removed")
 
 
+def _refuse_warehouse_table(store: Any, command: str, repair: str) -> None:
+    """``settle`` and ``rebaseline`` work on the worker diff's snapshot. A table diffed in the warehouse
+    (``diff_location='warehouse'``) keeps its rows in the warehouse's state table: its pending plan is settled by
+    its next run (a settle here would drop it unsettled), and ``stopchurn reconcile`` repairs it."""
+    current = store.read_current() or {}
+    plan = store.pending_plan(cleanup=False)
+    if (current.get("state") or {}).get("diff_location") == "warehouse" or (
+        plan is not None and plan.meta.get("diff_location") == "warehouse"
+    ):
+        raise CommandError(
+            f"brand {store.brand_id} table {store.table_name!r} is diffed in the warehouse "
+            f"(diff_location='warehouse'): `stopchurn {command}` does not apply to it; {repair}"
+        )
+
+
 def _settle(args: argparse.Namespace, out: TextIO) -> None:
     from airflow_provider_stopchurn import operate
 
     store = _store(args)
+    _refuse_warehouse_table(store, "settle", "its next run settles the pending plan into the state table")
     plan = operate.preview_settle(store)
     if plan is None:
         if args.json:
@@ -570,6 +633,9 @@ def _rebaseline(args: argparse.Namespace, out: TextIO) -> None:
     from airflow_provider_stopchurn import operate
 
     store = _store(args, must_exist=False)
+    _refuse_warehouse_table(
+        store, "rebaseline", "use `stopchurn reconcile --reset`, then a run with initial_load='baseline'"
+    )
     frame, origin = _rebaseline_source(args)
     options = operate.rebaseline_options(
         store,
@@ -604,6 +670,137 @@ def _rebaseline(args: argparse.Namespace, out: TextIO) -> None:
     )
 
 
+def warehouse_of_connection(conn_id: str) -> Any:
+    """The warehouse of an Airflow connection, built as the operator builds it for ``diff_location='warehouse'``."""
+    from airflow_provider_stopchurn.operators.stopchurn import warehouse_for_connection
+
+    return warehouse_for_connection(conn_id)
+
+
+def _reconcile_warehouse(args: argparse.Namespace) -> tuple[Any, str]:
+    if (args.sql_conn_id is None) == (args.duckdb is None):
+        raise UsageError("give exactly one of --sql-conn-id ID or --duckdb PATH")
+    if args.duckdb is not None:
+        path = Path(args.duckdb).expanduser()
+        if not path.is_file():  # DuckDB would create an empty database there
+            raise CommandError(f"no DuckDB database at {str(path)!r}")
+        from airflow_provider_stopchurn.pushdown import DuckDBWarehouse
+
+        return DuckDBWarehouse(str(path)), f"DuckDB {str(path)!r}"
+    return warehouse_of_connection(args.sql_conn_id), f"connection {args.sql_conn_id!r}"
+
+
+def _key_columns(given: Sequence[str] | None, found: Sequence[str] | None) -> tuple[str, ...]:
+    if given:
+        keys = tuple(k.strip() for part in given for k in part.split(",") if k.strip())
+        if not keys:
+            raise UsageError("--key-columns names no column")
+        return keys
+    return tuple(found) if found else ("id",)
+
+
+def _reconcile(args: argparse.Namespace, out: TextIO) -> None:
+    from airflow_provider_stopchurn import operate
+    from airflow_provider_stopchurn.operators.commit_guard import record_key
+    from airflow_provider_stopchurn.options import SyncOptions
+    from airflow_provider_stopchurn.pushdown import WarehouseSource, reconcile
+    from airflow_provider_stopchurn.pushdown.engine import _meta
+
+    if args.adopt_state == args.reset:
+        raise UsageError("give exactly one of --adopt-state or --reset")
+    if not args.state_schema.strip():
+        raise UsageError("--state-schema is empty")
+    action = "reset" if args.reset else "adopt-state"
+    store = _store(args, must_exist=False)
+    warehouse, origin = _reconcile_warehouse(args)
+    try:
+        current = store.read_current()
+        pending = store.pending_plan(cleanup=False)
+        # reconcile() reads no source: this query is never run
+        source = WarehouseSource("SELECT 1", warehouse, state_schema=args.state_schema.strip())
+        meta = _meta(warehouse, source.state(SyncOptions(brand_id=args.brand, table_name=args.table)))
+        keys = _key_columns(args.key_columns, meta.key_columns if meta else (current or {}).get("key_columns"))
+        if action == "adopt-state" and meta is not None and keys != meta.key_columns:
+            raise CommandError(f"the state table is keyed by {list(meta.key_columns)}, not {list(keys)}")
+        options = SyncOptions(
+            brand_id=args.brand, table_name=args.table, key_columns=keys, holder=operate.operator_name("reconcile")
+        )
+        info, state_text, store_text = _reconcile_info(action, store, source.state(options), origin, meta, current)
+        dropped = f" Its pending plan {pending.plan_id} is dropped unsettled." if pending is not None else ""
+        info["pending_plan"] = None if pending is None else pending.plan_id
+        if action == "adopt-state":
+            if meta is None:
+                raise CommandError(f"{state_text}: nothing to adopt; use --reset")
+            if info["store_version"] == meta.token:  # no drift; a pending plan is the next run's to settle
+                later = f" The next run settles the pending plan {pending.plan_id}." if pending is not None else ""
+                message = f"{state_text} and {store_text} agree: nothing to do.{later}"
+                _reconciled(args, out, {**info, "changed": False}, message)
+                return
+            preview = f"Adopt {state_text} as what StopChurn holds, in place of {store_text}.{dropped} Nothing is sent."
+            question = "Record the state table as delivered?"
+        else:
+            preview = f"Reset {args.brand}/{args.table}: drop {state_text} and {store_text}.{dropped} Nothing is sent."
+            question = "Drop both?"
+        _confirm(args, preview, question)
+        message = reconcile(source, store, options, action=action)
+    finally:
+        warehouse.close()
+    record = record_key(args.brand, args.table, store.location)
+    airflow_hint = (
+        " If an Airflow task syncs this table, run it once with accept_missing_snapshot=True (or delete the Variable "
+        f"{record!r}): Airflow's record of its last commit names a version the store no longer holds."
+    )
+    if action == "reset":
+        message += (
+            " The next run is a first load: with initial_load='baseline' it records the source as delivered without "
+            "sending (StopChurn already holds the table), else it sends every row." + airflow_hint
+        )
+    elif info["store_version"] is not None and str(info["state_token"]) < info["store_version"]:
+        message += " The state table is older than the store's record was." + airflow_hint
+    _reconciled(args, out, {**info, "changed": True, "commit_record": record}, message)
+
+
+def _reconcile_info(
+    action: str, store: Any, state: Any, origin: str, meta: Any, current: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], str, str]:
+    """What ``reconcile`` would change: a JSON summary, and the state table and the store's record in words."""
+    from airflow_provider_stopchurn.pushdown.engine import DIFF_LOCATION
+
+    version = None if current is None else str(current.get("version"))
+    info: dict[str, Any] = {
+        "action": action,
+        "brand_id": store.brand_id,
+        "table_name": store.table_name,
+        "location": store.location,
+        "warehouse": origin,
+        "state_table": state.display,
+        "state_token": None if meta is None else meta.token,
+        "state_rows": None if meta is None else meta.rows,
+        "store_version": version,
+        "store_rows": None if current is None else current.get("rows"),
+    }
+    if meta is None:
+        state_text = f"the state table {state.display} in {origin} (missing, or without its bookkeeping row)"
+    else:
+        state_text = f"the state table {state.display} in {origin} (token {meta.token}, {meta.rows} rows)"
+    if current is None:
+        return info, state_text, f"the store at {store.location} (no record)"
+    diffed = (
+        "in the warehouse" if (current.get("state") or {}).get("diff_location") == DIFF_LOCATION else "on the worker"
+    )
+    store_text = (
+        f"the store's record at {store.location} (version {version}, {current.get('rows')} rows, diffed {diffed})"
+    )
+    return info, state_text, store_text
+
+
+def _reconciled(args: argparse.Namespace, out: TextIO, info: dict[str, Any], message: str) -> None:
+    if args.json:
+        _emit_json(out, {**info, "message": message})
+    else:
+        out.write(message + "\n")
+
+
 _HANDLERS: dict[str, Callable[[argparse.Namespace, TextIO], None]] = {
     "status": _status,
     "history": _history,
@@ -611,6 +808,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace, TextIO], None]] = {
     "unlock": _unlock,
     "settle": _settle,
     "rebaseline": _rebaseline,
+    "reconcile": _reconcile,
 }
 
 

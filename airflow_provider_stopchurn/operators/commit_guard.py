@@ -244,11 +244,11 @@ class CommitGuard:
         record = self._before = self.read()
         if record is None or record.location != self.store.location:
             return
-        committed = self.store.read_committed()
+        current = self.store.read_current()  # the pointer alone: a warehouse-diffed table has no snapshot file
         message = stale_snapshot_message(
             record,
-            None if committed is None else committed.version,
-            None if committed is None else committed.rows,
+            None if current is None else str(current["version"]),
+            None if current is None else current.get("rows"),
             key=self.key,
         )
         if message is not None:
@@ -263,12 +263,12 @@ class CommitGuard:
         if self._variable is None:
             return
         try:
-            committed = self.store.read_committed()
-            if committed is None or (self._before is not None and self._before.version == committed.version):
+            current = self.store.read_current()
+            if current is None or (self._before is not None and self._before.version == str(current["version"])):
                 return
             record = CommitRecord(
-                version=committed.version,
-                rows=committed.rows,
+                version=str(current["version"]),
+                rows=current.get("rows"),
                 location=self.store.location,
                 written_by=self.writer or "",
                 recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from airflow_provider_stopchurn.assets import TableRef
@@ -29,14 +29,16 @@ from airflow_provider_stopchurn.operators import lineage
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sources import PostgresUri, SqlHook, postgres_uri, read_dbapi, read_postgres
-from airflow_provider_stopchurn.sync import SyncOptions, run_sync
+from airflow_provider_stopchurn.sync import SyncOptions, SyncSummary, run_sync
 
 if TYPE_CHECKING:
     import pyarrow as pa
     from airflow.sdk import Connection
 
     from airflow_provider_stopchurn.canonical import Source
+    from airflow_provider_stopchurn.deliver import Sender
     from airflow_provider_stopchurn.hooks._compat import Context
+    from airflow_provider_stopchurn.pushdown import Warehouse, WarehouseSource
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,11 @@ SYNC_OPTION_ARGUMENTS = tuple(
         "window_rows",
     }
 )
+
+#: Where the diff runs (``diff_location``): in the worker, or inside the warehouse that holds the SQL source.
+DIFF_LOCATIONS = ("worker", "warehouse")
+#: The schema of the warehouse's state tables (``state_schema``), as the engine's ``WarehouseSource`` defaults it.
+DEFAULT_STATE_SCHEMA = "stopchurn_state"
 
 
 class StopChurnUpdateOperator(BaseOperator):
@@ -126,6 +133,16 @@ class StopChurnUpdateOperator(BaseOperator):
         fails the run before anything is sent. MySQL 8's JSON and PostgreSQL's json/jsonb need no entry.
     :param lock_wait_s: while another run syncs the same table, wait up to this many seconds for its lock
         (polling with backoff), then fail as retryable.
+    :param diff_location: where the diff runs (templated). ``"worker"`` (default): the source is read into the
+        worker and diffed against the snapshot. ``"warehouse"`` (SQL sources only): the diff runs as SQL in the
+        database of ``sql_conn_id``, against a state table kept there, and only the changed rows leave it
+        (``pushdown``). ``sql`` must then be one SELECT; ``parameters`` only on PostgreSQL (inlined as literals).
+        Connection types: postgres (ADBC), duckdb (the database file in host or schema), snowflake,
+        gcpbigquery/bigquery, databricks, trino, redshift; not SQLite, MySQL/MariaDB or Spark (a SparkSession
+        warehouse is used through the engine's API). A table synced on the worker cannot simply switch: record it
+        once in the warehouse (``stopchurn reconcile --reset``, then a run with ``initial_load="baseline"``).
+    :param state_schema: the schema of the warehouse that holds the state tables (templated), with
+        ``diff_location="warehouse"``.
 
     Unless the task or its DAG's ``default_args`` set them (or ``[core] default_task_retries`` is set), the
     operator retries: ``retries=3``, ``retry_delay=2 minutes``, doubling (``retry_exponential_backoff=2.0``); a retry
@@ -141,6 +158,8 @@ class StopChurnUpdateOperator(BaseOperator):
         "dataframe",
         "allow_large_changes",
         "accept_missing_snapshot",
+        "diff_location",
+        "state_schema",
     )
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
@@ -178,6 +197,8 @@ class StopChurnUpdateOperator(BaseOperator):
         decimal_as_string: bool = False,
         lock_wait_s: float = 300.0,
         json_columns: Sequence[str] = (),
+        diff_location: Literal["worker", "warehouse"] = "worker",
+        state_schema: str = DEFAULT_STATE_SCHEMA,
         **kwargs: Any,
     ) -> None:
         super().__init__(**_with_retry_defaults(kwargs))
@@ -187,6 +208,10 @@ class StopChurnUpdateOperator(BaseOperator):
             raise ValueError(f"{self.task_id}: `sql` needs `sql_conn_id`.")
         if initial_load not in ("send", "baseline"):
             raise ValueError(f"{self.task_id}: initial_load must be 'send' or 'baseline', got {initial_load!r}.")
+        if not _is_template(diff_location):  # a template is checked once rendered, in execute()
+            _check_diff_location(diff_location, sql, self.task_id)
+        if not isinstance(state_schema, str) or not state_schema.strip():
+            raise ValueError(f"{self.task_id}: state_schema must be a schema name, got {state_schema!r}.")
         self.table_name = table_name
         self.brand_id = brand_id
         self.primary_key = [primary_key] if isinstance(primary_key, str) else list(primary_key)
@@ -224,11 +249,14 @@ class StopChurnUpdateOperator(BaseOperator):
         self._table: TableRef | None = None  # set by execute(), for lineage
         self._summary: dict[str, Any] | None = None
         self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
+        self.diff_location = diff_location
+        self.state_schema = state_schema
 
     # --- execute ---------------------------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
         run_ms = time.time_ns() // 1_000_000
         try:
+            in_warehouse = _check_diff_location(self.diff_location, self.sql, self.task_id) == "warehouse"
             hook = StopChurnHook(self.stopchurn_conn_id)
             options = self._options(hook, context)
             self._table = lineage.sync_table(hook.api_host, options.brand_id, options.table_name, self.outlets)
@@ -238,7 +266,7 @@ class StopChurnUpdateOperator(BaseOperator):
             guard.check(accept_missing_snapshot=_as_bool(self.accept_missing_snapshot))
             sender = None if options.dry_run else hook.client
             try:
-                summary = run_sync(self._source(context), store, sender, options, run_ms=run_ms)
+                summary = self._run(in_warehouse, store, sender, options, context, run_ms)
             finally:
                 if not options.dry_run:
                     guard.record()  # failed runs too: a run may commit before it fails; never raises
@@ -286,6 +314,31 @@ class StopChurnUpdateOperator(BaseOperator):
 
     def _snapshot_root(self) -> Any:
         return snapshot_root(self.snapshot_uri, self.snapshot_conn_id)
+
+    def _run(
+        self,
+        in_warehouse: bool,
+        store: SnapshotStore,
+        sender: Sender | None,
+        options: SyncOptions,
+        context: Context,
+        run_ms: int,
+    ) -> SyncSummary:
+        """One sync by the engine of ``diff_location``: the local diff, or the diff inside the warehouse."""
+        if not in_warehouse:
+            return run_sync(self._source(context), store, sender, options, run_ms=run_ms)
+        from airflow_provider_stopchurn.pushdown import run_warehouse_sync
+
+        if self.sql is None:  # checked by _check_diff_location
+            raise StopChurnConfigError(f"{self.task_id}: diff_location='warehouse' needs a SQL source.")
+        source = warehouse_source(
+            str(self.sql_conn_id),
+            self.sql,
+            self.parameters,
+            self.sql_hook_params,
+            state_schema=str(self.state_schema).strip(),
+        )
+        return run_warehouse_sync(source, store, sender, options, run_ms=run_ms)
 
     def _source(self, context: Context) -> Source:
         """The source as a callable, so the engine reads it after it has finished any pending plan."""
@@ -352,6 +405,135 @@ def _adbc_postgres_uri(connection: Connection, hook: Any) -> PostgresUri | None:
         extras=extras,
         options=getattr(hook, "options", None),
     )
+
+
+# --- the diff inside the warehouse (diff_location="warehouse") -------------------------------------------------
+#: Connection types diffed through their hook's DB-API connection: the warehouse's sqlglot dialect and its
+#: driver's paramstyle (the staging inserts of a settle). PostgreSQL and DuckDB have warehouses of their own.
+WAREHOUSE_DIALECTS: dict[str, tuple[str, str]] = {
+    "snowflake": ("snowflake", "pyformat"),
+    "gcpbigquery": ("bigquery", "pyformat"),
+    "bigquery": ("bigquery", "pyformat"),
+    "databricks": ("databricks", "qmark"),
+    "trino": ("trino", "qmark"),
+    "redshift": ("redshift", "format"),
+}
+
+_SPARK_REFUSAL = (
+    "a Spark connection gives no SparkSession to diff in: use the engine's API with a SparkWarehouse "
+    "(airflow_provider_stopchurn.pushdown.spark) in a task that owns the session, or diff_location='worker'"
+)
+#: Connection types the warehouse diff refuses, and why.
+WAREHOUSE_REFUSED: dict[str, str] = {
+    "sqlite": "SQLite has no MD5 function for the row hashes; use diff_location='worker'",
+    "mysql": "MySQL/MariaDB are not supported by the diff in the warehouse; use diff_location='worker'",
+    "mariadb": "MySQL/MariaDB are not supported by the diff in the warehouse; use diff_location='worker'",
+    "spark": _SPARK_REFUSAL,
+    "spark_sql": _SPARK_REFUSAL,
+    "sparksql": _SPARK_REFUSAL,
+    "spark_connect": _SPARK_REFUSAL,
+    "spark_jdbc": _SPARK_REFUSAL,
+}
+
+
+def _is_template(value: Any) -> bool:
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
+def _check_diff_location(diff_location: Any, sql: Any, task_id: str) -> str:
+    """``diff_location`` checked (with the source it needs); raises ``StopChurnConfigError`` (a ValueError)."""
+    if diff_location not in DIFF_LOCATIONS:
+        raise StopChurnConfigError(f"{task_id}: diff_location must be 'worker' or 'warehouse', got {diff_location!r}.")
+    if diff_location == "warehouse":
+        if sql is None:
+            raise StopChurnConfigError(
+                f"{task_id}: diff_location='warehouse' needs a SQL source (`sql` with `sql_conn_id`): the diff runs "
+                "in the database that holds it. A DataFrame source is diffed on the worker (diff_location='worker')."
+            )
+        if not isinstance(sql, str) and len(sql) != 1:
+            raise StopChurnConfigError(
+                f"{task_id}: diff_location='warehouse' needs `sql` to be one SELECT query, got a list of {len(sql)} "
+                "statements. Put setup statements in an upstream task, or use a view."
+            )
+    return str(diff_location)
+
+
+def warehouse_for_connection(conn_id: str, hook_params: Mapping[str, Any] | None = None) -> Warehouse:
+    """The warehouse the diff runs in, for Airflow connection ``conn_id`` (no connection is opened yet).
+
+    postgres: :class:`PostgresWarehouse` over the ADBC URI the worker path reads with (the hook's own driver with
+    IAM authentication or without ``adbc-driver-postgresql``); duckdb: :class:`DuckDBWarehouse` on the database
+    file in the connection's host (or schema); the types of :data:`WAREHOUSE_DIALECTS`: the hook's DB-API
+    connection. Others (:data:`WAREHOUSE_REFUSED`, or unknown) raise ``StopChurnConfigError``.
+    """
+    from airflow_provider_stopchurn.pushdown import DbApiWarehouse, DuckDBWarehouse, PostgresWarehouse
+
+    connection = BaseHook.get_connection(conn_id)
+    conn_type = str(connection.conn_type or "").lower()
+    if conn_type in WAREHOUSE_REFUSED:
+        raise StopChurnConfigError(
+            f"Connection {conn_id!r} is of type {conn_type!r}: the diff cannot run in it "
+            f"({WAREHOUSE_REFUSED[conn_type]})."
+        )
+    if conn_type == "duckdb":
+        database = connection.host or connection.schema
+        if not database:
+            raise StopChurnConfigError(
+                f"Connection {conn_id!r} (duckdb) names no database file: set its host (or schema) to the file's path."
+            )
+        return DuckDBWarehouse(str(database))
+    if conn_type != "postgres" and conn_type not in WAREHOUSE_DIALECTS:
+        supported = ", ".join(["postgres", "duckdb", *WAREHOUSE_DIALECTS])
+        raise StopChurnConfigError(
+            f"Connection {conn_id!r} is of type {conn_type!r}, which the diff in the warehouse does not know "
+            f"(supported: {supported}); use diff_location='worker'."
+        )
+    hook = connection.get_hook(hook_params=dict(hook_params or {}))
+    if conn_type == "postgres":
+        uri = _adbc_postgres_uri(connection, hook)
+        if uri is not None:
+            return PostgresWarehouse(uri)
+        dialect, paramstyle = "postgres", "format"  # psycopg's
+    else:
+        dialect, paramstyle = WAREHOUSE_DIALECTS[conn_type]
+    if not isinstance(hook, SqlHook):
+        raise StopChurnConfigError(
+            f"Connection {conn_id!r} has no SQL hook with get_conn() (got {type(hook).__name__}); the diff in the "
+            "warehouse needs a common.sql DbApiHook."
+        )
+    log.info("The diff runs in %s (connection %r) through its hook's DB-API connection.", dialect, conn_id)
+    return DbApiWarehouse(hook.get_conn, dialect, paramstyle=paramstyle)
+
+
+def warehouse_source(
+    conn_id: str,
+    sql: str | list[str],
+    parameters: Mapping[str, Any] | Sequence[Any] | None = None,
+    hook_params: Mapping[str, Any] | None = None,
+    *,
+    state_schema: str = DEFAULT_STATE_SCHEMA,
+) -> WarehouseSource:
+    """The source of a warehouse diff: one SELECT on ``conn_id``'s warehouse. PostgreSQL's ``parameters`` are
+    inlined as literals (as the worker path binds them for ADBC); elsewhere a query with parameters is refused."""
+    from airflow_provider_stopchurn.pushdown import WarehouseSource
+    from airflow_provider_stopchurn.sources import _with_literals
+
+    statements = [sql] if isinstance(sql, str) else [str(s) for s in sql]
+    if len(statements) != 1:
+        raise StopChurnConfigError(
+            f"diff_location='warehouse' needs `sql` to be one SELECT query, got a list of {len(statements)} statements."
+        )
+    query = statements[0]
+    warehouse = warehouse_for_connection(conn_id, hook_params)
+    if warehouse.dialect == "postgres":
+        query = _with_literals(query, parameters)
+    elif parameters:
+        raise StopChurnConfigError(
+            f"Query parameters with diff_location='warehouse' are only supported on PostgreSQL; connection {conn_id!r} "
+            f"is a {warehouse.dialect} warehouse. Write the values into the query (a Jinja template renders them), "
+            "or use diff_location='worker'."
+        )
+    return WarehouseSource(query, warehouse, state_schema=state_schema)
 
 
 def snapshot_root(uri: Any, conn_id: str | None = None) -> Any:

@@ -895,6 +895,12 @@ def reconcile(source: WarehouseSource, store: SnapshotStore, options: SyncOption
     try:
         with store.lock("stopchurn-reconcile", ttl_s=options.lock_ttl_s, wait_s=0) as lock:
             pending = store.pending_plan(cleanup=False)
+            if action == "adopt-state" and pending is not None:
+                meta = _meta(warehouse, state)
+                if meta is not None and meta.token == pending.target_version:
+                    # the state table already holds that plan (a crash before CURRENT): finish it, nothing resent
+                    settle_state(store, pending, store.acks(pending), warehouse, state, lock=lock)
+                    return f"The state table {state.display} held plan {pending.plan_id}; it is now committed."
             if pending is not None:
                 store.discard_plan(pending)
             if action == "reset":
