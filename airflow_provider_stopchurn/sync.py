@@ -296,9 +296,14 @@ def _plan_and_deliver(
             "Could not settle plan %s after a failed delivery (%s); the next run settles it.", stored[0].plan_id, err
         )
         raise report.failure from err
+    conclude(summary, settled, report.failure, options)
+
+
+def conclude(summary: SyncSummary, settled: Settled, failure: BaseException | None, options: SyncOptions) -> None:
+    """After a delivery was settled (by either engine): count it, then raise its failure or the rejection limit."""
     summary.add(settled)
-    if report.failure is not None:
-        raise report.failure
+    if failure is not None:
+        raise failure
     if settled.rejections:
         log.warning(
             "StopChurn rejected %d rows of %r; they are in %s and will be tried again next run.",
@@ -323,6 +328,7 @@ __all__ = [
     "SyncOptions",
     "SyncSummary",
     "canonical_source",
+    "conclude",
     "run_sync",
     "schema_changes",
 ]

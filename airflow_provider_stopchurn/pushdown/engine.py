@@ -47,7 +47,7 @@ from airflow_provider_stopchurn.pushdown import sql as S
 from airflow_provider_stopchurn.pushdown.warehouse import Warehouse
 from airflow_provider_stopchurn.settle import _APPLIED, _NOT_APPLIED, _UNCERTAIN, Settled, _rejection_records, _status
 from airflow_provider_stopchurn.snapshot import Committed, Plan, SnapshotStore
-from airflow_provider_stopchurn.sync import SyncSummary, canonical_source
+from airflow_provider_stopchurn.sync import SyncSummary, canonical_source, conclude
 
 log = logging.getLogger(__name__)
 
@@ -634,23 +634,7 @@ def _deliver_and_settle(run: _Run, sender: Sender, plan: Plan, frame: pl.DataFra
             "Could not settle plan %s after a failed delivery (%s); the next run settles it.", stored[0].plan_id, err
         )
         raise report.failure from err
-    summary.add(settled)
-    if report.failure is not None:
-        raise report.failure
-    if settled.rejections:
-        log.warning(
-            "StopChurn rejected %d rows of %r; they are in %s and will be tried again next run.",
-            len(settled.rejections),
-            options.table_name,
-            settled.quarantine_uri,
-        )
-    if summary.quarantined > options.max_rejected_rows:
-        raise SafeguardError(
-            f"StopChurn rejected {summary.quarantined} rows of {options.table_name!r}, more than max_rejected_rows="
-            f"{options.max_rejected_rows}.\n"
-            "The other rows were delivered and committed. The rejected ones will be tried again next run; they are "
-            f"in {summary.quarantine_uri}"
-        )
+    conclude(summary, settled, report.failure, options)
 
 
 def _token() -> str:
