@@ -367,15 +367,20 @@ def test_stores_show_the_lock_the_pending_plan_and_the_quarantined_rows(
     admin: Any, api_server: ApiServer, syncs: Syncs
 ):
     page, frame = open_stopchurn_page(admin, api_server)
-    accounts = frame.locator(f'#stores ~ .store[data-store="{ACCOUNTS_TABLE}"][data-brand="{BRAND}"]')
     store = syncs.store(ACCOUNTS_TABLE)
+    # other tests' DAG runs share the metadata DB and may sync the same brand and table elsewhere: this store only
+    accounts = frame.locator(f'#stores ~ .store[data-store="{ACCOUNTS_TABLE}"][data-brand="{BRAND}"]').filter(
+        has_text=store.location
+    )
     plan = store.pending_plan(cleanup=False)
     assert plan is not None
     assert f"{len(store.acked(plan))} of {len(plan.chunks)} chunks acknowledged" in accounts.inner_text()
     assert plan.plan_id in accounts.locator('[data-item="plan"]').inner_text()
     lock = accounts.locator('[data-item="lock"]').inner_text()
     assert CRASH_HOLDER in lock and "held" in lock
-    users_store = frame.locator(f'#stores ~ .store[data-store="{USERS_TABLE}"]')
+    users_store = frame.locator(f'#stores ~ .store[data-store="{USERS_TABLE}"]').filter(
+        has_text=syncs.store(USERS_TABLE).location
+    )
     assert "Quarantined rows: 1" in users_store.inner_text()
     rejected = syncs.store(USERS_TABLE).read_quarantine()[0]
     assert users_store.locator("table.quarantine tbody tr").all_inner_texts() == [
