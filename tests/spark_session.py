@@ -89,6 +89,8 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
     builder = SparkSession.builder
     for key, value in spark_conf(base).items():
         builder = builder.config(key, value)
+    # py4j logs at INFO from __del__ at interpreter exit, after pytest closed its streams ("Logging error")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     started = time.monotonic()
     try:
         session = builder.getOrCreate()
