@@ -8,7 +8,7 @@ LOCK := requirements-dev.lock
 # PYTHONDONTWRITEBYTECODE may be set: compile bytecode at install time so `import airflow` stays fast.
 UV_FLAGS := --compile-bytecode --quiet
 
-.PHONY: venv test test-matrix test-matrix-oldest lint typecheck check demo bench bench-events-export bench-large soak lock lock-matrix clean
+.PHONY: venv test test-matrix test-matrix-oldest lint typecheck check demo bench bench-events-export bench-large bench-pushdown soak lock lock-matrix clean
 
 # The venv is made by the standard library, then uv (pinned in the lock, so syncing keeps it) installs the
 # locked set into it in seconds (plain pip takes over a minute). Nothing is installed outside .venv.
@@ -52,6 +52,14 @@ bench-events-export: $(STAMP)
 
 bench-large: $(STAMP)
 	$(PY) benchmarks/run.py --rows 10000000 --large --profile
+	$(PY) benchmarks/run.py --pushdown --rows 10000000 --duckdb-rows $(PUSHDOWN_DUCKDB_ROWS)
+
+# the diff inside the warehouse alone (benchmarks/RESULTS-pushdown.md): PostgreSQL and Spark at PUSHDOWN_ROWS, DuckDB
+# at PUSHDOWN_DUCKDB_ROWS; e.g. `make bench-pushdown PUSHDOWN_DUCKDB_ROWS=30000000` on a slow machine
+PUSHDOWN_ROWS ?= 10000000
+PUSHDOWN_DUCKDB_ROWS ?= 100000000
+bench-pushdown: $(STAMP)
+	$(PY) benchmarks/run.py --pushdown --rows $(PUSHDOWN_ROWS) --duckdb-rows $(PUSHDOWN_DUCKDB_ROWS)
 
 soak: $(STAMP)
 	STOPCHURN_SOAK=long $(PY) -m pytest -m slow tests/test_soak.py
@@ -75,8 +83,8 @@ MATRIX ?= $(AIRFLOW_MINORS)
 # fastapi, pydantic and cadwyn break Airflow 3.2.2's in-process execution API (dag.test() fails).
 LOCK_DATE_3.1 := 2026-03-12
 LOCK_DATE_3.2 := 2026-05-30
-# Lint and type-check tools stay in the main venv only.
-MATRIX_NO_EMIT := $(addprefix --no-emit-package ,ruff mypy pandas-stubs types-requests uv)
+# Lint and type-check tools stay in the main venv only, and pyspark (no Spark test is `matrix`; its tests skip without it).
+MATRIX_NO_EMIT := $(addprefix --no-emit-package ,ruff mypy pandas-stubs types-requests uv pyspark py4j)
 matrix_stamp = $(if $(filter $(NEWEST_MINOR),$(1)),$(STAMP),.venv-airflow-$(1)/.installed)
 
 .venv-airflow-%/.installed: requirements-airflow-%.lock pyproject.toml | $(STAMP)

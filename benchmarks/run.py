@@ -6,6 +6,7 @@ Usage::
     python benchmarks/run.py --rows 10000000 --large     # make bench-large (writes benchmarks/RESULTS-large.md)
     python benchmarks/run.py --rows 100000 --reps 1      # quick check
     python benchmarks/run.py --events --export           # events and historical export only (RESULTS-events-export.md)
+    python benchmarks/run.py --pushdown --rows 10000000  # make bench-pushdown: the diff in the warehouse (pushdown.py)
 
 Everything runs on one deterministic synthetic table (numpy, seeded). The StopChurn sandbox runs in a separate
 process on 127.0.0.1 so its CPU time does not hide inside the measured process; peak memory of the engine is
@@ -1414,6 +1415,8 @@ def render_events_export(rep: dict[str, Any], args: argparse.Namespace, command:
 
 
 def main() -> int:
+    import pushdown  # benchmarks/pushdown.py: the warehouse-diff scenarios (--pushdown)
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the base table")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per timing (default 3; 1 with --large)")
@@ -1430,10 +1433,17 @@ def main() -> int:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--sql-only", action="store_true", help="only the SQL scenarios (PostgreSQL source)")
     which.add_argument("--no-sql", action="store_true", help="only the DataFrame scenarios (no PostgreSQL needed)")
-    parser.add_argument("--child", choices=[*FRAME_CHILDREN, *SQL_CHILDREN, "export"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=[*FRAME_CHILDREN, *SQL_CHILDREN, "export", *pushdown.CHILDREN], help=argparse.SUPPRESS
+    )
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    pushdown.add_arguments(parser)
     args = parser.parse_args()
+    if args.child in pushdown.CHILDREN:
+        return pushdown.child_main(args)
+    if args.pushdown:
+        return pushdown.main(args)
     if args.child == "export":
         return export_child_main(args)
     if args.child in SQL_CHILDREN:
