@@ -1030,7 +1030,9 @@ def main(args: argparse.Namespace) -> int:
                     scenario()
                 except Exception as err:  # the other scenarios still run; the results name the failure
                     traceback.print_exc()
-                    rep.setdefault("failed", {})[engine] = f"{type(err).__name__}: {err}"[:2000]
+                    lines = str(err).strip().splitlines() or [""]
+                    why = lines[0][:300] + (f" ... {lines[-1][:500]}" if len(lines) > 1 else "")
+                    rep.setdefault("failed", {})[engine] = f"{type(err).__name__}: {why}"
                     _drop(rep, engine)
                 finally:
                     if done is not None:
@@ -1109,10 +1111,11 @@ def load_reports(paths: list[Path]) -> tuple[dict[str, Any], argparse.Namespace,
         done = [engine for engine in ENGINES if _has(one, engine)]
         for engine in done:
             rep["failed"].pop(engine, None)
-        rep["failed"].update({e: why for e, why in one.pop("failed", {}).items() if not _has(rep, e)})
+        failed = one.pop("failed", {})
+        rep["failed"].update({e: why for e, why in failed.items() if not _has(rep, e)})
         rep.update(one)
         rep["runs"].append({"command": data["command"], "date": data["date"], "wall": data["wall"], "load": load})
-        rep["runs"][-1]["engines"] = done
+        rep["runs"][-1].update(engines=done, failed=failed)
         for key in ("rows", "chunk_size", "concurrency", "reps", "duckdb_memory_limit", "spark_driver_memory"):
             values.setdefault(key, args[key])
         for engine, keys in (("duckdb", ("duckdb_rows", "duckdb_memory_limit")), ("spark", ("spark_rows",))):
@@ -1160,6 +1163,15 @@ def _secs(runs: list[dict[str, Any]]) -> str:
     return f"{_median(runs)['seconds']:.2f}" + (f" ({s[0]:.2f}-{s[-1]:.2f})" if len(s) > 1 else "")
 
 
+def _java_version() -> str:
+    java = _spark_session_module().find_java()
+    if java is None:
+        return "(none found)"
+    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False, timeout=60)
+    match = re.search(r'version "([^"]+)"', out.stderr + out.stdout)
+    return match.group(1) if match else "(unknown version)"
+
+
 def _versions(rep: dict[str, Any]) -> str:
     m = bench.machine()
     parts = [
@@ -1171,7 +1183,7 @@ def _versions(rep: dict[str, Any]) -> str:
     if "duckdb_runs" in rep:
         parts.append(f"DuckDB {bench._version('duckdb')}")
     if "spark" in rep:
-        parts.append(f"pyspark {bench._version('pyspark')} ({rep['spark'].get('java', 'Java')})")
+        parts.append(f"pyspark {bench._version('pyspark')} on Java {_java_version()}")
     return ", ".join(parts)
 
 
@@ -1241,11 +1253,17 @@ def render(rep: dict[str, Any], args: argparse.Namespace, command: str, wall: fl
             f"- Commands ({wall:.0f} s in all; `make bench-pushdown` runs the first with `.venv/bin/python`, "
             "`make bench-large` too). Each scenario's numbers, and the ratios within it, come from one run:"
         ]
-        head += [
-            f"  - `{r['command']}`: {r['date']}, {r['wall']:.0f} s; results taken from it: "
-            + (", ".join(r["engines"]) or "none")
-            for r in runs
-        ]
+        for r in runs:
+            command = re.sub(r" --out \S+", "", r["command"])  # where its own results file went
+            head.append(
+                f"  - `{command}`: {r['date']}, {r['wall']:.0f} s; results taken from it: "
+                + (", ".join(r["engines"]) or "none")
+                + "".join(
+                    f"; its {engine} scenario FAILED (measured again by a later command): `{why}`"
+                    for engine, why in (r.get("failed") or {}).items()
+                    if _has(rep, engine)
+                )
+            )
     else:
         head = [
             f"- Command: `{command}` (`make bench-pushdown` runs it with `.venv/bin/python`; `make bench-large` too)",
@@ -1343,7 +1361,10 @@ def render_targets(rep: dict[str, Any], args: argparse.Namespace) -> list[str]:
         r = rep["spark"]["runs"]["churn"]
         out.append(bench._row("Spark churn run time (reported, no target)", f"{r['seconds']:.1f} s", "n/a"))
     out.append("")
-    out.append("All correctness checks raise and stop the benchmark when they fail, so a written file means MET.")
+    out.append(
+        "A failed check stops its scenario, which is then reported as FAILED below and left out of the tables; MET "
+        "means every check of the scenario passed."
+    )
     if bounds:
         out += ["", "What bounds the miss:", ""] + [f"- {b}" for b in bounds]
     return out
@@ -1385,9 +1406,11 @@ def churn_notes(name: str, run: dict[str, Any], join: dict[str, Any] | None, cha
         "key text, the new hash and the state's createdAt and last delivered row, which only deletes use)"
     )
     if plan is not None and plan[3]:
+        after = run["phases"][run["phases"].index(plan) :]
         text += (
-            f"; the plan frame the engine keeps in the worker is {_mb(plan[3])} ({plan[3] / max(changed, 1):,.0f} "
-            f"bytes per changed row), and the worker's RSS keeps growing after it: {steps_text(run)}"
+            f"; the plan frame the engine keeps in the worker (every changed row: op, key text, hash, row JSON) is "
+            f"{_mb(plan[3])} ({plan[3] / max(changed, 1):,.0f} bytes per changed row). Peak of each step from there "
+            f"on: {steps_text({'phases': after})}"
         )
     return [*notes, text + "."]
 
@@ -1404,9 +1427,10 @@ def baseline_notes(name: str, run: dict[str, Any], table_bytes: int | None, stat
         )
     return (
         f"{name} baseline: {run['seconds']:.1f} s. Every source row leaves {name} ({_mb(out)} of Arrow, "
-        f"{reading:.1f} s waiting for the query), is canonicalized and JSON-encoded in the worker, and goes back in "
-        f"({_mb(into)} in {_calls(run, 'load')} staging loads, then INSERT into the new state table; {writing:.1f} s "
-        f"waiting for {name}); the rest, {run['seconds'] - _q(run, ''):.1f} s, is the worker's encoding.{sizes}"
+        f"{reading:.1f} s waiting for its next batch), is canonicalized and JSON-encoded in the worker, and goes "
+        f"back in ({_mb(into)} in {_calls(run, 'load')} staging loads, then INSERT into the new state table; "
+        f"{writing:.1f} s waiting for {name}); the rest, {run['seconds'] - _q(run, ''):.1f} s, is the worker's "
+        f"encoding.{sizes}"
     )
 
 
@@ -1451,7 +1475,24 @@ def render_findings(rep: dict[str, Any], args: argparse.Namespace) -> list[str]:
         churn = rep["spark_churn"]
         spark_runs = rep["spark"]["runs"]
         notes += churn_notes("Spark", spark_runs["churn"], None, churn.inserted + churn.updated + churn.deleted)
-        notes.append(baseline_notes("Spark", spark_runs["baseline"], None, None))
+        base = spark_runs["baseline"]
+        notes.append(baseline_notes("Spark", base, None, None))
+        loads, rows = _calls(base, "load"), _q(base, "load", 3)
+        notes.append(
+            f"Spark baseline, memory: the worker {bench._above(_above(base))} above start, the JVM "
+            f"{bench.fmt_bytes(base['jvm_rss_before'])} -> {bench.fmt_bytes(base['jvm_peak'])}. "
+            "`SparkWarehouse.batches` collects the whole result on the driver (`toArrow()`) before handing out "
+            f"batches, so the baseline holds every row ({_mb(_q(base, 'every source row', 4))} of Arrow) in the worker "
+            f"at once; and it writes the state table in {loads:,} staging loads + INSERTs of about "
+            f"{rows / max(loads, 1):,.0f} rows each ({_q(base, 'load') + _q(base, 'baseline: insert'):.1f} s), one "
+            "Spark job each."
+        )
+        run = spark_runs["churn"]
+        notes.append(
+            f"Spark churn run, settling: {_q(run, 'settle'):.1f} s, because Spark's file tables cannot DELETE: the "
+            "whole state table is rewritten (`CREATE TABLE ..__next AS SELECT` the kept rows `UNION ALL` the "
+            "staged ones, then drop and rename) to apply the changed rows."
+        )
     if not notes:
         return []
     return ["", "## Where the time and memory go", "", *(f"- {note}" for note in notes)]
@@ -1479,8 +1520,9 @@ def duckdb_memory_bound(rep: dict[str, Any], args: argparse.Namespace) -> str:
     )
     if plan is not None and plan[3]:
         text += (
-            f" The plan frame the engine holds in the worker (every changed row: op, key text, hash, row JSON) is "
-            f"{_mb(plan[3])} for {changed:,} changed rows ({plan[3] / changed:,.0f} bytes per row)."
+            f" Without DuckDB's share the worker would still miss: the plan frame the engine holds (every changed "
+            f"row: op, key text, hash, row JSON) is {_mb(plan[3])} alone for {changed:,} changed rows "
+            f"({plan[3] / changed:,.0f} bytes per row), and it is held from the changed-rows query to the settle."
         )
     return text
 
