@@ -228,7 +228,9 @@ class StateTable:
         return (
             f"WITH n AS (SELECT s.*, {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {q(SOURCE)} AS s), "
             f"d AS (SELECT {data}{', ' if data else ''}{old_texts}, n.{q(NEW_HASH)}, "
-            f"t.{q(CREATED)} AS {q(OLD_CREATED)}, t.{q(ROW)} AS {q(OLD_ROW)}, "
+            f"t.{q(CREATED)} AS {q(OLD_CREATED)}, "
+            # only a delete sends the row as last delivered: the others leave it in the warehouse
+            f"CASE WHEN n.{first_key} IS NULL THEN t.{q(ROW)} END AS {q(OLD_ROW)}, "
             f"CASE WHEN n.{first_key} IS NULL THEN 'delete' "
             f"WHEN t.{q(HASH)} IS NULL OR t.{q(HASH)} = {lit(DIRTY_INSERT)} THEN 'insert' "
             f"WHEN {changed} THEN 'update' ELSE NULL END AS {q(OP)} "
