@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,9 +32,9 @@ from airflow_provider_stopchurn.encoding import Canonical
 from airflow_provider_stopchurn.exceptions import SafeguardError, StopChurnConfigError
 from airflow_provider_stopchurn.history import recorded
 from airflow_provider_stopchurn.options import RejectPolicy, SchemaPolicy, SyncOptions
-from airflow_provider_stopchurn.plan import RunPlan, make_plan, schema_changes
+from airflow_provider_stopchurn.plan import RunPlan, Window, make_plan, schema_changes
 from airflow_provider_stopchurn.settle import Settled, preview, settle
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.snapshot import Plan, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -251,15 +251,50 @@ def _plan_and_deliver(
         return
 
     target_version = store.write_snapshot(plan.target)
-    stored = [
-        store.write_plan(
-            target_version=target_version,
-            base_version=base_version,
-            changes=plan.positions,
-            chunks=[],
-            meta={**plan.meta, "target_rows": plan.target.height, "total_updates": plan.changes},
-        )
-    ]
+    stored = store.write_plan(
+        target_version=target_version,
+        base_version=base_version,
+        changes=plan.positions,
+        chunks=[],
+        meta={**plan.meta, "target_rows": plan.target.height, "total_updates": plan.changes},
+    )
+    deliver_and_settle(
+        store,
+        stored,
+        plan.windows(options, run_ms),
+        sender,
+        options,
+        summary,
+        lock,
+        lambda final, acks, uncertain: settle(
+            store,
+            final,
+            acks,
+            uncertain=uncertain,
+            lock=lock,
+            run=lambda s: summary.run_record(options.run_key, s, summary.settled_chunks),
+        ),
+    )
+
+
+#: Settles a delivered plan: (the plan with every chunk recorded, its acknowledgements, the uncertain chunks).
+SettlePlan = Callable[[Plan, dict[int, list[dict[str, Any]]], set[int]], Settled]
+
+
+def deliver_and_settle(
+    store: SnapshotStore,
+    plan: Plan,
+    windows: Iterable[Window],
+    sender: Sender,
+    options: SyncOptions,
+    summary: SyncSummary,
+    lock: Any,
+    settle_plan: SettlePlan,
+) -> None:
+    """Deliver a stored plan's windows, recording chunks and acknowledgements in the store, then settle it (by
+    either engine's ``settle_plan``) and :func:`conclude`. A settle that fails after a failed delivery leaves the
+    plan for the next run and raises the delivery's failure."""
+    stored = [plan]
 
     def record(chunk: int, rejections: list[Rejection]) -> None:
         store.ack(stored[0], chunk, [r.record() for r in rejections])
@@ -268,7 +303,7 @@ def _plan_and_deliver(
         stored[0] = store.add_chunks(stored[0], first, chunks)
 
     report = deliver(
-        plan.windows(options, run_ms),
+        windows,
         sender,
         options,
         record,
@@ -281,14 +316,7 @@ def _plan_and_deliver(
     summary.bytes = report.bytes
     acks = {chunk: [r.record() for r in rejections] for chunk, rejections in report.acked.items()}
     try:
-        settled = settle(
-            store,
-            stored[0],
-            acks,
-            uncertain=report.uncertain,
-            lock=lock,
-            run=lambda s: summary.run_record(options.run_key, s, summary.settled_chunks),
-        )
+        settled = settle_plan(stored[0], acks, report.uncertain)
     except Exception as err:
         if report.failure is None:
             raise
@@ -329,6 +357,7 @@ __all__ = [
     "SyncSummary",
     "canonical_source",
     "conclude",
+    "deliver_and_settle",
     "run_sync",
     "schema_changes",
 ]

@@ -37,7 +37,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from airflow_provider_stopchurn.deliver import Rejection, Sender, deliver
+from airflow_provider_stopchurn.deliver import Sender
 from airflow_provider_stopchurn.encoding import encode_rows, encode_updates
 from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, StopChurnConfigError
 from airflow_provider_stopchurn.history import recorded
@@ -47,7 +47,7 @@ from airflow_provider_stopchurn.pushdown import sql as S
 from airflow_provider_stopchurn.pushdown.warehouse import Warehouse
 from airflow_provider_stopchurn.settle import _APPLIED, _NOT_APPLIED, _UNCERTAIN, Settled, _rejection_records, _status
 from airflow_provider_stopchurn.snapshot import Committed, Plan, SnapshotStore
-from airflow_provider_stopchurn.sync import SyncSummary, canonical_source, conclude
+from airflow_provider_stopchurn.sync import SyncSummary, canonical_source, deliver_and_settle
 
 log = logging.getLogger(__name__)
 
@@ -593,48 +593,26 @@ def _op_counts(ops: pl.Series) -> dict[str, int]:
 
 
 def _deliver_and_settle(run: _Run, sender: Sender, plan: Plan, frame: pl.DataFrame) -> None:
-    store, options, summary, lock = run.store, run.options, run.summary, run.lock
-    stored = [plan]
-
-    def record(chunk: int, rejections: list[Rejection]) -> None:
-        store.ack(stored[0], chunk, [r.record() for r in rejections])
-
-    def add_chunks(first_chunk: int, chunks: list[tuple[int, int]]) -> None:
-        stored[0] = store.add_chunks(stored[0], first_chunk, chunks)
-
-    report = deliver(
-        windows(frame, options),
+    deliver_and_settle(
+        run.store,
+        plan,
+        windows(frame, run.options),
         sender,
-        options,
-        record,
-        on_chunks=add_chunks,
-        guard=lambda: lock.check(max_age_s=lock.interval_s),
-    )
-    summary.requests += report.requests
-    summary.retries += report.retries
-    summary.chunks = report.chunks
-    summary.bytes = report.bytes
-    acks = {chunk: [r.record() for r in rejections] for chunk, rejections in report.acked.items()}
-    try:
-        settled = settle_state(
-            store,
-            stored[0],
+        run.options,
+        run.summary,
+        run.lock,
+        lambda final, acks, uncertain: settle_state(
+            run.store,
+            final,
             acks,
             run.warehouse,
             run.state,
-            uncertain=report.uncertain,
-            lock=lock,
+            uncertain=uncertain,
+            lock=run.lock,
             run=run.record,
             frame=frame,
-        )
-    except Exception as err:
-        if report.failure is None:
-            raise
-        log.error(
-            "Could not settle plan %s after a failed delivery (%s); the next run settles it.", stored[0].plan_id, err
-        )
-        raise report.failure from err
-    conclude(summary, settled, report.failure, options)
+        ),
+    )
 
 
 def _token() -> str:
