@@ -93,6 +93,15 @@ _USER_ID = "__sc_user_id"
 _VALUE = "__sc_value"
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _WATERMARK_KINDS = ("timestamp", "date", "int")
+#: How far below the run's clock the watermark stays at most: a row stamped just before the clock by a producer
+#: whose clock lags the worker's (or committed a moment late) is still inside the next run's window.
+FUTURE_MARGIN = dt.timedelta(minutes=1)
+#: The longest ``lookback``: back from 1970 to the first datetime (0001-01-01); longer is beyond any datetime.
+MAX_LOOKBACK = _EPOCH - dt.datetime(1, 1, 1, tzinfo=dt.UTC)
+#: The earliest start of a window (0001-01-01, epoch ms): a window reaching further back reads everything.
+_MIN_SINCE_MS = -(MAX_LOOKBACK // dt.timedelta(milliseconds=1))
+#: Floats are exact integers only up to 2**53: a larger float user id may be another user's id, rounded.
+_MAX_EXACT_FLOAT = 2**53
 
 
 # --- options ---------------------------------------------------------------------------------------------------
@@ -162,6 +171,11 @@ class EventOptions:
             problems.append(f"watermark_column must name a column, got {self.watermark_column!r}")
         if not isinstance(self.lookback, dt.timedelta) or self.lookback < dt.timedelta(0):
             problems.append(f"lookback must be a datetime.timedelta >= 0, got {self.lookback!r}")
+        elif self.lookback > MAX_LOOKBACK:
+            problems.append(
+                f"lookback must be at most {MAX_LOOKBACK.days} days (back from 1970 to the year 1, the range of "
+                f"datetimes), got {self.lookback!r}"
+            )
         elif self.lookback and self.watermark_column is None:
             problems.append("lookback needs a watermark_column (it is measured back from the watermark)")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
@@ -205,7 +219,7 @@ class Window:
     @property
     def since(self) -> dt.datetime:
         """The start as a timezone-aware UTC datetime (1970-01-01 on a first run)."""
-        return _EPOCH + dt.timedelta(milliseconds=self.since_ms or 0)
+        return _EPOCH + dt.timedelta(milliseconds=max(self.since_ms or 0, _MIN_SINCE_MS))
 
     def parameters(self) -> dict[str, Any]:
         """The named query parameters a SQL source gets: ``since`` (UTC datetime) and ``since_ms`` (epoch ms)."""
@@ -239,7 +253,8 @@ class EventSummary:
     ``sent`` counts the events StopChurn acknowledged in the whole DAG run (a later try adds what earlier tries
     delivered); ``duplicates`` the rows dropped because their key was delivered already or repeats in the source;
     ``before_window`` the rows older than the window (delivered by an earlier run, or late beyond the lookback),
-    not sent; ``resumed_chunks`` the chunks of an unfinished plan this run sent.
+    not sent; ``held_future`` the rows dated after the run's clock, held (not sent) until a run's clock passes
+    them; ``resumed_chunks`` the chunks of an unfinished plan this run sent.
     """
 
     brand_id: int
@@ -247,6 +262,7 @@ class EventSummary:
     sent: int = 0
     duplicates: int = 0
     before_window: int = 0
+    held_future: int = 0
     chunks: int = 0
     bytes: int = 0
     requests: int = 0
@@ -270,9 +286,10 @@ class EventSummary:
     def line(self) -> str:
         mode = " (dry run: nothing sent)" if self.dry_run else ""
         resumed = f", {self.resumed_chunks} chunks resumed from an unfinished plan" if self.resumed_chunks else ""
+        held = f", {self.held_future} dated after the run's clock held" if self.held_future else ""
         return (
             f"StopChurn events of brand {self.brand_id} stream {self.stream!r}{mode}: {self.sent} sent, "
-            f"{self.duplicates} duplicates dropped, {self.before_window} before the window; {self.chunks} chunks, "
+            f"{self.duplicates} duplicates dropped, {self.before_window} before the window{held}; {self.chunks} chunks, "
             f"{self.bytes} bytes, {self.retries} retries{resumed}; watermark {self.watermark}; "
             f"{self.duration_s:.2f}s; state {self.state_uri}"
         )
@@ -283,7 +300,10 @@ class EventSummary:
 
 
 def _iso(ms: int) -> str:
-    return (_EPOCH + dt.timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        return (_EPOCH + dt.timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    except OverflowError:  # an epoch-ms watermark beyond the datetimes: shown as the number it is
+        return f"{ms} ms after 1970-01-01"
 
 
 # --- the store -------------------------------------------------------------------------------------------------
@@ -433,6 +453,14 @@ def _user_id(canon: pl.DataFrame, kinds: Mapping[str, str], column: str) -> pl.S
                 f"User id column {column!r} holds non-integral numbers, e.g. "
                 f"{values.filter(fractional).head(_MAX_LISTED).to_list()}; user ids are strings or whole numbers."
             )
+        inexact = values.is_not_null() & (values.abs() > _MAX_EXACT_FLOAT)
+        if inexact.any():
+            shown = ", ".join(f"{v:g}" for v in values.filter(inexact).head(_MAX_LISTED).to_list())
+            raise SourceDataError(
+                f"User id column {column!r} holds numbers too large to be exact as floats, e.g. {shown}; a float "
+                f"is an exact whole number only up to 2**53, so such an id may be another user's, rounded. Read "
+                "the column as integers or text. Nothing was sent."
+            )
         return values.cast(pl.Int64).cast(pl.String)
     if kind == "decimal":
         fractional = values.str.contains(".", literal=True) | values.str.contains("E-", literal=True)
@@ -488,12 +516,29 @@ class EventPlan:
     state: _State
     duplicates: int = 0
     before_window: int = 0
+    held_future: int = 0
+
+
+def _ceiling(now_ms: int) -> int:
+    """The highest watermark a run whose clock reads ``now_ms`` may commit."""
+    return now_ms - FUTURE_MARGIN // dt.timedelta(milliseconds=1)
 
 
 def make_event_plan(
-    encoded: Encoded, ledger: pl.DataFrame, state: _State, window: Window, options: EventOptions
+    encoded: Encoded,
+    ledger: pl.DataFrame,
+    state: _State,
+    window: Window,
+    options: EventOptions,
+    now_ms: int | None = None,
 ) -> EventPlan:
-    """Drop rows older than the window and keys already delivered; order, chunk; the ledger after delivery."""
+    """Drop rows older than the window, rows dated after the run's clock and keys already delivered; order,
+    chunk; the ledger after delivery.
+
+    :param now_ms: the run's clock (epoch ms). Rows whose watermark is after it are held: not sent, not recorded,
+        so a later run whose clock has passed them sends them; the new watermark stays at most
+        ``now_ms - FUTURE_MARGIN``. None: no clock (nothing held, the watermark not capped).
+    """
     frame = encoded.frame
     if state.event_key is not None and state.event_key != encoded.key_columns and ledger.height:
         raise StopChurnConfigError(
@@ -503,6 +548,12 @@ def make_event_plan(
             "not affected by new source columns), or start a new stream (another stream_id) knowing that the "
             "events of the window will be sent again."
         )
+    held = 0
+    if options.watermark_column is not None and now_ms is not None:
+        future = frame.get_column(WATERMARK) > now_ms
+        held = int(future.sum())
+        if held:
+            frame = frame.filter(~future)
     before_window = 0
     if window.since_ms is not None:
         recent = frame.get_column(WATERMARK) >= window.since_ms
@@ -527,8 +578,11 @@ def make_event_plan(
     if options.watermark_column is not None and fresh.height:
         top = int(fresh.get_column(WATERMARK).max())  # type: ignore[arg-type]
         after.watermark_ms = top if state.watermark_ms is None else max(state.watermark_ms, top)
+    if now_ms is not None and after.watermark_ms is not None:
+        # never past the run's clock: a watermark in the future would put every later event before the window
+        after.watermark_ms = min(after.watermark_ms, _ceiling(now_ms))
     target = _prune(pl.concat([ledger, fresh.select(KEY, WATERMARK)]), after, options)
-    return EventPlan(fresh, chunks, bodies_bytes(sizes, chunks), target, after, duplicates, before_window)
+    return EventPlan(fresh, chunks, bodies_bytes(sizes, chunks), target, after, duplicates, before_window, held)
 
 
 def _prune(ledger: pl.DataFrame, state: _State, options: EventOptions) -> pl.DataFrame:
@@ -546,6 +600,7 @@ def run_events(
     options: EventOptions,
     *,
     stream: str = "",
+    now_ms: int | None = None,
 ) -> EventSummary:
     """Send the events of ``source`` not delivered yet; see the module docstring.
 
@@ -554,16 +609,20 @@ def run_events(
     :param store: the stream's state store (:func:`event_store`).
     :param sender: posts event bodies (a ``StopChurnClient``); may be None only for a dry run.
     :param stream: the stream's name, for the summary and messages.
+    :param now_ms: the run's clock (epoch ms), read once: rows dated after it are held and the watermark stays
+        ``FUTURE_MARGIN`` below it. Default: the system clock.
     """
     started = time.monotonic()
+    if now_ms is None:
+        now_ms = time.time_ns() // 1_000_000
     summary = EventSummary(options.brand_id, stream or store.table_name, dry_run=options.dry_run)
     summary.state_uri = store.location
     if options.dry_run:
-        _dry_run(source, store, options, summary)
+        _dry_run(source, store, options, summary, now_ms)
     else:
         if sender is None:
             raise StopChurnConfigError("A sender is required unless dry_run=True.")
-        run = _Run(store, _ToEventRoute(sender), options, summary)
+        run = _Run(store, _ToEventRoute(sender), options, summary, now_ms)
         with store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock, lock.heartbeat():
             run.lock = lock
             committed = store.read_committed()
@@ -584,7 +643,9 @@ def _read(source: Source, window: Window, options: EventOptions) -> Encoded:
     return encode_events(frame, options)
 
 
-def _dry_run(source: Source, store: SnapshotStore, options: EventOptions, summary: EventSummary) -> None:
+def _dry_run(
+    source: Source, store: SnapshotStore, options: EventOptions, summary: EventSummary, now_ms: int
+) -> None:
     """What a run would send now, with nothing sent or written: an unfinished plan counts as delivered."""
     committed = store.read_committed()
     state, ledger = _State.of(committed), _ledger(committed)
@@ -594,22 +655,35 @@ def _dry_run(source: Source, store: SnapshotStore, options: EventOptions, summar
         summary.resumed_chunks = len(pending.chunks) - len(acked)
         ledger = store.read_snapshot(pending.target_version).select(KEY, WATERMARK)
         state = _State(pending.meta["state"]["watermark_ms"], pending.meta["state"]["event_key"])
-    window = _window(state, options)
-    plan = make_event_plan(_read(source, window, options), ledger, state, window, options)
+    window = _window(state, options, now_ms)
+    plan = make_event_plan(_read(source, window, options), ledger, state, window, options, now_ms)
     _plan_counts(summary, plan, window)
     summary.sent = plan.events.height
     summary.samples = [orjson.loads(e) for e in plan.events.get_column(EVENT).head(5).to_list()]
 
 
-def _window(state: _State, options: EventOptions) -> Window:
+def _window(state: _State, options: EventOptions, now_ms: int) -> Window:
+    """Where the read starts: the watermark minus the lookback; a watermark past the run's clock (committed by an
+    earlier version of this provider after a row dated in the future) counts as the clock minus the margin."""
     if options.watermark_column is None or state.watermark_ms is None:
         return Window(None)
-    return Window(state.watermark_ms - options.lookback_ms)
+    mark = state.watermark_ms
+    if mark > _ceiling(now_ms):
+        log.warning(
+            "The committed watermark %s is after this run's clock %s: reading from the clock minus %s instead "
+            "(events of that span may be sent again once).",
+            _iso(mark),
+            _iso(now_ms),
+            FUTURE_MARGIN,
+        )
+        mark = _ceiling(now_ms)
+    return Window(max(mark - options.lookback_ms, _MIN_SINCE_MS))
 
 
 def _plan_counts(summary: EventSummary, plan: EventPlan, window: Window) -> None:
     summary.duplicates += plan.duplicates
     summary.before_window += plan.before_window
+    summary.held_future += plan.held_future
     summary.chunks += len(plan.chunks)
     summary.bytes += plan.bytes
     summary.since = None if window.since_ms is None else _iso(window.since_ms)
@@ -620,7 +694,10 @@ def _plan_counts(summary: EventSummary, plan: EventPlan, window: Window) -> None
 class _Run:
     """One locked run: finish an unfinished plan, then plan and deliver the source's new events."""
 
-    def __init__(self, store: SnapshotStore, sender: _ToEventRoute, options: EventOptions, summary: EventSummary):
+    def __init__(
+        self, store: SnapshotStore, sender: _ToEventRoute, options: EventOptions, summary: EventSummary, now_ms: int
+    ):
+        self.now_ms = now_ms
         self.store = store
         self.sender = sender
         self.options = options
@@ -662,9 +739,9 @@ class _Run:
     def fresh(self, source: Source) -> None:
         committed = self.store.read_committed()
         state = _State.of(committed)
-        window = _window(state, self.options)
+        window = _window(state, self.options, self.now_ms)
         ledger = _ledger(committed)
-        plan = make_event_plan(_read(source, window, self.options), ledger, state, window, self.options)
+        plan = make_event_plan(_read(source, window, self.options), ledger, state, window, self.options, self.now_ms)
         _plan_counts(self.summary, plan, window)
         if not plan.events.height:
             self.summary.ledger_keys = ledger.height
