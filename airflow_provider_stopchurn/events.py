@@ -67,11 +67,13 @@ from airflow_provider_stopchurn.encoding import (
     plan_chunks,
 )
 from airflow_provider_stopchurn.exceptions import (
+    DeliveryError,
     SourceDataError,
     StopChurnConfigError,
     StopChurnError,
     StopChurnPayloadTooLargeError,
     StopChurnRejectedError,
+    TransientDeliveryError,
 )
 from airflow_provider_stopchurn.snapshot import Committed, Plan, SnapshotStore
 
@@ -88,6 +90,12 @@ LEDGER_KINDS = {KEY: "string", WATERMARK: "int"}
 EVENT_PLAN_FORMAT = 1
 #: Folder of the event state under the state root (beside the table folders ``<brand_id>/<table>``).
 EVENTS_FOLDER = "events"
+#: After this many tries of one plan ended with StopChurn still answering a retryable error (5xx, 408, 429, a
+#: timeout, a dropped connection, a 200 that is not its acknowledgement), the plan is settled: a chunk StopChurn
+#: keeps failing must not hold back the stream, and the next read must see a source that was fixed meanwhile.
+SETTLE_AFTER_FAILED_TRIES = 3
+#: Marks of a plan's failed tries, one empty file each, inside the plan's folder (removed with the plan).
+_FAILED_TRIES = "plans/{plan_id}/failed_tries"
 _MAX_LISTED = 5
 _USER_ID = "__sc_user_id"
 _VALUE = "__sc_value"
@@ -289,8 +297,8 @@ class EventSummary:
         held = f", {self.held_future} dated after the run's clock held" if self.held_future else ""
         return (
             f"StopChurn events of brand {self.brand_id} stream {self.stream!r}{mode}: {self.sent} sent, "
-            f"{self.duplicates} duplicates dropped, {self.before_window} before the window{held}; {self.chunks} chunks, "
-            f"{self.bytes} bytes, {self.retries} retries{resumed}; watermark {self.watermark}; "
+            f"{self.duplicates} duplicates dropped, {self.before_window} before the window{held}; "
+            f"{self.chunks} chunks, {self.bytes} bytes, {self.retries} retries{resumed}; watermark {self.watermark}; "
             f"{self.duration_s:.2f}s; state {self.state_uri}"
         )
 
@@ -643,9 +651,7 @@ def _read(source: Source, window: Window, options: EventOptions) -> Encoded:
     return encode_events(frame, options)
 
 
-def _dry_run(
-    source: Source, store: SnapshotStore, options: EventOptions, summary: EventSummary, now_ms: int
-) -> None:
+def _dry_run(source: Source, store: SnapshotStore, options: EventOptions, summary: EventSummary, now_ms: int) -> None:
     """What a run would send now, with nothing sent or written: an unfinished plan counts as delivered."""
     committed = store.read_committed()
     state, ledger = _State.of(committed), _ledger(committed)
@@ -755,6 +761,7 @@ class _Run:
             chunks=plan.chunks,
             meta={
                 "plan_format": EVENT_PLAN_FORMAT,
+                "engine": "events",
                 "brand_id": self.options.brand_id,
                 "run_key": self.options.run_key,
                 "state": plan.state.record(),
@@ -787,6 +794,10 @@ class _Run:
             self._commit(plan, plan.target_version, int(plan.meta.get("target_rows", -1)), plan.meta["state"])
             return
         if not (isinstance(failure, StopChurnError) and failure.permanent):
+            if isinstance(failure, DeliveryError) and self._failed_tries(plan) >= SETTLE_AFTER_FAILED_TRIES:
+                # StopChurn keeps failing this plan: settle it, so the next try reads the source again
+                self._settle(plan)
+                raise _settled_after_tries(failure, len(acked), len(plan.chunks), self.summary.stream) from failure
             # a crash-like ending (retries exhausted, a lost lock): the plan stays, the next try sends the rest
             log.warning(
                 "Event delivery of %r stopped (%s); %d of %d chunks acknowledged. The plan stays in %s: the next try "
@@ -799,13 +810,20 @@ class _Run:
             )
             raise failure
         try:
-            self._settle(plan, acked)
+            self._settle(plan)
         except Exception as err:
             log.error("Could not settle event plan %s (%s); the next run finishes it.", plan.plan_id, err)
         explained = _explained(failure, len(acked), len(plan.chunks), self.summary.stream)
         if explained is failure:
             raise failure
         raise explained from failure
+
+    def _failed_tries(self, plan: Plan) -> int:
+        """Record that this try of ``plan`` ended with a retryable StopChurn failure; how many tries did so."""
+        folder = _FAILED_TRIES.format(plan_id=plan.plan_id)
+        backend = self.store.backend
+        backend.write_bytes(f"{folder}/{time.time_ns():020d}", b"")
+        return len(backend.list_names(folder))
 
     def _commit(self, plan: Plan, version: str, rows: int, state: Mapping[str, Any]) -> None:
         self.store.commit(
@@ -821,24 +839,117 @@ class _Run:
         )
         self.summary.ledger_keys = rows
 
-    def _settle(self, plan: Plan, acked: set[int]) -> None:
-        """After a permanent failure: the acknowledged keys join the ledger; the watermark stays where it was."""
-        if not acked:
-            self.store.discard_plan(plan)
-            return
-        changes = self.store.read_changes(plan)
-        mask = np.zeros(changes.height, dtype=bool)
-        for chunk in acked:
-            start, end = plan.chunks[chunk]
-            mask[start:end] = True
-        committed = self.store.read_committed()
-        base = _State(**plan.meta["base_state"])
-        ledger = pl.concat([_ledger(committed), changes.filter(pl.Series(mask)).select(KEY, WATERMARK)])
-        version = self.store.write_snapshot(ledger)
-        state = _State(base.watermark_ms, plan.meta["state"]["event_key"])
-        self._commit(plan, version, ledger.height, state.record())
-        self.store.delete_snapshot(plan.target_version)
-        self.summary.set_watermark(base.watermark_ms)
+    def _settle(self, plan: Plan) -> None:
+        """The acknowledged keys join the ledger; the watermark stays where it was (see :func:`settle_event_plan`)."""
+        settled = settle_event_plan(
+            self.store, plan, lock=self.lock, run={"run_key": self.options.run_key, "sent": self.summary.sent}
+        )
+        if settled.committed:
+            self.summary.ledger_keys = settled.ledger_keys
+        self.summary.set_watermark(settled.watermark_ms)
+
+
+# --- settling a plan -------------------------------------------------------------------------------------------
+def is_event_plan(meta: Mapping[str, Any]) -> bool:
+    """Whether a pending plan's meta is an event plan's (older event plans have no ``engine`` but a base state)."""
+    return meta.get("engine") == "events" or ("base_state" in meta and "table_name" not in meta)
+
+
+@dataclass
+class EventSettled:
+    """What settling an event plan did."""
+
+    plan_id: str
+    acknowledged_chunks: int
+    total_chunks: int
+    #: events of the acknowledged chunks, now in the ledger (never sent again)
+    recorded_events: int = 0
+    #: events of the other chunks: the next run reads the window again and sends those the source still returns
+    unacknowledged_events: int = 0
+    committed: bool = False
+    ledger_keys: int = 0
+    watermark_ms: int | None = None
+
+
+def settle_event_plan(
+    store: SnapshotStore, plan: Plan, *, lock: Any = None, run: Mapping[str, Any] | None = None
+) -> EventSettled:
+    """Commit what StopChurn acknowledged of an event plan and drop the rest.
+
+    The keys of the acknowledged chunks join the ledger (they are never sent again); the watermark stays where it
+    was before the plan, so the next run reads the same window again and sends the other events, re-planned from
+    the source (a chunk that was sent but not acknowledged may then reach StopChurn twice). Nothing acknowledged:
+    the plan is dropped. Crash-safe as a commit is: the ledger is written before ``CURRENT`` names it.
+
+    :param lock: the stream's lock, held by the caller (checked before the commit).
+    :param run: the run record kept in ``CURRENT`` (see ``SnapshotStore.commit``).
+    """
+    acked = store.acked(plan)
+    result = EventSettled(plan.plan_id, len(acked), len(plan.chunks))
+    total = plan.chunks[-1][1] if plan.chunks else 0
+    result.recorded_events = sum(plan.chunks[c][1] - plan.chunks[c][0] for c in acked if c < len(plan.chunks))
+    result.unacknowledged_events = total - result.recorded_events
+    if plan.meta.get("plan_format") != EVENT_PLAN_FORMAT:
+        store.discard_plan(plan)  # written by another version: its events are read from the source again
+        return result
+    base = _State(**plan.meta["base_state"])
+    result.watermark_ms = base.watermark_ms
+    if not acked:
+        store.discard_plan(plan)
+        return result
+    changes = store.read_changes(plan)
+    mask = np.zeros(changes.height, dtype=bool)
+    for chunk in acked:
+        start, end = plan.chunks[chunk]
+        mask[start:end] = True
+    ledger = pl.concat([_ledger(store.read_committed()), changes.filter(pl.Series(mask)).select(KEY, WATERMARK)])
+    version = store.write_snapshot(ledger)
+    state = _State(base.watermark_ms, plan.meta["state"]["event_key"])
+    store.commit(
+        version,
+        base_version=plan.base_version,
+        kinds=dict(LEDGER_KINDS),
+        key_columns=[KEY],
+        rows=ledger.height,
+        plan_id=plan.plan_id,
+        lock=lock,
+        run=run,
+        state=state.record(),
+    )
+    store.delete_snapshot(plan.target_version)
+    result.committed = True
+    result.ledger_keys = ledger.height
+    return result
+
+
+def settle_pending_event_plan(store: SnapshotStore, *, holder: str, lock_ttl_s: float = 600.0) -> EventSettled | None:
+    """Settle the stream's pending plan under its lock, as a run would (``stopchurn settle --stream``).
+
+    Returns None when no plan is pending. A plan of another kind (a table's) or another brand is refused.
+    """
+    with store.lock(holder, ttl_s=lock_ttl_s) as lock, lock.heartbeat():
+        plan = store.pending_plan()
+        if plan is None:
+            return None
+        if not is_event_plan(plan.meta) or plan.meta.get("brand_id", store.brand_id) != store.brand_id:
+            raise StopChurnConfigError(
+                f"The pending plan in {store.location} is not an event plan of brand {store.brand_id}; nothing was "
+                "changed."
+            )
+        return settle_event_plan(store, plan, lock=lock)
+
+
+def _settled_after_tries(failure: DeliveryError, acked: int, chunks: int, stream: str) -> TransientDeliveryError:
+    """The retryable failure that made a plan settle, with what was kept and what the next try does."""
+    return TransientDeliveryError(
+        f"StopChurn kept answering events of stream {stream!r} with a retryable error on "
+        f"{SETTLE_AFTER_FAILED_TRIES} tries of the same plan: {str(failure).splitlines()[0]} The plan was settled: "
+        f"{acked} of {chunks} chunks were acknowledged and recorded in the ledger (never sent again); the watermark "
+        "did not move, so the next try reads the same window from the source again and sends the other events (a "
+        "request that was sent but not acknowledged may reach StopChurn twice).",
+        status=failure.status,
+        attempts=failure.attempts,
+    )
 
 
 def _explained(failure: StopChurnError, acked: int, chunks: int, stream: str) -> StopChurnError:
@@ -868,16 +979,22 @@ def _explained(failure: StopChurnError, acked: int, chunks: int, stream: str) ->
 __all__ = [
     "EVENT",
     "EVENTS_FOLDER",
+    "FUTURE_MARGIN",
     "KEY",
+    "SETTLE_AFTER_FAILED_TRIES",
     "WATERMARK",
     "Encoded",
     "EventOptions",
     "EventPlan",
     "EventSender",
+    "EventSettled",
     "EventSummary",
     "Window",
     "encode_events",
     "event_store",
+    "is_event_plan",
     "make_event_plan",
     "run_events",
+    "settle_event_plan",
+    "settle_pending_event_plan",
 ]

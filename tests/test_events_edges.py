@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
-from test_events import BRAND, HOUR, T0, World, as_counts, deposits, expected, received_counts, world  # noqa: F401
+from helpers_sync import make_client
+from test_events import BRAND, HOUR, STREAM, T0, World, as_counts, deposits, expected, received_counts
 
-from airflow_provider_stopchurn.events import FUTURE_MARGIN, EventOptions
-from airflow_provider_stopchurn.exceptions import SourceDataError, StopChurnConfigError
+from airflow_provider_stopchurn import cli
+from airflow_provider_stopchurn.client import StopChurnClient
+from airflow_provider_stopchurn.events import FUTURE_MARGIN, KEY, SETTLE_AFTER_FAILED_TRIES, EventOptions
+from airflow_provider_stopchurn.exceptions import SourceDataError, StopChurnConfigError, TransientDeliveryError
+from airflow_provider_stopchurn.sandbox import FaultConfig
 
 #: The run clock of these tests: two days after T0 (deposit i is at T0 + i hours).
 NOW = T0 + 48 * HOUR
+
+
+@pytest.fixture
+def world(stopchurn_sandbox_factory: Any, tmp_path: Path) -> Iterator[World]:
+    yield World(stopchurn_sandbox_factory(), tmp_path / "state")
 
 
 def ms(ts: pd.Timestamp) -> int:
@@ -36,9 +47,7 @@ def test_a_future_row_is_held_and_never_hides_later_events(world: World) -> None
     second = world.run(pd.concat([deposits(range(5, 20)), typo], ignore_index=True), now_ms=ms(NOW))
     assert (second.sent, second.held_future, second.before_window) == (10, 1, 0)
     assert received_counts(world.sb) == as_counts(expected(deposits(range(0, 20))))
-    assert world.store.read_committed().state["watermark_ms"] <= ms(NOW) - FUTURE_MARGIN // dt.timedelta(
-        milliseconds=1
-    )
+    assert world.store.read_committed().state["watermark_ms"] <= ms(NOW) - FUTURE_MARGIN // dt.timedelta(milliseconds=1)
     # once its time has come (the run's clock passed it), the held row is sent, once
     third = world.run(pd.concat([later, typo], ignore_index=True), now_ms=ms(pd.Timestamp("2099-01-02", tz="UTC")))
     assert (third.sent, third.held_future) == (1, 0)
@@ -118,6 +127,102 @@ def test_a_lookback_beyond_the_datetime_range_is_refused_at_validation() -> None
 
 def test_a_long_lookback_before_1970_reads_everything_on_every_run(world: World) -> None:
     old = deposits([1, 2], at=[pd.Timestamp("1900-01-01", tz="UTC"), pd.Timestamp("1901-01-01", tz="UTC")])
-    world.run(old, lookback=dt.timedelta(days=365 * 1000), now_ms=ms(NOW))
-    again = world.run(old, lookback=dt.timedelta(days=365 * 1000), now_ms=ms(NOW))  # OverflowError before
+    world.run(old, lookback=dt.timedelta(days=700_000), now_ms=ms(NOW))
+    again = world.run(old, lookback=dt.timedelta(days=700_000), now_ms=ms(NOW))  # OverflowError before
     assert (again.sent, again.duplicates) == (0, 2)
+
+
+# --- 3. a chunk StopChurn keeps failing with a retryable error does not wedge the stream ------------------------
+class PoisonRoute:
+    """Sends every body to the sandbox, except a body holding an event whose value is ``poison``: that one goes to
+    a second sandbox whose fault injection answers 500 to every request (StopChurn failing on that chunk)."""
+
+    def __init__(self, good: StopChurnClient, failing: StopChurnClient, poison: int) -> None:
+        self.good, self.failing, self.poison = good, failing, poison
+        self.bodies: list[bytes] = []
+
+    def post_event_body(self, body: bytes) -> Any:
+        self.bodies.append(body)
+        values = [e.get("value") for e in json.loads(body)["data"]]
+        return (self.failing if self.poison in values else self.good).post_event_body(body)
+
+
+@pytest.fixture
+def poison(world: World, stopchurn_sandbox_factory: Any) -> PoisonRoute:
+    failing = stopchurn_sandbox_factory(faults=FaultConfig(error_rate=1.0))
+    return PoisonRoute(make_client(world.sb), make_client(failing, max_retries=1), poison=70)
+
+
+def test_a_chunk_failing_on_every_try_settles_the_plan_and_a_fixed_source_converges(
+    world: World, poison: PoisonRoute
+) -> None:
+    frame = deposits(range(20))  # deposit 7 (value 70) is in the second chunk of 5
+    for attempt in range(1, SETTLE_AFTER_FAILED_TRIES + 1):
+        with pytest.raises(TransientDeliveryError) as caught:
+            world.run(frame, sender=poison, now_ms=ms(NOW))
+        if attempt < SETTLE_AFTER_FAILED_TRIES:  # a retry may still get through: the plan stays, to be resumed
+            assert world.store.pending_plan() is not None
+    # the last try settled the plan: the acknowledged chunk is in the ledger, the rest will be read again
+    assert "settled" in str(caught.value) and "1 of 4 chunks" in str(caught.value)
+    assert world.store.pending_plan() is None
+    assert sorted(json.loads(k)["deposit_id"] for k in world.ledger()[KEY]) == [0, 1, 2, 3, 4]
+    assert world.store.read_committed().state["watermark_ms"] is None  # first run: the window did not move
+    # the owner fixes the row StopChurn choked on; the next run reads it from the source and sends the rest once
+    fixed = frame.assign(amount=frame["amount"].where(frame["deposit_id"] != 7, 71))
+    summary = world.run(fixed, sender=poison, now_ms=ms(NOW))
+    assert (summary.sent, summary.duplicates) == (15, 5)
+    assert received_counts(world.sb) == as_counts(expected(fixed))  # each event once: nothing lost, none twice
+
+
+def test_after_the_settle_only_unacknowledged_events_are_sent_again(world: World, poison: PoisonRoute) -> None:
+    frame = deposits(range(20))
+    for _ in range(SETTLE_AFTER_FAILED_TRIES):
+        with pytest.raises(TransientDeliveryError):
+            world.run(frame, sender=poison, now_ms=ms(NOW))
+    assert len(poison.bodies) == 1 + SETTLE_AFTER_FAILED_TRIES  # chunk 0 once; the failing chunk once per try
+    summary = world.run(frame, now_ms=ms(NOW))  # the network (or StopChurn) is fixed: the same source goes through
+    assert (summary.sent, summary.duplicates) == (15, 5)  # the acknowledged chunk is not sent again
+    assert received_counts(world.sb) == as_counts(expected(frame))
+
+
+def test_a_try_that_fails_for_another_reason_than_stopchurn_does_not_count(world: World, poison: PoisonRoute) -> None:
+    frame = deposits(range(20))
+    with pytest.raises(TransientDeliveryError):
+        world.run(frame, sender=poison, now_ms=ms(NOW))
+    world.run(frame, now_ms=ms(NOW))  # StopChurn recovered: the plan is finished, not settled
+    assert world.store.pending_plan() is None
+    assert received_counts(world.sb) == as_counts(expected(frame))
+
+
+# --- stopchurn settle on an event plan ----------------------------------------------------------------------------
+def test_stopchurn_settle_settles_an_event_plan(
+    world: World, poison: PoisonRoute, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frame = deposits(range(20))
+    with pytest.raises(TransientDeliveryError):
+        world.run(frame, sender=poison, now_ms=ms(NOW))
+    assert world.store.pending_plan() is not None
+    capsys.readouterr()
+    by_table = [str(world.root / "events"), "--brand", str(BRAND), "--table", STREAM]
+    by_stream = [str(world.root), "--brand", str(BRAND), "--stream", STREAM]
+    assert cli.main(["settle", *by_stream, "--yes", "--json"]) == cli.OK
+    settled = json.loads(capsys.readouterr().out)
+    assert (settled["settled"], settled["acknowledged_chunks"], settled["total_chunks"]) == (True, 1, 4)
+    assert (settled["recorded_events"], settled["unacknowledged_events"], settled["committed"]) == (5, 15, True)
+    assert world.store.pending_plan() is None
+    assert cli.main(["settle", *by_table, "--yes"]) == cli.OK
+    assert "No pending plan" in capsys.readouterr().out
+    assert cli.main(["settle", str(world.root), "--brand", str(BRAND), "--yes"]) == cli.USAGE
+    world.run(frame, now_ms=ms(NOW))
+    assert received_counts(world.sb) == as_counts(expected(frame))
+
+
+def test_stopchurn_settle_by_table_path_recognises_an_event_plan(
+    world: World, poison: PoisonRoute, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(TransientDeliveryError):
+        world.run(deposits(range(20)), sender=poison, now_ms=ms(NOW))
+    capsys.readouterr()
+    table = [str(world.root / "events"), "--brand", str(BRAND), "--table", STREAM, "--yes"]
+    assert cli.main(["settle", *table]) == cli.OK, capsys.readouterr().err
+    assert "Settled event plan" in capsys.readouterr().out
