@@ -20,9 +20,14 @@ to commit once they are all acknowledged.
 * a crash, or a failure that a retry may fix (retries exhausted on 408/429/5xx/network errors, a lost lock),
   leaves the plan and its acknowledgements in the store; the next try (or the next run) sends the chunks not
   acknowledged, from the plan, then commits it and only then reads the source again;
-* a permanent failure (400, 401, 413 of a single event) *settles* the plan: the keys of the acknowledged chunks
-  join the ledger, the watermark stays where it was, and the plan is dropped. The next run reads the same window
-  again, the ledger drops what StopChurn acknowledged, and the rest is sent once the cause is fixed.
+* a permanent failure (400, 401, 413 of a single event) *settles* the plan (:func:`settle_event_plan`): the keys
+  of the acknowledged chunks join the ledger, the watermark stays where it was, and the plan is dropped. The next
+  run reads the same window again, the ledger drops what StopChurn acknowledged, and the rest is sent once the
+  cause is fixed;
+* so does the ``SETTLE_AFTER_FAILED_TRIES``-th try of a plan that StopChurn answered with a retryable error (a
+  chunk it keeps failing with a 5xx must not hold the stream back for ever, and the next read must see a source
+  fixed meanwhile); each such try leaves an empty mark in the plan's folder. A lost lock or a crash is no try.
+  ``stopchurn settle --stream`` settles a pending plan by hand.
 
 Nothing acknowledged is ever sent again. A chunk that was sent but not acknowledged (its answer was lost: a
 timeout, a dropped connection, a crash while it was in flight, an HTTP retry after a lost answer) *is* sent
@@ -37,6 +42,14 @@ they are pruned as the watermark moves). A late row whose watermark is inside th
 older than the window is dropped and counted (``before_window``, with the rows a re-run returns that were
 delivered before the window: the ledger no longer needs to know them). Without a watermark column every row is an event
 and the ledger keeps every key it delivered.
+
+**The run's clock** (``now_ms`` of :func:`run_events`, the system clock by default, read once per run) bounds the
+watermark: a row whose watermark is after the clock (a typo, a placeholder year 2099, a producer whose clock runs
+ahead) is *held*: neither sent nor recorded, counted in ``held_future``, and sent by the first run whose clock has
+passed it. The committed watermark is at most ``now_ms - FUTURE_MARGIN``, so no row can put later events before
+the window; a committed watermark past the clock (left by an earlier version) counts as the clock minus the margin.
+Watermarks are UTC instants: naive datetimes are read as UTC, and the SQL readers pin PostgreSQL and MySQL
+sessions to UTC, so a naive column compared with ``since`` does not depend on the database's time zone.
 """
 
 from __future__ import annotations

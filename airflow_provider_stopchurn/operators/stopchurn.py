@@ -760,8 +760,11 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         gets the named query parameters ``since`` (a UTC datetime) and ``since_ms`` (epoch ms): the last delivered
         watermark minus ``lookback`` (1970-01-01 on the first run), e.g. ``WHERE created_at >= %(since)s``
         (PostgreSQL) or ``WHERE created_ms >= :since_ms`` (SQLite); a callable source gets ``since=`` if it takes
-        it. Every source is also filtered to rows at or after ``since`` here.
-    :param lookback: a ``datetime.timedelta``: late rows whose watermark is inside it are still sent, once.
+        it. Every source is also filtered to rows at or after ``since`` here. Naive values are UTC (a PostgreSQL
+        session is pinned to UTC). A row dated after the run's clock is held until a later run's clock passes it;
+        the watermark never passes the clock minus one minute.
+    :param lookback: a ``datetime.timedelta`` (at most 719,162 days): late rows whose watermark is inside it are
+        still sent, once.
     :param dataframe: a DataFrame, an ``XComArg``, or a callable returning one (called in ``execute``).
     :param sql: SQL query or ``.sql`` file (templated), run on ``sql_conn_id``. Exactly one of ``dataframe``/``sql``.
     :param sql_conn_id: any Airflow connection whose hook is a common.sql ``DbApiHook``.
