@@ -81,6 +81,7 @@ from airflow_provider_stopchurn.encoding import (
 )
 from airflow_provider_stopchurn.exceptions import (
     DeliveryError,
+    SnapshotError,
     SourceDataError,
     StopChurnConfigError,
     StopChurnError,
@@ -835,8 +836,12 @@ class _Run:
         """Record that this try of ``plan`` ended with a retryable StopChurn failure; how many tries did so."""
         folder = _FAILED_TRIES.format(plan_id=plan.plan_id)
         backend = self.store.backend
-        backend.write_bytes(f"{folder}/{time.time_ns():020d}", b"")
-        return len(backend.list_names(folder))
+        try:
+            backend.write_bytes(f"{folder}/{time.time_ns():020d}", b"")
+            return len(backend.list_names(folder))
+        except SnapshotError as err:  # the delivery's own failure is the one to report; this try is not counted
+            log.warning("Could not record the failed try of event plan %s: %s", plan.plan_id, err)
+            return 0
 
     def _commit(self, plan: Plan, version: str, rows: int, state: Mapping[str, Any]) -> None:
         self.store.commit(
