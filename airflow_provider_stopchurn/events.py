@@ -999,6 +999,7 @@ __all__ = [
     "EVENTS_FOLDER",
     "FUTURE_MARGIN",
     "KEY",
+    "MAX_LOOKBACK",
     "SETTLE_AFTER_FAILED_TRIES",
     "WATERMARK",
     "Encoded",

@@ -125,6 +125,20 @@ def test_a_lookback_beyond_the_datetime_range_is_refused_at_validation() -> None
         )
 
 
+def test_the_operator_refuses_such_a_lookback_at_dag_parse_time() -> None:
+    from airflow_provider_stopchurn.operators.stopchurn import StopChurnEventOperator
+
+    with pytest.raises(ValueError, match="lookback"):
+        StopChurnEventOperator(
+            task_id="send",
+            dataframe=deposits(range(2)),
+            user_id_column="user_id",
+            name="DEPOSIT",
+            watermark_column="created_at",
+            lookback=dt.timedelta(days=999_999_999),
+        )
+
+
 def test_a_long_lookback_before_1970_reads_everything_on_every_run(world: World) -> None:
     old = deposits([1, 2], at=[pd.Timestamp("1900-01-01", tz="UTC"), pd.Timestamp("1901-01-01", tz="UTC")])
     world.run(old, lookback=dt.timedelta(days=700_000), now_ms=ms(NOW))
