@@ -20,7 +20,12 @@ from test_events import BRAND, HOUR, STREAM, T0, World, as_counts, deposits, exp
 from airflow_provider_stopchurn import cli
 from airflow_provider_stopchurn.client import StopChurnClient
 from airflow_provider_stopchurn.events import FUTURE_MARGIN, KEY, SETTLE_AFTER_FAILED_TRIES, EventOptions
-from airflow_provider_stopchurn.exceptions import SourceDataError, StopChurnConfigError, TransientDeliveryError
+from airflow_provider_stopchurn.exceptions import (
+    SnapshotLockedError,
+    SourceDataError,
+    StopChurnConfigError,
+    TransientDeliveryError,
+)
 from airflow_provider_stopchurn.sandbox import FaultConfig
 
 #: The run clock of these tests: two days after T0 (deposit i is at T0 + i hours).
@@ -240,3 +245,11 @@ def test_stopchurn_settle_by_table_path_recognises_an_event_plan(
     table = [str(world.root / "events"), "--brand", str(BRAND), "--table", STREAM, "--yes"]
     assert cli.main(["settle", *table]) == cli.OK, capsys.readouterr().err
     assert "Settled event plan" in capsys.readouterr().out
+
+
+# --- one writer -----------------------------------------------------------------------------------------------------
+def test_a_second_run_of_the_stream_sends_nothing_while_another_holds_it(world: World) -> None:
+    with world.store.lock("another run of the stream"), pytest.raises(SnapshotLockedError, match="another run"):
+        world.run(deposits(range(5)), now_ms=ms(NOW))
+    assert world.sb.stats()["requests"] == 0
+    assert world.run(deposits(range(5)), now_ms=ms(NOW)).sent == 5  # once it is released
