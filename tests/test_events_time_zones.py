@@ -168,5 +168,5 @@ def test_naive_pandas_datetimes_are_utc_whatever_the_worker_time_zone(
         assert seen[1] == dt.datetime(2025, 1, 1, 11, tzinfo=dt.UTC)
         assert json.dumps(sent_values(sb)) == "[10, 20, 30]"
     finally:
-        monkeypatch.delenv("TZ")
+        monkeypatch.undo()  # TZ as it was, then the C library told so
         time.tzset()
