@@ -6,7 +6,7 @@
     stopchurn history    URI --brand B --table T [-n N]   the last N runs that committed something
     stopchurn rejected   URI --brand B --table T [--export FILE.csv|FILE.json] [--all]
     stopchurn unlock     URI --brand B --table T [--force] [--yes]
-    stopchurn settle     URI --brand B --table T [--yes]
+    stopchurn settle     URI --brand B (--table T | --stream S) [--yes]
     stopchurn rebaseline URI --brand B --table T (--parquet FILE | --sql QUERY --sql-conn-id ID) [--key COL ...]
     stopchurn reconcile  URI --brand B --table T (--sql-conn-id ID | --duckdb PATH) (--adopt-state | --reset)
                          [--state-schema S] [--key-columns COL ...] [--yes]
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import sys
@@ -108,7 +109,18 @@ COMMANDS: dict[str, tuple[str, tuple[ArgSpec, ...]]] = {
     ),
     "settle": (
         "Commit what StopChurn acknowledged of a pending plan and drop the rest (what a run does first).",
-        (*_TABLE, _YES),
+        (
+            # --table or, for the event operator's ledger, --stream (URI is then the operator's state_uri)
+            *(
+                (flags, {**spec, "required": False}) if flags == ("--table",) else (flags, spec)
+                for flags, spec in _TABLE
+            ),
+            (
+                ("--stream",),
+                {"metavar": "S", "help": "an event stream (the event operator's stream_id) instead of --table"},
+            ),
+            _YES,
+        ),
     ),
     "rebaseline": (
         "Record a source as delivered without sending anything (after a manual reload in StopChurn).",
@@ -570,9 +582,15 @@ def _refuse_warehouse_table(store: Any, command: str, repair: str) -> None:
 
 
 def _settle(args: argparse.Namespace, out: TextIO) -> None:
-    from airflow_provider_stopchurn import operate
+    from airflow_provider_stopchurn import events, operate
 
-    store = _store(args)
+    if (args.table is None) == (args.stream is None):
+        raise UsageError("give exactly one of --table T or --stream S (an event stream)")
+    store = _settle_store(args)
+    pending = store.pending_plan(cleanup=False)
+    if args.stream is not None or (pending is not None and events.is_event_plan(pending.meta)):
+        _settle_events(args, out, store)
+        return
     _refuse_warehouse_table(store, "settle", "its next run settles the pending plan into the state table")
     plan = operate.preview_settle(store)
     if plan is None:
@@ -604,6 +622,61 @@ def _settle(args: argparse.Namespace, out: TextIO) -> None:
             f"Committed version {result['version']} ({result['rows']} rows).\n"
             if result["committed"]
             else "Nothing was acknowledged: the committed snapshot stays as it was.\n"
+        )
+    )
+
+
+def _settle_store(args: argparse.Namespace) -> Any:
+    """The store ``settle`` works on: a table's, or with ``--stream`` an event stream's under ``URI/events``."""
+    if args.stream is None:
+        return _store(args)
+    from airflow_provider_stopchurn.events import event_store
+
+    if not args.stream.strip():
+        raise UsageError("--stream is empty")
+    store = event_store(store_root(args.uri, args.conn_id), args.brand, args.stream)
+    if not store.backend.exists(""):
+        raise CommandError(
+            f"no event ledger for brand {args.brand} stream {args.stream!r} at {store.location} "
+            "(URI is the event operator's state_uri; check URI, --brand, --stream and --conn-id)"
+        )
+    return store
+
+
+def _settle_events(args: argparse.Namespace, out: TextIO, store: Any) -> None:
+    """``settle`` of an event plan: the acknowledged events join the ledger, the next run reads the rest again."""
+    from airflow_provider_stopchurn import events, operate
+
+    plan = operate.preview_settle(store)
+    if plan is None:
+        if args.json:
+            _emit_json(out, {"settled": False, "plan_id": None})
+        else:
+            out.write(f"No pending event plan for {store.brand_id}/{store.table_name}: nothing to settle.\n")
+        return
+    _confirm(
+        args,
+        f"Pending event plan {plan['plan_id']} of {store.brand_id}/{store.table_name}: {plan['acknowledged_chunks']} "
+        f"of {plan['total_chunks']} chunks acknowledged. Settling records those events as delivered and drops the "
+        "rest (the next run reads the same window and sends them).",
+        "Settle it?",
+    )
+    result = events.settle_pending_event_plan(store, holder=operate.operator_name("settle"))
+    if args.json:
+        _emit_json(out, {"settled": result is not None, **(dataclasses.asdict(result) if result else {})})
+        return
+    if result is None:
+        out.write("The plan was finished meanwhile: nothing to settle.\n")
+        return
+    out.write(
+        f"Settled event plan {result.plan_id}: {result.acknowledged_chunks} of {result.total_chunks} chunks "
+        f"acknowledged ({result.recorded_events} events recorded in the ledger, never sent again); the next run "
+        f"reads the same window and sends the other {result.unacknowledged_events} events the source still "
+        "returns. "
+        + (
+            f"Committed the ledger ({result.ledger_keys} keys).\n"
+            if result.committed
+            else "Nothing was acknowledged: the ledger stays as it was.\n"
         )
     )
 

@@ -20,9 +20,14 @@ to commit once they are all acknowledged.
 * a crash, or a failure that a retry may fix (retries exhausted on 408/429/5xx/network errors, a lost lock),
   leaves the plan and its acknowledgements in the store; the next try (or the next run) sends the chunks not
   acknowledged, from the plan, then commits it and only then reads the source again;
-* a permanent failure (400, 401, 413 of a single event) *settles* the plan: the keys of the acknowledged chunks
-  join the ledger, the watermark stays where it was, and the plan is dropped. The next run reads the same window
-  again, the ledger drops what StopChurn acknowledged, and the rest is sent once the cause is fixed.
+* a permanent failure (400, 401, 413 of a single event) *settles* the plan (:func:`settle_event_plan`): the keys
+  of the acknowledged chunks join the ledger, the watermark stays where it was, and the plan is dropped. The next
+  run reads the same window again, the ledger drops what StopChurn acknowledged, and the rest is sent once the
+  cause is fixed;
+* so does the ``SETTLE_AFTER_FAILED_TRIES``-th try of a plan that StopChurn answered with a retryable error (a
+  chunk it keeps failing with a 5xx must not hold the stream back for ever, and the next read must see a source
+  fixed meanwhile); each such try leaves an empty mark in the plan's folder. A lost lock or a crash is no try.
+  ``stopchurn settle --stream`` settles a pending plan by hand.
 
 Nothing acknowledged is ever sent again. A chunk that was sent but not acknowledged (its answer was lost: a
 timeout, a dropped connection, a crash while it was in flight, an HTTP retry after a lost answer) *is* sent
@@ -37,6 +42,14 @@ they are pruned as the watermark moves). A late row whose watermark is inside th
 older than the window is dropped and counted (``before_window``, with the rows a re-run returns that were
 delivered before the window: the ledger no longer needs to know them). Without a watermark column every row is an event
 and the ledger keeps every key it delivered.
+
+**The run's clock** (``now_ms`` of :func:`run_events`, the system clock by default, read once per run) bounds the
+watermark: a row whose watermark is after the clock (a typo, a placeholder year 2099, a producer whose clock runs
+ahead) is *held*: neither sent nor recorded, counted in ``held_future``, and sent by the first run whose clock has
+passed it. The committed watermark is at most ``now_ms - FUTURE_MARGIN``, so no row can put later events before
+the window; a committed watermark past the clock (left by an earlier version) counts as the clock minus the margin.
+Watermarks are UTC instants: naive datetimes are read as UTC, and the SQL readers pin PostgreSQL and MySQL
+sessions to UTC, so a naive column compared with ``since`` does not depend on the database's time zone.
 """
 
 from __future__ import annotations
@@ -67,11 +80,14 @@ from airflow_provider_stopchurn.encoding import (
     plan_chunks,
 )
 from airflow_provider_stopchurn.exceptions import (
+    DeliveryError,
+    SnapshotError,
     SourceDataError,
     StopChurnConfigError,
     StopChurnError,
     StopChurnPayloadTooLargeError,
     StopChurnRejectedError,
+    TransientDeliveryError,
 )
 from airflow_provider_stopchurn.snapshot import Committed, Plan, SnapshotStore
 
@@ -88,11 +104,26 @@ LEDGER_KINDS = {KEY: "string", WATERMARK: "int"}
 EVENT_PLAN_FORMAT = 1
 #: Folder of the event state under the state root (beside the table folders ``<brand_id>/<table>``).
 EVENTS_FOLDER = "events"
+#: After this many tries of one plan ended with StopChurn still answering a retryable error (5xx, 408, 429, a
+#: timeout, a dropped connection, a 200 that is not its acknowledgement), the plan is settled: a chunk StopChurn
+#: keeps failing must not hold back the stream, and the next read must see a source that was fixed meanwhile.
+SETTLE_AFTER_FAILED_TRIES = 3
+#: Marks of a plan's failed tries, one empty file each, inside the plan's folder (removed with the plan).
+_FAILED_TRIES = "plans/{plan_id}/failed_tries"
 _MAX_LISTED = 5
 _USER_ID = "__sc_user_id"
 _VALUE = "__sc_value"
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _WATERMARK_KINDS = ("timestamp", "date", "int")
+#: How far below the run's clock the watermark stays at most: a row stamped just before the clock by a producer
+#: whose clock lags the worker's (or committed a moment late) is still inside the next run's window.
+FUTURE_MARGIN = dt.timedelta(minutes=1)
+#: The longest ``lookback``: back from 1970 to the first datetime (0001-01-01); longer is beyond any datetime.
+MAX_LOOKBACK = _EPOCH - dt.datetime(1, 1, 1, tzinfo=dt.UTC)
+#: The earliest start of a window (0001-01-01, epoch ms): a window reaching further back reads everything.
+_MIN_SINCE_MS = -(MAX_LOOKBACK // dt.timedelta(milliseconds=1))
+#: Floats are exact integers only up to 2**53: a larger float user id may be another user's id, rounded.
+_MAX_EXACT_FLOAT = 2**53
 
 
 # --- options ---------------------------------------------------------------------------------------------------
@@ -162,6 +193,11 @@ class EventOptions:
             problems.append(f"watermark_column must name a column, got {self.watermark_column!r}")
         if not isinstance(self.lookback, dt.timedelta) or self.lookback < dt.timedelta(0):
             problems.append(f"lookback must be a datetime.timedelta >= 0, got {self.lookback!r}")
+        elif self.lookback > MAX_LOOKBACK:
+            problems.append(
+                f"lookback must be at most {MAX_LOOKBACK.days} days (back from 1970 to the year 1, the range of "
+                f"datetimes), got {self.lookback!r}"
+            )
         elif self.lookback and self.watermark_column is None:
             problems.append("lookback needs a watermark_column (it is measured back from the watermark)")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
@@ -205,7 +241,7 @@ class Window:
     @property
     def since(self) -> dt.datetime:
         """The start as a timezone-aware UTC datetime (1970-01-01 on a first run)."""
-        return _EPOCH + dt.timedelta(milliseconds=self.since_ms or 0)
+        return _EPOCH + dt.timedelta(milliseconds=max(self.since_ms or 0, _MIN_SINCE_MS))
 
     def parameters(self) -> dict[str, Any]:
         """The named query parameters a SQL source gets: ``since`` (UTC datetime) and ``since_ms`` (epoch ms)."""
@@ -239,7 +275,8 @@ class EventSummary:
     ``sent`` counts the events StopChurn acknowledged in the whole DAG run (a later try adds what earlier tries
     delivered); ``duplicates`` the rows dropped because their key was delivered already or repeats in the source;
     ``before_window`` the rows older than the window (delivered by an earlier run, or late beyond the lookback),
-    not sent; ``resumed_chunks`` the chunks of an unfinished plan this run sent.
+    not sent; ``held_future`` the rows dated after the run's clock, held (not sent) until a run's clock passes
+    them; ``resumed_chunks`` the chunks of an unfinished plan this run sent.
     """
 
     brand_id: int
@@ -247,6 +284,7 @@ class EventSummary:
     sent: int = 0
     duplicates: int = 0
     before_window: int = 0
+    held_future: int = 0
     chunks: int = 0
     bytes: int = 0
     requests: int = 0
@@ -270,10 +308,11 @@ class EventSummary:
     def line(self) -> str:
         mode = " (dry run: nothing sent)" if self.dry_run else ""
         resumed = f", {self.resumed_chunks} chunks resumed from an unfinished plan" if self.resumed_chunks else ""
+        held = f", {self.held_future} dated after the run's clock held" if self.held_future else ""
         return (
             f"StopChurn events of brand {self.brand_id} stream {self.stream!r}{mode}: {self.sent} sent, "
-            f"{self.duplicates} duplicates dropped, {self.before_window} before the window; {self.chunks} chunks, "
-            f"{self.bytes} bytes, {self.retries} retries{resumed}; watermark {self.watermark}; "
+            f"{self.duplicates} duplicates dropped, {self.before_window} before the window{held}; "
+            f"{self.chunks} chunks, {self.bytes} bytes, {self.retries} retries{resumed}; watermark {self.watermark}; "
             f"{self.duration_s:.2f}s; state {self.state_uri}"
         )
 
@@ -283,7 +322,10 @@ class EventSummary:
 
 
 def _iso(ms: int) -> str:
-    return (_EPOCH + dt.timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        return (_EPOCH + dt.timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    except OverflowError:  # an epoch-ms watermark beyond the datetimes: shown as the number it is
+        return f"{ms} ms after 1970-01-01"
 
 
 # --- the store -------------------------------------------------------------------------------------------------
@@ -433,6 +475,14 @@ def _user_id(canon: pl.DataFrame, kinds: Mapping[str, str], column: str) -> pl.S
                 f"User id column {column!r} holds non-integral numbers, e.g. "
                 f"{values.filter(fractional).head(_MAX_LISTED).to_list()}; user ids are strings or whole numbers."
             )
+        inexact = values.is_not_null() & (values.abs() > _MAX_EXACT_FLOAT)
+        if inexact.any():
+            shown = ", ".join(f"{v:g}" for v in values.filter(inexact).head(_MAX_LISTED).to_list())
+            raise SourceDataError(
+                f"User id column {column!r} holds numbers too large to be exact as floats, e.g. {shown}; a float "
+                f"is an exact whole number only up to 2**53, so such an id may be another user's, rounded. Read "
+                "the column as integers or text. Nothing was sent."
+            )
         return values.cast(pl.Int64).cast(pl.String)
     if kind == "decimal":
         fractional = values.str.contains(".", literal=True) | values.str.contains("E-", literal=True)
@@ -488,12 +538,29 @@ class EventPlan:
     state: _State
     duplicates: int = 0
     before_window: int = 0
+    held_future: int = 0
+
+
+def _ceiling(now_ms: int) -> int:
+    """The highest watermark a run whose clock reads ``now_ms`` may commit."""
+    return now_ms - FUTURE_MARGIN // dt.timedelta(milliseconds=1)
 
 
 def make_event_plan(
-    encoded: Encoded, ledger: pl.DataFrame, state: _State, window: Window, options: EventOptions
+    encoded: Encoded,
+    ledger: pl.DataFrame,
+    state: _State,
+    window: Window,
+    options: EventOptions,
+    now_ms: int | None = None,
 ) -> EventPlan:
-    """Drop rows older than the window and keys already delivered; order, chunk; the ledger after delivery."""
+    """Drop rows older than the window, rows dated after the run's clock and keys already delivered; order,
+    chunk; the ledger after delivery.
+
+    :param now_ms: the run's clock (epoch ms). Rows whose watermark is after it are held: not sent, not recorded,
+        so a later run whose clock has passed them sends them; the new watermark stays at most
+        ``now_ms - FUTURE_MARGIN``. None: no clock (nothing held, the watermark not capped).
+    """
     frame = encoded.frame
     if state.event_key is not None and state.event_key != encoded.key_columns and ledger.height:
         raise StopChurnConfigError(
@@ -503,6 +570,12 @@ def make_event_plan(
             "not affected by new source columns), or start a new stream (another stream_id) knowing that the "
             "events of the window will be sent again."
         )
+    held = 0
+    if options.watermark_column is not None and now_ms is not None:
+        future = frame.get_column(WATERMARK) > now_ms
+        held = int(future.sum())
+        if held:
+            frame = frame.filter(~future)
     before_window = 0
     if window.since_ms is not None:
         recent = frame.get_column(WATERMARK) >= window.since_ms
@@ -527,8 +600,11 @@ def make_event_plan(
     if options.watermark_column is not None and fresh.height:
         top = int(fresh.get_column(WATERMARK).max())  # type: ignore[arg-type]
         after.watermark_ms = top if state.watermark_ms is None else max(state.watermark_ms, top)
+    if now_ms is not None and after.watermark_ms is not None:
+        # never past the run's clock: a watermark in the future would put every later event before the window
+        after.watermark_ms = min(after.watermark_ms, _ceiling(now_ms))
     target = _prune(pl.concat([ledger, fresh.select(KEY, WATERMARK)]), after, options)
-    return EventPlan(fresh, chunks, bodies_bytes(sizes, chunks), target, after, duplicates, before_window)
+    return EventPlan(fresh, chunks, bodies_bytes(sizes, chunks), target, after, duplicates, before_window, held)
 
 
 def _prune(ledger: pl.DataFrame, state: _State, options: EventOptions) -> pl.DataFrame:
@@ -546,6 +622,7 @@ def run_events(
     options: EventOptions,
     *,
     stream: str = "",
+    now_ms: int | None = None,
 ) -> EventSummary:
     """Send the events of ``source`` not delivered yet; see the module docstring.
 
@@ -554,16 +631,20 @@ def run_events(
     :param store: the stream's state store (:func:`event_store`).
     :param sender: posts event bodies (a ``StopChurnClient``); may be None only for a dry run.
     :param stream: the stream's name, for the summary and messages.
+    :param now_ms: the run's clock (epoch ms), read once: rows dated after it are held and the watermark stays
+        ``FUTURE_MARGIN`` below it. Default: the system clock.
     """
     started = time.monotonic()
+    if now_ms is None:
+        now_ms = time.time_ns() // 1_000_000
     summary = EventSummary(options.brand_id, stream or store.table_name, dry_run=options.dry_run)
     summary.state_uri = store.location
     if options.dry_run:
-        _dry_run(source, store, options, summary)
+        _dry_run(source, store, options, summary, now_ms)
     else:
         if sender is None:
             raise StopChurnConfigError("A sender is required unless dry_run=True.")
-        run = _Run(store, _ToEventRoute(sender), options, summary)
+        run = _Run(store, _ToEventRoute(sender), options, summary, now_ms)
         with store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock, lock.heartbeat():
             run.lock = lock
             committed = store.read_committed()
@@ -584,7 +665,7 @@ def _read(source: Source, window: Window, options: EventOptions) -> Encoded:
     return encode_events(frame, options)
 
 
-def _dry_run(source: Source, store: SnapshotStore, options: EventOptions, summary: EventSummary) -> None:
+def _dry_run(source: Source, store: SnapshotStore, options: EventOptions, summary: EventSummary, now_ms: int) -> None:
     """What a run would send now, with nothing sent or written: an unfinished plan counts as delivered."""
     committed = store.read_committed()
     state, ledger = _State.of(committed), _ledger(committed)
@@ -594,22 +675,35 @@ def _dry_run(source: Source, store: SnapshotStore, options: EventOptions, summar
         summary.resumed_chunks = len(pending.chunks) - len(acked)
         ledger = store.read_snapshot(pending.target_version).select(KEY, WATERMARK)
         state = _State(pending.meta["state"]["watermark_ms"], pending.meta["state"]["event_key"])
-    window = _window(state, options)
-    plan = make_event_plan(_read(source, window, options), ledger, state, window, options)
+    window = _window(state, options, now_ms)
+    plan = make_event_plan(_read(source, window, options), ledger, state, window, options, now_ms)
     _plan_counts(summary, plan, window)
     summary.sent = plan.events.height
     summary.samples = [orjson.loads(e) for e in plan.events.get_column(EVENT).head(5).to_list()]
 
 
-def _window(state: _State, options: EventOptions) -> Window:
+def _window(state: _State, options: EventOptions, now_ms: int) -> Window:
+    """Where the read starts: the watermark minus the lookback; a watermark past the run's clock (committed by an
+    earlier version of this provider after a row dated in the future) counts as the clock minus the margin."""
     if options.watermark_column is None or state.watermark_ms is None:
         return Window(None)
-    return Window(state.watermark_ms - options.lookback_ms)
+    mark = state.watermark_ms
+    if mark > _ceiling(now_ms):
+        log.warning(
+            "The committed watermark %s is after this run's clock %s: reading from the clock minus %s instead "
+            "(events of that span may be sent again once).",
+            _iso(mark),
+            _iso(now_ms),
+            FUTURE_MARGIN,
+        )
+        mark = _ceiling(now_ms)
+    return Window(max(mark - options.lookback_ms, _MIN_SINCE_MS))
 
 
 def _plan_counts(summary: EventSummary, plan: EventPlan, window: Window) -> None:
     summary.duplicates += plan.duplicates
     summary.before_window += plan.before_window
+    summary.held_future += plan.held_future
     summary.chunks += len(plan.chunks)
     summary.bytes += plan.bytes
     summary.since = None if window.since_ms is None else _iso(window.since_ms)
@@ -620,7 +714,10 @@ def _plan_counts(summary: EventSummary, plan: EventPlan, window: Window) -> None
 class _Run:
     """One locked run: finish an unfinished plan, then plan and deliver the source's new events."""
 
-    def __init__(self, store: SnapshotStore, sender: _ToEventRoute, options: EventOptions, summary: EventSummary):
+    def __init__(
+        self, store: SnapshotStore, sender: _ToEventRoute, options: EventOptions, summary: EventSummary, now_ms: int
+    ):
+        self.now_ms = now_ms
         self.store = store
         self.sender = sender
         self.options = options
@@ -662,9 +759,9 @@ class _Run:
     def fresh(self, source: Source) -> None:
         committed = self.store.read_committed()
         state = _State.of(committed)
-        window = _window(state, self.options)
+        window = _window(state, self.options, self.now_ms)
         ledger = _ledger(committed)
-        plan = make_event_plan(_read(source, window, self.options), ledger, state, window, self.options)
+        plan = make_event_plan(_read(source, window, self.options), ledger, state, window, self.options, self.now_ms)
         _plan_counts(self.summary, plan, window)
         if not plan.events.height:
             self.summary.ledger_keys = ledger.height
@@ -678,6 +775,7 @@ class _Run:
             chunks=plan.chunks,
             meta={
                 "plan_format": EVENT_PLAN_FORMAT,
+                "engine": "events",
                 "brand_id": self.options.brand_id,
                 "run_key": self.options.run_key,
                 "state": plan.state.record(),
@@ -710,6 +808,10 @@ class _Run:
             self._commit(plan, plan.target_version, int(plan.meta.get("target_rows", -1)), plan.meta["state"])
             return
         if not (isinstance(failure, StopChurnError) and failure.permanent):
+            if isinstance(failure, DeliveryError) and self._failed_tries(plan) >= SETTLE_AFTER_FAILED_TRIES:
+                # StopChurn keeps failing this plan: settle it, so the next try reads the source again
+                self._settle(plan)
+                raise _settled_after_tries(failure, len(acked), len(plan.chunks), self.summary.stream) from failure
             # a crash-like ending (retries exhausted, a lost lock): the plan stays, the next try sends the rest
             log.warning(
                 "Event delivery of %r stopped (%s); %d of %d chunks acknowledged. The plan stays in %s: the next try "
@@ -722,13 +824,24 @@ class _Run:
             )
             raise failure
         try:
-            self._settle(plan, acked)
+            self._settle(plan)
         except Exception as err:
             log.error("Could not settle event plan %s (%s); the next run finishes it.", plan.plan_id, err)
         explained = _explained(failure, len(acked), len(plan.chunks), self.summary.stream)
         if explained is failure:
             raise failure
         raise explained from failure
+
+    def _failed_tries(self, plan: Plan) -> int:
+        """Record that this try of ``plan`` ended with a retryable StopChurn failure; how many tries did so."""
+        folder = _FAILED_TRIES.format(plan_id=plan.plan_id)
+        backend = self.store.backend
+        try:
+            backend.write_bytes(f"{folder}/{time.time_ns():020d}", b"")
+            return len(backend.list_names(folder))
+        except SnapshotError as err:  # the delivery's own failure is the one to report; this try is not counted
+            log.warning("Could not record the failed try of event plan %s: %s", plan.plan_id, err)
+            return 0
 
     def _commit(self, plan: Plan, version: str, rows: int, state: Mapping[str, Any]) -> None:
         self.store.commit(
@@ -744,24 +857,117 @@ class _Run:
         )
         self.summary.ledger_keys = rows
 
-    def _settle(self, plan: Plan, acked: set[int]) -> None:
-        """After a permanent failure: the acknowledged keys join the ledger; the watermark stays where it was."""
-        if not acked:
-            self.store.discard_plan(plan)
-            return
-        changes = self.store.read_changes(plan)
-        mask = np.zeros(changes.height, dtype=bool)
-        for chunk in acked:
-            start, end = plan.chunks[chunk]
-            mask[start:end] = True
-        committed = self.store.read_committed()
-        base = _State(**plan.meta["base_state"])
-        ledger = pl.concat([_ledger(committed), changes.filter(pl.Series(mask)).select(KEY, WATERMARK)])
-        version = self.store.write_snapshot(ledger)
-        state = _State(base.watermark_ms, plan.meta["state"]["event_key"])
-        self._commit(plan, version, ledger.height, state.record())
-        self.store.delete_snapshot(plan.target_version)
-        self.summary.set_watermark(base.watermark_ms)
+    def _settle(self, plan: Plan) -> None:
+        """The acknowledged keys join the ledger; the watermark stays where it was (see :func:`settle_event_plan`)."""
+        settled = settle_event_plan(
+            self.store, plan, lock=self.lock, run={"run_key": self.options.run_key, "sent": self.summary.sent}
+        )
+        if settled.committed:
+            self.summary.ledger_keys = settled.ledger_keys
+        self.summary.set_watermark(settled.watermark_ms)
+
+
+# --- settling a plan -------------------------------------------------------------------------------------------
+def is_event_plan(meta: Mapping[str, Any]) -> bool:
+    """Whether a pending plan's meta is an event plan's (older event plans have no ``engine`` but a base state)."""
+    return meta.get("engine") == "events" or ("base_state" in meta and "table_name" not in meta)
+
+
+@dataclass
+class EventSettled:
+    """What settling an event plan did."""
+
+    plan_id: str
+    acknowledged_chunks: int
+    total_chunks: int
+    #: events of the acknowledged chunks, now in the ledger (never sent again)
+    recorded_events: int = 0
+    #: events of the other chunks: the next run reads the window again and sends those the source still returns
+    unacknowledged_events: int = 0
+    committed: bool = False
+    ledger_keys: int = 0
+    watermark_ms: int | None = None
+
+
+def settle_event_plan(
+    store: SnapshotStore, plan: Plan, *, lock: Any = None, run: Mapping[str, Any] | None = None
+) -> EventSettled:
+    """Commit what StopChurn acknowledged of an event plan and drop the rest.
+
+    The keys of the acknowledged chunks join the ledger (they are never sent again); the watermark stays where it
+    was before the plan, so the next run reads the same window again and sends the other events, re-planned from
+    the source (a chunk that was sent but not acknowledged may then reach StopChurn twice). Nothing acknowledged:
+    the plan is dropped. Crash-safe as a commit is: the ledger is written before ``CURRENT`` names it.
+
+    :param lock: the stream's lock, held by the caller (checked before the commit).
+    :param run: the run record kept in ``CURRENT`` (see ``SnapshotStore.commit``).
+    """
+    acked = store.acked(plan)
+    result = EventSettled(plan.plan_id, len(acked), len(plan.chunks))
+    total = plan.chunks[-1][1] if plan.chunks else 0
+    result.recorded_events = sum(plan.chunks[c][1] - plan.chunks[c][0] for c in acked if c < len(plan.chunks))
+    result.unacknowledged_events = total - result.recorded_events
+    if plan.meta.get("plan_format") != EVENT_PLAN_FORMAT:
+        store.discard_plan(plan)  # written by another version: its events are read from the source again
+        return result
+    base = _State(**plan.meta["base_state"])
+    result.watermark_ms = base.watermark_ms
+    if not acked:
+        store.discard_plan(plan)
+        return result
+    changes = store.read_changes(plan)
+    mask = np.zeros(changes.height, dtype=bool)
+    for chunk in acked:
+        start, end = plan.chunks[chunk]
+        mask[start:end] = True
+    ledger = pl.concat([_ledger(store.read_committed()), changes.filter(pl.Series(mask)).select(KEY, WATERMARK)])
+    version = store.write_snapshot(ledger)
+    state = _State(base.watermark_ms, plan.meta["state"]["event_key"])
+    store.commit(
+        version,
+        base_version=plan.base_version,
+        kinds=dict(LEDGER_KINDS),
+        key_columns=[KEY],
+        rows=ledger.height,
+        plan_id=plan.plan_id,
+        lock=lock,
+        run=run,
+        state=state.record(),
+    )
+    store.delete_snapshot(plan.target_version)
+    result.committed = True
+    result.ledger_keys = ledger.height
+    return result
+
+
+def settle_pending_event_plan(store: SnapshotStore, *, holder: str, lock_ttl_s: float = 600.0) -> EventSettled | None:
+    """Settle the stream's pending plan under its lock, as a run would (``stopchurn settle --stream``).
+
+    Returns None when no plan is pending. A plan of another kind (a table's) or another brand is refused.
+    """
+    with store.lock(holder, ttl_s=lock_ttl_s) as lock, lock.heartbeat():
+        plan = store.pending_plan()
+        if plan is None:
+            return None
+        if not is_event_plan(plan.meta) or plan.meta.get("brand_id", store.brand_id) != store.brand_id:
+            raise StopChurnConfigError(
+                f"The pending plan in {store.location} is not an event plan of brand {store.brand_id}; nothing was "
+                "changed."
+            )
+        return settle_event_plan(store, plan, lock=lock)
+
+
+def _settled_after_tries(failure: DeliveryError, acked: int, chunks: int, stream: str) -> TransientDeliveryError:
+    """The retryable failure that made a plan settle, with what was kept and what the next try does."""
+    return TransientDeliveryError(
+        f"StopChurn kept answering events of stream {stream!r} with a retryable error on "
+        f"{SETTLE_AFTER_FAILED_TRIES} tries of the same plan: {str(failure).splitlines()[0]} The plan was settled: "
+        f"{acked} of {chunks} chunks were acknowledged and recorded in the ledger (never sent again); the watermark "
+        "did not move, so the next try reads the same window from the source again and sends the other events (a "
+        "request that was sent but not acknowledged may reach StopChurn twice).",
+        status=failure.status,
+        attempts=failure.attempts,
+    )
 
 
 def _explained(failure: StopChurnError, acked: int, chunks: int, stream: str) -> StopChurnError:
@@ -791,16 +997,23 @@ def _explained(failure: StopChurnError, acked: int, chunks: int, stream: str) ->
 __all__ = [
     "EVENT",
     "EVENTS_FOLDER",
+    "FUTURE_MARGIN",
     "KEY",
+    "MAX_LOOKBACK",
+    "SETTLE_AFTER_FAILED_TRIES",
     "WATERMARK",
     "Encoded",
     "EventOptions",
     "EventPlan",
     "EventSender",
+    "EventSettled",
     "EventSummary",
     "Window",
     "encode_events",
     "event_store",
+    "is_event_plan",
     "make_event_plan",
     "run_events",
+    "settle_event_plan",
+    "settle_pending_event_plan",
 ]

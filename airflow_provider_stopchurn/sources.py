@@ -11,11 +11,17 @@ Which path a database takes:
 * **PostgreSQL**: :func:`read_postgres`, through ADBC (``adbc-driver-postgresql``, in the ``postgres`` extra). The
   server streams the result in its binary COPY format, which the driver turns into Arrow batches: numeric as exact
   decimal text, json/jsonb as their exact text, uuid, arrays as lists, timestamptz in UTC, intervals with their
-  months. The connection URI is built by :func:`postgres_uri` from the Airflow connection's fields; psycopg-style
+  months. The session time zone is set to UTC first (``SET TIME ZONE 'UTC'``), as for MySQL below: a
+  ``timestamp without time zone`` column compared with a zone-aware parameter (the event operator's ``since``) is
+  then read as UTC, as the engine reads its values, whatever time zone the database or role sets; a ``SET TIME
+  ZONE`` among the statements overrides it. The connection URI is built by :func:`postgres_uri` from the Airflow
+  connection's fields; psycopg-style
   parameters (``%s``, ``%(name)s``) are merged into the SQL as literals by psycopg (as its client-side cursors
   do), and statements are split with sqlparse (COPY takes one query, without a trailing ``;``).
 * **A DB-API hook whose cursor hands out Arrow** (``cursor.fetch_record_batch()``, as ADBC and DuckDB cursors
   do): :func:`read_dbapi` passes the driver's batches on.
+* **PostgreSQL through its hook's own driver** (IAM authentication, or no ADBC driver): as any other DB-API hook
+  below, with the session time zone set to UTC first, as through ADBC.
 * **MySQL and MariaDB** (mysqlclient, through MySqlHook): as any other DB-API hook below, with the session
   time zone set to UTC first (``SET time_zone = '+00:00'``: TIMESTAMP values arrive as exact UTC instants; a
   ``SET time_zone`` among the statements overrides it, and its TIMESTAMP values are then taken as UTC), and
@@ -217,6 +223,8 @@ def _postgres_batches(uri: PostgresUri, statements: list[str]) -> Iterator[pa.Re
     conn = _connect_postgres(uri)
     try:
         with conn.cursor() as cursor:
+            # compare and cast naive timestamps as UTC, the engine's reading of them, whatever the database's zone
+            cursor.execute(_POSTGRES_UTC)
             for statement in statements[:-1]:
                 log.info("Running statement: %s", statement)
                 cursor.execute(statement)
@@ -347,6 +355,9 @@ def _dbapi_batches(
             if _is_mysqldb(conn):
                 # TIMESTAMP values arrive in the session's time zone without it: in UTC they are exact instants
                 cursor.execute("SET time_zone = '+00:00'")
+            elif _is_postgres(conn):
+                # a naive timestamp compared with a zone-aware parameter is cast in the session's zone: make it UTC
+                cursor.execute(_POSTGRES_UTC)
             for statement in statements:
                 log.info("Running statement: %s", statement)
                 if parameters:
@@ -374,6 +385,15 @@ def _dbapi_batches(
 
 #: MySQL's field type code of its JSON type (``MySQLdb.constants.FIELD_TYPE.JSON``; MySQL 5.7 and 8).
 MYSQL_JSON_TYPE = 245
+
+
+#: Pins a PostgreSQL session to UTC (the first statement on every connection the readers open).
+_POSTGRES_UTC = "SET TIME ZONE 'UTC'"
+
+
+def _is_postgres(conn: Any) -> bool:
+    """Whether ``conn`` is a psycopg2 or psycopg (3) connection: PostgreSQL through PostgresHook's own driver."""
+    return type(conn).__module__.split(".")[0] in ("psycopg2", "psycopg")
 
 
 def _is_mysqldb(conn: Any) -> bool:

@@ -83,7 +83,7 @@ class World:
     def store(self) -> Any:
         return event_store(self.root, BRAND, STREAM)
 
-    def run(self, source: Any, *, sender: Any = None, **overrides: Any) -> EventSummary:
+    def run(self, source: Any, *, sender: Any = None, now_ms: int | None = None, **overrides: Any) -> EventSummary:
         opts: dict[str, Any] = {
             "brand_id": BRAND,
             "user_id_column": "user_id",
@@ -96,7 +96,9 @@ class World:
             "max_concurrent_requests": 1,
         }
         opts.update(overrides)
-        return run_events(source, self.store, sender or make_client(self.sb), EventOptions(**opts), stream=STREAM)
+        return run_events(
+            source, self.store, sender or make_client(self.sb), EventOptions(**opts), stream=STREAM, now_ms=now_ms
+        )
 
     def ledger(self) -> pd.DataFrame:
         committed = self.store.read_committed()
@@ -484,6 +486,7 @@ def test_summary_and_state_layout_hold_no_secret(world: World) -> None:
         "sent",
         "duplicates",
         "before_window",
+        "held_future",
         "chunks",
         "bytes",
         "requests",

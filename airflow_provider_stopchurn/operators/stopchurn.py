@@ -617,7 +617,13 @@ def _as_bool(value: Any) -> bool:
 # imports stay here, beside them, so the module's head is left to the update operator.
 import datetime  # noqa: E402
 
-from airflow_provider_stopchurn.events import EventOptions, Window, event_store, run_events  # noqa: E402
+from airflow_provider_stopchurn.events import (  # noqa: E402
+    MAX_LOOKBACK,
+    EventOptions,
+    Window,
+    event_store,
+    run_events,
+)
 from airflow_provider_stopchurn.export import MAX_FILE_BYTES, ExportOptions, run_export  # noqa: E402
 from airflow_provider_stopchurn.operators.commit_guard import SnapshotBehindError  # noqa: E402
 
@@ -760,8 +766,11 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         gets the named query parameters ``since`` (a UTC datetime) and ``since_ms`` (epoch ms): the last delivered
         watermark minus ``lookback`` (1970-01-01 on the first run), e.g. ``WHERE created_at >= %(since)s``
         (PostgreSQL) or ``WHERE created_ms >= :since_ms`` (SQLite); a callable source gets ``since=`` if it takes
-        it. Every source is also filtered to rows at or after ``since`` here.
-    :param lookback: a ``datetime.timedelta``: late rows whose watermark is inside it are still sent, once.
+        it. Every source is also filtered to rows at or after ``since`` here. Naive values are UTC (a PostgreSQL
+        session is pinned to UTC). A row dated after the run's clock is held until a later run's clock passes it;
+        the watermark never passes the clock minus one minute.
+    :param lookback: a ``datetime.timedelta`` (at most 719,162 days): late rows whose watermark is inside it are
+        still sent, once.
     :param dataframe: a DataFrame, an ``XComArg``, or a callable returning one (called in ``execute``).
     :param sql: SQL query or ``.sql`` file (templated), run on ``sql_conn_id``. Exactly one of ``dataframe``/``sql``.
     :param sql_conn_id: any Airflow connection whose hook is a common.sql ``DbApiHook``.
@@ -832,6 +841,12 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         self.event_key = [event_key] if isinstance(event_key, str) else (None if event_key is None else list(event_key))
         self.watermark_column = watermark_column
         self.lookback = lookback if lookback is not None else datetime.timedelta(0)
+        if isinstance(self.lookback, datetime.timedelta) and self.lookback > MAX_LOOKBACK:
+            # refused at DAG parse time: such a window starts before the first datetime on every run but the first
+            raise ValueError(
+                f"{self.task_id}: `lookback` must be at most {MAX_LOOKBACK.days} days (back from 1970 to the year 1), "
+                f"got {self.lookback!r}."
+            )
         self.brand_id = brand_id
         self.stopchurn_conn_id = stopchurn_conn_id
         self.state_uri = state_uri
