@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import urllib.request
-from typing import Any
 
 import pandas as pd
 from helpers_sync import BRAND, T0, TABLE, Churn, assert_sandbox_matches, expected_rows, make_client, options
