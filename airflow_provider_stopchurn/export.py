@@ -208,10 +208,11 @@ def run_export(
         pending = store.pending_plan(cleanup=False)
         committed = store.read_committed()
         summary.replaced_snapshot = _check_replace(store, committed, pending, options)
-        if store.pending_plan() is not None:  # the same plan, with what it left behind cleaned up
-            assert pending is not None
-            summary.settled_chunks = _settle_pending(store, pending, lock)
+        unfinished = store.pending_plan()  # the same plan (or None: one a crash left committed or outdated)
+        if unfinished is not None:
+            summary.settled_chunks = _settle_pending(store, unfinished, lock)
             committed = store.read_committed()
+            summary.replaced_snapshot = committed is not None  # what the settle committed is replaced too
         canon = canonical_source(source, sync_options)
         plan = make_plan(canon, None, sync_options, run_ms)
         exported = plan.target
