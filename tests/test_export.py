@@ -288,13 +288,15 @@ def test_files_do_not_depend_on_the_workers_time_zone(tmp_path: Path, monkeypatc
         day=pd.to_datetime("2024-03-31").date(),
     )
     written = {}
-    for zone in ("UTC", "Europe/Paris", "America/St_Johns"):
-        monkeypatch.setenv("TZ", zone)
+    try:
+        for zone in ("UTC", "Europe/Paris", "America/St_Johns"):
+            monkeypatch.setenv("TZ", zone)
+            time.tzset()
+            summary = export(tmp_path / zone, frame, run_id="r")
+            written[zone] = b"".join(p.read_bytes() for p in files_of(summary))
+    finally:
+        monkeypatch.undo()  # the process's own zone back, for the tests after this one
         time.tzset()
-        summary = export(tmp_path / zone, frame, run_id="r")
-        written[zone] = b"".join(p.read_bytes() for p in files_of(summary))
-    monkeypatch.delenv("TZ")
-    time.tzset()
     assert written["UTC"] == written["Europe/Paris"] == written["America/St_Johns"]
     first = validate_file(written["UTC"])[0]["data"]
     assert first["naive"] == 1_700_000_000_000 and first["day"] == 1_711_843_200_000  # naive values taken as UTC
