@@ -176,7 +176,8 @@ def _polars_to_arrow(frame: pl.DataFrame) -> pa.Table:
             f"The polars DataFrame's column(s) {', '.join(map(repr, objects))} have the dtype Object, which has no "
             "Arrow form; give them a typed dtype (String, Struct, List...)."
         )
-    return frame.to_arrow()
+    # polars writes an empty column name as "column_1" in Arrow: keep the source's names, checked like any other
+    return frame.to_arrow().rename_columns(frame.columns)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ import polars as pl
 import pyarrow as pa
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
+from airflow_provider_stopchurn.snapshot.constants import RESERVED_PREFIX
 
 __all__ = [
     "KINDS",
@@ -71,6 +72,7 @@ __all__ = [
     "bodies_bytes",
     "canonical_columns",
     "canonicalize",
+    "check_reserved_names",
     "chunk_bodies",
     "chunk_body",
     "encode_rows",
@@ -208,6 +210,30 @@ def _check_column_names(names: Sequence[Any]) -> None:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise SourceDataError(f"Duplicate column names: {', '.join(map(repr, duplicated))}.")
+    check_reserved_names(names)
+
+
+def check_reserved_names(names: Sequence[str]) -> None:
+    """Refuse column names the engines cannot carry: empty ones, and those starting with ``RESERVED_PREFIX``.
+
+    Every path reading a source calls this before anything is sent (through :func:`canonicalize`, the Arrow path
+    and :func:`canonical_columns`; the warehouse diff on the query's columns), so a fixed source works next run.
+    """
+    empty = [str(position) for position, name in enumerate(names, start=1) if name == ""]
+    if empty:
+        raise SourceDataError(
+            f"Source column number {', '.join(empty)} has an empty name: give it one.\n"
+            f"Every column becomes a field of the row StopChurn receives, which needs a name (in SQL: SELECT ... AS "
+            f"some_name). Nothing was sent."
+        )
+    reserved = [name for name in names if name.startswith(RESERVED_PREFIX)]
+    if reserved:
+        listed = ", ".join(map(repr, reserved[:_MAX_LISTED])) + (" ..." if len(reserved) > _MAX_LISTED else "")
+        raise SourceDataError(
+            f"Source column {listed} starts with {RESERVED_PREFIX!r}, a prefix this provider reserves.\n"
+            f"The engine names its own working columns so; rename the column in the source (in SQL: SELECT "
+            f"{reserved[0]} AS {reserved[0][len(RESERVED_PREFIX) :] or 'other_name'}). Nothing was sent."
+        )
 
 
 def _composite_id(keys: Sequence[str], kinds: Mapping[str, str]) -> pl.Expr:

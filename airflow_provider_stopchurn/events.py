@@ -75,6 +75,7 @@ from airflow_provider_stopchurn.encoding import (
     Canonical,
     bodies_bytes,
     canonical_columns,
+    check_reserved_names,
     encode_rows,
     json_fragment,
     plan_chunks,
@@ -377,6 +378,7 @@ def _as_frame(source: Any) -> pd.DataFrame:
         return source
     if isinstance(source, pl.DataFrame | pl.LazyFrame):
         source = source.collect() if isinstance(source, pl.LazyFrame) else source
+        check_reserved_names(source.columns)  # before polars renames an empty name to "column_1"
         return source.to_pandas(use_pyarrow_extension_array=True)
     if isinstance(source, pa.Table):
         return source.to_pandas(types_mapper=pd.ArrowDtype)

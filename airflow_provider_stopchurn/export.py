@@ -9,18 +9,23 @@ export. No Airflow import.
 
 One run::
 
-    lock the table's snapshot store -> refuse if it holds a snapshot (unless replace_snapshot, or this same run
-    wrote it) -> canonicalize the source (the update engine's rules: keys, ids, the ``user`` table's contract)
+    lock the table's snapshot store (as an update run does) -> refuse if it holds a snapshot (unless
+    replace_snapshot, or this same run wrote it) -> settle an unfinished update plan (the update engine's settle)
+    -> canonicalize the source (the update engine's rules: keys, ids, the ``user`` table's contract)
     -> the target snapshot of a first load (createdAt from ``created_at_column``, else the run's time)
+    + the replaced snapshot's rows the export lacks (kept, so that the next update run deletes them)
     -> encode and write the files batch by batch -> commit the target as the baseline -> write ``manifest.json``
 
+An upload adds and replaces rows at StopChurn but deletes none, so a replaced snapshot's rows that the export lacks
+are still there afterwards; keeping them in the new snapshot is what lets the update engine delete them.
+
 Files go to ``<output>/<brand_id>/<table_name>/<run id>/part-00001.json, part-00002.json, ...`` and the
-``manifest.json`` (rows, bytes and SHA-256 of each file) is written last, after the commit: a folder with a
-manifest is complete and its rows are the committed baseline; a folder without one is the leftover of a failed
-try (the next try of the same run rewrites it). Each file is ``[``, one record per line separated by ``,``, and
-``]``, never more than ``max_file_bytes`` bytes. The rows are the update engine's canonical JSON, byte for byte
-what an ``insert`` of the row would carry. Rows are encoded and written a batch at a time, so beside the table
-itself only one batch of JSON text is held in memory, whatever the table's size.
+``manifest.json`` (rows, bytes and SHA-256 of each file) is written last, after the commit: a folder with a manifest
+is complete and its rows are the committed baseline (with the kept rows, if any); a folder without one is the
+leftover of a failed try (the next try of the same run rewrites it). Each file is ``[``, one record per line
+separated by ``,``, and ``]``, never more than ``max_file_bytes`` bytes. The rows are the update engine's canonical
+JSON, byte for byte what an ``insert`` of the row would carry. Rows are encoded and written a batch at a time, so
+beside the table itself only one batch of JSON text is held in memory, whatever the table's size.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,11 +46,21 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from airflow_provider_stopchurn.diff import ROW_HASH, data_columns
+from airflow_provider_stopchurn.diff import DIRTY_HASH, DIRTY_UPDATE, ROW_HASH, data_columns, with_hashes
 from airflow_provider_stopchurn.encoding import row_pieces
 from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError, StopChurnConfigError
 from airflow_provider_stopchurn.plan import make_plan
-from airflow_provider_stopchurn.snapshot import CREATED_AT, SnapshotStore, backend_for, display_location
+from airflow_provider_stopchurn.settle import settle
+from airflow_provider_stopchurn.snapshot import (
+    CREATED_AT,
+    HASH_1,
+    HASH_2,
+    Committed,
+    Plan,
+    SnapshotStore,
+    backend_for,
+    display_location,
+)
 from airflow_provider_stopchurn.snapshot.store import safe_name
 from airflow_provider_stopchurn.sync import SyncOptions, canonical_source
 
@@ -61,6 +76,8 @@ _HEAD, _SEPARATOR, _TAIL = b"[\n", b",\n", b"\n]\n"
 _PER_RECORD, _TAIL_BYTES = 2, 3
 _BATCH_ROWS = 100_000
 _PART_NAME = "part-{:05d}.json"
+#: The column StopChurn keys rows by (every canonical table has it).
+ID = "id"
 
 Source = pd.DataFrame | Callable[[], pd.DataFrame]
 
@@ -89,6 +106,8 @@ class ExportOptions:
     run_key: str | None = None
     holder: str = "stopchurn-export"
     lock_ttl_s: float = 3600.0
+    #: while another run holds the table's lock, wait up to this many seconds for it (as an update run does)
+    lock_wait_s: float = 300.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -118,6 +137,7 @@ class ExportOptions:
             holder=self.holder,
             run_key=self.run_key,
             lock_ttl_s=self.lock_ttl_s,
+            lock_wait_s=self.lock_wait_s,
         )
 
 
@@ -135,6 +155,10 @@ class ExportSummary:
     snapshot_uri: str = ""
     snapshot_version: str = ""
     replaced_snapshot: bool = False
+    #: rows of the replaced snapshot the export lacks, kept in the new one: the next update run deletes them
+    kept_rows: int = 0
+    #: acknowledged chunks of an unfinished update plan settled before the snapshot was replaced
+    settled_chunks: int = 0
     duration_s: float = 0.0
     file_list: list[dict[str, Any]] = field(default_factory=list)
 
@@ -177,61 +201,88 @@ def run_export(
     summary.output_uri = display_location(folder)
     summary.snapshot_uri = store.location
     sync_options = options.sync_options()
-    with store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock, lock.heartbeat():
-        committed = store.read_committed()
+    with (
+        store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
+        lock.heartbeat(),
+    ):
         pending = store.pending_plan(cleanup=False)
-        summary.replaced_snapshot = _check_replace(store, committed, pending is not None, options)
-        if pending is not None:
-            log.warning(
-                "Discarding the unfinished update plan %s of %s: the export replaces it.",
-                pending.plan_id,
-                store,
-            )
-            store.discard_plan(pending)
+        committed = store.read_committed()
+        summary.replaced_snapshot = _check_replace(store, committed, pending, options)
+        unfinished = store.pending_plan()  # the same plan (or None: one a crash left committed or outdated)
+        if unfinished is not None:
+            summary.settled_chunks = _settle_pending(store, unfinished, lock)
+            committed = store.read_committed()
+            summary.replaced_snapshot = committed is not None  # what the settle committed is replaced too
         canon = canonical_source(source, sync_options)
         plan = make_plan(canon, None, sync_options, run_ms)
-        target = plan.target
+        exported = plan.target
+        kept = _kept_rows(committed, exported, plan.kinds, plan.key_columns, options) if committed else None
+        snapshot_frame = exported if kept is None or kept.height == 0 else pl.concat([exported, kept])
+        summary.kept_rows = 0 if kept is None else kept.height
         # the baseline snapshot is written while the files are (Parquet and file I/O both release the GIL)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stopchurn-snapshot") as pool:
-            snapshot = pool.submit(store.write_snapshot, target)
+            snapshot = pool.submit(store.write_snapshot, snapshot_frame)
             try:
-                files = _write_files(target, plan.kinds, folder, options, run_ms)
+                files = _write_files(exported, plan.kinds, folder, options, run_ms)
             except BaseException:
                 with contextlib.suppress(Exception):
                     store.delete_snapshot(snapshot.result())  # written for nothing: no pointer names it
                 raise
             version = snapshot.result()
         manifest_uri = display_location(folder / MANIFEST)
-        store.commit(
-            version,
-            base_version=committed.version if committed is not None else None,
-            kinds=plan.kinds,
-            key_columns=plan.key_columns,
-            rows=target.height,
-            plan_id=None,
-            row_hash=ROW_HASH,
-            lock=lock,
-            run={"run_key": options.run_key, "export": manifest_uri, "rows": target.height},
-        )
-        summary.rows = target.height
+        try:
+            store.commit(
+                version,
+                base_version=committed.version if committed is not None else None,
+                kinds=plan.kinds,
+                key_columns=plan.key_columns,
+                rows=snapshot_frame.height,
+                plan_id=None,
+                row_hash=ROW_HASH,
+                lock=lock,
+                run={"run_key": options.run_key, "export": manifest_uri, "rows": exported.height},
+            )
+        except Exception:
+            with contextlib.suppress(Exception):
+                store.delete_snapshot(version)  # not committed: no pointer names it
+            raise
+        summary.rows = exported.height
         summary.files = len(files)
         summary.bytes = sum(f["bytes"] for f in files)
         summary.file_list = files
         summary.snapshot_version = version
         summary.manifest_uri = manifest_uri
         _write_manifest(folder, summary, options)
+    if summary.kept_rows:
+        log.warning(
+            "%d rows of the replaced snapshot of %r are not in this export; they stay in the snapshot, so the next "
+            "update run deletes them at StopChurn (or sends them again if the source has them then).",
+            summary.kept_rows,
+            options.table_name,
+        )
     summary.duration_s = round(time.monotonic() - started, 3)
     log.info("%s", summary.line())
     return summary
 
 
-def _check_replace(store: SnapshotStore, committed: Any, pending: bool, options: ExportOptions) -> bool:
+def _check_replace(store: SnapshotStore, committed: Any, pending: Plan | None, options: ExportOptions) -> bool:
     """Whether an existing snapshot is replaced; raise when it may not be (it would hide changes)."""
-    if committed is None and not pending:
+    if pending is not None and pending.meta.get("diff_location") == "warehouse":
+        raise StopChurnConfigError(
+            f"The snapshot store {store.location} holds an unfinished plan of the warehouse diff "
+            f"(diff_location='warehouse') of brand {options.brand_id} table {options.table_name!r}; only a "
+            "warehouse run can settle it. Nothing was written. Let the update operator with diff_location='warehouse' "
+            "run once, or run `stopchurn reconcile --reset` (README: Diff in the warehouse), then export again."
+        )
+    if pending is not None and (
+        pending.meta.get("brand_id") != options.brand_id or pending.meta.get("table_name") != options.table_name
+    ):
+        raise StopChurnConfigError(f"The pending plan in {store.location} belongs to another brand or table.")
+    if committed is None and pending is None:
         return False
     record = (committed.run if committed is not None else None) or {}
     own = options.run_key is not None and record.get("run_key") == options.run_key and "export" in record
-    if options.replace_snapshot or own:
+    if options.replace_snapshot or (own and pending is None):
         if committed is not None and not own:
             log.warning(
                 "replace_snapshot=True: the snapshot %s of %s (%s rows) is replaced by this export.",
@@ -242,7 +293,7 @@ def _check_replace(store: SnapshotStore, committed: Any, pending: bool, options:
         return committed is not None and not own
     what = (
         f"snapshot {committed.version} ({committed.rows} rows, committed {committed.committed_at})"
-        if committed is not None
+        if committed is not None and pending is None
         else "an unfinished update plan"
     )
     raise SafeguardError(
@@ -250,8 +301,112 @@ def _check_replace(store: SnapshotStore, committed: Any, pending: bool, options:
         f"{options.table_name!r}: updates have been flowing. Replacing it with this export would make the next "
         "update run compare against the export and silently skip every change StopChurn has not seen yet. Nothing "
         "was written. Export to another snapshot_uri, or set replace_snapshot=True once the files of this export "
-        "are going to be uploaded."
+        "are going to be uploaded (rows StopChurn holds that the export lacks are then deleted by the next update "
+        "run)."
     )
+
+
+def _settle_pending(store: SnapshotStore, pending: Plan, lock: Any) -> int:
+    """Settle an update plan a run left unfinished, as the update run does first (``run_sync``): what StopChurn
+    acknowledged is committed, so the rows it holds are known before the snapshot is replaced. Returns the number of
+    acknowledged chunks."""
+    acks = store.acks(pending)
+    log.warning(
+        "Settling the unfinished update plan %s of %r before the export replaces its snapshot: %d of %d chunks "
+        "were acknowledged.",
+        pending.plan_id,
+        store.table_name,
+        len(acks),
+        len(pending.chunks),
+    )
+    settle(store, pending, acks, lock=lock)
+    return len(acks)
+
+
+#: Keys or ids named in an error, at most.
+_SHOWN = 5
+
+
+def _kept_rows(
+    committed: Committed,
+    exported: pl.DataFrame,
+    kinds: Mapping[str, str],
+    key_columns: Sequence[str],
+    options: ExportOptions,
+) -> pl.DataFrame:
+    """The rows of the replaced snapshot that the export lacks, as rows of the new snapshot.
+
+    StopChurn holds them (an upload adds and replaces rows, it deletes none), so the new snapshot keeps them and
+    the next update run deletes them, or sends them again when the source has them then. A row is matched by its
+    key and by its ``id`` (what StopChurn keys rows by): a row whose id the export gives another key is not kept (a
+    delete of that id would remove the exported row). Its values are kept as they were when the schema is the
+    same; otherwise the row is kept dirty (``DIRTY_HASH``: resent if the key comes back). Raises
+    :class:`SafeguardError` when such a row cannot be kept: the key columns or the id changed type, or a key kept
+    with another id.
+    """
+    keys = list(key_columns)
+    wanted = list(dict.fromkeys([*keys, ID]))
+    old_keys = list(committed.key_columns)
+    old = committed.columns(list(dict.fromkeys([*old_keys, ID])))
+    if old.height == 0:
+        return exported.clear()
+    retyped = [
+        c
+        for c in wanted
+        if c not in old.columns or committed.kinds.get(c) != kinds.get(c) or old.schema[c] != exported.schema[c]
+    ]
+    if old_keys != keys or retyped:
+        changed = ", ".join(map(repr, retyped or keys))
+        raise SafeguardError(
+            f"The export of {options.table_name!r} cannot replace the snapshot: its key or id column(s) {changed} "
+            f"differ from the snapshot's (key columns {old_keys}, kinds "
+            f"{ {c: committed.kinds.get(c) for c in old_keys} }).\n"
+            f"Nothing was written. StopChurn holds the snapshot's {committed.rows} rows under their old ids, which "
+            "this export could not delete later. Let the update operator send the table with its new keys first "
+            "(on_schema_change='update_all'), then export again if the files are still needed."
+        )
+    ids = exported.select(pl.col(ID).unique())
+    gone = old.join(ids, on=ID, how="anti")  # ids StopChurn holds that the export lacks
+    if gone.height == 0:
+        return exported.clear()
+    renamed = gone.join(exported.select(keys), on=keys, how="semi")
+    if renamed.height:
+        shown = ", ".join(repr(v) for v in renamed.get_column(ID).head(_SHOWN).to_list())
+        raise SafeguardError(
+            f"The export of {options.table_name!r} cannot replace the snapshot: {renamed.height} key(s) have another "
+            f"id than StopChurn holds (old ids {shown}).\n"
+            "Nothing was written. After the upload StopChurn would hold both ids of such a key, and no later run "
+            "could delete the old one. Let the update operator send the new ids first, then export again if the "
+            "files are still needed."
+        )
+    rows = committed.rows_with_keys(gone.select(keys))
+    columns = [*data_columns(exported), CREATED_AT]
+    same = set(data_columns(rows)) == set(data_columns(exported)) and all(
+        committed.kinds.get(c) == kinds.get(c) and rows.schema[c] == exported.schema[c] for c in data_columns(exported)
+    )
+    kept = rows.select(
+        [
+            pl.col(c).cast(exported.schema[c])
+            if c in rows.columns and rows.schema[c] == exported.schema[c]
+            else pl.lit(None, dtype=exported.schema[c]).alias(c)
+            for c in columns
+        ]
+    )
+    if same:
+        kept = with_hashes(kept)
+        if HASH_1 in rows.columns:  # a row a settle marked dirty stays dirty
+            was_dirty = rows.get_column(HASH_1) == DIRTY_HASH
+            old_hashes = rows.select(HASH_1, HASH_2).cast(exported.select(HASH_1, HASH_2).schema)
+            kept = kept.with_columns(
+                pl.when(was_dirty).then(old_hashes.get_column(h)).otherwise(pl.col(h)).alias(h)
+                for h in (HASH_1, HASH_2)
+            )
+    else:  # not what StopChurn holds in every column: resent if the key comes back
+        kept = kept.with_columns(
+            pl.lit(DIRTY_HASH, dtype=exported.schema[HASH_1]).alias(HASH_1),
+            pl.lit(DIRTY_UPDATE, dtype=exported.schema[HASH_2]).alias(HASH_2),
+        )
+    return kept.select(exported.columns).cast(exported.schema)
 
 
 # --- files -----------------------------------------------------------------------------------------------------
@@ -439,7 +594,12 @@ def _write_manifest(folder: Any, summary: ExportSummary, options: ExportOptions)
         "bytes": summary.bytes,
         "max_file_bytes": options.max_file_bytes,
         "files": summary.file_list,
-        "snapshot": {"location": summary.snapshot_uri, "version": summary.snapshot_version, "rows": summary.rows},
+        "snapshot": {
+            "location": summary.snapshot_uri,
+            "version": summary.snapshot_version,
+            "rows": summary.rows + summary.kept_rows,
+            "kept_rows": summary.kept_rows,
+        },
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "upload": (
             "Upload every part file in StopChurn's Back Office as a historical load of this table and brand, "

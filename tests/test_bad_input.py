@@ -7,7 +7,10 @@ snapshot root changed (a digest of the whole tree before and after).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import polars as pl
+import pyarrow as pa
 import pytest
 from helpers_sync import (
     BRAND,
@@ -32,6 +37,7 @@ from helpers_sync import (
     update_requests,
 )
 
+from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
 from airflow_provider_stopchurn.exceptions import (
     SafeguardError,
     SourceDataError,
@@ -41,8 +47,11 @@ from airflow_provider_stopchurn.exceptions import (
     StopChurnRejectedError,
     TransientDeliveryError,
 )
+from airflow_provider_stopchurn.export import ExportOptions, run_export
+from airflow_provider_stopchurn.pushdown import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.sources import read_dbapi
 from airflow_provider_stopchurn.sync import SyncOptions, run_sync
 
 N = 200
@@ -450,3 +459,109 @@ def test_quarantine_after_a_failed_try_sends_the_current_source(world: World) ->
     assert sorted(r["update"]["data"]["data"]["id"] for r in _quarantine_records(world)) == [7]
     assert 150 not in {row_id for _, _, _, row_id in world.sb.received()[mark:]}
     assert summary.updated == 200 - 40 - 1  # the 160 not yet delivered but 150; the rejected 7 is not counted
+
+
+# --- column names the engines cannot carry (every source kind, every path) ---------------------------------------
+class SqliteHook:
+    """A DB-API hook of a real SQLite file (what ``read_dbapi`` needs of common-sql's ``DbApiHook``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def get_conn(self) -> Any:
+        return sqlite3.connect(self.path)
+
+
+def named_source(kind: str, name: str, tmp_path: Path, *, value: str = "plan") -> Callable[[], Any]:
+    """A source whose column ``value`` (of base_frame) is called ``name``, as each kind of source delivers it."""
+    frame = base_frame().rename(columns={value: name})
+    if kind == "pandas":
+        return lambda: frame
+    if kind == "polars":  # renamed in polars: pl.from_pandas itself names an empty column "column_1"
+        return lambda: pl.from_pandas(base_frame()).rename({value: name})
+    if kind == "arrow":
+        return lambda: pa.Table.from_pandas(frame, preserve_index=False)
+    path = tmp_path / "source.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("DROP TABLE IF EXISTS src")
+        conn.execute("CREATE TABLE src (id INTEGER, plan TEXT, qty INTEGER, score REAL)")
+        conn.executemany("INSERT INTO src VALUES (?, ?, ?, ?)", base_frame().itertuples(index=False))
+        conn.commit()
+    columns = ", ".join(f'{c} AS "{name}"' if c == value else c for c in base_frame().columns)
+    return lambda: read_dbapi(SqliteHook(path), f"SELECT {columns} FROM src")
+
+
+BAD_NAMES = [
+    pytest.param("__sc_created_at", "'__sc_created_at'", id="snapshot-meta-column"),
+    pytest.param("__sc_hash_1", "'__sc_hash_1'", id="row-hash-column"),
+    pytest.param("__sc_op", "'__sc_op'", id="plan-column"),
+    pytest.param("", "column number 2", id="empty-name"),
+]
+SOURCE_KINDS = ["pandas", "polars", "arrow", "sql"]
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
+@pytest.mark.parametrize(("name", "named"), BAD_NAMES)
+def test_a_reserved_or_empty_column_name_is_refused_on_the_update_path(
+    world: World, tmp_path: Path, kind: str, name: str, named: str
+) -> None:
+    err = refused(world, named_source(kind, name, tmp_path), SourceDataError, [named, "Nothing was sent"])
+    assert_short_first_line(str(err))
+    assert err.permanent
+    # the source fixed (the column renamed back): the next run works and sends only what changed
+    fixed = base_frame().assign(plan="changed")
+    summary = world.run(fixed)
+    assert summary.updated == N and update_requests(world.sb) > 0
+    assert_sandbox_matches(world.sb, fixed)
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
+@pytest.mark.parametrize(("name", "named"), BAD_NAMES)
+def test_a_reserved_or_empty_column_name_is_refused_by_the_export(
+    tmp_path: Path, kind: str, name: str, named: str
+) -> None:
+    store = SnapshotStore(tmp_path / "snapshots", BRAND, TABLE)
+    options_ = ExportOptions(brand_id=BRAND, table_name=TABLE, run_id="r1")
+    with pytest.raises(SourceDataError, match=re.escape(named)):
+        run_export(named_source(kind, name, tmp_path), store, tmp_path / "export", options_, run_ms=T0)
+    assert store.read_committed() is None and not list(tmp_path.glob("export/**/*.json"))
+    summary = run_export(base_frame(), store, tmp_path / "export", options_, run_ms=T0)
+    assert summary.rows == N and store.read_committed() is not None
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
+@pytest.mark.parametrize(("name", "named"), BAD_NAMES)
+def test_a_reserved_or_empty_column_name_is_refused_by_the_events(
+    stopchurn_sandbox_factory: Any, tmp_path: Path, kind: str, name: str, named: str
+) -> None:
+    sb = stopchurn_sandbox_factory(record=True)
+    store = event_store(tmp_path / "events", BRAND, "plans")
+    opts = EventOptions(brand_id=BRAND, user_id_column="id", name="PLAN")  # every column is the event's key
+    read = named_source(kind, name, tmp_path)
+    with pytest.raises(SourceDataError, match=re.escape(named)):
+        run_events(lambda _window: read(), store, make_client(sb), opts)
+    assert sb.stats()["requests"] == 0
+    summary = run_events(base_frame(), store, make_client(sb), opts)
+    assert summary.sent == N and len(sb.events(BRAND)) == N
+
+
+@pytest.mark.parametrize("name", ["__sc_created_at", "__sc_row"])
+def test_a_reserved_column_name_is_refused_by_the_warehouse_diff(
+    stopchurn_sandbox_factory: Any, tmp_path: Path, name: str
+) -> None:
+    duckdb = pytest.importorskip("duckdb")
+    sb = stopchurn_sandbox_factory(record=True)
+    database = str(tmp_path / "warehouse.duckdb")
+    with duckdb.connect(database) as conn:
+        conn.execute(f'CREATE TABLE src AS SELECT 1 AS id, 2 AS "{name}"')
+    store = SnapshotStore(tmp_path / "snapshots", BRAND, TABLE)
+
+    def run(sql: str) -> Any:
+        source = WarehouseSource(sql, DuckDBWarehouse(database), state_schema="stopchurn_state")
+        return run_warehouse_sync(source, store, make_client(sb), options(), run_ms=T0)
+
+    with pytest.raises(SourceDataError, match=re.escape(repr(name))):
+        run("SELECT * FROM src")
+    assert update_requests(sb) == 0 and store.read_current() is None
+    summary = run(f'SELECT id, "{name}" AS renamed FROM src')
+    assert summary.inserted == 1 and sb.rows(BRAND, TABLE) == [{"id": 1, "renamed": 2}]

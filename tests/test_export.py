@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,23 @@ def test_sandbox_upload_upserts_rows_and_counts_them(stopchurn_sandbox: SandboxS
     upload(stopchurn_sandbox, path)
     assert stopchurn_sandbox.rows(BRAND, TABLE) == [{"id": 1, "x": "c"}, {"id": "1", "x": "b"}]
     assert stopchurn_sandbox.stats()["historical"] == {"files": 2, "rows": 3}
+
+
+def test_files_do_not_depend_on_the_workers_time_zone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = accounts(20).assign(
+        naive=pd.to_datetime(1_700_000_000_000 + np.arange(20) * 3_600_000, unit="ms"),
+        day=pd.to_datetime("2024-03-31").date(),
+    )
+    written = {}
+    try:
+        for zone in ("UTC", "Europe/Paris", "America/St_Johns"):
+            monkeypatch.setenv("TZ", zone)
+            time.tzset()
+            summary = export(tmp_path / zone, frame, run_id="r")
+            written[zone] = b"".join(p.read_bytes() for p in files_of(summary))
+    finally:
+        monkeypatch.undo()  # the process's own zone back, for the tests after this one
+        time.tzset()
+    assert written["UTC"] == written["Europe/Paris"] == written["America/St_Johns"]
+    first = validate_file(written["UTC"])[0]["data"]
+    assert first["naive"] == 1_700_000_000_000 and first["day"] == 1_711_843_200_000  # naive values taken as UTC

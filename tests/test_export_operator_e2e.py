@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import sqlite3
 import urllib.request
@@ -209,3 +210,48 @@ def test_export_to_an_object_store(sandbox: SandboxServer, brand: int, tmp_path:
             assert memory_fs.size(path) <= 4000
             rows += [item["data"] for item in json.loads(memory_fs.cat(path))]
     assert rows == frame.to_dict(orient="records")
+
+
+KEY = "sk-EXPORT-LEAKCHECK-9a8b7c6d5e"
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_the_key_never_appears_in_the_exports_logs_xcom_or_files(
+    replace: bool,
+    stopchurn_sandbox_factory: Callable[..., SandboxServer],
+    airflow_conn: Callable[..., None],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A successful export over an existing snapshot (replace) and a refused one: every logger at DEBUG."""
+    sb = stopchurn_sandbox_factory(token=KEY)
+    airflow_conn("stopchurn_default", conn_type="stopchurn", host=sb.url, password=KEY, extra={"brand_id": 3})
+    frame = pd.DataFrame({"id": range(1, 41), "name": [f"n{i}" for i in range(1, 41)]})
+    with DAG(f"export_secrets_{next(_ids)}", schedule=None, start_date=START, params={"replace": replace}) as dag:
+        StopChurnHistoricalExportOperator(
+            task_id="export",
+            table_name="account",
+            dataframe=lambda: frame,
+            output_uri=str(tmp_path / "out"),
+            snapshot_uri=str(tmp_path / "snapshots"),
+            replace_snapshot="{{ params.replace }}",
+        )
+    caplog.set_level(logging.DEBUG)
+    run_ok(dag, 0, "export")
+    second = run_dag(dag, logical_date=START.add(days=1))
+    assert str(second.state) == ("success" if replace else "failed")
+    printed = capfd.readouterr()
+    records = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records)
+    files = "".join(p.read_bytes().decode("utf-8", "replace") for p in tmp_path.rglob("*") if p.is_file())
+    outputs = json.dumps(xcom_return(second, "export"), default=str) if replace else ""
+    assert records and files  # the scan is not vacuous
+    for where, text in {
+        "log records": records,
+        "stdout": printed.out,
+        "stderr": printed.err,
+        "xcom": outputs,
+        "files": files,
+    }.items():
+        assert KEY not in text, f"the API key leaked into {where}"
+    assert sb.stats()["requests"] == 0  # the export sends nothing to StopChurn

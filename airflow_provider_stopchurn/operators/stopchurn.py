@@ -949,7 +949,10 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
     :param snapshot_uri: the update operator's snapshot location (templated), default as there.
     :param snapshot_conn_id: connection for the object store of ``snapshot_uri``.
     :param replace_snapshot: replace a snapshot the store already holds (templated). Default: refuse, since the
-        next update run would then compare against the export and skip the changes StopChurn has not seen.
+        next update run would then compare against the export and skip the changes StopChurn has not seen. When
+        replacing, an unfinished update plan is settled first, and the rows of the replaced snapshot that the export
+        lacks stay in the new one, so that the next update run deletes them at StopChurn.
+    :param lock_wait_s: while another run holds the table's lock, wait up to this many seconds for it.
     :param brand_id: StopChurn brand id (templated); None takes ``brand_id`` from the connection's extras.
     :param stopchurn_conn_id: the StopChurn connection (read for its ``brand_id`` only; nothing is sent).
     :param nest_dotted_columns: turn columns named ``a.b`` into nested objects ``{"a": {"b": ...}}``.
@@ -994,6 +997,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         nest_dotted_columns: bool = True,
         decimal_as_string: bool = False,
         json_columns: Sequence[str] = (),
+        lock_wait_s: float = 300.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -1013,6 +1017,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         self.nest_dotted_columns = nest_dotted_columns
         self.decimal_as_string = decimal_as_string
         self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
+        self.lock_wait_s = lock_wait_s
 
     def execute(self, context: Context) -> dict[str, Any]:
         run_ms = time.time_ns() // 1_000_000
@@ -1032,6 +1037,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
                 run_id=str(context.get("run_id") or "manual"),
                 run_key=_run_key(self, context),
                 holder=_holder(self, context),
+                lock_wait_s=self.lock_wait_s,
             )
             root = _storage_root(self.snapshot_uri, self.snapshot_conn_id, "snapshots")
             store = SnapshotStore(root, options.brand_id, options.table_name)

@@ -38,8 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from airflow_provider_stopchurn.deliver import Sender
-from airflow_provider_stopchurn.encoding import encode_rows, encode_updates
-from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, StopChurnConfigError
+from airflow_provider_stopchurn.encoding import check_reserved_names, encode_rows, encode_updates
+from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, SourceDataError, StopChurnConfigError
 from airflow_provider_stopchurn.history import recorded
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.plan import Window, _window, check_safeguards, describe, kind_changes, timestamp_column
@@ -272,9 +272,13 @@ def _source_schema(warehouse: Warehouse, state: S.StateTable, query: str, option
         raise StopChurnConfigError(
             f"Key column(s) {missing} are not in the source (columns: {schema.names}); set key_columns."
         )
-    taken = [c for c in schema.names if c.startswith("__sc_") or c.startswith("_stopchurn_")]
+    check_reserved_names(schema.names)  # the worker path's rule, with the worker path's error
+    taken = [c for c in schema.names if c.startswith("_stopchurn_")]
     if taken:
-        raise StopChurnConfigError(f"Source columns {taken} use a prefix the warehouse diff reserves.")
+        raise SourceDataError(
+            f"Source column(s) {taken} start with '_stopchurn_', a prefix the warehouse diff reserves.\n"
+            "Rename them in the query (SELECT ... AS other_name). Nothing was sent."
+        )
     return schema
 
 
