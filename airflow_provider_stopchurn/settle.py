@@ -251,7 +251,9 @@ def _settled_frame(store: SnapshotStore, plan: Plan, status: np.ndarray, positio
         rows = unsure_upserts.filter(pl.col(OP) == op).get_column(TARGET_ROW)
         parts.append(_marked(target[rows].select(columns), mark, target))
     if plan.base_version is None:
-        return _Frame(_one_row_per_key(pl.concat([p.select(target.columns) for p in parts]), keys), kinds, ROW_HASH, shape)
+        return _Frame(
+            _one_row_per_key(pl.concat([p.select(target.columns) for p in parts]), keys), kinds, ROW_HASH, shape
+        )
     committed = store.read_committed()
     base_kinds = dict(committed.kinds) if committed is not None else {}
     base = store.read_snapshot(plan.base_version)
