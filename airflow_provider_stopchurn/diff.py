@@ -285,7 +285,7 @@ def diff_snapshot(
     :param update_all: every key present on both sides counts as updated (a schema change being sent).
     """
     keys = list(keys)
-    old = base.columns([*keys, CREATED_AT, HASH_1, HASH_2]).with_row_index(BASE_ROW)
+    old = _one_row_per_key(base.columns([*keys, CREATED_AT, HASH_1, HASH_2]).with_row_index(BASE_ROW), keys)
     new_join, old_join = _join_keys(new_data, old, keys)
     join_names = [f"__sc_k{i}" for i in range(len(keys))]
     hashed = with_hashes(new_data)
@@ -331,7 +331,7 @@ def diff_snapshot(
         old.with_columns(old_join).join(new_data.select(new_join), on=join_names, how="anti").select([*keys, BASE_ROW])
     )
     if gone.height:
-        rows = base.rows_with_keys(gone.select(keys))
+        rows = base.rows_with_keys(gone.select(keys)).unique(subset=keys, keep="first", maintain_order=True)
         deleted = (
             rows.drop([c for c in (HASH_1, HASH_2) if c in rows.columns])
             .join(gone, on=keys, how="left", maintain_order="left")
@@ -415,6 +415,32 @@ def reconcile_ids(diff: SnapshotDiff, base: BaseSnapshot, keys: Sequence[str]) -
 
 _OLD_ID = "__sc_old_id"
 _OWNER = "__sc_owner"
+
+
+def _one_row_per_key(old: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """The snapshot's keys, each once. A snapshot that holds a key twice (committed by an older version, which
+    could settle a retyped key into it) pairs each such key with its first row, marked dirty, so the key's
+    current state is sent again and the next commit holds it once."""
+    twice = old.select(keys).is_duplicated()
+    if not twice.any():
+        return old
+    return (
+        old.with_columns(twice.alias("__sc_twice"))
+        .unique(subset=keys, keep="first", maintain_order=True)
+        .with_columns(
+            pl.when(pl.col("__sc_twice"))
+            .then(pl.lit(DIRTY_HASH))
+            .otherwise(pl.col(HASH_1))
+            .cast(old.schema[HASH_1])
+            .alias(HASH_1),
+            pl.when(pl.col("__sc_twice"))
+            .then(pl.lit(DIRTY_UPDATE))
+            .otherwise(pl.col(HASH_2))
+            .cast(old.schema[HASH_2])
+            .alias(HASH_2),
+        )
+        .drop("__sc_twice")
+    )
 
 
 def first_load(new_data: pl.DataFrame, *, created: pl.Series | None, run_ms: int) -> pl.DataFrame:

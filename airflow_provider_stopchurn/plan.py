@@ -278,7 +278,7 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
     )
     check_safeguards(diff.deleted.height, canon.frame.height, committed, options)
     diff = reconcile_ids(diff, committed, keys)
-    if _keys_retyped(diff, committed, keys):
+    if _keys_retyped(diff, keys):
         meta["deletes_first"] = True
     if diff.inserted.height + diff.updated.height + diff.deleted.height == 0:
         plan = _empty(diff.target, kinds, keys, meta, baseline=False)
@@ -302,7 +302,7 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
     )
 
 
-def _keys_retyped(diff: SnapshotDiff, committed: Committed, keys: list[str]) -> bool:
+def _keys_retyped(diff: SnapshotDiff, keys: list[str]) -> bool:
     """Whether a key column's type changed (``1`` -> ``"1"``: other ids) while the snapshot holds rows.
 
     Such a plan deletes the old ids and inserts the new ones. Its deletes are all settled before any insert is
@@ -310,7 +310,7 @@ def _keys_retyped(diff: SnapshotDiff, committed: Committed, keys: list[str]) -> 
     """
     if not diff.deleted.height:
         return False
-    old = committed.columns(keys).schema
+    old = diff.deleted.schema  # deleted rows as last delivered: the snapshot's dtypes
     return any(old[k] != diff.target.schema[k] for k in keys)
 
 

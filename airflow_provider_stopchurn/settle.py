@@ -305,8 +305,9 @@ def _across_key_types(
         return _Frame(old, dict(committed.kinds), committed.row_hash, committed.shape)
     if old.height:
         log.warning(
-            "Plan %s of %r changed the type of its key columns; %d old ids were not deleted (StopChurn refused the "
-            "delete) and are no longer tracked: StopChurn may still hold them (they are in the quarantine file).",
+            "Plan %s of %r changed the type of its key columns; %d rows of the old type are no longer tracked: the "
+            "ids the source still has are sent again next run, and an old id StopChurn refused to delete (see the "
+            "quarantine file) may remain there.",
             plan.plan_id,
             store.table_name,
             old.height,

@@ -225,3 +225,27 @@ def test_a_shape_option_without_effect_on_the_table_is_no_change(world: World) -
     frame = int_table()
     world.run(frame)
     assert world.run(frame, nest_dotted_columns=False).requests == 0
+
+
+def test_a_snapshot_an_older_version_committed_with_a_key_twice_is_repaired(world: World) -> None:
+    """An older version could settle a retyped key into a snapshot holding it twice (``3`` cast to ``"3"`` beside
+    the new ``"3"``); every later run then failed. Such a store now converges without a hand edit."""
+    frame = int_table().assign(id=lambda f: f["id"].astype(str))
+    world.run(frame)
+    committed = world.store.read_committed()
+    assert committed is not None
+    twice = pl.concat(
+        [committed.frame, committed.frame.filter(pl.col("id") == "3").with_columns(pl.lit("old").alias("v"))]
+    )
+    version = world.store.write_snapshot(twice)
+    current = world.store.backend.read_bytes("CURRENT")
+    assert current is not None
+    pointer = orjson.loads(current)
+    pointer.update(version=version, rows=twice.height)
+    world.store.backend.write_bytes("CURRENT", orjson.dumps(pointer), durable=True)  # as the older version left it
+
+    changed = frame.assign(v=lambda f: np.where(f["id"] == "7", "changed", f["v"]))
+    summary = world.run(changed)
+    assert summary.updated == 2  # the changed row, and the key held twice, sent again
+    assert_sandbox_matches(world.sb, changed)
+    world.assert_unique_keys()
