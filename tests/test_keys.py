@@ -21,6 +21,7 @@ from helpers_sync import (
     T0,
     TABLE,
     FailAfter,
+    FailOne,
     assert_sandbox_matches,
     make_client,
     options,
@@ -138,6 +139,20 @@ def test_a_changed_id_deletes_the_old_id(world: World) -> None:
     taken = pd.concat([taken, pd.DataFrame({"user_key": ["new"], "id": [101], "v": ["moved"]})], ignore_index=True)
     world.run(taken, key_columns=("user_key",))
     assert_sandbox_matches(world.sb, taken, ("user_key",))
+
+
+def test_a_failed_delete_of_an_old_id_is_sent_again(world: World, stopchurn_sandbox_factory: Any) -> None:
+    """The old id's delete fails while the row's new id is acknowledged in a request sent beside it: the next run
+    must still delete the old id (a delete no base row carries is settled by holding back what follows it)."""
+    first = keyed_table(list(range(100, 110)))
+    world.run(first, key_columns=("user_key",))
+    changed = keyed_table([*range(100, 105), 205, *range(106, 110)]).iloc[1:].reset_index(drop=True)  # k5: 105 -> 205
+    failing = make_client(stopchurn_sandbox_factory(faults=FaultConfig(error_rate=1.0)))
+    sender = FailOne(make_client(world.sb), failing, 105, delay_s=0.5)
+    with pytest.raises(StopChurnError):
+        world.run(changed, key_columns=("user_key",), chunk_size=1, max_concurrent_requests=3, sender=sender)
+    world.run(changed, key_columns=("user_key",))
+    assert_sandbox_matches(world.sb, changed, ("user_key",))
 
 
 class DeleteLandsLast:
