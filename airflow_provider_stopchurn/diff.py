@@ -364,7 +364,11 @@ def reconcile_ids(diff: SnapshotDiff, base: BaseSnapshot, keys: Sequence[str]) -
     """
     keys = list(keys)
     target = diff.target
-    if keys == [ID] or ID not in target.columns:
+    if (
+        keys == [ID]
+        or ID not in target.columns
+        or not (diff.inserted.height + diff.updated.height + diff.deleted.height)
+    ):
         return diff
     base_ids = base.columns([ID]).with_row_index(BASE_ROW)
     row_dtype = base_ids.schema[BASE_ROW]

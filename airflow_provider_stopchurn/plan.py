@@ -277,7 +277,8 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
         new_data, committed, keys, created=created, run_ms=run_ms, by_hash=by_hash, update_all=update_all
     )
     check_safeguards(diff.deleted.height, canon.frame.height, committed, options)
-    diff = reconcile_ids(diff, committed, keys)
+    if "id" in base_kinds:  # every snapshot this provider writes has one; StopChurn keys rows by it
+        diff = reconcile_ids(diff, committed, keys)
     if _keys_retyped(diff, keys) or _ids_moved(diff):
         meta["deletes_first"] = True
     if diff.inserted.height + diff.updated.height + diff.deleted.height == 0:
