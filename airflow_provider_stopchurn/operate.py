@@ -309,6 +309,7 @@ def rebaseline(store: SnapshotStore, canon: Canonical, options: SyncOptions) -> 
             row_hash=ROW_HASH,
             lock=lock,
             shape=plan.meta.get("shape"),
+            frame=plan.target,
         )
         counts = {"unchanged": plan.target.height, "baseline": True, "schema_change": plan.schema_change}
         history.record(store, kind="rebaseline", holder=options.holder, started=started, counts=counts)

@@ -86,6 +86,7 @@ def settle(
     uncertain: Iterable[int] | None = None,
     lock: Any = None,
     run: Callable[[Settled], Mapping[str, Any] | None] | None = None,
+    target: pl.DataFrame | None = None,
 ) -> Settled:
     """Commit what StopChurn acknowledged of ``plan`` (``acks``: chunk -> its rejection records).
 
@@ -93,6 +94,7 @@ def settle(
         refusal that may have been applied in part). None: every chunk not acknowledged (a plan a crash left).
         The rows of these chunks are recorded dirty, so the next run sends their current state again.
     :param run: given what this settle delivered, the run record to keep in ``CURRENT`` (see ``SnapshotStore.commit``).
+    :param target: the plan's target snapshot when the caller holds it in memory (else it is read when needed).
     """
     result = Settled(plan.plan_id, acked_chunks=len(acks))
     if plan.meta.get("plan_format") != PLAN_FORMAT:
@@ -129,11 +131,12 @@ def settle(
             lock=lock,
             run=record,
             shape=plan.meta.get("shape"),
+            frame=target,
         )
         result.version = plan.target_version
         return result
 
-    settled = _settled_frame(store, plan, status, positions)
+    settled = _settled_frame(store, plan, status, positions, target)
     frame = settled.frame
     version = store.write_snapshot(frame)
     store.commit(
@@ -147,6 +150,7 @@ def settle(
         lock=lock,
         run=record,
         shape=settled.shape,
+        frame=frame,
     )
     store.delete_snapshot(plan.target_version)
     result.version = version
@@ -225,9 +229,16 @@ class _Frame:
     shape: dict[str, Any] | None
 
 
-def _settled_frame(store: SnapshotStore, plan: Plan, status: np.ndarray, positions: pl.DataFrame | None) -> _Frame:
+def _settled_frame(
+    store: SnapshotStore,
+    plan: Plan,
+    status: np.ndarray,
+    positions: pl.DataFrame | None,
+    target: pl.DataFrame | None = None,
+) -> _Frame:
     """Base rows whose change was not applied + target rows whose change was; uncertain ones marked dirty."""
-    target = store.read_snapshot(plan.target_version)
+    if target is None:
+        target = store.read_snapshot(plan.target_version)
     keys = list(plan.meta["key_columns"])
     kinds, shape = dict(plan.meta["kinds"]), plan.meta.get("shape")
     if positions is None:  # a first load: update i is target row i, an insert

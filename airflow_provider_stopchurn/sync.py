@@ -295,6 +295,7 @@ def _plan_and_deliver(
                 lock=lock,
                 run=summary.run_record(options.run_key, chunks=summary.settled_chunks),
                 shape=options.shape(),
+                frame=plan.target,
             )
         return
 
@@ -321,6 +322,7 @@ def _plan_and_deliver(
             uncertain=uncertain,
             lock=lock,
             run=lambda s: summary.run_record(options.run_key, s, summary.settled_chunks),
+            target=plan.target,
         ),
     )
 

@@ -306,6 +306,7 @@ class SnapshotStore:
         run: Mapping[str, Any] | None = None,
         state: Mapping[str, Any] | None = None,
         shape: Mapping[str, Any] | None = None,
+        frame: pl.DataFrame | None = None,
     ) -> None:
         """Publish ``version`` as the committed snapshot, then forget the plan and the replaced snapshot.
 
@@ -322,11 +323,13 @@ class SnapshotStore:
             report the run's whole delivery).
         :param state: engine state committed with the snapshot (kept in CURRENT only when given).
         :param shape: the shape options the snapshot's rows were sent with (``options.SHAPE_OPTIONS``).
+        :param frame: the snapshot's table when the caller holds it in memory (its keys are checked there instead
+            of reading the file back).
         """
         if lock is not None:
             lock.check()
         if state is None:
-            self._check_unique_keys(version, key_columns)
+            self._check_unique_keys(version, key_columns, frame)
         previous = self._read_json("CURRENT")
         current_version = None if previous is None else previous.get("version")
         if current_version != base_version:
@@ -357,9 +360,10 @@ class SnapshotStore:
         if current_version is not None and current_version != version:
             self._backend.delete(_snapshot(str(current_version)))
 
-    def _check_unique_keys(self, version: str, key_columns: Sequence[str]) -> None:
+    def _check_unique_keys(self, version: str, key_columns: Sequence[str], frame: pl.DataFrame | None) -> None:
         """Refuse a snapshot file that holds a key twice (a diff against it could not pair rows with keys)."""
-        keys = self.read_snapshot(version, columns=list(key_columns))
+        names = list(key_columns)
+        keys = frame.select(names) if frame is not None else self.read_snapshot(version, columns=names)
         twice = keys.filter(keys.is_duplicated()).unique(maintain_order=True)
         if twice.height:
             shown = ", ".join(repr(row[0] if len(row) == 1 else row) for row in twice.head(5).rows())
