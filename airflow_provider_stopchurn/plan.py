@@ -277,9 +277,10 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
         new_data, committed, keys, created=created, run_ms=run_ms, by_hash=by_hash, update_all=update_all
     )
     check_safeguards(diff.deleted.height, canon.frame.height, committed, options)
+    ids_moved = False
     if "id" in base_kinds:  # every snapshot this provider writes has one; StopChurn keys rows by it
-        diff = reconcile_ids(diff, committed, keys)
-    if _keys_retyped(diff, keys) or _ids_moved(diff):
+        diff, ids_moved = reconcile_ids(diff, committed, keys)
+    if ids_moved or _keys_retyped(diff, keys):
         meta["deletes_first"] = True
     if diff.inserted.height + diff.updated.height + diff.deleted.height == 0:
         plan = _empty(diff.target, kinds, keys, meta, baseline=False)
@@ -313,15 +314,6 @@ def _keys_retyped(diff: SnapshotDiff, keys: list[str]) -> bool:
         return False
     old = diff.deleted.schema  # deleted rows as last delivered: the snapshot's dtypes
     return any(old[k] != diff.target.schema[k] for k in keys)
-
-
-def _ids_moved(diff: SnapshotDiff) -> bool:
-    """Whether the plan deletes the old id of a row whose ``id`` changed (a delete without a base row of its own).
-
-    Settling knows such a delete only through the row's own update; so the deletes are all settled before the
-    update is sent, and a delete that was not acknowledged leaves the row as it was, to be planned again.
-    """
-    return bool(diff.deleted.height) and diff.deleted.get_column(BASE_ROW).null_count() > 0
 
 
 def _baseline(

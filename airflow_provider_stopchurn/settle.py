@@ -254,8 +254,7 @@ def _settled_frame(
     applied = marked.filter(pl.col("__sc_status") == _APPLIED)
     unsure = marked.filter(pl.col("__sc_status") == _UNCERTAIN)
     unsure_upserts = unsure.filter(pl.col(OP) != "delete")
-    # a delete without a base row is the old id of a row whose id changed: the row's own update settles it
-    unsure_deletes = unsure.filter((pl.col(OP) == "delete") & pl.col(BASE_ROW).is_not_null())
+    unsure_deletes = unsure.filter(pl.col(OP) == "delete")
     columns = [*data_columns(target), CREATED_AT]
     parts = [with_hashes(target[applied.get_column(TARGET_ROW).drop_nulls()].select(columns))]
     for op, mark in (("insert", DIRTY_INSERT), ("update", DIRTY_UPDATE)):

@@ -155,6 +155,27 @@ def test_a_failed_delete_of_an_old_id_is_sent_again(world: World, stopchurn_sand
     assert_sandbox_matches(world.sb, changed, ("user_key",))
 
 
+def test_an_id_held_by_two_rows_after_a_partial_swap_is_taken_over_once(world: World) -> None:
+    keys = ("user_key",)
+    first = keyed_table(list(range(100, 106)))
+    world.run(first, key_columns=keys)
+    swapped = first.copy()
+    swapped.loc[[0, 2], "id"] = [102, 100]
+    swapped.loc[1, "v"] = "changed"
+    # k0 takes 102, k1's update fails, k2's is never sent: the snapshot holds 102 on k0 and on k2
+    with pytest.raises(StopChurnError):
+        world.run(swapped, key_columns=keys, chunk_size=1, sender=FailAfter(make_client(world.sb), world.sb, 1))
+    world.sb.set_faults(FaultConfig())
+    taken = pd.concat(
+        [swapped.iloc[[1, 3, 4, 5]], pd.DataFrame({"user_key": ["new"], "id": [102], "v": ["took 102"]})],
+        ignore_index=True,
+    )
+    summary = world.run(taken, key_columns=keys)
+    assert summary.updated == 2  # k1 resent, and one update of id 102, not one per row that held it
+    assert_sandbox_matches(world.sb, taken, keys)
+    world.assert_unique_keys()
+
+
 class DeleteLandsLast:
     """Delegates to a real client, but holds a body deleting ``row_id`` until a body inserting or updating the same
     id has been acknowledged (bounded wait): the order in which two concurrent requests may land."""
