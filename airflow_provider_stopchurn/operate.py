@@ -308,6 +308,8 @@ def rebaseline(store: SnapshotStore, canon: Canonical, options: SyncOptions) -> 
             plan_id=None,
             row_hash=ROW_HASH,
             lock=lock,
+            shape=plan.meta.get("shape"),
+            frame=plan.target,
         )
         counts = {"unchanged": plan.target.height, "baseline": True, "schema_change": plan.schema_change}
         history.record(store, kind="rebaseline", holder=options.holder, started=started, counts=counts)

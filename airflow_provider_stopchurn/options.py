@@ -6,13 +6,23 @@ The operator builds it from its own arguments (``SyncOptions.field_names()`` lis
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError
 
 SchemaPolicy = Literal["fail", "update_all", "rebaseline"]
 RejectPolicy = Literal["fail", "quarantine"]
+
+#: Options that change the shape of the JSON sent for the same rows (not only values). Their values are recorded
+#: with the committed snapshot, and a run whose value differs goes through ``on_schema_change`` as a retyped column
+#: does, so StopChurn never holds rows of two shapes. Each maps to whether it can matter for a table with these
+#: columns (a table without dotted names sends the same rows either way). A new shape option is one line here.
+#: (``decimal_as_string`` is not listed: it changes the columns' kinds, which the snapshot records already.)
+SHAPE_OPTIONS: Mapping[str, Callable[[Iterable[str]], bool]] = {
+    "nest_dotted_columns": lambda columns: any("." in c for c in columns),
+}
 
 
 @dataclass(frozen=True)
@@ -98,5 +108,22 @@ class SyncOptions:
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
+    def shape(self) -> dict[str, Any]:
+        """The values of the :data:`SHAPE_OPTIONS` (recorded with the committed snapshot)."""
+        return {name: getattr(self, name) for name in SHAPE_OPTIONS}
 
-__all__ = ["RejectPolicy", "SchemaPolicy", "SyncOptions"]
+
+def shape_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any], columns: Iterable[str]) -> dict[str, str]:
+    """The shape options whose value differs between ``old`` (recorded with a snapshot; None: not recorded, by an
+    older version) and ``new``, and that matter for a table with ``columns``: {name: "old -> new"}."""
+    if old is None:
+        return {}
+    names = list(columns)
+    return {
+        name: f"{old[name]!r} -> {new[name]!r}"
+        for name, matters in SHAPE_OPTIONS.items()
+        if name in old and name in new and old[name] != new[name] and matters(names)
+    }
+
+
+__all__ = ["SHAPE_OPTIONS", "RejectPolicy", "SchemaPolicy", "SyncOptions", "shape_changes"]

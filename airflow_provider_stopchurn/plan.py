@@ -25,10 +25,11 @@ from airflow_provider_stopchurn.diff import (
     data_columns,
     diff_snapshot,
     first_load,
+    reconcile_ids,
 )
 from airflow_provider_stopchurn.encoding import Canonical, bodies_bytes, encode_rows, encode_updates, plan_chunks
 from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError
-from airflow_provider_stopchurn.options import SyncOptions
+from airflow_provider_stopchurn.options import SyncOptions, shape_changes
 from airflow_provider_stopchurn.snapshot import CREATED_AT, OP, UPDATED_AT, Committed
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ class RunPlan:
         pending: list[pl.Series] = []
         held = 0
         for part in self.parts:
+            if pending and part.op != "delete" and self.meta.get("deletes_first"):
+                # a window is delivered whole before the next is sent: every delete is settled before any insert
+                yield _window(offset, pending, options)
+                offset, pending, held = offset + held, [], 0
             start = 0
             while start < part.frame.height:  # a window may span parts: chunks pack across ops as before
                 take = min(rows - held, part.frame.height - start)
@@ -120,9 +125,15 @@ def _compatible(old: str, new: str) -> bool:
     return old == new or "null" in (old, new) or {old, new} <= _NUMERIC
 
 
-def schema_changes(committed: Committed, canon: Canonical) -> dict[str, Any]:
-    """Columns added, removed or retyped between the snapshot and the source ({} when none)."""
-    return kind_changes(committed.kinds, canon.kinds, committed.key_columns, canon.key_columns)
+def schema_changes(committed: Committed, canon: Canonical, options: SyncOptions | None = None) -> dict[str, Any]:
+    """Columns added, removed or retyped between the snapshot and the source, and shape options changed since the
+    snapshot was sent (``options``; ``SHAPE_OPTIONS``) ({} when none)."""
+    change = kind_changes(committed.kinds, canon.kinds, committed.key_columns, canon.key_columns)
+    if options is not None:
+        shape = shape_changes(committed.shape, options.shape(), [*committed.kinds, *canon.kinds])
+        if shape:
+            change["options"] = shape
+    return change
 
 
 def kind_changes(
@@ -152,6 +163,8 @@ def describe(change: Mapping[str, Any]) -> str:
         parts.append("retyped " + ", ".join(f"{c} ({t})" for c, t in change["retyped"].items()))
     if "key_columns" in change:
         parts.append(f"key columns {change['key_columns']}")
+    if "options" in change:
+        parts.append("options " + ", ".join(f"{name} ({t})" for name, t in change["options"].items()))
     return "; ".join(parts)
 
 
@@ -228,7 +241,7 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
     update_all = False
     schema_change = None
     if committed is not None:
-        change = schema_changes(committed, canon)
+        change = schema_changes(committed, canon, options)
         if change:
             schema_change = {"policy": options.on_schema_change, **change}
             if options.on_schema_change == "fail":
@@ -264,6 +277,11 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
         new_data, committed, keys, created=created, run_ms=run_ms, by_hash=by_hash, update_all=update_all
     )
     check_safeguards(diff.deleted.height, canon.frame.height, committed, options)
+    ids_moved = False
+    if "id" in base_kinds:  # every snapshot this provider writes has one; StopChurn keys rows by it
+        diff, ids_moved = reconcile_ids(diff, committed, keys)
+    if ids_moved or _keys_retyped(diff, keys):
+        meta["deletes_first"] = True
     if diff.inserted.height + diff.updated.height + diff.deleted.height == 0:
         plan = _empty(diff.target, kinds, keys, meta, baseline=False)
         plan.unchanged = diff.unchanged
@@ -284,6 +302,18 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
         schema_change=schema_change,
         meta=meta,
     )
+
+
+def _keys_retyped(diff: SnapshotDiff, keys: list[str]) -> bool:
+    """Whether a key column's type changed (``1`` -> ``"1"``: other ids) while the snapshot holds rows.
+
+    Such a plan deletes the old ids and inserts the new ones. Its deletes are all settled before any insert is
+    sent, so a plan stopped part-way never leaves old and new ids to be recorded together in one typed snapshot.
+    """
+    if not diff.deleted.height:
+        return False
+    old = diff.deleted.schema  # deleted rows as last delivered: the snapshot's dtypes
+    return any(old[k] != diff.target.schema[k] for k in keys)
 
 
 def _baseline(
@@ -384,8 +414,11 @@ def _plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], 
         "run_ms": run_ms,
         "nest_dotted_columns": options.nest_dotted_columns,
         "decimal_as_string": options.decimal_as_string,
+        "shape": options.shape(),
         "updated_at_column": options.updated_at_column,
         "row_hash": ROW_HASH,
+        # the DAG run (and task) that made the plan: a later try of it counts the plan as its own
+        "run_key": options.run_key,
     }
 
 
@@ -400,7 +433,7 @@ def baseline_plan(canon: Canonical, committed: Committed | None, options: SyncOp
         keys = list(canon.key_columns)
         created = timestamp_column(canon, options.created_at_column, "created_at")
         kinds = kinds_after(canon, committed.kinds)
-        change = schema_changes(committed, canon)
+        change = schema_changes(committed, canon, options)
         plan = _baseline(
             canon, committed, kinds, keys, created, run_ms, _plan_meta(options, kinds, keys, run_ms), change
         )
@@ -408,7 +441,7 @@ def baseline_plan(canon: Canonical, committed: Committed | None, options: SyncOp
         return plan
     plan = make_plan(canon, None, replace(options, initial_load="baseline"), run_ms)
     if committed is not None:
-        plan.schema_change = {"policy": "rebaseline", **schema_changes(committed, canon)}
+        plan.schema_change = {"policy": "rebaseline", **schema_changes(committed, canon, options)}
     return plan
 
 

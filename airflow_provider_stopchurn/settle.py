@@ -38,6 +38,7 @@ from airflow_provider_stopchurn.diff import (
     data_columns,
     with_hashes,
 )
+from airflow_provider_stopchurn.options import shape_changes
 from airflow_provider_stopchurn.plan import PLAN_FORMAT, kind_changes
 from airflow_provider_stopchurn.snapshot import CREATED_AT, HASH_1, HASH_2, OP, Committed, Plan, SnapshotStore
 
@@ -85,6 +86,7 @@ def settle(
     uncertain: Iterable[int] | None = None,
     lock: Any = None,
     run: Callable[[Settled], Mapping[str, Any] | None] | None = None,
+    target: pl.DataFrame | None = None,
 ) -> Settled:
     """Commit what StopChurn acknowledged of ``plan`` (``acks``: chunk -> its rejection records).
 
@@ -92,6 +94,7 @@ def settle(
         refusal that may have been applied in part). None: every chunk not acknowledged (a plan a crash left).
         The rows of these chunks are recorded dirty, so the next run sends their current state again.
     :param run: given what this settle delivered, the run record to keep in ``CURRENT`` (see ``SnapshotStore.commit``).
+    :param target: the plan's target snapshot when the caller holds it in memory (else it is read when needed).
     """
     result = Settled(plan.plan_id, acked_chunks=len(acks))
     if plan.meta.get("plan_format") != PLAN_FORMAT:
@@ -127,22 +130,27 @@ def settle(
             row_hash=plan.meta.get("row_hash"),
             lock=lock,
             run=record,
+            shape=plan.meta.get("shape"),
+            frame=target,
         )
         result.version = plan.target_version
         return result
 
-    frame = _settled_frame(store, plan, status, positions)
+    settled = _settled_frame(store, plan, status, positions, target)
+    frame = settled.frame
     version = store.write_snapshot(frame)
     store.commit(
         version,
         base_version=plan.base_version,
-        kinds=kinds,
+        kinds=settled.kinds,
         key_columns=keys,
         rows=frame.height,
         plan_id=plan.plan_id,
-        row_hash=ROW_HASH,
+        row_hash=settled.row_hash,
         lock=lock,
         run=record,
+        shape=settled.shape,
+        frame=frame,
     )
     store.delete_snapshot(plan.target_version)
     result.version = version
@@ -168,16 +176,24 @@ def preview(store: SnapshotStore, plan: Plan, acks: Mapping[int, Sequence[Mappin
     if not (status != _NOT_APPLIED).any():
         return committed
     positions = None if plan.changes_from_target else store.read_changes(plan)
-    done = (status == _APPLIED).all()
-    frame = store.read_snapshot(plan.target_version) if done else _settled_frame(store, plan, status, positions)
+    if (status == _APPLIED).all():
+        settled = _Frame(
+            store.read_snapshot(plan.target_version),
+            dict(plan.meta["kinds"]),
+            plan.meta.get("row_hash"),
+            plan.meta.get("shape"),
+        )
+    else:
+        settled = _settled_frame(store, plan, status, positions)
     return Committed(
         store,
-        kinds=dict(plan.meta["kinds"]),
+        kinds=settled.kinds,
         key_columns=plan.meta["key_columns"],
         version=plan.target_version,
-        rows=frame.height,
-        row_hash=plan.meta.get("row_hash") if done else ROW_HASH,
-        frame=frame,
+        rows=settled.frame.height,
+        row_hash=settled.row_hash,
+        frame=settled.frame,
+        shape=settled.shape,
     )
 
 
@@ -203,11 +219,28 @@ def _marked(frame: pl.DataFrame, mark: int, like: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """A settled snapshot and what describes its rows: their kinds, row-hash function and shape options."""
+
+    frame: pl.DataFrame
+    kinds: dict[str, str]
+    row_hash: str | None
+    shape: dict[str, Any] | None
+
+
 def _settled_frame(
-    store: SnapshotStore, plan: Plan, status: np.ndarray, positions: pl.DataFrame | None
-) -> pl.DataFrame:
+    store: SnapshotStore,
+    plan: Plan,
+    status: np.ndarray,
+    positions: pl.DataFrame | None,
+    target: pl.DataFrame | None = None,
+) -> _Frame:
     """Base rows whose change was not applied + target rows whose change was; uncertain ones marked dirty."""
-    target = store.read_snapshot(plan.target_version)
+    if target is None:
+        target = store.read_snapshot(plan.target_version)
+    keys = list(plan.meta["key_columns"])
+    kinds, shape = dict(plan.meta["kinds"]), plan.meta.get("shape")
     if positions is None:  # a first load: update i is target row i, an insert
         positions = pl.DataFrame(
             {
@@ -227,31 +260,80 @@ def _settled_frame(
     for op, mark in (("insert", DIRTY_INSERT), ("update", DIRTY_UPDATE)):
         rows = unsure_upserts.filter(pl.col(OP) == op).get_column(TARGET_ROW)
         parts.append(_marked(target[rows].select(columns), mark, target))
-    if plan.base_version is not None:
-        committed = store.read_committed()
-        base_kinds = dict(committed.kinds) if committed is not None else {}
-        base = store.read_snapshot(plan.base_version)
-        replaced = pl.concat([applied.get_column(BASE_ROW), unsure.get_column(BASE_ROW)]).drop_nulls()
-        keep = np.ones(base.height, dtype=bool)
-        keep[replaced.to_numpy()] = False
-        kept_base = base.filter(pl.Series(keep))
-        kept = _as_target(kept_base, target, columns)
-        if kind_changes(base_kinds, dict(plan.meta["kinds"])):
-            # values converted to the new types may not be what StopChurn holds: resend them next run
-            kept = _marked(kept, DIRTY_UPDATE, target)
-            kept = kept.filter(pl.all_horizontal([pl.col(k).is_not_null() for k in plan.meta["key_columns"]]))
-        else:
-            # rehash in the target's dtypes, but a row still dirty from an earlier settle stays dirty
-            was_dirty = kept_base.get_column(HASH_1) == DIRTY_HASH
-            old_hashes = kept_base.select(HASH_1, HASH_2).cast(target.select(HASH_1, HASH_2).schema)
-            kept = with_hashes(kept).with_columns(
-                pl.when(was_dirty).then(old_hashes.get_column(h)).otherwise(pl.col(h)).alias(h)
-                for h in (HASH_1, HASH_2)
-            )
-        parts.append(kept)
-        maybe_deleted = _as_target(base[unsure_deletes.get_column(BASE_ROW)], target, columns)
-        parts.append(_marked(maybe_deleted, DIRTY_UPDATE, target))
-    return pl.concat([p.select(target.columns) for p in parts])
+    if plan.base_version is None:
+        return _Frame(
+            _one_row_per_key(pl.concat([p.select(target.columns) for p in parts]), keys), kinds, ROW_HASH, shape
+        )
+    committed = store.read_committed()
+    base_kinds = dict(committed.kinds) if committed is not None else {}
+    base = store.read_snapshot(plan.base_version)
+    replaced = pl.concat([applied.get_column(BASE_ROW), unsure.get_column(BASE_ROW)]).drop_nulls()
+    keep = np.ones(base.height, dtype=bool)
+    keep[replaced.to_numpy()] = False
+    kept_base = base.filter(pl.Series(keep))
+    maybe_deleted = base[unsure_deletes.get_column(BASE_ROW)]
+    if any(base.schema[k] != target.schema[k] for k in keys):
+        new = pl.concat([p.select(target.columns) for p in parts])
+        old = pl.concat([kept_base, _marked(maybe_deleted, DIRTY_UPDATE, base)])
+        return _across_key_types(store, plan, new, old, committed, _Frame(new, kinds, ROW_HASH, shape))
+    kept = _as_target(kept_base, target, columns)
+    shape_changed = committed is not None and shape_changes(committed.shape, shape or {}, columns)
+    if kind_changes(base_kinds, kinds) or shape_changed:
+        # values converted to the new types, or rows sent in another shape, may not be what StopChurn holds:
+        # resend them next run
+        kept = _marked(kept, DIRTY_UPDATE, target)
+        kept = kept.filter(pl.all_horizontal([pl.col(k).is_not_null() for k in keys]))
+    else:
+        # rehash in the target's dtypes, but a row still dirty from an earlier settle stays dirty
+        was_dirty = kept_base.get_column(HASH_1) == DIRTY_HASH
+        old_hashes = kept_base.select(HASH_1, HASH_2).cast(target.select(HASH_1, HASH_2).schema)
+        kept = with_hashes(kept).with_columns(
+            pl.when(was_dirty).then(old_hashes.get_column(h)).otherwise(pl.col(h)).alias(h) for h in (HASH_1, HASH_2)
+        )
+    parts.append(kept)
+    parts.append(_marked(_as_target(maybe_deleted, target, columns), DIRTY_UPDATE, target))
+    return _Frame(_one_row_per_key(pl.concat([p.select(target.columns) for p in parts]), keys), kinds, ROW_HASH, shape)
+
+
+def _across_key_types(
+    store: SnapshotStore,
+    plan: Plan,
+    new: pl.DataFrame,
+    old: pl.DataFrame,
+    committed: Committed | None,
+    as_target: _Frame,
+) -> _Frame:
+    """Settle a plan whose key columns changed type: its rows name other ids than the base's (``3`` vs ``"3"``).
+
+    A snapshot has one type per column, so old and new ids are never recorded together (an old id cast to the
+    new type would name another id, or collide with a new one). The plan's deletes were all settled before its
+    first insert was sent (``deletes_first``): while no new row may have reached StopChurn, the base rows still
+    there are kept in their own types, and the next run deletes them; once new rows were sent, every delete was
+    acknowledged, except one StopChurn refused, and the new rows are recorded.
+    """
+    if not new.height and committed is not None:
+        return _Frame(old, dict(committed.kinds), committed.row_hash, committed.shape)
+    if old.height:
+        log.warning(
+            "Plan %s of %r changed the type of its key columns; %d rows of the old type are no longer tracked: the "
+            "ids the source still has are sent again next run, and an old id StopChurn refused to delete (see the "
+            "quarantine file) may remain there.",
+            plan.plan_id,
+            store.table_name,
+            old.height,
+        )
+    return as_target
+
+
+def _one_row_per_key(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """A settled snapshot holds each key once (a commit refuses one that does not). Should two rows name one key,
+    one is kept, marked dirty, so the next run sends that key's current state (or deletes it) again."""
+    twice = frame.select(keys).is_duplicated()
+    if not twice.any():
+        return frame
+    log.error("A settled snapshot held %d rows of repeated keys; they are sent again next run.", int(twice.sum()))
+    again = frame.filter(twice).unique(subset=keys, keep="first", maintain_order=True)
+    return pl.concat([frame.filter(~twice), _marked(again, DIRTY_UPDATE, frame)])
 
 
 def _as_target(frame: pl.DataFrame, target: pl.DataFrame, columns: list[str]) -> pl.DataFrame:

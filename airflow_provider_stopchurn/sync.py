@@ -43,9 +43,20 @@ log = logging.getLogger(__name__)
 class SyncSummary:
     """What the run delivered; ``as_dict()`` is what the operator returns (and Airflow puts in XCom).
 
-    ``inserted`` / ``updated`` / ``deleted`` count the changes StopChurn acknowledged in this run, including those
-    of a plan an earlier try left (``settled_chunks`` of its chunks were acknowledged then) and not counting rows
-    StopChurn rejected (``quarantined``).
+    The scope of each count (the README's table "What a run reports" says the same):
+
+    - ``inserted`` / ``updated`` / ``deleted``: updates StopChurn acknowledged for this DAG run (``run_key``): in
+      this try, in plans of its earlier tries settled now, and (read from the run record kept with the snapshot)
+      in earlier tries that committed. Rows StopChurn rejected are not counted (``quarantined``). Without a
+      ``run_key``: this call only.
+    - ``unchanged``: rows of the source that this DAG run neither inserted nor updated: this try's unchanged rows
+      less those an earlier try delivered (exact when the source did not change between tries).
+    - ``settled_chunks``: acknowledged chunks of this DAG run's earlier tries (committed then, or settled now).
+    - ``settled_from_other_runs``: what this run settled of a plan another run left (a killed run, another DAG
+      run, or without a ``run_key`` any earlier call): ``plans``, ``chunks``, ``inserted``, ``updated``,
+      ``deleted``, ``rejected``; counted there only, never in the counts above. ``{}`` when none.
+    - ``chunks`` / ``bytes`` / ``requests`` / ``retries``: this try's own delivery.
+    - ``quarantined`` / ``rejected``: rows StopChurn rejected in this DAG run's deliveries settled by this try.
     """
 
     table_name: str
@@ -59,6 +70,7 @@ class SyncSummary:
     requests: int = 0
     retries: int = 0
     settled_chunks: int = 0
+    settled_from_other_runs: dict[str, int] = field(default_factory=dict)
     quarantined: int = 0
     quarantine_uri: str | None = None
     dry_run: bool = False
@@ -98,6 +110,21 @@ class SyncSummary:
             "chunks": chunks + extra.acked_chunks,
         }
 
+    def add_other(self, settled: Settled) -> None:
+        """Count a plan another run left, settled by this one, apart from this run's own counts."""
+        other = self.settled_from_other_runs
+        for name, value in (
+            ("plans", 1),
+            ("chunks", settled.acked_chunks),
+            ("inserted", settled.inserted),
+            ("updated", settled.updated),
+            ("deleted", settled.deleted),
+            ("rejected", len(settled.rejections)),
+        ):
+            other[name] = other.get(name, 0) + value
+        if settled.quarantine_uri:
+            self.quarantine_uri = settled.quarantine_uri
+
     def add(self, settled: Settled) -> None:
         self.inserted += settled.inserted
         self.updated += settled.updated
@@ -112,6 +139,12 @@ class SyncSummary:
         mode = " (dry run: nothing sent)" if self.dry_run else ""
         mode += " (baseline recorded, nothing sent)" if self.baseline else ""
         extra = f", {self.settled_chunks} chunks settled from an earlier try" if self.settled_chunks else ""
+        other = self.settled_from_other_runs
+        if other:
+            extra += (
+                f", settled another run's plan ({other['inserted']} inserted, {other['updated']} updated, "
+                f"{other['deleted']} deleted; not counted above)"
+            )
         extra += f", {self.quarantined} rows rejected" if self.quarantined else ""
         return (
             f"StopChurn sync of brand {self.brand_id} table {self.table_name!r}{mode}: "
@@ -156,23 +189,36 @@ def run_sync(
             if pending is not None:
                 _check_owner(pending.meta, store, options)
                 acks = store.acks(pending)
+                own = options.run_key is not None and pending.meta.get("run_key") == options.run_key
                 log.warning(
-                    "Settling the unfinished plan %s of %r: %d of %d chunks were acknowledged.",
+                    "Settling the unfinished plan %s of %r (%s): %d of %d chunks were acknowledged.",
                     pending.plan_id,
                     options.table_name,
+                    "an earlier try of this run" if own else "left by another run, counted apart",
                     len(acks),
                     len(pending.chunks),
                 )
-                summary.settled_chunks += len(acks)
-                summary.add(
-                    settle(
-                        store,
-                        pending,
-                        acks,
-                        lock=lock,
-                        run=lambda s: summary.run_record(options.run_key, s, delivered_chunks),
+                if own:
+                    summary.settled_chunks += len(acks)
+                    summary.add(
+                        settle(
+                            store,
+                            pending,
+                            acks,
+                            lock=lock,
+                            run=lambda s: summary.run_record(options.run_key, s, delivered_chunks),
+                        )
                     )
-                )
+                else:
+                    summary.add_other(
+                        settle(
+                            store,
+                            pending,
+                            acks,
+                            lock=lock,
+                            run=lambda _: summary.run_record(options.run_key, chunks=delivered_chunks),
+                        )
+                    )
             _plan_and_deliver(source, store, sender, options, summary, run_ms, lock)
     summary.duration_s = round(time.monotonic() - started, 3)
     log.info("%s", summary.line())
@@ -201,7 +247,8 @@ def canonical_source(source: Source, options: SyncOptions) -> Canonical:
 
 
 def _plan_counts(summary: SyncSummary, plan: RunPlan) -> None:
-    summary.unchanged = plan.unchanged
+    # the rows an earlier try of this DAG run delivered are unchanged to this try's plan, but not to the DAG run
+    summary.unchanged = max(0, plan.unchanged - summary.inserted - summary.updated)
     summary.schema_change = plan.schema_change
     summary.baseline = plan.baseline
 
@@ -247,6 +294,8 @@ def _plan_and_deliver(
                 row_hash=ROW_HASH,
                 lock=lock,
                 run=summary.run_record(options.run_key, chunks=summary.settled_chunks),
+                shape=options.shape(),
+                frame=plan.target,
             )
         return
 
@@ -273,6 +322,7 @@ def _plan_and_deliver(
             uncertain=uncertain,
             lock=lock,
             run=lambda s: summary.run_record(options.run_key, s, summary.settled_chunks),
+            target=plan.target,
         ),
     )
 

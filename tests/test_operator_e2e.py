@@ -50,6 +50,7 @@ SUMMARY_KEYS = {
     "requests",
     "retries",
     "settled_chunks",
+    "settled_from_other_runs",
     "quarantined",
     "rejected",
     "dry_run",

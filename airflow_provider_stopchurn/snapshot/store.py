@@ -91,10 +91,12 @@ class Committed:
         run: dict[str, Any] | None = None,
         frame: pl.DataFrame | None = None,
         state: dict[str, Any] | None = None,
+        shape: dict[str, Any] | None = None,
     ) -> None:
         """:param run: what the run that committed it had delivered (``SyncSummary`` counts and its ``run_key``).
         :param frame: the table itself when it is already in memory (a dry run's preview of a settled plan).
         :param state: what the committing engine keeps beside the table (the event engine's watermark), or None.
+        :param shape: the shape options (``options.SHAPE_OPTIONS``) its rows were sent with; None when not recorded.
         """
         self.store = store
         self.kinds = kinds
@@ -106,6 +108,7 @@ class Committed:
         self.plan_id = plan_id
         self.run = run
         self.state = state
+        self.shape = shape
         self._frame: pl.DataFrame | None = frame
 
     @property
@@ -254,6 +257,7 @@ class SnapshotStore:
             plan_id=pointer.get("plan_id"),
             run=pointer.get("run"),
             state=pointer.get("state"),
+            shape=pointer.get("shape"),
         )
         committed.columns(list(committed.key_columns))  # fail now, not mid-plan, if the file is unreadable
         return committed
@@ -301,8 +305,14 @@ class SnapshotStore:
         lock: TableLock | None = None,
         run: Mapping[str, Any] | None = None,
         state: Mapping[str, Any] | None = None,
+        shape: Mapping[str, Any] | None = None,
+        frame: pl.DataFrame | None = None,
     ) -> None:
         """Publish ``version`` as the committed snapshot, then forget the plan and the replaced snapshot.
+
+        A snapshot file of this store (``state`` None: not a warehouse state table, not an event ledger) must hold
+        each key once: one holding a key twice is refused with :class:`SnapshotError` and nothing is written, so
+        the committed snapshot stays the last good one and the next run diffs (or settles) against it.
 
         :param base_version: the committed version this run started from (None: there was none). If CURRENT no
             longer names it, another run committed meanwhile: :class:`SnapshotError`, and nothing is written.
@@ -312,9 +322,14 @@ class SnapshotStore:
         :param run: what the committing run delivered so far (kept in CURRENT, so a later try of the same run can
             report the run's whole delivery).
         :param state: engine state committed with the snapshot (kept in CURRENT only when given).
+        :param shape: the shape options the snapshot's rows were sent with (``options.SHAPE_OPTIONS``).
+        :param frame: the snapshot's table when the caller holds it in memory (its keys are checked there instead
+            of reading the file back).
         """
         if lock is not None:
             lock.check()
+        if state is None:
+            self._check_unique_keys(version, key_columns, frame)
         previous = self._read_json("CURRENT")
         current_version = None if previous is None else previous.get("version")
         if current_version != base_version:
@@ -337,12 +352,27 @@ class SnapshotStore:
                 "table_name": self.table_name,
                 "run": dict(run) if run is not None else None,
                 **({"state": dict(state)} if state is not None else {}),
+                **({"shape": dict(shape)} if shape is not None else {}),
             },
         )
         if plan_id is not None:
             self._forget_plan(plan_id)
         if current_version is not None and current_version != version:
             self._backend.delete(_snapshot(str(current_version)))
+
+    def _check_unique_keys(self, version: str, key_columns: Sequence[str], frame: pl.DataFrame | None) -> None:
+        """Refuse a snapshot file that holds a key twice (a diff against it could not pair rows with keys)."""
+        names = list(key_columns)
+        keys = frame.select(names) if frame is not None else self.read_snapshot(version, columns=names)
+        twice = keys.filter(keys.is_duplicated()).unique(maintain_order=True)
+        if twice.height:
+            shown = ", ".join(repr(row[0] if len(row) == 1 else row) for row in twice.head(5).rows())
+            raise SnapshotError(
+                f"Refused to commit a snapshot of {self.brand_id}/{self.table_name} that holds a key twice; nothing "
+                "was committed.\n"
+                f"{twice.height} key(s) of {list(key_columns)} appear more than once, e.g. {shown}. The committed "
+                "snapshot stays as it was, so the next run diffs the source against it and sends what it lacks."
+            )
 
     def forget_current(self, *, lock: TableLock | None = None) -> None:
         """Remove ``CURRENT`` and the snapshot it names: the table is unknown again (``stopchurn reconcile --reset``
