@@ -481,3 +481,22 @@ def test_fence_refuses_a_lease_shorter_than_a_request(root: Any) -> None:
     with pytest.raises(StopChurnConfigError, match=r"lock_ttl_s=10 is too short .* 40 s"):
         lock.fence(request_s=40.0)
     lock.release()
+
+
+def test_no_message_or_doc_advises_deleting_the_snapshot_folder() -> None:
+    """Deleting a table's folder makes the next run a first load that resends the whole table: never advised."""
+    import re
+
+    advice = re.compile(
+        r"(?i)\b(?:or|then|and|just|please)\s+(?:delete|remove|wipe|clear)\s+(?:the\s+)?(?:table's\s+)?"
+        r"(?:snapshot\s+)?(?:folder|directory|store)\b|(?:delete|remove)\s+the\s+(?:table's\s+)?snapshot\s+folder"
+        r"\s+to\s+start"
+    )
+    project = Path(__file__).resolve().parents[1]
+    files = [*sorted((project / "airflow_provider_stopchurn").rglob("*.py")), project / "README.md"]
+    found = [
+        f"{path.relative_to(project)}: {match.group(0)!r}"
+        for path in files
+        for match in advice.finditer(re.sub(r'"\s*\n\s*f?"', "", path.read_text()))  # joined string literals
+    ]
+    assert found == []

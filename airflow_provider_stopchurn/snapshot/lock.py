@@ -134,6 +134,37 @@ def holder_state(record: Mapping[str, Any]) -> str:
     return "gone" if _gone(dict(record)) is not None else "alive"
 
 
+#: A heartbeat is *fresh* while the LOCK was refreshed within two of its intervals plus this (storage latency,
+#: clock skew between hosts): its run is alive, wherever it runs, and ``stopchurn unlock`` refuses it without --force.
+HEARTBEAT_SLACK_S = 10.0
+
+
+def heartbeat(record: Mapping[str, Any], now: float | None = None) -> tuple[bool, float | None, float]:
+    """Whether a lock record's heartbeat is fresh, its age in seconds (None when unknown) and its interval.
+
+    The interval is the record's ``heartbeat_s``; a record written before it was kept there gives
+    ``min(30 s, ttl / 3)`` as a heartbeat did, the ttl read from ``expires_at - refreshed_at``. An expired lease
+    is never fresh.
+    """
+    now = time.time() if now is None else now
+    try:
+        expires = float(record.get("expires_at", 0))
+    except (TypeError, ValueError):
+        expires = 0.0
+    try:
+        refreshed: float | None = datetime.fromisoformat(str(record.get("refreshed_at"))).timestamp()
+    except (TypeError, ValueError):
+        refreshed = None
+    try:
+        interval = float(record["heartbeat_s"])
+    except (KeyError, TypeError, ValueError):
+        interval = min(30.0, max(expires - (refreshed or expires), 0.0) / 3)
+    if refreshed is None:
+        return expires >= now, None, interval
+    age = now - refreshed
+    return expires >= now and age <= 2 * interval + HEARTBEAT_SLACK_S, age, interval
+
+
 class TableLock:
     """A lease on one brand/table, held by at most one run.
 
