@@ -754,7 +754,7 @@ def _reconcile(args: argparse.Namespace, out: TextIO) -> None:
         message = reconcile(source, store, options, action=action)
     finally:
         warehouse.close()
-    record = record_key(args.brand, args.table, store.location)
+    record = record_key(args.brand, args.table)
     airflow_hint = (
         " If an Airflow task syncs this table, run it once with accept_missing_snapshot=True (or delete the Variable "
         f"{record!r}): Airflow's record of its last commit names a version the store no longer holds."
