@@ -14,7 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ import polars as pl
 import pytest
 from helpers_sync import BRAND, T0, TABLE, make_client, options, wait_until
 
+from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
+from airflow_provider_stopchurn.exceptions import SnapshotLockedError
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
@@ -80,3 +84,96 @@ def test_a_run_that_lost_its_lock_while_waiting_to_retry_sends_nothing_more(
     summary = run_sync(newer, store, make_client(sb), options(holder="later-run", lock_wait_s=0), run_ms=T0 + 2)
     assert _names(sb) == {1: "newer"}
     assert (summary.inserted, summary.updated, summary.deleted) == (0, 0, 0)
+
+
+# --- every engine's sender is fenced: a lease broken while the client sleeps stops the retry ------------------------
+def _fenced_client(sb: SandboxServer) -> Any:
+    return make_client(sb, max_retries=3, timeout=1.0, connect_timeout=0.5)  # fits a 6 s lease
+
+
+def _run_worker(sb: SandboxServer, root: Path) -> tuple[SnapshotStore, Callable[[], Any]]:
+    store = SnapshotStore(root, BRAND, TABLE)
+    frame = pl.DataFrame({"id": [1, 2], "name": ["a", "b"]})
+    opts = options(holder="sleeping-run", lock_ttl_s=6.0, lock_wait_s=0, max_concurrent_requests=1)
+    return store, lambda: run_sync(frame, store, _fenced_client(sb), opts, run_ms=T0)
+
+
+def _run_duckdb(sb: SandboxServer, root: Path) -> tuple[SnapshotStore, Callable[[], Any]]:
+    import duckdb
+
+    from airflow_provider_stopchurn.pushdown import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
+
+    db = root.parent / "warehouse.duckdb"
+    with duckdb.connect(str(db)) as con:
+        con.execute("CREATE TABLE src AS SELECT * FROM (VALUES (1, 'a'), (2, 'b')) AS t(id, name)")
+    store = SnapshotStore(root, BRAND, TABLE)
+    opts = options(holder="sleeping-run", lock_ttl_s=6.0, lock_wait_s=0, max_concurrent_requests=1)
+
+    def run() -> Any:
+        source = WarehouseSource("SELECT * FROM src", DuckDBWarehouse(str(db)), state_schema="stopchurn_state")
+        return run_warehouse_sync(source, store, _fenced_client(sb), opts, run_ms=T0)
+
+    return store, run
+
+
+def _run_events(sb: SandboxServer, root: Path) -> tuple[SnapshotStore, Callable[[], Any]]:
+    import pandas as pd
+
+    store = event_store(root, BRAND, "deposits")
+    frame = pd.DataFrame({"user_id": [1, 2], "amount": [10, 20], "deposit_id": [1, 2]})
+    opts = EventOptions(
+        brand_id=BRAND,
+        user_id_column="user_id",
+        name="DEPOSIT",
+        value_column="amount",
+        event_key=("deposit_id",),
+        holder="sleeping-run",
+        lock_ttl_s=6.0,
+        max_concurrent_requests=1,
+    )
+    return store, lambda: run_events(frame, store, _fenced_client(sb), opts, stream="deposits")
+
+
+ENGINES: dict[str, Callable[[SandboxServer, Path], tuple[SnapshotStore, Callable[[], Any]]]] = {
+    "worker": _run_worker,
+    "warehouse-duckdb": _run_duckdb,
+    "events": _run_events,
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_every_engine_stops_a_retry_once_its_lease_was_taken(
+    stopchurn_sandbox_factory: Any, tmp_path: Path, engine: str
+) -> None:
+    """The lease is broken by hand (``stopchurn unlock --force``) and taken while the run's client sleeps on a
+    ``Retry-After``: its heartbeat finds the lock gone (within 2 s), and the fence before the retry stops it."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store, run = ENGINES[engine](sb, tmp_path / "snapshots")
+    sb.queue_response(429, {"statusCode": 429, "message": "slow down"}, headers={"Retry-After": "4"})
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = run()
+        except Exception as err:  # examined below
+            outcome["result"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    try:
+        assert wait_until(lambda: sb.stats()["requests"] >= 1 or not thread.is_alive(), 60)
+        record = store.read_lock()
+        assert record is not None and record["holder"] == "sleeping-run", outcome
+        assert store.break_lock(token=record["token"])
+        thief = store.table_lock("next-run", ttl_s=60)
+        thief.acquire()
+        taken_at = sb.stats()["requests"]
+    finally:
+        thread.join(60)
+    assert not thread.is_alive()
+    error = outcome["result"]
+    assert isinstance(error, SnapshotLockedError), error
+    assert "lost its lock to 'next-run'" in str(error)
+    assert sb.stats()["requests"] == taken_at  # the retry was never sent
+    assert store.read_lock()["token"] == thief.token  # type: ignore[index]
+    thief.release()
