@@ -91,32 +91,35 @@ def _fenced_client(sb: SandboxServer) -> Any:
     return make_client(sb, max_retries=3, timeout=1.0, connect_timeout=0.5)  # fits a 6 s lease
 
 
-def _run_worker(sb: SandboxServer, root: Path) -> tuple[SnapshotStore, Callable[[], Any]]:
+def _run_worker(sb: SandboxServer, root: Path, request: Any) -> tuple[SnapshotStore, Callable[[], Any]]:
     store = SnapshotStore(root, BRAND, TABLE)
     frame = pl.DataFrame({"id": [1, 2], "name": ["a", "b"]})
     opts = options(holder="sleeping-run", lock_ttl_s=6.0, lock_wait_s=0, max_concurrent_requests=1)
     return store, lambda: run_sync(frame, store, _fenced_client(sb), opts, run_ms=T0)
 
 
-def _run_duckdb(sb: SandboxServer, root: Path) -> tuple[SnapshotStore, Callable[[], Any]]:
-    import duckdb
+def _run_warehouse(name: str) -> Callable[..., tuple[SnapshotStore, Callable[[], Any]]]:
+    def make(sb: SandboxServer, root: Path, request: pytest.FixtureRequest) -> tuple[SnapshotStore, Callable[[], Any]]:
+        import pandas as pd
+        from pushdown_engines import engine_fixture
 
-    from airflow_provider_stopchurn.pushdown import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
+        from airflow_provider_stopchurn.pushdown import WarehouseSource, run_warehouse_sync
 
-    db = root.parent / "warehouse.duckdb"
-    with duckdb.connect(str(db)) as con:
-        con.execute("CREATE TABLE src AS SELECT * FROM (VALUES (1, 'a'), (2, 'b')) AS t(id, name)")
-    store = SnapshotStore(root, BRAND, TABLE)
-    opts = options(holder="sleeping-run", lock_ttl_s=6.0, lock_wait_s=0, max_concurrent_requests=1)
+        engine = next(engine_fixture(name, request, root.parent))
+        engine.load(pd.DataFrame({"id": [1, 2], "name": ["a", "b"]}))
+        store = SnapshotStore(root, BRAND, TABLE)
+        opts = options(holder="sleeping-run", lock_ttl_s=6.0, lock_wait_s=0, max_concurrent_requests=1)
 
-    def run() -> Any:
-        source = WarehouseSource("SELECT * FROM src", DuckDBWarehouse(str(db)), state_schema="stopchurn_state")
-        return run_warehouse_sync(source, store, _fenced_client(sb), opts, run_ms=T0)
+        def run() -> Any:
+            source = WarehouseSource("SELECT * FROM src", engine.warehouse(), state_schema="stopchurn_state")
+            return run_warehouse_sync(source, store, _fenced_client(sb), opts, run_ms=T0)
 
-    return store, run
+        return store, run
+
+    return make
 
 
-def _run_events(sb: SandboxServer, root: Path) -> tuple[SnapshotStore, Callable[[], Any]]:
+def _run_events(sb: SandboxServer, root: Path, request: Any) -> tuple[SnapshotStore, Callable[[], Any]]:
     import pandas as pd
 
     store = event_store(root, BRAND, "deposits")
@@ -134,21 +137,24 @@ def _run_events(sb: SandboxServer, root: Path) -> tuple[SnapshotStore, Callable[
     return store, lambda: run_events(frame, store, _fenced_client(sb), opts, stream="deposits")
 
 
-ENGINES: dict[str, Callable[[SandboxServer, Path], tuple[SnapshotStore, Callable[[], Any]]]] = {
+ENGINES: dict[str, Callable[..., tuple[SnapshotStore, Callable[[], Any]]]] = {
     "worker": _run_worker,
-    "warehouse-duckdb": _run_duckdb,
+    "warehouse-duckdb": _run_warehouse("duckdb"),
+    "warehouse-postgres": _run_warehouse("postgres"),
+    "warehouse-spark": _run_warehouse("spark"),
     "events": _run_events,
 }
+MARKS = {"warehouse-postgres": pytest.mark.postgres, "warehouse-spark": pytest.mark.spark}
 
 
-@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("engine", [pytest.param(e, marks=MARKS.get(e, ())) for e in ENGINES])
 def test_every_engine_stops_a_retry_once_its_lease_was_taken(
-    stopchurn_sandbox_factory: Any, tmp_path: Path, engine: str
+    stopchurn_sandbox_factory: Any, tmp_path: Path, engine: str, request: pytest.FixtureRequest
 ) -> None:
     """The lease is broken by hand (``stopchurn unlock --force``) and taken while the run's client sleeps on a
     ``Retry-After``: its heartbeat finds the lock gone (within 2 s), and the fence before the retry stops it."""
     sb = stopchurn_sandbox_factory(record=True)
-    store, run = ENGINES[engine](sb, tmp_path / "snapshots")
+    store, run = ENGINES[engine](sb, tmp_path / "snapshots", request)
     sb.queue_response(429, {"statusCode": 429, "message": "slow down"}, headers={"Retry-After": "4"})
     outcome: dict[str, Any] = {}
 
