@@ -356,6 +356,9 @@ def test_a_moved_snapshot_uri_is_refused_until_the_move_is_named(
     assert sandbox.stats() == before and the_record(old_root) == recorded
 
     shutil.copytree(old_root, new_root)
+    plan = run_ok(sync_dag("move_dry", source, new_root, move_store_from=str(old_root), dry_run=True), 4)
+    assert (plan["inserted"], plan["updated"]) == (1, 1)
+    assert the_record(old_root) == recorded  # a dry run checks the move but records nothing
     summary = run_ok(sync_dag("move", source, new_root, move_store_from=str(old_root)), 4)
     assert (summary["inserted"], summary["updated"], summary["deleted"]) == (1, 1, 0)  # only the changes
     assert the_record(new_root)["version"] == committed(new_root)[0]

@@ -276,7 +276,9 @@ class CommitGuard:
                 f"table: {type(err).__name__}: {err}"
             ) from err
 
-    def check(self, *, accept_missing_snapshot: bool = False, move_store_from: str | None = None) -> None:
+    def check(
+        self, *, accept_missing_snapshot: bool = False, move_store_from: str | None = None, dry_run: bool = False
+    ) -> None:
         """Raise unless the store may go on; read-only unless a move is named.
 
         :class:`SnapshotLocationError` when Airflow recorded the table's store at another location (unless
@@ -288,6 +290,7 @@ class CommitGuard:
             let a run use another location than the recorded one.
         :param move_store_from: the location (:attr:`SnapshotStore.location`) the table's store was moved from:
             when the record names it, the record is moved to this store's location (after the version check).
+        :param dry_run: check a named move without recording it.
         """
         if self.writer is None:
             log.info(
@@ -339,7 +342,7 @@ class CommitGuard:
             )
             if message is not None:
                 raise SnapshotBehindError(message)
-        if moving and record is not None:
+        if moving and record is not None and not dry_run:
             self._move(record)
 
     def _move(self, record: CommitRecord) -> None:

@@ -274,6 +274,7 @@ class StopChurnUpdateOperator(BaseOperator):
             guard.check(
                 accept_missing_snapshot=_as_bool(self.accept_missing_snapshot),
                 move_store_from=self._moved_from(options),
+                dry_run=options.dry_run,
             )
             sender = None if options.dry_run else hook.client
             try:
