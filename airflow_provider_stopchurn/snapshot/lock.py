@@ -454,8 +454,8 @@ class TableLock:
             raise StopChurnConfigError(
                 f"{self.label}: lock_ttl_s={self.ttl_s:g} is too short to fence a request that may take "
                 f"{request_s:g} s (the client's connect timeout plus its read timeout).\n"
-                f"Nothing was sent. Raise lock_ttl_s above {need / 0.9:.0f} s (a tenth of the lease is kept for "
-                "clock skew), or lower the connection's timeouts."
+                f"Nothing was sent. Raise lock_ttl_s above {request_s / 0.9:.0f} s (a tenth of the lease is kept "
+                "for clock skew), or lower the connection's timeouts (its extra `timeout`)."
             )
         with self._mutex:
             if self._lost is not None:
