@@ -374,7 +374,11 @@ def _lock_text(lock: Mapping[str, Any] | None) -> str:
     state = {
         "alive": "its process is running on this host",
         "gone": "its process is gone from this host: the next run breaks it, or `stopchurn unlock`",
-        "unknown": "on another host: cannot tell whether it still runs",
+        "unknown": (
+            f"on another host, alive: its heartbeat is fresh ({lock.get('heartbeat_age_s')} s ago)"
+            if lock.get("heartbeat_fresh")
+            else "on another host, its heartbeat stopped: dead or stalled"
+        ),
     }.get(str(lock["state"]), str(lock["state"]))
     expiry = (
         f"expired at {lock['expires_at']}: the next run takes it over"

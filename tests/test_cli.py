@@ -337,6 +337,7 @@ def test_unlock_refuses_a_fresh_heartbeat_from_another_host_then_forced_says_wha
         assert refused.code == cli.ERROR, refused
         assert "its heartbeat is fresh" in _one_line_error(refused) and "worker-7.example" in refused.err
         assert store.read_lock() is not None
+    assert "on another host, alive: its heartbeat is fresh" in stopchurn("status").out
     forced = stopchurn("unlock", "--yes", "--force")
     assert forced.code == 0 and "Broke the lock" in forced.out
     warning = forced.err
@@ -351,6 +352,7 @@ def test_unlock_of_another_hosts_lock_whose_heartbeat_stopped_needs_no_force(
     _synced(sb, store, runs=1)
     # unexpired (a 3 h lease) but not refreshed for an hour although it beats every 30 s: its run is dead
     store.backend.write_bytes("LOCK", _other_host_lock(refreshed_ago_s=3600, expires_in_s=7200))
+    assert "on another host, its heartbeat stopped" in stopchurn("status").out
     done = stopchurn("unlock", "--yes")
     assert done.code == 0 and "Broke the lock" in done.out, done
     assert store.read_lock() is None
