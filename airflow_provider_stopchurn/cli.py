@@ -100,11 +100,12 @@ COMMANDS: dict[str, tuple[str, tuple[ArgSpec, ...]]] = {
         ),
     ),
     "unlock": (
-        "Break the table's lock. Refused while its holder still runs on this host, unless --force.",
+        "Break the table's lock. Refused while its run is alive (a running process of this host, or a fresh "
+        "heartbeat from any host), unless --force.",
         (
             *_TABLE,
             _YES,
-            (("--force",), {"action": "store_true", "help": "break it even though its process still runs here"}),
+            (("--force",), {"action": "store_true", "help": "break it even though its run is alive (see the warning)"}),
         ),
     ),
     "settle": (
@@ -385,7 +386,11 @@ def _lock_text(lock: Mapping[str, Any] | None) -> str:
     state = {
         "alive": "its process is running on this host",
         "gone": "its process is gone from this host: the next run breaks it, or `stopchurn unlock`",
-        "unknown": "on another host: cannot tell whether it still runs",
+        "unknown": (
+            f"on another host, alive: its heartbeat is fresh ({lock.get('heartbeat_age_s')} s ago)"
+            if lock.get("heartbeat_fresh")
+            else "on another host, its heartbeat stopped: dead or stalled"
+        ),
     }.get(str(lock["state"]), str(lock["state"]))
     expiry = (
         f"expired at {lock['expires_at']}: the next run takes it over"
@@ -551,12 +556,20 @@ def _unlock(args: argparse.Namespace, out: TextIO) -> None:
         else:
             out.write(f"{store.brand_id}/{store.table_name} is not locked.\n")
         return
+    live = lock["state"] == "alive" or bool(lock.get("heartbeat_fresh"))
     if lock["state"] == "alive" and not args.force:
         raise Aborted(
             f"refused: the lock holder {lock['holder']!r} (pid {lock['pid']}) is still running on this host; "
             "stop it first, or pass --force"
         )
-    _confirm(args, f"Lock of {store.brand_id}/{store.table_name}: {_lock_text(lock)}", "Break this lock?")
+    if live and not args.force:
+        raise Aborted(operate.live_lock_refusal(store, lock))
+    preview = f"Lock of {store.brand_id}/{store.table_name}: {_lock_text(lock)}"
+    if live:
+        preview += "\n" + operate.force_unlock_warning(lock)
+        if args.yes:  # _confirm prints nothing then: the warning must still be said
+            sys.stderr.write(preview + "\n")
+    _confirm(args, preview, "Break this lock?")
     unlocked = operate.unlock(store, token=lock["token"], force=args.force)
     if args.json:
         _emit_json(out, {"unlocked": unlocked, "lock": lock})
@@ -818,7 +831,7 @@ def _reconcile(args: argparse.Namespace, out: TextIO) -> None:
         message = reconcile(source, store, options, action=action)
     finally:
         warehouse.close()
-    record = record_key(args.brand, args.table, store.location)
+    record = record_key(args.brand, args.table)
     airflow_hint = (
         " If an Airflow task syncs this table, run it once with accept_missing_snapshot=True (or delete the Variable "
         f"{record!r}): Airflow's record of its last commit names a version the store no longer holds."

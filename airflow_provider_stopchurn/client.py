@@ -20,7 +20,11 @@ dozen concurrent senders) and knows the API's contract:
   out, :class:`~airflow_provider_stopchurn.exceptions.TransientDeliveryError` says how many attempts were made
   and what the last one got;
 * a 429 slows down every thread that uses the same client (a shared :class:`Pacer`), not only the thread that
-  received it.
+  received it;
+* a *fence* (:meth:`StopChurnClient.fenced`) is called before every attempt, retries included, with the longest
+  time the attempt can take (:attr:`StopChurnClient.request_s`): the sync engines pass their table lock's
+  :meth:`~airflow_provider_stopchurn.snapshot.lock.TableLock.fence`, so a run that lost its lease while it slept
+  on a ``Retry-After`` or a backoff sends nothing more.
 
 The API key is kept in a masked wrapper: it never appears in a repr, a log line or an exception message
 (a response body that echoes it, as a misconfigured echo service would, is quoted with the key masked).
@@ -28,6 +32,7 @@ The API key is kept in a masked wrapper: it never appears in a repr, a log line 
 
 from __future__ import annotations
 
+import copy
 import email.utils
 import html
 import ipaddress
@@ -38,11 +43,11 @@ import random
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -60,7 +65,19 @@ from airflow_provider_stopchurn.exceptions import (
     TransientDeliveryError,
 )
 
-__all__ = ["DEFAULT_BASE_URL", "Pacer", "SendResult", "StopChurnClient"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "Fence",
+    "Pacer",
+    "SendResult",
+    "StopChurnClient",
+    "fence_sender",
+    "safe_netloc",
+    "safe_url",
+]
+
+#: Called before every HTTP attempt with the longest time that attempt can take (seconds); raises to stop it.
+Fence = Callable[[float], None]
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +187,42 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def safe_netloc(url: str) -> str:
+    """``host:port`` of a URL, without user info (``user:password@``); ``""`` when it has no host."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        port = ":<invalid port>"
+    return _printable(host + port) if host else ""
+
+
+def safe_url(url: str | None) -> str:
+    """A URL as errors and logs may quote it: ``scheme://host:port/path`` only.
+
+    User info, query and fragment can carry secrets (``https://user:token@host/?key=...``) that Airflow's log
+    masking does not know (it masks only the connection's password): they are never rendered. A text without
+    ``scheme://`` is rendered as its path with anything up to an ``@`` dropped.
+    """
+    text = (url or "").strip()
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return "<an unparseable URL>"
+    path = parts.path.rpartition("@")[2] if not parts.netloc else parts.path
+    if not parts.netloc:
+        path = path.split("?", 1)[0].split("#", 1)[0]
+        return _printable(path) or "<an empty URL>"
+    scheme = _printable(parts.scheme.lower())
+    return f"{scheme}://{safe_netloc(text)}{_printable(path)}"
+
+
 def normalize_base_url(base_url: str | None) -> str:
     """Validate and normalise a base URL: trailing ``/`` stripped, empty -> production URL.
 
@@ -179,29 +232,34 @@ def normalize_base_url(base_url: str | None) -> str:
     url = (base_url or "").strip().rstrip("/")
     if not url:
         return DEFAULT_BASE_URL
+    shown = safe_url(url)  # never quote user info, a query or a fragment (they may hold secrets)
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
         _ = parts.port  # raises ValueError on a non-numeric or out-of-range port
-    except ValueError as exc:
-        raise StopChurnConfigError(f"Invalid StopChurn base URL {url!r}: {exc}") from None
+    except ValueError:
+        raise StopChurnConfigError(
+            f"Invalid StopChurn base URL {shown}: its host or port cannot be read (the port must be a number from "
+            "0 to 65535)"
+        ) from None
     scheme = parts.scheme.lower()
     if scheme not in ("https", "http"):
         raise StopChurnConfigError(
-            f"StopChurn base URL must start with https:// (got {url!r}), e.g. {DEFAULT_BASE_URL}"
+            f"StopChurn base URL must start with https:// (got {shown}), e.g. {DEFAULT_BASE_URL}"
         )
     if parts.username is not None or parts.password is not None:
-        clean = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
         raise StopChurnConfigError(
-            f"StopChurn base URL must not carry credentials ({clean}): put the API key in the password field"
+            f"StopChurn base URL must not carry credentials ({shown}): put the API key in the password field"
         )
     if not host:
-        raise StopChurnConfigError(f"StopChurn base URL {url!r} has no host")
+        raise StopChurnConfigError(f"StopChurn base URL {shown} has no host")
     if parts.query or parts.fragment:
-        raise StopChurnConfigError(f"StopChurn base URL {url!r} must not have a query or fragment")
+        raise StopChurnConfigError(
+            f"StopChurn base URL {shown} must not have a query (?...) or a fragment (#...): give scheme://host/path"
+        )
     if scheme == "http" and not _is_loopback(host):
         raise StopChurnConfigError(
-            f"Refusing plain http:// for {host!r}: the API key would travel unencrypted. Use https:// "
+            f"Refusing plain http:// for {safe_netloc(url)}: the API key would travel unencrypted. Use https:// "
             "(http:// is accepted only for a loopback host such as 127.0.0.1, ::1 or localhost)."
         )
     return url
@@ -382,6 +440,23 @@ class StopChurnClient:
             session.mount("https://", adapter)
             session.mount("http://", adapter)
         self._session = session
+        self._fence: Fence | None = None
+
+    @property
+    def request_s(self) -> float:
+        """The longest time one attempt is given: the connect timeout plus the read timeout."""
+        return self.connect_timeout + self.timeout
+
+    def fenced(self, fence: Fence) -> StopChurnClient:
+        """A view of this client that calls ``fence(request_s)`` before every HTTP attempt, retries included.
+
+        The view shares this client's session, pacer and key (closing it closes nothing); an exception from
+        ``fence`` (a lost table lock) is raised as it is and nothing more is sent for that request.
+        """
+        view = copy.copy(self)
+        view._owns_session = False
+        view._fence = fence
+        return view
 
     # --- public API -----------------------------------------------------------------------------------------
     def post_updates(self, updates: Sequence[Mapping[str, Any]]) -> SendResult:
@@ -414,10 +489,10 @@ class StopChurnClient:
             return False, str(exc)
         except DeliveryError as exc:
             what = f"HTTP {exc.status}" if exc.status is not None else "no HTTP answer"
-            return False, f"Could not verify the API key at {self.base_url} ({what}): {exc}"
+            return False, f"Could not verify the API key at {safe_url(self.base_url)} ({what}): {exc}"
         except StopChurnError as exc:
             return False, str(exc)
-        return True, f"StopChurn accepted the API key at {self.base_url} ({result.status}: {result.message})"
+        return True, f"StopChurn accepted the API key at {safe_url(self.base_url)} ({result.status}: {result.message})"
 
     def close(self) -> None:
         """Close the session (only when the client created it)."""
@@ -436,7 +511,7 @@ class StopChurnClient:
         self.close()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(base_url={self.base_url!r}, conn_id={self.conn_id!r})"
+        return f"{type(self).__name__}(base_url={safe_url(self.base_url)!r}, conn_id={self.conn_id!r})"
 
     # --- internals ------------------------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -464,6 +539,8 @@ class StopChurnClient:
         stop_reason = ""
         for attempt in range(1, total_attempts + 1):
             waited += self.pacer.wait()
+            if self._fence is not None:
+                self._fence(self.request_s)  # after any wait: the lease may have moved while this thread slept
             started = time.monotonic()
             retry_after: float | None = None
             try:
@@ -476,7 +553,7 @@ class StopChurnClient:
                 )
             except requests.exceptions.SSLError:
                 raise StopChurnHTTPError(
-                    f"TLS verification failed for {self.base_url}{self._where()}; check the base URL",
+                    f"TLS verification failed for {safe_url(self.base_url)}{self._where()}; check the base URL",
                     status=None,
                     attempts=attempt,
                 ) from None
@@ -494,7 +571,7 @@ class StopChurnClient:
                 )
             except requests.exceptions.RequestException as exc:
                 raise StopChurnHTTPError(
-                    f"Request to {url}{self._where()} failed: {type(exc).__name__}",
+                    f"Request to {safe_url(url)}{self._where()} failed: {type(exc).__name__}",
                     status=None,
                     attempts=attempt,
                 ) from None
@@ -573,7 +650,7 @@ class StopChurnClient:
         content_type = _printable(content_type[:100])
         return (
             f"HTTP 200 without StopChurn's acknowledgement (a JSON object with statusCode 200); got "
-            f"{content_type or 'no Content-Type'}, {_quote_start(raw)}. The base URL {self.base_url} may be "
+            f"{content_type or 'no Content-Type'}, {_quote_start(raw)}. The base URL {safe_url(self.base_url)} may be "
             f"wrong: something other than StopChurn's API (a web site, a proxy) answered; StopChurn's API host "
             f"is e.g. {DEFAULT_BASE_URL}"
         )
@@ -612,3 +689,34 @@ class StopChurnClient:
             status=status,
             attempts=attempt,
         )
+
+
+class _FencedSender:
+    """Calls a fence before each body it hands to a sender that offers no :meth:`StopChurnClient.fenced`."""
+
+    def __init__(self, sender: Any, fence: Fence) -> None:
+        self._sender = sender
+        self._fence = fence
+        self.request_s = float(getattr(sender, "request_s", 0.0) or 0.0)
+
+    def post_update_body(self, body: bytes) -> Any:
+        self._fence(self.request_s)
+        return self._sender.post_update_body(body)
+
+    def post_event_body(self, body: bytes) -> Any:
+        self._fence(self.request_s)
+        return self._sender.post_event_body(body)
+
+    def __repr__(self) -> str:
+        return f"fenced({self._sender!r})"
+
+
+def fence_sender(sender: Any, fence: Fence) -> Any:
+    """``sender`` with ``fence`` called before every request: before every HTTP attempt for a
+    :class:`StopChurnClient` (its :meth:`~StopChurnClient.fenced` view), else before each body it is given (its
+    own retries, if any, are out of reach).
+    """
+    fenced = getattr(sender, "fenced", None)
+    if callable(fenced):
+        return fenced(fence)
+    return _FencedSender(sender, fence)

@@ -70,6 +70,7 @@ import polars as pl
 import pyarrow as pa
 
 from airflow_provider_stopchurn.canonical import parse_json_columns
+from airflow_provider_stopchurn.client import fence_sender
 from airflow_provider_stopchurn.deliver import Rejection, deliver_chunks
 from airflow_provider_stopchurn.encoding import (
     Canonical,
@@ -649,6 +650,8 @@ def run_events(
         run = _Run(store, _ToEventRoute(sender), options, summary, now_ms)
         with store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock, lock.heartbeat():
             run.lock = lock
+            fenced = fence_sender(sender, lock.fence)  # every attempt, retries included
+            run.sender, run.request_s = _ToEventRoute(fenced), float(getattr(fenced, "request_s", 0.0))
             committed = store.read_committed()
             record = committed.run if committed is not None else None
             if options.run_key is not None and record and record.get("run_key") == options.run_key:
@@ -725,6 +728,7 @@ class _Run:
         self.options = options
         self.summary = summary
         self.lock: Any = None
+        self.request_s = 0.0  # the longest time one request may take (the lock fences each one)
 
     def resume(self, plan: Plan) -> None:
         if plan.meta.get("plan_format") != EVENT_PLAN_FORMAT:
@@ -799,7 +803,7 @@ class _Run:
             self.sender,
             self.options,
             record,
-            guard=lambda: lock.check(max_age_s=lock.interval_s),
+            guard=lambda: lock.fence(self.request_s),
         )
         self.summary.requests += report.requests
         self.summary.retries += report.retries

@@ -37,7 +37,7 @@ from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.plan import baseline_plan, kind_changes
 from airflow_provider_stopchurn.settle import settle
 from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.snapshot.lock import holder_state
+from airflow_provider_stopchurn.snapshot.lock import heartbeat, holder_state
 from airflow_provider_stopchurn.sync import _canonical
 
 #: How long a lock taken by an on-call command lasts without a refresh (its heartbeat refreshes it).
@@ -77,13 +77,24 @@ def lock_info(record: dict[str, Any] | None, *, present: bool, now: float | None
     if record is None:
         if not present:
             return None
-        unknown = dict.fromkeys(("holder", "host", "pid", "acquired_at", "refreshed_at", "expires_at", "age_s"))
-        return {**unknown, "expired": True, "state": "unreadable", "token": None}
+        unknown = dict.fromkeys(
+            ("holder", "host", "pid", "acquired_at", "refreshed_at", "expires_at", "age_s", "heartbeat_age_s")
+        )
+        return {
+            **unknown,
+            "expired": True,
+            "state": "unreadable",
+            "heartbeat_fresh": False,
+            "heartbeat_s": None,
+            "token": None,
+        }
     now = time.time() if now is None else now
     try:
         expires = float(record.get("expires_at", 0))
     except (TypeError, ValueError):
         expires = 0.0
+    state = holder_state(record)
+    fresh, beat_age, beat_s = heartbeat(record, now)
     return {
         "holder": record.get("holder"),
         "host": record.get("host"),
@@ -94,7 +105,11 @@ def lock_info(record: dict[str, Any] | None, *, present: bool, now: float | None
         "age_s": _age_s(record.get("acquired_at"), now),
         "expired": expires < now,
         # alive: a process of this host that still runs; gone: of this host, no longer running; unknown: another host
-        "state": holder_state(record),
+        "state": state,
+        # refreshed within two heartbeat intervals (and unexpired): its run is alive, on whatever host
+        "heartbeat_fresh": fresh and state != "gone",
+        "heartbeat_age_s": None if beat_age is None else round(beat_age, 1),
+        "heartbeat_s": beat_s,
         "token": record.get("token"),
     }
 
@@ -172,18 +187,45 @@ def rejected_rows(store: SnapshotStore, *, all_files: bool = False) -> list[dict
 def unlock(store: SnapshotStore, *, token: str | None, force: bool = False) -> bool:
     """Break the table's lock if it still holds the lease ``token`` (None: an unreadable LOCK).
 
-    Refuses (:class:`SnapshotLockedError`) while the holder is a live process of this host, unless ``force``. Returns
-    False when the lock is gone or another run holds it now (nothing is removed then).
+    Refuses (:class:`SnapshotLockedError`) while its run is alive, unless ``force``: a process of this host that
+    still runs, or a fresh heartbeat from any host (:func:`~airflow_provider_stopchurn.snapshot.lock.heartbeat`).
+    Returns False when the lock is gone or another run holds it now (nothing is removed then).
     """
     record = store.read_lock()
     if record is not None and record.get("token") != token:
         return False
-    if record is not None and holder_state(record) == "alive" and not force:
-        raise SnapshotLockedError(
-            f"{store.brand_id}/{store.table_name} is locked by {record.get('holder')!r}, process "
-            f"{record.get('pid')} on this host, which is still running; stop it first, or use --force."
-        )
+    if record is not None and not force:
+        info = lock_info(record, present=True) or {}
+        if info.get("state") == "alive":
+            raise SnapshotLockedError(
+                f"{store.brand_id}/{store.table_name} is locked by {record.get('holder')!r}, process "
+                f"{record.get('pid')} on this host, which is still running; stop it first, or use --force."
+            )
+        if info.get("heartbeat_fresh"):
+            raise SnapshotLockedError(live_lock_refusal(store, info))
     return store.break_lock(token=token)
+
+
+def live_lock_refusal(store: SnapshotStore, info: dict[str, Any]) -> str:
+    """Why ``unlock`` without --force refuses a lock whose heartbeat is fresh (one line)."""
+    return (
+        f"refused: {store.brand_id}/{store.table_name} is locked by {info.get('holder')!r} (host {info.get('host')}, "
+        f"pid {info.get('pid')}) and its heartbeat is fresh ({info.get('heartbeat_age_s')} s ago, every "
+        f"{info.get('heartbeat_s'):g} s): that run is alive; stop it first, or pass --force"
+    )
+
+
+def force_unlock_warning(info: dict[str, Any]) -> str:
+    """What breaking a live run's lock can do, said plainly before ``unlock --force`` asks."""
+    every = info.get("heartbeat_s") or 30.0
+    return (
+        f"WARNING: the run holding this lock is still alive (pid {info.get('pid')} on {info.get('host')}). "
+        "Breaking its lock lets another run start while it goes on: until its next heartbeat finds the lock "
+        f"gone (within {every:g} s) and its requests in flight finish, both runs may send to StopChurn, so an "
+        "older value of a row can arrive after a newer one. StopChurn then keeps the older value, and no later "
+        "run notices (the newer run's snapshot says the newer value was delivered) until that row changes "
+        "again. Stop that run first if you can; if you go on, wait that long before starting another run."
+    )
 
 
 def _check_plan_owner(store: SnapshotStore, meta: dict[str, Any]) -> None:

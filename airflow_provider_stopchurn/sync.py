@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from airflow_provider_stopchurn.canonical import Source, canonicalize_source, parse_json_columns
+from airflow_provider_stopchurn.client import fence_sender
 from airflow_provider_stopchurn.contract import USER_TABLE, check_user_table, coerce_user_flags
 from airflow_provider_stopchurn.deliver import Rejection, Sender, deliver
 from airflow_provider_stopchurn.diff import ROW_HASH
@@ -352,14 +353,11 @@ def deliver_and_settle(
     def add_chunks(first: int, chunks: list[tuple[int, int]]) -> None:
         stored[0] = store.add_chunks(stored[0], first, chunks)
 
-    report = deliver(
-        windows,
-        sender,
-        options,
-        record,
-        on_chunks=add_chunks,
-        guard=lambda: lock.check(max_age_s=lock.interval_s),
-    )
+    # the lock fences every HTTP attempt, the client's retries included (TableLock.fence); the guard stops the
+    # delivery before a chunk is started, the fenced sender before each attempt of it
+    fenced = fence_sender(sender, lock.fence)
+    request_s = float(getattr(fenced, "request_s", 0.0))
+    report = deliver(windows, fenced, options, record, on_chunks=add_chunks, guard=lambda: lock.fence(request_s))
     summary.requests += report.requests
     summary.retries += report.retries
     summary.chunks = report.chunks

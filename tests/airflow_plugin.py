@@ -54,6 +54,24 @@ def airflow_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield folder
 
 
+@pytest.fixture(autouse=True)
+def _fresh_commit_records(request: pytest.FixtureRequest) -> None:
+    """Each test that uses the metadata DB starts without commit records, as a fresh deployment would.
+
+    Airflow keeps one store location per brand and table (operators/commit_guard.py): tests that sync the same
+    table from their own temporary folders would otherwise find the table's store recorded elsewhere.
+    """
+    if "airflow_db" not in request.fixturenames:
+        return
+    request.getfixturevalue("airflow_db")
+    from airflow.models.variable import Variable
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete
+
+    with create_session() as session:
+        session.execute(delete(Variable).where(Variable.key.like("stopchurn\\_commit\\_\\_%", escape="\\")))
+
+
 def set_connection(monkeypatch: pytest.MonkeyPatch, conn_id: str, **fields: Any) -> None:
     """Define connection ``conn_id`` as an ``AIRFLOW_CONN_<ID>`` env var (JSON form) for this test."""
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -304,6 +305,57 @@ def test_unlock_refuses_a_live_holder_on_this_host_then_forced(
         held.check()  # the run whose lock was broken stops before its next request or commit
     again = stopchurn("unlock", "--yes")
     assert again.code == 0 and "is not locked" in again.out
+
+
+def _other_host_lock(refreshed_ago_s: float, expires_in_s: float, heartbeat_s: float | None = 30.0) -> bytes:
+    now = time.time()
+    record: dict[str, Any] = {
+        "format_version": 1,
+        "holder": "nightly.sync run 7 on worker-7",
+        "token": uuid.uuid4().hex,
+        "host": "worker-7.example",
+        "pid": 4242,
+        "acquired_at": "2024-01-01T00:00:00+00:00",
+        "refreshed_at": datetime.fromtimestamp(now - refreshed_ago_s, UTC).isoformat(),
+        "expires_at": now + expires_in_s,
+    }
+    if heartbeat_s is not None:
+        record["heartbeat_s"] = heartbeat_s
+    return json.dumps(record).encode()
+
+
+def test_unlock_refuses_a_fresh_heartbeat_from_another_host_then_forced_says_what_can_happen(
+    sb: SandboxServer, where: Where, stopchurn: Callable[..., Result]
+) -> None:
+    store = where.store()
+    _synced(sb, store, runs=1)
+    for heartbeat_s in (30.0, None):  # a lock written before the LOCK named its heartbeat: ttl / 3, at most 30 s
+        store.backend.write_bytes(
+            "LOCK", _other_host_lock(refreshed_ago_s=5, expires_in_s=3595, heartbeat_s=heartbeat_s)
+        )
+        refused = stopchurn("unlock", "--yes")
+        assert refused.code == cli.ERROR, refused
+        assert "its heartbeat is fresh" in _one_line_error(refused) and "worker-7.example" in refused.err
+        assert store.read_lock() is not None
+    assert "on another host, alive: its heartbeat is fresh" in stopchurn("status").out
+    forced = stopchurn("unlock", "--yes", "--force")
+    assert forced.code == 0 and "Broke the lock" in forced.out
+    warning = forced.err
+    assert "still alive" in warning and "both runs may send" in warning and "older value" in warning, warning
+    assert store.read_lock() is None
+
+
+def test_unlock_of_another_hosts_lock_whose_heartbeat_stopped_needs_no_force(
+    sb: SandboxServer, where: Where, stopchurn: Callable[..., Result]
+) -> None:
+    store = where.store()
+    _synced(sb, store, runs=1)
+    # unexpired (a 3 h lease) but not refreshed for an hour although it beats every 30 s: its run is dead
+    store.backend.write_bytes("LOCK", _other_host_lock(refreshed_ago_s=3600, expires_in_s=7200))
+    assert "on another host, its heartbeat stopped" in stopchurn("status").out
+    done = stopchurn("unlock", "--yes")
+    assert done.code == 0 and "Broke the lock" in done.out, done
+    assert store.read_lock() is None
 
 
 def test_unlock_of_a_dead_process_needs_no_force(

@@ -439,3 +439,64 @@ def test_store_lock_context_releases_and_composes_with_heartbeat(root: Any) -> N
         time.sleep(0.5)
         assert (seen() or {}).get("token") == lock.token
     assert seen() is None and _heartbeat_threads() == []
+
+
+# --- fencing: the check before every request -------------------------------------------------------------------
+def test_fence_trusts_a_confirmation_only_while_it_covers_the_request(root: Any) -> None:
+    store = _store(root)
+    lock = store.table_lock("run", ttl_s=3.0, heartbeat_s=2.0)  # margin 0.3 s
+    lock.acquire()
+    usurper = _live_record("usurper")
+    store.backend.write_bytes("LOCK", usurper)  # the lease moved behind this run's back
+    lock.fence(request_s=1.0)  # confirmed a moment ago: the lease covers 1.0 s + margin, no read
+    time.sleep(1.5)
+    # 1.5 s old + a 1.5 s request + margin reaches past the lease: read again, and the lease is gone. (A trust
+    # of one heartbeat interval, 2 s, would have let this request out.)
+    with pytest.raises(SnapshotLockedError, match="lost its lock to 'usurper'; it sends nothing more"):
+        lock.fence(request_s=1.5)
+    with pytest.raises(SnapshotLockedError):
+        lock.fence()  # remembered
+    assert _lock_bytes(store) == usurper
+
+
+def test_fence_renews_a_lease_too_short_for_the_next_request(root: Any) -> None:
+    store = _store(root)
+    lock = store.table_lock("run", ttl_s=3.0, heartbeat_s=60)
+    lock.acquire()
+    first = store.read_lock()
+    time.sleep(1.0)
+    lock.fence(request_s=2.0)  # 2 s left < 2 s + margin: refreshed before the request may go
+    renewed = store.read_lock()
+    assert first is not None and renewed is not None and renewed["token"] == lock.token
+    assert renewed["expires_at"] > first["expires_at"]
+    lock.release()
+
+
+def test_fence_refuses_a_lease_shorter_than_a_request(root: Any) -> None:
+    from airflow_provider_stopchurn.exceptions import StopChurnConfigError
+
+    store = _store(root)
+    lock = store.table_lock("run", ttl_s=10.0)
+    lock.acquire()
+    with pytest.raises(StopChurnConfigError, match=r"lock_ttl_s=10 is too short .* 40 s"):
+        lock.fence(request_s=40.0)
+    lock.release()
+
+
+def test_no_message_or_doc_advises_deleting_the_snapshot_folder() -> None:
+    """Deleting a table's folder makes the next run a first load that resends the whole table: never advised."""
+    import re
+
+    advice = re.compile(
+        r"(?i)\b(?:or|then|and|just|please)\s+(?:delete|remove|wipe|clear)\s+(?:the\s+)?(?:table's\s+)?"
+        r"(?:snapshot\s+)?(?:folder|directory|store)\b|(?:delete|remove)\s+the\s+(?:table's\s+)?snapshot\s+folder"
+        r"\s+to\s+start"
+    )
+    project = Path(__file__).resolve().parents[1]
+    files = [*sorted((project / "airflow_provider_stopchurn").rglob("*.py")), project / "README.md"]
+    found = [
+        f"{path.relative_to(project)}: {match.group(0)!r}"
+        for path in files
+        for match in advice.finditer(re.sub(r'"\s*\n\s*f?"', "", path.read_text()))  # joined string literals
+    ]
+    assert found == []

@@ -322,3 +322,90 @@ def test_a_failed_run_records_what_it_committed(sandbox: SandboxServer, tmp_path
     version, _ = committed(root)
     assert version != first["version"]  # the run committed before it failed
     assert the_record(root)["version"] == version
+
+
+# --- one store per table: a moved snapshot_uri, two DAGs with two locations -------------------------------------
+def test_a_moved_snapshot_uri_is_refused_until_the_move_is_named(
+    sandbox: SandboxServer, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    old_root, new_root = tmp_path / "old-store", tmp_path / "new-store"
+    source = Source(20)
+    run_ok(sync_dag("before_move", source, old_root), 0)
+    recorded = the_record(old_root)
+    source.change()
+
+    # the DAG now points at an empty new location: it would take itself for a first load and resend every row
+    moved = sync_dag("after_move", source, new_root)
+    before, reads = sandbox.stats(), source.reads
+    refused(capfd)
+    state, tries, _ = run(moved, 1)
+    assert (state, tries) == ("failed", 1)  # permanent: no second try
+    log = refused(capfd)
+    assert "is synced through a snapshot store at another location. Nothing was read or sent." in log
+    assert f"{old_root}/{BRAND}/{TABLE}" in log and f"{new_root}/{BRAND}/{TABLE}" in log
+    assert "move_store_from" in log
+    assert sandbox.stats() == before and source.reads == reads and not new_root.exists()
+    # accept_missing_snapshot is no way around it: it does not move a table's store
+    state, _, _ = run(sync_dag("after_move_accept", source, new_root, accept_missing_snapshot=True), 2)
+    assert state == "failed" and sandbox.stats() == before
+    assert the_record(old_root) == recorded
+
+    # named on purpose, but the files were not copied: the new store is checked like any other
+    state, _, _ = run(sync_dag("move_uncopied", source, new_root, move_store_from=str(old_root)), 3)
+    assert state == "failed" and "finds no snapshot there" in refused(capfd)
+    assert sandbox.stats() == before and the_record(old_root) == recorded
+
+    shutil.copytree(old_root, new_root)
+    plan = run_ok(sync_dag("move_dry", source, new_root, move_store_from=str(old_root), dry_run=True), 4)
+    assert (plan["inserted"], plan["updated"]) == (1, 1)
+    assert the_record(old_root) == recorded  # a dry run checks the move but records nothing
+    summary = run_ok(sync_dag("move", source, new_root, move_store_from=str(old_root)), 4)
+    assert (summary["inserted"], summary["updated"], summary["deleted"]) == (1, 1, 0)  # only the changes
+    assert the_record(new_root)["version"] == committed(new_root)[0]
+    assert records(old_root) == {}  # one record per table: it follows the store
+
+    # from now on the old location is the other one
+    before = sandbox.stats()
+    state, _, _ = run(sync_dag("stale_dag", source, old_root), 5)
+    assert state == "failed" and sandbox.stats() == before
+    assert run_ok(sync_dag("move_kept", source, new_root, move_store_from=str(old_root)), 6)["unchanged"] == 21
+
+
+def test_two_dags_with_two_locations_for_one_table_the_second_is_refused(
+    sandbox: SandboxServer, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    first_root, second_root = tmp_path / "dag-a", tmp_path / "backfill-b"
+    source = Source(10)
+    first, second = sync_dag("two_a", source, first_root), sync_dag("two_b", source, second_root)
+    run_ok(first, 0)
+    source.change()
+    before = sandbox.stats()
+    refused(capfd)
+    assert run(second, 1)[:2] == ("failed", 1)
+    assert "at another location" in refused(capfd)
+    assert sandbox.stats() == before and not second_root.exists()
+    summary = run_ok(first, 2)  # the table's own store goes on
+    assert (summary["inserted"], summary["updated"]) == (1, 1)
+    assert run(second, 3)[0] == "failed"
+
+
+def test_a_record_of_an_earlier_release_is_carried_over(sandbox: SandboxServer, tmp_path: Path) -> None:
+    """Records were once kept per location: the table's first run after an upgrade reads its location's one."""
+    from airflow.models.variable import Variable
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete
+
+    from airflow_provider_stopchurn.operators.commit_guard import legacy_record_key, record_key
+
+    root = tmp_path / "snapshots"
+    source = Source(12)
+    dag = sync_dag("legacy", source, root)
+    run_ok(dag, 0)
+    value = json.dumps(the_record(root))
+    location = f"{root}/{BRAND}/{TABLE}"
+    with create_session() as session:
+        session.execute(delete(Variable).where(Variable.key == record_key(BRAND, TABLE)))
+        session.add(Variable(key=legacy_record_key(BRAND, TABLE, location), val=value))
+    shutil.rmtree(root)
+    assert run(dag, 1)[0] == "failed"  # the old record still guards the store
+    assert the_record(root) == json.loads(value)

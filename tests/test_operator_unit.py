@@ -15,6 +15,8 @@ from airflow_provider_stopchurn.hooks._compat import AirflowException, AirflowFa
 from airflow_provider_stopchurn.operators.commit_guard import (
     CommitRecord,
     SnapshotBehindError,
+    legacy_record_key,
+    other_location_message,
     record_key,
     stale_snapshot_message,
 )
@@ -248,20 +250,27 @@ def test_snapshot_behind_is_permanent() -> None:
 def test_record_key_is_a_valid_variable_key(table: str) -> None:
     from airflow.utils.helpers import validate_key
 
-    key = record_key(42, table, f"/srv/snapshots/42/{table}")
-    validate_key(key)  # letters, digits, _ - . only; at most 250 characters; no ".."
-    assert key.startswith("stopchurn_commit__42__")
+    for key in (record_key(42, table), legacy_record_key(42, table, f"/srv/snapshots/42/{table}")):
+        validate_key(key)  # letters, digits, _ - . only; at most 250 characters; no ".."
+        assert key.startswith("stopchurn_commit__42__")
 
 
-def test_record_key_depends_on_brand_table_and_location() -> None:
-    keys = {
-        record_key(1, "account", "/a/1/account"),
-        record_key(2, "account", "/a/2/account"),
-        record_key(1, "user", "/a/1/user"),
-        record_key(1, "account", "s3://bucket/a/1/account"),
-    }
-    assert len(keys) == 4
-    assert record_key(1, "account", "/a/1/account") == record_key(1, "account", "/a/1/account")
+def test_record_key_is_per_brand_and_table_whatever_the_location() -> None:
+    keys = {record_key(1, "account"), record_key(2, "account"), record_key(1, "user"), record_key(1, "a.b")}
+    assert len(keys | {record_key(1, "a_b")}) == 5  # names that read alike stay apart
+    assert record_key(1, "account") == record_key(1, "account")
+    # the key of earlier releases depended on the location too
+    assert legacy_record_key(1, "account", "/a/1/account") != legacy_record_key(1, "account", "s3://b/1/account")
+
+
+def test_other_location_message_names_both_locations_and_the_way_to_move() -> None:
+    message = other_location_message(RECORD, "/srv/snapshots/1/account", key=KEY, table="Brand 1 table 'account'")
+    assert message.splitlines()[0] == (
+        "Brand 1 table 'account' is synced through a snapshot store at another location. Nothing was read or sent."
+    )
+    assert "s3://bucket/stopchurn/1/account by nightly.sync run" in message
+    assert "/srv/snapshots/1/account" in message and "move_store_from" in message
+    assert "delete the snapshot" not in message
 
 
 def test_commit_record_json() -> None:

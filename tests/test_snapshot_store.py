@@ -464,12 +464,14 @@ def test_lock_is_refreshed_while_delivering(stopchurn_sandbox_factory: Any, tmp_
     sb = stopchurn_sandbox_factory(record=True, faults=FaultConfig(latency=0.05))
     root = tmp_path / "snapshots"
     churn = Churn(30, 800, with_json=False)
-    opts = options(chunk_size=20, max_concurrent_requests=1, lock_ttl_s=1.0, lock_wait_s=0)  # ~2 s delivery, 1 s lease
+    # ~4 s delivery, 2 s lease: a lease fences requests of at most 1.5 s (timeouts) plus a tenth of it
+    opts = options(chunk_size=10, max_concurrent_requests=1, lock_ttl_s=2.0, lock_wait_s=0)
     outcome: dict[str, Any] = {}
 
     def first() -> None:
         try:
-            outcome["first"] = run_sync(churn.frame, SnapshotStore(root, BRAND, TABLE), make_client(sb), opts)
+            client = make_client(sb, timeout=1.0, connect_timeout=0.5)
+            outcome["first"] = run_sync(churn.frame, SnapshotStore(root, BRAND, TABLE), client, opts)
         except Exception as exc:  # reported below
             outcome["first"] = exc
 

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from airflow_provider_stopchurn.client import DEFAULT_BASE_URL, SendResult, StopChurnClient
+from airflow_provider_stopchurn.client import DEFAULT_BASE_URL, SendResult, StopChurnClient, safe_netloc, safe_url
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError
 from airflow_provider_stopchurn.get_provider_info import get_provider_info
 from airflow_provider_stopchurn.hooks._compat import BaseHook
@@ -192,7 +192,7 @@ class StopChurnHook(BaseHook):
     @property
     def api_host(self) -> str:
         """The host (and port) of the API base URL, as ``stopchurn://`` assets and lineage name it."""
-        return urlsplit(self._resolve_base_url()).netloc
+        return safe_netloc(self._resolve_base_url())  # never user info: asset names are shown everywhere
 
     @property
     def brand_id(self) -> int | None:
@@ -308,7 +308,8 @@ class StopChurnHook(BaseHook):
             self._testing = False
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(stopchurn_conn_id={self.stopchurn_conn_id!r}, base_url={self.base_url!r})"
+        shown = None if self.base_url is None else safe_url(self.base_url)
+        return f"{type(self).__name__}(stopchurn_conn_id={self.stopchurn_conn_id!r}, base_url={shown!r})"
 
 
 def _connection_type_info() -> dict[str, Any]:

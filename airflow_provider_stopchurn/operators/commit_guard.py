@@ -12,12 +12,25 @@ a run, compares the record with what the store holds:
 * the store holds no snapshot, or one whose version sorts lower (a version starts with its UTC commit time):
   the run stops before the source is read or anything is sent, with :class:`SnapshotBehindError`.
 
-**Where the record lives.** One Airflow Variable per brand, table and snapshot location, named
-``stopchurn_commit__<brand_id>__<table>__<16 hex digits of the location's SHA-256>``. Its value is JSON: the
-snapshot version, its row count, the location (printed without user info), the task run that wrote it and
-when. It never holds an API key or connection details. Variables exist in every Airflow 3 release (the task
-SDK's ``Variable.get``/``Variable.set``), outlive runs, are shared by every DAG and task syncing the same table
-into the same store, and can be seen and deleted in the UI (Admin > Variables) or with ``airflow variables``.
+**One store per table.** The record is kept per brand and table, whatever the store's location, and it names
+the location of the commit. A run whose ``snapshot_uri`` points elsewhere (a moved ``snapshot_uri``, a second DAG
+or a backfill with another location) is refused before the source is read, with :class:`SnapshotLocationError`:
+two stores of one table each take the other's deliveries for undelivered changes and diverge for good, and a
+store moved without its files resends every row. A move on purpose is named by the run itself
+(``move_store_from=<the old snapshot_uri>``): the record then follows the store to its new location, after the
+store there is checked like any other (copy the table's folder first, or add ``accept_missing_snapshot=True``).
+The record is written at a commit, so two *first* runs at two locations at the same moment can both go on; the
+first commit decides, and every later run at the other location is refused. Runs outside Airflow (the
+``stopchurn`` commands, ``run_sync`` called directly) are not guarded.
+
+**Where the record lives.** One Airflow Variable per brand and table, named
+``stopchurn_commit__<brand_id>__<table>__<16 hex digits of the SHA-256 of "<brand_id>/<table>">``. Its value is
+JSON: the snapshot version, its row count, the location (printed without user info), the task run that wrote it
+and when (and ``moved_from`` after a move). It never holds an API key or connection details. Records of earlier
+releases were named after the location's hash instead; a run reads its own location's old record when the table
+has no new one, and writes the new one at its next commit. Variables exist in every Airflow 3 release (the task
+SDK's ``Variable.get``/``Variable.set``), outlive runs, are shared by every DAG and task syncing the same table,
+and can be seen and deleted in the UI (Admin > Variables) or with ``airflow variables``.
 Airflow 3.3's state stores (AIP-103) do not fit: the task state store lasts only for the tries of one task
 instance, and the asset state store, which outlives runs, answers only for an asset already registered by a
 parsed DAG, whereas the brand (possibly from the connection), the table and the location (both templated)
@@ -53,6 +66,9 @@ __all__ = [
     "CommitRecord",
     "CommitRecordUnavailableError",
     "SnapshotBehindError",
+    "SnapshotLocationError",
+    "legacy_record_key",
+    "other_location_message",
     "record_key",
     "stale_snapshot_message",
 ]
@@ -65,6 +81,13 @@ class SnapshotBehindError(SnapshotError):
     """
 
 
+class SnapshotLocationError(SnapshotError):
+    """Airflow recorded this table's last commit in a store at another location.
+
+    Permanent: the same run finds the same record. Nothing was read or sent.
+    """
+
+
 class CommitRecordUnavailableError(StopChurnError):
     """Airflow's record of the last commit could not be read (the API server did not answer); retryable."""
 
@@ -73,16 +96,21 @@ class CommitRecordUnavailableError(StopChurnError):
 
 @dataclass(frozen=True)
 class CommitRecord:
-    """What Airflow remembers of a store's last commit."""
+    """What Airflow remembers of a table's last commit, and where its store is."""
 
     version: str
     rows: int | None
     location: str
     written_by: str = ""
     recorded_at: str = ""
+    #: the location the store was moved from by the run that wrote this record ("" when it was not moved)
+    moved_from: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if not self.moved_from:
+            data.pop("moved_from")
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> CommitRecord:
@@ -96,18 +124,43 @@ class CommitRecord:
             location=str(data.get("location", "")),
             written_by=str(data.get("written_by", "")),
             recorded_at=str(data.get("recorded_at", "")),
+            moved_from=str(data.get("moved_from", "")),
         )
 
 
-def record_key(brand_id: int, table_name: str, location: str) -> str:
-    """The Variable that records commits of ``brand_id``/``table_name`` into the store at ``location``.
+def record_key(brand_id: int, table_name: str) -> str:
+    """The Variable that records the last commit of ``brand_id``/``table_name``, wherever its store is.
 
     Variable keys allow letters, digits, ``_``, ``-`` and ``.`` (up to 250 characters): the table name is
-    shortened and other characters become ``_``; the hash of the location keeps such tables apart.
+    shortened and other characters become ``_``; the hash of the exact brand and table keeps such tables apart.
     """
+    table = _UNSAFE_KEY_CHARS.sub("_", table_name)[:80]
+    digest = hashlib.sha256(f"{int(brand_id)}/{table_name}".encode()).hexdigest()[:16]
+    return f"{RECORD_PREFIX}__{int(brand_id)}__{table}__{digest}"
+
+
+def legacy_record_key(brand_id: int, table_name: str, location: str) -> str:
+    """The Variable earlier releases kept per brand, table *and location* (read once, to carry it over)."""
     table = _UNSAFE_KEY_CHARS.sub("_", table_name)[:80]
     digest = hashlib.sha256(location.encode()).hexdigest()[:16]
     return f"{RECORD_PREFIX}__{int(brand_id)}__{table}__{digest}"
+
+
+def other_location_message(record: CommitRecord, location: str, *, key: str, table: str) -> str:
+    """Why a run whose store is at ``location`` is refused: Airflow recorded the table's store elsewhere."""
+    by = f" by {record.written_by}" if record.written_by else ""
+    return (
+        f"{table} is synced through a snapshot store at another location. Nothing was read or sent.\n"
+        f"Airflow recorded its last commit, {_describe(record.version, record.rows)}, at {record.location}{by}; "
+        f"this run's store is {location}. A table has one store: two stores of one table each take the other's "
+        "deliveries for undelivered changes and diverge for good, and a store moved without its files resends "
+        "every row.\n"
+        "If another DAG (or a backfill) syncs this table, give it the same snapshot_uri as that one. To move the "
+        f"store on purpose, copy the table's folder from {record.location} to {location}, then run the table's "
+        "StopChurnUpdateOperator once with move_store_from set to the old snapshot_uri (the record then follows "
+        "the store; add accept_missing_snapshot=True if the old store is lost); for an event stream, delete "
+        f"Airflow Variable {key!r} once the folder is copied (the next run records the new location)."
+    )
 
 
 def _describe(version: str, rows: int | None) -> str:
@@ -167,10 +220,13 @@ class CommitGuard:
 
     def __init__(self, store: SnapshotStore, brand_id: int, table_name: str, writer: str | None) -> None:
         self.store = store
-        self.key = record_key(brand_id, table_name, store.location)
+        self.key = record_key(brand_id, table_name)
+        self.legacy_key = legacy_record_key(brand_id, table_name, store.location)
+        self.table = f"Brand {brand_id} table {table_name!r}"
         self.writer = writer
         self._variable = _variable_api() if writer is not None else None
         self._before: CommitRecord | None = None
+        self._rewrite = False  # the record must be written even if no new version is committed (moved, legacy)
 
     @classmethod
     def for_task(cls, store: SnapshotStore, brand_id: int, table_name: str, context: Any) -> CommitGuard:
@@ -187,32 +243,54 @@ class CommitGuard:
         return self._variable is not None
 
     def read(self) -> CommitRecord | None:
-        """The recorded commit, or None when there is none (or the guard is off)."""
+        """The recorded commit, or None when there is none (or the guard is off).
+
+        A table without a record under :func:`record_key` falls back to this location's record of an earlier
+        release (:func:`legacy_record_key`), carried over at the next :meth:`record`.
+        """
         if self._variable is None:
             return None
-        try:
-            text = self._variable.get(self.key, default=None)
-        except Exception as err:
-            raise CommitRecordUnavailableError(
-                f"Cannot read Airflow Variable {self.key!r}, the record of the last snapshot committed at "
-                f"{self.store.location}: {type(err).__name__}: {err}"
-            ) from err
+        text = self._get(self.key)
+        if text is None:
+            text = self._get(self.legacy_key)
+            if text is not None:
+                self._rewrite = True
         if text is None:
             return None
         try:
             return CommitRecord.from_json(text if isinstance(text, str) else json.dumps(text))
         except (TypeError, ValueError) as err:
             raise SnapshotBehindError(
-                f"Airflow Variable {self.key!r} should record the last snapshot committed at "
-                f"{self.store.location}, but it is unreadable ({err}). Delete it (the next run then trusts "
-                "the store as it is) or run once with accept_missing_snapshot=True."
+                f"Airflow Variable {self.key!r} should record the last snapshot committed of this table, but it is "
+                f"unreadable ({err}). Delete it (the next run then trusts the store at {self.store.location} as "
+                "it is) or run once with accept_missing_snapshot=True."
             ) from err
 
-    def check(self, *, accept_missing_snapshot: bool = False) -> None:
-        """Raise :class:`SnapshotBehindError` when the store is behind Airflow's record; read-only.
+    def _get(self, key: str) -> Any:
+        assert self._variable is not None
+        try:
+            return self._variable.get(key, default=None)
+        except Exception as err:
+            raise CommitRecordUnavailableError(
+                f"Cannot read Airflow Variable {key!r}, the record of the last snapshot committed of this "
+                f"table: {type(err).__name__}: {err}"
+            ) from err
 
-        With ``accept_missing_snapshot`` the comparison is skipped (and logged): the run uses the store as it is,
-        and :meth:`record` then overwrites the record with what this run commits.
+    def check(
+        self, *, accept_missing_snapshot: bool = False, move_store_from: str | None = None, dry_run: bool = False
+    ) -> None:
+        """Raise unless the store may go on; read-only unless a move is named.
+
+        :class:`SnapshotLocationError` when Airflow recorded the table's store at another location (unless
+        ``move_store_from`` names that location); :class:`SnapshotBehindError` when the store is behind the
+        record.
+
+        :param accept_missing_snapshot: skip the comparison with the recorded version (logged): the run uses the
+            store as it is, and :meth:`record` then overwrites the record with what this run commits. It does not
+            let a run use another location than the recorded one.
+        :param move_store_from: the location (:attr:`SnapshotStore.location`) the table's store was moved from:
+            when the record names it, the record is moved to this store's location (after the version check).
+        :param dry_run: check a named move without recording it.
         """
         if self.writer is None:
             log.info(
@@ -228,31 +306,74 @@ class CommitGuard:
                 self.store.location,
             )
             return
+        try:
+            record = self._before = self.read()
+        except SnapshotBehindError:
+            if not accept_missing_snapshot:
+                raise
+            record = self._before = None  # an unreadable record is overwritten at the commit
+        moving = record is not None and record.location != self.store.location
+        if moving and record is not None:
+            if move_store_from is None or move_store_from != record.location:
+                raise SnapshotLocationError(
+                    other_location_message(record, self.store.location, key=self.key, table=self.table)
+                )
+        elif move_store_from is not None:
+            log.info(
+                "move_store_from=%s: Airflow's record already names %s; nothing to move.",
+                move_store_from,
+                self.store.location if record is not None else "no store (nothing committed yet)",
+            )
         if accept_missing_snapshot:
-            try:
-                self._before = self.read()
-            except SnapshotBehindError:
-                self._before = None  # an unreadable record is overwritten below
             log.warning(
                 "accept_missing_snapshot=True: using the snapshot store at %s as it is; Airflow's record (%s) "
                 "is %s and will be replaced by what this run commits.",
                 self.store.location,
                 self.key,
-                "empty" if self._before is None else _describe(self._before.version, self._before.rows),
+                "empty" if record is None else _describe(record.version, record.rows),
             )
-            return
-        record = self._before = self.read()
-        if record is None or record.location != self.store.location:
-            return
-        current = self.store.read_current()  # the pointer alone: a warehouse-diffed table has no snapshot file
-        message = stale_snapshot_message(
-            record,
-            None if current is None else str(current["version"]),
-            None if current is None else current.get("rows"),
-            key=self.key,
+        elif record is not None:
+            current = self.store.read_current()  # the pointer alone: a warehouse-diffed table has no snapshot file
+            message = stale_snapshot_message(
+                record,
+                None if current is None else str(current["version"]),
+                None if current is None else current.get("rows"),
+                key=self.key,
+            )
+            if message is not None:
+                raise SnapshotBehindError(message)
+        if moving and record is not None and not dry_run:
+            self._move(record)
+
+    def _move(self, record: CommitRecord) -> None:
+        """Record that the table's store is now at this location (before anything is sent from it)."""
+        assert self._variable is not None
+        moved = CommitRecord(
+            version=record.version,
+            rows=record.rows,
+            location=self.store.location,
+            written_by=self.writer or "",
+            recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            moved_from=record.location,
         )
-        if message is not None:
-            raise SnapshotBehindError(message)
+        self._variable.set(self.key, moved.to_json(), description=self._description(moved))
+        self._before = moved
+        log.warning(
+            "Moved the snapshot store of %s from %s to %s in Airflow Variable %s: runs at %s are refused from now "
+            "on. Remove move_store_from from the task.",
+            self.table,
+            record.location,
+            self.store.location,
+            self.key,
+            record.location,
+        )
+
+    @staticmethod
+    def _description(record: CommitRecord) -> str:
+        return (
+            f"airflow-provider-stopchurn: last snapshot committed of this table, at {record.location}. Runs stop "
+            "when the store there holds none or an older one, and runs with another snapshot location are refused."
+        )
 
     def record(self) -> None:
         """Record the store's committed snapshot in Airflow when it changed; best effort, never raises.
@@ -264,7 +385,13 @@ class CommitGuard:
             return
         try:
             current = self.store.read_current()
-            if current is None or (self._before is not None and self._before.version == str(current["version"])):
+            before = self._before
+            if current is None or (
+                not self._rewrite
+                and before is not None
+                and before.version == str(current["version"])
+                and before.location == self.store.location
+            ):
                 return
             record = CommitRecord(
                 version=str(current["version"]),
@@ -273,14 +400,8 @@ class CommitGuard:
                 written_by=self.writer or "",
                 recorded_at=datetime.now(UTC).isoformat(timespec="seconds"),
             )
-            self._variable.set(
-                self.key,
-                record.to_json(),
-                description=(
-                    f"airflow-provider-stopchurn: last snapshot committed at {record.location}. Runs stop when "
-                    "the store there holds none or an older one; delete this Variable to rebaseline."
-                ),
-            )
+            self._variable.set(self.key, record.to_json(), description=self._description(record))
+            self._rewrite = False
             self._before = record
             log.info("Recorded %s at %s in Airflow Variable %s.", record.version, record.location, self.key)
         except Exception:

@@ -78,9 +78,10 @@ class StopChurnUpdateOperator(BaseOperator):
     commits the new snapshot once StopChurn has acknowledged every chunk. An interrupted delivery is resumed by
     the next try, without resending acknowledged chunks.
 
-    Every commit is also recorded in Airflow's metadata database (an Airflow Variable named
-    ``stopchurn_commit__<brand_id>__<table>__<hash of the snapshot location>``: snapshot version, row count,
-    location; never a key). Before a run reads the source, the store must hold the recorded snapshot or a newer
+    Every commit is also recorded in Airflow's metadata database (an Airflow Variable per brand and table,
+    ``stopchurn_commit__<brand_id>__<table>__<hash>``: snapshot version, row count, location; never a key).
+    Before a run reads the source, its ``snapshot_uri`` must be the recorded location (else it is refused; to
+    move a store on purpose, see ``move_store_from``) and the store must hold the recorded snapshot or a newer
     one. When it holds none, or an older one (a worker that cannot see the snapshot of another worker, or a
     restored old copy), the run fails without retry and sends nothing, where it would otherwise resend the whole
     table as inserts or resend changes already delivered. Several workers need shared storage: ``snapshot_uri``
@@ -117,6 +118,10 @@ class StopChurnUpdateOperator(BaseOperator):
         does not hold (no snapshot, or an older one): the run uses the store as it is (a first load follows
         ``initial_load``) and its commit replaces the record (templated; meant for one run, e.g. from a DAG
         param). Default: such a run fails with ``AirflowFailException`` before anything is sent.
+    :param move_store_from: the previous ``snapshot_uri`` of this table (templated), to move its store on
+        purpose: Airflow keeps one store location per brand and table and refuses runs elsewhere. Copy the table's
+        folder to the new ``snapshot_uri`` first (or add ``accept_missing_snapshot=True``); the run then records
+        the new location, after which the argument has no effect and may be removed.
     :param max_delete_fraction: fail when a plan deletes more than this share of the snapshot's rows.
     :param allow_empty_source: let an empty source delete every row of a non-empty snapshot.
     :param allow_large_changes: let this run through the two guards above (templated; e.g. from a DAG param).
@@ -158,6 +163,7 @@ class StopChurnUpdateOperator(BaseOperator):
         "dataframe",
         "allow_large_changes",
         "accept_missing_snapshot",
+        "move_store_from",
         "diff_location",
         "state_schema",
     )
@@ -186,6 +192,7 @@ class StopChurnUpdateOperator(BaseOperator):
         max_chunk_bytes: int = 5_000_000,
         dry_run: bool = False,
         accept_missing_snapshot: bool | str = False,
+        move_store_from: str | None = None,
         max_delete_fraction: float = 0.5,
         allow_empty_source: bool = False,
         allow_large_changes: bool | str = False,
@@ -236,6 +243,7 @@ class StopChurnUpdateOperator(BaseOperator):
         # BaseOperator already has a dry_run() method: keep the flag under another name.
         self.sync_dry_run = dry_run
         self.accept_missing_snapshot = accept_missing_snapshot
+        self.move_store_from = move_store_from
         self.max_delete_fraction = max_delete_fraction
         self.allow_empty_source = allow_empty_source
         self.allow_large_changes = allow_large_changes
@@ -263,7 +271,11 @@ class StopChurnUpdateOperator(BaseOperator):
             store = SnapshotStore(self._snapshot_root(), options.brand_id, options.table_name)
             # Before anything is read or sent: does this worker's store hold what Airflow saw committed last?
             guard = CommitGuard.for_task(store, options.brand_id, options.table_name, context)
-            guard.check(accept_missing_snapshot=_as_bool(self.accept_missing_snapshot))
+            guard.check(
+                accept_missing_snapshot=_as_bool(self.accept_missing_snapshot),
+                move_store_from=self._moved_from(options),
+                dry_run=options.dry_run,
+            )
             sender = None if options.dry_run else hook.client
             try:
                 summary = self._run(in_warehouse, store, sender, options, context, run_ms)
@@ -314,6 +326,13 @@ class StopChurnUpdateOperator(BaseOperator):
 
     def _snapshot_root(self) -> Any:
         return snapshot_root(self.snapshot_uri, self.snapshot_conn_id)
+
+    def _moved_from(self, options: SyncOptions) -> str | None:
+        """The table store's location under ``move_store_from`` (the old ``snapshot_uri``), or None."""
+        if self.move_store_from in (None, ""):
+            return None
+        old = snapshot_root(str(self.move_store_from).strip(), self.snapshot_conn_id)
+        return SnapshotStore(old, options.brand_id, options.table_name).location
 
     def _run(
         self,

@@ -27,6 +27,28 @@ and if the token is not its own (another run broke the lease after it expired an
 ``min(30 s, ttl_s / 3)`` while a block runs; a lost lease is recorded, and :meth:`TableLock.check`, called before
 writing a commit, raises.
 
+**Fencing every request.** A request must have landed before another run could take the table, else an older
+value could arrive after the new owner's newer one and stay. :meth:`TableLock.fence` is called before every HTTP
+attempt (the client calls it before each try, retries after a 429 or a 5xx included) with the longest time that
+attempt can take, ``request_s`` (the client's connect timeout plus its read timeout). The rule:
+
+* a *confirmation* is a moment this run saw the ``LOCK`` as its own (it acquired, refreshed or read it); it
+  tells until when the lease holds: the ``expires_at`` it saw, at most ``ttl_s`` after the confirmation;
+* no other run may break the lease before ``expires_at`` (only a person's ``stopchurn unlock --force`` can), but
+  another host judges ``expires_at`` by its own clock, so ``margin_s = ttl_s / 10`` is kept for clock skew and
+  storage latency;
+* an attempt may start at ``now`` only while ``now + request_s + margin_s <= expires_at`` (judged on both the
+  monotonic and the wall clock, so that neither a clock step nor a suspended machine stretches it): the
+  confirmation's age plus the request's duration stays below the time before another run could break the lease;
+* otherwise the ``LOCK`` is read again (and refreshed when its remaining lease is too short); a ``LOCK`` that is no
+  longer this run's raises :class:`SnapshotLockedError` and nothing is sent. So ``lock_ttl_s`` must exceed
+  ``request_s + margin_s``; a shorter lease cannot fence a request and is refused before anything is sent.
+
+A lease broken by hand (``stopchurn unlock --force``) while its run lives is found by that run's next heartbeat
+(within ``heartbeat_s``); until then, and while requests already sent are in flight, both runs may send. A pause
+between the fence and the socket write longer than ``margin_s`` is not covered either: StopChurn's API has no
+fencing token that would let the server refuse a stale writer.
+
 This module imports no Airflow.
 """
 
@@ -46,7 +68,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
-from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError
+from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError, StopChurnConfigError
 from airflow_provider_stopchurn.snapshot.backend import Backend
 from airflow_provider_stopchurn.snapshot.constants import FORMAT_VERSION
 
@@ -112,6 +134,37 @@ def holder_state(record: Mapping[str, Any]) -> str:
     return "gone" if _gone(dict(record)) is not None else "alive"
 
 
+#: A heartbeat is *fresh* while the LOCK was refreshed within two of its intervals plus this (storage latency,
+#: clock skew between hosts): its run is alive, wherever it runs, and ``stopchurn unlock`` refuses it without --force.
+HEARTBEAT_SLACK_S = 10.0
+
+
+def heartbeat(record: Mapping[str, Any], now: float | None = None) -> tuple[bool, float | None, float]:
+    """Whether a lock record's heartbeat is fresh, its age in seconds (None when unknown) and its interval.
+
+    The interval is the record's ``heartbeat_s``; a record written before it was kept there gives
+    ``min(30 s, ttl / 3)`` as a heartbeat did, the ttl read from ``expires_at - refreshed_at``. An expired lease
+    is never fresh.
+    """
+    now = time.time() if now is None else now
+    try:
+        expires = float(record.get("expires_at", 0))
+    except (TypeError, ValueError):
+        expires = 0.0
+    try:
+        refreshed: float | None = datetime.fromisoformat(str(record.get("refreshed_at"))).timestamp()
+    except (TypeError, ValueError):
+        refreshed = None
+    try:
+        interval = float(record["heartbeat_s"])
+    except (KeyError, TypeError, ValueError):
+        interval = min(30.0, max(expires - (refreshed or expires), 0.0) / 3)
+    if refreshed is None:
+        return expires >= now, None, interval
+    age = now - refreshed
+    return expires >= now and age <= 2 * interval + HEARTBEAT_SLACK_S, age, interval
+
+
 class TableLock:
     """A lease on one brand/table, held by at most one run.
 
@@ -146,6 +199,9 @@ class TableLock:
         self._acquired_at: float | None = None
         self._last_refresh = 0.0
         self._confirmed = float("-inf")  # when this run last saw the LOCK as its own (monotonic)
+        # until when that confirmation says the lease holds, on the monotonic and on the wall clock (see fence())
+        self._held_mono = float("-inf")
+        self._held_wall = float("-inf")
         self._lost: SnapshotLockedError | None = None
         self._beat: tuple[threading.Thread, threading.Event] | None = None
 
@@ -174,8 +230,29 @@ class TableLock:
             "acquired_at": _iso(acquired),
             "refreshed_at": _iso(now),
             "expires_at": now + self.ttl_s,
+            # how often the holder refreshes: `stopchurn unlock` tells a live holder from a dead one by it
+            "heartbeat_s": self.interval_s,
         }
         return json.dumps(record, sort_keys=True).encode()
+
+    @property
+    def margin_s(self) -> float:
+        """What :meth:`fence` keeps in hand for clock skew between hosts and storage latency: ``ttl_s / 10``."""
+        return self.ttl_s / 10
+
+    def _confirm(self, expires_at: Any, mono: float, wall: float) -> None:
+        """Note a confirmation: the LOCK, seen as this run's at ``mono``/``wall``, holds until ``expires_at``."""
+        try:
+            remaining = float(expires_at) - wall
+        except (TypeError, ValueError):
+            remaining = 0.0
+        self._confirmed = mono
+        self._held_mono = mono + remaining
+        self._held_wall = wall + remaining
+
+    def _covers(self, seconds: float) -> bool:
+        """Whether the last confirmation says the lease holds for ``seconds`` more, on both clocks."""
+        return time.monotonic() + seconds <= self._held_mono and time.time() + seconds <= self._held_wall
 
     def _stale(self, current: dict[str, Any] | None) -> str | None:
         """Why a lock found in place may be broken, or None while it is live."""
@@ -201,12 +278,13 @@ class TableLock:
         )
 
     def _lose(self, current: dict[str, Any] | None) -> SnapshotLockedError:
+        now = "The lock is free now" if current is None else f"The lock is now held by {self._describe(current)}"
         err = SnapshotLockedError(
-            f"{self.label}: this run lost its lock to {(current or {}).get('holder', 'an unknown run')!r}; it stops "
-            "without committing.\n"
-            f"This run: {self.holder!r}. The lock is now held by {self._describe(current)}.\n"
-            "Its lease was not refreshed in time (a pause longer than lock_ttl_s?); the run holding the lock now "
-            "settles or resumes the unfinished plan."
+            f"{self.label}: this run lost its lock to {(current or {}).get('holder', 'another run')!r}; it sends "
+            "nothing more and stops without committing.\n"
+            f"This run: {self.holder!r}. {now}.\n"
+            "Its lease was not refreshed in time (a pause longer than lock_ttl_s?), or it was broken by hand. The "
+            "next run settles what StopChurn acknowledged of this run's plan and syncs the rest."
         )
         self._lost = err
         return err
@@ -260,10 +338,11 @@ class TableLock:
             for _ in range(_ATTEMPTS):
                 raw = self.backend.read_bytes(self.name)
                 if raw is None:
-                    self._acquired_at = time.time()
+                    mono, self._acquired_at = time.monotonic(), time.time()  # taken before the record: cautious
                     record = self._record()
                     if self.backend.create_exclusive(self.name, record):
-                        self._last_refresh = self._confirmed = time.monotonic()
+                        self._last_refresh = time.monotonic()
+                        self._confirm(json.loads(record)["expires_at"], mono, self._acquired_at)
                         self._lost = None
                         return
                     continue  # another run created it a moment ago: look at it
@@ -315,6 +394,7 @@ class TableLock:
                 current = loose_json(raw)
                 if raw is None or current is None or current.get("token") != self.token:
                     raise self._lose(current)
+                mono, wall = time.monotonic(), time.time()  # taken before the record's expiry: cautious
                 record = self._record()
 
                 def renew(record: bytes = record) -> None:
@@ -322,21 +402,23 @@ class TableLock:
 
                 outcome = self._with_claim(self.name, raw, renew)
                 if outcome is _Outcome.DONE:
-                    self._last_refresh = self._confirmed = time.monotonic()
+                    self._last_refresh = time.monotonic()
+                    self._confirm(json.loads(record)["expires_at"], mono, wall)
                     return
                 if outcome is _Outcome.BUSY:
                     time.sleep(_PAUSE_S)  # a run that took the lease for stale is breaking it, or gives up
             raise self._lose(loose_json(self.backend.read_bytes(self.name)))
 
-    def check(self, *, max_age_s: float = 0.0) -> None:
+    def check(self, *, max_age_s: float = 0.0, min_remaining_s: float = 0.0) -> None:
         """Raise :class:`SnapshotLockedError` unless this run still holds the lock; call it before a commit.
 
         A lease that expired (or is about to) but is still this run's is refreshed first, so the commit that
         follows runs under a whole lease.
 
         :param max_age_s: trust a confirmation (acquire, refresh or check) younger than this instead of reading
-            the LOCK again; capped at the heartbeat interval, within which the lease cannot have expired. For
-            per-chunk checks on an object store; the check before a commit keeps the default, 0.
+            the LOCK again; capped at the heartbeat interval, within which the lease cannot have expired. The check
+            before a commit keeps the default, 0; a check before a request is :meth:`fence`.
+        :param min_remaining_s: refresh the lease when less than this (or than the heartbeat interval) is left.
         """
         with self._mutex:
             if self._lost is not None:
@@ -344,22 +426,55 @@ class TableLock:
             if time.monotonic() - self._confirmed < min(max_age_s, self.interval_s):
                 return
             current = loose_json(self.backend.read_bytes(self.name))
+            mono, wall = time.monotonic(), time.time()  # taken after the read: cautious
             if current is None or current.get("token") != self.token:
                 raise self._lose(current)
             try:
-                remaining = float(current.get("expires_at", 0)) - time.time()
+                remaining = float(current.get("expires_at", 0)) - wall
             except (TypeError, ValueError):
                 remaining = 0.0
-            if remaining < self.interval_s:
+            if remaining < max(self.interval_s, min_remaining_s):
                 self.refresh(force=True)
             else:
-                self._confirmed = time.monotonic()
+                self._confirm(current.get("expires_at"), mono, wall)
+
+    def fence(self, request_s: float = 0.0) -> None:
+        """Raise unless this run holds the lease for the next ``request_s`` seconds; call it before every request.
+
+        Trusts the last confirmation while ``now + request_s + margin_s`` stays within the lease it saw (the rule is
+        in the module docstring); otherwise reads the ``LOCK`` again, refreshing it when too little is left. Raises
+        :class:`SnapshotLockedError` (nothing may be sent) when the lease is no longer this run's, and
+        :class:`~airflow_provider_stopchurn.exceptions.StopChurnConfigError` when even a whole lease (``ttl_s``)
+        is too short to cover one request.
+
+        :param request_s: the longest time the request about to start can take.
+        """
+        need = max(0.0, float(request_s)) + self.margin_s
+        if need >= self.ttl_s:
+            raise StopChurnConfigError(
+                f"{self.label}: lock_ttl_s={self.ttl_s:g} is too short to fence a request that may take "
+                f"{request_s:g} s (the client's connect timeout plus its read timeout).\n"
+                f"Nothing was sent. Raise lock_ttl_s above {request_s / 0.9:.0f} s (a tenth of the lease is kept "
+                "for clock skew), or lower the connection's timeouts (its extra `timeout`)."
+            )
+        with self._mutex:
+            if self._lost is not None:
+                raise self._lost
+            if self._covers(need):
+                return
+            self.check(min_remaining_s=need)
+            if not self._covers(need):
+                raise SnapshotLockedError(
+                    f"{self.label}: could not confirm this run's lock for the next request in time (the lock's "
+                    f"storage answered too slowly for lock_ttl_s={self.ttl_s:g}); nothing more was sent.\n"
+                    "The next run settles what was acknowledged and goes on."
+                )
 
     def release(self) -> None:
         """Delete the lock if it is still this run's; never someone else's. Failures are logged, not raised."""
         self.stop_heartbeat()
         with self._mutex:
-            self._confirmed = float("-inf")
+            self._confirmed = self._held_mono = self._held_wall = float("-inf")
             try:
                 for _ in range(_ATTEMPTS):
                     raw = self.backend.read_bytes(self.name)

@@ -193,7 +193,8 @@ class SnapshotStore:
         except ValueError as err:
             raise SnapshotError(
                 f"{where} is not valid JSON (truncated or corrupt): {err}. "
-                "Restore it from a backup, or delete the table's snapshot folder to start again."
+                "Restore it from a backup. Do not delete the table's folder: the next run would resend the whole "
+                "table; `stopchurn rebaseline` records what StopChurn holds without sending it."
             ) from err
         if not isinstance(data, dict):
             raise SnapshotError(f"{where} does not hold a JSON object.")
@@ -215,15 +216,16 @@ class SnapshotStore:
         except FileNotFoundError as err:
             raise SnapshotError(
                 f"Snapshot file {self._backend.location(name)} is missing although a pointer names it. Restore "
-                "it, or delete the table's snapshot folder to start again."
+                f"it from a backup; else `stopchurn rebaseline` records the source as what StopChurn holds, "
+                "without sending it (deleting the table's folder would resend the whole table)."
             ) from err
         except SnapshotError:
             raise
         except Exception as err:
             raise SnapshotError(
                 f"Snapshot file {self._backend.location(name)} is unreadable (truncated or corrupt): "
-                f"{err.__class__.__name__}: {err}. Restore it, or delete the table's snapshot folder to start "
-                "again."
+                f"{err.__class__.__name__}: {err}. Restore it from a backup; else `stopchurn rebaseline` records "
+                "the source as what StopChurn holds, without sending it."
             ) from err
 
     # --- committed snapshot ----------------------------------------------------------------------------------
@@ -285,7 +287,8 @@ class SnapshotStore:
         except Exception as err:
             raise SnapshotError(
                 f"Snapshot file {self._backend.location(name)} is unreadable (truncated or corrupt): "
-                f"{err.__class__.__name__}: {err}. Restore it, or delete the table's snapshot folder to start again."
+                f"{err.__class__.__name__}: {err}. Restore it from a backup; else `stopchurn rebaseline` records "
+                "the source as what StopChurn holds, without sending it."
             ) from err
 
     def delete_snapshot(self, version: str) -> None:
