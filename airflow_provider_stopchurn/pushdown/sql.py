@@ -38,8 +38,11 @@ __all__ = [
     "staging_ddl",
 ]
 
-#: Bumped when the state table's layout changes; ``_MIGRATIONS`` upgrades older tables in place.
-STATE_FORMAT = 1
+#: Bumped when the state table's layout or meaning changes; ``engine._migrate`` upgrades older tables in place.
+#: 2: key texts and row hashes computed in a session pinned to UTC.
+STATE_FORMAT = 2
+#: The session time zone every key text and row hash is computed in.
+SESSION_ZONE = "UTC"
 SOURCE = "__stopchurn_source"
 HASH = "_stopchurn_row_hash"
 CREATED = "_stopchurn_created_at"
@@ -322,6 +325,11 @@ class StateTable:
     def insert_next(self, staging: str) -> str:
         columns = ", ".join([*(q(k) for k in self.key_columns), q(HASH), q(CREATED), q(ROW)])
         return self.r(f"INSERT INTO {self.next} ({columns}) {self._staged(staging, upserts_only=False)}")
+
+    def key_to_utc(self, table: str, column: str) -> str:
+        """Rewrite ``column`` of ``table`` (quoted; the texts of a zoned key) as the same instants in UTC text (the
+        session is pinned to UTC; the old texts carry their offsets)."""
+        return self.r(f"UPDATE {table} SET {q(column)} = CAST(CAST({q(column)} AS TIMESTAMPTZ) AS TEXT)")
 
     def exists_sql(self, table: str) -> str:
         """A query that fails when ``table`` (``name``, ``name__meta`` or ``name__next``) does not exist."""
