@@ -8,6 +8,7 @@ Each time-zone test syncs a table whose key and data hold ``timestamptz`` values
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,7 +149,7 @@ def test_tokens_are_strictly_ordered_run_after_run(
         tokens.append(str(current["version"]))
     assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
     orders = [token_order(t) for t in tokens]
-    assert all(a < b for a, b in zip(orders, orders[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(orders))
 
 
 @pytest.mark.parametrize(
