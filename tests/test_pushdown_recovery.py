@@ -323,13 +323,21 @@ def spark_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
 
 _STATE = r"`stopchurn_state`\.`b7_subscription`"
 _NEXT = r"`stopchurn_state`\.`b7_subscription__next`"
+_META_NEXT = r"`stopchurn_state`\.`b7_subscription__meta_next`"
+#: the bookkeeping table's rewrite and swap (the new token), in order
+_TOKEN_STEPS = {
+    "drop the old rewrite": rf"^DROP TABLE IF EXISTS {_META_NEXT}$",
+    "write ..__meta_next": rf"^CREATE TABLE {_META_NEXT} AS ",
+    "drop the bookkeeping table": r"^DROP TABLE IF EXISTS `stopchurn_state`\.`b7_subscription__meta`$",
+    "rename ..__meta_next into place": rf"^ALTER TABLE {_META_NEXT} RENAME TO ",
+}
 #: every statement of the settle's rewrite and swap, in order
 SETTLE_STEPS = {
     "drop the old rewrite": rf"^DROP TABLE IF EXISTS {_NEXT}$",
     "rewrite into ..__next": rf"^CREATE TABLE {_NEXT} AS ",
     "drop the state table": rf"^DROP TABLE IF EXISTS {_STATE}$",
     "rename ..__next into place": rf"^ALTER TABLE {_NEXT} RENAME TO ",
-    "write the token": r"^INSERT OVERWRITE TABLE .*__meta",
+    **{f"token: {step}": pattern for step, pattern in _TOKEN_STEPS.items()},
 }
 #: every statement of the baseline's rebuild and swap, in order
 BASELINE_STEPS = {
@@ -337,7 +345,7 @@ BASELINE_STEPS = {
     "fill ..__next": rf"^INSERT INTO {_NEXT} ",
     "drop the state table": rf"^DROP TABLE IF EXISTS {_STATE}$",
     "rename ..__next into place": rf"^ALTER TABLE {_NEXT} RENAME TO ",
-    "write the token": r"^INSERT OVERWRITE TABLE .*__meta",
+    **{f"token: {step}": pattern for step, pattern in _TOKEN_STEPS.items()},
 }
 
 

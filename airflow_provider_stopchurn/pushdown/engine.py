@@ -255,14 +255,17 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
     The swap (warehouses without transactions: ``DROP`` the state table, ``RENAME`` ``..__next`` into its place)
     drops the old table only once ``..__next`` is complete. So a missing state table beside a ``..__next`` is a
     swap stopped between its two steps: ``..__next`` is the only copy, and it is renamed into place. Both present:
-    ``..__next`` is an unfinished rewrite the next rewrite replaces (the state table is as it was)."""
-    if (
-        not warehouse.transactions
-        and not _table_exists(warehouse, state, state.name)
-        and _table_exists(warehouse, state, state.name + "__next")
-    ):
-        log.warning("Finishing the interrupted swap of %s.", state.display)
-        warehouse.execute(state.swap()[1:])
+    ``..__next`` is an unfinished rewrite the next rewrite replaces (the state table is as it was). The bookkeeping
+    table is swapped the same way (``..__meta_next``)."""
+    if not warehouse.transactions:
+        swaps = (
+            (state.name, state.name + "__next", state.swap),
+            (state.name + "__meta", state.name + "__meta_next", state.swap_meta),
+        )
+        for name, new, swap in swaps:
+            if not _table_exists(warehouse, state, name) and _table_exists(warehouse, state, new):
+                log.warning("Finishing the interrupted swap of %s.%s.", state.schema, name)
+                warehouse.execute(swap()[1:])
     meta = _meta(warehouse, state)
     if meta is not None and meta.format < S.STATE_FORMAT:
         _migrate(warehouse, state, meta)
