@@ -195,3 +195,44 @@ def test_reconcile_tells_an_older_state_table_within_one_second(
     result = json.loads(capsys.readouterr().out)
     assert token_order(result["state_token"]) < token_order(result["store_version"])
     assert "older than the store's record" in result["message"]
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    yield from engine_fixture(request.param, request, tmp_path)
+
+
+def test_a_format_1_state_table_from_another_zone_is_migrated_without_resending_keys(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """Before sessions were pinned, a zoned key was kept as text in the session's zone (here Europe/Paris). The
+    upgrade rewrites those texts as the same instants in UTC: no key looks deleted and inserted again."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = _frame()
+    engine.load(frame)
+    _sync(engine, store, sb, 1)
+    state = "stopchurn_state.b7_subscription"
+    # the state table as format 1 left it in a Europe/Paris session
+    zone = "SET TimeZone = 'Europe/Paris'" if engine.name == "duckdb" else "SET TIME ZONE 'Europe/Paris'"
+    rewrite = f"""UPDATE {state} SET "at" = CAST(CAST("at" AS TIMESTAMPTZ) AS TEXT)"""
+    old_format = f'UPDATE {state}__meta SET "format" = 1'
+    if engine.name == "duckdb":
+        with duckdb.connect(str(engine.handle)) as con:
+            con.execute(zone)
+            con.execute(rewrite)
+            con.execute(old_format)
+    else:
+        with engine.handle.connect() as con:
+            con.execute(zone)
+            con.execute(rewrite)
+            con.execute(old_format)
+    assert all(
+        str(t).endswith("+01") or str(t).endswith("+02") for (t,) in engine.rows(f"""SELECT "at" FROM {state}""")
+    )
+    requests = update_requests(sb)
+    _sends_nothing(_sync(engine, store, sb, 2))
+    assert update_requests(sb) == requests
+    assert engine.rows(f'SELECT "format" FROM {state}__meta') == [(2,)]
+    assert all(str(t).endswith("+00") for (t,) in engine.rows(f"""SELECT "at" FROM {state}"""))
+    assert_sandbox_matches(sb, frame, KEYS)
