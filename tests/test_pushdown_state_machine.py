@@ -257,7 +257,7 @@ def test_duckdb_state_machine(tmp_path: Path, zone_restored: None) -> None:
     class OnDuckDB(WarehouseRecovery):
         engine = Engine("duckdb", tmp_path / "machine.duckdb")
 
-    OnDuckDB.TestCase.settings = _settings(10, 8)
+    OnDuckDB.TestCase.settings = _settings(25, 12)
     OnDuckDB.TestCase().runTest()
 
 
@@ -266,5 +266,5 @@ def test_postgres_state_machine(postgres_database: Any, zone_restored: None) -> 
     class OnPostgres(WarehouseRecovery):
         engine = Engine("postgres", postgres_database)
 
-    OnPostgres.TestCase.settings = _settings(2, 8)
+    OnPostgres.TestCase.settings = _settings(5, 10)
     OnPostgres.TestCase().runTest()
