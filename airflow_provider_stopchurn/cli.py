@@ -841,9 +841,19 @@ def _reconcile(args: argparse.Namespace, out: TextIO) -> None:
             " The next run is a first load: with initial_load='baseline' it records the source as delivered without "
             "sending (StopChurn already holds the table), else it sends every row." + airflow_hint
         )
-    elif info["store_version"] is not None and str(info["state_token"]) < info["store_version"]:
+    elif info["store_version"] is not None and _older(str(info["state_token"]), info["store_version"]):
         message += " The state table is older than the store's record was." + airflow_hint
     _reconciled(args, out, {**info, "changed": True, "commit_record": record}, message)
+
+
+def _older(token: str, than: str) -> bool:
+    """Whether the state token ``token`` was written before ``than`` (tokens are ordered; see ``token_order``)."""
+    from airflow_provider_stopchurn.pushdown.engine import token_order
+
+    try:
+        return token_order(token) < token_order(than)
+    except ValueError:  # not a token this provider wrote: its text is the best order there is
+        return token < than
 
 
 def _reconcile_info(

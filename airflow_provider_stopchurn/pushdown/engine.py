@@ -23,7 +23,10 @@ Any other disagreement between the two is *drift*: the run stops before reading 
 
 from __future__ import annotations
 
+import calendar
+import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Generator, Iterator, Mapping, Sequence
@@ -145,6 +148,7 @@ def run_warehouse_sync(
                 current = _current(store)
                 summary.start_from(current.get("run") if current else None, options.run_key)
                 delivered = summary.settled_chunks
+                prepare_state(warehouse, state)  # before anything reads or writes the state table
                 pending = store.pending_plan()
                 if pending is not None:
                     acks = store.acks(pending)
@@ -215,14 +219,6 @@ def check_state(
     warehouse: Warehouse, state: S.StateTable, store: SnapshotStore, current: Mapping[str, Any] | None
 ) -> _Meta | None:
     """The state table's bookkeeping row when it agrees with ``CURRENT``; else :class:`StateDriftError`."""
-    if (
-        not warehouse.transactions
-        and not _table_exists(warehouse, state, state.name)
-        and _table_exists(warehouse, state, state.name + "__next")
-    ):
-        # a rewrite was swapped half-way (dropped, not yet renamed): finish it
-        log.warning("Finishing the interrupted swap of %s.", state.display)
-        warehouse.execute(state.swap()[1:])
     meta = _meta(warehouse, state)
     if meta is not None and meta.format > S.STATE_FORMAT:
         raise StopChurnConfigError(
@@ -233,8 +229,6 @@ def check_state(
     if meta is None and token is None:
         return None
     if meta is not None and token == meta.token:
-        if meta.format < S.STATE_FORMAT:
-            _migrate(warehouse, state, meta.format)
         return meta
     where = f"brand {store.brand_id} table {store.table_name!r}"
     if meta is None:
@@ -254,14 +248,60 @@ def check_state(
     )
 
 
-#: format -> statements that upgrade a state table from it to the next format (none yet: format 1 is the first).
-_MIGRATIONS: dict[int, list[str]] = {}
+def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
+    """What every run does first, under the lock, before anything reads or writes the state table: finish a swap
+    a crash interrupted, then bring an older state table to this version's format.
+
+    The swap (warehouses without transactions: ``DROP`` the state table, ``RENAME`` ``..__next`` into its place)
+    drops the old table only once ``..__next`` is complete. So a missing state table beside a ``..__next`` is a
+    swap stopped between its two steps: ``..__next`` is the only copy, and it is renamed into place. Both present:
+    ``..__next`` is an unfinished rewrite the next rewrite replaces (the state table is as it was). The bookkeeping
+    table is swapped the same way (``..__meta_next``)."""
+    if not warehouse.transactions:
+        swaps = (
+            (state.name, state.name + "__next", state.swap),
+            (state.name + "__meta", state.name + "__meta_next", state.swap_meta),
+        )
+        for name, new, swap in swaps:
+            if not _table_exists(warehouse, state, name) and _table_exists(warehouse, state, new):
+                log.warning("Finishing the interrupted swap of %s.%s.", state.schema, name)
+                warehouse.execute(swap()[1:])
+    meta = _meta(warehouse, state)
+    if meta is not None and meta.format < S.STATE_FORMAT:
+        _migrate(warehouse, state, meta)
 
 
-def _migrate(warehouse: Warehouse, state: S.StateTable, version: int) -> None:
-    for step in range(version, S.STATE_FORMAT):
-        log.warning("Migrating the state table %s from format %d.", state.display, step)
-        warehouse.execute(_MIGRATIONS.get(step, []))
+def _zoned(columns: Mapping[str, str], names: Sequence[str]) -> list[str]:
+    """The columns among ``names`` that hold timestamps with a time zone (their text depends on the session's)."""
+    return [c for c in names if "tz=" in columns.get(c, "")]
+
+
+def _migrate(warehouse: Warehouse, state: S.StateTable, meta: _Meta) -> None:
+    """Format 1 -> 2: sessions are pinned to UTC from format 2 on. A key column with a time zone was kept as text in
+    the zone the session had; it is rewritten as the same instant in UTC (exact: the old text holds its offset).
+    Row hashes cannot be recomputed without the source: rows with such a column are sent once more as updates
+    where the session's zone was not UTC. Spark sessions were expected in UTC already: only the format moves."""
+    log.warning("Migrating the state table %s from format %d to %d.", state.display, meta.format, S.STATE_FORMAT)
+    statements = []
+    if warehouse.transactions:
+        statements = [state.key_to_utc(state.qualified, k) for k in _zoned(meta.columns, meta.key_columns)]
+    bookkeeping = state.write_meta(
+        token=meta.token,
+        plan_id=meta.plan_id,
+        columns=json.dumps(meta.columns),
+        rows_sql=state.count_rows(),
+        transactions=warehouse.transactions,
+    )
+    warehouse.execute([*statements, *bookkeeping])
+
+
+def _instants(types: Mapping[str, str]) -> dict[str, str]:
+    """Arrow types with every time zone named ``UTC``: a zoned timestamp is an instant whatever zone the reader
+    named (DuckDB names its session's, ``Etc/UTC`` or ``UTC`` alike), so a zone name alone is no schema change."""
+    return {name: _ZONE.sub("tz=UTC", text) for name, text in types.items()}
+
+
+_ZONE = re.compile(r"tz=[^,\]\)]+")
 
 
 def _source_schema(warehouse: Warehouse, state: S.StateTable, query: str, options: SyncOptions) -> pa.Schema:
@@ -320,7 +360,7 @@ def _decide(
         baseline = options.initial_load == "baseline"
         return _Diff(False, baseline, None, {"insert": 0 if baseline else int(total), "unchanged": int(total)})
     new_types = {f.name: str(f.type) for f in schema}
-    change = kind_changes(meta.columns, new_types, meta.key_columns, tuple(options.key_columns))
+    change = kind_changes(_instants(meta.columns), _instants(new_types), meta.key_columns, tuple(options.key_columns))
     update_all = baseline = False
     schema_change = None
     if change:
@@ -519,6 +559,7 @@ def _plan_meta(
         "key_columns": list(options.key_columns),
         "columns": S.columns_text(schema),
         "run_ms": run_ms,
+        "session_zone": S.SESSION_ZONE,
     }
 
 
@@ -557,7 +598,7 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
     summary.unchanged = diff.counts.get("unchanged", 0) if meta is not None else 0
     if meta is not None:
         _check_plan(frame, meta, summary.unchanged, options)
-    token = _token()
+    token = _token(base)
     if frame.height == 0:
         if meta is None or diff.schema_change:
             _commit(run, _Commit(token, base, None, plan_meta), write_state=True)
@@ -619,8 +660,33 @@ def _deliver_and_settle(run: _Run, sender: Sender, plan: Plan, frame: pl.DataFra
     )
 
 
-def _token() -> str:
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
+_TOKEN = re.compile(r"(\d{8}T\d{6})(?:\.(\d{9}))?-[0-9a-f]+")
+
+
+def token_order(token: str) -> int:
+    """A state token's place in time (nanoseconds since the epoch, UTC). Reads both forms: tokens written before
+    tokens were ordered (``20260101T000000-<hex>``, the second's start) and ordered ones
+    (``20260101T000000.000000001-<hex>``)."""
+    match = _TOKEN.fullmatch(token)
+    if match is None:
+        raise ValueError(f"{token!r} is not a state token")
+    seconds = calendar.timegm(time.strptime(match.group(1), "%Y%m%dT%H%M%S"))
+    return seconds * 1_000_000_000 + int(match.group(2) or 0)
+
+
+def _token(base: str | None) -> str:
+    """A new state token, later than ``base`` (the token it replaces) whatever the clock says: the wall clock in
+    nanoseconds, or one nanosecond after ``base`` when the clock is not past it (two runs in one tick, a clock
+    set back, a worker behind another). ``reconcile`` tells an older state table from a newer one by this order;
+    the fixed-width text sorts the same way. The random suffix keeps tokens of unrelated histories apart."""
+    now = time.time_ns()
+    if base is not None:
+        try:
+            now = max(now, token_order(base) + 1)
+        except ValueError:  # a version this engine did not write (never expected): the clock alone
+            log.warning("The state token %r is not in a known form; the new token follows the clock.", base)
+    seconds, nanos = divmod(now, 1_000_000_000)
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(seconds))}.{nanos:09d}-{uuid.uuid4().hex[:12]}"
 
 
 @dataclass(frozen=True)
@@ -726,8 +792,13 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
     already = meta is not None and meta.token == plan.target_version
     statements: list[str] = []
     if not already:
-        warehouse.load(_STAGING, _staged(frame, status, len(plan.meta["key_columns"])))
-        statements = state.apply(_STAGING, transactions=warehouse.transactions)
+        keys = list(plan.meta["key_columns"])
+        warehouse.load(_STAGING, _staged(frame, status, len(keys)))
+        if "session_zone" not in plan.meta and warehouse.transactions:
+            # planned before sessions were pinned to UTC: its zoned key texts are in the session's zone then
+            zoned = _zoned(S.columns_of(plan.meta.get("columns")), keys)
+            statements += [state.key_to_utc(S.q(_STAGING), S.key_text(keys.index(k))) for k in zoned]
+        statements += state.apply(_STAGING, transactions=warehouse.transactions)
     _commit(ctx, commit, write_state=not already, statements=statements, record=record)
     result.version = plan.target_version
     log.info(
@@ -784,7 +855,7 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
     time), then swap it in with the new token. A plan marks the swap, so a crash is finished or dropped."""
     warehouse, state = run.warehouse, run.state
     plan = run.store.write_plan(
-        target_version=_token(),
+        target_version=_token(base),
         base_version=base,
         changes=None,
         chunks=[],
@@ -830,6 +901,12 @@ def _dry_run(run: _Run) -> None:
     if store.pending_plan(cleanup=False) is not None:
         log.warning("A plan of an earlier run is pending: the next real run settles it first; counts may differ.")
     meta = check_state(warehouse, state, store, current)
+    if meta is not None and meta.format < S.STATE_FORMAT:
+        log.warning(
+            "The state table %s has format %d: the next real run migrates it; counts may differ.",
+            state.display,
+            meta.format,
+        )
     schema = _source_schema(warehouse, state, run.query, options)
     _check_keys(warehouse, state, run.query, options)
     diff = _decide(warehouse, state, run.query, schema, meta, options)
@@ -860,6 +937,8 @@ def reconcile(source: WarehouseSource, store: SnapshotStore, options: SyncOption
     warehouse = source.warehouse
     try:
         with store.lock("stopchurn-reconcile", ttl_s=options.lock_ttl_s, wait_s=0) as lock:
+            if action == "adopt-state":
+                prepare_state(warehouse, state)
             pending = store.pending_plan(cleanup=False)
             if action == "adopt-state" and pending is not None:
                 meta = _meta(warehouse, state)

@@ -3,9 +3,11 @@
 
 * ``transactions = False``: Spark's built-in file tables (``USING parquet``, the default provider) cannot
   ``DELETE``, ``UPDATE``, ``MERGE`` or ``CREATE OR REPLACE``, and ``INSERT OVERWRITE`` cannot read the table it
-  overwrites. The engine rewrites the state table into a new one (``CREATE TABLE .. AS SELECT``), drops the old one
-  and renames the new one into place; ``INSERT INTO``, ``INSERT OVERWRITE TABLE`` (from another table),
-  ``DROP TABLE``, ``ALTER TABLE .. RENAME TO`` and ``CREATE SCHEMA IF NOT EXISTS`` all work.
+  overwrites. The engine rewrites the state table (and its bookkeeping table: ``INSERT OVERWRITE`` empties a
+  table before writing it) into a new one (``CREATE TABLE .. AS SELECT``), drops the old one and renames the new
+  one into place; a run that finds a swap stopped between the two finishes it first. ``INSERT INTO``,
+  ``INSERT OVERWRITE TABLE`` (from another table), ``DROP TABLE``, ``ALTER TABLE .. RENAME TO`` and
+  ``CREATE SCHEMA IF NOT EXISTS`` all work.
 * :meth:`SparkWarehouse.batches` reads with ``DataFrame.toArrow()`` (Spark 4): no Python workers (unlike the
   streaming ``DataFrame.__arrow_c_stream__``, which runs ``mapInArrow`` in workers that need pyarrow), Spark's
   own Arrow types (``timestamp`` -> ``timestamp[us, tz=UTC]``). The whole result is collected on the driver first

@@ -38,8 +38,11 @@ __all__ = [
     "staging_ddl",
 ]
 
-#: Bumped when the state table's layout changes; ``_MIGRATIONS`` upgrades older tables in place.
-STATE_FORMAT = 1
+#: Bumped when the state table's layout or meaning changes; ``engine._migrate`` upgrades older tables in place.
+#: 2: key texts and row hashes computed in a session pinned to UTC.
+STATE_FORMAT = 2
+#: The session time zone every key text and row hash is computed in.
+SESSION_ZONE = "UTC"
 SOURCE = "__stopchurn_source"
 HASH = "_stopchurn_row_hash"
 CREATED = "_stopchurn_created_at"
@@ -151,6 +154,10 @@ class StateTable:
     def next(self) -> str:
         return f"{q(self.schema)}.{q(self.name + '__next')}"
 
+    @property
+    def meta_next(self) -> str:
+        return f"{q(self.schema)}.{q(self.name + '__meta_next')}"
+
     def r(self, sql: str, source: str | None = None) -> str:
         return render(sql, self.dialect, source=source)
 
@@ -170,7 +177,7 @@ class StateTable:
         ]
 
     def drop(self) -> list[str]:
-        return [self.r(f"DROP TABLE IF EXISTS {t}") for t in (self.qualified, self.meta, self.next)]
+        return [self.r(f"DROP TABLE IF EXISTS {t}") for t in (self.qualified, self.meta, self.next, self.meta_next)]
 
     def read_meta(self) -> str:
         return self.r(f'SELECT "format", "token", "plan_id", "columns", "key_columns", "rows" FROM {self.meta}')
@@ -186,9 +193,14 @@ class StateTable:
         )
         if transactions:
             return [self.r(f"DELETE FROM {self.meta}"), self.r(f"INSERT INTO {self.meta} {values}")]
-        # no DELETE (Spark's file tables): overwrite the one-row table; INSERT OVERWRITE is not PostgreSQL's
-        overwrite = sqlglot.transpile(f"INSERT OVERWRITE TABLE {self.meta} {values}", read="postgres", write="spark")
-        return [sqlglot.transpile(overwrite[0], read="spark", write=self.dialect)[0]]
+        # no DELETE (Spark's file tables): write a new one-row table and swap it in, as the state table is. Not
+        # INSERT OVERWRITE: it empties the table before it writes, and a worker dying between the two would leave
+        # no token at all.
+        return [
+            self.r(f"DROP TABLE IF EXISTS {self.meta_next}"),
+            self.r(f"CREATE TABLE {self.meta_next} AS {values}"),
+            *self._swap(self.meta_next, self.meta, self.name + "__meta"),
+        ]
 
     def count_rows(self) -> str:
         return f"SELECT COUNT(*) FROM {self.qualified}"
@@ -305,11 +317,20 @@ class StateTable:
 
     def swap(self) -> list[str]:
         """Put ``..__next`` in place of the state table (warehouses without transactions)."""
-        renamed = self.qualified if self.dialect in _QUALIFIED_RENAME else q(self.name)
+        return self._swap(self.next, self.qualified, self.name)
+
+    def swap_meta(self) -> list[str]:
+        """Put ``..__meta_next`` in place of the bookkeeping table (warehouses without transactions)."""
+        return self._swap(self.meta_next, self.meta, self.name + "__meta")
+
+    def _swap(self, new: str, old: str, old_name: str) -> list[str]:
+        """DROP ``old``, then RENAME ``new`` to it: two statements, finished at the next run's start when a worker
+        dies between them (``engine.prepare_state``)."""
+        renamed = old if self.dialect in _QUALIFIED_RENAME else q(old_name)
         return [
-            self.r(f"DROP TABLE IF EXISTS {self.qualified}"),
+            self.r(f"DROP TABLE IF EXISTS {old}"),
             # PostgreSQL and DuckDB take the new name alone (same schema); Spark's catalog the qualified name
-            self.r(f"ALTER TABLE {self.next} RENAME TO {renamed}"),
+            self.r(f"ALTER TABLE {new} RENAME TO {renamed}"),
         ]
 
     def baseline_into_next(self) -> list[str]:
@@ -322,6 +343,11 @@ class StateTable:
     def insert_next(self, staging: str) -> str:
         columns = ", ".join([*(q(k) for k in self.key_columns), q(HASH), q(CREATED), q(ROW)])
         return self.r(f"INSERT INTO {self.next} ({columns}) {self._staged(staging, upserts_only=False)}")
+
+    def key_to_utc(self, table: str, column: str) -> str:
+        """Rewrite ``column`` of ``table`` (quoted; the texts of a zoned key) as the same instants in UTC text (the
+        session is pinned to UTC; the old texts carry their offsets)."""
+        return self.r(f"UPDATE {table} SET {q(column)} = CAST(CAST({q(column)} AS TIMESTAMPTZ) AS TEXT)")
 
     def exists_sql(self, table: str) -> str:
         """A query that fails when ``table`` (``name``, ``name__meta`` or ``name__next``) does not exist."""

@@ -11,6 +11,12 @@ sqlglot dialect name). A warehouse only runs it:
 * :meth:`Warehouse.execute` runs statements, in one transaction where the database has them.
 * :meth:`Warehouse.load` creates a staging table holding an Arrow table (the acknowledged changes of a settle).
 
+**Every session is pinned to UTC** (and, on PostgreSQL, to ISO dates, the default interval and float text): the
+key texts and row hashes are ``CAST(.. AS TEXT)`` of the values, and a timestamp with time zone is written in the
+session's zone. Without the pin, a database whose default zone changes, or a worker with another ``TZ`` (DuckDB
+gives new sessions the process's zone), would see every such row as changed, and a key as deleted and inserted.
+A connection handed in by the caller is not changed: the warehouse works on a session of its own.
+
 Implementations: :class:`PostgresWarehouse` (ADBC), :class:`DuckDBWarehouse`, :class:`DbApiWarehouse` (any other
 DB-API connection: Snowflake, Trino, Databricks SQL, ...), and ``SparkWarehouse`` (``pushdown/spark.py``).
 """
@@ -51,6 +57,8 @@ class _CursorWarehouse:
 
     dialect = ""
     transactions = True
+    #: run on every new session before anything else (see the module docstring)
+    session_setup: tuple[str, ...] = ()
 
     def __init__(self, connect: Callable[[], Any]) -> None:
         self._connect = connect
@@ -62,8 +70,21 @@ class _CursorWarehouse:
     @property
     def conn(self) -> Any:
         if self._conn is None:
-            self._conn = self._connect()
+            conn = self._connect()
+            self._setup(conn)
+            self._conn = conn
         return self._conn
+
+    def _setup(self, conn: Any) -> None:
+        if not self.session_setup:
+            return
+        cursor = conn.cursor()
+        try:
+            for statement in self.session_setup:
+                cursor.execute(statement)
+        finally:
+            cursor.close()
+        conn.commit()  # a session setting made inside a transaction would end with it
 
     def rows(self, sql: str) -> list[tuple[Any, ...]]:
         cursor = self.conn.cursor()
@@ -106,7 +127,13 @@ class _CursorWarehouse:
             conn.close()
 
     def _reader(self) -> Any:
-        return self._connect()
+        conn = self._connect()
+        try:
+            self._setup(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _read(self, cursor: Any) -> Iterator[pa.RecordBatch]:
         names = [str(c[0]) for c in cursor.description]
@@ -132,6 +159,13 @@ class PostgresWarehouse(_CursorWarehouse):
     """PostgreSQL through ADBC: the reader of the local path, bulk loads by COPY (``adbc_ingest``)."""
 
     dialect = "postgres"
+    session_setup = (
+        "SET TIME ZONE 'UTC'",
+        "SET DateStyle = 'ISO, MDY'",
+        "SET IntervalStyle = 'postgres'",
+        "SET extra_float_digits = 1",
+        "SET bytea_output = 'hex'",
+    )
 
     def __init__(self, uri: PostgresUri) -> None:
         super().__init__(lambda: _connect_postgres(uri))
@@ -155,9 +189,13 @@ class PostgresWarehouse(_CursorWarehouse):
 
 
 class DuckDBWarehouse(_CursorWarehouse):
-    """DuckDB (a database file, or an open ``duckdb`` connection): Arrow in and out natively."""
+    """DuckDB (a database file, or an open ``duckdb`` connection): Arrow in and out natively.
+
+    Every statement runs on a session of its own (``cursor()``: a new connection to the same database), pinned to
+    UTC: a caller's connection keeps its own settings."""
 
     dialect = "duckdb"
+    session_setup = ("SET TimeZone = 'UTC'",)
 
     def __init__(self, database: str | Any = ":memory:") -> None:
         if isinstance(database, str):
@@ -173,9 +211,32 @@ class DuckDBWarehouse(_CursorWarehouse):
         else:
             super().__init__(lambda: database)
             self._owned = False
+        self._work: Any = None
+
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def _session(self) -> Any:
+        session = self.conn.cursor()
+        for statement in self.session_setup:
+            session.execute(statement)
+        return session
+
+    @property
+    def work(self) -> Any:
+        """The session every statement and staging table of the run uses (temporary tables are per session)."""
+        if self._work is None:
+            self._work = self._session()
+        return self._work
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.work.execute(sql).fetchall()]
 
     def batches(self, sql: str) -> Generator[pa.RecordBatch]:
-        reader_conn = self.conn.cursor()  # a connection of its own to the same database
+        reader_conn = self._session()  # a session of its own: the run may write while it streams
         try:
             relation = reader_conn.sql(sql)
             # DuckDB 2.x names it to_arrow_reader, 1.x fetch_arrow_reader
@@ -191,7 +252,7 @@ class DuckDBWarehouse(_CursorWarehouse):
             reader_conn.close()
 
     def execute(self, statements: Sequence[str]) -> None:
-        conn = self.conn
+        conn = self.work
         conn.execute("BEGIN TRANSACTION")
         try:
             for statement in statements:
@@ -203,7 +264,7 @@ class DuckDBWarehouse(_CursorWarehouse):
         conn.execute("COMMIT")
 
     def load(self, table: str, data: pa.Table) -> None:
-        conn = self.conn
+        conn = self.work
         conn.register("__stopchurn_arrow", data)
         try:
             conn.execute(f'CREATE OR REPLACE TEMP TABLE "{table}" AS SELECT * FROM __stopchurn_arrow')
@@ -211,8 +272,15 @@ class DuckDBWarehouse(_CursorWarehouse):
             conn.unregister("__stopchurn_arrow")
 
     def close(self) -> None:
-        if self._owned:
-            super().close()
+        work, self._work = self._work, None
+        try:
+            if work is not None:
+                work.close()
+        finally:
+            if self._owned:
+                super().close()
+            else:
+                self._conn = None
 
 
 class DbApiWarehouse(_CursorWarehouse):
