@@ -166,10 +166,10 @@ def still_rejected(earlier: Sequence[Mapping[str, Any]], report: DeliveryReport)
     outcome: dict[str, str] = {}
     for chunk, row_id in report.isolated.items():
         text = id_text(row_id)
-        if chunk in report.acked:
-            refused = any(not r.transient for r in report.acked[chunk])
-            outcome[text] = "refused" if refused else "accepted"
-        else:
+        records = report.acked.get(chunk)
+        if records is not None and not any(r.transient for r in records):
+            outcome[text] = "refused" if records else "accepted"
+        else:  # not sent, not answered, or held: it stays as it was
             outcome.setdefault(text, "met")
     kept = []
     for record in earlier:

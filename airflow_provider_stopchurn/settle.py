@@ -114,6 +114,8 @@ def settle(
 
     # the rows still rejected: this plan's refusals and the earlier ones it did not resolve (even if it applied
     # nothing, so a run whose only change was refused again still says where its rows are)
+    if lock is not None:
+        lock.check()  # a run that lost the table writes nothing more
     result.quarantine_uri = store.write_quarantine(plan.plan_id, result.rejections)
     if not (status != _NOT_APPLIED).any():
         store.discard_plan(plan)

@@ -324,6 +324,7 @@ def deliver_and_settle(
     )
     failures = next_failures(failures, report)
     try:  # hints for the next run: losing them only delays isolating a row
+        lock.check()
         store.write_row_failures(failures)
         store.stage_quarantine(stored[0].plan_id, still_rejected(rejected_before, report))
     except SnapshotError as err:

@@ -117,7 +117,7 @@ def test_an_outage_is_not_taken_apart(world: World) -> None:
         with pytest.raises(TransientDeliveryError):
             world.run(changed)
     before = world.sb.stats()["requests"]
-    with pytest.raises(TransientDeliveryError, match="Internal server error|500"):
+    with pytest.raises(TransientDeliveryError, match="500"):
         world.run(changed, sender=make_client(world.sb, max_retries=0))
     assert world.sb.stats()["requests"] - before <= 5  # the probes, not a bisection of every chunk
     world.sb.fail_ids([])
