@@ -23,9 +23,10 @@ chunk they travel in on every run:
 - rows of a chunk that failed transiently (408, 429, 5xx, network, after the client's retries) on
   :data:`SUSPECT_AFTER` tries are *suspect*: a chunk holding one is bisected on a transient failure like a 400
   is, the rest is delivered, and an update that still fails alone is *held*: acknowledged with the chunk as
-  uncertain (StopChurn may have applied it), so the next run sends it again, and reported by id. While nothing
-  of a run has succeeded yet, only :data:`PROBES` such failures are absorbed (an outage stops the run as before,
-  after a few requests, instead of bisecting a whole chunk against a server that answers nothing).
+  uncertain (StopChurn may have applied it), so the next run sends it again, and reported by id. Both halves of
+  a range are tried before either is split further: one bad row fails one half only, an outage fails both, so
+  an outage stops the run after a few requests (:data:`PROBES`) instead of bisecting a whole chunk against a
+  server that answers nothing.
 
 The caller keeps the failure counts per row (``report.failed`` / ``report.delivered``, :func:`next_failures`).
 """
@@ -58,8 +59,9 @@ log = logging.getLogger(__name__)
 
 #: A row whose request failed transiently (after the client's own retries) on this many tries becomes suspect.
 SUSPECT_AFTER = 3
-#: Transient failures of suspect ranges absorbed before anything of the run succeeded (then it is an outage).
-PROBES = 4
+#: Splits of a suspect range whose halves both failed that a run takes before it calls it an outage (plus one
+#: per answer the run got, up to 8).
+PROBES = 1
 #: Transient failures of suspect ranges absorbed in one run at most (bounds the requests of a bad day).
 MAX_HELD = 64
 #: Errors that say StopChurn applied nothing of the request.
@@ -210,24 +212,29 @@ class _Outcome:
 
 
 class _Health:
-    """Whether StopChurn answers at all in this run (shared by the sending threads)."""
+    """Whether StopChurn answers at all in this run (shared by the sending threads).
+
+    Bisecting a suspect range, a single bad row makes one half fail and the other succeed; both halves failing
+    is what an outage looks like (or several bad rows). A run takes :data:`PROBES` such splits, and one more per
+    answer it got (up to 8), and :data:`MAX_HELD` absorbed failures in all; then it stops as any failed run does.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.answered = 0
         self.absorbed = 0
+        self.both_failed = 0
 
     def answer(self) -> None:
         with self._lock:
             self.answered += 1
 
-    def absorb(self) -> bool:
-        """Whether one more transient failure of a suspect range is taken apart rather than stopping the run."""
+    def absorb(self, *, both: bool = False) -> bool:
+        """Whether a transient failure of a suspect range (``both``: of both halves of one) is taken apart."""
         with self._lock:
-            if self.absorbed >= MAX_HELD or (not self.answered and self.absorbed >= PROBES):
-                return False
             self.absorbed += 1
-            return True
+            self.both_failed += int(both)
+            return self.absorbed <= MAX_HELD and self.both_failed <= PROBES + min(self.answered, 8)
 
 
 @dataclass
@@ -568,9 +575,11 @@ class _Range:
     suspect: bool = False
 
 
-def _send_range(ctx: _Range, start: int, end: int, outcome: _Outcome, body: bytes | None = None) -> None:
+def _send_range(
+    ctx: _Range, start: int, end: int, outcome: _Outcome, body: bytes | None = None, *, probe: bool = False
+) -> None:
     """Send updates [start, end), splitting on 413, bisecting rejections under the quarantine policy and transient
-    failures of a suspect chunk."""
+    failures of a suspect chunk (``probe``: raise :class:`_Probe` on a transient failure of this very range)."""
     updates, options = ctx.updates, ctx.options
     if body is None:
         body = chunk_body(updates, start, end)
@@ -628,24 +637,18 @@ def _send_range(ctx: _Range, start: int, end: int, outcome: _Outcome, body: byte
     except TransientDeliveryError as err:
         outcome.requests += 1
         outcome.retries += max(int(getattr(err, "attempts", 1)) - 1, 0)
+        if probe:
+            raise _Probe(err) from None
         if not ctx.suspect or not ctx.health.absorb():
             raise _Failed(err, outcome) from None
-        if end - start == 1:
-            update = orjson.loads(updates[start])
-            reason = _first_line(err)
-            outcome.rejections.append(Rejection(start, reason, _row_id(update), update, transient=True))
-            log.warning(
-                "StopChurn keeps failing the update of id %r of %r: %s", _row_id(update), options.table_name, reason
-            )
-            return
         log.warning(
-            "Chunk %d of %d of %r failed again (%s); it holds rows that failed on earlier tries: sending it in halves.",
+            "Chunk %d of %d of %r failed again (%s); it holds rows that failed on earlier tries: taking it apart.",
             chunk + 1,
             chunks,
             options.table_name,
             _first_line(err),
         )
-        _split(ctx, start, end, outcome)
+        _take_apart(ctx, start, end, outcome, err)
         return
     except BaseException as err:
         raise _Failed(err, outcome) from None
@@ -653,6 +656,39 @@ def _send_range(ctx: _Range, start: int, end: int, outcome: _Outcome, body: byte
     outcome.applied += 1
     outcome.retries += max(int(getattr(result, "attempts", 1)) - 1, 0)
     ctx.health.answer()
+
+
+class _Probe(Exception):
+    """A probed range failed transiently (its halves are then tried by the caller)."""
+
+    def __init__(self, error: TransientDeliveryError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _take_apart(ctx: _Range, start: int, end: int, outcome: _Outcome, err: TransientDeliveryError) -> None:
+    """A suspect range failed transiently: hold it if it is one update, else try both halves, then take apart the
+    halves that failed (both failing counts against the outage budget)."""
+    if end - start == 1:
+        update = orjson.loads(ctx.updates[start])
+        reason = _first_line(err)
+        outcome.rejections.append(Rejection(start, reason, _row_id(update), update, transient=True))
+        log.warning(
+            "StopChurn keeps failing the update of id %r of %r: %s", _row_id(update), ctx.options.table_name, reason
+        )
+        return
+    mid = (start + end) // 2
+    failed: list[tuple[int, int, TransientDeliveryError]] = []
+    for a, b in ((start, mid), (mid, end)):
+        try:
+            _send_range(ctx, a, b, outcome, probe=True)
+        except _Probe as probe:
+            failed.append((a, b, probe.error))
+    for i, (_, _, error) in enumerate(failed):
+        if not ctx.health.absorb(both=len(failed) == 2 and i == 0):
+            raise _Failed(error, outcome)
+    for a, b, error in failed:
+        _take_apart(ctx, a, b, outcome, error)
 
 
 def _split(ctx: _Range, start: int, end: int, outcome: _Outcome) -> None:

@@ -80,30 +80,41 @@ def _others_match(sb: SandboxServer, frame: pd.DataFrame, but: set[int]) -> None
 
 
 # --- item 4: a row StopChurn fails with 5xx on every try ----------------------------------------------------------
-@pytest.mark.parametrize("concurrency", [1, 3])
-def test_a_row_failing_with_500_on_every_try_is_isolated_and_the_rest_delivered(world: World, concurrency: int) -> None:
+@pytest.mark.parametrize(
+    ("chunk_size", "concurrency", "bad"),
+    [
+        pytest.param(5, 1, [3], id="one-row"),
+        pytest.param(5, 3, [3], id="concurrent"),
+        pytest.param(40, 1, [1], id="first-of-a-large-chunk"),
+        pytest.param(40, 2, [1, 40], id="two-rows-in-both-halves"),
+    ],
+)
+def test_a_row_failing_with_500_on_every_try_is_isolated_and_the_rest_delivered(
+    world: World, chunk_size: int, concurrency: int, bad: list[int]
+) -> None:
     changed = table(qty=np.arange(N) * 7)
-    world.sb.fail_ids([3])  # in the first chunk, which is sent first and alone
+    world.sb.fail_ids(bad)  # in the first chunk, which is sent first and alone
     errors: list[TransientDeliveryError] = []
     for _ in range(SUSPECT_AFTER + 1):  # the tries of one DAG run (the operator retries 3 times)
         with pytest.raises(TransientDeliveryError) as caught:
-            world.run(changed, max_concurrent_requests=concurrency)
+            world.run(changed, chunk_size=chunk_size, max_concurrent_requests=concurrency)
         errors.append(caught.value)
     # the try after SUSPECT_AFTER failed ones takes the chunk apart: every other row is delivered
-    _others_match(world.sb, changed, {3})
-    assert world.sb.table(BRAND, TABLE)[3]["qty"] == 9  # still the old row
+    _others_match(world.sb, changed, set(bad))
+    assert all(world.sb.table(BRAND, TABLE)[i]["qty"] == 3 * i for i in bad)  # still the old rows
     last = str(errors[-1])
-    assert last.splitlines()[0].startswith("StopChurn kept failing the updates of 1 rows") and "ids 3)" in last
+    assert last.splitlines()[0].startswith(f"StopChurn kept failing the updates of {len(bad)} rows")
+    assert f"ids {', '.join(map(str, bad))})" in last
     assert world.store.pending_plan() is None
-    # while it keeps failing, a run sends it alone (one request), nothing else, and names it again
+    # while they keep failing, a run sends them alone (one request each), nothing else, and names them again
     recorder = RecordingSender(make_client(world.sb, max_retries=0))
-    with pytest.raises(TransientDeliveryError, match="ids 3"):
-        world.run(changed, sender=recorder)
-    assert [[u["data"]["data"]["id"] for u in orjson.loads(b)["data"]] for b in recorder.bodies] == [[3]]
-    # StopChurn recovers: the next run delivers it, and the table is whole
+    with pytest.raises(TransientDeliveryError, match=f"ids {bad[0]}"):
+        world.run(changed, sender=recorder, chunk_size=chunk_size)
+    assert [[u["data"]["data"]["id"] for u in orjson.loads(b)["data"]] for b in recorder.bodies] == [[i] for i in bad]
+    # StopChurn recovers: the next run delivers them, and the table is whole
     world.sb.fail_ids([])
-    summary = world.run(changed)
-    assert summary.updated == 1
+    summary = world.run(changed, chunk_size=chunk_size)
+    assert summary.updated == len(bad)
     assert_sandbox_matches(world.sb, changed)
     assert world.run(changed).updated == 0
     assert world.store.read_row_failures() == {}
