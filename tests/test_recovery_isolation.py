@@ -29,8 +29,8 @@ from helpers_sync import (
 )
 
 from airflow_provider_stopchurn.deliver import SUSPECT_AFTER
-from airflow_provider_stopchurn.exceptions import TransientDeliveryError
-from airflow_provider_stopchurn.sandbox import SandboxServer
+from airflow_provider_stopchurn.exceptions import StopChurnRejectedError, TransientDeliveryError
+from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import SyncSummary, run_sync
 
@@ -216,3 +216,17 @@ def test_a_rejected_row_withdrawn_from_the_source_leaves_the_quarantine(world: W
     summary = world.run(table())  # the source is back to what StopChurn holds: nothing to send
     assert summary.inserted + summary.updated + summary.deleted == 0
     assert world.store.read_quarantine() == []
+
+
+def test_a_refused_chunk_split_on_413_before_stays_uncertain(world: World) -> None:
+    """A chunk split on 413 whose second half is refused was applied in part: its rows stay uncertain, so a source
+    that goes back to the old rows sends them again (nothing of the applied half is left behind)."""
+    bad = table(v=[("x" * 200) + str(i) for i in range(N)])
+    world.sb.set_faults(FaultConfig(max_body_bytes=1500))  # a chunk of 10 goes out in halves and quarters
+    world.sb.reject_ids([10])
+    with pytest.raises(StopChurnRejectedError):
+        world.run(bad, chunk_size=10, on_rejected_rows="fail")
+    assert world.sb.table(BRAND, TABLE)[1]["v"] == bad.loc[0, "v"]  # the first half was applied
+    world.sb.reject_ids([])
+    world.run(table(), chunk_size=10)  # the source goes back to what it was
+    assert_sandbox_matches(world.sb, table())
