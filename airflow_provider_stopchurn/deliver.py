@@ -11,30 +11,62 @@ returned in the report rather than raised, so the caller can settle what StopChu
 - **413** (body too large): the range is split in halves and both are sent in the same run; a single update
   over the limit is a permanent error naming its id.
 - **400** under ``on_rejected_rows="quarantine"``: the range is bisected down to the rows StopChurn rejects; the
-  rest is delivered and the chunk is acknowledged with its rejections. Under ``"fail"`` the run stops.
+  rest is delivered and the chunk is acknowledged with its rejections. Under ``"fail"`` the run stops. A chunk
+  refused with 400 (or 401, or 413 on its own) before any part of it was applied is not *uncertain*: StopChurn
+  applied nothing of it.
+
+**Isolation** (:class:`Isolation`, read from the store by the caller). Two kinds of rows would otherwise sink the
+chunk they travel in on every run:
+
+- rows StopChurn rejected before (the quarantine) and rows found failing alone (below) are cut into chunks of
+  their own, one update per request, so a retry neither bisects a chunk of good rows again nor fails it;
+- rows of a chunk that failed transiently (408, 429, 5xx, network, after the client's retries) on
+  :data:`SUSPECT_AFTER` tries are *suspect*: a chunk holding one is bisected on a transient failure like a 400
+  is, the rest is delivered, and an update that still fails alone is *held*: acknowledged with the chunk as
+  uncertain (StopChurn may have applied it), so the next run sends it again, and reported by id. Both halves of
+  a range are tried before either is split further: one bad row fails one half only, an outage fails both, so
+  an outage stops the run after a few requests (:data:`PROBES`) instead of bisecting a whole chunk against a
+  server that answers nothing.
+
+The caller keeps the failure counts per row (``report.failed`` / ``report.delivered``, :func:`next_failures`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import orjson
 import polars as pl
 
-from airflow_provider_stopchurn.encoding import chunk_bodies, chunk_body
+from airflow_provider_stopchurn.encoding import bodies_bytes, chunk_bodies, chunk_body
 from airflow_provider_stopchurn.exceptions import (
+    DeliveryError,
     StopChurnAuthError,
     StopChurnPayloadTooLargeError,
     StopChurnRejectedError,
+    TransientDeliveryError,
 )
 
 log = logging.getLogger(__name__)
+
+#: A row whose request failed transiently (after the client's own retries) on this many tries becomes suspect.
+SUSPECT_AFTER = 3
+#: Splits of a suspect range whose halves both failed that a run takes before it calls it an outage (plus one
+#: per answer the run got, up to 8).
+PROBES = 1
+#: Transient failures of suspect ranges absorbed in one run at most (bounds the requests of a bad day).
+MAX_HELD = 64
+#: Errors that say StopChurn applied nothing of the request.
+_NOTHING_APPLIED = (StopChurnAuthError, StopChurnRejectedError, StopChurnPayloadTooLargeError)
+_ID_PATH = "$.data.data.id"
 
 
 class Sender(Protocol):
@@ -58,15 +90,116 @@ class DeliveryOptions(Protocol):
 
 @dataclass(frozen=True)
 class Rejection:
-    """One update StopChurn refused: its position in the plan, its ``id`` and StopChurn's reason."""
+    """One update StopChurn refused: its position in the plan, its ``id`` and StopChurn's reason.
+
+    ``transient``: not a refusal but a *held* update: alone, it still failed with a retryable error; StopChurn may
+    have applied it (settling treats it as uncertain), and the next run sends it again.
+    """
 
     position: int
     reason: str
     id: Any = None
     update: Any = None
+    transient: bool = False
 
     def record(self) -> dict[str, Any]:
-        return {"position": self.position, "reason": self.reason, "id": self.id, "update": self.update}
+        record = {"position": self.position, "reason": self.reason, "id": self.id, "update": self.update}
+        if self.transient:
+            record["transient"] = True
+        return record
+
+
+def id_text(value: Any) -> str:
+    """A row id as text, as ``json_path_match`` gives it (``1`` and ``"1"`` meet here: only used to pick rows)."""
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """Rows a delivery sends apart, by :func:`id_text` of their ``id``.
+
+    :param alone: rows sent one per request (rejected before, or found failing alone).
+    :param suspect: rows whose chunk is bisected on a transient failure.
+    :param watched: rows with a failure count: the report says which were delivered (their count is dropped).
+    """
+
+    alone: frozenset[str] = frozenset()
+    suspect: frozenset[str] = frozenset()
+    watched: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.alone or self.suspect or self.watched)
+
+
+def isolation_for(rejected_ids: Iterable[Any], failures: Mapping[str, Mapping[str, Any]]) -> Isolation:
+    """The isolation of a delivery: ids StopChurn rejected before, and the failure counts kept per row."""
+    alone = {id_text(i) for i in rejected_ids if i is not None}
+    alone |= {t for t, f in failures.items() if f.get("alone")}
+    suspect = {t for t, f in failures.items() if int(f.get("failures", 0)) >= SUSPECT_AFTER}
+    return Isolation(frozenset(alone), frozenset(suspect), frozenset(failures))
+
+
+def next_failures(previous: Mapping[str, Mapping[str, Any]], report: DeliveryReport) -> dict[str, dict[str, Any]]:
+    """The failure counts per row after a delivery: delivered rows drop out, rows that failed count one more try.
+
+    After a delivery that reached its end, a row it never met is dropped too (the source no longer changes it).
+    """
+    kept = {t: dict(f) for t, f in previous.items() if t not in report.delivered}
+    if report.complete:
+        kept = {t: f for t, f in kept.items() if t in report.met or t in report.failed}
+    for text, reason in report.failed.items():
+        record = kept.setdefault(text, {"failures": 0})
+        record["failures"] = int(record.get("failures", 0)) + 1
+        record["reason"] = reason
+    for text in report.held:
+        kept[text]["alone"] = True
+    return kept
+
+
+def still_rejected(earlier: Sequence[Mapping[str, Any]], report: DeliveryReport) -> list[dict[str, Any]]:
+    """The rows rejected before (quarantine records) that this delivery did not resolve.
+
+    A row sent alone and acknowledged without a refusal was accepted: it leaves. A row refused again gets this
+    plan's record instead. A row not met by a delivery that reached its end is no longer a change: it leaves. The
+    others (not sent, or sent without an answer) stay.
+    """
+    outcome: dict[str, str] = {}
+    for chunk, row_id in report.isolated.items():
+        text = id_text(row_id)
+        records = report.acked.get(chunk)
+        if records is not None and not any(r.transient for r in records):
+            outcome[text] = "refused" if records else "accepted"
+        else:  # not sent, not answered, or held: it stays as it was
+            outcome.setdefault(text, "met")
+    kept = []
+    for record in earlier:
+        state = outcome.get(id_text(record.get("id")))
+        if state in ("accepted", "refused") or (state is None and report.complete):
+            continue
+        kept.append(dict(record))
+    return kept
+
+
+def held_error(
+    report: DeliveryReport, failures: Mapping[str, Mapping[str, Any]], table_name: str
+) -> DeliveryError | None:
+    """The error of a delivery that held updates (each still failing alone), naming their ids; None when none."""
+    held = [r for r in report.rejections_all if r.transient]
+    if not held:
+        return None
+    ids = sorted({repr(r.id) for r in held})
+    tries = max(int(failures.get(id_text(r.id), {}).get("failures", 0)) for r in held)
+    shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+    return TransientDeliveryError(
+        f"StopChurn kept failing the updates of {len(ids)} rows of {table_name!r} (ids {shown}) with a retryable "
+        f"error on {tries} tries.\n"
+        f"Last answer: {held[-1].reason}\n"
+        "Every other row was delivered and committed. These rows are sent again on every run, each in a request of "
+        "its own, until StopChurn accepts them.",
+        status=None,
+    )
 
 
 @dataclass
@@ -74,6 +207,34 @@ class _Outcome:
     rejections: list[Rejection] = field(default_factory=list)
     requests: int = 0
     retries: int = 0
+    #: requests of the range that StopChurn acknowledged (a part of the chunk was applied)
+    applied: int = 0
+
+
+class _Health:
+    """Whether StopChurn answers at all in this run (shared by the sending threads).
+
+    Bisecting a suspect range, a single bad row makes one half fail and the other succeed; both halves failing
+    is what an outage looks like (or several bad rows). A run takes :data:`PROBES` such splits, and one more per
+    answer it got (up to 8), and :data:`MAX_HELD` absorbed failures in all; then it stops as any failed run does.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.answered = 0
+        self.absorbed = 0
+        self.both_failed = 0
+
+    def answer(self) -> None:
+        with self._lock:
+            self.answered += 1
+
+    def absorb(self, *, both: bool = False) -> bool:
+        """Whether a transient failure of a suspect range (``both``: of both halves of one) is taken apart."""
+        with self._lock:
+            self.absorbed += 1
+            self.both_failed += int(both)
+            return self.absorbed <= MAX_HELD and self.both_failed <= PROBES + min(self.answered, 8)
 
 
 @dataclass
@@ -89,6 +250,17 @@ class DeliveryReport:
     requests: int = 0
     retries: int = 0
     failure: BaseException | None = None
+    #: every window was sent and acknowledged (no failure): a row not met was not part of the plan
+    complete: bool = False
+    #: chunks of one update cut for an isolated row: chunk -> the row's id
+    isolated: dict[int, Any] = field(default_factory=dict)
+    #: id texts of rows in ranges that failed transiently (held ones included) -> the first line of the error
+    failed: dict[str, str] = field(default_factory=dict)
+    #: id texts of held rows (still failing alone)
+    held: set[str] = field(default_factory=set)
+    #: id texts of watched rows that were met, and of those acknowledged (delivered)
+    met: set[str] = field(default_factory=set)
+    delivered: set[str] = field(default_factory=set)
 
     @property
     def uncertain(self) -> set[int]:
@@ -97,6 +269,11 @@ class DeliveryReport:
 
     @property
     def rejections(self) -> list[Rejection]:
+        """The updates StopChurn refused (400), chunk by chunk."""
+        return [r for r in self.rejections_all if not r.transient]
+
+    @property
+    def rejections_all(self) -> list[Rejection]:
         return [r for chunk in sorted(self.acked) for r in self.acked[chunk]]
 
 
@@ -136,6 +313,7 @@ def deliver(
     *,
     on_chunks: Callable[[int, list[tuple[int, int]]], None] | None = None,
     guard: Callable[[], None] | None = None,
+    isolation: Isolation | None = None,
 ) -> DeliveryReport:
     """Send every chunk of ``windows``, a window at a time; see the module docstring.
 
@@ -143,26 +321,93 @@ def deliver(
     :param on_chunks: records a window's chunk ranges (numbered from the first argument) before any is sent.
     :param guard: called before each request is started; an exception from it (the run lost its lock) stops
         the delivery like a failed request.
+    :param isolation: rows sent apart (see the module docstring); None: none.
     """
     report = DeliveryReport()
     workers = max(1, options.max_concurrent_requests)
     windows = iter(windows)
+    health = _Health()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stopchurn-send") as pool:
         while report.failure is None:
             try:  # encoding and chunking happen here, a window at a time
                 window = next(windows, None)
                 if window is None:
+                    report.complete = True
                     break
-                if on_chunks is not None and window.chunks:
-                    on_chunks(report.chunks, window.chunks)
+                cut = _cut(window, isolation)
+                if on_chunks is not None and cut.window.chunks:
+                    on_chunks(report.chunks, cut.window.chunks)
             except BaseException as err:
                 report.failure = err
                 break
             first = report.chunks
-            report.chunks += len(window.chunks)
-            report.bytes += window.bytes
-            _Sending(pool, workers, sender, options, report, on_ack, guard).window(window, first)
+            report.chunks += len(cut.window.chunks)
+            report.bytes += cut.window.bytes
+            _Sending(pool, workers, sender, options, report, on_ack, guard, health).window(cut, first)
+    report.complete = report.complete and report.failure is None
     return report
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    offset: int
+    updates: pl.Series
+    chunks: list[tuple[int, int]]
+    bytes: int
+
+
+@dataclass
+class _Cut:
+    """A window with its chunks cut around isolated rows; chunk numbers are the window's own (from 0)."""
+
+    window: Window
+    #: chunk -> the id of the one row it holds (rows sent alone)
+    alone: dict[int, Any] = field(default_factory=dict)
+    #: chunks bisected on a transient failure
+    suspect: set[int] = field(default_factory=set)
+    #: chunk -> the watched rows it holds (local position, id text)
+    watched: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
+
+
+def _cut(window: Window, isolation: Isolation | None) -> _Cut:
+    """Cut the chunks of ``window`` so each row to send alone has a chunk of its own; find suspect chunks."""
+    if not isolation or not window.chunks:
+        return _Cut(window)
+    offset, updates = window.offset, window.updates
+    texts = updates.str.json_path_match(_ID_PATH)
+    alone_at = np.flatnonzero(texts.is_in(list(isolation.alone)).fill_null(False).to_numpy())
+    chunks = [(a - offset, b - offset) for a, b in window.chunks]
+    bytes_ = window.bytes
+    if len(alone_at):
+        chunks = _split_around(chunks, alone_at)
+        bytes_ = bodies_bytes(updates.str.len_bytes().to_numpy(), chunks)
+    starts = np.array([a for a, _ in chunks], dtype=np.int64)
+    cut = _Cut(_Encoded(offset, updates, [(a + offset, b + offset) for a, b in chunks], bytes_))
+    alone_set = {int(p) for p in alone_at}
+    for i, (a, b) in enumerate(chunks):
+        if b - a == 1 and a in alone_set:
+            cut.alone[i] = _row_id(orjson.loads(updates[a]))
+    suspect_at = np.flatnonzero(texts.is_in(list(isolation.suspect)).fill_null(False).to_numpy())
+    cut.suspect = {int(c) for c in np.searchsorted(starts, suspect_at, side="right") - 1}
+    watched_at = np.flatnonzero(texts.is_in(list(isolation.watched)).fill_null(False).to_numpy())
+    for position, chunk in zip(watched_at, np.searchsorted(starts, watched_at, side="right") - 1, strict=True):
+        cut.watched.setdefault(int(chunk), []).append((int(position), str(texts[int(position)])))
+    return cut
+
+
+def _split_around(chunks: list[tuple[int, int]], alone_at: np.ndarray) -> list[tuple[int, int]]:
+    """The ranges of ``chunks`` with every position of ``alone_at`` (sorted) in a range of its own, order kept."""
+    out: list[tuple[int, int]] = []
+    for a, b in chunks:
+        start = a
+        for p in alone_at[np.searchsorted(alone_at, a) : np.searchsorted(alone_at, b)]:
+            if p > start:
+                out.append((start, int(p)))
+            out.append((int(p), int(p) + 1))
+            start = int(p) + 1
+        if start < b:
+            out.append((start, b))
+    return out
 
 
 @dataclass
@@ -176,18 +421,30 @@ class _Sending:
     report: DeliveryReport
     on_ack: Callable[[int, list[Rejection]], None]
     guard: Callable[[], None] | None
+    health: _Health
 
-    def window(self, window: Window, first: int, todo: Sequence[int] | None = None) -> None:
+    def window(self, cut: _Cut, first: int, todo: Sequence[int] | None = None) -> None:
         """Send the chunks of one window (only ``todo`` of them, if given); chunk ``first + i`` is its chunk ``i``."""
         sender, options, report, guard, workers = self.sender, self.options, self.report, self.guard, self.workers
+        window = cut.window
         updates, offset = window.updates, window.offset
         local = [(a - offset, b - offset) for a, b in window.chunks]
         last_progress = time.monotonic()
+        for i, row_id in cut.alone.items():
+            report.isolated[first + i] = row_id
+        for rows in cut.watched.values():
+            report.met.update(text for _, text in rows)
 
         def send(index: int, body: bytes) -> _Outcome:
             start, end = local[index - first]
             outcome = _Outcome()
-            _send_range(sender, updates, start, end, options, outcome, (index, report.chunks), body)
+            ctx = _Range(sender, updates, options, (index, report.chunks), self.health, index - first in cut.suspect)
+            try:
+                _send_range(ctx, start, end, outcome, body)
+            except _Failed as failed:
+                if isinstance(failed.error, TransientDeliveryError):
+                    failed.ids = _ids(updates, start, end)
+                raise
             outcome.rejections = [dataclasses.replace(r, position=r.position + offset) for r in outcome.rejections]
             return outcome
 
@@ -213,7 +470,8 @@ class _Sending:
                 break
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
-                _collect(fut, pending.pop(fut), report, self.on_ack)
+                index = pending.pop(fut)
+                _collect(fut, index, report, self.on_ack, cut.watched.get(index - first, ()), offset)
                 if time.monotonic() - last_progress >= options.progress_interval_s:
                     last_progress = time.monotonic()
                     log.info(
@@ -221,12 +479,10 @@ class _Sending:
                     )
 
 
-@dataclass(frozen=True)
-class _Encoded:
-    offset: int
-    updates: pl.Series
-    chunks: list[tuple[int, int]]
-    bytes: int
+def _ids(updates: pl.Series, start: int, end: int) -> list[str]:
+    """The id texts of updates ``[start, end)`` (none for bodies that are not row updates)."""
+    texts = updates.slice(start, end - start).str.json_path_match(_ID_PATH).drop_nulls()
+    return [str(t) for t in texts.to_list()]
 
 
 def deliver_chunks(
@@ -242,16 +498,23 @@ def deliver_chunks(
     """Send the chunks ``todo`` of a plan whose updates are all encoded already (the event route resumes this way)."""
     report = DeliveryReport(chunks=len(chunks))
     if not todo:
+        report.complete = True
         return report
     workers = max(1, options.max_concurrent_requests)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stopchurn-send") as pool:
         whole = _Encoded(0, updates, list(chunks), 0)
-        _Sending(pool, workers, sender, options, report, on_ack, guard).window(whole, 0, todo)
+        _Sending(pool, workers, sender, options, report, on_ack, guard, _Health()).window(_Cut(whole), 0, todo)
+    report.complete = report.failure is None
     return report
 
 
 def _collect(
-    fut: Future[_Outcome], index: int, report: DeliveryReport, on_ack: Callable[[int, list[Rejection]], None]
+    fut: Future[_Outcome],
+    index: int,
+    report: DeliveryReport,
+    on_ack: Callable[[int, list[Rejection]], None],
+    watched: Iterable[tuple[int, str]],
+    offset: int,
 ) -> None:
     """Add one finished chunk to the report; record its acknowledgement, or keep the run's first failure."""
     try:
@@ -259,8 +522,11 @@ def _collect(
     except _Failed as failed:
         report.requests += failed.outcome.requests
         report.retries += failed.outcome.retries
-        if isinstance(failed.error, StopChurnAuthError) and failed.outcome.requests == 0:
-            report.started.discard(index)  # refused before anything was read: surely not applied
+        if isinstance(failed.error, _NOTHING_APPLIED) and failed.outcome.applied == 0:
+            report.started.discard(index)  # refused before any part of it was applied: surely not applied
+        if failed.ids:
+            reason = _first_line(failed.error)
+            report.failed.update(dict.fromkeys(failed.ids, reason))
         report.failure = report.failure or failed.error
         return
     except BaseException as err:  # keep the first failure; the others in flight finish
@@ -274,36 +540,56 @@ def _collect(
         report.failure = report.failure or err
         return
     report.acked[index] = outcome.rejections
+    held = {r.position - offset for r in outcome.rejections if r.transient}
+    for r in outcome.rejections:
+        if r.transient:
+            text = id_text(r.id)
+            report.held.add(text)
+            report.failed[text] = r.reason
+    report.delivered.update(text for position, text in watched if position not in held)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:300]
 
 
 class _Failed(Exception):
-    """A range failed after some requests: carries the counts made so far."""
+    """A range failed after some requests: carries the counts made so far (and, when transient, its row ids)."""
 
     def __init__(self, error: BaseException, outcome: _Outcome) -> None:
         super().__init__(str(error))
         self.error = error
         self.outcome = outcome
+        self.ids: list[str] = []
+
+
+@dataclass(frozen=True)
+class _Range:
+    """What sending a range of one chunk needs."""
+
+    sender: Sender
+    updates: pl.Series
+    options: DeliveryOptions
+    where: tuple[int, int]  # (chunk, chunks) for messages
+    health: _Health
+    suspect: bool = False
 
 
 def _send_range(
-    sender: Sender,
-    updates: pl.Series,
-    start: int,
-    end: int,
-    options: DeliveryOptions,
-    outcome: _Outcome,
-    where: tuple[int, int],
-    body: bytes | None = None,
+    ctx: _Range, start: int, end: int, outcome: _Outcome, body: bytes | None = None, *, probe: bool = False
 ) -> None:
-    """Send updates [start, end), splitting on 413 and bisecting rejections under the quarantine policy."""
+    """Send updates [start, end), splitting on 413, bisecting rejections under the quarantine policy and transient
+    failures of a suspect chunk (``probe``: raise :class:`_Probe` on a transient failure of this very range)."""
+    updates, options = ctx.updates, ctx.options
     if body is None:
         body = chunk_body(updates, start, end)
-    chunk, chunks = where
+    chunk, chunks = ctx.where
     try:
-        result = sender.post_update_body(body)
+        result = ctx.sender.post_update_body(body)
     except StopChurnPayloadTooLargeError as err:
         outcome.requests += 1
         outcome.retries += max(int(getattr(err, "attempts", 1)) - 1, 0)
+        ctx.health.answer()
         if end - start == 1:
             raise _Failed(
                 StopChurnPayloadTooLargeError(
@@ -322,10 +608,11 @@ def _send_range(
             end - start,
             len(body),
         )
-        _split(sender, updates, start, end, options, outcome, where)
+        _split(ctx, start, end, outcome)
         return
     except StopChurnRejectedError as err:
         outcome.requests += 1
+        ctx.health.answer()
         if options.on_rejected_rows == "fail":
             raise _Failed(
                 StopChurnRejectedError(
@@ -345,35 +632,87 @@ def _send_range(
             update = orjson.loads(updates[start])
             outcome.rejections.append(Rejection(start, err.reason, _row_id(update), update))
             return
-        _split(sender, updates, start, end, options, outcome, where)
+        _split(ctx, start, end, outcome)
+        return
+    except TransientDeliveryError as err:
+        outcome.requests += 1
+        outcome.retries += max(int(getattr(err, "attempts", 1)) - 1, 0)
+        if probe:
+            raise _Probe(err) from None
+        if not ctx.suspect or not ctx.health.absorb():
+            raise _Failed(err, outcome) from None
+        log.warning(
+            "Chunk %d of %d of %r failed again (%s); it holds rows that failed on earlier tries: taking it apart.",
+            chunk + 1,
+            chunks,
+            options.table_name,
+            _first_line(err),
+        )
+        _take_apart(ctx, start, end, outcome, err)
         return
     except BaseException as err:
         raise _Failed(err, outcome) from None
     outcome.requests += 1
+    outcome.applied += 1
     outcome.retries += max(int(getattr(result, "attempts", 1)) - 1, 0)
+    ctx.health.answer()
 
 
-def _split(
-    sender: Sender,
-    updates: pl.Series,
-    start: int,
-    end: int,
-    options: DeliveryOptions,
-    outcome: _Outcome,
-    where: tuple[int, int],
-) -> None:
+class _Probe(Exception):
+    """A probed range failed transiently (its halves are then tried by the caller)."""
+
+    def __init__(self, error: TransientDeliveryError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _take_apart(ctx: _Range, start: int, end: int, outcome: _Outcome, err: TransientDeliveryError) -> None:
+    """A suspect range failed transiently: hold it if it is one update, else try both halves, then take apart the
+    halves that failed (both failing counts against the outage budget)."""
+    if end - start == 1:
+        update = orjson.loads(ctx.updates[start])
+        reason = _first_line(err)
+        outcome.rejections.append(Rejection(start, reason, _row_id(update), update, transient=True))
+        log.warning(
+            "StopChurn keeps failing the update of id %r of %r: %s", _row_id(update), ctx.options.table_name, reason
+        )
+        return
     mid = (start + end) // 2
-    _send_range(sender, updates, start, mid, options, outcome, where)
-    _send_range(sender, updates, mid, end, options, outcome, where)
+    failed: list[tuple[int, int, TransientDeliveryError]] = []
+    for a, b in ((start, mid), (mid, end)):
+        try:
+            _send_range(ctx, a, b, outcome, probe=True)
+        except _Probe as probe:
+            failed.append((a, b, probe.error))
+    for i, (_, _, error) in enumerate(failed):
+        if not ctx.health.absorb(both=len(failed) == 2 and i == 0):
+            raise _Failed(error, outcome)
+    for a, b, error in failed:
+        _take_apart(ctx, a, b, outcome, error)
+
+
+def _split(ctx: _Range, start: int, end: int, outcome: _Outcome) -> None:
+    mid = (start + end) // 2
+    _send_range(ctx, start, mid, outcome)
+    _send_range(ctx, mid, end, outcome)
 
 
 __all__ = [
+    "MAX_HELD",
+    "PROBES",
+    "SUSPECT_AFTER",
     "DeliveryOptions",
     "DeliveryReport",
+    "Isolation",
     "Rejection",
     "Sender",
     "Window",
     "deliver",
     "deliver_chunks",
+    "held_error",
+    "id_text",
+    "isolation_for",
+    "next_failures",
+    "still_rejected",
     "update_id",
 ]

@@ -73,8 +73,10 @@ def _status(plan: Plan, acks: Mapping[int, Sequence[Mapping[str, Any]]], uncerta
     for chunk in acks:
         start, end = plan.chunks[chunk]
         status[start:end] = _APPLIED
-    rejected = sorted({int(r["position"]) for records in acks.values() for r in records})
+    rejected = sorted({int(r["position"]) for records in acks.values() for r in records if not r.get("transient")})
     status[rejected] = _NOT_APPLIED  # StopChurn refused that one update on its own: certainly not applied
+    held = sorted({int(r["position"]) for records in acks.values() for r in records if r.get("transient")})
+    status[held] = _UNCERTAIN  # it failed alone with a retryable error: it may have been applied
     return status
 
 
@@ -91,7 +93,9 @@ def settle(
     """Commit what StopChurn acknowledged of ``plan`` (``acks``: chunk -> its rejection records).
 
     :param uncertain: chunks whose request was sent but not acknowledged (a timeout, a lost answer, a 5xx, a
-        refusal that may have been applied in part). None: every chunk not acknowledged (a plan a crash left).
+        chunk split on 413 or bisected that failed after a part of it was applied). None: every chunk not
+        acknowledged (a plan a crash left). A held update (acknowledged with its chunk as ``transient``) is
+        uncertain too.
         The rows of these chunks are recorded dirty, so the next run sends their current state again.
     :param run: given what this settle delivered, the run record to keep in ``CURRENT`` (see ``SnapshotStore.commit``).
     :param target: the plan's target snapshot when the caller holds it in memory (else it is read when needed).
@@ -111,11 +115,14 @@ def settle(
     result.rejections = _rejection_records(acks)
     _count(result, status == _APPLIED, positions)
 
+    # the rows still rejected: this plan's refusals and the earlier ones it did not resolve (even if it applied
+    # nothing, so a run whose only change was refused again still says where its rows are)
+    if lock is not None:
+        lock.check()  # a run that lost the table writes nothing more
+    result.quarantine_uri = store.write_quarantine(plan.plan_id, result.rejections)
     if not (status != _NOT_APPLIED).any():
         store.discard_plan(plan)
         return result
-    if result.rejections:
-        result.quarantine_uri = store.write_quarantine(plan.plan_id, result.rejections)
     kinds = dict(plan.meta["kinds"])
     keys = list(plan.meta["key_columns"])
     record = run(result) if run is not None else None
@@ -209,7 +216,8 @@ def _count(result: Settled, applied: np.ndarray, positions: pl.DataFrame | None)
 
 
 def _rejection_records(acks: Mapping[int, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
-    return [dict(r) for chunk in sorted(acks) for r in acks[chunk]]
+    """The updates StopChurn refused (400); held ones (``transient``: failing alone, maybe applied) are not."""
+    return [dict(r) for chunk in sorted(acks) for r in acks[chunk] if not r.get("transient")]
 
 
 def _marked(frame: pl.DataFrame, mark: int, like: pl.DataFrame) -> pl.DataFrame:

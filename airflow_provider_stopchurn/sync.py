@@ -27,10 +27,18 @@ import orjson
 from airflow_provider_stopchurn.canonical import Source, canonicalize_source, parse_json_columns
 from airflow_provider_stopchurn.client import fence_sender
 from airflow_provider_stopchurn.contract import USER_TABLE, check_user_table, coerce_user_flags
-from airflow_provider_stopchurn.deliver import Rejection, Sender, deliver
+from airflow_provider_stopchurn.deliver import (
+    Rejection,
+    Sender,
+    deliver,
+    held_error,
+    isolation_for,
+    next_failures,
+    still_rejected,
+)
 from airflow_provider_stopchurn.diff import ROW_HASH
 from airflow_provider_stopchurn.encoding import Canonical
-from airflow_provider_stopchurn.exceptions import SafeguardError, StopChurnConfigError
+from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, StopChurnConfigError
 from airflow_provider_stopchurn.history import recorded
 from airflow_provider_stopchurn.options import RejectPolicy, SchemaPolicy, SyncOptions
 from airflow_provider_stopchurn.plan import RunPlan, Window, make_plan, schema_changes
@@ -283,6 +291,7 @@ def _plan_and_deliver(
     _plan_counts(summary, plan)
     base_version = committed.version if committed is not None else None
     if plan.changes == 0:
+        store.clear_quarantine()  # the source equals the snapshot: no row is left rejected or failing
         if plan.baseline or plan.rewrite:
             version = store.write_snapshot(plan.target)
             store.commit(
@@ -357,7 +366,24 @@ def deliver_and_settle(
     # delivery before a chunk is started, the fenced sender before each attempt of it
     fenced = fence_sender(sender, lock.fence)
     request_s = float(getattr(fenced, "request_s", 0.0))
-    report = deliver(windows, fenced, options, record, on_chunks=add_chunks, guard=lambda: lock.fence(request_s))
+    rejected_before = store.read_quarantine()
+    failures = store.read_row_failures()
+    report = deliver(
+        windows,
+        fenced,
+        options,
+        record,
+        on_chunks=add_chunks,
+        guard=lambda: lock.fence(request_s),
+        isolation=isolation_for((r.get("id") for r in rejected_before), failures),
+    )
+    failures = next_failures(failures, report)
+    try:  # hints for the next run: losing them only delays isolating a row
+        lock.check()
+        store.write_row_failures(failures)
+        store.stage_quarantine(stored[0].plan_id, still_rejected(rejected_before, report))
+    except SnapshotError as err:
+        log.warning("Could not record the rows that failed or stay rejected: %s", err)
     summary.requests += report.requests
     summary.retries += report.retries
     summary.chunks = report.chunks
@@ -372,7 +398,7 @@ def deliver_and_settle(
             "Could not settle plan %s after a failed delivery (%s); the next run settles it.", stored[0].plan_id, err
         )
         raise report.failure from err
-    conclude(summary, settled, report.failure, options)
+    conclude(summary, settled, report.failure or held_error(report, failures, options.table_name), options)
 
 
 def conclude(summary: SyncSummary, settled: Settled, failure: BaseException | None, options: SyncOptions) -> None:

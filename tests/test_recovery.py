@@ -116,9 +116,9 @@ def test_rejection_under_fail_then_fixed_source_goes_through(world: World) -> No
     world.sb.reject_ids([])  # and StopChurn takes the fixed row
     recorder = RecordingSender(make_client(world.sb))
     summary = world.run(fixed, sender=recorder)
-    # the refused chunk may have been applied in part (the API does not say): its rows get their current state
-    assert summary.settled_chunks == 0 and summary.updated == 5
-    assert sorted(u["data"]["data"]["id"] for u in recorder.updates()) == [26, 27, 28, 29, 30]
+    # the refused chunk applied nothing: its rows kept their last delivered state, and row 30 no longer changes
+    assert summary.settled_chunks == 0 and summary.updated == 4
+    assert sorted(u["data"]["data"]["id"] for u in recorder.updates()) == [26, 27, 28, 29]
     assert_sandbox_matches(world.sb, fixed)
     assert world.run(fixed).updated == 0
 

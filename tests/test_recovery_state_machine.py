@@ -1,21 +1,28 @@
-"""A hypothesis state machine over sources, options, rejections and transient faults.
+"""A hypothesis state machine over sources, options, rejections, transient faults, lock loss and clock moves.
 
 Between runs the source churns, options change (chunk size, concurrency, rejection policy, schema policy),
 StopChurn starts or stops rejecting some ids, and the sandbox injects faults (500s, dropped connections,
-acknowledgements lost after the update was applied, 200 HTML pages from a "proxy", 413 for large bodies). Runs
-may fail. Whatever happened, once StopChurn accepts again one clean run leaves the sandbox equal to the source,
-except the rows StopChurn still rejects, each of which that run reports.
+acknowledgements lost after the update was applied, 200 HTML pages from a "proxy", 413 for large bodies, and a
+500 on every try of any request holding some rows). A run may lose its lock in the middle of its delivery: the
+lease is broken (as ``stopchurn unlock`` does to a lease judged dead) and another run takes the table, either
+syncing it at once or only holding it while the first run goes on. The run's clock may jump back or forward.
+Runs may fail. Whatever happened, once StopChurn accepts again the clean runs leave the sandbox equal to the
+source, except the rows StopChurn still rejects, each of which the run reports and the quarantine names.
 (Worker deaths at every store write are the crash matrix's job: tests/test_crash_matrix.py.)
+Runs in about a minute; ``STOPCHURN_SOAK=long`` runs many more examples.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from helpers_sync import (
     BRAND,
     T0,
@@ -31,6 +38,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
+from airflow_provider_stopchurn.deliver import SUSPECT_AFTER
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
@@ -47,6 +55,41 @@ faults = st.one_of(
 )
 
 
+LONG = os.environ.get("STOPCHURN_SOAK") == "long"
+pytestmark = [pytest.mark.timeout(3600)] if LONG else []
+
+
+class LeaseTaken:
+    """Delegates to a client; before its ``after``-th request another run takes the table's lease (once).
+
+    The lease is broken by its token, as ``stopchurn unlock`` does; then ``then()`` runs in the sending thread:
+    another whole sync, or taking the lock and keeping it until :meth:`release`.
+    """
+
+    def __init__(self, client: Any, store: SnapshotStore, after: int, then: Any) -> None:
+        self.client = client
+        self.store = store
+        self.after = after
+        self.then = then
+        self.calls = 0
+        self.held: Any = None
+        self._lock = threading.Lock()
+
+    def post_update_body(self, body: bytes) -> Any:
+        with self._lock:
+            self.calls += 1
+            steal = self.calls == self.after
+        if steal:
+            record = self.store.read_lock()
+            if record is not None and self.store.break_lock(token=record.get("token")):
+                self.held = self.then()
+        return self.client.post_update_body(body)
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.release()
+
+
 class Recovery(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -58,15 +101,17 @@ class Recovery(RuleBasedStateMachine):
         self.opts: dict[str, Any] = {"chunk_size": 7, "max_concurrent_requests": 1}
         self.rejected: set[int] = set()
         self.tick = 0
+        self.clock = 0  # ms the run's clock is off by
+        self.failing: set[int] = set()
 
-    def _run(self, **extra: Any) -> Any:
+    def _run(self, sender: Any = None, **extra: Any) -> Any:
         self.tick += 1
         return run_sync(
             self.source,
             self.store,
-            make_client(self.sb, max_retries=1),
+            sender or make_client(self.sb, max_retries=1),
             options(**{**self.opts, **extra}, allow_large_changes=True),
-            run_ms=T0 + 1000 * self.tick,
+            run_ms=T0 + 1000 * self.tick + self.clock,
         )
 
     @initialize(seed=st.integers(0, 10_000))
@@ -102,6 +147,46 @@ class Recovery(RuleBasedStateMachine):
     def set_faults(self, config: FaultConfig) -> None:
         self.sb.set_faults(config)
 
+    @rule(data=st.data())
+    def fail_some(self, data: st.DataObject) -> None:
+        """StopChurn answers 500 to every try of any request holding these rows (a bug tied to the rows)."""
+        ids = self.source["id"].tolist()
+        picked = data.draw(st.lists(st.sampled_from(ids), min_size=1, max_size=2)) if ids else []
+        self.failing = {int(i) for i in picked}
+        self.sb.fail_ids(self.failing)
+
+    @rule()
+    def stop_failing(self) -> None:
+        self.failing = set()
+        self.sb.fail_ids(())
+
+    @rule(after=st.integers(1, 4), sync=st.booleans())
+    def lose_lock(self, after: int, sync: bool) -> None:
+        """Another run takes the lease in the middle of this run's delivery, and syncs or just holds the table."""
+
+        def other_run() -> Any:
+            if sync:
+                with contextlib.suppress(StopChurnError):
+                    self._run(holder="another run")
+                return None
+            lock = self.store.table_lock("another run")
+            lock.acquire()
+            return lock
+
+        stealer = LeaseTaken(make_client(self.sb, max_retries=1), self.store, after, other_run)
+        try:
+            with contextlib.suppress(StopChurnError):
+                self._run(sender=stealer)
+        finally:
+            stealer.release()
+
+    @rule(jump_h=st.sampled_from([-48, -1, 1, 24 * 400]))
+    def clock_moves(self, jump_h: int) -> None:
+        """The run's clock jumps back or forward (createdAt/updatedAt of the changes follow it)."""
+        self.clock += jump_h * 3_600_000
+        with contextlib.suppress(StopChurnError):
+            self._run()
+
     @rule()
     def run(self) -> None:
         with contextlib.suppress(StopChurnError):  # any failure is allowed here; the final check is what matters
@@ -115,13 +200,30 @@ class Recovery(RuleBasedStateMachine):
         with contextlib.suppress(StopChurnError):
             self._run(on_schema_change="update_all")
 
+    def _others_match(self, but: set[int]) -> bool:
+        want = {k: v for k, v in expected_rows(self.source).items() if k[1] not in but}
+        got = {k: v for k, v in sandbox_rows(self.sb).items() if k[1] not in but}
+        return got == want
+
     def teardown(self) -> None:
         try:
             self.sb.set_faults(FaultConfig())
+            if self.failing:
+                # rows StopChurn fails on every try wedge nothing: within a few tries every other row is delivered
+                for _ in range(3 * (SUSPECT_AFTER + 1)):
+                    with contextlib.suppress(StopChurnError):
+                        self._run(on_rejected_rows="quarantine", on_schema_change="update_all")
+                    if self._others_match(self.failing | self.rejected):
+                        break
+                assert self._others_match(self.failing | self.rejected)
+            self.sb.fail_ids(())
             # StopChurn still rejects some ids: every other row is right, every rejected change is reported
             summary = self._run(on_rejected_rows="quarantine", on_schema_change="update_all")
             reported = {r["id"] for r in summary.rejected}
             assert reported <= self.rejected
+            # the quarantine holds exactly the rows still rejected, and the run says where
+            assert {r["id"] for r in self.store.read_quarantine()} == reported
+            assert (summary.quarantine_uri is not None) == bool(reported)
             want = expected_rows(self.source)
             got = sandbox_rows(self.sb)
             for key, row in want.items():
@@ -139,8 +241,8 @@ class Recovery(RuleBasedStateMachine):
 
 
 Recovery.TestCase.settings = settings(
-    max_examples=25,
-    stateful_step_count=10,
+    max_examples=300 if LONG else 40,
+    stateful_step_count=20 if LONG else 10,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -408,6 +408,24 @@ def test_reject_ids(sandbox: SandboxServer, session: requests.Session) -> None:
     assert [r["id"] for r in sandbox.rows(1, "user")] == [1, 42, 43]
 
 
+def test_fail_ids_answer_500_on_every_try(sandbox: SandboxServer, session: requests.Session) -> None:
+    sandbox.fail_ids([42])
+    sandbox.reject_ids([42])  # a failing row fails before any rejection rule
+    for _ in range(3):
+        r = post_updates(session, sandbox, [update(1), update(42)])
+        assert (r.status_code, r.json()["message"]) == (500, "Internal server error")
+    assert sandbox.rows(1, "user") == []
+    assert sandbox.stats()["faults"]["failing_id"] == 3
+    assert post_updates(session, sandbox, [update(1)]).status_code == 200
+    sandbox.reject_ids([])
+    sandbox.fail_ids([])
+    assert post_updates(session, sandbox, [update(42)]).status_code == 200
+    assert [r["id"] for r in sandbox.rows(1, "user")] == [1, 42]
+    sandbox.fail_ids(["1"])
+    sandbox.reset()
+    assert post_updates(session, sandbox, [update(1)]).status_code == 200
+
+
 # ------------------------------------------------------------------------------------- scripted responses
 
 

@@ -612,20 +612,24 @@ def test_acks_carry_the_rejections_of_their_chunk(root: Any) -> None:
         store.ack(plan, -1)
 
 
-def test_quarantine_files_newest_last(root: Any) -> None:
+def test_quarantine_holds_the_rows_still_rejected(root: Any) -> None:
     store = SnapshotStore(root, BRAND, TABLE)
     assert store.read_quarantine() == [] and store.read_quarantine(all_files=True) == []
-    older = [{"reason": "a", "position": 0}]
-    newer = [{"reason": "b", "position": 3}, {"reason": "c", "position": 4}]
+    older = [{"id": 1, "reason": "a", "position": 0}, {"id": 2, "reason": "a", "position": 1}]
+    newer = [{"id": 2, "reason": "b", "position": 3}, {"id": "1", "reason": "c", "position": 4}]
     uri = store.write_quarantine("20240101T000000000000Z-aaaa", older)
+    assert uri is not None
     assert uri.endswith("quarantine/20240101T000000000000Z-aaaa.jsonl") and uri.startswith(store.location)
+    # settled without a staged record (after a crash): the earlier rows not refused again stay (1 and "1" differ)
     store.write_quarantine("20240102T000000000000Z-bbbb", newer)
-    assert store.read_quarantine() == newer
-    assert store.read_quarantine(all_files=True) == older + newer
-    store.clear_quarantine(keep="20240102T000000000000Z-bbbb")
-    assert store.read_quarantine(all_files=True) == newer
+    assert store.read_quarantine() == [*newer, older[0]]
+    # staged by the delivery: only what it did not resolve stays
+    store.stage_quarantine("20240103T000000000000Z-cccc", [])
+    assert store.write_quarantine("20240103T000000000000Z-cccc", []) is None
+    assert store.read_quarantine() == []
+    store.quarantine_retention_s = 0.0  # older files go; the newest (empty) one says nothing is rejected
     store.clear_quarantine()
-    assert store.read_quarantine() == [] and store.quarantine_files() == []
+    assert store.read_quarantine(all_files=True) == [] and len(store.quarantine_files()) == 1
 
 
 def test_delete_plan_files_keeps_the_snapshots(root: Any) -> None:

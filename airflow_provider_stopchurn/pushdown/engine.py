@@ -782,11 +782,10 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
     result.rejections = _rejection_records(acks)
     counts = _op_counts(frame.get_column(_OP).filter(pl.Series(status == _APPLIED)))
     result.inserted, result.updated, result.deleted = (counts.get(o, 0) for o in ("insert", "update", "delete"))
+    result.quarantine_uri = store.write_quarantine(plan.plan_id, result.rejections)  # still rejected, always
     if not (status != _NOT_APPLIED).any():
         store.discard_plan(plan)
         return result
-    if result.rejections:
-        result.quarantine_uri = store.write_quarantine(plan.plan_id, result.rejections)
     record = run(result) if run is not None else None
     meta = _meta(warehouse, state)
     already = meta is not None and meta.token == plan.target_version

@@ -67,7 +67,7 @@ _EVENT_KEYS = frozenset({"brandId", "userId", "name", "value"})
 _HISTORICAL_KEYS = frozenset({"data", "createdAt", "updatedAt"})
 #: StopChurn's documented limit of one historical-upload file.
 HISTORICAL_MAX_BYTES = 2_000_000_000
-_FAULT_KINDS = ("error", "throttle", "drop", "drop_after_apply", "slow", "html_ok")
+_FAULT_KINDS = ("error", "throttle", "drop", "drop_after_apply", "slow", "html_ok", "failing_id")
 _DRAIN_LIMIT = 64 * 1024 * 1024
 _MISSING: Any = object()
 
@@ -454,6 +454,7 @@ class SandboxServer:
         self._received: list[tuple[str, int, str, Any]] = []
         self._queue: deque[_Response] = deque()
         self._rejected_ids: frozenset[str] = frozenset()
+        self._failing_ids: frozenset[str] = frozenset()
         self._counters = _Counters()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -603,8 +604,17 @@ class SandboxServer:
         """
         self._rejected_ids = frozenset(str(i) for i in ids)
 
+    def fail_ids(self, ids: Iterable[Any]) -> None:
+        """Answer ``500`` (nothing applied) to any update request holding a row whose ``str(id)`` is in ``ids``.
+
+        A server-side bug tied to one row: unlike ``error_rate`` it fails every try of such a request, and only
+        those. Checked after the faults and before the rejection rules. The set replaces the previous one; pass an
+        empty set to stop failing.
+        """
+        self._failing_ids = frozenset(str(i) for i in ids)
+
     def reset(self) -> None:
-        """Forget tables, events, counters, recorded updates, queued responses and rejection rules.
+        """Forget tables, events, counters, recorded updates, queued responses, rejection and failing-id rules.
 
         The fault configuration is kept; its random sequence restarts from its seed.
         """
@@ -614,6 +624,7 @@ class SandboxServer:
             self._received.clear()
             self._queue.clear()
             self._rejected_ids = frozenset()
+            self._failing_ids = frozenset()
             self._counters = _Counters()
             self._rng = random.Random(self._faults.seed)
 
@@ -654,7 +665,7 @@ class SandboxServer:
         ``rejected_requests`` counts every request refused without being applied for its content: 400s, bodies
         that could not be read, and 413s; ``too_large_requests`` counts the 413s alone. ``faults`` counts the
         injected faults by kind (``error``, ``throttle``, ``drop``, ``drop_after_apply``, ``slow``,
-        ``html_ok``).
+        ``html_ok``, and ``failing_id`` for the 500s of :meth:`fail_ids`).
         """
         with self._lock:
             c = self._counters
@@ -733,6 +744,11 @@ class SandboxServer:
             items = _parse_batch(body)
             if is_update:
                 ops = _validate_updates(items)
+                failing = self._failing_ids
+                if failing and any(str(op.key[1]) in failing for op in ops):
+                    with self._lock:
+                        self._counters.faults["failing_id"] += 1
+                    return _error_response(500, "Internal server error")
                 rejected = self._rejected_ids
                 if rejected:
                     for op in ops:

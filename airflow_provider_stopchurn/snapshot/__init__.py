@@ -12,7 +12,13 @@ Layout under ``<root>/<brand_id>/<table_name>/`` (every file but the pointers an
                                        rejected inside the chunk, one JSON object per line
     LOCK                               the run holding this table (JSON), with an expiry (see ``lock``)
     LOCK.<digest>.claim                for an instant, while a run breaks, refreshes or releases the LOCK
-    quarantine/<plan_id>.jsonl         rows StopChurn rejected, with its reason
+    plans/<plan_id>/quarantine.jsonl   the rows rejected before that the plan's delivery did not resolve (read
+                                       when the plan is settled)
+    quarantine/<plan_id>.jsonl         the rows StopChurn still rejects once the plan was settled, whole, with its
+                                       reason; the newest file is the quarantine (empty: none); older files are
+                                       removed ``QUARANTINE_RETENTION_S`` (7 days) after a newer one replaced them
+    quarantine/failures.json           per row id, the tries whose request failed with a retryable error, and
+                                       whether it failed alone (a hint for isolating rows: see ``deliver``)
     history/<time>-<random>.json       one record per run that committed something (counts, times, version,
                                        status, first line of a failure); the newest ``HISTORY_LIMIT`` are kept
 
