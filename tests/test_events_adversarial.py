@@ -1,0 +1,72 @@
+"""The event engine under an adversarial review: option changes and clock moves must not resend what the ledger
+no longer knows (against the sandbox on 127.0.0.1).
+
+The run's clock is the ``now_ms`` argument of ``run_events``; deposit i is at T0 + i hours.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from test_events import HOUR, T0, World, as_counts, deposits, expected, received_counts
+
+from airflow_provider_stopchurn.exceptions import StopChurnConfigError
+
+
+@pytest.fixture
+def world(stopchurn_sandbox_factory: Any, tmp_path: Path) -> Iterator[World]:
+    yield World(stopchurn_sandbox_factory(), tmp_path / "state")
+
+
+def ms(ts: pd.Timestamp) -> int:
+    return int(ts.value // 10**6)
+
+
+NOW = T0 + 100 * HOUR
+
+
+def test_a_longer_lookback_does_not_resend_what_the_ledger_pruned(world: World) -> None:
+    # 48 deposits delivered with a 6 h lookback: the ledger keeps only the last 6 hours of keys
+    frame = deposits(range(48))
+    assert world.run(frame, now_ms=ms(NOW), lookback=dt.timedelta(hours=6)).sent == 48
+    # the owner widens the lookback to catch later stragglers; the query returns the whole day again
+    again = world.run(frame, now_ms=ms(NOW), lookback=dt.timedelta(hours=48))
+    assert again.sent == 0
+    assert received_counts(world.sb) == as_counts(expected(frame))  # each event once
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: a worker clock that ran ahead lets a future row through and the ledger is pruned to it; once the "
+    "clock is corrected the window restarts at the clock minus the lookback, and the events created between the last "
+    "real watermark and that point are dropped as before the window",
+)
+def test_a_clock_that_ran_ahead_and_was_corrected_loses_no_event(world: World) -> None:
+    # the worker's clock ran a year ahead: the deposits up to then were sent, the watermark and the ledger's bound
+    # followed them; once the clock is corrected the later deposits must still go out
+    ahead = T0 + pd.Timedelta(days=365)
+    late = deposits([900], at=[T0 + pd.Timedelta(days=200)])  # dated in the future, not held by that clock
+    assert world.run(pd.concat([deposits(range(48)), late]), now_ms=ms(ahead)).sent == 49
+    frame = pd.concat([deposits(range(60)), late])
+    again = world.run(frame, now_ms=ms(T0 + 61 * HOUR))
+    assert (again.sent, again.held_future) == (12, 1)
+    assert received_counts(world.sb) == as_counts(expected(frame))
+
+
+def test_dropping_the_watermark_column_does_not_resend_every_event(world: World) -> None:
+    frame = deposits(range(48))
+    assert world.run(frame, now_ms=ms(NOW)).sent == 48
+    # without a watermark column every row is an event and the ledger no longer filters by time: the 42 events
+    # the ledger pruned would all be sent again. Refused (nothing sent) or nothing resent; never a silent resend.
+    try:
+        again = world.run(frame, now_ms=ms(NOW), watermark_column=None, lookback=dt.timedelta(0))
+    except StopChurnConfigError:
+        pass
+    else:
+        assert again.sent == 0
+    assert received_counts(world.sb) == as_counts(expected(frame))
