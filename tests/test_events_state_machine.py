@@ -6,8 +6,7 @@ sandbox injects faults (500s, dropped connections, acknowledgements lost after t
 pages, 413 for large bodies, a 400 for one request), one chunk can fail with a 500 on every try (it is routed to a
 second sandbox whose fault injection answers 500 to everything), and a run can be killed at a store write: the
 store lives on an fsspec memory file system that refuses every write after the N-th, as a dead worker would; its
-lock is then broken, as
-``stopchurn unlock`` would after the lease expired.
+lock is then broken, as ``stopchurn unlock`` would after the lease expired.
 
 After final clean runs (no faults, no poison, the same clock) every source event whose time is inside the window
 (not late beyond the lookback) and not after the run's clock was delivered at least once; no event dated after the
