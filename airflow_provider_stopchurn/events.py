@@ -404,11 +404,17 @@ def _as_frame(source: Any) -> pd.DataFrame:
     )
 
 
-def encode_events(df: Any, options: EventOptions) -> Encoded:
-    """Validate the source and encode one event per row (vectorised); raise before anything is sent."""
+def encode_events(df: Any, options: EventOptions, key_order: Sequence[str] | None = None) -> Encoded:
+    """Validate the source and encode one event per row (vectorised); raise before anything is sent.
+
+    :param key_order: the event key columns as the ledger recorded them: the same columns in another order (a
+        query rewritten, a ``SELECT *`` of a recreated table) are encoded in that order, so their keys match.
+    """
     df = _as_frame(df)
     columns = [str(c) for c in df.columns]
     key_columns = list(options.event_key) if options.event_key is not None else columns
+    if key_order is not None and sorted(key_order) == sorted(key_columns):
+        key_columns = list(key_order)
     named = {
         "user_id_column": [options.user_id_column],
         "name_column": [options.name_column] if options.name_column else [],
@@ -692,9 +698,9 @@ def run_events(
     return summary
 
 
-def _read(source: Source, window: Window, options: EventOptions) -> Encoded:
+def _read(source: Source, window: Window, options: EventOptions, state: _State) -> Encoded:
     frame = source(window) if callable(source) else source
-    return encode_events(frame, options)
+    return encode_events(frame, options, key_order=state.event_key)
 
 
 def _dry_run(source: Source, store: SnapshotStore, options: EventOptions, summary: EventSummary, now_ms: int) -> None:
@@ -708,7 +714,7 @@ def _dry_run(source: Source, store: SnapshotStore, options: EventOptions, summar
         ledger = store.read_snapshot(pending.target_version).select(KEY, WATERMARK)
         state = _State.of_record(pending.meta["state"])
     window = _window(state, options, now_ms)
-    plan = make_event_plan(_read(source, window, options), ledger, state, window, options, now_ms)
+    plan = make_event_plan(_read(source, window, options, state), ledger, state, window, options, now_ms)
     _plan_counts(summary, plan, window)
     summary.sent = plan.events.height
     summary.samples = [orjson.loads(e) for e in plan.events.get_column(EVENT).head(5).to_list()]
@@ -802,7 +808,9 @@ class _Run:
         state = _State.of(committed)
         window = _window(state, self.options, self.now_ms)
         ledger = _ledger(committed)
-        plan = make_event_plan(_read(source, window, self.options), ledger, state, window, self.options, self.now_ms)
+        plan = make_event_plan(
+            _read(source, window, self.options, state), ledger, state, window, self.options, self.now_ms
+        )
         _plan_counts(self.summary, plan, window)
         if not plan.events.height:
             self.summary.ledger_keys = ledger.height
