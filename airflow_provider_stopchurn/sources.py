@@ -22,6 +22,9 @@ Which path a database takes:
   do): :func:`read_dbapi` passes the driver's batches on.
 * **PostgreSQL through its hook's own driver** (IAM authentication, or no ADBC driver): as any other DB-API hook
   below, with the session time zone set to UTC first, as through ADBC.
+* **DuckDB** (a DuckDB hook's connection): as any other DB-API hook below, with the session time zone set to UTC
+  first (``SET SESSION TimeZone = 'UTC'``; DuckDB takes the machine's zone otherwise, and compares a naive
+  ``TIMESTAMP`` with the event operator's zone-aware ``since`` in it).
 * **MySQL and MariaDB** (mysqlclient, through MySqlHook): as any other DB-API hook below, with the session
   time zone set to UTC first (``SET time_zone = '+00:00'``: TIMESTAMP values arrive as exact UTC instants; a
   ``SET time_zone`` among the statements overrides it, and its TIMESTAMP values are then taken as UTC), and
@@ -358,6 +361,8 @@ def _dbapi_batches(
             elif _is_postgres(conn):
                 # a naive timestamp compared with a zone-aware parameter is cast in the session's zone: make it UTC
                 cursor.execute(_POSTGRES_UTC)
+            elif _is_duckdb(conn):
+                _pin_duckdb_utc(cursor)
             for statement in statements:
                 log.info("Running statement: %s", statement)
                 if parameters:
@@ -394,6 +399,23 @@ _POSTGRES_UTC = "SET TIME ZONE 'UTC'"
 def _is_postgres(conn: Any) -> bool:
     """Whether ``conn`` is a psycopg2 or psycopg (3) connection: PostgreSQL through PostgresHook's own driver."""
     return type(conn).__module__.split(".")[0] in ("psycopg2", "psycopg")
+
+
+def _is_duckdb(conn: Any) -> bool:
+    """Whether ``conn`` is a DuckDB connection (a DuckDB hook's ``get_conn()``)."""
+    return type(conn).__module__.split(".")[0] in ("duckdb", "_duckdb")
+
+
+def _pin_duckdb_utc(cursor: Any) -> None:
+    """Pin a DuckDB session to UTC. DuckDB takes the machine's time zone by default, and compares a naive
+    ``TIMESTAMP`` with a zone-aware parameter (the event operator's ``since``) in it: rows just after the watermark
+    would be skipped on a worker outside UTC. Without the ICU extension DuckDB has no time zones (it is UTC)."""
+    import duckdb  # the connection is DuckDB's: the module is there
+
+    try:
+        cursor.execute("SET SESSION TimeZone = 'UTC'")
+    except duckdb.Error as err:  # no ICU extension: no time zone to pin
+        log.debug("DuckDB session time zone not set (%s): without ICU it is UTC.", err)
 
 
 def _is_mysqldb(conn: Any) -> bool:

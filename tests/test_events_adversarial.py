@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from helpers_sync import make_client
 from test_events import HOUR, T0, World, as_counts, deposits, expected, received_counts
 
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError
@@ -84,3 +85,57 @@ def test_the_same_key_columns_in_another_order_are_the_same_key(world: World, ex
     again = world.run(frame[list(reversed(frame.columns))], now_ms=ms(NOW), **key)
     assert (again.sent, again.duplicates, again.before_window) == (0, 7, 3)
     assert received_counts(world.sb) == as_counts(expected(frame))
+
+
+# --- DuckDB read through the DB-API reader, in a session whose time zone is not UTC ----------------------------------
+class DuckDBHook:
+    """A DB-API hook of a DuckDB database file whose sessions run in Europe/Paris (a worker in Paris: DuckDB takes
+    the machine's zone by default)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def get_conn(self) -> Any:
+        import duckdb
+
+        conn = duckdb.connect(str(self.path))
+        conn.execute("SET GLOBAL TimeZone = 'Europe/Paris'")  # as a worker in Paris has it
+        return conn
+
+
+def test_a_duckdb_source_by_a_naive_timestamp_whatever_the_session_time_zone(
+    stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    import duckdb
+
+    from airflow_provider_stopchurn.events import EventOptions, Window, event_store, run_events
+    from airflow_provider_stopchurn.sources import read_dbapi
+
+    path = tmp_path / "events.duckdb"
+    with duckdb.connect(str(path)) as db:
+        db.execute("CREATE TABLE deposits (deposit_id INT, user_id INT, amount INT, created_at TIMESTAMP)")
+        db.execute("INSERT INTO deposits VALUES (1, 1, 10, '2025-01-01 10:00:00'), (2, 2, 20, '2025-01-01 11:00:00')")
+    sb = stopchurn_sandbox_factory()
+    # DuckDB refuses named parameters a query does not use: both are named
+    sql = "SELECT * FROM deposits WHERE created_at >= $since AND $since_ms IS NOT NULL ORDER BY deposit_id"
+    hook = DuckDBHook(path)
+
+    def read(window: Window) -> Any:
+        return read_dbapi(hook, sql, window.parameters())
+
+    options = EventOptions(
+        brand_id=3,
+        user_id_column="user_id",
+        name="DEPOSIT",
+        value_column="amount",
+        event_key=("deposit_id",),
+        watermark_column="created_at",
+        lookback=dt.timedelta(0),
+    )
+    store = event_store(tmp_path / "state", 3, "duck")
+    now = ms(pd.Timestamp("2025-01-02", tz="UTC"))
+    assert run_events(read, store, make_client(sb), options, now_ms=now).sent == 2
+    with duckdb.connect(str(path)) as db:  # a row stamped just after the watermark (naive UTC), committed late
+        db.execute("INSERT INTO deposits VALUES (3, 1, 30, '2025-01-01 11:30:00')")
+    assert run_events(read, store, make_client(sb), options, now_ms=now).sent == 1
+    assert sorted(e["value"] for e in sb.events(3)) == [10, 20, 30]
