@@ -363,10 +363,12 @@ def _dbapi_batches(
                 cursor.execute(_POSTGRES_UTC)
             elif _is_duckdb(conn):
                 _pin_duckdb_utc(cursor)
+            duckdb = _is_duckdb(conn)
             for statement in statements:
                 log.info("Running statement: %s", statement)
-                if parameters:
-                    cursor.execute(statement, parameters)
+                given = _duckdb_parameters(statement, parameters) if duckdb else parameters
+                if given:
+                    cursor.execute(statement, given)
                 else:
                     cursor.execute(statement)
             description = cursor.description
@@ -404,6 +406,19 @@ def _is_postgres(conn: Any) -> bool:
 def _is_duckdb(conn: Any) -> bool:
     """Whether ``conn`` is a DuckDB connection (a DuckDB hook's ``get_conn()``)."""
     return type(conn).__module__.split(".")[0] in ("duckdb", "_duckdb")
+
+
+#: A DuckDB named parameter in a statement: ``$name``.
+_DUCKDB_NAMED = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _duckdb_parameters(statement: str, parameters: Parameters) -> Parameters:
+    """The named parameters a DuckDB statement uses: DuckDB refuses the others (the event operator always passes
+    ``since`` and ``since_ms``, and a query may name only one). Positional parameters are passed as they are."""
+    if not isinstance(parameters, Mapping):
+        return parameters
+    used = set(_DUCKDB_NAMED.findall(statement))
+    return {name: value for name, value in parameters.items() if name in used}
 
 
 def _pin_duckdb_utc(cursor: Any) -> None:
