@@ -144,3 +144,42 @@ def test_a_duckdb_source_by_a_naive_timestamp_whatever_the_session_time_zone(
         db.execute("INSERT INTO deposits VALUES (3, 1, 30, '2025-01-01 11:30:00')")
     assert run_events(read, store, make_client(sb), options, now_ms=now).sent == 1
     assert sorted(e["value"] for e in sb.events(3)) == [10, 20, 30]
+
+
+# --- the lock of a run in another container of this host --------------------------------------------------------
+def _other_namespace_lock(world: World) -> None:
+    """A live run's lock, written in another container that shares this host's name (host networking, a fixed
+    hostname) but not its process ids: its pid does not exist here."""
+    import json as _json
+    import os
+    import socket
+    import time as _time
+
+    from airflow_provider_stopchurn.snapshot.lock import FORMAT_VERSION
+
+    pid = 4_000_000  # above any pid_max: no process of this namespace has it
+    assert not os.path.exists(f"/proc/{pid}")
+    now = _time.time()
+    record = {
+        "format_version": FORMAT_VERSION,
+        "holder": "a run in another container",
+        "token": "t",
+        "host": socket.gethostname(),
+        "pid": pid,
+        "pidns": "pid:[1]",  # another PID namespace than this process's
+        "acquired_at": "2026-01-01T00:00:00+00:00",
+        "refreshed_at": "2026-01-01T00:00:00+00:00",
+        "expires_at": now + 3600,
+    }
+    world.store.backend.write_bytes("LOCK", _json.dumps(record).encode())
+
+
+@pytest.mark.skipif(not Path("/proc/self/ns/pid").exists(), reason="PID namespaces are a Linux feature")
+def test_a_live_lock_of_another_container_with_the_same_host_name_is_not_broken(world: World) -> None:
+    from airflow_provider_stopchurn.exceptions import SnapshotLockedError
+
+    world.run(deposits(range(3)), now_ms=ms(NOW))
+    _other_namespace_lock(world)
+    with pytest.raises(SnapshotLockedError, match="another container"):
+        world.run(deposits(range(6)), now_ms=ms(NOW))
+    assert received_counts(world.sb) == as_counts(expected(deposits(range(3))))  # nothing sent while it holds it
