@@ -12,8 +12,9 @@ One run::
 <stream>/``, so the same backends, lock and crash rules as table snapshots): the *ledger* is the committed
 "snapshot", a table of the keys of the events delivered inside the lookback window (the canonical JSON of the
 event key columns, and each event's watermark); ``CURRENT`` also keeps the watermark (the highest watermark
-delivered, epoch ms) and the event key columns. A plan is the events to send, encoded, in order, with the ledger
-to commit once they are all acknowledged.
+delivered, epoch ms), the event key columns and how far back the ledger knows the delivered keys (``covered_ms``:
+a window never starts before it, so a longer lookback does not send pruned keys again). A plan is the events to
+send, encoded, in order, with the ledger to commit once they are all acknowledged.
 
 **Events have no diff to recompute**, so a plan is finished rather than re-planned:
 
@@ -340,20 +341,30 @@ def event_store(root: Any, brand_id: int, stream: str) -> SnapshotStore:
 
 @dataclass
 class _State:
-    """What CURRENT keeps besides the ledger: the watermark and the event key columns."""
+    """What CURRENT keeps besides the ledger: the watermark, the event key columns, and how far back the ledger
+    knows the delivered keys (``covered_ms``: every event delivered with a watermark at or after it is in the
+    ledger; None: every event delivered, or a ledger of an earlier version that did not record it)."""
 
     watermark_ms: int | None = None
     event_key: list[str] | None = None
+    covered_ms: int | None = None
 
     @classmethod
     def of(cls, committed: Committed | None) -> _State:
         data = (committed.state if committed is not None else None) or {}
-        mark = data.get("watermark_ms")
-        key = data.get("event_key")
-        return cls(int(mark) if mark is not None else None, list(key) if key is not None else None)
+        return cls.of_record(data)
+
+    @classmethod
+    def of_record(cls, data: Mapping[str, Any]) -> _State:
+        mark, key, covered = data.get("watermark_ms"), data.get("event_key"), data.get("covered_ms")
+        return cls(
+            int(mark) if mark is not None else None,
+            list(key) if key is not None else None,
+            int(covered) if covered is not None else None,
+        )
 
     def record(self) -> dict[str, Any]:
-        return {"watermark_ms": self.watermark_ms, "event_key": self.event_key}
+        return {"watermark_ms": self.watermark_ms, "event_key": self.event_key, "covered_ms": self.covered_ms}
 
 
 def _empty_ledger() -> pl.DataFrame:
@@ -394,11 +405,17 @@ def _as_frame(source: Any) -> pd.DataFrame:
     )
 
 
-def encode_events(df: Any, options: EventOptions) -> Encoded:
-    """Validate the source and encode one event per row (vectorised); raise before anything is sent."""
+def encode_events(df: Any, options: EventOptions, key_order: Sequence[str] | None = None) -> Encoded:
+    """Validate the source and encode one event per row (vectorised); raise before anything is sent.
+
+    :param key_order: the event key columns as the ledger recorded them: the same columns in another order (a
+        query rewritten, a ``SELECT *`` of a recreated table) are encoded in that order, so their keys match.
+    """
     df = _as_frame(df)
     columns = [str(c) for c in df.columns]
     key_columns = list(options.event_key) if options.event_key is not None else columns
+    if key_order is not None and sorted(key_order) == sorted(key_columns):
+        key_columns = list(key_order)
     named = {
         "user_id_column": [options.user_id_column],
         "name_column": [options.name_column] if options.name_column else [],
@@ -573,6 +590,14 @@ def make_event_plan(
             "not affected by new source columns), or start a new stream (another stream_id) knowing that the "
             "events of the window will be sent again."
         )
+    if options.watermark_column is None and state.watermark_ms is not None:
+        raise StopChurnConfigError(
+            f"The event stream was read by a watermark column, and its ledger knows only the events delivered "
+            f"since {_iso(state.covered_ms if state.covered_ms is not None else state.watermark_ms)} (the lookback "
+            "window): without watermark_column every older event the source returns would be sent again. Nothing "
+            "was sent. Keep watermark_column as it was, or start a new stream (another stream_id) knowing that "
+            "every event the source returns will be sent again."
+        )
     held = 0
     if options.watermark_column is not None and now_ms is not None:
         future = frame.get_column(WATERMARK) > now_ms
@@ -599,13 +624,24 @@ def make_event_plan(
         chunks = plan_chunks(sizes, chunk_size=options.chunk_size, max_chunk_bytes=options.max_chunk_bytes)
     except SourceDataError as err:
         raise SourceDataError(f"An event is too large for one request: {err}") from err
-    after = _State(state.watermark_ms, encoded.key_columns)
+    after = _State(state.watermark_ms, encoded.key_columns, state.covered_ms)
     if options.watermark_column is not None and fresh.height:
         top = int(fresh.get_column(WATERMARK).max())  # type: ignore[arg-type]
         after.watermark_ms = top if state.watermark_ms is None else max(state.watermark_ms, top)
     if now_ms is not None and after.watermark_ms is not None:
         # never past the run's clock: a watermark in the future would put every later event before the window
         after.watermark_ms = min(after.watermark_ms, _ceiling(now_ms))
+    if options.watermark_column is not None and after.watermark_ms is not None:
+        # the ledger is pruned to this bound below; what it pruned before stays forgotten, so a longer lookback or
+        # a clock set back must not open the window below what the ledger still knows (that would resend)
+        bound = after.watermark_ms - options.lookback_ms
+        pulled_back = state.watermark_ms is not None and after.watermark_ms < state.watermark_ms
+        if state.covered_ms is None or pulled_back:
+            # pulled back by the run's clock: a clock that ran ahead and was corrected looks the same as one set
+            # back, and losing the events after the clock is worse than sending some twice (see _window)
+            after.covered_ms = bound
+        else:
+            after.covered_ms = max(bound, state.covered_ms)
     target = _prune(pl.concat([ledger, fresh.select(KEY, WATERMARK)]), after, options)
     return EventPlan(fresh, chunks, bodies_bytes(sizes, chunks), target, after, duplicates, before_window, held)
 
@@ -665,9 +701,9 @@ def run_events(
     return summary
 
 
-def _read(source: Source, window: Window, options: EventOptions) -> Encoded:
+def _read(source: Source, window: Window, options: EventOptions, state: _State) -> Encoded:
     frame = source(window) if callable(source) else source
-    return encode_events(frame, options)
+    return encode_events(frame, options, key_order=state.event_key)
 
 
 def _dry_run(source: Source, store: SnapshotStore, options: EventOptions, summary: EventSummary, now_ms: int) -> None:
@@ -679,17 +715,20 @@ def _dry_run(source: Source, store: SnapshotStore, options: EventOptions, summar
         acked = store.acked(pending)
         summary.resumed_chunks = len(pending.chunks) - len(acked)
         ledger = store.read_snapshot(pending.target_version).select(KEY, WATERMARK)
-        state = _State(pending.meta["state"]["watermark_ms"], pending.meta["state"]["event_key"])
+        state = _State.of_record(pending.meta["state"])
     window = _window(state, options, now_ms)
-    plan = make_event_plan(_read(source, window, options), ledger, state, window, options, now_ms)
+    plan = make_event_plan(_read(source, window, options, state), ledger, state, window, options, now_ms)
     _plan_counts(summary, plan, window)
     summary.sent = plan.events.height
     summary.samples = [orjson.loads(e) for e in plan.events.get_column(EVENT).head(5).to_list()]
 
 
 def _window(state: _State, options: EventOptions, now_ms: int) -> Window:
-    """Where the read starts: the watermark minus the lookback; a watermark past the run's clock (committed by an
-    earlier version of this provider after a row dated in the future) counts as the clock minus the margin."""
+    """Where the read starts: the watermark minus the lookback, but never before what the ledger still knows
+    (``covered_ms``: a longer lookback than the ledger was pruned under would send those events again). A watermark
+    past the run's clock (the clock was set back, or ran ahead and was corrected, or an earlier version committed a
+    row dated in the future) counts as the clock minus the margin, and the ledger's bound is not kept then: losing
+    the events after the clock would be worse than sending some twice."""
     if options.watermark_column is None or state.watermark_ms is None:
         return Window(None)
     mark = state.watermark_ms
@@ -701,8 +740,14 @@ def _window(state: _State, options: EventOptions, now_ms: int) -> Window:
             _iso(now_ms),
             FUTURE_MARGIN,
         )
-        mark = _ceiling(now_ms)
-    return Window(max(mark - options.lookback_ms, _MIN_SINCE_MS))
+        # the ledger's bound is past the clock as well: a window starting there would drop every later event
+        return Window(max(_ceiling(now_ms) - options.lookback_ms, _MIN_SINCE_MS))
+    start = max(mark - options.lookback_ms, _MIN_SINCE_MS)
+    if state.covered_ms is not None and state.covered_ms > start:
+        # the ledger no longer knows the keys delivered before covered_ms (pruned under a shorter lookback, or
+        # before the clock was set back): a window reaching further back would send them again
+        start = state.covered_ms
+    return Window(start)
 
 
 def _plan_counts(summary: EventSummary, plan: EventPlan, window: Window) -> None:
@@ -767,7 +812,9 @@ class _Run:
         state = _State.of(committed)
         window = _window(state, self.options, self.now_ms)
         ledger = _ledger(committed)
-        plan = make_event_plan(_read(source, window, self.options), ledger, state, window, self.options, self.now_ms)
+        plan = make_event_plan(
+            _read(source, window, self.options, state), ledger, state, window, self.options, self.now_ms
+        )
         _plan_counts(self.summary, plan, window)
         if not plan.events.height:
             self.summary.ledger_keys = ledger.height
@@ -916,7 +963,7 @@ def settle_event_plan(
     if plan.meta.get("plan_format") != EVENT_PLAN_FORMAT:
         store.discard_plan(plan)  # written by another version: its events are read from the source again
         return result
-    base = _State(**plan.meta["base_state"])
+    base = _State.of_record(plan.meta["base_state"])
     result.watermark_ms = base.watermark_ms
     if not acked:
         store.discard_plan(plan)
@@ -928,7 +975,7 @@ def settle_event_plan(
         mask[start:end] = True
     ledger = pl.concat([_ledger(store.read_committed()), changes.filter(pl.Series(mask)).select(KEY, WATERMARK)])
     version = store.write_snapshot(ledger)
-    state = _State(base.watermark_ms, plan.meta["state"]["event_key"])
+    state = _State(base.watermark_ms, plan.meta["state"]["event_key"], base.covered_ms)
     store.commit(
         version,
         base_version=plan.base_version,

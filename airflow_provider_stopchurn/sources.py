@@ -22,6 +22,9 @@ Which path a database takes:
   do): :func:`read_dbapi` passes the driver's batches on.
 * **PostgreSQL through its hook's own driver** (IAM authentication, or no ADBC driver): as any other DB-API hook
   below, with the session time zone set to UTC first, as through ADBC.
+* **DuckDB** (a DuckDB hook's connection): as any other DB-API hook below, with the session time zone set to UTC
+  first (``SET SESSION TimeZone = 'UTC'``; DuckDB takes the machine's zone otherwise, and compares a naive
+  ``TIMESTAMP`` with the event operator's zone-aware ``since`` in it).
 * **MySQL and MariaDB** (mysqlclient, through MySqlHook): as any other DB-API hook below, with the session
   time zone set to UTC first (``SET time_zone = '+00:00'``: TIMESTAMP values arrive as exact UTC instants; a
   ``SET time_zone`` among the statements overrides it, and its TIMESTAMP values are then taken as UTC), and
@@ -358,10 +361,14 @@ def _dbapi_batches(
             elif _is_postgres(conn):
                 # a naive timestamp compared with a zone-aware parameter is cast in the session's zone: make it UTC
                 cursor.execute(_POSTGRES_UTC)
+            elif _is_duckdb(conn):
+                _pin_duckdb_utc(cursor)
+            duckdb = _is_duckdb(conn)
             for statement in statements:
                 log.info("Running statement: %s", statement)
-                if parameters:
-                    cursor.execute(statement, parameters)
+                given = _duckdb_parameters(statement, parameters) if duckdb else parameters
+                if given:
+                    cursor.execute(statement, given)
                 else:
                     cursor.execute(statement)
             description = cursor.description
@@ -394,6 +401,36 @@ _POSTGRES_UTC = "SET TIME ZONE 'UTC'"
 def _is_postgres(conn: Any) -> bool:
     """Whether ``conn`` is a psycopg2 or psycopg (3) connection: PostgreSQL through PostgresHook's own driver."""
     return type(conn).__module__.split(".")[0] in ("psycopg2", "psycopg")
+
+
+def _is_duckdb(conn: Any) -> bool:
+    """Whether ``conn`` is a DuckDB connection (a DuckDB hook's ``get_conn()``)."""
+    return type(conn).__module__.split(".")[0] in ("duckdb", "_duckdb")
+
+
+#: A DuckDB named parameter in a statement: ``$name``.
+_DUCKDB_NAMED = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _duckdb_parameters(statement: str, parameters: Parameters) -> Parameters:
+    """The named parameters a DuckDB statement uses: DuckDB refuses the others (the event operator always passes
+    ``since`` and ``since_ms``, and a query may name only one). Positional parameters are passed as they are."""
+    if not isinstance(parameters, Mapping):
+        return parameters
+    used = set(_DUCKDB_NAMED.findall(statement))
+    return {name: value for name, value in parameters.items() if name in used}
+
+
+def _pin_duckdb_utc(cursor: Any) -> None:
+    """Pin a DuckDB session to UTC. DuckDB takes the machine's time zone by default, and compares a naive
+    ``TIMESTAMP`` with a zone-aware parameter (the event operator's ``since``) in it: rows just after the watermark
+    would be skipped on a worker outside UTC. Without the ICU extension DuckDB has no time zones (it is UTC)."""
+    import duckdb  # the connection is DuckDB's: the module is there
+
+    try:
+        cursor.execute("SET SESSION TimeZone = 'UTC'")
+    except duckdb.Error as err:  # no ICU extension: no time zone to pin
+        log.debug("DuckDB session time zone not set (%s): without ICU it is UTC.", err)
 
 
 def _is_mysqldb(conn: Any) -> bool:

@@ -294,7 +294,8 @@ def test_the_ledger_holds_the_window_and_moves_with_the_watermark(world: World) 
         assert len(ledger) == 7 and ledger[KEY].is_unique
     assert json.loads(world.ledger()[KEY].iloc[0]) == {"deposit_id": 65}
     state = world.store.read_committed().state
-    assert state == {"watermark_ms": (T0 + 71 * HOUR).value // 10**6, "event_key": ["deposit_id"]}
+    mark = (T0 + 71 * HOUR).value // 10**6
+    assert state == {"watermark_ms": mark, "event_key": ["deposit_id"], "covered_ms": mark - 6 * 3_600_000}
 
 
 def test_without_a_watermark_every_row_is_an_event_and_the_ledger_keeps_every_key(world: World) -> None:

@@ -1,12 +1,12 @@
 """A hypothesis state machine for the event engine, like ``test_recovery_state_machine.py`` for updates.
 
-Between runs the source grows: events of now, late rows inside the lookback, late rows beyond it, and rows dated
-in the future (a skewed producer, a placeholder year). The run's clock moves forward. The sandbox injects faults
-(500s, dropped connections, acknowledgements lost after the events were applied, 200 HTML pages, 413 for large
-bodies, a 400 for one request), one chunk can fail with a 500 on every try (it is routed to a second sandbox whose
-fault injection answers 500 to everything), and a run can be killed at a store write: the store lives on an fsspec
-memory file system that refuses every write after the N-th, as a dead worker would; its lock is then broken, as
-``stopchurn unlock`` would after the lease expired.
+Between runs the source grows: events of now, late rows inside the lookback, late rows beyond it, and rows dated in
+the future (a skewed producer, a placeholder year). The run's clock moves forward; the lookback may grow. The
+sandbox injects faults (500s, dropped connections, acknowledgements lost after the events were applied, 200 HTML
+pages, 413 for large bodies, a 400 for one request), one chunk can fail with a 500 on every try (it is routed to a
+second sandbox whose fault injection answers 500 to everything), and a run can be killed at a store write: the
+store lives on an fsspec memory file system that refuses every write after the N-th, as a dead worker would; its
+lock is then broken, as ``stopchurn unlock`` would after the lease expired.
 
 After final clean runs (no faults, no poison, the same clock) every source event whose time is inside the window
 (not late beyond the lookback) and not after the run's clock was delivered at least once; no event dated after the
@@ -142,7 +142,7 @@ class Events(RuleBasedStateMachine):
         self.ids = itertools.count(1)
         #: deposit id -> (created_at ms, whether it is owed: inside the window when it was added)
         self.rows: dict[int, tuple[int, bool]] = {}
-        self.opts: dict[str, Any] = {"chunk_size": 4, "max_concurrent_requests": 1}
+        self.opts: dict[str, Any] = {"chunk_size": 4, "max_concurrent_requests": 1, "lookback": LOOKBACK}
         self.max_chunk = 4
         self.max_workers = 1
         self.kills = 0
@@ -211,6 +211,12 @@ class Events(RuleBasedStateMachine):
         self.max_chunk = max(self.max_chunk, chunk_size)
         self.max_workers = max(self.max_workers, workers)
 
+    @rule(hours=st.sampled_from([6, 24, 72]))
+    def change_lookback(self, hours: int) -> None:
+        # never below LOOKBACK, so a late row inside LOOKBACK stays owed; a longer one must not resend what the
+        # ledger pruned (the bound on events sent twice below would catch it)
+        self.opts["lookback"] = dt.timedelta(hours=hours)
+
     def _run(self) -> Any:
         options = EventOptions(
             brand_id=BRAND,
@@ -219,7 +225,6 @@ class Events(RuleBasedStateMachine):
             value_column="amount",
             event_key=("deposit_id",),
             watermark_column="created_ms",
-            lookback=LOOKBACK,
             **self.opts,
         )
         return run_events(self._frame(), self.store, self.route, options, stream=STREAM, now_ms=self.now)

@@ -112,9 +112,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _gone(record: dict[str, Any]) -> int | None:
-    """The pid of a record written by a process of this host that no longer exists, else None."""
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (Linux: ``pid:[<inode>]``), None where there is none to read."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+#: Containers can share a host name (host networking, a fixed hostname) but not their process ids: a pid is
+#: looked up only in the namespace that wrote it.
+_PID_NAMESPACE = _pid_namespace()
+
+
+def _same_processes(record: Mapping[str, Any]) -> bool:
+    """Whether a record's pid can be looked up here: written on this host, in this PID namespace (a record of an
+    older version has no namespace: its host name decides)."""
     if record.get("host") != socket.gethostname():
+        return False
+    theirs = record.get("pidns")
+    return theirs is None or theirs == _PID_NAMESPACE
+
+
+def _gone(record: dict[str, Any]) -> int | None:
+    """The pid of a record written by a process of this host (and PID namespace) that no longer exists, else
+    None."""
+    if not _same_processes(record):
         return None
     try:
         pid = int(record.get("pid") or 0)
@@ -127,9 +150,10 @@ def _gone(record: dict[str, Any]) -> int | None:
 
 def holder_state(record: Mapping[str, Any]) -> str:
     """Whether the process that wrote a lock record lives: ``"alive"`` (a running process of this host, this one
-    included), ``"gone"`` (of this host, no longer running) or ``"unknown"`` (another host: no way to tell).
+    included), ``"gone"`` (of this host, no longer running) or ``"unknown"`` (another host, or another container
+    of it: no way to tell).
     """
-    if record.get("host") != socket.gethostname():
+    if not _same_processes(record):
         return "unknown"
     return "gone" if _gone(dict(record)) is not None else "alive"
 
@@ -227,6 +251,7 @@ class TableLock:
             "token": self.token,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "pidns": _PID_NAMESPACE,
             "acquired_at": _iso(acquired),
             "refreshed_at": _iso(now),
             "expires_at": now + self.ttl_s,
@@ -296,6 +321,7 @@ class TableLock:
             "token": self.token,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "pidns": _PID_NAMESPACE,
             "created": time.time(),
         }
         return json.dumps(record, sort_keys=True).encode()
