@@ -3,6 +3,7 @@ and a real DuckDB or PostgreSQL database."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options, update_requests
 from pushdown_engines import Engine, engine_fixture
 
-from airflow_provider_stopchurn.pushdown import DbApiWarehouse, WarehouseSource, run_warehouse_sync
+from airflow_provider_stopchurn.pushdown import DbApiWarehouse, DuckDBWarehouse, WarehouseSource, run_warehouse_sync
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 
 KEYS = ("at",)
@@ -119,3 +120,57 @@ def test_a_format_1_state_table_of_a_non_iso_datestyle_database_is_migrated_with
     after = run_warehouse_sync(source(), store, make_client(sb), options(key_columns=("day",)), run_ms=T0 + 1)
     assert (after.inserted, after.updated, after.deleted) == (0, 0, 0)
     assert update_requests(sb) == requests
+
+
+class _PausingDuckDB(DuckDBWarehouse):
+    """A DuckDB warehouse that stops before it writes a batch of a baseline into ``..__next`` (as a worker paused
+    by the operating system would), until the test lets it go on."""
+
+    def __init__(self, database: str, paused: threading.Event, go: threading.Event) -> None:
+        super().__init__(database)
+        self.paused, self.go = paused, go
+
+    def execute(self, statements: Any) -> None:
+        if any(s.startswith("INSERT INTO") and "__next" in s for s in statements) and not self.go.is_set():
+            self.paused.set()
+            assert self.go.wait(60)
+        DuckDBWarehouse.execute(self, statements)
+
+
+def test_a_baseline_that_lost_its_lease_never_writes_into_the_new_owners_state(
+    stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """The worker of run a pauses inside its baseline for longer than its lease; run b takes the table and builds
+    its own baseline. Run a, going on, must not write its rows into run b's scratch table (b would swap in a state
+    table holding every key twice)."""
+    duck = Engine("duckdb", tmp_path / "w.duckdb")
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    old = pd.DataFrame({"id": list(range(1, 9)), "plan": ["free"] * 8})
+    duck.load(old)
+    events = {name: (threading.Event(), threading.Event()) for name in ("a", "b")}
+    errors: dict[str, BaseException] = {}
+
+    def run(name: str) -> None:
+        warehouse = _PausingDuckDB(str(duck.handle), *events[name])
+        opts = options(initial_load="baseline", holder=f"run-{name}", lock_ttl_s=60)
+        try:
+            run_warehouse_sync(WarehouseSource("SELECT * FROM src", warehouse), store, make_client(sb), opts)
+        except BaseException as err:  # noqa: BLE001 - kept for the assertions
+            errors[name] = err
+
+    a = threading.Thread(target=run, args=("a",))
+    a.start()
+    assert events["a"][0].wait(60)  # run a is paused inside its baseline
+    store.break_lock()  # its lease is gone (it expired while the worker was paused)
+    duck.load(pd.DataFrame({"id": list(range(1, 7)), "plan": ["pro"] * 6}))  # the source moved on
+    b = threading.Thread(target=run, args=("b",))
+    b.start()
+    assert events["b"][0].wait(60)  # run b holds the lock and builds its baseline
+    events["a"][1].set()
+    a.join(60)
+    events["b"][1].set()
+    b.join(60)
+    assert "b" not in errors and "a" in errors
+    assert duck.rows('SELECT "id", COUNT(*) FROM stopchurn_state.b7_subscription GROUP BY "id" HAVING COUNT(*) > 1') == []
+    assert duck.rows("SELECT COUNT(*) FROM stopchurn_state.b7_subscription") == [(6,)]

@@ -851,8 +851,10 @@ def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int) -> pa.Table:
 # baseline: record the source as delivered, nothing sent
 # --------------------------------------------------------------------------------------------------------------
 def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str | None, *, keep_created: bool) -> None:
-    """Rebuild the state table from the source into ``..__next`` (every row encoded in the worker, a batch at a
-    time), then swap it in with the new token. A plan marks the swap, so a crash is finished or dropped."""
+    """Rebuild the state table from the source into a scratch table (every row encoded in the worker, a batch at
+    a time), then swap it in with the new token. A plan marks the swap, so a crash is finished or dropped. Where
+    the swap is one transaction the scratch table is the plan's own (``..__next_<plan>``): a run whose lease was
+    taken meanwhile fills only its own, which the new owner dropped with its plan, never the new owner's."""
     warehouse, state = run.warehouse, run.state
     plan = run.store.write_plan(
         target_version=_token(base),
@@ -861,6 +863,9 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
         chunks=[],
         meta={**plan_meta, "baseline": True, "total_updates": 0},
     )
+    if warehouse.transactions:  # the swap is one transaction: the scratch table may be this plan's own
+        state = state.for_plan(plan.plan_id)
+        run = replace(run, state=state)
     warehouse.execute(state.baseline_into_next())
     columns = schema.names
     options = replace(run.options, updated_at_column=None)
@@ -887,7 +892,10 @@ def _settle_baseline(run: _Run, plan: Plan, commit: _Commit, record: Any, result
         _commit(run, commit, write_state=False, record=record)
         return result
     run.store.discard_plan(plan)  # the swap never happened: the state table is as it was
-    run.warehouse.execute([run.state.r(f"DROP TABLE IF EXISTS {run.state.next}")])
+    scratch = [run.state.next]
+    if run.warehouse.transactions:  # the plan's own scratch table (or ..__next, when planned by an older version)
+        scratch.append(run.state.for_plan(plan.plan_id).next)
+    run.warehouse.execute([run.state.r(f"DROP TABLE IF EXISTS {t}") for t in scratch])
     return result
 
 
@@ -948,6 +956,8 @@ def reconcile(source: WarehouseSource, store: SnapshotStore, options: SyncOption
                     return f"The state table {state.display} held plan {pending.plan_id}; it is now committed."
             if pending is not None:
                 store.discard_plan(pending)
+                if pending.meta.get("baseline") and warehouse.transactions:
+                    warehouse.execute([state.r(f"DROP TABLE IF EXISTS {state.for_plan(pending.plan_id).next}")])
             if action == "reset":
                 warehouse.execute(state.drop())
                 current = store.read_current()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import sqlglot
@@ -137,6 +137,15 @@ class StateTable:
     name: str
     key_columns: tuple[str, ...]
     dialect: str
+    #: the scratch table a rewrite is built in before it is swapped in (``..__next``); a baseline on a warehouse
+    #: with transactions builds in one of its own (``..__next_<plan>``, :meth:`for_plan`)
+    next_suffix: str = "__next"
+
+    def for_plan(self, plan_id: str) -> StateTable:
+        """This state table with a scratch table named after ``plan_id``: a run whose lease was taken while it
+        filled its scratch table never writes into the one the new owner fills."""
+        tag = re.sub(r"[^0-9a-z]", "", plan_id.lower())[-8:]
+        return replace(self, next_suffix=f"__next_{tag}")
 
     @property
     def qualified(self) -> str:
@@ -152,7 +161,7 @@ class StateTable:
 
     @property
     def next(self) -> str:
-        return f"{q(self.schema)}.{q(self.name + '__next')}"
+        return f"{q(self.schema)}.{q(self.name + self.next_suffix)}"
 
     @property
     def meta_next(self) -> str:
