@@ -156,7 +156,7 @@ def test_a_baseline_that_lost_its_lease_never_writes_into_the_new_owners_state(
         opts = options(initial_load="baseline", holder=f"run-{name}", lock_ttl_s=60)
         try:
             run_warehouse_sync(WarehouseSource("SELECT * FROM src", warehouse), store, make_client(sb), opts)
-        except BaseException as err:  # noqa: BLE001 - kept for the assertions
+        except BaseException as err:  # kept for the assertions
             errors[name] = err
 
     a = threading.Thread(target=run, args=("a",))
@@ -172,5 +172,6 @@ def test_a_baseline_that_lost_its_lease_never_writes_into_the_new_owners_state(
     events["b"][1].set()
     b.join(60)
     assert "b" not in errors and "a" in errors
-    assert duck.rows('SELECT "id", COUNT(*) FROM stopchurn_state.b7_subscription GROUP BY "id" HAVING COUNT(*) > 1') == []
+    state = "stopchurn_state.b7_subscription"
+    assert duck.rows(f'SELECT "id", COUNT(*) FROM {state} GROUP BY "id" HAVING COUNT(*) > 1') == []
     assert duck.rows("SELECT COUNT(*) FROM stopchurn_state.b7_subscription") == [(6,)]
