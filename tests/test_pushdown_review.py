@@ -64,30 +64,38 @@ def _as_format_1_in_paris(engine: Engine) -> None:
     import duckdb
 
     state = "stopchurn_state.b7_subscription"
-    with duckdb.connect(str(engine.handle)) as con:
-        con.execute("SET TimeZone = 'Europe/Paris'")
-        con.execute(f"""UPDATE {state} SET "at" = CAST(CAST("at" AS TIMESTAMPTZ) AS TEXT)""")
-        con.execute(f'UPDATE {state}__meta SET "format" = 1')
+    statements = [
+        "SET TimeZone = 'Europe/Paris'",
+        f"""UPDATE {state} SET "at" = CAST(CAST("at" AS TIMESTAMPTZ) AS TEXT)""",
+        f'UPDATE {state}__meta SET "format" = 1',
+    ]
+    if engine.name == "duckdb":
+        with duckdb.connect(str(engine.handle)) as con:
+            for statement in statements:
+                con.execute(statement)
+    else:
+        with engine.handle.connect() as con:
+            for statement in statements:
+                con.execute(statement)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a dry run cannot migrate a format-1 state table and diffs its zoned key texts against UTC ones: every "
-    "key counts as deleted and inserted, and the delete safeguard refuses the dry run",
-)
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    yield from engine_fixture(request.param, request, tmp_path)
+
+
 def test_a_dry_run_before_the_format_2_migration_counts_no_key_as_deleted(
-    stopchurn_sandbox_factory: Any, tmp_path: Path
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
 ) -> None:
     """A dry run writes nothing, so it cannot migrate a format-1 state table; it must not report (or refuse) every
     zoned key as deleted and inserted when the real run that follows sends nothing."""
-    duck = Engine("duckdb", tmp_path / "w.duckdb")
     sb = stopchurn_sandbox_factory(record=True)
     store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
     frame = _frame()
-    duck.load(frame)
-    source = lambda: WarehouseSource("SELECT * FROM src", duck.warehouse())  # noqa: E731
+    engine.load(frame)
+    source = lambda: WarehouseSource("SELECT * FROM src", engine.warehouse())  # noqa: E731
     run_warehouse_sync(source(), store, make_client(sb), options(key_columns=KEYS), run_ms=T0)
-    _as_format_1_in_paris(duck)
+    _as_format_1_in_paris(engine)
     dry = run_warehouse_sync(source(), store, None, options(key_columns=KEYS, dry_run=True), run_ms=T0 + 1)
     assert (dry.inserted, dry.updated, dry.deleted) == (0, 0, 0)
     real = run_warehouse_sync(source(), store, make_client(sb), options(key_columns=KEYS), run_ms=T0 + 2)

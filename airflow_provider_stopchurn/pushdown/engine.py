@@ -915,6 +915,9 @@ def _dry_run(run: _Run) -> None:
             state.display,
             meta.format,
         )
+        if warehouse.transactions:  # read its zoned key texts as the migration will write them
+            state = replace(state, legacy_zoned_keys=tuple(_zoned(meta.columns, meta.key_columns)))
+            run = replace(run, state=state)
     schema = _source_schema(warehouse, state, run.query, options)
     _check_keys(warehouse, state, run.query, options)
     diff = _decide(warehouse, state, run.query, schema, meta, options)

@@ -140,6 +140,9 @@ class StateTable:
     #: the scratch table a rewrite is built in before it is swapped in (``..__next``); a baseline on a warehouse
     #: with transactions builds in one of its own (``..__next_<plan>``, :meth:`for_plan`)
     next_suffix: str = "__next"
+    #: key columns whose texts in the state table are still in a format-1 session's zone (a dry run, which cannot
+    #: migrate the table, reads them as the migration will write them)
+    legacy_zoned_keys: tuple[str, ...] = ()
 
     def for_plan(self, plan_id: str) -> StateTable:
         """This state table with a scratch table named after ``plan_id``: a run whose lease was taken while it
@@ -237,12 +240,19 @@ class StateTable:
             source,
         )
 
+    def _state_key(self, k: str) -> str:
+        """Key column ``k`` of the state table (``t``) as a format-2 text."""
+        if k in self.legacy_zoned_keys:
+            return f"CAST(CAST(t.{q(k)} AS TIMESTAMPTZ) AS TEXT)"  # as _migrate's key_to_utc writes it
+        return f"t.{q(k)}"
+
     def _diff_cte(self, columns: Sequence[str], *, update_all: bool) -> str:
         texts = ", ".join(f"CAST(s.{q(k)} AS TEXT) AS {q(key_text(i))}" for i, k in enumerate(self.key_columns))
-        on = " AND ".join(f"n.{q(key_text(i))} = t.{q(k)}" for i, k in enumerate(self.key_columns))
+        on = " AND ".join(f"n.{q(key_text(i))} = {self._state_key(k)}" for i, k in enumerate(self.key_columns))
         first_key = q(key_text(0))
         old_texts = ", ".join(
-            f"COALESCE(n.{q(key_text(i))}, t.{q(k)}) AS {q(key_text(i))}" for i, k in enumerate(self.key_columns)
+            f"COALESCE(n.{q(key_text(i))}, {self._state_key(k)}) AS {q(key_text(i))}"
+            for i, k in enumerate(self.key_columns)
         )
         changed = "TRUE" if update_all else f"n.{q(NEW_HASH)} <> t.{q(HASH)}"
         data = ", ".join(f"n.{q(c)}" for c in columns)
