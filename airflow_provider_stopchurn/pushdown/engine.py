@@ -271,6 +271,19 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
         _migrate(warehouse, state, meta)
 
 
+def _past_half_swaps(warehouse: Warehouse, state: S.StateTable) -> S.StateTable:
+    """``state`` reading, for a swap a crash left half done (see :func:`prepare_state`), the complete new table
+    the next real run renames into place: a dry run changes nothing, so it reads past the swap instead."""
+    if warehouse.transactions:
+        return state
+    if not _table_exists(warehouse, state, state.name) and _table_exists(warehouse, state, state.name + "__next"):
+        state = replace(state, state_suffix="__next")
+    name = state.name + "__meta"
+    if not _table_exists(warehouse, state, name) and _table_exists(warehouse, state, name + "_next"):
+        state = replace(state, meta_suffix="__meta_next")
+    return state
+
+
 def _zoned(columns: Mapping[str, str], names: Sequence[str]) -> list[str]:
     """The columns among ``names`` that hold timestamps with a time zone (their text depends on the session's)."""
     return [c for c in names if "tz=" in columns.get(c, "")]
@@ -908,6 +921,8 @@ def _dry_run(run: _Run) -> None:
     current = _current(store)
     if store.pending_plan(cleanup=False) is not None:
         log.warning("A plan of an earlier run is pending: the next real run settles it first; counts may differ.")
+    state = _past_half_swaps(warehouse, state)
+    run = replace(run, state=state)
     meta = check_state(warehouse, state, store, current)
     if meta is not None and meta.format < S.STATE_FORMAT:
         log.warning(

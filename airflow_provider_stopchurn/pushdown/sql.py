@@ -143,6 +143,10 @@ class StateTable:
     #: key columns whose texts in the state table are still in a format-1 session's zone (a dry run, which cannot
     #: migrate the table, reads them as the migration will write them)
     legacy_zoned_keys: tuple[str, ...] = ()
+    #: where the state table and its bookkeeping are read (a dry run over a swap a crash left half done reads the
+    #: complete ``..__next`` / ``..__meta_next`` the next real run renames into place)
+    state_suffix: str = ""
+    meta_suffix: str = "__meta"
 
     def for_plan(self, plan_id: str) -> StateTable:
         """This state table with a scratch table named after ``plan_id``: a run whose lease was taken while it
@@ -152,7 +156,7 @@ class StateTable:
 
     @property
     def qualified(self) -> str:
-        return f"{q(self.schema)}.{q(self.name)}"
+        return f"{q(self.schema)}.{q(self.name + self.state_suffix)}"
 
     @property
     def display(self) -> str:
@@ -160,7 +164,7 @@ class StateTable:
 
     @property
     def meta(self) -> str:
-        return f"{q(self.schema)}.{q(self.name + '__meta')}"
+        return f"{q(self.schema)}.{q(self.name + self.meta_suffix)}"
 
     @property
     def next(self) -> str:
