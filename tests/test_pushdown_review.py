@@ -103,31 +103,41 @@ def test_a_dry_run_before_the_format_2_migration_counts_no_key_as_deleted(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="the format-2 migration rewrites only zoned key texts: a date key kept in the database's own DateStyle "
-    "(format 1 sessions were not pinned to ISO) looks deleted and inserted after the upgrade",
+@pytest.mark.parametrize(
+    ("values", "cast"),
+    [
+        (pd.date_range("2026-03-01", periods=8).date, "DATE"),
+        (pd.Timestamp("2026-03-29 00:30", tz="UTC") + pd.to_timedelta(range(8), unit="h"), "TIMESTAMPTZ"),
+    ],
+    ids=["date", "timestamptz"],
 )
 def test_a_format_1_state_table_of_a_non_iso_datestyle_database_is_migrated_without_resending_keys(
-    pg: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+    pg: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path, values: Any, cast: str
 ) -> None:
+    """Format-1 sessions wrote key texts in the database's own DateStyle ('SQL, DMY': ``29/03/2026``) and zone;
+    the migration reads them back in that style: no key looks deleted and inserted (a date key), and the migration
+    does not fail on every run (a timestamptz key, whose old text the pinned style cannot read)."""
     sb = stopchurn_sandbox_factory(record=True)
     store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
-    frame = pd.DataFrame({"day": pd.date_range("2026-03-01", periods=8).date, "name": [f"d{i}" for i in range(8)]})
+    frame = pd.DataFrame({"k": values, "name": [f"d{i}" for i in range(8)]})
     pg.load(frame)
     source = lambda: WarehouseSource("SELECT * FROM src", pg.warehouse())  # noqa: E731
-    run_warehouse_sync(source(), store, make_client(sb), options(key_columns=("day",)), run_ms=T0)
-    requests = update_requests(sb)
-    # the state table as format 1 left it in a database whose DateStyle is 'SQL, DMY' (its sessions' default)
+    run_warehouse_sync(source(), store, make_client(sb), options(key_columns=("k",)), run_ms=T0)
     db = pg.handle.dbname
-    pg.handle.execute(f"ALTER DATABASE \"{db}\" SET DateStyle TO 'SQL, DMY'")
-    with pg.handle.connect() as con:
-        con.execute('UPDATE stopchurn_state.b7_subscription SET "day" = CAST(CAST("day" AS DATE) AS TEXT)')
+    pg.handle.execute(
+        f"ALTER DATABASE \"{db}\" SET DateStyle TO 'SQL, DMY'",
+        f"ALTER DATABASE \"{db}\" SET timezone TO 'Europe/Paris'",
+    )
+    with pg.handle.connect() as con:  # the state table as format 1 left it in that database's sessions
+        con.execute(f'UPDATE stopchurn_state.b7_subscription SET "k" = CAST(CAST("k" AS {cast}) AS TEXT)')
         con.execute('UPDATE stopchurn_state.b7_subscription__meta SET "format" = 1')
-        assert con.execute('SELECT "day" FROM stopchurn_state.b7_subscription LIMIT 1').fetchone()[0][2] == "/"
-    after = run_warehouse_sync(source(), store, make_client(sb), options(key_columns=("day",)), run_ms=T0 + 1)
-    assert (after.inserted, after.updated, after.deleted) == (0, 0, 0)
-    assert update_requests(sb) == requests
+        assert "/" in con.execute('SELECT "k" FROM stopchurn_state.b7_subscription LIMIT 1').fetchone()[0]
+    after = run_warehouse_sync(source(), store, make_client(sb), options(key_columns=("k",)), run_ms=T0 + 1)
+    assert (after.inserted, after.deleted) == (0, 0)  # the row hashes changed with the style: updates, once
+    assert pg.rows('SELECT "format" FROM stopchurn_state.b7_subscription__meta') == [(2,)]
+    again = run_warehouse_sync(source(), store, make_client(sb), options(key_columns=("k",)), run_ms=T0 + 2)
+    assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
+    assert_sandbox_matches(sb, frame, ("k",))
 
 
 class _PausingDuckDB(DuckDBWarehouse):

@@ -289,15 +289,44 @@ def _zoned(columns: Mapping[str, str], names: Sequence[str]) -> list[str]:
     return [c for c in names if "tz=" in columns.get(c, "")]
 
 
+def _old_key_texts(
+    warehouse: Warehouse, state: S.StateTable, table: str, columns: Mapping[str, str], keys: Mapping[str, str]
+) -> list[str]:
+    """Statements rewriting the key texts a format-1 session wrote into ``table`` (``keys``: key column -> its
+    column there) as a format-2 session writes them. PostgreSQL: every date and timestamp key, read back in the
+    database's own ``DateStyle`` (format-1 sessions used it: 'SQL, DMY' writes ``29/03/2026``); elsewhere the
+    zoned keys, whose texts followed the session's zone."""
+    if warehouse.dialect != "postgres":
+        return [state.key_to_utc(table, keys[k]) for k in _zoned(columns, list(keys))]
+    types = {k: _postgres_type(columns.get(k, "")) for k in keys}
+    dated = [k for k in keys if types[k] is not None]
+    if not dated:
+        return []
+    ((style,),) = warehouse.rows("SELECT reset_val FROM pg_settings WHERE name = 'DateStyle'")
+    return [s for k in dated for s in state.retext_postgres(table, keys[k], str(types[k]), str(style))]
+
+
+def _postgres_type(arrow: str) -> str | None:
+    """PostgreSQL's type for a date or timestamp column's Arrow type text (None for any other)."""
+    if arrow.startswith("date"):
+        return "DATE"
+    if arrow.startswith("timestamp["):
+        return "TIMESTAMPTZ" if "tz=" in arrow else "TIMESTAMP"
+    return None
+
+
 def _migrate(warehouse: Warehouse, state: S.StateTable, meta: _Meta) -> None:
-    """Format 1 -> 2: sessions are pinned to UTC from format 2 on. A key column with a time zone was kept as text in
-    the zone the session had; it is rewritten as the same instant in UTC (exact: the old text holds its offset).
-    Row hashes cannot be recomputed without the source: rows with such a column are sent once more as updates
-    where the session's zone was not UTC. Spark sessions were expected in UTC already: only the format moves."""
+    """Format 1 -> 2: sessions are pinned to UTC (and, on PostgreSQL, to ISO dates) from format 2 on. A key column
+    with a time zone was kept as text in the zone the session had; it is rewritten as the same instant in UTC
+    (exact: the old text holds its offset). On PostgreSQL every date and timestamp key is read back in the
+    database's own DateStyle first (:func:`_old_key_texts`). Row hashes cannot be recomputed without the source:
+    rows with such a column are sent once more as updates where the session's zone (or style) was another. Spark
+    sessions were expected in UTC already: only the format moves."""
     log.warning("Migrating the state table %s from format %d to %d.", state.display, meta.format, S.STATE_FORMAT)
     statements = []
     if warehouse.transactions:
-        statements = [state.key_to_utc(state.qualified, k) for k in _zoned(meta.columns, meta.key_columns)]
+        keys = {k: k for k in meta.key_columns}
+        statements = _old_key_texts(warehouse, state, state.qualified, meta.columns, keys)
     bookkeeping = state.write_meta(
         token=meta.token,
         plan_id=meta.plan_id,
@@ -809,8 +838,8 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
         warehouse.load(_STAGING, _staged(frame, status, len(keys)))
         if "session_zone" not in plan.meta and warehouse.transactions:
             # planned before sessions were pinned to UTC: its zoned key texts are in the session's zone then
-            zoned = _zoned(S.columns_of(plan.meta.get("columns")), keys)
-            statements += [state.key_to_utc(S.q(_STAGING), S.key_text(keys.index(k))) for k in zoned]
+            texts = {k: S.key_text(i) for i, k in enumerate(keys)}
+            statements += _old_key_texts(warehouse, state, S.q(_STAGING), S.columns_of(plan.meta.get("columns")), texts)
         statements += state.apply(_STAGING, transactions=warehouse.transactions)
     _commit(ctx, commit, write_state=not already, statements=statements, record=record)
     result.version = plan.target_version

@@ -372,6 +372,21 @@ class StateTable:
         session is pinned to UTC; the old texts carry their offsets)."""
         return self.r(f"UPDATE {table} SET {q(column)} = CAST(CAST({q(column)} AS TIMESTAMPTZ) AS TEXT)")
 
+    def retext_postgres(self, table: str, column: str, sql_type: str, style: str) -> list[str]:
+        """Rewrite ``column`` of ``table`` (quoted; texts of ``sql_type`` values written by a session whose
+        ``DateStyle`` was ``style``) as the pinned session writes them (PostgreSQL, inside one transaction): each
+        text is read back with the old style into a typed column, then written as text with the pinned one. A
+        zoned text carries its offset or zone, so it becomes the same instant in UTC."""
+        scratch = q("__sc_retext")
+        return [
+            f"SET LOCAL DateStyle = {lit(style)}",
+            f"ALTER TABLE {table} ADD COLUMN {scratch} {sql_type}",
+            f"UPDATE {table} SET {scratch} = CAST({q(column)} AS {sql_type})",
+            "SET LOCAL DateStyle = 'ISO, MDY'",
+            f"UPDATE {table} SET {q(column)} = CAST({scratch} AS TEXT)",
+            f"ALTER TABLE {table} DROP COLUMN {scratch}",
+        ]
+
     def exists_sql(self, table: str) -> str:
         """A query that fails when ``table`` (``name``, ``name__meta`` or ``name__next``) does not exist."""
         return self.r(f"SELECT 1 FROM {q(self.schema)}.{q(table)} WHERE 1 = 0")
