@@ -166,7 +166,7 @@ def _other_namespace_lock(world: World) -> None:
         "token": "t",
         "host": socket.gethostname(),
         "pid": pid,
-        "pidns": "pid:[1]",  # another PID namespace than this process's
+        "pid_ns": "pid:[1]",  # another PID namespace than this process's
         "acquired_at": "2026-01-01T00:00:00+00:00",
         "refreshed_at": "2026-01-01T00:00:00+00:00",
         "expires_at": now + 3600,

@@ -271,20 +271,62 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
         _migrate(warehouse, state, meta)
 
 
+def _past_half_swaps(warehouse: Warehouse, state: S.StateTable) -> S.StateTable:
+    """``state`` reading, for a swap a crash left half done (see :func:`prepare_state`), the complete new table
+    the next real run renames into place: a dry run changes nothing, so it reads past the swap instead."""
+    if warehouse.transactions:
+        return state
+    if not _table_exists(warehouse, state, state.name) and _table_exists(warehouse, state, state.name + "__next"):
+        state = replace(state, state_suffix="__next")
+    name = state.name + "__meta"
+    if not _table_exists(warehouse, state, name) and _table_exists(warehouse, state, name + "_next"):
+        state = replace(state, meta_suffix="__meta_next")
+    return state
+
+
 def _zoned(columns: Mapping[str, str], names: Sequence[str]) -> list[str]:
     """The columns among ``names`` that hold timestamps with a time zone (their text depends on the session's)."""
     return [c for c in names if "tz=" in columns.get(c, "")]
 
 
+def _old_key_texts(
+    warehouse: Warehouse, state: S.StateTable, table: str, columns: Mapping[str, str], keys: Mapping[str, str]
+) -> list[str]:
+    """Statements rewriting the key texts a format-1 session wrote into ``table`` (``keys``: key column -> its
+    column there) as a format-2 session writes them. PostgreSQL: every date and timestamp key, read back in the
+    database's own ``DateStyle`` (format-1 sessions used it: 'SQL, DMY' writes ``29/03/2026``); elsewhere the
+    zoned keys, whose texts followed the session's zone."""
+    if warehouse.dialect != "postgres":
+        return [state.key_to_utc(table, keys[k]) for k in _zoned(columns, list(keys))]
+    types = {k: _postgres_type(columns.get(k, "")) for k in keys}
+    dated = [k for k in keys if types[k] is not None]
+    if not dated:
+        return []
+    ((style,),) = warehouse.rows("SELECT reset_val FROM pg_settings WHERE name = 'DateStyle'")
+    return [s for k in dated for s in state.retext_postgres(table, keys[k], str(types[k]), str(style))]
+
+
+def _postgres_type(arrow: str) -> str | None:
+    """PostgreSQL's type for a date or timestamp column's Arrow type text (None for any other)."""
+    if arrow.startswith("date"):
+        return "DATE"
+    if arrow.startswith("timestamp["):
+        return "TIMESTAMPTZ" if "tz=" in arrow else "TIMESTAMP"
+    return None
+
+
 def _migrate(warehouse: Warehouse, state: S.StateTable, meta: _Meta) -> None:
-    """Format 1 -> 2: sessions are pinned to UTC from format 2 on. A key column with a time zone was kept as text in
-    the zone the session had; it is rewritten as the same instant in UTC (exact: the old text holds its offset).
-    Row hashes cannot be recomputed without the source: rows with such a column are sent once more as updates
-    where the session's zone was not UTC. Spark sessions were expected in UTC already: only the format moves."""
+    """Format 1 -> 2: sessions are pinned to UTC (and, on PostgreSQL, to ISO dates) from format 2 on. A key column
+    with a time zone was kept as text in the zone the session had; it is rewritten as the same instant in UTC
+    (exact: the old text holds its offset). On PostgreSQL every date and timestamp key is read back in the
+    database's own DateStyle first (:func:`_old_key_texts`). Row hashes cannot be recomputed without the source:
+    rows with such a column are sent once more as updates where the session's zone (or style) was another. Spark
+    sessions were expected in UTC already: only the format moves."""
     log.warning("Migrating the state table %s from format %d to %d.", state.display, meta.format, S.STATE_FORMAT)
     statements = []
     if warehouse.transactions:
-        statements = [state.key_to_utc(state.qualified, k) for k in _zoned(meta.columns, meta.key_columns)]
+        keys = {k: k for k in meta.key_columns}
+        statements = _old_key_texts(warehouse, state, state.qualified, meta.columns, keys)
     bookkeeping = state.write_meta(
         token=meta.token,
         plan_id=meta.plan_id,
@@ -795,8 +837,8 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
         warehouse.load(_STAGING, _staged(frame, status, len(keys)))
         if "session_zone" not in plan.meta and warehouse.transactions:
             # planned before sessions were pinned to UTC: its zoned key texts are in the session's zone then
-            zoned = _zoned(S.columns_of(plan.meta.get("columns")), keys)
-            statements += [state.key_to_utc(S.q(_STAGING), S.key_text(keys.index(k))) for k in zoned]
+            texts = {k: S.key_text(i) for i, k in enumerate(keys)}
+            statements += _old_key_texts(warehouse, state, S.q(_STAGING), S.columns_of(plan.meta.get("columns")), texts)
         statements += state.apply(_STAGING, transactions=warehouse.transactions)
     _commit(ctx, commit, write_state=not already, statements=statements, record=record)
     result.version = plan.target_version
@@ -850,8 +892,10 @@ def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int) -> pa.Table:
 # baseline: record the source as delivered, nothing sent
 # --------------------------------------------------------------------------------------------------------------
 def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str | None, *, keep_created: bool) -> None:
-    """Rebuild the state table from the source into ``..__next`` (every row encoded in the worker, a batch at a
-    time), then swap it in with the new token. A plan marks the swap, so a crash is finished or dropped."""
+    """Rebuild the state table from the source into a scratch table (every row encoded in the worker, a batch at
+    a time), then swap it in with the new token. A plan marks the swap, so a crash is finished or dropped. Where
+    the swap is one transaction the scratch table is the plan's own (``..__next_<plan>``): a run whose lease was
+    taken meanwhile fills only its own, which the new owner dropped with its plan, never the new owner's."""
     warehouse, state = run.warehouse, run.state
     plan = run.store.write_plan(
         target_version=_token(base),
@@ -860,6 +904,9 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
         chunks=[],
         meta={**plan_meta, "baseline": True, "total_updates": 0},
     )
+    if warehouse.transactions:  # the swap is one transaction: the scratch table may be this plan's own
+        state = state.for_plan(plan.plan_id)
+        run = replace(run, state=state)
     warehouse.execute(state.baseline_into_next())
     columns = schema.names
     options = replace(run.options, updated_at_column=None)
@@ -886,7 +933,10 @@ def _settle_baseline(run: _Run, plan: Plan, commit: _Commit, record: Any, result
         _commit(run, commit, write_state=False, record=record)
         return result
     run.store.discard_plan(plan)  # the swap never happened: the state table is as it was
-    run.warehouse.execute([run.state.r(f"DROP TABLE IF EXISTS {run.state.next}")])
+    scratch = [run.state.next]
+    if run.warehouse.transactions:  # the plan's own scratch table (or ..__next, when planned by an older version)
+        scratch.append(run.state.for_plan(plan.plan_id).next)
+    run.warehouse.execute([run.state.r(f"DROP TABLE IF EXISTS {t}") for t in scratch])
     return result
 
 
@@ -899,6 +949,8 @@ def _dry_run(run: _Run) -> None:
     current = _current(store)
     if store.pending_plan(cleanup=False) is not None:
         log.warning("A plan of an earlier run is pending: the next real run settles it first; counts may differ.")
+    state = _past_half_swaps(warehouse, state)
+    run = replace(run, state=state)
     meta = check_state(warehouse, state, store, current)
     if meta is not None and meta.format < S.STATE_FORMAT:
         log.warning(
@@ -906,6 +958,9 @@ def _dry_run(run: _Run) -> None:
             state.display,
             meta.format,
         )
+        if warehouse.transactions:  # read its zoned key texts as the migration will write them
+            state = replace(state, legacy_zoned_keys=tuple(_zoned(meta.columns, meta.key_columns)))
+            run = replace(run, state=state)
     schema = _source_schema(warehouse, state, run.query, options)
     _check_keys(warehouse, state, run.query, options)
     diff = _decide(warehouse, state, run.query, schema, meta, options)
@@ -947,6 +1002,8 @@ def reconcile(source: WarehouseSource, store: SnapshotStore, options: SyncOption
                     return f"The state table {state.display} held plan {pending.plan_id}; it is now committed."
             if pending is not None:
                 store.discard_plan(pending)
+                if pending.meta.get("baseline") and warehouse.transactions:
+                    warehouse.execute([state.r(f"DROP TABLE IF EXISTS {state.for_plan(pending.plan_id).next}")])
             if action == "reset":
                 warehouse.execute(state.drop())
                 current = store.read_current()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import sqlglot
@@ -137,10 +137,26 @@ class StateTable:
     name: str
     key_columns: tuple[str, ...]
     dialect: str
+    #: the scratch table a rewrite is built in before it is swapped in (``..__next``); a baseline on a warehouse
+    #: with transactions builds in one of its own (``..__next_<plan>``, :meth:`for_plan`)
+    next_suffix: str = "__next"
+    #: key columns whose texts in the state table are still in a format-1 session's zone (a dry run, which cannot
+    #: migrate the table, reads them as the migration will write them)
+    legacy_zoned_keys: tuple[str, ...] = ()
+    #: where the state table and its bookkeeping are read (a dry run over a swap a crash left half done reads the
+    #: complete ``..__next`` / ``..__meta_next`` the next real run renames into place)
+    state_suffix: str = ""
+    meta_suffix: str = "__meta"
+
+    def for_plan(self, plan_id: str) -> StateTable:
+        """This state table with a scratch table named after ``plan_id``: a run whose lease was taken while it
+        filled its scratch table never writes into the one the new owner fills."""
+        tag = re.sub(r"[^0-9a-z]", "", plan_id.lower())[-8:]
+        return replace(self, next_suffix=f"__next_{tag}")
 
     @property
     def qualified(self) -> str:
-        return f"{q(self.schema)}.{q(self.name)}"
+        return f"{q(self.schema)}.{q(self.name + self.state_suffix)}"
 
     @property
     def display(self) -> str:
@@ -148,11 +164,11 @@ class StateTable:
 
     @property
     def meta(self) -> str:
-        return f"{q(self.schema)}.{q(self.name + '__meta')}"
+        return f"{q(self.schema)}.{q(self.name + self.meta_suffix)}"
 
     @property
     def next(self) -> str:
-        return f"{q(self.schema)}.{q(self.name + '__next')}"
+        return f"{q(self.schema)}.{q(self.name + self.next_suffix)}"
 
     @property
     def meta_next(self) -> str:
@@ -228,12 +244,19 @@ class StateTable:
             source,
         )
 
+    def _state_key(self, k: str) -> str:
+        """Key column ``k`` of the state table (``t``) as a format-2 text."""
+        if k in self.legacy_zoned_keys:
+            return f"CAST(CAST(t.{q(k)} AS TIMESTAMPTZ) AS TEXT)"  # as _migrate's key_to_utc writes it
+        return f"t.{q(k)}"
+
     def _diff_cte(self, columns: Sequence[str], *, update_all: bool) -> str:
         texts = ", ".join(f"CAST(s.{q(k)} AS TEXT) AS {q(key_text(i))}" for i, k in enumerate(self.key_columns))
-        on = " AND ".join(f"n.{q(key_text(i))} = t.{q(k)}" for i, k in enumerate(self.key_columns))
+        on = " AND ".join(f"n.{q(key_text(i))} = {self._state_key(k)}" for i, k in enumerate(self.key_columns))
         first_key = q(key_text(0))
         old_texts = ", ".join(
-            f"COALESCE(n.{q(key_text(i))}, t.{q(k)}) AS {q(key_text(i))}" for i, k in enumerate(self.key_columns)
+            f"COALESCE(n.{q(key_text(i))}, {self._state_key(k)}) AS {q(key_text(i))}"
+            for i, k in enumerate(self.key_columns)
         )
         changed = "TRUE" if update_all else f"n.{q(NEW_HASH)} <> t.{q(HASH)}"
         data = ", ".join(f"n.{q(c)}" for c in columns)
@@ -348,6 +371,21 @@ class StateTable:
         """Rewrite ``column`` of ``table`` (quoted; the texts of a zoned key) as the same instants in UTC text (the
         session is pinned to UTC; the old texts carry their offsets)."""
         return self.r(f"UPDATE {table} SET {q(column)} = CAST(CAST({q(column)} AS TIMESTAMPTZ) AS TEXT)")
+
+    def retext_postgres(self, table: str, column: str, sql_type: str, style: str) -> list[str]:
+        """Rewrite ``column`` of ``table`` (quoted; texts of ``sql_type`` values written by a session whose
+        ``DateStyle`` was ``style``) as the pinned session writes them (PostgreSQL, inside one transaction): each
+        text is read back with the old style into a typed column, then written as text with the pinned one. A
+        zoned text carries its offset or zone, so it becomes the same instant in UTC."""
+        scratch = q("__sc_retext")
+        return [
+            f"SET LOCAL DateStyle = {lit(style)}",
+            f"ALTER TABLE {table} ADD COLUMN {scratch} {sql_type}",
+            f"UPDATE {table} SET {scratch} = CAST({q(column)} AS {sql_type})",
+            "SET LOCAL DateStyle = 'ISO, MDY'",
+            f"UPDATE {table} SET {q(column)} = CAST({scratch} AS TEXT)",
+            f"ALTER TABLE {table} DROP COLUMN {scratch}",
+        ]
 
     def exists_sql(self, table: str) -> str:
         """A query that fails when ``table`` (``name``, ``name__meta`` or ``name__next``) does not exist."""

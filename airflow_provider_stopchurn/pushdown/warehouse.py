@@ -15,7 +15,9 @@ sqlglot dialect name). A warehouse only runs it:
 key texts and row hashes are ``CAST(.. AS TEXT)`` of the values, and a timestamp with time zone is written in the
 session's zone. Without the pin, a database whose default zone changes, or a worker with another ``TZ`` (DuckDB
 gives new sessions the process's zone), would see every such row as changed, and a key as deleted and inserted.
-A connection handed in by the caller is not changed: the warehouse works on a session of its own.
+A connection handed in by the caller is not changed: the warehouse works on a session of its own. A DB-API
+connection is pinned where its dialect is PostgreSQL (a postgres connection with IAM authentication or without the
+ADBC driver); other DB-API warehouses (Snowflake, Trino, ...) keep their sessions' own settings.
 
 Implementations: :class:`PostgresWarehouse` (ADBC), :class:`DuckDBWarehouse`, :class:`DbApiWarehouse` (any other
 DB-API connection: Snowflake, Trino, Databricks SQL, ...), and ``SparkWarehouse`` (``pushdown/spark.py``).
@@ -293,6 +295,9 @@ class DbApiWarehouse(_CursorWarehouse):
     def __init__(self, connect: Callable[[], Any], dialect: str, *, paramstyle: str = "format") -> None:
         super().__init__(connect)
         self.dialect = dialect
+        # a postgres connection the ADBC reader cannot open (IAM authentication, no ADBC driver) is still
+        # PostgreSQL: its sessions are pinned as PostgresWarehouse's are, or its key texts follow the database's zone
+        self.session_setup = _PINNED.get(dialect, ())
         self._marker = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(paramstyle, "%s")
 
     def load(self, table: str, data: pa.Table) -> None:
@@ -308,3 +313,7 @@ class DbApiWarehouse(_CursorWarehouse):
         finally:
             cursor.close()
         self.conn.commit()
+
+
+#: Session settings of the DB-API warehouses whose text forms are known here (the others keep their own).
+_PINNED: dict[str, tuple[str, ...]] = {"postgres": PostgresWarehouse.session_setup}

@@ -1,7 +1,9 @@
 """The table lock: a lease on one brand/table that at most one run holds, using only the storage backend.
 
 The lease is one small file, ``LOCK``, holding JSON: the holder (a readable run name), a token unique to each
-:class:`TableLock`, host, pid, ``acquired_at``, ``refreshed_at`` and ``expires_at`` (epoch seconds).
+:class:`TableLock`, host, pid (and its PID namespace, ``pid_ns``, on Linux), ``acquired_at``, ``refreshed_at`` and
+``expires_at`` (epoch seconds). A pid is judged only where it means something: the same host name and PID namespace
+(containers sharing the host's network share its name, not its processes).
 
 **Acquire.** An absent ``LOCK`` is taken with the backend's exclusive create: of several runs, exactly one
 creates it. A present ``LOCK`` is respected (the run fails fast, naming the holder) unless it is stale: expired
@@ -113,30 +115,25 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _pid_namespace() -> str | None:
-    """This process's PID namespace (Linux: ``pid:[<inode>]``), None where there is none to read."""
+    """This process's PID namespace (Linux: ``pid:[<inode>]``), or None where there is no way to tell."""
     try:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return None
 
 
-#: Containers can share a host name (host networking, a fixed hostname) but not their process ids: a pid is
-#: looked up only in the namespace that wrote it.
-_PID_NAMESPACE = _pid_namespace()
-
-
 def _same_processes(record: Mapping[str, Any]) -> bool:
-    """Whether a record's pid can be looked up here: written on this host, in this PID namespace (a record of an
-    older version has no namespace: its host name decides)."""
+    """Whether a lock record's pid names a process this one can see: the same host name, and the same PID
+    namespace (containers that share the host's network share its name, not its processes). A record that does
+    not say its namespace (written by an earlier release) is taken to share it."""
     if record.get("host") != socket.gethostname():
         return False
-    theirs = record.get("pidns")
-    return theirs is None or theirs == _PID_NAMESPACE
+    namespace = record.get("pid_ns")
+    return namespace is None or namespace == _pid_namespace()
 
 
 def _gone(record: dict[str, Any]) -> int | None:
-    """The pid of a record written by a process of this host (and PID namespace) that no longer exists, else
-    None."""
+    """The pid of a record written by a process of this host that no longer exists, else None."""
     if not _same_processes(record):
         return None
     try:
@@ -150,8 +147,8 @@ def _gone(record: dict[str, Any]) -> int | None:
 
 def holder_state(record: Mapping[str, Any]) -> str:
     """Whether the process that wrote a lock record lives: ``"alive"`` (a running process of this host, this one
-    included), ``"gone"`` (of this host, no longer running) or ``"unknown"`` (another host, or another container
-    of it: no way to tell).
+    included), ``"gone"`` (of this host, no longer running) or ``"unknown"`` (another host, or another PID
+    namespace of this host name: no way to tell).
     """
     if not _same_processes(record):
         return "unknown"
@@ -251,7 +248,7 @@ class TableLock:
             "token": self.token,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "pidns": _PID_NAMESPACE,
+            "pid_ns": _pid_namespace(),  # a pid means something only in its own namespace
             "acquired_at": _iso(acquired),
             "refreshed_at": _iso(now),
             "expires_at": now + self.ttl_s,
@@ -321,7 +318,7 @@ class TableLock:
             "token": self.token,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "pidns": _PID_NAMESPACE,
+            "pid_ns": _pid_namespace(),
             "created": time.time(),
         }
         return json.dumps(record, sort_keys=True).encode()
