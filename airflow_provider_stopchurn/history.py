@@ -41,8 +41,11 @@ SUMMARY_FIELDS = (
     "quarantined",
     "baseline",
     "schema_change",
+    "settled_from_other_runs",
 )
-_COUNTS = tuple(f for f in SUMMARY_FIELDS if f not in ("quarantined", "baseline", "schema_change"))
+_COUNTS = tuple(
+    f for f in SUMMARY_FIELDS if f not in ("quarantined", "baseline", "schema_change", "settled_from_other_runs")
+)
 _MAX_ERROR = 500
 
 
@@ -92,6 +95,8 @@ def record(
         "rejected": int(counts.get("quarantined") or 0),
         "baseline": bool(counts.get("baseline")),
         "schema_change": counts.get("schema_change"),
+        # what this run settled of a plan another run left: kept apart from its own counts, as in the summary
+        "settled_from_other_runs": {k: int(v) for k, v in dict(counts.get("settled_from_other_runs") or {}).items()},
         "version": current.get("version"),
         "rows": current.get("rows"),
     }

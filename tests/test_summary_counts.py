@@ -145,6 +145,10 @@ def test_a_killed_plan_of_another_dag_run_is_counted_apart(sb: SandboxServer) ->
         "deleted": 0,
         "rejected": 0,
     }
+    # the history keeps the two apart too (the StopChurn page and `stopchurn history` read it)
+    entry = store.read_history()[0]  # newest first
+    assert (entry["run_key"], entry["updated"]) == ("dag.task.run-2", N)
+    assert entry["settled_from_other_runs"] == summary.settled_from_other_runs
     # a later try of run-2 starts from run-2's own record, without run-1's rows
     retry = run(changed, store, make_client(sb), 3, run_key="dag.task.run-2")
     assert (retry.updated, retry.unchanged, retry.settled_from_other_runs) == (N, 0, {})
