@@ -241,6 +241,8 @@ def run_export(
                 row_hash=ROW_HASH,
                 lock=lock,
                 run={"run_key": options.run_key, "export": manifest_uri, "rows": exported.height},
+                # the files carry the rows in this shape: the update run that follows compares its own with it
+                shape=options.sync_options().shape(),
             )
         except Exception:
             with contextlib.suppress(Exception):

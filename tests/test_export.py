@@ -300,3 +300,14 @@ def test_files_do_not_depend_on_the_workers_time_zone(tmp_path: Path, monkeypatc
     assert written["UTC"] == written["Europe/Paris"] == written["America/St_Johns"]
     first = validate_file(written["UTC"])[0]["data"]
     assert first["naive"] == 1_700_000_000_000 and first["day"] == 1_711_843_200_000  # naive values taken as UTC
+
+
+def test_an_update_run_in_another_shape_than_the_export_is_a_schema_change(tmp_path: Path) -> None:
+    # the files carried nested objects; an update run that would send the same rows flat must not go unseen
+    dotted = pd.DataFrame({"id": [1, 2], "prefs.email": [True, False]})
+    export(tmp_path, dotted, nest_dotted_columns=True)
+    store = SnapshotStore(tmp_path / "snapshots", BRAND, TABLE)
+    assert (store.read_current() or {}).get("shape") == {"nest_dotted_columns": True}
+    flat = SyncOptions(brand_id=BRAND, table_name=TABLE, nest_dotted_columns=False)
+    with pytest.raises(SafeguardError, match="nest_dotted_columns"):
+        run_sync(dotted, store, RecordingSender(None), flat, run_ms=T_LATER)
