@@ -26,7 +26,8 @@ chunk they travel in on every run:
   uncertain (StopChurn may have applied it), so the next run sends it again, and reported by id. Both halves of
   a range are tried before either is split further: one bad row fails one half only, an outage fails both, so
   an outage stops the run after a few requests (:data:`PROBES`) instead of bisecting a whole chunk against a
-  server that answers nothing.
+  server that answers nothing. Several bad rows in one chunk look like an outage until a half gets through: each
+  run that stopped so allows the next one split more (:data:`MAX_PATIENCE`), so they are taken apart too.
 
 The caller keeps the failure counts per row (``report.failed`` / ``report.delivered``, :func:`next_failures`).
 """
@@ -64,6 +65,10 @@ SUSPECT_AFTER = 3
 PROBES = 1
 #: Transient failures of suspect ranges absorbed in one run at most (bounds the requests of a bad day).
 MAX_HELD = 64
+#: Extra splits with both halves failing that a run may take, one per try its suspect rows failed beyond
+#: :data:`SUSPECT_AFTER` (several bad rows in one chunk look like an outage until a half gets through; a run that
+#: stopped at the probe budget would otherwise stop at the same place on every later run).
+MAX_PATIENCE = 4
 #: Errors that say StopChurn applied nothing of the request.
 _NOTHING_APPLIED = (StopChurnAuthError, StopChurnRejectedError, StopChurnPayloadTooLargeError)
 _ID_PATH = "$.data.data.id"
@@ -123,11 +128,14 @@ class Isolation:
     :param alone: rows sent one per request (rejected before, or found failing alone).
     :param suspect: rows whose chunk is bisected on a transient failure.
     :param watched: rows with a failure count: the report says which were delivered (their count is dropped).
+    :param patience: extra splits of suspect ranges whose halves both failed this delivery may take
+        (:data:`MAX_PATIENCE`).
     """
 
     alone: frozenset[str] = frozenset()
     suspect: frozenset[str] = frozenset()
     watched: frozenset[str] = frozenset()
+    patience: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.alone or self.suspect or self.watched)
@@ -138,7 +146,11 @@ def isolation_for(rejected_ids: Iterable[Any], failures: Mapping[str, Mapping[st
     alone = {id_text(i) for i in rejected_ids if i is not None}
     alone |= {t for t, f in failures.items() if f.get("alone")}
     suspect = {t for t, f in failures.items() if int(f.get("failures", 0)) >= SUSPECT_AFTER}
-    return Isolation(frozenset(alone), frozenset(suspect), frozenset(failures))
+    # each run that stopped at the probe budget counts one more try for the rows of the range: the next run
+    # probes one split further, so rows failing together in one chunk are taken apart within a few runs
+    tries = max((int(failures[t].get("failures", 0)) for t in suspect), default=SUSPECT_AFTER)
+    patience = min(max(tries - SUSPECT_AFTER, 0), MAX_PATIENCE)
+    return Isolation(frozenset(alone), frozenset(suspect), frozenset(failures), patience)
 
 
 def next_failures(previous: Mapping[str, Mapping[str, Any]], report: DeliveryReport) -> dict[str, dict[str, Any]]:
@@ -215,15 +227,18 @@ class _Health:
     """Whether StopChurn answers at all in this run (shared by the sending threads).
 
     Bisecting a suspect range, a single bad row makes one half fail and the other succeed; both halves failing
-    is what an outage looks like (or several bad rows). A run takes :data:`PROBES` such splits, and one more per
-    answer it got (up to 8), and :data:`MAX_HELD` absorbed failures in all; then it stops as any failed run does.
+    is what an outage looks like (or several bad rows). A run takes :data:`PROBES` such splits, one more per try
+    its suspect rows failed beyond :data:`SUSPECT_AFTER` (``patience``, up to :data:`MAX_PATIENCE`) and one more
+    per answer it got (up to 8), and :data:`MAX_HELD` absorbed failures in all; then it stops as any failed run
+    does.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, patience: int = 0) -> None:
         self._lock = threading.Lock()
         self.answered = 0
         self.absorbed = 0
         self.both_failed = 0
+        self.patience = patience
 
     def answer(self) -> None:
         with self._lock:
@@ -234,7 +249,8 @@ class _Health:
         with self._lock:
             self.absorbed += 1
             self.both_failed += int(both)
-            return self.absorbed <= MAX_HELD and self.both_failed <= PROBES + min(self.answered, 8)
+            budget = PROBES + self.patience + min(self.answered, 8)
+            return self.absorbed <= MAX_HELD and self.both_failed <= budget
 
 
 @dataclass
@@ -326,7 +342,7 @@ def deliver(
     report = DeliveryReport()
     workers = max(1, options.max_concurrent_requests)
     windows = iter(windows)
-    health = _Health()
+    health = _Health(isolation.patience if isolation is not None else 0)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stopchurn-send") as pool:
         while report.failure is None:
             try:  # encoding and chunking happen here, a window at a time
@@ -699,6 +715,7 @@ def _split(ctx: _Range, start: int, end: int, outcome: _Outcome) -> None:
 
 __all__ = [
     "MAX_HELD",
+    "MAX_PATIENCE",
     "PROBES",
     "SUSPECT_AFTER",
     "DeliveryOptions",
