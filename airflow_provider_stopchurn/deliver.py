@@ -204,10 +204,17 @@ def held_error(
     ids = sorted({repr(r.id) for r in held})
     tries = max(int(failures.get(id_text(r.id), {}).get("failures", 0)) for r in held)
     shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+    skipped = (
+        f"{len(report.skipped)} more rows that failed on earlier tries were not sent in this run (it stops taking "
+        f"failing rows apart after {MAX_HELD} failures); they are sent next run.\n"
+        if report.skipped
+        else ""
+    )
     return TransientDeliveryError(
         f"StopChurn kept failing the updates of {len(ids)} rows of {table_name!r} (ids {shown}) with a retryable "
         f"error on {tries} tries.\n"
         f"Last answer: {held[-1].reason}\n"
+        f"{skipped}"
         "Every other row was delivered and committed. These rows are sent again on every run, each in a request of "
         "its own, until StopChurn accepts them.",
         status=None,
@@ -249,8 +256,15 @@ class _Health:
         with self._lock:
             self.absorbed += 1
             self.both_failed += int(both)
-            budget = PROBES + self.patience + min(self.answered, 8)
-            return self.absorbed <= MAX_HELD and self.both_failed <= budget
+            return self.absorbed <= MAX_HELD and self.both_failed <= self._budget()
+
+    def spent(self) -> bool:
+        """Whether the run took apart all it may: later suspect chunks are not sent (the next run sends them)."""
+        with self._lock:
+            return self.absorbed >= MAX_HELD or self.both_failed > self._budget()
+
+    def _budget(self) -> int:
+        return PROBES + self.patience + min(self.answered, 8)
 
 
 @dataclass
@@ -274,6 +288,8 @@ class DeliveryReport:
     failed: dict[str, str] = field(default_factory=dict)
     #: id texts of held rows (still failing alone)
     held: set[str] = field(default_factory=set)
+    #: id texts of rows in suspect chunks not sent once the run's budget was spent (sent again next run)
+    skipped: set[str] = field(default_factory=set)
     #: id texts of watched rows that were met, and of those acknowledged (delivered)
     met: set[str] = field(default_factory=set)
     delivered: set[str] = field(default_factory=set)
@@ -479,6 +495,10 @@ class _Sending:
                 nxt = next(bodies, None)
                 if nxt is None:
                     break
+                if nxt[0] in cut.suspect and self.health.spent():
+                    # the run took apart all it may: these rows wait for the next run, the others go on
+                    report.skipped.update(_ids(updates, *local[nxt[0]]))
+                    continue
                 index = first + nxt[0]
                 report.started.add(index)
                 pending[self.pool.submit(send, index, nxt[1])] = index
@@ -655,6 +675,12 @@ def _send_range(
         outcome.retries += max(int(getattr(err, "attempts", 1)) - 1, 0)
         if probe:
             raise _Probe(err) from None
+        if ctx.suspect and end - start == 1:
+            # one update of a suspect row that failed again: holding it costs no request more, so it is held even
+            # once the run's budget is spent (stopping here would stop every run before the rows after it)
+            ctx.health.absorb()
+            _take_apart(ctx, start, end, outcome, err)
+            return
         if not ctx.suspect or not ctx.health.absorb():
             raise _Failed(err, outcome) from None
         log.warning(

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
 
-from airflow_provider_stopchurn.deliver import SUSPECT_AFTER
+from airflow_provider_stopchurn.deliver import MAX_HELD, SUSPECT_AFTER
 from airflow_provider_stopchurn.exceptions import StopChurnError, TransientDeliveryError
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.snapshot import SnapshotStore
@@ -128,4 +128,47 @@ def test_several_rows_failing_in_the_first_chunk_do_not_wedge_the_table(world: W
         world.run(changed, chunk_size=40)
     world.sb.fail_ids([])
     world.run(changed, chunk_size=40)
+    assert_sandbox_matches(world.sb, changed)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a run takes at most PROBES + MAX_PATIENCE splits whose halves both fail before any answer: a cluster "
+    "of failing rows deeper than that stops every run at the same place, before the rows after it",
+)
+def test_a_dense_cluster_of_failing_rows_does_not_wedge_the_chunk(world: World) -> None:
+    """Rows 1-70 of one 80-row chunk fail with 500 on every try: within a bounded number of runs the 10 others
+    are delivered."""
+    n, bad = 80, list(range(1, 71))
+    frame = pd.DataFrame({"id": np.arange(1, n + 1), "v": "a"})
+    world.run(frame, chunk_size=100)
+    changed = frame.assign(v="b")
+    world.sb.fail_ids(bad)
+    for _ in range(12):
+        with pytest.raises(StopChurnError):
+            world.run(changed, chunk_size=100)
+    table = world.sb.table(BRAND, TABLE)
+    assert [i for i in range(71, n + 1) if table[i]["v"] != "b"] == []
+
+
+def test_more_held_rows_than_a_run_absorbs_do_not_starve_the_others(world: World) -> None:
+    """70 rows (the first by key) were held on earlier runs (each sent alone) and still fail with 500; 10 others
+    change. The run sends the 10 others (before, it stopped after MAX_HELD held rows, before them, on every
+    run), and says which rows it did not get through."""
+    n, bad = 80, list(range(1, 71))
+    frame = pd.DataFrame({"id": np.arange(1, n + 1), "v": "a"})
+    world.run(frame)
+    changed = frame.assign(v="b")
+    # the state earlier runs leave (deliver.next_failures): each of them failed alone on SUSPECT_AFTER tries
+    world.store.write_row_failures({str(i): {"failures": SUSPECT_AFTER, "alone": True, "reason": "500"} for i in bad})
+    world.sb.fail_ids(bad)
+    before = world.sb.stats()["requests"]
+    with pytest.raises(TransientDeliveryError) as caught:
+        world.run(changed, max_concurrent_requests=2)
+    table = world.sb.table(BRAND, TABLE)
+    assert [i for i in range(71, n + 1) if table[i]["v"] != "b"] == []
+    assert world.sb.stats()["requests"] - before <= 2 * (MAX_HELD + 1) + 2 + 2  # bounded by the hold budget
+    assert "ids 1, 10, 11" in str(caught.value)
+    world.sb.fail_ids([])
+    world.run(changed)
     assert_sandbox_matches(world.sb, changed)
