@@ -228,6 +228,8 @@ class _Outcome:
     retries: int = 0
     #: requests of the range that StopChurn acknowledged (a part of the chunk was applied)
     applied: int = 0
+    #: the ranges those requests held (positions in the window)
+    acked: list[tuple[int, int]] = field(default_factory=list)
 
 
 class _Health:
@@ -375,7 +377,7 @@ def deliver(
             first = report.chunks
             report.chunks += len(cut.window.chunks)
             report.bytes += cut.window.bytes
-            _Sending(pool, workers, sender, options, report, on_ack, guard, health).window(cut, first)
+            _Sending(pool, workers, sender, options, report, on_ack, guard, health, partial=True).window(cut, first)
     report.complete = report.complete and report.failure is None
     return report
 
@@ -454,6 +456,9 @@ class _Sending:
     on_ack: Callable[[int, list[Rejection]], None]
     guard: Callable[[], None] | None
     health: _Health
+    #: a chunk acknowledged in part before it failed is recorded with its unknown rows as transient (the update
+    #: engines settle those as uncertain; the event engine records whole chunks only)
+    partial: bool = False
 
     def window(self, cut: _Cut, first: int, todo: Sequence[int] | None = None) -> None:
         """Send the chunks of one window (only ``todo`` of them, if given); chunk ``first + i`` is its chunk ``i``."""
@@ -474,8 +479,7 @@ class _Sending:
             try:
                 _send_range(ctx, start, end, outcome, body)
             except _Failed as failed:
-                if isinstance(failed.error, TransientDeliveryError):
-                    failed.ids = _ids(updates, start, end)
+                _known_of(failed, updates, (start, end), offset, partial=self.partial)
                 raise
             outcome.rejections = [dataclasses.replace(r, position=r.position + offset) for r in outcome.rejections]
             return outcome
@@ -515,10 +519,38 @@ class _Sending:
                     )
 
 
-def _ids(updates: pl.Series, start: int, end: int) -> list[str]:
-    """The id texts of updates ``[start, end)`` (none for bodies that are not row updates)."""
-    texts = updates.slice(start, end - start).str.json_path_match(_ID_PATH).drop_nulls()
-    return [str(t) for t in texts.to_list()]
+def _ids(updates: pl.Series, start: int, end: int, only: np.ndarray | None = None) -> list[str]:
+    """The id texts of updates ``[start, end)`` (``only``: at these offsets in it; none for bodies that are not
+    row updates)."""
+    texts = updates.slice(start, end - start).str.json_path_match(_ID_PATH)
+    if only is not None:
+        texts = texts.gather(only)
+    return [str(t) for t in texts.drop_nulls().to_list()]
+
+
+def _known_of(failed: _Failed, updates: pl.Series, span: tuple[int, int], offset: int, *, partial: bool) -> None:
+    """Say on ``failed`` what is known of the rows of its chunk (``span``: positions in the window): the ids that
+    failed transiently and, when a part was acknowledged (413 halves, bisection) and ``partial``, the records that
+    let the chunk be recorded (its rejections, its unknown rows as transient), so the next run resends only the
+    rows not acknowledged."""
+    start, end = span
+    unknown = _unknown(failed.outcome, start, end)
+    if failed.outcome.applied and partial:
+        failed.records = [dataclasses.replace(r, position=r.position + offset) for r in failed.outcome.rejections]
+        reason = _first_line(failed.error)
+        failed.records += [Rejection(start + offset + int(p), reason, transient=True) for p in unknown]
+    if isinstance(failed.error, TransientDeliveryError):
+        failed.ids = _ids(updates, start, end, unknown)
+
+
+def _unknown(outcome: _Outcome, start: int, end: int) -> np.ndarray:
+    """Offsets in ``[start, end)`` of the updates neither acknowledged nor refused alone by a request of the range."""
+    known = np.zeros(end - start, dtype=bool)
+    for a, b in outcome.acked:
+        known[a - start : b - start] = True
+    for r in outcome.rejections:
+        known[r.position - start] = True
+    return np.flatnonzero(~known)
 
 
 def deliver_chunks(
@@ -563,6 +595,12 @@ def _collect(
         if failed.ids:
             reason = _first_line(failed.error)
             report.failed.update(dict.fromkeys(failed.ids, reason))
+        if failed.records is not None:  # acknowledged in part: recorded, its unknown rows uncertain
+            try:
+                on_ack(index, failed.records)
+                report.acked[index] = failed.records
+            except BaseException as err:
+                report.failure = report.failure or err
         report.failure = report.failure or failed.error
         return
     except BaseException as err:  # keep the first failure; the others in flight finish
@@ -597,6 +635,8 @@ class _Failed(Exception):
         self.error = error
         self.outcome = outcome
         self.ids: list[str] = []
+        #: when a part of the chunk was acknowledged: its rejections and, as transient, the rows not known
+        self.records: list[Rejection] | None = None
 
 
 @dataclass(frozen=True)
@@ -696,6 +736,7 @@ def _send_range(
         raise _Failed(err, outcome) from None
     outcome.requests += 1
     outcome.applied += 1
+    outcome.acked.append((start, end))
     outcome.retries += max(int(getattr(result, "attempts", 1)) - 1, 0)
     ctx.health.answer()
 

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
+from helpers_sync import BRAND, T0, TABLE, FailAfter, RecordingSender, assert_sandbox_matches, make_client, options
 
 from airflow_provider_stopchurn.deliver import MAX_HELD, SUSPECT_AFTER
 from airflow_provider_stopchurn.exceptions import StopChurnError, TransientDeliveryError
-from airflow_provider_stopchurn.sandbox import SandboxServer
+from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import SyncSummary, run_sync
 
@@ -172,3 +172,94 @@ def test_more_held_rows_than_a_run_absorbs_do_not_starve_the_others(world: World
     world.sb.fail_ids([])
     world.run(changed)
     assert_sandbox_matches(world.sb, changed)
+
+
+def _held(world: World, frame: pd.DataFrame, ids: list[int], **opts: Any) -> None:
+    """Run until ``ids`` are held (suspect after SUSPECT_AFTER failed tries, then failing alone)."""
+    world.sb.fail_ids(ids)
+    for _ in range(SUSPECT_AFTER + 1):
+        with pytest.raises(TransientDeliveryError):
+            world.run(frame, **opts)
+    assert set(world.store.read_row_failures()) >= {str(i) for i in ids}
+
+
+def test_a_held_row_then_changed_or_deleted_in_the_source_converges(world: World) -> None:
+    frame = pd.DataFrame({"id": np.arange(1, 21), "v": "a"})
+    world.run(frame)
+    new = pd.concat([frame.assign(v="b"), pd.DataFrame({"id": [21], "v": ["new"]})], ignore_index=True)
+    _held(world, new, [3, 21])  # an update and an insert held
+    later = new[new["id"] != 21].assign(v=lambda f: np.where(f["id"] == 3, "c", f["v"]))
+    with pytest.raises(TransientDeliveryError):  # still failing: changed and deleted in the source meanwhile
+        world.run(later)
+    world.sb.fail_ids([])
+    world.run(later)
+    assert_sandbox_matches(world.sb, later)
+    assert world.store.read_row_failures() == {}
+    assert world.run(later).updated == 0
+
+
+def test_a_held_row_then_rejected_is_quarantined_then_accepted(world: World) -> None:
+    frame = pd.DataFrame({"id": np.arange(1, 21), "v": "a"})
+    world.run(frame)
+    new = frame.assign(v="b")
+    _held(world, new, [7])
+    world.sb.fail_ids([])
+    world.sb.reject_ids([7])
+    summary = world.run(new)
+    assert summary.quarantined == 1 and summary.quarantine_uri
+    assert {r["id"] for r in world.store.read_quarantine()} == {7}
+    world.sb.reject_ids([])
+    world.run(new)
+    assert_sandbox_matches(world.sb, new)
+    assert world.store.read_quarantine() == [] and world.store.read_row_failures() == {}
+
+
+def test_a_held_row_across_a_shape_option_change_converges(world: World) -> None:
+    frame = pd.DataFrame({"id": np.arange(1, 21), "a.b": "x", "v": "a"})
+    world.run(frame, nest_dotted_columns=True)
+    new = frame.assign(v="b")
+    _held(world, new, [5], nest_dotted_columns=True)
+    opts: dict[str, Any] = {"nest_dotted_columns": False, "on_schema_change": "update_all", "allow_large_changes": True}
+    with pytest.raises(TransientDeliveryError):
+        world.run(new, **opts)
+    world.sb.fail_ids([])
+    world.run(new, **opts)
+    world.run(new, **opts)
+    rows = world.sb.table(BRAND, TABLE)
+    assert all("a.b" in r and "a" not in r for r in rows.values()), "rows left in the nested shape"
+    assert world.run(new, **opts).updated == 0
+
+
+def test_a_suspect_chunk_answered_413_is_split_then_taken_apart(world: World) -> None:
+    frame = pd.DataFrame({"id": np.arange(1, 21), "v": "a"})
+    world.run(frame)
+    new = frame.assign(v="b")
+    world.store.write_row_failures({"3": {"failures": SUSPECT_AFTER, "reason": "HTTP 500"}})
+    world.sb.fail_ids([3])
+    world.sb.queue_response(413)
+    with pytest.raises(TransientDeliveryError, match="ids 3"):
+        world.run(new, max_concurrent_requests=3)
+    table = world.sb.table(BRAND, TABLE)
+    assert [i for i in range(1, 21) if table[i]["v"] != "b"] == [3]
+    world.sb.fail_ids([])
+    world.run(new)
+    assert_sandbox_matches(world.sb, new)
+
+
+def test_halves_acknowledged_before_an_outage_are_not_sent_again(world: World) -> None:
+    """A suspect chunk of 40 is taken apart; its half 21-40 is acknowledged, then StopChurn goes down and the run
+    stops. The next run sends only what was not acknowledged (before, the whole chunk was uncertain: all 40 again).
+    """
+    frame = pd.DataFrame({"id": np.arange(1, 41), "v": "a"})
+    world.run(frame, chunk_size=40)
+    new = frame.assign(v="b")
+    world.store.write_row_failures({"1": {"failures": SUSPECT_AFTER, "reason": "HTTP 500"}})
+    world.sb.fail_ids([1])
+    with pytest.raises(TransientDeliveryError):
+        world.run(new, chunk_size=40, sender=FailAfter(make_client(world.sb), world.sb, 1))
+    world.sb.set_faults(FaultConfig())
+    world.sb.fail_ids([])
+    recorder = RecordingSender(make_client(world.sb))
+    world.run(new, chunk_size=40, sender=recorder)
+    assert_sandbox_matches(world.sb, new)
+    assert sorted(u["data"]["data"]["id"] for u in recorder.updates()) == list(range(1, 21))
