@@ -348,6 +348,7 @@ def deliver(
     on_chunks: Callable[[int, list[tuple[int, int]]], None] | None = None,
     guard: Callable[[], None] | None = None,
     isolation: Isolation | None = None,
+    whole_windows: bool = False,
 ) -> DeliveryReport:
     """Send every chunk of ``windows``, a window at a time; see the module docstring.
 
@@ -356,6 +357,9 @@ def deliver(
     :param guard: called before each request is started; an exception from it (the run lost its lock) stops
         the delivery like a failed request.
     :param isolation: rows sent apart (see the module docstring); None: none.
+    :param whole_windows: after a window of deletes, send the next only if every delete was applied (a plan
+        whose key columns changed type: its deletes of the old ids, then the new rows); otherwise stop with an
+        error saying what was not applied.
     """
     report = DeliveryReport()
     workers = max(1, options.max_concurrent_requests)
@@ -378,6 +382,8 @@ def deliver(
             report.chunks += len(cut.window.chunks)
             report.bytes += cut.window.bytes
             _Sending(pool, workers, sender, options, report, on_ack, guard, health, partial=True).window(cut, first)
+            if whole_windows and report.failure is None and _all_deletes(cut.window.updates):
+                report.failure = _not_all_applied(report, range(first, report.chunks), options.table_name)
     report.complete = report.complete and report.failure is None
     return report
 
@@ -517,6 +523,30 @@ class _Sending:
                     log.info(
                         "Delivered %d of %d chunks so far of %r.", len(report.acked), report.chunks, options.table_name
                     )
+
+
+def _all_deletes(updates: pl.Series) -> bool:
+    """Whether every update of a window is a delete (the windows a plan sends before its new rows)."""
+    return bool(updates.len()) and bool((updates.str.json_path_match("$.type") == "delete").all())
+
+
+def _not_all_applied(report: DeliveryReport, chunks: range, table_name: str) -> DeliveryError | None:
+    """The error of a window some of whose updates StopChurn refused, or did not confirm (held, or not sent);
+    None when every update of it was applied."""
+    records = [r for c in chunks for r in report.acked.get(c, ())]
+    unsent = [c for c in chunks if c not in report.acked]
+    if not records and not unsent:
+        return None
+    refused = sum(1 for r in records if not r.transient)
+    message = (
+        f"StopChurn did not apply {len(records)} deletes of old ids of {table_name!r}, whose key columns changed "
+        f"type ({refused} refused, the others still failing or not sent), and {len(unsent)} chunks were not sent.\n"
+        "The rows under the new key type are sent once every old id is deleted: the next run sends the old ids' "
+        "deletes again. Refused ones are listed by `stopchurn rejected`."
+    )
+    if refused:
+        return DeliveryError(message)
+    return TransientDeliveryError(message, status=None)
 
 
 def _ids(updates: pl.Series, start: int, end: int, only: np.ndarray | None = None) -> list[str]:

@@ -14,7 +14,7 @@ import pytest
 from helpers_sync import BRAND, T0, TABLE, FailAfter, RecordingSender, assert_sandbox_matches, make_client, options
 
 from airflow_provider_stopchurn.deliver import MAX_HELD, SUSPECT_AFTER
-from airflow_provider_stopchurn.exceptions import StopChurnError, TransientDeliveryError
+from airflow_provider_stopchurn.exceptions import DeliveryError, StopChurnError, TransientDeliveryError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import SyncSummary, run_sync
@@ -88,23 +88,40 @@ def test_a_held_delete_of_a_changed_id_is_sent_again(world: World) -> None:
     assert_sandbox_matches(world.sb, moved, keys)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a retyped key's old id whose delete StopChurn refused is no longer tracked (one type per snapshot "
-    "column): the next run drops it from the quarantine and never deletes it",
-)
 def test_a_rejected_delete_of_a_retyped_key_is_kept_and_sent_again(world: World) -> None:
     """The key ``id`` goes from int to text ids; StopChurn refuses the delete of the old id 3 (400). The old id
-    stays reported while refused, and is deleted once StopChurn accepts it."""
+    stays reported while refused (the new rows wait: an old id not deleted cannot be tracked beside them), and is
+    deleted once StopChurn accepts it; then the new rows go."""
+    ids = np.arange(1, 11)
+    old = pd.DataFrame({"id": ids, "v": "x"})
+    world.run(old)
+    new = pd.DataFrame({"id": [f"n{i}" for i in ids], "v": "x"})
+    opts: dict[str, Any] = {"on_schema_change": "update_all", "allow_large_changes": True}
+    world.sb.reject_ids([3])
+    for _ in range(2):
+        with pytest.raises(DeliveryError, match="1 refused"):
+            world.run(new, **opts)
+        assert 3 in _quarantined_ids(world.store)
+        assert set(world.sb.table(BRAND, TABLE)) == {3}  # the other old ids are gone, no new row sent yet
+    world.sb.reject_ids([])
+    world.run(new, **opts)
+    world.run(new, **opts)
+    assert_sandbox_matches(world.sb, new)
+    assert world.store.read_quarantine() == []
+
+
+def test_a_held_delete_of_a_retyped_key_is_sent_again(world: World) -> None:
+    """As above, the delete of the old id 3 failing with 500 on every try (held): the new rows wait for it."""
     ids = np.arange(1, 11)
     world.run(pd.DataFrame({"id": ids, "v": "x"}))
     new = pd.DataFrame({"id": [f"n{i}" for i in ids], "v": "x"})
     opts: dict[str, Any] = {"on_schema_change": "update_all", "allow_large_changes": True}
-    world.sb.reject_ids([3])
-    world.run(new, **opts)
-    world.run(new, **opts)
-    assert 3 in _quarantined_ids(world.store)
-    world.sb.reject_ids([])
+    world.sb.fail_ids([3])
+    for _ in range(SUSPECT_AFTER + 2):
+        with pytest.raises(TransientDeliveryError):
+            world.run(new, **opts)
+    assert set(world.sb.table(BRAND, TABLE)) == {3}
+    world.sb.fail_ids([])
     world.run(new, **opts)
     world.run(new, **opts)
     assert_sandbox_matches(world.sb, new)
@@ -263,3 +280,16 @@ def test_halves_acknowledged_before_an_outage_are_not_sent_again(world: World) -
     world.run(new, chunk_size=40, sender=recorder)
     assert_sandbox_matches(world.sb, new)
     assert sorted(u["data"]["data"]["id"] for u in recorder.updates()) == list(range(1, 21))
+
+
+def test_a_rejected_new_row_of_a_retyped_key_is_quarantined_as_usual(world: World) -> None:
+    ids = np.arange(1, 11)
+    world.run(pd.DataFrame({"id": ids, "v": "x"}))
+    new = pd.DataFrame({"id": [f"n{i}" for i in ids], "v": "x"})
+    opts: dict[str, Any] = {"on_schema_change": "update_all", "allow_large_changes": True}
+    world.sb.reject_ids(["n3"])
+    summary = world.run(new, **opts)
+    assert summary.quarantined == 1
+    world.sb.reject_ids([])
+    world.run(new, **opts)
+    assert_sandbox_matches(world.sb, new)
