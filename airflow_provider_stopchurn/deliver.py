@@ -27,7 +27,10 @@ chunk they travel in on every run:
   a range are tried before either is split further: one bad row fails one half only, an outage fails both, so
   an outage stops the run after a few requests (:data:`PROBES`) instead of bisecting a whole chunk against a
   server that answers nothing. Several bad rows in one chunk look like an outage until a half gets through: each
-  run that stopped so allows the next one split more (:data:`MAX_PATIENCE`), so they are taken apart too.
+  run that stopped so allows the next one split more and cuts their chunks finer (:data:`MAX_PATIENCE`), so they
+  are taken apart too. A suspect update failing again alone is held without counting against the run's budget
+  (it costs no request more), unless StopChurn answered nothing in the run; once the budget is spent, the other
+  suspect chunks wait for the next run while the rest is sent.
 
 The caller keeps the failure counts per row (``report.failed`` / ``report.delivered``, :func:`next_failures`).
 """
@@ -248,6 +251,7 @@ class _Health:
         self.absorbed = 0
         self.both_failed = 0
         self.patience = patience
+        self.singles = 0
 
     def answer(self) -> None:
         with self._lock:
@@ -260,10 +264,23 @@ class _Health:
             self.both_failed += int(both)
             return self.absorbed <= MAX_HELD and self.both_failed <= self._budget()
 
-    def spent(self) -> bool:
-        """Whether the run took apart all it may: later suspect chunks are not sent (the next run sends them)."""
+    def held_alone(self) -> None:
+        """A suspect update failed again alone (held, no request more)."""
         with self._lock:
-            return self.absorbed >= MAX_HELD or self.both_failed > self._budget()
+            self.singles += 1
+
+    def spent(self) -> bool:
+        """Whether the run took apart all it may: later suspect chunks are not sent (the next run sends them).
+
+        Held updates count only while StopChurn answered nothing in this run: :data:`MAX_HELD` of them in a row
+        then look like an outage.
+        """
+        with self._lock:
+            return (
+                self.absorbed >= MAX_HELD
+                or self.both_failed > self._budget()
+                or (self.answered == 0 and self.singles >= MAX_HELD)
+            )
 
     def _budget(self) -> int:
         return PROBES + self.patience + min(self.answered, 8)
@@ -420,6 +437,12 @@ def _cut(window: Window, isolation: Isolation | None) -> _Cut:
     bytes_ = window.bytes
     if len(alone_at):
         chunks = _split_around(chunks, alone_at)
+    suspect_at = np.flatnonzero(texts.is_in(list(isolation.suspect)).fill_null(False).to_numpy())
+    if isolation.patience and len(suspect_at):
+        # each run stopped taking them apart cuts their chunks finer: rows failing together (a cluster deeper
+        # than the probe budget) then meet good rows, whose answers let the run go on
+        chunks = _finer(chunks, suspect_at, 1 << isolation.patience)
+    if len(chunks) != len(window.chunks):
         bytes_ = bodies_bytes(updates.str.len_bytes().to_numpy(), chunks)
     starts = np.array([a for a, _ in chunks], dtype=np.int64)
     cut = _Cut(_Encoded(offset, updates, [(a + offset, b + offset) for a, b in chunks], bytes_))
@@ -427,12 +450,22 @@ def _cut(window: Window, isolation: Isolation | None) -> _Cut:
     for i, (a, b) in enumerate(chunks):
         if b - a == 1 and a in alone_set:
             cut.alone[i] = _row_id(orjson.loads(updates[a]))
-    suspect_at = np.flatnonzero(texts.is_in(list(isolation.suspect)).fill_null(False).to_numpy())
     cut.suspect = {int(c) for c in np.searchsorted(starts, suspect_at, side="right") - 1}
     watched_at = np.flatnonzero(texts.is_in(list(isolation.watched)).fill_null(False).to_numpy())
     for position, chunk in zip(watched_at, np.searchsorted(starts, watched_at, side="right") - 1, strict=True):
         cut.watched.setdefault(int(chunk), []).append((int(position), str(texts[int(position)])))
     return cut
+
+
+def _finer(chunks: list[tuple[int, int]], suspect_at: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """``chunks`` with each one holding a position of ``suspect_at`` (sorted) cut into ``parts`` pieces."""
+    starts = np.array([a for a, _ in chunks], dtype=np.int64)
+    hit = set((np.searchsorted(starts, suspect_at, side="right") - 1).tolist())
+    out: list[tuple[int, int]] = []
+    for i, (a, b) in enumerate(chunks):
+        step = max(1, -(-(b - a) // parts))
+        out += [(s, min(s + step, b)) for s in range(a, b, step)] if i in hit else [(a, b)]
+    return out
 
 
 def _split_around(chunks: list[tuple[int, int]], alone_at: np.ndarray) -> list[tuple[int, int]]:
@@ -746,9 +779,9 @@ def _send_range(
         if probe:
             raise _Probe(err) from None
         if ctx.suspect and end - start == 1:
-            # one update of a suspect row that failed again: holding it costs no request more, so it is held even
-            # once the run's budget is spent (stopping here would stop every run before the rows after it)
-            ctx.health.absorb()
+            # one update of a suspect row that failed again: holding it costs no request more, so it is held and
+            # does not count against the run's budget (which would otherwise stop every run before the rows after)
+            ctx.health.held_alone()
             _take_apart(ctx, start, end, outcome, err)
             return
         if not ctx.suspect or not ctx.health.absorb():
