@@ -26,7 +26,11 @@ chunk they travel in on every run:
   uncertain (StopChurn may have applied it), so the next run sends it again, and reported by id. Both halves of
   a range are tried before either is split further: one bad row fails one half only, an outage fails both, so
   an outage stops the run after a few requests (:data:`PROBES`) instead of bisecting a whole chunk against a
-  server that answers nothing.
+  server that answers nothing. Several bad rows in one chunk look like an outage until a half gets through: each
+  run that stopped so allows the next one split more and cuts their chunks finer (:data:`MAX_PATIENCE`), so they
+  are taken apart too. A suspect update failing again alone is held without counting against the run's budget
+  (it costs no request more), unless StopChurn answered nothing in the run; once the budget is spent, the other
+  suspect chunks wait for the next run while the rest is sent.
 
 The caller keeps the failure counts per row (``report.failed`` / ``report.delivered``, :func:`next_failures`).
 """
@@ -64,6 +68,10 @@ SUSPECT_AFTER = 3
 PROBES = 1
 #: Transient failures of suspect ranges absorbed in one run at most (bounds the requests of a bad day).
 MAX_HELD = 64
+#: Extra splits with both halves failing that a run may take, one per try its suspect rows failed beyond
+#: :data:`SUSPECT_AFTER` (several bad rows in one chunk look like an outage until a half gets through; a run that
+#: stopped at the probe budget would otherwise stop at the same place on every later run).
+MAX_PATIENCE = 4
 #: Errors that say StopChurn applied nothing of the request.
 _NOTHING_APPLIED = (StopChurnAuthError, StopChurnRejectedError, StopChurnPayloadTooLargeError)
 _ID_PATH = "$.data.data.id"
@@ -123,11 +131,14 @@ class Isolation:
     :param alone: rows sent one per request (rejected before, or found failing alone).
     :param suspect: rows whose chunk is bisected on a transient failure.
     :param watched: rows with a failure count: the report says which were delivered (their count is dropped).
+    :param patience: extra splits of suspect ranges whose halves both failed this delivery may take
+        (:data:`MAX_PATIENCE`).
     """
 
     alone: frozenset[str] = frozenset()
     suspect: frozenset[str] = frozenset()
     watched: frozenset[str] = frozenset()
+    patience: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.alone or self.suspect or self.watched)
@@ -138,7 +149,11 @@ def isolation_for(rejected_ids: Iterable[Any], failures: Mapping[str, Mapping[st
     alone = {id_text(i) for i in rejected_ids if i is not None}
     alone |= {t for t, f in failures.items() if f.get("alone")}
     suspect = {t for t, f in failures.items() if int(f.get("failures", 0)) >= SUSPECT_AFTER}
-    return Isolation(frozenset(alone), frozenset(suspect), frozenset(failures))
+    # each run that stopped at the probe budget counts one more try for the rows of the range: the next run
+    # probes one split further, so rows failing together in one chunk are taken apart within a few runs
+    tries = max((int(failures[t].get("failures", 0)) for t in suspect), default=SUSPECT_AFTER)
+    patience = min(max(tries - SUSPECT_AFTER, 0), MAX_PATIENCE)
+    return Isolation(frozenset(alone), frozenset(suspect), frozenset(failures), patience)
 
 
 def next_failures(previous: Mapping[str, Mapping[str, Any]], report: DeliveryReport) -> dict[str, dict[str, Any]]:
@@ -192,10 +207,17 @@ def held_error(
     ids = sorted({repr(r.id) for r in held})
     tries = max(int(failures.get(id_text(r.id), {}).get("failures", 0)) for r in held)
     shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+    skipped = (
+        f"{len(report.skipped)} more rows that failed on earlier tries were not sent in this run (it stops taking "
+        f"failing rows apart after {MAX_HELD} failures); they are sent next run.\n"
+        if report.skipped
+        else ""
+    )
     return TransientDeliveryError(
         f"StopChurn kept failing the updates of {len(ids)} rows of {table_name!r} (ids {shown}) with a retryable "
         f"error on {tries} tries.\n"
         f"Last answer: {held[-1].reason}\n"
+        f"{skipped}"
         "Every other row was delivered and committed. These rows are sent again on every run, each in a request of "
         "its own, until StopChurn accepts them.",
         status=None,
@@ -209,21 +231,27 @@ class _Outcome:
     retries: int = 0
     #: requests of the range that StopChurn acknowledged (a part of the chunk was applied)
     applied: int = 0
+    #: the ranges those requests held (positions in the window)
+    acked: list[tuple[int, int]] = field(default_factory=list)
 
 
 class _Health:
     """Whether StopChurn answers at all in this run (shared by the sending threads).
 
     Bisecting a suspect range, a single bad row makes one half fail and the other succeed; both halves failing
-    is what an outage looks like (or several bad rows). A run takes :data:`PROBES` such splits, and one more per
-    answer it got (up to 8), and :data:`MAX_HELD` absorbed failures in all; then it stops as any failed run does.
+    is what an outage looks like (or several bad rows). A run takes :data:`PROBES` such splits, one more per try
+    its suspect rows failed beyond :data:`SUSPECT_AFTER` (``patience``, up to :data:`MAX_PATIENCE`) and one more
+    per answer it got (up to 8), and :data:`MAX_HELD` absorbed failures in all; then it stops as any failed run
+    does.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, patience: int = 0) -> None:
         self._lock = threading.Lock()
         self.answered = 0
         self.absorbed = 0
         self.both_failed = 0
+        self.patience = patience
+        self.singles = 0
 
     def answer(self) -> None:
         with self._lock:
@@ -234,7 +262,28 @@ class _Health:
         with self._lock:
             self.absorbed += 1
             self.both_failed += int(both)
-            return self.absorbed <= MAX_HELD and self.both_failed <= PROBES + min(self.answered, 8)
+            return self.absorbed <= MAX_HELD and self.both_failed <= self._budget()
+
+    def held_alone(self) -> None:
+        """A suspect update failed again alone (held, no request more)."""
+        with self._lock:
+            self.singles += 1
+
+    def spent(self) -> bool:
+        """Whether the run took apart all it may: later suspect chunks are not sent (the next run sends them).
+
+        Held updates count only while StopChurn answered nothing in this run: :data:`MAX_HELD` of them in a row
+        then look like an outage.
+        """
+        with self._lock:
+            return (
+                self.absorbed >= MAX_HELD
+                or self.both_failed > self._budget()
+                or (self.answered == 0 and self.singles >= MAX_HELD)
+            )
+
+    def _budget(self) -> int:
+        return PROBES + self.patience + min(self.answered, 8)
 
 
 @dataclass
@@ -258,6 +307,8 @@ class DeliveryReport:
     failed: dict[str, str] = field(default_factory=dict)
     #: id texts of held rows (still failing alone)
     held: set[str] = field(default_factory=set)
+    #: id texts of rows in suspect chunks not sent once the run's budget was spent (sent again next run)
+    skipped: set[str] = field(default_factory=set)
     #: id texts of watched rows that were met, and of those acknowledged (delivered)
     met: set[str] = field(default_factory=set)
     delivered: set[str] = field(default_factory=set)
@@ -314,6 +365,7 @@ def deliver(
     on_chunks: Callable[[int, list[tuple[int, int]]], None] | None = None,
     guard: Callable[[], None] | None = None,
     isolation: Isolation | None = None,
+    whole_windows: bool = False,
 ) -> DeliveryReport:
     """Send every chunk of ``windows``, a window at a time; see the module docstring.
 
@@ -322,11 +374,14 @@ def deliver(
     :param guard: called before each request is started; an exception from it (the run lost its lock) stops
         the delivery like a failed request.
     :param isolation: rows sent apart (see the module docstring); None: none.
+    :param whole_windows: after a window of deletes, send the next only if every delete was applied (a plan
+        whose key columns changed type: its deletes of the old ids, then the new rows); otherwise stop with an
+        error saying what was not applied.
     """
     report = DeliveryReport()
     workers = max(1, options.max_concurrent_requests)
     windows = iter(windows)
-    health = _Health()
+    health = _Health(isolation.patience if isolation is not None else 0)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stopchurn-send") as pool:
         while report.failure is None:
             try:  # encoding and chunking happen here, a window at a time
@@ -343,7 +398,9 @@ def deliver(
             first = report.chunks
             report.chunks += len(cut.window.chunks)
             report.bytes += cut.window.bytes
-            _Sending(pool, workers, sender, options, report, on_ack, guard, health).window(cut, first)
+            _Sending(pool, workers, sender, options, report, on_ack, guard, health, partial=True).window(cut, first)
+            if whole_windows and report.failure is None and _all_deletes(cut.window.updates):
+                report.failure = _not_all_applied(report, range(first, report.chunks), options.table_name)
     report.complete = report.complete and report.failure is None
     return report
 
@@ -380,6 +437,12 @@ def _cut(window: Window, isolation: Isolation | None) -> _Cut:
     bytes_ = window.bytes
     if len(alone_at):
         chunks = _split_around(chunks, alone_at)
+    suspect_at = np.flatnonzero(texts.is_in(list(isolation.suspect)).fill_null(False).to_numpy())
+    if isolation.patience and len(suspect_at):
+        # each run stopped taking them apart cuts their chunks finer: rows failing together (a cluster deeper
+        # than the probe budget) then meet good rows, whose answers let the run go on
+        chunks = _finer(chunks, suspect_at, 1 << isolation.patience)
+    if len(chunks) != len(window.chunks):
         bytes_ = bodies_bytes(updates.str.len_bytes().to_numpy(), chunks)
     starts = np.array([a for a, _ in chunks], dtype=np.int64)
     cut = _Cut(_Encoded(offset, updates, [(a + offset, b + offset) for a, b in chunks], bytes_))
@@ -387,12 +450,22 @@ def _cut(window: Window, isolation: Isolation | None) -> _Cut:
     for i, (a, b) in enumerate(chunks):
         if b - a == 1 and a in alone_set:
             cut.alone[i] = _row_id(orjson.loads(updates[a]))
-    suspect_at = np.flatnonzero(texts.is_in(list(isolation.suspect)).fill_null(False).to_numpy())
     cut.suspect = {int(c) for c in np.searchsorted(starts, suspect_at, side="right") - 1}
     watched_at = np.flatnonzero(texts.is_in(list(isolation.watched)).fill_null(False).to_numpy())
     for position, chunk in zip(watched_at, np.searchsorted(starts, watched_at, side="right") - 1, strict=True):
         cut.watched.setdefault(int(chunk), []).append((int(position), str(texts[int(position)])))
     return cut
+
+
+def _finer(chunks: list[tuple[int, int]], suspect_at: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """``chunks`` with each one holding a position of ``suspect_at`` (sorted) cut into ``parts`` pieces."""
+    starts = np.array([a for a, _ in chunks], dtype=np.int64)
+    hit = set((np.searchsorted(starts, suspect_at, side="right") - 1).tolist())
+    out: list[tuple[int, int]] = []
+    for i, (a, b) in enumerate(chunks):
+        step = max(1, -(-(b - a) // parts))
+        out += [(s, min(s + step, b)) for s in range(a, b, step)] if i in hit else [(a, b)]
+    return out
 
 
 def _split_around(chunks: list[tuple[int, int]], alone_at: np.ndarray) -> list[tuple[int, int]]:
@@ -422,6 +495,9 @@ class _Sending:
     on_ack: Callable[[int, list[Rejection]], None]
     guard: Callable[[], None] | None
     health: _Health
+    #: a chunk acknowledged in part before it failed is recorded with its unknown rows as transient (the update
+    #: engines settle those as uncertain; the event engine records whole chunks only)
+    partial: bool = False
 
     def window(self, cut: _Cut, first: int, todo: Sequence[int] | None = None) -> None:
         """Send the chunks of one window (only ``todo`` of them, if given); chunk ``first + i`` is its chunk ``i``."""
@@ -442,8 +518,7 @@ class _Sending:
             try:
                 _send_range(ctx, start, end, outcome, body)
             except _Failed as failed:
-                if isinstance(failed.error, TransientDeliveryError):
-                    failed.ids = _ids(updates, start, end)
+                _known_of(failed, updates, (start, end), offset, partial=self.partial)
                 raise
             outcome.rejections = [dataclasses.replace(r, position=r.position + offset) for r in outcome.rejections]
             return outcome
@@ -463,6 +538,10 @@ class _Sending:
                 nxt = next(bodies, None)
                 if nxt is None:
                     break
+                if nxt[0] in cut.suspect and self.health.spent():
+                    # the run took apart all it may: these rows wait for the next run, the others go on
+                    report.skipped.update(_ids(updates, *local[nxt[0]]))
+                    continue
                 index = first + nxt[0]
                 report.started.add(index)
                 pending[self.pool.submit(send, index, nxt[1])] = index
@@ -479,10 +558,62 @@ class _Sending:
                     )
 
 
-def _ids(updates: pl.Series, start: int, end: int) -> list[str]:
-    """The id texts of updates ``[start, end)`` (none for bodies that are not row updates)."""
-    texts = updates.slice(start, end - start).str.json_path_match(_ID_PATH).drop_nulls()
-    return [str(t) for t in texts.to_list()]
+def _all_deletes(updates: pl.Series) -> bool:
+    """Whether every update of a window is a delete (the windows a plan sends before its new rows)."""
+    return bool(updates.len()) and bool((updates.str.json_path_match("$.type") == "delete").all())
+
+
+def _not_all_applied(report: DeliveryReport, chunks: range, table_name: str) -> DeliveryError | None:
+    """The error of a window some of whose updates StopChurn refused, or did not confirm (held, or not sent);
+    None when every update of it was applied."""
+    records = [r for c in chunks for r in report.acked.get(c, ())]
+    unsent = [c for c in chunks if c not in report.acked]
+    if not records and not unsent:
+        return None
+    refused = sum(1 for r in records if not r.transient)
+    message = (
+        f"StopChurn did not apply {len(records)} deletes of old ids of {table_name!r}, whose key columns changed "
+        f"type ({refused} refused, the others still failing or not sent), and {len(unsent)} chunks were not sent.\n"
+        "The rows under the new key type are sent once every old id is deleted: the next run sends the old ids' "
+        "deletes again. Refused ones are listed by `stopchurn rejected`."
+    )
+    if refused:
+        return DeliveryError(message)
+    return TransientDeliveryError(message, status=None)
+
+
+def _ids(updates: pl.Series, start: int, end: int, only: np.ndarray | None = None) -> list[str]:
+    """The id texts of updates ``[start, end)`` (``only``: at these offsets in it; none for bodies that are not
+    row updates)."""
+    texts = updates.slice(start, end - start).str.json_path_match(_ID_PATH)
+    if only is not None:
+        texts = texts.gather(only)
+    return [str(t) for t in texts.drop_nulls().to_list()]
+
+
+def _known_of(failed: _Failed, updates: pl.Series, span: tuple[int, int], offset: int, *, partial: bool) -> None:
+    """Say on ``failed`` what is known of the rows of its chunk (``span``: positions in the window): the ids that
+    failed transiently and, when a part was acknowledged (413 halves, bisection) and ``partial``, the records that
+    let the chunk be recorded (its rejections, its unknown rows as transient), so the next run resends only the
+    rows not acknowledged."""
+    start, end = span
+    unknown = _unknown(failed.outcome, start, end)
+    if failed.outcome.applied and partial:
+        failed.records = [dataclasses.replace(r, position=r.position + offset) for r in failed.outcome.rejections]
+        reason = _first_line(failed.error)
+        failed.records += [Rejection(start + offset + int(p), reason, transient=True) for p in unknown]
+    if isinstance(failed.error, TransientDeliveryError):
+        failed.ids = _ids(updates, start, end, unknown)
+
+
+def _unknown(outcome: _Outcome, start: int, end: int) -> np.ndarray:
+    """Offsets in ``[start, end)`` of the updates neither acknowledged nor refused alone by a request of the range."""
+    known = np.zeros(end - start, dtype=bool)
+    for a, b in outcome.acked:
+        known[a - start : b - start] = True
+    for r in outcome.rejections:
+        known[r.position - start] = True
+    return np.flatnonzero(~known)
 
 
 def deliver_chunks(
@@ -527,6 +658,12 @@ def _collect(
         if failed.ids:
             reason = _first_line(failed.error)
             report.failed.update(dict.fromkeys(failed.ids, reason))
+        if failed.records is not None:  # acknowledged in part: recorded, its unknown rows uncertain
+            try:
+                on_ack(index, failed.records)
+                report.acked[index] = failed.records
+            except BaseException as err:
+                report.failure = report.failure or err
         report.failure = report.failure or failed.error
         return
     except BaseException as err:  # keep the first failure; the others in flight finish
@@ -561,6 +698,8 @@ class _Failed(Exception):
         self.error = error
         self.outcome = outcome
         self.ids: list[str] = []
+        #: when a part of the chunk was acknowledged: its rejections and, as transient, the rows not known
+        self.records: list[Rejection] | None = None
 
 
 @dataclass(frozen=True)
@@ -639,6 +778,12 @@ def _send_range(
         outcome.retries += max(int(getattr(err, "attempts", 1)) - 1, 0)
         if probe:
             raise _Probe(err) from None
+        if ctx.suspect and end - start == 1:
+            # one update of a suspect row that failed again: holding it costs no request more, so it is held and
+            # does not count against the run's budget (which would otherwise stop every run before the rows after)
+            ctx.health.held_alone()
+            _take_apart(ctx, start, end, outcome, err)
+            return
         if not ctx.suspect or not ctx.health.absorb():
             raise _Failed(err, outcome) from None
         log.warning(
@@ -654,6 +799,7 @@ def _send_range(
         raise _Failed(err, outcome) from None
     outcome.requests += 1
     outcome.applied += 1
+    outcome.acked.append((start, end))
     outcome.retries += max(int(getattr(result, "attempts", 1)) - 1, 0)
     ctx.health.answer()
 
@@ -699,6 +845,7 @@ def _split(ctx: _Range, start: int, end: int, outcome: _Outcome) -> None:
 
 __all__ = [
     "MAX_HELD",
+    "MAX_PATIENCE",
     "PROBES",
     "SUSPECT_AFTER",
     "DeliveryOptions",

@@ -378,12 +378,19 @@ def reconcile_ids(diff: SnapshotDiff, base: BaseSnapshot, keys: Sequence[str]) -
     same_type = base_ids.schema[ID] == target.schema[ID]
     updated = diff.updated.join(base_ids.rename({ID: _OLD_ID}), on=BASE_ROW, how="left", maintain_order="left")
     id_moved = updated.filter(pl.col(ID).ne_missing(pl.col(_OLD_ID))) if same_type else updated
+    # a row a settle kept dirty as a maybe-insert (its insert may have landed) whose id changed since: its old id
+    # may be at StopChurn too, so it is deleted like the old id of an updated row (the row stays an insert)
+    kept = diff.inserted.filter(pl.col(BASE_ROW).is_not_null()).join(
+        base_ids.rename({ID: _OLD_ID}), on=BASE_ROW, how="left", maintain_order="left"
+    )
+    kept_moved = kept.filter(pl.col(ID).ne_missing(pl.col(_OLD_ID))) if same_type else kept
+    old_ids = pl.concat([id_moved.select(*keys, BASE_ROW, _OLD_ID), kept_moved.select(*keys, BASE_ROW, _OLD_ID)])
     deleted, inserted, merged = diff.deleted, diff.inserted, diff.inserted.clear()
-    if id_moved.height:  # the old id of a row whose id changed: deleted as it was last delivered
-        rows = base.rows_with_keys(id_moved.select(keys)).unique(subset=keys, keep="first", maintain_order=True)
+    if old_ids.height:  # the old id of a row whose id changed: deleted as it was last delivered
+        rows = base.rows_with_keys(old_ids.select(keys)).unique(subset=keys, keep="first", maintain_order=True)
         extra = (
             rows.drop([c for c in (HASH_1, HASH_2) if c in rows.columns])
-            .join(id_moved.select(*keys, BASE_ROW), on=keys, how="left", maintain_order="left")
+            .join(old_ids.select(*keys, BASE_ROW), on=keys, how="left", maintain_order="left")
             .with_columns(pl.col(BASE_ROW).cast(row_dtype))
         )
     else:
@@ -397,7 +404,7 @@ def reconcile_ids(diff: SnapshotDiff, base: BaseSnapshot, keys: Sequence[str]) -
             reused = pl.Series(BASE_ROW, [], dtype=row_dtype)
         # the ids StopChurn holds once the plan's deletes landed; each once (a settled snapshot may hold an id on
         # two rows); the row of a deleted key is the one an insert of that id replaces
-        gone_ids = id_moved.select(pl.col(_OLD_ID).alias(ID))
+        gone_ids = old_ids.select(pl.col(_OLD_ID).alias(ID))
         if deleted.height:
             gone_ids = pl.concat([gone_ids, deleted.select(ID)])
         held = (

@@ -280,8 +280,11 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
     ids_moved = False
     if "id" in base_kinds:  # every snapshot this provider writes has one; StopChurn keys rows by it
         diff, ids_moved = reconcile_ids(diff, committed, keys)
-    if ids_moved or _keys_retyped(diff, keys):
+    retyped = _keys_retyped(diff, keys)
+    if ids_moved or retyped:
         meta["deletes_first"] = True
+    if retyped:  # an old id not deleted cannot be tracked beside the new ones: nothing new goes before all are
+        meta["keys_retyped"] = True
     if diff.inserted.height + diff.updated.height + diff.deleted.height == 0:
         plan = _empty(diff.target, kinds, keys, meta, baseline=False)
         plan.unchanged = diff.unchanged

@@ -259,6 +259,17 @@ def _settled_frame(
         )
     flags = pl.Series("__sc_status", status)
     marked = positions.select(OP, BASE_ROW, TARGET_ROW).with_columns(flags)
+    # the old id of a row whose id changed is a delete sharing its base row with the row's upsert: when that
+    # delete was not applied (refused, or uncertain) the old id may still be at StopChurn, and only the base row
+    # names it. The base row is kept (as a delete not applied, or uncertain, keeps it) instead of the new one, so
+    # the next run deletes the old id again and writes the new one again.
+    not_deleted = marked.filter((pl.col(OP) == "delete") & (pl.col("__sc_status") != _APPLIED)).get_column(BASE_ROW)
+    blocked = (
+        ((pl.col(OP) != "delete") & pl.col(BASE_ROW).is_in(not_deleted.drop_nulls().implode())).fill_null(False)
+        if plan.meta.get("deletes_first") and not_deleted.len()
+        else pl.lit(False)
+    )
+    marked = marked.filter(~blocked)
     applied = marked.filter(pl.col("__sc_status") == _APPLIED)
     unsure = marked.filter(pl.col("__sc_status") == _UNCERTAIN)
     unsure_upserts = unsure.filter(pl.col(OP) != "delete")

@@ -376,6 +376,7 @@ def deliver_and_settle(
         on_chunks=add_chunks,
         guard=lambda: lock.fence(request_s),
         isolation=isolation_for((r.get("id") for r in rejected_before), failures),
+        whole_windows=bool(stored[0].meta.get("keys_retyped")),
     )
     failures = next_failures(failures, report)
     try:  # hints for the next run: losing them only delays isolating a row

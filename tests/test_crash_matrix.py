@@ -1,6 +1,7 @@
 """The crash matrix: a worker killed at every durable write of the store, then a clean run converges.
 
-For each scenario (plain delivery, quarantine, settling after a rejection) the worker process first runs to the
+For each scenario (plain delivery, quarantine, settling after a rejection, isolating rows that keep failing) the
+worker process first runs to the
 end to count the store's writes; then one worker per write dies just before, or just after, that write. After
 each death a clean in-process run (StopChurn accepting everything) must leave the sandbox equal to the source,
 no plan pending and no lock held: no crash point needs a hand edit of the store.
@@ -18,6 +19,7 @@ import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
 from recovery_scenarios import SCENARIOS, first_table, moved_on
 
+from airflow_provider_stopchurn.deliver import SUSPECT_AFTER
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
 
@@ -43,6 +45,10 @@ def _fresh(sb: Any, root: Path, scenario: str) -> SnapshotStore:
     store = SnapshotStore(root, BRAND, TABLE)
     run_sync(first_table(), store, make_client(sb), options(chunk_size=8), run_ms=T0)
     sb.reject_ids(SCENARIOS[scenario].rejected)
+    failing = SCENARIOS[scenario].failing
+    if failing:  # what earlier runs that failed on these rows leave (deliver.next_failures)
+        store.write_row_failures({str(i): {"failures": SUSPECT_AFTER, "reason": "HTTP 500"} for i in failing})
+    sb.fail_ids(failing)
     return store
 
 
@@ -55,6 +61,8 @@ def test_killed_at_every_store_write_then_a_clean_run_converges(
     counted = _worker(sb, tmp_path / "count", scenario, 0, "never")
     assert counted.returncode == 0, counted.stderr
     writes = int(counted.stdout.strip().splitlines()[-1].split()[-1])
+    if SCENARIOS[scenario].failing:  # the rows were held: the run named them
+        assert "failed: TransientDeliveryError" in counted.stdout, counted.stdout
     assert writes >= 5, counted.stdout
     points = [(n, when) for n in range(1, writes + 1) for when in ("before", "after")]
     for n, when in points:
@@ -63,6 +71,7 @@ def test_killed_at_every_store_write_then_a_clean_run_converges(
         died = _worker(sb, root, scenario, n, when)
         assert died.returncode == 9, (n, when, died.stdout, died.stderr)
         sb.reject_ids(())
+        sb.fail_ids(())
         target = moved_on()  # the source moved on: what the dead run may have applied must be undone
         run_sync(target, store, make_client(sb), options(chunk_size=8), run_ms=T0 + 2000)
         assert_sandbox_matches(sb, target)

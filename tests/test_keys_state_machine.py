@@ -168,8 +168,10 @@ class Identities(RuleBasedStateMachine):
             self._run()
             assert sandbox_rows(self.sb) == expected(self.rows, self.nest, self.num_as_text)
             committed = self.store.read_committed()
-            assert committed is not None
-            assert not committed.frame.select(list(KEYS)).is_duplicated().any()
+            # a first run of an empty source commits nothing (there is nothing to record)
+            assert committed is not None or not self.rows
+            if committed is not None:
+                assert not committed.frame.select(list(KEYS)).is_duplicated().any()
             assert self.store.pending_plan() is None
         finally:
             self.sb.stop()
