@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import fsspec
 import pandas as pd
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
+from dying_fs import DieAfter, DyingMemoryFileSystem, Killed
 from helpers_sync import (
     BRAND,
     T0,
@@ -473,55 +473,6 @@ def test_settle_after_a_killed_run_with_the_console_script(stopchurn_sandbox_fac
     assert [r["kind"] for r in history] == ["sync", "settle"]
 
 
-class Killed(BaseException):
-    """The process died (nothing in the engine catches a BaseException)."""
-
-
-class DyingMemoryFileSystem(MemoryFileSystem):
-    """fsspec's memory filesystem (the same files as ``memory://``) that refuses every write once ``dead``."""
-
-    protocol = ("dyingmem",)
-    dead: ClassVar[bool] = False
-
-    @classmethod
-    def _strip_protocol(cls, path: Any) -> Any:
-        if isinstance(path, str) and path.startswith("dyingmem://"):
-            path = "memory://" + path.removeprefix("dyingmem://")
-        return super()._strip_protocol(path)
-
-    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        if "r" not in mode and type(self).dead:
-            raise Killed
-        return super()._open(path, mode, **kwargs)
-
-    def rm_file(self, path: str) -> None:
-        if type(self).dead:
-            raise Killed
-        super().rm_file(path)
-
-    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
-        if type(self).dead:
-            raise Killed
-        super().rm(path, recursive=recursive, maxdepth=maxdepth)
-
-
-fsspec.register_implementation("dyingmem", DyingMemoryFileSystem, clobber=True)
-
-
-class DieAfter:
-    """A sender that delivers ``n`` chunks, then the process dies: no more writes, the next request never sent."""
-
-    def __init__(self, client: Any, n: int) -> None:
-        self.client, self.n, self.sent = client, n, 0
-
-    def post_update_body(self, body: bytes) -> Any:
-        if self.sent == self.n:
-            DyingMemoryFileSystem.dead = True
-            raise Killed
-        self.sent += 1
-        return self.client.post_update_body(body)
-
-
 @pytest.fixture
 def revive() -> Iterator[None]:
     yield
@@ -531,8 +482,7 @@ def revive() -> Iterator[None]:
 @pytest.mark.usefixtures("revive")
 def test_settle_after_a_dead_run_on_an_object_store(sb: SandboxServer, capsys: pytest.CaptureFixture[str]) -> None:
     name = f"stopchurn-cli/{uuid.uuid4().hex}"
-    with pytest.warns(UserWarning):  # UPath has no class of its own for this test protocol
-        dying = SnapshotStore(UPath(f"dyingmem://{name}"), BRAND, TABLE)
+    dying = SnapshotStore(UPath(f"dyingmem://{name}"), BRAND, TABLE)
     source = deterministic_table(9, 400)
     with pytest.raises(Killed):
         run_sync(source, dying, DieAfter(make_client(sb), 4), options(chunk_size=30, max_concurrent_requests=1))

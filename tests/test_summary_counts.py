@@ -11,13 +11,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
+from dying_fs import DieAfter, DyingMemoryFileSystem, Killed
 from helpers_sync import BRAND, T0, TABLE, FailAfter, assert_sandbox_matches, make_client, options
 from upath import UPath
 
@@ -34,55 +33,6 @@ def table(qty: int = 0) -> pd.DataFrame:
     return pd.DataFrame({"id": ids, "qty": ids * 0 + qty})
 
 
-class Killed(BaseException):
-    """The process died (nothing in the engine catches a BaseException)."""
-
-
-class DyingFileSystem(MemoryFileSystem):
-    """fsspec's memory filesystem (the files of ``memory://``) that refuses every write once ``dead``."""
-
-    protocol = ("countsdyingmem",)
-    dead: ClassVar[bool] = False
-
-    @classmethod
-    def _strip_protocol(cls, path: Any) -> Any:
-        if isinstance(path, str) and path.startswith("countsdyingmem://"):
-            path = "memory://" + path.removeprefix("countsdyingmem://")
-        return super()._strip_protocol(path)
-
-    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        if "r" not in mode and type(self).dead:
-            raise Killed
-        return super()._open(path, mode, **kwargs)
-
-    def rm_file(self, path: str) -> None:
-        if type(self).dead:
-            raise Killed
-        super().rm_file(path)
-
-    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
-        if type(self).dead:
-            raise Killed
-        super().rm(path, recursive=recursive, maxdepth=maxdepth)
-
-
-fsspec.register_implementation("countsdyingmem", DyingFileSystem, clobber=True)
-
-
-class DieAfter:
-    """Delivers ``n`` chunks, then the process dies: no more writes, the next request never sent."""
-
-    def __init__(self, client: Any, n: int) -> None:
-        self.client, self.n, self.sent = client, n, 0
-
-    def post_update_body(self, body: bytes) -> Any:
-        if self.sent == self.n:
-            DyingFileSystem.dead = True
-            raise Killed
-        self.sent += 1
-        return self.client.post_update_body(body)
-
-
 @pytest.fixture
 def sb(stopchurn_sandbox_factory: Any) -> SandboxServer:
     return stopchurn_sandbox_factory(record=True)
@@ -91,7 +41,7 @@ def sb(stopchurn_sandbox_factory: Any) -> SandboxServer:
 @pytest.fixture
 def revive() -> Iterator[None]:
     yield
-    DyingFileSystem.dead = False
+    DyingMemoryFileSystem.dead = False
 
 
 def run(frame: pd.DataFrame, store: SnapshotStore, sender: Any, tick: int, **opts: Any) -> Any:
@@ -121,12 +71,11 @@ def test_three_tries_of_one_dag_run_report_the_dag_run(sb: SandboxServer, tmp_pa
 @pytest.mark.usefixtures("revive")
 def test_a_killed_plan_of_another_dag_run_is_counted_apart(sb: SandboxServer) -> None:
     name = f"stopchurn-counts/{uuid.uuid4().hex}"
-    with pytest.warns(UserWarning):  # UPath has no class of its own for this test protocol
-        dying = SnapshotStore(UPath(f"countsdyingmem://{name}"), BRAND, TABLE)
+    dying = SnapshotStore(UPath(f"dyingmem://{name}"), BRAND, TABLE)
     run(table(), dying, make_client(sb), 0)
     with pytest.raises(Killed):
         run(table(qty=1), dying, DieAfter(make_client(sb), 3), 1, run_key="dag.task.run-1")
-    DyingFileSystem.dead = False  # a new process, on the store the dead one left
+    DyingMemoryFileSystem.dead = False  # a new process, on the store the dead one left
     store = SnapshotStore(UPath(f"memory://{name}"), BRAND, TABLE)
     assert store.pending_plan() is not None
     store.break_lock()  # the dead run's lock (the person knows it died)
