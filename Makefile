@@ -8,7 +8,7 @@ LOCK := requirements-dev.lock
 # PYTHONDONTWRITEBYTECODE may be set: compile bytecode at install time so `import airflow` stays fast.
 UV_FLAGS := --compile-bytecode --quiet
 
-.PHONY: venv test test-matrix test-matrix-oldest lint typecheck check demo bench bench-events-export bench-large bench-pushdown soak lock lock-matrix clean
+.PHONY: venv venv-mysql test test-matrix test-matrix-oldest lint typecheck check demo bench bench-events-export bench-large bench-pushdown soak lock lock-matrix clean
 
 # The venv is made by the standard library, then uv (pinned in the lock, so syncing keeps it) installs the
 # locked set into it in seconds (plain pip takes over a minute). Nothing is installed outside .venv.
@@ -26,6 +26,22 @@ $(STAMP): $(LOCK) pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# The MySQL driver (mysqlclient) ships no Linux wheel, so it stays out of the default set: this adds the mysql
+# extra at the versions of requirements-mysql.lock (the dev set plus it). It needs a C compiler and the client
+# headers; as root it installs them with apt when missing. Without it the MySQL tests skip with the reason.
+MYSQL_STAMP := $(VENV)/.mysql-installed
+MYSQL_SYSTEM_PACKAGES := default-libmysqlclient-dev pkg-config build-essential
+$(MYSQL_STAMP): requirements-mysql.lock $(STAMP)
+	@if ! pkg-config --exists mysqlclient 2>/dev/null && ! command -v mysql_config >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(MYSQL_SYSTEM_PACKAGES) >/dev/null; \
+		else echo "mysqlclient needs: apt-get install $(MYSQL_SYSTEM_PACKAGES) (as root)"; exit 1; fi; \
+	fi
+	$(UV) pip install $(UV_FLAGS) --python $(PY) -r requirements-mysql.lock
+	@touch $(MYSQL_STAMP)
+
+venv-mysql: $(MYSQL_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -67,6 +83,7 @@ soak: $(STAMP)
 # Re-pin the exact dependency set after editing pyproject.toml.
 lock: $(STAMP)
 	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --quiet -o $(LOCK)
+	$(UV) pip compile pyproject.toml --extra dev --extra mysql --python-version 3.11 --quiet -o requirements-mysql.lock
 	@rm -rf airflow_provider_stopchurn.egg-info  # resolving the project builds it here (see venv)
 
 # --- Airflow version matrix --------------------------------------------------------------------------------------
