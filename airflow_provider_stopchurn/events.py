@@ -111,8 +111,6 @@ EVENTS_FOLDER = "events"
 #: timeout, a dropped connection, a 200 that is not its acknowledgement), the plan is settled: a chunk StopChurn
 #: keeps failing must not hold back the stream, and the next read must see a source that was fixed meanwhile.
 SETTLE_AFTER_FAILED_TRIES = 3
-#: Marks of a plan's failed tries, one empty file each, inside the plan's folder (removed with the plan).
-_FAILED_TRIES = "plans/{plan_id}/failed_tries"
 _MAX_LISTED = 5
 _USER_ID = "__sc_user_id"
 _VALUE = "__sc_value"
@@ -887,11 +885,8 @@ class _Run:
 
     def _failed_tries(self, plan: Plan) -> int:
         """Record that this try of ``plan`` ended with a retryable StopChurn failure; how many tries did so."""
-        folder = _FAILED_TRIES.format(plan_id=plan.plan_id)
-        backend = self.store.backend
         try:
-            backend.write_bytes(f"{folder}/{time.time_ns():020d}", b"")
-            return len(backend.list_names(folder))
+            return self.store.record_failed_try(plan.plan_id)
         except SnapshotError as err:  # the delivery's own failure is the one to report; this try is not counted
             log.warning("Could not record the failed try of event plan %s: %s", plan.plan_id, err)
             return 0

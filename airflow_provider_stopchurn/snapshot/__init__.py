@@ -10,6 +10,8 @@ Layout under ``<root>/<brand_id>/<table_name>/`` (every file but the pointers an
     plans/<plan_id>/changes.parquet    the change set in send order (absent when every update is an insert)
     plans/<plan_id>/acks/<chunk>       one file per chunk StopChurn acknowledged: empty, or the records it
                                        rejected inside the chunk, one JSON object per line
+    plans/<plan_id>/failed_tries/<ns>  event plans: one empty file per try that StopChurn answered with a
+                                       retryable error (the third settles the plan)
     LOCK                               the run holding this table (JSON), with an expiry (see ``lock``)
     LOCK.<digest>.claim                for an instant, while a run breaks, refreshes or releases the LOCK
     plans/<plan_id>/quarantine.jsonl   the rows rejected before that the plan's delivery did not resolve (read

@@ -640,6 +640,16 @@ class SnapshotStore:
         raw = self._backend.read_bytes(f"quarantine/{name}")
         return _read_json_lines(raw or b"", self._backend.location(f"quarantine/{name}"))
 
+    def record_failed_try(self, plan_id: str) -> int:
+        """Record that one try of a plan ended with a retryable StopChurn failure; return how many tries did.
+
+        One empty file per try under the plan's folder (an exclusive name, so concurrent writers cannot lose a
+        count); the files go with the plan when it is settled or discarded.
+        """
+        folder = f"{_plan_dir(plan_id)}/failed_tries"
+        self._backend.write_bytes(f"{folder}/{time.time_ns():020d}", b"")
+        return len(self._backend.list_names(folder))
+
     def read_row_failures(self) -> dict[str, dict[str, Any]]:
         """Per row (by id text) how many tries its request failed with a retryable error, and whether it failed
         alone (``deliver.next_failures``); {} when none. An unreadable file counts as none (it is only a hint)."""
