@@ -2,7 +2,7 @@
 ``twine check --strict``; the wheel goes into a clean virtualenv with Airflow pinned to this environment's version,
 and Airflow discovers everything the provider declares there.
 
-One build and one install for the whole module (about 20 s with uv's cache warm): ``make dist`` runs on a copy of
+One build and one install for the whole module (15 to 40 s with uv's cache warm): ``make dist`` runs on a copy of
 the checkout (the build writes an egg-info next to ``pyproject.toml``, which in the checkout would make Airflow
 load the plugin twice), and the virtualenv is resolved with the dev lock as constraints so that it holds the
 tested versions and comes from uv's cache when it can (``UV_OFFLINE``), from the index when it cannot.
@@ -41,7 +41,20 @@ SDIST_NAME = f"{MODULE}-{__version__}.tar.gz"
 NOT_SHIPPED = ("tests/", "demo/", "benchmarks/", "example_dags/", "docs/", ".ci/")
 #: What the copy of the checkout leaves out: version control, virtualenvs, earlier builds, large local data.
 NOT_COPIED = shutil.ignore_patterns(
-    ".git", ".venv", ".venv-*", "dist", "build", "*.egg-info", ".mypy_cache", ".data", ".demo", ".airflow", ".artifacts"
+    ".git",
+    ".venv",
+    ".venv-*",
+    "dist",
+    "build",
+    "*.egg-info",
+    ".data",
+    ".demo",
+    ".airflow",
+    ".artifacts",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    ".hypothesis",
 )
 #: Planted in the copy before the build: local clutter that neither archive may pick up.
 PLANTED = (
@@ -208,6 +221,16 @@ def test_wheel_holds_the_package_and_nothing_else(built: Built) -> None:
     assert f"{MODULE}/sandbox/server.py" in names
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
     assert f"{dist_info}licenses/LICENSE" in names
+
+
+def test_readme_installs_this_versions_wheel() -> None:
+    """The README's install commands and Dockerfile name the wheel `make dist` builds for this version."""
+    readme = (ROOT / "README.md").read_text()
+    install = readme[readme.index("## Install\n") : readme.index("## Supported Airflow versions\n")]
+    deployment = readme[readme.index("## A real deployment\n") :]
+    assert f"WHEEL=dist/{WHEEL_NAME}" in install
+    assert f"COPY --chown=airflow:root dist/{WHEEL_NAME} /tmp/" in deployment
+    assert f'"/tmp/{WHEEL_NAME}[postgres]"' in deployment
 
 
 def test_wheel_metadata(built: Built) -> None:
