@@ -8,7 +8,7 @@ LOCK := requirements-dev.lock
 # PYTHONDONTWRITEBYTECODE may be set: compile bytecode at install time so `import airflow` stays fast.
 UV_FLAGS := --compile-bytecode --quiet
 
-.PHONY: venv venv-mysql test test-matrix test-matrix-oldest lint typecheck check demo bench bench-events-export bench-large bench-pushdown soak lock lock-matrix clean
+.PHONY: venv venv-mysql dist test test-matrix test-matrix-oldest lint typecheck check demo bench bench-events-export bench-large bench-pushdown soak lock lock-matrix clean
 
 # The venv is made by the standard library, then uv (pinned in the lock, so syncing keeps it) installs the
 # locked set into it in seconds (plain pip takes over a minute). Nothing is installed outside .venv.
@@ -42,6 +42,14 @@ $(MYSQL_STAMP): requirements-mysql.lock $(STAMP)
 	@touch $(MYSQL_STAMP)
 
 venv-mysql: $(MYSQL_STAMP)
+
+# The sdist and the wheel (built from the sdist, as an installer from an index would) in dist/, both checked the
+# way an upload would be. The build's own environment comes from uv's cache, as the venv does.
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --installer uv --outdir dist .
+	@rm -rf airflow_provider_stopchurn.egg-info  # the sdist step writes it here (see venv)
+	$(PY) -m twine check --strict dist/*
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
