@@ -12,6 +12,12 @@
   ``dag-processor`` and two ``airflow celery worker`` processes, each with its own ``AIRFLOW_HOME`` (its own local
   disk), sharing the metadata database, the broker and the DAGs folder.
 
+Where this process may (root, and Linux namespaces allowed: ``unshare``), worker 2 runs as a second machine: its
+own host name (:data:`SECOND_HOST`) and its own disk mounted at the same ``AIRFLOW_HOME`` path as worker 1's, as
+two machines built from one image would be. A lock left by a process of the other host cannot be judged by its
+pid there, and the default local ``snapshot_uri`` names the same path on both. Elsewhere both workers share the
+host name and their ``AIRFLOW_HOME`` paths differ (:attr:`Deployment.separate_hosts` says which).
+
 Every Airflow process runs in a session of its own, so stopping it (SIGTERM, then SIGKILL after a bounded wait)
 reaches the task processes it forked. Which worker runs a task is decided by Celery queues: each worker starts
 on its own queue (``w1``, ``w2``) and :meth:`Deployment.route` moves a scenario's queue from one worker to the
@@ -301,7 +307,10 @@ class Deployment:
     s3_url: str
     sandbox: SandboxServer
     request_log: RequestLog
+    #: where this process sees each worker's local disk (its AIRFLOW_HOME)
     homes: dict[str, Path]
+    #: worker 2 runs as a second machine: its own host name, its own disk mounted at worker 1's AIRFLOW_HOME path
+    separate_hosts: bool
     services: dict[str, Service] = field(default_factory=dict)
 
     # --- the REST API (the simple auth manager, every user an admin) ------------------------------------------
@@ -456,6 +465,15 @@ def airflow_env(
             "AIRFLOW_CONN_STOPCHURN_DEFAULT": json.dumps(
                 {"conn_type": "stopchurn", "host": stopchurn_url, "password": TOKEN, "extra": {"brand_id": BRAND}}
             ),
+            # short request timeouts (a request's 10 s), so that a short lock_ttl_s can fence every request
+            "AIRFLOW_CONN_STOPCHURN_SHORT": json.dumps(
+                {
+                    "conn_type": "stopchurn",
+                    "host": stopchurn_url,
+                    "password": TOKEN,
+                    "extra": {"brand_id": BRAND, "timeout": 5},
+                }
+            ),
             # the S3 snapshot store (moto) and where the DAGs and the test exchange markers
             "AWS_ENDPOINT_URL": s3_url,
             "AWS_ACCESS_KEY_ID": "testing",
@@ -483,6 +501,31 @@ def _migrate(env: dict[str, str], logdir: Path) -> None:
         raise RuntimeError(f"airflow db migrate failed ({result.returncode}):\n{tail(log)}")
 
 
+SECOND_HOST = "stopchurn-worker-2"
+_SECOND_MACHINE = 'hostname "$1" && mount --bind "$2" "$3" && shift 3 && exec "$@"'
+
+
+def can_run_as_second_machine() -> bool:
+    """Whether this process may give a worker its own host name and mounts (root, and namespaces allowed)."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        return False
+    probe = [unshare, "--uts", "--mount", "--propagation", "private", "sh", "-c", "hostname probe"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def as_second_machine(hostname: str, disk: Path, mount_at: Path, cmd: list[str]) -> list[str]:
+    """``cmd`` in its own UTS and mount namespaces: host name ``hostname``, ``disk`` mounted at ``mount_at``.
+
+    The namespaces end with the last process in them: nothing is left mounted on the host.
+    """
+    unshare = ["unshare", "--uts", "--mount", "--propagation", "private"]
+    return [*unshare, "sh", "-c", _SECOND_MACHINE, "sh", hostname, str(disk), str(mount_at), *cmd]
+
+
 @contextlib.contextmanager
 def running_deployment(write_dags: Callable[[Path], None]) -> Iterator[Deployment]:
     """The whole deployment, with the DAG files ``write_dags(folder)`` writes; everything is stopped on exit."""
@@ -492,9 +535,12 @@ def running_deployment(write_dags: Callable[[Path], None]) -> Iterator[Deploymen
     for folder in (logdir, dags, shared):
         folder.mkdir()
     write_dags(dags)
+    separate_hosts = can_run_as_second_machine()
     homes = {name: root / f"home-{name}" for name in ("control", *WORKERS)}
     for home in homes.values():
         home.mkdir()
+    # as a second machine, worker 2 sees its own disk at the same AIRFLOW_HOME path as worker 1's
+    worker_home = {"w1": homes["w1"], "w2": homes["w1"] if separate_hosts else homes["w2"]}
     services: list[Service] = []
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, root, True)
@@ -525,10 +571,13 @@ def running_deployment(write_dags: Callable[[Path], None]) -> Iterator[Deploymen
             sandbox,
             request_log,
             {name: homes[name] for name in WORKERS},
+            separate_hosts,
         )
         for worker in WORKERS:
             cmd = [*AIRFLOW, "celery", "worker", "-q", worker, "-c", "2", "-H", f"{worker}@deploy", "--skip-serve-logs"]
-            deployment.services[worker] = spawn(worker, cmd, env_for(homes[worker]), logdir)
+            if worker == "w2" and separate_hosts:
+                cmd = as_second_machine(SECOND_HOST, homes["w2"], worker_home["w2"], cmd)
+            deployment.services[worker] = spawn(worker, cmd, env_for(worker_home[worker]), logdir)
         services.extend(deployment.services.values())
         _migrate(env_for(homes["control"]), logdir)
         for name, cmd in (

@@ -33,6 +33,7 @@ SNAPSHOTS_S3 = "s3://stopchurn-snapshots/deploy"
 
 # (a): 3,000 rows in chunks of 100, two requests in flight at most
 A_ROWS, A_CHUNK, A_CONCURRENT = 3000, 100, 2
+A_LOCK_TTL = 30
 # (c): 1,500 rows in chunks of 100, one request at a time per run (so any overlap would be between the runs)
 C_ROWS, C_CHUNK = 1500, 100
 
@@ -79,11 +80,13 @@ with DAG(
         task_id="sync",
         table_name={table!r},
         dataframe=source,
+        stopchurn_conn_id={conn!r},
         snapshot_uri={snapshot_uri!r},
         queue={queue!r},
         chunk_size={chunk},
         max_concurrent_requests={concurrent},
         lock_wait_s=120,
+        lock_ttl_s={ttl},
         retries=1,
         retry_delay=timedelta(seconds=2),
     )
@@ -98,6 +101,10 @@ DAGS: dict[str, dict[str, Any]] = {
         concurrent=A_CONCURRENT,
         snapshot_uri=SNAPSHOTS_S3,
         tag="a",
+        # a short lease, so that a retry on another host finds the killed try's lock expired within the test
+        # (short request timeouts on this connection, so that the lease can still fence every request)
+        conn="stopchurn_short",
+        ttl=A_LOCK_TTL,
     ),
     "deploy_b": dict(table="b_accounts", queue="scen_b", rows=50, chunk=100, concurrent=1, snapshot_uri="", tag="b"),
     "deploy_c_w1": dict(
@@ -111,6 +118,7 @@ DAGS: dict[str, dict[str, Any]] = {
 
 def write_dags(folder: Path) -> None:
     for dag_id, spec in DAGS.items():
+        spec = {"conn": "stopchurn_default", "ttl": 3600, **spec}
         (folder / f"{dag_id}.py").write_text(_DAG_TEMPLATE.format(dag_id=dag_id, **spec))
 
 
@@ -150,15 +158,15 @@ def log_text(path: Path | None) -> str:
 def test_killed_try_is_retried_on_the_other_worker_and_settles_from_s3(deploy: Deployment) -> None:
     dag_id, run_id, table = "deploy_a", "a1", DAGS["deploy_a"]["table"]
     deploy.route("scen_a", "w1")
-    deploy.sandbox.set_faults(FaultConfig(latency=0.3))  # a slow StopChurn: the delivery takes seconds
+    deploy.sandbox.set_faults(FaultConfig(latency=1.0))  # a slow StopChurn: the delivery would take 15 s
     before = deploy.sandbox.stats()["accepted_requests"]
     deploy.trigger(dag_id, run_id)
     pid = int(wait_for("try 1 to read its source", lambda: marker(deploy, dag_id, run_id, 1).read_text(), 120))
-    # mid-delivery: some chunks acknowledged, then the next requests are held on their way and the task is killed
+    deploy.route("scen_a", "w2")  # try 1 runs on worker 1; its retry can only be taken by worker 2
+    # mid-delivery: some chunks acknowledged, the next requests held on their way, and the task process killed
     wait_for("chunks of try 1", lambda: deploy.sandbox.stats()["accepted_requests"] - before >= 4, 120, 0.05)
     deploy.request_log.hold()
     delivered_before_kill = deploy.sandbox.stats()["accepted_requests"] - before
-    deploy.route("scen_a", "w2")  # the retry can only be taken by worker 2
     os.kill(pid, signal.SIGKILL)
     deploy.sandbox.set_faults(FaultConfig())
     deploy.request_log.release()
@@ -173,6 +181,13 @@ def test_killed_try_is_retried_on_the_other_worker_and_settles_from_s3(deploy: D
     assert deploy.task_log("w2", dag_id, run_id, 2) is not None
     assert deploy.task_log("w1", dag_id, run_id, 2) is None
     assert int(marker(deploy, dag_id, run_id, 2).read_text()) != pid
+    retry_log = log_text(deploy.task_log("w2", dag_id, run_id, 2))
+    if deploy.separate_hosts:
+        # another host cannot tell whether the holder's process lives: the retry waited for the lease to expire
+        assert "Waiting up to" in retry_log, retry_log[-3000:]
+        assert "Breaking the lock" in retry_log and "it expired at" in retry_log, retry_log[-3000:]
+    else:
+        assert "Breaking the lock" in retry_log and "on this host is gone" in retry_log, retry_log[-3000:]
     assert 0 < delivered_before_kill < A_ROWS // A_CHUNK
 
     # StopChurn holds the source, and only the chunks in flight at the kill were sent twice
@@ -206,9 +221,12 @@ def test_default_local_store_is_refused_on_the_worker_without_the_snapshot(deplo
     assert task is not None
     assert task["try_number"] == 1  # permanent: not retried (the same worker would find the same store)
     text = log_text(deploy.task_log("w2", dag_id, "b2", 1))
-    # the two homes are two paths on one machine, so the recorded location differs: SnapshotLocationError (on two
-    # machines with the same AIRFLOW_HOME path the store would be missing instead: SnapshotBehindError)
-    assert "SnapshotLocationError" in text, text[-3000:]
+    if deploy.separate_hosts:
+        # the same AIRFLOW_HOME path on both machines: the same location, whose store here lacks the commit
+        assert "SnapshotBehindError" in text, text[-3000:]
+    else:
+        # two AIRFLOW_HOME paths on one machine: the recorded location is another one
+        assert "SnapshotLocationError" in text, text[-3000:]
     # refused before the source was read and before anything was sent or written
     assert not marker(deploy, dag_id, "b2", 1).exists()
     assert deploy.sandbox.stats()["requests"] == requests_before
