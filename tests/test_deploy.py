@@ -6,7 +6,9 @@ Marked ``deploy``: excluded from ``make test``, run by ``make test-deploy``. Wit
 binaries) the tests skip, unless ``STOPCHURN_REQUIRE_DEPLOY=1`` (CI): then they fail.
 
 Each scenario has its own DAG file and table. Which worker runs a try is decided by Celery queues: a scenario's
-queue is moved from one worker to the other (``Deployment.route``) between tries or runs.
+queue is moved from one worker to the other (``Deployment.route``) between tries or runs. Where namespaces are
+allowed (root), worker 2 runs as a second machine (its own host name, its own disk at worker 1's AIRFLOW_HOME
+path); the scenarios assert what each layout implies (``Deployment.separate_hosts``).
 """
 
 from __future__ import annotations
