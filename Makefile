@@ -47,7 +47,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # A real multi-worker deployment on 127.0.0.1 (tests/test_deploy.py, marked deploy, left out of `make test`): the
-# CeleryExecutor with two workers, PostgreSQL, Debian's redis-server and moto's S3 server; about 1.5 minutes.
+# CeleryExecutor with two workers, PostgreSQL, Debian's redis-server and moto's S3 server; about 2 minutes.
 # Without redis-server or PostgreSQL it fails rather than skips, and pytest fails when no test ran.
 test-deploy: $(STAMP)
 	STOPCHURN_REQUIRE_DEPLOY=1 $(PY) -m pytest -m deploy tests/test_deploy.py $(PYTEST_ARGS)
