@@ -8,7 +8,7 @@ LOCK := requirements-dev.lock
 # PYTHONDONTWRITEBYTECODE may be set: compile bytecode at install time so `import airflow` stays fast.
 UV_FLAGS := --compile-bytecode --quiet
 
-.PHONY: venv venv-mysql dist test test-matrix test-matrix-oldest lint typecheck check demo bench bench-events-export bench-large bench-pushdown soak lock lock-matrix clean
+.PHONY: venv venv-mysql dist test test-deploy test-matrix test-matrix-oldest lint typecheck check demo bench bench-events-export bench-large bench-pushdown soak lock lock-matrix clean
 
 # The venv is made by the standard library, then uv (pinned in the lock, so syncing keeps it) installs the
 # locked set into it in seconds (plain pip takes over a minute). Nothing is installed outside .venv.
@@ -53,6 +53,12 @@ dist: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A real multi-worker deployment on 127.0.0.1 (tests/test_deploy.py, marked deploy, left out of `make test`): the
+# CeleryExecutor with two workers, PostgreSQL, Debian's redis-server and moto's S3 server; about 2 minutes.
+# Without redis-server or PostgreSQL it fails rather than skips, and pytest fails when no test ran.
+test-deploy: $(STAMP)
+	STOPCHURN_REQUIRE_DEPLOY=1 $(PY) -m pytest -m deploy tests/test_deploy.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -101,6 +101,12 @@ class SyncOptions:
             or not (0 <= self.lock_wait_s <= 86_400)
         ):
             problems.append(f"lock_wait_s must be a number of seconds within [0, 86400], got {self.lock_wait_s!r}")
+        if (
+            isinstance(self.lock_ttl_s, bool)
+            or not isinstance(self.lock_ttl_s, int | float)
+            or not (0 < self.lock_ttl_s <= 86_400)
+        ):
+            problems.append(f"lock_ttl_s must be a number of seconds within (0, 86400], got {self.lock_ttl_s!r}")
         if problems:
             raise StopChurnConfigError("Invalid sync options: " + "; ".join(problems) + ".")
 

@@ -57,7 +57,6 @@ SYNC_OPTION_ARGUMENTS = tuple(
         "allow_large_changes",
         "holder",
         "run_key",
-        "lock_ttl_s",
         "progress_interval_s",
         "window_rows",
     }
@@ -138,6 +137,9 @@ class StopChurnUpdateOperator(BaseOperator):
         fails the run before anything is sent. MySQL 8's JSON and PostgreSQL's json/jsonb need no entry.
     :param lock_wait_s: while another run syncs the same table, wait up to this many seconds for its lock
         (polling with backoff), then fail as retryable.
+    :param lock_ttl_s: the table lock's lease, in seconds: a heartbeat renews it while the run works. A run killed
+        on another machine (where its process cannot be seen) blocks the table until its lease expires; on the
+        same host it is broken at once. It must exceed a request's timeouts (the connection's) by a tenth of itself.
     :param diff_location: where the diff runs (templated). ``"worker"`` (default): the source is read into the
         worker and diffed against the snapshot. ``"warehouse"`` (SQL sources only): the diff runs as SQL in the
         database of ``sql_conn_id``, against a state table kept there, and only the changed rows leave it
@@ -203,6 +205,7 @@ class StopChurnUpdateOperator(BaseOperator):
         nest_dotted_columns: bool = True,
         decimal_as_string: bool = False,
         lock_wait_s: float = 300.0,
+        lock_ttl_s: float = 3600.0,
         json_columns: Sequence[str] = (),
         diff_location: Literal["worker", "warehouse"] = "worker",
         state_schema: str = DEFAULT_STATE_SCHEMA,
@@ -254,6 +257,7 @@ class StopChurnUpdateOperator(BaseOperator):
         self.nest_dotted_columns = nest_dotted_columns
         self.decimal_as_string = decimal_as_string
         self.lock_wait_s = lock_wait_s
+        self.lock_ttl_s = lock_ttl_s
         self._table: TableRef | None = None  # set by execute(), for lineage
         self._summary: dict[str, Any] | None = None
         self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
