@@ -1077,9 +1077,10 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
                 guard.check(accept_missing_snapshot=options.replace_snapshot)
             except SnapshotBehindError as err:
                 raise SnapshotBehindError(
+                    "Export refused: this worker does not see the snapshot Airflow recorded for the table.\n"
                     f"Airflow recorded a snapshot of brand {options.brand_id} table {options.table_name!r} committed "
                     f"at {store.location} (Variable {guard.key!r}) that this worker does not see: updates have been "
-                    "flowing from another worker's store. Nothing was written. Point snapshot_uri at the shared "
+                    "flowing from another worker's store. Nothing was written.\nPoint snapshot_uri at the shared "
                     "store, or set replace_snapshot=True to replace that baseline with this export on purpose."
                 ) from err
             output = _storage_root(self.output_uri, self.output_conn_id, "exports")
