@@ -269,7 +269,9 @@ def test_repr_never_shows_the_key(set_conn: Any) -> None:
 ALL_BAD = {"brand_id": "abc", "timeout": "0", "max_retries": "-1"}
 
 
-def test_test_connection_reports_every_bad_extra_in_one_message(set_conn: Any, stopchurn_sandbox: SandboxServer) -> None:
+def test_test_connection_reports_every_bad_extra_in_one_message(
+    set_conn: Any, stopchurn_sandbox: SandboxServer
+) -> None:
     """One Test shows every field to fix: a short first line naming them, then one line per problem."""
     hook = StopChurnHook(set_conn("sc_allbad", host=stopchurn_sandbox.url, password=KEY, extra=ALL_BAD))
     ok, text = hook.test_connection()
@@ -306,6 +308,8 @@ def test_no_message_about_extras_shows_the_api_key(set_conn: Any, stopchurn_sand
         _ = hook.client
     assert key not in str(info.value)
     # the form's length cap cuts a pasted key short: its first 19 characters are not shown either
-    hook = StopChurnHook(set_conn("sc_pasted_cut", host=stopchurn_sandbox.url, password=key, extra={"brand_id": key[:19]}))
+    hook = StopChurnHook(
+        set_conn("sc_pasted_cut", host=stopchurn_sandbox.url, password=key, extra={"brand_id": key[:19]})
+    )
     ok, text = hook.test_connection()
     assert not ok and key[:19] not in text and "the API key (not shown)" in text

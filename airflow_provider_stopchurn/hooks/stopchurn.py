@@ -304,11 +304,12 @@ class StopChurnHook(BaseHook):
         """Check the connection's extras, base URL and API key without changing anything at StopChurn.
 
         The extras are checked first, all of them: every invalid ``brand_id``, ``timeout`` or ``max_retries`` is
-        reported in one message naming its field (a short first line, then one line per problem), then one ``POST /client-data/update`` with an empty data array (``{"data": []}``), which
-        carries no update. 200 means the key works; 401 is reported as a refused API key; anything else (another
-        status, a network error, a configuration error such as a missing key or an insecure URL) is reported
-        with what happened. Messages do not name the connection id: Airflow's Test button tests a copy of the
-        connection under a random temporary id. Never raises.
+        reported in one message naming its field (a short first line, then one line per problem). Then one
+        ``POST /client-data/update`` with an empty data array (``{"data": []}``), which carries no update. 200
+        means the key works; 401 is reported as a refused API key; anything else (another status, a network error,
+        a configuration error such as a missing key or an insecure URL) is reported with what happened. Messages
+        do not name the connection id: Airflow's Test tests a copy of the connection under a random temporary id.
+        Never raises.
         """
         self._testing = True
         try:
