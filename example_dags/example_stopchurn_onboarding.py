@@ -2,7 +2,7 @@
 
 StopChurn takes a brand's existing data as JSON files uploaded by hand in its Back Office before any update may
 flow. ``export_users`` writes them (``part-00001.json``, ... and a ``manifest.json`` with each file's rows, bytes and
-SHA-256) under ``<output_uri>/<brand_id>/user/<run id>/`` and commits the very rows it wrote as the snapshot of the
+SHA-256) under ``<output_uri>/<brand_id>/user/<run>/`` and commits the very rows it wrote as the snapshot of the
 nightly update DAG (``example_stopchurn_sql_nightly``: same table, brand and snapshot location). The steps:
 
 1. trigger this DAG once;

@@ -953,7 +953,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
     """Write a table as StopChurn's historical-upload files and record it as the update operator's baseline.
 
     The files (``part-00001.json``, ...; each one JSON array of ``{"data": <row>, "createdAt": <ms>, "updatedAt":
-    <ms>}``, never over ``max_file_bytes``) go under ``<output_uri>/<brand_id>/<table_name>/<run id>/`` with a
+    <ms>}``, never over ``max_file_bytes``) go under ``<output_uri>/<brand_id>/<table_name>/<run>/`` with a
     ``manifest.json`` (rows, bytes and SHA-256 of each file) written last. The rows are encoded exactly as
     ``StopChurnUpdateOperator`` encodes them (same ids, values and ``user``-table contract), and the exported table
     is committed as that operator's snapshot (same ``createdAt`` values), so a ``StopChurnUpdateOperator`` on the
