@@ -162,6 +162,8 @@ class EventOptions:
     #: names the DAG run (and task): a later try of the same run reports the run's whole delivery
     run_key: str | None = None
     lock_ttl_s: float = 3600.0
+    #: while another run holds the stream's lock, wait up to this many seconds for it (as an update run does)
+    lock_wait_s: float = 300.0
     progress_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -207,6 +209,12 @@ class EventOptions:
             problems.append(f"max_chunk_bytes must be an integer >= 64, got {self.max_chunk_bytes!r}")
         if not isinstance(self.max_concurrent_requests, int) or self.max_concurrent_requests < 1:
             problems.append(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests!r}")
+        if (
+            isinstance(self.lock_wait_s, bool)
+            or not isinstance(self.lock_wait_s, int | float)
+            or not (0 <= self.lock_wait_s <= 86_400)
+        ):
+            problems.append(f"lock_wait_s must be a number of seconds within [0, 86400], got {self.lock_wait_s!r}")
         if problems:
             raise StopChurnConfigError("Invalid event options: " + "; ".join(problems) + ".")
 
@@ -682,7 +690,11 @@ def run_events(
         if sender is None:
             raise StopChurnConfigError("A sender is required unless dry_run=True.")
         run = _Run(store, _ToEventRoute(sender), options, summary, now_ms)
-        with store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock, lock.heartbeat():
+        # a run that waited for the lock holds its own lease from then on: the fence below checks that one
+        with (
+            store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
+            lock.heartbeat(),
+        ):
             run.lock = lock
             fenced = fence_sender(sender, lock.fence)  # every attempt, retries included
             run.sender, run.request_s = _ToEventRoute(fenced), float(getattr(fenced, "request_s", 0.0))

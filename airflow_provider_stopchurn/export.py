@@ -19,7 +19,8 @@ One run::
 An upload adds and replaces rows at StopChurn but deletes none, so a replaced snapshot's rows that the export lacks
 are still there afterwards; keeping them in the new snapshot is what lets the update engine delete them.
 
-Files go to ``<output>/<brand_id>/<table_name>/<run id>/part-00001.json, part-00002.json, ...`` and the
+Files go to ``<output>/<brand_id>/<table_name>/<run>/part-00001.json, part-00002.json, ...`` (``<run>``: the
+run id as a name a person can type, :func:`export_folder_name`) and the
 ``manifest.json`` (rows, bytes and SHA-256 of each file) is written last, after the commit: a folder with a manifest
 is complete and its rows are the committed baseline (with the kept rows, if any); a folder without one is the
 leftover of a failed try (the next try of the same run rewrites it). Each file is ``[``, one record per line
@@ -36,6 +37,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -86,7 +88,7 @@ Source = pd.DataFrame | Callable[[], pd.DataFrame]
 class ExportOptions:
     """Everything that shapes one export. Validated on construction (no I/O).
 
-    :param run_id: names the run's output folder (an Airflow run id; any text, escaped for paths).
+    :param run_id: names the run's output folder (an Airflow run id, any text; see :func:`export_folder_name`).
     :param run_key: names the task run: a snapshot committed by the same run_key is this export's own (a retry).
     :param replace_snapshot: replace a snapshot the store holds already (it would otherwise hide changes).
     """
@@ -176,8 +178,35 @@ class ExportSummary:
 
 
 def output_folder(root: Any, options: ExportOptions) -> Any:
-    """``<root>/<brand_id>/<table_name>/<run id>`` (a ``pathlib.Path`` or an ObjectStoragePath / UPath)."""
-    return root / str(int(options.brand_id)) / safe_name(options.table_name) / safe_name(options.run_id)
+    """``<root>/<brand_id>/<table_name>/<export_folder_name(run id)>`` (a ``pathlib.Path`` or an
+    ObjectStoragePath / UPath)."""
+    return root / str(int(options.brand_id)) / safe_name(options.table_name) / export_folder_name(options.run_id)
+
+
+_UNSAFE_IN_FOLDER = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def export_folder_name(run_id: str) -> str:
+    """The run's export folder: a name a person can type, the same for every try of one DAG run.
+
+    An Airflow run id ``<kind>__<ISO time>`` gives ``<UTC time>-<kind>-<hash>`` (``20261207T005212Z-manual-3f9a1c``);
+    any other run id its letters, digits, ``_`` and ``.`` (the rest as ``-``, cut to 40 characters), then the hash.
+    The hash (6 hex digits of the run id's SHA-256) keeps two runs apart whose names would otherwise meet (two
+    triggers in one second). The folder depends on the run id alone, so a retry rewrites its own folder.
+    """
+    digest = hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:6]
+    kind, sep, stamp = run_id.rpartition("__")
+    if sep:
+        try:
+            at = dt.datetime.fromisoformat(stamp)
+        except ValueError:
+            at = None
+        readable_kind = _UNSAFE_IN_FOLDER.sub("-", kind).strip("-.")[:24]
+        if at is not None and at.tzinfo is not None and readable_kind:
+            utc = at.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+            return f"{utc}-{readable_kind}-{digest}"
+    readable = _UNSAFE_IN_FOLDER.sub("-", run_id).strip("-.")[:40].rstrip("-.")
+    return f"{readable or 'run'}-{digest}"
 
 
 def run_export(
@@ -298,13 +327,16 @@ def _check_replace(store: SnapshotStore, committed: Any, pending: Plan | None, o
         if committed is not None and pending is None
         else "an unfinished update plan"
     )
+    short = "a snapshot" if committed is not None and pending is None else "an unfinished update plan"
     raise SafeguardError(
-        f"The snapshot store {store.location} already holds {what} of brand {options.brand_id} table "
-        f"{options.table_name!r}: updates have been flowing. Replacing it with this export would make the next "
-        "update run compare against the export and silently skip every change StopChurn has not seen yet. Nothing "
-        "was written. Export to another snapshot_uri, or set replace_snapshot=True once the files of this export "
-        "are going to be uploaded (rows StopChurn holds that the export lacks are then deleted by the next update "
-        "run)."
+        f"Export refused: the table already has {short}; set replace_snapshot=True to replace it.\n"
+        f"The snapshot store {store.location} holds {what} of brand {options.brand_id} table "
+        f"{options.table_name!r}: updates have been flowing. Nothing was written.\n"
+        "Replacing it with this export would make the next update run compare against the export and silently skip "
+        "every change StopChurn has not seen yet. Set replace_snapshot=True (the example DAG's "
+        "approve_replace_snapshot param in the Trigger dialog) once the files of this export are going to be "
+        "uploaded: rows StopChurn holds that the export lacks are then deleted by the next update run. Or export "
+        "to another snapshot_uri."
     )
 
 

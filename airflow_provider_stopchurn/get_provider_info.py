@@ -57,24 +57,28 @@ def get_provider_info() -> dict[str, Any]:
                         "password": "StopChurn API key (Back Office > Settings)",
                     },
                 },
-                # Text fields: what is typed reaches the hook, which refuses a bad value naming the field (a number
-                # field would save "abc" as null and clamp "-1" without a word).
+                # Text fields: what is typed reaches the hook, which refuses every bad value at once naming its
+                # field (a number field would save "abc" as null and clamp "-1" without a word). Of the schema's
+                # checks, Airflow 3.3's form honours on a text field only minLength/maxLength (and examples, a
+                # suggestion list): `pattern`, `minimum` and `maximum` are not checked there, and nothing is
+                # checked when a connection is saved. So the form caps each field's length and the hook checks
+                # the rest (the connections list's Test, and every task).
                 "conn-fields": {
                     "brand_id": {
                         "label": "Brand id",
-                        "schema": {"type": ["string", "null"]},
+                        "schema": {"type": ["string", "null"], "maxLength": 19},
                         "description": "Default StopChurn brand id (an integer >= 1) for operators that do not "
                         "set brand_id.",
                     },
                     "timeout": {
                         "label": "Timeout (seconds)",
-                        "schema": {"type": ["string", "null"]},
+                        "schema": {"type": ["string", "null"], "maxLength": 12},
                         "description": "Read timeout of one request, in seconds (> 0; default 30); the connect "
                         "timeout is min(10, timeout).",
                     },
                     "max_retries": {
                         "label": "Max retries",
-                        "schema": {"type": ["string", "null"]},
+                        "schema": {"type": ["string", "null"], "maxLength": 3},
                         "description": "Retries of one request on 429, 5xx and network errors (an integer >= 0; "
                         "default 5).",
                     },

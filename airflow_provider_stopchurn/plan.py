@@ -200,8 +200,8 @@ def timestamp_column(canon: Canonical, name: str | None, role: str) -> pl.Series
 # --- safeguards ----------------------------------------------------------------------------------------------
 #: How a person lets one run through the delete guards (the example DAGs pass their param to allow_large_changes).
 APPROVE_HINT = (
-    "To approve it, run once with allow_large_changes=True: in the Airflow UI, Trigger DAG w/ config and set "
-    'approve_mass_delete to true (a DAG param the task passes as allow_large_changes="{{ '
+    "To approve it, run once with allow_large_changes=True: in the Airflow UI, press Trigger and switch on "
+    'approve_mass_delete under Run Parameters (a DAG param the task passes as allow_large_changes="{{ '
     'params.approve_mass_delete }}", as in the example DAGs).'
 )
 

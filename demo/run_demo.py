@@ -3,7 +3,8 @@
 What it does, all under ``.demo/`` (recreated on every run):
 
 1. an Airflow home with a SQLite metadata DB (``airflow db migrate``);
-2. a source database ``app.db`` with a ``users`` table of 200 rows (fixed seed);
+2. a source database ``app.db`` with a ``users`` table of 200 rows and a ``deposits`` table of 500 (fixed seed;
+   ``deposits`` is what the events example ``example_stopchurn_events`` reads);
 3. the StopChurn sandbox (``python -m airflow_provider_stopchurn.sandbox``) on a free port;
 4. ``airflow dags test example_stopchurn_sql_nightly 2025-01-01``: the first run inserts every row;
 5. some users are updated, added and deleted in the source;
@@ -50,6 +51,8 @@ BRAND_ID = 1
 ONBOARDED_BRAND_ID = 2
 SEED = 2025
 USERS = 200
+DEPOSITS = 500
+DEPOSITS_FROM_MS = 1_733_011_200_000  # 2024-12-01 UTC: a month of deposits
 
 FIRST_NAMES = ["Ana", "Ben", "Chloé", "Dev", "Eve", "Farid", "Greta", "Hiro", "Ines", "Jonas"]
 LAST_NAMES = ["Ng", "Smith", "Ďurová", "García", "Okafor", "Lindqvist", None]
@@ -85,6 +88,24 @@ def create_source(rng: random.Random) -> None:
         )
         rows = [make_user(rng, i) for i in range(1, USERS + 1)]
         db.executemany(f"INSERT INTO users VALUES ({', '.join('?' * len(rows[0]))})", [tuple(r.values()) for r in rows])
+        # what the events example (example_stopchurn_events) reads; its own generator, so the users stay the same
+        deposits_rng = random.Random(SEED + 1)
+        db.execute(
+            "CREATE TABLE deposits (id INTEGER PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users (id), "
+            "amount INTEGER NOT NULL, created_ms INTEGER NOT NULL)"
+        )
+        db.executemany(
+            "INSERT INTO deposits VALUES (?, ?, ?, ?)",
+            [
+                (
+                    i,
+                    deposits_rng.randint(1, USERS),
+                    deposits_rng.choice([10, 20, 50, 100, 250]) * 100,  # in cents
+                    DEPOSITS_FROM_MS + deposits_rng.randrange(30 * 86_400) * 1000,
+                )
+                for i in range(1, DEPOSITS + 1)
+            ],
+        )
 
 
 def mutate_source(rng: random.Random) -> dict[str, int]:
@@ -288,7 +309,7 @@ def main() -> int:
         seconds = airflow(env, "db-migrate", "db", "migrate")
         print(f"  Airflow metadata DB migrated ({seconds:.1f}s)")
         create_source(rng)
-        print(f"  source: {SOURCE_DB.relative_to(ROOT)}, table users, {USERS} rows")
+        print(f"  source: {SOURCE_DB.relative_to(ROOT)}, tables users ({USERS} rows) and deposits ({DEPOSITS} rows)")
         sandbox, url = start_sandbox(env)
         print(f"  StopChurn sandbox: {url}")
         env["AIRFLOW_CONN_STOPCHURN_DEFAULT"] = json.dumps(

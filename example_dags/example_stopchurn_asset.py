@@ -11,7 +11,8 @@
   that triggered it (a run started by hand reads the table's latest event instead).
 
 The asset names the brand, so the sync task names it too (``brand_id=1``) rather than taking the connection's.
-A mass delete stops the sync; approve one run with "Trigger DAG w/ config" and ``approve_mass_delete``.
+A mass delete stops the sync; approve one run: press Trigger and switch on ``approve_mass_delete`` under Run
+Parameters.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def example_stopchurn_asset_sync() -> None:
     schedule=[STOPCHURN_USER_SEGMENTS],
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
+    max_active_runs=1,  # a trigger beside the scheduled run queues instead of waiting for the lock
     doc_md=__doc__,
     tags=["stopchurn", "example"],
 )

@@ -23,6 +23,7 @@ from airflow_provider_stopchurn.operators.stopchurn import StopChurnEventOperato
     schedule="@hourly",
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
+    max_active_runs=1,  # a trigger beside the scheduled run queues instead of waiting for the lock
     doc_md=__doc__,
     tags=["stopchurn", "example"],
 )

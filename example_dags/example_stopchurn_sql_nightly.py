@@ -11,7 +11,7 @@ become the nested ``marketingPreferences`` / ``systemPreferences`` objects StopC
 Each run sends only the rows inserted, updated or deleted since the previous run.
 
 A run that would delete more than half of the table (or all of it) stops before sending anything. To approve
-one such run: "Trigger DAG w/ config" and tick ``approve_mass_delete``.
+one such run: press Trigger and switch on ``approve_mass_delete`` under Run Parameters.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def example_stopchurn_sql_nightly() -> None:
         sql="sql/users.sql",
         sql_conn_id="stopchurn_demo_db",
         primary_key="id",
-        allow_large_changes="{{ params.approve_mass_delete }}",  # "Trigger DAG w/ config" approves one run
+        allow_large_changes="{{ params.approve_mass_delete }}",  # the Trigger dialog's Run Parameters approve one run
     )
 
 

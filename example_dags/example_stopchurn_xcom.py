@@ -2,8 +2,8 @@
 
 ``build_frame`` turns the ``users`` table into one row per user and channel (a composite key), and the
 operator receives its result as ``dataframe=build_frame()``. Rows have no ``id`` column, so the operator
-derives it from the key: ``"<user_id>:<channel>"``. A mass delete waits for approval: "Trigger DAG w/ config"
-with ``approve_mass_delete``.
+derives it from the key: ``"<user_id>:<channel>"``. A mass delete waits for approval: press Trigger
+and switch on ``approve_mass_delete`` under Run Parameters.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def example_stopchurn_xcom() -> None:
         table_name="channelConsent",
         dataframe=build_frame(),
         primary_key=["userId", "channel"],
-        allow_large_changes="{{ params.approve_mass_delete }}",  # "Trigger DAG w/ config" approves one run
+        allow_large_changes="{{ params.approve_mass_delete }}",  # the Trigger dialog's Run Parameters approve one run
     )
 
 

@@ -190,3 +190,34 @@ def test_unsaved_form_names_no_temporary_id(api: Api, stopchurn_sandbox: Sandbox
     )
     body["password"] = stopchurn_sandbox.token
     assert api.post("/connections/test", body).json()["status"] is True
+
+
+def test_every_bad_extra_is_reported_by_one_test(api: Api, stopchurn_sandbox: SandboxServer) -> None:
+    """Saved as typed (the form cannot check numbers), then one Test names every field to fix."""
+    extra = {"brand_id": "abc", "timeout": "0", "max_retries": "-1"}
+    shown = api.save(
+        connection_id="sc_form_allbad",
+        host=stopchurn_sandbox.url,
+        port=443,
+        password=stopchurn_sandbox.token,
+        extra=json.dumps(extra),
+    )
+    result = api.test_like_the_ui(shown).json()
+    assert result["status"] is False
+    first, *details = result["message"].splitlines()
+    assert first == "The connection: 3 extras are invalid (brand_id, timeout, max_retries)."
+    assert [line.split(" (extra")[0] for line in details] == ["- Brand id", "- Timeout (seconds)", "- Max retries"]
+    assert stopchurn_sandbox.token not in result["message"]
+    assert stopchurn_sandbox.stats()["requests"] == 0
+
+
+def test_the_form_caps_what_each_extra_field_takes(api: Api) -> None:
+    """The checks Airflow 3.3's form applies to a text field (maxLength) are declared for each extra."""
+    [meta] = [m for m in api.get("/ui/connections/hook_meta", api="").json() if m["connection_type"] == "stopchurn"]
+    schemas = {name.rsplit("__", 1)[-1]: field["schema"] for name, field in meta["extra_fields"].items()}
+    assert {name: schema.get("maxLength") for name, schema in schemas.items()} == {
+        "brand_id": 19,
+        "timeout": 12,
+        "max_retries": 3,
+    }
+    assert all(schema["type"] == ["string", "null"] for schema in schemas.values())  # what is typed reaches the hook

@@ -181,5 +181,5 @@ def test_a_live_lock_of_another_container_with_the_same_host_name_is_not_broken(
     world.run(deposits(range(3)), now_ms=ms(NOW))
     _other_namespace_lock(world)
     with pytest.raises(SnapshotLockedError, match="another container"):
-        world.run(deposits(range(6)), now_ms=ms(NOW))
+        world.run(deposits(range(6)), now_ms=ms(NOW), lock_wait_s=0)
     assert received_counts(world.sb) == as_counts(expected(deposits(range(3))))  # nothing sent while it holds it

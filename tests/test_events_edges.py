@@ -250,6 +250,6 @@ def test_stopchurn_settle_by_table_path_recognises_an_event_plan(
 # --- one writer -----------------------------------------------------------------------------------------------------
 def test_a_second_run_of_the_stream_sends_nothing_while_another_holds_it(world: World) -> None:
     with world.store.lock("another run of the stream"), pytest.raises(SnapshotLockedError, match="another run"):
-        world.run(deposits(range(5)), now_ms=ms(NOW))
+        world.run(deposits(range(5)), now_ms=ms(NOW), lock_wait_s=0)
     assert world.sb.stats()["requests"] == 0
     assert world.run(deposits(range(5)), now_ms=ms(NOW)).sent == 5  # once it is released

@@ -86,6 +86,8 @@ def events_dag(name: str, **kwargs: Any) -> DAG:
     kwargs.setdefault("event_key", "deposit_id")
     kwargs.setdefault("watermark_column", "created_at")
     kwargs.setdefault("lookback", dt.timedelta(hours=6))
+    # the operator retries by default, 2 minutes apart, which dag.test() waits out: a test that wants a retry says so
+    kwargs.setdefault("retries", 0)
     with DAG(f"events_{name}_{next(_ids)}", schedule=None, start_date=START, catchup=False) as dag:
         StopChurnEventOperator(task_id="send", **kwargs)
     return dag
@@ -267,3 +269,76 @@ def test_a_worker_without_the_ledger_stops_before_sending(sandbox: SandboxServer
     run(dag, 1, state="failed")
     assert sandbox.stats()["requests"] == requests
     assert received(sandbox, brand) == events_of(brand, deposits(0, 9))
+
+
+def test_a_second_run_of_the_stream_started_together_waits_for_the_lock_and_succeeds(
+    sandbox: SandboxServer, brand: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What "unpause on trigger" does: the scheduled run and the triggered one start together. The second waits
+    for the stream's lock (the operator's default ``lock_wait_s``) instead of failing at once, then reads after
+    the first committed: each deposit reaches StopChurn once, and the first run sent nothing after releasing."""
+    import threading
+
+    from helpers_sync import make_client
+
+    from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
+
+    state = tmp_path / "state"
+    caplog.set_level(logging.WARNING, logger="airflow_provider_stopchurn.snapshot.store")
+    dag = events_dag("together", dataframe=lambda: deposits(0, 29), state_uri=str(state), retries=0)
+    first: dict[str, Any] = {}
+
+    def first_source(window: Any) -> pd.DataFrame:
+        # read under the lock: hold it until the DAG run's try is seen waiting for it (bounded)
+        for _ in range(600):
+            if any("lock_wait_s" in r.getMessage() for r in caplog.records):
+                first["saw_wait"] = True
+                break
+            threading.Event().wait(0.1)
+        return deposits(0, 19)
+
+    def first_run() -> None:
+        options = EventOptions(
+            brand_id=brand,
+            user_id_column="user_id",
+            name="DEPOSIT",
+            value_column="amount",
+            event_key=("deposit_id",),
+            watermark_column="created_at",
+            lookback=dt.timedelta(hours=6),
+            holder=f"{dag.dag_id}.send run scheduled__2025-01-01 try 1",
+        )
+        store = event_store(state, brand, f"{dag.dag_id}.send")
+        try:
+            first["summary"] = run_events(first_source, store, make_client(sandbox), options, stream=store.table_name)
+        except Exception as err:  # examined below
+            first["error"] = err
+
+    thread = threading.Thread(target=first_run)
+    thread.start()
+    try:
+        assert _wait_for_lock(state, brand, f"{dag.dag_id}.send")
+        second = xcom_return(run(dag, 0), "send")  # fails at once without a lock wait
+    finally:
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert "error" not in first, first.get("error")
+    assert first.get("saw_wait"), "the DAG run never waited for the lock"
+    assert first["summary"].sent == 20
+    # read after the first run committed: its 20 deposits are duplicates or before the window, not sent again
+    assert (second["sent"], second["duplicates"] + second["before_window"]) == (10, 20)
+    assert received(sandbox, brand) == events_of(brand, deposits(0, 29))  # each deposit once
+
+
+def _wait_for_lock(state: Path, brand: int, stream: str) -> bool:
+    """Whether the stream's LOCK appeared within 60 s."""
+    import threading
+
+    from airflow_provider_stopchurn.events import event_store
+
+    store = event_store(state, brand, stream)
+    for _ in range(600):
+        if store.read_lock() is not None:
+            return True
+        threading.Event().wait(0.1)
+    return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -92,7 +93,8 @@ def test_files_are_the_documented_format_with_every_row_once(tmp_path: Path) -> 
     frame = accounts(300)
     summary = export(tmp_path, frame)
     folder = Path(summary.output_uri)
-    assert folder == tmp_path / "export" / str(BRAND) / TABLE / "scheduled__2025-06-15T00%3A00%3A00%2B00%3A00"
+    assert folder.parent == tmp_path / "export" / str(BRAND) / TABLE
+    assert re.fullmatch(r"20250615T000000Z-scheduled-[0-9a-f]{6}", folder.name), folder.name
     items = [item for path in files_of(summary) for item in validate_file(path.read_bytes())]
     assert [item["data"] for item in items] == expected_rows(frame)
     assert {(item["createdAt"], item["updatedAt"]) for item in items} == {(T_EXPORT, T_EXPORT)}
@@ -225,8 +227,11 @@ def test_an_existing_snapshot_is_not_replaced_unless_told(stopchurn_sandbox: San
     store = SnapshotStore(tmp_path / "snapshots", BRAND, TABLE)
     run_sync(accounts(10), store, make_client(stopchurn_sandbox), SyncOptions(brand_id=BRAND, table_name=TABLE))
     version = store.read_committed().version
-    with pytest.raises(SafeguardError, match="replace_snapshot=True"):
+    with pytest.raises(SafeguardError, match="replace_snapshot=True") as info:
         export(tmp_path, accounts(12))
+    first, *details = str(info.value).splitlines()
+    assert len(first) < 120 and "replace_snapshot=True" in first, first  # the fix, on the line a log viewer shows
+    assert details and any(store.location in line for line in details)
     assert store.read_committed().version == version and not (tmp_path / "export").exists()
     summary = export(tmp_path, accounts(12), replace_snapshot=True)
     assert summary.replaced_snapshot and store.read_committed().version == summary.snapshot_version
@@ -311,3 +316,34 @@ def test_an_update_run_in_another_shape_than_the_export_is_a_schema_change(tmp_p
     flat = SyncOptions(brand_id=BRAND, table_name=TABLE, nest_dotted_columns=False)
     with pytest.raises(SafeguardError, match="nest_dotted_columns"):
         run_sync(dotted, store, RecordingSender(None), flat, run_ms=T_LATER)
+
+
+# --- the export folder's name -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("run_id", "name"),
+    [
+        ("manual__2026-12-07T00:52:12.345678+00:00", r"20261207T005212Z-manual-[0-9a-f]{6}"),
+        ("scheduled__2025-06-15T00:00:00+00:00", r"20250615T000000Z-scheduled-[0-9a-f]{6}"),
+        ("backfill__2025-06-15T02:00:00+02:00", r"20250615T000000Z-backfill-[0-9a-f]{6}"),  # in UTC
+        ("asset_triggered__2025-06-15T00:00:00.5+00:00", r"20250615T000000Z-asset_triggered-[0-9a-f]{6}"),
+        ("my run: onboarding/brand 7", r"my-run-onboarding-brand-7-[0-9a-f]{6}"),
+        ("r", r"r-[0-9a-f]{6}"),
+        ("..", r"run-[0-9a-f]{6}"),
+    ],
+)
+def test_the_export_folder_is_named_so_a_person_can_type_it(run_id: str, name: str) -> None:
+    """No percent-escapes: a UTC time (or the run id's safe characters) and a short hash of the whole run id."""
+    from airflow_provider_stopchurn.export import export_folder_name
+
+    folder = export_folder_name(run_id)
+    assert re.fullmatch(name, folder), folder
+    assert re.fullmatch(r"[A-Za-z0-9_.-]{1,80}", folder) and folder not in {".", ".."}
+    assert export_folder_name(run_id) == folder  # every try of one DAG run writes the same folder
+
+
+def test_two_runs_in_the_same_second_get_their_own_folders() -> None:
+    from airflow_provider_stopchurn.export import export_folder_name
+
+    first = export_folder_name("manual__2026-12-07T00:52:12.100000+00:00")
+    second = export_folder_name("manual__2026-12-07T00:52:12.200000+00:00")
+    assert first != second and first[:16] == second[:16] == "20261207T005212Z"

@@ -255,3 +255,31 @@ def test_the_key_never_appears_in_the_exports_logs_xcom_or_files(
     }.items():
         assert KEY not in text, f"the API key leaked into {where}"
     assert sb.stats()["requests"] == 0  # the export sends nothing to StopChurn
+
+
+def test_the_onboarding_example_replaces_a_snapshot_only_when_approved_by_param(
+    sandbox: SandboxServer, brand: int, demo_db: Path, example_dagbag: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A second export is refused with one short first line naming the fix; the Trigger dialog's
+    ``approve_replace_snapshot`` then approves one run. Each run's folder is named so a person can type it."""
+    import re
+
+    dag = example_dagbag.dags["example_stopchurn_onboarding"]
+    write(demo_db, users(random.Random(3), range(1, 21)))
+    first = run_ok(dag, 0, "export_users")
+    capfd.readouterr()
+    refused = run_dag(dag, logical_date=START.add(days=1))
+    assert task_states(refused) == {"export_users": "failed"}  # a refusal is not retried
+    printed = capfd.readouterr().out
+    first_lines = {ln[ln.index("Export refused:") :] for ln in printed.splitlines() if "Export refused:" in ln}
+    assert first_lines, printed[-2000:]
+    for first_line in first_lines:  # the log's and the traceback's: the same short line, naming the fix
+        assert len(first_line) < 120 and "replace_snapshot=True" in first_line, first_line
+    replaced = run_dag(dag, logical_date=START.add(days=2), run_conf={"approve_replace_snapshot": True})
+    assert str(replaced.state) == "success", task_states(replaced)
+    summary = xcom_return(replaced, "export_users")
+    assert summary["replaced_snapshot"] is True and summary["rows"] == 20
+    for folder in (Path(first["output_uri"]), Path(summary["output_uri"])):
+        assert re.fullmatch(r"\d{8}T\d{6}Z-[a-z_]+-[0-9a-f]{6}", folder.name), folder.name
+        assert (folder / "manifest.json").exists()
+    assert Path(first["output_uri"]) != Path(summary["output_uri"])

@@ -263,3 +263,53 @@ def test_repr_never_shows_the_key(set_conn: Any) -> None:
     _ = hook.client
     assert "k-secret-98765" not in repr(hook)
     assert "k-secret-98765" not in repr(hook.client)
+
+
+# --- every bad extra at once ------------------------------------------------------------------------------------
+ALL_BAD = {"brand_id": "abc", "timeout": "0", "max_retries": "-1"}
+
+
+def test_test_connection_reports_every_bad_extra_in_one_message(
+    set_conn: Any, stopchurn_sandbox: SandboxServer
+) -> None:
+    """One Test shows every field to fix: a short first line naming them, then one line per problem."""
+    hook = StopChurnHook(set_conn("sc_allbad", host=stopchurn_sandbox.url, password=KEY, extra=ALL_BAD))
+    ok, text = hook.test_connection()
+    assert not ok
+    first, *details = text.splitlines()
+    assert len(first) < 120, first
+    assert first == "The connection: 3 extras are invalid (brand_id, timeout, max_retries)."
+    assert len(details) == 3
+    assert "Brand id (extra 'brand_id') must be an integer >= 1, got 'abc'" in details[0]
+    assert "Timeout (seconds) (extra 'timeout') must be a number of seconds > 0, got '0'" in details[1]
+    assert "Max retries (extra 'max_retries') must be an integer >= 0, got '-1'" in details[2]
+    assert "sc_allbad" not in text and KEY not in text
+    assert stopchurn_sandbox.stats()["requests"] == 0
+
+
+def test_a_task_reports_every_bad_client_extra_at_once(set_conn: Any) -> None:
+    hook = StopChurnHook(set_conn("sc_allbad_task", password="k-12345", extra={"timeout": "x", "max_retries": "y"}))
+    with pytest.raises(StopChurnConfigError) as info:
+        _ = hook.client
+    first, *details = str(info.value).splitlines()
+    assert first == "Connection 'sc_allbad_task': 2 extras are invalid (timeout, max_retries)."
+    assert [d.split(" (extra")[0].strip(" -") for d in details] == ["Timeout (seconds)", "Max retries"]
+
+
+def test_no_message_about_extras_shows_the_api_key(set_conn: Any, stopchurn_sandbox: SandboxServer) -> None:
+    """A key pasted into an extra's field (a slip in the form) is not echoed back."""
+    key = "sk-pasted-into-the-wrong-field-4711"
+    extra = {"brand_id": key, "timeout": f" {key} ", "max_retries": "x" * 500}
+    hook = StopChurnHook(set_conn("sc_pasted", host=stopchurn_sandbox.url, password=key, extra=extra))
+    ok, text = hook.test_connection()
+    assert not ok and key not in text and "x" * 100 not in text
+    assert "the API key" in text  # says what it saw, without showing it
+    with pytest.raises(StopChurnConfigError) as info:
+        _ = hook.client
+    assert key not in str(info.value)
+    # the form's length cap cuts a pasted key short: its first 19 characters are not shown either
+    hook = StopChurnHook(
+        set_conn("sc_pasted_cut", host=stopchurn_sandbox.url, password=key, extra={"brand_id": key[:19]})
+    )
+    ok, text = hook.test_connection()
+    assert not ok and key[:19] not in text and "the API key (not shown)" in text

@@ -183,3 +183,60 @@ def test_every_engine_stops_a_retry_once_its_lease_was_taken(
     assert sb.stats()["requests"] == taken_at  # the retry was never sent
     assert store.read_lock()["token"] == thief.token  # type: ignore[index]
     thief.release()
+
+
+def test_an_events_run_that_waited_for_the_lock_is_fenced_by_its_own_lease(
+    stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """The event operator's ``lock_wait_s``: a run that waited for another run's lock and then took it holds its
+    own lease, and that lease still fences every request. Here the lease is broken and taken while the client
+    sleeps on a ``Retry-After``: the retry is never sent."""
+    import pandas as pd
+
+    sb = stopchurn_sandbox_factory(record=True)
+    store = event_store(tmp_path / "snapshots", BRAND, "deposits")
+    frame = pd.DataFrame({"user_id": [1, 2], "amount": [10, 20], "deposit_id": [1, 2]})
+    opts = EventOptions(
+        brand_id=BRAND,
+        user_id_column="user_id",
+        name="DEPOSIT",
+        value_column="amount",
+        event_key=("deposit_id",),
+        holder="waiting-run",
+        lock_ttl_s=6.0,
+        lock_wait_s=60.0,
+        max_concurrent_requests=1,
+    )
+    sb.queue_response(429, {"statusCode": 429, "message": "slow down"}, headers={"Retry-After": "4"})
+    first = store.table_lock("first-run", ttl_s=60)
+    first.acquire()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = run_events(frame, store, _fenced_client(sb), opts, stream="deposits")
+        except Exception as err:  # examined below
+            outcome["result"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    try:
+        time.sleep(1.5)  # the run polls the lock meanwhile (not asserted: only what follows is)
+        assert thread.is_alive(), outcome  # waiting, not failed at once
+        assert sb.stats()["requests"] == 0  # nothing sent while another run holds the stream
+        first.release()
+        assert wait_until(lambda: sb.stats()["requests"] >= 1 or not thread.is_alive(), 60)
+        record = store.read_lock()
+        assert record is not None and record["holder"] == "waiting-run", outcome
+        assert store.break_lock(token=record["token"])
+        thief = store.table_lock("next-run", ttl_s=60)
+        thief.acquire()
+        taken_at = sb.stats()["requests"]
+    finally:
+        thread.join(60)
+    assert not thread.is_alive()
+    error = outcome["result"]
+    assert isinstance(error, SnapshotLockedError), error
+    assert "lost its lock to 'next-run'" in str(error)
+    assert sb.stats()["requests"] == taken_at  # the retry was never sent
+    thief.release()

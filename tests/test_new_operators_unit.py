@@ -109,3 +109,49 @@ def test_constructors_do_no_io_and_call_nothing(monkeypatch: pytest.MonkeyPatch,
     assert event.dataframe is None and export.dataframe is None  # callables stay out of the template fields
     assert event.event_key == ["id"] and export.primary_key == ["id"]
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the lock wait and the task retries, as the update operator's --------------------------------------------------
+def _export(**kwargs: Any) -> StopChurnHistoricalExportOperator:
+    kwargs.setdefault("task_id", "export")
+    kwargs.setdefault("table_name", "user")
+    kwargs.setdefault("dataframe", FRAME)
+    return StopChurnHistoricalExportOperator(**kwargs)
+
+
+def _event_op(**kwargs: Any) -> StopChurnEventOperator:
+    kwargs.setdefault("dataframe", FRAME)
+    kwargs.setdefault("name", "DEPOSIT")
+    return _event(**kwargs)
+
+
+@pytest.mark.parametrize("make", [_event_op, _export], ids=["events", "export"])
+def test_lock_wait_and_retries_default_as_the_update_operators(make: Any) -> None:
+    """Two runs of one stream or table started together (a trigger beside the scheduled run): the second waits
+    for the lock, and a try that still fails is retried, as the update operator's."""
+    from airflow_provider_stopchurn.operators.stopchurn import RETRY_DEFAULTS, StopChurnUpdateOperator
+
+    update = inspect.signature(StopChurnUpdateOperator.__init__).parameters["lock_wait_s"].default
+    assert inspect.signature(type(make()).__init__).parameters["lock_wait_s"].default == update == 300.0
+    op = make()
+    assert op.lock_wait_s == 300.0
+    expected = (RETRY_DEFAULTS["retries"], RETRY_DEFAULTS["retry_delay"], RETRY_DEFAULTS["retry_exponential_backoff"])
+    assert (op.retries, op.retry_delay, op.retry_exponential_backoff) == expected
+    assert op.retries == 3 and op.retry_delay == dt.timedelta(minutes=2)
+
+
+@pytest.mark.parametrize("make", [_event_op, _export], ids=["events", "export"])
+def test_explicit_retries_win_over_the_defaults(make: Any) -> None:
+    assert make(retries=0).retries == 0
+    assert make(default_args={"retries": 0}).retries == 0
+    with DAG("retry_defaults_new_operators", schedule=None, default_args={"retries": 0}):
+        assert make().retries == 0
+    with DAG("retry_defaults_new_operators_delay", schedule=None, default_args={"retry_delay": 30}):
+        op = make()
+    assert (op.retries, op.retry_delay.total_seconds()) == (3, 30.0)
+
+
+def test_the_event_operator_passes_lock_wait_s_to_the_engine() -> None:
+    assert "lock_wait_s" in {f.name for f in dataclasses.fields(EventOptions)}
+    with pytest.raises(ValueError, match="lock_wait_s"):
+        EventOptions(brand_id=1, user_id_column="user_id", name="X", lock_wait_s=-1)

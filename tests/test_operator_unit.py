@@ -183,7 +183,9 @@ def test_mass_delete_safeguard_is_permanent(stopchurn_conn: SandboxServer, tmp_p
         _op(dataframe=FRAME.head(1), snapshot_uri=str(tmp_path)).execute(CONTEXT)
     first, *details = str(info.value).splitlines()
     assert first == "The plan deletes 2 of 3 rows (66.7%) of brand 1 table 'account'; nothing was sent."
-    assert "Trigger DAG w/ config and set approve_mass_delete" in details[-1]  # how to approve it from the UI
+    # how to approve it from the UI, in Airflow 3.3's words (one Trigger button, its dialog's Run Parameters)
+    assert "press Trigger and switch on approve_mass_delete under Run Parameters" in details[-1]
+    assert "w/ config" not in details[-1]
     summary = _op(dataframe=FRAME.head(1), snapshot_uri=str(tmp_path), allow_large_changes="True").execute(CONTEXT)
     assert summary["deleted"] == 2
 

@@ -142,26 +142,41 @@ class StopChurnHook(BaseHook):
 
     def _number_extra(self, name: str) -> Any:
         """The extra ``name`` checked against :data:`_NUMBER_EXTRAS`; None when unset, an error naming it if bad."""
-        value = self._extra(name)
-        if value is None:
-            return None
-        label, integer, minimum = _NUMBER_EXTRAS[name]
-        number: float | None = None
-        if not isinstance(value, bool):
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                number = None
-        valid = (
-            number is not None
-            and math.isfinite(number)
-            and (number.is_integer() if integer else True)
-            and (number >= minimum if integer else number > minimum)
-        )
-        if not valid or number is None:
-            kind = f"an integer >= {minimum}" if integer else f"a number of seconds > {minimum}"
-            raise StopChurnConfigError(f"{self._label()}: {label} (extra {name!r}) must be {kind}, got {value!r}.")
-        return int(number) if integer else number
+        return self._number_extras(name)[name]
+
+    def _number_extras(self, *names: str) -> dict[str, Any]:
+        """The extras ``names`` checked together: their values (None when unset), or one error naming every bad one.
+
+        One problem is one line; several start with a short line naming the fields, then one line per problem, so
+        that one Test shows everything to fix.
+        """
+        values: dict[str, Any] = {}
+        problems: list[tuple[str, str]] = []
+        for name in names:
+            value = self._extra(name)
+            number = None if value is None else _checked_number(name, value)
+            if value is not None and number is None:
+                label, integer, minimum = _NUMBER_EXTRAS[name]
+                kind = f"an integer >= {minimum}" if integer else f"a number of seconds > {minimum}"
+                problems.append((name, f"{label} (extra {name!r}) must be {kind}, got {self._shown(value)}."))
+            values[name] = number
+        if len(problems) == 1:
+            raise StopChurnConfigError(f"{self._label()}: {problems[0][1]}")
+        if problems:
+            fields = ", ".join(name for name, _ in problems)
+            lines = "\n".join(f"- {problem}" for _, problem in problems)
+            raise StopChurnConfigError(f"{self._label()}: {len(problems)} extras are invalid ({fields}).\n{lines}")
+        return values
+
+    def _shown(self, value: Any) -> str:
+        """``value`` as an error message may quote it: never the API key (pasted into the wrong field), never long."""
+        password = str(self._connection.password or "").strip()
+        text = str(value).strip()
+        # the whole key, or a part of it (the form's length cap cuts a pasted key short)
+        if len(password) >= 4 and (password in text or (len(text) >= 8 and text in password)):
+            return "the API key (not shown)"
+        text = repr(value)
+        return text if len(text) <= 40 else f"{text[:37]}..."
 
     def _label(self) -> str:
         # The form's Test button tests a copy of the connection under a random temporary id: name none then.
@@ -219,8 +234,11 @@ class StopChurnHook(BaseHook):
                 mask_secret(str(password))
             except Exception:  # noqa: S110 - masking is best effort outside a task
                 pass
-        timeout = self.timeout if self.timeout is not None else self._number_extra("timeout")
-        max_retries = self.max_retries if self.max_retries is not None else self._number_extra("max_retries")
+        extras = self._number_extras(
+            *(name for name, given in (("timeout", self.timeout), ("max_retries", self.max_retries)) if given is None)
+        )
+        timeout = self.timeout if self.timeout is not None else extras["timeout"]
+        max_retries = self.max_retries if self.max_retries is not None else extras["max_retries"]
         kwargs: dict[str, Any] = dict(self.client_kwargs)
         if timeout is not None:
             kwargs["timeout"] = float(timeout)
@@ -285,16 +303,17 @@ class StopChurnHook(BaseHook):
     def test_connection(self) -> tuple[bool, str]:
         """Check the connection's extras, base URL and API key without changing anything at StopChurn.
 
-        The extras are checked first (an invalid ``brand_id``, ``timeout`` or ``max_retries`` is reported naming
-        the field), then one ``POST /client-data/update`` with an empty data array (``{"data": []}``), which
-        carries no update. 200 means the key works; 401 is reported as a refused API key; anything else (another
-        status, a network error, a configuration error such as a missing key or an insecure URL) is reported
-        with what happened. Messages do not name the connection id: Airflow's Test button tests a copy of the
-        connection under a random temporary id. Never raises.
+        The extras are checked first, all of them: every invalid ``brand_id``, ``timeout`` or ``max_retries`` is
+        reported in one message naming its field (a short first line, then one line per problem). Then one
+        ``POST /client-data/update`` with an empty data array (``{"data": []}``), which carries no update. 200
+        means the key works; 401 is reported as a refused API key; anything else (another status, a network error,
+        a configuration error such as a missing key or an insecure URL) is reported with what happened. Messages
+        do not name the connection id: Airflow's Test tests a copy of the connection under a random temporary id.
+        Never raises.
         """
         self._testing = True
         try:
-            _ = self.brand_id
+            self._number_extras(*_NUMBER_EXTRAS)  # every bad extra in one message
             client = self._new_client()
             try:
                 return client.check_api_key()
@@ -310,6 +329,25 @@ class StopChurnHook(BaseHook):
     def __repr__(self) -> str:
         shown = None if self.base_url is None else safe_url(self.base_url)
         return f"{type(self).__name__}(stopchurn_conn_id={self.stopchurn_conn_id!r}, base_url={shown!r})"
+
+
+def _checked_number(name: str, value: Any) -> int | float | None:
+    """``value`` of extra ``name`` as the number :data:`_NUMBER_EXTRAS` asks for, or None when it is not one."""
+    _, integer, minimum = _NUMBER_EXTRAS[name]
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    valid = (
+        math.isfinite(number)
+        and (number.is_integer() if integer else True)
+        and (number >= minimum if integer else number > minimum)
+    )
+    if not valid:
+        return None
+    return int(number) if integer else number
 
 
 def _connection_type_info() -> dict[str, Any]:

@@ -814,6 +814,11 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
     :param nest_dotted_columns: with ``value_columns``, turn columns named ``a.b`` into nested objects.
     :param json_columns: text columns holding JSON (a value, or part of the event key), parsed and sent nested, as
         the update operator's; reformatted JSON text is the same event.
+    :param lock_wait_s: while another run sends the same stream, wait up to this many seconds for its lock
+        (polling with backoff), then fail as retryable.
+    Unless the task or its DAG's ``default_args`` set them (or ``[core] default_task_retries`` is set), the
+    operator retries: ``retries=3``, ``retry_delay=2 minutes``, doubling (``retry_exponential_backoff=2.0``), as
+    the update operator does; a retry finishes the plan an earlier try left and sends only its unacknowledged chunks.
     """
 
     template_fields: Sequence[str] = ("brand_id", "name", "sql", "parameters", "state_uri", "dataframe", "stream_id")
@@ -848,9 +853,10 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         dry_run: bool = False,
         nest_dotted_columns: bool = True,
         json_columns: Sequence[str] = (),
+        lock_wait_s: float = 300.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**_with_retry_defaults(kwargs))
         self._set_source(self.task_id, dataframe, sql, sql_conn_id, parameters, sql_hook_params)
         if (name is None) == (name_column is None):
             raise ValueError(f"{self.task_id}: pass exactly one of `name` or `name_column`.")
@@ -882,6 +888,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         self.events_dry_run = dry_run
         self.nest_dotted_columns = nest_dotted_columns
         self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
+        self.lock_wait_s = lock_wait_s
 
     def execute(self, context: Context) -> dict[str, Any]:
         try:
@@ -929,6 +936,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
             json_columns=self.json_columns,
             holder=_holder(self, context),
             run_key=_run_key(self, context),
+            lock_wait_s=self.lock_wait_s,
         )
 
 
@@ -949,7 +957,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
     """Write a table as StopChurn's historical-upload files and record it as the update operator's baseline.
 
     The files (``part-00001.json``, ...; each one JSON array of ``{"data": <row>, "createdAt": <ms>, "updatedAt":
-    <ms>}``, never over ``max_file_bytes``) go under ``<output_uri>/<brand_id>/<table_name>/<run id>/`` with a
+    <ms>}``, never over ``max_file_bytes``) go under ``<output_uri>/<brand_id>/<table_name>/<run>/`` with a
     ``manifest.json`` (rows, bytes and SHA-256 of each file) written last. The rows are encoded exactly as
     ``StopChurnUpdateOperator`` encodes them (same ids, values and ``user``-table contract), and the exported table
     is committed as that operator's snapshot (same ``createdAt`` values), so a ``StopChurnUpdateOperator`` on the
@@ -975,12 +983,16 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         next update run would then compare against the export and skip the changes StopChurn has not seen. When
         replacing, an unfinished update plan is settled first, and the rows of the replaced snapshot that the export
         lacks stay in the new one, so that the next update run deletes them at StopChurn.
-    :param lock_wait_s: while another run holds the table's lock, wait up to this many seconds for it.
+    :param lock_wait_s: while another run syncs the same table, wait up to this many seconds for its lock
+        (polling with backoff), then fail as retryable.
     :param brand_id: StopChurn brand id (templated); None takes ``brand_id`` from the connection's extras.
     :param stopchurn_conn_id: the StopChurn connection (read for its ``brand_id`` only; nothing is sent).
     :param nest_dotted_columns: turn columns named ``a.b`` into nested objects ``{"a": {"b": ...}}``.
     :param decimal_as_string: write decimals as JSON strings instead of exact JSON numbers.
     :param json_columns: text columns holding JSON, parsed and written nested (as the update operator's).
+    Unless the task or its DAG's ``default_args`` set them (or ``[core] default_task_retries`` is set), the
+    operator retries: ``retries=3``, ``retry_delay=2 minutes``, doubling (``retry_exponential_backoff=2.0``), as
+    the update operator does; a retry of the same DAG run writes the same folder again.
     """
 
     template_fields: Sequence[str] = (
@@ -1023,7 +1035,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         lock_wait_s: float = 300.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**_with_retry_defaults(kwargs))
         self._set_source(self.task_id, dataframe, sql, sql_conn_id, parameters, sql_hook_params)
         self.table_name = table_name
         self.primary_key = [primary_key] if isinstance(primary_key, str) else list(primary_key)
@@ -1069,9 +1081,10 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
                 guard.check(accept_missing_snapshot=options.replace_snapshot)
             except SnapshotBehindError as err:
                 raise SnapshotBehindError(
+                    "Export refused: this worker does not see the snapshot Airflow recorded for the table.\n"
                     f"Airflow recorded a snapshot of brand {options.brand_id} table {options.table_name!r} committed "
                     f"at {store.location} (Variable {guard.key!r}) that this worker does not see: updates have been "
-                    "flowing from another worker's store. Nothing was written. Point snapshot_uri at the shared "
+                    "flowing from another worker's store. Nothing was written.\nPoint snapshot_uri at the shared "
                     "store, or set replace_snapshot=True to replace that baseline with this export on purpose."
                 ) from err
             output = _storage_root(self.output_uri, self.output_conn_id, "exports")
