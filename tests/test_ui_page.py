@@ -693,6 +693,8 @@ def test_failed_resumed_events_and_export_runs_show_their_own_counts(admin: Any,
     assert failed.locator('[data-item="try"]').inner_text() == "try 1"
     for col in ("inserted", "updated", "deleted", "rejected", "http_retries"):
         assert failed.locator(f'[data-col="{col}"]').inner_text() != "-", col
+    html = frame.locator("html").inner_html()
+    assert TOKEN not in html and "not-the-key" not in html  # neither key, though a 401 is shown
     # a resumed run: try 2, what it settled of the first try; HTTP retries named as such
     resumed = task_row(frame, RESUMED_DAG, RESUMED_TASK)
     (summary,) = syncs.summaries[RESUMED_DAG]
@@ -729,6 +731,7 @@ def test_failed_resumed_events_and_export_runs_show_their_own_counts(admin: Any,
         (f"{EVENTS_DAG}/{EVENTS_TASK}", "stopchurn-events-task"),
     ):
         page = admin.new_page()
+        page.set_viewport_size({"width": 1440, "height": 1500})
         frame = open_in_airflow(page, api_server, urllib.parse.urlencode({"task": key}))
         runs = frame.locator(".sync-runs tbody tr")
         assert runs.count() >= 1
@@ -740,7 +743,7 @@ def test_failed_resumed_events_and_export_runs_show_their_own_counts(admin: Any,
         if key.startswith(EVENTS_DAG):
             bars = frame.locator('svg.sync-chart rect[data-series="events_sent"]')
             assert bars.evaluate_all("bars => bars.map(b => Number(b.dataset.value))") == [21, 20]
-        frame.locator("#chart").scroll_into_view_if_needed()
+        task_row(frame, *key.split("/")).evaluate("row => row.scrollIntoView({block: 'start'})")
         shot(page, name)
         page.close()
 
@@ -815,6 +818,17 @@ def test_the_chart_opens_on_the_task_chosen_and_the_page_refreshes_itself(
         lock.release()
     assert frame.locator("#content").get_attribute("data-generated") != before
     assert frame.locator("#chart").get_attribute("data-task") == chosen
+    # hidden (another tab in front), it starts no refresh; shown again, it refreshes at once
+    hide = (
+        "(body, hidden) => { Object.defineProperty(document, 'visibilityState', {value: hidden ? 'hidden' : "
+        "'visible', configurable: true}); document.dispatchEvent(new Event('visibilitychange')); "
+        "return Number(body.dataset.refreshes || 0); }"
+    )
+    body = frame.locator("body")
+    started = body.evaluate(hide, True)
+    page.wait_for_timeout(5_000)  # more than two refresh intervals
+    assert body.evaluate("b => Number(b.dataset.refreshes || 0)") == started
+    assert body.evaluate(hide, False) == started + 1  # a refresh was due: it starts at once
     page.close()
 
 

@@ -559,6 +559,7 @@ th.n { white-space: normal; min-width: 4.5em; }
 .badge.ok { background: #c8e6c9; } .badge.bad { background: #ffcdd2; } .badge.warn { background: #ffe0b2; }
 .badge.run { background: #bbdefb; }
 .note { font-size: 12px; color: var(--muted); }
+[data-item="try"] { white-space: nowrap; }
 td.name, td[data-col="table"] { white-space: normal; overflow-wrap: anywhere; max-width: 16em; }
 td[data-col="store"] { white-space: normal; min-width: 7em; max-width: 16em; }
 td[data-col="store"] .badge { display: inline-block; margin: 1px 0; }
@@ -592,7 +593,8 @@ svg .grid { stroke: var(--line); } svg .tick { fill: var(--muted); font-size: 11
 #: is read from the window's address and the frame reloads itself on that task.
 #:
 #: Refresh: every ``data-refresh-s`` seconds while the page is visible (``document.visibilityState``; none while
-#: it is hidden, one at once when it shows again after a due refresh), the script fetches the page's own URL
+#: it is hidden, one at once when it shows again after a due refresh; ``data-refreshes`` on the body counts the
+#: refreshes started), the script fetches the page's own URL
 #: (the task chosen stays in it) and swaps ``#content``, keeping the scroll position. It waits while the task
 #: picker has the focus, and stops with a note when the session ended (the fetch was sent to the login page).
 _SCRIPT = """
@@ -635,7 +637,7 @@ _SCRIPT = """
 
   var seconds = Number(document.body.getAttribute("data-refresh-s") || 0);
   if (!(seconds > 0)) return;
-  var last = Date.now(), busy = false, stopped = false;
+  var last = Date.now(), busy = false, stopped = false, started = 0;
   function say(text) {
     var status = document.getElementById("refresh-status");
     if (status) status.textContent = text;
@@ -645,6 +647,8 @@ _SCRIPT = """
     var active = document.activeElement;
     if (active && active.tagName === "SELECT") return;
     busy = true;
+    started += 1;
+    document.body.setAttribute("data-refreshes", String(started));
     fetch(window.location.href.split("#")[0], {
       credentials: "same-origin", cache: "no-store", headers: { Accept: "text/html" }
     }).then(function (response) {
