@@ -361,3 +361,25 @@ def test_links_into_airflow_are_opened_by_the_script_and_the_page_refreshes_whil
     assert 'data-refresh-s="45"' in html and "visibilityState" in html and "window.parent.document" in html
     off = render_page([_task()], selected=None, airflow_base="/", user="ann", now=NOW, refresh_s=0)
     assert 'data-refresh-s="0"' in off
+
+
+def test_stores_are_read_with_their_history_newest_first(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path, 3, "account")
+    store.append_history(_record("r1"))
+    store.append_history(_record("r2", status="failed", error="boom"))
+    key = (store.location, 3, "account")
+    (state,) = inspect_stores({key: tmp_path}).values()
+    assert [r["run_id"] for r in state.history] == ["r2", "r1"] and state.history_error is None
+    html = _page(_with_store(state))
+    assert "History: the newest 2 records" in html and '<td class="error">boom</td>' in html
+    # a history that did not answer in time is said so; the rest of the store is still shown
+    late = StoreState(location="/s", brand_id=3, table_name="account", history_error="no answer within 5 s")
+    html = _page(_with_store(late))
+    assert "History not readable: no answer within 5 s" in html and "Lock: free." in html
+
+
+def _with_store(store: StoreState) -> SyncTask:
+    task = _task(runs=1)
+    task.runs[-1].store_key = store.key
+    task.stores, task.store = [store], store
+    return task

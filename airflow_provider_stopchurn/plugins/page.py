@@ -90,8 +90,8 @@ SERIES: tuple[tuple[str, str, str], ...] = tuple((c.heading, c.summary_keys[0], 
 CHART_RUNS = 30
 #: Quarantined rows listed per store (the count is always the full one).
 QUARANTINE_ROWS = 20
-#: History records read per store: enough for the kept runs of the tasks that use it, and their tries.
-HISTORY_RECORDS = 200
+#: History records read per store (one small file each): the kept runs of a task using it, a few tries of some.
+HISTORY_RECORDS = 60
 #: History records listed in a store's card.
 HISTORY_ROWS = 8
 #: How long the page waits for all snapshot stores together before it reports the rest as not answering.
@@ -251,6 +251,8 @@ class StoreState:
     quarantined_total: int = 0
     #: the newest history records, newest first
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: why the history could not be read (the rest of the store may still have been)
+    history_error: str | None = None
     #: ``"snapshot"`` (a table's store) or ``"events"`` (an event stream's ledger)
     kind: str = "snapshot"
 
@@ -328,14 +330,13 @@ class SyncTask:
 
 # --- the stores ----------------------------------------------------------------------------------------------
 def inspect_store(
-    root: Any, brand_id: int, table_name: str, *, rows: int = QUARANTINE_ROWS, history: int = HISTORY_RECORDS
+    root: Any, brand_id: int, table_name: str, *, rows: int = QUARANTINE_ROWS, history: int = 0
 ) -> StoreState:
-    """Read the lock, the pending plan, the newest quarantine file and the newest ``history`` records of one
-    store. Writes nothing."""
+    """Read the lock, the pending plan and the newest quarantine file of one store, and with ``history`` its
+    newest ``history`` records. Writes nothing."""
     store = SnapshotStore(root, brand_id, table_name)
     state = StoreState(location=store.location, brand_id=brand_id, table_name=table_name)
     try:
-        state.history = store.read_history(history)
         state.lock = store.read_lock()
         plan = store.pending_plan(cleanup=False)
         if plan is not None:
@@ -345,7 +346,18 @@ def inspect_store(
         state.quarantined = [_rejection(record) for record in records[:rows]]
     except Exception as err:  # any storage error: the page says so and shows the rest
         state.error = f"{type(err).__name__}: {err}"
+    if history > 0:
+        try:
+            state.history = read_store_history(root, brand_id, table_name, history)
+        except Exception as err:
+            state.history_error = f"{type(err).__name__}: {err}"
     return state
+
+
+def read_store_history(root: Any, brand_id: int, table_name: str, limit: int = HISTORY_RECORDS) -> list[dict[str, Any]]:
+    """The newest ``limit`` history records of one store, newest first (one small file each: an object store
+    answers them one request at a time, so :func:`inspect_stores` reads them beside the rest)."""
+    return SnapshotStore(root, brand_id, table_name).read_history(limit)
 
 
 def _rejection(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -358,31 +370,41 @@ def _rejection(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def inspect_stores(
-    targets: Mapping[tuple[str, int, str], Any], *, timeout_s: float = STORE_TIMEOUT_S
+    targets: Mapping[tuple[str, int, str], Any], *, timeout_s: float = STORE_TIMEOUT_S, history: int = HISTORY_RECORDS
 ) -> dict[tuple[str, int, str], StoreState]:
-    """Inspect several stores at once, keyed ``(location, brand_id, table_name)`` with the root as value.
+    """Inspect several stores at once, keyed ``(location, brand_id, table_name)`` with the root as value, and read
+    the newest ``history`` records of each beside it.
 
-    A store that has not answered after ``timeout_s`` (an object store that hangs) is reported as such; its
-    reader thread is left to finish on its own.
+    A store (or its history) that has not answered after ``timeout_s`` (an object store that hangs) is reported as
+    such; its reader thread is left to finish on its own.
     """
     if not targets:
         return {}
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets)), thread_name_prefix="stopchurn")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, 2 * len(targets)), thread_name_prefix="stopchurn")
     try:
-        futures = {
-            key: pool.submit(inspect_store, root, key[1], key[2])
-            for key, root in targets.items()  # one reader per store
+        futures = {key: pool.submit(inspect_store, root, key[1], key[2]) for key, root in targets.items()}
+        histories = {
+            key: pool.submit(read_store_history, root, key[1], key[2], history) for key, root in targets.items()
         }
-        concurrent.futures.wait(futures.values(), timeout=timeout_s)
+        pending: list[concurrent.futures.Future[Any]] = [*futures.values(), *histories.values()]
+        concurrent.futures.wait(pending, timeout=timeout_s)
+        late = f"no answer within {timeout_s:g} s"
         states = {}
         for key, future in futures.items():
             if future.done():
                 states[key] = future.result()
             else:
                 future.cancel()
-                states[key] = StoreState(
-                    location=key[0], brand_id=key[1], table_name=key[2], error=f"no answer within {timeout_s:g} s"
-                )
+                states[key] = StoreState(location=key[0], brand_id=key[1], table_name=key[2], error=late)
+            reading = histories[key]
+            if not reading.done():
+                reading.cancel()
+                states[key].history_error = late
+            elif reading.exception() is not None:
+                error = reading.exception()
+                states[key].history_error = f"{type(error).__name__}: {error}"
+            else:
+                states[key].history = reading.result()
         return states
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -883,6 +905,8 @@ def _chart_section(tasks: Sequence[SyncTask], selected: SyncTask | None, links: 
 
 
 def _history_table(store: StoreState) -> str:
+    if store.history_error:
+        return f'<p class="note error" data-item="history">History not readable: {escape(store.history_error)}</p>'
     if not store.history:
         return '<p class="note" data-item="history">History: no record yet.</p>'
     rows = []
@@ -900,11 +924,15 @@ def _history_table(store: StoreState) -> str:
             f'<td class="error">{escape(str(error)) if error else ""}</td></tr>'
         )
     return (
-        f'<details data-item="history"><summary>History: the newest {min(len(store.history), HISTORY_ROWS)} '
-        "records</summary>"
+        f'<details data-item="history"><summary>History: {_newest(min(len(store.history), HISTORY_ROWS))}'
+        "</summary>"
         '<table class="history"><thead><tr><th>finished</th><th>kind</th><th>status</th><th>run</th><th>error</th>'
         f"</tr></thead><tbody>{''.join(rows)}</tbody></table></details>"
     )
+
+
+def _newest(count: int) -> str:
+    return "the newest record" if count == 1 else f"the newest {count} records"
 
 
 def _store_section(tasks: Sequence[SyncTask], now: datetime) -> str:
