@@ -6,12 +6,21 @@ The module runs a few real syncs first (``dag.test()`` against the sandbox, in t
   rejects: quarantined); its store's lock is then held by a person, as during a manual repair;
 * ``ui_page_accounts``: a run StopChurn stops halfway (a row refused with ``on_rejected_rows="fail"``), which
   leaves a pending plan with two of its four chunks acknowledged;
-* ``ui_private_secrets``: one run, in a DAG that user ``outsider`` may not read (``ui_auth_manager``).
+* ``ui_private_secrets``: one run, in a DAG that user ``outsider`` may not read (``ui_auth_manager``);
+* ``ui_page_failed``: a first load, then a run StopChurn refuses (a wrong API key); where the history does not
+  record that failure itself, the test writes its record in the agreed schema (``SnapshotStore.append_history``);
+* ``ui_page_resumed``: a try that fails after two acknowledged chunks and Airflow's retry that settles them;
+* ``ui_page_events`` (two overlapping days of deposits) and ``ui_page_export`` (a historical export);
+* ``ui_page_brands``: one task whose brand is a param, run twice for one brand and once for another.
 
 Then it starts ``airflow api-server`` on 127.0.0.1 against that database (simple auth manager, the users' passwords
 in the generated password file of AIRFLOW_HOME, connection testing enabled) and a headless Chromium
 (``ui_plugin``), logs in through the login form, and checks the page, the chart, the stores, the auth filtering,
-the connection form and its Test button. Screenshots go to ``.artifacts/ui/`` (paths printed).
+the connection form and its Test button; and, inside Airflow's frame, that its links open Airflow's pages, that
+failed, resumed, events and export runs show their own story, that every store gets its chart, that the Store
+column fits at 1440 px, and that the page refreshes itself on the task chosen. Screenshots go to
+``.artifacts/ui/`` (paths printed; ``STOPCHURN_UI_SHOTS=<folder>`` copies those of the failed, resumed and events
+runs there).
 ``STOPCHURN_UPDATE_DOCS_SCREENSHOT=1`` also refreshes the README's screenshot, ``docs/stopchurn-page.png``.
 """
 
