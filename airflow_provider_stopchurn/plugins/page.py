@@ -581,7 +581,7 @@ th.n { white-space: normal; min-width: 4.5em; }
 .badge.ok { background: #c8e6c9; } .badge.bad { background: #ffcdd2; } .badge.warn { background: #ffe0b2; }
 .badge.run { background: #bbdefb; }
 .note { font-size: 12px; color: var(--muted); }
-[data-item="try"] { white-space: nowrap; }
+td[data-col="state"] .note[data-item="try"] { white-space: nowrap; }
 td.name, td[data-col="table"] { white-space: normal; overflow-wrap: anywhere; max-width: 16em; }
 td[data-col="store"] { white-space: normal; min-width: 7em; max-width: 16em; }
 td[data-col="store"] .badge { display: inline-block; margin: 1px 0; }
