@@ -6,19 +6,31 @@ The module runs a few real syncs first (``dag.test()`` against the sandbox, in t
   rejects: quarantined); its store's lock is then held by a person, as during a manual repair;
 * ``ui_page_accounts``: a run StopChurn stops halfway (a row refused with ``on_rejected_rows="fail"``), which
   leaves a pending plan with two of its four chunks acknowledged;
-* ``ui_private_secrets``: one run, in a DAG that user ``outsider`` may not read (``ui_auth_manager``).
+* ``ui_private_secrets``: one run, in a DAG that user ``outsider`` may not read (``ui_auth_manager``);
+* ``ui_page_failed``: a first load, then a run StopChurn refuses (a wrong API key); where the history does not
+  record that failure itself, the test writes its record in the agreed schema (``SnapshotStore.append_history``);
+* ``ui_page_resumed``: a try that fails after two acknowledged chunks and Airflow's retry that settles them;
+* ``ui_page_events`` (two overlapping days of deposits) and ``ui_page_export`` (a historical export);
+* ``ui_page_brands``: one task whose brand is a param, run twice for one brand and once for another.
 
 Then it starts ``airflow api-server`` on 127.0.0.1 against that database (simple auth manager, the users' passwords
 in the generated password file of AIRFLOW_HOME, connection testing enabled) and a headless Chromium
 (``ui_plugin``), logs in through the login form, and checks the page, the chart, the stores, the auth filtering,
-the connection form and its Test button. Screenshots go to ``.artifacts/ui/`` (paths printed).
+the connection form and its Test button; and, inside Airflow's frame, that its links open Airflow's pages, that
+failed, resumed, events and export runs show their own story, that every store gets its chart, that the Store
+column fits at 1440 px, and that the page refreshes itself on the task chosen. Screenshots go to
+``.artifacts/ui/`` (paths printed; ``STOPCHURN_UI_SHOTS=<folder>`` copies those of the failed, resumed and events
+runs there).
 ``STOPCHURN_UPDATE_DOCS_SCREENSHOT=1`` also refreshes the README's screenshot, ``docs/stopchurn-page.png``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -39,7 +51,11 @@ from helpers_sync import BRAND, TABLE, deterministic_table, wait_until
 from ui_auth_manager import RESTRICTED_USER
 from ui_plugin import ARTIFACTS, TESTS, ApiServer, check_browser, chromium, start_api_server
 
-from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
+from airflow_provider_stopchurn.operators.stopchurn import (
+    StopChurnEventOperator,
+    StopChurnHistoricalExportOperator,
+    StopChurnUpdateOperator,
+)
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 
@@ -51,6 +67,16 @@ CONN_ID = "stopchurn_ui_test"
 USERS_DAG, USERS_TASK, USERS_TABLE = "ui_page_users", "sync_users", "uiUser"
 ACCOUNTS_DAG, ACCOUNTS_TASK, ACCOUNTS_TABLE = "ui_page_accounts", "sync_accounts", TABLE
 PRIVATE_DAG, PRIVATE_TASK, PRIVATE_TABLE = "ui_private_secrets", "sync_secrets", "uiSecret"
+FAILED_DAG, FAILED_TASK, FAILED_TABLE = "ui_page_failed", "sync_orders", "uiOrder"
+RESUMED_DAG, RESUMED_TASK, RESUMED_TABLE = "ui_page_resumed", "sync_invoices", "uiInvoice"
+EVENTS_DAG, EVENTS_TASK = "ui_page_events", "send_deposits"
+EVENTS_STREAM = f"{EVENTS_DAG}.{EVENTS_TASK}"  # the default stream name
+EXPORT_DAG, EXPORT_TASK, EXPORT_TABLE = "ui_page_export", "export_plans", "uiPlan"
+BRANDS_DAG, BRANDS_TASK, BRANDS_TABLE = "ui_page_brands", "sync_members", "uiMember"
+OTHER_BRAND = BRAND + 1
+RETRY_CONN_ID = "stopchurn_ui_one_http_retry"
+#: What the failed run's record says when the history of this version does not record failed runs itself.
+FAILED_ERROR = f"StopChurn refused the API key (401) of connection {CONN_ID!r}."
 CRASH_WORKER = TESTS / "crash_worker.py"
 CRASH_HOLDER = "crash-worker"  # the holder crash_worker.py names
 KEY_VAR = "STOPCHURN_UI_TEST_KEY"
@@ -81,9 +107,10 @@ class Syncs:
     snapshots: Path
     summaries: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     states: dict[str, list[str]] = field(default_factory=dict)
+    failed_run_id: str = ""
 
-    def store(self, table: str) -> SnapshotStore:
-        return SnapshotStore(self.snapshots, BRAND, table)
+    def store(self, table: str, brand: int = BRAND) -> SnapshotStore:
+        return SnapshotStore(self.snapshots, brand, table)
 
 
 def sync_dag(dag_id: str, task_id: str, table: str, source: Any, snapshots: Path, **kwargs: Any) -> DAG:
@@ -135,6 +162,183 @@ def kill_mid_delivery(sandbox: SandboxServer, snapshots: Path) -> None:
         proc.communicate(timeout=30)
         sandbox.set_faults(FaultConfig())
     assert proc.returncode == -signal.SIGKILL
+
+
+def dagrun_of(dag: DAG, day: int, **kwargs: Any) -> Any:
+    return run_dag(dag, logical_date=START.add(days=day), **kwargs)
+
+
+def records_of(store: SnapshotStore, dag_id: str, task_id: str, run_id: str) -> list[dict[str, Any]]:
+    """The store's history records of one task instance, newest first (by the agreed fields or the run key)."""
+    run_key, ids = f"{dag_id}.{task_id} run {run_id} map -1", (dag_id, task_id, run_id)
+    return [
+        r
+        for r in store.read_history()
+        if r.get("run_key") == run_key or (r.get("dag_id"), r.get("task_id"), r.get("run_id")) == ids
+    ]
+
+
+def record_failure(store: SnapshotStore, dagrun: Any, task_id: str, error: str, error_type: str) -> None:
+    """Write the record of a failed try in the agreed history schema, unless the run recorded its failure."""
+    if records_of(store, dagrun.dag_id, task_id, dagrun.run_id):
+        return
+    now = pendulum.now("UTC")
+    store.append_history(
+        {
+            "kind": "sync",
+            "status": "failed",
+            "error": error,
+            "error_type": error_type,
+            "try_number": 1,
+            "dag_id": dagrun.dag_id,
+            "task_id": task_id,
+            "run_id": dagrun.run_id,
+            "run_key": f"{dagrun.dag_id}.{task_id} run {dagrun.run_id} map -1",
+            "holder": f"{dagrun.dag_id}.{task_id} run {dagrun.run_id} try 1",
+            "brand_id": store.brand_id,
+            "table_name": store.table_name,
+            "started_at": now.subtract(seconds=2).isoformat(),
+            "finished_at": now.isoformat(),
+            "duration_s": 2.0,
+            **dict.fromkeys(("inserted", "updated", "deleted", "unchanged", "chunks", "bytes", "requests"), 0),
+            "rejected": 0,
+            "http_retries": 0,
+            "settled_chunks": 0,
+            "never_sent": 5,
+            "unacknowledged": 0,
+            "approved_deletes": None,
+        }
+    )
+
+
+def seed_failing_third_request(error_rate: float) -> int:
+    """A sandbox fault seed under which requests 1-2 succeed and requests 3-4 get a 500 (one draw each)."""
+    for seed in itertools.count():
+        rng = random.Random(seed)
+        if [rng.random() < error_rate for _ in range(4)] == [False, False, True, True]:
+            return seed
+    raise AssertionError("unreachable")
+
+
+def deposits(first: int, last: int) -> pd.DataFrame:
+    """Deposits ``first..last``, deposit i made at START + i hours."""
+    ids = list(range(first, last + 1))
+    return pd.DataFrame(
+        {
+            "deposit_id": ids,
+            "user_id": [f"u{i % 4}" for i in ids],
+            "amount": [i * 100 for i in ids],
+            "created_at": [START + dt.timedelta(hours=i) for i in ids],
+        }
+    )
+
+
+def more_syncs(result: Syncs, sandbox: SandboxServer, snapshots: Path, mp: pytest.MonkeyPatch) -> None:
+    """The runs of the failed, resumed, events, export and two-brand tasks."""
+    # ui_page_failed: a first load, then a run StopChurn refuses (a wrong API key): nothing committed
+    orders = {"now": users(range(1, 21))}
+    failed = sync_dag(FAILED_DAG, FAILED_TASK, FAILED_TABLE, lambda: orders["now"].copy(), snapshots)
+    run(result, failed, FAILED_TASK, 0)
+    orders["now"] = users(range(1, 26))
+    good = os.environ[f"AIRFLOW_CONN_{CONN_ID.upper()}"]
+    mp.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", good.replace(TOKEN, "not-the-key"))
+    refused = dagrun_of(failed, 1)
+    mp.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", good)
+    assert str(refused.state) == "failed", task_states(refused)
+    result.states.setdefault(FAILED_DAG, []).append(str(refused.state))
+    record_failure(result.store(FAILED_TABLE), refused, FAILED_TASK, FAILED_ERROR, "StopChurnAuthError")
+    result.failed_run_id = refused.run_id
+
+    # ui_page_resumed: two chunks acknowledged, then 500s until the HTTP retry runs out; Airflow's retry settles
+    mp.setenv(
+        f"AIRFLOW_CONN_{RETRY_CONN_ID.upper()}",
+        json.dumps(
+            {
+                "conn_type": "stopchurn",
+                "host": sandbox.url,
+                "password": TOKEN,
+                "extra": {"brand_id": BRAND, "max_retries": 1, "timeout": 5},
+            }
+        ),
+    )
+
+    def invoices(context: Any) -> pd.DataFrame:
+        if context["ti"].try_number > 1:
+            sandbox.set_faults(FaultConfig())  # the outage is over
+        return users(range(1, 51))
+
+    with DAG(RESUMED_DAG, schedule=None, start_date=START, catchup=False) as resumed:
+        StopChurnUpdateOperator(
+            task_id=RESUMED_TASK,
+            table_name=RESUMED_TABLE,
+            brand_id=BRAND,
+            dataframe=invoices,
+            stopchurn_conn_id=RETRY_CONN_ID,
+            snapshot_uri=str(snapshots),
+            chunk_size=10,
+            max_concurrent_requests=1,
+            retries=1,
+            retry_delay=dt.timedelta(0),
+        )
+    sandbox.set_faults(FaultConfig(seed=seed_failing_third_request(0.5), error_rate=0.5))
+    try:
+        run(result, resumed, RESUMED_TASK, 0)
+    finally:
+        sandbox.set_faults(FaultConfig())
+
+    # ui_page_events: two days of deposits whose windows overlap (duplicates, rows before the window)
+    frame = {"now": deposits(0, 20)}
+    with DAG(EVENTS_DAG, schedule=None, start_date=START, catchup=False) as events:
+        StopChurnEventOperator(
+            task_id=EVENTS_TASK,
+            user_id_column="user_id",
+            name="DEPOSIT",
+            value_column="amount",
+            event_key="deposit_id",
+            watermark_column="created_at",
+            lookback=dt.timedelta(hours=6),
+            dataframe=lambda: frame["now"],
+            brand_id=BRAND,
+            stopchurn_conn_id=CONN_ID,
+            state_uri=str(snapshots),
+            retries=0,
+        )
+    run(result, events, EVENTS_TASK, 0)
+    frame["now"] = deposits(10, 40)
+    run(result, events, EVENTS_TASK, 1)
+
+    # ui_page_export: a historical export
+    with DAG(EXPORT_DAG, schedule=None, start_date=START, catchup=False) as export:
+        StopChurnHistoricalExportOperator(
+            task_id=EXPORT_TASK,
+            table_name=EXPORT_TABLE,
+            brand_id=BRAND,
+            dataframe=lambda: users(range(1, 26)),
+            stopchurn_conn_id=CONN_ID,
+            snapshot_uri=str(snapshots),
+            output_uri=str(snapshots.parent / "exports"),
+            retries=0,
+        )
+    run(result, export, EXPORT_TASK, 0)
+
+    # ui_page_brands: one task, its brand a param: two runs for one brand, then one for another
+    member = {"now": users(range(1, 11))}
+    with DAG(BRANDS_DAG, schedule=None, start_date=START, catchup=False, params={"brand": BRAND}) as brands:
+        StopChurnUpdateOperator(
+            task_id=BRANDS_TASK,
+            table_name=BRANDS_TABLE,
+            brand_id="{{ params.brand }}",
+            dataframe=lambda: member["now"].copy(),
+            stopchurn_conn_id=CONN_ID,
+            snapshot_uri=str(snapshots),
+            retries=0,
+        )
+    run(result, brands, BRANDS_TASK, 0)
+    member["now"] = users(range(1, 13))
+    run(result, brands, BRANDS_TASK, 1)
+    dagrun = dagrun_of(brands, 2, run_conf={"brand": OTHER_BRAND})
+    result.states.setdefault(BRANDS_DAG, []).append(str(dagrun.state))
+    result.summaries.setdefault(BRANDS_DAG, []).append(xcom_return(dagrun, BRANDS_TASK))
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +394,8 @@ def syncs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Syncs]:
         private = sync_dag(PRIVATE_DAG, PRIVATE_TASK, PRIVATE_TABLE, lambda: users(range(1, 6)), snapshots)
         run(result, private, PRIVATE_TASK, 0)
 
+        more_syncs(result, sandbox, snapshots, mp)
+
         yield result
 
 
@@ -204,6 +410,15 @@ def test_the_runs_left_what_the_page_must_show(syncs: Syncs) -> None:
     assert accounts.read_lock()["holder"] == CRASH_HOLDER
     assert [r["id"] for r in syncs.store(USERS_TABLE).read_quarantine()] == [REJECTED_USER]
     assert syncs.store(USERS_TABLE).read_lock() is None
+    assert syncs.states[FAILED_DAG] == ["success", "failed"]
+    assert records_of(syncs.store(FAILED_TABLE), FAILED_DAG, FAILED_TASK, syncs.failed_run_id)
+    (resumed,) = syncs.summaries[RESUMED_DAG]
+    assert resumed["settled_chunks"] == 2 and resumed["inserted"] == 50  # the retry settled the first try's two
+    first, second = syncs.summaries[EVENTS_DAG]
+    assert (first["sent"], second["sent"]) == (21, 20) and second["duplicates"] == 7 and second["before_window"] == 4
+    assert syncs.summaries[EXPORT_DAG][0]["rows"] == 25
+    assert syncs.states[BRANDS_DAG] == ["success", "success", "success"]
+    assert [s["brand_id"] for s in syncs.summaries[BRANDS_DAG]] == [BRAND, BRAND, OTHER_BRAND]
 
 
 # --- the API server and the browser ----------------------------------------------------------------------------
@@ -313,14 +528,21 @@ def test_page_lists_every_sync_with_its_last_counts_and_status(admin: Any, api_s
         "state": "success",
         "table": f"{USERS_TABLE} (brand {BRAND})",
     }
-    # the accounts run that failed returned nothing: its row says so and shows the counts of the run before
+    # the accounts run that failed returned nothing, but it settled what StopChurn acknowledged and recorded it in
+    # the store's history: its row shows that record's error and counts
     accounts_row = frame.locator(f'#sync-tasks tr[data-task="{ACCOUNTS_DAG}/{ACCOUNTS_TASK}"]')
-    first = syncs.summaries[ACCOUNTS_DAG][0]
-    row = cells(accounts_row)
-    assert row["inserted"] == f"{first['inserted']:,}" == "200"
-    assert row["state"] == "failed"
-    assert "counts: the run of" in accounts_row.locator('[data-col="state"]').inner_text()
     store = syncs.store(ACCOUNTS_TABLE)
+    failure = next(r for r in store.read_history() if r.get("status") == "failed")
+    row = cells(accounts_row, ("inserted", "updated", "deleted", "rejected"))
+    assert row == {
+        "inserted": f"{failure['inserted']:,}",
+        "updated": f"{failure['updated']:,}",
+        "deleted": f"{failure['deleted']:,}",
+        "rejected": f"{failure['rejected']:,}",
+        "state": "failed",
+    }
+    assert accounts_row.locator('[data-item="error"]').inner_text() == failure["error"]
+    assert "counts: the run of" not in accounts_row.locator('[data-col="state"]').inner_text()
     plan = store.pending_plan(cleanup=False)
     assert plan is not None
     flags = accounts_row.locator("[data-flag]").all_inner_texts()
@@ -340,7 +562,7 @@ def test_chart_shows_the_counts_of_each_run_of_one_table(admin: Any, api_server:
     page, frame = open_stopchurn_page(admin, api_server)
     frame.locator('select[name="task"]').select_option(f"{USERS_DAG}/{USERS_TASK}")
     frame.get_by_role("button", name="Show").click()
-    chart = frame.locator(f'svg#sync-chart[data-task="{USERS_DAG}/{USERS_TASK}"]')
+    chart = frame.locator(f'svg.sync-chart[data-task="{USERS_DAG}/{USERS_TASK}"]')
     chart.wait_for()
     for column, series in enumerate(("inserted", "updated", "deleted", "rejected")):
         bars = chart.locator(f'rect[data-series="{series}"]')
@@ -348,7 +570,7 @@ def test_chart_shows_the_counts_of_each_run_of_one_table(admin: Any, api_server:
         assert values == [counts[column] for counts in USERS_COUNTS], series
         heights = bars.evaluate_all("bars => bars.map(b => b.getBoundingClientRect().height)")
         assert [h > 0 for h in heights] == [v > 0 for v in values], series  # drawn, and drawn only when > 0
-    runs = frame.locator("#sync-runs tbody tr")
+    runs = frame.locator(".sync-runs tbody tr")
     assert runs.count() == len(USERS_COUNTS)
     newest = cells(runs.first, ("inserted", "updated", "deleted", "rejected"))
     expected = dict(zip(("inserted", "updated", "deleted", "rejected"), map(str, USERS_COUNTS[-1]), strict=True))
@@ -419,6 +641,204 @@ def test_the_page_needs_a_login(api_server: ApiServer):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 401
+
+
+# --- inside Airflow's frame: links, failed and resumed runs, events, stores, width, refresh -----------------------
+SHOTS_ENV = "STOPCHURN_UI_SHOTS"  # a folder: the screenshots of failed, resumed and events runs are copied there
+
+
+def frame_of(page: Any) -> Any:
+    """The frame Airflow shows the page in (the UI has one iframe on a plugin page)."""
+    return page.frame_locator("iframe")
+
+
+def open_in_airflow(page: Any, server: ApiServer, query: str) -> Any:
+    """Open the page with ``query`` through Airflow's address for it (``/plugin/stopchurn/stopchurn/?...``), as a
+    reload or a shared link does after a click inside the frame; return the frame."""
+    page.goto(f"{server.url}/plugin/stopchurn/stopchurn/?{query}")
+    frame = frame_of(page)
+    frame.locator("#summary").wait_for()
+    return frame
+
+
+def shot(page: Any, name: str) -> Path:
+    path = screenshot(page, name)
+    folder = os.environ.get(SHOTS_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        target = Path(folder) / path.name
+        target.write_bytes(path.read_bytes())
+        print(f"screenshot: {target}")
+    return path
+
+
+def task_row(frame: Any, dag_id: str, task_id: str) -> Any:
+    return frame.locator(f'#sync-tasks tr[data-task="{dag_id}/{task_id}"]')
+
+
+def test_a_link_inside_the_frame_opens_airflows_page(admin: Any, api_server: ApiServer, syncs: Syncs):
+    # the DAG link of a task: Airflow's DAG page, in the whole window (not a second Airflow inside the frame)
+    page, frame = open_stopchurn_page(admin, api_server)
+    task_row(frame, USERS_DAG, USERS_TASK).locator("td:first-child a").click()
+    page.wait_for_url(f"{api_server.url}/dags/{USERS_DAG}", timeout=15_000)
+    assert page.locator("iframe").count() == 0
+    # a run's link, from the chart's run table: that task instance's page
+    page.goto(f"{api_server.url}/plugin/stopchurn/stopchurn/?task={USERS_DAG}%2F{USERS_TASK}")
+    newest = frame_of(page).locator(".sync-runs tbody tr").first
+    run_id = newest.get_attribute("data-run-id")
+    newest.locator("a").first.click()
+    quoted = urllib.parse.quote(run_id or "", safe="")
+    page.wait_for_url(f"{api_server.url}/dags/{USERS_DAG}/runs/{quoted}/tasks/{USERS_TASK}", timeout=15_000)
+    page.close()
+
+
+def test_failed_resumed_events_and_export_runs_show_their_own_counts(admin: Any, api_server: ApiServer, syncs: Syncs):
+    page, frame = open_stopchurn_page(admin, api_server)
+    # a failed run: its status, try and error's first line (from its history record), and its counts
+    failed = task_row(frame, FAILED_DAG, FAILED_TASK)
+    (record, *_) = records_of(syncs.store(FAILED_TABLE), FAILED_DAG, FAILED_TASK, syncs.failed_run_id)
+    assert failed.locator('[data-col="state"] .badge').get_attribute("data-state") == "failed"
+    assert failed.locator('[data-item="error"]').inner_text() == record["error"]
+    assert failed.locator('[data-item="try"]').inner_text() == "try 1"
+    for col in ("inserted", "updated", "deleted", "rejected", "http_retries"):
+        assert failed.locator(f'[data-col="{col}"]').inner_text() != "-", col
+    html = frame.locator("html").inner_html()
+    assert TOKEN not in html and "not-the-key" not in html  # neither key, though a 401 is shown
+    # a resumed run: try 2, what it settled of the first try; HTTP retries named as such
+    resumed = task_row(frame, RESUMED_DAG, RESUMED_TASK)
+    (summary,) = syncs.summaries[RESUMED_DAG]
+    assert resumed.locator('[data-item="try"]').inner_text() == "try 2"
+    assert resumed.locator('[data-item="settled"]').inner_text() == "settled 2 chunks from an earlier try"
+    assert resumed.locator('[data-col="http_retries"]').inner_text() == str(summary["retries"])
+    headings = frame.locator("#sync-tasks thead th").all_inner_texts()
+    assert "http retries" in headings and "retries" not in headings
+    # an events task: its own counts, its stream instead of "?"
+    events = task_row(frame, EVENTS_DAG, EVENTS_TASK)
+    last = syncs.summaries[EVENTS_DAG][-1]
+    assert events.locator('[data-col="table"]').inner_text() == f"events: {EVENTS_STREAM} (brand {BRAND})"
+    expected = {
+        "events_sent": last["sent"],
+        "duplicates": last["duplicates"],
+        "before_window": last["before_window"],
+        "held_future": last["held_future"],
+        "ledger_size": last["ledger_keys"],
+    }
+    for col, value in expected.items():
+        assert events.locator(f'[data-col="{col}"] strong').inner_text() == f"{value:,}", col
+    assert events.locator('[data-col="watermark"] strong').inner_text() == last["watermark"]
+    # an export task: rows, files and bytes exported
+    export = task_row(frame, EXPORT_DAG, EXPORT_TASK)
+    (done,) = syncs.summaries[EXPORT_DAG]
+    for col, key in (("rows_exported", "rows"), ("files", "files"), ("bytes_exported", "bytes")):
+        assert export.locator(f'[data-col="{col}"] strong').inner_text() == f"{done[key]:,}", col
+    page.close()
+
+    # each of them as the chart shows it, inside Airflow
+    for key, name in (
+        (f"{FAILED_DAG}/{FAILED_TASK}", "stopchurn-failed-run"),
+        (f"{RESUMED_DAG}/{RESUMED_TASK}", "stopchurn-resumed-run"),
+        (f"{EVENTS_DAG}/{EVENTS_TASK}", "stopchurn-events-task"),
+    ):
+        page = admin.new_page()
+        page.set_viewport_size({"width": 1440, "height": 1500})
+        frame = open_in_airflow(page, api_server, urllib.parse.urlencode({"task": key}))
+        runs = frame.locator(".sync-runs tbody tr")
+        assert runs.count() >= 1
+        if key.startswith(FAILED_DAG):
+            newest = runs.first
+            assert newest.locator('[data-item="error"]').inner_text() == record["error"]
+        if key.startswith(RESUMED_DAG):
+            assert "settled 2 chunks from an earlier try" in runs.first.inner_text()
+        if key.startswith(EVENTS_DAG):
+            bars = frame.locator('svg.sync-chart rect[data-series="events_sent"]')
+            assert bars.evaluate_all("bars => bars.map(b => Number(b.dataset.value))") == [21, 20]
+        task_row(frame, *key.split("/")).evaluate("row => row.scrollIntoView({block: 'start'})")
+        shot(page, name)
+        page.close()
+
+
+def test_every_store_a_task_used_is_listed_with_its_own_chart(admin: Any, api_server: ApiServer, syncs: Syncs):
+    page = admin.new_page()
+    frame = open_in_airflow(page, api_server, urllib.parse.urlencode({"task": f"{BRANDS_DAG}/{BRANDS_TASK}"}))
+    for brand in (BRAND, OTHER_BRAND):
+        card = frame.locator(f'#stores ~ .store[data-store="{BRANDS_TABLE}"][data-brand="{brand}"]').filter(
+            has_text=syncs.store(BRANDS_TABLE, brand).location
+        )
+        assert card.count() == 1, brand
+    # one chart per store, titled with the store it shows, holding the runs of that store only
+    for brand, runs in ((BRAND, 2), (OTHER_BRAND, 1)):
+        section = frame.locator(f'.store-runs[data-store="{BRANDS_TABLE}"][data-brand="{brand}"]')
+        assert section.locator("h3").inner_text().startswith(f"{BRANDS_TABLE} (brand {brand})")
+        assert section.locator("svg.sync-chart g.run").count() == runs, brand
+        assert section.locator(".sync-runs tbody tr").count() == runs, brand
+    flags = task_row(frame, BRANDS_DAG, BRANDS_TASK).locator('[data-col="store"] [data-brand]')
+    assert sorted(flags.evaluate_all("cells => cells.map(c => Number(c.dataset.brand))")) == [BRAND, OTHER_BRAND]
+    page.close()
+
+
+def test_the_store_column_fits_at_1440_px(browser: Any, api_server: ApiServer, syncs: Syncs):
+    context = logged_in(browser, api_server, "admin")
+    try:
+        page = context.new_page()
+        page.set_viewport_size({"width": 1440, "height": 900})
+        page.goto(f"{api_server.url}/")
+        page.get_by_role("button", name="Browse").click()
+        page.get_by_role("menuitem", name="StopChurn").click()
+        frame = frame_of(page)
+        frame.locator("#summary").wait_for()
+        width = frame.locator("html").evaluate("html => html.clientWidth")
+        rights = frame.locator('#sync-tasks [data-col="store"]').evaluate_all(
+            "cells => cells.map(c => c.getBoundingClientRect().right)"
+        )
+        assert len(rights) > 1 and max(rights) <= width, (max(rights), width)
+        shot(page, "stopchurn-page-1440")
+        page.close()
+    finally:
+        context.close()
+
+
+def test_the_chart_opens_on_the_task_chosen_and_the_page_refreshes_itself(
+    admin: Any, api_server: ApiServer, syncs: Syncs
+):
+    page, frame = open_stopchurn_page(admin, api_server)
+    chosen = f"{RESUMED_DAG}/{RESUMED_TASK}"  # not the task with the newest run
+    task_row(frame, RESUMED_DAG, RESUMED_TASK).locator('[data-col="table"] a').click()
+    frame.locator(f'svg[data-task="{chosen}"]').wait_for()
+    # Airflow mirrors the frame's address in its own: a reload opens the same task
+    page.wait_for_url(lambda url: "task=" + urllib.parse.quote(chosen, safe="") in url)
+    page.reload()
+    frame_of(page).locator(f'svg[data-task="{chosen}"]').wait_for()
+    # and a link with the task in Airflow's own query opens the chart on it too
+    page.goto(f"{api_server.url}/plugin/stopchurn?" + urllib.parse.urlencode({"task": chosen}))
+    frame_of(page).locator(f'svg[data-task="{chosen}"]').wait_for()
+    page.close()
+
+    # the page refreshes by itself (every 2 s here) and keeps the task chosen
+    page = admin.new_page()
+    frame = open_in_airflow(page, api_server, urllib.parse.urlencode({"task": chosen, "refresh": 2}))
+    before = frame.locator("#content").get_attribute("data-generated")
+    row = task_row(frame, RESUMED_DAG, RESUMED_TASK)
+    assert row.locator('[data-flag="lock"]').count() == 0
+    lock = syncs.store(RESUMED_TABLE).table_lock("on-call person")
+    lock.acquire()
+    try:
+        row.locator('[data-flag="lock"]').wait_for(timeout=30_000)
+    finally:
+        lock.release()
+    assert frame.locator("#content").get_attribute("data-generated") != before
+    assert frame.locator("#chart").get_attribute("data-task") == chosen
+    # hidden (another tab in front), it starts no refresh; shown again, it refreshes at once
+    hide = (
+        "(body, hidden) => { Object.defineProperty(document, 'visibilityState', {value: hidden ? 'hidden' : "
+        "'visible', configurable: true}); document.dispatchEvent(new Event('visibilitychange')); "
+        "return Number(body.dataset.refreshes || 0); }"
+    )
+    body = frame.locator("body")
+    started = body.evaluate(hide, True)
+    page.wait_for_timeout(5_000)  # more than two refresh intervals
+    assert body.evaluate("b => Number(b.dataset.refreshes || 0)") == started
+    assert body.evaluate(hide, False) == started + 1  # a refresh was due: it starts at once
+    page.close()
 
 
 # --- the connection form -----------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Routes, under the mount point (``/stopchurn``):
 
-* ``GET /``: the page (``?task=<dag_id>/<task_id>`` picks the task of the chart);
+* ``GET /``: the page (``?task=<dag_id>/<task_id>`` picks the task of the chart; ``?refresh=<seconds>`` how often
+  it refreshes itself while shown, 0: never);
 * ``GET /api/syncs``: the same data as JSON;
 * ``GET /icon.svg``: the nav icon.
 
@@ -12,8 +13,10 @@ read (``get_authorized_dag_ids(user=..., method="GET")``), so a user who cannot 
 
 The data is what Airflow holds: the StopChurn tasks of those DAGs (serialized DAGs; a task counts when its class
 name starts with ``StopChurn``), their task instances (newest 30 per task), the summaries they returned (XCom
-``return_value``) and their rendered ``snapshot_uri``; and, through the snapshot store's public API, each table's
-lock, pending plan and quarantined rows where the API server can reach the store (:mod:`.page`).
+``return_value``) and the store each used (rendered ``brand_id``, ``table_name``/``stream_id`` and
+``snapshot_uri``/``state_uri``, per run: a templated task may use several); and, through the snapshot store's
+public API, each of those stores' lock, pending plan, quarantined rows and run history (records of failed runs
+included) where the API server can reach it (:mod:`.page`).
 
 This module does not use ``from __future__ import annotations``: FastAPI reads the routes' annotations at runtime.
 """
@@ -40,8 +43,19 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from airflow_provider_stopchurn.events import EVENTS_FOLDER, event_store
 from airflow_provider_stopchurn.operators.stopchurn import snapshot_root
-from airflow_provider_stopchurn.plugins.page import CHART_RUNS, Run, StoreState, SyncTask, inspect_stores, render_page
+from airflow_provider_stopchurn.plugins.page import (
+    CHART_RUNS,
+    MIN_REFRESH_S,
+    REFRESH_S,
+    Run,
+    StoreState,
+    SyncTask,
+    inspect_stores,
+    record_belongs,
+    render_page,
+)
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -160,33 +174,47 @@ def _recent_runs(session: Session, declared: dict[tuple[str, str], dict[str, Any
     return [row for row in session.execute(query) if (row.dag_id, row.task_id) in declared]
 
 
-def _describe(task: SyncTask, declared: dict[str, Any], rendered: dict[str, Any] | None) -> None:
-    """Table, brand and snapshot location of ``task``: as its newest summary, else its newest rendered fields,
-    else its DAG (when not templated) says."""
-    latest = task.last_summary
-    summary = latest.summary if latest is not None and latest.summary is not None else {}
+def _first(values: Any, convert: Any) -> Any:
+    return next((found for found in map(convert, values) if found is not None), None)
+
+
+def _describe_run(task: SyncTask, run: Run, declared: dict[str, Any], rendered: dict[str, Any] | None) -> None:
+    """Brand, table (an events task's stream) and store location of one run: as its summary says, else its
+    rendered fields, else its DAG (when not templated)."""
+    summary = run.summary or {}
     values = rendered or {}
-    task.table_name = next(
-        (
-            name
-            for name in map(_plain, (summary.get("table_name"), values.get("table_name"), declared.get("table_name")))
-            if name
-        ),
-        None,
-    )
-    task.brand_id = next(
-        (
-            brand
-            for brand in map(_as_int, (summary.get("brand_id"), values.get("brand_id"), declared.get("brand_id")))
-            if brand is not None
-        ),
-        None,
-    )
-    if rendered is not None:  # what the newest run used (None: the default location)
-        task.snapshot_uri, task.snapshot_uri_known = _plain(values.get("snapshot_uri")), True
+    run.brand_id = _first((summary.get("brand_id"), values.get("brand_id"), declared.get("brand_id")), _as_int)
+    if task.kind == "events":
+        default_stream = f"{task.dag_id}.{task.task_id}"
+        run.table_name = _first(
+            (summary.get("stream"), values.get("stream_id"), declared.get("stream_id"), default_stream), _plain
+        )
+        uri_field = "state_uri"
     else:
-        uri = declared.get("snapshot_uri")
-        task.snapshot_uri, task.snapshot_uri_known = _plain(uri), _plain(uri) == uri
+        run.table_name = _first(
+            (summary.get("table_name"), values.get("table_name"), declared.get("table_name")), _plain
+        )
+        uri_field = "snapshot_uri"
+    if rendered is not None:  # what this run used (None: the default location)
+        run.store_uri, run.store_uri_known = _plain(values.get(uri_field)), True
+    else:
+        uri = declared.get(uri_field)
+        run.store_uri, run.store_uri_known = _plain(uri), _plain(uri) == uri
+
+
+def _describe(task: SyncTask, declared: dict[str, Any]) -> None:
+    """Table, brand and store location of ``task``: its newest run's that names them, else its DAG's."""
+    conn_id = declared.get("state_conn_id" if task.kind == "events" else "snapshot_conn_id")
+    task.store_conn_id = conn_id if isinstance(conn_id, str) and conn_id else None
+    newest = next((run for run in reversed(task.runs) if run.table_name and run.brand_id is not None), None)
+    if newest is not None:
+        task.table_name, task.brand_id = newest.table_name, newest.brand_id
+        task.snapshot_uri, task.snapshot_uri_known = newest.store_uri, newest.store_uri_known
+        return
+    probe = Run(run_id="", run_after=None, state=None)
+    _describe_run(task, probe, declared, None)
+    task.table_name, task.brand_id = probe.table_name, probe.brand_id
+    task.snapshot_uri, task.snapshot_uri_known = probe.store_uri, probe.store_uri_known
 
 
 def load_sync_tasks(session: Session, dag_ids: set[str], *, history: int = CHART_RUNS) -> list[SyncTask]:
@@ -196,56 +224,82 @@ def load_sync_tasks(session: Session, dag_ids: set[str], *, history: int = CHART
     if not declared:
         return []
     tasks: dict[tuple[str, str, int], SyncTask] = {}
-    rendered: dict[tuple[str, str, int], dict[str, Any]] = {}
     for row in _recent_runs(session, declared, history):
         key = (row.dag_id, row.task_id, row.map_index)
         if key not in tasks:
             tasks[key] = SyncTask(row.dag_id, row.task_id, declared[key[:2]]["operator"], map_index=row.map_index)
         summary = XComModel.deserialize_value(row) if row.value is not None else None
-        tasks[key].runs.append(
-            Run(
-                run_id=row.run_id,
-                run_after=row.run_after,
-                state=None if row.state is None else str(row.state),
-                try_number=row.try_number or 0,
-                summary=summary if isinstance(summary, dict) else None,
-            )
+        run = Run(
+            run_id=row.run_id,
+            run_after=row.run_after,
+            state=None if row.state is None else str(row.state),
+            try_number=row.try_number or 0,
+            summary=summary if isinstance(summary, dict) else None,
         )
-        if isinstance(row.rendered_fields, dict):
-            rendered[key] = row.rendered_fields  # rows come oldest first: the newest run's wins
+        rendered = row.rendered_fields if isinstance(row.rendered_fields, dict) else None
+        _describe_run(tasks[key], run, declared[key[:2]]["fields"], rendered)
+        tasks[key].runs.append(run)
     ran = {key[:2] for key in tasks}
     for (dag_id, task_id), spec in declared.items():
         if (dag_id, task_id) not in ran:
             tasks[(dag_id, task_id, -1)] = SyncTask(dag_id, task_id, spec["operator"])
     for key, task in tasks.items():
-        _describe(task, declared[key[:2]]["fields"], rendered.get(key))
+        _describe(task, declared[key[:2]]["fields"])
     return sorted(tasks.values(), key=lambda t: (t.dag_id, t.task_id, t.map_index))
 
 
+def _store_of(task: SyncTask, brand_id: int, name: str, uri: str | None, conn_id: str | None) -> tuple[Any, Any]:
+    """``(root, SnapshotStore)`` of a run's store: a table's snapshot store, or an event stream's ledger."""
+    root = snapshot_root(uri, conn_id)
+    if task.kind == "events":
+        store = event_store(root, brand_id, name)
+        return root / EVENTS_FOLDER, store
+    return root, SnapshotStore(root, brand_id, name)
+
+
 def attach_stores(tasks: list[SyncTask]) -> None:
-    """Set each task's ``store`` from its snapshot store, read once per store (bounded in time)."""
+    """Find every store the tasks' runs used, read each once (bounded in time), and give each task its stores
+    (``stores``, the newest run's first; ``store``, the newest run's) and each run its history records."""
     targets: dict[tuple[str, int, str], Any] = {}
-    keys: dict[int, tuple[str, int, str]] = {}
-    failed: dict[int, StoreState] = {}
-    for index, task in enumerate(tasks):
-        if not (task.snapshot_uri_known and task.brand_id is not None and task.table_name and task.runs):
-            continue
-        try:
-            root = snapshot_root(task.snapshot_uri)
-            key = (SnapshotStore(root, task.brand_id, task.table_name).location, task.brand_id, task.table_name)
-        except Exception as err:  # a location this process cannot even name
-            failed[index] = StoreState(
-                location=str(task.snapshot_uri),
-                brand_id=task.brand_id,
-                table_name=task.table_name,
-                error=f"{type(err).__name__}: {err}",
-            )
-            continue
-        targets.setdefault(key, root)
-        keys[index] = key
-    states = inspect_stores(targets)
-    for index, task in enumerate(tasks):
-        task.store = failed.get(index) or (states[keys[index]] if index in keys else None)
+    kinds: dict[tuple[str, int, str], str] = {}
+    failed: dict[tuple[str, int, str], StoreState] = {}
+    for task in tasks:
+        for run in task.runs:
+            if not (run.store_uri_known and run.brand_id is not None and run.table_name):
+                continue
+            try:
+                root, store = _store_of(task, run.brand_id, run.table_name, run.store_uri, task.store_conn_id)
+                key = (store.location, run.brand_id, run.table_name)
+            except Exception as err:  # a location this process cannot even name
+                key = (str(run.store_uri), run.brand_id, run.table_name)
+                failed[key] = StoreState(
+                    location=key[0], brand_id=key[1], table_name=key[2], error=f"{type(err).__name__}: {err}"
+                )
+            else:
+                targets.setdefault(key, root)
+            kinds[key] = "events" if task.kind == "events" else "snapshot"
+            run.store_key = key
+    states = {**inspect_stores(targets), **failed}
+    for key, state in states.items():
+        state.kind = kinds.get(key, state.kind)
+    for task in tasks:
+        task.stores, task.store = [], None
+        for run in reversed(task.runs):
+            found = states.get(run.store_key) if run.store_key is not None else None
+            if found is None:
+                continue
+            if task.store is None:
+                task.store = found
+            if all(known.key != found.key for known in task.stores):
+                task.stores.append(found)
+        for run in task.runs:
+            candidates = [states[run.store_key]] if run.store_key in states else task.stores
+            run.records = [
+                record
+                for candidate in candidates
+                for record in candidate.history
+                if record_belongs(record, task.dag_id, task.task_id, run.run_id, task.map_index)
+            ]
 
 
 def _username(user: Any) -> str:
@@ -281,9 +335,12 @@ def create_app(url_prefix: str) -> FastAPI:
         return await http_exception_handler(request, exc)
 
     @app.get("/", response_class=HTMLResponse)
-    async def page(request: Request, user: UserDep, task: str | None = None) -> HTMLResponse:
+    async def page(request: Request, user: UserDep, task: str | None = None, refresh: int | None = None) -> Response:
         tasks = await run_in_threadpool(collect, user)
-        html = render_page(tasks, selected=task, airflow_base=airflow_base(request), user=_username(user))
+        every = REFRESH_S if refresh is None else (0 if refresh <= 0 else max(MIN_REFRESH_S, refresh))
+        html = render_page(
+            tasks, selected=task, airflow_base=airflow_base(request), user=_username(user), refresh_s=every
+        )
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     @app.get("/api/syncs")
