@@ -92,6 +92,8 @@ from airflow_provider_stopchurn.exceptions import (
     StopChurnRejectedError,
     TransientDeliveryError,
 )
+from airflow_provider_stopchurn.history import recorded
+from airflow_provider_stopchurn.options import NO_RUN_INFO, RunInfo
 from airflow_provider_stopchurn.snapshot import Committed, Plan, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,8 @@ class EventOptions:
     run_key: str | None = None
     lock_ttl_s: float = 3600.0
     progress_interval_s: float = 10.0
+    #: the DAG, task, DAG run and try this run is (recorded in the store's history; not an operator argument)
+    run_info: RunInfo = NO_RUN_INFO
 
     def __post_init__(self) -> None:
         problems = []
@@ -316,6 +320,22 @@ class EventSummary:
             f"{self.chunks} chunks, {self.bytes} bytes, {self.retries} retries{resumed}; watermark {self.watermark}; "
             f"{self.duration_s:.2f}s; state {self.state_uri}"
         )
+
+    def record_fields(self) -> dict[str, Any]:
+        """The run's fields in the store's history (``history``: kind ``events``)."""
+        return {
+            "events_sent": self.sent,
+            "duplicates": self.duplicates,
+            "before_window": self.before_window,
+            "held_future": self.held_future,
+            "watermark": self.watermark,
+            "ledger_size": self.ledger_keys,
+            "chunks": self.chunks,
+            "bytes": self.bytes,
+            "requests": self.requests,
+            "http_retries": self.retries,
+            "resumed_chunks": self.resumed_chunks,
+        }
 
     def set_watermark(self, ms: int | None) -> None:
         self.watermark_ms = ms
@@ -682,8 +702,12 @@ def run_events(
         if sender is None:
             raise StopChurnConfigError("A sender is required unless dry_run=True.")
         run = _Run(store, _ToEventRoute(sender), options, summary, now_ms)
-        with store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock, lock.heartbeat():
-            run.lock = lock
+        with (
+            recorded(store, options, kind="events", fields=summary.record_fields) as recording,  # however it ends
+            store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock,
+            lock.heartbeat(),
+        ):
+            run.lock = recording.lock = lock
             fenced = fence_sender(sender, lock.fence)  # every attempt, retries included
             run.sender, run.request_s = _ToEventRoute(fenced), float(getattr(fenced, "request_s", 0.0))
             committed = store.read_committed()
