@@ -172,7 +172,7 @@ def test_status_and_history_of_a_synced_table(
     table = stopchurn("history", "-n", "1")
     assert table.code == 0
     header, row = table.out.splitlines()
-    assert header.split()[:5] == ["finished", "(UTC)", "kind", "status", "ins"]
+    assert header.split()[:6] == ["finished", "(UTC)", "kind", "status", "try", "ins"]
     assert "success" in row and str(summaries[-1].inserted) in row.split()
 
 
@@ -559,7 +559,8 @@ def test_rebaseline_from_parquet(
     summary = run_sync(reloaded, store, make_client(sb), options(), run_ms=T0 + 1)
     assert (summary.requests, summary.unchanged) == (0, len(reloaded))
     assert update_requests(sb) == 0
-    assert [r["kind"] for r in store.read_history()] == ["rebaseline", "rebaseline"]
+    # newest first: every run is recorded, the runs that sent nothing included
+    assert [r["kind"] for r in store.read_history()] == ["sync", "rebaseline", "sync", "rebaseline"]
 
 
 def test_rebaseline_from_sql_on_sqlite(
