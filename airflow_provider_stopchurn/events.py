@@ -317,8 +317,8 @@ class EventSummary:
         return (
             f"StopChurn events of brand {self.brand_id} stream {self.stream!r}{mode}: {self.sent} sent, "
             f"{self.duplicates} duplicates dropped, {self.before_window} before the window{held}; "
-            f"{self.chunks} chunks, {self.bytes} bytes, {self.retries} retries{resumed}; watermark {self.watermark}; "
-            f"{self.duration_s:.2f}s; state {self.state_uri}"
+            f"{self.chunks} chunks, {self.bytes} bytes, {self.retries} HTTP retries{resumed}; "
+            f"watermark {self.watermark}; {self.duration_s:.2f}s; state {self.state_uri}"
         )
 
     def record_fields(self) -> dict[str, Any]:
@@ -706,8 +706,9 @@ def run_events(
             recorded(store, options, kind="events", fields=summary.record_fields) as recording,  # however it ends
             store.lock(options.holder, ttl_s=options.lock_ttl_s) as lock,
             lock.heartbeat(),
+            recording.holding(lock),
         ):
-            run.lock = recording.lock = lock
+            run.lock = lock
             fenced = fence_sender(sender, lock.fence)  # every attempt, retries included
             run.sender, run.request_s = _ToEventRoute(fenced), float(getattr(fenced, "request_s", 0.0))
             committed = store.read_committed()

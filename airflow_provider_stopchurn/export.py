@@ -196,7 +196,7 @@ def output_folder(root: Any, options: ExportOptions) -> Any:
     return root / str(int(options.brand_id)) / safe_name(options.table_name) / safe_name(options.run_id)
 
 
-def run_export(  # noqa: PLR0915 - one locked sequence of steps, read top to bottom
+def run_export(
     source: Source,
     store: SnapshotStore,
     output_root: Any,
@@ -221,8 +221,8 @@ def run_export(  # noqa: PLR0915 - one locked sequence of steps, read top to bot
         recorded(store, options, kind="export", fields=summary.record_fields) as recording,  # however it ends
         store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
         lock.heartbeat(),
+        recording.holding(lock),
     ):
-        recording.lock = lock
         pending = store.pending_plan(cleanup=False)
         committed = store.read_committed()
         summary.replaced_snapshot = _check_replace(store, committed, pending, options)

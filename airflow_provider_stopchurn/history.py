@@ -142,6 +142,7 @@ def record(  # noqa: PLR0913 - keyword-only fields of one record
     info: RunInfo | None = None,
     fields: Mapping[str, Any] | None = None,
     own_store: bool = True,
+    current: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Append one record to ``store``'s history and return it; a failure to write is only logged.
 
@@ -153,13 +154,16 @@ def record(  # noqa: PLR0913 - keyword-only fields of one record
     :param fields: the record fields of another kind (events, export), added as they are.
     :param own_store: whether the run held the table's lock to the end. When not (the lock was busy, or taken
         over), the store is another run's: the record reads no committed version and prunes no old record.
+    :param current: the ``CURRENT`` record the run left, read while it held the lock (None: read it now).
     """
     finished = time.time()
-    current: Mapping[str, Any] = {}
-    if own_store:
+    if not own_store:
+        current = {}
+    elif current is None:
         try:
             current = store.read_current() or {}
         except Exception as err:  # the record is still worth keeping without the version
+            current = {}
             log.warning(
                 "Could not read the committed snapshot of %s for its history: %s", store.location, first_line(err)
             )
@@ -192,10 +196,27 @@ def record(  # noqa: PLR0913 - keyword-only fields of one record
 
 @dataclass
 class Recording:
-    """A run being recorded: set ``lock`` once the table's lock is held (a run that never held it is recorded
-    without touching anything of the store but its own record)."""
+    """A run being recorded. A run that never held the table's lock is recorded without touching anything of the
+    store but its own record; one that held it enters :meth:`holding` inside the lock."""
 
+    store: SnapshotStore
     lock: Any = None
+    #: ``CURRENT`` as the run left it, read before its lock was released
+    current: Mapping[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def holding(self, lock: Any) -> Iterator[None]:
+        """Enter once ``lock`` is held (innermost): on the way out, still under the lock, read the committed
+        version the run leaves, so the record names its own (not one a run that took the lock next committed)."""
+        self.lock = lock
+        try:
+            yield
+        finally:
+            if getattr(lock, "lost", None) is None:
+                try:
+                    self.current = self.store.read_current() or {}
+                except Exception as err:  # the record is still worth keeping without the version
+                    log.warning("Could not read the committed snapshot of %s: %s", self.store.location, first_line(err))
 
 
 @contextlib.contextmanager
@@ -209,11 +230,11 @@ def recorded(
 ) -> Iterator[Recording]:
     """Record the run of the block in ``store``'s history when it ends, however it ends (see the module docstring).
 
-    Enter it before taking the table's lock (so a busy lock is recorded too) and set the yielded
-    :class:`Recording`'s ``lock`` once it is held. ``counts`` / ``fields`` are read when the block ends.
+    Enter it before taking the table's lock (so a busy lock is recorded too), and the yielded
+    :meth:`Recording.holding` inside the lock. ``counts`` / ``fields`` are read when the block ends.
     An exception is re-raised unchanged; a process killed outright (``BaseException``) records nothing.
     """
-    recording = Recording()
+    recording = Recording(store)
     started = time.time()
     try:
         yield recording
@@ -247,6 +268,7 @@ def _after(
             fields=fields() if fields is not None else None,
             # never held (busy), or taken over: the store is another run's now
             own_store=lock is not None and getattr(lock, "lost", None) is None,
+            current=recording.current,
         )
     except Exception as err:  # never hide the run's own outcome behind a failure to record it
         log.warning("Could not record the run in the history of %s: %s", store.location, first_line(err))

@@ -206,8 +206,8 @@ def run_sync(
             recorded(store, options, counts=lambda: summary_counts(summary)) as recording,  # however it ends
             store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
             lock.heartbeat(),
+            recording.holding(lock),
         ):
-            recording.lock = lock
             pending = store.pending_plan()
             committed = store.read_committed()
             summary.start_from(committed.run if committed is not None else None, options.run_key)

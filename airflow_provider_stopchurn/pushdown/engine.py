@@ -152,8 +152,8 @@ def run_warehouse_sync(
                 recorded(store, options, counts=lambda: summary_counts(summary)) as recording,  # however it ends
                 store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
                 lock.heartbeat(),
+                recording.holding(lock),
             ):
-                recording.lock = lock
                 current = _current(store)
                 summary.start_from(current.get("run") if current else None, options.run_key)
                 delivered = summary.settled_chunks
