@@ -101,3 +101,34 @@ def test_a_mass_delete_approved_in_the_trigger_dialog_is_in_the_summary_and_the_
     approved = {"run_id": dagrun.run_id, "deletes": 36, "rows_before": 40}
     assert xcom_return(dagrun, "sync")["approved_deletes"] == approved
     assert SnapshotStore(tmp_path / "snapshots", 1, "account").read_history(1)[0]["approved_deletes"] == approved
+
+
+def test_a_run_refused_for_another_store_location_is_recorded_only_where_a_store_exists(
+    stopchurn_conn: SandboxServer, tmp_path: Path
+) -> None:
+    """SnapshotLocationError: the snapshot_uri named is not the table's recorded store. The refusal is recorded in
+    the store named when it holds a snapshot (the StopChurn page reads it), and never creates one."""
+    import shutil
+
+    frame = users_frame(random.Random(4), 10)
+    first, second = tmp_path / "first", tmp_path / "second"
+
+    def dag_at(root: Path) -> DAG:
+        with DAG(new_dag_id("history_moved"), schedule=None, start_date=START, catchup=False) as dag:
+            StopChurnUpdateOperator(
+                task_id="sync", table_name="account", dataframe=lambda: frame, snapshot_uri=str(root)
+            )
+        return dag
+
+    run_ok(dag_at(first), 0)
+    refused = run_dag(dag_at(second), logical_date=START.add(days=1))
+    assert str(refused.state) == "failed"
+    assert not second.exists()  # no store (nor history) where there was none
+    shutil.copytree(first, second)  # a copy, not moved on purpose (no move_store_from): still refused
+    dag = dag_at(second)
+    refused = run_dag(dag, logical_date=START.add(days=2))
+    assert str(refused.state) == "failed"
+    entry = SnapshotStore(second, 1, "account").read_history(1)[0]
+    assert (entry["status"], entry["error_type"], entry["kind"]) == ("failed", "SnapshotLocationError", "sync")
+    assert (entry["dag_id"], entry["run_id"], entry["try_number"]) == (dag.dag_id, refused.run_id, 1)
+    assert len(SnapshotStore(first, 1, "account").read_history()) == 1  # the recorded store is not touched
