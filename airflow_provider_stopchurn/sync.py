@@ -291,12 +291,12 @@ def approval(approved: Mapping[str, Any] | None, options: SyncOptions) -> dict[s
         return None
     run_id = options.run_info.run_id if options.run_info.run_id is not None else options.run_key
     log.warning(
-        "Mass delete approved (allow_large_changes) by run %s: %d of %d rows of %r %s.",
+        "Mass delete approved (allow_large_changes) by run %s: the plan deletes %d of %d rows of %r%s.",
         run_id,
         approved["deletes"],
         approved["rows_before"],
         options.table_name,
-        "would be deleted (dry run)" if options.dry_run else "deleted",
+        " (dry run: nothing sent)" if options.dry_run else "",
     )
     return {"run_id": run_id, "deletes": int(approved["deletes"]), "rows_before": int(approved["rows_before"])}
 
