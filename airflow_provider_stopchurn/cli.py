@@ -3,7 +3,7 @@
 ::
 
     stopchurn status     URI --brand B --table T          committed snapshot, pending plan, lock, quarantine
-    stopchurn history    URI --brand B --table T [-n N]   the last N runs that committed something
+    stopchurn history    URI --brand B --table T [-n N]   the last N runs, failed ones with their error
     stopchurn rejected   URI --brand B --table T [--export FILE.csv|FILE.json] [--all]
     stopchurn unlock     URI --brand B --table T [--force] [--yes]
     stopchurn settle     URI --brand B (--table T | --stream S) [--yes]
@@ -85,7 +85,7 @@ COMMANDS: dict[str, tuple[str, tuple[ArgSpec, ...]]] = {
         _TABLE,
     ),
     "history": (
-        "Show the last runs that committed something (newest first).",
+        "Show the last runs, failed ones with their error's first line (newest first).",
         (
             *_TABLE,
             (("-n", "--limit"), {"type": _positive, "default": 20, "metavar": "N", "help": "how many runs (20)"}),
@@ -464,23 +464,70 @@ def _status(args: argparse.Namespace, out: TextIO) -> None:
     out.write("\n".join(lines) + "\n")
 
 
+def _count(name: str) -> Callable[[Mapping[str, Any]], str]:
+    """A count's cell: "-" when the record has none (another kind of run, or an older record)."""
+    return lambda r: "-" if r.get(name) is None else str(r[name])
+
+
+def _http_retries(r: Mapping[str, Any]) -> int:
+    from airflow_provider_stopchurn.history import http_retries
+
+    return http_retries(r)
+
+
+def _try_text(r: Mapping[str, Any]) -> str:
+    return "-" if r.get("try_number") is None else str(r["try_number"])
+
+
 _HISTORY_COLUMNS: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
     ("finished (UTC)", lambda r: _short_time(r.get("finished_at"))),
     ("kind", lambda r: str(r.get("kind", ""))),
     ("status", lambda r: str(r.get("status", ""))),
-    ("ins", lambda r: str(r.get("inserted", 0))),
-    ("upd", lambda r: str(r.get("updated", 0))),
-    ("del", lambda r: str(r.get("deleted", 0))),
-    ("unch", lambda r: str(r.get("unchanged", 0))),
+    ("try", _try_text),
+    ("ins", _count("inserted")),
+    ("upd", _count("updated")),
+    ("del", _count("deleted")),
+    ("unch", _count("unchanged")),
     ("chunks", lambda r: str(r.get("chunks", 0))),
+    ("settled", lambda r: str(r.get("settled_chunks") or 0)),
     ("bytes", lambda r: _size(r.get("bytes"))),
     ("req", lambda r: str(r.get("requests", 0))),
-    ("retries", lambda r: str(r.get("retries", 0))),
-    ("rejected", lambda r: str(r.get("rejected", 0))),
+    ("http retries", lambda r: str(_http_retries(r))),
+    ("rejected", _count("rejected")),
     ("duration", lambda r: f"{float(r.get('duration_s') or 0):.2f}s"),
-    ("rows", lambda r: str(r.get("rows", ""))),
+    ("rows", lambda r: "" if r.get("rows") is None else str(r["rows"])),
     ("holder", lambda r: str(r.get("holder", ""))),
 )
+
+
+def _history_details(r: Mapping[str, Any]) -> list[str]:
+    """The lines under a run's row: its error, what it left undone, an approved mass delete, its own counts."""
+    lines = []
+    if r.get("error"):
+        lines.append(f"error: {r['error']}")
+    if r.get("never_sent") or r.get("unacknowledged"):
+        lines.append(
+            f"not delivered: {r.get('unacknowledged') or 0} updates sent without an acknowledgement, "
+            f"{r.get('never_sent') or 0} never sent (the next run sends them)"
+        )
+    approved = r.get("approved_deletes")
+    if approved:
+        lines.append(
+            f"mass delete approved by run {approved.get('run_id')}: {approved.get('deletes')} of "
+            f"{approved.get('rows_before')} rows"
+        )
+    if r.get("kind") == "events":
+        lines.append(
+            f"events: {r.get('events_sent') or 0} sent, {r.get('duplicates') or 0} duplicates, "
+            f"{r.get('before_window') or 0} before the window, {r.get('held_future') or 0} held (future), "
+            f"watermark {r.get('watermark') or '-'}, ledger {r.get('ledger_size') or 0} keys"
+        )
+    if r.get("kind") == "export":
+        lines.append(
+            f"export: {r.get('rows_exported') or 0} rows in {r.get('files') or 0} files, "
+            f"{_size(r.get('bytes_exported'))}"
+        )
+    return lines
 
 
 def _history(args: argparse.Namespace, out: TextIO) -> None:
@@ -489,15 +536,15 @@ def _history(args: argparse.Namespace, out: TextIO) -> None:
         _emit_json(out, runs)
         return
     if not runs:
-        out.write("No runs recorded yet (a run is recorded when it commits something).\n")
+        out.write("No runs recorded yet (every run that ends is recorded, failed ones included).\n")
         return
     table = [[name for name, _ in _HISTORY_COLUMNS]] + [[cell(r) for _, cell in _HISTORY_COLUMNS] for r in runs]
     widths = [max(len(row[i]) for row in table) for i in range(len(_HISTORY_COLUMNS))]
     lines = []
     for index, row in enumerate(table):
         lines.append("  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip())
-        if index and runs[index - 1].get("error"):
-            lines.append(f"    error: {runs[index - 1]['error']}")
+        if index:
+            lines += [f"    {line}" for line in _history_details(runs[index - 1])]
     out.write("\n".join(lines) + "\n")
 
 

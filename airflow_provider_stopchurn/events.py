@@ -92,6 +92,8 @@ from airflow_provider_stopchurn.exceptions import (
     StopChurnRejectedError,
     TransientDeliveryError,
 )
+from airflow_provider_stopchurn.history import recorded
+from airflow_provider_stopchurn.options import NO_RUN_INFO, RunInfo
 from airflow_provider_stopchurn.snapshot import Committed, Plan, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -165,6 +167,8 @@ class EventOptions:
     #: while another run holds the stream's lock, wait up to this many seconds for it (as an update run does)
     lock_wait_s: float = 300.0
     progress_interval_s: float = 10.0
+    #: the DAG, task, DAG run and try this run is (recorded in the store's history; not an operator argument)
+    run_info: RunInfo = NO_RUN_INFO
 
     def __post_init__(self) -> None:
         problems = []
@@ -321,9 +325,25 @@ class EventSummary:
         return (
             f"StopChurn events of brand {self.brand_id} stream {self.stream!r}{mode}: {self.sent} sent, "
             f"{self.duplicates} duplicates dropped, {self.before_window} before the window{held}; "
-            f"{self.chunks} chunks, {self.bytes} bytes, {self.retries} retries{resumed}; watermark {self.watermark}; "
-            f"{self.duration_s:.2f}s; state {self.state_uri}"
+            f"{self.chunks} chunks, {self.bytes} bytes, {self.retries} HTTP retries{resumed}; "
+            f"watermark {self.watermark}; {self.duration_s:.2f}s; state {self.state_uri}"
         )
+
+    def record_fields(self) -> dict[str, Any]:
+        """The run's fields in the store's history (``history``: kind ``events``)."""
+        return {
+            "events_sent": self.sent,
+            "duplicates": self.duplicates,
+            "before_window": self.before_window,
+            "held_future": self.held_future,
+            "watermark": self.watermark,
+            "ledger_size": self.ledger_keys,
+            "chunks": self.chunks,
+            "bytes": self.bytes,
+            "requests": self.requests,
+            "http_retries": self.retries,
+            "resumed_chunks": self.resumed_chunks,
+        }
 
     def set_watermark(self, ms: int | None) -> None:
         self.watermark_ms = ms
@@ -692,8 +712,10 @@ def run_events(
         run = _Run(store, _ToEventRoute(sender), options, summary, now_ms)
         # a run that waited for the lock holds its own lease from then on: the fence below checks that one
         with (
+            recorded(store, options, kind="events", fields=summary.record_fields) as recording,  # however it ends
             store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
             lock.heartbeat(),
+            recording.holding(lock),
         ):
             run.lock = lock
             fenced = fence_sender(sender, lock.fence)  # every attempt, retries included

@@ -51,6 +51,8 @@ import polars as pl
 from airflow_provider_stopchurn.diff import DIRTY_HASH, DIRTY_UPDATE, ROW_HASH, data_columns, with_hashes
 from airflow_provider_stopchurn.encoding import row_pieces
 from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError, StopChurnConfigError
+from airflow_provider_stopchurn.history import recorded
+from airflow_provider_stopchurn.options import NO_RUN_INFO, RunInfo
 from airflow_provider_stopchurn.plan import make_plan
 from airflow_provider_stopchurn.settle import settle
 from airflow_provider_stopchurn.snapshot import (
@@ -110,6 +112,8 @@ class ExportOptions:
     lock_ttl_s: float = 3600.0
     #: while another run holds the table's lock, wait up to this many seconds for it (as an update run does)
     lock_wait_s: float = 300.0
+    #: the DAG, task, DAG run and try this run is (recorded in the store's history; not an operator argument)
+    run_info: RunInfo = NO_RUN_INFO
 
     def __post_init__(self) -> None:
         problems = []
@@ -140,6 +144,7 @@ class ExportOptions:
             run_key=self.run_key,
             lock_ttl_s=self.lock_ttl_s,
             lock_wait_s=self.lock_wait_s,
+            run_info=self.run_info,
         )
 
 
@@ -168,6 +173,17 @@ class ExportSummary:
         data = asdict(self)
         data.pop("file_list")  # the manifest lists every file; XCom stays small
         return data
+
+    def record_fields(self) -> dict[str, Any]:
+        """The run's fields in the store's history (``history``: kind ``export``)."""
+        return {
+            "rows_exported": self.rows,
+            "files": self.files,
+            "bytes_exported": self.bytes,
+            "replaced_snapshot": self.replaced_snapshot,
+            "kept_rows": self.kept_rows,
+            "settled_chunks": self.settled_chunks,
+        }
 
     def line(self) -> str:
         return (
@@ -231,8 +247,10 @@ def run_export(
     summary.snapshot_uri = store.location
     sync_options = options.sync_options()
     with (
+        recorded(store, options, kind="export", fields=summary.record_fields) as recording,  # however it ends
         store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
         lock.heartbeat(),
+        recording.holding(lock),
     ):
         pending = store.pending_plan(cleanup=False)
         committed = store.read_committed()

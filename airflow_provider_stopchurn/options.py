@@ -26,6 +26,29 @@ SHAPE_OPTIONS: Mapping[str, Callable[[Iterable[str]], bool]] = {
 
 
 @dataclass(frozen=True)
+class RunInfo:
+    """Which scheduled task a run is, for its history record: the operators fill it from Airflow's context; the
+    engines only copy it (they stay Airflow-free). Every field may be None (a run outside Airflow)."""
+
+    dag_id: str | None = None
+    task_id: str | None = None
+    run_id: str | None = None
+    #: the task instance's try (1 for the first); a killed or failed try's retry has the next number
+    try_number: int | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "dag_id": self.dag_id,
+            "task_id": self.task_id,
+            "run_id": self.run_id,
+            "try_number": None if self.try_number is None else int(self.try_number),
+        }
+
+
+NO_RUN_INFO = RunInfo()
+
+
+@dataclass(frozen=True)
 class SyncOptions:
     """Everything that shapes one run. Validated on construction (no I/O)."""
 
@@ -60,6 +83,8 @@ class SyncOptions:
     #: fails as retryable (0: fail at once)
     lock_wait_s: float = 300.0
     progress_interval_s: float = 10.0
+    #: the DAG, task, DAG run and try this run is (recorded in the store's history; not an operator argument)
+    run_info: RunInfo = NO_RUN_INFO
 
     def __post_init__(self) -> None:
         problems = []
@@ -132,4 +157,4 @@ def shape_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any], columns
     }
 
 
-__all__ = ["SHAPE_OPTIONS", "RejectPolicy", "SchemaPolicy", "SyncOptions", "shape_changes"]
+__all__ = ["NO_RUN_INFO", "SHAPE_OPTIONS", "RejectPolicy", "RunInfo", "SchemaPolicy", "SyncOptions", "shape_changes"]

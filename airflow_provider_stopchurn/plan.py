@@ -206,13 +206,19 @@ APPROVE_HINT = (
 )
 
 
-def check_safeguards(deleted: int, source_rows: int, committed: Committed | None, options: SyncOptions) -> None:
-    if committed is None or options.allow_large_changes:
-        return
+def check_safeguards(
+    deleted: int, source_rows: int, committed: Committed | None, options: SyncOptions
+) -> dict[str, int] | None:
+    """Raise ``SafeguardError`` when the plan deletes too much; return ``{"deletes", "rows_before"}`` when
+    ``allow_large_changes`` lets such a plan through (the approval is recorded), else None."""
+    if committed is None:
+        return None
     base_rows = committed.rows if committed.rows is not None and committed.rows >= 0 else committed.frame.height
     if base_rows == 0:
-        return
+        return None
     if source_rows == 0 and not options.allow_empty_source:
+        if options.allow_large_changes:
+            return {"deletes": deleted, "rows_before": base_rows}
         raise SafeguardError(
             f"The source of brand {options.brand_id} table {options.table_name!r} is empty; nothing was sent.\n"
             f"The snapshot holds {base_rows} rows: syncing would delete them all.\n"
@@ -220,12 +226,15 @@ def check_safeguards(deleted: int, source_rows: int, committed: Committed | None
         )
     fraction = deleted / base_rows
     if fraction > options.max_delete_fraction and not (source_rows == 0 and options.allow_empty_source):
+        if options.allow_large_changes:
+            return {"deletes": deleted, "rows_before": base_rows}
         raise SafeguardError(
             f"The plan deletes {deleted} of {base_rows} rows ({fraction:.1%}) of brand {options.brand_id} table "
             f"{options.table_name!r}; nothing was sent.\n"
             f"That is more than max_delete_fraction={options.max_delete_fraction:.0%}.\n"
             f"{APPROVE_HINT}"
         )
+    return None
 
 
 # --- the plan ------------------------------------------------------------------------------------------------
@@ -276,7 +285,9 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
     diff = diff_snapshot(
         new_data, committed, keys, created=created, run_ms=run_ms, by_hash=by_hash, update_all=update_all
     )
-    check_safeguards(diff.deleted.height, canon.frame.height, committed, options)
+    approved = check_safeguards(diff.deleted.height, canon.frame.height, committed, options)
+    if approved is not None:
+        meta["approved_deletes"] = approved
     ids_moved = False
     if "id" in base_kinds:  # every snapshot this provider writes has one; StopChurn keys rows by it
         diff, ids_moved = reconcile_ids(diff, committed, keys)
@@ -422,6 +433,8 @@ def _plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], 
         "row_hash": ROW_HASH,
         # the DAG run (and task) that made the plan: a later try of it counts the plan as its own
         "run_key": options.run_key,
+        # bounds the chunks a killed delivery can have had in flight (settle tells them from chunks never sent)
+        "max_concurrent_requests": options.max_concurrent_requests,
     }
 
 

@@ -57,6 +57,11 @@ class Settled:
     rejections: list[dict[str, Any]] = field(default_factory=list)
     quarantine_uri: str | None = None
     version: str | None = None
+    #: updates not acknowledged: sent without an answer (StopChurn may have applied them), and never sent (or
+    #: refused whole); both are sent again by the next run. For a plan a killed run left, the chunks it may have
+    #: had in flight are bounded by the plan's ``max_concurrent_requests`` (chunks are started in order).
+    unacknowledged: int = 0
+    never_sent: int = 0
 
 
 _NOT_APPLIED, _APPLIED, _UNCERTAIN = 0, 1, 2
@@ -114,6 +119,7 @@ def settle(
     positions = None if plan.changes_from_target else store.read_changes(plan)
     result.rejections = _rejection_records(acks)
     _count(result, status == _APPLIED, positions)
+    count_unsent(result, plan, acks, uncertain, status)
 
     # the rows still rejected: this plan's refusals and the earlier ones it did not resolve (even if it applied
     # nothing, so a run whose only change was refused again still says where its rows are)
@@ -162,13 +168,15 @@ def settle(
     store.delete_snapshot(plan.target_version)
     result.version = version
     log.info(
-        "Settled plan %s of %r: %d of %d chunks acknowledged, %d rows rejected, %d updates uncertain; committed %s.",
+        "Settled plan %s of %r: %d of %d chunks acknowledged, %d rows rejected, %d updates sent without an "
+        "acknowledgement and %d never sent (both sent again next run); committed %s.",
         plan.plan_id,
         store.table_name,
         len(acks),
         len(plan.chunks),
         len(result.rejections),
-        int((status == _UNCERTAIN).sum()),
+        result.unacknowledged,
+        result.never_sent,
         version,
     )
     return result
@@ -202,6 +210,35 @@ def preview(store: SnapshotStore, plan: Plan, acks: Mapping[int, Sequence[Mappin
         frame=settled.frame,
         shape=settled.shape,
     )
+
+
+def count_unsent(
+    result: Settled,
+    plan: Plan,
+    acks: Mapping[int, Sequence[Mapping[str, Any]]],
+    uncertain: Iterable[int] | None,
+    status: np.ndarray,
+) -> None:
+    """Tell the updates sent without an acknowledgement from those never sent (the protocol resends both alike).
+
+    A delivery starts chunks in order, at most ``max_concurrent_requests`` at a time: of a plan a killed run left,
+    the chunks not acknowledged before its last acknowledged one were sent, and at most that many after it. A plan
+    without the bound (written by an older version) counts every chunk not acknowledged as sent.
+    """
+    chunks = plan.chunks
+    if uncertain is not None:
+        sent = set(uncertain) - set(acks)
+    else:
+        missing = [c for c in range(len(chunks)) if c not in acks]
+        bound = plan.meta.get("max_concurrent_requests")
+        if bound is None:
+            sent = set(missing)
+        else:
+            last = max(acks, default=-1)
+            sent = {c for c in missing if c < last} | set([c for c in missing if c > last][: max(1, int(bound))])
+    held = sum(1 for records in acks.values() for r in records if r.get("transient"))
+    result.unacknowledged = sum(chunks[c][1] - chunks[c][0] for c in sent if c < len(chunks)) + held
+    result.never_sent = max(0, int((status != _APPLIED).sum()) - len(result.rejections) - result.unacknowledged)
 
 
 def _count(result: Settled, applied: np.ndarray, positions: pl.DataFrame | None) -> None:
@@ -367,4 +404,4 @@ def _as_target(frame: pl.DataFrame, target: pl.DataFrame, columns: list[str]) ->
     )
 
 
-__all__ = ["Settled", "preview", "settle"]
+__all__ = ["Settled", "count_unsent", "preview", "settle"]

@@ -5,7 +5,7 @@ One run::
     lock (with a heartbeat) -> settle any plan an earlier try left -> canonicalize the source
          -> plan (diff, schema policy, safeguards, encoding, chunks; plan.py) -> write the target snapshot and plan
          -> deliver (deliver.py), recording each acknowledgement with its rejections -> settle (settle.py)
-         -> summary (and a record in the store's history when the run committed something; history.py)
+         -> summary (and, however the run ends, a record in the store's history; history.py)
 
 Every ending, success or failure, goes through the same :func:`~airflow_provider_stopchurn.settle.settle`: what
 StopChurn acknowledged is committed, nothing else. A failure then surfaces as the run's error; the next run (or
@@ -28,6 +28,7 @@ from airflow_provider_stopchurn.canonical import Source, canonicalize_source, pa
 from airflow_provider_stopchurn.client import fence_sender
 from airflow_provider_stopchurn.contract import USER_TABLE, check_user_table, coerce_user_flags
 from airflow_provider_stopchurn.deliver import (
+    DeliveryReport,
     Rejection,
     Sender,
     deliver,
@@ -39,7 +40,7 @@ from airflow_provider_stopchurn.deliver import (
 from airflow_provider_stopchurn.diff import ROW_HASH
 from airflow_provider_stopchurn.encoding import Canonical
 from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, StopChurnConfigError
-from airflow_provider_stopchurn.history import recorded
+from airflow_provider_stopchurn.history import SUMMARY_FIELDS, recorded
 from airflow_provider_stopchurn.options import RejectPolicy, SchemaPolicy, SyncOptions
 from airflow_provider_stopchurn.plan import RunPlan, Window, make_plan, schema_changes
 from airflow_provider_stopchurn.settle import Settled, preview, settle
@@ -64,8 +65,14 @@ class SyncSummary:
     - ``settled_from_other_runs``: what this run settled of a plan another run left (a killed run, another DAG
       run, or without a ``run_key`` any earlier call): ``plans``, ``chunks``, ``inserted``, ``updated``,
       ``deleted``, ``rejected``; counted there only, never in the counts above. ``{}`` when none.
-    - ``chunks`` / ``bytes`` / ``requests`` / ``retries``: this try's own delivery.
+    - ``chunks`` / ``bytes`` / ``requests`` / ``retries``: this try's own delivery (``retries``: HTTP retries).
     - ``quarantined`` / ``rejected``: rows StopChurn rejected in this DAG run's deliveries settled by this try.
+    - ``try_number``: the task's try (None outside Airflow).
+    - ``never_sent`` / ``unacknowledged``: when this try's delivery stopped, the updates of its plan never sent
+      (or refused whole before any was applied) vs sent without an acknowledgement (StopChurn may have applied
+      them). The next run sends both again; 0 after a delivery that reached its end.
+    - ``approved_deletes``: None, or the mass delete ``allow_large_changes`` let through: ``run_id``,
+      ``deletes`` and ``rows_before`` (the snapshot's rows).
     """
 
     table_name: str
@@ -89,6 +96,10 @@ class SyncSummary:
     duration_s: float = 0.0
     samples: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    try_number: int | None = None
+    never_sent: int = 0
+    unacknowledged: int = 0
+    approved_deletes: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -147,7 +158,7 @@ class SyncSummary:
         """One readable log line."""
         mode = " (dry run: nothing sent)" if self.dry_run else ""
         mode += " (baseline recorded, nothing sent)" if self.baseline else ""
-        extra = f", {self.settled_chunks} chunks settled from an earlier try" if self.settled_chunks else ""
+        extra = f", settled {self.settled_chunks} chunks from an earlier try" if self.settled_chunks else ""
         other = self.settled_from_other_runs
         if other:
             extra += (
@@ -155,10 +166,14 @@ class SyncSummary:
                 f"{other['deleted']} deleted; not counted above)"
             )
         extra += f", {self.quarantined} rows rejected" if self.quarantined else ""
+        approved = self.approved_deletes
+        if approved:
+            extra += f", mass delete approved ({approved['deletes']} of {approved['rows_before']} rows)"
+        attempt = f" (try {self.try_number})" if self.try_number is not None else ""
         return (
-            f"StopChurn sync of brand {self.brand_id} table {self.table_name!r}{mode}: "
+            f"StopChurn sync of brand {self.brand_id} table {self.table_name!r}{attempt}{mode}: "
             f"{self.inserted} inserted, {self.updated} updated, {self.deleted} deleted, {self.unchanged} unchanged; "
-            f"{self.chunks} chunks, {self.bytes} bytes, {self.retries} retries{extra}; "
+            f"{self.chunks} chunks, {self.bytes} bytes, {self.retries} HTTP retries{extra}; "
             f"{self.duration_s:.2f}s; snapshot {self.snapshot_uri}"
         )
 
@@ -181,15 +196,17 @@ def run_sync(
     run_ms = run_ms if run_ms is not None else time.time_ns() // 1_000_000
     summary = SyncSummary(options.table_name, options.brand_id, dry_run=options.dry_run)
     summary.snapshot_uri = store.location
+    summary.try_number = options.run_info.try_number
     if options.dry_run:
         _dry_run(source, store, options, summary, run_ms)
     else:
         if sender is None:
             raise StopChurnConfigError("A sender is required unless dry_run=True.")
         with (
+            recorded(store, options, counts=lambda: summary_counts(summary)) as recording,  # however it ends
             store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
             lock.heartbeat(),
-            recorded(store, summary, options, lock),  # a run that committed leaves a record in the history
+            recording.holding(lock),
         ):
             pending = store.pending_plan()
             committed = store.read_committed()
@@ -234,6 +251,11 @@ def run_sync(
     return summary
 
 
+def summary_counts(summary: SyncSummary) -> dict[str, Any]:
+    """A summary's counts for its history record (``history.SUMMARY_FIELDS``)."""
+    return {name: getattr(summary, name) for name in SUMMARY_FIELDS}
+
+
 def _check_owner(meta: dict[str, Any], store: SnapshotStore, options: SyncOptions) -> None:
     if meta.get("brand_id") != options.brand_id or meta.get("table_name") != options.table_name:
         raise StopChurnConfigError(f"The pending plan in {store.location} belongs to another brand or table.")
@@ -255,11 +277,28 @@ def canonical_source(source: Source, options: SyncOptions) -> Canonical:
     return _canonical(source, options)
 
 
-def _plan_counts(summary: SyncSummary, plan: RunPlan) -> None:
+def _plan_counts(summary: SyncSummary, plan: RunPlan, options: SyncOptions) -> None:
     # the rows an earlier try of this DAG run delivered are unchanged to this try's plan, but not to the DAG run
     summary.unchanged = max(0, plan.unchanged - summary.inserted - summary.updated)
     summary.schema_change = plan.schema_change
     summary.baseline = plan.baseline
+    summary.approved_deletes = approval(plan.meta.get("approved_deletes"), options)
+
+
+def approval(approved: Mapping[str, Any] | None, options: SyncOptions) -> dict[str, Any] | None:
+    """The record of a mass delete ``allow_large_changes`` let through (None when none was), logged as it is made."""
+    if not approved:
+        return None
+    run_id = options.run_info.run_id if options.run_info.run_id is not None else options.run_key
+    log.warning(
+        "Mass delete approved (allow_large_changes) by run %s: the plan deletes %d of %d rows of %r%s.",
+        run_id,
+        approved["deletes"],
+        approved["rows_before"],
+        options.table_name,
+        " (dry run: nothing sent)" if options.dry_run else "",
+    )
+    return {"run_id": run_id, "deletes": int(approved["deletes"]), "rows_before": int(approved["rows_before"])}
 
 
 def _dry_run(source: Source, store: SnapshotStore, options: SyncOptions, summary: SyncSummary, run_ms: int) -> None:
@@ -267,7 +306,7 @@ def _dry_run(source: Source, store: SnapshotStore, options: SyncOptions, summary
     # a dry run sees the snapshot the pending plan settles to
     committed = store.read_committed() if pending is None else preview(store, pending, store.acks(pending))
     plan = make_plan(_canonical(source, options), committed, options, run_ms)
-    _plan_counts(summary, plan)
+    _plan_counts(summary, plan, options)
     summary.inserted, summary.updated, summary.deleted = plan.inserted, plan.updated, plan.deleted
     for window in plan.windows(options, run_ms):  # encoded and chunked as a run would, a window at a time
         summary.chunks += len(window.chunks)
@@ -288,7 +327,7 @@ def _plan_and_deliver(
     canon = _canonical(source, options)
     committed = store.read_committed()
     plan = make_plan(canon, committed, options, run_ms)
-    _plan_counts(summary, plan)
+    _plan_counts(summary, plan, options)
     base_version = committed.version if committed is not None else None
     if plan.changes == 0:
         store.clear_quarantine()  # the source equals the snapshot: no row is left rejected or failing
@@ -390,6 +429,7 @@ def deliver_and_settle(
     summary.chunks = report.chunks
     summary.bytes = report.bytes
     acks = {chunk: [r.record() for r in rejections] for chunk, rejections in report.acked.items()}
+    _count_unfinished(summary, stored[0], report, options)
     try:
         settled = settle_plan(stored[0], acks, report.uncertain)
     except Exception as err:
@@ -400,6 +440,32 @@ def deliver_and_settle(
         )
         raise report.failure from err
     conclude(summary, settled, report.failure or held_error(report, failures, options.table_name), options)
+
+
+def _count_unfinished(summary: SyncSummary, plan: Plan, report: DeliveryReport, options: SyncOptions) -> None:
+    """Count what a delivery left undone (nothing when it reached its end): updates sent without an
+    acknowledgement (StopChurn may have applied them) apart from those never sent (or refused whole, nothing of
+    them applied). Both are sent again next run."""
+    chunks = plan.chunks
+
+    def size(chunk: int) -> int:
+        return chunks[chunk][1] - chunks[chunk][0] if chunk < len(chunks) else 0
+
+    held = sum(1 for records in report.acked.values() for r in records if r.transient)
+    acknowledged = sum(size(c) for c in report.acked) - held
+    summary.unacknowledged = sum(size(c) for c in report.uncertain) + held
+    total = int(plan.meta.get("total_updates", chunks[-1][1] if chunks else 0))
+    summary.never_sent = max(0, total - acknowledged - summary.unacknowledged)
+    if not (summary.never_sent or summary.unacknowledged):
+        return
+    log.warning(
+        "The delivery of %r stopped: %d updates acknowledged, %d sent without an acknowledgement (StopChurn may "
+        "have applied them), %d never sent; the next run sends both again.",
+        options.table_name,
+        acknowledged,
+        summary.unacknowledged,
+        summary.never_sent,
+    )
 
 
 def conclude(summary: SyncSummary, settled: Settled, failure: BaseException | None, options: SyncOptions) -> None:

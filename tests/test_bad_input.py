@@ -105,7 +105,7 @@ def refused(
     world: World, frame: pd.DataFrame | Callable[[], Any], error: type[Exception], words: list[str], **opts: Any
 ) -> StopChurnError:
     """Run and assert: ``error`` naming ``words``, no request, no file changed, the lock released."""
-    digest = tree_digest(world.root)
+    digest = tree_digest(world.root, history=False)  # the failed run is recorded, nothing else is written
     with pytest.raises(error) as info:
         run_sync(frame, world.store, world.client(), options(**opts), run_ms=T0 + 1000)
     text = str(info.value)
@@ -114,7 +114,8 @@ def refused(
     if error is SafeguardError:
         assert_short_first_line(text)
     assert update_requests(world.sb) == 0
-    assert tree_digest(world.root) == digest
+    assert tree_digest(world.root, history=False) == digest
+    assert world.store.read_history(1)[0]["error_type"] == error.__name__
     assert world.store.read_lock() is None
     assert isinstance(info.value, StopChurnError)
     return info.value

@@ -160,8 +160,9 @@ def test_status_and_history_of_a_synced_table(
     runs = stopchurn("history", "--json", "-n", "5").json()
     assert len(runs) == 2  # newest first
     for run, summary in zip(runs, reversed(summaries), strict=True):
-        for field in ("inserted", "updated", "deleted", "unchanged", "chunks", "bytes", "requests", "retries"):
+        for field in ("inserted", "updated", "deleted", "unchanged", "chunks", "bytes", "requests"):
             assert run[field] == getattr(summary, field), field
+        assert run["http_retries"] == summary.retries
         assert run["status"] == "success" and run["error"] is None and run["rejected"] == 0
         assert run["holder"] == "stopchurn-sync" and run["duration_s"] >= 0
         assert run["finished_at"] >= run["started_at"]
@@ -171,24 +172,28 @@ def test_status_and_history_of_a_synced_table(
     table = stopchurn("history", "-n", "1")
     assert table.code == 0
     header, row = table.out.splitlines()
-    assert header.split()[:5] == ["finished", "(UTC)", "kind", "status", "ins"]
+    assert header.split()[:6] == ["finished", "(UTC)", "kind", "status", "try", "ins"]
     assert "success" in row and str(summaries[-1].inserted) in row.split()
 
 
-def test_history_records_failures_and_only_runs_that_commit(sb: SandboxServer, where: Where) -> None:
+def test_history_records_every_run_failures_included(sb: SandboxServer, where: Where) -> None:
     store = where.store()
     churn, _ = _synced(sb, store, runs=1)
     client = make_client(sb)
     assert len(store.read_history()) == 1
 
-    # nothing changed: nothing committed, nothing recorded (the store is left untouched)
+    # nothing changed: nothing committed, the run recorded (its record is all that is written)
     digest = tree_digest(where.root)
     run_sync(churn.frame, store, client, options(), run_ms=T0 + 1)
-    assert tree_digest(where.root) == digest
-    # a safeguard stops the run before anything is sent: nothing recorded either
-    with pytest.raises(SafeguardError):
+    assert {k: v for k, v in tree_digest(where.root).items() if "/history/" not in k} == {
+        k: v for k, v in digest.items() if "/history/" not in k
+    }
+    assert store.read_history(1)[0]["status"] == "success" and len(store.read_history()) == 2
+    # a safeguard stops the run before anything is sent: recorded as failed, with its first line
+    with pytest.raises(SafeguardError) as guard:
         run_sync(churn.frame.head(10), store, client, options(), run_ms=T0 + 2)
-    assert len(store.read_history()) == 1
+    assert len(store.read_history()) == 3
+    assert store.read_history(1)[0]["error"] == str(guard.value).splitlines()[0]
 
     # a rejection after some chunks were acknowledged: settled, committed, recorded as failed
     frame = churn.step()
@@ -554,7 +559,8 @@ def test_rebaseline_from_parquet(
     summary = run_sync(reloaded, store, make_client(sb), options(), run_ms=T0 + 1)
     assert (summary.requests, summary.unchanged) == (0, len(reloaded))
     assert update_requests(sb) == 0
-    assert [r["kind"] for r in store.read_history()] == ["rebaseline", "rebaseline"]
+    # newest first: every run is recorded, the runs that sent nothing included
+    assert [r["kind"] for r in store.read_history()] == ["sync", "rebaseline", "sync", "rebaseline"]
 
 
 def test_rebaseline_from_sql_on_sqlite(

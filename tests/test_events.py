@@ -503,8 +503,9 @@ def test_summary_and_state_layout_hold_no_secret(world: World) -> None:
     }
     assert data["state_uri"] == str(world.root / "events" / str(BRAND) / STREAM)
     files = sorted(str(p.relative_to(world.root)) for p in world.root.rglob("*") if p.is_file())
-    assert files[0] == f"events/{BRAND}/{STREAM}/CURRENT" and len(files) == 2
-    assert files[1].startswith(f"events/{BRAND}/{STREAM}/snapshots/") and files[1].endswith(".parquet")
+    assert files[0] == f"events/{BRAND}/{STREAM}/CURRENT" and len(files) == 3
+    assert files[1].startswith(f"events/{BRAND}/{STREAM}/history/") and files[1].endswith(".json")  # the run's record
+    assert files[2].startswith(f"events/{BRAND}/{STREAM}/snapshots/") and files[2].endswith(".parquet")
     token = world.sb.token.encode()
     assert all(token not in p.read_bytes() for p in world.root.rglob("*") if p.is_file())
     assert world.sb.token not in json.dumps(data)

@@ -71,13 +71,13 @@ def _parameters(cls: type) -> set[str]:
 
 
 def test_event_arguments_cover_the_engine_options() -> None:
-    derived = {"brand_id", "holder", "run_key", "lock_ttl_s", "progress_interval_s"}
+    derived = {"brand_id", "holder", "run_key", "lock_ttl_s", "progress_interval_s", "run_info"}
     fields = {f.name for f in dataclasses.fields(EventOptions)} - derived
     assert fields <= _parameters(StopChurnEventOperator)
 
 
 def test_export_arguments_cover_the_engine_options() -> None:
-    derived = {"brand_id", "holder", "run_key", "run_id", "lock_ttl_s", "key_columns"}
+    derived = {"brand_id", "holder", "run_key", "run_id", "lock_ttl_s", "key_columns", "run_info"}
     fields = {f.name for f in dataclasses.fields(ExportOptions)} - derived
     assert fields <= _parameters(StopChurnHistoricalExportOperator)
     assert "primary_key" in _parameters(StopChurnHistoricalExportOperator)

@@ -59,6 +59,7 @@ SYNC_OPTION_ARGUMENTS = tuple(
         "run_key",
         "progress_interval_s",
         "window_rows",
+        "run_info",
     }
 )
 
@@ -275,11 +276,12 @@ class StopChurnUpdateOperator(BaseOperator):
             store = SnapshotStore(self._snapshot_root(), options.brand_id, options.table_name)
             # Before anything is read or sent: does this worker's store hold what Airflow saw committed last?
             guard = CommitGuard.for_task(store, options.brand_id, options.table_name, context)
-            guard.check(
-                accept_missing_snapshot=_as_bool(self.accept_missing_snapshot),
-                move_store_from=self._moved_from(options),
-                dry_run=options.dry_run,
-            )
+            with _refusal_recorded(store, options, "sync"):
+                guard.check(
+                    accept_missing_snapshot=_as_bool(self.accept_missing_snapshot),
+                    move_store_from=self._moved_from(options),
+                    dry_run=options.dry_run,
+                )
             sender = None if options.dry_run else hook.client
             try:
                 summary = self._run(in_warehouse, store, sender, options, context, run_ms)
@@ -325,6 +327,7 @@ class StopChurnUpdateOperator(BaseOperator):
             allow_large_changes=_as_bool(self.allow_large_changes),
             holder=holder,
             run_key=run_key,
+            run_info=run_info(self, context),
             **{name: getattr(self, name) for name in SYNC_OPTION_ARGUMENTS},
         )
 
@@ -638,6 +641,7 @@ def _as_bool(value: Any) -> bool:
 # StopChurnEventOperator sends a source's rows as events, each event key once; StopChurnHistoricalExportOperator
 # writes a table as StopChurn's historical-upload files and records it as the update operator's baseline. Their
 # imports stay here, beside them, so the module's head is left to the update operator.
+import contextlib  # noqa: E402
 import datetime  # noqa: E402
 
 from airflow_provider_stopchurn.events import (  # noqa: E402
@@ -648,7 +652,9 @@ from airflow_provider_stopchurn.events import (  # noqa: E402
     run_events,
 )
 from airflow_provider_stopchurn.export import MAX_FILE_BYTES, ExportOptions, run_export  # noqa: E402
+from airflow_provider_stopchurn.history import record_refusal  # noqa: E402
 from airflow_provider_stopchurn.operators.commit_guard import SnapshotBehindError  # noqa: E402
+from airflow_provider_stopchurn.options import RunInfo  # noqa: E402
 
 
 def _storage_root(uri: Any, conn_id: str | None, default_folder: str) -> Any:
@@ -685,6 +691,30 @@ def _resolve_brand(brand_id: Any, hook: StopChurnHook, task_id: str, conn_id: st
 def _run_key(task: BaseOperator, context: Context) -> str:
     ti = context.get("ti")
     return f"{task.dag_id}.{task.task_id} run {context.get('run_id')} map {getattr(ti, 'map_index', -1)}"
+
+
+def run_info(task: BaseOperator, context: Context) -> RunInfo:
+    """The DAG, task, DAG run and try of a task's run, for the store's history."""
+    ti = context.get("ti")
+    try_number = getattr(ti, "try_number", None)
+    run_id = context.get("run_id")
+    return RunInfo(
+        dag_id=task.dag_id,
+        task_id=task.task_id,
+        run_id=None if run_id is None else str(run_id),
+        try_number=try_number if isinstance(try_number, int) and not isinstance(try_number, bool) else None,
+    )
+
+
+@contextlib.contextmanager
+def _refusal_recorded(store: SnapshotStore, options: Any, kind: str) -> Iterator[None]:
+    """Record a run the multi-worker guard refuses (``history.record_refusal``: only in a store that exists)."""
+    try:
+        yield
+    except StopChurnError as err:
+        if not getattr(options, "dry_run", False):
+            record_refusal(store, options, kind, err)
+        raise
 
 
 def _holder(task: BaseOperator, context: Context) -> str:
@@ -899,7 +929,8 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
                 _storage_root(self.state_uri, self.state_conn_id, "snapshots"), options.brand_id, stream
             )
             guard = CommitGuard.for_task(store, options.brand_id, f"events.{stream}", context)
-            _check_event_guard(guard)
+            with _refusal_recorded(store, options, "events"):
+                _check_event_guard(guard)
             sender = None if options.dry_run else hook.client
 
             def read(window: Window) -> Any:
@@ -937,6 +968,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
             holder=_holder(self, context),
             run_key=_run_key(self, context),
             lock_wait_s=self.lock_wait_s,
+            run_info=run_info(self, context),
         )
 
 
@@ -1073,20 +1105,23 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
                 run_key=_run_key(self, context),
                 holder=_holder(self, context),
                 lock_wait_s=self.lock_wait_s,
+                run_info=run_info(self, context),
             )
             root = _storage_root(self.snapshot_uri, self.snapshot_conn_id, "snapshots")
             store = SnapshotStore(root, options.brand_id, options.table_name)
             guard = CommitGuard.for_task(store, options.brand_id, options.table_name, context)
-            try:
-                guard.check(accept_missing_snapshot=options.replace_snapshot)
-            except SnapshotBehindError as err:
-                raise SnapshotBehindError(
-                    "Export refused: this worker does not see the snapshot Airflow recorded for the table.\n"
-                    f"Airflow recorded a snapshot of brand {options.brand_id} table {options.table_name!r} committed "
-                    f"at {store.location} (Variable {guard.key!r}) that this worker does not see: updates have been "
-                    "flowing from another worker's store. Nothing was written.\nPoint snapshot_uri at the shared "
-                    "store, or set replace_snapshot=True to replace that baseline with this export on purpose."
-                ) from err
+            with _refusal_recorded(store, options, "export"):
+                try:
+                    guard.check(accept_missing_snapshot=options.replace_snapshot)
+                except SnapshotBehindError as err:
+                    raise SnapshotBehindError(
+                        "Export refused: this worker does not see the snapshot Airflow recorded for the table.\n"
+                        f"Airflow recorded a snapshot of brand {options.brand_id} table {options.table_name!r} "
+                        f"committed at {store.location} (Variable {guard.key!r}) that this worker does not see: "
+                        "updates have been flowing from another worker's store. Nothing was written.\nPoint "
+                        "snapshot_uri at the shared store, or set replace_snapshot=True to replace that baseline "
+                        "with this export on purpose."
+                    ) from err
             output = _storage_root(self.output_uri, self.output_conn_id, "exports")
             try:
                 summary = run_export(lambda: self._read(context), store, output, options, run_ms=run_ms)

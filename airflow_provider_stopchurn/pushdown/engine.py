@@ -48,9 +48,16 @@ from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.plan import Window, _window, check_safeguards, describe, kind_changes, timestamp_column
 from airflow_provider_stopchurn.pushdown import sql as S
 from airflow_provider_stopchurn.pushdown.warehouse import Warehouse
-from airflow_provider_stopchurn.settle import _APPLIED, _NOT_APPLIED, _UNCERTAIN, Settled, _rejection_records, _status
+from airflow_provider_stopchurn.settle import (
+    _APPLIED,
+    _NOT_APPLIED,
+    Settled,
+    _rejection_records,
+    _status,
+    count_unsent,
+)
 from airflow_provider_stopchurn.snapshot import Committed, Plan, SnapshotStore
-from airflow_provider_stopchurn.sync import SyncSummary, canonical_source, deliver_and_settle
+from airflow_provider_stopchurn.sync import SyncSummary, approval, canonical_source, deliver_and_settle, summary_counts
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +137,7 @@ def run_warehouse_sync(
     run_ms = run_ms if run_ms is not None else time.time_ns() // 1_000_000
     summary = SyncSummary(options.table_name, options.brand_id, dry_run=options.dry_run)
     summary.snapshot_uri = store.location
+    summary.try_number = options.run_info.try_number
     state = source.state(options)
     query = S.source_query(source.sql)
     warehouse = source.warehouse
@@ -141,9 +149,10 @@ def run_warehouse_sync(
             if sender is None:
                 raise StopChurnConfigError("A sender is required unless dry_run=True.")
             with (
+                recorded(store, options, counts=lambda: summary_counts(summary)) as recording,  # however it ends
                 store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
                 lock.heartbeat(),
-                recorded(store, summary, options, lock),
+                recording.holding(lock),
             ):
                 current = _current(store)
                 summary.start_from(current.get("run") if current else None, options.run_key)
@@ -602,6 +611,8 @@ def _plan_meta(
         "columns": S.columns_text(schema),
         "run_ms": run_ms,
         "session_zone": S.SESSION_ZONE,
+        # bounds the chunks a killed delivery can have had in flight (settle tells them from chunks never sent)
+        "max_concurrent_requests": options.max_concurrent_requests,
     }
 
 
@@ -637,9 +648,11 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
     # closed at once on an error: an open read keeps its connection (and its locks) until garbage collection
     with closing(_change_batches(run, schema.names, diff, first=meta is None)) as batches:
         frame = _plan_frame(run, batches, key_kinds, meta is None)
-    summary.unchanged = diff.counts.get("unchanged", 0) if meta is not None else 0
+    unchanged = diff.counts.get("unchanged", 0) if meta is not None else 0
+    # the rows an earlier try of this DAG run delivered are unchanged to this try's diff, but not to the DAG run
+    summary.unchanged = max(0, unchanged - summary.inserted - summary.updated)
     if meta is not None:
-        _check_plan(frame, meta, summary.unchanged, options)
+        summary.approved_deletes = approval(_check_plan(frame, meta, unchanged, options), options)
     token = _token(base)
     if frame.height == 0:
         if meta is None or diff.schema_change:
@@ -663,12 +676,13 @@ def _key_kinds(kinds: Mapping[str, str], current: Mapping[str, Any] | None, opti
     return key_kinds
 
 
-def _check_plan(frame: pl.DataFrame, meta: _Meta, unchanged: int, options: SyncOptions) -> None:
-    """The safeguards again, on the rows as read (the source may have moved since the counts)."""
+def _check_plan(frame: pl.DataFrame, meta: _Meta, unchanged: int, options: SyncOptions) -> dict[str, int] | None:
+    """The safeguards again, on the rows as read (the source may have moved since the counts); returns the
+    approval of a mass delete ``allow_large_changes`` let through."""
     counted = _op_counts(frame.get_column(_OP))
     committed = Committed(None, kinds={}, key_columns=options.key_columns, version=meta.token, rows=meta.rows)  # type: ignore[arg-type]
     source_rows = counted.get("insert", 0) + counted.get("update", 0) + unchanged
-    check_safeguards(counted.get("delete", 0), source_rows, committed, options)
+    return check_safeguards(counted.get("delete", 0), source_rows, committed, options)
 
 
 def _op_counts(ops: pl.Series) -> dict[str, int]:
@@ -824,6 +838,7 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
     result.rejections = _rejection_records(acks)
     counts = _op_counts(frame.get_column(_OP).filter(pl.Series(status == _APPLIED)))
     result.inserted, result.updated, result.deleted = (counts.get(o, 0) for o in ("insert", "update", "delete"))
+    count_unsent(result, plan, acks, uncertain, status)
     result.quarantine_uri = store.write_quarantine(plan.plan_id, result.rejections)  # still rejected, always
     if not (status != _NOT_APPLIED).any():
         store.discard_plan(plan)
@@ -843,14 +858,16 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
     _commit(ctx, commit, write_state=not already, statements=statements, record=record)
     result.version = plan.target_version
     log.info(
-        "Settled plan %s of %r into %s: %d of %d chunks acknowledged, %d rows rejected, %d updates uncertain.",
+        "Settled plan %s of %r into %s: %d of %d chunks acknowledged, %d rows rejected, %d updates sent without an "
+        "acknowledgement and %d never sent (both sent again next run).",
         plan.plan_id,
         store.table_name,
         state.display,
         len(acks),
         len(plan.chunks),
         len(result.rejections),
-        int((status == _UNCERTAIN).sum()),
+        result.unacknowledged,
+        result.never_sent,
     )
     return result
 

@@ -666,16 +666,21 @@ class SnapshotStore:
         self._write_json(_FAILURES, {"rows": {k: dict(v) for k, v in rows.items()}})
 
     # --- history ---------------------------------------------------------------------------------------------
-    def append_history(self, record: Mapping[str, Any]) -> str:
+    def append_history(self, record: Mapping[str, Any], *, prune: bool = True) -> str:
         """Add one run's record to the history and return its file's location; keep the newest ``history_limit``.
 
         One small JSON file per record, ``history/<time>-<random>.json`` (names sort by time), written whole (a
         temporary file and a rename locally, one PUT on an object store): object stores cannot append, and a
         crash leaves either the whole record or none. Records beyond the bound are removed oldest first, after
         the write; a crash in between only leaves a few extra records, removed by the next append.
+
+        :param prune: remove the records beyond the bound. False for a run that does not hold the table's lock
+            (it was busy): it adds its own file and touches nothing else; the next run holding it prunes.
         """
         name = f"{_HISTORY}/{_new_version()}.json"
         self._write_json(name, dict(record))
+        if not prune:
+            return self._backend.location(name)
         names = self._history_names()
         for old in names[: max(0, len(names) - max(1, int(self.history_limit)))]:
             self._backend.delete(f"{_HISTORY}/{old}")
