@@ -93,7 +93,7 @@ from airflow_provider_stopchurn.exceptions import (
     TransientDeliveryError,
 )
 from airflow_provider_stopchurn.history import recorded
-from airflow_provider_stopchurn.options import NO_RUN_INFO, RunInfo
+from airflow_provider_stopchurn.options import LOCK_TTL_S, NO_RUN_INFO, RunInfo, lock_problems
 from airflow_provider_stopchurn.snapshot import Committed, Plan, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,8 @@ class EventOptions:
     holder: str = "stopchurn-events"
     #: names the DAG run (and task): a later try of the same run reports the run's whole delivery
     run_key: str | None = None
-    lock_ttl_s: float = 3600.0
+    #: the stream lock's lease (as the update operator's ``lock_ttl_s``)
+    lock_ttl_s: float = LOCK_TTL_S
     #: while another run holds the stream's lock, wait up to this many seconds for it (as an update run does)
     lock_wait_s: float = 300.0
     progress_interval_s: float = 10.0
@@ -213,12 +214,7 @@ class EventOptions:
             problems.append(f"max_chunk_bytes must be an integer >= 64, got {self.max_chunk_bytes!r}")
         if not isinstance(self.max_concurrent_requests, int) or self.max_concurrent_requests < 1:
             problems.append(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests!r}")
-        if (
-            isinstance(self.lock_wait_s, bool)
-            or not isinstance(self.lock_wait_s, int | float)
-            or not (0 <= self.lock_wait_s <= 86_400)
-        ):
-            problems.append(f"lock_wait_s must be a number of seconds within [0, 86400], got {self.lock_wait_s!r}")
+        problems += lock_problems(self.lock_wait_s, self.lock_ttl_s)
         if problems:
             raise StopChurnConfigError("Invalid event options: " + "; ".join(problems) + ".")
 

@@ -52,7 +52,7 @@ from airflow_provider_stopchurn.diff import DIRTY_HASH, DIRTY_UPDATE, ROW_HASH, 
 from airflow_provider_stopchurn.encoding import row_pieces
 from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError, StopChurnConfigError
 from airflow_provider_stopchurn.history import recorded
-from airflow_provider_stopchurn.options import NO_RUN_INFO, RunInfo
+from airflow_provider_stopchurn.options import LOCK_TTL_S, NO_RUN_INFO, RunInfo
 from airflow_provider_stopchurn.plan import make_plan
 from airflow_provider_stopchurn.settle import settle
 from airflow_provider_stopchurn.snapshot import (
@@ -109,7 +109,8 @@ class ExportOptions:
     run_id: str = "manual"
     run_key: str | None = None
     holder: str = "stopchurn-export"
-    lock_ttl_s: float = 3600.0
+    #: the table lock's lease (as the update operator's ``lock_ttl_s``)
+    lock_ttl_s: float = LOCK_TTL_S
     #: while another run holds the table's lock, wait up to this many seconds for it (as an update run does)
     lock_wait_s: float = 300.0
     #: the DAG, task, DAG run and try this run is (recorded in the store's history; not an operator argument)

@@ -25,6 +25,23 @@ SHAPE_OPTIONS: Mapping[str, Callable[[Iterable[str]], bool]] = {
 }
 
 
+#: The table lock's default lease, in seconds (``lock_ttl_s``): a heartbeat renews it every 30 s while a run works,
+#: so it only bounds how long a run killed on another machine (whose process cannot be seen) blocks the table. A
+#: quarter of an hour lets the operators' default retries (2, 4, 8 minutes apart, each waiting ``lock_wait_s``)
+#: take the table over on another worker within one DAG run.
+LOCK_TTL_S = 900.0
+
+
+def lock_problems(lock_wait_s: Any, lock_ttl_s: Any) -> list[str]:
+    """What is wrong with a run's ``lock_wait_s`` and ``lock_ttl_s`` (one message each), for its options' check."""
+    problems = []
+    if isinstance(lock_wait_s, bool) or not isinstance(lock_wait_s, int | float) or not 0 <= lock_wait_s <= 86_400:
+        problems.append(f"lock_wait_s must be a number of seconds within [0, 86400], got {lock_wait_s!r}")
+    if isinstance(lock_ttl_s, bool) or not isinstance(lock_ttl_s, int | float) or not 0 < lock_ttl_s <= 86_400:
+        problems.append(f"lock_ttl_s must be a number of seconds within (0, 86400], got {lock_ttl_s!r}")
+    return problems
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """Which scheduled task a run is, for its history record: the operators fill it from Airflow's context; the
@@ -76,7 +93,7 @@ class SyncOptions:
     #: names the DAG run (and task) this sync belongs to: a later try of the same run reports the run's whole
     #: delivery, including what earlier tries delivered (None: count this call only)
     run_key: str | None = None
-    lock_ttl_s: float = 3600.0
+    lock_ttl_s: float = LOCK_TTL_S
     #: updates encoded at a time while delivering: bounds the update JSON held in memory (~400 bytes each)
     window_rows: int = 250_000
     #: how long a run waits for the table's lock while another run holds it, polling with backoff, before it
@@ -120,18 +137,7 @@ class SyncOptions:
             problems.append(f"max_rejected_rows must be >= 0, got {self.max_rejected_rows!r}")
         if not isinstance(self.window_rows, int) or self.window_rows < 1:
             problems.append(f"window_rows must be a positive integer, got {self.window_rows!r}")
-        if (
-            isinstance(self.lock_wait_s, bool)
-            or not isinstance(self.lock_wait_s, int | float)
-            or not (0 <= self.lock_wait_s <= 86_400)
-        ):
-            problems.append(f"lock_wait_s must be a number of seconds within [0, 86400], got {self.lock_wait_s!r}")
-        if (
-            isinstance(self.lock_ttl_s, bool)
-            or not isinstance(self.lock_ttl_s, int | float)
-            or not (0 < self.lock_ttl_s <= 86_400)
-        ):
-            problems.append(f"lock_ttl_s must be a number of seconds within (0, 86400], got {self.lock_ttl_s!r}")
+        problems += lock_problems(self.lock_wait_s, self.lock_ttl_s)
         if problems:
             raise StopChurnConfigError("Invalid sync options: " + "; ".join(problems) + ".")
 

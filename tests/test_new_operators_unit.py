@@ -17,9 +17,12 @@ from airflow.sdk import DAG
 from airflow_provider_stopchurn.events import EventOptions
 from airflow_provider_stopchurn.export import ExportOptions
 from airflow_provider_stopchurn.operators.stopchurn import (
+    RETRY_DEFAULTS,
     StopChurnEventOperator,
     StopChurnHistoricalExportOperator,
+    StopChurnUpdateOperator,
 )
+from airflow_provider_stopchurn.options import LOCK_TTL_S
 
 FRAME = pd.DataFrame({"id": [1], "user_id": [2]})
 
@@ -71,13 +74,13 @@ def _parameters(cls: type) -> set[str]:
 
 
 def test_event_arguments_cover_the_engine_options() -> None:
-    derived = {"brand_id", "holder", "run_key", "lock_ttl_s", "progress_interval_s", "run_info"}
+    derived = {"brand_id", "holder", "run_key", "progress_interval_s", "run_info"}
     fields = {f.name for f in dataclasses.fields(EventOptions)} - derived
     assert fields <= _parameters(StopChurnEventOperator)
 
 
 def test_export_arguments_cover_the_engine_options() -> None:
-    derived = {"brand_id", "holder", "run_key", "run_id", "lock_ttl_s", "key_columns", "run_info"}
+    derived = {"brand_id", "holder", "run_key", "run_id", "key_columns", "run_info"}
     fields = {f.name for f in dataclasses.fields(ExportOptions)} - derived
     assert fields <= _parameters(StopChurnHistoricalExportOperator)
     assert "primary_key" in _parameters(StopChurnHistoricalExportOperator)
@@ -155,3 +158,22 @@ def test_the_event_operator_passes_lock_wait_s_to_the_engine() -> None:
     assert "lock_wait_s" in {f.name for f in dataclasses.fields(EventOptions)}
     with pytest.raises(ValueError, match="lock_wait_s"):
         EventOptions(brand_id=1, user_id_column="user_id", name="X", lock_wait_s=-1)
+
+
+@pytest.mark.parametrize("cls", [StopChurnUpdateOperator, StopChurnEventOperator, StopChurnHistoricalExportOperator])
+def test_every_operator_takes_the_lease_and_defaults_it_to_a_quarter_of_an_hour(cls: type) -> None:
+    """A run killed on another machine blocks its table until the lease ends: the default retries must outlast it."""
+    parameter = inspect.signature(cls.__init__).parameters["lock_ttl_s"]
+    assert parameter.default == LOCK_TTL_S == 900.0
+    delays = [RETRY_DEFAULTS["retry_delay"].total_seconds() * 2**n for n in range(RETRY_DEFAULTS["retries"])]
+    lock_wait_s = inspect.signature(cls.__init__).parameters["lock_wait_s"].default
+    waited = sum(delays) + RETRY_DEFAULTS["retries"] * lock_wait_s
+    assert waited > LOCK_TTL_S
+
+
+@pytest.mark.parametrize("value", [0, -5, 86_401, True, "900"])
+def test_event_and_export_options_refuse_a_bad_lease(value: Any) -> None:
+    with pytest.raises(ValueError, match="lock_ttl_s"):
+        EventOptions(brand_id=1, user_id_column="user_id", name="X", lock_ttl_s=value)
+    with pytest.raises(ValueError, match="lock_ttl_s"):
+        ExportOptions(brand_id=1, table_name="t", lock_ttl_s=value)

@@ -27,6 +27,7 @@ from airflow_provider_stopchurn.hooks._compat import (
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.operators import lineage
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard
+from airflow_provider_stopchurn.options import LOCK_TTL_S
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sources import PostgresUri, SqlHook, postgres_uri, read_dbapi, read_postgres
 from airflow_provider_stopchurn.sync import SyncOptions, SyncSummary, run_sync
@@ -138,9 +139,10 @@ class StopChurnUpdateOperator(BaseOperator):
         fails the run before anything is sent. MySQL 8's JSON and PostgreSQL's json/jsonb need no entry.
     :param lock_wait_s: while another run syncs the same table, wait up to this many seconds for its lock
         (polling with backoff), then fail as retryable.
-    :param lock_ttl_s: the table lock's lease, in seconds: a heartbeat renews it while the run works. A run killed
-        on another machine (where its process cannot be seen) blocks the table until its lease expires; on the
-        same host it is broken at once. It must exceed a request's timeouts (the connection's) by a tenth of itself.
+    :param lock_ttl_s: the table lock's lease, in seconds (default 900): a heartbeat renews it while the run
+        works. A run killed on another machine (where its process cannot be seen) blocks the table until its
+        lease expires; on the same host it is broken at once. It must exceed a request's timeouts (the
+        connection's) by a tenth of itself.
     :param diff_location: where the diff runs (templated). ``"worker"`` (default): the source is read into the
         worker and diffed against the snapshot. ``"warehouse"`` (SQL sources only): the diff runs as SQL in the
         database of ``sql_conn_id``, against a state table kept there, and only the changed rows leave it
@@ -206,7 +208,7 @@ class StopChurnUpdateOperator(BaseOperator):
         nest_dotted_columns: bool = True,
         decimal_as_string: bool = False,
         lock_wait_s: float = 300.0,
-        lock_ttl_s: float = 3600.0,
+        lock_ttl_s: float = LOCK_TTL_S,
         json_columns: Sequence[str] = (),
         diff_location: Literal["worker", "warehouse"] = "worker",
         state_schema: str = DEFAULT_STATE_SCHEMA,
@@ -846,6 +848,9 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         the update operator's; reformatted JSON text is the same event.
     :param lock_wait_s: while another run sends the same stream, wait up to this many seconds for its lock
         (polling with backoff), then fail as retryable.
+    :param lock_ttl_s: the stream lock's lease, in seconds (default 900): a heartbeat renews it while the run
+        works. A run killed on another machine (where its process cannot be seen) blocks the stream until its
+        lease expires; on the same host it is broken at once. It must exceed a request's timeouts by a tenth of it.
     Unless the task or its DAG's ``default_args`` set them (or ``[core] default_task_retries`` is set), the
     operator retries: ``retries=3``, ``retry_delay=2 minutes``, doubling (``retry_exponential_backoff=2.0``), as
     the update operator does; a retry finishes the plan an earlier try left and sends only its unacknowledged chunks.
@@ -884,6 +889,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         nest_dotted_columns: bool = True,
         json_columns: Sequence[str] = (),
         lock_wait_s: float = 300.0,
+        lock_ttl_s: float = LOCK_TTL_S,
         **kwargs: Any,
     ) -> None:
         super().__init__(**_with_retry_defaults(kwargs))
@@ -919,6 +925,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         self.nest_dotted_columns = nest_dotted_columns
         self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
         self.lock_wait_s = lock_wait_s
+        self.lock_ttl_s = lock_ttl_s
 
     def execute(self, context: Context) -> dict[str, Any]:
         try:
@@ -968,6 +975,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
             holder=_holder(self, context),
             run_key=_run_key(self, context),
             lock_wait_s=self.lock_wait_s,
+            lock_ttl_s=self.lock_ttl_s,
             run_info=run_info(self, context),
         )
 
@@ -1017,6 +1025,9 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         lacks stay in the new one, so that the next update run deletes them at StopChurn.
     :param lock_wait_s: while another run syncs the same table, wait up to this many seconds for its lock
         (polling with backoff), then fail as retryable.
+    :param lock_ttl_s: the table lock's lease, in seconds (default 900): a heartbeat renews it while the run
+        works. A run killed on another machine (where its process cannot be seen) blocks the table until its
+        lease expires; on the same host it is broken at once. It must exceed a request's timeouts by a tenth of it.
     :param brand_id: StopChurn brand id (templated); None takes ``brand_id`` from the connection's extras.
     :param stopchurn_conn_id: the StopChurn connection (read for its ``brand_id`` only; nothing is sent).
     :param nest_dotted_columns: turn columns named ``a.b`` into nested objects ``{"a": {"b": ...}}``.
@@ -1065,6 +1076,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         decimal_as_string: bool = False,
         json_columns: Sequence[str] = (),
         lock_wait_s: float = 300.0,
+        lock_ttl_s: float = LOCK_TTL_S,
         **kwargs: Any,
     ) -> None:
         super().__init__(**_with_retry_defaults(kwargs))
@@ -1085,6 +1097,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         self.decimal_as_string = decimal_as_string
         self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
         self.lock_wait_s = lock_wait_s
+        self.lock_ttl_s = lock_ttl_s
 
     def execute(self, context: Context) -> dict[str, Any]:
         run_ms = time.time_ns() // 1_000_000
@@ -1105,6 +1118,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
                 run_key=_run_key(self, context),
                 holder=_holder(self, context),
                 lock_wait_s=self.lock_wait_s,
+                lock_ttl_s=self.lock_ttl_s,
                 run_info=run_info(self, context),
             )
             root = _storage_root(self.snapshot_uri, self.snapshot_conn_id, "snapshots")
