@@ -33,11 +33,9 @@ venv: $(STAMP)
 MYSQL_STAMP := $(VENV)/.mysql-installed
 MYSQL_SYSTEM_PACKAGES := default-libmysqlclient-dev pkg-config build-essential
 $(MYSQL_STAMP): requirements-mysql.lock $(STAMP)
-	@if ! pkg-config --exists mysqlclient 2>/dev/null && ! command -v mysql_config >/dev/null; then \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(MYSQL_SYSTEM_PACKAGES) >/dev/null; \
-		else echo "mysqlclient needs: apt-get install $(MYSQL_SYSTEM_PACKAGES) (as root)"; exit 1; fi; \
-	fi
+	@tools/system-packages.sh mysql
+	@pkg-config --exists mysqlclient 2>/dev/null || command -v mysql_config >/dev/null || \
+		{ echo "mysqlclient needs: apt-get install $(MYSQL_SYSTEM_PACKAGES) (as root)"; exit 1; }
 	$(UV) pip install $(UV_FLAGS) --python $(PY) -r requirements-mysql.lock
 	@touch $(MYSQL_STAMP)
 
@@ -51,13 +49,19 @@ dist: $(STAMP)
 	@rm -rf airflow_provider_stopchurn.egg-info  # the sdist step writes it here (see venv)
 	$(PY) -m twine check --strict dist/*
 
+# The Debian packages the tests drive are installed first when this user can (root or passwordless sudo; see
+# tools/system-packages.sh), and the MySQL driver with them; otherwise their tests skip with the reason.
 test: $(STAMP)
+	@tools/system-packages.sh test
+	@if pkg-config --exists mysqlclient 2>/dev/null || command -v mysql_config >/dev/null; then \
+		$(MAKE) --no-print-directory venv-mysql; fi
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # A real multi-worker deployment on 127.0.0.1 (tests/test_deploy.py, marked deploy, left out of `make test`): the
 # CeleryExecutor with two workers, PostgreSQL, Debian's redis-server and moto's S3 server; about 2 minutes.
 # Without redis-server or PostgreSQL it fails rather than skips, and pytest fails when no test ran.
 test-deploy: $(STAMP)
+	@tools/system-packages.sh deploy
 	STOPCHURN_REQUIRE_DEPLOY=1 $(PY) -m pytest -m deploy tests/test_deploy.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
