@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -70,10 +71,29 @@ _SYNC_COUNTS = ("inserted", "updated", "deleted", "unchanged", "rejected", "neve
 _MAX_ERROR = 500
 
 
+#: ``scheme://user:password@`` in a URL (the password is replaced)
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@\"']*):[^\s@\"']*@")
+#: ``password=...`` in a key=value DSN (libpq's, ODBC's), quoted or not
+_DSN_SECRET = re.compile(
+    r"\b(password|passwd|pwd|sslpassword|secret|token|api_?key)(\s*=\s*)('[^']*'|\"[^\"]*\"|[^\s&;,\"']+)",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"\b(Bearer\s+)\S+", re.IGNORECASE)
+
+
 def first_line(err: BaseException) -> str:
-    """The first line of an error's message (bounded), for a history record."""
+    """The first line of an error's message (bounded), for a history record, with passwords taken out.
+
+    The engine's own errors name no credentials, but a source's may (a DataFrame factory's driver quotes a
+    mistyped DSN whole, password included): Airflow masks its connections' passwords in the log only, and a
+    record is a file the StopChurn page shows. So a URL's ``user:password@`` and a DSN's ``password=...`` are
+    replaced by ``***``.
+    """
     text = str(err).strip().splitlines()
     line = text[0] if text else type(err).__name__
+    line = _URL_PASSWORD.sub(r"\1:***@", line)
+    line = _DSN_SECRET.sub(r"\1\2***", line)
+    line = _BEARER.sub(r"\1***", line)
     return line if len(line) <= _MAX_ERROR else line[: _MAX_ERROR - 3] + "..."
 
 

@@ -1,0 +1,170 @@
+"""What a run's history record must never do: order runs by a worker's clock, keep a source's password, grow
+without bound while runs keep failing without the table's lock, or hide the whole history behind one record it
+cannot show.
+
+Real parts only: the sandbox StopChurn server on 127.0.0.1, real stores in a temporary folder, a real PostgreSQL
+driver's error, and the ``stopchurn`` command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers_sync import BRAND, T0, TABLE, make_client, options
+
+from airflow_provider_stopchurn import cli
+from airflow_provider_stopchurn.exceptions import SnapshotLockedError
+from airflow_provider_stopchurn.options import RunInfo
+from airflow_provider_stopchurn.sandbox import SandboxServer
+from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.sync import run_sync
+
+N = 20
+
+
+def table(qty: int = 0) -> pd.DataFrame:
+    ids = np.arange(1, N + 1)
+    return pd.DataFrame({"id": ids, "qty": ids * 0 + qty})
+
+
+def run(frame: Any, store: SnapshotStore, sb: SandboxServer, tick: int, **opts: Any) -> Any:
+    opts.setdefault("chunk_size", 5)
+    return run_sync(frame, store, make_client(sb), options(**opts), run_ms=T0 + 1000 * tick)
+
+
+def try_of(run_id: str, number: int) -> dict[str, Any]:
+    return {"run_key": f"dag.task run {run_id} map -1", "run_info": RunInfo("dag", "task", run_id, number)}
+
+
+def history_folder(root: Path) -> Path:
+    return root / str(BRAND) / TABLE / "history"
+
+
+@pytest.fixture
+def sb(stopchurn_sandbox_factory: Any) -> SandboxServer:
+    return stopchurn_sandbox_factory(record=True)
+
+
+def test_a_record_written_after_one_from_a_worker_whose_clock_runs_ahead_is_still_the_newest(
+    sb: SandboxServer, tmp_path: Path
+) -> None:
+    """Two workers whose clocks differ by minutes: try 1 fails on the worker ahead, try 2 succeeds on the other.
+    The newest record must be try 2's (the page and ``stopchurn history`` show the run's last ending from it), and
+    pruning must not remove the record just written."""
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    run(table(), store, sb, 0, **try_of("r0", 1))
+    other = store.table_lock("dag.task run r1 map -1 on the other worker")
+    other.acquire()
+    try:
+        with pytest.raises(SnapshotLockedError):
+            run(table(qty=1), store, sb, 1, lock_wait_s=0, **try_of("r1", 1))
+    finally:
+        other.release()
+    # try 1's record, named by the worker whose clock runs ten minutes ahead of this one
+    failed = max(history_folder(tmp_path).iterdir())
+    ahead = datetime.now(UTC) + timedelta(minutes=10)
+    failed.rename(failed.with_name(ahead.strftime("%Y%m%dT%H%M%S%fZ") + "-0a0a0a0a.json"))
+    store.history_limit = 2
+    run(table(qty=1), store, sb, 2, **try_of("r1", 2))
+    newest = store.read_history(1)[0]
+    assert (newest["status"], newest["try_number"]) == ("success", 2)
+    assert [r["try_number"] for r in store.read_history()] == [2, 1]
+
+
+def test_a_source_error_that_quotes_a_dsn_with_its_password_is_recorded_without_it(
+    sb: SandboxServer, tmp_path: Path
+) -> None:
+    """A DataFrame factory connecting with a mistyped DSN: the driver (libpq through psycopg2) quotes the whole DSN,
+    password included, in its error's first line. Airflow masks its connections' passwords in the log only; the
+    record is a file the StopChurn page shows."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    password = "s3cr3t-Pw-4711"
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    run(table(), store, sb, 0)
+
+    def source() -> pd.DataFrame:
+        psycopg2.connect(f"postgres+psycopg2://alice:{password}@127.0.0.1:1/shop")
+        raise AssertionError("unreachable")
+
+    with pytest.raises(psycopg2.ProgrammingError) as info:
+        run(source, store, sb, 1, **try_of("r1", 1))
+    assert password in str(info.value)  # the driver's own message does quote it
+    entry = store.read_history(1)[0]
+    assert (entry["status"], entry["error_type"]) == ("failed", "ProgrammingError")
+    assert "alice" in entry["error"] and "127.0.0.1" in entry["error"]  # still says which DSN
+    text = "".join(path.read_text() for path in history_folder(tmp_path).iterdir())
+    assert password not in text
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "could not connect to mysql://root:hunter2-secret@db.internal:3306/shop",
+        'missing "=" after "host=db.internal password=hunter2-secret user=x" in connection info string',
+        "connection failed: host='db' password='hunter2-secret' dbname='shop'",
+    ],
+)
+def test_first_line_takes_passwords_out_of_urls_and_key_value_dsns(line: str) -> None:
+    from airflow_provider_stopchurn.history import first_line
+
+    shown = first_line(RuntimeError(line + "\nsecond line"))
+    assert "hunter2-secret" not in shown
+    assert "db" in shown and "***" in shown
+
+
+def test_runs_that_keep_failing_on_a_busy_lock_keep_the_history_bounded(sb: SandboxServer, tmp_path: Path) -> None:
+    """A lock held for long (a run waiting on a slow source) while a minutely DAG fails at once on it, try after
+    try: no run that holds the lock ends to prune, yet the history must stay bounded."""
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    run(table(), store, sb, 0)
+    store.history_limit = 3
+    other = store.table_lock("a long run")
+    other.acquire()
+    try:
+        for tick in range(1, 13):
+            with pytest.raises(SnapshotLockedError):
+                run(table(qty=tick), store, sb, tick, lock_wait_s=0, **try_of(f"r{tick}", 1))
+        names = sorted(history_folder(tmp_path).iterdir())
+    finally:
+        other.release()
+    assert len(names) <= 2 * store.history_limit
+    # the newest failures are the ones kept
+    assert store.read_history(1)[0]["run_id"] == "r12"
+
+
+def history_text(root: Path) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["history", str(root), "--brand", str(BRAND), "--table", TABLE])
+    return code, out.getvalue() + err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "newer",
+    [
+        {"approved_deletes": [{"run_id": "r9", "deletes": 3, "rows_before": 4}]},
+        {"http_retries": {"timeouts": 1, "5xx": 2}},
+        {"duration_s": "PT1.5S"},
+    ],
+    ids=["approvals-as-a-list", "retries-by-cause", "duration-as-text"],
+)
+def test_one_record_of_a_newer_version_does_not_hide_the_history(
+    sb: SandboxServer, tmp_path: Path, newer: dict[str, Any]
+) -> None:
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    run(table(), store, sb, 0, **try_of("r0", 1))
+    written = store.read_history(1)[0]
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    name = later.strftime("%Y%m%dT%H%M%S%fZ") + "-0b0b0b0b.json"
+    (history_folder(tmp_path) / name).write_text(json.dumps({**written, "run_id": "r-newer", **newer}))
+    code, text = history_text(tmp_path)
+    assert code == 0, text
+    assert len([line for line in text.splitlines() if "  sync  success" in line]) == 2
