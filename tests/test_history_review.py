@@ -168,3 +168,33 @@ def test_one_record_of_a_newer_version_does_not_hide_the_history(
     code, text = history_text(tmp_path)
     assert code == 0, text
     assert len([line for line in text.splitlines() if "  sync  success" in line]) == 2
+
+
+@pytest.mark.parametrize(
+    "newer",
+    [
+        {"finished_at": 1_780_000_000_000},  # epoch milliseconds
+        {"status": "failed", "error": "x", "never_sent": float("nan")},  # Python's json writes and reads NaN
+        {"try_number": float("inf")},
+    ],
+    ids=["finished-in-epoch-ms", "nan-count", "infinite-try"],
+)
+def test_the_page_shows_a_store_whose_history_holds_a_record_of_a_newer_version(
+    tmp_path: Path, newer: dict[str, Any]
+) -> None:
+    from airflow_provider_stopchurn.plugins.page import Run, SyncTask, inspect_stores, render_page
+
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    now = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
+    base = {"kind": "sync", "status": "success", "dag_id": "nightly", "task_id": "sync", "run_id": "r1"}
+    store.append_history({**base, "finished_at": now.isoformat(), "inserted": 3})
+    store.append_history({**base, "finished_at": now.isoformat(), **newer})
+    (state,) = inspect_stores({(store.location, BRAND, TABLE): tmp_path}).values()
+    assert len(state.history) == 2 and state.history_error is None
+    task = SyncTask("nightly", "sync", "StopChurnUpdateOperator", table_name=TABLE, brand_id=BRAND)
+    run = Run("r1", now, "success", 1, None, brand_id=BRAND, table_name=TABLE, store_key=state.key)
+    run.records = list(state.history)
+    task.runs.append(run)
+    task.stores, task.store = [state], state
+    html = render_page([task], selected=None, airflow_base="/", user="ann", now=now)
+    assert "History: the newest 2 records" in html
