@@ -5,9 +5,12 @@ run ends (a success, nothing changed included, or a failure: a safeguard, a refu
 chunk, a source error), appends a record to the store's bounded history (:meth:`SnapshotStore.append_history`):
 one small file per record, so records of runs ending together never overwrite each other. A run that never held
 the table's lock (it was busy: the store belongs to another run), or whose lock was taken over, only adds its
-own record file: it prunes nothing and reads no committed version (which would not be its own). A record never
-holds the API key: only counts, names, times and the first line of a failure's message (the engine's errors name
-no credentials). A run killed outright records nothing; its retry's record says what it settled of it.
+own record file: it reads no committed version (which would not be its own) and prunes nothing, unless such runs
+piled up to twice the bound. Record files sort in the order they were written, whatever a worker's clock says.
+A record never holds the API key: only counts, names, times and the first line of a failure's message, with any
+password a source's error quotes (a URL's ``user:password@``, a DSN's ``password=``) taken out. A run stopped by
+Airflow (``execution_timeout``, SIGTERM) is recorded as failed; a run killed outright records nothing, and its
+retry's record says what it settled of it.
 
 The record's fields (a field a record lacks reads as null; :func:`http_retries` reads records written before
 ``retries`` was renamed):
@@ -252,13 +255,16 @@ def recorded(
 
     Enter it before taking the table's lock (so a busy lock is recorded too), and the yielded
     :meth:`Recording.holding` inside the lock. ``counts`` / ``fields`` are read when the block ends.
-    An exception is re-raised unchanged; a process killed outright (``BaseException``) records nothing.
+    An exception is re-raised unchanged. Airflow stops a task past its ``execution_timeout`` (or on SIGTERM) with
+    a ``BaseException``: that run ends and is recorded too. A process killed outright records nothing.
     """
     recording = Recording(store)
     started = time.time()
     try:
         yield recording
-    except Exception as err:
+    except GeneratorExit:
+        raise
+    except BaseException as err:
         _after(store, options, recording, kind, counts, fields, started, err)
         raise
     _after(store, options, recording, kind, counts, fields, started, None)

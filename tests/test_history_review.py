@@ -198,3 +198,28 @@ def test_the_page_shows_a_store_whose_history_holds_a_record_of_a_newer_version(
     task.stores, task.store = [state], state
     html = render_page([task], selected=None, airflow_base="/", user="ann", now=now)
     assert "History: the newest 2 records" in html
+
+
+def test_a_run_stopped_by_airflows_execution_timeout_is_recorded(sb: SandboxServer, tmp_path: Path) -> None:
+    """``execution_timeout`` stops a task with ``AirflowTaskTimeout``, a ``BaseException``: the run ends (the lock
+    is released on the way out) and Airflow marks it failed, so its record must say so, not leave the page a
+    "no record of this run" with the reason only in Airflow's log."""
+    import time
+
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+    from airflow.sdk.execution_time.timeout import timeout
+
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    run(table(), store, sb, 0)
+
+    def slow_source() -> pd.DataFrame:
+        for _ in range(60):  # a query that takes longer than the task may run
+            time.sleep(1)
+        raise AssertionError("the timeout did not stop the run")
+
+    with pytest.raises(AirflowTaskTimeout), timeout(1, "Timeout"):
+        run(slow_source, store, sb, 1, **try_of("r1", 1))
+    entry = store.read_history(1)[0]
+    assert (entry["status"], entry["error_type"], entry["run_id"]) == ("failed", "AirflowTaskTimeout", "r1")
+    assert entry["error"].startswith("Timeout")
+    assert store.read_lock() is None
