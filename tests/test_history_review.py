@@ -223,3 +223,62 @@ def test_a_run_stopped_by_airflows_execution_timeout_is_recorded(sb: SandboxServ
     assert (entry["status"], entry["error_type"], entry["run_id"]) == ("failed", "AirflowTaskTimeout", "r1")
     assert entry["error"].startswith("Timeout")
     assert store.read_lock() is None
+
+
+def test_an_event_retry_records_the_chunks_it_settled_of_its_earlier_try(sb: SandboxServer, tmp_path: Path) -> None:
+    """Try 1 of an events run delivers 2 chunks, then StopChurn fails: try 2 settles those 2 (counted in
+    ``events_sent``) and sends the rest. Its record's ``settled_chunks`` (what the page and ``stopchurn history``
+    show as "settled from an earlier try") must be those 2, for events as for updates."""
+    import datetime as dt
+
+    from helpers_sync import FailAfter
+
+    from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
+    from airflow_provider_stopchurn.exceptions import TransientDeliveryError
+    from airflow_provider_stopchurn.sandbox import FaultConfig
+
+    hour = pd.Timedelta(hours=1)
+    t0 = pd.Timestamp("2025-01-01", tz="UTC")
+    frame = pd.DataFrame(
+        {"deposit_id": np.arange(1, 21), "user_id": np.arange(1, 21) + 100, "created_at": [t0] * 20}
+    ).assign(created_at=lambda f: [t0 + i * hour for i in range(len(f))])
+    store = event_store(tmp_path, BRAND, "deposits")
+    now_ms = int((t0 + 100 * hour).timestamp() * 1000)
+
+    def opts(number: int) -> EventOptions:
+        return EventOptions(
+            brand_id=BRAND,
+            user_id_column="user_id",
+            name="DEPOSIT",
+            event_key=("deposit_id",),
+            watermark_column="created_at",
+            lookback=dt.timedelta(hours=2),
+            chunk_size=4,
+            max_concurrent_requests=1,
+            run_key="dag.events run r1 map -1",
+            run_info=RunInfo("dag", "events", "r1", number),
+        )
+
+    with pytest.raises(TransientDeliveryError):
+        run_events(frame, store, FailAfter(make_client(sb), sb, 2), opts(1), stream="deposits", now_ms=now_ms)
+    sb.set_faults(FaultConfig())
+    summary = run_events(frame, store, make_client(sb), opts(2), stream="deposits", now_ms=now_ms)
+    assert summary.sent == 20 and summary.resumed_chunks == 3  # 2 of 5 chunks were acknowledged in try 1
+    entry = store.read_history(1)[0]
+    assert (entry["status"], entry["try_number"], entry["events_sent"]) == ("success", 2, 20)
+    assert entry["settled_chunks"] == 2
+
+
+def test_a_half_written_newest_record_does_not_empty_the_newest_n(sb: SandboxServer, tmp_path: Path) -> None:
+    """A record file cut short (a copy of the store interrupted, a filesystem without atomic renames): the
+    records before it are still the newest ones readable, for ``read_history(n)`` and ``stopchurn history -n``."""
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    for tick in range(3):
+        run(table(qty=tick), store, sb, tick, **try_of(f"r{tick}", 1))
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    (history_folder(tmp_path) / (later.strftime("%Y%m%dT%H%M%S%fZ") + "-0c0c0c0c.json")).write_text('{"kind": "sy')
+    assert [r["run_id"] for r in store.read_history(2)] == ["r2", "r1"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["history", str(tmp_path), "--brand", str(BRAND), "--table", TABLE, "-n", "1"]) == 0
+    assert "No runs recorded yet" not in out.getvalue() and "  sync  success" in out.getvalue()

@@ -712,10 +712,11 @@ class SnapshotStore:
         A record that cannot be read (removed by a concurrent append's pruning, or damaged) is skipped.
         """
         names = self._history_names()
-        if limit is not None:
-            names = names[-limit:] if limit > 0 else []
         records: list[dict[str, Any]] = []
         for name in reversed(names):
+            if limit is not None and len(records) >= limit:
+                break
+            # an unreadable record is passed over, not counted: the newest ``limit`` are the newest readable
             record = loose_json(self._backend.read_bytes(f"{_HISTORY}/{name}"))
             if record is not None:
                 records.append(record)
