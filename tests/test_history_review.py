@@ -239,9 +239,8 @@ def test_an_event_retry_records_the_chunks_it_settled_of_its_earlier_try(sb: San
 
     hour = pd.Timedelta(hours=1)
     t0 = pd.Timestamp("2025-01-01", tz="UTC")
-    frame = pd.DataFrame(
-        {"deposit_id": np.arange(1, 21), "user_id": np.arange(1, 21) + 100, "created_at": [t0] * 20}
-    ).assign(created_at=lambda f: [t0 + i * hour for i in range(len(f))])
+    ids = np.arange(1, 21)
+    frame = pd.DataFrame({"deposit_id": ids, "user_id": ids + 100, "created_at": [t0 + i * hour for i in range(20)]})
     store = event_store(tmp_path, BRAND, "deposits")
     now_ms = int((t0 + 100 * hour).timestamp() * 1000)
 
@@ -282,3 +281,12 @@ def test_a_half_written_newest_record_does_not_empty_the_newest_n(sb: SandboxSer
     with contextlib.redirect_stdout(out):
         assert cli.main(["history", str(tmp_path), "--brand", str(BRAND), "--table", TABLE, "-n", "1"]) == 0
     assert "No runs recorded yet" not in out.getvalue() and "  sync  success" in out.getvalue()
+
+
+def test_a_record_after_one_named_at_the_end_of_time_is_still_written(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    folder = history_folder(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "99991231T235959999999Z-0d0d0d0d.json").write_text('{"kind": "sync", "run_id": "r-far"}')
+    store.append_history({"kind": "sync", "run_id": "r-now"})
+    assert sorted(r["run_id"] for r in store.read_history()) == ["r-far", "r-now"]

@@ -68,7 +68,10 @@ def _history_name(names: Sequence[str]) -> str:
     newest = names[-1] if names else ""
     match = _VERSION_TIME.match(newest)
     if match is not None and newest >= name:
-        after = datetime.strptime(match.group(1), "%Y%m%dT%H%M%S%f") + timedelta(microseconds=1)
+        try:
+            after = datetime.strptime(match.group(1), "%Y%m%dT%H%M%S%f") + timedelta(microseconds=1)
+        except (ValueError, OverflowError):  # a name no clock makes (year 9999): this record is still written
+            return f"{name}.json"
         name = after.strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:8]
     return f"{name}.json"
 
