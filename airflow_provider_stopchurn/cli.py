@@ -511,7 +511,7 @@ def _history_details(r: Mapping[str, Any]) -> list[str]:
             f"{r.get('never_sent') or 0} never sent (the next run sends them)"
         )
     approved = r.get("approved_deletes")
-    if approved:
+    if isinstance(approved, dict) and approved:
         lines.append(
             f"mass delete approved by run {approved.get('run_id')}: {approved.get('deletes')} of "
             f"{approved.get('rows_before')} rows"
@@ -530,6 +530,15 @@ def _history_details(r: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _cell(show: Callable[[Mapping[str, Any]], Any], record: Mapping[str, Any], unreadable: Any = "?") -> Any:
+    """``show(record)``, or ``unreadable`` when the record holds a field it cannot show (a record written by a
+    newer version, or edited): one such record must not hide the rest of the history."""
+    try:
+        return show(record)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return unreadable
+
+
 def _history(args: argparse.Namespace, out: TextIO) -> None:
     runs = _store(args).read_history(args.limit)
     if args.json:
@@ -538,13 +547,13 @@ def _history(args: argparse.Namespace, out: TextIO) -> None:
     if not runs:
         out.write("No runs recorded yet (every run that ends is recorded, failed ones included).\n")
         return
-    table = [[name for name, _ in _HISTORY_COLUMNS]] + [[cell(r) for _, cell in _HISTORY_COLUMNS] for r in runs]
+    table = [[name for name, _ in _HISTORY_COLUMNS]] + [[_cell(cell, r) for _, cell in _HISTORY_COLUMNS] for r in runs]
     widths = [max(len(row[i]) for row in table) for i in range(len(_HISTORY_COLUMNS))]
     lines = []
     for index, row in enumerate(table):
         lines.append("  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip())
         if index:
-            lines += [f"    {line}" for line in _history_details(runs[index - 1])]
+            lines += [f"    {line}" for line in _cell(_history_details, runs[index - 1], ["?"])]
     out.write("\n".join(lines) + "\n")
 
 

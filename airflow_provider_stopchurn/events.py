@@ -285,7 +285,8 @@ class EventSummary:
     delivered); ``duplicates`` the rows dropped because their key was delivered already or repeats in the source;
     ``before_window`` the rows older than the window (delivered by an earlier run, or late beyond the lookback),
     not sent; ``held_future`` the rows dated after the run's clock, held (not sent) until a run's clock passes
-    them; ``resumed_chunks`` the chunks of an unfinished plan this run sent.
+    them; ``resumed_chunks`` the chunks of an unfinished plan this run sent; ``settled_chunks`` the chunks of it an
+    earlier try of this DAG run had delivered (counted in ``sent``, not sent again).
     """
 
     brand_id: int
@@ -299,6 +300,7 @@ class EventSummary:
     requests: int = 0
     retries: int = 0
     resumed_chunks: int = 0
+    settled_chunks: int = 0
     since: str | None = None
     watermark: str | None = None
     watermark_ms: int | None = None
@@ -339,6 +341,7 @@ class EventSummary:
             "requests": self.requests,
             "http_retries": self.retries,
             "resumed_chunks": self.resumed_chunks,
+            "settled_chunks": self.settled_chunks,
         }
 
     def set_watermark(self, ms: int | None) -> None:
@@ -818,6 +821,7 @@ class _Run:
         if self.options.run_key is not None and plan.meta.get("run_key") == self.options.run_key:
             # an earlier try of this DAG run sent these
             self.summary.sent += sum(plan.chunks[c][1] - plan.chunks[c][0] for c in acked)
+            self.summary.settled_chunks += len(acked)
         todo = [c for c in range(len(plan.chunks)) if c not in acked]
         log.warning(
             "Resuming the unfinished event plan %s of %r: %d of %d chunks were acknowledged; sending the other %d "

@@ -5,9 +5,12 @@ run ends (a success, nothing changed included, or a failure: a safeguard, a refu
 chunk, a source error), appends a record to the store's bounded history (:meth:`SnapshotStore.append_history`):
 one small file per record, so records of runs ending together never overwrite each other. A run that never held
 the table's lock (it was busy: the store belongs to another run), or whose lock was taken over, only adds its
-own record file: it prunes nothing and reads no committed version (which would not be its own). A record never
-holds the API key: only counts, names, times and the first line of a failure's message (the engine's errors name
-no credentials). A run killed outright records nothing; its retry's record says what it settled of it.
+own record file: it reads no committed version (which would not be its own) and prunes nothing, unless such runs
+piled up to twice the bound. Record files sort in the order they were written, whatever a worker's clock says.
+A record never holds the API key: only counts, names, times and the first line of a failure's message, with any
+password a source's error quotes (a URL's ``user:password@``, a DSN's ``password=``) taken out. A run stopped by
+Airflow (``execution_timeout``, SIGTERM) is recorded as failed; a run killed outright records nothing, and its
+retry's record says what it settled of it.
 
 The record's fields (a field a record lacks reads as null; :func:`http_retries` reads records written before
 ``retries`` was renamed):
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -70,10 +74,29 @@ _SYNC_COUNTS = ("inserted", "updated", "deleted", "unchanged", "rejected", "neve
 _MAX_ERROR = 500
 
 
+#: ``scheme://user:password@`` in a URL (the password is replaced)
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@\"']*):[^\s@\"']*@")
+#: ``password=...`` in a key=value DSN (libpq's, ODBC's), quoted or not
+_DSN_SECRET = re.compile(
+    r"\b(password|passwd|pwd|sslpassword|secret|token|api_?key)(\s*=\s*)('[^']*'|\"[^\"]*\"|[^\s&;,\"']+)",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"\b(Bearer\s+)\S+", re.IGNORECASE)
+
+
 def first_line(err: BaseException) -> str:
-    """The first line of an error's message (bounded), for a history record."""
+    """The first line of an error's message (bounded), for a history record, with passwords taken out.
+
+    The engine's own errors name no credentials, but a source's may (a DataFrame factory's driver quotes a
+    mistyped DSN whole, password included): Airflow masks its connections' passwords in the log only, and a
+    record is a file the StopChurn page shows. So a URL's ``user:password@`` and a DSN's ``password=...`` are
+    replaced by ``***``.
+    """
     text = str(err).strip().splitlines()
     line = text[0] if text else type(err).__name__
+    line = _URL_PASSWORD.sub(r"\1:***@", line)
+    line = _DSN_SECRET.sub(r"\1\2***", line)
+    line = _BEARER.sub(r"\1***", line)
     return line if len(line) <= _MAX_ERROR else line[: _MAX_ERROR - 3] + "..."
 
 
@@ -232,13 +255,16 @@ def recorded(
 
     Enter it before taking the table's lock (so a busy lock is recorded too), and the yielded
     :meth:`Recording.holding` inside the lock. ``counts`` / ``fields`` are read when the block ends.
-    An exception is re-raised unchanged; a process killed outright (``BaseException``) records nothing.
+    An exception is re-raised unchanged. Airflow stops a task past its ``execution_timeout`` (or on SIGTERM) with
+    a ``BaseException``: that run ends and is recorded too. A process killed outright records nothing.
     """
     recording = Recording(store)
     started = time.time()
     try:
         yield recording
-    except Exception as err:
+    except GeneratorExit:
+        raise
+    except BaseException as err:
         _after(store, options, recording, kind, counts, fields, started, err)
         raise
     _after(store, options, recording, kind, counts, fields, started, None)

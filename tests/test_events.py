@@ -493,6 +493,7 @@ def test_summary_and_state_layout_hold_no_secret(world: World) -> None:
         "requests",
         "retries",
         "resumed_chunks",
+        "settled_chunks",
         "since",
         "watermark",
         "watermark_ms",

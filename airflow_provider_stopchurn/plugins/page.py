@@ -112,7 +112,10 @@ def task_kind(operator: str) -> str:
 
 
 def _int(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    # a record's NaN or infinity (Python's json reads both) is no count: shown as none, not a failed page
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return int(value)
 
 
 # --- the model -----------------------------------------------------------------------------------------------
@@ -421,7 +424,10 @@ def _when(value: datetime | None) -> str:
 
 def _parse_time(value: Any) -> datetime | None:
     if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, UTC)
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (ValueError, OverflowError, OSError):  # not epoch seconds (e.g. milliseconds): no time to show
+            return None
     if isinstance(value, str) and value:
         try:
             parsed = datetime.fromisoformat(value)
