@@ -271,7 +271,7 @@ def run_export(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stopchurn-snapshot") as pool:
             snapshot = pool.submit(store.write_snapshot, snapshot_frame)
             try:
-                files = _write_files(exported, plan.kinds, folder, options, run_ms)
+                files = _write_files(exported, plan.kinds, folder, options, run_ms, lock.fence)
             except BaseException:
                 with contextlib.suppress(Exception):
                     store.delete_snapshot(snapshot.result())  # written for nothing: no pointer names it
@@ -302,6 +302,7 @@ def run_export(
         summary.file_list = files
         summary.snapshot_version = version
         summary.manifest_uri = manifest_uri
+        lock.fence()  # a try that lost its lease after its commit leaves the manifest to the try that took it
         _write_manifest(folder, summary, options)
     if summary.kept_rows:
         log.warning(
@@ -538,9 +539,20 @@ def _close_into(files: list[dict[str, Any]], part: _Part) -> None:
 
 
 def _write_files(
-    target: pl.DataFrame, kinds: Mapping[str, str], folder: Any, options: ExportOptions, run_ms: int
+    target: pl.DataFrame,
+    kinds: Mapping[str, str],
+    folder: Any,
+    options: ExportOptions,
+    run_ms: int,
+    fence: Callable[[], None],
 ) -> list[dict[str, Any]]:
-    """Encode ``target`` a batch at a time and fill files up to ``max_file_bytes``; return what each file holds."""
+    """Encode ``target`` a batch at a time and fill files up to ``max_file_bytes``; return what each file holds.
+
+    :param fence: raises unless this run still holds the table's lease; called before the folder is cleared and
+        before each batch is written. Every try of a DAG run writes the same folder: a try that was paused past its
+        lease (a zombie) must not remove or rewrite the files and manifest of the try that took the table over.
+    """
+    fence()
     _prepare(folder)
     columns = data_columns(target)
     pieces = row_pieces(
@@ -574,6 +586,7 @@ def _write_files(
                 start = end
             if offset + _BATCH_ROWS >= target.height and parts and parts[-1].rows:
                 jobs.append(functools.partial(_close_into, writer.files, parts[-1]))
+            fence()
             writer.submit(jobs)
         return writer.finish()
     except BaseException:
