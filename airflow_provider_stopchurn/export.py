@@ -197,21 +197,24 @@ class ExportSummary:
 def output_folder(root: Any, options: ExportOptions) -> Any:
     """``<root>/<brand_id>/<table_name>/<export_folder_name(run id)>`` (a ``pathlib.Path`` or an
     ObjectStoragePath / UPath)."""
-    return root / str(int(options.brand_id)) / safe_name(options.table_name) / export_folder_name(options.run_id)
+    name = export_folder_name(options.run_id, key=options.run_key)
+    return root / str(int(options.brand_id)) / safe_name(options.table_name) / name
 
 
 _UNSAFE_IN_FOLDER = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def export_folder_name(run_id: str) -> str:
+def export_folder_name(run_id: str, key: str | None = None) -> str:
     """The run's export folder: a name a person can type, the same for every try of one DAG run.
 
     An Airflow run id ``<kind>__<ISO time>`` gives ``<UTC time>-<kind>-<hash>`` (``20261207T005212Z-manual-3f9a1c``);
     any other run id its letters, digits, ``_`` and ``.`` (the rest as ``-``, cut to 40 characters), then the hash.
-    The hash (6 hex digits of the run id's SHA-256) keeps two runs apart whose names would otherwise meet (two
-    triggers in one second). The folder depends on the run id alone, so a retry rewrites its own folder.
+    The hash (6 hex digits of the SHA-256 of ``key``, the task run's ``run_key``: DAG, task, run id and map index;
+    of the run id when None) keeps two runs apart whose names would otherwise meet: two triggers in one second, or
+    two DAGs on one schedule (their run ids are the same). The folder depends on the task run alone, so a retry
+    rewrites its own folder.
     """
-    digest = hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:6]
+    digest = hashlib.sha256((run_id if key is None else key).encode("utf-8")).hexdigest()[:6]
     kind, sep, stamp = run_id.rpartition("__")
     if sep:
         try:

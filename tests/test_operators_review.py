@@ -149,8 +149,9 @@ def test_an_export_try_that_lost_its_lease_leaves_its_retrys_folder_whole(tmp_pa
 # --- export folders of two DAGs ---------------------------------------------------------------------------------
 @pytest.mark.usefixtures("airflow_db")
 def test_two_dags_exporting_one_table_to_one_output_never_share_a_folder(tmp_path: Path) -> None:
-    """Two DAGs on the same schedule have the same run ids. Each exports the table to its own snapshot store
-    (two environments) but to the same output: the second must not write over the first's files and manifest."""
+    """Two DAGs whose runs have the same run id (the same schedule; here the same manual run time) export one
+    table to one store and one output, the second replacing the first's baseline on purpose. The second must not
+    write over the first's files and manifest (a person may be uploading them): each DAG run its own folder."""
     from airflow.sdk import DAG
     from airflow_plugin import run_dag, task_states, xcom_return
 
@@ -167,13 +168,15 @@ def test_two_dags_exporting_one_table_to_one_output_never_share_a_folder(tmp_pat
                 brand_id=BRAND,
                 dataframe=frame.to_pandas(),
                 output_uri=str(output),
-                snapshot_uri=str(tmp_path / f"snapshots-{number}"),
+                snapshot_uri=str(tmp_path / "snapshots"),
+                replace_snapshot=number == 2,
                 retries=0,
             )
-        dagrun = run_dag(dag, logical_date=START)
+        dagrun = run_dag(dag, logical_date=START, run_after=START)
         assert str(dagrun.state) == "success", task_states(dagrun)
-        summaries.append(xcom_return(dagrun, "export"))
-    first, second = summaries
+        summaries.append((dagrun.run_id, xcom_return(dagrun, "export")))
+    (first_run, first), (second_run, second) = summaries
+    assert first_run == second_run
     assert first["output_uri"] != second["output_uri"]
     manifest = json.loads((Path(first["output_uri"]) / "manifest.json").read_text())
     assert manifest["rows"] == 10
