@@ -305,8 +305,7 @@ def run_export(
         summary.file_list = files
         summary.snapshot_version = version
         summary.manifest_uri = manifest_uri
-        lock.fence()  # a try that lost its lease after its commit leaves the manifest to the try that took it
-        _write_manifest(folder, summary, options)
+        _write_manifest(folder, summary, options, lock.fence)
     if summary.kept_rows:
         log.warning(
             "%d rows of the replaced snapshot of %r are not in this export; they stay in the snapshot, so the next "
@@ -653,7 +652,8 @@ def _prepare(folder: Any) -> None:
             raise
 
 
-def _write_manifest(folder: Any, summary: ExportSummary, options: ExportOptions) -> None:
+def _write_manifest(folder: Any, summary: ExportSummary, options: ExportOptions, fence: Callable[[], None]) -> None:
+    fence()  # a try that lost its lease after its commit leaves the folder to the try that took the table over
     manifest = {
         "format": MANIFEST_FORMAT,
         "brand_id": options.brand_id,

@@ -233,4 +233,3 @@ def test_replace_snapshot_rendered_false_never_replaces_and_a_bad_value_is_refus
     assert "AirflowFailException" in printed and "replace_snapshot must be true or false, got 'yes please'" in printed
     latest = store.read_committed()
     assert latest is not None and latest.version == committed.version
-
