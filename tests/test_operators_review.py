@@ -233,3 +233,20 @@ def test_replace_snapshot_rendered_false_never_replaces_and_a_bad_value_is_refus
     assert "AirflowFailException" in printed and "replace_snapshot must be true or false, got 'yes please'" in printed
     latest = store.read_committed()
     assert latest is not None and latest.version == committed.version
+
+
+def test_the_export_folder_is_one_per_task_run_and_the_same_for_each_of_its_tries() -> None:
+    """The folder's hash covers the DAG, task, run id and map index (the run key), never the try."""
+    from airflow_provider_stopchurn.export import export_folder_name
+
+    run_id = "scheduled__2026-12-07T00:00:00+00:00"
+    key = f"onboarding.export run {run_id} map -1"
+    folder = export_folder_name(run_id, key=key)
+    assert folder.startswith("20261207T000000Z-scheduled-")
+    assert export_folder_name(run_id, key=key) == folder  # every try
+    others = {
+        export_folder_name(run_id, key=f"other_dag.export run {run_id} map -1"),
+        export_folder_name(run_id, key=f"onboarding.export run {run_id} map 1"),
+    }
+    assert folder not in others and len(others) == 2
+    assert export_folder_name("my custom run").startswith("my-custom-run-")  # a run id without a time
