@@ -696,9 +696,10 @@ def run_events(
     :param sender: posts event bodies (a ``StopChurnClient``); may be None only for a dry run.
     :param stream: the stream's name, for the summary and messages.
     :param now_ms: the run's clock (epoch ms), read once: rows dated after it are held and the watermark stays
-        ``FUTURE_MARGIN`` below it. Default: the system clock.
+        ``FUTURE_MARGIN`` below it. Default: the system clock when the run has the stream's lock (after any wait).
     """
     started = time.monotonic()
+    clock_given = now_ms is not None
     if now_ms is None:
         now_ms = time.time_ns() // 1_000_000
     summary = EventSummary(options.brand_id, stream or store.table_name, dry_run=options.dry_run)
@@ -717,6 +718,11 @@ def run_events(
             recording.holding(lock),
         ):
             run.lock = lock
+            if not clock_given:
+                # read again once the lock is held: a run that waited (lock_wait_s) would otherwise judge a
+                # watermark another run committed meanwhile by a clock minutes old, find it "after the clock", read
+                # from there and send again the events of that span the ledger no longer knows
+                run.now_ms = time.time_ns() // 1_000_000
             fenced = fence_sender(sender, lock.fence)  # every attempt, retries included
             run.sender, run.request_s = _ToEventRoute(fenced), float(getattr(fenced, "request_s", 0.0))
             committed = store.read_committed()

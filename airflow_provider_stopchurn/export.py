@@ -197,21 +197,24 @@ class ExportSummary:
 def output_folder(root: Any, options: ExportOptions) -> Any:
     """``<root>/<brand_id>/<table_name>/<export_folder_name(run id)>`` (a ``pathlib.Path`` or an
     ObjectStoragePath / UPath)."""
-    return root / str(int(options.brand_id)) / safe_name(options.table_name) / export_folder_name(options.run_id)
+    name = export_folder_name(options.run_id, key=options.run_key)
+    return root / str(int(options.brand_id)) / safe_name(options.table_name) / name
 
 
 _UNSAFE_IN_FOLDER = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def export_folder_name(run_id: str) -> str:
+def export_folder_name(run_id: str, key: str | None = None) -> str:
     """The run's export folder: a name a person can type, the same for every try of one DAG run.
 
     An Airflow run id ``<kind>__<ISO time>`` gives ``<UTC time>-<kind>-<hash>`` (``20261207T005212Z-manual-3f9a1c``);
     any other run id its letters, digits, ``_`` and ``.`` (the rest as ``-``, cut to 40 characters), then the hash.
-    The hash (6 hex digits of the run id's SHA-256) keeps two runs apart whose names would otherwise meet (two
-    triggers in one second). The folder depends on the run id alone, so a retry rewrites its own folder.
+    The hash (6 hex digits of the SHA-256 of ``key``, the task run's ``run_key``: DAG, task, run id and map index;
+    of the run id when None) keeps two runs apart whose names would otherwise meet: two triggers in one second, or
+    two DAGs on one schedule (their run ids are the same). The folder depends on the task run alone, so a retry
+    rewrites its own folder.
     """
-    digest = hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:6]
+    digest = hashlib.sha256((run_id if key is None else key).encode("utf-8")).hexdigest()[:6]
     kind, sep, stamp = run_id.rpartition("__")
     if sep:
         try:
@@ -271,7 +274,7 @@ def run_export(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stopchurn-snapshot") as pool:
             snapshot = pool.submit(store.write_snapshot, snapshot_frame)
             try:
-                files = _write_files(exported, plan.kinds, folder, options, run_ms)
+                files = _write_files(exported, plan.kinds, folder, options, run_ms, lock.fence)
             except BaseException:
                 with contextlib.suppress(Exception):
                     store.delete_snapshot(snapshot.result())  # written for nothing: no pointer names it
@@ -302,7 +305,7 @@ def run_export(
         summary.file_list = files
         summary.snapshot_version = version
         summary.manifest_uri = manifest_uri
-        _write_manifest(folder, summary, options)
+        _write_manifest(folder, summary, options, lock.fence)
     if summary.kept_rows:
         log.warning(
             "%d rows of the replaced snapshot of %r are not in this export; they stay in the snapshot, so the next "
@@ -538,9 +541,20 @@ def _close_into(files: list[dict[str, Any]], part: _Part) -> None:
 
 
 def _write_files(
-    target: pl.DataFrame, kinds: Mapping[str, str], folder: Any, options: ExportOptions, run_ms: int
+    target: pl.DataFrame,
+    kinds: Mapping[str, str],
+    folder: Any,
+    options: ExportOptions,
+    run_ms: int,
+    fence: Callable[[], None],
 ) -> list[dict[str, Any]]:
-    """Encode ``target`` a batch at a time and fill files up to ``max_file_bytes``; return what each file holds."""
+    """Encode ``target`` a batch at a time and fill files up to ``max_file_bytes``; return what each file holds.
+
+    :param fence: raises unless this run still holds the table's lease; called before the folder is cleared and
+        before each batch is written. Every try of a DAG run writes the same folder: a try that was paused past its
+        lease (a zombie) must not remove or rewrite the files and manifest of the try that took the table over.
+    """
+    fence()
     _prepare(folder)
     columns = data_columns(target)
     pieces = row_pieces(
@@ -574,6 +588,7 @@ def _write_files(
                 start = end
             if offset + _BATCH_ROWS >= target.height and parts and parts[-1].rows:
                 jobs.append(functools.partial(_close_into, writer.files, parts[-1]))
+            fence()
             writer.submit(jobs)
         return writer.finish()
     except BaseException:
@@ -637,7 +652,8 @@ def _prepare(folder: Any) -> None:
             raise
 
 
-def _write_manifest(folder: Any, summary: ExportSummary, options: ExportOptions) -> None:
+def _write_manifest(folder: Any, summary: ExportSummary, options: ExportOptions, fence: Callable[[], None]) -> None:
+    fence()  # a try that lost its lease after its commit leaves the folder to the try that took the table over
     manifest = {
         "format": MANIFEST_FORMAT,
         "brand_id": options.brand_id,

@@ -280,7 +280,7 @@ class StopChurnUpdateOperator(BaseOperator):
             guard = CommitGuard.for_task(store, options.brand_id, options.table_name, context)
             with _refusal_recorded(store, options, "sync"):
                 guard.check(
-                    accept_missing_snapshot=_as_bool(self.accept_missing_snapshot),
+                    accept_missing_snapshot=_as_bool(self.accept_missing_snapshot, "accept_missing_snapshot"),
                     move_store_from=self._moved_from(options),
                     dry_run=options.dry_run,
                 )
@@ -326,7 +326,7 @@ class StopChurnUpdateOperator(BaseOperator):
             table_name=str(self.table_name),
             key_columns=tuple(self.primary_key),
             dry_run=self.sync_dry_run,
-            allow_large_changes=_as_bool(self.allow_large_changes),
+            allow_large_changes=_as_bool(self.allow_large_changes, "allow_large_changes"),
             holder=holder,
             run_key=run_key,
             run_info=run_info(self, context),
@@ -633,9 +633,27 @@ def _accepts_context(func: Callable[..., Any]) -> bool:
     return "context" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _as_bool(value: Any) -> bool:
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+#: what a false or unset param renders as ("{{ params.x }}" of None renders "None")
+_FALSE_WORDS = frozenset({"", "0", "false", "no", "off", "none"})
+
+
+def _as_bool(value: Any, name: str = "value") -> bool:
+    """An approval argument (``replace_snapshot``, ``allow_large_changes``...), often a rendered template.
+
+    Raises ``StopChurnConfigError`` (permanent: a retry renders it the same) for text that is neither true nor
+    false, so a typo never reads as a silent "no", nor ever as a "yes".
+    """
     if isinstance(value, str):
-        return value.strip().lower() in {"1", "true", "yes", "on"}
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+        raise StopChurnConfigError(
+            f"{name} must be true or false, got {value[:40]!r}.\nNothing was read or written. Accepted: "
+            "true/false, 1/0, yes/no, on/off (a template such as a DAG param's must render one of them)."
+        )
     return bool(value)
 
 
@@ -1110,7 +1128,7 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
                 created_at_column=self.created_at_column,
                 updated_at_column=self.updated_at_column,
                 max_file_bytes=self.max_file_bytes,
-                replace_snapshot=_as_bool(self.replace_snapshot),
+                replace_snapshot=_as_bool(self.replace_snapshot, "replace_snapshot"),
                 nest_dotted_columns=self.nest_dotted_columns,
                 decimal_as_string=self.decimal_as_string,
                 json_columns=self.json_columns,
