@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_provider_stopchurn import __version__
 from airflow_provider_stopchurn.operators.stopchurn import (
     StopChurnEventOperator,
     StopChurnHistoricalExportOperator,
@@ -98,3 +99,13 @@ def test_the_readmes_links_into_the_repository_resolve() -> None:
     assert any(t.startswith("docs/") for t in targets)  # the README links into the documentation
     missing = [t for t in targets if not (ROOT / t).exists()]
     assert not missing, f"README links to files that do not exist: {missing}"
+
+
+def test_the_install_page_installs_this_versions_wheel() -> None:
+    """docs/install.md repeats the README's install lines and Dockerfile (tests/test_dist.py checks the README's):
+    both name the wheel `make dist` builds for this version."""
+    wheel = f"airflow_provider_stopchurn-{__version__}-py3-none-any.whl"
+    text = (ROOT / "docs" / "install.md").read_text()
+    assert f"WHEEL=dist/{wheel}" in text
+    assert f"COPY --chown=airflow:root dist/{wheel} /tmp/" in text
+    assert f'"/tmp/{wheel}[postgres]"' in text
