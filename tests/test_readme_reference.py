@@ -38,7 +38,7 @@ def _arguments(operator: type) -> list[str]:
 
 
 @pytest.mark.parametrize("operator", OPERATORS, ids=lambda op: op.__name__)
-def test_every_operator_argument_is_in_the_readme(operator: type) -> None:
+def test_every_operator_argument_is_in_its_reference_page(operator: type) -> None:
     text = REFERENCE[operator].read_text()
     missing = [name for name in _arguments(operator) if f"`{name}`" not in text]
     assert not missing, f"{operator.__name__} arguments the README does not name: {missing}"
