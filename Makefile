@@ -8,7 +8,7 @@ LOCK := requirements-dev.lock
 # PYTHONDONTWRITEBYTECODE may be set: compile bytecode at install time so `import airflow` stays fast.
 UV_FLAGS := --compile-bytecode --quiet
 
-.PHONY: venv venv-mysql dist test test-deploy test-matrix test-matrix-oldest lint typecheck check demo bench bench-events-export bench-large bench-pushdown soak lock lock-matrix clean
+.PHONY: venv venv-mysql dist docs test test-deploy test-matrix test-matrix-oldest lint typecheck check demo bench bench-events-export bench-large bench-pushdown soak lock lock-matrix clean
 
 # The venv is made by the standard library, then uv (pinned in the lock, so syncing keeps it) installs the
 # locked set into it in seconds (plain pip takes over a minute). Nothing is installed outside .venv.
@@ -72,6 +72,11 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 check: lint typecheck test
+
+# The documentation site from docs/ (mkdocs.yml) into site/; --strict fails on any warning (a broken link or
+# anchor, a page outside the nav, a docstring mkdocstrings cannot read).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 demo: $(STAMP)
 	$(PY) demo/run_demo.py
@@ -148,4 +153,4 @@ lock-matrix: $(STAMP)
 	@rm -rf airflow_provider_stopchurn.egg-info
 
 clean:
-	rm -rf $(VENV) .venv-airflow-* .airflow .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-airflow-* .airflow .demo .pytest_cache .mypy_cache .ruff_cache site

@@ -130,7 +130,7 @@ def test_every_input_kind_gives_the_pandas_canonical_frame(kind: str, decimal_as
 
 
 def test_the_shared_table_sends_what_the_readme_promises() -> None:
-    """An independent oracle for the table above (README: Values), so that pandas and Arrow cannot agree on a
+    """An independent oracle for the table above (docs/values.md: Values), so that pandas and Arrow cannot agree on a
     wrong value."""
     canon = canonicalize_source(arrow_table(), key_columns=["id"])
     rows = [json.loads(text, parse_float=Decimal) for text in encode_rows(canon.frame, canon.kinds).to_list()]

@@ -493,7 +493,11 @@ def test_no_message_or_doc_advises_deleting_the_snapshot_folder() -> None:
         r"\s+to\s+start"
     )
     project = Path(__file__).resolve().parents[1]
-    files = [*sorted((project / "airflow_provider_stopchurn").rglob("*.py")), project / "README.md"]
+    files = [
+        *sorted((project / "airflow_provider_stopchurn").rglob("*.py")),
+        project / "README.md",
+        *sorted((project / "docs").glob("*.md")),
+    ]
     found = [
         f"{path.relative_to(project)}: {match.group(0)!r}"
         for path in files

@@ -62,7 +62,7 @@ def _row(rng: random.Random, key: int) -> dict[str, Any]:
 
 
 def _expected_json(row: dict[str, Any]) -> dict[str, Any]:
-    """The row as StopChurn must receive it (README: Values)."""
+    """The row as StopChurn must receive it (docs/values.md: Values)."""
     out = dict(row)
     out["score"] = None if row["score"] is None else float(row["score"])  # quarters: exact in binary
     out["seen_at"] = None if row["seen_at"] is None else int(row["seen_at"].replace(tzinfo=dt.UTC).timestamp() * 1000)

@@ -37,7 +37,7 @@ START = pendulum.datetime(2025, 1, 1, tz="UTC")
 # execution API (5-7 s a run): there the first load and one run of changes are enough.
 RUNS = 4 if airflow_version() >= (3, 3) else 2
 
-#: Keys of the summary every run returns (README: "Each run returns a summary").
+#: Keys of the summary every run returns (docs/update-operator.md: "What a run reports").
 SUMMARY_KEYS = {
     "table_name",
     "brand_id",

@@ -4,8 +4,8 @@ pyarrow Table, RecordBatchReader or batch iterator, given directly or returned b
 After each run StopChurn's table must hold the rows (the JSON written out here, not computed by the provider), and
 a second run of the same data must send nothing. (An upstream task cannot hand these over through Airflow 3.3's
 default XCom backend, which serializes pandas DataFrames but neither polars nor Arrow objects: the task fails
-when it pushes its return value. The README says so; an XCom backend that carries them works unchanged, as the
-operator takes whatever the XCom resolves to.)
+when it pushes its return value. The operator reference says so (docs/update-operator.md); an XCom backend that
+carries them works unchanged, as the operator takes whatever the XCom resolves to.)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ ROWS = [
     {"id": 2, "name": None, "score": None, "tags": [], "big": None},
     {"id": 3, "name": "Chloé", "score": 3.0, "tags": None, "big": -7},
 ]
-#: What StopChurn must hold (README: Values): an integral float as an integer, bigints exact.
+#: What StopChurn must hold (docs/values.md: Values): an integral float as an integer, bigints exact.
 EXPECTED = [
     {"id": 1, "name": "Ana", "score": 1.5, "tags": ["a"], "big": 2**53 + 1},
     {"id": 2, "name": None, "score": None, "tags": [], "big": None},

@@ -180,7 +180,7 @@ EXACT_CASES = [
     Case("timetz-utc", "timetz", "'07:05:00+00'", "07:05:00+00:00"),
     Case("timetz-negative-offset", "timetz", "'23:59:59.000001-09:30'", "23:59:59.000001-09:30"),
     Case("timestamp-year-1", "timestamp", "'0001-01-01 00:00:00'", -62135596800000),
-    # multidimensional arrays arrive flattened (ADBC reads no dimensions): documented in the README
+    # multidimensional arrays arrive flattened (ADBC reads no dimensions): documented in docs/values.md
     Case("int-2d-array-flattened", "int[][]", "'{{1,2},{3,4}}'", [1, 2, 3, 4]),
 ]
 

@@ -1,5 +1,5 @@
-"""The scope of every summary count (README: What a run reports): a DAG run's tries add up to the DAG run, and
-what a run settles of another run's plan is counted apart, never as its own.
+"""The scope of every summary count (docs/update-operator.md: What a run reports): a DAG run's tries add up to the
+DAG run, and what a run settles of another run's plan is counted apart, never as its own.
 
 Through ``run_sync`` with a ``run_key`` (a DAG run and task, as the operator passes it) against the sandbox.
 A killed run is a real stop: the store refuses every write from the moment the sender dies, so its plan is left

@@ -884,7 +884,7 @@ def test_connection_form_shows_the_stopchurn_fields(admin: Any, api_server: ApiS
     dialog = page.get_by_role("dialog")
     assert dialog.get_by_label("API base URL").get_attribute("placeholder") == "https://marketplace.stopchurn.com"
     assert dialog.get_by_label("API key").get_attribute("type") == "password"
-    # the port stays on the form (Airflow 3.3.2's Test button needs a stored one: README, "The StopChurn connection")
+    # the port stays on the form (Airflow 3.3.2's Test button needs a stored one: docs/connection.md)
     assert dialog.get_by_text(PORT_LABEL, exact=True).is_visible()
     for hidden in ("Login", "Schema"):
         assert dialog.get_by_label(hidden, exact=True).count() == 0, hidden
@@ -1010,7 +1010,7 @@ def test_test_button_reports_success_and_a_wrong_key(admin: Any, api_server: Api
 def test_test_button_of_a_connection_saved_by_the_form_with_port_443(
     admin: Any, api_server: ApiServer, syncs: Syncs, saved_by_the_form_with_port_443: str
 ) -> None:
-    # What the README promises: saved with the port the form asks for, Test runs the hook against the sandbox.
+    # What docs/connection.md promises: saved with the port the form asks for, Test runs the hook against the sandbox.
     click = click_test(admin, api_server, saved_by_the_form_with_port_443, "connection-test-saved-by-the-form")
     assert click.sent["port"] == 443, click.sent
     assert click.toast.startswith("Test Connection Successful"), click
@@ -1020,7 +1020,7 @@ def test_test_button_of_a_connection_saved_by_the_form_with_port_443(
 
 # Only the port-0 answer counts as the expected failure (raises=): a form that cannot be filled in, a connection
 # not stored as typed, or any other answer of Test fails the test. When Airflow is fixed, the strict xfail fails
-# and this becomes a plain test (README, "Airflow 3.3.2 and Test").
+# and this becomes a plain test (docs/connection.md, "Airflow 3.3.2 and Test").
 @pytest.mark.xfail(strict=True, reason=PORT_ZERO_BUG, raises=TestSentPortZero)
 def test_test_button_of_a_connection_saved_by_the_form_without_a_port(
     admin: Any, api_server: ApiServer, saved_by_the_form: str
