@@ -752,7 +752,7 @@ def _settle_events(args: argparse.Namespace, out: TextIO, store: Any) -> None:
 
 def read_sql(conn_id: str, sql: str) -> Any:
     """A SQL query's result as the engine's source: Arrow batches, read as the operator reads them."""
-    from airflow_provider_stopchurn.operators.stopchurn import read_sql as read_connection
+    from airflow_provider_stopchurn.operators._source import read_sql as read_connection
 
     return read_connection(conn_id, sql)
 
@@ -814,7 +814,7 @@ def _rebaseline(args: argparse.Namespace, out: TextIO) -> None:
 
 def warehouse_of_connection(conn_id: str) -> Any:
     """The warehouse of an Airflow connection, built as the operator builds it for ``diff_location='warehouse'``."""
-    from airflow_provider_stopchurn.operators.stopchurn import warehouse_for_connection
+    from airflow_provider_stopchurn.operators._warehouse import warehouse_for_connection
 
     return warehouse_for_connection(conn_id)
 

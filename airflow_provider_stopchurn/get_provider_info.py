@@ -29,7 +29,12 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "StopChurn",
-                "python-modules": ["airflow_provider_stopchurn.operators.stopchurn"],
+                # one module per operator; operators.stopchurn re-exports the three for DAGs that import it
+                "python-modules": [
+                    "airflow_provider_stopchurn.operators.update",
+                    "airflow_provider_stopchurn.operators.events",
+                    "airflow_provider_stopchurn.operators.export",
+                ],
             }
         ],
         # `airflow stopchurn ...`: Airflow 3.2+ calls these functions for the provider's CLI command groups

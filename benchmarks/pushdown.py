@@ -422,7 +422,7 @@ def child_main(args: argparse.Namespace) -> int:
         return join_child_main(args)
     engine, mode = args.engine, args.mode
     # imported before the start, as in a worker that runs the operator
-    from airflow_provider_stopchurn.operators import stopchurn as operator_module
+    from airflow_provider_stopchurn.operators import _source as operator_module
     from airflow_provider_stopchurn.pushdown import DuckDBWarehouse, PostgresWarehouse, WarehouseSource
     from airflow_provider_stopchurn.pushdown import run_warehouse_sync as warehouse_sync
 

@@ -865,7 +865,7 @@ def sql_child_main(args: argparse.Namespace) -> int:
     uri = postgres_uri(
         host=conn["host"], port=conn["port"], login=conn["login"], password=None, database=conn["schema"]
     )
-    from airflow_provider_stopchurn.operators import stopchurn as operator_module
+    from airflow_provider_stopchurn.operators import _source as operator_module
 
     phases = Phases()
     run: Callable[[], Any]

@@ -44,7 +44,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from airflow_provider_stopchurn.events import EVENTS_FOLDER, event_store
-from airflow_provider_stopchurn.operators.stopchurn import snapshot_root
+from airflow_provider_stopchurn.operators._common import snapshot_root
 from airflow_provider_stopchurn.plugins.page import (
     CHART_RUNS,
     MIN_REFRESH_S,
