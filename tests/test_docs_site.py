@@ -68,19 +68,11 @@ def test_the_site_builds_with_warnings_as_errors(site: Path) -> None:
     assert 'class="mermaid"' in design  # the data-flow diagram is rendered by mermaid, not shown as code
 
 
-# StopChurnEventOperator's docstring has no `:param name_column:` nor `:param value_columns:` (it names them inside
-# the entries of `name` and `value_column`), so its generated parameter table lacks both: strict, so that the marker
-# goes once the docstring names them
-_EVENT_PARAMS_UNDOCUMENTED = pytest.mark.xfail(
-    strict=True, reason="the event operator's docstring has no :param: for name_column and value_columns"
-)
-
-
 @pytest.mark.parametrize(
     "operator",
     [
         StopChurnUpdateOperator,
-        pytest.param(StopChurnEventOperator, marks=_EVENT_PARAMS_UNDOCUMENTED),
+        StopChurnEventOperator,
         StopChurnHistoricalExportOperator,
     ],
     ids=lambda op: op.__name__,

@@ -40,9 +40,12 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
     event exactly once.
 
     :param user_id_column: column of each event's user id (sent as a string; integers become their digits).
-    :param name: every event's name (templated); or ``name_column``, the column of each event's name.
-    :param value_column: column sent as the event's ``value`` (left out when null); or ``value_columns``, columns
-        sent as one object ``{"<column>": <value>}`` (``a.b`` columns nest). Neither: no value.
+    :param name: every event's name (templated). Exactly one of ``name`` and ``name_column``.
+    :param name_column: the column of each event's name, instead of one ``name`` for all.
+    :param value_column: column sent as the event's ``value`` (left out when null). At most one of
+        ``value_column`` and ``value_columns``; neither: no value.
+    :param value_columns: columns sent as one object ``{"<column>": <value>}`` as the event's ``value`` (``a.b``
+        columns nest).
     :param event_key: columns that make an event unique; default: every column of the source.
     :param watermark_column: column of datetimes, dates or epoch ms to read incrementally by. A SQL source then
         gets the named query parameters ``since`` (a UTC datetime) and ``since_ms`` (epoch ms): the last delivered
