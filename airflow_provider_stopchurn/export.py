@@ -325,7 +325,7 @@ def _check_replace(store: SnapshotStore, committed: Any, pending: Plan | None, o
             f"The snapshot store {store.location} holds an unfinished plan of the warehouse diff "
             f"(diff_location='warehouse') of brand {options.brand_id} table {options.table_name!r}; only a "
             "warehouse run can settle it. Nothing was written. Let the update operator with diff_location='warehouse' "
-            "run once, or run `stopchurn reconcile --reset` (README: Diff in the warehouse), then export again."
+            "run once, or run `stopchurn reconcile --reset` (docs: the diff in the warehouse), then export again."
         )
     if pending is not None and (
         pending.meta.get("brand_id") != options.brand_id or pending.meta.get("table_name") != options.table_name

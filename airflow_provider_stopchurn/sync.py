@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 class SyncSummary:
     """What the run delivered; ``as_dict()`` is what the operator returns (and Airflow puts in XCom).
 
-    The scope of each count (the README's table "What a run reports" says the same):
+    The scope of each count (the documentation's table "What a run reports", docs/update-operator.md, says the same):
 
     - ``inserted`` / ``updated`` / ``deleted``: updates StopChurn acknowledged for this DAG run (``run_key``): in
       this try, in plans of its earlier tries settled now, and (read from the run record kept with the snapshot)

@@ -1,6 +1,6 @@
 """Every Airflow name the provider uses, imported where the running Airflow release keeps it.
 
-The provider supports Airflow 3.1 to 3.3 (README: "Supported Airflow versions"). The task SDK (``airflow.sdk``)
+The provider supports Airflow 3.1 to 3.3 (docs: "Supported Airflow versions"). The task SDK (``airflow.sdk``)
 gained names release by release; where an older release lacks one, it comes from where that release keeps it:
 
 =====================================================  =============================  ========================

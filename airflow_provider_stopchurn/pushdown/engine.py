@@ -198,7 +198,7 @@ def _current(store: SnapshotStore) -> dict[str, Any] | None:
             f"The snapshot of brand {store.brand_id} table {store.table_name!r} in {store.location} was made by the "
             "worker diff (diff_location='worker'); it cannot be continued in the warehouse.\n"
             "To switch, record the table once in the warehouse without sending: run `stopchurn reconcile --reset` "
-            "(README: Diff in the warehouse), then one run with initial_load='baseline'."
+            "(docs: the diff in the warehouse), then one run with initial_load='baseline'."
         )
     return current
 
@@ -251,7 +251,7 @@ def check_state(
         problem += f"{meta.plan_id}); the snapshot store ({store.location}) committed {token}."
     raise StateDriftError(
         f"{problem} Nothing was read or sent.\n"
-        "Repair it with `stopchurn reconcile` (README: Diff in the warehouse): --adopt-state when the state table "
+        "Repair it with `stopchurn reconcile` (docs: the diff in the warehouse): --adopt-state when the state table "
         "is right (it holds what StopChurn was sent), or --reset to drop both and start again with a run using "
         "initial_load='baseline' (records the source as delivered without sending) or a full first load."
     )

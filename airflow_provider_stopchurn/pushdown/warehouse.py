@@ -289,7 +289,7 @@ class DbApiWarehouse(_CursorWarehouse):
     """Any other DB-API connection (Snowflake, Trino, Databricks SQL, BigQuery's DB-API, ...): rows are fetched
     ``fetchmany`` at a time into Arrow as on the local path; a load inserts with ``executemany``.
 
-    Same code path as the tested warehouses, not tested in this project's CI (README: "Diff in the warehouse").
+    Same code path as the tested warehouses, not tested in this project's CI (docs: "the diff in the warehouse").
     """
 
     def __init__(self, connect: Callable[[], Any], dialect: str, *, paramstyle: str = "format") -> None:

@@ -283,7 +283,7 @@ class SnapshotStore:
                 f"Brand {self.brand_id} table {self.table_name!r} is diffed in the warehouse (its state table is "
                 f"{pointer['state'].get('state_table')}); the worker diff cannot continue it. Keep "
                 "diff_location='warehouse', or run `stopchurn reconcile --reset` and start again with "
-                "initial_load='baseline' (README: Diff in the warehouse)."
+                "initial_load='baseline' (docs: the diff in the warehouse)."
             )
         committed = Committed(
             self,
