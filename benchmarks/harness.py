@@ -87,7 +87,7 @@ class Sandbox:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# scenarios
+# the engine options every scenario starts from
 # ---------------------------------------------------------------------------------------------------------------
 def options(chunk_size: int, concurrency: int) -> SyncOptions:
     return SyncOptions(
@@ -247,7 +247,7 @@ def check_counts(what: str, got: Any, want: Churn) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# child process: peak RSS of one engine run
+# peak RSS of one engine run (child processes) and its steps
 # ---------------------------------------------------------------------------------------------------------------
 def vm_hwm_bytes() -> int | None:
     with contextlib.suppress(OSError), open("/proc/self/status") as fh:

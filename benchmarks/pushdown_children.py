@@ -353,6 +353,9 @@ def state_copy(dialect: str, save: bool) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the Spark child process (baseline, churn run and second run in one session)
+# ---------------------------------------------------------------------------------------------------------------
 def spark_session_module() -> Any:
     """``tests/spark_session.py``: the test suite's Spark settings (one place for them)."""
     tests_dir = str(HERE.parent / "tests")

@@ -14,7 +14,7 @@ def has_engine(rep: dict[str, Any], engine: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# report
+# numbers the report and the findings share
 # ---------------------------------------------------------------------------------------------------------------
 def mb_text(nbytes: float) -> str:
     return f"{nbytes / MB:.2f} MB" if nbytes < 10 * MB else fmt_bytes(nbytes)

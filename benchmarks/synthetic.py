@@ -114,7 +114,7 @@ def make_data(n: int) -> tuple[pd.DataFrame, pd.DataFrame, Churn]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# SQL source: a real PostgreSQL, started as the tests start theirs (tests/pg_server.py)
+# SQL source: the table loaded into PostgreSQL (started by harness.pg_server_module) and its churn
 # ---------------------------------------------------------------------------------------------------------------
 SQL_TABLE = "bench"
 SQL_EXTRA = "bench_extra"  # the rows the churn inserts, loaded with the table (COPY), copied in with SQL
