@@ -299,7 +299,7 @@ def pushdown_phases() -> Phases:
         lambda frame: int(frame.estimated_size()),
     )
     phases.wrap(SnapshotStore, "write_plan", "write the plan (snapshot store)")
-    phases.wrap(engine, "deliver_and_settle", "encode updates + send, acknowledged chunks recorded (deliver_and_settle)")
+    phases.wrap(engine, "deliver_and_settle", "encode updates + send, acknowledgements recorded (deliver_and_settle)")
     phases.wrap(engine, "settle_state", "settle: stage the acknowledged rows, apply them to the state table, commit")
     phases.wrap(engine, "_baseline", "baseline: every row read, encoded in the worker, written to the state table")
     return phases
