@@ -31,7 +31,6 @@ def _run_text(run: Mapping[str, Any]) -> str:
     return text
 
 
-# --- commands ------------------------------------------------------------------------------------------------
 def _status(args: argparse.Namespace, out: TextIO) -> None:
     from airflow_provider_stopchurn import operate
 
