@@ -4,4 +4,5 @@ import sys
 
 from airflow_provider_stopchurn.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing this module (a package walk) runs nothing
+    sys.exit(main())
