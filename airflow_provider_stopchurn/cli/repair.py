@@ -1,0 +1,224 @@
+"""The commands that repair a store: ``unlock``, ``settle`` (a table or an event stream), ``rebaseline``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, TextIO
+
+from airflow_provider_stopchurn.cli._common import (
+    Aborted,
+    CommandError,
+    UsageError,
+    _confirm,
+    _emit_json,
+    _lock_text,
+    _store,
+    store_root,
+)
+from airflow_provider_stopchurn.cli.airflow_connections import read_sql
+
+
+def _unlock(args: argparse.Namespace, out: TextIO) -> None:
+    from airflow_provider_stopchurn import operate
+
+    store = _store(args)
+    lock = operate.lock_info(store.read_lock(), present=store.backend.exists("LOCK"))
+    if lock is None:
+        if args.json:
+            _emit_json(out, {"unlocked": False, "lock": None})
+        else:
+            out.write(f"{store.brand_id}/{store.table_name} is not locked.\n")
+        return
+    live = lock["state"] == "alive" or bool(lock.get("heartbeat_fresh"))
+    if lock["state"] == "alive" and not args.force:
+        raise Aborted(
+            f"refused: the lock holder {lock['holder']!r} (pid {lock['pid']}) is still running on this host; "
+            "stop it first, or pass --force"
+        )
+    if live and not args.force:
+        raise Aborted(operate.live_lock_refusal(store, lock))
+    preview = f"Lock of {store.brand_id}/{store.table_name}: {_lock_text(lock)}"
+    if live:
+        preview += "\n" + operate.force_unlock_warning(lock)
+        if args.yes:  # _confirm prints nothing then: the warning must still be said
+            sys.stderr.write(preview + "\n")
+    _confirm(args, preview, "Break this lock?")
+    unlocked = operate.unlock(store, token=lock["token"], force=args.force)
+    if args.json:
+        _emit_json(out, {"unlocked": unlocked, "lock": lock})
+    elif unlocked:
+        out.write(f"Broke the lock of {store.brand_id}/{store.table_name} held by {lock['holder']!r}.\n")
+    else:
+        raise Aborted("the lock changed meanwhile (released, or taken by another run); nothing was removed")
+
+
+def _refuse_warehouse_table(store: Any, command: str, repair: str) -> None:
+    """``settle`` and ``rebaseline`` work on the worker diff's snapshot. A table diffed in the warehouse
+    (``diff_location='warehouse'``) keeps its rows in the warehouse's state table: its pending plan is settled by
+    its next run (a settle here would drop it unsettled), and ``stopchurn reconcile`` repairs it."""
+    current = store.read_current() or {}
+    plan = store.pending_plan(cleanup=False)
+    if (current.get("state") or {}).get("diff_location") == "warehouse" or (
+        plan is not None and plan.meta.get("diff_location") == "warehouse"
+    ):
+        raise CommandError(
+            f"brand {store.brand_id} table {store.table_name!r} is diffed in the warehouse "
+            f"(diff_location='warehouse'): `stopchurn {command}` does not apply to it; {repair}"
+        )
+
+
+def _settle(args: argparse.Namespace, out: TextIO) -> None:
+    from airflow_provider_stopchurn import events, operate
+
+    if (args.table is None) == (args.stream is None):
+        raise UsageError("give exactly one of --table T or --stream S (an event stream)")
+    store = _settle_store(args)
+    pending = store.pending_plan(cleanup=False)
+    if args.stream is not None or (pending is not None and events.is_event_plan(pending.meta)):
+        _settle_events(args, out, store)
+        return
+    _refuse_warehouse_table(store, "settle", "its next run settles the pending plan into the state table")
+    plan = operate.preview_settle(store)
+    if plan is None:
+        if args.json:
+            _emit_json(out, {"settled": False, "plan_id": None})
+        else:
+            out.write(f"No pending plan for {store.brand_id}/{store.table_name}: nothing to settle.\n")
+        return
+    _confirm(
+        args,
+        f"Pending plan {plan['plan_id']} of {store.brand_id}/{store.table_name}: {plan['acknowledged_chunks']} of "
+        f"{plan['total_chunks']} chunks acknowledged. Settling commits those and drops the rest (the next run "
+        "sends their rows again).",
+        "Settle it?",
+    )
+    result = operate.settle_pending(store, holder=operate.operator_name("settle"))
+    if args.json:
+        _emit_json(out, result)
+        return
+    if not result["settled"]:
+        out.write("The plan was finished meanwhile: nothing to settle.\n")
+        return
+    out.write(
+        f"Settled plan {result['plan_id']}: {result['acknowledged_chunks']} of {result['total_chunks']} chunks "
+        f"acknowledged ({result['inserted']} inserted, {result['updated']} updated, {result['deleted']} deleted, "
+        f"{result['rejected']} rejected); the next run sends the rows of the other "
+        f"{result['unacknowledged_chunks']} again. "
+        + (
+            f"Committed version {result['version']} ({result['rows']} rows).\n"
+            if result["committed"]
+            else "Nothing was acknowledged: the committed snapshot stays as it was.\n"
+        )
+    )
+
+
+def _settle_store(args: argparse.Namespace) -> Any:
+    """The store ``settle`` works on: a table's, or with ``--stream`` an event stream's under ``URI/events``."""
+    if args.stream is None:
+        return _store(args)
+    from airflow_provider_stopchurn.events import event_store
+
+    if not args.stream.strip():
+        raise UsageError("--stream is empty")
+    store = event_store(store_root(args.uri, args.conn_id), args.brand, args.stream)
+    if not store.backend.exists(""):
+        raise CommandError(
+            f"no event ledger for brand {args.brand} stream {args.stream!r} at {store.location} "
+            "(URI is the event operator's state_uri; check URI, --brand, --stream and --conn-id)"
+        )
+    return store
+
+
+def _settle_events(args: argparse.Namespace, out: TextIO, store: Any) -> None:
+    """``settle`` of an event plan: the acknowledged events join the ledger, the next run reads the rest again."""
+    from airflow_provider_stopchurn import events, operate
+
+    plan = operate.preview_settle(store)
+    if plan is None:
+        if args.json:
+            _emit_json(out, {"settled": False, "plan_id": None})
+        else:
+            out.write(f"No pending event plan for {store.brand_id}/{store.table_name}: nothing to settle.\n")
+        return
+    _confirm(
+        args,
+        f"Pending event plan {plan['plan_id']} of {store.brand_id}/{store.table_name}: {plan['acknowledged_chunks']} "
+        f"of {plan['total_chunks']} chunks acknowledged. Settling records those events as delivered and drops the "
+        "rest (the next run reads the same window and sends them).",
+        "Settle it?",
+    )
+    result = events.settle_pending_event_plan(store, holder=operate.operator_name("settle"))
+    if args.json:
+        _emit_json(out, {"settled": result is not None, **(dataclasses.asdict(result) if result else {})})
+        return
+    if result is None:
+        out.write("The plan was finished meanwhile: nothing to settle.\n")
+        return
+    out.write(
+        f"Settled event plan {result.plan_id}: {result.acknowledged_chunks} of {result.total_chunks} chunks "
+        f"acknowledged ({result.recorded_events} events recorded in the ledger, never sent again); the next run "
+        f"reads the same window and sends the other {result.unacknowledged_events} events the source still "
+        "returns. "
+        + (
+            f"Committed the ledger ({result.ledger_keys} keys).\n"
+            if result.committed
+            else "Nothing was acknowledged: the ledger stays as it was.\n"
+        )
+    )
+
+
+def _rebaseline_source(args: argparse.Namespace) -> tuple[Any, str]:
+    if (args.parquet is None) == (args.sql is None):
+        raise UsageError("give exactly one of --parquet FILE or --sql QUERY")
+    if args.sql is not None:
+        if not args.sql_conn_id:
+            raise UsageError("--sql needs --sql-conn-id")
+        return read_sql(args.sql_conn_id, args.sql), f"SQL on {args.sql_conn_id!r}"
+    if args.sql_conn_id:
+        raise UsageError("--sql-conn-id goes with --sql")
+    import pandas as pd
+
+    return pd.read_parquet(args.parquet), str(args.parquet)
+
+
+def _rebaseline(args: argparse.Namespace, out: TextIO) -> None:
+    from airflow_provider_stopchurn import operate
+
+    store = _store(args, must_exist=False)
+    _refuse_warehouse_table(
+        store, "rebaseline", "use `stopchurn reconcile --reset`, then a run with initial_load='baseline'"
+    )
+    frame, origin = _rebaseline_source(args)
+    options = operate.rebaseline_options(
+        store,
+        args.key,
+        created_at_column=args.created_at_column,
+        decimal_as_string=args.decimal_as_string,
+        json_columns=args.json_column or (),
+        holder=operate.operator_name("rebaseline"),
+    )
+    canon = operate.canonical_source(frame, options)  # bad keys or values stop here, before any question
+    preview = operate.preview_rebaseline(store, canon)
+    change = preview["schema_change"]
+    lines = [
+        f"Rebaseline {store.brand_id}/{store.table_name} at {store.location} from {origin}: "
+        f"{preview['rows']} rows, key {preview['key_columns']}, nothing is sent.",
+        f"The committed snapshot ({preview['committed_rows']} rows) is replaced."
+        if preview["committed_rows"] is not None
+        else "No snapshot is committed yet.",
+    ]
+    if change:
+        lines.append(f"Columns differ from the committed snapshot: {change}")
+    if preview["pending_plan"] is not None:
+        lines.append("A pending plan is settled first, as a run would.")
+    _confirm(args, "\n".join(lines), "Record this source as what StopChurn holds?")
+    result = operate.rebaseline(store, canon, options)
+    if args.json:
+        _emit_json(out, {**result, "source": origin})
+        return
+    out.write(
+        f"Recorded {result['rows']} rows from {origin} as delivered to {store.brand_id}/{store.table_name}: "
+        f"version {result['version']}; nothing was sent.\n"
+    )
