@@ -30,13 +30,14 @@ from typing import Any, ClassVar
 import fsspec
 import pandas as pd
 from fsspec.implementations.memory import MemoryFileSystem
+from helpers_events import deposit_options
 from helpers_sync import make_client
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 from upath import UPath
 
-from airflow_provider_stopchurn.events import FUTURE_MARGIN, EventOptions, event_store, run_events
+from airflow_provider_stopchurn.events import FUTURE_MARGIN, event_store, run_events
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
@@ -218,15 +219,7 @@ class Events(RuleBasedStateMachine):
         self.opts["lookback"] = dt.timedelta(hours=hours)
 
     def _run(self) -> Any:
-        options = EventOptions(
-            brand_id=BRAND,
-            user_id_column="user_id",
-            name="DEPOSIT",
-            value_column="amount",
-            event_key=("deposit_id",),
-            watermark_column="created_ms",
-            **self.opts,
-        )
+        options = deposit_options(BRAND, watermark_column="created_ms", **self.opts)
         return run_events(self._frame(), self.store, self.route, options, stream=STREAM, now_ms=self.now)
 
     @rule()
