@@ -14,12 +14,11 @@ import dataclasses
 import json
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from throwaway_server import ScratchDir, ServerUnavailable, as_os_user, on_free_port, tail
+from throwaway_server import ScratchDir, ServerUnavailable, as_os_user, on_free_port, tail, wait_accepting
 
 OS_USER = "mysql"
 USER = "root"
@@ -143,21 +142,20 @@ class _ServerProcess(ScratchDir):
         self.process = None
 
 
-def _wait_ready(process: _ServerProcess, server: MysqlServer, seconds: float = 60) -> None:
+def _wait_ready(process: _ServerProcess, server: MysqlServer) -> None:
     import MySQLdb
 
-    deadline = time.monotonic() + seconds
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if process.process is not None and process.process.poll() is not None:
-            raise RuntimeError(f"mariadbd exited ({process.process.returncode}):\n{tail(process.logfile)}")
-        try:
-            server.connect(connect_timeout=2).close()
-            return
-        except MySQLdb.OperationalError as err:
-            last = err
-            time.sleep(0.2)
-    raise RuntimeError(f"MariaDB on port {server.port} never accepted connections: {last}\n{tail(process.logfile)}")
+    def exited() -> str | None:
+        if process.process is None or process.process.poll() is None:
+            return None
+        return f"mariadbd exited ({process.process.returncode}):\n{tail(process.logfile)}"
+
+    def probe() -> None:
+        server.connect(connect_timeout=2).close()
+
+    wait_accepting(
+        "MariaDB", server.port, probe, MySQLdb.OperationalError, exited=exited, log=process.logfile, interval=0.2
+    )
 
 
 @contextlib.contextmanager

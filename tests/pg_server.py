@@ -20,12 +20,20 @@ import glob
 import json
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from throwaway_server import ScratchDir, ServerUnavailable, as_os_user, free_port, on_free_port, run_command, tail
+from throwaway_server import (
+    ScratchDir,
+    ServerUnavailable,
+    as_os_user,
+    free_port,
+    on_free_port,
+    run_command,
+    tail,
+    wait_accepting,
+)
 
 _free_port = free_port  # the name tests import from here
 
@@ -184,19 +192,14 @@ class _ServerProcess(ScratchDir):
             self.started = False
 
 
-def _wait_ready(server: PostgresServer, attempts: int = 50) -> None:
+def _wait_ready(server: PostgresServer) -> None:
     import psycopg
 
-    last: Exception | None = None
-    for _ in range(attempts):
-        try:
-            with psycopg.connect(server.dsn, connect_timeout=2) as conn:
-                conn.execute("SELECT 1")
-            return
-        except psycopg.OperationalError as err:
-            last = err
-            time.sleep(0.1)
-    raise RuntimeError(f"PostgreSQL on port {server.port} never accepted connections: {last}")
+    def probe() -> None:
+        with psycopg.connect(server.dsn, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+
+    wait_accepting("PostgreSQL", server.port, probe, psycopg.OperationalError)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,6 +120,44 @@ class ScratchDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def wait_accepting(
+    product: str,
+    port: int,
+    probe: Callable[[], None],
+    refused: type[Exception],
+    *,
+    exited: Callable[[], str | None] = lambda: None,
+    log: Path | None = None,
+    seconds: float = 60,
+    interval: float = 0.1,
+) -> None:
+    """Wait (bounded) until ``probe()`` connects to the server just started.
+
+    :param product: the server's name in the error.
+    :param port: its port, for the error.
+    :param probe: connects once and returns; raises ``refused`` while the server is not ready.
+    :param refused: the driver's error for "not yet".
+    :param exited: says why the server is gone when it died (then waiting is pointless), else None.
+    :param log: the server's log, whose end the error quotes.
+    :param seconds: how long to wait.
+    :param interval: the pause between two probes.
+    """
+    deadline = time.monotonic() + seconds
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        died = exited()
+        if died is not None:
+            raise RuntimeError(died)
+        try:
+            probe()
+            return
+        except refused as err:
+            last = err
+            time.sleep(interval)
+    quoted = f"\n{tail(log)}" if log is not None else ""
+    raise RuntimeError(f"{product} on port {port} never accepted connections: {last}{quoted}")
 
 
 def on_free_port(start: Callable[[int], T], attempts: int = 3) -> T:
