@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import fsspec
 import pandas as pd
+from fault_strategies import fault_configs
 from fsspec.implementations.memory import MemoryFileSystem
 from helpers_events import deposit_options
 from helpers_sync import make_client
@@ -117,14 +118,7 @@ class PoisonRoute:
         return self.good.post_event_body(body)
 
 
-faults = st.one_of(
-    st.just(FaultConfig()),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), error_rate=st.sampled_from([0.2, 0.5])),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), drop_rate=st.just(0.3)),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), drop_after_apply_rate=st.sampled_from([0.3, 0.6])),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), html_ok_rate=st.just(0.4)),
-    st.builds(FaultConfig, max_body_bytes=st.sampled_from([300, 700])),  # one event is ~90 bytes: 413s split
-)
+faults = fault_configs(body_limits=(300, 700))  # one event is ~90 bytes: 413s split
 
 
 class Events(RuleBasedStateMachine):
