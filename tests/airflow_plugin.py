@@ -87,17 +87,22 @@ def airflow_conn(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     return setter
 
 
+def point_stopchurn_default(airflow_conn: Callable[..., None], sandbox: Any, brand_id: int) -> Any:
+    """Point ``stopchurn_default`` at ``sandbox``, ``brand_id`` in the extras; returns the sandbox.
+
+    :param airflow_conn: the test's ``airflow_conn`` fixture.
+    :param sandbox: the sandbox server.
+    :param brand_id: the brand the connection names.
+    """
+    fields = {"conn_type": "stopchurn", "host": sandbox.url, "password": sandbox.token}
+    airflow_conn("stopchurn_default", **fields, extra={"brand_id": brand_id})
+    return sandbox
+
+
 @pytest.fixture
 def stopchurn_conn(stopchurn_sandbox: Any, airflow_conn: Callable[..., None]) -> Any:
     """``stopchurn_default`` pointing at the test's sandbox, brand 1 in the extras; yields the sandbox."""
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=stopchurn_sandbox.url,
-        password=stopchurn_sandbox.token,
-        extra={"brand_id": 1},
-    )
-    return stopchurn_sandbox
+    return point_stopchurn_default(airflow_conn, stopchurn_sandbox, 1)
 
 
 def run_dag(dag: Any, logical_date: Any = None, **kwargs: Any) -> Any:

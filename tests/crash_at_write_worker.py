@@ -10,13 +10,12 @@ the named environment variable. The scenario's source comes from ``recovery_scen
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from helpers_sync import BRAND, T0, TABLE
 from recovery_scenarios import SCENARIOS
+from worker_harness import client_from_env, print_line, serve
 
-from airflow_provider_stopchurn.client import StopChurnClient
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
@@ -26,7 +25,7 @@ def main(argv: list[str]) -> int:
     url, key_var, root, scenario, crash_at, when = argv
     target, opts = SCENARIOS[scenario].second()
     store = SnapshotStore(Path(root), BRAND, TABLE)
-    client = StopChurnClient(url, os.environ[key_var], max_retries=0, timeout=30.0)
+    client = client_from_env(url, key_var, max_retries=0, timeout=30.0)
     real_replace = os.replace
     count = 0
     limit = int(crash_at)
@@ -44,10 +43,10 @@ def main(argv: list[str]) -> int:
     try:
         run_sync(target, store, client, opts, run_ms=T0 + 1000)
     except StopChurnError as err:
-        print(f"failed: {type(err).__name__}", flush=True)
-    print(f"writes {count}", flush=True)
+        print_line(f"failed: {type(err).__name__}")
+    print_line(f"writes {count}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    serve(main)

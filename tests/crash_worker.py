@@ -8,14 +8,11 @@ The API key is read from the named environment variable (never from argv, which 
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
 
 from helpers_sync import BRAND, T0, TABLE, deterministic_table, options
+from worker_harness import client_from_env, print_line, serve
 
-from airflow_provider_stopchurn.client import StopChurnClient
 from airflow_provider_stopchurn.options import RunInfo
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
@@ -28,8 +25,8 @@ def main(argv: list[str]) -> int:
         run = {"run_key": argv[6], "run_info": RunInfo("dag", "task", argv[6], int(argv[7]))}
     frame = deterministic_table(int(seed), int(rows))
     store = SnapshotStore(Path(root), BRAND, TABLE)
-    client = StopChurnClient(url, os.environ[key_var], max_retries=0, timeout=30.0)
-    print("started", flush=True)
+    client = client_from_env(url, key_var, max_retries=0, timeout=30.0)
+    print_line("started")
     summary = run_sync(
         frame,
         store,
@@ -37,9 +34,9 @@ def main(argv: list[str]) -> int:
         options(chunk_size=int(chunk_size), max_concurrent_requests=1, holder="crash-worker", **run),
         run_ms=T0,
     )
-    print(json.dumps(summary.as_dict()), flush=True)
+    print_line(summary.as_dict())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    serve(main)

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from pg_server import PostgresServer, running_postgres
+from throwaway_server import free_port, stop_session, tail
 
 from airflow_provider_stopchurn.sandbox import SandboxServer
 
@@ -67,12 +67,6 @@ class DeployUnavailable(RuntimeError):
     """Something the deployment needs is missing on this machine (redis-server, PostgreSQL binaries)."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
     """Call ``probe`` until it returns something truthy (returned); fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -88,13 +82,6 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: floa
     raise TimeoutError(
         f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last})" if last else "")
     )
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 # --- the request log: a forwarding proxy in front of the sandbox -------------------------------------------------
@@ -231,16 +218,7 @@ class Service:
 
     def stop(self) -> None:
         """SIGTERM to the whole session (the service and what it forked), SIGKILL after a bounded wait."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=STOP_TIMEOUT)
-        # children of the session may outlive its leader: always sweep the group
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=STOP_TIMEOUT)
+        stop_session(self.process, STOP_TIMEOUT)
 
 
 def spawn(name: str, cmd: list[str], env: dict[str, str], logdir: Path) -> Service:

@@ -8,15 +8,13 @@ the source is built, then the summary as JSON when the delivery finishes.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from helpers_events import deposit_options
+from worker_harness import client_from_env, print_line, serve
 
-from airflow_provider_stopchurn.client import StopChurnClient
 from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
 
 BRAND = 5
@@ -36,12 +34,8 @@ def source(rows: int) -> pd.DataFrame:
 
 
 def options(chunk_size: int) -> EventOptions:
-    return EventOptions(
-        brand_id=BRAND,
-        user_id_column="user_id",
-        name="DEPOSIT",
-        value_column="amount",
-        event_key=("deposit_id",),
+    return deposit_options(
+        BRAND,
         watermark_column="created_at",
         lookback=dt.timedelta(hours=1),
         chunk_size=chunk_size,
@@ -53,12 +47,12 @@ def options(chunk_size: int) -> EventOptions:
 def main(argv: list[str]) -> int:
     url, key_var, root, rows, chunk_size = argv
     frame = source(int(rows))
-    client = StopChurnClient(url, os.environ[key_var], max_retries=0, timeout=30.0)
-    print("started", flush=True)
+    client = client_from_env(url, key_var, max_retries=0, timeout=30.0)
+    print_line("started")
     summary = run_events(frame, event_store(Path(root), BRAND, STREAM), client, options(int(chunk_size)))
-    print(json.dumps(summary.as_dict()), flush=True)
+    print_line(summary.as_dict())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    serve(main)

@@ -7,15 +7,12 @@ as JSON when the sync finishes, or ``{"error": <class>, "message": <text>}`` and
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
 
 import polars as pl
 from helpers_sync import BRAND, T0, TABLE, options
+from worker_harness import client_from_env, serve, summary_or_error
 
-from airflow_provider_stopchurn.client import StopChurnClient
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
 
@@ -24,18 +21,10 @@ def main(argv: list[str]) -> int:
     url, key_var, root, value, ttl = argv
     frame = pl.DataFrame({"id": [1], "name": [value]})
     # a short request timeout, so that a lease of a few seconds can fence it
-    client = StopChurnClient(
-        url, os.environ[key_var], max_retries=3, timeout=1.0, connect_timeout=0.5, backoff_base=0.01
-    )
+    client = client_from_env(url, key_var, max_retries=3, timeout=1.0, connect_timeout=0.5, backoff_base=0.01)
     opts = options(max_concurrent_requests=1, holder="paused-run", lock_ttl_s=float(ttl), lock_wait_s=0)
-    try:
-        summary = run_sync(frame, SnapshotStore(Path(root), BRAND, TABLE), client, opts, run_ms=T0)
-    except Exception as err:
-        print(json.dumps({"error": type(err).__name__, "message": str(err)}), flush=True)
-        return 1
-    print(json.dumps(summary.as_dict()), flush=True)
-    return 0
+    return summary_or_error(lambda: run_sync(frame, SnapshotStore(Path(root), BRAND, TABLE), client, opts, run_ms=T0))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    serve(main)

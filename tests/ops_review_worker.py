@@ -14,18 +14,17 @@ as JSON when the run finishes, or ``{"error": <class>, "message": <text>}`` and 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+from helpers_events import deposit_options
 from helpers_sync import BRAND, T0
+from worker_harness import client_from_env, serve, summary_or_error
 
-from airflow_provider_stopchurn.client import StopChurnClient
 from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
 from airflow_provider_stopchurn.export import ExportOptions, run_export
 from airflow_provider_stopchurn.snapshot import SnapshotStore
@@ -36,10 +35,9 @@ EXPORT_TABLE = "accounts"
 
 def event_options(holder: str, **kwargs: Any) -> EventOptions:
     """The stream's options: events keyed by ``id``, read incrementally by ``at`` (epoch ms), no lookback."""
-    return EventOptions(
-        brand_id=BRAND,
-        user_id_column="user_id",
-        name="DEPOSIT",
+    return deposit_options(
+        BRAND,
+        value_column=None,
         event_key=("id",),
         watermark_column="at",
         lookback=dt.timedelta(0),
@@ -54,7 +52,7 @@ def export_frame() -> pl.DataFrame:
 
 
 def _events(url: str, key_var: str, root: str, rows: str) -> Any:
-    client = StopChurnClient(url, os.environ[key_var], max_retries=0, timeout=5.0, connect_timeout=2.0)
+    client = client_from_env(url, key_var, max_retries=0, timeout=5.0, connect_timeout=2.0)
     store = event_store(Path(root), BRAND, STREAM)
     opts = event_options("waiting-run", lock_wait_s=120.0)
     return run_events(lambda window: pl.read_parquet(rows), store, client, opts, stream=STREAM)
@@ -84,14 +82,8 @@ def _export(root: str, output: str, run_id: str, run_key: str, go: str, ttl: str
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     mode, *args = argv
-    try:
-        summary = _events(*args) if mode == "events" else _export(*args)
-    except Exception as err:
-        print(json.dumps({"error": type(err).__name__, "message": str(err)}), flush=True)
-        return 1
-    print(json.dumps(summary.as_dict()), flush=True)
-    return 0
+    return summary_or_error(lambda: _events(*args) if mode == "events" else _export(*args))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    serve(main)

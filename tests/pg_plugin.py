@@ -11,51 +11,21 @@ Tests that need the server carry ``@pytest.mark.postgres``.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import uuid
-from collections.abc import Iterator
-
 import pytest
-from pg_server import PostgresServer, PostgresUnavailable, running_postgres
+from pg_server import PostgresServer, running_postgres
+from throwaway_server import server_fixtures, set_airflow_conn
 
 REQUIRE_ENV = "STOPCHURN_REQUIRE_POSTGRES"
 
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{REQUIRE_ENV}=1 but PostgreSQL cannot run: {reason}", pytrace=False)
-    pytest.skip(f"PostgreSQL unavailable: {reason}")
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A running, disposable PostgreSQL server (database ``postgres``, trust auth on 127.0.0.1)."""
-    with contextlib.ExitStack() as stack:
-        try:
-            server = stack.enter_context(running_postgres())
-        except PostgresUnavailable as err:
-            _unavailable(str(err))
-            raise  # unreachable: _unavailable skips or fails
-        yield server
-
-
-@pytest.fixture
-def postgres_database(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
-    """A fresh, empty database for one test, dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    postgres_server.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield postgres_server.with_database(name)
-    finally:
-        with contextlib.suppress(Exception):
-            postgres_server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+# ``postgres_server``: database ``postgres``, trust auth; ``postgres_database``: a fresh database of it
+postgres_server, postgres_database = server_fixtures(
+    "postgres", running_postgres, REQUIRE_ENV, "PostgreSQL", quote='"', drop_suffix=" WITH (FORCE)"
+)
 
 
 def set_airflow_postgres_conn(monkeypatch: pytest.MonkeyPatch, server: PostgresServer, conn_id: str) -> str:
     """Point the Airflow connection ``conn_id`` at ``server`` through ``AIRFLOW_CONN_<ID>``."""
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", server.airflow_connection_json())
-    return conn_id
+    return set_airflow_conn(monkeypatch, conn_id, server.airflow_connection_json())
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@
 127.0.0.1 with durability switched off (fast, disposable), and stops it and removes the directory on exit,
 whatever happened inside. ``tests/pg_plugin.py`` wraps it in pytest fixtures; ``benchmarks/run.py`` uses it
 directly (it puts this directory on ``sys.path``).
+What it shares with the MariaDB starter lives in ``throwaway_server.py``.
 
 The binaries are looked up on ``PATH`` first, then in ``/usr/lib/postgresql/<version>/bin`` (newest first).
 ``initdb`` refuses to run as root, so as root every server command runs as the ``postgres`` user via
@@ -17,16 +18,24 @@ import contextlib
 import dataclasses
 import glob
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from throwaway_server import (
+    ScratchDir,
+    ServerUnavailable,
+    as_os_user,
+    free_port,
+    on_free_port,
+    run_command,
+    tail,
+    wait_accepting,
+)
+
+_free_port = free_port  # the name tests import from here
 
 SUPERUSER = "postgres"
 _SERVER_SETTINGS = (
@@ -41,7 +50,7 @@ _SERVER_SETTINGS = (
 )
 
 
-class PostgresUnavailable(RuntimeError):
+class PostgresUnavailable(ServerUnavailable):
     """No way to run a PostgreSQL server on this machine."""
 
 
@@ -116,60 +125,21 @@ def find_postgres_binaries() -> PostgresBinaries:
     )
 
 
-def _as_server_user() -> list[str]:
-    """Command prefix that runs a server command as a non-root user (empty unless we are root)."""
-    if os.geteuid() != 0:
-        return []
-    runuser = shutil.which("runuser")
-    if runuser is None:
-        raise PostgresUnavailable("running as root, but `runuser` is missing (initdb refuses root)")
-    try:
-        import pwd
-
-        pwd.getpwnam(SUPERUSER)
-    except KeyError as err:
-        raise PostgresUnavailable(f"running as root, but there is no {SUPERUSER!r} OS user") from err
-    return [runuser, "-u", SUPERUSER, "--"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _run(cmd: list[str], *, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no server log)"
-
-
 # --- the server ----------------------------------------------------------------------------------------------
-class _ServerProcess:
+class _ServerProcess(ScratchDir):
     """initdb + pg_ctl start/stop in one temporary directory."""
 
     def __init__(self, binaries: PostgresBinaries) -> None:
+        super().__init__(
+            "stopchurn-pg-", SUPERUSER, as_os_user(SUPERUSER, PostgresUnavailable, " (initdb refuses root)")
+        )
         self.binaries = binaries
-        self.prefix = _as_server_user()
-        self.root = Path(tempfile.mkdtemp(prefix="stopchurn-pg-"))
-        self.datadir = self.root / "data"
-        self.logfile = self.root / "server.log"
         self.started = False
-        if self.prefix:
-            import pwd
-
-            entry = pwd.getpwnam(SUPERUSER)
-            os.chown(self.root, entry.pw_uid, entry.pw_gid)
 
     def initdb(self) -> None:
-        result = _run(
+        self.setup_step(
+            "initdb",
             [
-                *self.prefix,
                 str(self.binaries.initdb),
                 "-D",
                 str(self.datadir),
@@ -181,14 +151,12 @@ class _ServerProcess:
             ],
             timeout=120,
         )
-        if result.returncode != 0:
-            raise RuntimeError(f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
 
     def start(self, port: int) -> None:
         options = " ".join(
             [f"-h 127.0.0.1 -p {port} -k {self.root}", *(f"-c {setting}" for setting in _SERVER_SETTINGS)]
         )
-        result = _run(
+        result = run_command(
             [
                 *self.prefix,
                 str(self.binaries.pg_ctl),
@@ -208,40 +176,30 @@ class _ServerProcess:
         if result.returncode != 0:
             raise RuntimeError(
                 f"pg_ctl start failed ({result.returncode}) on port {port}:\n{result.stdout}\n{result.stderr}"
-                f"\n--- server log ---\n{_tail(self.logfile)}"
+                f"\n--- server log ---\n{tail(self.logfile)}"
             )
         self.started = True
 
     def stop(self) -> None:
         if self.started:
-            result = _run(
-                [*self.prefix, str(self.binaries.pg_ctl), "-D", str(self.datadir), "-m", "fast", "-w", "stop"],
-                timeout=60,
-            )
-            if result.returncode != 0:  # last resort: immediate shutdown
-                _run(
-                    [*self.prefix, str(self.binaries.pg_ctl), "-D", str(self.datadir), "-m", "immediate", "stop"],
+            for mode in ("fast", "immediate"):  # immediate: the last resort
+                stopped = run_command(
+                    [*self.prefix, str(self.binaries.pg_ctl), "-D", str(self.datadir), "-m", mode, "-w", "stop"],
                     timeout=60,
                 )
+                if stopped.returncode == 0:
+                    break
             self.started = False
 
-    def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
 
-
-def _wait_ready(server: PostgresServer, attempts: int = 50) -> None:
+def _wait_ready(server: PostgresServer) -> None:
     import psycopg
 
-    last: Exception | None = None
-    for _ in range(attempts):
-        try:
-            with psycopg.connect(server.dsn, connect_timeout=2) as conn:
-                conn.execute("SELECT 1")
-            return
-        except psycopg.OperationalError as err:
-            last = err
-            time.sleep(0.1)
-    raise RuntimeError(f"PostgreSQL on port {server.port} never accepted connections: {last}")
+    def probe() -> None:
+        with psycopg.connect(server.dsn, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+
+    wait_accepting("PostgreSQL", server.port, probe, psycopg.OperationalError)
 
 
 @contextlib.contextmanager
@@ -252,15 +210,12 @@ def running_postgres() -> Iterator[PostgresServer]:
     process = _ServerProcess(find_postgres_binaries())
     try:
         process.initdb()
-        for attempt in range(3):  # another process may grab the port between probing and binding
-            port = _free_port()
-            try:
-                process.start(port)
-                break
-            except RuntimeError:
-                if attempt == 2:
-                    raise
-        server = PostgresServer(host="127.0.0.1", port=port, user=SUPERUSER, dbname="postgres")
+
+        def start(port: int) -> PostgresServer:
+            process.start(port)
+            return PostgresServer(host="127.0.0.1", port=port, user=SUPERUSER, dbname="postgres")
+
+        server = on_free_port(start)
         _wait_ready(server)
         yield server
     finally:

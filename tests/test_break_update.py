@@ -11,33 +11,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from helpers_sync import BRAND, T0, TABLE, FailAfter, RecordingSender, assert_sandbox_matches, make_client, options
+from helpers_sync import BRAND, TABLE, FailAfter, RecordingSender, assert_sandbox_matches, make_client
+from sync_world import QuarantiningWorld as World
 
 from airflow_provider_stopchurn.deliver import MAX_HELD, SUSPECT_AFTER
 from airflow_provider_stopchurn.exceptions import DeliveryError, StopChurnError, TransientDeliveryError
-from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
+from airflow_provider_stopchurn.sandbox import FaultConfig
 from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import SyncSummary, run_sync
-
-
-class World:
-    def __init__(self, sb: SandboxServer, root: Path) -> None:
-        self.sb = sb
-        self.store = SnapshotStore(root, BRAND, TABLE)
-        self.tick = 0
-
-    def run(self, frame: pd.DataFrame, *, sender: Any = None, **opts: Any) -> SyncSummary:
-        self.tick += 1
-        opts.setdefault("chunk_size", 5)
-        opts.setdefault("max_concurrent_requests", 1)
-        opts.setdefault("on_rejected_rows", "quarantine")
-        return run_sync(
-            frame,
-            self.store,
-            sender or make_client(self.sb, max_retries=1),
-            options(**opts),
-            run_ms=T0 + 1000 * self.tick,
-        )
 
 
 @pytest.fixture

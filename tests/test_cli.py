@@ -41,9 +41,9 @@ from helpers_sync import (
     sandbox_rows,
     tree_digest,
     update_requests,
-    wait_until,
 )
 from upath import UPath
+from worker_harness import accepted_or_ended, reaped, start_worker
 
 from airflow_provider_stopchurn import cli
 from airflow_provider_stopchurn.diff import DIRTY_HASH
@@ -54,7 +54,7 @@ from airflow_provider_stopchurn.sync import SyncSummary, run_sync
 
 TESTS = Path(__file__).resolve().parent
 STOPCHURN = Path(sys.executable).with_name("stopchurn")  # the console script of this virtualenv
-WORKER = TESTS / "crash_worker.py"
+WORKER = "crash_worker.py"
 KEY_VAR = "STOPCHURN_CLI_TEST_KEY"
 
 
@@ -426,23 +426,11 @@ def test_settle_after_a_killed_run_with_the_console_script(stopchurn_sandbox_fac
     rows, chunk = 1200, 40
     sb = stopchurn_sandbox_factory(record=True, faults=FaultConfig(latency=0.01))
     root = tmp_path / "snapshots"
-    env = {**os.environ, KEY_VAR: sb.token, "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(WORKER), sb.url, KEY_VAR, str(root), "5", str(rows), str(chunk)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=TESTS,
-    )
-    try:
-        reached = wait_until(lambda: sb.stats()["accepted_requests"] >= 7 or proc.poll() is not None, timeout_s=60)
+    proc = start_worker(WORKER, sb.url, KEY_VAR, root, 5, rows, chunk, key_var=KEY_VAR, token=sb.token)
+    with reaped(proc):  # reaped: a zombie's pid would still look alive
+        reached = accepted_or_ended(sb, proc, 7)
         assert reached and proc.poll() is None, "the worker ended or stalled before the kill"
         proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)  # reaped: a zombie's pid would still look alive
     sb.set_faults(FaultConfig())
     table = [str(root), "--brand", str(BRAND), "--table", TABLE]
 

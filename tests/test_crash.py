@@ -7,11 +7,8 @@ of requests was accepted, kills the worker, and runs the same sync in-process.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +24,14 @@ from helpers_sync import (
     received_counts,
     resent,
     tree_digest,
-    wait_until,
 )
+from worker_harness import kill_after, start_worker
 
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
 
-WORKER = Path(__file__).with_name("crash_worker.py")
+WORKER = "crash_worker.py"
 ROWS = 1500
 CHUNK = 40
 CHUNKS = -(-ROWS // CHUNK)
@@ -42,33 +39,7 @@ KEY_VAR = "STOPCHURN_CRASH_TEST_KEY"
 
 
 def _start_worker(sb: SandboxServer, root: Path, seed: int) -> subprocess.Popen[str]:
-    env = {**os.environ, KEY_VAR: sb.token, "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), sb.url, KEY_VAR, str(root), str(seed), str(ROWS), str(CHUNK)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=WORKER.parent,
-    )
-
-
-def _kill_after(proc: subprocess.Popen[str], sb: SandboxServer, accepted: int) -> int:
-    """SIGKILL the worker once the sandbox accepted ``accepted`` requests; return how many it had then."""
-    try:
-        reached = wait_until(
-            lambda: sb.stats()["accepted_requests"] >= accepted or proc.poll() is not None, timeout_s=60
-        )
-        assert reached, "the worker made no progress within 60 s"
-        assert proc.poll() is None, f"the worker ended before the kill: {proc.communicate(timeout=10)}"
-        proc.send_signal(signal.SIGKILL)
-        seen = int(sb.stats()["accepted_requests"])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)  # reap it: a zombie's pid still looks alive
-    assert proc.returncode == -signal.SIGKILL
-    return seen
+    return start_worker(WORKER, sb.url, KEY_VAR, root, seed, ROWS, CHUNK, key_var=KEY_VAR, token=sb.token)
 
 
 @pytest.mark.parametrize("seed", [101, 202, 303])
@@ -76,7 +47,7 @@ def test_killed_sync_resumes_and_converges(stopchurn_sandbox_factory: Any, tmp_p
     sb = stopchurn_sandbox_factory(record=True, faults=FaultConfig(latency=0.01))
     root = tmp_path / "snapshots"
     kill_at = random.Random(seed).randint(2, CHUNKS - 5)
-    seen = _kill_after(_start_worker(sb, root, seed), sb, kill_at)
+    seen = kill_after(_start_worker(sb, root, seed), sb, kill_at)
     assert kill_at <= seen < CHUNKS
 
     store = SnapshotStore(root, BRAND, TABLE)
@@ -112,9 +83,9 @@ def test_killed_sync_resumes_and_converges(stopchurn_sandbox_factory: Any, tmp_p
 def test_killed_twice_including_during_the_resume(stopchurn_sandbox_factory: Any, tmp_path: Path) -> None:
     sb = stopchurn_sandbox_factory(record=True, faults=FaultConfig(latency=0.01))
     root = tmp_path / "snapshots"
-    _kill_after(_start_worker(sb, root, 404), sb, 6)
+    kill_after(_start_worker(sb, root, 404), sb, 6)
     first = int(sb.stats()["accepted_requests"])
-    _kill_after(_start_worker(sb, root, 404), sb, first + 8)  # the second worker dies while resuming
+    kill_after(_start_worker(sb, root, 404), sb, first + 8)  # the second worker dies while resuming
     sb.set_faults(FaultConfig())
     frame = deterministic_table(404, ROWS)
     store = SnapshotStore(root, BRAND, TABLE)

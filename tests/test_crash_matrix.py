@@ -9,35 +9,25 @@ no plan pending and no lock held: no crash point needs a hand edit of the store.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
 from recovery_scenarios import SCENARIOS, first_table, moved_on
+from worker_harness import run_worker
 
 from airflow_provider_stopchurn.deliver import SUSPECT_AFTER
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
 
-WORKER = Path(__file__).with_name("crash_at_write_worker.py")
+WORKER = "crash_at_write_worker.py"
 KEY_VAR = "STOPCHURN_CRASH_MATRIX_KEY"
 
 
 def _worker(sb: Any, root: Path, scenario: str, crash_at: int, when: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, KEY_VAR: sb.token, "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run(
-        [sys.executable, str(WORKER), sb.url, KEY_VAR, str(root), scenario, str(crash_at), when],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=WORKER.parent,
-        timeout=120,
-        check=False,
-    )
+    return run_worker(WORKER, sb.url, KEY_VAR, root, scenario, crash_at, when, key_var=KEY_VAR, token=sb.token)
 
 
 def _fresh(sb: Any, root: Path, scenario: str) -> SnapshotStore:

@@ -9,52 +9,27 @@ requests was accepted, kills the worker, and runs the same delivery in-process (
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from events_crash_worker import BRAND, STREAM, options, source
-from helpers_sync import make_client, wait_until
+from helpers_sync import make_client
+from worker_harness import kill_after, start_worker
 
 from airflow_provider_stopchurn.events import event_store, run_events
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 
-WORKER = Path(__file__).with_name("events_crash_worker.py")
+WORKER = "events_crash_worker.py"
 ROWS = 1200
 CHUNK = 40
 KEY_VAR = "STOPCHURN_EVENTS_CRASH_TEST_KEY"
 
 
 def _start(sb: SandboxServer, root: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, KEY_VAR: sb.token, "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), sb.url, KEY_VAR, str(root), str(ROWS), str(CHUNK)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=WORKER.parent,
-    )
-
-
-def _kill_after(proc: subprocess.Popen[str], sb: SandboxServer, accepted: int) -> None:
-    try:
-        reached = wait_until(
-            lambda: sb.stats()["accepted_requests"] >= accepted or proc.poll() is not None, timeout_s=60
-        )
-        assert reached, "the worker made no progress within 60 s"
-        assert proc.poll() is None, f"the worker ended before the kill: {proc.communicate(timeout=10)}"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    return start_worker(WORKER, sb.url, KEY_VAR, root, ROWS, CHUNK, key_var=KEY_VAR, token=sb.token)
 
 
 def _per_deposit(sb: SandboxServer) -> Counter[int]:
@@ -67,7 +42,7 @@ def test_killed_delivery_resumes_and_sends_each_event_once_but_the_chunk_in_flig
 ) -> None:
     sb = stopchurn_sandbox_factory(faults=FaultConfig(latency=0.01))
     root = tmp_path / "state"
-    _kill_after(_start(sb, root), sb, kill_at)
+    kill_after(_start(sb, root), sb, kill_at)
     store = event_store(root, BRAND, STREAM)
     plan = store.pending_plan()
     assert plan is not None and store.read_committed() is None  # the plan was written before the first request
@@ -91,9 +66,9 @@ def test_killed_delivery_resumes_and_sends_each_event_once_but_the_chunk_in_flig
 def test_killed_twice_including_during_the_resume(stopchurn_sandbox_factory: Any, tmp_path: Path) -> None:
     sb = stopchurn_sandbox_factory(faults=FaultConfig(latency=0.01))
     root = tmp_path / "state"
-    _kill_after(_start(sb, root), sb, 5)
+    kill_after(_start(sb, root), sb, 5)
     first = int(sb.stats()["accepted_requests"])
-    _kill_after(_start(sb, root), sb, first + 6)  # the second worker dies while resuming the plan
+    kill_after(_start(sb, root), sb, first + 6)  # the second worker dies while resuming the plan
     sb.set_faults(FaultConfig())
     store = event_store(root, BRAND, STREAM)
     summary = run_events(source(ROWS), store, make_client(sb), options(CHUNK))

@@ -22,6 +22,7 @@ import pendulum
 import pytest
 from airflow.sdk import DAG
 from airflow_plugin import run_dag, task_states, xcom_return
+from helpers_events import deposit_options
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnEventOperator
 from airflow_provider_stopchurn.sandbox import SandboxServer
@@ -281,7 +282,7 @@ def test_a_second_run_of_the_stream_started_together_waits_for_the_lock_and_succ
 
     from helpers_sync import make_client
 
-    from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
+    from airflow_provider_stopchurn.events import event_store, run_events
 
     state = tmp_path / "state"
     caplog.set_level(logging.WARNING, logger="airflow_provider_stopchurn.snapshot.store")
@@ -298,12 +299,8 @@ def test_a_second_run_of_the_stream_started_together_waits_for_the_lock_and_succ
         return deposits(0, 19)
 
     def first_run() -> None:
-        options = EventOptions(
-            brand_id=brand,
-            user_id_column="user_id",
-            name="DEPOSIT",
-            value_column="amount",
-            event_key=("deposit_id",),
+        options = deposit_options(
+            brand,
             watermark_column="created_at",
             lookback=dt.timedelta(hours=6),
             holder=f"{dag.dag_id}.send run scheduled__2025-01-01 try 1",

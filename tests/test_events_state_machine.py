@@ -29,14 +29,16 @@ from typing import Any, ClassVar
 
 import fsspec
 import pandas as pd
+from fault_strategies import fault_configs
 from fsspec.implementations.memory import MemoryFileSystem
+from helpers_events import deposit_options
 from helpers_sync import make_client
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 from upath import UPath
 
-from airflow_provider_stopchurn.events import FUTURE_MARGIN, EventOptions, event_store, run_events
+from airflow_provider_stopchurn.events import FUTURE_MARGIN, event_store, run_events
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
@@ -116,14 +118,7 @@ class PoisonRoute:
         return self.good.post_event_body(body)
 
 
-faults = st.one_of(
-    st.just(FaultConfig()),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), error_rate=st.sampled_from([0.2, 0.5])),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), drop_rate=st.just(0.3)),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), drop_after_apply_rate=st.sampled_from([0.3, 0.6])),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), html_ok_rate=st.just(0.4)),
-    st.builds(FaultConfig, max_body_bytes=st.sampled_from([300, 700])),  # one event is ~90 bytes: 413s split
-)
+faults = fault_configs(body_limits=(300, 700))  # one event is ~90 bytes: 413s split
 
 
 class Events(RuleBasedStateMachine):
@@ -218,15 +213,7 @@ class Events(RuleBasedStateMachine):
         self.opts["lookback"] = dt.timedelta(hours=hours)
 
     def _run(self) -> Any:
-        options = EventOptions(
-            brand_id=BRAND,
-            user_id_column="user_id",
-            name="DEPOSIT",
-            value_column="amount",
-            event_key=("deposit_id",),
-            watermark_column="created_ms",
-            **self.opts,
-        )
+        options = deposit_options(BRAND, watermark_column="created_ms", **self.opts)
         return run_events(self._frame(), self.store, self.route, options, stream=STREAM, now_ms=self.now)
 
     @rule()

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from helpers_events import deposit_options
 from helpers_sync import make_client
 
 from airflow_provider_stopchurn.events import EventOptions, EventSummary, Window, event_store, run_events
@@ -25,12 +26,8 @@ NOW = int(pd.Timestamp("2025-01-02", tz="UTC").value // 10**6)
 
 
 def options(watermark_column: str = "created_at") -> EventOptions:
-    return EventOptions(
-        brand_id=BRAND,
-        user_id_column="user_id",
-        name="DEPOSIT",
-        value_column="amount",
-        event_key=("deposit_id",),
+    return deposit_options(
+        BRAND,
         watermark_column=watermark_column,
         lookback=dt.timedelta(0),
         max_concurrent_requests=1,

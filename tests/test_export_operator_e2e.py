@@ -21,7 +21,7 @@ import pandas as pd
 import pendulum
 import pytest
 from airflow.sdk import DAG
-from airflow_plugin import run_dag, task_states, xcom_return
+from airflow_plugin import point_stopchurn_default, run_dag, task_states, xcom_return
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnHistoricalExportOperator
 from airflow_provider_stopchurn.sandbox import SandboxServer
@@ -41,14 +41,7 @@ def brand() -> int:
 
 @pytest.fixture
 def sandbox(stopchurn_sandbox: SandboxServer, airflow_conn: Callable[..., None], brand: int) -> Iterator[SandboxServer]:
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=stopchurn_sandbox.url,
-        password=stopchurn_sandbox.token,
-        extra={"brand_id": brand},
-    )
-    yield stopchurn_sandbox
+    yield point_stopchurn_default(airflow_conn, stopchurn_sandbox, brand)
 
 
 @pytest.fixture

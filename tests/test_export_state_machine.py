@@ -18,6 +18,7 @@ import os
 import urllib.request
 
 import pandas as pd
+from fault_strategies import fault_configs
 from helpers_sync import BRAND, T0, TABLE, Churn, assert_sandbox_matches, expected_rows, make_client, options
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
@@ -33,13 +34,7 @@ from airflow_provider_stopchurn.sync import run_sync
 
 LONG = os.environ.get("STOPCHURN_SOAK") == "long"
 
-faults = st.one_of(
-    st.just(FaultConfig()),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), error_rate=st.sampled_from([0.2, 0.5])),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), drop_rate=st.just(0.3)),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), drop_after_apply_rate=st.sampled_from([0.3, 0.6])),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), html_ok_rate=st.just(0.4)),
-)
+faults = fault_configs()
 #: 0: no kill; n: the process dies just before its n-th write (an export writes about 8 times, an update run more)
 kills = st.one_of(st.just(0), st.integers(1, 14))
 

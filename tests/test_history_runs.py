@@ -14,10 +14,7 @@ import contextlib
 import datetime as dt
 import io
 import logging
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +34,9 @@ from helpers_sync import (
     make_client,
     options,
     tree_digest,
-    wait_until,
 )
 from upath import UPath
+from worker_harness import accepted_or_ended, reaped, start_worker
 
 from airflow_provider_stopchurn import cli
 from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
@@ -60,7 +57,7 @@ from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
 
 TESTS = Path(__file__).resolve().parent
-WORKER = TESTS / "crash_worker.py"
+WORKER = "crash_worker.py"
 KEY_VAR = "STOPCHURN_HISTORY_TEST_KEY"
 N = 40
 
@@ -233,24 +230,12 @@ def test_a_killed_try_and_its_retry_report_the_try_and_what_was_settled(
     rows, chunk = 1200, 40
     sb = stopchurn_sandbox_factory(record=True, faults=FaultConfig(latency=0.01))
     root = tmp_path / "snapshots"
-    env = {**os.environ, KEY_VAR: sb.token, "PYTHONDONTWRITEBYTECODE": "1"}
     key = "dag.task run r-kill map -1"
-    proc = subprocess.Popen(
-        [sys.executable, str(WORKER), sb.url, KEY_VAR, str(root), "5", str(rows), str(chunk), key, "1"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=TESTS,
-    )
-    try:
-        reached = wait_until(lambda: sb.stats()["accepted_requests"] >= 7 or proc.poll() is not None, timeout_s=60)
+    proc = start_worker(WORKER, sb.url, KEY_VAR, root, 5, rows, chunk, key, 1, key_var=KEY_VAR, token=sb.token)
+    with reaped(proc):
+        reached = accepted_or_ended(sb, proc, 7)
         assert reached and proc.poll() is None, "the worker ended or stalled before the kill"
         proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
     store = SnapshotStore(root, BRAND, TABLE)
     assert store.read_history() == []  # a killed try records nothing: it is dead
     plan = store.pending_plan(cleanup=False)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,42 +16,24 @@ import pandas as pd
 import polars as pl
 import pytest
 from helpers_sync import (
-    BRAND,
-    T0,
-    TABLE,
     FailAfter,
     FailOne,
     assert_sandbox_matches,
     make_client,
-    options,
     plain_rows,
     sandbox_rows,
 )
+from sync_world import SyncWorld
 
 from airflow_provider_stopchurn.client import StopChurnClient
 from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, StopChurnError
 from airflow_provider_stopchurn.options import SHAPE_OPTIONS
-from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.sandbox import FaultConfig
 
 N = 40
 
 
-@dataclass
-class World:
-    sb: SandboxServer
-    store: SnapshotStore
-    tick: int = 0
-
-    def run(self, frame: pd.DataFrame, *, sender: Any = None, **opts: Any) -> Any:
-        self.tick += 1
-        opts.setdefault("chunk_size", 5)
-        opts.setdefault("max_concurrent_requests", 1)
-        return run_sync(
-            frame, self.store, sender or make_client(self.sb), options(**opts), run_ms=T0 + 1000 * self.tick
-        )
-
+class World(SyncWorld):
     def assert_unique_keys(self) -> None:
         committed = self.store.read_committed()
         assert committed is not None
@@ -62,7 +43,7 @@ class World:
 
 @pytest.fixture
 def world(stopchurn_sandbox_factory: Any, tmp_path: Path) -> Iterator[World]:
-    yield World(stopchurn_sandbox_factory(record=True), SnapshotStore(tmp_path / "snapshots", BRAND, TABLE))
+    yield World(stopchurn_sandbox_factory(record=True), tmp_path / "snapshots")
 
 
 def int_table(n: int = N) -> pd.DataFrame:

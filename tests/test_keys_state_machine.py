@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from fault_strategies import fault_configs
 from helpers_sync import BRAND, T0, TABLE, make_client, options, sandbox_rows
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -30,12 +31,7 @@ from airflow_provider_stopchurn.sync import run_sync
 KEYS = ("tenant", "num")
 TENANTS = ("eu", "us")
 
-faults = st.one_of(
-    st.just(FaultConfig()),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), error_rate=st.sampled_from([0.2, 0.5])),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), drop_rate=st.just(0.3)),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), drop_after_apply_rate=st.sampled_from([0.3, 0.6])),
-)
+faults = fault_configs(html_ok=False)
 
 
 def expected(rows: list[dict[str, Any]], nest: bool, num_as_text: bool) -> dict[tuple[str, Any], dict[str, Any]]:

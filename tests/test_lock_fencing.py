@@ -10,10 +10,8 @@ woke, its error must say it lost its lock, and the next run converges.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,29 +20,23 @@ from typing import Any
 
 import polars as pl
 import pytest
+from helpers_events import deposit_options
 from helpers_sync import BRAND, T0, TABLE, make_client, options, wait_until
+from worker_harness import start_worker
 
-from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
+from airflow_provider_stopchurn.events import event_store, run_events
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
 
-WORKER = Path(__file__).with_name("lock_loss_worker.py")
+WORKER = "lock_loss_worker.py"
 KEY_VAR = "STOPCHURN_LOCK_LOSS_TEST_KEY"
 TTL_S = 3.0  # the paused run's lease; its client's requests last at most 1.5 s
 
 
 def _start(sb: SandboxServer, root: Path, value: str) -> subprocess.Popen[str]:
-    env = {**os.environ, KEY_VAR: sb.token, "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), sb.url, KEY_VAR, str(root), value, str(TTL_S)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=WORKER.parent,
-    )
+    return start_worker(WORKER, sb.url, KEY_VAR, root, value, TTL_S, key_var=KEY_VAR, token=sb.token)
 
 
 def _names(sb: SandboxServer) -> dict[Any, Any]:
@@ -124,12 +116,8 @@ def _run_events(sb: SandboxServer, root: Path, request: Any) -> tuple[SnapshotSt
 
     store = event_store(root, BRAND, "deposits")
     frame = pd.DataFrame({"user_id": [1, 2], "amount": [10, 20], "deposit_id": [1, 2]})
-    opts = EventOptions(
-        brand_id=BRAND,
-        user_id_column="user_id",
-        name="DEPOSIT",
-        value_column="amount",
-        event_key=("deposit_id",),
+    opts = deposit_options(
+        BRAND,
         holder="sleeping-run",
         lock_ttl_s=6.0,
         max_concurrent_requests=1,
@@ -196,12 +184,8 @@ def test_an_events_run_that_waited_for_the_lock_is_fenced_by_its_own_lease(
     sb = stopchurn_sandbox_factory(record=True)
     store = event_store(tmp_path / "snapshots", BRAND, "deposits")
     frame = pd.DataFrame({"user_id": [1, 2], "amount": [10, 20], "deposit_id": [1, 2]})
-    opts = EventOptions(
-        brand_id=BRAND,
-        user_id_column="user_id",
-        name="DEPOSIT",
-        value_column="amount",
-        event_key=("deposit_id",),
+    opts = deposit_options(
+        BRAND,
         holder="waiting-run",
         lock_ttl_s=6.0,
         lock_wait_s=60.0,

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,29 +28,20 @@ import polars as pl
 import pytest
 from helpers_sync import BRAND, T0, make_client, wait_until
 from ops_review_worker import EXPORT_TABLE, STREAM, event_options, export_frame
+from worker_harness import start_worker
 
 from airflow_provider_stopchurn.events import event_store, run_events
 from airflow_provider_stopchurn.export import ExportOptions, run_export
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 
-WORKER = Path(__file__).with_name("ops_review_worker.py")
+WORKER = "ops_review_worker.py"
 KEY_VAR = "STOPCHURN_OPS_REVIEW_TEST_KEY"
 START = pendulum.datetime(2025, 1, 1, tz="UTC")
 
 
 def _start(args: list[str], stderr: Any, sb: SandboxServer | None = None) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    if sb is not None:
-        env[KEY_VAR] = sb.token
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-        cwd=WORKER.parent,
-    )
+    return start_worker(WORKER, *args, key_var=KEY_VAR, token=None if sb is None else sb.token, stderr=stderr)
 
 
 def _outcome(out: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import pendulum
 import pytest
 from airflow.sdk import DAG
-from airflow_plugin import run_dag, task_states, xcom_return
+from airflow_plugin import point_stopchurn_default, run_dag, task_states, xcom_return
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
 from airflow_provider_stopchurn.sandbox import SandboxServer
@@ -86,14 +86,7 @@ def _write(server: Any, rows: dict[int, dict[str, Any]]) -> None:
 
 @pytest.fixture
 def sandbox(stopchurn_sandbox: SandboxServer, airflow_conn: Callable[..., None]) -> SandboxServer:
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=stopchurn_sandbox.url,
-        password=stopchurn_sandbox.token,
-        extra={"brand_id": BRAND},
-    )
-    return stopchurn_sandbox
+    return point_stopchurn_default(airflow_conn, stopchurn_sandbox, BRAND)
 
 
 def test_postgres_table_stays_in_step_through_dag_runs(

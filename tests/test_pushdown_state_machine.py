@@ -29,6 +29,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from fault_strategies import fault_configs
 from helpers_sync import (
     BRAND,
     T0,
@@ -58,14 +59,7 @@ LONG = os.environ.get("STOPCHURN_SOAK") == "long"
 QUERY = "SELECT * FROM src"
 ZONES = ("UTC", "Europe/Paris", "Asia/Tokyo", "America/St_Johns", "Pacific/Chatham")
 
-faults = st.one_of(
-    st.just(FaultConfig()),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), error_rate=st.sampled_from([0.2, 0.5])),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), drop_rate=st.just(0.3)),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), drop_after_apply_rate=st.sampled_from([0.3, 0.6])),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), html_ok_rate=st.just(0.4)),
-    st.builds(FaultConfig, max_body_bytes=st.sampled_from([900, 2500])),
-)
+faults = fault_configs(body_limits=(900, 2500))
 
 
 class KillablePostgres(PostgresWarehouse):

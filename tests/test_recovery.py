@@ -9,7 +9,6 @@ without anyone editing the snapshot store.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ import pytest
 from helpers_sync import (
     BRAND,
     T0,
-    TABLE,
     FailAfter,
     RecordingSender,
     assert_sandbox_matches,
@@ -29,6 +27,7 @@ from helpers_sync import (
     sandbox_rows,
     update_requests,
 )
+from sync_world import N, SyncWorld, table
 
 from airflow_provider_stopchurn.exceptions import (
     SafeguardError,
@@ -38,36 +37,12 @@ from airflow_provider_stopchurn.exceptions import (
     StopChurnRejectedError,
     TransientDeliveryError,
 )
-from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
+from airflow_provider_stopchurn.sandbox import FaultConfig
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
 
-N = 40
 
-
-def table(n: int = N, **overrides: Any) -> pd.DataFrame:
-    ids = np.arange(1, n + 1)
-    frame = pd.DataFrame({"id": ids, "v": [f"v{i}" for i in ids], "qty": ids * 3})
-    for column, values in overrides.items():
-        frame[column] = values
-    return frame
-
-
-@dataclass
-class World:
-    sb: SandboxServer
-    store: SnapshotStore
-    root: Path
-    tick: int = 0
-
-    def run(self, frame: pd.DataFrame, *, sender: Any = None, **opts: Any) -> Any:
-        self.tick += 1
-        opts.setdefault("chunk_size", 5)
-        opts.setdefault("max_concurrent_requests", 1)
-        return run_sync(
-            frame, self.store, sender or make_client(self.sb), options(**opts), run_ms=T0 + 1000 * self.tick
-        )
-
+class World(SyncWorld):
     def value(self, key: Any, column: str) -> Any:
         kind = "int" if isinstance(key, int) else "str"
         return sandbox_rows(self.sb)[(kind, key)][column]
@@ -77,7 +52,7 @@ class World:
 def world(stopchurn_sandbox_factory: Any, tmp_path: Path) -> Iterator[World]:
     sb = stopchurn_sandbox_factory(record=True)
     root = tmp_path / "snapshots"
-    w = World(sb, SnapshotStore(root, BRAND, TABLE), root)
+    w = World(sb, root)
     w.run(table())
     yield w
 
@@ -218,7 +193,7 @@ def test_a_retyped_key_is_a_new_identity(world: World) -> None:
 # --- 5. settling keeps the snapshot's types: one rejected row resends one row ----------------------------------
 def test_one_rejected_row_resends_one_row(stopchurn_sandbox_factory: Any, tmp_path: Path) -> None:
     sb = stopchurn_sandbox_factory(record=True)
-    w = World(sb, SnapshotStore(tmp_path, BRAND, TABLE), tmp_path)
+    w = World(sb, tmp_path)
     n = 2000
     frame = pd.DataFrame({"id": np.arange(n), "flag": pd.array([None] * n, dtype="boolean"), "x": np.arange(n) * 1.5})
     w.run(frame, chunk_size=500)

@@ -18,52 +18,19 @@ import pandas as pd
 import pytest
 from helpers_sync import (
     BRAND,
-    T0,
     TABLE,
     RecordingSender,
     assert_sandbox_matches,
     expected_rows,
     make_client,
-    options,
     sandbox_rows,
 )
+from sync_world import N, table
+from sync_world import QuarantiningWorld as World
 
 from airflow_provider_stopchurn.deliver import SUSPECT_AFTER
 from airflow_provider_stopchurn.exceptions import StopChurnRejectedError, TransientDeliveryError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import SyncSummary, run_sync
-
-N = 40
-
-
-def table(n: int = N, **overrides: Any) -> pd.DataFrame:
-    ids = np.arange(1, n + 1)
-    frame = pd.DataFrame({"id": ids, "v": [f"v{i}" for i in ids], "qty": ids * 3})
-    for column, values in overrides.items():
-        frame[column] = values
-    return frame
-
-
-class World:
-    def __init__(self, sb: SandboxServer, root: Path) -> None:
-        self.sb = sb
-        self.root = root
-        self.store = SnapshotStore(root, BRAND, TABLE)
-        self.tick = 0
-
-    def run(self, frame: pd.DataFrame, *, sender: Any = None, **opts: Any) -> SyncSummary:
-        self.tick += 1
-        opts.setdefault("chunk_size", 5)
-        opts.setdefault("max_concurrent_requests", 1)
-        opts.setdefault("on_rejected_rows", "quarantine")
-        return run_sync(
-            frame,
-            self.store,
-            sender or make_client(self.sb, max_retries=1),
-            options(**opts),
-            run_ms=T0 + 1000 * self.tick,
-        )
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fault_strategies import fault_configs
 from helpers_sync import (
     BRAND,
     T0,
@@ -45,14 +46,7 @@ from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
 from airflow_provider_stopchurn.snapshot import SnapshotStore
 from airflow_provider_stopchurn.sync import run_sync
 
-faults = st.one_of(
-    st.just(FaultConfig()),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), error_rate=st.sampled_from([0.2, 0.5])),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), drop_rate=st.just(0.3)),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), drop_after_apply_rate=st.sampled_from([0.3, 0.6])),
-    st.builds(FaultConfig, seed=st.integers(0, 1000), html_ok_rate=st.just(0.4)),
-    st.builds(FaultConfig, max_body_bytes=st.sampled_from([1200, 3000])),
-)
+faults = fault_configs(body_limits=(1200, 3000))
 
 
 LONG = os.environ.get("STOPCHURN_SOAK") == "long"

@@ -33,7 +33,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -47,9 +46,10 @@ import pendulum
 import pytest
 from airflow.sdk import DAG
 from airflow_plugin import run_dag, task_states, xcom_return
-from helpers_sync import BRAND, TABLE, deterministic_table, wait_until
+from helpers_sync import BRAND, TABLE, deterministic_table
 from ui_auth_manager import RESTRICTED_USER
 from ui_plugin import ARTIFACTS, TESTS, ApiServer, check_browser, chromium, start_api_server
+from worker_harness import accepted_or_ended, reaped, start_worker
 
 from airflow_provider_stopchurn.operators.stopchurn import (
     StopChurnEventOperator,
@@ -77,7 +77,7 @@ OTHER_BRAND = BRAND + 1
 RETRY_CONN_ID = "stopchurn_ui_one_http_retry"
 #: What the failed run's record says when the history of this version does not record failed runs itself.
 FAILED_ERROR = f"StopChurn refused the API key (401) of connection {CONN_ID!r}."
-CRASH_WORKER = TESTS / "crash_worker.py"
+CRASH_WORKER = "crash_worker.py"
 CRASH_HOLDER = "crash-worker"  # the holder crash_worker.py names
 KEY_VAR = "STOPCHURN_UI_TEST_KEY"
 #: What the three runs of ui_page_users send: (inserted, updated, deleted, rejected).
@@ -143,23 +143,24 @@ def kill_mid_delivery(sandbox: SandboxServer, snapshots: Path) -> None:
     StopChurn acknowledged three chunks."""
     sandbox.set_faults(FaultConfig(latency=0.2))
     accepted = sandbox.stats()["accepted_requests"]
-    proc = subprocess.Popen(
-        [sys.executable, str(CRASH_WORKER), sandbox.url, KEY_VAR, str(snapshots), "2", "200", "10"],
-        env={**os.environ, KEY_VAR: TOKEN},
+    proc = start_worker(
+        CRASH_WORKER,
+        sandbox.url,
+        KEY_VAR,
+        snapshots,
+        2,
+        200,
+        10,
+        key_var=KEY_VAR,
+        token=TOKEN,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd=TESTS,
     )
     try:
-        progressed = wait_until(
-            lambda: sandbox.stats()["accepted_requests"] >= accepted + 3 or proc.poll() is not None, timeout_s=60
-        )
-        assert progressed and proc.poll() is None, "the worker ended, or made no progress within 60 s"
-        proc.send_signal(signal.SIGKILL)
+        with reaped(proc):
+            progressed = accepted_or_ended(sandbox, proc, accepted + 3)
+            assert progressed and proc.poll() is None, "the worker ended, or made no progress within 60 s"
+            proc.send_signal(signal.SIGKILL)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
         sandbox.set_faults(FaultConfig())
     assert proc.returncode == -signal.SIGKILL
 

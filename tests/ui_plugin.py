@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from throwaway_server import free_port, stop_session
+from throwaway_server import tail as _tail
 
 REQUIRE_ENV = "STOPCHURN_REQUIRE_BROWSER"
 CHROMIUM_ENV = "STOPCHURN_CHROMIUM"
@@ -104,19 +104,6 @@ def chromium() -> Iterator[Any]:
 
 
 # --- the API server --------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 class ApiServer:
     """``airflow api-server`` (core app only, one worker) on 127.0.0.1, started by :func:`start_api_server`."""
 
@@ -157,16 +144,7 @@ class ApiServer:
         )
 
     def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=20)
+        stop_session(self.process)
 
 
 def start_api_server(env: Mapping[str, str], log_dir: Path, *, timeout_s: float = 120.0) -> ApiServer:
