@@ -33,20 +33,7 @@ def snapshot_root(uri: Any, conn_id: str | None = None) -> Any:
     Empty: ``$AIRFLOW_HOME/stopchurn/snapshots``. The StopChurn page of the Airflow UI resolves a task's store the
     same way.
     """
-    if not uri:
-        home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
-        return Path(home) / "stopchurn" / "snapshots"
-    uri = str(uri)
-    if "://" not in uri:
-        return Path(uri).expanduser()
-    if uri.startswith("file://"):
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise StopChurnConfigError(
-                f"snapshot_uri {uri!r} names a remote host; a file:// URL must be local (file:///path)."
-            )
-        return Path(unquote(parts.path))
-    return ObjectStoragePath(uri, conn_id=conn_id)
+    return _storage_root(uri, conn_id, "snapshots", argument="snapshot_uri ")
 
 
 #: Task retries unless the task, its DAG's default_args or Airflow's configuration say otherwise: a retry
@@ -108,10 +95,12 @@ def _as_bool(value: Any, name: str = "value") -> bool:
     return bool(value)
 
 
-def _storage_root(uri: Any, conn_id: str | None, default_folder: str) -> Any:
+def _storage_root(uri: Any, conn_id: str | None, default_folder: str, *, argument: str = "") -> Any:
     """A state or output location: a local path, a ``file://`` URL, or any ObjectStoragePath URL with ``conn_id``.
 
     Empty: ``$AIRFLOW_HOME/stopchurn/<default_folder>`` (a single machine only).
+
+    :param argument: what an error names the location by, with a trailing space (``"snapshot_uri "``).
     """
     if not uri:
         home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
@@ -122,7 +111,9 @@ def _storage_root(uri: Any, conn_id: str | None, default_folder: str) -> Any:
     if uri.startswith("file://"):
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
-            raise StopChurnConfigError(f"{uri!r} names a remote host; a file:// URL must be local (file:///path).")
+            raise StopChurnConfigError(
+                f"{argument}{uri!r} names a remote host; a file:// URL must be local (file:///path)."
+            )
         return Path(unquote(parts.path))
     return ObjectStoragePath(uri, conn_id=conn_id)
 
