@@ -47,14 +47,14 @@ from harness import (
 )
 from synthetic import SEED, make_table
 
-from airflow_provider_stopchurn.client import StopChurnClient
-from airflow_provider_stopchurn.diff import data_columns
-from airflow_provider_stopchurn.encoding import row_pieces
-from airflow_provider_stopchurn.events import EventOptions, EventSummary, event_store, run_events
-from airflow_provider_stopchurn.export import _BATCH_ROWS, ExportOptions, ExportSummary, _records, run_export
-from airflow_provider_stopchurn.plan import make_plan
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import canonical_source
+from airflow_provider_stopchurn.api.client import StopChurnClient
+from airflow_provider_stopchurn.encode.records import row_pieces
+from airflow_provider_stopchurn.events.engine import EventOptions, EventSummary, event_store, run_events
+from airflow_provider_stopchurn.export.engine import _BATCH_ROWS, ExportOptions, ExportSummary, _records, run_export
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.diff import data_columns
+from airflow_provider_stopchurn.update.plan import make_plan
+from airflow_provider_stopchurn.update.sync import canonical_source
 
 # ---------------------------------------------------------------------------------------------------------------
 # events and the historical export (--events / --export)

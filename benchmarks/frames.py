@@ -42,9 +42,9 @@ from harness import (
 )
 from synthetic import Churn, make_data, make_table
 
-from airflow_provider_stopchurn.client import StopChurnClient
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import SyncSummary, run_sync
+from airflow_provider_stopchurn.api.client import StopChurnClient
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import SyncSummary, run_sync
 
 FRAME_CHILDREN = ("churn", "first-load")
 

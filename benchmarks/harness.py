@@ -30,8 +30,8 @@ import pyarrow as pa
 import requests
 from synthetic import Churn
 
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import SyncOptions
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import SyncOptions
 
 RUN_MS = 1_700_000_000_000
 BRAND_ID = 1
@@ -341,7 +341,7 @@ class Phases:
 
 def engine_phases() -> Phases:
     """Time and measure the engine's steps in this process (a child run's)."""
-    from airflow_provider_stopchurn import sync
+    from airflow_provider_stopchurn.update import sync
 
     phases = Phases()
     phases.wrap(

@@ -54,10 +54,10 @@ from pushdown_sql import (
 )
 from synthetic import SEED, Churn
 
-from airflow_provider_stopchurn.client import StopChurnClient
-from airflow_provider_stopchurn.encoding import encode_rows
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import SyncOptions, SyncSummary, canonical_source, run_sync
+from airflow_provider_stopchurn.api.client import StopChurnClient
+from airflow_provider_stopchurn.encode.records import encode_rows
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import SyncOptions, SyncSummary, canonical_source, run_sync
 
 RSS_TARGET = 300 * MB
 SAMPLE = 300  # keys checked in the sandbox per kind of change
@@ -86,7 +86,7 @@ def summary_dict(summary: SyncSummary) -> dict[str, Any]:
 
 
 def _pg_uri() -> Any:
-    from airflow_provider_stopchurn.sources import postgres_uri
+    from airflow_provider_stopchurn.source.sql import postgres_uri
 
     conn = json.loads(os.environ[PG_CONN_ENV])
     return postgres_uri(
@@ -123,8 +123,8 @@ def child_main(args: argparse.Namespace) -> int:
     engine, mode = args.engine, args.mode
     # imported before the start, as in a worker that runs the operator
     from airflow_provider_stopchurn.operators import _source as operator_module  # read_sql looks read_postgres up here
-    from airflow_provider_stopchurn.pushdown import DuckDBWarehouse, PostgresWarehouse, WarehouseSource
-    from airflow_provider_stopchurn.pushdown import run_warehouse_sync as warehouse_sync
+    from airflow_provider_stopchurn.warehouse import DuckDBWarehouse, PostgresWarehouse, WarehouseSource
+    from airflow_provider_stopchurn.warehouse import run_warehouse_sync as warehouse_sync
 
     if engine in ("local", "postgres"):
         import adbc_driver_postgresql.dbapi  # noqa: F401
@@ -174,7 +174,7 @@ def diff_queries(state: Any, columns: Sequence[str], parts: bool) -> list[tuple[
     """The database's own time for the diff: ``SELECT COUNT(*)`` of the changed rows over the same ``WITH`` clauses
     the engine's counts and changes queries start with (source, key text, row hash, FULL OUTER JOIN the state
     table); with ``parts``, first its pieces alone: the text of the columns, the MD5 row hash, the join on the key."""
-    from airflow_provider_stopchurn.pushdown import sql as S
+    from airflow_provider_stopchurn.warehouse import sql as S
 
     src = S.q(S.SOURCE)
     row_hash = S.row_hash_sql(columns)
@@ -203,8 +203,8 @@ def diff_queries(state: Any, columns: Sequence[str], parts: bool) -> list[tuple[
 
 def join_child_main(args: argparse.Namespace) -> int:
     """The database's own time for the diff (:func:`diff_queries`), each query measured on its own."""
-    from airflow_provider_stopchurn.pushdown import PostgresWarehouse
-    from airflow_provider_stopchurn.pushdown import sql as S
+    from airflow_provider_stopchurn.warehouse import PostgresWarehouse
+    from airflow_provider_stopchurn.warehouse import sql as S
 
     if args.engine == "duckdb":
         con = duckdb_connect(args.db, args.duckdb_memory_limit)
@@ -388,8 +388,8 @@ def spark_child_main(args: argparse.Namespace) -> int:
     (VmHWM of this process and of the JVM reset before it); the sample check reads the source through Spark."""
     from pyspark.sql import SparkSession
 
-    from airflow_provider_stopchurn.pushdown import WarehouseSource, run_warehouse_sync
-    from airflow_provider_stopchurn.pushdown.spark import SparkWarehouse
+    from airflow_provider_stopchurn.warehouse import WarehouseSource, run_warehouse_sync
+    from airflow_provider_stopchurn.warehouse.spark import SparkWarehouse
 
     n = args.rows
     base = Path(args.root).parent / "spark"

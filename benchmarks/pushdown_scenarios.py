@@ -77,7 +77,7 @@ def bench_postgres(args: argparse.Namespace, tmp: Path, sandbox: Sandbox, server
     if tuple(counts) != (churn.deleted, churn.updated, churn.inserted):
         raise RuntimeError(f"the churn changed (deleted, updated, inserted) = {counts}, expected {churn}")
     sample = sample_ids(n)
-    from airflow_provider_stopchurn.sources import postgres_uri, read_postgres
+    from airflow_provider_stopchurn.source.sql import postgres_uri, read_postgres
 
     uri = postgres_uri(host=server.host, port=server.port, login=server.user, password=None, database=server.dbname)
     source = pa.Table.from_batches(list(read_postgres(uri, sample_sql(sample))))
@@ -187,9 +187,9 @@ def spark_unavailable() -> str | None:
     except ImportError as err:
         return f"pyspark is not installed ({err})"
     try:
-        from airflow_provider_stopchurn.pushdown.spark import SparkWarehouse  # noqa: F401
+        from airflow_provider_stopchurn.warehouse.spark import SparkWarehouse  # noqa: F401
     except ImportError as err:
-        return f"airflow_provider_stopchurn/pushdown/spark.py is missing ({err})"
+        return f"airflow_provider_stopchurn/warehouse/spark.py is missing ({err})"
     if spark_session_module().find_java() is None:
         return f"no Java runtime for Spark {pyspark.__version__} ($JAVA_HOME/bin/java or java on PATH)"
     return None

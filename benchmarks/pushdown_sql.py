@@ -15,13 +15,13 @@ import pyarrow as pa
 from harness import BRAND_ID, Phases
 from synthetic import SQL_EXTRA, SQL_TABLE, Churn, random_names
 
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
 
 TABLE = SQL_TABLE
 EXTRA = SQL_EXTRA
 QUERY = f"SELECT * FROM {TABLE}"
 STATE_SCHEMA = "stopchurn_state"
-STATE_TABLE = f"b{BRAND_ID}_{TABLE}"  # pushdown/sql.py state_table_name(BRAND_ID, TABLE)
+STATE_TABLE = f"b{BRAND_ID}_{TABLE}"  # warehouse/sql.py state_table_name(BRAND_ID, TABLE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def counted(batches: Any, stat: QueryStat) -> Iterator[pa.RecordBatch]:
 
 
 class CountingWarehouse:
-    """A warehouse of ``pushdown/warehouse.py`` (or ``SparkWarehouse``) with every call timed and classified, and
+    """A warehouse of ``warehouse/databases.py`` (or ``SparkWarehouse``) with every call timed and classified, and
     the Arrow bytes of every batch it returns and every table it loads counted."""
 
     def __init__(self, inner: Any, log: QueryLog) -> None:
@@ -285,7 +285,7 @@ class CountingWarehouse:
 
 def pushdown_phases() -> Phases:
     """Time and measure the pushdown engine's top-level steps in this process (``harness.Phases``)."""
-    from airflow_provider_stopchurn.pushdown import engine
+    from airflow_provider_stopchurn.warehouse import engine
 
     phases = Phases()
     phases.wrap(engine, "check_state", "check the state table against the store")

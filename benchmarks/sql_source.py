@@ -44,9 +44,9 @@ from harness import (
 )
 from synthetic import SQL_QUERY, SQL_TABLE, Churn, SqlTable, apply_sql_churn, load_sql_table
 
-from airflow_provider_stopchurn.client import StopChurnClient
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import SyncSummary, run_sync
+from airflow_provider_stopchurn.api.client import StopChurnClient
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import SyncSummary, run_sync
 
 SQL_CHILDREN = ("sql-floor", "sql-first-load", "sql-churn")
 
@@ -99,7 +99,7 @@ def sql_child_main(args: argparse.Namespace) -> int:
     from airflow.providers.postgres.hooks.postgres import PostgresHook  # noqa: F401
 
     from airflow_provider_stopchurn.operators.stopchurn import read_sql  # noqa: F401
-    from airflow_provider_stopchurn.sources import postgres_uri
+    from airflow_provider_stopchurn.source.sql import postgres_uri
 
     conn = json.loads(os.environ[PG_CONN_ENV])
     uri = postgres_uri(

@@ -17,8 +17,8 @@ from recovery_scenarios import SCENARIOS
 from worker_harness import client_from_env, print_line, serve
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 
 def main(argv: list[str]) -> int:

@@ -14,8 +14,8 @@ from helpers_sync import BRAND, T0, TABLE, deterministic_table, options
 from worker_harness import client_from_env, print_line, serve
 
 from airflow_provider_stopchurn.options import RunInfo
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 
 def main(argv: list[str]) -> int:

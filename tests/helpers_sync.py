@@ -18,10 +18,10 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from airflow_provider_stopchurn.client import StopChurnClient
-from airflow_provider_stopchurn.encoding import canonicalize, encode_rows
+from airflow_provider_stopchurn.api.client import StopChurnClient
+from airflow_provider_stopchurn.encode.records import canonicalize, encode_rows
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.sync import SyncOptions
+from airflow_provider_stopchurn.update.sync import SyncOptions
 
 BRAND = 7
 TABLE = "subscription"

@@ -13,8 +13,8 @@ import polars as pl
 from helpers_sync import BRAND, T0, TABLE, options
 from worker_harness import client_from_env, serve, summary_or_error
 
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 
 def main(argv: list[str]) -> int:

@@ -25,9 +25,9 @@ from helpers_events import deposit_options
 from helpers_sync import BRAND, T0
 from worker_harness import client_from_env, serve, summary_or_error
 
-from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
-from airflow_provider_stopchurn.export import ExportOptions, run_export
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.events.engine import EventOptions, event_store, run_events
+from airflow_provider_stopchurn.export.engine import ExportOptions, run_export
+from airflow_provider_stopchurn.store import SnapshotStore
 
 STREAM = "deposits"
 EXPORT_TABLE = "accounts"

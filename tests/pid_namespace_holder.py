@@ -14,7 +14,7 @@ from pathlib import Path
 
 from helpers_sync import BRAND, TABLE
 
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
 
 
 def main(root: str) -> int:

@@ -13,8 +13,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from airflow_provider_stopchurn.pushdown import DuckDBWarehouse, PostgresWarehouse, Warehouse
-from airflow_provider_stopchurn.sources import postgres_uri, read_postgres
+from airflow_provider_stopchurn.source.sql import postgres_uri, read_postgres
+from airflow_provider_stopchurn.warehouse import DuckDBWarehouse, PostgresWarehouse, Warehouse
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Engine:
             return DuckDBWarehouse(str(self.handle))
         if self.name == "postgres":
             return PostgresWarehouse(self.uri())
-        from airflow_provider_stopchurn.pushdown.spark import SparkWarehouse
+        from airflow_provider_stopchurn.warehouse.spark import SparkWarehouse
 
         return SparkWarehouse(self.handle)
 

@@ -12,8 +12,8 @@ import pandas as pd
 from helpers_sync import BRAND, T0, TABLE, make_client, options
 
 from airflow_provider_stopchurn.sandbox import SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import SyncSummary, run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import SyncSummary, run_sync
 
 N = 40
 

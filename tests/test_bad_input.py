@@ -37,7 +37,7 @@ from helpers_sync import (
     update_requests,
 )
 
-from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
+from airflow_provider_stopchurn.events.engine import EventOptions, event_store, run_events
 from airflow_provider_stopchurn.exceptions import (
     SafeguardError,
     SourceDataError,
@@ -47,12 +47,12 @@ from airflow_provider_stopchurn.exceptions import (
     StopChurnRejectedError,
     TransientDeliveryError,
 )
-from airflow_provider_stopchurn.export import ExportOptions, run_export
-from airflow_provider_stopchurn.pushdown import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
+from airflow_provider_stopchurn.export.engine import ExportOptions, run_export
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sources import read_dbapi
-from airflow_provider_stopchurn.sync import SyncOptions, run_sync
+from airflow_provider_stopchurn.source.sql import read_dbapi
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import SyncOptions, run_sync
+from airflow_provider_stopchurn.warehouse import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
 
 N = 200
 

@@ -14,10 +14,10 @@ import pytest
 from helpers_sync import BRAND, TABLE, FailAfter, RecordingSender, assert_sandbox_matches, make_client
 from sync_world import QuarantiningWorld as World
 
-from airflow_provider_stopchurn.deliver import MAX_HELD, SUSPECT_AFTER
 from airflow_provider_stopchurn.exceptions import DeliveryError, StopChurnError, TransientDeliveryError
 from airflow_provider_stopchurn.sandbox import FaultConfig
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.deliver import MAX_HELD, SUSPECT_AFTER
 
 
 @pytest.fixture

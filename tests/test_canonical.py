@@ -26,8 +26,7 @@ from helpers_sync import T0, RecordingSender, make_client, options
 from hypothesis import given
 from hypothesis import strategies as st
 
-from airflow_provider_stopchurn.canonical import canonicalize_arrow, canonicalize_source, convert_arrow_column
-from airflow_provider_stopchurn.encoding import (
+from airflow_provider_stopchurn.encode.records import (
     _decimal_canonical,
     _decimal_canonical_general,
     _decimal_text,
@@ -37,8 +36,9 @@ from airflow_provider_stopchurn.encoding import (
 )
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.sandbox import SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.source.canonical import canonicalize_arrow, canonicalize_source, convert_arrow_column
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 UTC = dt.UTC
 N = 7

@@ -46,11 +46,11 @@ from upath import UPath
 from worker_harness import accepted_or_ended, reaped, start_worker
 
 from airflow_provider_stopchurn import cli
-from airflow_provider_stopchurn.diff import DIRTY_HASH
 from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotLockedError, StopChurnRejectedError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.snapshot import CREATED_AT, HASH_1, HISTORY_LIMIT, SnapshotStore
-from airflow_provider_stopchurn.sync import SyncSummary, run_sync
+from airflow_provider_stopchurn.store import CREATED_AT, HASH_1, HISTORY_LIMIT, SnapshotStore
+from airflow_provider_stopchurn.update.diff import DIRTY_HASH
+from airflow_provider_stopchurn.update.sync import SyncSummary, run_sync
 
 TESTS = Path(__file__).resolve().parent
 STOPCHURN = Path(sys.executable).with_name("stopchurn")  # the console script of this virtualenv
@@ -372,7 +372,7 @@ def test_unlock_of_a_dead_process_needs_no_force(
     code = (
         "import os, sys\n"
         "from pathlib import Path\n"
-        "from airflow_provider_stopchurn.snapshot import SnapshotStore\n"
+        "from airflow_provider_stopchurn.store import SnapshotStore\n"
         f"SnapshotStore(Path(sys.argv[1]), {BRAND}, {TABLE!r}).table_lock('killed run').acquire()\n"
         "os._exit(0)\n"  # dies holding it
     )

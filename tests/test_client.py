@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from airflow_provider_stopchurn import __version__
-from airflow_provider_stopchurn.client import DEFAULT_BASE_URL, Pacer, SendResult, StopChurnClient
+from airflow_provider_stopchurn.api.client import DEFAULT_BASE_URL, Pacer, SendResult, StopChurnClient
 from airflow_provider_stopchurn.exceptions import (
     DeliveryError,
     SourceDataError,
@@ -224,12 +224,12 @@ def test_html_200_then_acknowledgement_succeeds(
     client: StopChurnClient, stopchurn_sandbox: SandboxServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     stopchurn_sandbox.queue_response(200, HTML_PAGE, {"Content-Type": "text/html"})
-    with caplog.at_level("WARNING", logger="airflow_provider_stopchurn.client"):
+    with caplog.at_level("WARNING", logger="airflow_provider_stopchurn.api.client"):
         result = client.post_updates([update("1")])
     assert (result.status, result.message, result.attempts) == (200, "Updates received", 2)
     assert [r["id"] for r in stopchurn_sandbox.rows(1, "user")] == ["1"]
     assert stopchurn_sandbox.stats()["accepted_requests"] == 1
-    [record] = [r for r in caplog.records if r.name == "airflow_provider_stopchurn.client"]
+    [record] = [r for r in caplog.records if r.name == "airflow_provider_stopchurn.api.client"]
     assert "HTTP 200 without StopChurn's acknowledgement" in record.getMessage()
 
 
@@ -684,7 +684,7 @@ def test_unencodable_updates_raise_source_data_error(client: StopChurnClient) ->
 
 def test_client_and_exceptions_import_without_airflow() -> None:
     code = (
-        "import airflow_provider_stopchurn.client, airflow_provider_stopchurn.exceptions; import sys; "
+        "import airflow_provider_stopchurn.api.client, airflow_provider_stopchurn.exceptions; import sys; "
         "assert 'airflow' not in sys.modules, sorted(m for m in sys.modules if m.startswith('airflow'))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -11,8 +11,8 @@ import pandas as pd
 import polars as pl
 import pytest
 
-from airflow_provider_stopchurn.contract import check_user_table
-from airflow_provider_stopchurn.encoding import canonicalize, encode_rows
+from airflow_provider_stopchurn.api.contract import check_user_table
+from airflow_provider_stopchurn.encode.records import canonicalize, encode_rows
 from airflow_provider_stopchurn.exceptions import SourceDataError
 
 
@@ -187,9 +187,9 @@ def test_null_id_is_refused() -> None:
 
 
 def test_module_imports_no_airflow() -> None:
-    assert "airflow_provider_stopchurn.contract" in sys.modules
+    assert "airflow_provider_stopchurn.api.contract" in sys.modules
     code = (
-        "import sys; import airflow_provider_stopchurn.contract, airflow_provider_stopchurn.sources; "
+        "import sys; import airflow_provider_stopchurn.api.contract, airflow_provider_stopchurn.source.sql; "
         "assert not any(m == 'airflow' or m.startswith('airflow.') for m in sys.modules)"
     )
     import subprocess

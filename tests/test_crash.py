@@ -28,8 +28,8 @@ from helpers_sync import (
 from worker_harness import kill_after, start_worker
 
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 WORKER = "crash_worker.py"
 ROWS = 1500

@@ -18,9 +18,9 @@ from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, 
 from recovery_scenarios import SCENARIOS, first_table, moved_on
 from worker_harness import run_worker
 
-from airflow_provider_stopchurn.deliver import SUSPECT_AFTER
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.deliver import SUSPECT_AFTER
+from airflow_provider_stopchurn.update.sync import run_sync
 
 WORKER = "crash_at_write_worker.py"
 KEY_VAR = "STOPCHURN_CRASH_MATRIX_KEY"

@@ -21,8 +21,8 @@ from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, 
 from recovery_scenarios import SCENARIOS, first_table, moved_on
 from upath import UPath
 
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 
 class Killed(BaseException):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airflow_provider_stopchurn.diff import ChangeSet, diff_frames
+from airflow_provider_stopchurn.update.diff import ChangeSet, diff_frames
 
 
 def keys_of(frame: pl.DataFrame, keys: list[str]) -> list[tuple[Any, ...]]:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airflow_provider_stopchurn.encoding import (
+from airflow_provider_stopchurn.encode.records import (
     KINDS,
     canonicalize,
     chunk_bodies,

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from helpers_sync import FailAfter, RecordingSender, make_client, tree_digest
 
-from airflow_provider_stopchurn.events import (
+from airflow_provider_stopchurn.events.engine import (
     KEY,
     WATERMARK,
     EventOptions,

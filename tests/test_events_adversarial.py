@@ -113,8 +113,8 @@ def test_a_duckdb_source_by_a_naive_timestamp_whatever_the_session_time_zone(
 ) -> None:
     import duckdb
 
-    from airflow_provider_stopchurn.events import EventOptions, Window, event_store, run_events
-    from airflow_provider_stopchurn.sources import read_dbapi
+    from airflow_provider_stopchurn.events.engine import EventOptions, Window, event_store, run_events
+    from airflow_provider_stopchurn.source.sql import read_dbapi
 
     path = tmp_path / "events.duckdb"
     with duckdb.connect(str(path)) as db:
@@ -155,7 +155,7 @@ def _other_namespace_lock(world: World) -> None:
     import socket
     import time as _time
 
-    from airflow_provider_stopchurn.snapshot.lock import FORMAT_VERSION
+    from airflow_provider_stopchurn.store.lock import FORMAT_VERSION
 
     pid = 4_000_000  # above any pid_max: no process of this namespace has it
     assert not os.path.exists(f"/proc/{pid}")

@@ -18,8 +18,8 @@ from helpers_sync import make_client
 from test_events import BRAND, HOUR, STREAM, T0, World, as_counts, deposits, expected, received_counts
 
 from airflow_provider_stopchurn import cli
-from airflow_provider_stopchurn.client import StopChurnClient
-from airflow_provider_stopchurn.events import FUTURE_MARGIN, KEY, SETTLE_AFTER_FAILED_TRIES, EventOptions
+from airflow_provider_stopchurn.api.client import StopChurnClient
+from airflow_provider_stopchurn.events.engine import FUTURE_MARGIN, KEY, SETTLE_AFTER_FAILED_TRIES, EventOptions
 from airflow_provider_stopchurn.exceptions import (
     SnapshotLockedError,
     SourceDataError,

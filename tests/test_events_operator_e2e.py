@@ -282,10 +282,10 @@ def test_a_second_run_of_the_stream_started_together_waits_for_the_lock_and_succ
 
     from helpers_sync import make_client
 
-    from airflow_provider_stopchurn.events import event_store, run_events
+    from airflow_provider_stopchurn.events.engine import event_store, run_events
 
     state = tmp_path / "state"
-    caplog.set_level(logging.WARNING, logger="airflow_provider_stopchurn.snapshot.store")
+    caplog.set_level(logging.WARNING, logger="airflow_provider_stopchurn.store.snapshots")
     dag = events_dag("together", dataframe=lambda: deposits(0, 29), state_uri=str(state), retries=0)
     first: dict[str, Any] = {}
 
@@ -331,7 +331,7 @@ def _wait_for_lock(state: Path, brand: int, stream: str) -> bool:
     """Whether the stream's LOCK appeared within 60 s."""
     import threading
 
-    from airflow_provider_stopchurn.events import event_store
+    from airflow_provider_stopchurn.events.engine import event_store
 
     store = event_store(state, brand, stream)
     for _ in range(600):

@@ -18,7 +18,7 @@ import pytest
 from helpers_events import deposit_options
 from helpers_sync import make_client
 
-from airflow_provider_stopchurn.events import EventOptions, EventSummary, Window, event_store, run_events
+from airflow_provider_stopchurn.events.engine import EventOptions, EventSummary, Window, event_store, run_events
 from airflow_provider_stopchurn.sandbox import SandboxServer
 
 BRAND = 11
@@ -78,7 +78,7 @@ def _adbc(conn_id: str, column: str) -> Callable[[Window], Any]:
 def _hook(conn_id: str, column: str) -> Callable[[Window], Any]:
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
-    from airflow_provider_stopchurn.sources import read_dbapi
+    from airflow_provider_stopchurn.source.sql import read_dbapi
 
     return lambda window: read_dbapi(
         PostgresHook(postgres_conn_id=conn_id), QUERY.format(column=column), window.parameters()

@@ -18,10 +18,10 @@ from helpers_sync import RecordingSender, assert_sandbox_matches, make_client
 from killswitch_fs import Killed, KillSwitchFileSystem, fresh_root
 
 from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotLockedError, StopChurnConfigError
-from airflow_provider_stopchurn.export import ExportOptions, ExportSummary, run_export
+from airflow_provider_stopchurn.export.engine import ExportOptions, ExportSummary, run_export
 from airflow_provider_stopchurn.sandbox import SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import SyncOptions, run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import SyncOptions, run_sync
 
 BRAND = 9
 TABLE = "account"

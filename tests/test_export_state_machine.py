@@ -26,11 +26,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 from killswitch_fs import Killed, KillSwitchFileSystem, fresh_root
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
-from airflow_provider_stopchurn.export import MANIFEST, ExportOptions, ExportSummary, output_folder, run_export
+from airflow_provider_stopchurn.export.engine import MANIFEST, ExportOptions, ExportSummary, output_folder, run_export
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 LONG = os.environ.get("STOPCHURN_SOAK") == "long"
 

@@ -18,7 +18,7 @@ from test_operator_e2e import START, _seed_failing_third_request, new_dag_id, ru
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

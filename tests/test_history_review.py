@@ -24,8 +24,8 @@ from airflow_provider_stopchurn import cli
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError
 from airflow_provider_stopchurn.options import RunInfo
 from airflow_provider_stopchurn.sandbox import SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 N = 20
 
@@ -113,7 +113,7 @@ def test_a_source_error_that_quotes_a_dsn_with_its_password_is_recorded_without_
     ],
 )
 def test_first_line_takes_passwords_out_of_urls_and_key_value_dsns(line: str) -> None:
-    from airflow_provider_stopchurn.history import first_line
+    from airflow_provider_stopchurn.store.history import first_line
 
     shown = first_line(RuntimeError(line + "\nsecond line"))
     assert "hunter2-secret" not in shown
@@ -233,7 +233,7 @@ def test_an_event_retry_records_the_chunks_it_settled_of_its_earlier_try(sb: San
 
     from helpers_sync import FailAfter
 
-    from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
+    from airflow_provider_stopchurn.events.engine import EventOptions, event_store, run_events
     from airflow_provider_stopchurn.exceptions import TransientDeliveryError
     from airflow_provider_stopchurn.sandbox import FaultConfig
 

@@ -39,7 +39,7 @@ from upath import UPath
 from worker_harness import accepted_or_ended, reaped, start_worker
 
 from airflow_provider_stopchurn import cli
-from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
+from airflow_provider_stopchurn.events.engine import EventOptions, event_store, run_events
 from airflow_provider_stopchurn.exceptions import (
     SafeguardError,
     SnapshotLockedError,
@@ -48,13 +48,13 @@ from airflow_provider_stopchurn.exceptions import (
     StopChurnRejectedError,
     TransientDeliveryError,
 )
-from airflow_provider_stopchurn.export import ExportOptions, run_export
-from airflow_provider_stopchurn.history import record_refusal
+from airflow_provider_stopchurn.export.engine import ExportOptions, run_export
 from airflow_provider_stopchurn.options import RunInfo
-from airflow_provider_stopchurn.pushdown import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.store.history import record_refusal
+from airflow_provider_stopchurn.update.sync import run_sync
+from airflow_provider_stopchurn.warehouse import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
 
 TESTS = Path(__file__).resolve().parent
 WORKER = "crash_worker.py"

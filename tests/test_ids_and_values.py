@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airflow_provider_stopchurn.encoding import canonicalize, encode_rows
+from airflow_provider_stopchurn.encode.records import canonicalize, encode_rows
 from airflow_provider_stopchurn.exceptions import SourceDataError
 
 D = decimal.Decimal

@@ -25,7 +25,7 @@ from helpers_sync import (
 )
 from sync_world import SyncWorld
 
-from airflow_provider_stopchurn.client import StopChurnClient
+from airflow_provider_stopchurn.api.client import StopChurnClient
 from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, StopChurnError
 from airflow_provider_stopchurn.options import SHAPE_OPTIONS
 from airflow_provider_stopchurn.sandbox import FaultConfig

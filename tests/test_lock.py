@@ -24,7 +24,7 @@ from helpers_sync import wait_until
 from upath import UPath
 
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError
-from airflow_provider_stopchurn.snapshot import FORMAT_VERSION, Backend, SnapshotStore, TableLock, backend_for
+from airflow_provider_stopchurn.store import FORMAT_VERSION, Backend, SnapshotStore, TableLock, backend_for
 
 BRAND, TABLE = 7, "subscription"
 
@@ -181,7 +181,7 @@ _WORKER = """
 import sys, time
 from pathlib import Path
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
 
 folder, name = Path(sys.argv[1]), sys.argv[2]
 lock = SnapshotStore(folder / "root", 7, "subscription").table_lock(name, ttl_s=120)

@@ -24,11 +24,11 @@ from helpers_events import deposit_options
 from helpers_sync import BRAND, T0, TABLE, make_client, options, wait_until
 from worker_harness import start_worker
 
-from airflow_provider_stopchurn.events import event_store, run_events
+from airflow_provider_stopchurn.events.engine import event_store, run_events
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError
 from airflow_provider_stopchurn.sandbox import SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 WORKER = "lock_loss_worker.py"
 KEY_VAR = "STOPCHURN_LOCK_LOSS_TEST_KEY"
@@ -95,7 +95,7 @@ def _run_warehouse(name: str) -> Callable[..., tuple[SnapshotStore, Callable[[],
         import pandas as pd
         from pushdown_engines import engine_fixture
 
-        from airflow_provider_stopchurn.pushdown import WarehouseSource, run_warehouse_sync
+        from airflow_provider_stopchurn.warehouse import WarehouseSource, run_warehouse_sync
 
         engine = next(engine_fixture(name, request, root.parent))
         engine.load(pd.DataFrame({"id": [1, 2], "name": ["a", "b"]}))

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from helpers_sync import BRAND, TABLE
 
-from airflow_provider_stopchurn import operate
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore, operate
 
 HERE = Path(__file__).parent
 

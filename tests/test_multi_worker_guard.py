@@ -22,7 +22,7 @@ from airflow_plugin import run_dag, xcom_return
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
 from airflow_provider_stopchurn.sandbox import SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from airflow.sdk import DAG
 
-from airflow_provider_stopchurn.events import EventOptions
-from airflow_provider_stopchurn.export import ExportOptions
+from airflow_provider_stopchurn.events.engine import EventOptions
+from airflow_provider_stopchurn.export.engine import ExportOptions
 from airflow_provider_stopchurn.operators.stopchurn import (
     RETRY_DEFAULTS,
     StopChurnEventOperator,

@@ -633,7 +633,7 @@ def test_second_run_of_a_table_waits_for_the_lock(sandbox: SandboxServer, tmp_pa
     import threading
     import time
 
-    from airflow_provider_stopchurn.snapshot import SnapshotStore
+    from airflow_provider_stopchurn.store import SnapshotStore
 
     root = tmp_path / "snapshots"
     frame = users_frame(random.Random(7), 20)

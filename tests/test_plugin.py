@@ -24,7 +24,7 @@ from airflow_provider_stopchurn.plugins.page import (
     render_page,
     select_task,
 )
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
 
 NOW = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
 

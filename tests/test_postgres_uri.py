@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_stopchurn.sources import AIRFLOW_ONLY_EXTRAS, postgres_uri
+from airflow_provider_stopchurn.source.sql import AIRFLOW_ONLY_EXTRAS, postgres_uri
 
 SECRET = "p@ss:w/rd?#%&= é"
 

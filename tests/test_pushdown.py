@@ -19,10 +19,10 @@ from helpers_sync import BRAND, T0, TABLE, RecordingSender, assert_sandbox_match
 from pushdown_engines import Engine, engine_fixture
 
 from airflow_provider_stopchurn.exceptions import SafeguardError, StopChurnConfigError
-from airflow_provider_stopchurn.pushdown import StateDriftError, WarehouseSource, reconcile, run_warehouse_sync
 from airflow_provider_stopchurn.sandbox import SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
+from airflow_provider_stopchurn.warehouse import StateDriftError, WarehouseSource, reconcile, run_warehouse_sync
 
 ENGINES = ["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)]
 #: Spark's local mode takes seconds per statement: the core properties only

@@ -38,10 +38,10 @@ from helpers_sync import (
 )
 
 from airflow_provider_stopchurn import cli
-from airflow_provider_stopchurn.pushdown import DuckDBWarehouse, StateDriftError, WarehouseSource, run_warehouse_sync
 from airflow_provider_stopchurn.sandbox import SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import SyncSummary
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import SyncSummary
+from airflow_provider_stopchurn.warehouse import DuckDBWarehouse, StateDriftError, WarehouseSource, run_warehouse_sync
 
 STATE = "stopchurn_state.b7_subscription"
 
@@ -220,7 +220,7 @@ def test_adopt_state_when_the_store_was_lost(world: World) -> None:
 def test_reset_switches_a_worker_diffed_table_to_the_warehouse(world: World) -> None:
     """The message of a warehouse run over a worker snapshot names reset; the reset then lets it start."""
     from airflow_provider_stopchurn.exceptions import StopChurnConfigError
-    from airflow_provider_stopchurn.sync import run_sync
+    from airflow_provider_stopchurn.update.sync import run_sync
 
     frame = world.load(world.churn.frame)
     run_sync(frame, world.store, make_client(world.sb), options(), run_ms=T0)

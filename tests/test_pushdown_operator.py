@@ -31,7 +31,7 @@ from airflow_provider_stopchurn.hooks._compat import AirflowFailException
 from airflow_provider_stopchurn.hooks.assets import stopchurn_asset
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
 from airflow_provider_stopchurn.sandbox import SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pushdown_engines import Engine, engine_fixture
 
-from airflow_provider_stopchurn.pushdown import WarehouseSource, run_warehouse_sync
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.warehouse import WarehouseSource, run_warehouse_sync
 
 ENGINES = [
     "duckdb",

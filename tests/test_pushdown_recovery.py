@@ -32,9 +32,9 @@ from test_pushdown import QUERY, churn, table
 from upath import UPath
 
 from airflow_provider_stopchurn.exceptions import DeliveryError, StopChurnRejectedError
-from airflow_provider_stopchurn.pushdown import DuckDBWarehouse, WarehouseSource, reconcile, run_warehouse_sync
 from airflow_provider_stopchurn.sandbox import FaultConfig
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.warehouse import DuckDBWarehouse, WarehouseSource, reconcile, run_warehouse_sync
 
 ENGINES = ["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -176,7 +176,7 @@ class KillableDuckDB(DuckDBWarehouse):
 
 
 def _killable_spark() -> type:
-    from airflow_provider_stopchurn.pushdown.spark import SparkWarehouse
+    from airflow_provider_stopchurn.warehouse.spark import SparkWarehouse
 
     class KillableSpark(SparkWarehouse):
         """Spark runs each statement on its own (no transactions): the worker may die between any two of them.

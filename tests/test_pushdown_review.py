@@ -14,8 +14,8 @@ import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options, update_requests
 from pushdown_engines import Engine, engine_fixture
 
-from airflow_provider_stopchurn.pushdown import DbApiWarehouse, DuckDBWarehouse, WarehouseSource, run_warehouse_sync
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.warehouse import DbApiWarehouse, DuckDBWarehouse, WarehouseSource, run_warehouse_sync
 
 KEYS = ("at",)
 

@@ -13,9 +13,9 @@ import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options, update_requests
 from pushdown_engines import Engine, engine_fixture
 
-from airflow_provider_stopchurn.pushdown import WarehouseSource, run_warehouse_sync
-from airflow_provider_stopchurn.pushdown.spark import SparkWarehouse
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.warehouse import WarehouseSource, run_warehouse_sync
+from airflow_provider_stopchurn.warehouse.spark import SparkWarehouse
 
 pytestmark = pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")
 

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pytest
 import sqlglot
 
-from airflow_provider_stopchurn.pushdown.spark import SparkWarehouse, spark_identifier
-from airflow_provider_stopchurn.pushdown.warehouse import Warehouse
-from airflow_provider_stopchurn.sources import BATCH_ROWS
+from airflow_provider_stopchurn.source.sql import BATCH_ROWS
+from airflow_provider_stopchurn.warehouse.databases import Warehouse
+from airflow_provider_stopchurn.warehouse.spark import SparkWarehouse, spark_identifier
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -62,7 +62,7 @@ def test_is_a_warehouse(warehouse: SparkWarehouse) -> None:
 def test_module_imports_without_pyspark() -> None:
     code = (
         "import sys; sys.modules['pyspark'] = None\n"
-        "from airflow_provider_stopchurn.pushdown.spark import SparkWarehouse\n"
+        "from airflow_provider_stopchurn.warehouse.spark import SparkWarehouse\n"
         "assert 'airflow' not in sys.modules, 'spark.py imported Airflow'\n"
         "print(SparkWarehouse.dialect)"
     )
@@ -360,7 +360,7 @@ def test_non_utc_session_is_warned_about(spark: SparkSession, caplog: pytest.Log
     spark.conf.set("spark.sql.session.timeZone", "Europe/Paris")
     try:
         wh = SparkWarehouse(spark)
-        with caplog.at_level(logging.WARNING, logger="airflow_provider_stopchurn.pushdown.spark"):
+        with caplog.at_level(logging.WARNING, logger="airflow_provider_stopchurn.warehouse.spark"):
             assert wh.rows("SELECT 1") == [(1,)]
             assert wh.rows("SELECT 2") == [(2,)]
         warnings = [r for r in caplog.records if "time zone is Europe/Paris" in r.getMessage()]

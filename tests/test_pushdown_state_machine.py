@@ -50,10 +50,10 @@ from test_pushdown_recovery import KillableDuckDB, _step
 from upath import UPath
 
 from airflow_provider_stopchurn.exceptions import DeliveryError, SafeguardError
-from airflow_provider_stopchurn.pushdown import PostgresWarehouse, WarehouseSource, run_warehouse_sync
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.warehouse import PostgresWarehouse, WarehouseSource, run_warehouse_sync
 
 LONG = os.environ.get("STOPCHURN_SOAK") == "long"
 QUERY = "SELECT * FROM src"

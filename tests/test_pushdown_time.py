@@ -21,9 +21,9 @@ from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, 
 from pushdown_engines import Engine, engine_fixture
 
 from airflow_provider_stopchurn import cli
-from airflow_provider_stopchurn.pushdown import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
-from airflow_provider_stopchurn.pushdown.engine import token_order
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.warehouse import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
+from airflow_provider_stopchurn.warehouse.engine import token_order
 
 KEYS = ("at",)
 

@@ -38,8 +38,8 @@ from airflow_provider_stopchurn.exceptions import (
     TransientDeliveryError,
 )
 from airflow_provider_stopchurn.sandbox import FaultConfig
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 
 class World(SyncWorld):

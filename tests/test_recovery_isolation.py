@@ -28,9 +28,9 @@ from helpers_sync import (
 from sync_world import N, table
 from sync_world import QuarantiningWorld as World
 
-from airflow_provider_stopchurn.deliver import SUSPECT_AFTER
 from airflow_provider_stopchurn.exceptions import StopChurnRejectedError, TransientDeliveryError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
+from airflow_provider_stopchurn.update.deliver import SUSPECT_AFTER
 
 
 @pytest.fixture

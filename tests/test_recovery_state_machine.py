@@ -39,12 +39,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from airflow_provider_stopchurn.deliver import SUSPECT_AFTER
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.deliver import SUSPECT_AFTER
+from airflow_provider_stopchurn.update.sync import run_sync
 
 faults = fault_configs(body_limits=(1200, 3000))
 

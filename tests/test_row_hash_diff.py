@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from test_diff import frame_pair, oracle
 
 from airflow_provider_stopchurn.exceptions import SafeguardError
-from airflow_provider_stopchurn.snapshot import HASH_1, HASH_2, SnapshotStore
-from airflow_provider_stopchurn.sync import ROW_HASH, run_sync
+from airflow_provider_stopchurn.store import HASH_1, HASH_2, SnapshotStore
+from airflow_provider_stopchurn.update.sync import ROW_HASH, run_sync
 
 
 @pytest.fixture

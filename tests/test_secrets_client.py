@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_stopchurn.client import StopChurnClient
+from airflow_provider_stopchurn.api.client import StopChurnClient
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
@@ -75,7 +75,7 @@ def test_logs_are_really_captured(debug_logs: pytest.LogCaptureFixture, sandbox:
         c.post_updates([])
     names = {r.name for r in debug_logs.records}
     assert "urllib3.connectionpool" in names
-    assert "airflow_provider_stopchurn.client" in names
+    assert "airflow_provider_stopchurn.api.client" in names
 
 
 @pytest.mark.parametrize(

@@ -18,12 +18,12 @@ import polars as pl
 import pytest
 from helpers_sync import BRAND, T0, TABLE, list_files, options
 
-from airflow_provider_stopchurn.client import StopChurnClient
-from airflow_provider_stopchurn.events import EventOptions, event_store, run_events
+from airflow_provider_stopchurn.api.client import StopChurnClient
+from airflow_provider_stopchurn.events.engine import EventOptions, event_store, run_events
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.sandbox import SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 KEY = "sk-LEAKCHECK-engines-4b3a2918"
 NEEDLES = (KEY, "LEAKCHECK", "4b3a2918")
@@ -38,7 +38,7 @@ def _runner(engine: str, root: Path, client: StopChurnClient) -> Callable[[], An
     if engine == "warehouse-duckdb":
         import duckdb
 
-        from airflow_provider_stopchurn.pushdown import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
+        from airflow_provider_stopchurn.warehouse import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
 
         db = root.parent / "warehouse.duckdb"
         with duckdb.connect(str(db)) as con:

@@ -24,10 +24,10 @@ from airflow.sdk import DAG
 from airflow_plugin import run_dag, xcom_return
 from pg_server import _free_port
 
-from airflow_provider_stopchurn.canonical import canonicalize_source
 from airflow_provider_stopchurn.exceptions import SourceConnectionError
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator, read_sql
 from airflow_provider_stopchurn.sandbox import SandboxServer
+from airflow_provider_stopchurn.source.canonical import canonicalize_source
 
 pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("airflow_db")]
 

@@ -18,15 +18,15 @@ import pandas as pd
 import pytest
 from helpers_sync import T0, Churn, list_files, make_client, options
 
-from airflow_provider_stopchurn.client import StopChurnClient
+from airflow_provider_stopchurn.api.client import StopChurnClient
 from airflow_provider_stopchurn.exceptions import (
     StopChurnAuthError,
     StopChurnRejectedError,
     TransientDeliveryError,
 )
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 KEY = "sk-LEAKCHECK-9f8e7d6c5b4a"
 NEEDLES = (KEY, "LEAKCHECK", "9f8e7d6c5b4a")

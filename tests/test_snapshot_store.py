@@ -45,7 +45,7 @@ from airflow_provider_stopchurn.exceptions import (
     TransientDeliveryError,
 )
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.snapshot import (
+from airflow_provider_stopchurn.store import (
     CREATED_AT,
     FORMAT_VERSION,
     Backend,
@@ -55,7 +55,7 @@ from airflow_provider_stopchurn.snapshot import (
     SnapshotStore,
     backend_for,
 )
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.update.sync import run_sync
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,13 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from airflow_provider_stopchurn.canonical import Source, canonicalize_source
-from airflow_provider_stopchurn.diff import diff_frames
-from airflow_provider_stopchurn.encoding import Canonical, encode_rows
+from airflow_provider_stopchurn.encode.records import Canonical, encode_rows
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.operators.stopchurn import read_sql
-from airflow_provider_stopchurn.sources import rows_to_batch
-from airflow_provider_stopchurn.sync import SyncOptions, canonical_source
+from airflow_provider_stopchurn.source.canonical import Source, canonicalize_source
+from airflow_provider_stopchurn.source.sql import rows_to_batch
+from airflow_provider_stopchurn.update.diff import diff_frames
+from airflow_provider_stopchurn.update.sync import SyncOptions, canonical_source
 
 pytestmark = pytest.mark.mysql
 
@@ -285,8 +285,8 @@ def test_the_export_parses_json_columns_too(mysql_database: Any, mysql_conn_id: 
     """The historical export takes json_columns as the update operator does: its files hold nested JSON."""
     from pathlib import Path
 
-    from airflow_provider_stopchurn.export import ExportOptions, run_export
-    from airflow_provider_stopchurn.snapshot import SnapshotStore
+    from airflow_provider_stopchurn.export.engine import ExportOptions, run_export
+    from airflow_provider_stopchurn.store import SnapshotStore
 
     mysql_database.execute(
         "CREATE TABLE t (id INT PRIMARY KEY, profile JSON)",

@@ -19,12 +19,12 @@ import pandas as pd
 import polars as pl
 import pytest
 
-from airflow_provider_stopchurn.canonical import Source, canonicalize_source
-from airflow_provider_stopchurn.diff import diff_frames
-from airflow_provider_stopchurn.encoding import Canonical, canonicalize, encode_rows
+from airflow_provider_stopchurn.encode.records import Canonical, canonicalize, encode_rows
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.operators.stopchurn import read_sql
-from airflow_provider_stopchurn.sources import read_dbapi
+from airflow_provider_stopchurn.source.canonical import Source, canonicalize_source
+from airflow_provider_stopchurn.source.sql import read_dbapi
+from airflow_provider_stopchurn.update.diff import diff_frames
 
 CONN_ID = "stopchurn_test_sqlite"
 

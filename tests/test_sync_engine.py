@@ -37,8 +37,8 @@ from helpers_sync import (
 
 from airflow_provider_stopchurn.exceptions import TransientDeliveryError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import run_sync
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ from airflow_provider_stopchurn.operators.stopchurn import (
     StopChurnUpdateOperator,
 )
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
 
 pytestmark = [pytest.mark.usefixtures("airflow_db"), pytest.mark.browser]
 

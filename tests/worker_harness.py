@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from helpers_sync import wait_until
 
-from airflow_provider_stopchurn.client import StopChurnClient
+from airflow_provider_stopchurn.api.client import StopChurnClient
 
 TESTS = Path(__file__).resolve().parent
 

@@ -60,7 +60,7 @@ def store_root(uri: str, conn_id: str | None = None) -> Any:
 
 
 def _store(args: argparse.Namespace, *, must_exist: bool = True) -> Any:
-    from airflow_provider_stopchurn.snapshot import SnapshotStore
+    from airflow_provider_stopchurn.store import SnapshotStore
 
     if not args.table.strip():
         raise UsageError("--table is empty")

@@ -21,7 +21,7 @@ from airflow_provider_stopchurn.cli.airflow_connections import read_sql
 
 
 def _unlock(args: argparse.Namespace, out: TextIO) -> None:
-    from airflow_provider_stopchurn import operate
+    from airflow_provider_stopchurn.store import operate
 
     store = _store(args)
     lock = operate.lock_info(store.read_lock(), present=store.backend.exists("LOCK"))
@@ -70,7 +70,8 @@ def _refuse_warehouse_table(store: Any, command: str, repair: str) -> None:
 
 
 def _settle(args: argparse.Namespace, out: TextIO) -> None:
-    from airflow_provider_stopchurn import events, operate
+    from airflow_provider_stopchurn.events import engine as events
+    from airflow_provider_stopchurn.store import operate
 
     if (args.table is None) == (args.stream is None):
         raise UsageError("give exactly one of --table T or --stream S (an event stream)")
@@ -118,7 +119,7 @@ def _settle_store(args: argparse.Namespace) -> Any:
     """The store ``settle`` works on: a table's, or with ``--stream`` an event stream's under ``URI/events``."""
     if args.stream is None:
         return _store(args)
-    from airflow_provider_stopchurn.events import event_store
+    from airflow_provider_stopchurn.events.engine import event_store
 
     if not args.stream.strip():
         raise UsageError("--stream is empty")
@@ -133,7 +134,8 @@ def _settle_store(args: argparse.Namespace) -> Any:
 
 def _settle_events(args: argparse.Namespace, out: TextIO, store: Any) -> None:
     """``settle`` of an event plan: the acknowledged events join the ledger, the next run reads the rest again."""
-    from airflow_provider_stopchurn import events, operate
+    from airflow_provider_stopchurn.events import engine as events
+    from airflow_provider_stopchurn.store import operate
 
     plan = operate.preview_settle(store)
     if plan is None:
@@ -184,7 +186,7 @@ def _rebaseline_source(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _rebaseline(args: argparse.Namespace, out: TextIO) -> None:
-    from airflow_provider_stopchurn import operate
+    from airflow_provider_stopchurn.store import operate
 
     store = _store(args, must_exist=False)
     _refuse_warehouse_table(

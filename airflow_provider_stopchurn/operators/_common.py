@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError, StopChurnError
-from airflow_provider_stopchurn.history import record_refusal
 from airflow_provider_stopchurn.hooks._compat import (
     AirflowException,
     AirflowFailException,
@@ -20,11 +19,12 @@ from airflow_provider_stopchurn.hooks._compat import (
     ObjectStoragePath,
 )
 from airflow_provider_stopchurn.options import RunInfo
+from airflow_provider_stopchurn.store.history import record_refusal
 
 if TYPE_CHECKING:
     from airflow_provider_stopchurn.hooks._compat import Context
     from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
-    from airflow_provider_stopchurn.snapshot import SnapshotStore
+    from airflow_provider_stopchurn.store import SnapshotStore
 
 
 def snapshot_root(uri: Any, conn_id: str | None = None) -> Any:

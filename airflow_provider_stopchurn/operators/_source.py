@@ -11,14 +11,14 @@ from urllib.parse import quote
 
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError
 from airflow_provider_stopchurn.hooks._compat import BaseHook, XComArg, mask_secret
-from airflow_provider_stopchurn.sources import PostgresUri, SqlHook, postgres_uri, read_dbapi, read_postgres
+from airflow_provider_stopchurn.source.sql import PostgresUri, SqlHook, postgres_uri, read_dbapi, read_postgres
 
 if TYPE_CHECKING:
     import pyarrow as pa
     from airflow.sdk import Connection
 
-    from airflow_provider_stopchurn.canonical import Source
     from airflow_provider_stopchurn.hooks._compat import Context
+    from airflow_provider_stopchurn.source.canonical import Source
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError
 from airflow_provider_stopchurn.hooks._compat import BaseHook
 from airflow_provider_stopchurn.operators._source import _adbc_postgres_uri
-from airflow_provider_stopchurn.sources import SqlHook
+from airflow_provider_stopchurn.source.sql import SqlHook
 
 if TYPE_CHECKING:
-    from airflow_provider_stopchurn.pushdown import Warehouse, WarehouseSource
+    from airflow_provider_stopchurn.warehouse import Warehouse, WarehouseSource
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ WAREHOUSE_DIALECTS: dict[str, tuple[str, str]] = {
 
 _SPARK_REFUSAL = (
     "a Spark connection gives no SparkSession to diff in: use the engine's API with a SparkWarehouse "
-    "(airflow_provider_stopchurn.pushdown.spark) in a task that owns the session, or diff_location='worker'"
+    "(airflow_provider_stopchurn.warehouse.spark) in a task that owns the session, or diff_location='worker'"
 )
 #: Connection types the warehouse diff refuses, and why.
 WAREHOUSE_REFUSED: dict[str, str] = {
@@ -80,7 +80,7 @@ def warehouse_for_connection(conn_id: str, hook_params: Mapping[str, Any] | None
     file in the connection's host (or schema); the types of :data:`WAREHOUSE_DIALECTS`: the hook's DB-API
     connection. Others (:data:`WAREHOUSE_REFUSED`, or unknown) raise ``StopChurnConfigError``.
     """
-    from airflow_provider_stopchurn.pushdown import DbApiWarehouse, DuckDBWarehouse, PostgresWarehouse
+    from airflow_provider_stopchurn.warehouse import DbApiWarehouse, DuckDBWarehouse, PostgresWarehouse
 
     connection = BaseHook.get_connection(conn_id)
     conn_type = str(connection.conn_type or "").lower()
@@ -129,8 +129,8 @@ def warehouse_source(
 ) -> WarehouseSource:
     """The source of a warehouse diff: one SELECT on ``conn_id``'s warehouse. PostgreSQL's ``parameters`` are
     inlined as literals (as the worker path binds them for ADBC); elsewhere a query with parameters is refused."""
-    from airflow_provider_stopchurn.pushdown import WarehouseSource
-    from airflow_provider_stopchurn.sources import _with_literals
+    from airflow_provider_stopchurn.source.sql import _with_literals
+    from airflow_provider_stopchurn.warehouse import WarehouseSource
 
     statements = [sql] if isinstance(sql, str) else [str(s) for s in sql]
     if len(statements) != 1:

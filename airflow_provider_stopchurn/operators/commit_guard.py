@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_provider_stopchurn.exceptions import SnapshotError, StopChurnError
 
 if TYPE_CHECKING:
-    from airflow_provider_stopchurn.snapshot import SnapshotStore
+    from airflow_provider_stopchurn.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 

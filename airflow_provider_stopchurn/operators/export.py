@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
-from airflow_provider_stopchurn.export import MAX_FILE_BYTES, ExportOptions, run_export
+from airflow_provider_stopchurn.export.engine import MAX_FILE_BYTES, ExportOptions, run_export
 from airflow_provider_stopchurn.hooks._compat import BaseOperator
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.operators._common import (
@@ -24,7 +24,7 @@ from airflow_provider_stopchurn.operators._common import (
 from airflow_provider_stopchurn.operators._source import _SourceArguments
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard, SnapshotBehindError
 from airflow_provider_stopchurn.options import LOCK_TTL_S
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
 
 if TYPE_CHECKING:
     from airflow_provider_stopchurn.hooks._compat import Context

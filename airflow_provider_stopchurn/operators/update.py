@@ -31,12 +31,12 @@ from airflow_provider_stopchurn.operators._warehouse import (
 )
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard
 from airflow_provider_stopchurn.options import LOCK_TTL_S
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.sync import SyncOptions, SyncSummary, run_sync
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.sync import SyncOptions, SyncSummary, run_sync
 
 if TYPE_CHECKING:
-    from airflow_provider_stopchurn.deliver import Sender
     from airflow_provider_stopchurn.hooks._compat import Context
+    from airflow_provider_stopchurn.update.deliver import Sender
 
 
 #: SyncOptions fields the operator takes as arguments of the same name and passes on unchanged (SyncOptions
@@ -317,7 +317,7 @@ class StopChurnUpdateOperator(_SourceArguments, BaseOperator):
         """One sync by the engine of ``diff_location``: the local diff, or the diff inside the warehouse."""
         if not in_warehouse:
             return run_sync(self._source(context), store, sender, options, run_ms=run_ms)
-        from airflow_provider_stopchurn.pushdown import run_warehouse_sync
+        from airflow_provider_stopchurn.warehouse import run_warehouse_sync
 
         if self.sql is None:  # checked by _check_diff_location
             raise StopChurnConfigError(f"{self.task_id}: diff_location='warehouse' needs a SQL source.")

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from airflow_provider_stopchurn.events import EVENTS_FOLDER, event_store
+from airflow_provider_stopchurn.events.engine import EVENTS_FOLDER, event_store
 from airflow_provider_stopchurn.operators._common import snapshot_root
 from airflow_provider_stopchurn.plugins.page import (
     CHART_RUNS,
@@ -56,7 +56,7 @@ from airflow_provider_stopchurn.plugins.page import (
     record_belongs,
     render_page,
 )
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 

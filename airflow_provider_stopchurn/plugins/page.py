@@ -28,7 +28,7 @@ from html import escape
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
 
 
 @dataclass(frozen=True)

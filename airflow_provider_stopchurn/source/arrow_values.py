@@ -1,7 +1,7 @@
 """One Arrow column -> a canonical polars Series and its kind (no Airflow import).
 
-The column rules of :mod:`~airflow_provider_stopchurn.canonical` (the Arrow types ADBC drivers deliver are listed
-there); the pandas path of :mod:`~airflow_provider_stopchurn.encoding` converts a DataFrame's Arrow-backed columns
+The column rules of :mod:`~airflow_provider_stopchurn.source.canonical` (the Arrow types ADBC drivers deliver are listed
+there); the pandas path of :mod:`~airflow_provider_stopchurn.encode.records` converts a DataFrame's Arrow-backed columns
 with them too.
 """
 
@@ -19,7 +19,7 @@ import polars as pl
 import pyarrow as pa
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
-from airflow_provider_stopchurn.values import (
+from airflow_provider_stopchurn.source.values import (
     _MS_PER_DAY,
     _SECONDS_PER_UNIT,
     _decimal_column,

@@ -1,6 +1,6 @@
 """Where the pushdown diff runs: one small protocol, one class per way of talking to a database (no Airflow import).
 
-The SQL itself is built by :mod:`~airflow_provider_stopchurn.pushdown.sql` for the warehouse's ``dialect`` (a
+The SQL itself is built by :mod:`~airflow_provider_stopchurn.warehouse.sql` for the warehouse's ``dialect`` (a
 sqlglot dialect name). A warehouse only runs it:
 
 * :meth:`Warehouse.batches` reads a query's result as Arrow record batches **through the same reader as the
@@ -20,7 +20,7 @@ connection is pinned where its dialect is PostgreSQL (a postgres connection with
 ADBC driver); other DB-API warehouses (Snowflake, Trino, ...) keep their sessions' own settings.
 
 Implementations: :class:`PostgresWarehouse` (ADBC), :class:`DuckDBWarehouse`, :class:`DbApiWarehouse` (any other
-DB-API connection: Snowflake, Trino, Databricks SQL, ...), and ``SparkWarehouse`` (``pushdown/spark.py``).
+DB-API connection: Snowflake, Trino, Databricks SQL, ...), and ``SparkWarehouse`` (``warehouse/spark.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
-from airflow_provider_stopchurn.sources import BATCH_ROWS, PostgresUri, _connect_postgres, rows_to_batch
+from airflow_provider_stopchurn.source.sql import BATCH_ROWS, PostgresUri, _connect_postgres, rows_to_batch
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class DbApiWarehouse(_CursorWarehouse):
         self._marker = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(paramstyle, "%s")
 
     def load(self, table: str, data: pa.Table) -> None:
-        from airflow_provider_stopchurn.pushdown.sql import staging_ddl
+        from airflow_provider_stopchurn.warehouse.sql import staging_ddl
 
         names = data.column_names
         self.execute([staging_ddl(self.dialect, table, data.schema)])

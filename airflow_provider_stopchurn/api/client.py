@@ -23,7 +23,7 @@ dozen concurrent senders) and knows the API's contract:
   received it;
 * a *fence* (:meth:`StopChurnClient.fenced`) is called before every attempt, retries included, with the longest
   time the attempt can take (:attr:`StopChurnClient.request_s`): the sync engines pass their table lock's
-  :meth:`~airflow_provider_stopchurn.snapshot.lock.TableLock.fence`, so a run that lost its lease while it slept
+  :meth:`~airflow_provider_stopchurn.store.lock.TableLock.fence`, so a run that lost its lease while it slept
   on a ``Retry-After`` or a backoff sends nothing more.
 
 The API key is kept in a masked wrapper: it never appears in a repr, a log line or an exception message

@@ -2,10 +2,10 @@
 
 Every client has a table ``user`` whose rows carry ``id`` and two objects, ``marketingPreferences`` and
 ``systemPreferences``, each ``{"email": <bool>, "phone": <bool>}``. A canonical frame (see
-:func:`airflow_provider_stopchurn.encoding.canonicalize`) can satisfy this in two ways, per object:
+:func:`airflow_provider_stopchurn.encode.records.canonicalize`) can satisfy this in two ways, per object:
 
 * dotted columns ``marketingPreferences.email`` and ``marketingPreferences.phone`` of kind ``bool``, which
-  :func:`~airflow_provider_stopchurn.encoding.encode_rows` nests into an object (``nest_dotted_columns=True``);
+  :func:`~airflow_provider_stopchurn.encode.records.encode_rows` nests into an object (``nest_dotted_columns=True``);
 * one ``json``-kind column ``marketingPreferences`` holding objects with boolean ``email`` and ``phone``.
 
 The check works on the canonical columns, vectorised; only the few example ids of an error are formatted one

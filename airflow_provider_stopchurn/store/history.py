@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from airflow_provider_stopchurn.options import NO_RUN_INFO, RunInfo
-from airflow_provider_stopchurn.snapshot import SnapshotStore
+from airflow_provider_stopchurn.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 

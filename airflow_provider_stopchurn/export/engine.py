@@ -48,14 +48,10 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from airflow_provider_stopchurn.diff import DIRTY_HASH, DIRTY_UPDATE, ROW_HASH, data_columns, with_hashes
-from airflow_provider_stopchurn.encoding import row_pieces
+from airflow_provider_stopchurn.encode.records import row_pieces
 from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError, StopChurnConfigError
-from airflow_provider_stopchurn.history import recorded
 from airflow_provider_stopchurn.options import LOCK_TTL_S, NO_RUN_INFO, RunInfo
-from airflow_provider_stopchurn.plan import make_plan
-from airflow_provider_stopchurn.settle import settle
-from airflow_provider_stopchurn.snapshot import (
+from airflow_provider_stopchurn.store import (
     CREATED_AT,
     HASH_1,
     HASH_2,
@@ -65,8 +61,12 @@ from airflow_provider_stopchurn.snapshot import (
     backend_for,
     display_location,
 )
-from airflow_provider_stopchurn.snapshot.store import safe_name
-from airflow_provider_stopchurn.sync import SyncOptions, canonical_source
+from airflow_provider_stopchurn.store.history import recorded
+from airflow_provider_stopchurn.store.snapshots import safe_name
+from airflow_provider_stopchurn.update.diff import DIRTY_HASH, DIRTY_UPDATE, ROW_HASH, data_columns, with_hashes
+from airflow_provider_stopchurn.update.plan import make_plan
+from airflow_provider_stopchurn.update.settle import settle
+from airflow_provider_stopchurn.update.sync import SyncOptions, canonical_source
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from airflow_provider_stopchurn.sources import BATCH_ROWS
+from airflow_provider_stopchurn.source.sql import BATCH_ROWS
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -94,7 +94,7 @@ def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
 
 
 class SparkWarehouse:
-    """A :class:`~airflow_provider_stopchurn.pushdown.warehouse.Warehouse` over a ``SparkSession`` (tested with
+    """A :class:`~airflow_provider_stopchurn.warehouse.databases.Warehouse` over a ``SparkSession`` (tested with
     classic sessions; the calls it makes exist on Spark Connect too). The constructor only keeps the session;
     the caller starts and stops it."""
 

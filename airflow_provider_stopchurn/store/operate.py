@@ -5,10 +5,10 @@ Reading (``status``, ``history``, ``rejected``) never writes: a pending plan is 
 goes through the engine's own functions, so the store stays crash-safe exactly as after a run:
 
 * ``settle_pending`` takes the table's lock like a run (a stale lock of a dead run is broken, a live one is
-  respected), then :func:`~airflow_provider_stopchurn.settle.settle` commits what StopChurn acknowledged of the
+  respected), then :func:`~airflow_provider_stopchurn.update.settle.settle` commits what StopChurn acknowledged of the
   pending plan, from the acknowledgements recorded in the store, and drops the rest;
 * ``rebaseline`` takes the lock, settles a pending plan first (as a run does), canonicalizes the given source,
-  plans a baseline (:func:`~airflow_provider_stopchurn.plan.baseline_plan`: nothing to send) and commits it
+  plans a baseline (:func:`~airflow_provider_stopchurn.update.plan.baseline_plan`: nothing to send) and commits it
   with the commit's base check;
 * ``unlock`` removes the LOCK through the lock's own claim protocol, and only if it still holds the lease that
   was inspected (a run that took the table meanwhile keeps it).
@@ -29,16 +29,15 @@ from typing import Any
 
 import pandas as pd
 
-from airflow_provider_stopchurn import history
-from airflow_provider_stopchurn.diff import ROW_HASH
-from airflow_provider_stopchurn.encoding import Canonical
+from airflow_provider_stopchurn.encode.records import Canonical
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError, StopChurnConfigError
 from airflow_provider_stopchurn.options import SyncOptions
-from airflow_provider_stopchurn.plan import baseline_plan, kind_changes
-from airflow_provider_stopchurn.settle import settle
-from airflow_provider_stopchurn.snapshot import SnapshotStore
-from airflow_provider_stopchurn.snapshot.lock import heartbeat, holder_state
-from airflow_provider_stopchurn.sync import _canonical
+from airflow_provider_stopchurn.store import SnapshotStore, history
+from airflow_provider_stopchurn.store.lock import heartbeat, holder_state
+from airflow_provider_stopchurn.update.diff import ROW_HASH
+from airflow_provider_stopchurn.update.plan import baseline_plan, kind_changes
+from airflow_provider_stopchurn.update.settle import settle
+from airflow_provider_stopchurn.update.sync import _canonical
 
 #: How long a lock taken by an on-call command lasts without a refresh (its heartbeat refreshes it).
 LOCK_TTL_S = 600.0
@@ -188,7 +187,7 @@ def unlock(store: SnapshotStore, *, token: str | None, force: bool = False) -> b
     """Break the table's lock if it still holds the lease ``token`` (None: an unreadable LOCK).
 
     Refuses (:class:`SnapshotLockedError`) while its run is alive, unless ``force``: a process of this host that
-    still runs, or a fresh heartbeat from any host (:func:`~airflow_provider_stopchurn.snapshot.lock.heartbeat`).
+    still runs, or a fresh heartbeat from any host (:func:`~airflow_provider_stopchurn.store.lock.heartbeat`).
     Returns False when the lock is gone or another run holds it now (nothing is removed then).
     """
     record = store.read_lock()

@@ -7,7 +7,7 @@ One run::
          -> deliver (deliver.py), recording each acknowledgement with its rejections -> settle (settle.py)
          -> summary (and, however the run ends, a record in the store's history; history.py)
 
-Every ending, success or failure, goes through the same :func:`~airflow_provider_stopchurn.settle.settle`: what
+Every ending, success or failure, goes through the same :func:`~airflow_provider_stopchurn.update.settle.settle`: what
 StopChurn acknowledged is committed, nothing else. A failure then surfaces as the run's error; the next run (or
 task retry) diffs the current source, with the current options, against the settled snapshot, so fixing the
 source or an option always takes effect and no failure needs a hand edit of the store. A crash leaves the plan
@@ -24,10 +24,15 @@ from typing import Any
 
 import orjson
 
-from airflow_provider_stopchurn.canonical import Source, canonicalize_source, parse_json_columns
-from airflow_provider_stopchurn.client import fence_sender
-from airflow_provider_stopchurn.contract import USER_TABLE, check_user_table, coerce_user_flags
-from airflow_provider_stopchurn.deliver import (
+from airflow_provider_stopchurn.api.client import fence_sender
+from airflow_provider_stopchurn.api.contract import USER_TABLE, check_user_table, coerce_user_flags
+from airflow_provider_stopchurn.encode.records import Canonical
+from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, StopChurnConfigError
+from airflow_provider_stopchurn.options import RejectPolicy, SchemaPolicy, SyncOptions
+from airflow_provider_stopchurn.source.canonical import Source, canonicalize_source, parse_json_columns
+from airflow_provider_stopchurn.store import Plan, SnapshotStore
+from airflow_provider_stopchurn.store.history import SUMMARY_FIELDS, recorded
+from airflow_provider_stopchurn.update.deliver import (
     DeliveryReport,
     Rejection,
     Sender,
@@ -37,14 +42,9 @@ from airflow_provider_stopchurn.deliver import (
     next_failures,
     still_rejected,
 )
-from airflow_provider_stopchurn.diff import ROW_HASH
-from airflow_provider_stopchurn.encoding import Canonical
-from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, StopChurnConfigError
-from airflow_provider_stopchurn.history import SUMMARY_FIELDS, recorded
-from airflow_provider_stopchurn.options import RejectPolicy, SchemaPolicy, SyncOptions
-from airflow_provider_stopchurn.plan import RunPlan, Window, make_plan, schema_changes
-from airflow_provider_stopchurn.settle import Settled, preview, settle
-from airflow_provider_stopchurn.snapshot import Plan, SnapshotStore
+from airflow_provider_stopchurn.update.diff import ROW_HASH
+from airflow_provider_stopchurn.update.plan import RunPlan, Window, make_plan, schema_changes
+from airflow_provider_stopchurn.update.settle import Settled, preview, settle
 
 log = logging.getLogger(__name__)
 

@@ -48,14 +48,14 @@ the lock is :mod:`.lock`; the store itself is :mod:`.store`. This package import
 
 from __future__ import annotations
 
-from airflow_provider_stopchurn.snapshot.backend import (
+from airflow_provider_stopchurn.store.backend import (
     Backend,
     LocalBackend,
     ObjectStoreBackend,
     backend_for,
     display_location,
 )
-from airflow_provider_stopchurn.snapshot.constants import (
+from airflow_provider_stopchurn.store.constants import (
     CREATED_AT,
     FORMAT_VERSION,
     HASH_1,
@@ -64,8 +64,8 @@ from airflow_provider_stopchurn.snapshot.constants import (
     OP,
     UPDATED_AT,
 )
-from airflow_provider_stopchurn.snapshot.lock import TableLock
-from airflow_provider_stopchurn.snapshot.store import HISTORY_LIMIT, Committed, Plan, SnapshotStore
+from airflow_provider_stopchurn.store.lock import TableLock
+from airflow_provider_stopchurn.store.snapshots import HISTORY_LIMIT, Committed, Plan, SnapshotStore
 
 __all__ = [
     "CREATED_AT",

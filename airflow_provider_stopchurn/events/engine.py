@@ -8,7 +8,7 @@ One run::
          -> write the target ledger and the plan -> deliver (``deliver.py``), recording each acknowledged chunk
          -> commit the target ledger and the new watermark -> summary
 
-**State** (a :class:`~airflow_provider_stopchurn.snapshot.SnapshotStore` under ``<state_uri>/events/<brand_id>/
+**State** (a :class:`~airflow_provider_stopchurn.store.SnapshotStore` under ``<state_uri>/events/<brand_id>/
 <stream>/``, so the same backends, lock and crash rules as table snapshots): the *ledger* is the committed
 "snapshot", a table of the keys of the events delivered inside the lookback window (the canonical JSON of the
 event key columns, and each event's watermark); ``CURRENT`` also keeps the watermark (the highest watermark
@@ -70,10 +70,8 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 
-from airflow_provider_stopchurn.canonical import parse_json_columns
-from airflow_provider_stopchurn.client import fence_sender
-from airflow_provider_stopchurn.deliver import Rejection, deliver_chunks
-from airflow_provider_stopchurn.encoding import (
+from airflow_provider_stopchurn.api.client import fence_sender
+from airflow_provider_stopchurn.encode.records import (
     Canonical,
     bodies_bytes,
     canonical_columns,
@@ -92,9 +90,11 @@ from airflow_provider_stopchurn.exceptions import (
     StopChurnRejectedError,
     TransientDeliveryError,
 )
-from airflow_provider_stopchurn.history import recorded
 from airflow_provider_stopchurn.options import LOCK_TTL_S, NO_RUN_INFO, RunInfo, lock_problems
-from airflow_provider_stopchurn.snapshot import Committed, Plan, SnapshotStore
+from airflow_provider_stopchurn.source.canonical import parse_json_columns
+from airflow_provider_stopchurn.store import Committed, Plan, SnapshotStore
+from airflow_provider_stopchurn.store.history import recorded
+from airflow_provider_stopchurn.update.deliver import Rejection, deliver_chunks
 
 log = logging.getLogger(__name__)
 

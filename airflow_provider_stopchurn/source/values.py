@@ -1,8 +1,8 @@
 """One column's values -> canonical values: integers, floats, epoch milliseconds, decimal text, JSON text.
 
-The rules both source paths share (the pandas path of :mod:`~airflow_provider_stopchurn.encoding` and the Arrow
-path of :mod:`~airflow_provider_stopchurn.arrow_values`), so equal values get equal canonical forms whatever
-carried them; see the kinds table in :mod:`~airflow_provider_stopchurn.encoding` (no Airflow import).
+The rules both source paths share (the pandas path of :mod:`~airflow_provider_stopchurn.encode.records` and the Arrow
+path of :mod:`~airflow_provider_stopchurn.source.arrow_values`), so equal values get equal canonical forms whatever
+carried them; see the kinds table in :mod:`~airflow_provider_stopchurn.encode.records` (no Airflow import).
 """
 
 from __future__ import annotations

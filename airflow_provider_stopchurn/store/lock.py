@@ -71,8 +71,8 @@ from enum import Enum
 from typing import Any
 
 from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError, StopChurnConfigError
-from airflow_provider_stopchurn.snapshot.backend import Backend
-from airflow_provider_stopchurn.snapshot.constants import FORMAT_VERSION
+from airflow_provider_stopchurn.store.backend import Backend
+from airflow_provider_stopchurn.store.constants import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 

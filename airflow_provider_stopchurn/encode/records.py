@@ -61,10 +61,9 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 
-from airflow_provider_stopchurn.arrow_values import convert_arrow_column
 from airflow_provider_stopchurn.exceptions import SourceDataError
-from airflow_provider_stopchurn.snapshot.constants import RESERVED_PREFIX
-from airflow_provider_stopchurn.values import (
+from airflow_provider_stopchurn.source.arrow_values import convert_arrow_column
+from airflow_provider_stopchurn.source.values import (
     _BYTES_TYPES,
     _JSON_CONTAINERS,
     _MAX_LISTED,
@@ -85,6 +84,7 @@ from airflow_provider_stopchurn.values import (
     _raise_bytes,
     _with_nulls,
 )
+from airflow_provider_stopchurn.store.constants import RESERVED_PREFIX
 
 __all__ = [
     "KINDS",

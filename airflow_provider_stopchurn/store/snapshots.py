@@ -1,6 +1,6 @@
 """The snapshot store of one brand/table: committed snapshot, pending plan, its ledger, quarantine and lock.
 
-The layout and the crash-safety rules are described in the docstring of :mod:`airflow_provider_stopchurn.snapshot`.
+The layout and the crash-safety rules are described in the docstring of :mod:`airflow_provider_stopchurn.store`.
 Every file access goes through the storage :class:`~.backend.Backend`; nothing here knows whether it is a local
 disk.
 """
@@ -23,9 +23,9 @@ from typing import Any
 import polars as pl
 
 from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError, StopChurnConfigError
-from airflow_provider_stopchurn.snapshot.backend import Backend, backend_for
-from airflow_provider_stopchurn.snapshot.constants import FORMAT_VERSION
-from airflow_provider_stopchurn.snapshot.lock import TableLock, loose_json
+from airflow_provider_stopchurn.store.backend import Backend, backend_for
+from airflow_provider_stopchurn.store.constants import FORMAT_VERSION
+from airflow_provider_stopchurn.store.lock import TableLock, loose_json
 
 log = logging.getLogger(__name__)
 

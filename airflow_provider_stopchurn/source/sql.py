@@ -4,7 +4,7 @@ The rows never travel as one big list of Python tuples or as a pandas frame: tha
 memory of reading Arrow directly (1M rows x 12 columns from PostgreSQL). Each reader is a generator of
 ``pyarrow.RecordBatch`` that holds its database connection until the last batch was read (or the generator is
 closed) and yields at least one batch, so that an empty result still names its columns. The batches go to
-:func:`~airflow_provider_stopchurn.canonical.canonicalize_source`.
+:func:`~airflow_provider_stopchurn.source.canonical.canonicalize_source`.
 
 Which path a database takes:
 
@@ -37,7 +37,7 @@ Which path a database takes:
   integers (with NULLs) stay exact integers, integers mixed with floats are floats, Decimals keep their text,
   aware datetimes become UTC (naive ones are taken as UTC), ``time`` and UUID values become their text, and
   dicts, lists or values of mixed types become canonical JSON text. A later batch may type a column differently
-  (a column that starts with NULLs); :func:`~airflow_provider_stopchurn.canonical.canonicalize_arrow` joins
+  (a column that starts with NULLs); :func:`~airflow_provider_stopchurn.source.canonical.canonicalize_arrow` joins
   the kinds as over the whole column.
 
 Binary values (bytea, BLOB) and repeated column names are refused before any row is read where the result's
@@ -62,9 +62,9 @@ from urllib.parse import quote
 import numpy as np
 import pyarrow as pa
 
-from airflow_provider_stopchurn.canonical import JSON_TEXT_KIND, KIND_METADATA, _is_binary
-from airflow_provider_stopchurn.encoding import _BYTES_TYPES, _convert_mixed
+from airflow_provider_stopchurn.encode.records import _BYTES_TYPES, _convert_mixed
 from airflow_provider_stopchurn.exceptions import SourceConnectionError, SourceDataError
+from airflow_provider_stopchurn.source.canonical import JSON_TEXT_KIND, KIND_METADATA, _is_binary
 
 __all__ = ["AIRFLOW_ONLY_EXTRAS", "PostgresUri", "SqlHook", "postgres_uri", "read_dbapi", "read_postgres"]
 
@@ -463,7 +463,7 @@ def rows_to_batch(
     """DB-API rows (tuples, or mappings from dict cursors) -> one Arrow batch, each column typed from its values.
 
     The columns in ``json_columns`` hold JSON text (a database's JSON type): they become ``arrow.json`` arrays,
-    parsed and written canonically by :mod:`~airflow_provider_stopchurn.canonical`."""
+    parsed and written canonically by :mod:`~airflow_provider_stopchurn.source.canonical`."""
     if rows and isinstance(rows[0], Mapping):
         rows = [tuple(row.values()) for row in rows]
     columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]

@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from airflow_provider_stopchurn.diff import (
+from airflow_provider_stopchurn.options import shape_changes
+from airflow_provider_stopchurn.store import CREATED_AT, HASH_1, HASH_2, OP, Committed, Plan, SnapshotStore
+from airflow_provider_stopchurn.update.diff import (
     BASE_ROW,
     DIRTY_HASH,
     DIRTY_INSERT,
@@ -38,9 +40,7 @@ from airflow_provider_stopchurn.diff import (
     data_columns,
     with_hashes,
 )
-from airflow_provider_stopchurn.options import shape_changes
-from airflow_provider_stopchurn.plan import PLAN_FORMAT, kind_changes
-from airflow_provider_stopchurn.snapshot import CREATED_AT, HASH_1, HASH_2, OP, Committed, Plan, SnapshotStore
+from airflow_provider_stopchurn.update.plan import PLAN_FORMAT, kind_changes
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,11 @@ from typing import Any
 
 import polars as pl
 
-from airflow_provider_stopchurn.diff import (
+from airflow_provider_stopchurn.encode.records import Canonical, bodies_bytes, encode_rows, encode_updates, plan_chunks
+from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError
+from airflow_provider_stopchurn.options import SyncOptions, shape_changes
+from airflow_provider_stopchurn.store import CREATED_AT, OP, UPDATED_AT, Committed
+from airflow_provider_stopchurn.update.diff import (
     BASE_ROW,
     ROW_HASH,
     TARGET_ROW,
@@ -27,10 +31,6 @@ from airflow_provider_stopchurn.diff import (
     first_load,
     reconcile_ids,
 )
-from airflow_provider_stopchurn.encoding import Canonical, bodies_bytes, encode_rows, encode_updates, plan_chunks
-from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError
-from airflow_provider_stopchurn.options import SyncOptions, shape_changes
-from airflow_provider_stopchurn.snapshot import CREATED_AT, OP, UPDATED_AT, Committed
 
 log = logging.getLogger(__name__)
 

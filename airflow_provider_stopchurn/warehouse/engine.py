@@ -1,6 +1,7 @@
 """The pushdown sync: the diff runs inside the warehouse that holds the source; only changed rows leave it.
 
-One run (``diff_location="warehouse"``), beside the local engine's :func:`~airflow_provider_stopchurn.sync.run_sync`::
+One run (``diff_location="warehouse"``), beside the local engine's
+:func:`~airflow_provider_stopchurn.update.sync.run_sync`::
 
     lock (the snapshot store's, with a heartbeat) -> settle any plan an earlier try left (into the state table)
          -> check the state table against the store (drift) -> the source's columns (schema policy)
@@ -9,7 +10,7 @@ One run (``diff_location="warehouse"``), beside the local engine's :func:`~airfl
          -> deliver (deliver.py) -> settle: acknowledged changes into the state table, then CURRENT
 
 **Where state lives.** The state table (``<state_schema>.b<brand>_<table>``) holds per key: the key columns as
-text, the row hash (``pushdown/sql.py``), createdAt and the last delivered row as JSON text (a delete carries it).
+text, the row hash (``warehouse/sql.py``), createdAt and the last delivered row as JSON text (a delete carries it).
 Its bookkeeping table (``..__meta``) holds a token; the snapshot store's ``CURRENT`` holds the same token after every
 commit. The plan (the changed rows with their update JSON), the acknowledgements and the rejected rows stay in the
 snapshot store, exactly as on the local path, so a crash, a rejection or a retry is settled the same way.
@@ -40,15 +41,21 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from airflow_provider_stopchurn.deliver import Sender
-from airflow_provider_stopchurn.encoding import check_reserved_names, encode_rows, encode_updates
+from airflow_provider_stopchurn.encode.records import check_reserved_names, encode_rows, encode_updates
 from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, SourceDataError, StopChurnConfigError
-from airflow_provider_stopchurn.history import recorded
 from airflow_provider_stopchurn.options import SyncOptions
-from airflow_provider_stopchurn.plan import Window, _window, check_safeguards, describe, kind_changes, timestamp_column
-from airflow_provider_stopchurn.pushdown import sql as S
-from airflow_provider_stopchurn.pushdown.warehouse import Warehouse
-from airflow_provider_stopchurn.settle import (
+from airflow_provider_stopchurn.store import Committed, Plan, SnapshotStore
+from airflow_provider_stopchurn.store.history import recorded
+from airflow_provider_stopchurn.update.deliver import Sender
+from airflow_provider_stopchurn.update.plan import (
+    Window,
+    _window,
+    check_safeguards,
+    describe,
+    kind_changes,
+    timestamp_column,
+)
+from airflow_provider_stopchurn.update.settle import (
     _APPLIED,
     _NOT_APPLIED,
     Settled,
@@ -56,8 +63,15 @@ from airflow_provider_stopchurn.settle import (
     _status,
     count_unsent,
 )
-from airflow_provider_stopchurn.snapshot import Committed, Plan, SnapshotStore
-from airflow_provider_stopchurn.sync import SyncSummary, approval, canonical_source, deliver_and_settle, summary_counts
+from airflow_provider_stopchurn.update.sync import (
+    SyncSummary,
+    approval,
+    canonical_source,
+    deliver_and_settle,
+    summary_counts,
+)
+from airflow_provider_stopchurn.warehouse import sql as S
+from airflow_provider_stopchurn.warehouse.databases import Warehouse
 
 log = logging.getLogger(__name__)
 

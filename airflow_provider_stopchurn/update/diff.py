@@ -17,7 +17,7 @@ from typing import Protocol
 import polars as pl
 from polars._typing import PolarsDataType
 
-from airflow_provider_stopchurn.snapshot import CREATED_AT, HASH_1, HASH_2, META_COLUMNS
+from airflow_provider_stopchurn.store import CREATED_AT, HASH_1, HASH_2, META_COLUMNS
 
 __all__ = [
     "BASE_ROW",
