@@ -1,4 +1,4 @@
-"""The diff inside the warehouse (``airflow_provider_stopchurn/warehouse/``) at scale: ``benchmarks/run.py --pushdown`` (``make bench-pushdown``).
+"""The diff inside the warehouse (``warehouse/``) at scale: ``benchmarks/run.py --pushdown`` (``make bench-pushdown``).
 
 Three scenarios, each run of the engine in a fresh child process (``run.py --child pd-...``) that measures its own
 seconds, CPU seconds and peak RSS above its start, and counts the bytes that leave the database (the Arrow batches
