@@ -50,7 +50,10 @@ from synthetic import SEED, make_table
 from airflow_provider_stopchurn.api.client import StopChurnClient
 from airflow_provider_stopchurn.encode.records import row_pieces
 from airflow_provider_stopchurn.events.engine import EventOptions, EventSummary, event_store, run_events
-from airflow_provider_stopchurn.export.engine import _BATCH_ROWS, ExportOptions, ExportSummary, _records, run_export
+from airflow_provider_stopchurn.export.engine import run_export
+from airflow_provider_stopchurn.export.files import _BATCH_ROWS, _records
+from airflow_provider_stopchurn.export.options import ExportOptions
+from airflow_provider_stopchurn.export.summary import ExportSummary
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.diff import data_columns
 from airflow_provider_stopchurn.update.plan import make_plan

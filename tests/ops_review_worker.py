@@ -26,7 +26,8 @@ from helpers_sync import BRAND, T0
 from worker_harness import client_from_env, serve, summary_or_error
 
 from airflow_provider_stopchurn.events.engine import EventOptions, event_store, run_events
-from airflow_provider_stopchurn.export.engine import ExportOptions, run_export
+from airflow_provider_stopchurn.export.engine import run_export
+from airflow_provider_stopchurn.export.options import ExportOptions
 from airflow_provider_stopchurn.store import SnapshotStore
 
 STREAM = "deposits"

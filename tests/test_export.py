@@ -21,7 +21,10 @@ import pytest
 from helpers_sync import RecordingSender, make_client
 
 from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError
-from airflow_provider_stopchurn.export.engine import MANIFEST, ExportOptions, ExportSummary, run_export
+from airflow_provider_stopchurn.export.engine import run_export
+from airflow_provider_stopchurn.export.files import MANIFEST
+from airflow_provider_stopchurn.export.options import ExportOptions
+from airflow_provider_stopchurn.export.summary import ExportSummary
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import CREATED_AT, SnapshotStore
 from airflow_provider_stopchurn.update.sync import SyncOptions, run_sync
@@ -333,7 +336,7 @@ def test_an_update_run_in_another_shape_than_the_export_is_a_schema_change(tmp_p
 )
 def test_the_export_folder_is_named_so_a_person_can_type_it(run_id: str, name: str) -> None:
     """No percent-escapes: a UTC time (or the run id's safe characters) and a short hash of the whole run id."""
-    from airflow_provider_stopchurn.export.engine import export_folder_name
+    from airflow_provider_stopchurn.export.folder import export_folder_name
 
     folder = export_folder_name(run_id)
     assert re.fullmatch(name, folder), folder
@@ -342,7 +345,7 @@ def test_the_export_folder_is_named_so_a_person_can_type_it(run_id: str, name: s
 
 
 def test_two_runs_in_the_same_second_get_their_own_folders() -> None:
-    from airflow_provider_stopchurn.export.engine import export_folder_name
+    from airflow_provider_stopchurn.export.folder import export_folder_name
 
     first = export_folder_name("manual__2026-12-07T00:52:12.100000+00:00")
     second = export_folder_name("manual__2026-12-07T00:52:12.200000+00:00")

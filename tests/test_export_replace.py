@@ -18,7 +18,9 @@ from helpers_sync import RecordingSender, assert_sandbox_matches, make_client
 from killswitch_fs import Killed, KillSwitchFileSystem, fresh_root
 
 from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotLockedError, StopChurnConfigError
-from airflow_provider_stopchurn.export.engine import ExportOptions, ExportSummary, run_export
+from airflow_provider_stopchurn.export.engine import run_export
+from airflow_provider_stopchurn.export.options import ExportOptions
+from airflow_provider_stopchurn.export.summary import ExportSummary
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.sync import SyncOptions, run_sync

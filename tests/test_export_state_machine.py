@@ -26,7 +26,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 from killswitch_fs import Killed, KillSwitchFileSystem, fresh_root
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
-from airflow_provider_stopchurn.export.engine import MANIFEST, ExportOptions, ExportSummary, output_folder, run_export
+from airflow_provider_stopchurn.export.engine import run_export
+from airflow_provider_stopchurn.export.files import MANIFEST
+from airflow_provider_stopchurn.export.folder import output_folder
+from airflow_provider_stopchurn.export.options import ExportOptions
+from airflow_provider_stopchurn.export.summary import ExportSummary
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
 from airflow_provider_stopchurn.store import SnapshotStore

@@ -48,7 +48,8 @@ from airflow_provider_stopchurn.exceptions import (
     StopChurnRejectedError,
     TransientDeliveryError,
 )
-from airflow_provider_stopchurn.export.engine import ExportOptions, run_export
+from airflow_provider_stopchurn.export.engine import run_export
+from airflow_provider_stopchurn.export.options import ExportOptions
 from airflow_provider_stopchurn.options import RunInfo
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore

@@ -15,7 +15,7 @@ import pytest
 from airflow.sdk import DAG
 
 from airflow_provider_stopchurn.events.engine import EventOptions
-from airflow_provider_stopchurn.export.engine import ExportOptions
+from airflow_provider_stopchurn.export.options import ExportOptions
 from airflow_provider_stopchurn.operators.stopchurn import (
     RETRY_DEFAULTS,
     StopChurnEventOperator,

@@ -31,7 +31,8 @@ from ops_review_worker import EXPORT_TABLE, STREAM, event_options, export_frame
 from worker_harness import start_worker
 
 from airflow_provider_stopchurn.events.engine import event_store, run_events
-from airflow_provider_stopchurn.export.engine import ExportOptions, run_export
+from airflow_provider_stopchurn.export.engine import run_export
+from airflow_provider_stopchurn.export.options import ExportOptions
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore
 
@@ -226,7 +227,7 @@ def test_replace_snapshot_rendered_false_never_replaces_and_a_bad_value_is_refus
 
 def test_the_export_folder_is_one_per_task_run_and_the_same_for_each_of_its_tries() -> None:
     """The folder's hash covers the DAG, task, run id and map index (the run key), never the try."""
-    from airflow_provider_stopchurn.export.engine import export_folder_name
+    from airflow_provider_stopchurn.export.folder import export_folder_name
 
     run_id = "scheduled__2026-12-07T00:00:00+00:00"
     key = f"onboarding.export run {run_id} map -1"

@@ -285,7 +285,8 @@ def test_the_export_parses_json_columns_too(mysql_database: Any, mysql_conn_id: 
     """The historical export takes json_columns as the update operator does: its files hold nested JSON."""
     from pathlib import Path
 
-    from airflow_provider_stopchurn.export.engine import ExportOptions, run_export
+    from airflow_provider_stopchurn.export.engine import run_export
+    from airflow_provider_stopchurn.export.options import ExportOptions
     from airflow_provider_stopchurn.store import SnapshotStore
 
     mysql_database.execute(

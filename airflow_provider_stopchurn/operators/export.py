@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
-from airflow_provider_stopchurn.export.engine import MAX_FILE_BYTES, ExportOptions, run_export
+from airflow_provider_stopchurn.export.engine import run_export
+from airflow_provider_stopchurn.export.options import MAX_FILE_BYTES, ExportOptions
 from airflow_provider_stopchurn.hooks._compat import BaseOperator
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.operators._common import (
