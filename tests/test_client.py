@@ -19,7 +19,9 @@ import pytest
 import requests
 
 from airflow_provider_stopchurn import __version__
-from airflow_provider_stopchurn.api.client import DEFAULT_BASE_URL, Pacer, SendResult, StopChurnClient
+from airflow_provider_stopchurn.api.client import StopChurnClient
+from airflow_provider_stopchurn.api.transport import Pacer, SendResult
+from airflow_provider_stopchurn.api.urls import DEFAULT_BASE_URL
 from airflow_provider_stopchurn.exceptions import (
     DeliveryError,
     SourceDataError,

@@ -9,7 +9,9 @@ from unittest import mock
 import pytest
 import requests
 
-from airflow_provider_stopchurn.api.client import DEFAULT_BASE_URL, SendResult, StopChurnClient
+from airflow_provider_stopchurn.api.client import StopChurnClient
+from airflow_provider_stopchurn.api.transport import SendResult
+from airflow_provider_stopchurn.api.urls import DEFAULT_BASE_URL
 from airflow_provider_stopchurn.exceptions import StopChurnAuthError, StopChurnConfigError, StopChurnRejectedError
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.sandbox import SandboxServer

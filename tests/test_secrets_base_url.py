@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from airflow_provider_stopchurn.api.client import StopChurnClient, safe_url
+from airflow_provider_stopchurn.api.client import StopChurnClient
+from airflow_provider_stopchurn.api.urls import safe_url
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError, StopChurnError
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.sandbox import SandboxServer

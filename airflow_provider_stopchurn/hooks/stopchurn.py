@@ -10,7 +10,9 @@ from urllib.parse import urlsplit
 
 import requests
 
-from airflow_provider_stopchurn.api.client import DEFAULT_BASE_URL, SendResult, StopChurnClient, safe_netloc, safe_url
+from airflow_provider_stopchurn.api.client import StopChurnClient
+from airflow_provider_stopchurn.api.transport import SendResult
+from airflow_provider_stopchurn.api.urls import DEFAULT_BASE_URL, safe_netloc, safe_url
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError
 from airflow_provider_stopchurn.get_provider_info import get_provider_info
 from airflow_provider_stopchurn.hooks._compat import BaseHook

@@ -64,11 +64,16 @@ def _check_extra_keys(obj: dict[str, Any], allowed: frozenset[str], where: str) 
             raise _Invalid(f"{where} has unknown field(s): {', '.join(extra)}")
 
 
-def _parse_batch(body: bytes) -> list[Any]:
+def _load_json(body: bytes, what: str) -> Any:
+    """``body`` decoded; ``what`` names it (``"body"``, ``"the file"``) in the 400's reason when it is not JSON."""
     try:
-        payload = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise _Invalid(f"body is not valid JSON ({exc})") from None
+        raise _Invalid(f"{what} is not valid JSON ({exc})") from None
+
+
+def _parse_batch(body: bytes) -> list[Any]:
+    payload = _load_json(body, "body")
     if type(payload) is not dict:
         raise _Invalid(f"body must be a JSON object with a 'data' array, got {_describe(payload)}")
     _check_extra_keys(payload, frozenset({"data"}), "body")
@@ -76,6 +81,45 @@ def _parse_batch(body: bytes) -> list[Any]:
     if type(items) is not list:
         raise _Invalid(f"body.data must be an array, got {_describe(items)}")
     return items
+
+
+# The field checks below name the failing field by a ``where`` template (``"data[{}].data"``) that is formatted
+# with the item's index only when the check fails: the accepted path of a large batch stays cheap.
+
+
+def _integer(obj: dict[str, Any], field: str, where: str, i: int) -> int:
+    value = obj.get(field, _MISSING)
+    if type(value) is not int:
+        raise _Invalid(f"{where.format(i)}.{field} must be an integer, got {_describe(value)}")
+    return value
+
+
+def _text(obj: dict[str, Any], field: str, where: str, i: int) -> str:
+    value = obj.get(field, _MISSING)
+    if type(value) is not str or not value:
+        raise _Invalid(f"{where.format(i)}.{field} must be a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _row(obj: dict[str, Any], where: str, i: int) -> tuple[tuple[str, Any], dict[str, Any]]:
+    """The row under ``obj["data"]`` and its key ``(type name, id)``; its ``id`` is a string or a number."""
+    row = obj.get("data", _MISSING)
+    if type(row) is not dict:
+        raise _Invalid(f"{where.format(i)}.data (the row) must be an object, got {_describe(row)}")
+    row_id = row.get("id", _MISSING)
+    id_type = type(row_id)
+    if id_type is not str and id_type is not int and id_type is not float:
+        raise _Invalid(f"{where.format(i)}.data.id must be a string or a number, got {_describe(row_id)}")
+    return (id_type.__name__, row_id), row
+
+
+def _check_stamps(obj: dict[str, Any], where: str, i: int) -> None:
+    for stamp_field in ("createdAt", "updatedAt"):
+        stamp = obj.get(stamp_field, _MISSING)
+        if type(stamp) is not int or not EPOCH_MS_MIN <= stamp < EPOCH_MS_MAX:
+            raise _Invalid(
+                f"{where.format(i)}.{stamp_field} must be an integer epoch in milliseconds, got {_describe(stamp)}"
+            )
 
 
 def _validate_updates(items: list[Any]) -> list[_Op]:
@@ -93,28 +137,13 @@ def _validate_updates(items: list[Any]) -> list[_Op]:
             raise _Invalid(f"data[{i}].data must be an object, got {_describe(record)}")
         if len(update) != 2:
             _check_extra_keys(update, _UPDATE_KEYS, f"data[{i}]")
-        brand_id = record.get("brandId", _MISSING)
-        if type(brand_id) is not int:
-            raise _Invalid(f"data[{i}].data.brandId must be an integer, got {_describe(brand_id)}")
-        table_name = record.get("tableName", _MISSING)
-        if type(table_name) is not str or not table_name:
-            raise _Invalid(f"data[{i}].data.tableName must be a non-empty string, got {_describe(table_name)}")
-        row = record.get("data", _MISSING)
-        if type(row) is not dict:
-            raise _Invalid(f"data[{i}].data.data (the row) must be an object, got {_describe(row)}")
-        row_id = row.get("id", _MISSING)
-        id_type = type(row_id)
-        if id_type is not str and id_type is not int and id_type is not float:
-            raise _Invalid(f"data[{i}].data.data.id must be a string or a number, got {_describe(row_id)}")
-        for stamp_field in ("createdAt", "updatedAt"):
-            stamp = record.get(stamp_field, _MISSING)
-            if type(stamp) is not int or not EPOCH_MS_MIN <= stamp < EPOCH_MS_MAX:
-                raise _Invalid(
-                    f"data[{i}].data.{stamp_field} must be an integer epoch in milliseconds, got {_describe(stamp)}"
-                )
+        brand_id = _integer(record, "brandId", "data[{}].data", i)
+        table_name = _text(record, "tableName", "data[{}].data", i)
+        key, row = _row(record, "data[{}].data", i)
+        _check_stamps(record, "data[{}].data", i)
         if len(record) != 5:
             _check_extra_keys(record, _RECORD_KEYS, f"data[{i}].data")
-        append(_Op(kind, brand_id, table_name, (id_type.__name__, row_id), row))
+        append(_Op(kind, brand_id, table_name, key, row))
     return ops
 
 
@@ -131,15 +160,9 @@ def _validate_events(items: list[Any]) -> list[dict[str, Any]]:
         size = len(event)
         if not (size == 4 and "value" in event) and not (size == 3 and "value" not in event):
             _check_extra_keys(event, allowed, f"data[{i}]")  # the three fields below are checked one by one
-        brand_id = event.get("brandId", _MISSING)
-        if type(brand_id) is not int:
-            raise _Invalid(f"data[{i}].brandId must be an integer, got {_describe(brand_id)}")
-        user_id = event.get("userId", _MISSING)
-        if type(user_id) is not str or not user_id:
-            raise _Invalid(f"data[{i}].userId must be a non-empty string, got {_describe(user_id)}")
-        name = event.get("name", _MISSING)
-        if type(name) is not str or not name:
-            raise _Invalid(f"data[{i}].name must be a non-empty string, got {_describe(name)}")
+        _integer(event, "brandId", "data[{}]", i)
+        _text(event, "userId", "data[{}]", i)
+        _text(event, "name", "data[{}]", i)
     return items
 
 
@@ -149,10 +172,7 @@ def _validate_historical(body: bytes) -> list[tuple[tuple[str, Any], dict[str, A
     The file is a JSON array of ``{"data": <row>, "createdAt": <ms>, "updatedAt": <ms>}`` (exactly those keys),
     each row an object with an ``id`` that is a string or a number; an ``id`` may appear once per file.
     """
-    try:
-        items = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise _Invalid(f"the file is not valid JSON ({exc})") from None
+    items = _load_json(body, "the file")
     if type(items) is not list:
         raise _Invalid(f"the file must be a JSON array, got {_describe(items)}")
     rows: list[tuple[tuple[str, Any], dict[str, Any]]] = []
@@ -165,20 +185,10 @@ def _validate_historical(body: bytes) -> list[tuple[tuple[str, Any], dict[str, A
             if missing:
                 raise _Invalid(f"[{i}] lacks {', '.join(missing)}")
             _check_extra_keys(item, _HISTORICAL_KEYS, f"[{i}]")
-        row = item["data"]
-        if type(row) is not dict:
-            raise _Invalid(f"[{i}].data (the row) must be an object, got {_describe(row)}")
-        row_id = row.get("id", _MISSING)
-        id_type = type(row_id)
-        if id_type is not str and id_type is not int and id_type is not float:
-            raise _Invalid(f"[{i}].data.id must be a string or a number, got {_describe(row_id)}")
-        for stamp_field in ("createdAt", "updatedAt"):
-            stamp = item[stamp_field]
-            if type(stamp) is not int or not EPOCH_MS_MIN <= stamp < EPOCH_MS_MAX:
-                raise _Invalid(f"[{i}].{stamp_field} must be an integer epoch in milliseconds, got {_describe(stamp)}")
-        key = (id_type.__name__, row_id)
+        key, row = _row(item, "[{}]", i)
+        _check_stamps(item, "[{}]", i)
         if key in seen:
-            raise _Invalid(f"[{i}].data.id {row_id!r} appears twice in the file")
+            raise _Invalid(f"[{i}].data.id {key[1]!r} appears twice in the file")
         seen.add(key)
         rows.append((key, row))
     return rows

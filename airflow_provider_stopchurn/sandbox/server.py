@@ -39,9 +39,9 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
+from airflow_provider_stopchurn.api.closing import ClosedByWith
 from airflow_provider_stopchurn.sandbox.contract import (
     HISTORICAL_MAX_BYTES,
     UPDATE_ROUTE,
@@ -67,13 +67,13 @@ __all__ = ["FaultConfig", "SandboxServer"]
 _log = logging.getLogger(__name__)
 
 
-class SandboxServer:
+class SandboxServer(ClosedByWith):
     """A local, in-memory StopChurn API for demos, tests and offline DAG development.
 
     The constructor does no I/O; :meth:`start` binds the socket and serves from a background daemon
     thread; :meth:`stop` (idempotent) shuts the server down and closes open keep-alive connections.
-    It is also a context manager. After a stop, :meth:`start` serves again on the same port with the
-    state kept, which lets tests simulate an outage.
+    It is also a context manager: the ``with`` block starts it and ends with :meth:`close` (:meth:`stop`). After
+    a stop, :meth:`start` serves again on the same port with the state kept, which lets tests simulate an outage.
 
     Args:
         token: the API key clients must send as ``Authorization: Bearer <token>``.
@@ -131,9 +131,13 @@ class SandboxServer:
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
+    def __repr__(self) -> str:
+        where = self.url if self._port else f"{self.host} (not started)"
+        return f"<SandboxServer {where} running={self.running}>"
+
     # ----------------------------------------------------------------------------------------- lifecycle
 
-    def start(self) -> SandboxServer:
+    def start(self) -> Self:
         """Bind and serve in a daemon thread; return once the socket accepts connections."""
         with self._lifecycle_lock:
             if self._httpd is not None:
@@ -166,25 +170,17 @@ class SandboxServer:
                 thread.join(timeout=5)
             _log.debug("StopChurn sandbox on port %s stopped", self._port)
 
+    def close(self) -> None:
+        """Stop serving, as leaving a ``with`` block does: the same as :meth:`stop`."""
+        self.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
     @property
     def running(self) -> bool:
         """Whether the server is serving."""
         return self._httpd is not None
-
-    def __enter__(self) -> SandboxServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        where = self.url if self._port else f"{self.host} (not started)"
-        return f"<SandboxServer {where} running={self.running}>"
 
     @property
     def port(self) -> int:
