@@ -26,17 +26,17 @@ from helpers_sync import T0, RecordingSender, make_client, options
 from hypothesis import given
 from hypothesis import strategies as st
 
-from airflow_provider_stopchurn.encode.records import (
+from airflow_provider_stopchurn.encode.records import encode_rows
+from airflow_provider_stopchurn.exceptions import SourceDataError
+from airflow_provider_stopchurn.sandbox import SandboxServer
+from airflow_provider_stopchurn.source.canonical import canonicalize_arrow, canonicalize_source, convert_arrow_column
+from airflow_provider_stopchurn.source.frame import canonicalize
+from airflow_provider_stopchurn.source.values import (
     _decimal_canonical,
     _decimal_canonical_general,
     _decimal_text,
     _decimal_text_of,
-    canonicalize,
-    encode_rows,
 )
-from airflow_provider_stopchurn.exceptions import SourceDataError
-from airflow_provider_stopchurn.sandbox import SandboxServer
-from airflow_provider_stopchurn.source.canonical import canonicalize_arrow, canonicalize_source, convert_arrow_column
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.sync import run_sync
 

@@ -12,8 +12,9 @@ import polars as pl
 import pytest
 
 from airflow_provider_stopchurn.api.contract import check_user_table
-from airflow_provider_stopchurn.encode.records import canonicalize, encode_rows
+from airflow_provider_stopchurn.encode.records import encode_rows
 from airflow_provider_stopchurn.exceptions import SourceDataError
+from airflow_provider_stopchurn.source.frame import canonicalize
 
 
 def canonical(rows: list[dict[str, Any]] | pd.DataFrame, key: str = "id") -> Any:

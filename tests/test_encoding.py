@@ -16,16 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airflow_provider_stopchurn.encode.records import (
-    KINDS,
-    canonicalize,
-    chunk_bodies,
-    chunk_body,
-    encode_rows,
-    encode_updates,
-    plan_chunks,
-)
+from airflow_provider_stopchurn.encode.chunks import chunk_bodies, chunk_body, plan_chunks
+from airflow_provider_stopchurn.encode.records import encode_rows, encode_updates
 from airflow_provider_stopchurn.exceptions import SourceDataError
+from airflow_provider_stopchurn.source.frame import KINDS, canonicalize
 
 D = decimal.Decimal
 UTC = dt.UTC

@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airflow_provider_stopchurn.encode.records import canonicalize, encode_rows
+from airflow_provider_stopchurn.encode.records import encode_rows
 from airflow_provider_stopchurn.exceptions import SourceDataError
+from airflow_provider_stopchurn.source.frame import canonicalize
 
 D = decimal.Decimal
 JAN1 = 1577836800000  # 2020-01-01T00:00:00Z in ms

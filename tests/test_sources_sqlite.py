@@ -19,10 +19,11 @@ import pandas as pd
 import polars as pl
 import pytest
 
-from airflow_provider_stopchurn.encode.records import Canonical, canonicalize, encode_rows
+from airflow_provider_stopchurn.encode.records import encode_rows
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.operators.stopchurn import read_sql
 from airflow_provider_stopchurn.source.canonical import Source, canonicalize_source
+from airflow_provider_stopchurn.source.frame import Canonical, canonicalize
 from airflow_provider_stopchurn.source.sql import read_dbapi
 from airflow_provider_stopchurn.update.diff import diff_frames
 

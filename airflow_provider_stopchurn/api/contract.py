@@ -2,7 +2,7 @@
 
 Every client has a table ``user`` whose rows carry ``id`` and two objects, ``marketingPreferences`` and
 ``systemPreferences``, each ``{"email": <bool>, "phone": <bool>}``. A canonical frame (see
-:func:`airflow_provider_stopchurn.encode.records.canonicalize`) can satisfy this in two ways, per object:
+:func:`airflow_provider_stopchurn.source.frame.canonicalize`) can satisfy this in two ways, per object:
 
 * dotted columns ``marketingPreferences.email`` and ``marketingPreferences.phone`` of kind ``bool``, which
   :func:`~airflow_provider_stopchurn.encode.records.encode_rows` nests into an object (``nest_dotted_columns=True``);

@@ -71,15 +71,8 @@ import polars as pl
 import pyarrow as pa
 
 from airflow_provider_stopchurn.api.client import fence_sender
-from airflow_provider_stopchurn.encode.records import (
-    Canonical,
-    bodies_bytes,
-    canonical_columns,
-    check_reserved_names,
-    encode_rows,
-    json_fragment,
-    plan_chunks,
-)
+from airflow_provider_stopchurn.encode.chunks import bodies_bytes, plan_chunks
+from airflow_provider_stopchurn.encode.records import encode_rows, json_fragment
 from airflow_provider_stopchurn.exceptions import (
     DeliveryError,
     SnapshotError,
@@ -92,6 +85,7 @@ from airflow_provider_stopchurn.exceptions import (
 )
 from airflow_provider_stopchurn.options import LOCK_TTL_S, NO_RUN_INFO, RunInfo, lock_problems
 from airflow_provider_stopchurn.source.canonical import parse_json_columns
+from airflow_provider_stopchurn.source.frame import Canonical, canonical_columns, check_reserved_names
 from airflow_provider_stopchurn.store import Committed, Plan, SnapshotStore
 from airflow_provider_stopchurn.store.history import recorded
 from airflow_provider_stopchurn.update.deliver import Rejection, deliver_chunks

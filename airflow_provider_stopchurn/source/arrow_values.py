@@ -1,7 +1,7 @@
 """One Arrow column -> a canonical polars Series and its kind (no Airflow import).
 
 The column rules of :mod:`~airflow_provider_stopchurn.source.canonical` (the Arrow types ADBC drivers deliver are listed
-there); the pandas path of :mod:`~airflow_provider_stopchurn.encode.records` converts a DataFrame's Arrow-backed columns
+there); the pandas path of :mod:`~airflow_provider_stopchurn.source.frame` converts a DataFrame's Arrow-backed columns
 with them too.
 """
 
@@ -34,7 +34,7 @@ from airflow_provider_stopchurn.source.values import (
 )
 
 #: Field metadata a source may set on a string column: ``{KIND_METADATA: JSON_TEXT_KIND}`` says the column holds
-#: canonical JSON text already (``sources.py`` writes mixed and JSON columns of DB-API rows so): taken as it is.
+#: canonical JSON text already (``dbapi_rows.py`` writes mixed and JSON columns of DB-API rows so): taken as it is.
 KIND_METADATA = b"stopchurn:kind"
 JSON_TEXT_KIND = b"json"
 #: ADBC PostgreSQL names each column's database type in its field metadata.
@@ -47,6 +47,21 @@ _FRACTIONAL_NUMBER = r"[0-9]+(?:\.[0-9]+(?:[eE][+-]?[0-9]+)?|[eE][+-]?[0-9]+)"
 _LONG_INTEGER = r"[0-9]{19}"
 _JSON_PARSE_BATCH = 100_000
 _NS_PER_DAY = 86_400 * 10**9
+_BINARY_TESTS: tuple[Callable[[pa.DataType], bool], ...] = (
+    pa.types.is_binary,
+    pa.types.is_large_binary,
+    pa.types.is_fixed_size_binary,
+    pa.types.is_binary_view,
+)
+_CONTAINER_TESTS: tuple[Callable[[pa.DataType], bool], ...] = (
+    pa.types.is_list,
+    pa.types.is_large_list,
+    pa.types.is_fixed_size_list,
+    pa.types.is_list_view,
+    pa.types.is_large_list_view,
+    pa.types.is_struct,
+    pa.types.is_map,
+)
 
 
 def convert_arrow_column(
@@ -116,25 +131,13 @@ def _convert(name: str, column: pa.Array, *, decimal_as_string: bool, field: pa.
 
 
 def _is_binary(t: pa.DataType) -> bool:
-    return bool(
-        pa.types.is_binary(t)
-        or pa.types.is_large_binary(t)
-        or pa.types.is_fixed_size_binary(t)
-        or pa.types.is_binary_view(t)
-    )
+    """Arrow's binary types (of any layout): bytes, which JSON cannot carry."""
+    return any(test(t) for test in _BINARY_TESTS)
 
 
 def _is_container(t: pa.DataType) -> bool:
     """Arrow lists (of any layout), structs and maps: JSON arrays and objects."""
-    return bool(
-        pa.types.is_list(t)
-        or pa.types.is_large_list(t)
-        or pa.types.is_fixed_size_list(t)
-        or pa.types.is_list_view(t)
-        or pa.types.is_large_list_view(t)
-        or pa.types.is_struct(t)
-        or pa.types.is_map(t)
-    )
+    return any(test(t) for test in _CONTAINER_TESTS)
 
 
 def _convert_extension(name: str, column: pa.Array, *, decimal_as_string: bool) -> tuple[pl.Series, str]:

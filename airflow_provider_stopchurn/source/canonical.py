@@ -1,10 +1,10 @@
 """Arrow sources -> canonical frames, without pandas (no Airflow import).
 
 :func:`canonicalize_arrow` gives, for Arrow data (a ``pyarrow.Table``, a ``RecordBatch``, a ``RecordBatchReader`` or
-any iterable of record batches), exactly the :class:`~airflow_provider_stopchurn.encode.records.Canonical` frame
-that :func:`~airflow_provider_stopchurn.encode.records.canonicalize` gives for the same values in a pandas
+any iterable of record batches), exactly the :class:`~airflow_provider_stopchurn.source.frame.Canonical` frame
+that :func:`~airflow_provider_stopchurn.source.frame.canonicalize` gives for the same values in a pandas
 DataFrame: the same kinds, dtypes and canonical values (see the kinds table in
-:mod:`~airflow_provider_stopchurn.encode.records`), the same key and ``id`` checks, the same errors. It reuses the
+:mod:`~airflow_provider_stopchurn.source.frame`), the same key and ``id`` checks, the same errors. It reuses the
 pandas path's helpers, so both follow one set of rules.
 :func:`canonicalize_source` takes any supported source (pandas, polars, Arrow, a callable returning one) and
 picks the path; the engine calls it.
@@ -46,7 +46,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from airflow_provider_stopchurn.encode.records import (
+from airflow_provider_stopchurn.exceptions import SourceDataError
+from airflow_provider_stopchurn.source.arrow_values import (
+    JSON_TEXT_KIND,
+    KIND_METADATA,
+    _json_number,
+    _json_text_column,
+    convert_arrow_column,
+)
+from airflow_provider_stopchurn.source.frame import (
     Canonical,
     _as_key,
     _check_float_key,
@@ -54,15 +62,6 @@ from airflow_provider_stopchurn.encode.records import (
     _check_names,
     _finish,
     canonicalize,
-)
-from airflow_provider_stopchurn.exceptions import SourceDataError
-from airflow_provider_stopchurn.source.arrow_values import (  # noqa: F401 - _is_binary and the metadata keys kept importable here
-    JSON_TEXT_KIND,
-    KIND_METADATA,
-    _is_binary,
-    _json_number,
-    _json_text_column,
-    convert_arrow_column,
 )
 from airflow_provider_stopchurn.source.values import _json_series
 
@@ -110,7 +109,7 @@ _CANONICAL_DTYPES: Mapping[str, pl.DataType] = {
 def canonicalize_source(source: Source, *, key_columns: Sequence[str], decimal_as_string: bool = False) -> Canonical:
     """Read ``source`` (calling it first if it is a callable) and canonicalize it.
 
-    pandas DataFrames take :func:`~airflow_provider_stopchurn.encode.records.canonicalize`; polars DataFrames and
+    pandas DataFrames take :func:`~airflow_provider_stopchurn.source.frame.canonicalize`; polars DataFrames and
     LazyFrames (collected), pyarrow Tables, RecordBatches, RecordBatchReaders and iterables of RecordBatches take
     :func:`canonicalize_arrow`, with no pandas conversion. A reader or generator is consumed and closed.
     """

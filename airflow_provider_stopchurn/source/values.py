@@ -1,8 +1,8 @@
 """One column's values -> canonical values: integers, floats, epoch milliseconds, decimal text, JSON text.
 
-The rules both source paths share (the pandas path of :mod:`~airflow_provider_stopchurn.encode.records` and the Arrow
+The rules both source paths share (the pandas path of :mod:`~airflow_provider_stopchurn.source.frame` and the Arrow
 path of :mod:`~airflow_provider_stopchurn.source.arrow_values`), so equal values get equal canonical forms whatever
-carried them; see the kinds table in :mod:`~airflow_provider_stopchurn.encode.records` (no Airflow import).
+carried them; see the kinds table in :mod:`~airflow_provider_stopchurn.source.frame` (no Airflow import).
 """
 
 from __future__ import annotations

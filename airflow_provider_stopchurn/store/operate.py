@@ -29,9 +29,9 @@ from typing import Any
 
 import pandas as pd
 
-from airflow_provider_stopchurn.encode.records import Canonical
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError, StopChurnConfigError
 from airflow_provider_stopchurn.options import SyncOptions
+from airflow_provider_stopchurn.source.frame import Canonical
 from airflow_provider_stopchurn.store import SnapshotStore, history
 from airflow_provider_stopchurn.store.lock import heartbeat, holder_state
 from airflow_provider_stopchurn.update.diff import ROW_HASH

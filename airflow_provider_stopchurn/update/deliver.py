@@ -50,7 +50,7 @@ import numpy as np
 import orjson
 import polars as pl
 
-from airflow_provider_stopchurn.encode.records import bodies_bytes, chunk_bodies, chunk_body
+from airflow_provider_stopchurn.encode.chunks import bodies_bytes, chunk_bodies, chunk_body
 from airflow_provider_stopchurn.exceptions import (
     DeliveryError,
     StopChurnAuthError,

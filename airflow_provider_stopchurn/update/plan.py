@@ -17,9 +17,11 @@ from typing import Any
 
 import polars as pl
 
-from airflow_provider_stopchurn.encode.records import Canonical, bodies_bytes, encode_rows, encode_updates, plan_chunks
+from airflow_provider_stopchurn.encode.chunks import bodies_bytes, plan_chunks
+from airflow_provider_stopchurn.encode.records import encode_rows, encode_updates
 from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError
 from airflow_provider_stopchurn.options import SyncOptions, shape_changes
+from airflow_provider_stopchurn.source.frame import Canonical
 from airflow_provider_stopchurn.store import CREATED_AT, OP, UPDATED_AT, Committed
 from airflow_provider_stopchurn.update.diff import (
     BASE_ROW,

@@ -26,10 +26,10 @@ import orjson
 
 from airflow_provider_stopchurn.api.client import fence_sender
 from airflow_provider_stopchurn.api.contract import USER_TABLE, check_user_table, coerce_user_flags
-from airflow_provider_stopchurn.encode.records import Canonical
 from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, StopChurnConfigError
 from airflow_provider_stopchurn.options import RejectPolicy, SchemaPolicy, SyncOptions
 from airflow_provider_stopchurn.source.canonical import Source, canonicalize_source, parse_json_columns
+from airflow_provider_stopchurn.source.frame import Canonical
 from airflow_provider_stopchurn.store import Plan, SnapshotStore
 from airflow_provider_stopchurn.store.history import SUMMARY_FIELDS, recorded
 from airflow_provider_stopchurn.update.deliver import (

@@ -31,7 +31,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
-from airflow_provider_stopchurn.source.sql import BATCH_ROWS, PostgresUri, _connect_postgres, rows_to_batch
+from airflow_provider_stopchurn.source.dbapi_rows import rows_to_batch
+from airflow_provider_stopchurn.source.sql import BATCH_ROWS, PostgresUri, _connect_postgres
 
 log = logging.getLogger(__name__)
 

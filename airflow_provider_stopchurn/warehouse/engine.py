@@ -41,9 +41,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from airflow_provider_stopchurn.encode.records import check_reserved_names, encode_rows, encode_updates
+from airflow_provider_stopchurn.encode.records import encode_rows, encode_updates
 from airflow_provider_stopchurn.exceptions import SafeguardError, SnapshotError, SourceDataError, StopChurnConfigError
 from airflow_provider_stopchurn.options import SyncOptions
+from airflow_provider_stopchurn.source.frame import check_reserved_names
 from airflow_provider_stopchurn.store import Committed, Plan, SnapshotStore
 from airflow_provider_stopchurn.store.history import recorded
 from airflow_provider_stopchurn.update.deliver import Sender
