@@ -42,6 +42,21 @@ def lock_problems(lock_wait_s: Any, lock_ttl_s: Any) -> list[str]:
     return problems
 
 
+def checked_json_columns(json_columns: Any) -> tuple[tuple[Any, ...], list[str]]:
+    """A run's ``json_columns`` as a tuple (one column may be named alone, as a string), and what is wrong with it
+    (one message at most), for its options' check.
+
+    :param json_columns: the option as given: a column name, or an iterable of them, or None.
+    """
+    if isinstance(json_columns, str):  # one column named alone
+        json_columns = (json_columns,)
+    elif not isinstance(json_columns, tuple):
+        json_columns = tuple(json_columns or ())
+    if not all(isinstance(c, str) and c for c in json_columns):
+        return json_columns, [f"json_columns must name columns, got {json_columns!r}"]
+    return json_columns, []
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """Which scheduled task a run is, for its history record: the operators fill it from Airflow's context; the
@@ -105,12 +120,9 @@ class SyncOptions:
 
     def __post_init__(self) -> None:
         problems = []
-        if isinstance(self.json_columns, str):  # one column named alone
-            object.__setattr__(self, "json_columns", (self.json_columns,))
-        elif not isinstance(self.json_columns, tuple):
-            object.__setattr__(self, "json_columns", tuple(self.json_columns or ()))
-        if not all(isinstance(c, str) and c for c in self.json_columns):
-            problems.append(f"json_columns must name columns, got {self.json_columns!r}")
+        json_columns, json_problems = checked_json_columns(self.json_columns)
+        object.__setattr__(self, "json_columns", json_columns)
+        problems += json_problems
         if isinstance(self.brand_id, bool) or not isinstance(self.brand_id, int):
             problems.append(f"brand_id must be an integer, got {self.brand_id!r}")
         if not isinstance(self.table_name, str) or not self.table_name.strip():
