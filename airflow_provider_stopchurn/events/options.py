@@ -1,6 +1,7 @@
 """``EventOptions``: every option that shapes an event run, defined and validated in one place (no I/O).
 
-The event operator builds it from its own arguments (``EventOptions.field_names()`` lists them).
+The checks every run's options share (``json_columns``, the chunk sizes, the lock's times, one error naming every
+problem) are those of :mod:`airflow_provider_stopchurn.options`, as for the update's ``SyncOptions``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,15 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_stopchurn.exceptions import StopChurnConfigError
-from airflow_provider_stopchurn.options import LOCK_TTL_S, NO_RUN_INFO, RunInfo, checked_json_columns, lock_problems
+from airflow_provider_stopchurn.options import (
+    CHUNK_INTEGERS,
+    LOCK_TTL_S,
+    NO_RUN_INFO,
+    RunInfo,
+    checked_json_columns,
+    integer_problems,
+    refuse_invalid,
+)
 
 #: The instant epoch-millisecond watermarks count from (1970-01-01 UTC).
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -94,15 +102,8 @@ class EventOptions:
             )
         elif self.lookback and self.watermark_column is None:
             problems.append("lookback needs a watermark_column (it is measured back from the watermark)")
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            problems.append(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
-        if not isinstance(self.max_chunk_bytes, int) or self.max_chunk_bytes < 64:
-            problems.append(f"max_chunk_bytes must be an integer >= 64, got {self.max_chunk_bytes!r}")
-        if not isinstance(self.max_concurrent_requests, int) or self.max_concurrent_requests < 1:
-            problems.append(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests!r}")
-        problems += lock_problems(self.lock_wait_s, self.lock_ttl_s)
-        if problems:
-            raise StopChurnConfigError("Invalid event options: " + "; ".join(problems) + ".")
+        problems += integer_problems(self, {**CHUNK_INTEGERS, "max_concurrent_requests": (1, ">= 1")})
+        refuse_invalid("event", problems, lock_wait_s=self.lock_wait_s, lock_ttl_s=self.lock_ttl_s)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
