@@ -42,6 +42,53 @@ def lock_problems(lock_wait_s: Any, lock_ttl_s: Any) -> list[str]:
     return problems
 
 
+#: The integer options of every run that sends chunks: name -> (its least value, the rule as its message words it).
+CHUNK_INTEGERS: Mapping[str, tuple[int, str]] = {
+    "chunk_size": (1, "a positive integer"),
+    "max_chunk_bytes": (64, "an integer >= 64"),
+}
+
+
+def integer_problems(options: Any, rules: Mapping[str, tuple[int, str]]) -> list[str]:
+    """What is wrong with a run's integer options (one message each, in the order of ``rules``), for its check.
+
+    :param options: the options (read by attribute).
+    :param rules: option name -> (its least value, the rule as its message words it, e.g. "a positive integer").
+    """
+    problems = []
+    for name, (least, rule) in rules.items():
+        value = getattr(options, name)
+        if not isinstance(value, int) or value < least:
+            problems.append(f"{name} must be {rule}, got {value!r}")
+    return problems
+
+
+def refuse_invalid(what: str, problems: list[str], *, lock_wait_s: Any, lock_ttl_s: Any) -> None:
+    """Raise one :class:`StopChurnConfigError` naming every problem of a run's options, its lock's times included.
+
+    :param what: the options' kind, for the message ("sync", "event").
+    :param problems: what the options' own check found, one message each.
+    """
+    problems = [*problems, *lock_problems(lock_wait_s, lock_ttl_s)]
+    if problems:
+        raise StopChurnConfigError(f"Invalid {what} options: " + "; ".join(problems) + ".")
+
+
+def checked_json_columns(json_columns: Any) -> tuple[tuple[Any, ...], list[str]]:
+    """A run's ``json_columns`` as a tuple (one column may be named alone, as a string), and what is wrong with it
+    (one message at most), for its options' check.
+
+    :param json_columns: the option as given: a column name, or an iterable of them, or None.
+    """
+    if isinstance(json_columns, str):  # one column named alone
+        json_columns = (json_columns,)
+    elif not isinstance(json_columns, tuple):
+        json_columns = tuple(json_columns or ())
+    if not all(isinstance(c, str) and c for c in json_columns):
+        return json_columns, [f"json_columns must name columns, got {json_columns!r}"]
+    return json_columns, []
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """Which scheduled task a run is, for its history record: the operators fill it from Airflow's context; the
@@ -105,12 +152,9 @@ class SyncOptions:
 
     def __post_init__(self) -> None:
         problems = []
-        if isinstance(self.json_columns, str):  # one column named alone
-            object.__setattr__(self, "json_columns", (self.json_columns,))
-        elif not isinstance(self.json_columns, tuple):
-            object.__setattr__(self, "json_columns", tuple(self.json_columns or ()))
-        if not all(isinstance(c, str) and c for c in self.json_columns):
-            problems.append(f"json_columns must name columns, got {self.json_columns!r}")
+        json_columns, json_problems = checked_json_columns(self.json_columns)
+        object.__setattr__(self, "json_columns", json_columns)
+        problems += json_problems
         if isinstance(self.brand_id, bool) or not isinstance(self.brand_id, int):
             problems.append(f"brand_id must be an integer, got {self.brand_id!r}")
         if not isinstance(self.table_name, str) or not self.table_name.strip():
@@ -125,21 +169,18 @@ class SyncOptions:
             )
         if self.on_rejected_rows not in ("fail", "quarantine"):
             problems.append(f"on_rejected_rows must be 'fail' or 'quarantine', got {self.on_rejected_rows!r}")
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            problems.append(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
-        if not isinstance(self.max_chunk_bytes, int) or self.max_chunk_bytes < 64:
-            problems.append(f"max_chunk_bytes must be an integer >= 64, got {self.max_chunk_bytes!r}")
+        problems += integer_problems(self, CHUNK_INTEGERS)
         if not 0.0 <= float(self.max_delete_fraction) <= 1.0:
             problems.append(f"max_delete_fraction must be within [0, 1], got {self.max_delete_fraction!r}")
-        if not isinstance(self.max_concurrent_requests, int) or self.max_concurrent_requests < 1:
-            problems.append(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests!r}")
-        if not isinstance(self.max_rejected_rows, int) or self.max_rejected_rows < 0:
-            problems.append(f"max_rejected_rows must be >= 0, got {self.max_rejected_rows!r}")
-        if not isinstance(self.window_rows, int) or self.window_rows < 1:
-            problems.append(f"window_rows must be a positive integer, got {self.window_rows!r}")
-        problems += lock_problems(self.lock_wait_s, self.lock_ttl_s)
-        if problems:
-            raise StopChurnConfigError("Invalid sync options: " + "; ".join(problems) + ".")
+        problems += integer_problems(
+            self,
+            {
+                "max_concurrent_requests": (1, ">= 1"),
+                "max_rejected_rows": (0, ">= 0"),
+                "window_rows": (1, "a positive integer"),
+            },
+        )
+        refuse_invalid("sync", problems, lock_wait_s=self.lock_wait_s, lock_ttl_s=self.lock_ttl_s)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -49,7 +49,10 @@ from synthetic import SEED, make_table
 
 from airflow_provider_stopchurn.api.client import StopChurnClient
 from airflow_provider_stopchurn.encode.records import row_pieces
-from airflow_provider_stopchurn.events.engine import EventOptions, EventSummary, event_store, run_events
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import event_store
+from airflow_provider_stopchurn.events.options import EventOptions
+from airflow_provider_stopchurn.events.summary import EventSummary
 from airflow_provider_stopchurn.export.engine import run_export
 from airflow_provider_stopchurn.export.files import _BATCH_ROWS, _records
 from airflow_provider_stopchurn.export.options import ExportOptions

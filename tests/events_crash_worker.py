@@ -15,7 +15,9 @@ import pandas as pd
 from helpers_events import deposit_options
 from worker_harness import client_from_env, print_line, serve
 
-from airflow_provider_stopchurn.events.engine import EventOptions, event_store, run_events
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import event_store
+from airflow_provider_stopchurn.events.options import EventOptions
 
 BRAND = 5
 STREAM = "crash.deposits"

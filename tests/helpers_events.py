@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_provider_stopchurn.events.engine import EventOptions
+from airflow_provider_stopchurn.events.options import EventOptions
 
 DEPOSITS: dict[str, Any] = {
     "user_id_column": "user_id",

@@ -25,7 +25,9 @@ from helpers_events import deposit_options
 from helpers_sync import BRAND, T0
 from worker_harness import client_from_env, serve, summary_or_error
 
-from airflow_provider_stopchurn.events.engine import EventOptions, event_store, run_events
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import event_store
+from airflow_provider_stopchurn.events.options import EventOptions
 from airflow_provider_stopchurn.export.engine import run_export
 from airflow_provider_stopchurn.export.options import ExportOptions
 from airflow_provider_stopchurn.store import SnapshotStore

@@ -37,7 +37,9 @@ from helpers_sync import (
     update_requests,
 )
 
-from airflow_provider_stopchurn.events.engine import EventOptions, event_store, run_events
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import event_store
+from airflow_provider_stopchurn.events.options import EventOptions
 from airflow_provider_stopchurn.exceptions import (
     SafeguardError,
     SourceDataError,

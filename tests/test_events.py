@@ -20,15 +20,10 @@ import pandas as pd
 import pytest
 from helpers_sync import FailAfter, RecordingSender, make_client, tree_digest
 
-from airflow_provider_stopchurn.events.engine import (
-    KEY,
-    WATERMARK,
-    EventOptions,
-    EventSummary,
-    Window,
-    event_store,
-    run_events,
-)
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import KEY, WATERMARK, Window, event_store
+from airflow_provider_stopchurn.events.options import EventOptions
+from airflow_provider_stopchurn.events.summary import EventSummary
 from airflow_provider_stopchurn.exceptions import (
     SourceDataError,
     StopChurnAuthError,

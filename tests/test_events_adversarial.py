@@ -113,7 +113,9 @@ def test_a_duckdb_source_by_a_naive_timestamp_whatever_the_session_time_zone(
 ) -> None:
     import duckdb
 
-    from airflow_provider_stopchurn.events.engine import EventOptions, Window, event_store, run_events
+    from airflow_provider_stopchurn.events.engine import run_events
+    from airflow_provider_stopchurn.events.ledger import Window, event_store
+    from airflow_provider_stopchurn.events.options import EventOptions
     from airflow_provider_stopchurn.source.sql import read_dbapi
 
     path = tmp_path / "events.duckdb"

@@ -19,7 +19,8 @@ from events_crash_worker import BRAND, STREAM, options, source
 from helpers_sync import make_client
 from worker_harness import kill_after, start_worker
 
-from airflow_provider_stopchurn.events.engine import event_store, run_events
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import event_store
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 
 WORKER = "events_crash_worker.py"

@@ -19,7 +19,9 @@ from test_events import BRAND, HOUR, STREAM, T0, World, as_counts, deposits, exp
 
 from airflow_provider_stopchurn import cli
 from airflow_provider_stopchurn.api.client import StopChurnClient
-from airflow_provider_stopchurn.events.engine import FUTURE_MARGIN, KEY, SETTLE_AFTER_FAILED_TRIES, EventOptions
+from airflow_provider_stopchurn.events.engine import SETTLE_AFTER_FAILED_TRIES
+from airflow_provider_stopchurn.events.ledger import FUTURE_MARGIN, KEY
+from airflow_provider_stopchurn.events.options import EventOptions
 from airflow_provider_stopchurn.exceptions import (
     SnapshotLockedError,
     SourceDataError,

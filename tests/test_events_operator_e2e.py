@@ -282,7 +282,8 @@ def test_a_second_run_of_the_stream_started_together_waits_for_the_lock_and_succ
 
     from helpers_sync import make_client
 
-    from airflow_provider_stopchurn.events.engine import event_store, run_events
+    from airflow_provider_stopchurn.events.engine import run_events
+    from airflow_provider_stopchurn.events.ledger import event_store
 
     state = tmp_path / "state"
     caplog.set_level(logging.WARNING, logger="airflow_provider_stopchurn.store.snapshots")
@@ -331,7 +332,7 @@ def _wait_for_lock(state: Path, brand: int, stream: str) -> bool:
     """Whether the stream's LOCK appeared within 60 s."""
     import threading
 
-    from airflow_provider_stopchurn.events.engine import event_store
+    from airflow_provider_stopchurn.events.ledger import event_store
 
     store = event_store(state, brand, stream)
     for _ in range(600):

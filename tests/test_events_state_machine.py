@@ -38,7 +38,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 from upath import UPath
 
-from airflow_provider_stopchurn.events.engine import FUTURE_MARGIN, event_store, run_events
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import FUTURE_MARGIN, event_store
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN

@@ -18,7 +18,10 @@ import pytest
 from helpers_events import deposit_options
 from helpers_sync import make_client
 
-from airflow_provider_stopchurn.events.engine import EventOptions, EventSummary, Window, event_store, run_events
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import Window, event_store
+from airflow_provider_stopchurn.events.options import EventOptions
+from airflow_provider_stopchurn.events.summary import EventSummary
 from airflow_provider_stopchurn.sandbox import SandboxServer
 
 BRAND = 11

@@ -233,7 +233,9 @@ def test_an_event_retry_records_the_chunks_it_settled_of_its_earlier_try(sb: San
 
     from helpers_sync import FailAfter
 
-    from airflow_provider_stopchurn.events.engine import EventOptions, event_store, run_events
+    from airflow_provider_stopchurn.events.engine import run_events
+    from airflow_provider_stopchurn.events.ledger import event_store
+    from airflow_provider_stopchurn.events.options import EventOptions
     from airflow_provider_stopchurn.exceptions import TransientDeliveryError
     from airflow_provider_stopchurn.sandbox import FaultConfig
 

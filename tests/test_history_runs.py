@@ -39,7 +39,9 @@ from upath import UPath
 from worker_harness import accepted_or_ended, reaped, start_worker
 
 from airflow_provider_stopchurn import cli
-from airflow_provider_stopchurn.events.engine import EventOptions, event_store, run_events
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import event_store
+from airflow_provider_stopchurn.events.options import EventOptions
 from airflow_provider_stopchurn.exceptions import (
     SafeguardError,
     SnapshotLockedError,

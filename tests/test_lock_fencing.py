@@ -24,7 +24,8 @@ from helpers_events import deposit_options
 from helpers_sync import BRAND, T0, TABLE, make_client, options, wait_until
 from worker_harness import start_worker
 
-from airflow_provider_stopchurn.events.engine import event_store, run_events
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import event_store
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore

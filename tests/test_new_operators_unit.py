@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from airflow.sdk import DAG
 
-from airflow_provider_stopchurn.events.engine import EventOptions
+from airflow_provider_stopchurn.events.options import EventOptions
 from airflow_provider_stopchurn.export.options import ExportOptions
 from airflow_provider_stopchurn.operators.stopchurn import (
     RETRY_DEFAULTS,

@@ -30,7 +30,8 @@ from helpers_sync import BRAND, T0, make_client, wait_until
 from ops_review_worker import EXPORT_TABLE, STREAM, event_options, export_frame
 from worker_harness import start_worker
 
-from airflow_provider_stopchurn.events.engine import event_store, run_events
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import event_store
 from airflow_provider_stopchurn.export.engine import run_export
 from airflow_provider_stopchurn.export.options import ExportOptions
 from airflow_provider_stopchurn.sandbox import SandboxServer

@@ -19,7 +19,9 @@ import pytest
 from helpers_sync import BRAND, T0, TABLE, list_files, options
 
 from airflow_provider_stopchurn.api.client import StopChurnClient
-from airflow_provider_stopchurn.events.engine import EventOptions, event_store, run_events
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import event_store
+from airflow_provider_stopchurn.events.options import EventOptions
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore

@@ -70,14 +70,14 @@ def _refuse_warehouse_table(store: Any, command: str, repair: str) -> None:
 
 
 def _settle(args: argparse.Namespace, out: TextIO) -> None:
-    from airflow_provider_stopchurn.events import engine as events
+    from airflow_provider_stopchurn.events.plan import is_event_plan
     from airflow_provider_stopchurn.store import operate
 
     if (args.table is None) == (args.stream is None):
         raise UsageError("give exactly one of --table T or --stream S (an event stream)")
     store = _settle_store(args)
     pending = store.pending_plan(cleanup=False)
-    if args.stream is not None or (pending is not None and events.is_event_plan(pending.meta)):
+    if args.stream is not None or (pending is not None and is_event_plan(pending.meta)):
         _settle_events(args, out, store)
         return
     _refuse_warehouse_table(store, "settle", "its next run settles the pending plan into the state table")
@@ -119,7 +119,7 @@ def _settle_store(args: argparse.Namespace) -> Any:
     """The store ``settle`` works on: a table's, or with ``--stream`` an event stream's under ``URI/events``."""
     if args.stream is None:
         return _store(args)
-    from airflow_provider_stopchurn.events.engine import event_store
+    from airflow_provider_stopchurn.events.ledger import event_store
 
     if not args.stream.strip():
         raise UsageError("--stream is empty")
@@ -134,7 +134,7 @@ def _settle_store(args: argparse.Namespace) -> Any:
 
 def _settle_events(args: argparse.Namespace, out: TextIO, store: Any) -> None:
     """``settle`` of an event plan: the acknowledged events join the ledger, the next run reads the rest again."""
-    from airflow_provider_stopchurn.events import engine as events
+    from airflow_provider_stopchurn.events.settle import settle_pending_event_plan
     from airflow_provider_stopchurn.store import operate
 
     plan = operate.preview_settle(store)
@@ -151,7 +151,7 @@ def _settle_events(args: argparse.Namespace, out: TextIO, store: Any) -> None:
         "rest (the next run reads the same window and sends them).",
         "Settle it?",
     )
-    result = events.settle_pending_event_plan(store, holder=operate.operator_name("settle"))
+    result = settle_pending_event_plan(store, holder=operate.operator_name("settle"))
     if args.json:
         _emit_json(out, {"settled": result is not None, **(dataclasses.asdict(result) if result else {})})
         return

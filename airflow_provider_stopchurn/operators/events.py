@@ -6,7 +6,9 @@ import datetime
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from airflow_provider_stopchurn.events.engine import MAX_LOOKBACK, EventOptions, Window, event_store, run_events
+from airflow_provider_stopchurn.events.engine import run_events
+from airflow_provider_stopchurn.events.ledger import Window, event_store
+from airflow_provider_stopchurn.events.options import MAX_LOOKBACK, EventOptions
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.hooks._compat import BaseOperator
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook

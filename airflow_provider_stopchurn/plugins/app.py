@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from airflow_provider_stopchurn.events.engine import EVENTS_FOLDER, event_store
+from airflow_provider_stopchurn.events.ledger import EVENTS_FOLDER, event_store
 from airflow_provider_stopchurn.operators._common import snapshot_root
 from airflow_provider_stopchurn.plugins.page import (
     CHART_RUNS,
