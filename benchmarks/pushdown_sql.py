@@ -285,21 +285,22 @@ class CountingWarehouse:
 
 def pushdown_phases() -> Phases:
     """Time and measure the pushdown engine's top-level steps in this process (``harness.Phases``)."""
-    from airflow_provider_stopchurn.warehouse import engine
+    # wrapped where the run looks them up: the warehouse sync's module
+    from airflow_provider_stopchurn.warehouse import sync
 
     phases = Phases()
-    phases.wrap(engine, "check_state", "check the state table against the store")
-    phases.wrap(engine, "_source_schema", "the source's columns (probe query)")
-    phases.wrap(engine, "_check_keys", "key checks in SQL (NULL and repeated keys)")
-    phases.wrap(engine, "_decide", "counts in SQL (full outer join) + safeguards")
+    phases.wrap(sync, "check_state", "check the state table against the store")
+    phases.wrap(sync, "_source_schema", "the source's columns (probe query)")
+    phases.wrap(sync, "_check_keys", "key checks in SQL (NULL and repeated keys)")
+    phases.wrap(sync, "_decide", "counts in SQL (full outer join) + safeguards")
     phases.wrap(
-        engine,
+        sync,
         "_plan_frame",
         "changed rows: the query, read and encoded in the worker",
         lambda frame: int(frame.estimated_size()),
     )
     phases.wrap(SnapshotStore, "write_plan", "write the plan (snapshot store)")
-    phases.wrap(engine, "deliver_and_settle", "encode updates + send, acknowledgements recorded (deliver_and_settle)")
-    phases.wrap(engine, "settle_state", "settle: stage the acknowledged rows, apply them to the state table, commit")
-    phases.wrap(engine, "_baseline", "baseline: every row read, encoded in the worker, written to the state table")
+    phases.wrap(sync, "deliver_and_settle", "encode updates + send, acknowledgements recorded (deliver_and_settle)")
+    phases.wrap(sync, "settle_state", "settle: stage the acknowledged rows, apply them to the state table, commit")
+    phases.wrap(sync, "_baseline", "baseline: every row read, encoded in the worker, written to the state table")
     return phases

@@ -23,7 +23,7 @@ from pushdown_engines import Engine, engine_fixture
 from airflow_provider_stopchurn import cli
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.warehouse import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
-from airflow_provider_stopchurn.warehouse.engine import token_order
+from airflow_provider_stopchurn.warehouse.settle import token_order
 
 KEYS = ("at",)
 

@@ -38,7 +38,7 @@ def _reconcile(args: argparse.Namespace, out: TextIO) -> None:
     from airflow_provider_stopchurn.options import SyncOptions
     from airflow_provider_stopchurn.store import operate
     from airflow_provider_stopchurn.warehouse import WarehouseSource, reconcile
-    from airflow_provider_stopchurn.warehouse.engine import _meta
+    from airflow_provider_stopchurn.warehouse.state import _meta
 
     if args.adopt_state == args.reset:
         raise UsageError("give exactly one of --adopt-state or --reset")
@@ -96,7 +96,7 @@ def _reconcile(args: argparse.Namespace, out: TextIO) -> None:
 
 def _older(token: str, than: str) -> bool:
     """Whether the state token ``token`` was written before ``than`` (tokens are ordered; see ``token_order``)."""
-    from airflow_provider_stopchurn.warehouse.engine import token_order
+    from airflow_provider_stopchurn.warehouse.settle import token_order
 
     try:
         return token_order(token) < token_order(than)
@@ -108,7 +108,7 @@ def _reconcile_info(
     action: str, store: Any, state: Any, origin: str, meta: Any, current: Mapping[str, Any] | None
 ) -> tuple[dict[str, Any], str, str]:
     """What ``reconcile`` would change: a JSON summary, and the state table and the store's record in words."""
-    from airflow_provider_stopchurn.warehouse.engine import DIFF_LOCATION
+    from airflow_provider_stopchurn.warehouse.source import DIFF_LOCATION
 
     version = None if current is None else str(current.get("version"))
     info: dict[str, Any] = {

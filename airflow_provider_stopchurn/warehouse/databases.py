@@ -55,6 +55,17 @@ class Warehouse(Protocol):
     def close(self) -> None: ...
 
 
+def _or_empty(reader: Any) -> Iterator[pa.RecordBatch]:
+    """The batches of an Arrow record batch reader, or one zero-row batch carrying its schema when it has none
+    (an empty result still names its columns)."""
+    seen = False
+    for batch in reader:
+        seen = True
+        yield batch
+    if not seen:
+        yield pa.RecordBatch.from_pylist([], schema=reader.schema)
+
+
 class _CursorWarehouse:
     """Shared by the DB-API warehouses: one connection held for the run, statements through its cursor."""
 
@@ -174,13 +185,7 @@ class PostgresWarehouse(_CursorWarehouse):
         super().__init__(lambda: _connect_postgres(uri))
 
     def _read(self, cursor: Any) -> Iterator[pa.RecordBatch]:
-        reader = cursor.fetch_record_batch()
-        seen = False
-        for batch in reader:
-            seen = True
-            yield batch
-        if not seen:
-            yield pa.RecordBatch.from_pylist([], schema=reader.schema)
+        yield from _or_empty(cursor.fetch_record_batch())
 
     def load(self, table: str, data: pa.Table) -> None:
         cursor = self.conn.cursor()
@@ -244,13 +249,7 @@ class DuckDBWarehouse(_CursorWarehouse):
             relation = reader_conn.sql(sql)
             # DuckDB 2.x names it to_arrow_reader, 1.x fetch_arrow_reader
             read = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
-            reader = read(BATCH_ROWS)
-            seen = False
-            for batch in reader:
-                seen = True
-                yield batch
-            if not seen:
-                yield pa.RecordBatch.from_pylist([], schema=reader.schema)
+            yield from _or_empty(read(BATCH_ROWS))
         finally:
             reader_conn.close()
 

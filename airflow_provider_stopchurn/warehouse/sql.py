@@ -154,25 +154,36 @@ class StateTable:
         tag = re.sub(r"[^0-9a-z]", "", plan_id.lower())[-8:]
         return replace(self, next_suffix=f"__next_{tag}")
 
+    def _in_schema(self, table: str) -> str:
+        """``table`` (the state table's name with a suffix) quoted and qualified by the state schema."""
+        return f"{q(self.schema)}.{q(table)}"
+
     @property
     def qualified(self) -> str:
-        return f"{q(self.schema)}.{q(self.name + self.state_suffix)}"
-
-    @property
-    def display(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-    @property
-    def meta(self) -> str:
-        return f"{q(self.schema)}.{q(self.name + self.meta_suffix)}"
+        """The state table where it is read, quoted and qualified (a dry run over a swap a crash left half done
+        reads ``..__next``)."""
+        return self._in_schema(self.name + self.state_suffix)
 
     @property
     def next(self) -> str:
-        return f"{q(self.schema)}.{q(self.name + self.next_suffix)}"
+        """The scratch table a rewrite of the state table is built in before it is swapped in."""
+        return self._in_schema(self.name + self.next_suffix)
+
+    @property
+    def meta(self) -> str:
+        """The bookkeeping table where it is read (its one row: format, token, plan, columns, key columns and
+        row count)."""
+        return self._in_schema(self.name + self.meta_suffix)
 
     @property
     def meta_next(self) -> str:
-        return f"{q(self.schema)}.{q(self.name + '__meta_next')}"
+        """The bookkeeping table's scratch table, swapped in where the warehouse has no transactions."""
+        return self._in_schema(self.name + "__meta_next")
+
+    @property
+    def display(self) -> str:
+        """The state table's name in messages: ``schema.name``, unquoted."""
+        return f"{self.schema}.{self.name}"
 
     def r(self, sql: str, source: str | None = None) -> str:
         return render(sql, self.dialect, source=source)
@@ -389,7 +400,7 @@ class StateTable:
 
     def exists_sql(self, table: str) -> str:
         """A query that fails when ``table`` (``name``, ``name__meta`` or ``name__next``) does not exist."""
-        return self.r(f"SELECT 1 FROM {q(self.schema)}.{q(table)} WHERE 1 = 0")
+        return self.r(f"SELECT 1 FROM {self._in_schema(table)} WHERE 1 = 0")
 
 
 def columns_text(schema: pa.Schema) -> str:

@@ -1,0 +1,189 @@
+"""The changed rows read from the warehouse, encoded as the local path encodes them: the plan frame (one row per
+change, with its update's parts), in the local path's send order, and its updates chunked into windows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from airflow_provider_stopchurn.encode.records import encode_rows, encode_updates
+from airflow_provider_stopchurn.options import SyncOptions
+from airflow_provider_stopchurn.update.plan import Window, _window, timestamp_column
+from airflow_provider_stopchurn.update.sync import canonical_source
+from airflow_provider_stopchurn.warehouse import sql as S
+from airflow_provider_stopchurn.warehouse.source import _Run
+
+__all__ = ["windows"]
+
+#: plan frame columns
+_OP, _HASH, _CREATED, _UPDATED, _ROW = "op", "hash", "created_at", "updated_at", "row"
+_RANK = {"delete": 0, "update": 1, "insert": 2}
+
+
+def _encode_batch(
+    batch: pa.RecordBatch,
+    columns: Sequence[str],
+    options: SyncOptions,
+    key_kinds: Mapping[str, str],
+    run_ms: int,
+) -> tuple[pl.DataFrame, dict[str, str]]:
+    """One batch of changed rows -> plan rows (op, key texts, hash, createdAt, updatedAt, row JSON, sort keys)."""
+    table = pa.Table.from_batches([batch])
+    ops = table.column(S.OP)
+    is_delete = pc.equal(ops, "delete")
+    keys = list(options.key_columns)
+    texts = [S.key_text(i) for i in range(len(keys))]
+    parts: list[pl.DataFrame] = []
+    kinds: dict[str, str] = {}
+    upserts = table.filter(pc.invert(is_delete))
+    if upserts.num_rows:
+        canon = canonical_source(upserts.select(list(columns)), options)
+        kinds = dict(canon.kinds)
+        frame = canon.frame
+        rows = encode_rows(  # every canonical column: the source's, and the id a composite key is given
+            frame,
+            {c: canon.kinds[c] for c in frame.columns},
+            nest_dotted_columns=options.nest_dotted_columns,
+            decimal_as_string=options.decimal_as_string,
+        )
+        meta = pl.from_arrow(upserts.select([*texts, S.NEW_HASH, S.OLD_CREATED, S.OP]))
+        assert isinstance(meta, pl.DataFrame)
+        created = timestamp_column(canon, options.created_at_column, "created_at")
+        created_at = (created if created is not None else meta.get_column(S.OLD_CREATED).cast(pl.Int64)).fill_null(
+            run_ms
+        )
+        if options.updated_at_column is not None:
+            updated_at = frame.get_column(options.updated_at_column).cast(pl.Int64).fill_null(run_ms)
+        else:
+            updated_at = pl.repeat(run_ms, frame.height, dtype=pl.Int64, eager=True)
+        parts.append(
+            pl.DataFrame(
+                [
+                    meta.get_column(S.OP).cast(pl.String).alias(_OP),
+                    *(meta.get_column(t).cast(pl.String) for t in texts),
+                    meta.get_column(S.NEW_HASH).cast(pl.String).alias(_HASH),
+                    created_at.cast(pl.Int64).alias(_CREATED),
+                    updated_at.alias(_UPDATED),
+                    rows.cast(pl.String).alias(_ROW),
+                    *(_sort_key(frame.get_column(k), key_kinds.get(k, kinds[k]), i) for i, k in enumerate(keys)),
+                ]
+            )
+        )
+    deletes = table.filter(is_delete)
+    if deletes.num_rows:
+        meta = pl.from_arrow(deletes.select([*texts, S.OLD_CREATED, S.OLD_ROW]))
+        assert isinstance(meta, pl.DataFrame)
+        parts.append(
+            pl.DataFrame(
+                [
+                    pl.repeat("delete", meta.height, dtype=pl.String, eager=True).alias(_OP),
+                    *(meta.get_column(t).cast(pl.String) for t in texts),
+                    pl.repeat(None, meta.height, dtype=pl.String, eager=True).alias(_HASH),
+                    meta.get_column(S.OLD_CREATED).cast(pl.Int64).alias(_CREATED),
+                    pl.repeat(run_ms, meta.height, dtype=pl.Int64, eager=True).alias(_UPDATED),
+                    meta.get_column(S.OLD_ROW).cast(pl.String).alias(_ROW),
+                    *(
+                        _sort_key(meta.get_column(t), key_kinds.get(k, "string"), i)
+                        for i, (t, k) in enumerate(zip(texts, keys, strict=True))
+                    ),
+                ]
+            )
+        )
+    if not parts:
+        return _empty_plan(len(keys)), kinds
+    return pl.concat([p.select(_empty_plan(len(keys)).columns) for p in parts], how="vertical_relaxed"), kinds
+
+
+def _sort_key(values: pl.Series, kind: str, i: int) -> pl.Series:
+    """A key as the local path sorts it: integers as integers, everything else by its text."""
+    name = f"__sc_sort_{i}"
+    if kind == "int":
+        return values.cast(pl.Int64).alias(name)
+    return values.cast(pl.String).alias(name)
+
+
+def _empty_plan(keys: int) -> pl.DataFrame:
+    return pl.DataFrame(
+        schema={
+            _OP: pl.String,
+            **{S.key_text(i): pl.String for i in range(keys)},
+            _HASH: pl.String,
+            _CREATED: pl.Int64,
+            _UPDATED: pl.Int64,
+            _ROW: pl.String,
+            **{f"__sc_sort_{i}": pl.String for i in range(keys)},
+        }
+    )
+
+
+def _plan_frame(
+    run: _Run, batches: Iterator[pa.RecordBatch], key_kinds: Mapping[str, str], first: bool
+) -> pl.DataFrame:
+    """Every changed row, in the local path's send order: a first load in source order; else deletes, updates,
+    inserts, each by key."""
+    frames = []
+    kinds = dict(key_kinds)
+    options = run.options
+    columns: list[str] | None = None
+    for batch in batches:
+        if columns is None:
+            columns = [c for c in batch.schema.names if not c.startswith("__sc_")]
+        frame, batch_kinds = _encode_batch(batch, columns, options, kinds, run.run_ms)
+        for k in options.key_columns:
+            kinds.setdefault(k, batch_kinds.get(k, "string"))
+        if frame.height:
+            frames.append(frame)
+    keys = len(options.key_columns)
+    if not frames:
+        return _empty_plan(keys).drop([f"__sc_sort_{i}" for i in range(keys)])
+    frame = pl.concat(frames, how="vertical_relaxed")
+    sort_columns = [f"__sc_sort_{i}" for i in range(keys)]
+    if not first:
+        rank = pl.col(_OP).replace_strict(_RANK, return_dtype=pl.Int8)
+        frame = frame.with_columns(rank.alias("__sc_rank")).sort(["__sc_rank", *sort_columns], maintain_order=True)
+        frame = frame.drop("__sc_rank")
+    return frame.drop(sort_columns)
+
+
+def windows(frame: pl.DataFrame, options: SyncOptions) -> Iterator[Window]:
+    """The plan's updates, encoded and chunked ``window_rows`` at a time as the local path does."""
+    for offset in range(0, frame.height, options.window_rows):
+        part = frame.slice(offset, options.window_rows)
+        updates = encode_updates(
+            part.get_column(_OP),
+            part.get_column(_ROW),
+            part.get_column(_CREATED),
+            part.get_column(_UPDATED),
+            brand_id=options.brand_id,
+            table_name=options.table_name,
+        )
+        yield _window(offset, [updates.alias("update")], options)
+
+
+def _kinds(schema: pa.Schema, options: SyncOptions) -> dict[str, str]:
+    """The source's kinds, as the canonical conversion names them for its (empty) result."""
+    empty = pa.Table.from_batches([], schema=schema)
+    try:
+        return dict(canonical_source(empty, options).kinds)
+    except Exception:  # an empty result may not satisfy every check (the user table's contract)
+        return {f.name: "null" for f in schema}
+
+
+def _key_kinds(kinds: Mapping[str, str], current: Mapping[str, Any] | None, options: SyncOptions) -> dict[str, str]:
+    """The key columns' kinds as the local path sorts them (the committed ones win over an all-null source)."""
+    key_kinds = {k: kinds.get(k, "string") for k in options.key_columns}
+    committed = (current or {}).get("kinds") or {}
+    key_kinds.update({k: v for k, v in committed.items() if k in options.key_columns and v != "null"})
+    return key_kinds
+
+
+def _op_counts(ops: pl.Series) -> dict[str, int]:
+    counts = ops.value_counts()
+    return {
+        str(k): int(v)
+        for k, v in zip(counts.get_column(ops.name).to_list(), counts.get_column("count").to_list(), strict=True)
+    }

@@ -1,0 +1,165 @@
+"""Planning the diff in the warehouse: the source's columns and keys checked, the schema policy, the counts in
+SQL and the safeguards on them (all before any row leaves the database), then the query of the changed rows and
+the plan's bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Generator, Mapping, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from airflow_provider_stopchurn.exceptions import SafeguardError, SourceDataError, StopChurnConfigError
+from airflow_provider_stopchurn.options import SyncOptions
+from airflow_provider_stopchurn.source.frame import check_reserved_names
+from airflow_provider_stopchurn.store import Committed
+from airflow_provider_stopchurn.update.plan import check_safeguards, describe, kind_changes
+from airflow_provider_stopchurn.warehouse import sql as S
+from airflow_provider_stopchurn.warehouse.changes import _OP, _op_counts
+from airflow_provider_stopchurn.warehouse.databases import Warehouse
+from airflow_provider_stopchurn.warehouse.source import DIFF_LOCATION, PLAN_FORMAT, _Run
+from airflow_provider_stopchurn.warehouse.state import _Meta
+
+# the logger name the warehouse sync has always logged under: users and tests filter on it
+log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
+
+
+def _instants(types: Mapping[str, str]) -> dict[str, str]:
+    """Arrow types with every time zone named ``UTC``: a zoned timestamp is an instant whatever zone the reader
+    named (DuckDB names its session's, ``Etc/UTC`` or ``UTC`` alike), so a zone name alone is no schema change."""
+    return {name: _ZONE.sub("tz=UTC", text) for name, text in types.items()}
+
+
+_ZONE = re.compile(r"tz=[^,\]\)]+")
+
+
+def _source_schema(warehouse: Warehouse, state: S.StateTable, query: str, options: SyncOptions) -> pa.Schema:
+    with closing(warehouse.batches(state.probe(query))) as batches:
+        schema = next(iter(batches)).schema
+    missing = [k for k in options.key_columns if k not in schema.names]
+    if missing:
+        raise StopChurnConfigError(
+            f"Key column(s) {missing} are not in the source (columns: {schema.names}); set key_columns."
+        )
+    check_reserved_names(schema.names)  # the worker path's rule, with the worker path's error
+    taken = [c for c in schema.names if c.startswith("_stopchurn_")]
+    if taken:
+        raise SourceDataError(
+            f"Source column(s) {taken} start with '_stopchurn_', a prefix the warehouse diff reserves.\n"
+            "Rename them in the query (SELECT ... AS other_name). Nothing was sent."
+        )
+    return schema
+
+
+def _check_keys(warehouse: Warehouse, state: S.StateTable, query: str, options: SyncOptions) -> None:
+    null_keys, repeated = warehouse.rows(state.key_check(query))[0]
+    if null_keys:
+        raise SafeguardError(
+            f"{null_keys} source rows of {options.table_name!r} have a NULL in key column(s) "
+            f"{list(options.key_columns)}; nothing was sent. Every row needs its key."
+        )
+    if repeated:
+        examples = warehouse.rows(state.repeated_keys(query))
+        raise SafeguardError(
+            f"{repeated} keys of {options.table_name!r} are held by more than one source row (for example "
+            f"{[tuple(r[:-1]) for r in examples]}); nothing was sent. Keys must be unique."
+        )
+
+
+@dataclass
+class _Diff:
+    update_all: bool
+    baseline: bool
+    schema_change: dict[str, Any] | None
+    counts: dict[str, int]
+
+
+def _decide(
+    warehouse: Warehouse,
+    state: S.StateTable,
+    query: str,
+    schema: pa.Schema,
+    meta: _Meta | None,
+    options: SyncOptions,
+) -> _Diff:
+    """Schema policy and counts (in SQL), and the safeguards on them."""
+    columns = schema.names
+    if meta is None:
+        (total,) = warehouse.rows(state.r(f"SELECT COUNT(*) FROM {S.q(S.SOURCE)} AS s", query))[0]
+        baseline = options.initial_load == "baseline"
+        return _Diff(False, baseline, None, {"insert": 0 if baseline else int(total), "unchanged": int(total)})
+    new_types = {f.name: str(f.type) for f in schema}
+    change = kind_changes(_instants(meta.columns), _instants(new_types), meta.key_columns, tuple(options.key_columns))
+    update_all = baseline = False
+    schema_change = None
+    if change:
+        schema_change = {"policy": options.on_schema_change, **change}
+        if options.on_schema_change == "fail" or ("key_columns" in change and options.on_schema_change != "rebaseline"):
+            raise SafeguardError(
+                f"The columns of brand {options.brand_id} table {options.table_name!r} changed; nothing was sent.\n"
+                f"Source vs state table: {describe(change)}.\n"
+                + (
+                    "Key columns name the rows of the state table: only on_schema_change='rebaseline' can change them."
+                    if "key_columns" in change
+                    else "Set on_schema_change='update_all' to send every row with its new columns, or 'rebaseline' "
+                    "to record the new table without sending."
+                )
+            )
+        log.warning(
+            "Schema change on %r (%s), policy on_schema_change=%r.",
+            options.table_name,
+            describe(change),
+            options.on_schema_change,
+        )
+        baseline = options.on_schema_change == "rebaseline"
+        update_all = not baseline
+    if baseline:
+        (total,) = warehouse.rows(state.r(f"SELECT COUNT(*) FROM {S.q(S.SOURCE)} AS s", query))[0]
+        return _Diff(False, True, schema_change, {"unchanged": int(total)})
+    raw = warehouse.rows(state.counts(query, columns, update_all=update_all))
+    counts = {("unchanged" if op is None else str(op)): int(n) for op, n in raw}
+    source_rows = counts.get("insert", 0) + counts.get("update", 0) + counts.get("unchanged", 0)
+    committed = Committed(None, kinds={}, key_columns=options.key_columns, version=meta.token, rows=meta.rows)  # type: ignore[arg-type]
+    check_safeguards(counts.get("delete", 0), source_rows, committed, options)
+    return _Diff(update_all, False, schema_change, counts)
+
+
+def _change_batches(run: _Run, columns: Sequence[str], diff: _Diff, *, first: bool) -> Generator[pa.RecordBatch]:
+    state = run.state
+    sql = (
+        state.first_load(run.query, columns) if first else state.changes(run.query, columns, update_all=diff.update_all)
+    )
+    yield from run.warehouse.batches(sql)
+
+
+def _plan_meta(
+    options: SyncOptions, state: S.StateTable, kinds: Mapping[str, str], schema: pa.Schema, run_ms: int
+) -> dict[str, Any]:
+    return {
+        "plan_format": PLAN_FORMAT,
+        "diff_location": DIFF_LOCATION,
+        "brand_id": options.brand_id,
+        "table_name": options.table_name,
+        "state_table": state.display,
+        "kinds": dict(kinds),
+        "key_columns": list(options.key_columns),
+        "columns": S.columns_text(schema),
+        "run_ms": run_ms,
+        "session_zone": S.SESSION_ZONE,
+        # bounds the chunks a killed delivery can have had in flight (settle tells them from chunks never sent)
+        "max_concurrent_requests": options.max_concurrent_requests,
+    }
+
+
+def _check_plan(frame: pl.DataFrame, meta: _Meta, unchanged: int, options: SyncOptions) -> dict[str, int] | None:
+    """The safeguards again, on the rows as read (the source may have moved since the counts); returns the
+    approval of a mass delete ``allow_large_changes`` let through."""
+    counted = _op_counts(frame.get_column(_OP))
+    committed = Committed(None, kinds={}, key_columns=options.key_columns, version=meta.token, rows=meta.rows)  # type: ignore[arg-type]
+    source_rows = counted.get("insert", 0) + counted.get("update", 0) + unchanged
+    return check_safeguards(counted.get("delete", 0), source_rows, committed, options)
