@@ -61,8 +61,8 @@ from airflow_provider_stopchurn.store import (
     backend_for,
     display_location,
 )
+from airflow_provider_stopchurn.store.folder import safe_name
 from airflow_provider_stopchurn.store.history import recorded
-from airflow_provider_stopchurn.store.snapshots import safe_name
 from airflow_provider_stopchurn.update.diff import DIRTY_HASH, DIRTY_UPDATE, ROW_HASH, data_columns, with_hashes
 from airflow_provider_stopchurn.update.plan import make_plan
 from airflow_provider_stopchurn.update.settle import settle
