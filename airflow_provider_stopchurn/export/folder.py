@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from airflow_provider_stopchurn.export.options import ExportOptions
-from airflow_provider_stopchurn.store.snapshots import safe_name
+from airflow_provider_stopchurn.store.folder import safe_name
 
 
 def output_folder(root: Any, options: ExportOptions) -> Any:

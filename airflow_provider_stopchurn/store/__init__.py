@@ -42,8 +42,18 @@ Crash safety:
   whole after the commit it describes; pruning the oldest comes after the write, so a crash never loses a
   record it had written, it only leaves a few records over the bound until the next append.
 
-The storage seam is :mod:`.backend` (a local directory, or any UPath-like object: s3://, gs://, memory://, ...);
-the lock is :mod:`.lock`; the store itself is :mod:`.store`. This package imports no Airflow.
+The modules, one job each:
+
+* :mod:`.snapshots`: :class:`SnapshotStore`, the store of one brand/table, its parts joined, and taking its lock;
+* :mod:`.folder`: the table's folder, the names of its files and how its pointers and Parquet files are read;
+* :mod:`.committed`: the committed snapshot, CURRENT and the commit; :mod:`.plans`: the plan in flight and its
+  acknowledgements; :mod:`.quarantine`: the rows still rejected; :mod:`.history_files`: the run records' files;
+* :mod:`.lock`: the lease on a table (claims, refresh, fencing, heartbeat); :mod:`.lock_records`: what a lock
+  record says about its holder;
+* :mod:`.backend`: the storage seam (a local directory, or any UPath-like object: s3://, gs://, memory://, ...);
+* :mod:`.history`: what a run's history record holds; :mod:`.operate`: what the on-call commands do to a store.
+
+This package imports no Airflow.
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from airflow_provider_stopchurn.store.backend import (
     backend_for,
     display_location,
 )
+from airflow_provider_stopchurn.store.committed import Committed
 from airflow_provider_stopchurn.store.constants import (
     CREATED_AT,
     FORMAT_VERSION,
@@ -64,8 +75,10 @@ from airflow_provider_stopchurn.store.constants import (
     OP,
     UPDATED_AT,
 )
+from airflow_provider_stopchurn.store.history_files import HISTORY_LIMIT
 from airflow_provider_stopchurn.store.lock import TableLock
-from airflow_provider_stopchurn.store.snapshots import HISTORY_LIMIT, Committed, Plan, SnapshotStore
+from airflow_provider_stopchurn.store.plans import Plan
+from airflow_provider_stopchurn.store.snapshots import SnapshotStore
 
 __all__ = [
     "CREATED_AT",

@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -180,20 +180,27 @@ class LocalBackend:
         # hidden, unique, in the same folder: os.replace and os.link need the same file system
         return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
+    @contextlib.contextmanager
+    def _staged(self, path: Path, data: bytes, *, durable: bool) -> Iterator[Path]:
+        """A complete temporary file holding ``data`` beside ``path`` (fsynced when ``durable``), for the block to
+        publish under ``path``; removed after the block (a published one lives on under its new name)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._temporary(path)
+        try:
+            with tmp.open("wb") as fh:
+                fh.write(data)
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def write_bytes(self, name: str, data: bytes, *, durable: bool = False) -> None:
         path = self._path(name)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._temporary(path)
-            try:
-                with tmp.open("wb") as fh:
-                    fh.write(data)
-                    if durable:
-                        fh.flush()
-                        os.fsync(fh.fileno())
+            with self._staged(path, data, durable=durable) as tmp:
                 os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
             if durable:
                 _fsync_directory(path.parent)
         except OSError as err:
@@ -202,13 +209,7 @@ class LocalBackend:
     def create_exclusive(self, name: str, data: bytes) -> bool:
         path = self._path(name)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._temporary(path)
-            try:
-                with tmp.open("wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
+            with self._staged(path, data, durable=True) as tmp:
                 try:
                     os.link(tmp, path)  # the name appears with its whole content, or not at all
                 except FileExistsError:
@@ -218,8 +219,6 @@ class LocalBackend:
                     if err.errno not in _NO_LINKS:
                         raise
                     return self._create_with_o_excl(path, data)
-            finally:
-                tmp.unlink(missing_ok=True)
             _fsync_directory(path.parent)
             return True
         except OSError as err:

@@ -3,7 +3,7 @@
 The lease is one small file, ``LOCK``, holding JSON: the holder (a readable run name), a token unique to each
 :class:`TableLock`, host, pid (and its PID namespace, ``pid_ns``, on Linux), ``acquired_at``, ``refreshed_at`` and
 ``expires_at`` (epoch seconds). A pid is judged only where it means something: the same host name and PID namespace
-(containers sharing the host's network share its name, not its processes).
+(containers sharing the host's network share its name, not its processes): :mod:`.lock_records` reads a record.
 
 **Acquire.** An absent ``LOCK`` is taken with the backend's exclusive create: of several runs, exactly one
 creates it. A present ``LOCK`` is respected (the run fails fast, naming the holder) unless it is stale: expired
@@ -65,14 +65,14 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any
 
 from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError, StopChurnConfigError
 from airflow_provider_stopchurn.store.backend import Backend
 from airflow_provider_stopchurn.store.constants import FORMAT_VERSION
+from airflow_provider_stopchurn.store.lock_records import gone_pid, iso, loose_json, pid_namespace
 
 log = logging.getLogger(__name__)
 
@@ -87,103 +87,6 @@ class _Outcome(Enum):
     DONE = "done"  # the LOCK had the expected bytes and was changed
     CHANGED = "changed"  # the LOCK no longer has the expected bytes: nothing was changed
     BUSY = "busy"  # another run holds the claim on these bytes: nothing was changed, try again shortly
-
-
-def _iso(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat()
-
-
-def loose_json(raw: bytes | None) -> dict[str, Any] | None:
-    """A JSON object (a lock or claim record, a pointer), or None when absent or unreadable (a torn write)."""
-    if raw is None:
-        return None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _pid_namespace() -> str | None:
-    """This process's PID namespace (Linux: ``pid:[<inode>]``), or None where there is no way to tell."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
-def _same_processes(record: Mapping[str, Any]) -> bool:
-    """Whether a lock record's pid names a process this one can see: the same host name, and the same PID
-    namespace (containers that share the host's network share its name, not its processes). A record that does
-    not say its namespace (written by an earlier release) is taken to share it."""
-    if record.get("host") != socket.gethostname():
-        return False
-    namespace = record.get("pid_ns")
-    return namespace is None or namespace == _pid_namespace()
-
-
-def _gone(record: dict[str, Any]) -> int | None:
-    """The pid of a record written by a process of this host that no longer exists, else None."""
-    if not _same_processes(record):
-        return None
-    try:
-        pid = int(record.get("pid") or 0)
-    except (TypeError, ValueError):
-        return None
-    if pid and pid != os.getpid() and not _pid_alive(pid):
-        return pid
-    return None
-
-
-def holder_state(record: Mapping[str, Any]) -> str:
-    """Whether the process that wrote a lock record lives: ``"alive"`` (a running process of this host, this one
-    included), ``"gone"`` (of this host, no longer running) or ``"unknown"`` (another host, or another PID
-    namespace of this host name: no way to tell).
-    """
-    if not _same_processes(record):
-        return "unknown"
-    return "gone" if _gone(dict(record)) is not None else "alive"
-
-
-#: A heartbeat is *fresh* while the LOCK was refreshed within two of its intervals plus this (storage latency,
-#: clock skew between hosts): its run is alive, wherever it runs, and ``stopchurn unlock`` refuses it without --force.
-HEARTBEAT_SLACK_S = 10.0
-
-
-def heartbeat(record: Mapping[str, Any], now: float | None = None) -> tuple[bool, float | None, float]:
-    """Whether a lock record's heartbeat is fresh, its age in seconds (None when unknown) and its interval.
-
-    The interval is the record's ``heartbeat_s``; a record written before it was kept there gives
-    ``min(30 s, ttl / 3)`` as a heartbeat did, the ttl read from ``expires_at - refreshed_at``. An expired lease
-    is never fresh.
-    """
-    now = time.time() if now is None else now
-    try:
-        expires = float(record.get("expires_at", 0))
-    except (TypeError, ValueError):
-        expires = 0.0
-    try:
-        refreshed: float | None = datetime.fromisoformat(str(record.get("refreshed_at"))).timestamp()
-    except (TypeError, ValueError):
-        refreshed = None
-    try:
-        interval = float(record["heartbeat_s"])
-    except (KeyError, TypeError, ValueError):
-        interval = min(30.0, max(expires - (refreshed or expires), 0.0) / 3)
-    if refreshed is None:
-        return expires >= now, None, interval
-    age = now - refreshed
-    return expires >= now and age <= 2 * interval + HEARTBEAT_SLACK_S, age, interval
 
 
 class TableLock:
@@ -248,9 +151,9 @@ class TableLock:
             "token": self.token,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "pid_ns": _pid_namespace(),  # a pid means something only in its own namespace
-            "acquired_at": _iso(acquired),
-            "refreshed_at": _iso(now),
+            "pid_ns": pid_namespace(),  # a pid means something only in its own namespace
+            "acquired_at": iso(acquired),
+            "refreshed_at": iso(now),
             "expires_at": now + self.ttl_s,
             # how often the holder refreshes: `stopchurn unlock` tells a live holder from a dead one by it
             "heartbeat_s": self.interval_s,
@@ -285,8 +188,8 @@ class TableLock:
         except (TypeError, ValueError):
             return "it has no valid expiry"
         if expires < time.time():
-            return f"it expired at {_iso(expires)}"
-        pid = _gone(current)
+            return f"it expired at {iso(expires)}"
+        pid = gone_pid(current)
         if pid is not None:
             return f"its process {pid} on this host is gone"
         return None
@@ -318,7 +221,7 @@ class TableLock:
             "token": self.token,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "pid_ns": _pid_namespace(),
+            "pid_ns": pid_namespace(),
             "created": time.time(),
         }
         return json.dumps(record, sort_keys=True).encode()
@@ -343,7 +246,7 @@ class TableLock:
         record = loose_json(raw)
         if raw is None or record is None or depth >= 1:
             return  # gone already, being written, or a claim on a claim: leave it to its age
-        pid = _gone(record)
+        pid = gone_pid(record)
         try:
             age = time.time() - float(record.get("created", 0))
         except (TypeError, ValueError):
@@ -397,7 +300,7 @@ class TableLock:
         return SnapshotLockedError(
             f"{self.label} is being synced by another run.\n"
             f"Holder: {self._describe(current)}.\n"
-            f"Wait for it to finish. A lock left by a killed run expires at {_iso(expires)} (at once when its "
+            f"Wait for it to finish. A lock left by a killed run expires at {iso(expires)} (at once when its "
             "process is gone from this host); or break it with `stopchurn unlock` once that run is known to be dead."
         )
 

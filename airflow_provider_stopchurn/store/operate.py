@@ -33,7 +33,7 @@ from airflow_provider_stopchurn.exceptions import SnapshotLockedError, StopChurn
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.source.frame import Canonical
 from airflow_provider_stopchurn.store import SnapshotStore, history
-from airflow_provider_stopchurn.store.lock import heartbeat, holder_state
+from airflow_provider_stopchurn.store.lock_records import heartbeat, holder_state
 from airflow_provider_stopchurn.update.diff import ROW_HASH
 from airflow_provider_stopchurn.update.plan import baseline_plan, kind_changes
 from airflow_provider_stopchurn.update.settle import settle
@@ -187,7 +187,7 @@ def unlock(store: SnapshotStore, *, token: str | None, force: bool = False) -> b
     """Break the table's lock if it still holds the lease ``token`` (None: an unreadable LOCK).
 
     Refuses (:class:`SnapshotLockedError`) while its run is alive, unless ``force``: a process of this host that
-    still runs, or a fresh heartbeat from any host (:func:`~airflow_provider_stopchurn.store.lock.heartbeat`).
+    still runs, or a fresh heartbeat from any host (:func:`~airflow_provider_stopchurn.store.lock_records.heartbeat`).
     Returns False when the lock is gone or another run holds it now (nothing is removed then).
     """
     record = store.read_lock()
