@@ -75,10 +75,12 @@ from airflow_provider_stopchurn.source.values import (
     _raise_bytes,
     _with_nulls,
 )
-from airflow_provider_stopchurn.store.constants import RESERVED_PREFIX
 
 __all__ = ["KINDS", "Canonical", "canonical_columns", "canonicalize", "check_reserved_names"]
 
+#: The prefix of every column the engines add to a table (the store's meta columns, and the working columns of the
+#: diff, plans and events): a source column may not start with it.
+RESERVED_PREFIX = "__sc_"
 KINDS = ("int", "float", "bool", "string", "timestamp", "date", "decimal", "json", "null")
 
 _KEY_KINDS = frozenset({"int", "string", "timestamp", "date"})

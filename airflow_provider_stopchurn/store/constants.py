@@ -1,12 +1,13 @@
-"""Names shared by the store, the lock and the engine: the file format version and the meta columns."""
+"""Names shared by the store, the lock and the engine: the file format version and the meta columns.
+
+Every meta column starts with :data:`~airflow_provider_stopchurn.source.frame.RESERVED_PREFIX`, which no source
+column may.
+"""
 
 from __future__ import annotations
 
 #: The newest layout this provider writes; files of a newer version are refused (upgrade the provider).
 FORMAT_VERSION = 1
-#: The prefix of every column the engines add to a table (the meta columns below, and the working columns of the
-#: diff, plans and events): a source column may not start with it.
-RESERVED_PREFIX = "__sc_"
 #: Epoch ms at which each key was first delivered (kept in every snapshot).
 CREATED_AT = "__sc_created_at"
 #: The two halves of a row's hash (a snapshot made by the row-hash diff engine has them).
