@@ -94,7 +94,8 @@ from airflow_provider_stopchurn.options import LOCK_TTL_S, NO_RUN_INFO, RunInfo,
 from airflow_provider_stopchurn.source.canonical import parse_json_columns
 from airflow_provider_stopchurn.store import Committed, Plan, SnapshotStore
 from airflow_provider_stopchurn.store.history import recorded
-from airflow_provider_stopchurn.update.deliver import Rejection, deliver_chunks
+from airflow_provider_stopchurn.update.deliver import deliver_chunks
+from airflow_provider_stopchurn.update.delivery_report import Rejection
 
 log = logging.getLogger(__name__)
 

@@ -48,8 +48,8 @@ from airflow_provider_stopchurn.store import Committed, Plan, SnapshotStore
 from airflow_provider_stopchurn.store.history import recorded
 from airflow_provider_stopchurn.update.deliver import Sender
 from airflow_provider_stopchurn.update.plan import (
-    Window,
     _window,
+    approval,
     check_safeguards,
     describe,
     kind_changes,
@@ -65,11 +65,11 @@ from airflow_provider_stopchurn.update.settle import (
 )
 from airflow_provider_stopchurn.update.sync import (
     SyncSummary,
-    approval,
     canonical_source,
     deliver_and_settle,
     summary_counts,
 )
+from airflow_provider_stopchurn.update.window import Window
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.databases import Warehouse
 
