@@ -30,8 +30,8 @@ import pyarrow as pa
 import requests
 from synthetic import Churn
 
+from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.store import SnapshotStore
-from airflow_provider_stopchurn.update.sync import SyncOptions
 
 RUN_MS = 1_700_000_000_000
 BRAND_ID = 1

@@ -56,8 +56,9 @@ from synthetic import SEED, Churn
 
 from airflow_provider_stopchurn.api.client import StopChurnClient
 from airflow_provider_stopchurn.encode.records import encode_rows
+from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.store import SnapshotStore
-from airflow_provider_stopchurn.update.sync import SyncOptions, SyncSummary, canonical_source, run_sync
+from airflow_provider_stopchurn.update.sync import SyncSummary, canonical_source, run_sync
 
 RSS_TARGET = 300 * MB
 SAMPLE = 300  # keys checked in the sandbox per kind of change

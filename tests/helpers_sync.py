@@ -20,9 +20,9 @@ import pandas as pd
 
 from airflow_provider_stopchurn.api.client import StopChurnClient
 from airflow_provider_stopchurn.encode.records import encode_rows
+from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.source.frame import canonicalize
-from airflow_provider_stopchurn.update.sync import SyncOptions
 
 BRAND = 7
 TABLE = "subscription"

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from helpers_sync import options
 
-from airflow_provider_stopchurn.update.sync import SyncOptions
+from airflow_provider_stopchurn.options import SyncOptions
 
 ROWS = 60
 

@@ -51,10 +51,11 @@ from airflow_provider_stopchurn.exceptions import (
 )
 from airflow_provider_stopchurn.export.engine import run_export
 from airflow_provider_stopchurn.export.options import ExportOptions
+from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.source.sql import read_dbapi
 from airflow_provider_stopchurn.store import SnapshotStore
-from airflow_provider_stopchurn.update.sync import SyncOptions, run_sync
+from airflow_provider_stopchurn.update.sync import run_sync
 from airflow_provider_stopchurn.warehouse import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
 
 N = 200

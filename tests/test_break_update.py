@@ -17,7 +17,7 @@ from sync_world import QuarantiningWorld as World
 from airflow_provider_stopchurn.exceptions import DeliveryError, StopChurnError, TransientDeliveryError
 from airflow_provider_stopchurn.sandbox import FaultConfig
 from airflow_provider_stopchurn.store import SnapshotStore
-from airflow_provider_stopchurn.update.deliver import MAX_HELD, SUSPECT_AFTER
+from airflow_provider_stopchurn.update.isolation import MAX_HELD, SUSPECT_AFTER
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_more_held_rows_than_a_run_absorbs_do_not_starve_the_others(world: World
     frame = pd.DataFrame({"id": np.arange(1, n + 1), "v": "a"})
     world.run(frame)
     changed = frame.assign(v="b")
-    # the state earlier runs leave (deliver.next_failures): each of them failed alone on SUSPECT_AFTER tries
+    # the state earlier runs leave (isolation.next_failures): each of them failed alone on SUSPECT_AFTER tries
     world.store.write_row_failures({str(i): {"failures": SUSPECT_AFTER, "alone": True, "reason": "500"} for i in bad})
     world.sb.fail_ids(bad)
     before = world.sb.stats()["requests"]

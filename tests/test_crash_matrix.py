@@ -19,7 +19,7 @@ from recovery_scenarios import SCENARIOS, first_table, moved_on
 from worker_harness import run_worker
 
 from airflow_provider_stopchurn.store import SnapshotStore
-from airflow_provider_stopchurn.update.deliver import SUSPECT_AFTER
+from airflow_provider_stopchurn.update.isolation import SUSPECT_AFTER
 from airflow_provider_stopchurn.update.sync import run_sync
 
 WORKER = "crash_at_write_worker.py"
@@ -36,7 +36,7 @@ def _fresh(sb: Any, root: Path, scenario: str) -> SnapshotStore:
     run_sync(first_table(), store, make_client(sb), options(chunk_size=8), run_ms=T0)
     sb.reject_ids(SCENARIOS[scenario].rejected)
     failing = SCENARIOS[scenario].failing
-    if failing:  # what earlier runs that failed on these rows leave (deliver.next_failures)
+    if failing:  # what earlier runs that failed on these rows leave (isolation.next_failures)
         store.write_row_failures({str(i): {"failures": SUSPECT_AFTER, "reason": "HTTP 500"} for i in failing})
     sb.fail_ids(failing)
     return store

@@ -25,9 +25,10 @@ from airflow_provider_stopchurn.export.engine import run_export
 from airflow_provider_stopchurn.export.files import MANIFEST
 from airflow_provider_stopchurn.export.options import ExportOptions
 from airflow_provider_stopchurn.export.summary import ExportSummary
+from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import CREATED_AT, SnapshotStore
-from airflow_provider_stopchurn.update.sync import SyncOptions, run_sync
+from airflow_provider_stopchurn.update.sync import run_sync
 
 BRAND = 9
 TABLE = "account"

@@ -20,8 +20,8 @@ from airflow_plugin import run_dag
 
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
+from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.sandbox import SandboxServer
-from airflow_provider_stopchurn.update.sync import SyncOptions
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

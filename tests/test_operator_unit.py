@@ -298,7 +298,7 @@ def test_operator_arguments_mirror_sync_options() -> None:
     import inspect
 
     from airflow_provider_stopchurn.operators.stopchurn import SYNC_OPTION_ARGUMENTS, StopChurnUpdateOperator
-    from airflow_provider_stopchurn.update.sync import SyncOptions
+    from airflow_provider_stopchurn.options import SyncOptions
 
     params = inspect.signature(StopChurnUpdateOperator.__init__).parameters
     defaults = {f.name: f.default for f in dataclasses.fields(SyncOptions)}

@@ -30,7 +30,7 @@ from sync_world import QuarantiningWorld as World
 
 from airflow_provider_stopchurn.exceptions import StopChurnRejectedError, TransientDeliveryError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.update.deliver import SUSPECT_AFTER
+from airflow_provider_stopchurn.update.isolation import SUSPECT_AFTER
 
 
 @pytest.fixture

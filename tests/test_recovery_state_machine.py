@@ -43,7 +43,7 @@ from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
 from airflow_provider_stopchurn.store import SnapshotStore
-from airflow_provider_stopchurn.update.deliver import SUSPECT_AFTER
+from airflow_provider_stopchurn.update.isolation import SUSPECT_AFTER
 from airflow_provider_stopchurn.update.sync import run_sync
 
 faults = fault_configs(body_limits=(1200, 3000))

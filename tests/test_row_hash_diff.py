@@ -23,7 +23,8 @@ from test_diff import frame_pair, oracle
 
 from airflow_provider_stopchurn.exceptions import SafeguardError
 from airflow_provider_stopchurn.store import HASH_1, HASH_2, SnapshotStore
-from airflow_provider_stopchurn.update.sync import ROW_HASH, run_sync
+from airflow_provider_stopchurn.update.diff import ROW_HASH
+from airflow_provider_stopchurn.update.sync import run_sync
 
 
 @pytest.fixture

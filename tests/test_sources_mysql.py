@@ -21,11 +21,12 @@ import pytest
 from airflow_provider_stopchurn.encode.records import encode_rows
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.operators.stopchurn import read_sql
+from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.source.canonical import Source, canonicalize_source
 from airflow_provider_stopchurn.source.dbapi_rows import rows_to_batch
 from airflow_provider_stopchurn.source.frame import Canonical
 from airflow_provider_stopchurn.update.diff import diff_frames
-from airflow_provider_stopchurn.update.sync import SyncOptions, canonical_source
+from airflow_provider_stopchurn.update.sync import canonical_source
 
 pytestmark = pytest.mark.mysql
 

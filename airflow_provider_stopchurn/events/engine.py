@@ -56,7 +56,8 @@ from airflow_provider_stopchurn.exceptions import (
 )
 from airflow_provider_stopchurn.store import Plan, SnapshotStore
 from airflow_provider_stopchurn.store.history import recorded
-from airflow_provider_stopchurn.update.deliver import Rejection, deliver_chunks
+from airflow_provider_stopchurn.update.deliver import deliver_chunks
+from airflow_provider_stopchurn.update.delivery_report import Rejection
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError
-from airflow_provider_stopchurn.options import LOCK_TTL_S, NO_RUN_INFO, RunInfo
-from airflow_provider_stopchurn.update.sync import SyncOptions
+from airflow_provider_stopchurn.options import LOCK_TTL_S, NO_RUN_INFO, RunInfo, SyncOptions
 
 #: StopChurn's documented limit of one historical-upload file.
 MAX_FILE_BYTES = 2_000_000_000

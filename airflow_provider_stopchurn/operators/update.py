@@ -30,9 +30,9 @@ from airflow_provider_stopchurn.operators._warehouse import (
     warehouse_source,
 )
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard
-from airflow_provider_stopchurn.options import LOCK_TTL_S
+from airflow_provider_stopchurn.options import LOCK_TTL_S, SyncOptions
 from airflow_provider_stopchurn.store import SnapshotStore
-from airflow_provider_stopchurn.update.sync import SyncOptions, SyncSummary, run_sync
+from airflow_provider_stopchurn.update.sync import SyncSummary, run_sync
 
 if TYPE_CHECKING:
     from airflow_provider_stopchurn.hooks._compat import Context

@@ -33,8 +33,11 @@ from airflow_provider_stopchurn.update.diff import (
     first_load,
     reconcile_ids,
 )
+from airflow_provider_stopchurn.update.window import Window
 
 log = logging.getLogger(__name__)
+#: an approved mass delete is logged under the run's logger, whose name users filter on
+_run_log = logging.getLogger("airflow_provider_stopchurn.update.sync")
 
 #: Version of the plan files this module writes; a pending plan of another version is re-planned.
 PLAN_FORMAT = 2
@@ -110,16 +113,6 @@ def _window(offset: int, encoded: list[pl.Series], options: SyncOptions) -> Wind
     sizes = updates.str.len_bytes().to_numpy()
     chunks = plan_chunks(sizes, chunk_size=options.chunk_size, max_chunk_bytes=options.max_chunk_bytes)
     return Window(offset, updates, [(offset + a, offset + b) for a, b in chunks], bodies_bytes(sizes, chunks))
-
-
-@dataclass(frozen=True)
-class Window:
-    """Consecutive updates of a plan: ``updates[i]`` is update ``offset + i``; ``chunks`` in plan positions."""
-
-    offset: int
-    updates: pl.Series
-    chunks: list[tuple[int, int]]
-    bytes: int
 
 
 # --- schema policy -------------------------------------------------------------------------------------------
@@ -219,24 +212,50 @@ def check_safeguards(
     if base_rows == 0:
         return None
     if source_rows == 0 and not options.allow_empty_source:
-        if options.allow_large_changes:
-            return {"deletes": deleted, "rows_before": base_rows}
-        raise SafeguardError(
+        return _tripped(
+            options,
+            deleted,
+            base_rows,
             f"The source of brand {options.brand_id} table {options.table_name!r} is empty; nothing was sent.\n"
             f"The snapshot holds {base_rows} rows: syncing would delete them all.\n"
-            f"{APPROVE_HINT} To allow an empty source on every run, set allow_empty_source=True."
+            f"{APPROVE_HINT} To allow an empty source on every run, set allow_empty_source=True.",
         )
     fraction = deleted / base_rows
     if fraction > options.max_delete_fraction and not (source_rows == 0 and options.allow_empty_source):
-        if options.allow_large_changes:
-            return {"deletes": deleted, "rows_before": base_rows}
-        raise SafeguardError(
+        return _tripped(
+            options,
+            deleted,
+            base_rows,
             f"The plan deletes {deleted} of {base_rows} rows ({fraction:.1%}) of brand {options.brand_id} table "
             f"{options.table_name!r}; nothing was sent.\n"
             f"That is more than max_delete_fraction={options.max_delete_fraction:.0%}.\n"
-            f"{APPROVE_HINT}"
+            f"{APPROVE_HINT}",
         )
     return None
+
+
+def _tripped(options: SyncOptions, deleted: int, base_rows: int, message: str) -> dict[str, int]:
+    """A delete guard tripped: the approval to record when ``allow_large_changes`` lets the plan through, else
+    raise ``SafeguardError(message)``."""
+    if options.allow_large_changes:
+        return {"deletes": deleted, "rows_before": base_rows}
+    raise SafeguardError(message)
+
+
+def approval(approved: Mapping[str, Any] | None, options: SyncOptions) -> dict[str, Any] | None:
+    """The record of a mass delete ``allow_large_changes`` let through (None when none was), logged as it is made."""
+    if not approved:
+        return None
+    run_id = options.run_info.run_id if options.run_info.run_id is not None else options.run_key
+    _run_log.warning(
+        "Mass delete approved (allow_large_changes) by run %s: the plan deletes %d of %d rows of %r%s.",
+        run_id,
+        approved["deletes"],
+        approved["rows_before"],
+        options.table_name,
+        " (dry run: nothing sent)" if options.dry_run else "",
+    )
+    return {"run_id": run_id, "deletes": int(approved["deletes"]), "rows_before": int(approved["rows_before"])}
 
 
 # --- the plan ------------------------------------------------------------------------------------------------
@@ -467,8 +486,8 @@ __all__ = [
     "PLAN_FORMAT",
     "UPDATE",
     "RunPlan",
-    "Window",
     "align",
+    "approval",
     "baseline_plan",
     "check_safeguards",
     "describe",

@@ -32,19 +32,13 @@ from airflow_provider_stopchurn.source.canonical import Source, canonicalize_sou
 from airflow_provider_stopchurn.source.frame import Canonical
 from airflow_provider_stopchurn.store import Plan, SnapshotStore
 from airflow_provider_stopchurn.store.history import SUMMARY_FIELDS, recorded
-from airflow_provider_stopchurn.update.deliver import (
-    DeliveryReport,
-    Rejection,
-    Sender,
-    deliver,
-    held_error,
-    isolation_for,
-    next_failures,
-    still_rejected,
-)
+from airflow_provider_stopchurn.update.deliver import Sender, deliver
+from airflow_provider_stopchurn.update.delivery_report import DeliveryReport, Rejection
 from airflow_provider_stopchurn.update.diff import ROW_HASH
-from airflow_provider_stopchurn.update.plan import RunPlan, Window, make_plan, schema_changes
+from airflow_provider_stopchurn.update.isolation import held_error, isolation_for, next_failures, still_rejected
+from airflow_provider_stopchurn.update.plan import RunPlan, approval, make_plan, schema_changes
 from airflow_provider_stopchurn.update.settle import Settled, preview, settle
+from airflow_provider_stopchurn.update.window import Window
 
 log = logging.getLogger(__name__)
 
@@ -283,22 +277,6 @@ def _plan_counts(summary: SyncSummary, plan: RunPlan, options: SyncOptions) -> N
     summary.schema_change = plan.schema_change
     summary.baseline = plan.baseline
     summary.approved_deletes = approval(plan.meta.get("approved_deletes"), options)
-
-
-def approval(approved: Mapping[str, Any] | None, options: SyncOptions) -> dict[str, Any] | None:
-    """The record of a mass delete ``allow_large_changes`` let through (None when none was), logged as it is made."""
-    if not approved:
-        return None
-    run_id = options.run_info.run_id if options.run_info.run_id is not None else options.run_key
-    log.warning(
-        "Mass delete approved (allow_large_changes) by run %s: the plan deletes %d of %d rows of %r%s.",
-        run_id,
-        approved["deletes"],
-        approved["rows_before"],
-        options.table_name,
-        " (dry run: nothing sent)" if options.dry_run else "",
-    )
-    return {"run_id": run_id, "deletes": int(approved["deletes"]), "rows_before": int(approved["rows_before"])}
 
 
 def _dry_run(source: Source, store: SnapshotStore, options: SyncOptions, summary: SyncSummary, run_ms: int) -> None:

@@ -12,8 +12,9 @@ import pyarrow.compute as pc
 
 from airflow_provider_stopchurn.encode.records import encode_rows, encode_updates
 from airflow_provider_stopchurn.options import SyncOptions
-from airflow_provider_stopchurn.update.plan import Window, _window, timestamp_column
+from airflow_provider_stopchurn.update.plan import _window, timestamp_column
 from airflow_provider_stopchurn.update.sync import canonical_source
+from airflow_provider_stopchurn.update.window import Window
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.source import _Run
 

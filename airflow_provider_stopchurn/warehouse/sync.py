@@ -32,8 +32,9 @@ from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.store import Plan, SnapshotStore
 from airflow_provider_stopchurn.store.history import recorded
 from airflow_provider_stopchurn.update.deliver import Sender
+from airflow_provider_stopchurn.update.plan import approval
 from airflow_provider_stopchurn.update.settle import _APPLIED
-from airflow_provider_stopchurn.update.sync import SyncSummary, approval, deliver_and_settle, summary_counts
+from airflow_provider_stopchurn.update.sync import SyncSummary, deliver_and_settle, summary_counts
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.changes import _encode_batch, _key_kinds, _kinds, _plan_frame, windows
 from airflow_provider_stopchurn.warehouse.plan import (
