@@ -55,7 +55,7 @@ from airflow_provider_stopchurn.exceptions import (
     TransientDeliveryError,
 )
 from airflow_provider_stopchurn.store import Plan, SnapshotStore
-from airflow_provider_stopchurn.store.history import recorded
+from airflow_provider_stopchurn.store.history import recorded_under_lock
 from airflow_provider_stopchurn.update.deliver import deliver_chunks
 from airflow_provider_stopchurn.update.delivery_report import Rejection
 
@@ -119,12 +119,7 @@ def run_events(
             raise StopChurnConfigError("A sender is required unless dry_run=True.")
         run = _Run(store, _ToEventRoute(sender), options, summary, now_ms)
         # a run that waited for the lock holds its own lease from then on: the fence below checks that one
-        with (
-            recorded(store, options, kind="events", fields=summary.record_fields) as recording,  # however it ends
-            store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
-            lock.heartbeat(),
-            recording.holding(lock),
-        ):
+        with recorded_under_lock(store, options, kind="events", fields=summary.record_fields) as lock:
             run.lock = lock
             if not clock_given:
                 # read again once the lock is held: a run that waited (lock_wait_s) would otherwise judge a

@@ -45,7 +45,7 @@ from airflow_provider_stopchurn.export.options import ExportOptions
 from airflow_provider_stopchurn.export.replace import check_replace, kept_rows, settle_pending
 from airflow_provider_stopchurn.export.summary import ExportSummary
 from airflow_provider_stopchurn.store import SnapshotStore, display_location
-from airflow_provider_stopchurn.store.history import recorded
+from airflow_provider_stopchurn.store.history import recorded_under_lock
 from airflow_provider_stopchurn.update.diff import ROW_HASH
 from airflow_provider_stopchurn.update.plan import make_plan
 from airflow_provider_stopchurn.update.sync import canonical_source
@@ -76,12 +76,7 @@ def run_export(
     summary.output_uri = display_location(folder)
     summary.snapshot_uri = store.location
     sync_options = options.sync_options()
-    with (
-        recorded(store, options, kind="export", fields=summary.record_fields) as recording,  # however it ends
-        store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
-        lock.heartbeat(),
-        recording.holding(lock),
-    ):
+    with recorded_under_lock(store, options, kind="export", fields=summary.record_fields) as lock:
         pending = store.pending_plan(cleanup=False)
         committed = store.read_committed()
         summary.replaced_snapshot = check_replace(store, committed, pending, options)

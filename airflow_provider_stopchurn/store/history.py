@@ -40,10 +40,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 from airflow_provider_stopchurn.options import NO_RUN_INFO, RunInfo
 from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.store.lock import TableLock
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,23 @@ class _Options(Protocol):
     def run_key(self) -> str | None: ...
     @property
     def run_info(self) -> RunInfo: ...
+
+
+class _Record(TypedDict, total=False):
+    """What :func:`recorded` takes besides the store and the options."""
+
+    kind: str
+    counts: Callable[[], Mapping[str, Any]]
+    fields: Callable[[], Mapping[str, Any]] | None
+
+
+class _LockingOptions(_Options, Protocol):
+    """What a run that holds the table's lock reads of its options besides the record's: its lease and wait."""
+
+    @property
+    def lock_ttl_s(self) -> float: ...
+    @property
+    def lock_wait_s(self) -> float: ...
 
 
 def record(  # noqa: PLR0913 - keyword-only fields of one record
@@ -268,6 +286,25 @@ def recorded(
         _after(store, options, recording, kind, counts, fields, started, err)
         raise
     _after(store, options, recording, kind, counts, fields, started, None)
+
+
+@contextlib.contextmanager
+def recorded_under_lock(
+    store: SnapshotStore, options: _LockingOptions, **record: Unpack[_Record]
+) -> Iterator[TableLock]:
+    """The block of an engine's run: recorded in ``store``'s history however it ends (see :func:`recorded`), and
+    holding the table's lock (the run's holder, lease and wait from ``options``) with its heartbeat.
+
+    ``record`` takes :func:`recorded`'s keywords. The record is opened before the lock is taken, so a run refused
+    by a busy lock is recorded too; it reads the version the run leaves while the lock is still held.
+    """
+    with (
+        recorded(store, options, **record) as recording,
+        store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
+        lock.heartbeat(),
+        recording.holding(lock),
+    ):
+        yield lock
 
 
 def _after(

@@ -34,9 +34,8 @@ from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.source.frame import Canonical
 from airflow_provider_stopchurn.store import SnapshotStore, history
 from airflow_provider_stopchurn.store.lock_records import heartbeat, holder_state
-from airflow_provider_stopchurn.update.diff import ROW_HASH
 from airflow_provider_stopchurn.update.plan import baseline_plan, kind_changes
-from airflow_provider_stopchurn.update.settle import settle
+from airflow_provider_stopchurn.update.settle import commit_unsent, settle
 from airflow_provider_stopchurn.update.sync import _canonical
 
 #: How long a lock taken by an on-call command lasts without a refresh (its heartbeat refreshes it).
@@ -339,19 +338,8 @@ def rebaseline(store: SnapshotStore, canon: Canonical, options: SyncOptions) -> 
             settled_plan = pending.plan_id
         committed = store.read_committed()
         plan = baseline_plan(canon, committed, options, run_ms)
-        version = store.write_snapshot(plan.target)
-        store.commit(
-            version,
-            base_version=None if committed is None else committed.version,
-            kinds=plan.kinds,
-            key_columns=plan.key_columns,
-            rows=plan.target.height,
-            plan_id=None,
-            row_hash=ROW_HASH,
-            lock=lock,
-            shape=plan.meta.get("shape"),
-            frame=plan.target,
-        )
+        base_version = None if committed is None else committed.version
+        version = commit_unsent(store, plan, base_version=base_version, lock=lock, shape=plan.meta.get("shape"))
         counts = {"unchanged": plan.target.height, "baseline": True, "schema_change": plan.schema_change}
         history.record(store, kind="rebaseline", holder=options.holder, started=started, counts=counts)
     return {

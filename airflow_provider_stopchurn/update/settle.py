@@ -30,6 +30,7 @@ import polars as pl
 
 from airflow_provider_stopchurn.options import shape_changes
 from airflow_provider_stopchurn.store import CREATED_AT, HASH_1, HASH_2, OP, Committed, Plan, SnapshotStore
+from airflow_provider_stopchurn.store.lock import TableLock
 from airflow_provider_stopchurn.update.diff import (
     BASE_ROW,
     DIRTY_HASH,
@@ -40,7 +41,7 @@ from airflow_provider_stopchurn.update.diff import (
     data_columns,
     with_hashes,
 )
-from airflow_provider_stopchurn.update.plan import PLAN_FORMAT, kind_changes
+from airflow_provider_stopchurn.update.plan import PLAN_FORMAT, RunPlan, kind_changes
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,34 @@ def settle(
         version,
     )
     return result
+
+
+def commit_unsent(
+    store: SnapshotStore,
+    plan: RunPlan,
+    *,
+    base_version: str | None,
+    lock: TableLock,
+    shape: Mapping[str, Any] | None,
+    run: Mapping[str, Any] | None = None,
+) -> str:
+    """Commit ``plan``'s target as the table's snapshot when nothing of it is to be sent (a baseline, or hashes
+    rewritten): write the snapshot file, then point ``CURRENT`` at it under ``lock``. Returns the new version."""
+    version = store.write_snapshot(plan.target)
+    store.commit(
+        version,
+        base_version=base_version,
+        kinds=plan.kinds,
+        key_columns=plan.key_columns,
+        rows=plan.target.height,
+        plan_id=None,
+        row_hash=ROW_HASH,
+        lock=lock,
+        run=run,
+        shape=shape,
+        frame=plan.target,
+    )
+    return version
 
 
 def preview(store: SnapshotStore, plan: Plan, acks: Mapping[int, Sequence[Mapping[str, Any]]]) -> Committed | None:

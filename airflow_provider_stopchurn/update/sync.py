@@ -31,13 +31,13 @@ from airflow_provider_stopchurn.options import RejectPolicy, SchemaPolicy, SyncO
 from airflow_provider_stopchurn.source.canonical import Source, canonicalize_source, parse_json_columns
 from airflow_provider_stopchurn.source.frame import Canonical
 from airflow_provider_stopchurn.store import Plan, SnapshotStore
-from airflow_provider_stopchurn.store.history import SUMMARY_FIELDS, recorded
+from airflow_provider_stopchurn.store.history import SUMMARY_FIELDS, recorded_under_lock
 from airflow_provider_stopchurn.update.deliver import Sender, deliver
 from airflow_provider_stopchurn.update.delivery_report import DeliveryReport, Rejection
 from airflow_provider_stopchurn.update.diff import ROW_HASH
 from airflow_provider_stopchurn.update.isolation import held_error, isolation_for, next_failures, still_rejected
 from airflow_provider_stopchurn.update.plan import RunPlan, approval, make_plan, schema_changes
-from airflow_provider_stopchurn.update.settle import Settled, preview, settle
+from airflow_provider_stopchurn.update.settle import Settled, commit_unsent, preview, settle
 from airflow_provider_stopchurn.update.window import Window
 
 log = logging.getLogger(__name__)
@@ -196,12 +196,7 @@ def run_sync(
     else:
         if sender is None:
             raise StopChurnConfigError("A sender is required unless dry_run=True.")
-        with (
-            recorded(store, options, counts=lambda: summary_counts(summary)) as recording,  # however it ends
-            store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
-            lock.heartbeat(),
-            recording.holding(lock),
-        ):
+        with recorded_under_lock(store, options, counts=lambda: summary_counts(summary)) as lock:
             pending = store.pending_plan()
             committed = store.read_committed()
             summary.start_from(committed.run if committed is not None else None, options.run_key)
@@ -310,19 +305,13 @@ def _plan_and_deliver(
     if plan.changes == 0:
         store.clear_quarantine()  # the source equals the snapshot: no row is left rejected or failing
         if plan.baseline or plan.rewrite:
-            version = store.write_snapshot(plan.target)
-            store.commit(
-                version,
+            commit_unsent(
+                store,
+                plan,
                 base_version=base_version,
-                kinds=plan.kinds,
-                key_columns=plan.key_columns,
-                rows=plan.target.height,
-                plan_id=None,
-                row_hash=ROW_HASH,
                 lock=lock,
-                run=summary.run_record(options.run_key, chunks=summary.settled_chunks),
                 shape=options.shape(),
-                frame=plan.target,
+                run=summary.run_record(options.run_key, chunks=summary.settled_chunks),
             )
         return
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.store import Plan, SnapshotStore
-from airflow_provider_stopchurn.store.history import recorded
+from airflow_provider_stopchurn.store.history import recorded_under_lock
 from airflow_provider_stopchurn.update.deliver import Sender
 from airflow_provider_stopchurn.update.plan import approval
 from airflow_provider_stopchurn.update.settle import _APPLIED
@@ -79,12 +79,7 @@ def run_warehouse_sync(
         else:
             if sender is None:
                 raise StopChurnConfigError("A sender is required unless dry_run=True.")
-            with (
-                recorded(store, options, counts=lambda: summary_counts(summary)) as recording,  # however it ends
-                store.lock(options.holder, ttl_s=options.lock_ttl_s, wait_s=options.lock_wait_s) as lock,
-                lock.heartbeat(),
-                recording.holding(lock),
-            ):
+            with recorded_under_lock(store, options, counts=lambda: summary_counts(summary)) as lock:
                 current = _current(store)
                 summary.start_from(current.get("run") if current else None, options.run_key)
                 delivered = summary.settled_chunks
