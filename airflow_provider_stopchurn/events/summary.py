@@ -10,27 +10,25 @@ from airflow_provider_stopchurn.events.ledger import iso_ms
 
 @dataclass
 class EventSummary:
-    """What the run delivered; ``as_dict()`` is what the operator returns (and Airflow puts in XCom).
-
-    ``sent`` counts the events StopChurn acknowledged in the whole DAG run (a later try adds what earlier tries
-    delivered); ``duplicates`` the rows dropped because their key was delivered already or repeats in the source;
-    ``before_window`` the rows older than the window (delivered by an earlier run, or late beyond the lookback),
-    not sent; ``held_future`` the rows dated after the run's clock, held (not sent) until a run's clock passes
-    them; ``resumed_chunks`` the chunks of an unfinished plan this run sent; ``settled_chunks`` the chunks of it an
-    earlier try of this DAG run had delivered (counted in ``sent``, not sent again).
-    """
+    """What the run delivered; ``as_dict()`` is what the operator returns (and Airflow puts in XCom)."""
 
     brand_id: int
     stream: str
+    #: the events StopChurn acknowledged in the whole DAG run (a later try adds what earlier tries delivered)
     sent: int = 0
+    #: rows dropped because their key was delivered already or repeats in the source
     duplicates: int = 0
+    #: rows older than the window (delivered by an earlier run, or late beyond the lookback), not sent
     before_window: int = 0
+    #: rows dated after the run's clock, held (not sent) until a run's clock passes them
     held_future: int = 0
     chunks: int = 0
     bytes: int = 0
     requests: int = 0
     retries: int = 0
+    #: chunks of an unfinished plan this run sent
     resumed_chunks: int = 0
+    #: chunks of that plan an earlier try of this DAG run had delivered (counted in ``sent``, not sent again)
     settled_chunks: int = 0
     since: str | None = None
     watermark: str | None = None
