@@ -19,7 +19,7 @@ import polars as pl
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.source.frame import KINDS
-from airflow_provider_stopchurn.source.values import _listed
+from airflow_provider_stopchurn.source.values import listed
 
 __all__ = ["encode_rows", "encode_updates", "json_fragment", "row_pieces"]
 
@@ -189,7 +189,7 @@ def encode_updates(
     ops = ops.cast(pl.String)
     bad = ops.filter(~ops.is_in(_UPDATE_TYPES) | ops.is_null())
     if len(bad):
-        raise ValueError(f"Unknown update type(s) {_listed(bad.unique().to_list())}; expected {_UPDATE_TYPES}.")
+        raise ValueError(f"Unknown update type(s) {listed(bad.unique().to_list())}; expected {_UPDATE_TYPES}.")
     if rows_json.null_count():
         raise ValueError("rows_json has null rows.")
     head = '{"brandId":' + str(int(brand_id)) + ',"tableName":' + _key_text(table_name) + ',"data":'

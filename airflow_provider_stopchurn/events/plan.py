@@ -112,7 +112,7 @@ def make_event_plan(
         pulled_back = state.watermark_ms is not None and after.watermark_ms < state.watermark_ms
         if state.covered_ms is None or pulled_back:
             # pulled back by the run's clock: a clock that ran ahead and was corrected looks the same as one set
-            # back, and losing the events after the clock is worse than sending some twice (see _window)
+            # back, and losing the events after the clock is worse than sending some twice (see ledger.read_window)
             after.covered_ms = bound
         else:
             after.covered_ms = max(bound, state.covered_ms)

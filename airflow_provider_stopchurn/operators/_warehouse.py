@@ -129,7 +129,7 @@ def warehouse_source(
 ) -> WarehouseSource:
     """The source of a warehouse diff: one SELECT on ``conn_id``'s warehouse. PostgreSQL's ``parameters`` are
     inlined as literals (as the worker path binds them for ADBC); elsewhere a query with parameters is refused."""
-    from airflow_provider_stopchurn.source.sql import _with_literals
+    from airflow_provider_stopchurn.source.sql import with_literals
     from airflow_provider_stopchurn.warehouse import WarehouseSource
 
     statements = [sql] if isinstance(sql, str) else [str(s) for s in sql]
@@ -140,7 +140,7 @@ def warehouse_source(
     query = statements[0]
     warehouse = warehouse_for_connection(conn_id, hook_params)
     if warehouse.dialect == "postgres":
-        query = _with_literals(query, parameters)
+        query = with_literals(query, parameters)
     elif parameters:
         raise StopChurnConfigError(
             f"Query parameters with diff_location='warehouse' are only supported on PostgreSQL; connection {conn_id!r} "

@@ -71,9 +71,9 @@ from airflow_provider_stopchurn.source.values import (
     _from_arrow,
     _int64_array,
     _json_series,
-    _listed,
     _raise_bytes,
     _with_nulls,
+    listed,
 )
 
 __all__ = ["KINDS", "Canonical", "canonical_columns", "canonicalize", "check_reserved_names"]
@@ -202,9 +202,9 @@ def check_reserved_names(names: Sequence[str]) -> None:
         )
     reserved = [name for name in names if name.startswith(RESERVED_PREFIX)]
     if reserved:
-        listed = ", ".join(map(repr, reserved[:_MAX_LISTED])) + (" ..." if len(reserved) > _MAX_LISTED else "")
+        shown = ", ".join(map(repr, reserved[:_MAX_LISTED])) + (" ..." if len(reserved) > _MAX_LISTED else "")
         raise SourceDataError(
-            f"Source column {listed} starts with {RESERVED_PREFIX!r}, a prefix this provider reserves.\n"
+            f"Source column {shown} starts with {RESERVED_PREFIX!r}, a prefix this provider reserves.\n"
             f"The engine names its own working columns so; rename the column in the source (in SQL: SELECT "
             f"{reserved[0]} AS {reserved[0][len(RESERVED_PREFIX) :] or 'other_name'}). Nothing was sent."
         )
@@ -290,7 +290,7 @@ def _check_missing_keys(name: str, null_mask: np.ndarray, rows: pd.Index | np.nd
     if null_mask.any():
         raise SourceDataError(
             f"Key column {name!r} has {int(null_mask.sum())} missing value(s) (null/NaN/NaT) at row(s) "
-            f"{_listed(rows[null_mask].tolist())}; every key must be present."
+            f"{listed(rows[null_mask].tolist())}; every key must be present."
         )
 
 
@@ -299,13 +299,13 @@ def _check_float_key(name: str, raw: np.ndarray, index: pd.Index | np.ndarray) -
     inf_mask = np.isinf(raw)
     if inf_mask.any():
         raise SourceDataError(
-            f"Key column {name!r} has infinite (non-finite) value(s) at row(s) {_listed(index[inf_mask].tolist())}."
+            f"Key column {name!r} has infinite (non-finite) value(s) at row(s) {listed(index[inf_mask].tolist())}."
         )
     frac_mask = raw != np.floor(raw)
     if frac_mask.any():
         raise SourceDataError(
             f"Key column {name!r} is a float column with non-integral value(s) "
-            f"{_listed(raw[frac_mask].tolist())}; float keys must be whole numbers."
+            f"{listed(raw[frac_mask].tolist())}; float keys must be whole numbers."
         )
 
 
@@ -343,7 +343,7 @@ def _check_unique(frame: pl.DataFrame, keys: tuple[str, ...]) -> None:
         shown = [row[0] if len(keys) == 1 else row for row in dups.head(_MAX_LISTED).rows()]
         label = "key" if len(keys) == 1 else "composite key"
         raise SourceDataError(
-            f"Duplicate {label} value(s) in {', '.join(map(repr, keys))}: {_listed(shown)}"
+            f"Duplicate {label} value(s) in {', '.join(map(repr, keys))}: {listed(shown)}"
             + (f" (and {dups.height - _MAX_LISTED} more)" if dups.height > _MAX_LISTED else "")
             + "; keys must be unique."
         )

@@ -216,7 +216,7 @@ def read_postgres(uri: PostgresUri, sql: str | list[str], parameters: Parameters
 
 
 def _postgres_batches(uri: PostgresUri, statements: list[str]) -> Iterator[pa.RecordBatch]:
-    conn = _connect_postgres(uri)
+    conn = connect_postgres(uri)
     try:
         with conn.cursor() as cursor:
             # compare and cast naive timestamps as UTC, the engine's reading of them, whatever the database's zone
@@ -236,7 +236,7 @@ def _postgres_batches(uri: PostgresUri, statements: list[str]) -> Iterator[pa.Re
         conn.close()
 
 
-def _connect_postgres(uri: PostgresUri) -> Any:
+def connect_postgres(uri: PostgresUri) -> Any:
     import adbc_driver_postgresql.dbapi as adbc_postgres
 
     failure: str | None = None
@@ -254,7 +254,7 @@ def _postgres_statements(sql: str | list[str], parameters: Parameters) -> list[s
 
     statements: list[str] = []
     for text in _statements(sql):
-        rendered = _with_literals(text, parameters)
+        rendered = with_literals(text, parameters)
         statements.extend(s for s in map(_trimmed, sqlparse.split(rendered)) if s)
     if not statements:
         raise _empty_source()
@@ -279,7 +279,7 @@ def _trimmed(statement: str) -> str:
 _PLACEHOLDER = re.compile(r"%(?:\((?P<name>[^)]*)\))?(?P<format>.)", re.DOTALL)
 
 
-def _with_literals(sql: str, parameters: Parameters) -> str:
+def with_literals(sql: str, parameters: Parameters) -> str:
     """``sql`` with its psycopg placeholders replaced by the parameters as SQL literals (psycopg's client-side
     binding). Without parameters the text is left as it is, as psycopg leaves it."""
     if parameters is None:

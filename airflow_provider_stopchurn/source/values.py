@@ -38,7 +38,7 @@ _MAX_JSON_NUMBER = _decimal.Decimal(_MAX_JSON_NUMBER_TEXT)
 _MAX_JSON_DIGITS, _MAX_JSON_ORDER = "17976931348623157", 308
 
 
-def _listed(values: Sequence[Any]) -> str:
+def listed(values: Sequence[Any]) -> str:
     return _examples(list(values)[:_MAX_LISTED], len(values))
 
 
@@ -374,7 +374,7 @@ def _check_key_collisions(name: str, values: Sequence[Any], parts: Sequence[byte
     if count:
         raise SourceDataError(
             f"Column {name!r} holds {count} value(s) with objects whose keys collide once written as JSON keys, "
-            f"which are text: {_listed(list(collided))} (e.g. the keys 1 and '1' both become \"1\", True and "
+            f"which are text: {listed(list(collided))} (e.g. the keys 1 and '1' both become \"1\", True and "
             "'true' both become \"true\"). A JSON object cannot hold a key twice: make the keys distinct (e.g. all "
             "strings) in the source."
         )

@@ -27,8 +27,6 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-import pandas as pd
-
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError, StopChurnConfigError
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.source.frame import Canonical
@@ -36,7 +34,7 @@ from airflow_provider_stopchurn.store import SnapshotStore, history
 from airflow_provider_stopchurn.store.lock_records import heartbeat, holder_state
 from airflow_provider_stopchurn.update.plan import baseline_plan, kind_changes
 from airflow_provider_stopchurn.update.settle import commit_unsent, settle
-from airflow_provider_stopchurn.update.sync import _canonical
+from airflow_provider_stopchurn.update.sync import canonical_source
 
 #: How long a lock taken by an on-call command lasts without a refresh (its heartbeat refreshes it).
 LOCK_TTL_S = 600.0
@@ -296,11 +294,6 @@ def rebaseline_options(
         initial_load="baseline",
         holder=holder,
     )
-
-
-def canonical_source(frame: pd.DataFrame, options: SyncOptions) -> Canonical:
-    """The source as the engine reads it (validated keys, canonical columns, the ``user`` table's contract)."""
-    return _canonical(frame, options)
 
 
 def preview_rebaseline(store: SnapshotStore, canon: Canonical) -> dict[str, Any]:

@@ -92,7 +92,7 @@ class RunPlan:
         for part in self.parts:
             if pending and part.op != "delete" and self.meta.get("deletes_first"):
                 # a window is delivered whole before the next is sent: every delete is settled before any insert
-                yield _window(offset, pending, options)
+                yield encoded_window(offset, pending, options)
                 offset, pending, held = offset + held, [], 0
             start = 0
             while start < part.frame.height:  # a window may span parts: chunks pack across ops as before
@@ -102,13 +102,13 @@ class RunPlan:
                 held += take
                 start += take
                 if held == rows:
-                    yield _window(offset, pending, options)
+                    yield encoded_window(offset, pending, options)
                     offset, pending, held = offset + held, [], 0
         if pending:
-            yield _window(offset, pending, options)
+            yield encoded_window(offset, pending, options)
 
 
-def _window(offset: int, encoded: list[pl.Series], options: SyncOptions) -> Window:
+def encoded_window(offset: int, encoded: list[pl.Series], options: SyncOptions) -> Window:
     updates = encoded[0] if len(encoded) == 1 else pl.concat(encoded)
     sizes = updates.str.len_bytes().to_numpy()
     chunks = plan_chunks(sizes, chunk_size=options.chunk_size, max_chunk_bytes=options.max_chunk_bytes)

@@ -65,7 +65,7 @@ class Settled:
     never_sent: int = 0
 
 
-_NOT_APPLIED, _APPLIED, _UNCERTAIN = 0, 1, 2
+_NOT_APPLIED, APPLIED, _UNCERTAIN = 0, 1, 2
 
 
 def _status(plan: Plan, acks: Mapping[int, Sequence[Mapping[str, Any]]], uncertain: Iterable[int] | None) -> np.ndarray:
@@ -78,7 +78,7 @@ def _status(plan: Plan, acks: Mapping[int, Sequence[Mapping[str, Any]]], uncerta
         status[start:end] = _UNCERTAIN
     for chunk in acks:
         start, end = plan.chunks[chunk]
-        status[start:end] = _APPLIED
+        status[start:end] = APPLIED
     rejected = sorted({int(r["position"]) for records in acks.values() for r in records if not r.get("transient")})
     status[rejected] = _NOT_APPLIED  # StopChurn refused that one update on its own: certainly not applied
     held = sorted({int(r["position"]) for records in acks.values() for r in records if r.get("transient")})
@@ -119,7 +119,7 @@ def settle(
     status = _status(plan, acks, uncertain)
     positions = None if plan.changes_from_target else store.read_changes(plan)
     result.rejections = _rejection_records(acks)
-    _count(result, status == _APPLIED, positions)
+    _count(result, status == APPLIED, positions)
     count_unsent(result, plan, acks, uncertain, status)
 
     # the rows still rejected: this plan's refusals and the earlier ones it did not resolve (even if it applied
@@ -133,7 +133,7 @@ def settle(
     kinds = dict(plan.meta["kinds"])
     keys = list(plan.meta["key_columns"])
     record = run(result) if run is not None else None
-    if (status == _APPLIED).all():
+    if (status == APPLIED).all():
         store.commit(
             plan.target_version,
             base_version=plan.base_version,
@@ -220,7 +220,7 @@ def preview(store: SnapshotStore, plan: Plan, acks: Mapping[int, Sequence[Mappin
     if not (status != _NOT_APPLIED).any():
         return committed
     positions = None if plan.changes_from_target else store.read_changes(plan)
-    if (status == _APPLIED).all():
+    if (status == APPLIED).all():
         settled = _Frame(
             store.read_snapshot(plan.target_version),
             dict(plan.meta["kinds"]),
@@ -267,7 +267,7 @@ def count_unsent(
             sent = {c for c in missing if c < last} | set([c for c in missing if c > last][: max(1, int(bound))])
     held = sum(1 for records in acks.values() for r in records if r.get("transient"))
     result.unacknowledged = sum(chunks[c][1] - chunks[c][0] for c in sent if c < len(chunks)) + held
-    result.never_sent = max(0, int((status != _APPLIED).sum()) - len(result.rejections) - result.unacknowledged)
+    result.never_sent = max(0, int((status != APPLIED).sum()) - len(result.rejections) - result.unacknowledged)
 
 
 def _count(result: Settled, applied: np.ndarray, positions: pl.DataFrame | None) -> None:
@@ -329,14 +329,14 @@ def _settled_frame(
     # delete was not applied (refused, or uncertain) the old id may still be at StopChurn, and only the base row
     # names it. The base row is kept (as a delete not applied, or uncertain, keeps it) instead of the new one, so
     # the next run deletes the old id again and writes the new one again.
-    not_deleted = marked.filter((pl.col(OP) == "delete") & (pl.col("__sc_status") != _APPLIED)).get_column(BASE_ROW)
+    not_deleted = marked.filter((pl.col(OP) == "delete") & (pl.col("__sc_status") != APPLIED)).get_column(BASE_ROW)
     blocked = (
         ((pl.col(OP) != "delete") & pl.col(BASE_ROW).is_in(not_deleted.drop_nulls().implode())).fill_null(False)
         if plan.meta.get("deletes_first") and not_deleted.len()
         else pl.lit(False)
     )
     marked = marked.filter(~blocked)
-    applied = marked.filter(pl.col("__sc_status") == _APPLIED)
+    applied = marked.filter(pl.col("__sc_status") == APPLIED)
     unsure = marked.filter(pl.col("__sc_status") == _UNCERTAIN)
     unsure_upserts = unsure.filter(pl.col(OP) != "delete")
     unsure_deletes = unsure.filter(pl.col(OP) == "delete")

@@ -250,7 +250,8 @@ def _check_owner(meta: dict[str, Any], store: SnapshotStore, options: SyncOption
         raise StopChurnConfigError(f"The pending plan in {store.location} belongs to another brand or table.")
 
 
-def _canonical(source: Source, options: SyncOptions) -> Canonical:
+def canonical_source(source: Source, options: SyncOptions) -> Canonical:
+    """The source as the engine sends it: canonical columns, keys checked, the ``user`` table's contract checked."""
     canon = canonicalize_source(source, key_columns=options.key_columns, decimal_as_string=options.decimal_as_string)
     canon = parse_json_columns(canon, options.json_columns)
     if options.table_name == USER_TABLE:
@@ -259,11 +260,6 @@ def _canonical(source: Source, options: SyncOptions) -> Canonical:
         if coerced.height:
             check_user_table(coerced, user_kinds, nest_dotted_columns=options.nest_dotted_columns)
     return canon
-
-
-def canonical_source(source: Source, options: SyncOptions) -> Canonical:
-    """The source as the engine sends it: canonical columns, keys checked, the ``user`` table's contract checked."""
-    return _canonical(source, options)
 
 
 def _plan_counts(summary: SyncSummary, plan: RunPlan, options: SyncOptions) -> None:
@@ -278,7 +274,7 @@ def _dry_run(source: Source, store: SnapshotStore, options: SyncOptions, summary
     pending = store.pending_plan(cleanup=False)
     # a dry run sees the snapshot the pending plan settles to
     committed = store.read_committed() if pending is None else preview(store, pending, store.acks(pending))
-    plan = make_plan(_canonical(source, options), committed, options, run_ms)
+    plan = make_plan(canonical_source(source, options), committed, options, run_ms)
     _plan_counts(summary, plan, options)
     summary.inserted, summary.updated, summary.deleted = plan.inserted, plan.updated, plan.deleted
     for window in plan.windows(options, run_ms):  # encoded and chunked as a run would, a window at a time
@@ -297,7 +293,7 @@ def _plan_and_deliver(
     run_ms: int,
     lock: Any,
 ) -> None:
-    canon = _canonical(source, options)
+    canon = canonical_source(source, options)
     committed = store.read_committed()
     plan = make_plan(canon, committed, options, run_ms)
     _plan_counts(summary, plan, options)

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from airflow_provider_stopchurn.encode.records import encode_rows, encode_updates
 from airflow_provider_stopchurn.options import SyncOptions
-from airflow_provider_stopchurn.update.plan import _window, timestamp_column
+from airflow_provider_stopchurn.update.plan import encoded_window, timestamp_column
 from airflow_provider_stopchurn.update.sync import canonical_source
 from airflow_provider_stopchurn.update.window import Window
 from airflow_provider_stopchurn.warehouse import sql as S
@@ -162,7 +162,7 @@ def windows(frame: pl.DataFrame, options: SyncOptions) -> Iterator[Window]:
             brand_id=options.brand_id,
             table_name=options.table_name,
         )
-        yield _window(offset, [updates.alias("update")], options)
+        yield encoded_window(offset, [updates.alias("update")], options)
 
 
 def _kinds(schema: pa.Schema, options: SyncOptions) -> dict[str, str]:

@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import pyarrow as pa
 
 from airflow_provider_stopchurn.source.dbapi_rows import rows_to_batch
-from airflow_provider_stopchurn.source.sql import BATCH_ROWS, PostgresUri, _connect_postgres
+from airflow_provider_stopchurn.source.sql import BATCH_ROWS, PostgresUri, connect_postgres
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class PostgresWarehouse(_CursorWarehouse):
     )
 
     def __init__(self, uri: PostgresUri) -> None:
-        super().__init__(lambda: _connect_postgres(uri))
+        super().__init__(lambda: connect_postgres(uri))
 
     def _read(self, cursor: Any) -> Iterator[pa.RecordBatch]:
         yield from _or_empty(cursor.fetch_record_batch())

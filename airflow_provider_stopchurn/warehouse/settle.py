@@ -24,8 +24,8 @@ import pyarrow as pa
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.store import Plan, SnapshotStore
 from airflow_provider_stopchurn.update.settle import (
-    _APPLIED,
     _NOT_APPLIED,
+    APPLIED,
     Settled,
     _rejection_records,
     _status,
@@ -163,7 +163,7 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
     frame = frame if frame is not None else store.read_changes(plan)
     status = _status(plan, acks, uncertain)
     result.rejections = _rejection_records(acks)
-    counts = _op_counts(frame.get_column(_OP).filter(pl.Series(status == _APPLIED)))
+    counts = _op_counts(frame.get_column(_OP).filter(pl.Series(status == APPLIED)))
     result.inserted, result.updated, result.deleted = (counts.get(o, 0) for o in ("insert", "update", "delete"))
     count_unsent(result, plan, acks, uncertain, status)
     result.quarantine_uri = store.write_quarantine(plan.plan_id, result.rejections)  # still rejected, always
@@ -203,7 +203,7 @@ def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int) -> pa.Table:
     """The state table's new rows (``upsert``) and removed keys (``delete``) for a plan's statuses."""
     flags = pl.Series("__sc_status", status)
     marked = frame.with_columns(flags).filter(pl.col("__sc_status") != _NOT_APPLIED)
-    applied = pl.col("__sc_status") == _APPLIED
+    applied = pl.col("__sc_status") == APPLIED
     is_delete = pl.col(_OP) == "delete"
     hash_ = (
         pl.when(applied)

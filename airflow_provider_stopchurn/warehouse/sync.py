@@ -33,7 +33,7 @@ from airflow_provider_stopchurn.store import Plan, SnapshotStore
 from airflow_provider_stopchurn.store.history import recorded_under_lock
 from airflow_provider_stopchurn.update.deliver import Sender
 from airflow_provider_stopchurn.update.plan import approval
-from airflow_provider_stopchurn.update.settle import _APPLIED
+from airflow_provider_stopchurn.update.settle import APPLIED
 from airflow_provider_stopchurn.update.sync import SyncSummary, deliver_and_settle, summary_counts
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.changes import _encode_batch, _key_kinds, _kinds, _plan_frame, windows
@@ -222,7 +222,7 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
         for batch in batches:
             frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms)
             if frame.height:
-                staged = _staged(frame, np.full(frame.height, _APPLIED, dtype=np.int8), len(options.key_columns))
+                staged = _staged(frame, np.full(frame.height, APPLIED, dtype=np.int8), len(options.key_columns))
                 warehouse.load(_STAGING, staged)
                 warehouse.execute([state.insert_next(_STAGING)])
     commit = _Commit(plan.target_version, plan.base_version, plan.plan_id, plan.meta)
