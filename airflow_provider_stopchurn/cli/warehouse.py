@@ -38,7 +38,7 @@ def _reconcile(args: argparse.Namespace, out: TextIO) -> None:
     from airflow_provider_stopchurn.options import SyncOptions
     from airflow_provider_stopchurn.store import operate
     from airflow_provider_stopchurn.warehouse import WarehouseSource, reconcile
-    from airflow_provider_stopchurn.warehouse.state import _meta
+    from airflow_provider_stopchurn.warehouse.state import read_meta
 
     if args.adopt_state == args.reset:
         raise UsageError("give exactly one of --adopt-state or --reset")
@@ -52,7 +52,7 @@ def _reconcile(args: argparse.Namespace, out: TextIO) -> None:
         pending = store.pending_plan(cleanup=False)
         # reconcile() reads no source: this query is never run
         source = WarehouseSource("SELECT 1", warehouse, state_schema=args.state_schema.strip())
-        meta = _meta(warehouse, source.state(SyncOptions(brand_id=args.brand, table_name=args.table)))
+        meta = read_meta(warehouse, source.state(SyncOptions(brand_id=args.brand, table_name=args.table)))
         keys = _key_columns(args.key_columns, meta.key_columns if meta else (current or {}).get("key_columns"))
         if action == "adopt-state" and meta is not None and keys != meta.key_columns:
             raise CommandError(f"the state table is keyed by {list(meta.key_columns)}, not {list(keys)}")

@@ -6,7 +6,7 @@ from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.warehouse.settle import settle_state
 from airflow_provider_stopchurn.warehouse.source import DIFF_LOCATION, ROW_HASH, WarehouseSource
-from airflow_provider_stopchurn.warehouse.state import StateDriftError, _meta, prepare_state
+from airflow_provider_stopchurn.warehouse.state import StateDriftError, prepare_state, read_meta
 
 __all__ = ["reconcile"]
 
@@ -26,7 +26,7 @@ def reconcile(source: WarehouseSource, store: SnapshotStore, options: SyncOption
                 prepare_state(warehouse, state)
             pending = store.pending_plan(cleanup=False)
             if action == "adopt-state" and pending is not None:
-                meta = _meta(warehouse, state)
+                meta = read_meta(warehouse, state)
                 if meta is not None and meta.token == pending.target_version:
                     # the state table already holds that plan (a crash before CURRENT): finish it, nothing resent
                     settle_state(store, pending, store.acks(pending), warehouse, state, lock=lock)
@@ -41,7 +41,7 @@ def reconcile(source: WarehouseSource, store: SnapshotStore, options: SyncOption
                 if current is not None:
                     store.forget_current(lock=lock)
                 return f"Dropped {state.display} and the store's record of {options.table_name!r}."
-            meta = _meta(warehouse, state)
+            meta = read_meta(warehouse, state)
             if meta is None:
                 raise StateDriftError(f"The state table {state.display} does not exist: nothing to adopt; use --reset.")
             current = store.read_current()

@@ -36,7 +36,7 @@ from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.changes import _CREATED, _HASH, _OP, _ROW, _op_counts
 from airflow_provider_stopchurn.warehouse.databases import Warehouse
 from airflow_provider_stopchurn.warehouse.source import DIFF_LOCATION, PLAN_FORMAT, ROW_HASH, _Run
-from airflow_provider_stopchurn.warehouse.state import _meta, _old_key_texts
+from airflow_provider_stopchurn.warehouse.state import _old_key_texts, read_meta
 
 # the logger name the warehouse sync has always logged under: users and tests filter on it
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
@@ -107,7 +107,7 @@ def _commit(
             if statements:
                 warehouse.execute(statements)
             warehouse.execute(bookkeeping)
-    found = _meta(warehouse, state)
+    found = read_meta(warehouse, state)
     run.store.commit(
         commit.token,
         base_version=commit.base,
@@ -171,7 +171,7 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
         store.discard_plan(plan)
         return result
     record = run(result) if run is not None else None
-    meta = _meta(warehouse, state)
+    meta = read_meta(warehouse, state)
     already = meta is not None and meta.token == plan.target_version
     statements: list[str] = []
     if not already:
@@ -234,7 +234,7 @@ def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int) -> pa.Table:
 
 def _settle_baseline(run: _Run, plan: Plan, commit: _Commit, record: Any, result: Settled) -> Settled:
     """A baseline a crash interrupted: committed if its swap happened (the state holds its token), else dropped."""
-    meta = _meta(run.warehouse, run.state)
+    meta = read_meta(run.warehouse, run.state)
     if meta is not None and meta.token == plan.target_version:
         _commit(run, commit, write_state=False, record=record)
         return result

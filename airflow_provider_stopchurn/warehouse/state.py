@@ -44,7 +44,7 @@ class _Meta:
     rows: int
 
 
-def _meta(warehouse: Warehouse, state: S.StateTable) -> _Meta | None:
+def read_meta(warehouse: Warehouse, state: S.StateTable) -> _Meta | None:
     """The state table's bookkeeping row, or None when the state table does not exist."""
     try:
         rows = warehouse.rows(state.read_meta())
@@ -69,7 +69,7 @@ def check_state(
     warehouse: Warehouse, state: S.StateTable, store: SnapshotStore, current: Mapping[str, Any] | None
 ) -> _Meta | None:
     """The state table's bookkeeping row when it agrees with ``CURRENT``; else :class:`StateDriftError`."""
-    meta = _meta(warehouse, state)
+    meta = read_meta(warehouse, state)
     if meta is not None and meta.format > S.STATE_FORMAT:
         raise StopChurnConfigError(
             f"The state table {state.display} has format {meta.format}, written by a newer version of this "
@@ -116,7 +116,7 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
             if not _table_exists(warehouse, state, name) and _table_exists(warehouse, state, new):
                 log.warning("Finishing the interrupted swap of %s.%s.", state.schema, name)
                 warehouse.execute(swap()[1:])
-    meta = _meta(warehouse, state)
+    meta = read_meta(warehouse, state)
     if meta is not None and meta.format < S.STATE_FORMAT:
         _migrate(warehouse, state, meta)
 
