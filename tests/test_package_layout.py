@@ -90,3 +90,48 @@ def test_no_module_passes_500_lines_unless_the_design_names_it_and_why() -> None
         path = PACKAGE / module
         assert path.is_file(), f"docs/design.md names {module}, which is gone"
         assert LIMIT < _lines(path) <= HARD_LIMIT, f"{module} has {_lines(path)} lines"
+
+
+#: The package's parts from the bottom up: a module may import its own folder and the parts of lower rows only.
+#: ``(root)`` is the package's own modules (``options``, ``exceptions``, ``assets``, the provider info).
+LAYERS: tuple[frozenset[str], ...] = tuple(
+    frozenset(row)
+    for row in (
+        ("(root)",),
+        ("source", "api"),
+        ("encode", "store", "sandbox"),
+        ("update",),
+        ("events", "export", "warehouse"),
+        ("hooks",),
+        ("operators",),
+        ("plugins", "cli"),
+    )
+)
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "(root)"
+    return parts[1] if (PACKAGE / parts[1]).is_dir() else "(root)"
+
+
+def _rank(part: str) -> int:
+    return next(i for i, row in enumerate(LAYERS) if part in row)
+
+
+def test_every_folder_has_its_row_in_the_layers() -> None:
+    folders = {entry.rstrip("/") for entry in _tree() if entry.endswith("/")}
+    assert folders | {"(root)"} == set().union(*LAYERS)
+
+
+def test_imports_run_one_way_from_the_airflow_side_down_to_the_sources() -> None:
+    from tests.test_import_graph import _graph
+
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in _graph().items()
+        for target in targets
+        if _part(module) != _part(target) and _rank(_part(target)) >= _rank(_part(module))
+    )
+    assert not upward, "imports that do not run down the layers of docs/design.md: " + "; ".join(upward)
