@@ -182,7 +182,9 @@ def test_one_record_of_a_newer_version_does_not_hide_the_history(
 def test_the_page_shows_a_store_whose_history_holds_a_record_of_a_newer_version(
     tmp_path: Path, newer: dict[str, Any]
 ) -> None:
-    from airflow_provider_stopchurn.plugins.page import Run, SyncTask, inspect_stores, render_page
+    from airflow_provider_stopchurn.plugins.model import Run, SyncTask
+    from airflow_provider_stopchurn.plugins.page import render_page
+    from airflow_provider_stopchurn.plugins.stores import inspect_stores
 
     store = SnapshotStore(tmp_path, BRAND, TABLE)
     now = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)

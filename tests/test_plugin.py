@@ -14,16 +14,10 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_stopchurn.get_provider_info import get_provider_info
-from airflow_provider_stopchurn.plugins.page import (
-    Run,
-    StoreState,
-    SyncTask,
-    inspect_store,
-    inspect_stores,
-    render_chart,
-    render_page,
-    select_task,
-)
+from airflow_provider_stopchurn.plugins.chart import render_chart
+from airflow_provider_stopchurn.plugins.model import Run, StoreState, SyncTask
+from airflow_provider_stopchurn.plugins.page import render_page, select_task
+from airflow_provider_stopchurn.plugins.stores import inspect_store, inspect_stores
 from airflow_provider_stopchurn.store import SnapshotStore
 
 NOW = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
@@ -274,7 +268,7 @@ def test_an_old_record_without_the_new_fields_reads_retries_as_http_retries_and_
 
 
 def test_a_record_belongs_to_its_task_instance_by_the_agreed_fields_or_its_run_key() -> None:
-    from airflow_provider_stopchurn.plugins.page import record_belongs
+    from airflow_provider_stopchurn.plugins.model import record_belongs
 
     assert record_belongs(_record("r1"), "nightly", "sync", "r1", -1)
     assert not record_belongs(_record("r1"), "nightly", "sync", "r2", -1)

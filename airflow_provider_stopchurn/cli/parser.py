@@ -30,6 +30,12 @@ _TABLE: tuple[ArgSpec, ...] = (
 )
 _YES: ArgSpec = (("-y", "--yes"), {"action": "store_true", "help": "change the store without asking"})
 
+
+def _columns(flag: str, help_text: str) -> ArgSpec:
+    """An option naming a column, given once per column (``--key a --key b``)."""
+    return ((flag,), {"action": "append", "metavar": "COL", "help": help_text})
+
+
 COMMANDS: dict[str, tuple[str, tuple[ArgSpec, ...]]] = {
     "status": (
         "Show the committed snapshot, a pending plan, the lock and quarantined rows of a table.",
@@ -82,23 +88,11 @@ COMMANDS: dict[str, tuple[str, tuple[ArgSpec, ...]]] = {
             (("--parquet",), {"metavar": "FILE", "help": "the table as a Parquet file"}),
             (("--sql",), {"metavar": "QUERY", "help": "the table as a SQL query on --sql-conn-id"}),
             (("--sql-conn-id",), {"metavar": "ID", "help": "the Airflow SQL connection of --sql"}),
-            (
-                ("--key",),
-                {
-                    "action": "append",
-                    "metavar": "COL",
-                    "help": "a key column, repeated for a composite key (default: the snapshot's, else id)",
-                },
-            ),
+            _columns("--key", "a key column, repeated for a composite key (default: the snapshot's, else id)"),
             (("--created-at-column",), {"metavar": "COL", "help": "as the operator's created_at_column"}),
             (("--decimal-as-string",), {"action": "store_true", "help": "as the operator's decimal_as_string"}),
-            (
-                ("--json-column",),
-                {
-                    "action": "append",
-                    "metavar": "COL",
-                    "help": "a text column holding JSON, repeated for several (as the operator's json_columns)",
-                },
+            _columns(
+                "--json-column", "a text column holding JSON, repeated for several (as the operator's json_columns)"
             ),
         ),
     ),
@@ -121,14 +115,10 @@ COMMANDS: dict[str, tuple[str, tuple[ArgSpec, ...]]] = {
                     "help": "the schema of the state tables (the operator's state_schema; stopchurn_state)",
                 },
             ),
-            (
-                ("--key-columns",),
-                {
-                    "action": "append",
-                    "metavar": "COL",
-                    "help": "a key column, repeated (or comma-separated) for a composite key (default: the state "
-                    "table's, else the store's, else id)",
-                },
+            _columns(
+                "--key-columns",
+                "a key column, repeated (or comma-separated) for a composite key (default: the state "
+                "table's, else the store's, else id)",
             ),
             (
                 ("--adopt-state",),

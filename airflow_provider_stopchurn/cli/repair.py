@@ -26,10 +26,9 @@ def _unlock(args: argparse.Namespace, out: TextIO) -> None:
     store = _store(args)
     lock = operate.lock_info(store.read_lock(), present=store.backend.exists("LOCK"))
     if lock is None:
-        if args.json:
-            _emit_json(out, {"unlocked": False, "lock": None})
-        else:
-            out.write(f"{store.brand_id}/{store.table_name} is not locked.\n")
+        _nothing_to_do(
+            args, out, {"unlocked": False, "lock": None}, f"{store.brand_id}/{store.table_name} is not locked."
+        )
         return
     live = lock["state"] == "alive" or bool(lock.get("heartbeat_fresh"))
     if lock["state"] == "alive" and not args.force:
@@ -52,6 +51,51 @@ def _unlock(args: argparse.Namespace, out: TextIO) -> None:
         out.write(f"Broke the lock of {store.brand_id}/{store.table_name} held by {lock['holder']!r}.\n")
     else:
         raise Aborted("the lock changed meanwhile (released, or taken by another run); nothing was removed")
+
+
+def _nothing_to_do(args: argparse.Namespace, out: TextIO, document: dict[str, Any], text: str) -> None:
+    """Say that a command found nothing to do: ``document`` with ``--json``, else the line ``text``."""
+    if args.json:
+        _emit_json(out, document)
+    else:
+        out.write(text + "\n")
+
+
+def _confirmed_plan(args: argparse.Namespace, out: TextIO, store: Any, what: str, settling: str) -> bool:
+    """Whether the store has a pending plan to settle and the user agreed (``Aborted`` when not); False: there is
+    none, and that is said.
+
+    :param what: the plan's name in the messages (``plan``, ``event plan``).
+    :param settling: what settling it does, after "Settling".
+    """
+    from airflow_provider_stopchurn.store import operate
+
+    plan = operate.preview_settle(store)
+    where = f"{store.brand_id}/{store.table_name}"
+    if plan is None:
+        _nothing_to_do(
+            args, out, {"settled": False, "plan_id": None}, f"No pending {what} for {where}: nothing to settle."
+        )
+        return False
+    _confirm(
+        args,
+        f"Pending {what} {plan['plan_id']} of {where}: {plan['acknowledged_chunks']} of {plan['total_chunks']} chunks "
+        f"acknowledged. Settling {settling}.",
+        "Settle it?",
+    )
+    return True
+
+
+def _answered(args: argparse.Namespace, out: TextIO, document: dict[str, Any], *, settled: bool) -> bool:
+    """Whether the answer of ``settle`` is written already: ``document`` with ``--json``, or that another run
+    finished the plan meanwhile. False: the caller says what was settled."""
+    if args.json:
+        _emit_json(out, document)
+        return True
+    if not settled:
+        out.write("The plan was finished meanwhile: nothing to settle.\n")
+        return True
+    return False
 
 
 def _refuse_warehouse_table(store: Any, command: str, repair: str) -> None:
@@ -81,26 +125,12 @@ def _settle(args: argparse.Namespace, out: TextIO) -> None:
         _settle_events(args, out, store)
         return
     _refuse_warehouse_table(store, "settle", "its next run settles the pending plan into the state table")
-    plan = operate.preview_settle(store)
-    if plan is None:
-        if args.json:
-            _emit_json(out, {"settled": False, "plan_id": None})
-        else:
-            out.write(f"No pending plan for {store.brand_id}/{store.table_name}: nothing to settle.\n")
+    if not _confirmed_plan(
+        args, out, store, "plan", "commits those and drops the rest (the next run sends their rows again)"
+    ):
         return
-    _confirm(
-        args,
-        f"Pending plan {plan['plan_id']} of {store.brand_id}/{store.table_name}: {plan['acknowledged_chunks']} of "
-        f"{plan['total_chunks']} chunks acknowledged. Settling commits those and drops the rest (the next run "
-        "sends their rows again).",
-        "Settle it?",
-    )
     result = operate.settle_pending(store, holder=operate.operator_name("settle"))
-    if args.json:
-        _emit_json(out, result)
-        return
-    if not result["settled"]:
-        out.write("The plan was finished meanwhile: nothing to settle.\n")
+    if _answered(args, out, result, settled=result["settled"]):
         return
     out.write(
         f"Settled plan {result['plan_id']}: {result['acknowledged_chunks']} of {result['total_chunks']} chunks "
@@ -137,26 +167,14 @@ def _settle_events(args: argparse.Namespace, out: TextIO, store: Any) -> None:
     from airflow_provider_stopchurn.events.settle import settle_pending_event_plan
     from airflow_provider_stopchurn.store import operate
 
-    plan = operate.preview_settle(store)
-    if plan is None:
-        if args.json:
-            _emit_json(out, {"settled": False, "plan_id": None})
-        else:
-            out.write(f"No pending event plan for {store.brand_id}/{store.table_name}: nothing to settle.\n")
-        return
-    _confirm(
-        args,
-        f"Pending event plan {plan['plan_id']} of {store.brand_id}/{store.table_name}: {plan['acknowledged_chunks']} "
-        f"of {plan['total_chunks']} chunks acknowledged. Settling records those events as delivered and drops the "
-        "rest (the next run reads the same window and sends them).",
-        "Settle it?",
+    settling = (
+        "records those events as delivered and drops the rest (the next run reads the same window and sends them)"
     )
-    result = settle_pending_event_plan(store, holder=operate.operator_name("settle"))
-    if args.json:
-        _emit_json(out, {"settled": result is not None, **(dataclasses.asdict(result) if result else {})})
+    if not _confirmed_plan(args, out, store, "event plan", settling):
         return
-    if result is None:
-        out.write("The plan was finished meanwhile: nothing to settle.\n")
+    result = settle_pending_event_plan(store, holder=operate.operator_name("settle"))
+    document = {"settled": result is not None, **(dataclasses.asdict(result) if result else {})}
+    if _answered(args, out, document, settled=result is not None) or result is None:
         return
     out.write(
         f"Settled event plan {result.plan_id}: {result.acknowledged_chunks} of {result.total_chunks} chunks "

@@ -1,14 +1,15 @@
-"""What the three operators share: retry defaults, storage locations, the brand, a run's names, errors."""
+"""What the three operators share: their base class, retry defaults, storage locations, the brand, a run's names,
+errors."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError, StopChurnError
@@ -18,6 +19,7 @@ from airflow_provider_stopchurn.hooks._compat import (
     BaseOperator,
     ObjectStoragePath,
 )
+from airflow_provider_stopchurn.operators._source import _SourceArguments
 from airflow_provider_stopchurn.options import RunInfo
 from airflow_provider_stopchurn.store.history import record_refusal
 
@@ -169,3 +171,61 @@ def _fail(err: StopChurnError) -> AirflowException:
     if err.permanent:
         return AirflowFailException(str(err))
     return AirflowException(str(err))
+
+
+class _StopChurnOperator(_SourceArguments, BaseOperator):
+    """The base of the three operators: their source (:class:`._source._SourceArguments`), its SQL templating,
+    their retry defaults, their colour in Airflow's UI, and the fields every engine's options take from a run."""
+
+    template_ext: Sequence[str] = (".sql",)
+    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
+    ui_color = "#3c6df0"
+
+    #: each operator's ``__init__`` passes BaseOperator's arguments through it: ``RETRY_DEFAULTS`` where unset
+    _with_retry_defaults = staticmethod(_with_retry_defaults)
+
+    def _set_run_arguments(
+        self,
+        brand_id: Any,
+        stopchurn_conn_id: str,
+        nest_dotted_columns: bool,
+        json_columns: Sequence[str],
+        lock_wait_s: float,
+        lock_ttl_s: float,
+    ) -> None:
+        """Keep the arguments the three operators take alike: the brand and the StopChurn connection, how dotted
+        and JSON columns are read, and the lock's wait and lease."""
+        self.brand_id = brand_id
+        self.stopchurn_conn_id = stopchurn_conn_id
+        self.nest_dotted_columns = nest_dotted_columns
+        self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
+        self.lock_wait_s = lock_wait_s
+        self.lock_ttl_s = lock_ttl_s
+
+    def _set_table_arguments(
+        self,
+        table_name: str,
+        primary_key: str | Sequence[str],
+        snapshot_uri: str | None,
+        snapshot_conn_id: str | None,
+        created_at_column: str | None,
+        updated_at_column: str | None,
+    ) -> None:
+        """Keep the arguments of the two operators that keep a table's snapshot (update and export): the table, its
+        key (one column or several), the snapshot's location and the timestamp columns."""
+        self.table_name = table_name
+        self.primary_key = [primary_key] if isinstance(primary_key, str) else list(primary_key)
+        self.snapshot_uri = snapshot_uri
+        self.snapshot_conn_id = snapshot_conn_id
+        self.created_at_column = created_at_column
+        self.updated_at_column = updated_at_column
+
+    def _run_fields(self, hook: StopChurnHook, context: Context) -> dict[str, Any]:
+        """The fields every engine's options take from a run: ``brand_id`` (the task's, else the connection's
+        extras), the lock ``holder``, the history's ``run_key`` and ``run_info``."""
+        return {
+            "brand_id": _resolve_brand(self.brand_id, hook, self.task_id, self.stopchurn_conn_id),
+            "holder": _holder(self, context),
+            "run_key": _run_key(self, context),
+            "run_info": run_info(self, context),
+        }

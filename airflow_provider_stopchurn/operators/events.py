@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stopchurn.events.engine import run_events
 from airflow_provider_stopchurn.events.ledger import Window, event_store
 from airflow_provider_stopchurn.events.options import MAX_LOOKBACK, EventOptions
 from airflow_provider_stopchurn.exceptions import StopChurnError
-from airflow_provider_stopchurn.hooks._compat import BaseOperator
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
-from airflow_provider_stopchurn.operators._common import (
-    _fail,
-    _holder,
-    _refusal_recorded,
-    _resolve_brand,
-    _run_key,
-    _storage_root,
-    _with_retry_defaults,
-    run_info,
-)
-from airflow_provider_stopchurn.operators._source import _SourceArguments
+from airflow_provider_stopchurn.operators._common import _fail, _refusal_recorded, _StopChurnOperator, _storage_root
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard, SnapshotBehindError
 from airflow_provider_stopchurn.options import LOCK_TTL_S
 
@@ -30,7 +19,7 @@ if TYPE_CHECKING:
     from airflow_provider_stopchurn.hooks._compat import Context
 
 
-class StopChurnEventOperator(_SourceArguments, BaseOperator):
+class StopChurnEventOperator(_StopChurnOperator):
     """Send the rows of a source as events to StopChurn's ``/client-data/event``, each event key once.
 
     Each row is one event ``{"brandId": .., "userId": "<user id>", "name": .., "value": ..}``. The delivery protocol
@@ -89,9 +78,6 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
     """
 
     template_fields: Sequence[str] = ("brand_id", "name", "sql", "parameters", "state_uri", "dataframe", "stream_id")
-    template_ext: Sequence[str] = (".sql",)
-    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
-    ui_color = "#3c6df0"
 
     def __init__(  # noqa: PLR0913 - keyword-only operator arguments, the EventOptions fields among them
         self,
@@ -124,8 +110,9 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         lock_ttl_s: float = LOCK_TTL_S,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**_with_retry_defaults(kwargs))
+        super().__init__(**self._with_retry_defaults(kwargs))
         self._set_source(self.task_id, dataframe, sql, sql_conn_id, parameters, sql_hook_params)
+        self._set_run_arguments(brand_id, stopchurn_conn_id, nest_dotted_columns, json_columns, lock_wait_s, lock_ttl_s)
         if (name is None) == (name_column is None):
             raise ValueError(f"{self.task_id}: pass exactly one of `name` or `name_column`.")
         if value_column is not None and value_columns is not None:
@@ -144,8 +131,6 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
                 f"{self.task_id}: `lookback` must be at most {MAX_LOOKBACK.days} days (back from 1970 to the year 1), "
                 f"got {self.lookback!r}."
             )
-        self.brand_id = brand_id
-        self.stopchurn_conn_id = stopchurn_conn_id
         self.state_uri = state_uri
         self.state_conn_id = state_conn_id
         self.stream_id = stream_id
@@ -154,10 +139,6 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
         self.max_concurrent_requests = max_concurrent_requests
         # BaseOperator already has a dry_run() method: keep the flag under another name.
         self.events_dry_run = dry_run
-        self.nest_dotted_columns = nest_dotted_columns
-        self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
-        self.lock_wait_s = lock_wait_s
-        self.lock_ttl_s = lock_ttl_s
 
     def execute(self, context: Context) -> dict[str, Any]:
         try:
@@ -189,7 +170,7 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
     def event_options(self, hook: StopChurnHook, context: Context) -> EventOptions:
         """The engine's options from this task's arguments (validated by ``EventOptions``)."""
         return EventOptions(
-            brand_id=_resolve_brand(self.brand_id, hook, self.task_id, self.stopchurn_conn_id),
+            **self._run_fields(hook, context),
             user_id_column=self.user_id_column,
             name=None if self.name is None else str(self.name),
             name_column=self.name_column,
@@ -204,11 +185,8 @@ class StopChurnEventOperator(_SourceArguments, BaseOperator):
             dry_run=self.events_dry_run,
             nest_dotted_columns=self.nest_dotted_columns,
             json_columns=self.json_columns,
-            holder=_holder(self, context),
-            run_key=_run_key(self, context),
             lock_wait_s=self.lock_wait_s,
             lock_ttl_s=self.lock_ttl_s,
-            run_info=run_info(self, context),
         )
 
 

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.export.engine import run_export
 from airflow_provider_stopchurn.export.options import MAX_FILE_BYTES, ExportOptions
-from airflow_provider_stopchurn.hooks._compat import BaseOperator
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.operators._common import (
     _as_bool,
     _fail,
-    _holder,
     _refusal_recorded,
-    _resolve_brand,
-    _run_key,
+    _StopChurnOperator,
     _storage_root,
-    _with_retry_defaults,
-    run_info,
 )
-from airflow_provider_stopchurn.operators._source import _SourceArguments
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard, SnapshotBehindError
 from airflow_provider_stopchurn.options import LOCK_TTL_S
 from airflow_provider_stopchurn.store import SnapshotStore
@@ -31,7 +25,7 @@ if TYPE_CHECKING:
     from airflow_provider_stopchurn.hooks._compat import Context
 
 
-class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
+class StopChurnHistoricalExportOperator(_StopChurnOperator):
     """Write a table as StopChurn's historical-upload files and record it as the update operator's baseline.
 
     The files (``part-00001.json``, ...; each one JSON array of ``{"data": <row>, "createdAt": <ms>, "updatedAt":
@@ -86,9 +80,6 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         "dataframe",
         "replace_snapshot",
     )
-    template_ext: Sequence[str] = (".sql",)
-    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
-    ui_color = "#3c6df0"
 
     def __init__(  # noqa: PLR0913 - keyword-only operator arguments
         self,
@@ -117,32 +108,24 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
         lock_ttl_s: float = LOCK_TTL_S,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**_with_retry_defaults(kwargs))
+        super().__init__(**self._with_retry_defaults(kwargs))
         self._set_source(self.task_id, dataframe, sql, sql_conn_id, parameters, sql_hook_params)
-        self.table_name = table_name
-        self.primary_key = [primary_key] if isinstance(primary_key, str) else list(primary_key)
-        self.created_at_column = created_at_column
-        self.updated_at_column = updated_at_column
+        self._set_table_arguments(
+            table_name, primary_key, snapshot_uri, snapshot_conn_id, created_at_column, updated_at_column
+        )
+        self._set_run_arguments(brand_id, stopchurn_conn_id, nest_dotted_columns, json_columns, lock_wait_s, lock_ttl_s)
         self.output_uri = output_uri
         self.output_conn_id = output_conn_id
         self.max_file_bytes = max_file_bytes
-        self.snapshot_uri = snapshot_uri
-        self.snapshot_conn_id = snapshot_conn_id
         self.replace_snapshot = replace_snapshot
-        self.brand_id = brand_id
-        self.stopchurn_conn_id = stopchurn_conn_id
-        self.nest_dotted_columns = nest_dotted_columns
         self.decimal_as_string = decimal_as_string
-        self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
-        self.lock_wait_s = lock_wait_s
-        self.lock_ttl_s = lock_ttl_s
 
     def execute(self, context: Context) -> dict[str, Any]:
         run_ms = time.time_ns() // 1_000_000
         try:
             hook = StopChurnHook(self.stopchurn_conn_id)
             options = ExportOptions(
-                brand_id=_resolve_brand(self.brand_id, hook, self.task_id, self.stopchurn_conn_id),
+                **self._run_fields(hook, context),
                 table_name=str(self.table_name),
                 key_columns=tuple(self.primary_key),
                 created_at_column=self.created_at_column,
@@ -153,11 +136,8 @@ class StopChurnHistoricalExportOperator(_SourceArguments, BaseOperator):
                 decimal_as_string=self.decimal_as_string,
                 json_columns=self.json_columns,
                 run_id=str(context.get("run_id") or "manual"),
-                run_key=_run_key(self, context),
-                holder=_holder(self, context),
                 lock_wait_s=self.lock_wait_s,
                 lock_ttl_s=self.lock_ttl_s,
-                run_info=run_info(self, context),
             )
             root = _storage_root(self.snapshot_uri, self.snapshot_conn_id, "snapshots")
             store = SnapshotStore(root, options.brand_id, options.table_name)

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from airflow_provider_stopchurn.assets import TableRef
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError, StopChurnError
-from airflow_provider_stopchurn.hooks._compat import BaseOperator
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.operators import lineage
 from airflow_provider_stopchurn.operators._common import (
     _as_bool,
     _fail,
-    _holder,
     _refusal_recorded,
-    _resolve_brand,
-    _run_key,
-    _with_retry_defaults,
-    run_info,
+    _StopChurnOperator,
     snapshot_root,
 )
-from airflow_provider_stopchurn.operators._source import _SourceArguments
 from airflow_provider_stopchurn.operators._warehouse import (
     DEFAULT_STATE_SCHEMA,
     _check_diff_location,
@@ -60,7 +54,7 @@ SYNC_OPTION_ARGUMENTS = tuple(
 )
 
 
-class StopChurnUpdateOperator(_SourceArguments, BaseOperator):
+class StopChurnUpdateOperator(_StopChurnOperator):
     """Send the changes of a table since the last run to StopChurn's ``/client-data/update``.
 
     Each run reads the source (a pandas or polars DataFrame, an Arrow table or stream, an upstream task's XCom,
@@ -162,9 +156,6 @@ class StopChurnUpdateOperator(_SourceArguments, BaseOperator):
         "diff_location",
         "state_schema",
     )
-    template_ext: Sequence[str] = (".sql",)
-    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
-    ui_color = "#3c6df0"
 
     def __init__(  # noqa: PLR0913 - keyword-only operator arguments; test_operator_unit checks them against SyncOptions
         self,
@@ -204,22 +195,18 @@ class StopChurnUpdateOperator(_SourceArguments, BaseOperator):
         state_schema: str = DEFAULT_STATE_SCHEMA,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**_with_retry_defaults(kwargs))
+        super().__init__(**self._with_retry_defaults(kwargs))
         self._set_source(self.task_id, dataframe, sql, sql_conn_id, parameters, sql_hook_params)
+        self._set_run_arguments(brand_id, stopchurn_conn_id, nest_dotted_columns, json_columns, lock_wait_s, lock_ttl_s)
         if initial_load not in ("send", "baseline"):
             raise ValueError(f"{self.task_id}: initial_load must be 'send' or 'baseline', got {initial_load!r}.")
         if not _is_template(diff_location):  # a template is checked once rendered, in execute()
             _check_diff_location(diff_location, sql, self.task_id)
         if not isinstance(state_schema, str) or not state_schema.strip():
             raise ValueError(f"{self.task_id}: state_schema must be a schema name, got {state_schema!r}.")
-        self.table_name = table_name
-        self.brand_id = brand_id
-        self.primary_key = [primary_key] if isinstance(primary_key, str) else list(primary_key)
-        self.stopchurn_conn_id = stopchurn_conn_id
-        self.snapshot_uri = snapshot_uri
-        self.snapshot_conn_id = snapshot_conn_id
-        self.created_at_column = created_at_column
-        self.updated_at_column = updated_at_column
+        self._set_table_arguments(
+            table_name, primary_key, snapshot_uri, snapshot_conn_id, created_at_column, updated_at_column
+        )
         self.initial_load = initial_load
         self.chunk_size = chunk_size
         self.max_chunk_bytes = max_chunk_bytes
@@ -234,13 +221,9 @@ class StopChurnUpdateOperator(_SourceArguments, BaseOperator):
         self.on_rejected_rows = on_rejected_rows
         self.max_rejected_rows = max_rejected_rows
         self.max_concurrent_requests = max_concurrent_requests
-        self.nest_dotted_columns = nest_dotted_columns
         self.decimal_as_string = decimal_as_string
-        self.lock_wait_s = lock_wait_s
-        self.lock_ttl_s = lock_ttl_s
         self._table: TableRef | None = None  # set by execute(), for lineage
         self._summary: dict[str, Any] | None = None
-        self.json_columns = (json_columns,) if isinstance(json_columns, str) else tuple(json_columns)
         self.diff_location = diff_location
         self.state_schema = state_schema
 
@@ -284,14 +267,11 @@ class StopChurnUpdateOperator(_SourceArguments, BaseOperator):
 
     def _options(self, hook: StopChurnHook, context: Context) -> SyncOptions:
         return SyncOptions(
-            brand_id=_resolve_brand(self.brand_id, hook, self.task_id, self.stopchurn_conn_id),
+            **self._run_fields(hook, context),
             table_name=str(self.table_name),
             key_columns=tuple(self.primary_key),
             dry_run=self.sync_dry_run,
             allow_large_changes=_as_bool(self.allow_large_changes, "allow_large_changes"),
-            holder=_holder(self, context),
-            run_key=_run_key(self, context),
-            run_info=run_info(self, context),
             **{name: getattr(self, name) for name in SYNC_OPTION_ARGUMENTS},
         )
 

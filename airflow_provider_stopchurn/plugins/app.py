@@ -16,7 +16,7 @@ name starts with ``StopChurn``), their task instances (newest 30 per task), the 
 ``return_value``) and the store each used (rendered ``brand_id``, ``table_name``/``stream_id`` and
 ``snapshot_uri``/``state_uri``, per run: a templated task may use several); and, through the snapshot store's
 public API, each of those stores' lock, pending plan, quarantined rows and run history (records of failed runs
-included) where the API server can reach it (:mod:`.page`).
+included) where the API server can reach it (:mod:`.stores`); :mod:`.page` renders them.
 
 This module does not use ``from __future__ import annotations``: FastAPI reads the routes' annotations at runtime.
 """
@@ -45,17 +45,9 @@ from starlette.exceptions import HTTPException
 
 from airflow_provider_stopchurn.events.ledger import EVENTS_FOLDER, event_store
 from airflow_provider_stopchurn.operators._common import snapshot_root
-from airflow_provider_stopchurn.plugins.page import (
-    CHART_RUNS,
-    MIN_REFRESH_S,
-    REFRESH_S,
-    Run,
-    StoreState,
-    SyncTask,
-    inspect_stores,
-    record_belongs,
-    render_page,
-)
+from airflow_provider_stopchurn.plugins.model import CHART_RUNS, Run, StoreState, SyncTask, record_belongs
+from airflow_provider_stopchurn.plugins.page import MIN_REFRESH_S, REFRESH_S, render_page
+from airflow_provider_stopchurn.plugins.stores import inspect_stores
 from airflow_provider_stopchurn.store import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -123,6 +115,11 @@ def _declared_tasks(session: Session, dag_ids: set[str]) -> dict[tuple[str, str]
     return declared
 
 
+def _same_instance(model: Any, recent: Any, columns: tuple[str, ...], *more: Any) -> Any:
+    """The join condition of ``model``'s rows of a task instance of ``recent``: equal on ``columns``, and ``more``."""
+    return and_(*(getattr(model, column) == getattr(recent.c, column) for column in columns), *more)
+
+
 def _recent_runs(session: Session, declared: dict[tuple[str, str], dict[str, Any]], history: int) -> list[Any]:
     """The newest ``history`` task instances of each declared task (per map index), oldest first, with the
     summary each returned (XCom ``return_value``, if any) and its rendered template fields (if kept)."""
@@ -152,22 +149,9 @@ def _recent_runs(session: Session, declared: dict[tuple[str, str], dict[str, Any
         select(recent, XComModel.value.label("value"), RTIF.rendered_fields)
         .outerjoin(
             XComModel,
-            and_(
-                XComModel.dag_run_id == recent.c.dag_run_id,
-                XComModel.task_id == recent.c.task_id,
-                XComModel.map_index == recent.c.map_index,
-                XComModel.key == "return_value",
-            ),
+            _same_instance(XComModel, recent, ("dag_run_id", "task_id", "map_index"), XComModel.key == "return_value"),
         )
-        .outerjoin(
-            RTIF,
-            and_(
-                RTIF.dag_id == recent.c.dag_id,
-                RTIF.task_id == recent.c.task_id,
-                RTIF.run_id == recent.c.run_id,
-                RTIF.map_index == recent.c.map_index,
-            ),
-        )
+        .outerjoin(RTIF, _same_instance(RTIF, recent, ("dag_id", "task_id", "run_id", "map_index")))
         .where(recent.c.age <= history)
         .order_by(recent.c.run_after, recent.c.dag_run_id)
     )
