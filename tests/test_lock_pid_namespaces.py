@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from helpers_sync import BRAND, TABLE
 
+from airflow_provider_stopchurn.cli import operate
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError
-from airflow_provider_stopchurn.store import SnapshotStore, operate
+from airflow_provider_stopchurn.store import SnapshotStore
 
 HERE = Path(__file__).parent
 

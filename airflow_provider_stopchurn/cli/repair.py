@@ -21,7 +21,7 @@ from airflow_provider_stopchurn.cli.airflow_connections import read_sql
 
 
 def _unlock(args: argparse.Namespace, out: TextIO) -> None:
-    from airflow_provider_stopchurn.store import operate
+    from airflow_provider_stopchurn.cli import operate
 
     store = _store(args)
     lock = operate.lock_info(store.read_lock(), present=store.backend.exists("LOCK"))
@@ -68,7 +68,7 @@ def _confirmed_plan(args: argparse.Namespace, out: TextIO, store: Any, what: str
     :param what: the plan's name in the messages (``plan``, ``event plan``).
     :param settling: what settling it does, after "Settling".
     """
-    from airflow_provider_stopchurn.store import operate
+    from airflow_provider_stopchurn.cli import operate
 
     plan = operate.preview_settle(store)
     where = f"{store.brand_id}/{store.table_name}"
@@ -114,8 +114,8 @@ def _refuse_warehouse_table(store: Any, command: str, repair: str) -> None:
 
 
 def _settle(args: argparse.Namespace, out: TextIO) -> None:
+    from airflow_provider_stopchurn.cli import operate
     from airflow_provider_stopchurn.events.plan import is_event_plan
-    from airflow_provider_stopchurn.store import operate
 
     if (args.table is None) == (args.stream is None):
         raise UsageError("give exactly one of --table T or --stream S (an event stream)")
@@ -164,8 +164,8 @@ def _settle_store(args: argparse.Namespace) -> Any:
 
 def _settle_events(args: argparse.Namespace, out: TextIO, store: Any) -> None:
     """``settle`` of an event plan: the acknowledged events join the ledger, the next run reads the rest again."""
+    from airflow_provider_stopchurn.cli import operate
     from airflow_provider_stopchurn.events.settle import settle_pending_event_plan
-    from airflow_provider_stopchurn.store import operate
 
     settling = (
         "records those events as delivered and drops the rest (the next run reads the same window and sends them)"
@@ -204,7 +204,8 @@ def _rebaseline_source(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _rebaseline(args: argparse.Namespace, out: TextIO) -> None:
-    from airflow_provider_stopchurn.store import operate
+    from airflow_provider_stopchurn.cli import operate
+    from airflow_provider_stopchurn.update.sync import canonical_source
 
     store = _store(args, must_exist=False)
     _refuse_warehouse_table(
@@ -219,7 +220,7 @@ def _rebaseline(args: argparse.Namespace, out: TextIO) -> None:
         json_columns=args.json_column or (),
         holder=operate.operator_name("rebaseline"),
     )
-    canon = operate.canonical_source(frame, options)  # bad keys or values stop here, before any question
+    canon = canonical_source(frame, options)  # bad keys or values stop here, before any question
     preview = operate.preview_rebaseline(store, canon)
     change = preview["schema_change"]
     lines = [

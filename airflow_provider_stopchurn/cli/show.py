@@ -32,7 +32,7 @@ def _run_text(run: Mapping[str, Any]) -> str:
 
 
 def _status(args: argparse.Namespace, out: TextIO) -> None:
-    from airflow_provider_stopchurn.store import operate
+    from airflow_provider_stopchurn.cli import operate
 
     status = operate.table_status(_store(args))
     if args.json:
@@ -196,7 +196,7 @@ def _export(rows: list[dict[str, Any]], target: str) -> None:
 
 
 def _rejected(args: argparse.Namespace, out: TextIO) -> None:
-    from airflow_provider_stopchurn.store import operate
+    from airflow_provider_stopchurn.cli import operate
 
     if args.export and Path(args.export).suffix.lower() not in (".csv", ".json"):
         raise UsageError(f"--export {args.export!r}: give a file name ending in .csv or .json")

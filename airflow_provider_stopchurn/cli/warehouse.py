@@ -34,9 +34,9 @@ def _key_columns(given: Sequence[str] | None, found: Sequence[str] | None) -> tu
 
 
 def _reconcile(args: argparse.Namespace, out: TextIO) -> None:
+    from airflow_provider_stopchurn.cli import operate
     from airflow_provider_stopchurn.operators.commit_guard import record_key
     from airflow_provider_stopchurn.options import SyncOptions
-    from airflow_provider_stopchurn.store import operate
     from airflow_provider_stopchurn.warehouse import WarehouseSource, reconcile
     from airflow_provider_stopchurn.warehouse.state import read_meta
 

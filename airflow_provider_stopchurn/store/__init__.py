@@ -51,7 +51,8 @@ The modules, one job each:
 * :mod:`.lock`: the lease on a table (claims, refresh, fencing, heartbeat); :mod:`.lock_records`: what a lock
   record says about its holder;
 * :mod:`.backend`: the storage seam (a local directory, or any UPath-like object: s3://, gs://, memory://, ...);
-* :mod:`.history`: what a run's history record holds; :mod:`.operate`: what the on-call commands do to a store.
+* :mod:`.history`: what a run's history record holds; what the on-call commands do to a store is
+  :mod:`~airflow_provider_stopchurn.cli.operate`.
 
 This package imports no Airflow.
 """

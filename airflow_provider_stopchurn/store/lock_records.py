@@ -3,7 +3,8 @@
 A ``LOCK`` (or claim) record names the host, pid and PID namespace of the process that wrote it (see :mod:`.lock`
 for the lease itself). A pid is judged only where it means something: the same host name and PID namespace
 (containers sharing the host's network share its name, not its processes). The lock reads these to break a stale
-lease; ``stopchurn status`` and ``stopchurn unlock`` (:mod:`.operate`) to tell a live holder from a dead one.
+lease; ``stopchurn status`` and ``stopchurn unlock`` (:mod:`~airflow_provider_stopchurn.cli.operate`) to tell a
+live holder from a dead one.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What the on-call commands read from a store and do to it (no Airflow import; the ``cli`` package is the front end).
+"""What the on-call commands read from a store and do to it (no Airflow import; the other cli modules print it).
 
 Reading (``status``, ``history``, ``rejected``) never writes: a pending plan is looked at with
 ``pending_plan(cleanup=False)``, exactly as a dry run does. Changing (``unlock``, ``settle``, ``rebaseline``)
