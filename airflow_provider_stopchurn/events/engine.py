@@ -5,7 +5,7 @@ One run::
     lock (with a heartbeat) -> resume the plan an earlier try or a crashed run left (its unacknowledged chunks)
          -> read the source for the window [watermark - lookback, ...) -> encode one event per row
          -> drop rows older than the window, keys seen twice in the source and keys the ledger delivered already
-         -> write the target ledger and the plan -> deliver (``deliver.py``), recording each acknowledged chunk
+         -> write the target ledger and the plan -> deliver (``update/deliver.py``), recording each acknowledged chunk
          -> commit the target ledger and the new watermark -> summary
 
 Nothing acknowledged is ever sent again. A chunk that was sent but not acknowledged (its answer was lost: a

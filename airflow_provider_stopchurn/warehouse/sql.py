@@ -13,7 +13,7 @@ with hashes the same warehouse computed (the state table lives beside the source
 
 **Keys** are compared as ``CAST(key AS TEXT)``: the state table keeps each key column as text. Rows are marked
 ``dirty:insert`` / ``dirty:update`` in place of a hash when their chunk's request was sent but never acknowledged:
-the next diff sends their current state again, as the local path does (``settle.py``).
+the next diff sends their current state again, as the local path does (``update/settle.py``).
 """
 
 from __future__ import annotations
