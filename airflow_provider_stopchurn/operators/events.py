@@ -112,7 +112,6 @@ class StopChurnEventOperator(_StopChurnOperator):
     ) -> None:
         super().__init__(**self._with_retry_defaults(kwargs))
         self._set_source(self.task_id, dataframe, sql, sql_conn_id, parameters, sql_hook_params)
-        self._set_run_arguments(brand_id, stopchurn_conn_id, nest_dotted_columns, json_columns, lock_wait_s, lock_ttl_s)
         if (name is None) == (name_column is None):
             raise ValueError(f"{self.task_id}: pass exactly one of `name` or `name_column`.")
         if value_column is not None and value_columns is not None:
@@ -131,6 +130,8 @@ class StopChurnEventOperator(_StopChurnOperator):
                 f"{self.task_id}: `lookback` must be at most {MAX_LOOKBACK.days} days (back from 1970 to the year 1), "
                 f"got {self.lookback!r}."
             )
+        # copied after this operator's own checks: a DAG with several mistakes is told of those first
+        self._set_run_arguments(brand_id, stopchurn_conn_id, nest_dotted_columns, json_columns, lock_wait_s, lock_ttl_s)
         self.state_uri = state_uri
         self.state_conn_id = state_conn_id
         self.stream_id = stream_id

@@ -197,16 +197,17 @@ class StopChurnUpdateOperator(_StopChurnOperator):
     ) -> None:
         super().__init__(**self._with_retry_defaults(kwargs))
         self._set_source(self.task_id, dataframe, sql, sql_conn_id, parameters, sql_hook_params)
-        self._set_run_arguments(brand_id, stopchurn_conn_id, nest_dotted_columns, json_columns, lock_wait_s, lock_ttl_s)
         if initial_load not in ("send", "baseline"):
             raise ValueError(f"{self.task_id}: initial_load must be 'send' or 'baseline', got {initial_load!r}.")
         if not _is_template(diff_location):  # a template is checked once rendered, in execute()
             _check_diff_location(diff_location, sql, self.task_id)
         if not isinstance(state_schema, str) or not state_schema.strip():
             raise ValueError(f"{self.task_id}: state_schema must be a schema name, got {state_schema!r}.")
+        # copied after this operator's own checks: a DAG with several mistakes is told of those first
         self._set_table_arguments(
             table_name, primary_key, snapshot_uri, snapshot_conn_id, created_at_column, updated_at_column
         )
+        self._set_run_arguments(brand_id, stopchurn_conn_id, nest_dotted_columns, json_columns, lock_wait_s, lock_ttl_s)
         self.initial_load = initial_load
         self.chunk_size = chunk_size
         self.max_chunk_bytes = max_chunk_bytes
