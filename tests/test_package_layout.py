@@ -104,7 +104,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         ("events", "export", "warehouse"),
         ("hooks",),
         ("operators",),
-        ("plugins", "cli"),
+        ("plugins", "cli", "pushdown"),
     )
 )
 
@@ -135,3 +135,24 @@ def test_imports_run_one_way_from_the_airflow_side_down_to_the_sources() -> None
         if _part(module) != _part(target) and _rank(_part(target)) >= _rank(_part(module))
     )
     assert not upward, "imports that do not run down the layers of docs/design.md: " + "; ".join(upward)
+
+
+def test_the_warehouse_diffs_former_import_path_still_imports_and_says_where_it_moved() -> None:
+    import importlib
+    import subprocess
+    import sys
+    import warnings
+
+    code = (
+        "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+        "try:\n    import airflow_provider_stopchurn.pushdown\nexcept DeprecationWarning as w:\n    print(w)\n"
+    )
+    warned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "moved to airflow_provider_stopchurn.warehouse" in warned.stdout
+    with warnings.catch_warnings():  # said above; an import in this process warns only the first time
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = importlib.import_module(f"{PACKAGE.name}.pushdown")
+    new = importlib.import_module(f"{PACKAGE.name}.warehouse")
+    assert {name: getattr(old, name) for name in new.__all__} == {name: getattr(new, name) for name in new.__all__}
+    spark = importlib.import_module(f"{PACKAGE.name}.pushdown.spark")
+    assert spark.SparkWarehouse is importlib.import_module(f"{PACKAGE.name}.warehouse.spark").SparkWarehouse

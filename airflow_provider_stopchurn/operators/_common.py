@@ -173,9 +173,10 @@ def _fail(err: StopChurnError) -> AirflowException:
     return AirflowException(str(err))
 
 
-class _StopChurnOperator(_SourceArguments, BaseOperator):
-    """The base of the three operators: their source (:class:`._source._SourceArguments`), its SQL templating,
-    their retry defaults, their colour in Airflow's UI, and the fields every engine's options take from a run."""
+class StopChurnBaseOperator(_SourceArguments, BaseOperator):
+    """The base of the three StopChurn operators, an Airflow ``BaseOperator``: their source
+    (:class:`._source._SourceArguments`), its SQL templating, their retry defaults, their colour in Airflow's UI,
+    and the fields every engine's options take from a run."""
 
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}

@@ -11,7 +11,7 @@ from airflow_provider_stopchurn.events.ledger import Window, event_store
 from airflow_provider_stopchurn.events.options import MAX_LOOKBACK, EventOptions
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
-from airflow_provider_stopchurn.operators._common import _fail, _refusal_recorded, _StopChurnOperator, _storage_root
+from airflow_provider_stopchurn.operators._common import StopChurnBaseOperator, _fail, _refusal_recorded, _storage_root
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard, SnapshotBehindError
 from airflow_provider_stopchurn.options import LOCK_TTL_S
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from airflow_provider_stopchurn.hooks._compat import Context
 
 
-class StopChurnEventOperator(_StopChurnOperator):
+class StopChurnEventOperator(StopChurnBaseOperator):
     """Send the rows of a source as events to StopChurn's ``/client-data/event``, each event key once.
 
     Each row is one event ``{"brandId": .., "userId": "<user id>", "name": .., "value": ..}``. The delivery protocol

@@ -11,10 +11,10 @@ from airflow_provider_stopchurn.export.engine import run_export
 from airflow_provider_stopchurn.export.options import MAX_FILE_BYTES, ExportOptions
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.operators._common import (
+    StopChurnBaseOperator,
     _as_bool,
     _fail,
     _refusal_recorded,
-    _StopChurnOperator,
     _storage_root,
 )
 from airflow_provider_stopchurn.operators.commit_guard import CommitGuard, SnapshotBehindError
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from airflow_provider_stopchurn.hooks._compat import Context
 
 
-class StopChurnHistoricalExportOperator(_StopChurnOperator):
+class StopChurnHistoricalExportOperator(StopChurnBaseOperator):
     """Write a table as StopChurn's historical-upload files and record it as the update operator's baseline.
 
     The files (``part-00001.json``, ...; each one JSON array of ``{"data": <row>, "createdAt": <ms>, "updatedAt":

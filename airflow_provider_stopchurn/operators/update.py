@@ -11,10 +11,10 @@ from airflow_provider_stopchurn.exceptions import StopChurnConfigError, StopChur
 from airflow_provider_stopchurn.hooks.stopchurn import StopChurnHook
 from airflow_provider_stopchurn.operators import lineage
 from airflow_provider_stopchurn.operators._common import (
+    StopChurnBaseOperator,
     _as_bool,
     _fail,
     _refusal_recorded,
-    _StopChurnOperator,
     snapshot_root,
 )
 from airflow_provider_stopchurn.operators._warehouse import (
@@ -54,7 +54,7 @@ SYNC_OPTION_ARGUMENTS = tuple(
 )
 
 
-class StopChurnUpdateOperator(_StopChurnOperator):
+class StopChurnUpdateOperator(StopChurnBaseOperator):
     """Send the changes of a table since the last run to StopChurn's ``/client-data/update``.
 
     Each run reads the source (a pandas or polars DataFrame, an Arrow table or stream, an upstream task's XCom,
