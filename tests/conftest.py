@@ -26,4 +26,5 @@ pytest_plugins = [
     "mysql_plugin",
     "airflow_plugin",
     "spark_session",
+    "engine_fixtures",
 ]

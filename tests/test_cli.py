@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,12 +77,6 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> Where:
         return Where("local", str(root), root)
     uri = f"memory://stopchurn-cli/{uuid.uuid4().hex}"
     return Where("memory", uri, UPath(uri))
-
-
-@pytest.fixture
-def sb(stopchurn_sandbox_factory: Any) -> SandboxServer:
-    sandbox: SandboxServer = stopchurn_sandbox_factory(record=True)
-    return sandbox
 
 
 @dataclass
@@ -464,12 +458,6 @@ def test_settle_after_a_killed_run_with_the_console_script(stopchurn_sandbox_fac
     assert_sandbox_matches(sb, source)
     history = json.loads(_console("history", *table, "--json").stdout)
     assert [r["kind"] for r in history] == ["sync", "settle"]
-
-
-@pytest.fixture
-def revive() -> Iterator[None]:
-    yield
-    DyingMemoryFileSystem.dead = False
 
 
 @pytest.mark.usefixtures("revive")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import urllib.request
 
 import pandas as pd
 from fault_strategies import fault_configs
+from helpers_machines import machine_settings
 from helpers_sync import BRAND, T0, TABLE, Churn, assert_sandbox_matches, expected_rows, make_client, options
-from hypothesis import HealthCheck, event, settings
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 from killswitch_fs import Killed, KillSwitchFileSystem, fresh_root
@@ -35,8 +35,6 @@ from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.sync import run_sync
-
-LONG = os.environ.get("STOPCHURN_SOAK") == "long"
 
 faults = fault_configs()
 #: 0: no kill; n: the process dies just before its n-th write (an export writes about 8 times, an update run more)
@@ -156,10 +154,5 @@ class ExportsAndUpdates(RuleBasedStateMachine):
                 self.sb.stop()
 
 
-ExportsAndUpdates.TestCase.settings = settings(
-    max_examples=400 if LONG else 120,
-    stateful_step_count=16 if LONG else 12,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+ExportsAndUpdates.TestCase.settings = machine_settings(120, 12, long_examples=400, long_steps=16)
 test_export_state_machine = ExportsAndUpdates.TestCase

@@ -10,7 +10,6 @@ import datetime as dt
 import itertools
 import json
 import random
-from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ from typing import Any
 import pendulum
 import pytest
 from airflow.sdk import DAG
-from airflow_plugin import point_stopchurn_default, run_dag, task_states, xcom_return
+from airflow_plugin import run_dag, task_states, xcom_return
+from operator_fixtures import sandbox_fixture
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
 from airflow_provider_stopchurn.sandbox import SandboxServer
@@ -92,9 +92,7 @@ def _write(server: Any, rows: dict[int, dict[str, Any]], *, indent: int | None =
         conn.close()
 
 
-@pytest.fixture
-def sandbox(stopchurn_sandbox: SandboxServer, airflow_conn: Callable[..., None]) -> SandboxServer:
-    return point_stopchurn_default(airflow_conn, stopchurn_sandbox, BRAND)
+sandbox = sandbox_fixture(BRAND)
 
 
 def test_mysql_table_stays_in_step_through_dag_runs(

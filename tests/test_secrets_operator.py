@@ -19,7 +19,8 @@ import pandas as pd
 import pendulum
 import pytest
 from airflow.sdk import DAG
-from airflow_plugin import run_dag, xcom_return
+from airflow_plugin import point_stopchurn_default, run_dag, xcom_return
+from operator_fixtures import sandbox_fixture
 
 from airflow_provider_stopchurn.hooks.assets import stopchurn_asset
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
@@ -54,19 +55,7 @@ def _files_text(root: Path) -> str:
     return "".join(p.read_bytes().decode("utf-8", "replace") for p in root.rglob("*") if p.is_file())
 
 
-@pytest.fixture
-def sandbox(
-    stopchurn_sandbox_factory: Callable[..., SandboxServer], airflow_conn: Callable[..., None]
-) -> SandboxServer:
-    sb = stopchurn_sandbox_factory(token=KEY)
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=sb.url,
-        password=KEY,
-        extra={"brand_id": 3, "max_retries": 1, "timeout": 5},
-    )
-    return sb
+sandbox = sandbox_fixture(3, token=KEY, max_retries=1, timeout=5)
 
 
 @pytest.mark.parametrize("path", ["success", "rejected", "outage", "wrong_key"])
@@ -86,9 +75,7 @@ def test_key_never_appears_in_logs_xcom_or_files(
         sandbox.set_faults(FaultConfig(seed=1, error_rate=1.0))
     elif path == "wrong_key":
         # the connection now holds a different recognisable key, which the sandbox refuses
-        airflow_conn(
-            "stopchurn_default", conn_type="stopchurn", host=sandbox.url, password=KEY + "-old", extra={"brand_id": 3}
-        )
+        point_stopchurn_default(airflow_conn, sandbox, 3, password=KEY + "-old")
     caplog.set_level(logging.DEBUG)
     dag = _dag(root, frame)
     dagrun = run_dag(dag)

@@ -22,6 +22,7 @@ import pendulum
 import pytest
 from airflow.sdk import DAG
 from airflow_plugin import run_dag, xcom_return
+from operator_fixtures import sandbox_fixture
 from pg_server import _free_port
 
 from airflow_provider_stopchurn.exceptions import SourceConnectionError
@@ -41,13 +42,7 @@ def _leaks(text: str) -> list[str]:
     return [needle for needle in NEEDLES if needle in text]
 
 
-@pytest.fixture
-def sandbox(stopchurn_sandbox: SandboxServer, airflow_conn: Callable[..., None]) -> SandboxServer:
-    airflow_conn(
-        "stopchurn_default", conn_type="stopchurn", host=stopchurn_sandbox.url, password=stopchurn_sandbox.token,
-        extra={"brand_id": 5, "max_retries": 0},
-    )  # fmt: skip
-    return stopchurn_sandbox
+sandbox = sandbox_fixture(5, max_retries=0)
 
 
 def _set_pg(airflow_conn: Callable[..., None], db: Any, path: str) -> None:

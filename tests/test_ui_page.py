@@ -27,10 +27,8 @@ runs there).
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 import os
-import random
 import signal
 import subprocess
 import urllib.error
@@ -46,6 +44,8 @@ import pendulum
 import pytest
 from airflow.sdk import DAG
 from airflow_plugin import run_dag, task_states, xcom_return
+from fault_strategies import seed_failing_third_request
+from helpers_events import hourly_deposits
 from helpers_sync import BRAND, TABLE, deterministic_table
 from ui_auth_manager import RESTRICTED_USER
 from ui_plugin import ARTIFACTS, TESTS, ApiServer, check_browser, chromium, start_api_server
@@ -212,26 +212,9 @@ def record_failure(store: SnapshotStore, dagrun: Any, task_id: str, error: str, 
     )
 
 
-def seed_failing_third_request(error_rate: float) -> int:
-    """A sandbox fault seed under which requests 1-2 succeed and requests 3-4 get a 500 (one draw each)."""
-    for seed in itertools.count():
-        rng = random.Random(seed)
-        if [rng.random() < error_rate for _ in range(4)] == [False, False, True, True]:
-            return seed
-    raise AssertionError("unreachable")
-
-
 def deposits(first: int, last: int) -> pd.DataFrame:
     """Deposits ``first..last``, deposit i made at START + i hours."""
-    ids = list(range(first, last + 1))
-    return pd.DataFrame(
-        {
-            "deposit_id": ids,
-            "user_id": [f"u{i % 4}" for i in ids],
-            "amount": [i * 100 for i in ids],
-            "created_at": [START + dt.timedelta(hours=i) for i in ids],
-        }
-    )
+    return hourly_deposits(first, last, START)
 
 
 def more_syncs(result: Syncs, sandbox: SandboxServer, snapshots: Path, mp: pytest.MonkeyPatch) -> None:
