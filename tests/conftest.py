@@ -27,4 +27,5 @@ pytest_plugins = [
     "airflow_plugin",
     "spark_session",
     "engine_fixtures",
+    "leak_scan",
 ]

@@ -1,13 +1,18 @@
-"""What the hypothesis state machines share: their settings, and the sandbox and store each example starts from."""
+"""What the hypothesis state machines share: their settings, the sandbox and store each example starts from, and
+a source that churns from a seed."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
-from helpers_sync import BRAND, TABLE
+import pandas as pd
+from helpers_sync import BRAND, TABLE, Churn
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize
 
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
@@ -40,3 +45,18 @@ def sandbox_and_store() -> tuple[SandboxServer, tempfile.TemporaryDirectory[str]
     sb = SandboxServer(token=SANDBOX_TEST_TOKEN, record=False).start()
     tmp = tempfile.TemporaryDirectory()
     return sb, tmp, SnapshotStore(Path(tmp.name), BRAND, TABLE)
+
+
+class ChurningSourceMachine(RuleBasedStateMachine):
+    """A state machine whose source starts as :attr:`source_rows` rows of a :class:`Churn` seeded by hypothesis;
+    its rules change the source with ``self.churn.step(...)``."""
+
+    #: How many rows the first source holds.
+    source_rows: ClassVar[int] = 30
+    churn: Churn
+    source: pd.DataFrame
+
+    @initialize(seed=st.integers(0, 10_000))
+    def start(self, seed: int) -> None:
+        self.churn = Churn(seed, self.source_rows)
+        self.source = self.churn.frame.copy()

@@ -66,15 +66,37 @@ class WriteGuardedFileSystem(MemoryFileSystem):
         super().rm(path, recursive=recursive, maxdepth=maxdepth)
 
 
-class KillSwitchFileSystem(WriteGuardedFileSystem):
+class CountingKillFileSystem(WriteGuardedFileSystem):
+    """A memory filesystem of its own that counts writes and dies before the one :meth:`_dies_before` names; once
+    dead, it refuses every write and delete."""
+
+    writes = 0
+    dead = False
+
+    def _dies_before(self, path: str, count: int) -> bool:
+        """Whether the process dies before write number ``count`` (to ``path``) since arming."""
+        return False
+
+    def _before_delete(self) -> None:
+        if type(self).dead:
+            raise Killed
+
+    def _before_write(self, path: str) -> None:
+        self._before_delete()
+        cls = type(self)
+        cls.writes += 1
+        if self._dies_before(path, cls.writes):
+            cls.dead = True
+            raise Killed
+
+
+class KillSwitchFileSystem(CountingKillFileSystem):
     """A memory filesystem of its own with a kill switch (see the module docstring)."""
 
     protocol = ("killswitch",)
     store: ClassVar[dict[str, Any]] = {}
     pseudo_dirs: ClassVar[list[str]] = [""]
-    writes = 0
     trigger: Trigger | None = None
-    dead = False
 
     @classmethod
     def arm(cls, trigger: Trigger | None) -> None:
@@ -86,34 +108,24 @@ class KillSwitchFileSystem(WriteGuardedFileSystem):
         """Die before the ``n``-th write from now (1-based; 0: never)."""
         cls.arm((lambda _path, count: count == n) if n > 0 else None)
 
-    def _before_delete(self) -> None:
-        if type(self).dead:
-            raise Killed
-
-    def _before_write(self, path: str) -> None:
-        self._before_delete()
-        cls = type(self)
-        cls.writes += 1
-        if cls.trigger is not None and cls.trigger(path, cls.writes):
-            cls.dead = True
-            raise Killed
+    def _dies_before(self, path: str, count: int) -> bool:
+        trigger = type(self).trigger
+        return trigger is not None and trigger(path, count)
 
     def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
         self._before_delete()
         super().mkdir(path, create_parents=create_parents, **kwargs)
 
 
-class KillableMemoryFileSystem(WriteGuardedFileSystem):
+class KillableMemoryFileSystem(CountingKillFileSystem):
     """A memory filesystem of its own, dying at the N-th write (0: never), just before it or just after it
-    completes, counting writes meanwhile."""
+    completes."""
 
     protocol = ("killmem",)
     store: ClassVar[dict[str, Any]] = {}
     pseudo_dirs: ClassVar[list[str]] = [""]
-    writes = 0
     crash_at = 0
     when = "before"
-    dead = False
     generation = 0
 
     @classmethod
@@ -121,17 +133,8 @@ class KillableMemoryFileSystem(WriteGuardedFileSystem):
         cls.writes, cls.crash_at, cls.when, cls.dead = 0, crash_at, when, False
         cls.generation += 1
 
-    def _before_delete(self) -> None:
-        if type(self).dead:
-            raise Killed
-
-    def _before_write(self, path: str) -> None:
-        self._before_delete()
-        cls = type(self)
-        cls.writes += 1
-        if cls.writes == cls.crash_at and cls.when == "before":
-            cls.dead = True
-            raise Killed
+    def _dies_before(self, path: str, count: int) -> bool:
+        return count == self.crash_at and self.when == "before"
 
     def _opened(self, handle: Any) -> Any:
         cls = type(self)

@@ -23,6 +23,7 @@ import pytest
 from airflow.sdk import DAG
 from airflow_plugin import point_stopchurn_default, run_dag, task_states, xcom_return
 from helpers_events import deposit_options, hourly_deposits
+from leak_scan import Captured, files_text
 from operator_fixtures import brand_fixture, sandbox_fixture
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnEventOperator
@@ -200,13 +201,7 @@ def test_dry_run_sends_and_writes_nothing(sandbox: SandboxServer, brand: int, tm
 
 @pytest.mark.parametrize("path", ["success", "outage", "wrong_key"])
 def test_key_never_appears_in_logs_xcom_or_files(
-    path: str,
-    sandbox: SandboxServer,
-    brand: int,
-    airflow_conn: Callable[..., None],
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    capfd: pytest.CaptureFixture[str],
+    path: str, sandbox: SandboxServer, airflow_conn: Callable[..., None], tmp_path: Path, captured: Captured
 ) -> None:
     root = tmp_path / "state"
     if path == "outage":
@@ -215,12 +210,12 @@ def test_key_never_appears_in_logs_xcom_or_files(
             sandbox.queue_response(500, {"statusCode": 500, "message": "down"})
     elif path == "wrong_key":
         point_stopchurn_default(airflow_conn, sandbox, 1, password=KEY + "-old")
-    caplog.set_level(logging.DEBUG)
+    captured.start()
     dagrun = run_dag(events_dag("secrets", dataframe=deposits(0, 30), state_uri=str(root), chunk_size=10))
     assert str(dagrun.state) == ("success" if path == "success" else "failed")
-    printed = capfd.readouterr()
-    records = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records)
-    files = "".join(p.read_bytes().decode("utf-8", "replace") for p in root.rglob("*") if p.is_file())
+    printed = captured.printed()
+    records = captured.records()
+    files = files_text(root)
     assert records
     for where, text in {
         "log records": records,

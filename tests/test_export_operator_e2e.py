@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import random
 import sqlite3
 import urllib.request
@@ -21,6 +20,7 @@ import pendulum
 import pytest
 from airflow.sdk import DAG
 from airflow_plugin import point_stopchurn_default, run_dag, task_states, xcom_return
+from leak_scan import Captured, files_text
 from operator_fixtures import brand_fixture, memory_fs_fixture, sandbox_fixture
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnHistoricalExportOperator
@@ -199,8 +199,7 @@ def test_the_key_never_appears_in_the_exports_logs_xcom_or_files(
     stopchurn_sandbox_factory: Callable[..., SandboxServer],
     airflow_conn: Callable[..., None],
     tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    capfd: pytest.CaptureFixture[str],
+    captured: Captured,
 ) -> None:
     """A successful export over an existing snapshot (replace) and a refused one: every logger at DEBUG."""
     sb = stopchurn_sandbox_factory(token=KEY)
@@ -215,13 +214,13 @@ def test_the_key_never_appears_in_the_exports_logs_xcom_or_files(
             snapshot_uri=str(tmp_path / "snapshots"),
             replace_snapshot="{{ params.replace }}",
         )
-    caplog.set_level(logging.DEBUG)
+    captured.start()
     run_ok(dag, 0, "export")
     second = run_dag(dag, logical_date=START.add(days=1))
     assert str(second.state) == ("success" if replace else "failed")
-    printed = capfd.readouterr()
-    records = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records)
-    files = "".join(p.read_bytes().decode("utf-8", "replace") for p in tmp_path.rglob("*") if p.is_file())
+    printed = captured.printed()
+    records = captured.records()
+    files = files_text(tmp_path)
     outputs = json.dumps(xcom_return(second, "export"), default=str) if replace else ""
     assert records and files  # the scan is not vacuous
     for where, text in {

@@ -18,11 +18,11 @@ import urllib.request
 
 import pandas as pd
 from fault_strategies import fault_configs
-from helpers_machines import machine_settings
+from helpers_machines import ChurningSourceMachine, machine_settings
 from helpers_sync import BRAND, T0, TABLE, Churn, assert_sandbox_matches, expected_rows, make_client, options
 from hypothesis import event
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
+from hypothesis.stateful import rule
 from killswitch_fs import Killed, KillSwitchFileSystem, fresh_root
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
@@ -41,7 +41,9 @@ faults = fault_configs()
 kills = st.one_of(st.just(0), st.integers(1, 14))
 
 
-class ExportsAndUpdates(RuleBasedStateMachine):
+class ExportsAndUpdates(ChurningSourceMachine):
+    source_rows = 20
+
     def __init__(self) -> None:
         super().__init__()
         self.sb = SandboxServer(token=SANDBOX_TEST_TOKEN, record=False).start()
@@ -55,11 +57,6 @@ class ExportsAndUpdates(RuleBasedStateMachine):
         """The dead process's store as it left it; its lock broken, as for a process that is gone."""
         KillSwitchFileSystem.arm(None)
         self.store.break_lock()
-
-    @initialize(seed=st.integers(0, 10_000))
-    def start(self, seed: int) -> None:
-        self.churn = Churn(seed, 20)
-        self.source = self.churn.frame.copy()
 
     @rule(deletes=st.floats(0, 0.4), updates=st.floats(0, 0.5), inserts=st.floats(0, 0.3))
     def churn_source(self, deletes: float, updates: float, inserts: float) -> None:

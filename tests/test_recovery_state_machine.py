@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fault_strategies import fault_configs
-from helpers_machines import LONG, machine_settings, sandbox_and_store
+from helpers_machines import LONG, ChurningSourceMachine, machine_settings, sandbox_and_store
 from helpers_sync import (
     T0,
     Churn,
@@ -32,7 +32,7 @@ from helpers_sync import (
     sandbox_rows,
 )
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from hypothesis.stateful import precondition, rule
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.sandbox import FaultConfig
@@ -77,7 +77,7 @@ class LeaseTaken:
             self.held.release()
 
 
-class Recovery(RuleBasedStateMachine):
+class Recovery(ChurningSourceMachine):
     def __init__(self) -> None:
         super().__init__()
         self.sb, self.tmp, self.store = sandbox_and_store()
@@ -98,11 +98,6 @@ class Recovery(RuleBasedStateMachine):
             options(**{**self.opts, **extra}, allow_large_changes=True),
             run_ms=T0 + 1000 * self.tick + self.clock,
         )
-
-    @initialize(seed=st.integers(0, 10_000))
-    def start(self, seed: int) -> None:
-        self.churn = Churn(seed, 30)
-        self.source = self.churn.frame.copy()
 
     @rule(deletes=st.floats(0, 0.3), updates=st.floats(0, 0.5), inserts=st.floats(0, 0.3))
     def churn_source(self, deletes: float, updates: float, inserts: float) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +19,8 @@ import pendulum
 import pytest
 from airflow.sdk import DAG
 from airflow_plugin import point_stopchurn_default, run_dag, xcom_return
+from leak_scan import Captured
+from leak_scan import files_text as _files_text
 from operator_fixtures import sandbox_fixture
 
 from airflow_provider_stopchurn.hooks.assets import stopchurn_asset
@@ -51,21 +52,12 @@ def _dag(snapshot_root: Path, frame: pd.DataFrame) -> DAG:
     return dag
 
 
-def _files_text(root: Path) -> str:
-    return "".join(p.read_bytes().decode("utf-8", "replace") for p in root.rglob("*") if p.is_file())
-
-
 sandbox = sandbox_fixture(3, token=KEY, max_retries=1, timeout=5)
 
 
 @pytest.mark.parametrize("path", ["success", "rejected", "outage", "wrong_key"])
 def test_key_never_appears_in_logs_xcom_or_files(
-    path: str,
-    sandbox: SandboxServer,
-    airflow_conn: Callable[..., None],
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    capfd: pytest.CaptureFixture[str],
+    path: str, sandbox: SandboxServer, airflow_conn: Callable[..., None], tmp_path: Path, captured: Captured
 ) -> None:
     root = tmp_path / "snapshots"
     frame = _frame(40)
@@ -76,7 +68,7 @@ def test_key_never_appears_in_logs_xcom_or_files(
     elif path == "wrong_key":
         # the connection now holds a different recognisable key, which the sandbox refuses
         point_stopchurn_default(airflow_conn, sandbox, 3, password=KEY + "-old")
-    caplog.set_level(logging.DEBUG)
+    captured.start()
     dag = _dag(root, frame)
     dagrun = run_dag(dag)
 
@@ -91,8 +83,8 @@ def test_key_never_appears_in_logs_xcom_or_files(
     extras = _asset_event_extras(dagrun)
     assert ('"inserted": 40' in extras) == (path == "success")  # the success run's event carries its counts
     lineage = _lineage_after_a_direct_run(dag.task_dict["sync"])
-    printed = capfd.readouterr()
-    records = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records)
+    printed = captured.printed()
+    records = captured.records()
     summary = json.dumps(xcom_return(dagrun, "sync"), default=str)
     assert records  # something was logged at all, so the scan is not vacuous
     for where, text in {

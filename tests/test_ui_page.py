@@ -114,16 +114,17 @@ class Syncs:
 
 
 def sync_dag(dag_id: str, task_id: str, table: str, source: Any, snapshots: Path, **kwargs: Any) -> DAG:
+    """A one-task DAG syncing ``table`` of brand :data:`BRAND` through ``CONN_ID`` without retries; ``kwargs``
+    add operator arguments or replace those."""
+    arguments = {"stopchurn_conn_id": CONN_ID, "retries": 0, **kwargs}
     with DAG(dag_id, schedule=None, start_date=START, catchup=False) as dag:
         StopChurnUpdateOperator(
             task_id=task_id,
             table_name=table,
             brand_id=BRAND,
             dataframe=source,
-            stopchurn_conn_id=CONN_ID,
             snapshot_uri=str(snapshots),
-            retries=0,
-            **kwargs,
+            **arguments,
         )
     return dag
 
@@ -251,19 +252,18 @@ def more_syncs(result: Syncs, sandbox: SandboxServer, snapshots: Path, mp: pytes
             sandbox.set_faults(FaultConfig())  # the outage is over
         return users(range(1, 51))
 
-    with DAG(RESUMED_DAG, schedule=None, start_date=START, catchup=False) as resumed:
-        StopChurnUpdateOperator(
-            task_id=RESUMED_TASK,
-            table_name=RESUMED_TABLE,
-            brand_id=BRAND,
-            dataframe=invoices,
-            stopchurn_conn_id=RETRY_CONN_ID,
-            snapshot_uri=str(snapshots),
-            chunk_size=10,
-            max_concurrent_requests=1,
-            retries=1,
-            retry_delay=dt.timedelta(0),
-        )
+    resumed = sync_dag(
+        RESUMED_DAG,
+        RESUMED_TASK,
+        RESUMED_TABLE,
+        invoices,
+        snapshots,
+        stopchurn_conn_id=RETRY_CONN_ID,
+        chunk_size=10,
+        max_concurrent_requests=1,
+        retries=1,
+        retry_delay=dt.timedelta(0),
+    )
     sandbox.set_faults(FaultConfig(seed=seed_failing_third_request(0.5), error_rate=0.5))
     try:
         run(result, resumed, RESUMED_TASK, 0)
