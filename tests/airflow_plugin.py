@@ -87,15 +87,23 @@ def airflow_conn(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     return setter
 
 
-def point_stopchurn_default(airflow_conn: Callable[..., None], sandbox: Any, brand_id: int) -> Any:
+def point_stopchurn_default(
+    airflow_conn: Callable[..., None], sandbox: Any, brand_id: int, *, password: str | None = None, **extra: Any
+) -> Any:
     """Point ``stopchurn_default`` at ``sandbox``, ``brand_id`` in the extras; returns the sandbox.
 
     :param airflow_conn: the test's ``airflow_conn`` fixture.
     :param sandbox: the sandbox server.
     :param brand_id: the brand the connection names.
+    :param password: the API key the connection holds (None: the sandbox's own, which it accepts).
+    :param extra: more extras of the connection (``max_retries``, ``timeout``, ...).
     """
-    fields = {"conn_type": "stopchurn", "host": sandbox.url, "password": sandbox.token}
-    airflow_conn("stopchurn_default", **fields, extra={"brand_id": brand_id})
+    fields = {
+        "conn_type": "stopchurn",
+        "host": sandbox.url,
+        "password": sandbox.token if password is None else password,
+    }
+    airflow_conn("stopchurn_default", **fields, extra={"brand_id": brand_id, **extra})
     return sandbox
 
 

@@ -26,4 +26,6 @@ pytest_plugins = [
     "mysql_plugin",
     "airflow_plugin",
     "spark_session",
+    "engine_fixtures",
+    "leak_scan",
 ]

@@ -7,41 +7,24 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import fsspec
-from fsspec.implementations.memory import MemoryFileSystem
+from killswitch_fs import Killed, WriteGuardedFileSystem
 from upath.implementations.memory import MemoryPath
 from upath.registry import register_implementation
 
 
-class Killed(BaseException):
-    """The process died (nothing in the engine catches a BaseException)."""
-
-
-class DyingMemoryFileSystem(MemoryFileSystem):
+class DyingMemoryFileSystem(WriteGuardedFileSystem):
     """fsspec's memory filesystem (the same files as ``memory://``) that refuses every write once ``dead``."""
 
     protocol = ("dyingmem",)
+    same_files_as_memory = True
     dead: ClassVar[bool] = False
 
-    @classmethod
-    def _strip_protocol(cls, path: Any) -> Any:
-        if isinstance(path, str) and path.startswith("dyingmem://"):
-            path = "memory://" + path.removeprefix("dyingmem://")
-        return super()._strip_protocol(path)
-
-    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        if "r" not in mode and type(self).dead:
-            raise Killed
-        return super()._open(path, mode, **kwargs)
-
-    def rm_file(self, path: str) -> None:
+    def _before_delete(self) -> None:
         if type(self).dead:
             raise Killed
-        super().rm_file(path)
 
-    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
-        if type(self).dead:
-            raise Killed
-        super().rm(path, recursive=recursive, maxdepth=maxdepth)
+    def _before_write(self, path: str) -> None:
+        self._before_delete()
 
 
 fsspec.register_implementation("dyingmem", DyingMemoryFileSystem, clobber=True)

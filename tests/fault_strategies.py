@@ -1,7 +1,11 @@
-"""The sandbox faults the state machines draw from: none, 5xx answers, dropped connections (before and after
-StopChurn applied the request), HTML pages answered with 200, and a body limit that makes StopChurn answer 413."""
+"""The sandbox faults the tests set: those the state machines draw from (none, 5xx answers, dropped connections
+before and after StopChurn applied the request, HTML pages answered with 200, and a body limit that makes StopChurn
+answer 413), and a fault seed that fails a chosen request."""
 
 from __future__ import annotations
+
+import itertools
+import random
 
 from hypothesis import strategies as st
 
@@ -26,3 +30,15 @@ def fault_configs(*, html_ok: bool = True, body_limits: tuple[int, ...] = ()) ->
     if body_limits:
         choices.append(st.builds(FaultConfig, max_body_bytes=st.sampled_from(list(body_limits))))
     return st.one_of(*choices)
+
+
+def seed_failing_third_request(error_rate: float) -> int:
+    """A sandbox fault seed under which requests 1-2 succeed and requests 3-4 get a 500 (one draw each).
+
+    :param error_rate: the ``error_rate`` the sandbox's :class:`FaultConfig` gets with this seed.
+    """
+    for seed in itertools.count():
+        rng = random.Random(seed)
+        if [rng.random() < error_rate for _ in range(4)] == [False, False, True, True]:
+            return seed
+    raise AssertionError("unreachable")

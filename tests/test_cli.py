@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,12 +77,6 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> Where:
         return Where("local", str(root), root)
     uri = f"memory://stopchurn-cli/{uuid.uuid4().hex}"
     return Where("memory", uri, UPath(uri))
-
-
-@pytest.fixture
-def sb(stopchurn_sandbox_factory: Any) -> SandboxServer:
-    sandbox: SandboxServer = stopchurn_sandbox_factory(record=True)
-    return sandbox
 
 
 @dataclass
@@ -466,12 +460,6 @@ def test_settle_after_a_killed_run_with_the_console_script(stopchurn_sandbox_fac
     assert [r["kind"] for r in history] == ["sync", "settle"]
 
 
-@pytest.fixture
-def revive() -> Iterator[None]:
-    yield
-    DyingMemoryFileSystem.dead = False
-
-
 @pytest.mark.usefixtures("revive")
 def test_settle_after_a_dead_run_on_an_object_store(sb: SandboxServer, capsys: pytest.CaptureFixture[str]) -> None:
     name = f"stopchurn-cli/{uuid.uuid4().hex}"
@@ -551,17 +539,27 @@ def test_rebaseline_from_parquet(
     assert [r["kind"] for r in store.read_history()] == ["sync", "rebaseline", "sync", "rebaseline"]
 
 
+def app_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ddl: str, insert: str, rows: list[tuple[Any, ...]]) -> Path:
+    """An application's SQLite database holding one table (``ddl``, filled by ``insert`` with ``rows``), which
+    Airflow connection ``cli_app_db`` names for the test; returns the database's file."""
+    db = tmp_path / "app.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(ddl)
+        conn.executemany(insert, rows)
+    monkeypatch.setenv("AIRFLOW_CONN_CLI_APP_DB", json.dumps({"conn_type": "sqlite", "host": str(db)}))
+    return db
+
+
 def test_rebaseline_from_sql_on_sqlite(
     sb: SandboxServer, where: Where, stopchurn: Callable[..., Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    db = tmp_path / "app.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE accounts (account_id INTEGER, region TEXT, plan TEXT, seats INTEGER)")
-        conn.executemany(
-            "INSERT INTO accounts VALUES (?, ?, ?, ?)",
-            [(n % 50, ("eu", "us")[n // 50], f"plan-{n % 3}", None if n % 7 == 0 else n) for n in range(100)],
-        )
-    monkeypatch.setenv("AIRFLOW_CONN_CLI_APP_DB", json.dumps({"conn_type": "sqlite", "host": str(db)}))
+    app_db(
+        tmp_path,
+        monkeypatch,
+        "CREATE TABLE accounts (account_id INTEGER, region TEXT, plan TEXT, seats INTEGER)",
+        "INSERT INTO accounts VALUES (?, ?, ?, ?)",
+        [(n % 50, ("eu", "us")[n // 50], f"plan-{n % 3}", None if n % 7 == 0 else n) for n in range(100)],
+    )
     sql = "SELECT account_id, region, plan, seats FROM accounts"
     keys = ["--key", "region", "--key", "account_id"]
     result = stopchurn("rebaseline", "--sql", sql, "--sql-conn-id", "cli_app_db", *keys, "--yes", "--json").json()
@@ -585,11 +583,14 @@ def test_rebaseline_parses_json_columns_as_the_operator(
     sb: SandboxServer, where: Where, stopchurn: Callable[..., Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A rebaseline with --json-column records what a sync with json_columns reads: the next run sends nothing."""
-    db = tmp_path / "app.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE accounts (id INTEGER, profile TEXT)")
-        conn.executemany("INSERT INTO accounts VALUES (?, ?)", [(1, '{"b": 1, "a": [2]}'), (2, None), (3, "[]")])
-    monkeypatch.setenv("AIRFLOW_CONN_CLI_APP_DB", json.dumps({"conn_type": "sqlite", "host": str(db)}))
+    rows = [(1, '{"b": 1, "a": [2]}'), (2, None), (3, "[]")]
+    db = app_db(
+        tmp_path,
+        monkeypatch,
+        "CREATE TABLE accounts (id INTEGER, profile TEXT)",
+        "INSERT INTO accounts VALUES (?, ?)",
+        rows,
+    )
     sql = "SELECT id, profile FROM accounts"
     args = ["rebaseline", "--sql", sql, "--sql-conn-id", "cli_app_db", "--json-column", "profile", "--yes", "--json"]
     assert stopchurn(*args).json()["rows"] == 3

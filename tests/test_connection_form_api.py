@@ -58,6 +58,12 @@ class Api:
         assert shown["password"] == "***"  # what the UI holds is the masked value
         return shown
 
+    def save_with_extra(self, connection_id: str, sandbox: SandboxServer, extra: dict[str, str]) -> dict[str, Any]:
+        """Save a connection to ``sandbox`` (port 443, its API key) with ``extra`` as typed in the form."""
+        return self.save(
+            connection_id=connection_id, host=sandbox.url, port=443, password=sandbox.token, extra=json.dumps(extra)
+        )
+
     def test_like_the_ui(self, shown: dict[str, Any]) -> requests.Response:
         """The Test button of the connections list in Airflow 3.3.2 (its ``TestConnectionButton``)."""
         extra = shown["extra"]
@@ -160,13 +166,7 @@ def test_wrong_key_is_reported_without_a_connection_id(api: Api, stopchurn_sandb
 def test_invalid_extras_are_named(
     api: Api, stopchurn_sandbox: SandboxServer, extra: dict[str, str], field: str
 ) -> None:
-    shown = api.save(
-        connection_id="sc_form_extra",
-        host=stopchurn_sandbox.url,
-        port=443,
-        password=stopchurn_sandbox.token,
-        extra=json.dumps(extra),
-    )
+    shown = api.save_with_extra("sc_form_extra", stopchurn_sandbox, extra)
     assert json.loads(shown["extra"]) == extra  # stored as typed, neither null nor clamped
     result = api.test_like_the_ui(shown).json()
     assert result["status"] is False
@@ -195,13 +195,7 @@ def test_unsaved_form_names_no_temporary_id(api: Api, stopchurn_sandbox: Sandbox
 def test_every_bad_extra_is_reported_by_one_test(api: Api, stopchurn_sandbox: SandboxServer) -> None:
     """Saved as typed (the form cannot check numbers), then one Test names every field to fix."""
     extra = {"brand_id": "abc", "timeout": "0", "max_retries": "-1"}
-    shown = api.save(
-        connection_id="sc_form_allbad",
-        host=stopchurn_sandbox.url,
-        port=443,
-        password=stopchurn_sandbox.token,
-        extra=json.dumps(extra),
-    )
+    shown = api.save_with_extra("sc_form_allbad", stopchurn_sandbox, extra)
     result = api.test_like_the_ui(shown).json()
     assert result["status"] is False
     first, *details = result["message"].splitlines()

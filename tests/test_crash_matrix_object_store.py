@@ -11,86 +11,21 @@ tests/test_lock.py); here it is broken by hand, then a clean run must make the s
 from __future__ import annotations
 
 import uuid
-import warnings
-from typing import Any, ClassVar
+from typing import Any
 
-import fsspec
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
+from killswitch_fs import KillableMemoryFileSystem, Killed, quiet_upath
 from recovery_scenarios import SCENARIOS, first_table, moved_on
-from upath import UPath
 
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.sync import run_sync
 
 
-class Killed(BaseException):
-    """The process died."""
-
-
-class KillableMemoryFileSystem(MemoryFileSystem):
-    """fsspec's memory filesystem, dying at the N-th write (0: never), counting writes meanwhile."""
-
-    protocol = ("killmem",)
-    store: ClassVar[dict[str, Any]] = {}
-    pseudo_dirs: ClassVar[list[str]] = [""]
-    writes = 0
-    crash_at = 0
-    when = "before"
-    dead = False
-    generation = 0
-
-    @classmethod
-    def arm(cls, crash_at: int, when: str) -> None:
-        cls.writes, cls.crash_at, cls.when, cls.dead = 0, crash_at, when, False
-        cls.generation += 1
-
-    def _check(self) -> None:
-        if type(self).dead:
-            raise Killed
-
-    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        if "r" in mode:
-            return super()._open(path, mode, **kwargs)
-        self._check()
-        cls = type(self)
-        cls.writes += 1
-        if cls.writes == cls.crash_at and cls.when == "before":
-            cls.dead = True
-            raise Killed
-        handle = super()._open(path, mode, **kwargs)
-        if cls.writes == cls.crash_at and cls.when == "after":
-            close = handle.close
-            armed = cls.generation
-
-            def close_then_die() -> None:
-                close()
-                if cls.generation == armed and not cls.dead:  # once, in this run only
-                    cls.dead = True
-                    raise Killed
-
-            handle.close = close_then_die
-        return handle
-
-    def rm_file(self, path: str) -> None:
-        self._check()
-        super().rm_file(path)
-
-    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
-        self._check()
-        super().rm(path, recursive=recursive, maxdepth=maxdepth)
-
-
-fsspec.register_implementation("killmem", KillableMemoryFileSystem, clobber=True)
-
-
 def _fresh(sb: Any, scenario: str) -> SnapshotStore:
     KillableMemoryFileSystem.arm(0, "never")
     sb.reset()
-    with warnings.catch_warnings():  # UPath warns once that it has no class of its own for this protocol
-        warnings.simplefilter("ignore", UserWarning)
-        root = UPath(f"killmem://stopchurn/{uuid.uuid4().hex}")
+    root = quiet_upath(f"killmem://stopchurn/{uuid.uuid4().hex}")
     store = SnapshotStore(root, BRAND, TABLE)
     run_sync(first_table(), store, make_client(sb), options(chunk_size=8), run_ms=T0)
     sb.reject_ids(SCENARIOS[scenario].rejected)

@@ -21,8 +21,10 @@ import pandas as pd
 import pendulum
 import pytest
 from airflow.sdk import DAG
-from airflow_plugin import run_dag, task_states, xcom_return
-from helpers_events import deposit_options
+from airflow_plugin import point_stopchurn_default, run_dag, task_states, xcom_return
+from helpers_events import deposit_options, hourly_deposits
+from leak_scan import Captured, files_text
+from operator_fixtures import brand_fixture, sandbox_fixture
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnEventOperator
 from airflow_provider_stopchurn.sandbox import SandboxServer
@@ -32,40 +34,13 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 START = pendulum.datetime(2025, 1, 1, tz="UTC")
 KEY = "sk-EVENTS-LEAKCHECK-0a9b8c7d"
 _ids = itertools.count(1)
-_brands = itertools.count(300)
-
-
-@pytest.fixture
-def brand() -> int:
-    return next(_brands)
-
-
-@pytest.fixture
-def sandbox(
-    stopchurn_sandbox_factory: Callable[..., SandboxServer], airflow_conn: Callable[..., None], brand: int
-) -> SandboxServer:
-    sb = stopchurn_sandbox_factory(token=KEY)
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=sb.url,
-        password=KEY,
-        extra={"brand_id": brand, "max_retries": 0, "timeout": 5},
-    )
-    return sb
+brand = brand_fixture(300)
+sandbox = sandbox_fixture(token=KEY, max_retries=0, timeout=5)
 
 
 def deposits(first: int, last: int) -> pd.DataFrame:
     """Deposits ``first..last`` (inclusive), deposit i made at START + i hours."""
-    ids = list(range(first, last + 1))
-    return pd.DataFrame(
-        {
-            "deposit_id": ids,
-            "user_id": [f"u{i % 4}" for i in ids],
-            "amount": [i * 100 for i in ids],
-            "created_at": [START + dt.timedelta(hours=i) for i in ids],
-        }
-    )
+    return hourly_deposits(first, last, START)
 
 
 def events_of(brand: int, frame: pd.DataFrame) -> Counter[str]:
@@ -226,13 +201,7 @@ def test_dry_run_sends_and_writes_nothing(sandbox: SandboxServer, brand: int, tm
 
 @pytest.mark.parametrize("path", ["success", "outage", "wrong_key"])
 def test_key_never_appears_in_logs_xcom_or_files(
-    path: str,
-    sandbox: SandboxServer,
-    brand: int,
-    airflow_conn: Callable[..., None],
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    capfd: pytest.CaptureFixture[str],
+    path: str, sandbox: SandboxServer, airflow_conn: Callable[..., None], tmp_path: Path, captured: Captured
 ) -> None:
     root = tmp_path / "state"
     if path == "outage":
@@ -240,15 +209,13 @@ def test_key_never_appears_in_logs_xcom_or_files(
         for _ in range(5):
             sandbox.queue_response(500, {"statusCode": 500, "message": "down"})
     elif path == "wrong_key":
-        airflow_conn(
-            "stopchurn_default", conn_type="stopchurn", host=sandbox.url, password=KEY + "-old", extra={"brand_id": 1}
-        )
-    caplog.set_level(logging.DEBUG)
+        point_stopchurn_default(airflow_conn, sandbox, 1, password=KEY + "-old")
+    captured.start()
     dagrun = run_dag(events_dag("secrets", dataframe=deposits(0, 30), state_uri=str(root), chunk_size=10))
     assert str(dagrun.state) == ("success" if path == "success" else "failed")
-    printed = capfd.readouterr()
-    records = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records)
-    files = "".join(p.read_bytes().decode("utf-8", "replace") for p in root.rglob("*") if p.is_file())
+    printed = captured.printed()
+    records = captured.records()
+    files = files_text(root)
     assert records
     for where, text in {
         "log records": records,

@@ -23,20 +23,18 @@ import itertools
 import json
 import os
 import uuid
-import warnings
 from collections import Counter
 from typing import Any, ClassVar
 
 import fsspec
 import pandas as pd
 from fault_strategies import fault_configs
-from fsspec.implementations.memory import MemoryFileSystem
 from helpers_events import deposit_options
+from helpers_machines import machine_settings
 from helpers_sync import make_client
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
-from upath import UPath
+from killswitch_fs import Killed, WriteGuardedFileSystem, quiet_upath
 
 from airflow_provider_stopchurn.events.engine import run_events
 from airflow_provider_stopchurn.events.ledger import FUTURE_MARGIN, event_store
@@ -54,41 +52,21 @@ MARGIN_MS = FUTURE_MARGIN // dt.timedelta(milliseconds=1)
 YEAR_2099 = int(pd.Timestamp("2099-01-01", tz="UTC").value // 10**6)
 
 
-class Killed(BaseException):
-    """The worker died (nothing in the engine catches a BaseException)."""
-
-
-class DyingFS(MemoryFileSystem):
+class DyingFS(WriteGuardedFileSystem):
     """fsspec's memory file system that refuses every write after ``writes_left`` more, as a dead worker would."""
 
     protocol = ("evdying",)
+    same_files_as_memory = True
     writes_left: ClassVar[int | None] = None
 
-    @classmethod
-    def _strip_protocol(cls, path: Any) -> Any:
-        if isinstance(path, str) and path.startswith("evdying://"):
-            path = "memory://" + path.removeprefix("evdying://")
-        return super()._strip_protocol(path)
-
-    @classmethod
-    def _write(cls) -> None:
-        if cls.writes_left is not None:
-            if cls.writes_left <= 0:
+    def _before_delete(self) -> None:
+        if self.writes_left is not None:
+            if self.writes_left <= 0:
                 raise Killed
-            cls.writes_left -= 1
+            type(self).writes_left = self.writes_left - 1
 
-    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        if "r" not in mode:
-            self._write()
-        return super()._open(path, mode, **kwargs)
-
-    def rm_file(self, path: str) -> None:
-        self._write()
-        super().rm_file(path)
-
-    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
-        self._write()
-        super().rm(path, recursive=recursive, maxdepth=maxdepth)
+    def _before_write(self, path: str) -> None:
+        self._before_delete()
 
 
 fsspec.register_implementation("evdying", DyingFS, clobber=True)
@@ -130,9 +108,7 @@ class Events(RuleBasedStateMachine):
         self.route = PoisonRoute(
             make_client(self.sb, max_retries=1), make_client(self.failing, max_retries=0), self.failing
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # UPath has no class of its own for this test protocol
-            root = UPath(f"evdying://events-machine/{uuid.uuid4().hex}")
+        root = quiet_upath(f"evdying://events-machine/{uuid.uuid4().hex}")
         self.store = event_store(root, BRAND, STREAM)
         self.now = T0
         self.ids = itertools.count(1)
@@ -265,10 +241,5 @@ class Events(RuleBasedStateMachine):
             self.failing.stop()
 
 
-Events.TestCase.settings = settings(
-    max_examples=int(os.environ.get("STOPCHURN_EVENTS_MACHINE_EXAMPLES", "20")),
-    stateful_step_count=14,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+Events.TestCase.settings = machine_settings(int(os.environ.get("STOPCHURN_EVENTS_MACHINE_EXAMPLES", "20")), 14)
 test_events_state_machine = Events.TestCase

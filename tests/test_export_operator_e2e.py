@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import random
 import sqlite3
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pandas as pd
 import pendulum
 import pytest
 from airflow.sdk import DAG
 from airflow_plugin import point_stopchurn_default, run_dag, task_states, xcom_return
+from leak_scan import Captured, files_text
+from operator_fixtures import brand_fixture, memory_fs_fixture, sandbox_fixture
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnHistoricalExportOperator
 from airflow_provider_stopchurn.sandbox import SandboxServer
@@ -30,18 +30,11 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 
 START = pendulum.datetime(2025, 1, 1, tz="UTC")
 EXAMPLE_DAGS = Path(__file__).resolve().parent.parent / "example_dags"
-_brands = itertools.count(500)
 _ids = itertools.count(1)
 
 
-@pytest.fixture
-def brand() -> int:
-    return next(_brands)
-
-
-@pytest.fixture
-def sandbox(stopchurn_sandbox: SandboxServer, airflow_conn: Callable[..., None], brand: int) -> Iterator[SandboxServer]:
-    yield point_stopchurn_default(airflow_conn, stopchurn_sandbox, brand)
+brand = brand_fixture(500)
+sandbox = sandbox_fixture()
 
 
 @pytest.fixture
@@ -170,15 +163,7 @@ def test_a_second_export_is_refused_without_replace_snapshot(
     assert xcom_return(replaced, "export")["replaced_snapshot"] is True
 
 
-@pytest.fixture
-def memory_fs() -> Iterator[Any]:
-    from airflow.sdk.io import attach
-
-    fs = fsspec.filesystem("memory")
-    attach("memory", fs=fs)
-    yield fs
-    if fs.exists("/stopchurn-export-e2e"):
-        fs.rm("/stopchurn-export-e2e", recursive=True)
+memory_fs = memory_fs_fixture("/stopchurn-export-e2e")
 
 
 def test_export_to_an_object_store(sandbox: SandboxServer, brand: int, tmp_path: Path, memory_fs: Any) -> None:
@@ -214,12 +199,11 @@ def test_the_key_never_appears_in_the_exports_logs_xcom_or_files(
     stopchurn_sandbox_factory: Callable[..., SandboxServer],
     airflow_conn: Callable[..., None],
     tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    capfd: pytest.CaptureFixture[str],
+    captured: Captured,
 ) -> None:
     """A successful export over an existing snapshot (replace) and a refused one: every logger at DEBUG."""
     sb = stopchurn_sandbox_factory(token=KEY)
-    airflow_conn("stopchurn_default", conn_type="stopchurn", host=sb.url, password=KEY, extra={"brand_id": 3})
+    point_stopchurn_default(airflow_conn, sb, 3)
     frame = pd.DataFrame({"id": range(1, 41), "name": [f"n{i}" for i in range(1, 41)]})
     with DAG(f"export_secrets_{next(_ids)}", schedule=None, start_date=START, params={"replace": replace}) as dag:
         StopChurnHistoricalExportOperator(
@@ -230,13 +214,13 @@ def test_the_key_never_appears_in_the_exports_logs_xcom_or_files(
             snapshot_uri=str(tmp_path / "snapshots"),
             replace_snapshot="{{ params.replace }}",
         )
-    caplog.set_level(logging.DEBUG)
+    captured.start()
     run_ok(dag, 0, "export")
     second = run_dag(dag, logical_date=START.add(days=1))
     assert str(second.state) == ("success" if replace else "failed")
-    printed = capfd.readouterr()
-    records = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records)
-    files = "".join(p.read_bytes().decode("utf-8", "replace") for p in tmp_path.rglob("*") if p.is_file())
+    printed = captured.printed()
+    records = captured.records()
+    files = files_text(tmp_path)
     outputs = json.dumps(xcom_return(second, "export"), default=str) if replace else ""
     assert records and files  # the scan is not vacuous
     for where, text in {

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import urllib.request
 
 import pandas as pd
 from fault_strategies import fault_configs
+from helpers_machines import ChurningSourceMachine, machine_settings
 from helpers_sync import BRAND, T0, TABLE, Churn, assert_sandbox_matches, expected_rows, make_client, options
-from hypothesis import HealthCheck, event, settings
+from hypothesis import event
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
+from hypothesis.stateful import rule
 from killswitch_fs import Killed, KillSwitchFileSystem, fresh_root
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
@@ -36,14 +36,14 @@ from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.sync import run_sync
 
-LONG = os.environ.get("STOPCHURN_SOAK") == "long"
-
 faults = fault_configs()
 #: 0: no kill; n: the process dies just before its n-th write (an export writes about 8 times, an update run more)
 kills = st.one_of(st.just(0), st.integers(1, 14))
 
 
-class ExportsAndUpdates(RuleBasedStateMachine):
+class ExportsAndUpdates(ChurningSourceMachine):
+    source_rows = 20
+
     def __init__(self) -> None:
         super().__init__()
         self.sb = SandboxServer(token=SANDBOX_TEST_TOKEN, record=False).start()
@@ -57,11 +57,6 @@ class ExportsAndUpdates(RuleBasedStateMachine):
         """The dead process's store as it left it; its lock broken, as for a process that is gone."""
         KillSwitchFileSystem.arm(None)
         self.store.break_lock()
-
-    @initialize(seed=st.integers(0, 10_000))
-    def start(self, seed: int) -> None:
-        self.churn = Churn(seed, 20)
-        self.source = self.churn.frame.copy()
 
     @rule(deletes=st.floats(0, 0.4), updates=st.floats(0, 0.5), inserts=st.floats(0, 0.3))
     def churn_source(self, deletes: float, updates: float, inserts: float) -> None:
@@ -156,10 +151,5 @@ class ExportsAndUpdates(RuleBasedStateMachine):
                 self.sb.stop()
 
 
-ExportsAndUpdates.TestCase.settings = settings(
-    max_examples=400 if LONG else 120,
-    stateful_step_count=16 if LONG else 12,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+ExportsAndUpdates.TestCase.settings = machine_settings(120, 12, long_examples=400, long_steps=16)
 test_export_state_machine = ExportsAndUpdates.TestCase

@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
 import pytest
 from airflow.sdk import DAG, Param
 from airflow_plugin import run_dag, task_states, xcom_return
-from test_operator_e2e import START, _seed_failing_third_request, new_dag_id, run_ok, users_frame
+from test_operator_e2e import START, new_dag_id, outage_then_retry_dag, run_ok, users_frame
 
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
-from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
+from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -27,33 +24,7 @@ def test_a_failed_try_and_its_retry_are_both_recorded_with_their_try(
     stopchurn_sandbox: SandboxServer, airflow_conn: Callable[..., None], tmp_path: Path
 ) -> None:
     sandbox = stopchurn_sandbox
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=sandbox.url,
-        password=sandbox.token,
-        extra={"brand_id": 1, "max_retries": 1, "timeout": 5},
-    )
-    frame = users_frame(random.Random(9), 50)
-
-    def source(context: Any) -> pd.DataFrame:
-        if context["ti"].try_number > 1:
-            sandbox.set_faults(FaultConfig())  # the outage is over
-        return frame
-
-    # sequential chunks of 10: chunks 1-2 acknowledged, chunk 3 and its one HTTP retry answered 500
-    sandbox.set_faults(FaultConfig(seed=_seed_failing_third_request(0.5), error_rate=0.5))
-    with DAG(new_dag_id("history_retry"), schedule=None, start_date=START, catchup=False) as dag:
-        StopChurnUpdateOperator(
-            task_id="sync",
-            table_name="account",
-            dataframe=source,
-            chunk_size=10,
-            max_concurrent_requests=1,
-            snapshot_uri=str(tmp_path / "snapshots"),
-            retries=1,
-            retry_delay=timedelta(0),
-        )
+    dag, _ = outage_then_retry_dag(sandbox, airflow_conn, "history_retry", tmp_path / "snapshots")
     dagrun = run_dag(dag, logical_date=START)
     assert str(dagrun.state) == "success", task_states(dagrun)
     summary = xcom_return(dagrun, "sync")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_events import recorded_run_options
 from helpers_sync import BRAND, T0, TABLE, make_client, options
 
 from airflow_provider_stopchurn import cli
@@ -46,11 +47,6 @@ def try_of(run_id: str, number: int) -> dict[str, Any]:
 
 def history_folder(root: Path) -> Path:
     return root / str(BRAND) / TABLE / "history"
-
-
-@pytest.fixture
-def sb(stopchurn_sandbox_factory: Any) -> SandboxServer:
-    return stopchurn_sandbox_factory(record=True)
 
 
 def test_a_record_written_after_one_from_a_worker_whose_clock_runs_ahead_is_still_the_newest(
@@ -231,7 +227,6 @@ def test_an_event_retry_records_the_chunks_it_settled_of_its_earlier_try(sb: San
     """Try 1 of an events run delivers 2 chunks, then StopChurn fails: try 2 settles those 2 (counted in
     ``events_sent``) and sends the rest. Its record's ``settled_chunks`` (what the page and ``stopchurn history``
     show as "settled from an earlier try") must be those 2, for events as for updates."""
-    import datetime as dt
 
     from helpers_sync import FailAfter
 
@@ -249,18 +244,7 @@ def test_an_event_retry_records_the_chunks_it_settled_of_its_earlier_try(sb: San
     now_ms = int((t0 + 100 * hour).timestamp() * 1000)
 
     def opts(number: int) -> EventOptions:
-        return EventOptions(
-            brand_id=BRAND,
-            user_id_column="user_id",
-            name="DEPOSIT",
-            event_key=("deposit_id",),
-            watermark_column="created_at",
-            lookback=dt.timedelta(hours=2),
-            chunk_size=4,
-            max_concurrent_requests=1,
-            run_key="dag.events run r1 map -1",
-            run_info=RunInfo("dag", "events", "r1", number),
-        )
+        return recorded_run_options(BRAND, number, max_concurrent_requests=1)
 
     with pytest.raises(TransientDeliveryError):
         run_events(frame, store, FailAfter(make_client(sb), sb, 2), opts(1), stream="deposits", now_ms=now_ms)

@@ -11,12 +11,10 @@ write from the moment its sender dies (``dying_fs``).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import io
 import logging
 import signal
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from dying_fs import DieAfter, DyingMemoryFileSystem, Killed
+from helpers_events import recorded_run_options
 from helpers_sync import (
     BRAND,
     T0,
@@ -41,7 +40,6 @@ from worker_harness import accepted_or_ended, reaped, start_worker
 from airflow_provider_stopchurn import cli
 from airflow_provider_stopchurn.events.engine import run_events
 from airflow_provider_stopchurn.events.ledger import event_store
-from airflow_provider_stopchurn.events.options import EventOptions
 from airflow_provider_stopchurn.exceptions import (
     SafeguardError,
     SnapshotLockedError,
@@ -83,17 +81,6 @@ def run(frame: Any, store: SnapshotStore, sender: Any, tick: int, **opts: Any) -
 
 def newest(store: SnapshotStore) -> dict[str, Any]:
     return store.read_history(1)[0]
-
-
-@pytest.fixture
-def sb(stopchurn_sandbox_factory: Any) -> SandboxServer:
-    return stopchurn_sandbox_factory(record=True)
-
-
-@pytest.fixture
-def revive() -> Iterator[None]:
-    yield
-    DyingMemoryFileSystem.dead = False
 
 
 def history_text(store: SnapshotStore, root: Any) -> str:
@@ -349,17 +336,7 @@ def test_event_runs_record_their_own_counts(sb: SandboxServer, tmp_path: Path) -
         }
     )
     store = event_store(tmp_path, BRAND, "deposits")
-    opts = EventOptions(
-        brand_id=BRAND,
-        user_id_column="user_id",
-        name="DEPOSIT",
-        event_key=("deposit_id",),
-        watermark_column="created_at",
-        lookback=dt.timedelta(hours=2),
-        chunk_size=4,
-        run_key="dag.events run r1 map -1",
-        run_info=RunInfo("dag", "events", "r1", 1),
-    )
+    opts = recorded_run_options(BRAND, 1)
     now_ms = int((t0 + 100 * hour).timestamp() * 1000)
     summary = run_events(
         pd.concat([frame, frame.head(2)]), store, make_client(sb), opts, stream="deposits", now_ms=now_ms

@@ -11,21 +11,17 @@ the committed snapshot holds each key once.
 from __future__ import annotations
 
 import contextlib
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from fault_strategies import fault_configs
-from helpers_sync import BRAND, T0, TABLE, make_client, options, sandbox_rows
-from hypothesis import HealthCheck, settings
+from helpers_machines import machine_settings, sandbox_and_store
+from helpers_sync import T0, make_client, options, sandbox_rows
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
-from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
-from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.sandbox import FaultConfig
 from airflow_provider_stopchurn.update.sync import run_sync
 
 KEYS = ("tenant", "num")
@@ -48,9 +44,7 @@ def expected(rows: list[dict[str, Any]], nest: bool, num_as_text: bool) -> dict[
 class Identities(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.sb = SandboxServer(token=SANDBOX_TEST_TOKEN, record=False).start()
-        self.tmp = tempfile.TemporaryDirectory()
-        self.store = SnapshotStore(Path(self.tmp.name), BRAND, TABLE)
+        self.sb, self.tmp, self.store = sandbox_and_store()
         self.rows: list[dict[str, Any]] = []
         self.next_num = 0
         self.next_id = 1000
@@ -174,10 +168,5 @@ class Identities(RuleBasedStateMachine):
             self.tmp.cleanup()
 
 
-Identities.TestCase.settings = settings(
-    max_examples=25,
-    stateful_step_count=12,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+Identities.TestCase.settings = machine_settings(25, 12)
 test_identities_state_machine = Identities.TestCase

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from airflow.sdk import Asset
+from airflow_plugin import point_stopchurn_default
 
 from airflow_provider_stopchurn.hooks._compat import AirflowFailException
 from airflow_provider_stopchurn.hooks.assets import stopchurn_asset
@@ -102,13 +103,7 @@ def test_lineage_output_follows_a_declared_outlet(stopchurn_conn: SandboxServer,
 def test_lineage_on_failure(
     stopchurn_sandbox: SandboxServer, airflow_conn: Callable[..., None], app_db: Path, tmp_path: Path
 ) -> None:
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=stopchurn_sandbox.url,
-        password="sk-LINEAGE-WRONG-KEY-0123",
-        extra={"brand_id": 1},
-    )
+    point_stopchurn_default(airflow_conn, stopchurn_sandbox, 1, password="sk-LINEAGE-WRONG-KEY-0123")
     op = _sync(tmp_path)
     with pytest.raises(AirflowFailException):
         op.execute(CONTEXT)

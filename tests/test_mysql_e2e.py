@@ -7,28 +7,25 @@ rows, with the JSON text reformatted, sends nothing."""
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 import random
-from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pendulum
 import pytest
-from airflow.sdk import DAG
-from airflow_plugin import point_stopchurn_default, run_dag, task_states, xcom_return
+from airflow_plugin import run_dag, task_states, xcom_return
+from helpers_db_e2e import Customers, customers_dag
+from operator_fixtures import sandbox_fixture
 
-from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
 from airflow_provider_stopchurn.sandbox import SandboxServer
 
 pytestmark = [pytest.mark.mysql, pytest.mark.usefixtures("airflow_db")]
 
 BRAND = 42
 RUNS = 4
-BIG = 2**53 + 1  # beyond float precision: must arrive exact
-_dag_ids = itertools.count(1)
+sandbox = sandbox_fixture(BRAND)
 
 DDL = """
 CREATE TABLE customers (
@@ -92,51 +89,23 @@ def _write(server: Any, rows: dict[int, dict[str, Any]], *, indent: int | None =
         conn.close()
 
 
-@pytest.fixture
-def sandbox(stopchurn_sandbox: SandboxServer, airflow_conn: Callable[..., None]) -> SandboxServer:
-    return point_stopchurn_default(airflow_conn, stopchurn_sandbox, BRAND)
-
-
 def test_mysql_table_stays_in_step_through_dag_runs(
     sandbox: SandboxServer, mysql_database: Any, mysql_conn_id: str, tmp_path: Path
 ) -> None:
-    mysql_database.execute(DDL)
-    rng = random.Random(2026)
-    keys = itertools.count(1)
-    rows = {k: _row(rng, k) for k in (next(keys) for _ in range(120))}
-    rows[BIG] = _row(rng, BIG)
-    with DAG(f"mysql_e2e_{next(_dag_ids)}", schedule=None, start_date=pendulum.datetime(2025, 1, 1)) as dag:
-        StopChurnUpdateOperator(
-            task_id="sync",
-            table_name="customers",
-            sql="SELECT * FROM customers WHERE id > %(min_id)s",
-            parameters={"min_id": 0},
-            sql_conn_id=mysql_conn_id,
-            snapshot_uri=str(tmp_path / "snapshots"),
-            chunk_size=25,
-            json_columns=["profile"],
-        )
-    previous: dict[int, dict[str, Any]] = {}
+    table = Customers(mysql_database, DDL, _row)
+    rows = table.rows
+    dag = customers_dag("mysql_e2e", mysql_conn_id, tmp_path, json_columns=["profile"])
     for day in range(RUNS + 1):
         last = day == RUNS  # the same rows again, the JSON text reformatted: nothing to send
         _write(mysql_database, rows, indent=2 if last else None)
         dagrun = run_dag(dag, logical_date=pendulum.datetime(2025, 1, 1).add(days=day))
         assert str(dagrun.state) == "success", task_states(dagrun)
         summary = xcom_return(dagrun, "sync")
-        inserted = len(rows.keys() - previous.keys())
-        deleted = len(previous.keys() - rows.keys())
-        updated = sum(1 for k in rows.keys() & previous.keys() if rows[k] != previous[k])
+        inserted, updated, deleted = table.changes()
         assert (summary["inserted"], summary["updated"], summary["deleted"]) == (inserted, updated, deleted)
         if last:
             assert (inserted, updated, deleted) == (0, 0, 0)
         assert {r["id"]: r for r in sandbox.rows(BRAND, "customers")} == {k: _expected_json(r) for k, r in rows.items()}
-        previous = {k: dict(r) for k, r in rows.items()}
-        if day >= RUNS - 1:  # the last run reads the rows of the one before
-            continue
-        # churn: update some rows (a few only in one column), delete some, insert some
-        for k in rng.sample(sorted(rows), 15):
-            rows[k] = _row(rng, k) if rng.random() < 0.5 else dict(rows[k], visits=(rows[k]["visits"] or 0) + 1)
-        for k in rng.sample(sorted(k for k in rows if k != BIG), 8):
-            del rows[k]
-        for k in (next(keys) for _ in range(10)):
-            rows[k] = _row(rng, k)
+        table.sent()
+        if day < RUNS - 1:  # the last run reads the rows of the one before
+            table.churn()

@@ -12,17 +12,18 @@ import json
 import math
 import random
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pandas as pd
 import pendulum
 import pytest
 from airflow.sdk import DAG, task
-from airflow_plugin import airflow_version, dag_bag, run_dag, task_states, xcom_return
+from airflow_plugin import airflow_version, dag_bag, point_stopchurn_default, run_dag, task_states, xcom_return
+from fault_strategies import seed_failing_third_request
+from operator_fixtures import brand_fixture, memory_fs_fixture
 
 from airflow_provider_stopchurn.operators import lineage
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
@@ -60,7 +61,6 @@ SUMMARY_KEYS = {
     "duration_s",
 }
 
-_brands = itertools.count(100)
 _dag_ids = itertools.count(1)
 
 
@@ -164,26 +164,12 @@ def snapshot_files(root: Path) -> dict[str, float]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-@pytest.fixture
-def brand_id() -> int:
-    """A brand id of its own for each test, so snapshots under the shared AIRFLOW_HOME never collide."""
-    return next(_brands)
+brand_id = brand_fixture(100, name="brand_id")
 
 
 @pytest.fixture
 def sandbox(stopchurn_conn: SandboxServer) -> SandboxServer:
     return stopchurn_conn
-
-
-def default_conn_with_brand(airflow_conn: Callable[..., None], sandbox: SandboxServer, brand_id: int) -> None:
-    """Point ``stopchurn_default`` at the sandbox with ``brand_id`` in its extras (the example DAGs name none)."""
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=sandbox.url,
-        password=sandbox.token,
-        extra={"brand_id": brand_id},
-    )
 
 
 # --- sources ---------------------------------------------------------------------------------------------------
@@ -316,7 +302,7 @@ def test_sql_source_nightly_example_dag(
     sandbox: SandboxServer, demo_db: Path, brand_id: int, airflow_conn: Callable[..., None], example_dagbag: Any
 ) -> None:
     """The nightly example DAG itself, against a temp SQLite file: StopChurn's ``user`` table stays in step."""
-    default_conn_with_brand(airflow_conn, sandbox, brand_id)
+    point_stopchurn_default(airflow_conn, sandbox, brand_id)
     rng = random.Random(33)
     serial = itertools.count(1)
     frame = users_frame(rng, 150)
@@ -344,7 +330,7 @@ def test_asset_example_dags(
     sandbox: SandboxServer, demo_db: Path, brand_id: int, airflow_conn: Callable[..., None], example_dagbag: Any
 ) -> None:
     """ETL -> asset -> sync -> StopChurn table asset (counts in the event's extra) -> a report DAG reading them."""
-    default_conn_with_brand(airflow_conn, sandbox, brand_id)  # the sync names brand 1 itself, with its asset
+    point_stopchurn_default(airflow_conn, sandbox, brand_id)  # the sync names brand 1 itself, with its asset
     rng = random.Random(44)
     users = users_frame(rng, 60)
     _write_users(demo_db, users)
@@ -393,7 +379,7 @@ def _latest_asset_event_extra(uri: str) -> dict[str, Any]:
 def test_xcom_example_dag(
     sandbox: SandboxServer, demo_db: Path, brand_id: int, airflow_conn: Callable[..., None], example_dagbag: Any
 ) -> None:
-    default_conn_with_brand(airflow_conn, sandbox, brand_id)
+    point_stopchurn_default(airflow_conn, sandbox, brand_id)
     users = users_frame(random.Random(55), 30)
     _write_users(demo_db, users)
     summary = run_ok(example_dagbag.dags["example_stopchurn_xcom"], 0, task_id="sync_channel_consents")
@@ -513,15 +499,7 @@ def test_chunks_bounded_by_bytes(
     assert_in_step(sandbox, 7, "account", frame, ["id"])
 
 
-@pytest.fixture
-def memory_fs() -> Iterator[Any]:
-    from airflow.sdk.io import attach
-
-    fs = fsspec.filesystem("memory")
-    attach("memory", fs=fs)
-    yield fs
-    if fs.exists("/stopchurn-e2e"):
-        fs.rm("/stopchurn-e2e", recursive=True)
+memory_fs = memory_fs_fixture("/stopchurn-e2e")
 
 
 @pytest.mark.matrix
@@ -558,13 +536,47 @@ def test_snapshot_uri(scheme: str, sandbox: SandboxServer, tmp_path: Path, reque
     assert any("/1/account/" in f for f in files), files
 
 
-def _seed_failing_third_request(error_rate: float) -> int:
-    """A sandbox fault seed under which requests 1-2 succeed and requests 3-4 get a 500 (one draw each)."""
-    for seed in itertools.count():
-        rng = random.Random(seed)
-        if [rng.random() < error_rate for _ in range(4)] == [False, False, True, True]:
-            return seed
-    raise AssertionError("unreachable")
+def outage_then_retry_dag(
+    sandbox: SandboxServer,
+    airflow_conn: Callable[..., None],
+    name: str,
+    snapshot_root: Path,
+    tries: list[int] | None = None,
+) -> tuple[DAG, pd.DataFrame]:
+    """A DAG whose first try fails after two acknowledged chunks and whose Airflow retry finds the outage over;
+    returns it and the 50 users it syncs.
+
+    Sequential chunks of 10: chunks 1-2 acknowledged, chunk 3 and its one HTTP retry answered 500 (the connection,
+    brand 1, allows one HTTP retry); the source lifts the faults when the task's second try reads it.
+
+    :param sandbox: the sandbox ``stopchurn_default`` is pointed at.
+    :param airflow_conn: the test's ``airflow_conn`` fixture.
+    :param name: names the DAG.
+    :param snapshot_root: the task's ``snapshot_uri``.
+    :param tries: collects the try numbers the source was read in (None: not collected).
+    """
+    point_stopchurn_default(airflow_conn, sandbox, 1, max_retries=1, timeout=5)
+    frame = users_frame(random.Random(9), 50)
+
+    def source(context: Any) -> pd.DataFrame:
+        if tries is not None:
+            tries.append(context["ti"].try_number)
+        if context["ti"].try_number > 1:
+            sandbox.set_faults(FaultConfig())  # the outage is over
+        return frame
+
+    sandbox.set_faults(FaultConfig(seed=seed_failing_third_request(0.5), error_rate=0.5))
+    dag = sync_dag(
+        name,
+        table_name="account",
+        dataframe=source,
+        chunk_size=10,
+        max_concurrent_requests=1,
+        snapshot_uri=str(snapshot_root),
+        retries=1,
+        retry_delay=timedelta(0),
+    )
+    return dag, frame
 
 
 @pytest.mark.matrix
@@ -574,35 +586,8 @@ def test_failed_try_is_settled_and_the_retry_sends_the_rest(
     """A try that fails after two acknowledged chunks (500s until the HTTP retries run out) is a retryable
     failure; Airflow's retry settles what was acknowledged and sends only the rest."""
     sandbox = stopchurn_sandbox
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=sandbox.url,
-        password=sandbox.token,
-        extra={"brand_id": 1, "max_retries": 1, "timeout": 5},
-    )
-    frame = users_frame(random.Random(9), 50)
     tries: list[int] = []
-
-    def source(context: Any) -> pd.DataFrame:
-        tries.append(context["ti"].try_number)
-        if context["ti"].try_number > 1:
-            sandbox.set_faults(FaultConfig())  # the outage is over
-        return frame
-
-    # Sequential chunks of 10: chunks 1-2 acknowledged, chunk 3 and its one HTTP retry answered 500.
-    sandbox.set_faults(FaultConfig(seed=_seed_failing_third_request(0.5), error_rate=0.5))
-    with DAG(new_dag_id("retry"), schedule=None, start_date=START, catchup=False) as dag:
-        StopChurnUpdateOperator(
-            task_id="sync",
-            table_name="account",
-            dataframe=source,
-            chunk_size=10,
-            max_concurrent_requests=1,
-            snapshot_uri=str(tmp_path / "snapshots"),
-            retries=1,
-            retry_delay=timedelta(0),
-        )
+    dag, frame = outage_then_retry_dag(sandbox, airflow_conn, "retry", tmp_path / "snapshots", tries)
     summary = run_ok(dag, 0)
     assert tries == [1, 2]
     assert summary["settled_chunks"] == 2  # the first try's acknowledged chunks, committed by the retry

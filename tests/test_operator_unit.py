@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 from airflow.sdk import DAG, task
+from airflow_plugin import point_stopchurn_default
 
 from airflow_provider_stopchurn.hooks._compat import AirflowException, AirflowFailException
 from airflow_provider_stopchurn.operators.commit_guard import (
@@ -126,13 +127,7 @@ def test_callable_receives_context(stopchurn_conn: SandboxServer, tmp_path: Path
 
 
 def test_wrong_api_key_is_permanent(stopchurn_sandbox: SandboxServer, airflow_conn: Any, tmp_path: Path) -> None:
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=stopchurn_sandbox.url,
-        password="wrong-key",
-        extra={"brand_id": 1},
-    )
+    point_stopchurn_default(airflow_conn, stopchurn_sandbox, 1, password="wrong-key")
     with pytest.raises(AirflowFailException) as info:
         _op(dataframe=FRAME, snapshot_uri=str(tmp_path)).execute(CONTEXT)
     assert "wrong-key" not in str(info.value)

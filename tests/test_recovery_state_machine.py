@@ -15,19 +15,15 @@ Runs in about a minute; ``STOPCHURN_SOAK=long`` runs many more examples.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from fault_strategies import fault_configs
+from helpers_machines import LONG, ChurningSourceMachine, machine_settings, sandbox_and_store
 from helpers_sync import (
-    BRAND,
     T0,
-    TABLE,
     Churn,
     assert_sandbox_matches,
     expected_rows,
@@ -35,13 +31,11 @@ from helpers_sync import (
     options,
     sandbox_rows,
 )
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from hypothesis.stateful import precondition, rule
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
-from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
-from airflow_provider_stopchurn.sandbox.pytest_plugin import SANDBOX_TEST_TOKEN
+from airflow_provider_stopchurn.sandbox import FaultConfig
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.isolation import SUSPECT_AFTER
 from airflow_provider_stopchurn.update.sync import run_sync
@@ -49,7 +43,6 @@ from airflow_provider_stopchurn.update.sync import run_sync
 faults = fault_configs(body_limits=(1200, 3000))
 
 
-LONG = os.environ.get("STOPCHURN_SOAK") == "long"
 pytestmark = [pytest.mark.timeout(3600)] if LONG else []
 
 
@@ -84,12 +77,10 @@ class LeaseTaken:
             self.held.release()
 
 
-class Recovery(RuleBasedStateMachine):
+class Recovery(ChurningSourceMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.sb = SandboxServer(token=SANDBOX_TEST_TOKEN, record=False).start()
-        self.tmp = tempfile.TemporaryDirectory()
-        self.store = SnapshotStore(Path(self.tmp.name), BRAND, TABLE)
+        self.sb, self.tmp, self.store = sandbox_and_store()
         self.churn = Churn(0, 30)
         self.source = self.churn.frame.copy()
         self.opts: dict[str, Any] = {"chunk_size": 7, "max_concurrent_requests": 1}
@@ -107,11 +98,6 @@ class Recovery(RuleBasedStateMachine):
             options(**{**self.opts, **extra}, allow_large_changes=True),
             run_ms=T0 + 1000 * self.tick + self.clock,
         )
-
-    @initialize(seed=st.integers(0, 10_000))
-    def start(self, seed: int) -> None:
-        self.churn = Churn(seed, 30)
-        self.source = self.churn.frame.copy()
 
     @rule(deletes=st.floats(0, 0.3), updates=st.floats(0, 0.5), inserts=st.floats(0, 0.3))
     def churn_source(self, deletes: float, updates: float, inserts: float) -> None:
@@ -234,10 +220,5 @@ class Recovery(RuleBasedStateMachine):
             self.tmp.cleanup()
 
 
-Recovery.TestCase.settings = settings(
-    max_examples=300 if LONG else 40,
-    stateful_step_count=20 if LONG else 10,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+Recovery.TestCase.settings = machine_settings(40, 10, long_examples=300, long_steps=20)
 test_recovery_state_machine = Recovery.TestCase

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +18,10 @@ import pandas as pd
 import pendulum
 import pytest
 from airflow.sdk import DAG
-from airflow_plugin import run_dag, xcom_return
+from airflow_plugin import point_stopchurn_default, run_dag, xcom_return
+from leak_scan import Captured
+from leak_scan import files_text as _files_text
+from operator_fixtures import sandbox_fixture
 
 from airflow_provider_stopchurn.hooks.assets import stopchurn_asset
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator
@@ -50,33 +52,12 @@ def _dag(snapshot_root: Path, frame: pd.DataFrame) -> DAG:
     return dag
 
 
-def _files_text(root: Path) -> str:
-    return "".join(p.read_bytes().decode("utf-8", "replace") for p in root.rglob("*") if p.is_file())
-
-
-@pytest.fixture
-def sandbox(
-    stopchurn_sandbox_factory: Callable[..., SandboxServer], airflow_conn: Callable[..., None]
-) -> SandboxServer:
-    sb = stopchurn_sandbox_factory(token=KEY)
-    airflow_conn(
-        "stopchurn_default",
-        conn_type="stopchurn",
-        host=sb.url,
-        password=KEY,
-        extra={"brand_id": 3, "max_retries": 1, "timeout": 5},
-    )
-    return sb
+sandbox = sandbox_fixture(3, token=KEY, max_retries=1, timeout=5)
 
 
 @pytest.mark.parametrize("path", ["success", "rejected", "outage", "wrong_key"])
 def test_key_never_appears_in_logs_xcom_or_files(
-    path: str,
-    sandbox: SandboxServer,
-    airflow_conn: Callable[..., None],
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    capfd: pytest.CaptureFixture[str],
+    path: str, sandbox: SandboxServer, airflow_conn: Callable[..., None], tmp_path: Path, captured: Captured
 ) -> None:
     root = tmp_path / "snapshots"
     frame = _frame(40)
@@ -86,10 +67,8 @@ def test_key_never_appears_in_logs_xcom_or_files(
         sandbox.set_faults(FaultConfig(seed=1, error_rate=1.0))
     elif path == "wrong_key":
         # the connection now holds a different recognisable key, which the sandbox refuses
-        airflow_conn(
-            "stopchurn_default", conn_type="stopchurn", host=sandbox.url, password=KEY + "-old", extra={"brand_id": 3}
-        )
-    caplog.set_level(logging.DEBUG)
+        point_stopchurn_default(airflow_conn, sandbox, 3, password=KEY + "-old")
+    captured.start()
     dag = _dag(root, frame)
     dagrun = run_dag(dag)
 
@@ -104,8 +83,8 @@ def test_key_never_appears_in_logs_xcom_or_files(
     extras = _asset_event_extras(dagrun)
     assert ('"inserted": 40' in extras) == (path == "success")  # the success run's event carries its counts
     lineage = _lineage_after_a_direct_run(dag.task_dict["sync"])
-    printed = capfd.readouterr()
-    records = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records)
+    printed = captured.printed()
+    records = captured.records()
     summary = json.dumps(xcom_return(dagrun, "sync"), default=str)
     assert records  # something was logged at all, so the scan is not vacuous
     for where, text in {

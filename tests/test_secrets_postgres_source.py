@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,8 @@ import pendulum
 import pytest
 from airflow.sdk import DAG
 from airflow_plugin import run_dag, xcom_return
+from leak_scan import Captured, files_text
+from operator_fixtures import sandbox_fixture
 from pg_server import _free_port
 
 from airflow_provider_stopchurn.exceptions import SourceConnectionError
@@ -41,13 +42,7 @@ def _leaks(text: str) -> list[str]:
     return [needle for needle in NEEDLES if needle in text]
 
 
-@pytest.fixture
-def sandbox(stopchurn_sandbox: SandboxServer, airflow_conn: Callable[..., None]) -> SandboxServer:
-    airflow_conn(
-        "stopchurn_default", conn_type="stopchurn", host=stopchurn_sandbox.url, password=stopchurn_sandbox.token,
-        extra={"brand_id": 5, "max_retries": 0},
-    )  # fmt: skip
-    return stopchurn_sandbox
+sandbox = sandbox_fixture(5, max_retries=0)
 
 
 def _set_pg(airflow_conn: Callable[..., None], db: Any, path: str) -> None:
@@ -69,8 +64,7 @@ def test_password_never_appears_in_logs_xcom_or_files(
     postgres_database: Any,
     airflow_conn: Callable[..., None],
     tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    capfd: pytest.CaptureFixture[str],
+    captured: Captured,
 ) -> None:
     postgres_database.execute(
         "CREATE TABLE accounts AS SELECT g AS id, 'name ' || g AS name FROM generate_series(1, 30) g"
@@ -86,18 +80,18 @@ def test_password_never_appears_in_logs_xcom_or_files(
             snapshot_uri=str(root),
             retries=0,  # a connection error is retryable; one try is what this test scans
         )
-    caplog.set_level(logging.DEBUG)
+    captured.start()
     dagrun = run_dag(dag)
 
     assert str(dagrun.state) == ("success" if path == "success" else "failed")
     if path == "success":
         assert len(sandbox.rows(5, "account")) == 30
-    printed = capfd.readouterr()
-    records = "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records)
+    printed = captured.printed()
+    records = captured.records()
     assert records  # something was logged at all, so the scan is not vacuous
     if path in ("refused", "bad-extra"):
         assert "Could not connect to PostgreSQL" in records + printed.out + printed.err
-    files = "".join(p.read_bytes().decode("utf-8", "replace") for p in root.rglob("*") if p.is_file())
+    files = files_text(root)
     for where, text in {
         "log records": records,
         "stdout": printed.out,

@@ -67,12 +67,6 @@ def object_storage_path() -> Callable[[str], Any]:
     return ObjectStoragePath
 
 
-@pytest.fixture
-def sb(stopchurn_sandbox_factory: Any) -> SandboxServer:
-    sandbox: SandboxServer = stopchurn_sandbox_factory(record=True)
-    return sandbox
-
-
 @pytest.fixture(params=["pathlib", "file", "memory"])
 def root(request: pytest.FixtureRequest, tmp_path: Path, object_storage_path: Callable[[str], Any]) -> Any:
     if request.param == "pathlib":

@@ -17,15 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_sync import (
-    T0,
-    Churn,
-    assert_sandbox_matches,
-    change_counts,
-    expected_rows,
-    make_client,
-    options,
-)
+from helpers_sync import T0, Churn, assert_sandbox_matches, change_counts, expected_rows, make_client, options
 
 from airflow_provider_stopchurn.exceptions import TransientDeliveryError
 from airflow_provider_stopchurn.sandbox import FaultConfig

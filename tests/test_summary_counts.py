@@ -9,7 +9,6 @@ pending exactly as a dead worker leaves it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +30,6 @@ N = 40
 def table(qty: int = 0) -> pd.DataFrame:
     ids = np.arange(1, N + 1)
     return pd.DataFrame({"id": ids, "qty": ids * 0 + qty})
-
-
-@pytest.fixture
-def sb(stopchurn_sandbox_factory: Any) -> SandboxServer:
-    return stopchurn_sandbox_factory(record=True)
-
-
-@pytest.fixture
-def revive() -> Iterator[None]:
-    yield
-    DyingMemoryFileSystem.dead = False
 
 
 def run(frame: pd.DataFrame, store: SnapshotStore, sender: Any, tick: int, **opts: Any) -> Any:

@@ -42,12 +42,6 @@ from airflow_provider_stopchurn.update.sync import run_sync
 
 
 @pytest.fixture
-def sb(stopchurn_sandbox_factory: Any) -> SandboxServer:
-    sandbox: SandboxServer = stopchurn_sandbox_factory(record=True)
-    return sandbox
-
-
-@pytest.fixture
 def store(tmp_path: Path) -> SnapshotStore:
     return SnapshotStore(tmp_path / "snapshots", BRAND, TABLE)
 

@@ -27,10 +27,8 @@ runs there).
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 import os
-import random
 import signal
 import subprocess
 import urllib.error
@@ -46,6 +44,8 @@ import pendulum
 import pytest
 from airflow.sdk import DAG
 from airflow_plugin import run_dag, task_states, xcom_return
+from fault_strategies import seed_failing_third_request
+from helpers_events import hourly_deposits
 from helpers_sync import BRAND, TABLE, deterministic_table
 from ui_auth_manager import RESTRICTED_USER
 from ui_plugin import ARTIFACTS, TESTS, ApiServer, check_browser, chromium, start_api_server
@@ -114,16 +114,17 @@ class Syncs:
 
 
 def sync_dag(dag_id: str, task_id: str, table: str, source: Any, snapshots: Path, **kwargs: Any) -> DAG:
+    """A one-task DAG syncing ``table`` of brand :data:`BRAND` through ``CONN_ID`` without retries; ``kwargs``
+    add operator arguments or replace those."""
+    arguments = {"stopchurn_conn_id": CONN_ID, "retries": 0, **kwargs}
     with DAG(dag_id, schedule=None, start_date=START, catchup=False) as dag:
         StopChurnUpdateOperator(
             task_id=task_id,
             table_name=table,
             brand_id=BRAND,
             dataframe=source,
-            stopchurn_conn_id=CONN_ID,
             snapshot_uri=str(snapshots),
-            retries=0,
-            **kwargs,
+            **arguments,
         )
     return dag
 
@@ -212,26 +213,9 @@ def record_failure(store: SnapshotStore, dagrun: Any, task_id: str, error: str, 
     )
 
 
-def seed_failing_third_request(error_rate: float) -> int:
-    """A sandbox fault seed under which requests 1-2 succeed and requests 3-4 get a 500 (one draw each)."""
-    for seed in itertools.count():
-        rng = random.Random(seed)
-        if [rng.random() < error_rate for _ in range(4)] == [False, False, True, True]:
-            return seed
-    raise AssertionError("unreachable")
-
-
 def deposits(first: int, last: int) -> pd.DataFrame:
     """Deposits ``first..last``, deposit i made at START + i hours."""
-    ids = list(range(first, last + 1))
-    return pd.DataFrame(
-        {
-            "deposit_id": ids,
-            "user_id": [f"u{i % 4}" for i in ids],
-            "amount": [i * 100 for i in ids],
-            "created_at": [START + dt.timedelta(hours=i) for i in ids],
-        }
-    )
+    return hourly_deposits(first, last, START)
 
 
 def more_syncs(result: Syncs, sandbox: SandboxServer, snapshots: Path, mp: pytest.MonkeyPatch) -> None:
@@ -268,19 +252,18 @@ def more_syncs(result: Syncs, sandbox: SandboxServer, snapshots: Path, mp: pytes
             sandbox.set_faults(FaultConfig())  # the outage is over
         return users(range(1, 51))
 
-    with DAG(RESUMED_DAG, schedule=None, start_date=START, catchup=False) as resumed:
-        StopChurnUpdateOperator(
-            task_id=RESUMED_TASK,
-            table_name=RESUMED_TABLE,
-            brand_id=BRAND,
-            dataframe=invoices,
-            stopchurn_conn_id=RETRY_CONN_ID,
-            snapshot_uri=str(snapshots),
-            chunk_size=10,
-            max_concurrent_requests=1,
-            retries=1,
-            retry_delay=dt.timedelta(0),
-        )
+    resumed = sync_dag(
+        RESUMED_DAG,
+        RESUMED_TASK,
+        RESUMED_TABLE,
+        invoices,
+        snapshots,
+        stopchurn_conn_id=RETRY_CONN_ID,
+        chunk_size=10,
+        max_concurrent_requests=1,
+        retries=1,
+        retry_delay=dt.timedelta(0),
+    )
     sandbox.set_faults(FaultConfig(seed=seed_failing_third_request(0.5), error_rate=0.5))
     try:
         run(result, resumed, RESUMED_TASK, 0)
