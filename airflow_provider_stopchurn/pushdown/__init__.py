@@ -7,17 +7,8 @@ from __future__ import annotations
 
 import warnings
 
-from airflow_provider_stopchurn.warehouse import (
-    DbApiWarehouse,
-    DuckDBWarehouse,
-    PostgresWarehouse,
-    StateDriftError,
-    Warehouse,
-    WarehouseSource,
-    reconcile,
-    run_warehouse_sync,
-    settle_state,
-)
+from airflow_provider_stopchurn import warehouse as _warehouse
+from airflow_provider_stopchurn.warehouse import *  # noqa: F403 - the same names, at the former path
 
 warnings.warn(
     "airflow_provider_stopchurn.pushdown moved to airflow_provider_stopchurn.warehouse; import it from there.",
@@ -25,14 +16,4 @@ warnings.warn(
     stacklevel=2,
 )
 
-__all__ = [
-    "DbApiWarehouse",
-    "DuckDBWarehouse",
-    "PostgresWarehouse",
-    "StateDriftError",
-    "Warehouse",
-    "WarehouseSource",
-    "reconcile",
-    "run_warehouse_sync",
-    "settle_state",
-]
+__all__ = list(_warehouse.__all__)
