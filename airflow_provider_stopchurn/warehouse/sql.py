@@ -368,7 +368,7 @@ class StateTable:
         select += f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL"
         # unlogged (PostgreSQL): a scratch table needs no WAL; a crash leaves it empty, and the next run drops it
         create = "CREATE UNLOGGED TABLE" if self.dialect == "postgres" else "CREATE TABLE"
-        statements = [self.r(f"DROP TABLE IF EXISTS {scratch}"), f"{create} {scratch} AS {self.r(select, source)}"]
+        statements = [f"{create} {scratch} AS {self.r(select, source)}"]  # a name no other run has
         if self.dialect == "postgres":  # the planner's row count for the join back
             statements.append(f"ANALYZE {scratch}")
         return statements
