@@ -51,9 +51,7 @@ def _key_indexes(engine: Engine) -> list[tuple[Any, ...]]:
         return engine.rows(
             f"SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = '{SCHEMA}' AND tablename = '{name}'"
         )
-    return engine.rows(
-        f"SELECT index_name, expressions FROM duckdb_indexes() WHERE schema_name = '{SCHEMA}' AND table_name = '{name}'"
-    )
+    return engine.rows(f"SELECT index_name, expressions FROM duckdb_indexes() WHERE table_name = '{name}'")
 
 
 def _drop_indexes(engine: Engine) -> None:
@@ -66,9 +64,12 @@ def _scratch_tables(engine: Engine) -> list[str]:
     return sorted(str(name) for (name,) in rows if "__diff_" in str(name))
 
 
+@pytest.mark.postgres
 def test_a_state_table_without_the_index_gets_it_on_the_next_run(
-    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+    stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    """PostgreSQL (DuckDB's state table has no index: its hash joins never use one)."""
+    engine = next(engine_fixture("postgres", request, tmp_path))
     sb = stopchurn_sandbox_factory(record=True)
     store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
     frame = table(30)
@@ -171,6 +172,8 @@ def test_a_stale_scratch_table_is_dropped_and_never_read(
     assert summary.deleted == len(set(frame["id"]) - set(moved["id"]))
     assert _scratch_tables(engine) == []
     assert_sandbox_matches(sb, moved)
+    if engine.name == "duckdb":  # no index to keep up (see sql.INDEXED)
+        assert _key_indexes(engine) == []
 
 
 def test_a_try_killed_after_the_narrow_diff_leaves_it_and_the_next_run_drops_it_and_converges(

@@ -61,6 +61,10 @@ IN_STATE = "__sc_in_state"
 #: (:meth:`StateTable.diff_into`). Elsewhere (Spark, the untested DB-API warehouses: no indexes, or no
 #: ``information_schema`` to find a killed run's scratch table by) the counts and the changes are two queries.
 NARROW = frozenset({"postgres", "duckdb"})
+#: Dialects whose state table carries an index on its key. Not DuckDB: its joins are hash joins that never use an
+#: ART index, and keeping one up made a 1M-row settle 6x slower and the state table's file 2.7x larger
+#: (benchmarks/RESULTS-pushdown.md). Not Spark: its file tables have no indexes.
+INDEXED = frozenset({"postgres"})
 
 
 _QUALIFIED_RENAME = frozenset({"spark", "databricks", "hive"})
@@ -207,7 +211,7 @@ class StateTable:
                 f"CREATE TABLE IF NOT EXISTS {self.meta} "
                 '("format" INT, "token" TEXT, "plan_id" TEXT, "columns" TEXT, "key_columns" TEXT, "rows" BIGINT)'
             ),
-            *([self.create_index()] if self.dialect in NARROW else []),
+            *([self.create_index()] if self.dialect in INDEXED else []),
         ]
 
     def drop(self) -> list[str]:
@@ -341,12 +345,9 @@ class StateTable:
         return self.r(f"CREATE INDEX IF NOT EXISTS {q(self._short() + '__key')} ON {self.qualified} ({keys})")
 
     def index_exists(self) -> str:
-        """A query with a row when the state table's index exists."""
-        if self.dialect == "postgres":
-            where = f"schemaname = {lit(self.schema)} AND indexname = {lit(self._short() + '__key')}"
-            return f"SELECT 1 FROM pg_indexes WHERE {where}"
-        where = f"schema_name = {lit(self.schema)} AND index_name = {lit(self._short() + '__key')}"
-        return f"SELECT 1 FROM duckdb_indexes() WHERE {where}"
+        """A query with a row when the state table's index exists (PostgreSQL)."""
+        where = f"schemaname = {lit(self.schema)} AND indexname = {lit(self._short() + '__key')}"
+        return f"SELECT 1 FROM pg_indexes WHERE {where}"
 
     @property
     def scratch_prefix(self) -> str:
@@ -433,7 +434,7 @@ class StateTable:
     def swap(self) -> list[str]:
         """Put ``..__next`` in place of the state table (warehouses without transactions; a baseline's scratch
         table, in one transaction, elsewhere), with the index it is looked up by (built once, after the rows)."""
-        index = [self.create_index()] if self.dialect in NARROW else []
+        index = [self.create_index()] if self.dialect in INDEXED else []
         return [*self._swap(self.next, self.qualified, self.name), *index]
 
     def swap_meta(self) -> list[str]:

@@ -121,10 +121,10 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
         _migrate(warehouse, state, meta)
     if warehouse.transactions and warehouse.dialect in S.NARROW:
         drop_scratch(warehouse, state)
-        if meta is not None and not warehouse.rows(state.index_exists()):
-            # a state table made before it had an index gets it now, once (no user action)
-            log.info("Indexing the state table %s on its key.", state.display)
-            warehouse.execute([state.create_index()])
+    if meta is not None and warehouse.dialect in S.INDEXED and not warehouse.rows(state.index_exists()):
+        # a state table made before it had an index gets it now, once (no user action)
+        log.info("Indexing the state table %s on its key.", state.display)
+        warehouse.execute([state.create_index()])
 
 
 def drop_scratch(warehouse: Warehouse, state: S.StateTable) -> None:
