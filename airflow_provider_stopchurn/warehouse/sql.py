@@ -55,15 +55,14 @@ NEW_HASH = "__sc_hash"
 OLD_CREATED = "__sc_old_created"
 OLD_ROW = "__sc_old_row"
 ACTION = "__sc_action"
-#: 1 when a row of the narrow diff has a row in the state table (the unchanged rows are counted from it)
+#: 1 when a row of the narrow diff has a row in the state table (the unchanged rows are counted by it)
 IN_STATE = "__sc_in_state"
 #: Dialects whose state table carries an index on its key and whose diff is written once into a scratch table
 #: (:meth:`StateTable.diff_into`). Elsewhere (Spark, the untested DB-API warehouses: no indexes, or no
 #: ``information_schema`` to find a killed run's scratch table by) the counts and the changes are two queries.
 NARROW = frozenset({"postgres", "duckdb"})
-#: Dialects whose state table carries an index on its key. Not DuckDB: its joins are hash joins that never use an
-#: ART index, and keeping one up made a 1M-row settle 6x slower and the state table's file 2.7x larger
-#: (benchmarks/RESULTS-pushdown.md). Not Spark: its file tables have no indexes.
+#: Dialects whose state table carries an index on its key. Not DuckDB: its hash joins never use an ART index, and
+#: keeping one up made a 1M-row settle 6x slower (benchmarks/RESULTS-pushdown.md). Not Spark: no indexes.
 INDEXED = frozenset({"postgres"})
 
 
@@ -298,7 +297,8 @@ class StateTable:
                 f"k.{q(key_text(i))} = CAST(s.{q(k)} AS TEXT)" for i, k in enumerate(self.key_columns)
             )
             by_state = " AND ".join(f"k.{q(key_text(i))} = t.{q(k)}" for i, k in enumerate(self.key_columns))
-            rows += f" WHERE EXISTS (SELECT 1 FROM {among} AS k WHERE {by_source})"
+            # OFFSET 0: a subquery of its own, or PostgreSQL hashes every row in the scan below the semi-join
+            rows = f"(SELECT s.* FROM {rows} WHERE EXISTS (SELECT 1 FROM {among} AS k WHERE {by_source}) OFFSET 0) AS s"
             state = f"(SELECT t.* FROM {state} WHERE EXISTS (SELECT 1 FROM {among} AS k WHERE {by_state})) AS t"
         if narrow:
             in_state = f"CASE WHEN t.{q(self.key_columns[0])} IS NULL THEN 0 ELSE 1 END AS {q(IN_STATE)}"
