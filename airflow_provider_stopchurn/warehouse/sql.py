@@ -55,6 +55,15 @@ NEW_HASH = "__sc_hash"
 OLD_CREATED = "__sc_old_created"
 OLD_ROW = "__sc_old_row"
 ACTION = "__sc_action"
+#: 1 when a row of the narrow diff has a row in the state table (the unchanged rows are counted by it)
+IN_STATE = "__sc_in_state"
+#: Dialects whose state table carries an index on its key and whose diff is written once into a scratch table
+#: (:meth:`StateTable.diff_into`). Elsewhere (Spark, the untested DB-API warehouses: no indexes, or no
+#: ``information_schema`` to find a killed run's scratch table by) the counts and the changes are two queries.
+NARROW = frozenset({"postgres", "duckdb"})
+#: Dialects whose state table carries an index on its key. Not DuckDB: its hash joins never use an ART index, and
+#: keeping one up made a 1M-row settle 6x slower (benchmarks/RESULTS-pushdown.md). Not Spark: no indexes.
+INDEXED = frozenset({"postgres"})
 
 
 _QUALIFIED_RENAME = frozenset({"spark", "databricks", "hive"})
@@ -201,6 +210,7 @@ class StateTable:
                 f"CREATE TABLE IF NOT EXISTS {self.meta} "
                 '("format" INT, "token" TEXT, "plan_id" TEXT, "columns" TEXT, "key_columns" TEXT, "rows" BIGINT)'
             ),
+            *([self.create_index()] if self.dialect in INDEXED else []),
         ]
 
     def drop(self) -> list[str]:
@@ -261,7 +271,13 @@ class StateTable:
             return f"CAST(CAST(t.{q(k)} AS TIMESTAMPTZ) AS TEXT)"  # as _migrate's key_to_utc writes it
         return f"t.{q(k)}"
 
-    def _diff_cte(self, columns: Sequence[str], *, update_all: bool) -> str:
+    def _diff_cte(
+        self, columns: Sequence[str], *, update_all: bool, among: str | None = None, narrow: bool = False
+    ) -> str:
+        """``n`` (the source rows with their key texts and hash) and ``d`` (their full outer join with the state
+        table, one op per key; NULL: unchanged). ``among``: a scratch table of keys (:meth:`diff_into`) both sides
+        are limited to, so only its rows are hashed and joined. ``narrow``: ``d`` holds the key texts, the op and
+        whether the key is in the state table, nothing else."""
         texts = ", ".join(f"CAST(s.{q(k)} AS TEXT) AS {q(key_text(i))}" for i, k in enumerate(self.key_columns))
         on = " AND ".join(f"n.{q(key_text(i))} = {self._state_key(k)}" for i, k in enumerate(self.key_columns))
         first_key = q(key_text(0))
@@ -270,17 +286,34 @@ class StateTable:
             for i, k in enumerate(self.key_columns)
         )
         changed = "TRUE" if update_all else f"n.{q(NEW_HASH)} <> t.{q(HASH)}"
+        op = (
+            f"CASE WHEN n.{first_key} IS NULL THEN 'delete' "
+            f"WHEN t.{q(HASH)} IS NULL OR t.{q(HASH)} = {lit(DIRTY_INSERT)} THEN 'insert' "
+            f"WHEN {changed} THEN 'update' ELSE NULL END AS {q(OP)}"
+        )
+        rows, state = f"{q(SOURCE)} AS s", f"{self.qualified} AS t"
+        if among is not None:  # a semi-join on the keys: the hash is computed for the rows that pass only
+            by_source = " AND ".join(
+                f"k.{q(key_text(i))} = CAST(s.{q(k)} AS TEXT)" for i, k in enumerate(self.key_columns)
+            )
+            by_state = " AND ".join(f"k.{q(key_text(i))} = t.{q(k)}" for i, k in enumerate(self.key_columns))
+            # OFFSET 0: a subquery of its own, or PostgreSQL hashes every row in the scan below the semi-join
+            rows = f"(SELECT s.* FROM {rows} WHERE EXISTS (SELECT 1 FROM {among} AS k WHERE {by_source}) OFFSET 0) AS s"
+            state = f"(SELECT t.* FROM {state} WHERE EXISTS (SELECT 1 FROM {among} AS k WHERE {by_state})) AS t"
+        if narrow:
+            in_state = f"CASE WHEN t.{q(self.key_columns[0])} IS NULL THEN 0 ELSE 1 END AS {q(IN_STATE)}"
+            return (
+                f"WITH n AS (SELECT {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {rows}), "
+                f"d AS (SELECT {old_texts}, {op}, {in_state} FROM n FULL OUTER JOIN {state} ON {on}) "
+            )
         data = ", ".join(f"n.{q(c)}" for c in columns)
         return (
-            f"WITH n AS (SELECT s.*, {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {q(SOURCE)} AS s), "
+            f"WITH n AS (SELECT s.*, {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {rows}), "
             f"d AS (SELECT {data}{', ' if data else ''}{old_texts}, n.{q(NEW_HASH)}, "
             f"t.{q(CREATED)} AS {q(OLD_CREATED)}, "
             # only a delete sends the row as last delivered: the others leave it in the warehouse
-            f"CASE WHEN n.{first_key} IS NULL THEN t.{q(ROW)} END AS {q(OLD_ROW)}, "
-            f"CASE WHEN n.{first_key} IS NULL THEN 'delete' "
-            f"WHEN t.{q(HASH)} IS NULL OR t.{q(HASH)} = {lit(DIRTY_INSERT)} THEN 'insert' "
-            f"WHEN {changed} THEN 'update' ELSE NULL END AS {q(OP)} "
-            f"FROM n FULL OUTER JOIN {self.qualified} AS t ON {on}) "
+            f"CASE WHEN n.{first_key} IS NULL THEN t.{q(ROW)} END AS {q(OLD_ROW)}, {op} "
+            f"FROM n FULL OUTER JOIN {state} ON {on}) "
         )
 
     def counts(self, source: str, columns: Sequence[str], *, update_all: bool) -> str:
@@ -290,12 +323,61 @@ class StateTable:
             source,
         )
 
-    def changes(self, source: str, columns: Sequence[str], *, update_all: bool) -> str:
+    def changes(self, source: str, columns: Sequence[str], *, update_all: bool, among: str | None = None) -> str:
         """The changed rows only: the source's columns (NULL for deletes), the key texts, the new hash, and the
-        state's createdAt and last delivered row."""
+        state's createdAt and last delivered row. ``among``: only the keys of this scratch table
+        (:meth:`diff_into`), each diffed again as it is now, so a row's op, hash and columns come from one
+        statement even when the source moved since the narrow diff."""
         return self.r(
-            self._diff_cte(columns, update_all=update_all) + f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL",
+            self._diff_cte(columns, update_all=update_all, among=among)
+            + f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL",
             source,
+        )
+
+    # --- the narrow diff, written once (NARROW dialects) -----------------------------------------------------
+    def _short(self) -> str:
+        """The state table's index and scratch tables' prefix: short (PostgreSQL's 63), one per state table."""
+        return f"{self.name[:30]}_{hashlib.sha256(self.name.encode()).hexdigest()[:8]}"
+
+    def create_index(self) -> str:
+        """The state table's index on its key (settling and the changed rows' join look keys up in it)."""
+        keys = ", ".join(q(k) for k in self.key_columns)
+        return self.r(f"CREATE INDEX IF NOT EXISTS {q(self._short() + '__key')} ON {self.qualified} ({keys})")
+
+    def index_exists(self) -> str:
+        """A query with a row when the state table's index exists (PostgreSQL)."""
+        where = f"schemaname = {lit(self.schema)} AND indexname = {lit(self._short() + '__key')}"
+        return f"SELECT 1 FROM pg_indexes WHERE {where}"
+
+    @property
+    def scratch_prefix(self) -> str:
+        """The name every scratch table of a narrow diff starts with; one run's is ``<prefix><its tag>``."""
+        return self._short() + "__diff_"
+
+    def scratch(self, tag: str) -> str:
+        """The narrow diff's scratch table of the run tagged ``tag``, quoted and qualified."""
+        return self._in_schema(self.scratch_prefix + tag)
+
+    def tables(self) -> str:
+        """The tables in the state schema (a killed run's scratch table is found among them)."""
+        return f"SELECT table_name FROM information_schema.tables WHERE table_schema = {lit(self.schema)}"
+
+    def diff_into(self, scratch: str, source: str, columns: Sequence[str], *, update_all: bool) -> list[str]:
+        """Write the narrow diff (key texts, op, whether the key is in the state table) of every changed row into
+        ``scratch``: the one full outer join of the run, with the row hash of every source row."""
+        select = self._diff_cte(columns, update_all=update_all, narrow=True)
+        select += f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL"
+        # unlogged (PostgreSQL): a scratch table needs no WAL; a crash leaves it empty, and the next run drops it
+        create = "CREATE UNLOGGED TABLE" if self.dialect == "postgres" else "CREATE TABLE"
+        statements = [f"{create} {scratch} AS {self.r(select, source)}"]  # a name no other run has
+        if self.dialect == "postgres":  # the planner's row count for the join back
+            statements.append(f"ANALYZE {scratch}")
+        return statements
+
+    def narrow_counts(self, scratch: str) -> str:
+        """Per op and whether its key is in the state table, the rows of the narrow diff."""
+        return self.r(
+            f"SELECT d.{q(OP)}, d.{q(IN_STATE)}, COUNT(*) FROM {scratch} AS d GROUP BY d.{q(OP)}, d.{q(IN_STATE)}"
         )
 
     def first_load(self, source: str, columns: Sequence[str]) -> str:
@@ -350,8 +432,10 @@ class StateTable:
         ]
 
     def swap(self) -> list[str]:
-        """Put ``..__next`` in place of the state table (warehouses without transactions)."""
-        return self._swap(self.next, self.qualified, self.name)
+        """Put ``..__next`` in place of the state table (warehouses without transactions; a baseline's scratch
+        table, in one transaction, elsewhere), with the index it is looked up by (built once, after the rows)."""
+        index = [self.create_index()] if self.dialect in INDEXED else []
+        return [*self._swap(self.next, self.qualified, self.name), *index]
 
     def swap_meta(self) -> list[str]:
         """Put ``..__meta_next`` in place of the bookkeeping table (warehouses without transactions)."""

@@ -27,7 +27,7 @@ from airflow_provider_stopchurn.warehouse.databases import Warehouse
 # the logger name the warehouse sync has always logged under: users and tests filter on it
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
 
-__all__ = ["StateDriftError", "check_state", "prepare_state"]
+__all__ = ["StateDriftError", "check_state", "drop_scratch", "prepare_state"]
 
 
 class StateDriftError(SnapshotError):
@@ -119,6 +119,22 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
     meta = read_meta(warehouse, state)
     if meta is not None and meta.format < S.STATE_FORMAT:
         _migrate(warehouse, state, meta)
+    if warehouse.transactions and warehouse.dialect in S.NARROW:
+        drop_scratch(warehouse, state)
+    if meta is not None and warehouse.dialect in S.INDEXED and not warehouse.rows(state.index_exists()):
+        # a state table made before it had an index gets it now, once (no user action)
+        log.info("Indexing the state table %s on its key.", state.display)
+        warehouse.execute([state.create_index()])
+
+
+def drop_scratch(warehouse: Warehouse, state: S.StateTable) -> None:
+    """Drop the narrow diff's scratch tables of this state table that a killed or failed run left: runs are
+    serialized by the lock, so none is in use when a run starts."""
+    prefix = state.scratch_prefix
+    stale = [name for (name,) in warehouse.rows(state.tables()) if str(name).startswith(prefix)]
+    if stale:
+        log.info("Dropping %d scratch table(s) an earlier run left in %s.", len(stale), state.schema)
+        warehouse.execute([state.r(f"DROP TABLE IF EXISTS {S.q(state.schema)}.{S.q(name)}") for name in stale])
 
 
 def _past_half_swaps(warehouse: Warehouse, state: S.StateTable) -> S.StateTable:

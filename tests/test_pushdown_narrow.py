@@ -1,0 +1,218 @@
+"""The warehouse diff in one narrow pass (DuckDB, PostgreSQL): the state table is indexed on its key, an older
+state table gets the index on its next run, the diff is written once into a scratch table of the run's own, a
+killed try's scratch table never reaches the next run, and the counts the safeguards see are those of the one-query
+diff (the dry run's) on a mixed change set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
+from pushdown_engines import Engine, engine_fixture
+from test_crash_matrix_object_store import KillableMemoryFileSystem, Killed
+from test_pushdown import QUERY, churn, table
+from test_pushdown_recovery import KillableDuckDB, Matrix, _store
+
+from airflow_provider_stopchurn.exceptions import DeliveryError, SafeguardError
+from airflow_provider_stopchurn.sandbox import FaultConfig
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.warehouse import WarehouseSource, run_warehouse_sync
+from airflow_provider_stopchurn.warehouse import sql as S
+from airflow_provider_stopchurn.warehouse.plan import _decide, _source_schema
+from airflow_provider_stopchurn.warehouse.state import read_meta
+
+ENGINES = ["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)]
+SCHEMA = "stopchurn_state"
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    yield from engine_fixture(request.param, request, tmp_path)
+
+
+def _run(engine: Engine, store: SnapshotStore, sb: Any, tick: int, **opts: Any) -> Any:
+    opts.setdefault("chunk_size", 4)
+    opts.setdefault("max_concurrent_requests", 1)
+    source = WarehouseSource(QUERY, engine.warehouse(), state_schema=SCHEMA)
+    return run_warehouse_sync(source, store, make_client(sb), options(**opts), run_ms=T0 + tick)
+
+
+def _state(engine: Engine) -> S.StateTable:
+    return S.StateTable(SCHEMA, S.state_table_name(BRAND, TABLE), ("id",), engine.name)
+
+
+def _key_indexes(engine: Engine) -> list[tuple[Any, ...]]:
+    """The indexes on the state table, with their columns."""
+    name = S.state_table_name(BRAND, TABLE)
+    if engine.name == "postgres":
+        return engine.rows(
+            f"SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = '{SCHEMA}' AND tablename = '{name}'"
+        )
+    return engine.rows(f"SELECT index_name, expressions FROM duckdb_indexes() WHERE table_name = '{name}'")
+
+
+def _drop_indexes(engine: Engine) -> None:
+    for index, _ in _key_indexes(engine):
+        engine.execute(f'DROP INDEX "{SCHEMA}"."{index}"')
+
+
+def _scratch_tables(engine: Engine) -> list[str]:
+    rows = engine.rows(f"SELECT table_name FROM information_schema.tables WHERE table_schema = '{SCHEMA}'")
+    return sorted(str(name) for (name,) in rows if "__diff_" in str(name))
+
+
+@pytest.mark.postgres
+def test_a_state_table_without_the_index_gets_it_on_the_next_run(
+    stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """PostgreSQL (DuckDB's state table has no index: its hash joins never use one)."""
+    engine = next(engine_fixture("postgres", request, tmp_path))
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    assert len(_key_indexes(engine)) == 1  # a new state table is made with it
+    _drop_indexes(engine)  # a state table made by a version without the index
+    assert _key_indexes(engine) == []
+    frame = churn(frame, 1)
+    engine.load(frame)
+    _run(engine, store, sb, 2)
+    indexes = _key_indexes(engine)
+    assert len(indexes) == 1, indexes
+    assert "id" in str(indexes[0][1])
+    for tick in (3, 4):  # idempotent: no second index, nothing sent
+        again = _run(engine, store, sb, tick)
+        assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
+        assert _key_indexes(engine) == indexes
+    # a rebaseline swaps in a new state table: it is indexed too
+    engine.load(frame.assign(extra=1))
+    assert _run(engine, store, sb, 5, on_schema_change="rebaseline").baseline
+    assert len(_key_indexes(engine)) == 1
+    assert_sandbox_matches(sb, frame)
+
+
+def test_the_counts_the_safeguards_see_are_the_one_query_diffs(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """Inserts, updates, deletes, unchanged rows, and rows a lost acknowledgement left dirty (inserted and
+    updated): the narrow diff's counts equal the one-query diff's, with and without ``update_all``."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(40)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    moved = churn(frame, 1)
+    engine.load(moved)
+    sb.set_faults(FaultConfig(drop_after_apply_rate=1.0))  # applied, never acknowledged: dirty rows
+    with pytest.raises(DeliveryError):
+        _run(engine, store, sb, 2)
+    sb.set_faults(FaultConfig())
+    final = churn(moved, 2)
+    engine.load(final)
+    warehouse = engine.warehouse()
+    try:
+        state = _state(engine)
+        meta = read_meta(warehouse, state)
+        assert meta is not None
+        dirty = warehouse.rows(f"SELECT COUNT(*) FROM {state.qualified} WHERE {S.q(S.HASH)} LIKE 'dirty:%'")[0][0]
+        assert dirty > 0
+        schema = _source_schema(warehouse, state, QUERY, options())
+        for update_all in (False, True):
+            opts = options(max_delete_fraction=1.0)
+            one = _decide(warehouse, state, QUERY, schema, meta, opts)
+            if update_all:
+                meta.columns = {**meta.columns, "gone": "int64"}  # a column dropped: on_schema_change sends all
+                opts = options(max_delete_fraction=1.0, on_schema_change="update_all")
+                one = _decide(warehouse, state, QUERY, schema, meta, opts)
+            scratch = state.scratch("counts")
+            narrow = _decide(warehouse, state, QUERY, schema, meta, opts, scratch)
+            assert narrow.update_all == one.update_all == update_all
+            assert narrow.counts == one.counts
+            expected = {"insert", "update", "delete"} | (set() if update_all else {"unchanged"})
+            assert set(one.counts) == expected
+            warehouse.execute([f"DROP TABLE {scratch}"])
+    finally:
+        warehouse.close()
+    # the safeguard trips on the same numbers in a dry run (one query) and a real run (the narrow diff)
+    messages = []
+    for dry_run in (True, False):
+        with pytest.raises(SafeguardError) as err:
+            _run(engine, store, sb, 3, max_delete_fraction=0.01, dry_run=dry_run)
+        messages.append(str(err.value).splitlines()[0])
+    assert messages[0] == messages[1]
+    _run(engine, store, sb, 4, max_delete_fraction=1.0)
+    assert_sandbox_matches(sb, final)
+    assert _scratch_tables(engine) == []
+
+
+def test_a_stale_scratch_table_is_dropped_and_never_read(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A scratch table left by a killed try (here: one claiming every key changed) is dropped by the next run,
+    which diffs into its own."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    state = _state(engine)
+    stale = state.scratch("0123456789ab")
+    engine.execute(
+        f'CREATE TABLE {stale} AS SELECT CAST("id" AS TEXT) AS "{S.key_text(0)}", \'delete\' AS "{S.OP}", '
+        f'1 AS "{S.IN_STATE}" FROM src'
+    )
+    assert _scratch_tables(engine) == [state.scratch_prefix + "0123456789ab"]
+    moved = churn(frame, 1)
+    engine.load(moved)
+    summary = _run(engine, store, sb, 2)
+    assert summary.deleted == len(set(frame["id"]) - set(moved["id"]))
+    assert _scratch_tables(engine) == []
+    assert_sandbox_matches(sb, moved)
+    if engine.name == "duckdb":  # no index to keep up (see sql.INDEXED)
+        assert _key_indexes(engine) == []
+
+
+def test_a_try_killed_after_the_narrow_diff_leaves_it_and_the_next_run_drops_it_and_converges(
+    stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """Killed at every write of a churn run: at the write that made the scratch table, the try leaves it behind;
+    the next run drops it, converges, and leaves no scratch table."""
+    matrix = Matrix(Engine("duckdb", tmp_path / "w.duckdb"), stopchurn_sandbox_factory(record=True), KillableDuckDB)
+    engine = matrix.engine
+    base, second, moved = table(24), churn(table(24), 1), churn(churn(table(24), 1), 2)
+
+    def fresh() -> SnapshotStore:
+        KillableMemoryFileSystem.arm(0, "never")
+        matrix.sb.reset()
+        matrix.drop_state()
+        engine.load(base)
+        store = _store()
+        matrix.run(store, 0)
+        engine.load(second)
+        return store
+
+    store = fresh()
+    KillableMemoryFileSystem.arm(0, "never")
+    matrix.run(store, 1)
+    writes = KillableMemoryFileSystem.writes
+    left_behind = 0
+    for n in range(1, writes + 1):
+        store = fresh()
+        KillableMemoryFileSystem.arm(n, "after")
+        with pytest.raises(Killed):
+            matrix.run(store, 1)
+        KillableMemoryFileSystem.arm(0, "never")
+        left_behind += len(_scratch_tables(engine))
+        store.break_lock()
+        engine.load(moved)
+        matrix.run(store, 2)
+        assert _scratch_tables(engine) == [], n
+        assert_sandbox_matches(matrix.sb, moved)
+        assert store.pending_plan() is None, n
+        again = matrix.run(store, 3)
+        assert again.inserted + again.updated + again.deleted == 0, n
+    assert left_behind == 1  # the one kill right after the narrow diff was written
