@@ -266,6 +266,23 @@ def _rows_differ(new: pl.DataFrame, base: pl.DataFrame) -> pl.Series:
     return pl.DataFrame(diffs).select(pl.any_horizontal(pl.all())).to_series()
 
 
+def _match(
+    left: pl.DataFrame, old: pl.DataFrame, new_keys: pl.DataFrame, old_join: list[pl.Expr], join_names: list[str]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Each source row with its old row (a left join, row-aligned with the source when the old keys are unique),
+    and the old rows whose key the source lacks (with their join columns)."""
+    right = old.select(
+        *old_join,
+        pl.col(BASE_ROW),
+        pl.col(CREATED_AT).alias("__sc_old_created"),
+        pl.col(HASH_1).alias("__sc_old_1"),
+        pl.col(HASH_2).alias("__sc_old_2"),
+    )
+    matched = left.join(right, on=join_names, how="left", maintain_order="left")
+    gone = old.with_columns(old_join).join(new_keys, on=join_names, how="anti")
+    return matched, gone
+
+
 def diff_snapshot(
     new_data: pl.DataFrame,
     base: BaseSnapshot,
@@ -285,20 +302,17 @@ def diff_snapshot(
     :param update_all: every key present on both sides counts as updated (a schema change being sent).
     """
     keys = list(keys)
-    old = _one_row_per_key(base.columns([*keys, CREATED_AT, HASH_1, HASH_2]).with_row_index(BASE_ROW), keys)
+    old = base.columns([*keys, CREATED_AT, HASH_1, HASH_2]).with_row_index(BASE_ROW)
     new_join, old_join = _join_keys(new_data, old, keys)
     join_names = [f"__sc_k{i}" for i in range(len(keys))]
     hashed = with_hashes(new_data)
     left = hashed.select(*new_join, pl.col(HASH_1), pl.col(HASH_2))
-    right = old.select(
-        *old_join,
-        pl.col(BASE_ROW),
-        pl.col(CREATED_AT).alias("__sc_old_created"),
-        pl.col(HASH_1).alias("__sc_old_1"),
-        pl.col(HASH_2).alias("__sc_old_2"),
-    )
-    # the old keys are unique, so the left join is row-aligned with the source
-    matched = left.join(right, on=join_names, how="left", maintain_order="left")
+    matched, gone = _match(left, old, new_data.select(new_join), old_join, join_names)
+    if matched.height != left.height or (gone.height and gone.select(join_names).is_duplicated().any()):
+        # the snapshot holds a key twice (an older version committed it so): found by the joins' heights, which
+        # costs nothing, instead of marking duplicates over the whole snapshot on every run
+        old = _one_row_per_key(old, keys)
+        matched, gone = _match(left, old, new_data.select(new_join), old_join, join_names)
     is_new = pl.col(BASE_ROW).is_null()
     dirty = (pl.col("__sc_old_1") == DIRTY_HASH) & (pl.col("__sc_old_2") == DIRTY_UPDATE)
     dirty_insert = (pl.col("__sc_old_1") == DIRTY_HASH) & (pl.col("__sc_old_2") == DIRTY_INSERT)
@@ -327,9 +341,7 @@ def diff_snapshot(
     indexed = target.select(columns).with_row_index(TARGET_ROW).with_columns(matched.get_column(BASE_ROW))
     inserted = indexed.filter(state == 1).sort(keys)  # BASE_ROW: a dirty row a settle kept, else null
     updated = indexed.filter(state == 2).sort(keys)
-    gone = (
-        old.with_columns(old_join).join(new_data.select(new_join), on=join_names, how="anti").select([*keys, BASE_ROW])
-    )
+    gone = gone.select([*keys, BASE_ROW])
     if gone.height:
         rows = base.rows_with_keys(gone.select(keys)).unique(subset=keys, keep="first", maintain_order=True)
         deleted = (
