@@ -123,7 +123,7 @@ class CommittedSnapshots(TableFolder):
         return self._read_frame(snapshot_name(version), columns)
 
     def read_rows(self, version: str, keys: pl.DataFrame) -> pl.DataFrame:
-        """Rows of a snapshot whose key is in ``keys``; a local file is streamed, never held whole."""
+        """Rows of a snapshot whose key is in ``keys``, decoded one row group at a time (never the whole table)."""
         name = snapshot_name(version)
         with self._reading_frame(name):
             return self._backend.read_rows(name, keys)
