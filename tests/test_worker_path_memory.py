@@ -94,8 +94,8 @@ def _child(args: list[str]) -> str:
 )
 def test_a_churn_run_peaks_below_four_times_the_source(stopchurn_sandbox: Any, tmp_path: Path) -> None:
     """A churn run over 200k rows (1% updated, 0.5% deleted) peaks below four times the source's own in-memory size
-    (pandas, deep) above what the process held before it; it measures about 2.1x. Holding the committed table
-    whole beside the canonical source and the join's copies again would pass the bound."""
+    (pandas, deep) above what the process held before it; it measures about 2.1x. A guard against a run that holds
+    several whole copies of the table, not a measure of the last megabytes."""
     common = [stopchurn_sandbox.url, stopchurn_sandbox.token, str(tmp_path / "snapshots"), str(ROWS)]
     _child([*common, "baseline"])
     got = json.loads(_child([*common, "churn"]).strip().splitlines()[-1])
