@@ -2,11 +2,11 @@
 
 Usage::
 
-    python benchmarks/versions.py --old /path/to/checkout-of-0.1.0 [--new .] [--rows 1000000] [--reps 5]
+    python benchmarks/versions.py --old /path/to/checkout-of-0.1.0 [--old /path/to/another] [--new .] [--rows 1000000]
 
-Each repetition runs, one after another and each in a fresh child process: the old checkout's churn run, the new
-checkout's churn run, and the naive pandas peer (``frames.naive_sync``), so the machine's other load weighs on all
-three alike. Every child builds the same seeded table and churn (``synthetic.make_data``), commits the base table
+Each repetition runs, one after another and each in a fresh child process: each older checkout's churn run (in the
+order given), the new checkout's churn run, and the naive pandas peer (``frames.naive_sync``), so the machine's
+other load weighs on all of them alike. Every child builds the same seeded table and churn (``synthetic.make_data``), commits the base table
 as a baseline with its own engine (each version reads only its own store format), then times one churn run against
 the same sandbox. A last child per checkout runs the churn under cProfile and reports the cumulative seconds of the
 engine's steps, so a regression can be placed. Only the checkouts' packages differ: the interpreter, the
@@ -127,7 +127,7 @@ def _spawn(kind: str, pkg: Path, args: argparse.Namespace, url: str, work: Path,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--old", help="checkout of the older version")
+    parser.add_argument("--old", action="append", help="checkout of an older version (repeatable)")
     parser.add_argument("--new", default=str(HERE.parent), help="checkout of the newer version (default: this one)")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--reps", type=int, default=5)
@@ -146,31 +146,34 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     from harness import Sandbox
 
-    versions = {"old": Path(args.old).resolve(), "new": Path(args.new).resolve()}
+    versions = {f"old{i + 1}" if len(args.old) > 1 else "old": Path(p).resolve() for i, p in enumerate(args.old)}
+    versions["new"] = Path(args.new).resolve()
+    kinds = [*versions, "naive"]
     sandbox = Sandbox()
-    times: dict[str, list[float]] = {"old": [], "new": [], "naive": []}
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     try:
         with tempfile.TemporaryDirectory(prefix="sc-versions-") as tmp:
             work = Path(tmp)
             for rep in range(args.reps):
-                for kind in ("old", "new", "naive"):
+                for kind in kinds:
                     sandbox.reset()
                     got = _spawn(kind, versions.get(kind, versions["new"]), args, sandbox.url, work)
                     times[kind].append(got["seconds"])
                     print(f"rep {rep + 1} {kind}: {got['seconds']:.2f} s", flush=True)
-            profiles = {}
-            for kind in ("old", "new"):
+            profiles: dict[str, Any] = {}
+            for kind, checkout in versions.items():
                 sandbox.reset()
-                profiles[kind] = _spawn(kind, versions[kind], args, sandbox.url, work, profile=True)
+                profiles[kind] = _spawn(kind, checkout, args, sandbox.url, work, profile=True)
     finally:
         sandbox.stop()
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{args.rows:,} rows, median of {args.reps} (each run in a fresh child process, interleaved):")
-    for kind in ("old", "new", "naive"):
-        print(f"  {kind:5s} {med[kind]:6.2f} s  [{', '.join(f'{t:.2f}' for t in times[kind])}]")
-    for kind in ("old", "new"):
+    for kind in kinds:
+        where = f"  ({versions[kind]})" if kind in versions else ""
+        print(f"  {kind:5s} {med[kind]:6.2f} s  [{', '.join(f'{t:.2f}' for t in times[kind])}]{where}")
+    for kind in versions:
         print(f"  naive / {kind} churn run: {med['naive'] / med[kind]:.2f}x faster")
-    for kind in ("old", "new"):
+    for kind in versions:
         print(f"\ncProfile of one {kind} churn run ({profiles[kind]['seconds']:.2f} s), cumulative s per function:")
         for name, sec in profiles[kind]["steps"].items():
             print(f"  {sec:6.2f}  {name}")
