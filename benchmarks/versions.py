@@ -4,13 +4,13 @@ Usage::
 
     python benchmarks/versions.py --old /path/to/checkout-of-0.1.0 [--old /path/to/another] [--new .] [--rows 1000000]
 
-Each repetition runs, one after another and each in a fresh child process: each older checkout's churn run (in the
-order given), the new checkout's churn run, and the naive pandas peer (``frames.naive_sync``), so the machine's
-other load weighs on all of them alike. Every child builds the same seeded table and churn (``synthetic.make_data``), commits the base table
-as a baseline with its own engine (each version reads only its own store format), then times one churn run against
-the same sandbox. A last child per checkout runs the churn under cProfile and reports the cumulative seconds of the
-engine's steps, so a regression can be placed. Only the checkouts' packages differ: the interpreter, the
-libraries and the data are the same.
+Each repetition runs, one after another and each in a fresh child process: each older checkout's churn run (in
+the order given), the new checkout's churn run, and the naive pandas peer (``frames.naive_sync``), so the
+machine's other load weighs on all of them alike. Every child builds the same seeded table and churn
+(``synthetic.make_data``), commits the base table as a baseline with its own engine (each version reads only its
+own store format), then times one churn run against the same sandbox. A last child per checkout runs the churn
+under cProfile and reports the cumulative seconds of the engine's steps, so a regression can be placed. Only the
+checkouts' packages differ: the interpreter, the libraries and the data are the same.
 """
 
 from __future__ import annotations
