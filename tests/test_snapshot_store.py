@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import fsspec
 import polars as pl
@@ -774,3 +775,27 @@ def test_only_the_backend_knows_about_pathlib() -> None:
             text = path.read_text()
             assert "isinstance(" not in text or "Path)" not in text, path.name
             assert "from pathlib" not in text and "import pathlib" not in text, path.name
+
+
+def test_read_rows_decodes_one_row_group_at_a_time_and_keeps_file_order(backend: Backend) -> None:
+    """The deleted rows of a diff are read from the old snapshot one row group at a time on every backend (an object
+    store's file was decoded whole into a frame before): ``pl.read_parquet`` of the whole file is never called, and
+    the rows come back in file order from every row group."""
+    n = 300_001  # several row groups
+    frame = pl.DataFrame({"id": pl.int_range(n, eager=True) * 3, "v": pl.int_range(n, eager=True).cast(pl.String)})
+    backend.write_frame("f/big.parquet", frame)
+    keys = pl.DataFrame({"id": [n * 3 - 3, 0, 7, 150_000 * 3, -5, 3, 299_999 * 3]})
+    reads: list[Any] = []
+    original = pl.read_parquet
+
+    def recorded(*args: Any, **kwargs: Any) -> pl.DataFrame:
+        reads.append(args)
+        return original(*args, **kwargs)
+
+    with mock.patch.object(pl, "read_parquet", autospec=True, side_effect=recorded):
+        rows = backend.read_rows("f/big.parquet", keys)
+    assert reads == []
+    assert rows.equals(frame.join(keys, on="id", how="semi", maintain_order="left"))
+    assert rows.get_column("id").to_list() == [0, 3, 450_000, 899_997, 900_000]
+    none = backend.read_rows("f/big.parquet", pl.DataFrame({"id": [-1]}))
+    assert none.height == 0 and none.schema == frame.schema
