@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
 from pushdown_engines import Engine, engine_fixture
@@ -216,3 +217,44 @@ def test_a_try_killed_after_the_narrow_diff_leaves_it_and_the_next_run_drops_it_
         again = matrix.run(store, 3)
         assert again.inserted + again.updated + again.deleted == 0, n
     assert left_behind == 1  # the one kill right after the narrow diff was written
+
+
+@pytest.mark.postgres
+def test_a_key_longer_than_a_btree_entry_still_syncs_and_settles(
+    stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """PostgreSQL: a B-tree entry holds at most ~2.7 kB, so a B-tree on the key would refuse a row with a long
+    text key (at the first load, at the index a later run adds, or at a settle after the row was delivered: a run
+    that fails forever). The key index must take any key the state table takes."""
+    import numpy as np
+
+    engine = next(engine_fixture("postgres", request, tmp_path))
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    rng = np.random.default_rng(7)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
+
+    def long_key() -> str:  # incompressible: the index cannot squeeze it under the limit
+        return "".join(rng.choice(letters, 6000))
+
+    frame = table(10).assign(id=[f"k{i}" for i in range(10)])
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    assert len(_key_indexes(engine)) == 1
+    moved = pd.concat([frame, table(2).assign(id=[long_key(), long_key()])], ignore_index=True)
+    engine.load(moved)
+    summary = _run(engine, store, sb, 2)
+    assert summary.inserted == 2
+    assert_sandbox_matches(sb, moved)
+    again = _run(engine, store, sb, 3)
+    assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
+    # a state table made before the index, already holding a long key, gets an index all the same
+    _drop_indexes(engine)
+    final = moved.drop(index=[0, 10]).reset_index(drop=True)  # a short and a long key deleted
+    final.loc[0, "score"] = 99.5  # updated
+    final = pd.concat([final, table(1).assign(id=[long_key()])], ignore_index=True)  # inserted
+    engine.load(final)
+    summary = _run(engine, store, sb, 4)
+    assert (summary.inserted, summary.updated, summary.deleted) == (1, 1, 2)
+    assert len(_key_indexes(engine)) == 1
+    assert_sandbox_matches(sb, final)
