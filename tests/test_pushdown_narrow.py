@@ -258,3 +258,41 @@ def test_a_key_longer_than_a_btree_entry_still_syncs_and_settles(
     assert (summary.inserted, summary.updated, summary.deleted) == (1, 1, 2)
     assert len(_key_indexes(engine)) == 1
     assert_sandbox_matches(sb, final)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("may_create", [True, False], ids=["create-on-schema", "no-create-on-schema"])
+def test_a_role_that_does_not_own_the_state_table_keeps_syncing(
+    may_create: bool, stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """PostgreSQL: only a table's owner may index it, and only a role with CREATE on the state schema may make a
+    scratch table there. A state table made before it had an index, run by a role that may read and write it but
+    does not own it (made by another role, or its owner changed), and may or may not create tables in its schema,
+    syncs as it did: the index and the scratch table are optimisations, never a reason for every run to fail."""
+    from airflow_provider_stopchurn.source.sql import postgres_uri
+    from airflow_provider_stopchurn.warehouse.databases import PostgresWarehouse
+
+    engine = next(engine_fixture("postgres", request, tmp_path))
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    _drop_indexes(engine)  # a state table made by a version without the index
+    engine.execute("DROP ROLE IF EXISTS sc_runner")
+    engine.execute("CREATE ROLE sc_runner LOGIN")
+    engine.execute(f"GRANT USAGE{', CREATE' if may_create else ''} ON SCHEMA {SCHEMA} TO sc_runner")
+    engine.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {SCHEMA} TO sc_runner")
+    engine.execute("GRANT SELECT ON src TO sc_runner")
+    server = engine.handle
+    uri = postgres_uri(host=server.host, port=server.port, login="sc_runner", password=None, database=server.dbname)
+    for tick in (2, 3):
+        frame = churn(frame, tick)
+        engine.load(frame, table="src_next")  # the source is reloaded in place: the grant on it stays
+        engine.execute("DELETE FROM src")
+        engine.execute("INSERT INTO src SELECT * FROM src_next")
+        source = WarehouseSource(QUERY, PostgresWarehouse(uri), state_schema=SCHEMA)
+        opts = options(chunk_size=4, max_concurrent_requests=1)
+        summary = run_warehouse_sync(source, store, make_client(sb), opts, run_ms=T0 + tick)
+        assert summary.inserted == 5
+        assert_sandbox_matches(sb, frame)

@@ -340,13 +340,9 @@ class StateTable:
         return f"{self.name[:30]}_{hashlib.sha256(self.name.encode()).hexdigest()[:8]}"
 
     def create_index(self) -> str:
-        """The state table's index on its key (settling and the changed rows' join look keys up in it). A hash
-        index, not a B-tree: a B-tree entry holds at most ~2.7 kB, and a longer key text would make every settle
-        after its delivery fail (and the index a later run adds fail before any diff). A hash index stores the
-        key's 32-bit hash whatever its length; it covers one column, the first key's (the lookups are equality
-        only, and the other key columns filter the few rows it finds)."""
-        key = q(self.key_columns[0])
-        return self.r(f"CREATE INDEX IF NOT EXISTS {q(self._short() + '__key')} ON {self.qualified} USING hash ({key})")
+        """The key index settling looks keys up in: hash, on the first key (a B-tree refuses texts over 2.7 kB)."""
+        key, name = q(self.key_columns[0]), q(self._short() + "__key")
+        return self.r(f"CREATE INDEX IF NOT EXISTS {name} ON {self.qualified} USING hash ({key})")
 
     def index_exists(self) -> str:
         """A query with a row when the state table's index exists (PostgreSQL)."""

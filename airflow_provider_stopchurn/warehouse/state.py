@@ -124,7 +124,16 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
     if meta is not None and warehouse.dialect in S.INDEXED and not warehouse.rows(state.index_exists()):
         # a state table made before it had an index gets it now, once (no user action)
         log.info("Indexing the state table %s on its key.", state.display)
-        warehouse.execute([state.create_index()])
+        try:
+            warehouse.execute([state.create_index()])
+        except Exception as err:  # only its owner may index it: the run keeps going without, as it did before
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            log.warning(
+                "Could not index the state table %s on its key (the run goes on without; its owner may run the "
+                "index statement the next run tries again): %s",
+                state.display,
+                reason,
+            )
 
 
 def drop_scratch(warehouse: Warehouse, state: S.StateTable) -> None:
