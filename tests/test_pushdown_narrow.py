@@ -267,8 +267,9 @@ def test_a_role_that_does_not_own_the_state_table_keeps_syncing(
 ) -> None:
     """PostgreSQL: only a table's owner may index it, and only a role with CREATE on the state schema may make a
     scratch table there. A state table made before it had an index, run by a role that may read and write it but
-    does not own it (made by another role, or its owner changed), and may or may not create tables in its schema,
-    syncs as it did: the index and the scratch table are optimisations, never a reason for every run to fail."""
+    does not own it (made by another role, or its owner changed), may or may not create tables in its schema, and
+    may not drop a killed try's scratch table, syncs as it did: the index and the scratch table are
+    optimisations, never a reason for every run to fail."""
     from airflow_provider_stopchurn.source.sql import postgres_uri
     from airflow_provider_stopchurn.warehouse.databases import PostgresWarehouse
 
@@ -279,6 +280,8 @@ def test_a_role_that_does_not_own_the_state_table_keeps_syncing(
     engine.load(frame)
     _run(engine, store, sb, 1)
     _drop_indexes(engine)  # a state table made by a version without the index
+    stale = _state(engine).scratch("0123456789ab")  # a killed try's, under the role that ran it (not ours)
+    engine.execute(f'CREATE TABLE {stale} AS SELECT CAST("id" AS TEXT) AS "{S.key_text(0)}" FROM src')
     engine.execute("DROP ROLE IF EXISTS sc_runner")
     engine.execute("CREATE ROLE sc_runner LOGIN")
     engine.execute(f"GRANT USAGE{', CREATE' if may_create else ''} ON SCHEMA {SCHEMA} TO sc_runner")

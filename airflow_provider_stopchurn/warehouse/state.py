@@ -127,12 +127,11 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
         try:
             warehouse.execute([state.create_index()])
         except Exception as err:  # only its owner may index it: the run keeps going without, as it did before
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             log.warning(
                 "Could not index the state table %s on its key (the run goes on without; its owner may run the "
                 "index statement the next run tries again): %s",
                 state.display,
-                reason,
+                _first_line(err),
             )
 
 
@@ -143,7 +142,17 @@ def drop_scratch(warehouse: Warehouse, state: S.StateTable) -> None:
     stale = [name for (name,) in warehouse.rows(state.tables()) if str(name).startswith(prefix)]
     if stale:
         log.info("Dropping %d scratch table(s) an earlier run left in %s.", len(stale), state.schema)
-        warehouse.execute([state.r(f"DROP TABLE IF EXISTS {S.q(state.schema)}.{S.q(name)}") for name in stale])
+        for name in stale:
+            try:
+                warehouse.execute([state.r(f"DROP TABLE IF EXISTS {S.q(state.schema)}.{S.q(name)}")])
+            except Exception as err:  # another role's (its owner may drop it): never read, so never in the way
+                log.warning("Could not drop the scratch table %s.%s: %s", state.schema, name, _first_line(err))
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error (a driver's message goes on with the whole statement)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _past_half_swaps(warehouse: Warehouse, state: S.StateTable) -> S.StateTable:
