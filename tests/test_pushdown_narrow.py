@@ -299,3 +299,24 @@ def test_a_role_that_does_not_own_the_state_table_keeps_syncing(
         summary = run_warehouse_sync(source, store, make_client(sb), opts, run_ms=T0 + tick)
         assert summary.inserted == 5
         assert_sandbox_matches(sb, frame)
+
+
+def test_the_cleanup_drops_only_names_a_run_makes(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A table in the state schema that merely starts like a scratch table (a user's, or another table's state
+    table whose name happens to) is never dropped: only ``<prefix><12 hex digits>`` is a run's."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(12)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    state = _state(engine)
+    keep = [state.scratch_prefix + "keep", state.scratch_prefix + "0123456789ab_x"]
+    for name in keep:
+        engine.execute(f'CREATE TABLE "{SCHEMA}"."{name}" AS SELECT 1 AS one')
+    stale = state.scratch_prefix + "0123456789ab"
+    engine.execute(f'CREATE TABLE "{SCHEMA}"."{stale}" AS SELECT 1 AS one')
+    engine.load(churn(frame, 1))
+    _run(engine, store, sb, 2)
+    assert _scratch_tables(engine) == sorted(keep)

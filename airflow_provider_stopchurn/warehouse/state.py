@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -138,8 +139,9 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
 def drop_scratch(warehouse: Warehouse, state: S.StateTable) -> None:
     """Drop the narrow diff's scratch tables of this state table that a killed or failed run left: runs are
     serialized by the lock, so none is in use when a run starts."""
-    prefix = state.scratch_prefix
-    stale = [name for (name,) in warehouse.rows(state.tables()) if str(name).startswith(prefix)]
+    # exactly a run's name (sync.py: 12 hex digits after the prefix): a table that only starts alike is not ours
+    run_name = re.compile(re.escape(state.scratch_prefix) + "[0-9a-f]{12}")
+    stale = [str(name) for (name,) in warehouse.rows(state.tables()) if run_name.fullmatch(str(name))]
     if stale:
         log.info("Dropping %d scratch table(s) an earlier run left in %s.", len(stale), state.schema)
         for name in stale:

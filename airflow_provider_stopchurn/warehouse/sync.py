@@ -139,7 +139,7 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
     # the narrow diff's scratch table, named by this run: a killed try's is never read, and is dropped by the
     # next run (prepare_state)
     narrow = meta is not None and warehouse.transactions and warehouse.dialect in S.NARROW and _may_create(run)
-    scratch = state.scratch(uuid.uuid4().hex[:12]) if narrow else None
+    scratch = state.scratch(uuid.uuid4().hex[:12]) if narrow else None  # 12 hex digits: drop_scratch matches them
     diff = None
     try:
         diff = _decide(warehouse, state, run.query, schema, meta, options, scratch)
