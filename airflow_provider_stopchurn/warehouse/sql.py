@@ -340,9 +340,11 @@ class StateTable:
         return f"{self.name[:30]}_{hashlib.sha256(self.name.encode()).hexdigest()[:8]}"
 
     def create_index(self) -> str:
-        """The key index settling looks keys up in: hash, on the first key (a B-tree refuses texts over 2.7 kB)."""
-        key, name = q(self.key_columns[0]), q(self._short() + "__key")
-        return self.r(f"CREATE INDEX IF NOT EXISTS {name} ON {self.qualified} USING hash ({key})")
+        """The key index settling looks keys up in. One key: hash (a B-tree refuses texts over 2.7 kB). Several: a
+        B-tree on all (a hash index on one column, its duplicates in one chain, makes every insert walk it)."""
+        keys, name = ", ".join(q(k) for k in self.key_columns), q(self._short() + "__key")
+        using = "USING hash " if len(self.key_columns) == 1 else ""
+        return self.r(f"CREATE INDEX IF NOT EXISTS {name} ON {self.qualified} {using}({keys})")
 
     def index_exists(self) -> str:
         """A query with a row when the state table's index exists (PostgreSQL)."""
@@ -369,16 +371,13 @@ class StateTable:
         select += f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL"
         # unlogged (PostgreSQL): a scratch table needs no WAL; a crash leaves it empty, and the next run drops it
         create = "CREATE UNLOGGED TABLE" if self.dialect == "postgres" else "CREATE TABLE"
-        statements = [f"{create} {scratch} AS {self.r(select, source)}"]  # a name no other run has
-        if self.dialect == "postgres":  # the planner's row count for the join back
-            statements.append(f"ANALYZE {scratch}")
-        return statements
+        analyze = [f"ANALYZE {scratch}"] if self.dialect == "postgres" else []  # the join back's row count
+        return [f"{create} {scratch} AS {self.r(select, source)}", *analyze]  # a name no other run has
 
     def narrow_counts(self, scratch: str) -> str:
         """Per op and whether its key is in the state table, the rows of the narrow diff."""
-        return self.r(
-            f"SELECT d.{q(OP)}, d.{q(IN_STATE)}, COUNT(*) FROM {scratch} AS d GROUP BY d.{q(OP)}, d.{q(IN_STATE)}"
-        )
+        by = f"d.{q(OP)}, d.{q(IN_STATE)}"
+        return self.r(f"SELECT {by}, COUNT(*) FROM {scratch} AS d GROUP BY {by}")
 
     def first_load(self, source: str, columns: Sequence[str]) -> str:
         """Every source row, in the query's order, with its key texts and hash (no state to join)."""
