@@ -122,7 +122,7 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
         _migrate(warehouse, state, meta)
     if warehouse.transactions and warehouse.dialect in S.NARROW:
         drop_scratch(warehouse, state)
-    if meta is not None and warehouse.dialect in S.INDEXED and not warehouse.rows(state.index_exists()):
+    if meta is not None and warehouse.dialect in S.INDEXED and not _indexed(warehouse, state):
         # a state table made before it had an index gets it now, once (no user action)
         log.info("Indexing the state table %s on its key.", state.display)
         try:
@@ -141,7 +141,8 @@ def drop_scratch(warehouse: Warehouse, state: S.StateTable) -> None:
     serialized by the lock, so none is in use when a run starts."""
     # exactly a run's name (sync.py: 12 hex digits after the prefix): a table that only starts alike is not ours
     run_name = re.compile(re.escape(state.scratch_prefix) + "[0-9a-f]{12}")
-    stale = [str(name) for (name,) in warehouse.rows(state.tables()) if run_name.fullmatch(str(name))]
+    tables = f"SELECT table_name FROM information_schema.tables WHERE table_schema = {S.lit(state.schema)}"
+    stale = [str(name) for (name,) in warehouse.rows(tables) if run_name.fullmatch(str(name))]
     if stale:
         log.info("Dropping %d scratch table(s) an earlier run left in %s.", len(stale), state.schema)
         for name in stale:
@@ -149,6 +150,12 @@ def drop_scratch(warehouse: Warehouse, state: S.StateTable) -> None:
                 warehouse.execute([state.r(f"DROP TABLE IF EXISTS {S.q(state.schema)}.{S.q(name)}")])
             except Exception as err:  # another role's (its owner may drop it): never read, so never in the way
                 log.warning("Could not drop the scratch table %s.%s: %s", state.schema, name, _first_line(err))
+
+
+def _indexed(warehouse: Warehouse, state: S.StateTable) -> bool:
+    """Whether the state table's key index exists (PostgreSQL)."""
+    where = f"schemaname = {S.lit(state.schema)} AND indexname = {S.lit(state.short() + '__key')}"
+    return bool(warehouse.rows(f"SELECT 1 FROM pg_indexes WHERE {where}"))
 
 
 def _first_line(err: BaseException) -> str:
