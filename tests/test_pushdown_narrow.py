@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
 from pushdown_engines import Engine, engine_fixture
@@ -216,3 +217,130 @@ def test_a_try_killed_after_the_narrow_diff_leaves_it_and_the_next_run_drops_it_
         again = matrix.run(store, 3)
         assert again.inserted + again.updated + again.deleted == 0, n
     assert left_behind == 1  # the one kill right after the narrow diff was written
+
+
+@pytest.mark.postgres
+def test_a_key_longer_than_a_btree_entry_still_syncs_and_settles(
+    stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """PostgreSQL: a B-tree entry holds at most ~2.7 kB, so a B-tree on the key would refuse a row with a long
+    text key (at the first load, at the index a later run adds, or at a settle after the row was delivered: a run
+    that fails forever). The key index must take any key the state table takes."""
+    import numpy as np
+
+    engine = next(engine_fixture("postgres", request, tmp_path))
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    rng = np.random.default_rng(7)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
+
+    def long_key() -> str:  # incompressible: the index cannot squeeze it under the limit
+        return "".join(rng.choice(letters, 6000))
+
+    frame = table(10).assign(id=[f"k{i}" for i in range(10)])
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    assert len(_key_indexes(engine)) == 1
+    moved = pd.concat([frame, table(2).assign(id=[long_key(), long_key()])], ignore_index=True)
+    engine.load(moved)
+    summary = _run(engine, store, sb, 2)
+    assert summary.inserted == 2
+    assert_sandbox_matches(sb, moved)
+    again = _run(engine, store, sb, 3)
+    assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
+    # a state table made before the index, already holding a long key, gets an index all the same
+    _drop_indexes(engine)
+    final = moved.drop(index=[0, 10]).reset_index(drop=True)  # a short and a long key deleted
+    final.loc[0, "score"] = 99.5  # updated
+    final = pd.concat([final, table(1).assign(id=[long_key()])], ignore_index=True)  # inserted
+    engine.load(final)
+    summary = _run(engine, store, sb, 4)
+    assert (summary.inserted, summary.updated, summary.deleted) == (1, 1, 2)
+    assert len(_key_indexes(engine)) == 1
+    assert_sandbox_matches(sb, final)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("may_create", [True, False], ids=["create-on-schema", "no-create-on-schema"])
+def test_a_role_that_does_not_own_the_state_table_keeps_syncing(
+    may_create: bool, stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """PostgreSQL: only a table's owner may index it, and only a role with CREATE on the state schema may make a
+    scratch table there. A state table made before it had an index, run by a role that may read and write it but
+    does not own it (made by another role, or its owner changed), may or may not create tables in its schema, and
+    may not drop a killed try's scratch table, syncs as it did: the index and the scratch table are
+    optimisations, never a reason for every run to fail."""
+    from airflow_provider_stopchurn.source.sql import postgres_uri
+    from airflow_provider_stopchurn.warehouse.databases import PostgresWarehouse
+
+    engine = next(engine_fixture("postgres", request, tmp_path))
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    _drop_indexes(engine)  # a state table made by a version without the index
+    stale = _state(engine).scratch("0123456789ab")  # a killed try's, under the role that ran it (not ours)
+    engine.execute(f'CREATE TABLE {stale} AS SELECT CAST("id" AS TEXT) AS "{S.key_text(0)}" FROM src')
+    engine.execute("DROP ROLE IF EXISTS sc_runner")
+    engine.execute("CREATE ROLE sc_runner LOGIN")
+    engine.execute(f"GRANT USAGE{', CREATE' if may_create else ''} ON SCHEMA {SCHEMA} TO sc_runner")
+    engine.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {SCHEMA} TO sc_runner")
+    engine.execute("GRANT SELECT ON src TO sc_runner")
+    server = engine.handle
+    uri = postgres_uri(host=server.host, port=server.port, login="sc_runner", password=None, database=server.dbname)
+    for tick in (2, 3):
+        frame = churn(frame, tick)
+        engine.load(frame, table="src_next")  # the source is reloaded in place: the grant on it stays
+        engine.execute("DELETE FROM src")
+        engine.execute("INSERT INTO src SELECT * FROM src_next")
+        source = WarehouseSource(QUERY, PostgresWarehouse(uri), state_schema=SCHEMA)
+        opts = options(chunk_size=4, max_concurrent_requests=1)
+        summary = run_warehouse_sync(source, store, make_client(sb), opts, run_ms=T0 + tick)
+        assert summary.inserted == 5
+        assert_sandbox_matches(sb, frame)
+
+
+def test_the_cleanup_drops_only_names_a_run_makes(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A table in the state schema that merely starts like a scratch table (a user's, or another table's state
+    table whose name happens to) is never dropped: only ``<prefix><12 hex digits>`` is a run's."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(12)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    state = _state(engine)
+    keep = [state.scratch_prefix + "keep", state.scratch_prefix + "0123456789ab_x"]
+    for name in keep:
+        engine.execute(f'CREATE TABLE "{SCHEMA}"."{name}" AS SELECT 1 AS one')
+    stale = state.scratch_prefix + "0123456789ab"
+    engine.execute(f'CREATE TABLE "{SCHEMA}"."{stale}" AS SELECT 1 AS one')
+    engine.load(churn(frame, 1))
+    _run(engine, store, sb, 2)
+    assert _scratch_tables(engine) == sorted(keep)
+
+
+@pytest.mark.postgres
+def test_a_composite_key_longer_than_a_btree_entry_still_settles(
+    stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """PostgreSQL: a composite key whose texts add up to more than a B-tree entry holds (~2.7 kB) is delivered
+    and settled, as a one-column key is (the index is a hash index on all its texts joined)."""
+    import numpy as np
+
+    engine = next(engine_fixture("postgres", request, tmp_path))
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    rng = np.random.default_rng(11)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
+    frame = table(6)
+    engine.load(frame)
+    _run(engine, store, sb, 1, key_columns=["id", "name"])
+    moved = pd.concat([frame, table(1).assign(id=[99], name=["".join(rng.choice(letters, 6000))])])
+    engine.load(moved.reset_index(drop=True))
+    assert _run(engine, store, sb, 2, key_columns=["id", "name"]).inserted == 1
+    assert _run(engine, store, sb, 3, key_columns=["id", "name"]).inserted == 0
+    assert_sandbox_matches(sb, moved)
+    assert "hash" in str(_key_indexes(engine)[0][1])

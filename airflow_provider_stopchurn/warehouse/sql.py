@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import pyarrow as pa
@@ -57,12 +57,11 @@ OLD_ROW = "__sc_old_row"
 ACTION = "__sc_action"
 #: 1 when a row of the narrow diff has a row in the state table (the unchanged rows are counted by it)
 IN_STATE = "__sc_in_state"
-#: Dialects whose state table carries an index on its key and whose diff is written once into a scratch table
-#: (:meth:`StateTable.diff_into`). Elsewhere (Spark, the untested DB-API warehouses: no indexes, or no
-#: ``information_schema`` to find a killed run's scratch table by) the counts and the changes are two queries.
+#: Dialects whose diff is written once into a scratch table (:meth:`StateTable.diff_into`). Elsewhere (Spark, the
+#: untested DB-API warehouses: no ``information_schema`` to find a killed run's scratch table by) two queries.
 NARROW = frozenset({"postgres", "duckdb"})
-#: Dialects whose state table carries an index on its key. Not DuckDB: its hash joins never use an ART index, and
-#: keeping one up made a 1M-row settle 6x slower (benchmarks/RESULTS-pushdown.md). Not Spark: no indexes.
+#: Dialects whose state table is indexed on its key. Not DuckDB: its hash joins never use one, and keeping one up
+#: made a 1M-row settle 6x slower (benchmarks/RESULTS-pushdown.md). Not Spark: no indexes.
 INDEXED = frozenset({"postgres"})
 
 
@@ -110,6 +109,11 @@ def source_query(sql: str) -> str:
             "Put setup statements in an upstream task, or use a view."
         )
     return statements[0]
+
+
+def _joined(texts: Iterable[str]) -> str:
+    """One text of several, each length-prefixed (so no two lists of texts join alike); immutable, as indexed."""
+    return "(" + " || ".join(f"CAST(LENGTH({t}) AS TEXT) || ':' || {t}" for t in texts) + ")"
 
 
 def row_hash_sql(columns: Sequence[str], alias: str = "s") -> str:
@@ -296,7 +300,7 @@ class StateTable:
             by_source = " AND ".join(
                 f"k.{q(key_text(i))} = CAST(s.{q(k)} AS TEXT)" for i, k in enumerate(self.key_columns)
             )
-            by_state = " AND ".join(f"k.{q(key_text(i))} = t.{q(k)}" for i, k in enumerate(self.key_columns))
+            by_state = self._match("k")
             # OFFSET 0: a subquery of its own, or PostgreSQL hashes every row in the scan below the semi-join
             rows = f"(SELECT s.* FROM {rows} WHERE EXISTS (SELECT 1 FROM {among} AS k WHERE {by_source}) OFFSET 0) AS s"
             state = f"(SELECT t.* FROM {state} WHERE EXISTS (SELECT 1 FROM {among} AS k WHERE {by_state})) AS t"
@@ -335,32 +339,31 @@ class StateTable:
         )
 
     # --- the narrow diff, written once (NARROW dialects) -----------------------------------------------------
-    def _short(self) -> str:
-        """The state table's index and scratch tables' prefix: short (PostgreSQL's 63), one per state table."""
+    def short(self) -> str:
+        """The key index's and scratch tables' prefix: short (PostgreSQL's 63), one per state table."""
         return f"{self.name[:30]}_{hashlib.sha256(self.name.encode()).hexdigest()[:8]}"
 
     def create_index(self) -> str:
-        """The state table's index on its key (settling and the changed rows' join look keys up in it)."""
-        keys = ", ".join(q(k) for k in self.key_columns)
-        return self.r(f"CREATE INDEX IF NOT EXISTS {q(self._short() + '__key')} ON {self.qualified} ({keys})")
+        """The key index settling looks keys up in: hash (a B-tree refuses texts over 2.7 kB), on the key, or on all
+        key texts joined (:meth:`_match`: a hash index on one column of many has its duplicates in one chain)."""
+        key = q(self.key_columns[0]) if len(self.key_columns) == 1 else f"({_joined(map(q, self.key_columns))})"
+        return self.r(f"CREATE INDEX IF NOT EXISTS {q(self.short() + '__key')} ON {self.qualified} USING hash ({key})")
 
-    def index_exists(self) -> str:
-        """A query with a row when the state table's index exists (PostgreSQL)."""
-        where = f"schemaname = {lit(self.schema)} AND indexname = {lit(self._short() + '__key')}"
-        return f"SELECT 1 FROM pg_indexes WHERE {where}"
+    def _match(self, alias: str) -> str:
+        """``alias``'s key texts equal the state table's (``t``), with the index's expression (composite keys)."""
+        pairs = [(f"{alias}.{q(key_text(i))}", f"t.{q(k)}") for i, k in enumerate(self.key_columns)]
+        indexed = self.dialect in INDEXED and len(pairs) > 1
+        joined = f" AND {_joined(a for a, _ in pairs)} = {_joined(b for _, b in pairs)}" if indexed else ""
+        return " AND ".join(f"{a} = {b}" for a, b in pairs) + joined
 
     @property
     def scratch_prefix(self) -> str:
         """The name every scratch table of a narrow diff starts with; one run's is ``<prefix><its tag>``."""
-        return self._short() + "__diff_"
+        return self.short() + "__diff_"
 
     def scratch(self, tag: str) -> str:
         """The narrow diff's scratch table of the run tagged ``tag``, quoted and qualified."""
         return self._in_schema(self.scratch_prefix + tag)
-
-    def tables(self) -> str:
-        """The tables in the state schema (a killed run's scratch table is found among them)."""
-        return f"SELECT table_name FROM information_schema.tables WHERE table_schema = {lit(self.schema)}"
 
     def diff_into(self, scratch: str, source: str, columns: Sequence[str], *, update_all: bool) -> list[str]:
         """Write the narrow diff (key texts, op, whether the key is in the state table) of every changed row into
@@ -369,16 +372,13 @@ class StateTable:
         select += f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL"
         # unlogged (PostgreSQL): a scratch table needs no WAL; a crash leaves it empty, and the next run drops it
         create = "CREATE UNLOGGED TABLE" if self.dialect == "postgres" else "CREATE TABLE"
-        statements = [f"{create} {scratch} AS {self.r(select, source)}"]  # a name no other run has
-        if self.dialect == "postgres":  # the planner's row count for the join back
-            statements.append(f"ANALYZE {scratch}")
-        return statements
+        analyze = [f"ANALYZE {scratch}"] if self.dialect == "postgres" else []  # the join back's row count
+        return [f"{create} {scratch} AS {self.r(select, source)}", *analyze]  # a name no other run has
 
     def narrow_counts(self, scratch: str) -> str:
         """Per op and whether its key is in the state table, the rows of the narrow diff."""
-        return self.r(
-            f"SELECT d.{q(OP)}, d.{q(IN_STATE)}, COUNT(*) FROM {scratch} AS d GROUP BY d.{q(OP)}, d.{q(IN_STATE)}"
-        )
+        by = f"d.{q(OP)}, d.{q(IN_STATE)}"
+        return self.r(f"SELECT {by}, COUNT(*) FROM {scratch} AS d GROUP BY {by}")
 
     def first_load(self, source: str, columns: Sequence[str]) -> str:
         """Every source row, in the query's order, with its key texts and hash (no state to join)."""
@@ -412,7 +412,7 @@ class StateTable:
         """Statements that make the state table hold the staged rows (``upsert``) and not hold the staged keys
         (``delete``): a DELETE + INSERT in one transaction, or (warehouses without either) a rewrite of the table
         into ``..__next`` that :meth:`swap` puts in place."""
-        match = " AND ".join(f"g.{q(key_text(i))} = t.{q(k)}" for i, k in enumerate(self.key_columns))
+        match = self._match("g")
         columns = ", ".join([*(q(k) for k in self.key_columns), q(HASH), q(CREATED), q(ROW)])
         if transactions:
             return [

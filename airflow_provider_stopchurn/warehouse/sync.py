@@ -138,8 +138,8 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
     _check_keys(warehouse, state, run.query, options)
     # the narrow diff's scratch table, named by this run: a killed try's is never read, and is dropped by the
     # next run (prepare_state)
-    narrow = meta is not None and warehouse.transactions and warehouse.dialect in S.NARROW
-    scratch = state.scratch(uuid.uuid4().hex[:12]) if narrow else None
+    narrow = meta is not None and warehouse.transactions and warehouse.dialect in S.NARROW and _may_create(run)
+    scratch = state.scratch(uuid.uuid4().hex[:12]) if narrow else None  # 12 hex digits: drop_scratch matches them
     diff = None
     try:
         diff = _decide(warehouse, state, run.query, schema, meta, options, scratch)
@@ -180,6 +180,15 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
         meta={**plan_meta, "total_updates": frame.height},
     )
     _deliver_and_settle(run, sender, plan, frame)
+
+
+def _may_create(run: _Run) -> bool:
+    """Whether the run may make its scratch table in the state schema (a role that may only read and write the
+    state table diffs in two queries, as every run did before the scratch table)."""
+    if run.warehouse.dialect != "postgres":  # DuckDB: no privileges (a read-only file never gets this far)
+        return True
+    sql = f"SELECT has_schema_privilege({S.lit(run.state.schema)}, 'CREATE')"
+    return bool(run.warehouse.rows(sql)[0][0])
 
 
 def _drop(run: _Run, scratch: str) -> None:
