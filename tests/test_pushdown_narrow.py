@@ -12,10 +12,10 @@ from typing import Any
 import pandas as pd
 import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
-from pushdown_engines import Engine, engine_fixture
+from pushdown_engines import Engine, engine_fixture, local_engine  # noqa: F401 - local_engine: the engine fixture
 from test_crash_matrix_object_store import KillableMemoryFileSystem, Killed
 from test_pushdown import QUERY, churn, table
-from test_pushdown_recovery import KillableDuckDB, Matrix, _store
+from test_pushdown_recovery import KillableDuckDB, Matrix, _store, run_on
 
 from airflow_provider_stopchurn.exceptions import DeliveryError, SafeguardError
 from airflow_provider_stopchurn.sandbox import FaultConfig
@@ -25,20 +25,21 @@ from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.plan import _decide, _source_schema
 from airflow_provider_stopchurn.warehouse.state import read_meta
 
-ENGINES = ["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)]
-SCHEMA = "stopchurn_state"
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    yield from engine_fixture(request.param, request, tmp_path)
+SCHEMA = WarehouseSource(QUERY, None).state_schema  # the default one
 
 
 def _run(engine: Engine, store: SnapshotStore, sb: Any, tick: int, **opts: Any) -> Any:
-    opts.setdefault("chunk_size", 4)
-    opts.setdefault("max_concurrent_requests", 1)
-    source = WarehouseSource(QUERY, engine.warehouse(), state_schema=SCHEMA)
-    return run_warehouse_sync(source, store, make_client(sb), options(**opts), run_ms=T0 + tick)
+    return run_on(engine, store, make_client(sb), tick, **opts)
+
+
+def _synced_once(factory: Any, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Engine, Any, SnapshotStore]:
+    """A PostgreSQL source of 30 rows synced once to a recording sandbox."""
+    engine = next(engine_fixture("postgres", request, tmp_path))
+    sb = factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    engine.load(table(30))
+    _run(engine, store, sb, 1)
+    return engine, sb, store
 
 
 def _state(engine: Engine) -> S.StateTable:
@@ -70,12 +71,8 @@ def test_a_state_table_without_the_index_gets_it_on_the_next_run(
     stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """PostgreSQL (DuckDB's state table has no index: its hash joins never use one)."""
-    engine = next(engine_fixture("postgres", request, tmp_path))
-    sb = stopchurn_sandbox_factory(record=True)
-    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    engine, sb, store = _synced_once(stopchurn_sandbox_factory, request, tmp_path)
     frame = table(30)
-    engine.load(frame)
-    _run(engine, store, sb, 1)
     assert len(_key_indexes(engine)) == 1  # a new state table is made with it
     _drop_indexes(engine)  # a state table made by a version without the index
     assert _key_indexes(engine) == []
@@ -273,12 +270,8 @@ def test_a_role_that_does_not_own_the_state_table_keeps_syncing(
     from airflow_provider_stopchurn.source.sql import postgres_uri
     from airflow_provider_stopchurn.warehouse.databases import PostgresWarehouse
 
-    engine = next(engine_fixture("postgres", request, tmp_path))
-    sb = stopchurn_sandbox_factory(record=True)
-    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    engine, sb, store = _synced_once(stopchurn_sandbox_factory, request, tmp_path)
     frame = table(30)
-    engine.load(frame)
-    _run(engine, store, sb, 1)
     _drop_indexes(engine)  # a state table made by a version without the index
     stale = _state(engine).scratch("0123456789ab")  # a killed try's, under the role that ran it (not ours)
     engine.execute(f'CREATE TABLE {stale} AS SELECT CAST("id" AS TEXT) AS "{S.key_text(0)}" FROM src')
