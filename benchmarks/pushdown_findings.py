@@ -68,13 +68,25 @@ def churn_notes(name: str, run: dict[str, Any], join: dict[str, Any] | None, cha
     counts, changes, keys = _q(run, "counts"), _q(run, "changed rows"), _q(run, "key check")
     settle = _q(run, "settle") + _q(run, "load") + _q(run, "swap")
     own = f" ({name}'s own diff query alone: {join['seconds']:.1f} s)" if join else ""
+    once = _q(run, "diff once")
+    if _calls(run, "diff once"):  # the narrow diff: one full outer join, counted and joined back by key
+        diff = (
+            f"The diff runs once: the narrow diff ({once:.1f} s: every source row hashed, joined with the state "
+            f"table, the changed keys written to a scratch table), its counts ({counts:.2f} s; the safeguards see them "
+            f"before any row leaves) and the changed keys joined back to the source and the state table for their "
+            f"columns ({changes:.1f} s){own}."
+        )
+    else:
+        diff = (
+            f"The diff is computed twice: the counts query ({counts:.1f} s; the safeguards see the counts before any "
+            f"row leaves) and the changed-rows query ({changes:.1f} s) each hash every source row and join it with "
+            f"the state table{own}."
+        )
     notes = [
-        f"{name} churn run, time: {run['seconds']:.1f} s, of which {sql:.1f} s waiting for {name}. The diff is "
-        f"computed twice: the counts query ({counts:.1f} s; the safeguards see the counts before any row leaves) and "
-        f"the changed-rows query ({changes:.1f} s) each hash every source row and join it with the state "
-        f"table{own}. The key check (a GROUP BY over the source) takes {keys:.1f} s, settling (staging the "
-        f"acknowledged rows, applying them to the state table) {settle:.1f} s; the worker's own work (encoding "
-        f"{changed:,} changed rows, the plan, sending) {run['seconds'] - sql:.1f} s."
+        f"{name} churn run, time: {run['seconds']:.1f} s, of which {sql:.1f} s waiting for {name}. {diff} The key "
+        f"check (a GROUP BY over the source) takes {keys:.1f} s, settling (staging the acknowledged rows, applying "
+        f"them to the state table) {settle:.1f} s; the worker's own work (encoding {changed:,} changed rows, the "
+        f"plan, sending) {run['seconds'] - sql:.1f} s."
     ]
     rows, out = _q(run, "changed rows", 3), _q(run, "changed rows", 4)
     top = max(run["phases"], key=lambda row: row[2])

@@ -169,6 +169,11 @@ _KINDS = tuple(
     (re.compile(pattern), label)
     for pattern, label in (
         (r"LIMIT 0", "probe: the source's columns (LIMIT 0)"),
+        # the narrow diff (a run that may write, on PostgreSQL and DuckDB): written once, counted, joined back
+        (r"CREATE (UNLOGGED )?TABLE \S+__diff_\w+ AS", "diff once: full outer join + row hash, changed keys written"),
+        (r"__sc_in_state, COUNT", "counts: GROUP BY op over the narrow diff"),
+        (r"__diff_\w+ AS k WHERE", "changed rows: the changed keys joined back to the source and the state"),
+        (r"DROP TABLE IF EXISTS \S+__diff_", "the narrow diff's scratch table dropped"),
         (r"AS repeated_keys", "key check: NULL and repeated keys (a GROUP BY over the source)"),
         (r"GROUP BY d\.__sc_op", "counts: full outer join with the state table, row hash, GROUP BY op"),
         (r"WHERE d\.__sc_op IS NOT NULL", "changed rows: the same full outer join, changed rows returned"),
@@ -292,7 +297,7 @@ def pushdown_phases() -> Phases:
     phases.wrap(sync, "check_state", "check the state table against the store")
     phases.wrap(sync, "_source_schema", "the source's columns (probe query)")
     phases.wrap(sync, "_check_keys", "key checks in SQL (NULL and repeated keys)")
-    phases.wrap(sync, "_decide", "counts in SQL (full outer join) + safeguards")
+    phases.wrap(sync, "_decide", "diff in SQL (the narrow diff, or a counts query) + safeguards")
     phases.wrap(
         sync,
         "_plan_frame",

@@ -102,3 +102,13 @@ def engine_fixture(name: str, request: pytest.FixtureRequest, tmp_path: Path) ->
             if db.name != "default":
                 spark.sql(f"DROP DATABASE IF EXISTS {db.name} CASCADE")
         yield Engine("spark", spark)
+
+
+#: The engines a test runs on without Spark: DuckDB always, PostgreSQL with the suite's server.
+LOCAL_ENGINES = ["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=LOCAL_ENGINES, name="engine")
+def local_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """The ``engine`` fixture of the tests that run on DuckDB and PostgreSQL (import it to use it)."""
+    yield from engine_fixture(request.param, request, tmp_path)

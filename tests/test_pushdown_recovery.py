@@ -26,7 +26,7 @@ from helpers_sync import (
     sandbox_rows,
     update_requests,
 )
-from pushdown_engines import Engine, engine_fixture
+from pushdown_engines import Engine, engine_fixture, local_engine  # noqa: F401 - local_engine: the engine fixture
 from test_crash_matrix_object_store import KillableMemoryFileSystem, Killed
 from test_pushdown import QUERY, churn, table
 from upath import UPath
@@ -36,15 +36,9 @@ from airflow_provider_stopchurn.sandbox import FaultConfig
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.warehouse import DuckDBWarehouse, WarehouseSource, reconcile, run_warehouse_sync
 
-ENGINES = ["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)]
 
-
-@pytest.fixture(params=ENGINES)
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    yield from engine_fixture(request.param, request, tmp_path)
-
-
-def _run(engine: Engine, store: SnapshotStore, sender: Any, tick: int, **opts: Any) -> Any:
+def run_on(engine: Engine, store: SnapshotStore, sender: Any, tick: int, **opts: Any) -> Any:
+    """One warehouse run on ``engine``'s source at ``T0 + tick``, in chunks of 4 sent one at a time by default."""
     opts.setdefault("chunk_size", 4)
     opts.setdefault("max_concurrent_requests", 1)
     return run_warehouse_sync(
@@ -53,10 +47,10 @@ def _run(engine: Engine, store: SnapshotStore, sender: Any, tick: int, **opts: A
 
 
 def _converges(engine: Engine, store: SnapshotStore, sb: Any, frame: Any, tick: int) -> None:
-    _run(engine, store, make_client(sb), tick)
+    run_on(engine, store, make_client(sb), tick)
     assert_sandbox_matches(sb, frame)
     assert store.pending_plan() is None
-    again = _run(engine, store, make_client(sb), tick + 1)
+    again = run_on(engine, store, make_client(sb), tick + 1)
     assert (again.inserted, again.updated, again.deleted, again.chunks) == (0, 0, 0, 0)
 
 
@@ -67,11 +61,11 @@ def test_a_failure_mid_delivery_settles_what_was_acknowledged(
     store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
     frame = table(40)
     engine.load(frame)
-    _run(engine, store, make_client(sb), 1)
+    run_on(engine, store, make_client(sb), 1)
     frame = churn(frame, 1)
     engine.load(frame)
     with pytest.raises(DeliveryError):
-        _run(engine, store, FailAfter(make_client(sb), sb, 2), 2)
+        run_on(engine, store, FailAfter(make_client(sb), sb, 2), 2)
     assert store.pending_plan() is None  # settled at once, not left for a hand edit
     sb.set_faults(FaultConfig())
     frame = churn(frame, 2)  # the source moved on meanwhile
@@ -87,12 +81,12 @@ def test_a_lost_acknowledgement_leaves_no_phantom_rows(
     store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
     frame = table(20)
     engine.load(frame)
-    _run(engine, store, make_client(sb), 1)
+    run_on(engine, store, make_client(sb), 1)
     grown = churn(frame, 4)
     engine.load(grown)
     sb.set_faults(FaultConfig(drop_after_apply_rate=1.0))
     with pytest.raises(DeliveryError):
-        _run(engine, store, make_client(sb), 2)
+        run_on(engine, store, make_client(sb), 2)
     sb.set_faults(FaultConfig())
     engine.load(frame)  # the new rows are gone again from the source
     _converges(engine, store, sb, frame, 3)
@@ -107,7 +101,7 @@ def test_a_200_that_is_not_an_acknowledgement_is_not_trusted(
     engine.load(frame)
     sb.set_faults(FaultConfig(html_ok_rate=1.0))
     with pytest.raises(DeliveryError):
-        _run(engine, store, make_client(sb), 1)
+        run_on(engine, store, make_client(sb), 1)
     assert sandbox_rows(sb) == {}
     sb.set_faults(FaultConfig())
     _converges(engine, store, sb, frame, 2)
@@ -121,13 +115,13 @@ def test_rejected_rows_are_quarantined_and_sent_again(
     frame = table(30)
     engine.load(frame)
     sb.reject_ids(["7", "21"])
-    summary = _run(engine, store, make_client(sb), 1, on_rejected_rows="quarantine")
+    summary = run_on(engine, store, make_client(sb), 1, on_rejected_rows="quarantine")
     assert summary.quarantined == 2
     assert {r["id"] for r in summary.rejected} == {7, 21}
     assert store.read_quarantine()
     assert ("int", 7) not in sandbox_rows(sb)
     sb.reject_ids(())
-    again = _run(engine, store, make_client(sb), 2)
+    again = run_on(engine, store, make_client(sb), 2)
     assert again.inserted == 2  # only the two rejected rows go again
     assert_sandbox_matches(sb, frame)
 
@@ -141,7 +135,7 @@ def test_a_rejection_under_fail_then_a_fixed_source_goes_through(
     engine.load(frame)
     sb.reject_ids(["12"])
     with pytest.raises(StopChurnRejectedError):
-        _run(engine, store, make_client(sb), 1)
+        run_on(engine, store, make_client(sb), 1)
     sb.reject_ids(())
     engine.load(frame.drop(index=11).reset_index(drop=True))  # the user fixed the source: row 12 removed
     _converges(engine, store, sb, frame.drop(index=11).reset_index(drop=True), 2)

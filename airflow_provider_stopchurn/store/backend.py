@@ -37,7 +37,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from airflow_provider_stopchurn.exceptions import SnapshotError
 
@@ -292,8 +294,52 @@ class LocalBackend:
         path = self._path(name)
         if not path.is_file():
             raise FileNotFoundError(self.location(name))
-        scan = pl.scan_parquet(path).join(keys.lazy(), on=keys.columns, how="semi")
-        return scan.collect(engine="streaming")  # the file is streamed, never held whole
+        return rows_by_row_group(path, keys)
+
+
+def rows_by_row_group(source: Path | bytes, keys: pl.DataFrame) -> pl.DataFrame:
+    """Rows of a Parquet file whose key (the columns of ``keys``) is in ``keys``, in file order.
+
+    The wanted keys go through one join against the file's key columns, which yields the rows' positions; then only
+    the row groups holding such a row are decoded, one at a time (a slice of the scan reads only the row groups it
+    overlaps). Joining the keys against each row group apart would hash them once per row group: a delete of most
+    of a large table (as many keys as rows) would cost the row groups' count times the table.
+    """
+    counts = _row_group_rows(source)
+    if not counts:
+        return pl.scan_parquet(source).head(0).collect()
+    names = keys.columns
+    found = (
+        pl.scan_parquet(source)
+        .select(names)
+        .with_row_index(_ROW)
+        .join(keys.lazy(), on=names, how="semi")
+        .select(_ROW)
+        .collect(engine="streaming")
+        .get_column(_ROW)
+        .to_numpy()
+    )
+    found = np.sort(found)  # file order, whatever order the join gave
+    parts = []
+    offset = 0
+    for rows in counts:
+        first, last = np.searchsorted(found, [offset, offset + rows])
+        if last > first:
+            group = pl.scan_parquet(source).slice(offset, rows).collect()
+            parts.append(group[found[first:last] - offset])
+        offset += rows
+    if not parts:
+        return pl.scan_parquet(source).head(0).collect()
+    return pl.concat(parts)
+
+
+_ROW = "__sc_file_row"
+
+
+def _row_group_rows(source: Path | bytes) -> list[int]:
+    """The number of rows of each row group of a Parquet file (read from its footer)."""
+    metadata = pq.read_metadata(io.BytesIO(source) if isinstance(source, bytes) else source)
+    return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
 
 
 def _write_parquet(frame: pl.DataFrame, target: Path | io.BytesIO) -> None:
@@ -446,4 +492,7 @@ class ObjectStoreBackend:
         self.write_bytes(name, buf.getvalue(), durable=True)
 
     def read_rows(self, name: str, keys: pl.DataFrame) -> pl.DataFrame:
-        return self.read_frame(name).join(keys, on=keys.columns, how="semi")
+        raw = self.read_bytes(name)  # the file's bytes, decoded one row group at a time
+        if raw is None:
+            raise FileNotFoundError(self.location(name))
+        return rows_by_row_group(raw, keys)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import polars as pl
 from polars._typing import PolarsDataType
 
@@ -32,7 +33,6 @@ __all__ = [
     "diff_frames",
     "diff_snapshot",
     "first_load",
-    "reconcile_ids",
     "with_hashes",
 ]
 
@@ -195,9 +195,21 @@ def with_hashes(frame: pl.DataFrame) -> pl.DataFrame:
     """
     data = frame.select(sorted(data_columns(frame)))
     return frame.drop([c for c in (HASH_1, HASH_2) if c in frame.columns]).with_columns(
-        data.hash_rows(seed=_SEEDS[0]).alias(HASH_1),
-        data.hash_rows(seed=_SEEDS[1]).alias(HASH_2),
+        _hash_rows(data, _SEEDS[0]).alias(HASH_1),
+        _hash_rows(data, _SEEDS[1]).alias(HASH_2),
     )
+
+
+#: Rows hashed at a time: a row's hash depends on that row alone, and hashing a whole table at once holds
+#: per-column temporaries of every row (about 90 MB above the table for 1M rows of 12 columns).
+_HASH_BATCH = 100_000
+
+
+def _hash_rows(data: pl.DataFrame, seed: int) -> pl.Series:
+    if data.height <= _HASH_BATCH:
+        return data.hash_rows(seed=seed)
+    parts = [data.slice(i, _HASH_BATCH).hash_rows(seed=seed) for i in range(0, data.height, _HASH_BATCH)]
+    return pl.concat(parts, rechunk=True)
 
 
 @dataclass(frozen=True)
@@ -266,6 +278,86 @@ def _rows_differ(new: pl.DataFrame, base: pl.DataFrame) -> pl.Series:
     return pl.DataFrame(diffs).select(pl.any_horizontal(pl.all())).to_series()
 
 
+def _positions(new_keys: pl.DataFrame, old: pl.DataFrame, old_join: list[pl.Expr]) -> pl.Series:
+    """Each source row's position in ``old`` (null: a new key); longer than the source when ``old`` holds a key
+    twice that the source has.
+
+    Only keys and positions go through the join, and a large table is joined in parts split by the keys' hash
+    (a key's rows on both sides fall in the same part), so the join's tables are those of one part, not of every
+    key at once. The old rows' values are gathered by position afterwards.
+    """
+    right = old.select(*old_join).with_row_index(_POS)
+    names = new_keys.columns
+    parts = -(-max(new_keys.height, right.height) // _JOIN_PART)
+    if parts <= 1:
+        return new_keys.join(right, on=names, how="left", maintain_order="left").get_column(_POS)
+    new_part = (new_keys.hash_rows(seed=_SEEDS[0]) % parts).to_numpy()
+    old_part = (right.select(names).hash_rows(seed=_SEEDS[0]) % parts).to_numpy()
+    found = np.full(new_keys.height, -1, dtype=np.int64)
+    extra = 0
+    for part in range(parts):
+        rows = np.flatnonzero(new_part == part)
+        joined = new_keys[rows].join(
+            right[np.flatnonzero(old_part == part)], on=names, how="left", maintain_order="left"
+        )
+        if joined.height != rows.size:  # a key held twice: the caller takes the snapshot's keys once each
+            extra += joined.height - rows.size
+            continue
+        found[rows] = joined.get_column(_POS).fill_null(-1).to_numpy()
+    found_s = pl.Series(_POS, found)
+    positions = found_s.to_frame().select(pl.when(found_s >= 0).then(found_s).cast(right.schema[_POS])).to_series()
+    return positions.extend_constant(None, extra) if extra else positions
+
+
+#: Keys joined at a time (see :func:`_positions`).
+_JOIN_PART = 250_000
+
+
+def _gone(old: pl.DataFrame, positions: pl.Series) -> pl.DataFrame:
+    """The old rows no source row matched, found by position (no second join over every source key)."""
+    kept = np.ones(old.height, dtype=bool)
+    kept[positions.drop_nulls().to_numpy()] = False
+    return old.filter(pl.Series(kept))
+
+
+_POS = "__sc_pos"
+
+
+def _states(
+    hashed: pl.DataFrame, old: pl.DataFrame, positions: pl.Series, flags: pl.Series | None, *, update_all: bool
+) -> pl.DataFrame:
+    """Each source row's ``state`` (0 unchanged, 1 insert, 2 update), its key's old createdAt and ``BASE_ROW``.
+
+    The old rows' hashes are gathered one batch of source rows at a time, so no full-height copy of them is held.
+    ``flags``: the rows whose columns differ (an exact diff), or None to compare the hashes.
+    """
+    olds = old.select(
+        pl.col(BASE_ROW),
+        pl.col(CREATED_AT).alias("__sc_old_created"),
+        pl.col(HASH_1).alias("__sc_old_1"),
+        pl.col(HASH_2).alias("__sc_old_2"),
+    )
+    is_new = pl.col(BASE_ROW).is_null()
+    dirty = (pl.col("__sc_old_1") == DIRTY_HASH) & (pl.col("__sc_old_2") == DIRTY_UPDATE)
+    dirty_insert = (pl.col("__sc_old_1") == DIRTY_HASH) & (pl.col("__sc_old_2") == DIRTY_INSERT)
+    if update_all:
+        changed: pl.Expr = pl.lit(True)
+    elif flags is None:
+        changed = (pl.col(HASH_1) != pl.col("__sc_old_1")) | (pl.col(HASH_2) != pl.col("__sc_old_2"))
+    else:
+        changed = pl.col("__sc_differs")
+    state = pl.when(is_new | dirty_insert).then(1).when(changed | dirty).then(2).otherwise(0).cast(pl.Int8)
+    parts = []
+    for i in range(0, max(hashed.height, 1), _HASH_BATCH):
+        rows = positions.slice(i, _HASH_BATCH)
+        batch = [hashed.select(HASH_1, HASH_2).slice(i, _HASH_BATCH), olds.select(pl.all().gather(rows))]
+        if flags is not None:
+            batch.append(flags.slice(i, _HASH_BATCH).to_frame())
+        part = pl.concat(batch, how="horizontal")
+        parts.append(part.select(state.alias("state"), pl.col("__sc_old_created"), pl.col(BASE_ROW)))
+    return pl.concat(parts, rechunk=True)
+
+
 def diff_snapshot(
     new_data: pl.DataFrame,
     base: BaseSnapshot,
@@ -285,40 +377,29 @@ def diff_snapshot(
     :param update_all: every key present on both sides counts as updated (a schema change being sent).
     """
     keys = list(keys)
-    old = _one_row_per_key(base.columns([*keys, CREATED_AT, HASH_1, HASH_2]).with_row_index(BASE_ROW), keys)
+    old = base.columns([*keys, CREATED_AT, HASH_1, HASH_2]).with_row_index(BASE_ROW)
     new_join, old_join = _join_keys(new_data, old, keys)
-    join_names = [f"__sc_k{i}" for i in range(len(keys))]
+    new_keys = new_data.select(new_join)
     hashed = with_hashes(new_data)
-    left = hashed.select(*new_join, pl.col(HASH_1), pl.col(HASH_2))
-    right = old.select(
-        *old_join,
-        pl.col(BASE_ROW),
-        pl.col(CREATED_AT).alias("__sc_old_created"),
-        pl.col(HASH_1).alias("__sc_old_1"),
-        pl.col(HASH_2).alias("__sc_old_2"),
-    )
-    # the old keys are unique, so the left join is row-aligned with the source
-    matched = left.join(right, on=join_names, how="left", maintain_order="left")
-    is_new = pl.col(BASE_ROW).is_null()
-    dirty = (pl.col("__sc_old_1") == DIRTY_HASH) & (pl.col("__sc_old_2") == DIRTY_UPDATE)
-    dirty_insert = (pl.col("__sc_old_1") == DIRTY_HASH) & (pl.col("__sc_old_2") == DIRTY_INSERT)
-    if update_all:
-        changed: pl.Expr = pl.lit(True)
-    elif by_hash:
-        changed = (pl.col(HASH_1) != pl.col("__sc_old_1")) | (pl.col(HASH_2) != pl.col("__sc_old_2"))
-    else:
-        pairs = matched.with_row_index(TARGET_ROW).filter(~is_new).select(TARGET_ROW, BASE_ROW)
+    positions = _positions(new_keys, old, old_join)
+    gone = _gone(old, positions)
+    if positions.len() != new_data.height or (gone.height and gone.select(keys).is_duplicated().any()):
+        # the snapshot holds a key twice (an older version committed it so): told by the join's height and the
+        # few unmatched keys, instead of marking repeated keys over the whole snapshot on every run
+        old = _one_row_per_key(old, keys)
+        positions = _positions(new_keys, old, old_join)
+        gone = _gone(old, positions)
+    flags = None
+    if not (update_all or by_hash):
+        pairs = pl.DataFrame([positions]).with_row_index(TARGET_ROW).filter(pl.col(_POS).is_not_null())
         differ = _rows_differ(
             new_data.select(data_columns(new_data))[pairs.get_column(TARGET_ROW)],
-            base.frame.select(data_columns(base.frame))[pairs.get_column(BASE_ROW)],
+            base.frame.select(data_columns(base.frame))[old.get_column(BASE_ROW).gather(pairs.get_column(_POS))],
         )
-        flags = pl.Series("__sc_differs", [False] * matched.height, dtype=pl.Boolean)
+        flags = pl.Series("__sc_differs", [False] * new_data.height, dtype=pl.Boolean)
         flags = flags.scatter(pairs.get_column(TARGET_ROW).to_numpy(), differ)
-        matched = matched.with_columns(flags)
-        changed = pl.col("__sc_differs")
-    state = matched.select(
-        pl.when(is_new | dirty_insert).then(1).when(changed | dirty).then(2).otherwise(0).cast(pl.Int8).alias("state")
-    ).to_series()
+    matched = _states(hashed, old, positions, flags, update_all=update_all)
+    state = matched.get_column("state")
     created_at = created if created is not None else matched.get_column("__sc_old_created")
     columns = [*new_data.columns, CREATED_AT]
     target = hashed.with_columns(created_at.fill_null(run_ms).cast(pl.Int64).alias(CREATED_AT)).select(
@@ -327,9 +408,7 @@ def diff_snapshot(
     indexed = target.select(columns).with_row_index(TARGET_ROW).with_columns(matched.get_column(BASE_ROW))
     inserted = indexed.filter(state == 1).sort(keys)  # BASE_ROW: a dirty row a settle kept, else null
     updated = indexed.filter(state == 2).sort(keys)
-    gone = (
-        old.with_columns(old_join).join(new_data.select(new_join), on=join_names, how="anti").select([*keys, BASE_ROW])
-    )
+    gone = gone.select([*keys, BASE_ROW])
     if gone.height:
         rows = base.rows_with_keys(gone.select(keys)).unique(subset=keys, keep="first", maintain_order=True)
         deleted = (
@@ -341,110 +420,6 @@ def diff_snapshot(
         deleted = old.select(BASE_ROW).clear()
     unchanged = new_data.height - inserted.height - updated.height
     return SnapshotDiff(target=target, inserted=inserted, updated=updated, deleted=deleted, unchanged=unchanged)
-
-
-ID = "id"
-
-
-def reconcile_ids(diff: SnapshotDiff, base: BaseSnapshot, keys: Sequence[str]) -> tuple[SnapshotDiff, bool]:
-    """The key diff made right for StopChurn, which keys rows by ``id``, when ``id`` is not the whole key.
-
-    A key diff sends one update per changed key. With an ``id`` column of its own (key ``("tenant", "id")``, or
-    ``user_key`` beside an ``id``), ids can move between keys, and what StopChurn must end with is decided by id:
-
-    - a row whose ``id`` changed: its old id is deleted (a delete of its own base row, sent before any insert or
-      update: see below) and its new id written, as an ``insert`` unless StopChurn holds that id after the plan's
-      deletes;
-    - a deleted key whose id a target row now holds sends no delete (a delete landing after the new row's update
-      would remove it): the insert of a new key taking that id becomes an ``update`` of it, settled as replacing
-      the deleted key's row (a row moving between tenants);
-    - any other deleted key's id is deleted.
-
-    Returns the diff and whether it deletes the old id of a row whose id changed. Such a plan is delivered deletes
-    first (``deletes_first``): every delete is settled before any insert or update is sent, so a row's old id is
-    never left behind by a plan stopped between the two, and no two requests in flight touch one id.
-    Ids of another type than the base's (``1`` -> ``"1"``) are other ids.
-    """
-    keys = list(keys)
-    target = diff.target
-    if (
-        keys == [ID]
-        or ID not in target.columns
-        or not (diff.inserted.height + diff.updated.height + diff.deleted.height)
-    ):
-        return diff, False
-    base_ids = base.columns([ID]).with_row_index(BASE_ROW)
-    row_dtype = base_ids.schema[BASE_ROW]
-    same_type = base_ids.schema[ID] == target.schema[ID]
-    updated = diff.updated.join(base_ids.rename({ID: _OLD_ID}), on=BASE_ROW, how="left", maintain_order="left")
-    id_moved = updated.filter(pl.col(ID).ne_missing(pl.col(_OLD_ID))) if same_type else updated
-    # a row a settle kept dirty as a maybe-insert (its insert may have landed) whose id changed since: its old id
-    # may be at StopChurn too, so it is deleted like the old id of an updated row (the row stays an insert)
-    kept = diff.inserted.filter(pl.col(BASE_ROW).is_not_null()).join(
-        base_ids.rename({ID: _OLD_ID}), on=BASE_ROW, how="left", maintain_order="left"
-    )
-    kept_moved = kept.filter(pl.col(ID).ne_missing(pl.col(_OLD_ID))) if same_type else kept
-    old_ids = pl.concat([id_moved.select(*keys, BASE_ROW, _OLD_ID), kept_moved.select(*keys, BASE_ROW, _OLD_ID)])
-    deleted, inserted, merged = diff.deleted, diff.inserted, diff.inserted.clear()
-    if old_ids.height:  # the old id of a row whose id changed: deleted as it was last delivered
-        rows = base.rows_with_keys(old_ids.select(keys)).unique(subset=keys, keep="first", maintain_order=True)
-        extra = (
-            rows.drop([c for c in (HASH_1, HASH_2) if c in rows.columns])
-            .join(old_ids.select(*keys, BASE_ROW), on=keys, how="left", maintain_order="left")
-            .with_columns(pl.col(BASE_ROW).cast(row_dtype))
-        )
-    else:
-        extra = None
-    if same_type:
-        sent_ids = target.select(ID).unique()
-        if deleted.height:  # a deleted key whose id a target row now holds: no delete
-            reused = deleted.join(sent_ids, on=ID, how="semi").get_column(BASE_ROW)
-            deleted = deleted.join(sent_ids, on=ID, how="anti", maintain_order="left")
-        else:
-            reused = pl.Series(BASE_ROW, [], dtype=row_dtype)
-        # the ids StopChurn holds once the plan's deletes landed; each once (a settled snapshot may hold an id on
-        # two rows); the row of a deleted key is the one an insert of that id replaces
-        gone_ids = old_ids.select(pl.col(_OLD_ID).alias(ID))
-        if deleted.height:
-            gone_ids = pl.concat([gone_ids, deleted.select(ID)])
-        held = (
-            base_ids.join(gone_ids, on=ID, how="anti")
-            .sort(pl.col(BASE_ROW).is_in(reused.implode()), descending=True)
-            .unique(subset=[ID], keep="first")
-            .rename({BASE_ROW: _OWNER})
-        )
-        # an insert of an id another base row holds updates that id (replacing the deleted key's row)
-        owned = inserted.join(held, on=ID, how="left", maintain_order="left")
-        takes = pl.col(_OWNER).is_not_null() & pl.col(_OWNER).ne_missing(pl.col(BASE_ROW))
-        merged = owned.filter(takes).with_columns(
-            pl.when(pl.col(BASE_ROW).is_null() & pl.col(_OWNER).is_in(reused.implode()))
-            .then(pl.col(_OWNER))
-            .otherwise(pl.col(BASE_ROW))
-            .cast(row_dtype)
-            .alias(BASE_ROW)
-        )
-        inserted = owned.filter(~takes)
-        to_insert = id_moved.filter(~pl.col(ID).is_in(held.get_column(ID).implode()))
-    else:  # ids of another type are other ids: every old id goes, every new one is new
-        to_insert = id_moved
-    if extra is not None:
-        deleted = extra if diff.deleted.height == 0 else pl.concat([deleted, extra.select(deleted.columns)])
-    columns = diff.updated.columns
-    stays = updated.join(to_insert.select(TARGET_ROW), on=TARGET_ROW, how="anti", maintain_order="left")
-    return (
-        SnapshotDiff(
-            target=target,
-            inserted=pl.concat([inserted.select(columns), to_insert.select(columns)]).sort(keys),
-            updated=pl.concat([stays.select(columns), merged.select(columns)]).sort(keys),
-            deleted=deleted.sort(keys) if deleted.height else deleted,
-            unchanged=diff.unchanged,
-        ),
-        extra is not None,
-    )
-
-
-_OLD_ID = "__sc_old_id"
-_OWNER = "__sc_owner"
 
 
 def _one_row_per_key(old: pl.DataFrame, keys: list[str]) -> pl.DataFrame:

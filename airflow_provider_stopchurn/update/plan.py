@@ -31,8 +31,8 @@ from airflow_provider_stopchurn.update.diff import (
     data_columns,
     diff_snapshot,
     first_load,
-    reconcile_ids,
 )
+from airflow_provider_stopchurn.update.ids import reconcile_ids
 from airflow_provider_stopchurn.update.window import Window
 
 log = logging.getLogger(__name__)

@@ -413,9 +413,9 @@ def _across_key_types(
 def _one_row_per_key(frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
     """A settled snapshot holds each key once (a commit refuses one that does not). Should two rows name one key,
     one is kept, marked dirty, so the next run sends that key's current state (or deletes it) again."""
-    twice = frame.select(keys).is_duplicated()
-    if not twice.any():
+    if frame.select(keys).n_unique() == frame.height:  # half the cost of marking; the common case
         return frame
+    twice = frame.select(keys).is_duplicated()
     log.error("A settled snapshot held %d rows of repeated keys; they are sent again next run.", int(twice.sum()))
     again = frame.filter(twice).unique(subset=keys, keep="first", maintain_order=True)
     return pl.concat([frame.filter(~twice), _marked(again, DIRTY_UPDATE, frame)])

@@ -77,6 +77,8 @@ class _Diff:
     baseline: bool
     schema_change: dict[str, Any] | None
     counts: dict[str, int]
+    #: the scratch table the narrow diff was written into (None: the counts came from a query of their own)
+    scratch: str | None = None
 
 
 def _decide(
@@ -86,8 +88,10 @@ def _decide(
     schema: pa.Schema,
     meta: _Meta | None,
     options: SyncOptions,
+    scratch: str | None = None,
 ) -> _Diff:
-    """Schema policy and counts (in SQL), and the safeguards on them."""
+    """Schema policy and counts (in SQL), and the safeguards on them. ``scratch``: the table to write the narrow
+    diff into and count from (a run that may write; a dry run counts with one query and writes nothing)."""
     columns = schema.names
     if meta is None:
         (total,) = warehouse.rows(state.r(f"SELECT COUNT(*) FROM {S.q(S.SOURCE)} AS s", query))[0]
@@ -121,19 +125,43 @@ def _decide(
     if baseline:
         (total,) = warehouse.rows(state.r(f"SELECT COUNT(*) FROM {S.q(S.SOURCE)} AS s", query))[0]
         return _Diff(False, True, schema_change, {"unchanged": int(total)})
-    raw = warehouse.rows(state.counts(query, columns, update_all=update_all))
-    counts = {("unchanged" if op is None else str(op)): int(n) for op, n in raw}
+    if scratch is not None:
+        counts = _narrow_counts(warehouse, state, scratch, query, columns, update_all=update_all)
+    else:
+        raw = warehouse.rows(state.counts(query, columns, update_all=update_all))
+        counts = {("unchanged" if op is None else str(op)): int(n) for op, n in raw}
     source_rows = counts.get("insert", 0) + counts.get("update", 0) + counts.get("unchanged", 0)
     committed = Committed(None, kinds={}, key_columns=options.key_columns, version=meta.token, rows=meta.rows)  # type: ignore[arg-type]
     check_safeguards(counts.get("delete", 0), source_rows, committed, options)
-    return _Diff(update_all, False, schema_change, counts)
+    return _Diff(update_all, False, schema_change, counts, scratch)
+
+
+def _narrow_counts(
+    warehouse: Warehouse, state: S.StateTable, scratch: str, query: str, columns: Sequence[str], *, update_all: bool
+) -> dict[str, int]:
+    """Write the narrow diff into ``scratch`` and count it. The unchanged rows are the state's rows that are in
+    neither the narrow diff nor deleted: keys are unique on both sides (the key checks, the state table's
+    making), so every state row either matches one source row (unchanged, or in the diff with its key in the
+    state table) or is deleted (in the diff, its key in the state table)."""
+    warehouse.execute(state.diff_into(scratch, query, columns, update_all=update_all))
+    counts: dict[str, int] = {}
+    in_state = 0
+    for op, known, n in warehouse.rows(state.narrow_counts(scratch)):
+        counts[str(op)] = counts.get(str(op), 0) + int(n)
+        in_state += int(n) if int(known) else 0
+    ((state_rows,),) = warehouse.rows(state.count_rows())
+    unchanged = int(state_rows) - in_state
+    if unchanged:
+        counts["unchanged"] = unchanged
+    return counts
 
 
 def _change_batches(run: _Run, columns: Sequence[str], diff: _Diff, *, first: bool) -> Generator[pa.RecordBatch]:
     state = run.state
-    sql = (
-        state.first_load(run.query, columns) if first else state.changes(run.query, columns, update_all=diff.update_all)
-    )
+    if first:
+        sql = state.first_load(run.query, columns)
+    else:
+        sql = state.changes(run.query, columns, update_all=diff.update_all, among=diff.scratch)
     yield from run.warehouse.batches(sql)
 
 

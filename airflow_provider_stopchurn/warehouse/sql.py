@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import pyarrow as pa
@@ -55,6 +55,14 @@ NEW_HASH = "__sc_hash"
 OLD_CREATED = "__sc_old_created"
 OLD_ROW = "__sc_old_row"
 ACTION = "__sc_action"
+#: 1 when a row of the narrow diff has a row in the state table (the unchanged rows are counted by it)
+IN_STATE = "__sc_in_state"
+#: Dialects whose diff is written once into a scratch table (:meth:`StateTable.diff_into`). Elsewhere (Spark, the
+#: untested DB-API warehouses: no ``information_schema`` to find a killed run's scratch table by) two queries.
+NARROW = frozenset({"postgres", "duckdb"})
+#: Dialects whose state table is indexed on its key. Not DuckDB: its hash joins never use one, and keeping one up
+#: made a 1M-row settle 6x slower (benchmarks/RESULTS-pushdown.md). Not Spark: no indexes.
+INDEXED = frozenset({"postgres"})
 
 
 _QUALIFIED_RENAME = frozenset({"spark", "databricks", "hive"})
@@ -101,6 +109,11 @@ def source_query(sql: str) -> str:
             "Put setup statements in an upstream task, or use a view."
         )
     return statements[0]
+
+
+def _joined(texts: Iterable[str]) -> str:
+    """One text of several, each length-prefixed (so no two lists of texts join alike); immutable, as indexed."""
+    return "(" + " || ".join(f"CAST(LENGTH({t}) AS TEXT) || ':' || {t}" for t in texts) + ")"
 
 
 def row_hash_sql(columns: Sequence[str], alias: str = "s") -> str:
@@ -201,6 +214,7 @@ class StateTable:
                 f"CREATE TABLE IF NOT EXISTS {self.meta} "
                 '("format" INT, "token" TEXT, "plan_id" TEXT, "columns" TEXT, "key_columns" TEXT, "rows" BIGINT)'
             ),
+            *([self.create_index()] if self.dialect in INDEXED else []),
         ]
 
     def drop(self) -> list[str]:
@@ -261,7 +275,13 @@ class StateTable:
             return f"CAST(CAST(t.{q(k)} AS TIMESTAMPTZ) AS TEXT)"  # as _migrate's key_to_utc writes it
         return f"t.{q(k)}"
 
-    def _diff_cte(self, columns: Sequence[str], *, update_all: bool) -> str:
+    def _diff_cte(
+        self, columns: Sequence[str], *, update_all: bool, among: str | None = None, narrow: bool = False
+    ) -> str:
+        """``n`` (the source rows with their key texts and hash) and ``d`` (their full outer join with the state
+        table, one op per key; NULL: unchanged). ``among``: a scratch table of keys (:meth:`diff_into`) both sides
+        are limited to, so only its rows are hashed and joined. ``narrow``: ``d`` holds the key texts, the op and
+        whether the key is in the state table, nothing else."""
         texts = ", ".join(f"CAST(s.{q(k)} AS TEXT) AS {q(key_text(i))}" for i, k in enumerate(self.key_columns))
         on = " AND ".join(f"n.{q(key_text(i))} = {self._state_key(k)}" for i, k in enumerate(self.key_columns))
         first_key = q(key_text(0))
@@ -270,17 +290,34 @@ class StateTable:
             for i, k in enumerate(self.key_columns)
         )
         changed = "TRUE" if update_all else f"n.{q(NEW_HASH)} <> t.{q(HASH)}"
+        op = (
+            f"CASE WHEN n.{first_key} IS NULL THEN 'delete' "
+            f"WHEN t.{q(HASH)} IS NULL OR t.{q(HASH)} = {lit(DIRTY_INSERT)} THEN 'insert' "
+            f"WHEN {changed} THEN 'update' ELSE NULL END AS {q(OP)}"
+        )
+        rows, state = f"{q(SOURCE)} AS s", f"{self.qualified} AS t"
+        if among is not None:  # a semi-join on the keys: the hash is computed for the rows that pass only
+            by_source = " AND ".join(
+                f"k.{q(key_text(i))} = CAST(s.{q(k)} AS TEXT)" for i, k in enumerate(self.key_columns)
+            )
+            by_state = self._match("k")
+            # OFFSET 0: a subquery of its own, or PostgreSQL hashes every row in the scan below the semi-join
+            rows = f"(SELECT s.* FROM {rows} WHERE EXISTS (SELECT 1 FROM {among} AS k WHERE {by_source}) OFFSET 0) AS s"
+            state = f"(SELECT t.* FROM {state} WHERE EXISTS (SELECT 1 FROM {among} AS k WHERE {by_state})) AS t"
+        if narrow:
+            in_state = f"CASE WHEN t.{q(self.key_columns[0])} IS NULL THEN 0 ELSE 1 END AS {q(IN_STATE)}"
+            return (
+                f"WITH n AS (SELECT {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {rows}), "
+                f"d AS (SELECT {old_texts}, {op}, {in_state} FROM n FULL OUTER JOIN {state} ON {on}) "
+            )
         data = ", ".join(f"n.{q(c)}" for c in columns)
         return (
-            f"WITH n AS (SELECT s.*, {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {q(SOURCE)} AS s), "
+            f"WITH n AS (SELECT s.*, {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {rows}), "
             f"d AS (SELECT {data}{', ' if data else ''}{old_texts}, n.{q(NEW_HASH)}, "
             f"t.{q(CREATED)} AS {q(OLD_CREATED)}, "
             # only a delete sends the row as last delivered: the others leave it in the warehouse
-            f"CASE WHEN n.{first_key} IS NULL THEN t.{q(ROW)} END AS {q(OLD_ROW)}, "
-            f"CASE WHEN n.{first_key} IS NULL THEN 'delete' "
-            f"WHEN t.{q(HASH)} IS NULL OR t.{q(HASH)} = {lit(DIRTY_INSERT)} THEN 'insert' "
-            f"WHEN {changed} THEN 'update' ELSE NULL END AS {q(OP)} "
-            f"FROM n FULL OUTER JOIN {self.qualified} AS t ON {on}) "
+            f"CASE WHEN n.{first_key} IS NULL THEN t.{q(ROW)} END AS {q(OLD_ROW)}, {op} "
+            f"FROM n FULL OUTER JOIN {state} ON {on}) "
         )
 
     def counts(self, source: str, columns: Sequence[str], *, update_all: bool) -> str:
@@ -290,13 +327,58 @@ class StateTable:
             source,
         )
 
-    def changes(self, source: str, columns: Sequence[str], *, update_all: bool) -> str:
+    def changes(self, source: str, columns: Sequence[str], *, update_all: bool, among: str | None = None) -> str:
         """The changed rows only: the source's columns (NULL for deletes), the key texts, the new hash, and the
-        state's createdAt and last delivered row."""
+        state's createdAt and last delivered row. ``among``: only the keys of this scratch table
+        (:meth:`diff_into`), each diffed again as it is now, so a row's op, hash and columns come from one
+        statement even when the source moved since the narrow diff."""
         return self.r(
-            self._diff_cte(columns, update_all=update_all) + f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL",
+            self._diff_cte(columns, update_all=update_all, among=among)
+            + f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL",
             source,
         )
+
+    # --- the narrow diff, written once (NARROW dialects) -----------------------------------------------------
+    def short(self) -> str:
+        """The key index's and scratch tables' prefix: short (PostgreSQL's 63), one per state table."""
+        return f"{self.name[:30]}_{hashlib.sha256(self.name.encode()).hexdigest()[:8]}"
+
+    def create_index(self) -> str:
+        """The key index settling looks keys up in: hash (a B-tree refuses texts over 2.7 kB), on the key, or on all
+        key texts joined (:meth:`_match`: a hash index on one column of many has its duplicates in one chain)."""
+        key = q(self.key_columns[0]) if len(self.key_columns) == 1 else f"({_joined(map(q, self.key_columns))})"
+        return self.r(f"CREATE INDEX IF NOT EXISTS {q(self.short() + '__key')} ON {self.qualified} USING hash ({key})")
+
+    def _match(self, alias: str) -> str:
+        """``alias``'s key texts equal the state table's (``t``), with the index's expression (composite keys)."""
+        pairs = [(f"{alias}.{q(key_text(i))}", f"t.{q(k)}") for i, k in enumerate(self.key_columns)]
+        indexed = self.dialect in INDEXED and len(pairs) > 1
+        joined = f" AND {_joined(a for a, _ in pairs)} = {_joined(b for _, b in pairs)}" if indexed else ""
+        return " AND ".join(f"{a} = {b}" for a, b in pairs) + joined
+
+    @property
+    def scratch_prefix(self) -> str:
+        """The name every scratch table of a narrow diff starts with; one run's is ``<prefix><its tag>``."""
+        return self.short() + "__diff_"
+
+    def scratch(self, tag: str) -> str:
+        """The narrow diff's scratch table of the run tagged ``tag``, quoted and qualified."""
+        return self._in_schema(self.scratch_prefix + tag)
+
+    def diff_into(self, scratch: str, source: str, columns: Sequence[str], *, update_all: bool) -> list[str]:
+        """Write the narrow diff (key texts, op, whether the key is in the state table) of every changed row into
+        ``scratch``: the one full outer join of the run, with the row hash of every source row."""
+        select = self._diff_cte(columns, update_all=update_all, narrow=True)
+        select += f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL"
+        # unlogged (PostgreSQL): a scratch table needs no WAL; a crash leaves it empty, and the next run drops it
+        create = "CREATE UNLOGGED TABLE" if self.dialect == "postgres" else "CREATE TABLE"
+        analyze = [f"ANALYZE {scratch}"] if self.dialect == "postgres" else []  # the join back's row count
+        return [f"{create} {scratch} AS {self.r(select, source)}", *analyze]  # a name no other run has
+
+    def narrow_counts(self, scratch: str) -> str:
+        """Per op and whether its key is in the state table, the rows of the narrow diff."""
+        by = f"d.{q(OP)}, d.{q(IN_STATE)}"
+        return self.r(f"SELECT {by}, COUNT(*) FROM {scratch} AS d GROUP BY {by}")
 
     def first_load(self, source: str, columns: Sequence[str]) -> str:
         """Every source row, in the query's order, with its key texts and hash (no state to join)."""
@@ -330,7 +412,7 @@ class StateTable:
         """Statements that make the state table hold the staged rows (``upsert``) and not hold the staged keys
         (``delete``): a DELETE + INSERT in one transaction, or (warehouses without either) a rewrite of the table
         into ``..__next`` that :meth:`swap` puts in place."""
-        match = " AND ".join(f"g.{q(key_text(i))} = t.{q(k)}" for i, k in enumerate(self.key_columns))
+        match = self._match("g")
         columns = ", ".join([*(q(k) for k in self.key_columns), q(HASH), q(CREATED), q(ROW)])
         if transactions:
             return [
@@ -350,8 +432,10 @@ class StateTable:
         ]
 
     def swap(self) -> list[str]:
-        """Put ``..__next`` in place of the state table (warehouses without transactions)."""
-        return self._swap(self.next, self.qualified, self.name)
+        """Put ``..__next`` in place of the state table (warehouses without transactions; a baseline's scratch
+        table, in one transaction, elsewhere), with the index it is looked up by (built once, after the rows)."""
+        index = [self.create_index()] if self.dialect in INDEXED else []
+        return [*self._swap(self.next, self.qualified, self.name), *index]
 
     def swap_meta(self) -> list[str]:
         """Put ``..__meta_next`` in place of the bookkeeping table (warehouses without transactions)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,7 +28,7 @@ from airflow_provider_stopchurn.warehouse.databases import Warehouse
 # the logger name the warehouse sync has always logged under: users and tests filter on it
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
 
-__all__ = ["StateDriftError", "check_state", "prepare_state"]
+__all__ = ["StateDriftError", "check_state", "drop_scratch", "prepare_state"]
 
 
 class StateDriftError(SnapshotError):
@@ -119,6 +120,48 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
     meta = read_meta(warehouse, state)
     if meta is not None and meta.format < S.STATE_FORMAT:
         _migrate(warehouse, state, meta)
+    if warehouse.transactions and warehouse.dialect in S.NARROW:
+        drop_scratch(warehouse, state)
+    if meta is not None and warehouse.dialect in S.INDEXED and not _indexed(warehouse, state):
+        # a state table made before it had an index gets it now, once (no user action)
+        log.info("Indexing the state table %s on its key.", state.display)
+        try:
+            warehouse.execute([state.create_index()])
+        except Exception as err:  # only its owner may index it: the run keeps going without, as it did before
+            log.warning(
+                "Could not index the state table %s on its key (the run goes on without; its owner may run the "
+                "index statement the next run tries again): %s",
+                state.display,
+                _first_line(err),
+            )
+
+
+def drop_scratch(warehouse: Warehouse, state: S.StateTable) -> None:
+    """Drop the narrow diff's scratch tables of this state table that a killed or failed run left: runs are
+    serialized by the lock, so none is in use when a run starts."""
+    # exactly a run's name (sync.py: 12 hex digits after the prefix): a table that only starts alike is not ours
+    run_name = re.compile(re.escape(state.scratch_prefix) + "[0-9a-f]{12}")
+    tables = f"SELECT table_name FROM information_schema.tables WHERE table_schema = {S.lit(state.schema)}"
+    stale = [str(name) for (name,) in warehouse.rows(tables) if run_name.fullmatch(str(name))]
+    if stale:
+        log.info("Dropping %d scratch table(s) an earlier run left in %s.", len(stale), state.schema)
+        for name in stale:
+            try:
+                warehouse.execute([state.r(f"DROP TABLE IF EXISTS {S.q(state.schema)}.{S.q(name)}")])
+            except Exception as err:  # another role's (its owner may drop it): never read, so never in the way
+                log.warning("Could not drop the scratch table %s.%s: %s", state.schema, name, _first_line(err))
+
+
+def _indexed(warehouse: Warehouse, state: S.StateTable) -> bool:
+    """Whether the state table's key index exists (PostgreSQL)."""
+    where = f"schemaname = {S.lit(state.schema)} AND indexname = {S.lit(state.short() + '__key')}"
+    return bool(warehouse.rows(f"SELECT 1 FROM pg_indexes WHERE {where}"))
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error (a driver's message goes on with the whole statement)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _past_half_swaps(warehouse: Warehouse, state: S.StateTable) -> S.StateTable:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from contextlib import closing
 from dataclasses import replace
 from typing import Any
@@ -135,23 +136,32 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
     meta = check_state(warehouse, state, store, current)
     schema = _source_schema(warehouse, state, run.query, options)
     _check_keys(warehouse, state, run.query, options)
-    diff = _decide(warehouse, state, run.query, schema, meta, options)
-    summary.schema_change = diff.schema_change
-    kinds = _kinds(schema, options)
-    plan_meta = _plan_meta(options, state, kinds, schema, run.run_ms)
-    base = None if current is None else str(current["version"])
-    if meta is None:
-        warehouse.execute(state.create())
-    if diff.baseline:
-        summary.baseline = True
-        summary.unchanged = diff.counts.get("unchanged", 0)
-        same_keys = meta is not None and meta.key_columns == tuple(options.key_columns)
-        _baseline(run, schema, plan_meta, base, keep_created=same_keys)  # other keys name other rows
-        return
-    key_kinds = _key_kinds(kinds, current, options)
-    # closed at once on an error: an open read keeps its connection (and its locks) until garbage collection
-    with closing(_change_batches(run, schema.names, diff, first=meta is None)) as batches:
-        frame = _plan_frame(run, batches, key_kinds, meta is None)
+    # the narrow diff's scratch table, named by this run: a killed try's is never read, and is dropped by the
+    # next run (prepare_state)
+    narrow = meta is not None and warehouse.transactions and warehouse.dialect in S.NARROW and _may_create(run)
+    scratch = state.scratch(uuid.uuid4().hex[:12]) if narrow else None  # 12 hex digits: drop_scratch matches them
+    diff = None
+    try:
+        diff = _decide(warehouse, state, run.query, schema, meta, options, scratch)
+        summary.schema_change = diff.schema_change
+        kinds = _kinds(schema, options)
+        plan_meta = _plan_meta(options, state, kinds, schema, run.run_ms)
+        base = None if current is None else str(current["version"])
+        if meta is None:
+            warehouse.execute(state.create())
+        if diff.baseline:
+            summary.baseline = True
+            summary.unchanged = diff.counts.get("unchanged", 0)
+            same_keys = meta is not None and meta.key_columns == tuple(options.key_columns)
+            _baseline(run, schema, plan_meta, base, keep_created=same_keys)  # other keys name other rows
+            return
+        key_kinds = _key_kinds(kinds, current, options)
+        # closed at once on an error: an open read keeps its connection (and its locks) until garbage collection
+        with closing(_change_batches(run, schema.names, diff, first=meta is None)) as batches:
+            frame = _plan_frame(run, batches, key_kinds, meta is None)
+    finally:
+        if scratch is not None and (diff is None or diff.scratch is not None):
+            _drop(run, scratch)
     unchanged = diff.counts.get("unchanged", 0) if meta is not None else 0
     # the rows an earlier try of this DAG run delivered are unchanged to this try's diff, but not to the DAG run
     summary.unchanged = max(0, unchanged - summary.inserted - summary.updated)
@@ -170,6 +180,24 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
         meta={**plan_meta, "total_updates": frame.height},
     )
     _deliver_and_settle(run, sender, plan, frame)
+
+
+def _may_create(run: _Run) -> bool:
+    """Whether the run may make its scratch table in the state schema (a role that may only read and write the
+    state table diffs in two queries, as every run did before the scratch table)."""
+    if run.warehouse.dialect != "postgres":  # DuckDB: no privileges (a read-only file never gets this far)
+        return True
+    sql = f"SELECT has_schema_privilege({S.lit(run.state.schema)}, 'CREATE')"
+    return bool(run.warehouse.rows(sql)[0][0])
+
+
+def _drop(run: _Run, scratch: str) -> None:
+    """Drop this run's scratch table once its changed rows are read. A failure here only leaves it to the next
+    run (which drops every one it finds) and must not hide the error the run may be raising."""
+    try:
+        run.warehouse.execute([run.state.r(f"DROP TABLE IF EXISTS {scratch}")])
+    except Exception as err:
+        log.warning("Could not drop the scratch table %s (the next run drops it): %s", scratch, err)
 
 
 def _deliver_and_settle(run: _Run, sender: Sender, plan: Plan, frame: pl.DataFrame) -> None:
