@@ -87,27 +87,7 @@ def run_warehouse_sync(
                 prepare_state(warehouse, state)  # before anything reads or writes the state table
                 pending = store.pending_plan()
                 if pending is not None:
-                    acks = store.acks(pending)
-                    log.warning(
-                        "Settling the unfinished plan %s of %r into %s: %d of %d chunks were acknowledged.",
-                        pending.plan_id,
-                        options.table_name,
-                        state.display,
-                        len(acks),
-                        len(pending.chunks),
-                    )
-                    summary.settled_chunks += len(acks)
-                    summary.add(
-                        settle_state(
-                            store,
-                            pending,
-                            acks,
-                            warehouse,
-                            state,
-                            lock=lock,
-                            run=lambda s: summary.run_record(options.run_key, s, delivered),
-                        )
-                    )
+                    _settle_pending(run, pending, lock, delivered)
                 run.lock = lock
                 _plan_and_deliver(run, sender)
     finally:
@@ -115,6 +95,50 @@ def run_warehouse_sync(
     summary.duration_s = round(time.monotonic() - started, 3)
     log.info("%s", summary.line())
     return summary
+
+
+def _settle_pending(run: _Run, pending: Plan, lock: Any, delivered: int) -> None:
+    """Settle the plan an earlier run left. An earlier try of this DAG run (same ``run_key``) counts in this run's
+    summary; another run's plan (a killed run, another DAG run, any earlier call without a ``run_key``) only in
+    ``settled_from_other_runs``, as the worker path does: its rejections are not this run's, and the rows it left
+    rejected are sent again by this run's diff, so reporting them here would report rows StopChurn now holds."""
+    store, options, summary = run.store, run.options, run.summary
+    acks = store.acks(pending)
+    own = options.run_key is not None and pending.meta.get("run_key") == options.run_key
+    log.warning(
+        "Settling the unfinished plan %s of %r into %s (%s): %d of %d chunks were acknowledged.",
+        pending.plan_id,
+        options.table_name,
+        run.state.display,
+        "an earlier try of this run" if own else "left by another run, counted apart",
+        len(acks),
+        len(pending.chunks),
+    )
+    if own:
+        summary.settled_chunks += len(acks)
+        summary.add(
+            settle_state(
+                store,
+                pending,
+                acks,
+                run.warehouse,
+                run.state,
+                lock=lock,
+                run=lambda s: summary.run_record(options.run_key, s, delivered),
+            )
+        )
+    else:
+        summary.add_other(
+            settle_state(
+                store,
+                pending,
+                acks,
+                run.warehouse,
+                run.state,
+                lock=lock,
+                run=lambda _: summary.run_record(options.run_key, chunks=delivered),
+            )
+        )
 
 
 def _current(store: SnapshotStore) -> dict[str, Any] | None:
