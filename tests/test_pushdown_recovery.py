@@ -142,7 +142,6 @@ def test_a_rejection_under_fail_then_a_fixed_source_goes_through(
     _converges(engine, store, sb, frame.drop(index=11).reset_index(drop=True), 2)
 
 
-
 def test_a_killed_runs_rejection_that_is_accepted_now_is_not_reported(
     engine: Engine, stopchurn_sandbox_factory: Any
 ) -> None:
@@ -171,6 +170,7 @@ def test_a_killed_runs_rejection_that_is_accepted_now_is_not_reported(
     assert store.read_quarantine() == []
     again = run_on(engine, store, make_client(sb), 3)
     assert (again.inserted, again.updated, again.deleted, again.chunks) == (0, 0, 0, 0)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # the crash matrix: a worker dying at every write (store files and warehouse statements)
