@@ -35,7 +35,7 @@ from airflow_provider_stopchurn.store.history import recorded_under_lock
 from airflow_provider_stopchurn.update.deliver import Sender
 from airflow_provider_stopchurn.update.plan import approval
 from airflow_provider_stopchurn.update.settle import APPLIED
-from airflow_provider_stopchurn.update.sync import SyncSummary, deliver_and_settle, summary_counts
+from airflow_provider_stopchurn.update.sync import SyncSummary, deliver_and_settle, settle_counted, summary_counts
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.changes import _encode_batch, _key_kinds, _kinds, _plan_frame, windows
 from airflow_provider_stopchurn.warehouse.plan import (
@@ -98,47 +98,17 @@ def run_warehouse_sync(
 
 
 def _settle_pending(run: _Run, pending: Plan, lock: Any, delivered: int) -> None:
-    """Settle the plan an earlier run left. An earlier try of this DAG run (same ``run_key``) counts in this run's
-    summary; another run's plan (a killed run, another DAG run, any earlier call without a ``run_key``) only in
-    ``settled_from_other_runs``, as the worker path does: its rejections are not this run's, and the rows it left
-    rejected are sent again by this run's diff, so reporting them here would report rows StopChurn now holds."""
-    store, options, summary = run.store, run.options, run.summary
-    acks = store.acks(pending)
-    own = options.run_key is not None and pending.meta.get("run_key") == options.run_key
-    log.warning(
-        "Settling the unfinished plan %s of %r into %s (%s): %d of %d chunks were acknowledged.",
-        pending.plan_id,
-        options.table_name,
-        run.state.display,
-        "an earlier try of this run" if own else "left by another run, counted apart",
-        len(acks),
-        len(pending.chunks),
+    """Settle the plan an earlier run left into the state table, counted as the worker path counts it."""
+    settle_counted(
+        run.summary,
+        run.options,
+        pending,
+        run.store.acks(pending),
+        delivered,
+        lambda acks, record: settle_state(run.store, pending, acks, run.warehouse, run.state, lock=lock, run=record),
+        into=run.state.display,
+        logger=log,
     )
-    if own:
-        summary.settled_chunks += len(acks)
-        summary.add(
-            settle_state(
-                store,
-                pending,
-                acks,
-                run.warehouse,
-                run.state,
-                lock=lock,
-                run=lambda s: summary.run_record(options.run_key, s, delivered),
-            )
-        )
-    else:
-        summary.add_other(
-            settle_state(
-                store,
-                pending,
-                acks,
-                run.warehouse,
-                run.state,
-                lock=lock,
-                run=lambda _: summary.run_record(options.run_key, chunks=delivered),
-            )
-        )
 
 
 def _current(store: SnapshotStore) -> dict[str, Any] | None:
