@@ -26,6 +26,7 @@ from helpers_sync import (
     sandbox_rows,
     update_requests,
 )
+from killswitch_fs import KillSwitchFileSystem, fresh_root
 from pushdown_engines import Engine, engine_fixture, local_engine  # noqa: F401 - local_engine: the engine fixture
 from test_crash_matrix_object_store import KillableMemoryFileSystem, Killed
 from test_pushdown import QUERY, churn, table
@@ -139,6 +140,36 @@ def test_a_rejection_under_fail_then_a_fixed_source_goes_through(
     sb.reject_ids(())
     engine.load(frame.drop(index=11).reset_index(drop=True))  # the user fixed the source: row 12 removed
     _converges(engine, store, sb, frame.drop(index=11).reset_index(drop=True), 2)
+
+
+def test_a_killed_runs_rejection_that_is_accepted_now_is_not_reported(
+    engine: Engine, stopchurn_sandbox_factory: Any
+) -> None:
+    """A run killed before it settled leaves a plan with a row StopChurn rejected. Once StopChurn accepts it, the
+    next run settles that plan (another run's: counted apart, as the worker path does), sends the row again and
+    reports no rejection: its ``rejected`` are the rows it leaves rejected."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(fresh_root(), BRAND, TABLE)
+    frame = table(12)
+    engine.load(frame)
+    sb.reject_ids(["5"])
+    # die before the settle records the rows still rejected: the acknowledgements are kept, the plan is pending
+    KillSwitchFileSystem.arm(lambda path, _count: "/quarantine/" in path and path.endswith(".jsonl"))
+    try:
+        with pytest.raises(Killed):
+            run_on(engine, store, make_client(sb), 1, on_rejected_rows="quarantine")
+    finally:
+        KillSwitchFileSystem.arm(None)
+    store.break_lock()
+    assert store.pending_plan() is not None
+    sb.reject_ids(())
+    summary = run_on(engine, store, make_client(sb), 2, on_rejected_rows="quarantine")
+    assert (summary.rejected, summary.quarantined) == ([], 0)
+    assert summary.settled_from_other_runs["rejected"] == 1
+    assert_sandbox_matches(sb, frame)
+    assert store.read_quarantine() == []
+    again = run_on(engine, store, make_client(sb), 3)
+    assert (again.inserted, again.updated, again.deleted, again.chunks) == (0, 0, 0, 0)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -203,41 +203,52 @@ def run_sync(
             delivered_chunks = summary.settled_chunks
             if pending is not None:
                 _check_owner(pending.meta, store, options)
-                acks = store.acks(pending)
-                own = options.run_key is not None and pending.meta.get("run_key") == options.run_key
-                log.warning(
-                    "Settling the unfinished plan %s of %r (%s): %d of %d chunks were acknowledged.",
-                    pending.plan_id,
-                    options.table_name,
-                    "an earlier try of this run" if own else "left by another run, counted apart",
-                    len(acks),
-                    len(pending.chunks),
+                settle_counted(
+                    summary,
+                    options,
+                    pending,
+                    store.acks(pending),
+                    delivered_chunks,
+                    lambda acks, run: settle(store, pending, acks, lock=lock, run=run),
                 )
-                if own:
-                    summary.settled_chunks += len(acks)
-                    summary.add(
-                        settle(
-                            store,
-                            pending,
-                            acks,
-                            lock=lock,
-                            run=lambda s: summary.run_record(options.run_key, s, delivered_chunks),
-                        )
-                    )
-                else:
-                    summary.add_other(
-                        settle(
-                            store,
-                            pending,
-                            acks,
-                            lock=lock,
-                            run=lambda _: summary.run_record(options.run_key, chunks=delivered_chunks),
-                        )
-                    )
             _plan_and_deliver(source, store, sender, options, summary, run_ms, lock)
     summary.duration_s = round(time.monotonic() - started, 3)
     log.info("%s", summary.line())
     return summary
+
+
+def settle_counted(
+    summary: SyncSummary,
+    options: SyncOptions,
+    pending: Plan,
+    acks: Mapping[int, Sequence[Mapping[str, Any]]],
+    delivered: int,
+    settle_with: Callable[[Mapping[int, Sequence[Mapping[str, Any]]], Callable[[Settled], Any]], Settled],
+    *,
+    into: str = "",
+    logger: logging.Logger = log,
+) -> None:
+    """Settle the plan an earlier run left (``settle_with(acks, run_record)``) and count it where it belongs.
+
+    A plan of an earlier try of this DAG run (the same ``run_key``) counts in this run's summary; any other plan (a
+    killed run, another DAG run, an earlier call without a ``run_key``) only in ``settled_from_other_runs``: its
+    rejections are not this run's, and the rows it left rejected are sent again by this run's diff.
+    """
+    own = options.run_key is not None and pending.meta.get("run_key") == options.run_key
+    logger.warning(
+        "Settling the unfinished plan %s of %r%s (%s): %d of %d chunks were acknowledged.",
+        pending.plan_id,
+        options.table_name,
+        f" into {into}" if into else "",
+        "an earlier try of this run" if own else "left by another run, counted apart",
+        len(acks),
+        len(pending.chunks),
+    )
+    if own:
+        summary.settled_chunks += len(acks)
+        summary.add(settle_with(acks, lambda s: summary.run_record(options.run_key, s, delivered)))
+    else:
+        summary.add_other(settle_with(acks, lambda _: summary.run_record(options.run_key, chunks=delivered)))
 
 
 def summary_counts(summary: SyncSummary) -> dict[str, Any]:

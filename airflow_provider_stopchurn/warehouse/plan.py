@@ -173,6 +173,8 @@ def _plan_meta(
         "diff_location": DIFF_LOCATION,
         "brand_id": options.brand_id,
         "table_name": options.table_name,
+        # tells the settle of a killed try whether it was this DAG run's (counted with it) or another run's
+        "run_key": options.run_key,
         "state_table": state.display,
         "kinds": dict(kinds),
         "key_columns": list(options.key_columns),

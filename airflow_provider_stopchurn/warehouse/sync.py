@@ -35,7 +35,7 @@ from airflow_provider_stopchurn.store.history import recorded_under_lock
 from airflow_provider_stopchurn.update.deliver import Sender
 from airflow_provider_stopchurn.update.plan import approval
 from airflow_provider_stopchurn.update.settle import APPLIED
-from airflow_provider_stopchurn.update.sync import SyncSummary, deliver_and_settle, summary_counts
+from airflow_provider_stopchurn.update.sync import SyncSummary, deliver_and_settle, settle_counted, summary_counts
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.changes import _encode_batch, _key_kinds, _kinds, _plan_frame, windows
 from airflow_provider_stopchurn.warehouse.plan import (
@@ -87,27 +87,7 @@ def run_warehouse_sync(
                 prepare_state(warehouse, state)  # before anything reads or writes the state table
                 pending = store.pending_plan()
                 if pending is not None:
-                    acks = store.acks(pending)
-                    log.warning(
-                        "Settling the unfinished plan %s of %r into %s: %d of %d chunks were acknowledged.",
-                        pending.plan_id,
-                        options.table_name,
-                        state.display,
-                        len(acks),
-                        len(pending.chunks),
-                    )
-                    summary.settled_chunks += len(acks)
-                    summary.add(
-                        settle_state(
-                            store,
-                            pending,
-                            acks,
-                            warehouse,
-                            state,
-                            lock=lock,
-                            run=lambda s: summary.run_record(options.run_key, s, delivered),
-                        )
-                    )
+                    _settle_pending(run, pending, lock, delivered)
                 run.lock = lock
                 _plan_and_deliver(run, sender)
     finally:
@@ -115,6 +95,20 @@ def run_warehouse_sync(
     summary.duration_s = round(time.monotonic() - started, 3)
     log.info("%s", summary.line())
     return summary
+
+
+def _settle_pending(run: _Run, pending: Plan, lock: Any, delivered: int) -> None:
+    """Settle the plan an earlier run left into the state table, counted as the worker path counts it."""
+    settle_counted(
+        run.summary,
+        run.options,
+        pending,
+        run.store.acks(pending),
+        delivered,
+        lambda acks, record: settle_state(run.store, pending, acks, run.warehouse, run.state, lock=lock, run=record),
+        into=run.state.display,
+        logger=log,
+    )
 
 
 def _current(store: SnapshotStore) -> dict[str, Any] | None:
