@@ -28,7 +28,6 @@ import psutil
 from frames import floor_frame
 from harness import (
     BRAND_ID,
-    GB,
     HERE,
     MB,
     RUN_MS,
@@ -36,6 +35,7 @@ from harness import (
     TOKEN,
     Sandbox,
     Timing,
+    enough_memory,
     fmt_bytes,
     fresh_dir,
     machine,
@@ -226,12 +226,7 @@ def events_export_main(args: argparse.Namespace) -> int:
         args.out = str(HERE / "RESULTS-events-export.md")
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     need = args.rows * 1_500
-    free = psutil.virtual_memory().available
-    if need > free:
-        print(
-            f"refusing: {args.rows:,} rows need about {need / GB:.1f} GiB, {free / GB:.1f} GiB available",
-            file=sys.stderr,
-        )
+    if not enough_memory(args.rows, need):
         return 2
     started = time.perf_counter()
     load_before = os.getloadavg()[0]

@@ -10,13 +10,14 @@ import importlib.metadata
 import os
 import platform
 import pstats
+import resource
 import select
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,21 +316,11 @@ class Phases:
 
     def timed_batches(self, batches: Any) -> Any:
         """The source's batches, the time spent producing them (the database read) added to ``read_s``."""
-        it = iter(batches)
-        try:
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    return
-                finally:
-                    self.read_s += time.perf_counter() - t0
-                yield batch
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+        with contextlib.closing(timed_items(batches, self._add_read)) as timed:
+            yield from timed
+
+    def _add_read(self, seconds: float) -> None:
+        self.read_s += seconds
 
     def peak(self) -> int:
         return max(self.gap_peak, self._segment(), *(int(row[2]) for row in self.rows))
@@ -337,6 +328,59 @@ class Phases:
     def table(self, start: int) -> list[list[Any]]:
         """``[label, seconds, peak RSS above start, bytes of the frame the step returned or None]`` per step."""
         return [[label, seconds, int(peak) - start, size] for label, seconds, peak, size in self.rows]
+
+
+def timed_items(items: Any, add_seconds: Callable[[float], None]) -> Iterator[Any]:
+    """``items`` passed through, the time spent producing each (a database's share of a read) to ``add_seconds``;
+    closing this closes ``items``."""
+    it = iter(items)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                add_seconds(time.perf_counter() - t0)
+            yield item
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def measured(run: Callable[[], Any], phases: Phases) -> tuple[Any, dict[str, Any]]:
+    """Run ``run`` in this process: its seconds, CPU seconds, RSS before it and peak RSS (VmHWM reset first)."""
+    gc.collect()
+    rss_before = psutil.Process().memory_info().rss
+    hwm_reset = reset_hwm()
+    cpu0 = own_cpu_seconds()
+    t0 = time.perf_counter()
+    got = run()
+    elapsed = time.perf_counter() - t0
+    cpu = own_cpu_seconds() - cpu0
+    peak = phases.peak() if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return got, {
+        "seconds": elapsed,
+        "cpu": cpu,
+        "rss_before_run": rss_before,
+        "peak_during_run": peak,
+        "peak_source": "VmHWM, reset before the run" if hwm_reset else "ru_maxrss (process lifetime)",
+        "phases": phases.table(rss_before),
+    }
+
+
+def enough_memory(rows: int, need: int) -> bool:
+    """Whether ``need`` bytes are free for a run of ``rows`` rows; if not, say so on stderr."""
+    free = psutil.virtual_memory().available
+    if need > free:
+        print(
+            f"refusing: {rows:,} rows need about {need / GB:.1f} GiB of memory, {free / GB:.1f} GiB available",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def engine_phases() -> Phases:

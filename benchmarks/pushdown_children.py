@@ -6,10 +6,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -33,9 +31,8 @@ from harness import (
     Phases,
     check_counts,
     engine_phases,
+    measured,
     options,
-    own_cpu_seconds,
-    reset_hwm,
 )
 from pushdown_sql import (
     EXTRA,
@@ -93,27 +90,6 @@ def _pg_uri() -> Any:
     return postgres_uri(
         host=conn["host"], port=conn["port"], login=conn["login"], password=None, database=conn["schema"]
     )
-
-
-def measured(run: Callable[[], Any], phases: Phases) -> tuple[Any, dict[str, Any]]:
-    """Run ``run`` in this process: its seconds, CPU seconds, RSS before it and peak RSS (VmHWM reset first)."""
-    gc.collect()
-    rss_before = psutil.Process().memory_info().rss
-    hwm_reset = reset_hwm()
-    cpu0 = own_cpu_seconds()
-    t0 = time.perf_counter()
-    got = run()
-    elapsed = time.perf_counter() - t0
-    cpu = own_cpu_seconds() - cpu0
-    peak = phases.peak() if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return got, {
-        "seconds": elapsed,
-        "cpu": cpu,
-        "rss_before_run": rss_before,
-        "peak_during_run": peak,
-        "peak_source": "VmHWM, reset before the run" if hwm_reset else "ru_maxrss (process lifetime)",
-        "phases": phases.table(rss_before),
-    }
 
 
 def child_main(args: argparse.Namespace) -> int:

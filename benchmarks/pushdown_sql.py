@@ -3,6 +3,7 @@ warehouse that logs every query, its seconds and the bytes that cross the databa
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
-from harness import BRAND_ID, Phases
+from harness import BRAND_ID, Phases, timed_items
 from synthetic import SQL_EXTRA, SQL_TABLE, Churn, random_names
 
 from airflow_provider_stopchurn.store import SnapshotStore
@@ -223,23 +224,15 @@ class QueryLog:
 
 def counted(batches: Any, stat: QueryStat) -> Iterator[pa.RecordBatch]:
     """``batches`` passed through: the time spent producing each (the database's share), rows and Arrow bytes."""
-    it = iter(batches)
-    try:
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            finally:
-                stat.seconds += time.perf_counter() - t0
+
+    def add_seconds(seconds: float) -> None:
+        stat.seconds += seconds
+
+    with contextlib.closing(timed_items(batches, add_seconds)) as timed:
+        for batch in timed:
             stat.rows += batch.num_rows
             stat.bytes_out += batch.nbytes
             yield batch
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
 
 
 class CountingWarehouse:

@@ -25,12 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pushdown
 import pushdown_children
 from events_export import events_export_main, export_child_main
 from frames import FRAME_CHILDREN, bench_frames, child_main
-from harness import GB, HERE, Sandbox, airflow_environment, pg_server_module
+from harness import HERE, Sandbox, airflow_environment, enough_memory, pg_server_module
 from report import render
 from sql_source import SQL_BYTES_PER_ROW, SQL_CHILDREN, bench_sql, sql_child_main
 
@@ -79,12 +78,7 @@ def main() -> int:
     # runs, then the same in a child process after this one released its frames; the SQL part (afterwards, each
     # run in a child process) ~SQL_BYTES_PER_ROW
     need = max(0 if args.sql_only else args.rows * 1_700, 0 if args.no_sql else args.rows * SQL_BYTES_PER_ROW)
-    free = psutil.virtual_memory().available
-    if need > free:
-        print(
-            f"refusing: {args.rows:,} rows need about {need / GB:.0f} GiB of memory, {free / GB:.0f} GiB available",
-            file=sys.stderr,
-        )
+    if not enough_memory(args.rows, need):
         return 2
 
     started = time.perf_counter()

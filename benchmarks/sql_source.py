@@ -4,19 +4,15 @@ a fresh child process (``run.py --child sql-...``), and their section of the res
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import resource
 import shutil
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-import psutil
 from frames import run_child
 from harness import (
     BRAND_ID,
@@ -35,11 +31,10 @@ from harness import (
     engine_phases,
     fmt_bytes,
     fresh_dir,
+    measured,
     options,
-    own_cpu_seconds,
     phase_table,
     profile_top,
-    reset_hwm,
     table_row,
 )
 from synthetic import SQL_QUERY, SQL_TABLE, Churn, SqlTable, apply_sql_churn, load_sql_table
@@ -121,24 +116,8 @@ def sql_child_main(args: argparse.Namespace) -> int:
     if args.profile:
         print("CHILD-RESULT " + json.dumps({"profile": profile_top(run)}), flush=True)
         return 0
-    gc.collect()
-    rss_before = psutil.Process().memory_info().rss
-    hwm_reset = reset_hwm()
-    cpu0 = own_cpu_seconds()
-    t0 = time.perf_counter()
-    got = run()
-    elapsed = time.perf_counter() - t0
-    cpu = own_cpu_seconds() - cpu0
-    peak = phases.peak() if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result: dict[str, Any] = {
-        "seconds": elapsed,
-        "cpu": cpu,
-        "rss_before_run": rss_before,
-        "peak_during_run": peak,
-        "peak_source": "VmHWM, reset before the run" if hwm_reset else "ru_maxrss (process lifetime)",
-        "phases": phases.table(rss_before),
-        "read_s": phases.read_s,
-    }
+    got, result = measured(run, phases)
+    result["read_s"] = phases.read_s
     if args.child == "sql-floor":
         result["rows"], result["arrow_bytes"] = got
     else:
@@ -249,9 +228,9 @@ def render_sql(rep: dict[str, Any], args: argparse.Namespace) -> list[str]:
         f"({table.churn_s:.1f} s with `VACUUM ANALYZE`).",
         "- Source of the runs: the operator's own SQL path. `run_sync` gets `lambda: read_sql(conn_id, "
         f'"{SQL_QUERY}")`, the source `StopChurnUpdateOperator(sql=..., sql_conn_id=...)` builds, with `read_sql` '
-        f"from `operators/stopchurn.py`; the connection is `{PG_CONN_ENV}` (Airflow's JSON form) in the "
+        f"from `operators/_source.py`; the connection is `{PG_CONN_ENV}` (Airflow's JSON form) in the "
         "benchmark's environment, so each run goes Airflow connection -> `postgres_uri` -> "
-        "`sources.read_postgres` (ADBC) -> the engine, as in a task.",
+        "`source.sql.read_postgres` (ADBC) -> the engine, as in a task.",
         "- Each run in a fresh child process, which measures its own seconds, CPU seconds and peak RSS. Peak RSS "
         "above start: VmHWM, reset just before the run, minus the RSS then (after importing Airflow, the "
         "operator's module, the postgres hook and the ADBC driver, as in a worker); the highest of the "
