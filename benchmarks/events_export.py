@@ -40,6 +40,7 @@ from harness import (
     fresh_dir,
     machine,
     measure,
+    publish,
     reset_hwm,
     table_row,
     verdict,
@@ -248,11 +249,7 @@ def events_export_main(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     rep["load"] = (load_before, os.getloadavg()[0])
     text = render_events_export(rep, args, command, time.perf_counter() - started)
-    print()
-    print(text)
-    if args.out != "-":
-        Path(args.out).write_text(text)
-        print(f"(written to {Path(args.out).name})")
+    publish(text, args.out)
     return 0
 
 

@@ -383,6 +383,15 @@ def enough_memory(rows: int, need: int) -> bool:
     return True
 
 
+def publish(text: str, out: str) -> None:
+    """Print a report and write it to ``out`` (``-``: print only)."""
+    print()
+    print(text)
+    if out != "-":
+        Path(out).write_text(text)
+        print(f"(written to {Path(out).name})")
+
+
 def engine_phases() -> Phases:
     """Time and measure the engine's steps in this process (a child run's)."""
     from airflow_provider_stopchurn.update import sync

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from harness import GB, HERE, Sandbox, airflow_environment, pg_server_module
+from harness import GB, HERE, Sandbox, airflow_environment, pg_server_module, publish
 from pushdown_findings import has_engine
 from pushdown_report import render
 from pushdown_scenarios import bench_duckdb, bench_postgres, bench_spark, spark_unavailable
@@ -178,11 +178,7 @@ def _clean(tmp: Path) -> None:
 
 def write(rep: dict[str, Any], args: argparse.Namespace, command: str, wall: float, out: str) -> int:
     text = render(rep, args, command, wall)
-    print()
-    print(text)
-    if out != "-":
-        Path(out).write_text(text)
-        print(f"(written to {Path(out).name})")
+    publish(text, out)
     return 1 if rep.get("failed") else 0
 
 

@@ -29,7 +29,7 @@ import pushdown
 import pushdown_children
 from events_export import events_export_main, export_child_main
 from frames import FRAME_CHILDREN, bench_frames, child_main
-from harness import HERE, Sandbox, airflow_environment, enough_memory, pg_server_module
+from harness import HERE, Sandbox, airflow_environment, enough_memory, pg_server_module, publish
 from report import render
 from sql_source import SQL_BYTES_PER_ROW, SQL_CHILDREN, bench_sql, sql_child_main
 
@@ -109,11 +109,7 @@ def main() -> int:
     wall = time.perf_counter() - started
     report["load"] = (load_before, os.getloadavg()[0])
     text = render(report, args, command, wall)
-    print()
-    print(text)
-    if args.out != "-":
-        Path(args.out).write_text(text)
-        print(f"(written to {Path(args.out).name})")
+    publish(text, args.out)
     return 0
 
 
