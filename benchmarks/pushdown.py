@@ -56,7 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DuckDB's memory_limit in the runs (its default: 80%% of RAM; 1GB is too little for 100M rows)",
     )
     parser.add_argument("--spark-driver-memory", default="6g", help="spark.driver.memory of the Spark scenario")
-    parser.add_argument("--save-json", help="with --pushdown: also write the raw measurements to this file")
+    parser.add_argument(
+        "--save-json",
+        help="also write the measurements to this file (the sync benchmark: what benchmarks/scale.py's table needs)",
+    )
     parser.add_argument("--from-json", help="with --pushdown: render the results of a --save-json file, run nothing")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -158,10 +161,14 @@ def main(args: argparse.Namespace) -> int:
     return 1 if rep.get("failed") else 0
 
 
+#: measured before a scenario's churn runs and kept when it fails later (the scale table's state table size row)
+KEPT_ON_FAILURE = ("pg_table", "pg_state_bytes", "duckdb_gen", "duckdb_state_file_bytes")
+
+
 def _drop(rep: dict[str, Any], engine: str) -> None:
-    """Forget a failed scenario's partial measurements."""
+    """Forget a failed scenario's partial measurements, but for the table and state table sizes."""
     prefix = {"postgres": "pg_", "duckdb": "duckdb_", "spark": "spark"}[engine]
-    for key in [k for k in rep if k.startswith(prefix)]:
+    for key in [k for k in rep if k.startswith(prefix) and k not in KEPT_ON_FAILURE]:
         del rep[key]
 
 
