@@ -162,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 #: measured before a scenario's churn runs and kept when it fails later (the scale table's state table size row)
-KEPT_ON_FAILURE = ("pg_table", "pg_state_bytes", "duckdb_gen", "duckdb_state_file_bytes")
+KEPT_ON_FAILURE = ("pg_table", "pg_state_bytes", "pg_state_parts", "duckdb_gen", "duckdb_state_file_bytes")
 
 
 def _drop(rep: dict[str, Any], engine: str) -> None:

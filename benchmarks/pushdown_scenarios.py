@@ -83,6 +83,7 @@ def bench_postgres(
         with server.connect() as conn:
             size = f"pg_total_relation_size('{STATE_SCHEMA}.{STATE_TABLE}')"
             rep["pg_state_bytes"] = int(conn.execute(f"SELECT {size}").fetchone()[0])
+        rep["pg_state_parts"] = state_parts(server)
     churn = churn_of(n)
     rep["pg_churn"] = churn
     print("[postgres] applying the churn with SQL ...", flush=True)
@@ -127,6 +128,29 @@ def bench_postgres(
         got = child(f"{engine} again", engine, "again")
         check_again(f"{engine} second run", got, got["sandbox_requests"])
     sandbox.reset()
+
+
+def state_parts(server: Any) -> dict[str, int]:
+    """Where the state table's bytes are: each column's (the sum of ``pg_column_size``, as stored, compressed where
+    PostgreSQL compresses it), its indexes', and the whole relation's (the rest: row headers, free space)."""
+    name = f'"{STATE_SCHEMA}"."{STATE_TABLE}"'
+    with server.connect() as conn:
+        columns = [
+            str(row[0])
+            for row in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+                "ORDER BY ordinal_position",
+                (STATE_SCHEMA, STATE_TABLE),
+            )
+        ]
+        sums = ", ".join(f'COALESCE(SUM(pg_column_size("{c}")), 0)' for c in columns)
+        sizes = conn.execute(f"SELECT {sums} FROM {name}").fetchone() if columns else ()
+        indexes = conn.execute(f"SELECT pg_indexes_size('{name}'), pg_total_relation_size('{name}')").fetchone()
+    return {
+        **{f"column {c}": int(v) for c, v in zip(columns, sizes, strict=True)},
+        "indexes": int(indexes[0]),
+        "total": int(indexes[1]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,6 +99,8 @@ def main() -> int:
         notes = runner(args, folder)
         if notes and notes[0].startswith("refusing"):
             print(notes[0], file=sys.stderr)
+            if not args.keep_json:
+                shutil.rmtree(folder, ignore_errors=True)
             return 2
     try:
         rows = table_rows(args.which, folder, args.rows)
@@ -183,7 +186,7 @@ def run_huge(args: argparse.Namespace, folder: Path) -> list[str]:
     """The worker path's baseline, churn run and second run at ``--rows`` (run.py --pushdown's PostgreSQL scenario
     without the pushdown), each in a fresh child process killed past ``--memory-cap``."""
     tmp = Path(tempfile.mkdtemp(prefix="stopchurn-huge-"))
-    why = disk_refusal(args.rows, tmp)
+    why = disk_refusal(args.rows, tmp.parent)
     if why:
         shutil.rmtree(tmp, ignore_errors=True)
         return [why]
@@ -217,10 +220,7 @@ def run_huge(args: argparse.Namespace, folder: Path) -> list[str]:
                 table_bytes=rep["pg_table"].table_bytes,
             )
     except Exception as err:  # the table says what failed (a killed run: its RSS at the kill)
-        lines = str(err).strip().splitlines() or [type(err).__name__]
-        result["failed"] = f"{type(err).__name__}: {lines[0][:300]}" + (
-            f" ... {lines[-1][:300]}" if len(lines) > 1 else ""
-        )
+        result["failed"] = failure_text(err)
     finally:
         if sandbox is not None:
             sandbox.stop()
@@ -230,6 +230,17 @@ def run_huge(args: argparse.Namespace, folder: Path) -> list[str]:
         f"the worker path's baseline, churn (1%: 0.5% updated, 0.25% deleted, 0.25% inserted), churn run and a "
         f"second run at {args.rows:,} rows, each child killed past {args.memory_cap / GB:.1f} GB of RSS"
     ]
+
+
+def failure_text(err: Exception) -> str:
+    """One line for the table: which run failed and why, without the child's arguments (paths, the URL)."""
+    text = str(err).strip()
+    mode = re.search(r"'mode': '(\w+)'", text)
+    if mode and "): " in text:  # run_pd_child's "child ... failed (exit N): <its stderr>"
+        lines = text.split("): ", 1)[1].strip().splitlines() or [""]
+        return f"the {mode.group(1)} run failed: {lines[-1][:300]}"
+    lines = text.splitlines() or [""]
+    return f"{type(err).__name__}: {lines[0][:300]}" + (f" ... {lines[-1][:300]}" if len(lines) > 1 else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -127,14 +127,16 @@ def test_warehouse_pg_row_at_1m_is_the_ratio_to_postgres_own_diff() -> None:
     assert R.wh_pg_row(pg_rep(6.0, 4.0, 5.0), pd_args(), 1_000_000).verdict == "MET"
     row = R.wh_pg_row(pg_rep(6.1, 4.0, 5.0), pd_args(), 1_000_000)
     assert row.verdict == "MISS"
-    assert row.bounds and row.bounds[0].startswith("PostgreSQL churn run, time")
+    assert [b.split(",")[1] for b in row.bounds] == [" time: 6.1 s"]
 
 
 def test_warehouse_pg_row_at_10m_also_needs_faster_than_the_worker_path_and_300_mb() -> None:
     args = pd_args(rows=10_000_000)
     assert R.wh_pg_row(pg_rep(6.0, 4.0, 6.5), args, 10_000_000).verdict == "MET"
     assert R.wh_pg_row(pg_rep(6.0, 4.0, 6.0), args, 10_000_000).verdict == "MISS"  # not faster
-    assert R.wh_pg_row(pg_rep(6.0, 4.0, 9.0, 301 * MB), args, 10_000_000).verdict == "MISS"
+    big = R.wh_pg_row(pg_rep(6.0, 4.0, 9.0, 301 * MB), args, 10_000_000)
+    assert big.verdict == "MISS"
+    assert [b.split(",")[1] for b in big.bounds] == [" memory: +301 MB above start"]
     failed = R.wh_pg_row({"failed": {"postgres": "RuntimeError: boom"}}, args, 10_000_000)
     assert failed.verdict.startswith("MISS")
     assert "boom" in failed.measured
@@ -181,7 +183,7 @@ def test_huge_row_is_met_within_4_gb_above_start() -> None:
     huge = {"rows": 50_000_000, "baseline": run(900.0), "churn": churn}
     row = R.huge_row(huge)
     assert row.verdict == "MET"
-    assert "400 s" in row.floor
+    assert "the ADBC read took 400.0 s" in row.floor
     huge["churn"] = run(1500.0, 4 * GB + 1)
     assert R.huge_row(huge).verdict == "MISS"
     killed = R.huge_row({"rows": 50_000_000, "failed": "RuntimeError: killed: its RSS reached 8,192 MB"})
@@ -227,3 +229,24 @@ def test_every_table_has_its_rows_even_when_nothing_was_measured(which: str, tmp
     rows = scale.table_rows(which, tmp_path, 20_000)
     assert rows
     assert all(r.verdict.startswith("MISS") and r.before for r in rows)
+
+
+def test_a_missed_state_size_says_where_the_bytes_are() -> None:
+    rep = pg_rep(1, 1, 1)
+    rep["pg_state_bytes"] = 2000 * MB
+    rep["pg_state_parts"] = {"column row": 1500 * MB, "column key": 100 * MB, "indexes": 300 * MB, "total": 2000 * MB}
+    row = R.state_row(rep, pd_args())
+    assert row.verdict == "MISS"
+    assert row.bounds == [
+        "PostgreSQL state table, 2,000 MB: column row 1,500 MB, indexes 300 MB, column key 100 MB; row headers and "
+        "free space 100 MB (columns: the sum of `pg_column_size`, as stored)."
+    ]
+
+
+def test_a_failed_huge_run_is_one_line_without_the_child_arguments() -> None:
+    err = RuntimeError(
+        "child pd-run {'engine': 'local', 'mode': 'churn', 'root': PosixPath('/x/pg-local'), 'url': 'http://h'} "
+        "failed (exit -9): killed: its RSS reached 9,000 MB, over the cap of 8,192 MB"
+    )
+    assert scale.failure_text(err) == "the churn run failed: killed: its RSS reached 9,000 MB, over the cap of 8,192 MB"
+    assert scale.failure_text(ValueError("one\ntwo")) == "ValueError: one ... two"
