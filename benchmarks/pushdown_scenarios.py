@@ -104,14 +104,16 @@ def bench_postgres(
     saved: dict[str, Path] = {}
     if reps > 1:  # each repetition starts from the same state: the snapshot roots and the state table
         saved = {engine: copy_root(root, tmp / f"{root.name}-saved") for engine, root in roots.items()}
-        server.execute(*state_copy("postgres", save=True))
+        if "postgres" in paths:
+            server.execute(*state_copy("postgres", save=True))
     changed = churn.inserted + churn.updated + churn.deleted
     print(f"[postgres] PostgreSQL's own diff query (pushdown only), churn runs of {paths} ({reps} repetition(s)) ...")
     for i in range(reps):
         if i:
             for engine, root in roots.items():
                 copy_root(saved[engine], root)
-            server.execute(*state_copy("postgres", save=False))
+            if "postgres" in paths:
+                server.execute(*state_copy("postgres", save=False))
         if "postgres" in paths:
             got = child("join", "postgres", "parts" if i == 0 else "join", kind="pd-join")
             if got["changed"] != changed:
