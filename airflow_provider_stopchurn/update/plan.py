@@ -109,7 +109,7 @@ class RunPlan:
 
 
 def encoded_window(offset: int, encoded: list[pl.Series], options: SyncOptions) -> Window:
-    updates = encoded[0] if len(encoded) == 1 else pl.concat(encoded)
+    updates = encoded[0] if len(encoded) == 1 else pl.concat(encoded, rechunk=False)
     sizes = updates.str.len_bytes().to_numpy()
     chunks = plan_chunks(sizes, chunk_size=options.chunk_size, max_chunk_bytes=options.max_chunk_bytes)
     return Window(offset, updates, [(offset + a, offset + b) for a, b in chunks], bodies_bytes(sizes, chunks))
@@ -436,7 +436,7 @@ def _encode(frame: pl.DataFrame, kinds: Mapping[str, str], options: SyncOptions)
                 table_name=options.table_name,
             )
         )
-    return (parts[0] if len(parts) == 1 else pl.concat(parts)).alias(UPDATE)
+    return (parts[0] if len(parts) == 1 else pl.concat(parts, rechunk=False)).alias(UPDATE)
 
 
 def _plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], run_ms: int) -> dict[str, Any]:
