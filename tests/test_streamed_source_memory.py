@@ -12,10 +12,20 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 
+from pathlib import Path
+
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
+from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.source.canonical import canonicalize_arrow, canonicalize_source
+from airflow_provider_stopchurn.source.frame import Canonical
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.store.committed import Committed
+from airflow_provider_stopchurn.update.diff import ROW_HASH
+from airflow_provider_stopchurn.update.plan import make_plan
+from airflow_provider_stopchurn.update.sync import canonical_source
 
 ROWS_PER_BATCH = 20_000
 BATCHES = 4
@@ -61,12 +71,34 @@ def test_a_plain_iterator_of_batches_is_not_held_either() -> None:
 
 
 def test_a_table_the_caller_holds_is_read_without_a_copy() -> None:
-    """A whole table (as a polars or pandas frame gives it) stays the caller's: its key column is not copied."""
-    table = pa.Table.from_batches(list(_batches(pa.default_memory_pool())))
+    """A table of one batch (as a polars or pandas frame gives it) stays the caller's: its key is not copied."""
+    table = pa.Table.from_batches(list(_batches(pa.default_memory_pool()))[:1])
     canon = canonicalize_arrow(table, key_columns=["id"])
     ids = canon.frame.get_column("id")
     assert ids.to_list()[:3] == [0, 1, 2]
-    first = table.column("id").chunk(0).buffers()[1].address
-    assert ids.n_chunks() == BATCHES
-    # the table's own memory, read zero-copy
-    assert ids.slice(0, ROWS_PER_BATCH).to_arrow().buffers()[1].address == first
+    assert ids.to_arrow().buffers()[1].address == table.column("id").chunk(0).buffers()[1].address
+
+
+def _chunking(frame: pl.DataFrame) -> set[tuple[int, ...]]:
+    return {tuple(frame.get_column(name).chunk_lengths()) for name in frame.columns}
+
+
+def test_the_planned_snapshot_of_many_batches_is_chunked_like_the_source(tmp_path: Path) -> None:
+    """polars copies a frame whole at every lazy step (select, filter, with_columns) while its columns are chunked
+    differently; the columns the plan adds to a source of many batches (row hashes, createdAt, positions) are cut
+    like the source's, so no step copies the table."""
+    options = SyncOptions(brand_id=7, table_name="chunks", max_delete_fraction=1.0)
+    canon = canonical_source(lambda: _through_c_stream(pa.default_memory_pool()), options)
+    assert _chunking(canon.frame) == {(ROWS_PER_BATCH,) * BATCHES}
+    first = make_plan(canon, None, options, 1_700_000_000_000)
+    assert _chunking(first.target) == {(ROWS_PER_BATCH,) * BATCHES}
+    store = SnapshotStore(tmp_path, 7, "chunks")
+    committed = Committed(store, kinds=first.kinds, key_columns=["id"], version="v", frame=first.target)
+    committed.row_hash = ROW_HASH
+    again = canonical_source(lambda: _through_c_stream(pa.default_memory_pool()), options)
+    changed = again.frame.with_columns(
+        pl.when(pl.col("id") % 1000 == 0).then(pl.lit("x")).otherwise(pl.col("name")).alias("name")
+    )
+    plan = make_plan(Canonical(changed, again.kinds, again.key_columns), committed, options, 1_700_000_000_001)
+    assert plan.updated == ROWS_PER_BATCH * BATCHES // 1000
+    assert _chunking(plan.target) == {(ROWS_PER_BATCH,) * BATCHES}
