@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-
 from pathlib import Path
 
 import numpy as np
