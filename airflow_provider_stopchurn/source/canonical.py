@@ -34,7 +34,10 @@ Arrow types beyond those a DataFrame holds, as ADBC drivers deliver them:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import GeneratorType
 from typing import Any, TypeAlias
@@ -76,6 +79,7 @@ __all__ = [
     "convert_arrow_column",
     "merge_batches",
     "parse_json_columns",
+    "release_freed_memory",
 ]
 
 SourceData: TypeAlias = (
@@ -191,10 +195,13 @@ def canonicalize_arrow(
         assert keys is not None
         parts.append(canonicalize_batch(batch, keys=keys, offset=offset, decimal_as_string=decimal_as_string))
         offset += batch.num_rows
+        release_freed_memory()
     if keys is None:  # no batch and no schema: a source without columns
         keys = _check_names([], key_columns)
     frame, kinds = merge_batches(parts, keys)
-    return _finish(frame, kinds, keys)
+    canon = _finish(frame, kinds, keys)
+    release_freed_memory()
+    return canon
 
 
 def _record_batches(data: Any) -> Iterator[pa.RecordBatch]:
@@ -224,6 +231,30 @@ def _record_batches(data: Any) -> Iterator[pa.RecordBatch]:
         yield _detached(item) if streamed else item
     if not seen and schema is not None:
         yield pa.RecordBatch.from_pylist([], schema=schema)
+
+
+def release_freed_memory() -> None:
+    """Give back to the system the memory a batch's conversion freed (its Python values, Arrow temporaries).
+
+    The C allocator and Arrow's pool keep freed pages for reuse, but the frames built next are polars', whose
+    allocator cannot use them: without this, a 1M-row SQL source left about 100 MB of freed pages resident for
+    the whole run. Costs about a millisecond; does nothing where the C library has no ``malloc_trim``.
+    """
+    pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim  # glibc; musl has none
+    except (OSError, AttributeError):
+        return None
+    return trim
 
 
 def _detached(batch: pa.RecordBatch) -> pa.RecordBatch:
