@@ -10,21 +10,26 @@ pool of their own, so what the canonical frame still holds of them is measured e
 from __future__ import annotations
 
 import gc
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from airflow_provider_stopchurn.api.client import StopChurnClient
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.source.canonical import canonicalize_arrow, canonicalize_source
 from airflow_provider_stopchurn.source.frame import Canonical
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.store.committed import Committed
+from airflow_provider_stopchurn.update.deliver import deliver
 from airflow_provider_stopchurn.update.diff import ROW_HASH
 from airflow_provider_stopchurn.update.plan import make_plan
 from airflow_provider_stopchurn.update.sync import canonical_source
+from airflow_provider_stopchurn.update.window import Window
 
 ROWS_PER_BATCH = 20_000
 BATCHES = 4
@@ -101,3 +106,39 @@ def test_the_planned_snapshot_of_many_batches_is_chunked_like_the_source(tmp_pat
     plan = make_plan(Canonical(changed, again.kinds, again.key_columns), committed, options, 1_700_000_000_001)
     assert plan.updated == ROWS_PER_BATCH * BATCHES // 1000
     assert _chunking(plan.target) == {(ROWS_PER_BATCH,) * BATCHES}
+
+
+def test_a_sent_window_is_let_go_before_the_next_is_encoded(stopchurn_sandbox: Any) -> None:
+    """A delivery holds one window of update JSON (250,000 updates, about 100 MB, by default): the window it sent
+    is released before the next is encoded, not kept until the next one is ready."""
+    options = SyncOptions(brand_id=7, table_name="windows", chunk_size=2, window_rows=4, max_concurrent_requests=2)
+    frame = pl.DataFrame({"id": list(range(10)), "name": [f"n{i}" for i in range(10)]})
+    plan = make_plan(canonical_source(frame, options), None, options, 1_700_000_000_000)
+    sent: list[weakref.ref[pl.Series]] = []
+    held_while_encoding: list[bool] = []
+
+    def windows() -> Iterator[Window]:
+        source = plan.windows(options, 1_700_000_000_000)
+        while True:
+            gc.collect()
+            held_while_encoding.append(any(ref() is not None for ref in sent))
+            planned = next(source, None)
+            if planned is None:
+                return
+            # a copy only this generator and the delivery hold (the planner keeps its own until it resumes)
+            window = Window(planned.offset, pl.Series(planned.updates.to_list()), planned.chunks, planned.bytes)
+            del planned
+            sent.append(weakref.ref(window.updates))
+            yield window
+            del window  # this generator lets go of it too
+
+    client = StopChurnClient(stopchurn_sandbox.url, stopchurn_sandbox.token)
+    acked: list[int] = []
+    try:
+        report = deliver(windows(), client, options, lambda chunk, _rejections: acked.append(chunk))
+    finally:
+        client.close()
+    assert report.complete and report.failure is None
+    assert sorted(acked) == list(range(5))  # 10 inserts, 2 a chunk
+    assert len(held_while_encoding) == 4  # 3 windows of 4, 4 and 2 updates, then the end
+    assert held_while_encoding == [False, False, False, False]
