@@ -120,7 +120,9 @@ def canonicalize_source(source: Source, *, key_columns: Sequence[str], decimal_a
     data = source() if callable(source) else source
     try:
         if isinstance(data, pd.DataFrame):
-            return canonicalize(data, key_columns=key_columns, decimal_as_string=decimal_as_string)
+            canon = canonicalize(data, key_columns=key_columns, decimal_as_string=decimal_as_string)
+            release_freed_memory()  # the Python values its JSON and text columns were written from
+            return canon
         if isinstance(data, pl.LazyFrame):
             data = data.collect()
         if isinstance(data, pl.DataFrame):
