@@ -267,7 +267,14 @@ def _detached(batch: pa.RecordBatch) -> pa.RecordBatch:
     every column of the batch alive for the whole run (about 200 MB for 1M rows from PostgreSQL). The copy costs one
     batch at a time; the conversion then keeps only what it needs.
     """
-    return pa.RecordBatch.from_arrays([pa.concat_arrays([column]) for column in batch.columns], schema=batch.schema)
+    return pa.RecordBatch.from_arrays([_copied(column) for column in batch.columns], schema=batch.schema)
+
+
+def _copied(column: pa.Array) -> pa.Array:
+    try:
+        return pa.concat_arrays([column])
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # a type Arrow cannot join: the conversion refuses it
+        return column
 
 
 def canonicalize_batch(
