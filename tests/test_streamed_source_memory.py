@@ -1,10 +1,13 @@
-"""A streamed Arrow source (a SQL cursor's batches) is not kept alive by the canonical frame built from it.
+"""What the worker path holds in memory, checked without measuring RSS (each fails on the code before it).
 
-A batch that comes through the Arrow C stream interface (as ADBC drivers hand them out) is released as one block:
-while any one of its buffers is referenced, every column of the batch stays in memory. A canonical column taken
-zero-copy from such a batch (an integer key, a boolean) kept every batch of the source alive beside the canonical
-frame: for 1M rows from PostgreSQL, about 200 MB held for the whole run. The batches are counted here in a memory
-pool of their own, so what the canonical frame still holds of them is measured exactly.
+- A streamed Arrow source (a SQL cursor's batches) is not kept alive by the canonical frame built from it. A batch
+  that comes through the Arrow C stream interface (as ADBC drivers hand them out) is released as one block: while
+  any one of its buffers is referenced, every column of the batch stays. A canonical column taken zero-copy from such
+  a batch (an integer key, a boolean) kept every batch alive beside the canonical frame: about 200 MB for 1M rows
+  from PostgreSQL. The batches are counted here in a memory pool of their own, so what is left of them is exact.
+- The columns a plan adds to a source of many batches are chunked like the source's (polars copies a frame whole at
+  every lazy step while its columns are chunked differently).
+- A delivery lets go of a window it sent before the next is encoded.
 """
 
 from __future__ import annotations
