@@ -15,6 +15,7 @@ from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.update.plan import encoded_window, timestamp_column
 from airflow_provider_stopchurn.update.sync import canonical_source
 from airflow_provider_stopchurn.update.window import Window
+from airflow_provider_stopchurn.warehouse import rows as R
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.source import _Run
 
@@ -31,8 +32,12 @@ def _encode_batch(
     options: SyncOptions,
     key_kinds: Mapping[str, str],
     run_ms: int,
+    layouts: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, str]]:
-    """One batch of changed rows -> plan rows (op, key texts, hash, createdAt, updatedAt, row JSON, sort keys)."""
+    """One batch of changed rows -> plan rows (op, key texts, hash, createdAt, updatedAt, row JSON, sort keys).
+
+    :param layouts: the state table's row layouts, which rebuild a deleted row's JSON from its values.
+    """
     table = pa.Table.from_batches([batch])
     ops = table.column(S.OP)
     is_delete = pc.equal(ops, "delete")
@@ -86,7 +91,7 @@ def _encode_batch(
                     pl.repeat(None, meta.height, dtype=pl.String, eager=True).alias(_HASH),
                     meta.get_column(S.OLD_CREATED).cast(pl.Int64).alias(_CREATED),
                     pl.repeat(run_ms, meta.height, dtype=pl.Int64, eager=True).alias(_UPDATED),
-                    meta.get_column(S.OLD_ROW).cast(pl.String).alias(_ROW),
+                    R.expand(meta.get_column(S.OLD_ROW).cast(pl.String), layouts or {}).alias(_ROW),
                     *(
                         _sort_key(meta.get_column(t), key_kinds.get(k, "string"), i)
                         for i, (t, k) in enumerate(zip(texts, keys, strict=True))
@@ -122,10 +127,17 @@ def _empty_plan(keys: int) -> pl.DataFrame:
 
 
 def _plan_frame(
-    run: _Run, batches: Iterator[pa.RecordBatch], key_kinds: Mapping[str, str], first: bool
+    run: _Run,
+    batches: Iterator[pa.RecordBatch],
+    key_kinds: Mapping[str, str],
+    first: bool,
+    layouts: Mapping[str, Sequence[str]] | None = None,
 ) -> pl.DataFrame:
     """Every changed row, in the local path's send order: a first load in source order; else deletes, updates,
-    inserts, each by key."""
+    inserts, each by key.
+
+    :param layouts: the state table's row layouts (a deleted row's JSON is rebuilt with them).
+    """
     frames = []
     kinds = dict(key_kinds)
     options = run.options
@@ -133,7 +145,7 @@ def _plan_frame(
     for batch in batches:
         if columns is None:
             columns = [c for c in batch.schema.names if not c.startswith("__sc_")]
-        frame, batch_kinds = _encode_batch(batch, columns, options, kinds, run.run_ms)
+        frame, batch_kinds = _encode_batch(batch, columns, options, kinds, run.run_ms, layouts)
         for k in options.key_columns:
             kinds.setdefault(k, batch_kinds.get(k, "string"))
         if frame.height:

@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.store import Plan, SnapshotStore
 from airflow_provider_stopchurn.update.settle import (
@@ -32,16 +33,17 @@ from airflow_provider_stopchurn.update.settle import (
     count_unsent,
 )
 from airflow_provider_stopchurn.update.sync import SyncSummary
+from airflow_provider_stopchurn.warehouse import rows as R
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.changes import _CREATED, _HASH, _OP, _ROW, _op_counts
 from airflow_provider_stopchurn.warehouse.databases import Warehouse
 from airflow_provider_stopchurn.warehouse.source import DIFF_LOCATION, PLAN_FORMAT, ROW_HASH, _Run
-from airflow_provider_stopchurn.warehouse.state import _old_key_texts, read_meta
+from airflow_provider_stopchurn.warehouse.state import _old_key_texts, holds_layouts, read_meta
 
 # the logger name the warehouse sync has always logged under: users and tests filter on it
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
 
-__all__ = ["settle_state", "token_order"]
+__all__ = ["RowLayout", "row_layout", "settle_state", "token_order"]
 
 _STAGING = "__stopchurn_staging"
 
@@ -85,21 +87,51 @@ class _Commit:
     meta: Mapping[str, Any]
 
 
+@dataclass(frozen=True)
+class RowLayout:
+    """How a plan's rows are kept in the state table (``warehouse/rows.py``): the constant texts of its rows'
+    JSON, their tag, and every layout the bookkeeping row keeps with it."""
+
+    texts: list[str]
+    tag: str
+    layouts: dict[str, list[str]]
+
+
+def row_layout(warehouse: Warehouse, state: S.StateTable, plan_meta: Mapping[str, Any]) -> RowLayout | None:
+    """The layout the rows of a plan (``plan_meta``: its columns' kinds, in the frame's order) are kept by; None
+    where rows are kept as JSON text: a warehouse without transactions (its state table and bookkeeping are
+    swapped one after the other, so a crash between them could leave rows of a layout not yet recorded) or a
+    bookkeeping table without the layouts' column."""
+    if not warehouse.transactions or not holds_layouts(warehouse, state):
+        return None
+    meta = read_meta(warehouse, state)
+    layouts = dict((meta.layouts if meta is not None else None) or {})
+    try:
+        nest = bool(plan_meta.get("nest_dotted_columns", True))
+        texts = R.layout(list(plan_meta.get("kinds") or {}), nest_dotted_columns=nest)
+    except SourceDataError:  # no JSON object of these columns could be written: nothing to keep either
+        return None
+    tag = R.tag_of(texts, layouts)
+    return RowLayout(texts, tag, {**layouts, tag: texts})
+
+
 def _commit(
     run: _Run, commit: _Commit, *, write_state: bool, statements: Sequence[str] = (), record: Any = None
 ) -> None:
     """Write ``statements`` and the new token into the warehouse (one transaction where it has them), then
-    ``CURRENT`` with the same token."""
+    ``CURRENT`` with the same token. The bookkeeping row keeps every row layout it kept, and the plan's."""
     warehouse, state, lock = run.warehouse, run.state, run.lock
     if lock is not None:
         lock.check()
     if write_state:
+        layout = row_layout(warehouse, state, commit.meta)
         bookkeeping = state.write_meta(
             token=commit.token,
             plan_id=commit.plan_id,
             columns=str(commit.meta["columns"]),
             rows_sql=state.count_rows(),
             transactions=warehouse.transactions,
+            layouts=_layouts_text(warehouse, state, layout),
         )
         if warehouse.transactions:
             warehouse.execute([*statements, *bookkeeping])
@@ -120,6 +152,16 @@ def _commit(
         run=record if record is not None else run.record(),
         state={"diff_location": DIFF_LOCATION, "state_table": str(commit.meta["state_table"])},
     )
+
+
+def _layouts_text(warehouse: Warehouse, state: S.StateTable, layout: RowLayout | None) -> str | None:
+    """The layouts' text the bookkeeping row is written with (None: no column for them, the JSON text rows)."""
+    if layout is not None:
+        return R.layouts_text(layout.layouts)
+    if not warehouse.transactions or not holds_layouts(warehouse, state):
+        return None
+    meta = read_meta(warehouse, state)  # the plan's columns make no JSON object: the layouts already kept
+    return R.layouts_text((meta.layouts if meta is not None else None) or {})
 
 
 def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the warehouse and its state table
@@ -176,7 +218,8 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
     statements: list[str] = []
     if not already:
         keys = list(plan.meta["key_columns"])
-        warehouse.load(_STAGING, _staged(frame, status, len(keys)))
+        layout = row_layout(warehouse, state, plan.meta)
+        warehouse.load(_STAGING, _staged(frame, status, len(keys), layout))
         if "session_zone" not in plan.meta and warehouse.transactions:
             # planned before sessions were pinned to UTC: its zoned key texts are in the session's zone then
             texts = {k: S.key_text(i) for i, k in enumerate(keys)}
@@ -199,8 +242,11 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
     return result
 
 
-def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int) -> pa.Table:
-    """The state table's new rows (``upsert``) and removed keys (``delete``) for a plan's statuses."""
+def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int, layout: RowLayout | None = None) -> pa.Table:
+    """The state table's new rows (``upsert``) and removed keys (``delete``) for a plan's statuses.
+
+    :param layout: the plan's row layout: each row is kept as its values (None: as its JSON text).
+    """
     flags = pl.Series("__sc_status", status)
     marked = frame.with_columns(flags).filter(pl.col("__sc_status") != _NOT_APPLIED)
     applied = pl.col("__sc_status") == APPLIED
@@ -219,6 +265,8 @@ def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int) -> pa.Table:
         pl.col(_ROW).alias(S.ROW),
         pl.when(applied & is_delete).then(pl.lit("delete")).otherwise(pl.lit("upsert")).alias(S.ACTION),
     )
+    if layout is not None:
+        out = out.with_columns(R.compact(out.get_column(S.ROW), layout.texts, layout.tag))
     return out.to_arrow().cast(
         pa.schema(
             [
