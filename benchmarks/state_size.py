@@ -110,7 +110,7 @@ def postgres(n: int, candidates: bool) -> None:
         size = warehouse.rows(f"SELECT pg_total_relation_size('{STATE_SCHEMA}.{state.name}')")[0][0]
         print(f"[postgres] engine's state table: {size / MB:.0f} MB = {size / table.table_bytes:.2f}x the source")
         if candidates:
-            warehouse.execute([f"CREATE SCHEMA IF NOT EXISTS cand"])
+            warehouse.execute(["CREATE SCHEMA IF NOT EXISTS cand"])
             made = []
             for i, (label, (types, select)) in enumerate(CANDIDATES.items()):
                 types = types.format(blob="BYTEA")
@@ -170,8 +170,8 @@ def duckdb(n: int, candidates: bool) -> None:
         con.execute("CHECKPOINT")
         both = src.stat().st_size
         print(
-            f"[duckdb] file with the engine's state table: {both / MB:.1f} MB: state {(both - source_bytes) / MB:.1f} MB"
-            f" = {(both - source_bytes) / source_bytes:.2f}x the source"
+            f"[duckdb] file with the engine's state table: {both / MB:.1f} MB: state "
+            f"{(both - source_bytes) / MB:.1f} MB = {(both - source_bytes) / source_bytes:.2f}x the source"
         )
         if candidates:
             files = {}
