@@ -122,6 +122,23 @@ def test_a_delete_sends_every_type_exactly_as_delivered(world: _World, decimal_a
     assert _deletes_match_the_rows_delivered(world) == 3
 
 
+def test_a_baseline_keeps_rows_that_a_delete_sends_as_a_first_load_would_have_sent_them(
+    world: _World, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A baseline writes each row as the state table keeps it straight from its values (no row JSON is made):
+    a delete after it sends the row a first load sends for the same source."""
+    world.run()
+    inserted = {key: row for _, key, row in world.sent()}
+    world.engine.execute("DROP SCHEMA stopchurn_state CASCADE")
+    recorded = _World(world.engine, stopchurn_sandbox_factory(), tmp_path / "baseline")
+    assert recorded.run(initial_load="baseline").baseline
+    assert all(re.match("^[0-9a-f]{4,}\x1e", r) for r in recorded.kept())
+    world.engine.execute("DELETE FROM src")
+    assert recorded.run().deleted == 3
+    deleted = {key: row for op, key, row in recorded.sent() if op == "delete"}
+    assert deleted == inserted
+
+
 def test_rows_of_another_layout_after_a_schema_change_are_deleted_as_delivered(world: _World) -> None:
     """``update_all`` sends every row with the new column; a rejected one keeps the row it had (the old layout).
     Deleting all of them then sends each row as it was last delivered, whichever layout keeps it."""

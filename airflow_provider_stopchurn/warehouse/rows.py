@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
@@ -26,22 +27,42 @@ import polars as pl
 from airflow_provider_stopchurn.encode.records import _build_tree, _key_text
 from airflow_provider_stopchurn.exceptions import SnapshotError
 
-__all__ = ["compact", "expand", "layout", "layouts_of", "layouts_text", "tag_of"]
+__all__ = ["RowLayout", "compact", "expand", "holes", "kept_values", "layout", "layouts_of", "layouts_text", "tag_of"]
 
 RS, US = "\x1e", "\x1f"
 _SEPARATORS = "[\x1e\x1f]"
 
 
+@dataclass(frozen=True)
+class RowLayout:
+    """How a plan's rows are kept in the state table: the constant texts of its rows' JSON, their tag, and every
+    layout the bookkeeping row keeps with it."""
+
+    texts: list[str]
+    tag: str
+    layouts: dict[str, list[str]]
+
+
 def layout(columns: Sequence[str], *, nest_dotted_columns: bool) -> list[str]:
     """The constant texts of the row JSON of ``columns`` (in the frame's order): one more than the values, as
     :func:`~airflow_provider_stopchurn.encode.records.encode_rows` writes around them."""
-    tree = _build_tree(list(columns), nest_dotted_columns)
-    texts = ["{"]
+    return _walk(columns, nest_dotted_columns)[0]
+
+
+def holes(columns: Sequence[str], *, nest_dotted_columns: bool) -> list[str]:
+    """The columns whose values go between the texts of :func:`layout`, in order."""
+    return _walk(columns, nest_dotted_columns)[1]
+
+
+def _walk(columns: Sequence[str], nest: bool) -> tuple[list[str], list[str]]:
+    tree = _build_tree(list(columns), nest)
+    texts, names = ["{"], []
 
     def walk(node: Mapping[str, Any]) -> None:
         for i, (key, sub) in enumerate(node.items()):
             texts[-1] += ("," if i else "") + _key_text(key) + ":"
             if isinstance(sub, str):
+                names.append(sub)
                 texts.append("")
             else:
                 texts[-1] += "{"
@@ -50,7 +71,7 @@ def layout(columns: Sequence[str], *, nest_dotted_columns: bool) -> list[str]:
 
     walk(tree)
     texts[-1] += "}"
-    return texts
+    return texts, names
 
 
 def tag_of(texts: Sequence[str], taken: Mapping[str, Sequence[str]] | None = None) -> str:
@@ -97,13 +118,20 @@ def compact(rows: pl.Series, texts: Sequence[str], tag: str) -> pl.Series:
     return out.to_series()
 
 
+def kept_values(values: Sequence[pl.Expr], tag: str) -> pl.Expr:
+    """The state table's text of each row from its values' JSON texts (in :func:`holes` order): what
+    :func:`compact` makes of the row they are written into, without writing it."""
+    return pl.concat_str([pl.lit(tag + RS), pl.concat_str(list(values), separator=US)])
+
+
 def expand(stored: pl.Series, layouts: Mapping[str, Sequence[str]]) -> pl.Series:
     """The row JSON of each stored row (:func:`compact`'s inverse); rows kept as JSON text are returned as
     they are. :class:`SnapshotError` when a row names a layout the bookkeeping does not hold."""
     frame = pl.DataFrame({"row": stored.cast(pl.String)})
-    tag = pl.col("row").str.extract(f"^([0-9a-f]+){RS}", 1)
-    frame = frame.with_columns(tag.alias("__tag"))
-    tags = [t for t in frame.get_column("__tag").unique().to_list() if t is not None]
+    cut = pl.col("row").str.splitn(RS, 2)
+    # a JSON text never holds RS: split, it is one field and no tag
+    frame = frame.with_columns(cut.struct.field("field_0").alias("__tag"), cut.struct.field("field_1").alias("__v"))
+    tags = [t for t in frame.filter(pl.col("__v").is_not_null()).get_column("__tag").unique().to_list()]
     unknown = [t for t in tags if t not in layouts]
     if unknown:
         raise SnapshotError(
@@ -114,11 +142,12 @@ def expand(stored: pl.Series, layouts: Mapping[str, Sequence[str]]) -> pl.Series
     out = pl.col("row")
     for t in tags:
         texts = layouts[t]
-        values = pl.col("row").str.slice(len(t) + 1).str.split(US)
+        n = len(texts) - 1
+        fields = pl.col("__v").str.split_exact(US, max(n - 1, 0))
         pieces: list[pl.Expr] = [pl.lit(texts[0])]
         for i, text in enumerate(texts[1:]):
-            pieces += [values.list.get(i, null_on_oob=True), pl.lit(text)]
-        count = values.list.len() == len(texts) - 1
+            pieces += [fields.struct.field(f"field_{i}"), pl.lit(text)]
+        count = pl.col("__v").str.count_matches(US, literal=True) == n - 1
         out = pl.when(pl.col("__tag") == t).then(pl.when(count).then(pl.concat_str(pieces))).otherwise(out)
     rebuilt = frame.select(out.alias(stored.name)).to_series()
     broken = rebuilt.is_null() & stored.is_not_null()

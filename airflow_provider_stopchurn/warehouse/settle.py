@@ -43,7 +43,7 @@ from airflow_provider_stopchurn.warehouse.state import _old_key_texts, holds_lay
 # the logger name the warehouse sync has always logged under: users and tests filter on it
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
 
-__all__ = ["RowLayout", "row_layout", "settle_state", "token_order"]
+__all__ = ["row_layout", "settle_state", "token_order"]
 
 _STAGING = "__stopchurn_staging"
 
@@ -87,17 +87,7 @@ class _Commit:
     meta: Mapping[str, Any]
 
 
-@dataclass(frozen=True)
-class RowLayout:
-    """How a plan's rows are kept in the state table (``warehouse/rows.py``): the constant texts of its rows'
-    JSON, their tag, and every layout the bookkeeping row keeps with it."""
-
-    texts: list[str]
-    tag: str
-    layouts: dict[str, list[str]]
-
-
-def row_layout(warehouse: Warehouse, state: S.StateTable, plan_meta: Mapping[str, Any]) -> RowLayout | None:
+def row_layout(warehouse: Warehouse, state: S.StateTable, plan_meta: Mapping[str, Any]) -> R.RowLayout | None:
     """The layout the rows of a plan (``plan_meta``: its columns' kinds, in the frame's order) are kept by; None
     where rows are kept as JSON text: a warehouse without transactions (its state table and bookkeeping are
     swapped one after the other, so a crash between them could leave rows of a layout not yet recorded) or a
@@ -112,7 +102,7 @@ def row_layout(warehouse: Warehouse, state: S.StateTable, plan_meta: Mapping[str
     except SourceDataError:  # no JSON object of these columns could be written: nothing to keep either
         return None
     tag = R.tag_of(texts, layouts)
-    return RowLayout(texts, tag, {**layouts, tag: texts})
+    return R.RowLayout(texts, tag, {**layouts, tag: texts})
 
 
 def _commit(
@@ -154,7 +144,7 @@ def _commit(
     )
 
 
-def _layouts_text(warehouse: Warehouse, state: S.StateTable, layout: RowLayout | None) -> str | None:
+def _layouts_text(warehouse: Warehouse, state: S.StateTable, layout: R.RowLayout | None) -> str | None:
     """The layouts' text the bookkeeping row is written with (None: no column for them, the JSON text rows)."""
     if layout is not None:
         return R.layouts_text(layout.layouts)
@@ -242,7 +232,7 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
     return result
 
 
-def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int, layout: RowLayout | None = None) -> pa.Table:
+def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int, layout: R.RowLayout | None = None) -> pa.Table:
     """The state table's new rows (``upsert``) and removed keys (``delete``) for a plan's statuses.
 
     :param layout: the plan's row layout: each row is kept as its values (None: as its JSON text).

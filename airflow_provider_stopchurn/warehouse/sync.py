@@ -251,10 +251,10 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
     layout = row_layout(warehouse, state, plan.meta)  # the same layout the commit below records
     with closing(warehouse.batches(state.baseline(run.query, columns, keep_created=keep_created))) as batches:
         for batch in batches:
-            frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms)
+            frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms, keep=layout)
             if frame.height:
                 applied = np.full(frame.height, APPLIED, dtype=np.int8)
-                staged = _staged(frame, applied, len(options.key_columns), layout)
+                staged = _staged(frame, applied, len(options.key_columns))  # kept as the layout says already
                 warehouse.load(_STAGING, staged)
                 warehouse.execute([state.insert_next(_STAGING)])
     commit = _Commit(plan.target_version, plan.base_version, plan.plan_id, plan.meta)
