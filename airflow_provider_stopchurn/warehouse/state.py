@@ -53,11 +53,14 @@ class _Meta:
 
 def read_meta(warehouse: Warehouse, state: S.StateTable) -> _Meta | None:
     """The state table's bookkeeping row, or None when the state table does not exist."""
-    layouts = True
+    # without transactions every row is kept as JSON text, and the bookkeeping row is written without layouts
+    layouts = warehouse.transactions
     try:
-        rows = warehouse.rows(state.read_meta())
+        rows = warehouse.rows(state.read_meta(layouts=layouts))
     except Exception as err:  # the table is missing, or made before the row layouts: every database says it its way
-        log.debug("No state bookkeeping with row layouts in %s: %s", state.display, err)
+        log.debug("No state bookkeeping in %s: %s", state.display, err)
+        if not layouts:
+            return None
         try:
             rows, layouts = warehouse.rows(state.read_meta(layouts=False)), False
         except Exception as again:
