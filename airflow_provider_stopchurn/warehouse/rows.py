@@ -129,9 +129,12 @@ def expand(stored: pl.Series, layouts: Mapping[str, Sequence[str]]) -> pl.Series
     they are. :class:`SnapshotError` when a row names a layout the bookkeeping does not hold."""
     frame = pl.DataFrame({"row": stored.cast(pl.String)})
     cut = pl.col("row").str.splitn(RS, 2)
-    # a JSON text never holds RS: split, it is one field and no tag
-    frame = frame.with_columns(cut.struct.field("field_0").alias("__tag"), cut.struct.field("field_1").alias("__v"))
-    tags = [t for t in frame.filter(pl.col("__v").is_not_null()).get_column("__tag").unique().to_list()]
+    # a row kept as values starts with its tag and RS; a JSON text starts with "{" (and should never hold RS)
+    tagged = cut.struct.field("field_1").is_not_null() & cut.struct.field("field_0").str.contains("^[0-9a-f]{4,64}$")
+    frame = frame.with_columns(
+        pl.when(tagged).then(cut.struct.field("field_0")).alias("__tag"), cut.struct.field("field_1").alias("__v")
+    )
+    tags = [t for t in frame.get_column("__tag").drop_nulls().unique().to_list()]
     unknown = [t for t in tags if t not in layouts]
     if unknown:
         raise SnapshotError(
