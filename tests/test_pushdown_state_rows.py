@@ -102,6 +102,16 @@ def _deletes_match_the_rows_delivered(world: _World, rejected: tuple[str, ...] =
     return deletes
 
 
+def _as_an_older_version_left_it(world: _World) -> None:
+    """The state table as a version before the layouts writes it: the bookkeeping table without their column,
+    every row its JSON text (the text it was delivered with)."""
+    world.engine.execute(f"ALTER TABLE {STATE}__meta DROP COLUMN row_layouts")
+    for _, key, row in world.sent():
+        text = row.replace("'", "''")
+        world.engine.execute(f"UPDATE {STATE} SET \"_stopchurn_row\" = '{text}' WHERE id = '{key}'")
+    assert all(r.startswith("{") for r in world.kept())
+
+
 @pytest.fixture
 def world(engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path) -> _World:
     engine.execute(_ROWS[engine.name])
@@ -162,13 +172,7 @@ def test_a_state_table_of_json_texts_keeps_working_and_is_given_layouts(world: _
     column): its rows are deleted exactly as delivered, the column is added on the next run, and the rows that
     run writes are kept as values beside the old JSON texts."""
     world.run()
-    delivered = {key: row for _, key, row in world.sent()}
-    # as an earlier version left it: the bookkeeping table without the column, every row its JSON text
-    world.engine.execute(f"ALTER TABLE {STATE}__meta DROP COLUMN row_layouts")
-    for key, row in delivered.items():
-        text = row.replace("'", "''")
-        world.engine.execute(f"UPDATE {STATE} SET \"_stopchurn_row\" = '{text}' WHERE id = '{key}'")
-    assert all(r.startswith("{") for r in world.kept())
+    _as_an_older_version_left_it(world)
     world.engine.execute("DELETE FROM src WHERE id = 1")
     world.engine.execute("UPDATE src SET flag = NOT flag WHERE id = 2")
     changed = world.run()
@@ -236,3 +240,35 @@ def test_the_state_table_shrinks_on_postgres(
     engine.execute(f"VACUUM {STATE}")
     ((state, source),) = engine.rows(f"SELECT pg_total_relation_size('{STATE}'), pg_total_relation_size('src')")
     assert state <= 1.9 * source, (state, source)
+
+
+@pytest.mark.postgres
+def test_a_role_that_may_not_alter_the_bookkeeping_table_keeps_rows_as_json(
+    postgres_database: Any, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """An older bookkeeping table (no layouts' column), run by a role that may read and write the state tables
+    but not alter them: the column cannot be added, so every row stays JSON text, and the runs go on (a delete
+    still sends the row as delivered)."""
+    from airflow_provider_stopchurn.source.sql import postgres_uri
+    from airflow_provider_stopchurn.warehouse import PostgresWarehouse
+
+    engine = Engine("postgres", postgres_database)
+    engine.execute(_ROWS["postgres"])
+    world = _World(engine, stopchurn_sandbox_factory(record=True), tmp_path)
+    world.run()
+    _as_an_older_version_left_it(world)
+    engine.execute("DROP ROLE IF EXISTS sc_writer")
+    engine.execute("CREATE ROLE sc_writer LOGIN")
+    engine.execute("GRANT USAGE ON SCHEMA stopchurn_state TO sc_writer")
+    engine.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA stopchurn_state TO sc_writer")
+    engine.execute("GRANT SELECT ON src TO sc_writer")
+    server = engine.handle
+    uri = postgres_uri(host=server.host, port=server.port, login="sc_writer", password=None, database=server.dbname)
+    for tick, change in enumerate(("UPDATE src SET flag = NOT flag WHERE id = 2", "DELETE FROM src"), start=10):
+        engine.execute(change)
+        source = WarehouseSource(QUERY, PostgresWarehouse(uri), state_schema="stopchurn_state")
+        opts = options(chunk_size=4, max_concurrent_requests=1, allow_large_changes=True)
+        summary = run_warehouse_sync(source, world.store, world.sender, opts, run_ms=T0 + tick)
+        assert summary.updated + summary.deleted >= 1
+        assert all(r.startswith("{") for r in world.kept())  # the updated row too: no layouts to keep it by
+    assert _deletes_match_the_rows_delivered(world) == 3

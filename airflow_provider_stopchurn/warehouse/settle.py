@@ -106,22 +106,33 @@ def row_layout(warehouse: Warehouse, state: S.StateTable, plan_meta: Mapping[str
 
 
 def _commit(
-    run: _Run, commit: _Commit, *, write_state: bool, statements: Sequence[str] = (), record: Any = None
+    run: _Run,
+    commit: _Commit,
+    *,
+    write_state: bool,
+    statements: Sequence[str] = (),
+    record: Any = None,
+    layouts: str | bool | None = True,
 ) -> None:
     """Write ``statements`` and the new token into the warehouse (one transaction where it has them), then
-    ``CURRENT`` with the same token. The bookkeeping row keeps every row layout it kept, and the plan's."""
+    ``CURRENT`` with the same token. The bookkeeping row keeps every row layout it kept, and the plan's.
+
+    :param layouts: the layouts' text (:func:`_layouts_text`) when the caller read it before loading a staging
+        table (a failed probe would roll the staging table back on PostgreSQL); True: read here.
+    """
     warehouse, state, lock = run.warehouse, run.state, run.lock
     if lock is not None:
         lock.check()
     if write_state:
-        layout = row_layout(warehouse, state, commit.meta)
+        if layouts is True:
+            layouts = _layouts_text(warehouse, state, row_layout(warehouse, state, commit.meta))
         bookkeeping = state.write_meta(
             token=commit.token,
             plan_id=commit.plan_id,
             columns=str(commit.meta["columns"]),
             rows_sql=state.count_rows(),
             transactions=warehouse.transactions,
-            layouts=_layouts_text(warehouse, state, layout),
+            layouts=layouts or None,
         )
         if warehouse.transactions:
             warehouse.execute([*statements, *bookkeeping])
@@ -206,16 +217,19 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
     meta = read_meta(warehouse, state)
     already = meta is not None and meta.token == plan.target_version
     statements: list[str] = []
+    layouts: str | bool | None = True
     if not already:
         keys = list(plan.meta["key_columns"])
+        # before the staging table is loaded: nothing may roll it back before the statements that read it
         layout = row_layout(warehouse, state, plan.meta)
+        layouts = _layouts_text(warehouse, state, layout)
         warehouse.load(_STAGING, _staged(frame, status, len(keys), layout))
         if "session_zone" not in plan.meta and warehouse.transactions:
             # planned before sessions were pinned to UTC: its zoned key texts are in the session's zone then
             texts = {k: S.key_text(i) for i, k in enumerate(keys)}
             statements += _old_key_texts(warehouse, state, S.q(_STAGING), S.columns_of(plan.meta.get("columns")), texts)
         statements += state.apply(_STAGING, transactions=warehouse.transactions)
-    _commit(ctx, commit, write_state=not already, statements=statements, record=record)
+    _commit(ctx, commit, write_state=not already, statements=statements, record=record, layouts=layouts)
     result.version = plan.target_version
     log.info(
         "Settled plan %s of %r into %s: %d of %d chunks acknowledged, %d rows rejected, %d updates sent without an "
