@@ -46,7 +46,15 @@ from airflow_provider_stopchurn.warehouse.plan import (
     _plan_meta,
     _source_schema,
 )
-from airflow_provider_stopchurn.warehouse.settle import _STAGING, _Commit, _commit, _staged, _token, settle_state
+from airflow_provider_stopchurn.warehouse.settle import (
+    _STAGING,
+    _Commit,
+    _commit,
+    _staged,
+    _token,
+    row_layout,
+    settle_state,
+)
 from airflow_provider_stopchurn.warehouse.source import DIFF_LOCATION, WarehouseSource, _Run
 from airflow_provider_stopchurn.warehouse.state import _past_half_swaps, _zoned, check_state, prepare_state
 
@@ -152,7 +160,7 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
         key_kinds = _key_kinds(kinds, current, options)
         # closed at once on an error: an open read keeps its connection (and its locks) until garbage collection
         with closing(_change_batches(run, schema.names, diff, first=meta is None)) as batches:
-            frame = _plan_frame(run, batches, key_kinds, meta is None)
+            frame = _plan_frame(run, batches, key_kinds, meta is None, meta.layouts if meta is not None else None)
     finally:
         if scratch is not None and (diff is None or diff.scratch is not None):
             _drop(run, scratch)
@@ -240,11 +248,13 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
     columns = schema.names
     options = replace(run.options, updated_at_column=None)
     kinds: dict[str, str] = {}
+    layout = row_layout(warehouse, state, plan.meta)  # the same layout the commit below records
     with closing(warehouse.batches(state.baseline(run.query, columns, keep_created=keep_created))) as batches:
         for batch in batches:
-            frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms)
+            frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms, keep=layout)
             if frame.height:
-                staged = _staged(frame, np.full(frame.height, APPLIED, dtype=np.int8), len(options.key_columns))
+                applied = np.full(frame.height, APPLIED, dtype=np.int8)
+                staged = _staged(frame, applied, len(options.key_columns))  # kept as the layout says already
                 warehouse.load(_STAGING, staged)
                 warehouse.execute([state.insert_next(_STAGING)])
     commit = _Commit(plan.target_version, plan.base_version, plan.plan_id, plan.meta)
@@ -290,6 +300,8 @@ def _dry_run(run: _Run) -> None:
     with closing(_change_batches(run, schema.names, diff, first=meta is None)) as batches:
         batch = next(iter(batches))
     kinds = _kinds(schema, options)
-    frame, _ = _encode_batch(batch.slice(0, 5), schema.names, options, _key_kinds(kinds, current, options), run.run_ms)
+    key_kinds = _key_kinds(kinds, current, options)
+    layouts = meta.layouts if meta is not None else None
+    frame, _ = _encode_batch(batch.slice(0, 5), schema.names, options, key_kinds, run.run_ms, layouts)
     for window in windows(frame, options):
         summary.samples += [orjson.loads(u) for u in window.updates.to_list()]
