@@ -32,6 +32,7 @@ from airflow_provider_stopchurn.exceptions import StopChurnConfigError
 __all__ = [
     "DIRTY_INSERT",
     "DIRTY_UPDATE",
+    "ROWS_FORMAT",
     "STATE_FORMAT",
     "StateTable",
     "render",
@@ -42,6 +43,10 @@ __all__ = [
 #: Bumped when the state table's layout or meaning changes; ``engine._migrate`` upgrades older tables in place.
 #: 2: key texts and row hashes computed in a session pinned to UTC.
 STATE_FORMAT = 2
+#: The format of a bookkeeping row that keeps the row layouts (``warehouse/rows.py``): its rows may be kept as their
+#: values, which a version before them would send as a delete's row. Those versions refuse a format above the 2
+#: they read; rows kept as JSON text (no layouts' column) stay format 2, readable by them.
+ROWS_FORMAT = 3
 #: The session time zone every key text and row hash is computed in.
 SESSION_ZONE = "UTC"
 SOURCE = "__stopchurn_source"
@@ -231,7 +236,7 @@ class StateTable:
         """:param layouts: the row layouts' text (None: the bookkeeping table has no column for them)."""
         keys = lit(",".join(self.key_columns))
         values = (
-            f'SELECT {STATE_FORMAT} AS "format", {lit(token)} AS "token", '
+            f'SELECT {STATE_FORMAT if layouts is None else ROWS_FORMAT} AS "format", {lit(token)} AS "token", '
             f'{lit(plan_id) if plan_id else "CAST(NULL AS TEXT)"} AS "plan_id", {lit(columns)} AS "columns", '
             f'{keys} AS "key_columns", ({rows_sql}) AS "rows"'
             + ("" if layouts is None else f', {lit(layouts)} AS "row_layouts"')

@@ -103,10 +103,10 @@ def check_state(
 ) -> _Meta | None:
     """The state table's bookkeeping row when it agrees with ``CURRENT``; else :class:`StateDriftError`."""
     meta = read_meta(warehouse, state)
-    if meta is not None and meta.format > S.STATE_FORMAT:
+    if meta is not None and meta.format > S.ROWS_FORMAT:
         raise StopChurnConfigError(
             f"The state table {state.display} has format {meta.format}, written by a newer version of this "
-            f"provider (this one reads up to {S.STATE_FORMAT}). Upgrade the provider on every worker."
+            f"provider (this one reads up to {S.ROWS_FORMAT}). Upgrade the provider on every worker."
         )
     token = None if current is None else str(current["version"])
     if meta is None and token is None:
