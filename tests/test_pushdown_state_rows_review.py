@@ -28,7 +28,9 @@ def test_a_database_without_standard_conforming_strings_keeps_the_layouts_exact(
     assert _deletes_match_the_rows_delivered(world) == 3
 
 
-def test_a_state_table_with_rows_kept_as_values_names_a_format_older_versions_refuse(engine: Engine, world: Any) -> None:
+def test_a_state_table_with_rows_kept_as_values_names_a_format_older_versions_refuse(
+    engine: Engine, world: Any
+) -> None:
     """A version before the layouts reads every row as its JSON text, so it would send a delete whose row is a
     row's values and separators. It refuses a bookkeeping row whose format is above the 2 it reads: rows kept as
     values must be marked so (rows kept as JSON text, e.g. for a role that may not add the column, need not)."""
@@ -42,3 +44,84 @@ def test_a_state_table_with_rows_kept_as_values_names_a_format_older_versions_re
 def world(engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path) -> _World:
     engine.execute(_ROWS[engine.name])
     return _World(engine, stopchurn_sandbox_factory(record=True), tmp_path)
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["layouts", "json-texts"])
+def test_a_schema_change_killed_at_every_write_then_deletes_send_each_row_as_delivered(
+    stopchurn_sandbox_factory: Any, tmp_path: Path, older: bool
+) -> None:
+    """Rows of the first layout (``older``: a state table of JSON texts, as a version before the layouts left it),
+    then a run that sends every row again with a new column (a new layout), deletes some and inserts some, killed
+    at each write of the warehouse and the store. After the retry, deleting every row sends each one byte for byte
+    as it was last delivered, whichever layout (or a crash between the rows and the bookkeeping row naming their
+    layout, or adding the layouts' column) keeps it."""
+    import re
+
+    from helpers_sync import T0, RecordingSender, make_client, options
+    from test_crash_matrix_object_store import KillableMemoryFileSystem, Killed
+    from test_pushdown import churn, table
+    from test_pushdown_recovery import KillableDuckDB, _store
+    from test_pushdown_state_rows import _UPDATE
+
+    from airflow_provider_stopchurn.warehouse import WarehouseSource, run_warehouse_sync
+
+    engine = Engine("duckdb", tmp_path / "w.duckdb")
+    sb = stopchurn_sandbox_factory(record=True)
+    base = table(8)
+    moved = churn(base, 1).assign(tier=lambda f: (f["id"] % 3).astype("int64"), **{"a.b": 'x,"name":}'})
+
+    def run(store: Any, sender: Any, tick: int, **opts: Any) -> Any:
+        source = WarehouseSource("SELECT * FROM src", KillableDuckDB(str(engine.handle)))
+        opts = {"chunk_size": 3, "max_concurrent_requests": 1, "allow_large_changes": True, **opts}
+        return run_warehouse_sync(source, store, sender, options(**opts), run_ms=T0 + tick)
+
+    def fresh() -> tuple[Any, Any]:
+        KillableMemoryFileSystem.arm(0, "never")
+        sb.reset()
+        engine.execute("DROP SCHEMA IF EXISTS stopchurn_state CASCADE")
+        engine.load(base)
+        store, sender = _store(), RecordingSender(make_client(sb))
+        run(store, sender, 0)
+        if older:
+            engine.execute("ALTER TABLE stopchurn_state.b7_subscription__meta DROP COLUMN row_layouts")
+            engine.execute('UPDATE stopchurn_state.b7_subscription__meta SET "format" = 2')
+            for body in sender.bodies:
+                for _, row in _UPDATE.findall(body.decode()):
+                    key = re.match(r'\{"id":(\d+)', row)
+                    assert key is not None, row
+                    text = row.replace("'", "''")
+                    engine.execute(
+                        f"UPDATE stopchurn_state.b7_subscription SET _stopchurn_row = '{text}' WHERE id = '{key[1]}'"
+                    )
+            kept = engine.rows("SELECT _stopchurn_row FROM stopchurn_state.b7_subscription")
+            assert kept and all(str(r).startswith("{") for (r,) in kept)
+        engine.load(moved)
+        return store, sender
+
+    store, sender = fresh()
+    KillableMemoryFileSystem.arm(0, "never")
+    run(store, sender, 1, on_schema_change="update_all")
+    writes = KillableMemoryFileSystem.writes
+    assert writes >= 5
+    # dying before write n leaves what dying after write n-1 leaves
+    for n, when in [(1, "before")] + [(n, "after") for n in range(1, writes + 1)]:
+        store, sender = fresh()
+        KillableMemoryFileSystem.arm(n, when)
+        with pytest.raises(Killed):
+            run(store, sender, 1, on_schema_change="update_all")
+        KillableMemoryFileSystem.arm(0, "never")
+        store.break_lock()
+        run(store, sender, 2, on_schema_change="update_all")
+        engine.execute("DELETE FROM src")
+        assert run(store, sender, 3).deleted == len(moved), (n, when)
+        last: dict[str, str] = {}
+        deletes = 0
+        for body in sender.bodies:
+            for op, row in _UPDATE.findall(body.decode()):
+                key = re.match(r'\{"id":(\d+)', row)
+                assert key is not None, row
+                if op == "delete":
+                    assert row == last[key.group(1)], (n, when, row, last[key.group(1)])
+                    deletes += 1
+                last[key.group(1)] = row
+        assert deletes >= len(moved), (n, when)
