@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_sync import T0, options
 from pushdown_engines import Engine, local_engine  # noqa: F401 - the engine fixture
 from test_pushdown_state_rows import _ROWS, STATE, _deletes_match_the_rows_delivered, _World
 
@@ -57,7 +58,7 @@ def test_a_schema_change_killed_at_every_write_then_deletes_send_each_row_as_del
     layout, or adding the layouts' column) keeps it."""
     import re
 
-    from helpers_sync import T0, RecordingSender, make_client, options
+    from helpers_sync import RecordingSender, make_client
     from test_crash_matrix_object_store import KillableMemoryFileSystem, Killed
     from test_pushdown import churn, table
     from test_pushdown_recovery import KillableDuckDB, _store
@@ -125,3 +126,46 @@ def test_a_schema_change_killed_at_every_write_then_deletes_send_each_row_as_del
                     deletes += 1
                 last[key.group(1)] = row
         assert deletes >= len(moved), (n, when)
+
+
+@pytest.mark.postgres
+def test_a_role_that_may_not_read_the_layouts_does_not_erase_them(
+    postgres_database: Any, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """The owner's runs keep rows as values. A role granted the bookkeeping table's other columns (not
+    ``row_layouts``) then runs: its probe of the column fails, which reads as a table without it, and the
+    bookkeeping row it writes would hold no layouts, while the rows the owner wrote still name theirs: every later
+    delete of one would stop (or, once a new layout takes the freed tag, be rebuilt from other texts). The role's
+    run stops before anything is read or sent, saying which grant it lacks."""
+    from test_pushdown_state_rows import QUERY
+
+    from airflow_provider_stopchurn.exceptions import StopChurnConfigError
+    from airflow_provider_stopchurn.source.sql import postgres_uri
+    from airflow_provider_stopchurn.warehouse import PostgresWarehouse, WarehouseSource, run_warehouse_sync
+
+    engine = Engine("postgres", postgres_database)
+    engine.execute(_ROWS["postgres"])
+    world = _World(engine, stopchurn_sandbox_factory(record=True), tmp_path)
+    world.run()
+    assert engine.rows(f'SELECT "row_layouts" FROM {STATE}__meta')[0][0]
+    engine.execute("DROP ROLE IF EXISTS sc_columns")
+    engine.execute("CREATE ROLE sc_columns LOGIN")
+    engine.execute("GRANT USAGE, CREATE ON SCHEMA stopchurn_state TO sc_columns")
+    engine.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {STATE} TO sc_columns")
+    engine.execute(
+        'GRANT SELECT ("format", "token", "plan_id", "columns", "key_columns", "rows"), INSERT, DELETE '
+        f"ON {STATE}__meta TO sc_columns"
+    )
+    engine.execute("GRANT SELECT ON src TO sc_columns")
+    server = engine.handle
+    uri = postgres_uri(host=server.host, port=server.port, login="sc_columns", password=None, database=server.dbname)
+    engine.execute("UPDATE src SET flag = NOT flag WHERE id = 2")
+    source = WarehouseSource(QUERY, PostgresWarehouse(uri), state_schema="stopchurn_state")
+    opts = options(chunk_size=4, max_concurrent_requests=1, allow_large_changes=True)
+    with pytest.raises(StopChurnConfigError, match="Grant this connection SELECT"):
+        run_warehouse_sync(source, world.store, world.sender, opts, run_ms=T0 + 50)
+    assert engine.rows(f'SELECT "row_layouts" FROM {STATE}__meta')[0][0]
+    assert world.run().updated == 1  # the owner's run: the grant was the cause
+    engine.execute("DELETE FROM src")
+    assert world.run().deleted == 3
+    assert _deletes_match_the_rows_delivered(world) == 3
