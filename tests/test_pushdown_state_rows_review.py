@@ -169,3 +169,26 @@ def test_a_role_that_may_not_read_the_layouts_does_not_erase_them(
     engine.execute("DELETE FROM src")
     assert world.run().deleted == 3
     assert _deletes_match_the_rows_delivered(world) == 3
+
+
+@pytest.mark.spark
+def test_spark_keeps_rows_as_json_texts_and_deletes_send_them_as_delivered(
+    request: pytest.FixtureRequest, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """Spark has no transactions (its state table and bookkeeping row are swapped one after the other): its rows
+    stay JSON text, its bookkeeping row format 2, and a delete sends the row as delivered."""
+    import pandas as pd
+    from pushdown_engines import engine_fixture
+
+    fixture = engine_fixture("spark", request, tmp_path)
+    engine = next(fixture)
+    frame = pd.DataFrame({"id": [1, 2, 3], "note": ['x,"note":}', "", "é \x1f\x1e"], "a.b": ["{", None, '"']})
+    engine.load(frame)
+    world = _World(engine, stopchurn_sandbox_factory(record=True), tmp_path)
+    assert world.run().inserted == 3
+    kept = engine.rows(f"SELECT _stopchurn_row FROM {STATE}")  # Spark: no double-quoted names
+    assert len(kept) == 3 and all(str(r).startswith("{") for (r,) in kept), kept
+    assert engine.rows(f"SELECT format FROM {STATE}__meta") == [(2,)]
+    engine.load(frame.iloc[:1])
+    assert world.run().deleted == 2
+    assert _deletes_match_the_rows_delivered(world) == 2
