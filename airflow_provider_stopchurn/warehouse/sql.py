@@ -32,7 +32,6 @@ from airflow_provider_stopchurn.exceptions import StopChurnConfigError
 __all__ = [
     "DIRTY_INSERT",
     "DIRTY_UPDATE",
-    "ROWS_FORMAT",
     "STATE_FORMAT",
     "StateTable",
     "render",
@@ -41,12 +40,8 @@ __all__ = [
 ]
 
 #: Bumped when the state table's layout or meaning changes; ``engine._migrate`` upgrades older tables in place.
-#: 2: key texts and row hashes computed in a session pinned to UTC.
-STATE_FORMAT = 2
-#: The format of a bookkeeping row that keeps the row layouts (``warehouse/rows.py``): its rows may be kept as their
-#: values, which a version before them would send as a delete's row. Those versions refuse a format above the 2
-#: they read; rows kept as JSON text (no layouts' column) stay format 2, readable by them.
-ROWS_FORMAT = 3
+#: 2: key texts and row hashes in a UTC session. 3 (ROWS_FORMAT): with row layouts, rows kept as values (rows.py).
+STATE_FORMAT, ROWS_FORMAT = 2, 3
 #: The session time zone every key text and row hash is computed in.
 SESSION_ZONE = "UTC"
 SOURCE = "__stopchurn_source"

@@ -122,6 +122,8 @@ def check_state(
 ) -> _Meta | None:
     """The state table's bookkeeping row when it agrees with ``CURRENT``; else :class:`StateDriftError`."""
     meta = read_meta(warehouse, state)
+    # format 3 marks rows kept as values: a version before them (reading up to 2) refuses it here rather than
+    # send a row's values as a delete's row; rows kept as JSON text (no layouts' column) stay format 2
     if meta is not None and meta.format > S.ROWS_FORMAT:
         raise StopChurnConfigError(
             f"The state table {state.display} has format {meta.format}, written by a newer version of this "
