@@ -134,7 +134,7 @@ def test_a_format_1_state_table_of_a_non_iso_datestyle_database_is_migrated_with
         assert "/" in con.execute('SELECT "k" FROM stopchurn_state.b7_subscription LIMIT 1').fetchone()[0]
     after = run_warehouse_sync(source(), store, make_client(sb), options(key_columns=("k",)), run_ms=T0 + 1)
     assert (after.inserted, after.deleted) == (0, 0)  # the row hashes changed with the style: updates, once
-    assert pg.rows('SELECT "format" FROM stopchurn_state.b7_subscription__meta') == [(2,)]
+    assert pg.rows('SELECT "format" FROM stopchurn_state.b7_subscription__meta') == [(3,)]  # values kept
     again = run_warehouse_sync(source(), store, make_client(sb), options(key_columns=("k",)), run_ms=T0 + 2)
     assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
     assert_sandbox_matches(sb, frame, ("k",))

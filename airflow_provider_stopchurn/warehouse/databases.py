@@ -179,6 +179,9 @@ class PostgresWarehouse(_CursorWarehouse):
         "SET IntervalStyle = 'postgres'",
         "SET extra_float_digits = 1",
         "SET bytea_output = 'hex'",
+        # the bookkeeping row's texts are written as plain literals full of backslashes (JSON): with the setting
+        # off they would be read as escapes, and the row layouts stored as other texts
+        "SET standard_conforming_strings = on",
     )
 
     def __init__(self, uri: PostgresUri) -> None:

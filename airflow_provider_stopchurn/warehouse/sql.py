@@ -40,8 +40,8 @@ __all__ = [
 ]
 
 #: Bumped when the state table's layout or meaning changes; ``engine._migrate`` upgrades older tables in place.
-#: 2: key texts and row hashes computed in a session pinned to UTC.
-STATE_FORMAT = 2
+#: 2: key texts and row hashes in a UTC session. 3 (ROWS_FORMAT): with row layouts, rows kept as values (rows.py).
+STATE_FORMAT, ROWS_FORMAT = 2, 3
 #: The session time zone every key text and row hash is computed in.
 SESSION_ZONE = "UTC"
 SOURCE = "__stopchurn_source"
@@ -231,7 +231,7 @@ class StateTable:
         """:param layouts: the row layouts' text (None: the bookkeeping table has no column for them)."""
         keys = lit(",".join(self.key_columns))
         values = (
-            f'SELECT {STATE_FORMAT} AS "format", {lit(token)} AS "token", '
+            f'SELECT {STATE_FORMAT if layouts is None else ROWS_FORMAT} AS "format", {lit(token)} AS "token", '
             f'{lit(plan_id) if plan_id else "CAST(NULL AS TEXT)"} AS "plan_id", {lit(columns)} AS "columns", '
             f'{keys} AS "key_columns", ({rows_sql}) AS "rows"'
             + ("" if layouts is None else f', {lit(layouts)} AS "row_layouts"')

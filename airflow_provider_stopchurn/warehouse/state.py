@@ -85,9 +85,28 @@ def holds_layouts(warehouse: Warehouse, state: S.StateTable) -> bool:
     :func:`prepare_state`)."""
     try:
         warehouse.rows(state.r(f'SELECT "row_layouts" FROM {state.meta} WHERE 1 = 0'))
-    except Exception:
+    except Exception as err:
+        # the column is there but may not be read (a role granted the other columns): taken for a table without
+        # it, the run would write the bookkeeping row without the layouts its rows are rebuilt with
+        if _layouts_listed(warehouse, state):
+            raise StopChurnConfigError(
+                f"Cannot read the row layouts of {state.display}__meta ({_first_line(err)}); nothing was read or "
+                f"sent.\nGrant this connection SELECT on every column of {state.display}__meta."
+            ) from err
         return False
     return True
+
+
+def _layouts_listed(warehouse: Warehouse, state: S.StateTable) -> bool:
+    """Whether the catalog lists the bookkeeping table's layouts' column (False where it cannot be asked)."""
+    sql = (
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = "
+        f"{S.lit(state.schema)} AND table_name = {S.lit(state.name + '__meta')} AND column_name = 'row_layouts'"
+    )
+    try:
+        return bool(warehouse.rows(state.r(sql)))
+    except Exception:
+        return False
 
 
 def _table_exists(warehouse: Warehouse, state: S.StateTable, name: str) -> bool:
@@ -103,10 +122,12 @@ def check_state(
 ) -> _Meta | None:
     """The state table's bookkeeping row when it agrees with ``CURRENT``; else :class:`StateDriftError`."""
     meta = read_meta(warehouse, state)
-    if meta is not None and meta.format > S.STATE_FORMAT:
+    # format 3 marks rows kept as values: a version before them (reading up to 2) refuses it here rather than
+    # send a row's values as a delete's row; rows kept as JSON text (no layouts' column) stay format 2
+    if meta is not None and meta.format > S.ROWS_FORMAT:
         raise StopChurnConfigError(
             f"The state table {state.display} has format {meta.format}, written by a newer version of this "
-            f"provider (this one reads up to {S.STATE_FORMAT}). Upgrade the provider on every worker."
+            f"provider (this one reads up to {S.ROWS_FORMAT}). Upgrade the provider on every worker."
         )
     token = None if current is None else str(current["version"])
     if meta is None and token is None:
