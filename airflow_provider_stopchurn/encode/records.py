@@ -21,7 +21,7 @@ from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.source.frame import KINDS
 from airflow_provider_stopchurn.source.values import listed
 
-__all__ = ["encode_rows", "encode_updates", "json_fragment", "row_pieces"]
+__all__ = ["build_tree", "encode_rows", "encode_updates", "json_fragment", "json_key_text", "row_pieces"]
 
 _UPDATE_TYPES = ("insert", "update", "delete")
 
@@ -66,11 +66,11 @@ def _float_fragment(c: pl.Expr) -> pl.Expr:
     )
 
 
-def _key_text(name: str) -> str:
+def json_key_text(name: str) -> str:
     return json.dumps(name, ensure_ascii=False)
 
 
-def _build_tree(names: Sequence[str], nest: bool) -> dict[str, Any]:
+def build_tree(names: Sequence[str], nest: bool) -> dict[str, Any]:
     """Column names -> nested dict whose leaves are column names (dotted names nest when ``nest``)."""
     tree: dict[str, Any] = {}
     for name in names:
@@ -102,7 +102,7 @@ def _build_tree(names: Sequence[str], nest: bool) -> dict[str, Any]:
 def _object_pieces(tree: Mapping[str, Any], fragments: Mapping[str, pl.Expr]) -> list[pl.Expr]:
     pieces: list[pl.Expr] = []
     for i, (key, sub) in enumerate(tree.items()):
-        pieces.append(pl.lit(("," if i else "") + _key_text(key) + ":"))
+        pieces.append(pl.lit(("," if i else "") + json_key_text(key) + ":"))
         if isinstance(sub, str):
             pieces.append(fragments[sub])
         else:
@@ -145,7 +145,7 @@ def row_pieces(
     missing = [c for c in schema if c not in kinds]
     if missing:
         raise ValueError(f"No kind given for column(s) {missing!r}.")
-    tree = _build_tree(list(schema), nest_dotted_columns)
+    tree = build_tree(list(schema), nest_dotted_columns)
     fragments = {
         name: _fragment(name, kinds[name], dtype, decimal_as_string=decimal_as_string) for name, dtype in schema.items()
     }
@@ -192,7 +192,7 @@ def encode_updates(
         raise ValueError(f"Unknown update type(s) {listed(bad.unique().to_list())}; expected {_UPDATE_TYPES}.")
     if rows_json.null_count():
         raise ValueError("rows_json has null rows.")
-    head = '{"brandId":' + str(int(brand_id)) + ',"tableName":' + _key_text(table_name) + ',"data":'
+    head = '{"brandId":' + str(int(brand_id)) + ',"tableName":' + json_key_text(table_name) + ',"data":'
     frame = pl.DataFrame(
         [
             ops.alias("op"),

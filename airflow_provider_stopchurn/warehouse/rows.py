@@ -24,7 +24,7 @@ from typing import Any
 
 import polars as pl
 
-from airflow_provider_stopchurn.encode.records import _build_tree, _key_text
+from airflow_provider_stopchurn.encode.records import build_tree, json_key_text
 from airflow_provider_stopchurn.exceptions import SnapshotError
 
 __all__ = ["RowLayout", "compact", "expand", "holes", "kept_values", "layout", "layouts_of", "layouts_text", "tag_of"]
@@ -55,12 +55,12 @@ def holes(columns: Sequence[str], *, nest_dotted_columns: bool) -> list[str]:
 
 
 def _walk(columns: Sequence[str], nest: bool) -> tuple[list[str], list[str]]:
-    tree = _build_tree(list(columns), nest)
+    tree = build_tree(list(columns), nest)
     texts, names = ["{"], []
 
     def walk(node: Mapping[str, Any]) -> None:
         for i, (key, sub) in enumerate(node.items()):
-            texts[-1] += ("," if i else "") + _key_text(key) + ":"
+            texts[-1] += ("," if i else "") + json_key_text(key) + ":"
             if isinstance(sub, str):
                 names.append(sub)
                 texts.append("")

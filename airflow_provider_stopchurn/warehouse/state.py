@@ -66,6 +66,10 @@ def read_meta(warehouse: Warehouse, state: S.StateTable) -> _Meta | None:
         except Exception as again:
             log.debug("No state bookkeeping in %s: %s", state.display, again)
             return None
+        if rows and holds_layouts(warehouse, state):
+            # the column is there and readable: the first read failed for another reason (a dropped connection),
+            # and a table read as without layouts would be committed without the ones its rows are rebuilt with
+            rows, layouts = warehouse.rows(state.read_meta(layouts=True)), True
     if not rows:
         return None
     fmt, token, plan_id, columns, keys, count, *rest = rows[0]
