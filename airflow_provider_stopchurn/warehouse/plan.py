@@ -164,13 +164,13 @@ def _narrow_counts(
     counts: dict[str, int] = {}
     in_state = unchanged_rows = 0
     repeated = False
-    for op, known, n, most in warehouse.rows(state.narrow_counts(scratch)):
+    for op, known, keys, n in warehouse.rows(state.narrow_counts(scratch)):
         if op is None:  # the unchanged rows: one group
             unchanged_rows = int(n)
             continue
         counts[str(op)] = counts.get(str(op), 0) + int(n)
         in_state += int(n) if int(known) else 0
-        repeated = repeated or (op != "delete" and int(most) > 1)
+        repeated = repeated or (op != "delete" and int(n) > int(keys))  # a changed key of more than one row
     ((state_rows,),) = warehouse.rows(state.count_rows())
     unchanged = int(state_rows) - in_state
     if counts.pop(S.NULL_KEY, 0) or repeated or unchanged_rows > unchanged:

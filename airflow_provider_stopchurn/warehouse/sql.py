@@ -387,10 +387,10 @@ class StateTable:
         return [*setup, f"{create} {scratch} AS {self.r(select, source)}", *analyze]  # a name no other run has
 
     def narrow_counts(self, scratch: str) -> str:
-        """Per op (NULL: unchanged) and whether its key is in the state table, the rows of the narrow diff and the
-        most rows one key has."""
+        """Per op (NULL: unchanged) and whether its key is in the state table, the groups of the narrow diff (its
+        keys, for a changed op) and their source rows."""
         by = f"d.{q(OP)}, d.{q(IN_STATE)}"
-        return self.r(f"SELECT {by}, SUM(d.{q(ROWS)}), MAX(d.{q(ROWS)}) FROM {scratch} AS d GROUP BY {by}")
+        return self.r(f"SELECT {by}, COUNT(*), SUM(d.{q(ROWS)}) FROM {scratch} AS d GROUP BY {by}")
 
     def first_load(self, source: str, columns: Sequence[str]) -> str:
         """Every source row, in the query's order, with its key texts and hash (no state to join)."""
