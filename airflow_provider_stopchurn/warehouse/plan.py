@@ -57,6 +57,8 @@ def _source_schema(warehouse: Warehouse, state: S.StateTable, query: str, option
 
 
 def _check_keys(warehouse: Warehouse, state: S.StateTable, query: str, options: SyncOptions) -> None:
+    """Refuse a source with a NULL key or a key of more than one row (a query of its own; the narrow diff finds
+    both in its own pass, and calls this only to name them)."""
     null_keys, repeated = warehouse.rows(state.key_check(query))[0]
     if null_keys:
         raise SafeguardError(
@@ -91,7 +93,8 @@ def _decide(
     scratch: str | None = None,
 ) -> _Diff:
     """Schema policy and counts (in SQL), and the safeguards on them. ``scratch``: the table to write the narrow
-    diff into and count from (a run that may write; a dry run counts with one query and writes nothing)."""
+    diff into and count from (a run that may write; a dry run counts with one query and writes nothing); the key
+    checks are then made here, in the narrow diff's own pass where it runs (else the caller made them)."""
     columns = schema.names
     if meta is None:
         (total,) = warehouse.rows(state.r(f"SELECT COUNT(*) FROM {S.q(S.SOURCE)} AS s", query))[0]
@@ -104,6 +107,8 @@ def _decide(
     if change:
         schema_change = {"policy": options.on_schema_change, **change}
         if options.on_schema_change == "fail" or ("key_columns" in change and options.on_schema_change != "rebaseline"):
+            if scratch is not None:  # a source with bad keys is refused for them first, as it always was
+                _check_keys(warehouse, state, query, options)
             raise SafeguardError(
                 f"The columns of brand {options.brand_id} table {options.table_name!r} changed; nothing was sent.\n"
                 f"Source vs state table: {describe(change)}.\n"
@@ -123,10 +128,12 @@ def _decide(
         baseline = options.on_schema_change == "rebaseline"
         update_all = not baseline
     if baseline:
+        if scratch is not None:  # no narrow diff follows: the keys are checked as they always were
+            _check_keys(warehouse, state, query, options)
         (total,) = warehouse.rows(state.r(f"SELECT COUNT(*) FROM {S.q(S.SOURCE)} AS s", query))[0]
         return _Diff(False, True, schema_change, {"unchanged": int(total)})
     if scratch is not None:
-        counts = _narrow_counts(warehouse, state, scratch, query, columns, update_all=update_all)
+        counts = _narrow_counts(warehouse, state, scratch, query, columns, update_all=update_all, options=options)
     else:
         raw = warehouse.rows(state.counts(query, columns, update_all=update_all))
         counts = {("unchanged" if op is None else str(op)): int(n) for op, n in raw}
@@ -137,20 +144,42 @@ def _decide(
 
 
 def _narrow_counts(
-    warehouse: Warehouse, state: S.StateTable, scratch: str, query: str, columns: Sequence[str], *, update_all: bool
+    warehouse: Warehouse,
+    state: S.StateTable,
+    scratch: str,
+    query: str,
+    columns: Sequence[str],
+    *,
+    update_all: bool,
+    options: SyncOptions,
 ) -> dict[str, int]:
-    """Write the narrow diff into ``scratch`` and count it. The unchanged rows are the state's rows that are in
-    neither the narrow diff nor deleted: keys are unique on both sides (the key checks, the state table's
-    making), so every state row either matches one source row (unchanged, or in the diff with its key in the
-    state table) or is deleted (in the diff, its key in the state table)."""
+    """Write the narrow diff into ``scratch``, check the source's keys on it, and count it.
+
+    Keys are unique in the state table (its making), so the state's rows are those in the narrow diff with their
+    key in the state table (changed or deleted) and the unchanged ones. Each unchanged source row matches one
+    state row, so more unchanged source rows than that, like a changed key of more than one row, is a key held by
+    more than one source row; a NULL key has an op of its own (:meth:`~.sql.StateTable.diff_into`). Either is
+    refused with the message of :func:`_check_keys`, which names the keys (its query runs only then)."""
     warehouse.execute(state.diff_into(scratch, query, columns, update_all=update_all))
     counts: dict[str, int] = {}
-    in_state = 0
-    for op, known, n in warehouse.rows(state.narrow_counts(scratch)):
+    in_state = unchanged_rows = 0
+    repeated = False
+    for op, known, keys, n in warehouse.rows(state.narrow_counts(scratch)):
+        if op is None:  # the unchanged rows: one group
+            unchanged_rows = int(n)
+            continue
         counts[str(op)] = counts.get(str(op), 0) + int(n)
         in_state += int(n) if int(known) else 0
+        repeated = repeated or (op != "delete" and int(n) > int(keys))  # a changed key of more than one row
     ((state_rows,),) = warehouse.rows(state.count_rows())
     unchanged = int(state_rows) - in_state
+    if counts.pop(S.NULL_KEY, 0) or repeated or unchanged_rows > unchanged:
+        _check_keys(warehouse, state, query, options)
+        # the source moved between the two reads: its keys are refused all the same (the next run reads it again)
+        raise SafeguardError(
+            f"Source rows of {options.table_name!r} had a NULL or repeated key while they were diffed; nothing was "
+            "sent. Every row needs its own key; the next run reads the source again."
+        )
     if unchanged:
         counts["unchanged"] = unchanged
     return counts

@@ -32,7 +32,7 @@ class WarehouseSource:
     def state(self, options: SyncOptions) -> S.StateTable:
         return S.StateTable(
             self.state_schema,
-            S.state_table_name(options.brand_id, options.table_name),
+            S.state_table_name(options.brand_id, options.table_name, self.warehouse.dialect),
             tuple(options.key_columns),
             self.warehouse.dialect,
         )

@@ -19,24 +19,45 @@ the next diff sends their current state again, as the local path does (``update/
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import pyarrow as pa
-import sqlglot
-
-from airflow_provider_stopchurn.exceptions import StopChurnConfigError
+from airflow_provider_stopchurn.warehouse.sqlparts import (
+    PG_IDENTIFIER_BYTES,
+    SOURCE,
+    _joined,
+    columns_of,
+    columns_text,
+    key_text,
+    lit,
+    q,
+    render,
+    render_identifier,
+    row_hash_sql,
+    source_query,
+    staging_ddl,
+    state_table_name,
+)
 
 __all__ = [
     "DIRTY_INSERT",
     "DIRTY_UPDATE",
+    "PG_IDENTIFIER_BYTES",
+    "SOURCE",
     "STATE_FORMAT",
     "StateTable",
+    "columns_of",
+    "columns_text",
+    "key_text",
+    "lit",
+    "q",
     "render",
+    "render_identifier",
     "row_hash_sql",
+    "source_query",
     "staging_ddl",
+    "state_table_name",
 ]
 
 #: Bumped when the state table's layout or meaning changes; ``engine._migrate`` upgrades older tables in place.
@@ -44,7 +65,6 @@ __all__ = [
 STATE_FORMAT, ROWS_FORMAT = 2, 3
 #: The session time zone every key text and row hash is computed in.
 SESSION_ZONE = "UTC"
-SOURCE = "__stopchurn_source"
 HASH = "_stopchurn_row_hash"
 CREATED = "_stopchurn_created_at"
 ROW = "_stopchurn_row"
@@ -58,87 +78,20 @@ OLD_ROW = "__sc_old_row"
 ACTION = "__sc_action"
 #: 1 when a row of the narrow diff has a row in the state table (the unchanged rows are counted by it)
 IN_STATE = "__sc_in_state"
+#: the source rows of a group of the narrow diff (one key, or every unchanged row)
+ROWS = "__sc_rows"
+#: the op of the narrow diff's source rows with a NULL key (the key check, in the same pass)
+NULL_KEY = "null_key"
 #: Dialects whose diff is written once into a scratch table (:meth:`StateTable.diff_into`). Elsewhere (Spark, the
 #: untested DB-API warehouses: no ``information_schema`` to find a killed run's scratch table by) two queries.
 NARROW = frozenset({"postgres", "duckdb"})
+#: How long a best-effort statement on PostgreSQL (a scratch table's DROP, the key index of an older state table)
+#: waits for a lock another session holds before it gives up (the next run tries again).
+LOCK_WAIT = "5s"
 #: Dialects whose state table is indexed on its key. Not DuckDB: its hash joins never use one, and keeping one up
 #: made a 1M-row settle 6x slower (benchmarks/RESULTS-pushdown.md). Not Spark: no indexes.
 INDEXED = frozenset({"postgres"})
 _QUALIFIED_RENAME = frozenset({"spark", "databricks", "hive"})
-
-
-def key_text(i: int) -> str:
-    """The name of the i-th key's text in the change query and the staging table."""
-    return f"__sc_key_{i}"
-
-
-def q(name: str) -> str:
-    """A quoted identifier in the template dialect (PostgreSQL)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def lit(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def render(sql: str, dialect: str, *, source: str | None = None) -> str:
-    """``sql`` (PostgreSQL dialect) in ``dialect``, with the user's ``source`` query as the ``__stopchurn_source``
-    CTE when given."""
-    out = sql if dialect == "postgres" else sqlglot.transpile(sql, read="postgres", write=dialect)[0]
-    if source is None:
-        return out
-    head = f"WITH {render_identifier(SOURCE, dialect)} AS (\n{source}\n)"
-    if out[:5].upper() == "WITH ":
-        return f"{head},\n{out[5:]}"
-    return f"{head}\n{out}"
-
-
-def render_identifier(name: str, dialect: str) -> str:
-    return sqlglot.exp.to_identifier(name, quoted=True).sql(dialect=dialect)
-
-
-def source_query(sql: str) -> str:
-    """The user's query, checked to be one statement that can sit inside a ``WITH`` clause."""
-    import sqlparse
-
-    statements = [s.strip().rstrip(";").strip() for s in sqlparse.split(sql) if s.strip().rstrip(";").strip()]
-    if len(statements) != 1:
-        raise StopChurnConfigError(
-            f"diff_location='warehouse' needs the source to be one SELECT query; got {len(statements)} statements. "
-            "Put setup statements in an upstream task, or use a view."
-        )
-    return statements[0]
-
-
-def _joined(texts: Iterable[str]) -> str:
-    """One text of several, each length-prefixed (so no two lists of texts join alike); immutable, as indexed."""
-    return "(" + " || ".join(f"CAST(LENGTH({t}) AS TEXT) || ':' || {t}" for t in texts) + ")"
-
-
-def row_hash_sql(columns: Sequence[str], alias: str = "s") -> str:
-    """The row hash expression over ``columns`` (see the module docstring), in the template dialect."""
-    pieces = []
-    for name in sorted(columns):
-        text = f"CAST({alias}.{q(name)} AS TEXT)"
-        pieces.append(f"COALESCE('v' || CAST(LENGTH({text}) AS TEXT) || ':' || {text}, 'n')")
-    return "MD5(" + (" || ".join(pieces) if pieces else "''") + ")"
-
-
-def staging_ddl(dialect: str, table: str, schema: pa.Schema) -> str:
-    """CREATE TABLE for a staging table holding ``schema`` (warehouses whose load inserts row by row)."""
-    types = {pa.int64(): "BIGINT", pa.string(): "TEXT", pa.large_string(): "TEXT"}
-    columns = ", ".join(f"{q(f.name)} {types.get(f.type, 'TEXT')}" for f in schema)
-    return render(f"CREATE TEMPORARY TABLE {q(table)} ({columns})", dialect)
-
-
-def state_table_name(brand_id: int, table_name: str) -> str:
-    """``b<brand>_<table>``; characters other than letters, digits and ``_`` become ``_`` (with a hash of the
-    real name appended then, so two tables never share a state table)."""
-    clean = re.sub(r"[^A-Za-z0-9_]", "_", table_name).lower()
-    name = f"b{int(brand_id)}_{clean}"
-    if clean != table_name:
-        name += "_" + hashlib.sha256(table_name.encode()).hexdigest()[:8]
-    return name[:120]
 
 
 @dataclass(frozen=True)
@@ -170,6 +123,16 @@ class StateTable:
         """``table`` (the state table's name with a suffix) quoted and qualified by the state schema."""
         return f"{q(self.schema)}.{q(table)}"
 
+    def _scratch_name(self, suffix: str) -> str:
+        """The name of a scratch table of this state table (a rewrite's, a swap's): the name with ``suffix``, or on
+        PostgreSQL, where that would be cut at 63 bytes (into the bookkeeping table's name, or one plan's scratch
+        table into another's), the short prefix with it. Only scratch tables: they live within one run (or until
+        the next run finishes a swap), so a name they had under an older version is never looked for."""
+        name = self.name + suffix
+        if self.dialect == "postgres" and len(name.encode()) > PG_IDENTIFIER_BYTES:
+            return self.short() + suffix
+        return name
+
     @property
     def qualified(self) -> str:
         """The state table where it is read, quoted and qualified (a dry run over a swap a crash left half done
@@ -179,7 +142,7 @@ class StateTable:
     @property
     def next(self) -> str:
         """The scratch table a rewrite of the state table is built in before it is swapped in."""
-        return self._in_schema(self.name + self.next_suffix)
+        return self._in_schema(self._scratch_name(self.next_suffix))
 
     @property
     def meta(self) -> str:
@@ -190,7 +153,7 @@ class StateTable:
     @property
     def meta_next(self) -> str:
         """The bookkeeping table's scratch table, swapped in where the warehouse has no transactions."""
-        return self._in_schema(self.name + "__meta_next")
+        return self._in_schema(self._scratch_name("__meta_next"))
 
     @property
     def display(self) -> str:
@@ -310,9 +273,19 @@ class StateTable:
             state = f"(SELECT t.* FROM {state} WHERE EXISTS (SELECT 1 FROM {among} AS k WHERE {by_state})) AS t"
         if narrow:
             in_state = f"CASE WHEN t.{q(self.key_columns[0])} IS NULL THEN 0 ELSE 1 END AS {q(IN_STATE)}"
+            # the key checks ride on the same join: a source row with a NULL key matches nothing and is marked (a
+            # row hash is never NULL, so a missing one is a state row the source lacks)
+            null_key = " OR ".join(f"n.{q(key_text(i))} IS NULL" for i in range(len(self.key_columns)))
+            op = (
+                f"CASE WHEN n.{q(NEW_HASH)} IS NULL THEN 'delete' WHEN {null_key} THEN {lit(NULL_KEY)} "
+                f"WHEN t.{q(HASH)} IS NULL OR t.{q(HASH)} = {lit(DIRTY_INSERT)} THEN 'insert' "
+                f"WHEN {changed} THEN 'update' ELSE NULL END AS {q(OP)}"
+            )
             return (
                 f"WITH n AS (SELECT {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {rows}), "
-                f"d AS (SELECT {old_texts}, {op}, {in_state} FROM n FULL OUTER JOIN {state} ON {on}) "
+                # OFFSET 0: a subquery of its own, or PostgreSQL computes the op (and the row hash) once for each of
+                # the grouping keys that use it
+                f"d AS (SELECT {old_texts}, {op}, {in_state} FROM n FULL OUTER JOIN {state} ON {on} OFFSET 0) "
             )
         data = ", ".join(f"n.{q(c)}" for c in columns)
         return (
@@ -347,6 +320,26 @@ class StateTable:
         """The key index's and scratch tables' prefix: short (PostgreSQL's 63), one per state table."""
         return f"{self.name[:30]}_{hashlib.sha256(self.name.encode()).hexdigest()[:8]}"
 
+    def drop_scratch_table(self, table: str) -> list[str]:
+        """Drop a scratch table (quoted and qualified), waiting at most :data:`LOCK_WAIT` for a lock another session
+        holds on it (PostgreSQL): a DROP waiting for one would hold up the run, and every session queued behind
+        its request. Run in one transaction (``SET LOCAL``)."""
+        wait = [f"SET LOCAL lock_timeout = {lit(LOCK_WAIT)}"] if self.dialect == "postgres" else []
+        return [*wait, self.r(f"DROP TABLE IF EXISTS {table}")]
+
+    def create_index_concurrently(self) -> list[str]:
+        """The key index built without blocking the state table's writers (PostgreSQL; each statement outside any
+        transaction, :meth:`~.databases.PostgresWarehouse.execute_alone`): one an interrupted build left invalid
+        is dropped first, and a build waits at most :data:`LOCK_WAIT` for another session's transaction."""
+        index = f"{q(self.schema)}.{q(self.short() + '__key')}"
+        plain = self.create_index()
+        return [
+            f"SET lock_timeout = {lit(LOCK_WAIT)}",
+            f"DROP INDEX CONCURRENTLY IF EXISTS {index}",
+            plain.replace("CREATE INDEX IF NOT EXISTS", "CREATE INDEX CONCURRENTLY IF NOT EXISTS", 1),
+            "RESET lock_timeout",
+        ]
+
     def create_index(self) -> str:
         """The key index settling looks keys up in: hash (a B-tree refuses texts over 2.7 kB), on the key, or on all
         key texts joined (:meth:`_match`: a hash index on one column of many has its duplicates in one chain)."""
@@ -370,19 +363,34 @@ class StateTable:
         return self._in_schema(self.scratch_prefix + tag)
 
     def diff_into(self, scratch: str, source: str, columns: Sequence[str], *, update_all: bool) -> list[str]:
-        """Write the narrow diff (key texts, op, whether the key is in the state table) of every changed row into
-        ``scratch``: the one full outer join of the run, with the row hash of every source row."""
+        """Write the narrow diff into ``scratch``: the one full outer join of the run, with the row hash of every
+        source row, grouped by key text, op and whether the key is in the state table, with each group's rows
+        (:data:`ROWS`). A changed key is a group of its own; the unchanged rows are one group (key texts and op
+        NULL). So the source is read once for the diff and its key checks: a NULL key is a group of op
+        :data:`NULL_KEY`, a key of more than one source row a changed group of more than one row, or more unchanged
+        rows than unchanged state rows (:meth:`narrow_counts`)."""
         select = self._diff_cte(columns, update_all=update_all, narrow=True)
-        select += f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL"
+        keys = ", ".join(
+            f"CASE WHEN d.{q(OP)} IS NULL THEN NULL ELSE d.{q(key_text(i))} END AS {q(key_text(i))}"
+            for i in range(len(self.key_columns))
+        )
+        by = ", ".join(str(i + 1) for i in range(len(self.key_columns) + 2))
+        select += f"SELECT {keys}, d.{q(OP)}, d.{q(IN_STATE)}, COUNT(*) AS {q(ROWS)} FROM d GROUP BY {by}"
         # unlogged (PostgreSQL): a scratch table needs no WAL; a crash leaves it empty, and the next run drops it
         create = "CREATE UNLOGGED TABLE" if self.dialect == "postgres" else "CREATE TABLE"
         analyze = [f"ANALYZE {scratch}"] if self.dialect == "postgres" else []  # the join back's row count
-        return [f"{create} {scratch} AS {self.r(select, source)}", *analyze]  # a name no other run has
+        # PostgreSQL: the grouping lifts the statement's estimated cost past JIT's inlining and optimizing
+        # thresholds, whose compiling of the row hash over every column took 3.8 s at 1M rows; the work per row is
+        # in functions (MD5, casts) neither makes faster. Expressions are still compiled, as for any statement.
+        jit = [f"SET LOCAL jit_{step}_above_cost = -1" for step in ("inline", "optimize")]
+        setup = jit if self.dialect == "postgres" else []
+        return [*setup, f"{create} {scratch} AS {self.r(select, source)}", *analyze]  # a name no other run has
 
     def narrow_counts(self, scratch: str) -> str:
-        """Per op and whether its key is in the state table, the rows of the narrow diff."""
+        """Per op (NULL: unchanged) and whether its key is in the state table, the groups of the narrow diff (its
+        keys, for a changed op) and their source rows."""
         by = f"d.{q(OP)}, d.{q(IN_STATE)}"
-        return self.r(f"SELECT {by}, COUNT(*) FROM {scratch} AS d GROUP BY {by}")
+        return self.r(f"SELECT {by}, COUNT(*), SUM(d.{q(ROWS)}) FROM {scratch} AS d GROUP BY {by}")
 
     def first_load(self, source: str, columns: Sequence[str]) -> str:
         """Every source row, in the query's order, with its key texts and hash (no state to join)."""
@@ -489,12 +497,3 @@ class StateTable:
     def exists_sql(self, table: str) -> str:
         """A query that fails when ``table`` (``name``, ``name__meta`` or ``name__next``) does not exist."""
         return self.r(f"SELECT 1 FROM {self._in_schema(table)} WHERE 1 = 0")
-
-
-def columns_text(schema: pa.Schema) -> str:
-    """The source's columns and Arrow types, as kept in the state table's bookkeeping row."""
-    return json.dumps({f.name: str(f.type) for f in schema}, sort_keys=False)
-
-
-def columns_of(text: str | None) -> Mapping[str, str]:
-    return dict(json.loads(text)) if text else {}

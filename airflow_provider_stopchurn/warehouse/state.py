@@ -182,11 +182,18 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
     if warehouse.transactions and warehouse.dialect in S.NARROW:
         drop_scratch(warehouse, state)
     if meta is not None and warehouse.dialect in S.INDEXED and not _indexed(warehouse, state):
-        # a state table made before it had an index gets it now, once (no user action)
+        # a state table made before it had an index gets it now, once (no user action). Built CONCURRENTLY, outside
+        # any transaction: a plain CREATE INDEX holds a lock that blocks every writer of a table that may be huge
+        # for as long as it builds (a new state table, or a rewrite's before it is swapped in, is indexed in the
+        # transaction that makes it: no one else sees it yet)
         log.info("Indexing the state table %s on its key.", state.display)
+        alone = getattr(warehouse, "execute_alone", None)
         try:
-            warehouse.execute([state.create_index()])
-        except Exception as err:  # only its owner may index it: the run keeps going without, as it did before
+            if alone is not None:
+                alone(state.create_index_concurrently())
+            else:
+                warehouse.execute([state.create_index()])
+        except Exception as err:  # only its owner may index it, or a lock was held too long: the run goes on
             log.warning(
                 "Could not index the state table %s on its key (the run goes on without; its owner may run the "
                 "index statement the next run tries again): %s",
@@ -224,15 +231,26 @@ def drop_scratch(warehouse: Warehouse, state: S.StateTable) -> None:
         log.info("Dropping %d scratch table(s) an earlier run left in %s.", len(stale), state.schema)
         for name in stale:
             try:
-                warehouse.execute([state.r(f"DROP TABLE IF EXISTS {S.q(state.schema)}.{S.q(name)}")])
-            except Exception as err:  # another role's (its owner may drop it): never read, so never in the way
-                log.warning("Could not drop the scratch table %s.%s: %s", state.schema, name, _first_line(err))
+                warehouse.execute(state.drop_scratch_table(f"{S.q(state.schema)}.{S.q(name)}"))
+            except Exception as err:  # another role's, or locked by another session: never read, never in the way
+                log.warning(
+                    "Could not drop the scratch table %s.%s (the next run tries again): %s",
+                    state.schema,
+                    name,
+                    _first_line(err),
+                )
 
 
 def _indexed(warehouse: Warehouse, state: S.StateTable) -> bool:
-    """Whether the state table's key index exists (PostgreSQL)."""
-    where = f"schemaname = {S.lit(state.schema)} AND indexname = {S.lit(state.short() + '__key')}"
-    return bool(warehouse.rows(f"SELECT 1 FROM pg_indexes WHERE {where}"))
+    """Whether the state table's key index exists and is valid (PostgreSQL: a concurrent build that failed or was
+    killed leaves an invalid one, which is dropped and built again)."""
+    where = f"n.nspname = {S.lit(state.schema)} AND c.relname = {S.lit(state.short() + '__key')}"
+    return bool(
+        warehouse.rows(
+            "SELECT 1 FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid "
+            f"JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE {where} AND i.indisvalid"
+        )
+    )
 
 
 def _first_line(err: BaseException) -> str:

@@ -137,11 +137,12 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
     current = _current(store)
     meta = check_state(warehouse, state, store, current)
     schema = _source_schema(warehouse, state, run.query, options)
-    _check_keys(warehouse, state, run.query, options)
     # the narrow diff's scratch table, named by this run: a killed try's is never read, and is dropped by the
     # next run (prepare_state)
     narrow = meta is not None and warehouse.transactions and warehouse.dialect in S.NARROW and _may_create(run)
     scratch = state.scratch(uuid.uuid4().hex[:12]) if narrow else None  # 12 hex digits: drop_scratch matches them
+    if scratch is None:  # else the narrow diff checks the keys in its own pass (plan._decide)
+        _check_keys(warehouse, state, run.query, options)
     diff = None
     try:
         diff = _decide(warehouse, state, run.query, schema, meta, options, scratch)
@@ -197,7 +198,7 @@ def _drop(run: _Run, scratch: str) -> None:
     """Drop this run's scratch table once its changed rows are read. A failure here only leaves it to the next
     run (which drops every one it finds) and must not hide the error the run may be raising."""
     try:
-        run.warehouse.execute([run.state.r(f"DROP TABLE IF EXISTS {scratch}")])
+        run.warehouse.execute(run.state.drop_scratch_table(scratch))
     except Exception as err:
         log.warning("Could not drop the scratch table %s (the next run drops it): %s", scratch, err)
 

@@ -1,0 +1,112 @@
+"""The pieces every warehouse statement is made of (no Airflow): identifiers and literals quoted, a statement rendered
+for a dialect with the user's query in front, the row hash (described in :mod:`~.sql`), and the state table's name.
+:mod:`~.sql` builds the statements from them and names them all again (``S.q``, ``S.render``, ...)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import pyarrow as pa
+import sqlglot
+
+from airflow_provider_stopchurn.exceptions import StopChurnConfigError
+
+SOURCE = "__stopchurn_source"
+
+
+def q(name: str) -> str:
+    """A quoted identifier in the template dialect (PostgreSQL)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def render(sql: str, dialect: str, *, source: str | None = None) -> str:
+    """``sql`` (PostgreSQL dialect) in ``dialect``, with the user's ``source`` query as the ``__stopchurn_source``
+    CTE when given."""
+    out = sql if dialect == "postgres" else sqlglot.transpile(sql, read="postgres", write=dialect)[0]
+    if source is None:
+        return out
+    head = f"WITH {render_identifier(SOURCE, dialect)} AS (\n{source}\n)"
+    if out[:5].upper() == "WITH ":
+        return f"{head},\n{out[5:]}"
+    return f"{head}\n{out}"
+
+
+def render_identifier(name: str, dialect: str) -> str:
+    return sqlglot.exp.to_identifier(name, quoted=True).sql(dialect=dialect)
+
+
+def source_query(sql: str) -> str:
+    """The user's query, checked to be one statement that can sit inside a ``WITH`` clause."""
+    import sqlparse
+
+    statements = [s.strip().rstrip(";").strip() for s in sqlparse.split(sql) if s.strip().rstrip(";").strip()]
+    if len(statements) != 1:
+        raise StopChurnConfigError(
+            f"diff_location='warehouse' needs the source to be one SELECT query; got {len(statements)} statements. "
+            "Put setup statements in an upstream task, or use a view."
+        )
+    return statements[0]
+
+
+def _joined(texts: Iterable[str]) -> str:
+    """One text of several, each length-prefixed (so no two lists of texts join alike); immutable, as indexed."""
+    return "(" + " || ".join(f"CAST(LENGTH({t}) AS TEXT) || ':' || {t}" for t in texts) + ")"
+
+
+def row_hash_sql(columns: Sequence[str], alias: str = "s") -> str:
+    """The row hash expression over ``columns`` (see the module docstring), in the template dialect."""
+    pieces = []
+    for name in sorted(columns):
+        text = f"CAST({alias}.{q(name)} AS TEXT)"
+        pieces.append(f"COALESCE('v' || CAST(LENGTH({text}) AS TEXT) || ':' || {text}, 'n')")
+    return "MD5(" + (" || ".join(pieces) if pieces else "''") + ")"
+
+
+def staging_ddl(dialect: str, table: str, schema: pa.Schema) -> str:
+    """CREATE TABLE for a staging table holding ``schema`` (warehouses whose load inserts row by row)."""
+    types = {pa.int64(): "BIGINT", pa.string(): "TEXT", pa.large_string(): "TEXT"}
+    columns = ", ".join(f"{q(f.name)} {types.get(f.type, 'TEXT')}" for f in schema)
+    return render(f"CREATE TEMPORARY TABLE {q(table)} ({columns})", dialect)
+
+
+#: PostgreSQL keeps the first 63 bytes of an identifier (``NAMEDATALEN - 1``) and silently drops the rest
+PG_IDENTIFIER_BYTES = 63
+
+
+def state_table_name(brand_id: int, table_name: str, dialect: str = "") -> str:
+    """``b<brand>_<table>``; characters other than letters, digits and ``_`` become ``_`` (with a hash of the
+    real name appended then, so two tables never share a state table).
+
+    On PostgreSQL a name its bookkeeping table (``<name>__meta``) would be truncated onto (63 bytes or more) is
+    shortened, with a hash of the whole name: two names alike in their first 63 bytes would otherwise share one
+    table, and its bookkeeping row would be written into the state table itself. No such state table ever
+    worked, so none is lost; every shorter name is kept as it always was."""
+    clean = re.sub(r"[^A-Za-z0-9_]", "_", table_name).lower()
+    name = f"b{int(brand_id)}_{clean}"
+    if clean != table_name:
+        name += "_" + hashlib.sha256(table_name.encode()).hexdigest()[:8]
+    name = name[:120]
+    if dialect == "postgres" and len(name) >= PG_IDENTIFIER_BYTES:  # ASCII: a character is a byte
+        name = f"{name[:39]}_{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return name
+
+
+def columns_text(schema: pa.Schema) -> str:
+    """The source's columns and Arrow types, as kept in the state table's bookkeeping row."""
+    return json.dumps({f.name: str(f.type) for f in schema}, sort_keys=False)
+
+
+def columns_of(text: str | None) -> Mapping[str, str]:
+    return dict(json.loads(text)) if text else {}
+
+
+def key_text(i: int) -> str:
+    """The name of the i-th key's text in the change query and the staging table."""
+    return f"__sc_key_{i}"

@@ -1,0 +1,216 @@
+"""The warehouse diff's tables on a real PostgreSQL, with a second session in the way: a stale scratch table
+another session holds a lock on does not hold up the run, an older state table's key index is built without
+blocking the state table's writers, and state-table names PostgreSQL would cut at 63 bytes keep a table (and a
+bookkeeping table) of their own while every shorter name stays as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
+from pushdown_engines import Engine, engine_fixture
+from test_pushdown import churn, table
+from test_pushdown_narrow import SCHEMA, _drop_indexes, _scratch_tables, _state
+
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.warehouse import WarehouseSource, run_warehouse_sync
+from airflow_provider_stopchurn.warehouse import sql as S
+
+pytestmark = pytest.mark.postgres
+
+#: how long the test waits for a run that should not be waiting on another session (a bound, not a measure)
+PATIENCE_S = 90.0
+
+
+@pytest.fixture
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    yield from engine_fixture("postgres", request, tmp_path)
+
+
+def _run(engine: Engine, store: SnapshotStore, sb: Any, tick: int, **opts: Any) -> Any:
+    opts.setdefault("chunk_size", 7)
+    opts.setdefault("max_concurrent_requests", 1)
+    return run_warehouse_sync(
+        WarehouseSource("SELECT * FROM src", engine.warehouse()),
+        store,
+        make_client(sb),
+        options(**opts),
+        run_ms=T0 + tick,
+    )
+
+
+class _Background:
+    """A run in a thread of its own, so the test can act (and release the other session) while it waits."""
+
+    def __init__(self, target: Any) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, args=(target,), daemon=True)
+        self.thread.start()
+
+    def _main(self, target: Any) -> None:
+        try:
+            self.result = target()
+        except BaseException as err:  # handed to the test
+            self.error = err
+
+    def finished_within(self, seconds: float) -> bool:
+        self.thread.join(seconds)
+        return not self.thread.is_alive()
+
+
+def _waiting(engine: Engine, run: _Background, others: int) -> None:
+    """Until a session besides the test's ``others`` waits for a lock, or the run ended (bounded)."""
+    for _ in range(int(PATIENCE_S / 0.05)):
+        ((waiting,),) = engine.rows("SELECT COUNT(*) FROM pg_locks WHERE NOT granted")
+        if int(waiting) > others or not run.thread.is_alive():
+            return
+        time.sleep(0.05)
+
+
+def test_a_stale_scratch_table_another_session_locks_is_left_with_a_warning(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A killed try's scratch table a second session reads from (holding a lock the DROP waits for): the DROP
+    gives up after ``lock_timeout``, the run delivers, and the next run drops it."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    stale = _state(engine).scratch("0123456789ab")
+    engine.execute(f"CREATE TABLE {stale} AS SELECT 1 AS x")
+    moved = churn(frame, 1)
+    engine.load(moved)
+    holder = engine.handle.connect(autocommit=False)
+    try:
+        holder.execute(f"SELECT * FROM {stale}")  # its lock is held until the transaction ends
+        with caplog.at_level(logging.WARNING, logger="airflow_provider_stopchurn.warehouse.engine"):
+            run = _Background(lambda: _run(engine, store, sb, 2))
+            finished = run.finished_within(PATIENCE_S)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert run.finished_within(PATIENCE_S)
+    assert finished, "the run waited for the other session's lock"
+    assert run.error is None, run.error
+    assert_sandbox_matches(sb, moved)
+    assert any(
+        "Could not drop the scratch table" in r.getMessage() and "lock" in r.getMessage() for r in caplog.records
+    )
+    assert _scratch_tables(engine) == [stale.split(".")[1].strip('"')]
+    again = _run(engine, store, sb, 3)
+    assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
+    assert _scratch_tables(engine) == []
+
+
+def _valid_key_indexes(engine: Engine) -> list[bool]:
+    name = _state(engine).short() + "__key"
+    rows = engine.rows(
+        "SELECT i.indisvalid FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid "
+        f"JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE n.nspname = '{SCHEMA}' AND c.relname = '{name}'"
+    )
+    return [bool(v) for (v,) in rows]
+
+
+def test_an_older_state_tables_index_is_built_without_blocking_its_writers(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A state table without its key index (made by an older version) while a second session has an open write
+    transaction on it: the index build must not queue a lock every later writer waits behind (a plain CREATE
+    INDEX does, for as long as it builds); it gives up after ``lock_timeout``, the run delivers, and the next run
+    builds it (dropping the invalid index the interrupted build left)."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    _drop_indexes(engine)
+    state = _state(engine).qualified
+    moved = churn(frame, 1)
+    engine.load(moved)
+    holder = engine.handle.connect(autocommit=False)
+    writer = engine.handle.connect(autocommit=False)
+    wrote = False
+    try:
+        holder.execute(f"LOCK TABLE {state} IN ROW EXCLUSIVE MODE")  # a writer's open transaction
+        run = _Background(lambda: _run(engine, store, sb, 2))
+        _waiting(engine, run, others=0)
+        writer.execute("SET lock_timeout = '3s'")
+        writer.execute(f"UPDATE {state} SET {S.q(S.CREATED)} = 0 WHERE FALSE")  # another writer comes along
+        wrote = True
+        writer.rollback()
+    except Exception as err:  # the writer waited behind the index build's lock
+        if "lock timeout" not in str(err):
+            raise
+    finally:
+        writer.close()
+        holder.rollback()
+        holder.close()
+    assert run.finished_within(PATIENCE_S)
+    assert wrote, "a writer of the state table waited behind the index build"
+    assert run.error is None, run.error
+    assert_sandbox_matches(sb, moved)
+    again = _run(engine, store, sb, 3)
+    assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
+    assert _valid_key_indexes(engine) == [True]
+
+
+def _frame(n: int, seed: int, offset: int = 0) -> pd.DataFrame:
+    frame = table(n, seed)
+    return frame.assign(id=frame["id"] + offset)
+
+
+def test_two_tables_alike_in_their_first_63_bytes_keep_state_tables_of_their_own(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """Two table names whose state tables PostgreSQL would cut to one name (and whose bookkeeping table would be
+    cut onto the state table itself) each sync on their own, twice."""
+    sb = stopchurn_sandbox_factory(record=True)
+    names = ["t" * 70 + "_a", "t" * 70 + "_b"]
+    frames = {names[0]: _frame(30, 0), names[1]: _frame(20, 1, offset=1000)}
+    stores = {name: SnapshotStore(tmp_path / name[-1], BRAND, name) for name in names}
+    for tick in (1, 2):
+        for name in names:
+            engine.load(frames[name])
+            _run(engine, stores[name], sb, tick, table_name=name)
+            assert_sandbox_matches(sb, frames[name], table=name)
+            frames[name] = churn(frames[name], tick)
+    tables = engine.rows(f"SELECT table_name FROM information_schema.tables WHERE table_schema = '{SCHEMA}'")
+    state_names = {S.state_table_name(BRAND, n, "postgres") for n in names}
+    assert len(state_names) == 2
+    assert all(len(n) < S.PG_IDENTIFIER_BYTES for n in state_names)
+    assert state_names <= {str(t) for (t,) in tables}
+
+
+@pytest.mark.parametrize("length", [56, 60, 61, 62])
+def test_a_state_name_near_63_bytes_keeps_its_name_and_survives_a_rebaseline(
+    length: int, engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """Below 63 bytes the state table keeps the name it always had (an existing one is found), and the scratch
+    table a rebaseline builds in is not cut onto the bookkeeping table's name (61, 62) or onto another plan's
+    (56 and up): a rebaseline and a churn run after it deliver the source."""
+    sb = stopchurn_sandbox_factory(record=True)
+    name = "t" * (length - len(f"b{BRAND}_"))
+    store = SnapshotStore(tmp_path / "s", BRAND, name)
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1, table_name=name)
+    frame = churn(frame, 1).assign(tier="gold")  # a new column: rebaselined, nothing sent
+    engine.load(frame)
+    summary = _run(engine, store, sb, 2, table_name=name, on_schema_change="rebaseline")
+    assert summary.baseline
+    frame = churn(frame, 2)
+    engine.load(frame)
+    _run(engine, store, sb, 3, table_name=name)
+    tables = engine.rows(f"SELECT table_name FROM information_schema.tables WHERE table_schema = '{SCHEMA}'")
+    assert f"b{BRAND}_{name}" in {str(t) for (t,) in tables}  # the name every version gave it
+    again = _run(engine, store, sb, 4, table_name=name)
+    assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
