@@ -214,3 +214,31 @@ def test_a_state_name_near_63_bytes_keeps_its_name_and_survives_a_rebaseline(
     assert f"b{BRAND}_{name}" in {str(t) for (t,) in tables}  # the name every version gave it
     again = _run(engine, store, sb, 4, table_name=name)
     assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
+
+
+def test_a_long_named_first_load_an_older_version_delivered_is_settled_after_the_upgrade(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """Before state names were shortened, a first load of a table whose state name PostgreSQL cuts at 63 bytes
+    delivered every row, then failed writing its bookkeeping row (its table's name was cut onto the state table's
+    own): a pending plan, and a state table under the cut name. After the upgrade the next run must go on (settle
+    it into the state table it finds, or start again) without editing the store, and deliver the source."""
+    sb = stopchurn_sandbox_factory(record=True)
+    name = "t" * 70
+    store = SnapshotStore(tmp_path / "s", BRAND, name)
+    state = S.state_table_name(BRAND, name, "postgres")
+    older = S.state_table_name(BRAND, name)[: S.PG_IDENTIFIER_BYTES]  # the name the older version's table has
+    # the older version's failure, reproduced: its bookkeeping row had no table of its own to go into
+    engine.execute(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"; CREATE TABLE "{SCHEMA}"."{state}__meta" (x INT)')
+    frame = table(30)
+    engine.load(frame)
+    with pytest.raises(Exception, match="more expressions than target columns"):
+        _run(engine, store, sb, 1, table_name=name)
+    assert store.pending_plan() is not None
+    assert len(sb.received()) > 0  # delivered before the bookkeeping failed
+    engine.execute(f'DROP TABLE "{SCHEMA}"."{state}__meta"; ALTER TABLE "{SCHEMA}"."{state}" RENAME TO "{older}"')
+    for tick in (2, 3):
+        _run(engine, store, sb, tick, table_name=name)
+        assert_sandbox_matches(sb, frame, table=name)
+        frame = churn(frame, tick)
+        engine.load(frame)

@@ -110,6 +110,7 @@ class StateTable:
     #: the scratch table a rewrite is built in before it is swapped in (``..__next``); a baseline on a warehouse
     #: with transactions builds in one of its own (``..__next_<plan>``, :meth:`for_plan`)
     next_suffix: str = "__next"
+    older_name: str = ""  #: the name an older version gave it, where it differs (PostgreSQL cut it to 63 bytes)
     #: key columns whose texts in the state table are still in a format-1 session's zone (a dry run, which cannot
     #: migrate the table, reads them as the migration will write them)
     legacy_zoned_keys: tuple[str, ...] = ()

@@ -117,6 +117,16 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
             if not _table_exists(warehouse, state, name) and _table_exists(warehouse, state, new):
                 log.warning("Finishing the interrupted swap of %s.%s.", state.schema, name)
                 warehouse.execute(swap()[1:])
+    if (
+        state.older_name
+        and warehouse.transactions
+        and not _table_exists(warehouse, state, state.name)
+        and _table_exists(warehouse, state, state.older_name[: S.PG_IDENTIFIER_BYTES])
+    ):
+        # an older version's first load of a long name delivered, then failed writing its bookkeeping row (cut onto
+        # the state table's own name): its plan is settled into the table it wrote, under the name it has now
+        log.warning("Renaming the state table an older version made (name cut at 63 bytes) to %s.", state.display)
+        warehouse.execute(_adopt_older(state))
     meta = read_meta(warehouse, state)
     if meta is not None and meta.format < S.STATE_FORMAT:
         _migrate(warehouse, state, meta)
@@ -141,6 +151,19 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
                 state.display,
                 _first_line(err),
             )
+
+
+def _adopt_older(state: S.StateTable) -> list[str]:
+    """Rename the state table an older version made under ``state.older_name`` (cut to 63 bytes by PostgreSQL),
+    and its key index, into place, with the bookkeeping table it could not make."""
+    schema = S.q(state.schema)
+    older = state.older_name[: S.PG_IDENTIFIER_BYTES]
+    older_index = replace(state, name=state.older_name).short() + "__key"
+    return [
+        f"ALTER TABLE {schema}.{S.q(older)} RENAME TO {S.q(state.name)}",
+        f"ALTER INDEX IF EXISTS {schema}.{S.q(older_index)} RENAME TO {S.q(state.short() + '__key')}",
+        *state.create()[2:],
+    ]
 
 
 def drop_scratch(warehouse: Warehouse, state: S.StateTable) -> None:
