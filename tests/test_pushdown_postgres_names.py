@@ -242,3 +242,37 @@ def test_a_long_named_first_load_an_older_version_delivered_is_settled_after_the
         assert_sandbox_matches(sb, frame, table=name)
         frame = churn(frame, tick)
         engine.load(frame)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="CREATE INDEX CONCURRENTLY waits for every older snapshot in the database; lock_timeout then drops it",
+)
+def test_an_older_state_tables_index_is_built_while_another_table_is_read_in_a_long_transaction(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A state table without its key index while a second session reads an unrelated table in an open
+    transaction (a report, a dump): nothing holds a lock on the state table, so the run builds its index (a build
+    that gave up would be redone, in full, by every run while such a session is open)."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    _drop_indexes(engine)
+    engine.execute("CREATE TABLE report AS SELECT 1 AS x")
+    moved = churn(frame, 1)
+    engine.load(moved)
+    reader = engine.handle.connect(autocommit=False)
+    try:
+        reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        reader.execute("SELECT * FROM report")  # its snapshot is held until the transaction ends
+        run = _Background(lambda: _run(engine, store, sb, 2))
+        assert run.finished_within(PATIENCE_S)
+        indexes = _valid_key_indexes(engine)
+    finally:
+        reader.rollback()
+        reader.close()
+    assert run.error is None, run.error
+    assert_sandbox_matches(sb, moved)
+    assert indexes == [True]
