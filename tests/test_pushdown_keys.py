@@ -113,3 +113,32 @@ def test_a_churn_run_reads_the_source_for_its_diff_and_key_checks_once(
     summary = _run(engine, store, sb, 2, sql)
     assert (summary.inserted, summary.updated, summary.deleted) == (0, 6, 1)
     assert reads() - before == 2
+
+
+#: a key column whose SQL equality is wider than its text: 0.0 and -0.0 are one key to GROUP BY (the key check's
+#: query, PostgreSQL and DuckDB alike) but two texts ('0' / '-0', '0.0' / '-0.0')
+SIGNED_ZERO = (
+    "SELECT CASE WHEN id = 1 THEN CAST(0.0 AS DOUBLE PRECISION) ELSE CAST(id AS DOUBLE PRECISION) END AS id, "
+    f"{COLUMNS} FROM src"
+)
+
+
+def test_a_key_equal_in_sql_but_not_as_text_is_refused_by_a_run_as_by_a_dry_run(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """The source's key check groups the key columns themselves: 0.0 and -0.0 are one key held by two rows, and
+    the dry run refuses the source for it. The run that may write must refuse it too (before anything is sent)
+    and not deliver the second row as a key of its own."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    engine.load(table(30))
+    _run(engine, store, sb, 1, SIGNED_ZERO)
+    sb.reset()
+    version = store.read_current()["version"]
+    doubled = f"{SIGNED_ZERO} UNION ALL SELECT CAST('-0.0' AS DOUBLE PRECISION) AS id, {COLUMNS} FROM src WHERE id = 1"
+    message = rf"1 keys of {TABLE!r} are held by more than one source row .*nothing was sent\. Keys must be unique\."
+    for dry_run in (True, False):
+        with pytest.raises(SafeguardError, match=message):
+            _run(engine, store, sb, 2, doubled, dry_run=dry_run)
+    assert sb.received() == []
+    assert store.read_current()["version"] == version

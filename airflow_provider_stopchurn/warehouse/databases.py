@@ -126,26 +126,6 @@ class _CursorWarehouse:
             cursor.close()
         self.conn.commit()
 
-    def execute_alone(self, statements: Sequence[str]) -> None:
-        """Run statements outside any transaction, on a session of its own (PostgreSQL's ``CREATE INDEX
-        CONCURRENTLY`` refuses to run inside one), each committed as it ends."""
-        conn = self._reader()
-        try:
-            adbc = getattr(conn, "adbc_connection", None)
-            if adbc is not None:
-                adbc.set_autocommit(True)
-            else:
-                conn.autocommit = True
-            cursor = conn.cursor()
-            try:
-                for statement in statements:
-                    log.debug("Running statement: %s", statement)
-                    cursor.execute(statement)
-            finally:
-                cursor.close()
-        finally:
-            conn.close()
-
     def batches(self, sql: str) -> Generator[pa.RecordBatch]:
         """Read on a connection of its own, so the run may write (a baseline's batches) while it streams."""
         conn = self._reader()

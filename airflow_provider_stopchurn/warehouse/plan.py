@@ -56,6 +56,14 @@ def _source_schema(warehouse: Warehouse, state: S.StateTable, query: str, option
     return schema
 
 
+def _keys_unique_as_text(schema: pa.Schema, key_columns: Sequence[str]) -> bool:
+    """Whether every value of the key columns has a text of its own (the narrow diff groups the key texts, the key
+    check the values): not floats (0.0 and -0.0 are one key, two texts), decimals (PostgreSQL: 1.0 and 1.00) or
+    intervals (1 day and 24 hours), whose keys only :func:`_check_keys` compares as the warehouse does."""
+    inexact = (pa.types.is_floating, pa.types.is_decimal, pa.types.is_interval, pa.types.is_duration)
+    return not any(test(schema.field(k).type) for k in key_columns for test in inexact)
+
+
 def _check_keys(warehouse: Warehouse, state: S.StateTable, query: str, options: SyncOptions) -> None:
     """Refuse a source with a NULL key or a key of more than one row (a query of its own; the narrow diff finds
     both in its own pass, and calls this only to name them)."""

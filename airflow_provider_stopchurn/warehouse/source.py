@@ -30,11 +30,14 @@ class WarehouseSource:
     state_schema: str = "stopchurn_state"
 
     def state(self, options: SyncOptions) -> S.StateTable:
+        name = S.state_table_name(options.brand_id, options.table_name, self.warehouse.dialect)
+        older = S.state_table_name(options.brand_id, options.table_name)  # before names were shortened
         return S.StateTable(
             self.state_schema,
-            S.state_table_name(options.brand_id, options.table_name, self.warehouse.dialect),
+            name,
             tuple(options.key_columns),
             self.warehouse.dialect,
+            older_name=older if older != name else "",
         )
 
 

@@ -105,6 +105,7 @@ class StateTable:
     #: the scratch table a rewrite is built in before it is swapped in (``..__next``); a baseline on a warehouse
     #: with transactions builds in one of its own (``..__next_<plan>``, :meth:`for_plan`)
     next_suffix: str = "__next"
+    older_name: str = ""  #: the name an older version gave it, where it differs (PostgreSQL cut it to 63 bytes)
     #: key columns whose texts in the state table are still in a format-1 session's zone (a dry run, which cannot
     #: migrate the table, reads them as the migration will write them)
     legacy_zoned_keys: tuple[str, ...] = ()
@@ -327,18 +328,12 @@ class StateTable:
         wait = [f"SET LOCAL lock_timeout = {lit(LOCK_WAIT)}"] if self.dialect == "postgres" else []
         return [*wait, self.r(f"DROP TABLE IF EXISTS {table}")]
 
-    def create_index_concurrently(self) -> list[str]:
-        """The key index built without blocking the state table's writers (PostgreSQL; each statement outside any
-        transaction, :meth:`~.databases.PostgresWarehouse.execute_alone`): one an interrupted build left invalid
-        is dropped first, and a build waits at most :data:`LOCK_WAIT` for another session's transaction."""
+    def index_older(self) -> list[str]:
+        """The key index of a state table made before it had one, in one transaction that waits at most
+        :data:`LOCK_WAIT` for a session holding a lock on the table (an invalid index is dropped first)."""
         index = f"{q(self.schema)}.{q(self.short() + '__key')}"
-        plain = self.create_index()
-        return [
-            f"SET lock_timeout = {lit(LOCK_WAIT)}",
-            f"DROP INDEX CONCURRENTLY IF EXISTS {index}",
-            plain.replace("CREATE INDEX IF NOT EXISTS", "CREATE INDEX CONCURRENTLY IF NOT EXISTS", 1),
-            "RESET lock_timeout",
-        ]
+        wait = [f"SET LOCAL lock_timeout = {lit(LOCK_WAIT)}"] if self.dialect == "postgres" else []
+        return [*wait, f"DROP INDEX IF EXISTS {index}", self.create_index()]
 
     def create_index(self) -> str:
         """The key index settling looks keys up in: hash (a B-tree refuses texts over 2.7 kB), on the key, or on all

@@ -174,6 +174,16 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
             if not _table_exists(warehouse, state, name) and _table_exists(warehouse, state, new):
                 log.warning("Finishing the interrupted swap of %s.%s.", state.schema, name)
                 warehouse.execute(swap()[1:])
+    if (
+        state.older_name
+        and warehouse.transactions
+        and not _table_exists(warehouse, state, state.name)
+        and _table_exists(warehouse, state, state.older_name[: S.PG_IDENTIFIER_BYTES])
+    ):
+        # an older version's first load of a long name delivered, then failed writing its bookkeeping row (cut onto
+        # the state table's own name): its plan is settled into the table it wrote, under the name it has now
+        log.warning("Renaming the state table an older version made (name cut at 63 bytes) to %s.", state.display)
+        warehouse.execute(_adopt_older(state))
     if warehouse.transactions:
         _add_layouts(warehouse, state)
     meta = read_meta(warehouse, state)
@@ -182,17 +192,13 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
     if warehouse.transactions and warehouse.dialect in S.NARROW:
         drop_scratch(warehouse, state)
     if meta is not None and warehouse.dialect in S.INDEXED and not _indexed(warehouse, state):
-        # a state table made before it had an index gets it now, once (no user action). Built CONCURRENTLY, outside
-        # any transaction: a plain CREATE INDEX holds a lock that blocks every writer of a table that may be huge
-        # for as long as it builds (a new state table, or a rewrite's before it is swapped in, is indexed in the
-        # transaction that makes it: no one else sees it yet)
+        # a state table made before it had an index gets it now, once (no user action). A plain build: only this
+        # provider's runs write the state table, one at a time under the store's lock, so the lock the build holds
+        # blocks no one; CONCURRENTLY would wait for every older transaction in the database, even one reading an
+        # unrelated table, and on a busy warehouse give up (and start again) on every run
         log.info("Indexing the state table %s on its key.", state.display)
-        alone = getattr(warehouse, "execute_alone", None)
         try:
-            if alone is not None:
-                alone(state.create_index_concurrently())
-            else:
-                warehouse.execute([state.create_index()])
+            warehouse.execute(state.index_older())
         except Exception as err:  # only its owner may index it, or a lock was held too long: the run goes on
             log.warning(
                 "Could not index the state table %s on its key (the run goes on without; its owner may run the "
@@ -218,6 +224,19 @@ def _add_layouts(warehouse: Warehouse, state: S.StateTable) -> None:
             state.display,
             _first_line(err),
         )
+
+
+def _adopt_older(state: S.StateTable) -> list[str]:
+    """Rename the state table an older version made under ``state.older_name`` (cut to 63 bytes by PostgreSQL),
+    and its key index, into place, with the bookkeeping table it could not make."""
+    schema = S.q(state.schema)
+    older = state.older_name[: S.PG_IDENTIFIER_BYTES]
+    older_index = replace(state, name=state.older_name).short() + "__key"
+    return [
+        f"ALTER TABLE {schema}.{S.q(older)} RENAME TO {S.q(state.name)}",
+        f"ALTER INDEX IF EXISTS {schema}.{S.q(older_index)} RENAME TO {S.q(state.short() + '__key')}",
+        *state.create()[2:],
+    ]
 
 
 def drop_scratch(warehouse: Warehouse, state: S.StateTable) -> None:

@@ -43,6 +43,7 @@ from airflow_provider_stopchurn.warehouse.plan import (
     _check_keys,
     _check_plan,
     _decide,
+    _keys_unique_as_text,
     _plan_meta,
     _source_schema,
 )
@@ -141,7 +142,8 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
     # next run (prepare_state)
     narrow = meta is not None and warehouse.transactions and warehouse.dialect in S.NARROW and _may_create(run)
     scratch = state.scratch(uuid.uuid4().hex[:12]) if narrow else None  # 12 hex digits: drop_scratch matches them
-    if scratch is None:  # else the narrow diff checks the keys in its own pass (plan._decide)
+    # else the narrow diff checks the keys in its own pass (plan._decide), where a key's text is as unique as it is
+    if scratch is None or not _keys_unique_as_text(schema, options.key_columns):
         _check_keys(warehouse, state, run.query, options)
     diff = None
     try:
