@@ -1,7 +1,7 @@
 """The warehouse diff's tables on a real PostgreSQL, with a second session in the way: a stale scratch table
 another session holds a lock on does not hold up the run, an older state table's key index is built without
-waiting long for a lock another session holds, and state-table names PostgreSQL would cut at 63 bytes keep a table (and a
-bookkeeping table) of their own while every shorter name stays as it was.
+waiting long for a lock another session holds, and state-table names PostgreSQL would cut at 63 bytes keep a table
+(and a bookkeeping table) of their own while every shorter name stays as it was.
 """
 
 from __future__ import annotations
