@@ -145,3 +145,24 @@ def test_a_sent_window_is_let_go_before_the_next_is_encoded(stopchurn_sandbox: A
     assert sorted(acked) == list(range(5))  # 10 inserts, 2 a chunk
     assert len(held_while_encoding) == 4  # 3 windows of 4, 4 and 2 updates, then the end
     assert held_while_encoding == [False, False, False, False]
+
+
+def test_a_streamed_empty_batch_at_an_offset_is_read_like_any_other() -> None:
+    """An empty slice of a batch, past its start, exported through the Arrow C stream interface (a table whose
+    chunks were sliced, handed over as a stream) has buffers too short for its offset: Arrow cannot copy it. The
+    copy is skipped and the batch read as it is, as before the copy existed."""
+    whole = pa.RecordBatch.from_arrays(
+        [pa.array([1, 2, 3, 4, 5], pa.int64()), pa.array([0.5, None, 1.5, 2.5, 3.5]), pa.array(list("abcde"))],
+        names=["id", "score", "name"],
+    )
+    pieces = [whole.slice(0, 2), whole.slice(2, 0), whole.slice(2, 3)]
+    stream = pa.RecordBatchReader.from_stream(pa.RecordBatchReader.from_batches(whole.schema, pieces))
+    canon = canonicalize_source(stream, key_columns=["id"])
+    assert canon.frame.to_dicts() == [
+        {"id": 1, "score": 0.5, "name": "a"},
+        {"id": 2, "score": None, "name": "b"},
+        {"id": 3, "score": 1.5, "name": "c"},
+        {"id": 4, "score": 2.5, "name": "d"},
+        {"id": 5, "score": 3.5, "name": "e"},
+    ]
+    assert canon.kinds == {"id": "int", "score": "float", "name": "string"}

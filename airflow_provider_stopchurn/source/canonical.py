@@ -273,7 +273,9 @@ def _detached(batch: pa.RecordBatch) -> pa.RecordBatch:
 def _copied(column: pa.Array) -> pa.Array:
     try:
         return pa.concat_arrays([column])
-    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # a type Arrow cannot join: the conversion refuses it
+    # a type Arrow cannot join (the conversion refuses it), or an empty slice past its start whose exported buffers
+    # are shorter than its offset (ArrowIndexError): read as it is, as before the copy
+    except pa.ArrowException:
         return column
 
 
