@@ -166,3 +166,27 @@ def test_a_streamed_empty_batch_at_an_offset_is_read_like_any_other() -> None:
         {"id": 5, "score": 3.5, "name": "e"},
     ]
     assert canon.kinds == {"id": "int", "score": "float", "name": "string"}
+
+
+def test_a_source_of_many_small_batches_is_planned_in_few_chunks() -> None:
+    """A source that hands out small batches (a cursor fetching a few rows at a time) gives a canonical frame of
+    one chunk per batch; the columns a plan adds are cut like it, and every later step then works through
+    thousands of chunks (several times slower than one chunk). Small batches are joined as they are read."""
+    options = SyncOptions(brand_id=7, table_name="small", max_delete_fraction=1.0)
+
+    def small_batches() -> Iterator[pa.RecordBatch]:
+        for b in range(3_000):
+            ids = [3 * b, 3 * b + 1, 3 * b + 2]
+            # the note column is all NULL in the first batches (typed null), then text: kinds joined as before
+            notes = pa.nulls(3) if b < 10 else pa.array([f"n{i}" if i % 2 else None for i in ids])
+            yield pa.RecordBatch.from_arrays([pa.array(ids, pa.int64()), notes], names=["id", "note"])
+
+    canon = canonical_source(small_batches, options)
+    assert canon.kinds == {"id": "int", "note": "string"}
+    assert canon.frame.get_column("id").to_list() == list(range(9_000))
+    notes = canon.frame.get_column("note").to_list()
+    assert notes[:30] == [None] * 30
+    assert notes[30:34] == [None, "n31", None, "n33"]
+    plan = make_plan(canon, None, options, 1_700_000_000_000)
+    assert plan.target.get_column("id").to_list() == list(range(9_000))
+    assert max(len(lengths) for lengths in _chunking(plan.target)) <= 3
