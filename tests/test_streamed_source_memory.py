@@ -8,6 +8,8 @@
 - The columns a plan adds to a source of many batches are chunked like the source's (polars copies a frame whole at
   every lazy step while its columns are chunked differently).
 - A delivery lets go of a window it sent before the next is encoded.
+- A streamed batch Arrow cannot copy (an empty slice past its start) is read as it is.
+- Small batches are joined into chunks as they are read: a plan never works through thousands of chunks.
 """
 
 from __future__ import annotations
