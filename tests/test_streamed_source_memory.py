@@ -8,6 +8,8 @@
 - The columns a plan adds to a source of many batches are chunked like the source's (polars copies a frame whole at
   every lazy step while its columns are chunked differently).
 - A delivery lets go of a window it sent before the next is encoded.
+- A streamed batch Arrow cannot copy (an empty slice past its start) is read as it is.
+- Small batches are joined into chunks as they are read: a plan never works through thousands of chunks.
 """
 
 from __future__ import annotations
@@ -145,3 +147,48 @@ def test_a_sent_window_is_let_go_before_the_next_is_encoded(stopchurn_sandbox: A
     assert sorted(acked) == list(range(5))  # 10 inserts, 2 a chunk
     assert len(held_while_encoding) == 4  # 3 windows of 4, 4 and 2 updates, then the end
     assert held_while_encoding == [False, False, False, False]
+
+
+def test_a_streamed_empty_batch_at_an_offset_is_read_like_any_other() -> None:
+    """An empty slice of a batch, past its start, exported through the Arrow C stream interface (a table whose
+    chunks were sliced, handed over as a stream) has buffers too short for its offset: Arrow cannot copy it. The
+    copy is skipped and the batch read as it is, as before the copy existed."""
+    whole = pa.RecordBatch.from_arrays(
+        [pa.array([1, 2, 3, 4, 5], pa.int64()), pa.array([0.5, None, 1.5, 2.5, 3.5]), pa.array(list("abcde"))],
+        names=["id", "score", "name"],
+    )
+    pieces = [whole.slice(0, 2), whole.slice(2, 0), whole.slice(2, 3)]
+    stream = pa.RecordBatchReader.from_stream(pa.RecordBatchReader.from_batches(whole.schema, pieces))
+    canon = canonicalize_source(stream, key_columns=["id"])
+    assert canon.frame.to_dicts() == [
+        {"id": 1, "score": 0.5, "name": "a"},
+        {"id": 2, "score": None, "name": "b"},
+        {"id": 3, "score": 1.5, "name": "c"},
+        {"id": 4, "score": 2.5, "name": "d"},
+        {"id": 5, "score": 3.5, "name": "e"},
+    ]
+    assert canon.kinds == {"id": "int", "score": "float", "name": "string"}
+
+
+def test_a_source_of_many_small_batches_is_planned_in_few_chunks() -> None:
+    """A source that hands out small batches (a cursor fetching a few rows at a time) gives a canonical frame of
+    one chunk per batch; the columns a plan adds are cut like it, and every later step then works through
+    thousands of chunks (several times slower than one chunk). Small batches are joined as they are read."""
+    options = SyncOptions(brand_id=7, table_name="small", max_delete_fraction=1.0)
+
+    def small_batches() -> Iterator[pa.RecordBatch]:
+        for b in range(3_000):
+            ids = [3 * b, 3 * b + 1, 3 * b + 2]
+            # the note column is all NULL in the first batches (typed null), then text: kinds joined as before
+            notes = pa.nulls(3) if b < 10 else pa.array([f"n{i}" if i % 2 else None for i in ids])
+            yield pa.RecordBatch.from_arrays([pa.array(ids, pa.int64()), notes], names=["id", "note"])
+
+    canon = canonical_source(small_batches, options)
+    assert canon.kinds == {"id": "int", "note": "string"}
+    assert canon.frame.get_column("id").to_list() == list(range(9_000))
+    notes = canon.frame.get_column("note").to_list()
+    assert notes[:30] == [None] * 30
+    assert notes[30:34] == [None, "n31", None, "n33"]
+    plan = make_plan(canon, None, options, 1_700_000_000_000)
+    assert plan.target.get_column("id").to_list() == list(range(9_000))
+    assert max(len(lengths) for lengths in _chunking(plan.target)) <= 3

@@ -185,6 +185,7 @@ def canonicalize_arrow(
     keys: tuple[str, ...] | None = None
     names: list[str] | None = None
     parts: list[tuple[pl.DataFrame, dict[str, str]]] = []
+    small: list[tuple[pl.DataFrame, dict[str, str]]] = []  # consecutive small batches of the same kinds
     offset = 0
     for batch in _record_batches(data):
         if names is None:
@@ -195,15 +196,41 @@ def canonicalize_arrow(
                 f"The source's record batches have different columns: {names!r}, then {batch.schema.names!r}."
             )
         assert keys is not None
-        parts.append(canonicalize_batch(batch, keys=keys, offset=offset, decimal_as_string=decimal_as_string))
+        part = canonicalize_batch(batch, keys=keys, offset=offset, decimal_as_string=decimal_as_string)
         offset += batch.num_rows
+        if small and (part[1] != small[0][1] or part[0].height >= _SMALL_BATCH):
+            parts.append(_joined(small))
+            small = []
+        if part[0].height >= _SMALL_BATCH:
+            parts.append(part)
+        else:
+            small.append(part)
+            if sum(frame.height for frame, _ in small) < _SMALL_BATCH:
+                continue
+            parts.append(_joined(small))
+            small = []
         release_freed_memory()
+    if small:
+        parts.append(_joined(small))
     if keys is None:  # no batch and no schema: a source without columns
         keys = _check_names([], key_columns)
     frame, kinds = merge_batches(parts, keys)
     canon = _finish(frame, kinds, keys)
     release_freed_memory()
     return canon
+
+
+#: Rows under which consecutive batches are joined into one chunk as they are read: a frame of thousands of small
+#: chunks (a cursor fetching a few rows at a time) makes every later step of the plan several times slower.
+_SMALL_BATCH = 10_000
+
+
+def _joined(parts: list[tuple[pl.DataFrame, dict[str, str]]]) -> tuple[pl.DataFrame, dict[str, str]]:
+    """Canonical batches of the same kinds as one batch of one chunk (the same frame as joined later, retyped or
+    not: their columns are retyped alike)."""
+    if len(parts) == 1:
+        return parts[0]
+    return pl.concat([frame for frame, _ in parts], how="vertical", rechunk=True), parts[0][1]
 
 
 def _record_batches(data: Any) -> Iterator[pa.RecordBatch]:
@@ -273,7 +300,9 @@ def _detached(batch: pa.RecordBatch) -> pa.RecordBatch:
 def _copied(column: pa.Array) -> pa.Array:
     try:
         return pa.concat_arrays([column])
-    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # a type Arrow cannot join: the conversion refuses it
+    # a type Arrow cannot join (the conversion refuses it), or an empty slice past its start whose exported buffers
+    # are shorter than its offset (ArrowIndexError): read as it is, as before the copy
+    except pa.ArrowException:
         return column
 
 
