@@ -6,7 +6,7 @@ and writes the rows back. Written a batch at a time, that was one staging load a
 (152 on PostgreSQL at 10M rows, 1,002 on Spark, one Spark job each). Here the encoded rows are gathered into loads
 of about :data:`LOAD_BYTES` each, and each load is written (staging load + ``INSERT INTO ..__next``) in a thread
 of its own while the next rows are read and encoded: at most one load is being written and one gathered, so the
-worker holds about two loads, whatever the table's size.
+worker holds about two loads, whatever the table's size (DuckDB, which runs in the worker, gets smaller loads).
 
 The scratch table is only swapped in once every load is written: a crash leaves the state table as it was.
 """
@@ -24,17 +24,28 @@ from airflow_provider_stopchurn.warehouse.databases import Warehouse
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOAD_BYTES", "NextWriter"]
+__all__ = ["IN_PROCESS_LOAD_BYTES", "LOAD_BYTES", "NextWriter", "load_bytes"]
 
 #: The Arrow bytes of one load (the encoded rows: key texts, hash, createdAt, row JSON).
 LOAD_BYTES = 64 * 1024 * 1024
+#: Smaller loads where the database runs inside the worker (DuckDB): a load costs no round trip there, and DuckDB
+#: holds about three times a load's bytes while it writes it, in the worker (1M rows: +680 MB peak with 64 MB loads,
+#: +496 MB with 16 MB ones; benchmarks/RESULTS-pushdown.md).
+IN_PROCESS_LOAD_BYTES = 16 * 1024 * 1024
+_IN_PROCESS = frozenset({"duckdb"})
+
+
+def load_bytes(dialect: str) -> int:
+    """The size of one load into a warehouse of ``dialect``."""
+    return IN_PROCESS_LOAD_BYTES if dialect in _IN_PROCESS else LOAD_BYTES
 
 
 class NextWriter:
     """Gathers staged rows (``warehouse/settle.py``'s ``_staged`` tables) and writes them into ``state.next`` in
-    loads of about ``load_bytes``, one at a time, in a background thread. Use as a context manager; call
-    :meth:`finish` once every row is added (it raises the error of any load). The warehouse's own connection is
-    only used by the writing thread until :meth:`finish` returns (its reads run on connections of their own)."""
+    loads of about ``size`` bytes (by default :func:`load_bytes` of its dialect), one at a time, in a background
+    thread. Use as a context manager; call :meth:`finish` once every row is added (it raises the error of any
+    load). The warehouse's own connection is only used by the writing thread until :meth:`finish` returns (its
+    reads run on connections of their own)."""
 
     def __init__(
         self,
@@ -42,12 +53,12 @@ class NextWriter:
         state: S.StateTable,
         staging: str,
         *,
-        load_bytes: int = LOAD_BYTES,
+        size: int | None = None,
     ) -> None:
         self._warehouse = warehouse
         self._state = state
         self._staging = staging
-        self._load_bytes = load_bytes
+        self._load_bytes = size if size is not None else load_bytes(warehouse.dialect)
         self._parts: list[pa.Table] = []
         self._gathered = 0
         self._pool: ThreadPoolExecutor | None = None
@@ -63,7 +74,7 @@ class NextWriter:
         self.close()
 
     def add(self, staged: pa.Table) -> None:
-        """Add encoded rows; a load is started once about ``load_bytes`` are gathered."""
+        """Add encoded rows; a load is started once about the load size is gathered."""
         if not staged.num_rows:
             return
         self._parts.append(staged)
