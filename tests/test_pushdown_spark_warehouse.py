@@ -410,3 +410,14 @@ def test_batches_without_python_workers_read_whole(
     assert again.num_rows == 0 and again.schema.names == ["id"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "PYSPARK_PYTHON" in warnings[0]
+
+
+def test_batches_keep_duplicate_names_and_zoned_types(warehouse: SparkWarehouse) -> None:
+    """Columns of one name are kept apart, and the streamed batches carry the types ``toArrow()`` gives."""
+    sql = "SELECT 1 AS a, 2 AS a, TIMESTAMP'2024-01-02 03:04:05' AS ts, named_struct('x', 1) AS st FROM range(3)"
+    table = _table(list(warehouse.batches(sql)))
+    assert table.schema.names == ["a", "a", "ts", "st"]
+    assert table.num_rows == 3
+    assert [table.column(0).to_pylist(), table.column(1).to_pylist()] == [[1, 1, 1], [2, 2, 2]]
+    assert table.schema.field("ts").type == pa.timestamp("us", tz="UTC")
+    assert table.schema == warehouse.spark.sql(sql).toArrow().schema

@@ -11,9 +11,9 @@
 * :meth:`SparkWarehouse.batches` streams the result a partition at a time, so the driver and the worker hold
   one partition, never the whole result (a baseline reads every row): each partition's Arrow batches are written
   as Arrow IPC bytes by ``mapInArrow`` (Spark's Python workers, which need pyarrow, as for any Arrow UDF) and
-  fetched by ``toLocalIterator`` (one Spark job per partition, in order; the driver computes the next partition
-  while this process reads the current one, so the driver holds two), then cast to the types ``toArrow()``
-  gives (Spark's own Arrow types: ``timestamp`` -> ``timestamp[us, tz=UTC]``). Batches hold at most
+  fetched by ``toLocalIterator`` (one Spark job per partition, in order, each started when the one before is read:
+  not prefetched, or a failure computing the next partition could stop the current one), then cast to the types
+  ``toArrow()`` gives (Spark's own Arrow types: ``timestamp`` -> ``timestamp[us, tz=UTC]``). Batches hold at most
   ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows (and never more than ``BATCH_ROWS``).
   :meth:`SparkWarehouse.rows` (small results) collects with ``DataFrame.toArrow()``: no Python workers.
 * :meth:`SparkWarehouse.load` makes a **temporary view** (single-part name, session-scoped) over
@@ -109,9 +109,8 @@ def _arrow_schema(frame: Any) -> pa.Schema:
 
 
 def _partition_batches(frame: Any) -> Iterator[pa.RecordBatch]:
-    """The batches of ``frame``, fetched one partition at a time (``toLocalIterator``, the next one prefetched on
-    the driver): each partition's Arrow batches travel as Arrow IPC bytes, one row per batch, written by
-    ``mapInArrow`` in Spark's Python workers."""
+    """The batches of ``frame``, fetched one partition at a time (``toLocalIterator``): each partition's Arrow
+    batches travel as Arrow IPC bytes, one row per batch, written by ``mapInArrow`` in Spark's Python workers."""
     from pyspark.sql.types import BinaryType, StructField, StructType
 
     # defined here, not at module level: cloudpickle then ships the function itself, so Spark's Python workers
@@ -126,7 +125,7 @@ def _partition_batches(frame: Any) -> Iterator[pa.RecordBatch]:
             yield pa.RecordBatch.from_arrays([pa.array([sink.getvalue().to_pybytes()], pa.binary())], names=["ipc"])
 
     blobs = frame.mapInArrow(to_ipc, StructType([StructField("ipc", BinaryType(), False)]))
-    for (blob,) in blobs.toLocalIterator(prefetchPartitions=True):
+    for (blob,) in blobs.toLocalIterator(prefetchPartitions=False):
         with pa.ipc.open_stream(blob) as reader:
             yield from reader
 
@@ -230,10 +229,13 @@ class SparkWarehouse:
 
     @staticmethod
     def _stream(frame: Any, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-        for batch in _partition_batches(frame):
+        # mapInArrow refuses columns of one name ("SELECT 1 AS a, 2 AS a" is ambiguous): the stream carries them
+        # by position, named back on arrival
+        positional = _relabelled(frame.toDF(*(f"_{i}" for i in range(len(frame.columns)))))
+        for batch in _partition_batches(positional):
             if not batch.num_rows:
                 continue
-            table = pa.Table.from_batches([batch])
+            table = pa.Table.from_batches([batch]).rename_columns(schema.names)
             if table.schema != schema:  # as toArrow() types them (the session's zone, Spark's nullability)
                 table = table.cast(schema)
             yield from table.to_batches(max_chunksize=BATCH_ROWS)
