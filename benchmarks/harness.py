@@ -29,6 +29,7 @@ import polars as pl
 import psutil
 import pyarrow as pa
 import requests
+from results_file import write_report
 from synthetic import Churn
 
 from airflow_provider_stopchurn.options import SyncOptions
@@ -384,11 +385,11 @@ def enough_memory(rows: int, need: int) -> bool:
 
 
 def publish(text: str, out: str) -> None:
-    """Print a report and write it to ``out`` (``-``: print only)."""
+    """Print a report and write it to ``out`` (``-``: print only), keeping the dated sections the file held."""
     print()
     print(text)
     if out != "-":
-        Path(out).write_text(text)
+        write_report(Path(out), text)
         print(f"(written to {Path(out).name})")
 
 

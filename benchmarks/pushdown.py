@@ -56,7 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DuckDB's memory_limit in the runs (its default: 80%% of RAM; 1GB is too little for 100M rows)",
     )
     parser.add_argument("--spark-driver-memory", default="6g", help="spark.driver.memory of the Spark scenario")
-    parser.add_argument("--save-json", help="with --pushdown: also write the raw measurements to this file")
+    parser.add_argument(
+        "--save-json",
+        help="also write the measurements to this file (the sync benchmark: what benchmarks/scale.py's table needs)",
+    )
     parser.add_argument("--from-json", help="with --pushdown: render the results of a --save-json file, run nothing")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -91,7 +94,9 @@ def main(args: argparse.Namespace) -> int:
     if need > psutil.virtual_memory().available:
         print(f"refusing: {args.rows:,} rows need about {need / GB:.0f} GiB of memory", file=sys.stderr)
         return 2
-    disk = sum(
+    # the scenarios run one after another, each one's files (and the PostgreSQL server's) removed before the next
+    # starts: the largest one's disk is what the run needs
+    disk = max(
         rows * per_row
         for engine, rows, per_row in (
             ("postgres", args.rows, 500),
@@ -158,10 +163,14 @@ def main(args: argparse.Namespace) -> int:
     return 1 if rep.get("failed") else 0
 
 
+#: measured before a scenario's churn runs and kept when it fails later (the scale table's state table size row)
+KEPT_ON_FAILURE = ("pg_table", "pg_state_bytes", "pg_state_parts", "duckdb_gen", "duckdb_state_file_bytes")
+
+
 def _drop(rep: dict[str, Any], engine: str) -> None:
-    """Forget a failed scenario's partial measurements."""
+    """Forget a failed scenario's partial measurements, but for the table and state table sizes."""
     prefix = {"postgres": "pg_", "duckdb": "duckdb_", "spark": "spark"}[engine]
-    for key in [k for k in rep if k.startswith(prefix)]:
+    for key in [k for k in rep if k.startswith(prefix) and k not in KEPT_ON_FAILURE]:
         del rep[key]
 
 

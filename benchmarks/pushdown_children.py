@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -231,14 +232,43 @@ def run_pd_child(kind: str, args: argparse.Namespace, **extra: Any) -> dict[str,
         "--spark-driver-memory",
         args.spark_driver_memory,
     ]
+    memory_cap = extra.pop("memory_cap", None)
     for key, value in extra.items():
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=CHILD_TIMEOUT_S)
-    for line in out.stdout.splitlines():
+    if memory_cap is None:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=CHILD_TIMEOUT_S)
+        stdout, stderr, code = out.stdout, out.stderr, out.returncode
+    else:
+        stdout, stderr, code = _capped(cmd, memory_cap)
+    for line in stdout.splitlines():
         if line.startswith("CHILD-RESULT "):
             return json.loads(line.split(" ", 1)[1])
-    raise RuntimeError(f"child {kind} {extra} failed (exit {out.returncode}): {out.stderr[-4000:]}")
+    raise RuntimeError(f"child {kind} {extra} failed (exit {code}): {stderr[-4000:]}")
+
+
+def _capped(cmd: list[str], memory_cap: int) -> tuple[str, str, int]:
+    """Run ``cmd``, killing it if its RSS passes ``memory_cap`` bytes (a run that would take the shared machine's
+    memory fails instead, with its peak stated); its stdout, stderr and exit status."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        ps, started, killed = psutil.Process(proc.pid), time.monotonic(), 0
+        while proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                rss = ps.memory_info().rss
+                if rss > memory_cap:
+                    killed = rss
+                    proc.kill()
+            if time.monotonic() - started > CHILD_TIMEOUT_S:
+                proc.kill()
+            time.sleep(0.5)
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stderr = err.read()
+        if killed:
+            stderr = f"killed: its RSS reached {killed / MB:,.0f} MB, over the cap of {memory_cap / MB:,.0f} MB"
+        return out.read(), stderr, proc.returncode
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,21 +27,38 @@ from synthetic import load_sql_table
 # ---------------------------------------------------------------------------------------------------------------
 # scenario 1: PostgreSQL, pushdown vs the local engine
 # ---------------------------------------------------------------------------------------------------------------
-def bench_postgres(args: argparse.Namespace, tmp: Path, sandbox: Sandbox, server: Any, rep: dict[str, Any]) -> None:
+def bench_postgres(
+    args: argparse.Namespace,
+    tmp: Path,
+    sandbox: Sandbox,
+    server: Any,
+    rep: dict[str, Any],
+    paths: tuple[str, ...] = ("local", "postgres"),
+) -> None:
+    """Baseline, churn, churn run and second run of each of ``paths`` (``local``: the worker path through the
+    operator's SQL read; ``postgres``: the pushdown, with PostgreSQL's own diff query beside its churn runs)."""
     n = args.rows
     pg = PostgresCpu(server)
     print(f"[postgres] loading {n:,} rows (+ {n // 200:,} spare rows) with COPY ...", flush=True)
     table = load_sql_table(server, n)
     rep["pg_table"] = table
     print(f"  {table.load_s:.1f} s, table {fmt_bytes(table.table_bytes)}", flush=True)
-    roots = {"local": fresh_dir(tmp, "pg-local"), "postgres": fresh_dir(tmp, "pg-pushdown")}
+    roots = {engine: fresh_dir(tmp, {"local": "pg-local", "postgres": "pg-pushdown"}[engine]) for engine in paths}
     runs: dict[str, list[dict[str, Any]]] = {}
     rep["pg_runs"] = runs
 
     def child(key: str, engine: str, mode: str, kind: str = "pd-run") -> dict[str, Any]:
         sandbox.reset()
         sb0, db0 = sandbox.cpu(), pg.cpu()
-        got = run_pd_child(kind, args, engine=engine, mode=mode, root=roots.get(engine), url=sandbox.url)
+        got = run_pd_child(
+            kind,
+            args,
+            engine=engine,
+            mode=mode,
+            root=roots.get(engine),
+            url=sandbox.url,
+            memory_cap=getattr(args, "memory_cap", None),
+        )
         got["sandbox_cpu"], got["db_cpu"] = sandbox.cpu() - sb0, pg.cpu() - db0
         got["sandbox_requests"] = sandbox.stats()["requests"]
         runs.setdefault(key, []).append(got)
@@ -58,13 +75,15 @@ def bench_postgres(args: argparse.Namespace, tmp: Path, sandbox: Sandbox, server
         return got
 
     print("[postgres] baselines (initial_load='baseline': the table recorded as delivered, nothing sent) ...")
-    for engine in ("local", "postgres"):
+    for engine in paths:
         got = child(f"{engine} baseline", engine, "baseline")
         if not got["baseline"] or got["chunks"] or got["unchanged"] != n:
             raise RuntimeError(f"{engine} baseline: {got}")
-    with server.connect() as conn:
-        size = f"pg_total_relation_size('{STATE_SCHEMA}.{STATE_TABLE}')"
-        rep["pg_state_bytes"] = int(conn.execute(f"SELECT {size}").fetchone()[0])
+    if "postgres" in paths:
+        with server.connect() as conn:
+            size = f"pg_total_relation_size('{STATE_SCHEMA}.{STATE_TABLE}')"
+            rep["pg_state_bytes"] = int(conn.execute(f"SELECT {size}").fetchone()[0])
+        rep["pg_state_parts"] = state_parts(server)
     churn = churn_of(n)
     rep["pg_churn"] = churn
     print("[postgres] applying the churn with SQL ...", flush=True)
@@ -85,27 +104,55 @@ def bench_postgres(args: argparse.Namespace, tmp: Path, sandbox: Sandbox, server
     saved: dict[str, Path] = {}
     if reps > 1:  # each repetition starts from the same state: the snapshot roots and the state table
         saved = {engine: copy_root(root, tmp / f"{root.name}-saved") for engine, root in roots.items()}
-        server.execute(*state_copy("postgres", save=True))
+        if "postgres" in paths:
+            server.execute(*state_copy("postgres", save=True))
     changed = churn.inserted + churn.updated + churn.deleted
-    print(f"[postgres] PostgreSQL's own diff query, churn runs local and pushdown ({reps} repetition(s)) ...")
+    print(f"[postgres] PostgreSQL's own diff query (pushdown only), churn runs of {paths} ({reps} repetition(s)) ...")
     for i in range(reps):
         if i:
             for engine, root in roots.items():
                 copy_root(saved[engine], root)
-            server.execute(*state_copy("postgres", save=False))
-        got = child("join", "postgres", "parts" if i == 0 else "join", kind="pd-join")
-        if got["changed"] != changed:
-            raise RuntimeError(f"PostgreSQL's own diff query counted {got['changed']:,} changed rows, not {changed:,}")
-        for engine in ("local", "postgres"):
+            if "postgres" in paths:
+                server.execute(*state_copy("postgres", save=False))
+        if "postgres" in paths:
+            got = child("join", "postgres", "parts" if i == 0 else "join", kind="pd-join")
+            if got["changed"] != changed:
+                raise RuntimeError(
+                    f"PostgreSQL's own diff query counted {got['changed']:,} changed rows, not {changed:,}"
+                )
+        for engine in paths:
             got = child(f"{engine} churn", engine, "churn")
             check_run(f"{engine} churn run", got, churn)
             got["verify"] = verify_sandbox(sandbox.url, source, sample, churn)
             require_ok(f"{engine} churn run", got["verify"])
     print("[postgres] second runs (nothing changed) ...", flush=True)
-    for engine in ("local", "postgres"):
+    for engine in paths:
         got = child(f"{engine} again", engine, "again")
         check_again(f"{engine} second run", got, got["sandbox_requests"])
     sandbox.reset()
+
+
+def state_parts(server: Any) -> dict[str, int]:
+    """Where the state table's bytes are: each column's (the sum of ``pg_column_size``, as stored, compressed where
+    PostgreSQL compresses it), its indexes', and the whole relation's (the rest: row headers, free space)."""
+    name = f'"{STATE_SCHEMA}"."{STATE_TABLE}"'
+    with server.connect() as conn:
+        columns = [
+            str(row[0])
+            for row in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+                "ORDER BY ordinal_position",
+                (STATE_SCHEMA, STATE_TABLE),
+            )
+        ]
+        sums = ", ".join(f'COALESCE(SUM(pg_column_size("{c}")), 0)' for c in columns)
+        sizes = conn.execute(f"SELECT {sums} FROM {name}").fetchone() if columns else ()
+        indexes = conn.execute(f"SELECT pg_indexes_size('{name}'), pg_total_relation_size('{name}')").fetchone()
+    return {
+        **{f"column {c}": int(v) for c, v in zip(columns, sizes, strict=True)},
+        "indexes": int(indexes[0]),
+        "total": int(indexes[1]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -31,6 +32,7 @@ from events_export import events_export_main, export_child_main
 from frames import FRAME_CHILDREN, bench_frames, child_main
 from harness import HERE, Sandbox, airflow_environment, enough_memory, pg_server_module, publish
 from report import render
+from scale_rows import sync_summary
 from sql_source import SQL_BYTES_PER_ROW, SQL_CHILDREN, bench_sql, sql_child_main
 
 
@@ -73,7 +75,10 @@ def main() -> int:
         return events_export_main(args)
     if args.out is None:
         args.out = str(HERE / ("RESULTS-large.md" if args.large else "RESULTS.md"))
-    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    argv = sys.argv[1:]
+    if "--save-json" in argv:  # where a copy of the measurements went is not part of the command
+        del argv[argv.index("--save-json") : argv.index("--save-json") + 2]
+    command = "python benchmarks/run.py " + " ".join(argv)
     # rough need in bytes (measured at 1M rows): the DataFrame part ~1.5 KB per row for this process's frames and
     # runs, then the same in a child process after this one released its frames; the SQL part (afterwards, each
     # run in a child process) ~SQL_BYTES_PER_ROW
@@ -110,6 +115,8 @@ def main() -> int:
     report["load"] = (load_before, os.getloadavg()[0])
     text = render(report, args, command, wall)
     publish(text, args.out)
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps(sync_summary(report, args)))
     return 0
 
 

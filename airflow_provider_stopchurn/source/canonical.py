@@ -34,7 +34,10 @@ Arrow types beyond those a DataFrame holds, as ADBC drivers deliver them:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import GeneratorType
 from typing import Any, TypeAlias
@@ -76,6 +79,7 @@ __all__ = [
     "convert_arrow_column",
     "merge_batches",
     "parse_json_columns",
+    "release_freed_memory",
 ]
 
 SourceData: TypeAlias = (
@@ -116,7 +120,9 @@ def canonicalize_source(source: Source, *, key_columns: Sequence[str], decimal_a
     data = source() if callable(source) else source
     try:
         if isinstance(data, pd.DataFrame):
-            return canonicalize(data, key_columns=key_columns, decimal_as_string=decimal_as_string)
+            canon = canonicalize(data, key_columns=key_columns, decimal_as_string=decimal_as_string)
+            release_freed_memory()  # the Python values its JSON and text columns were written from
+            return canon
         if isinstance(data, pl.LazyFrame):
             data = data.collect()
         if isinstance(data, pl.DataFrame):
@@ -191,10 +197,13 @@ def canonicalize_arrow(
         assert keys is not None
         parts.append(canonicalize_batch(batch, keys=keys, offset=offset, decimal_as_string=decimal_as_string))
         offset += batch.num_rows
+        release_freed_memory()
     if keys is None:  # no batch and no schema: a source without columns
         keys = _check_names([], key_columns)
     frame, kinds = merge_batches(parts, keys)
-    return _finish(frame, kinds, keys)
+    canon = _finish(frame, kinds, keys)
+    release_freed_memory()
+    return canon
 
 
 def _record_batches(data: Any) -> Iterator[pa.RecordBatch]:
@@ -207,20 +216,65 @@ def _record_batches(data: Any) -> Iterator[pa.RecordBatch]:
         items: Iterable[Any] = data.to_batches() if isinstance(data, pa.Table) else data
     else:
         schema, items = None, data
+    # a stream's batches are the engine's alone (nobody else holds them): copied, so none outlives its conversion
+    streamed = not isinstance(data, pa.Table | list | tuple)
     seen = False
     for item in items:
         if isinstance(item, pa.Table):  # an iterator of tables (e.g. a driver's Arrow batches)
             if item.num_rows == 0 and not seen:
                 schema = item.schema
-            yield from item.to_batches()
+            for batch in item.to_batches():
+                yield _detached(batch) if streamed else batch
             seen = seen or item.num_rows > 0
             continue
         if not isinstance(item, pa.RecordBatch):
             raise _not_a_source(f"an iterator yielding {_type_name(item)}")
         seen = True
-        yield item
+        yield _detached(item) if streamed else item
     if not seen and schema is not None:
         yield pa.RecordBatch.from_pylist([], schema=schema)
+
+
+def release_freed_memory() -> None:
+    """Give back to the system the memory a batch's conversion freed (its Python values, Arrow temporaries).
+
+    The C allocator and Arrow's pool keep freed pages for reuse, but the frames built next are polars', whose
+    allocator cannot use them: without this, a 1M-row SQL source left about 100 MB of freed pages resident for
+    the whole run. Costs about a millisecond; does nothing where the C library has no ``malloc_trim``.
+    """
+    pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim  # glibc; musl has none
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+def _detached(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A copy of a streamed batch whose columns each own their memory.
+
+    A batch imported through the Arrow C data interface (an ADBC driver's) is released as one block once nothing
+    references any of its buffers; a canonical column read zero-copy from it (an integer key, a boolean) would keep
+    every column of the batch alive for the whole run (about 200 MB for 1M rows from PostgreSQL). The copy costs one
+    batch at a time; the conversion then keeps only what it needs.
+    """
+    return pa.RecordBatch.from_arrays([_copied(column) for column in batch.columns], schema=batch.schema)
+
+
+def _copied(column: pa.Array) -> pa.Array:
+    try:
+        return pa.concat_arrays([column])
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # a type Arrow cannot join: the conversion refuses it
+        return column
 
 
 def canonicalize_batch(

@@ -117,6 +117,8 @@ def deliver(
             _Sending(pool, workers, sender, options, report, on_ack, guard, health, partial=True).window(cut, first)
             if whole_windows and report.failure is None and _all_deletes(cut.window.updates):
                 report.failure = _not_all_applied(report, range(first, report.chunks), options.table_name)
+            # a sent window is let go before the next is encoded: only one window of update JSON is held
+            del window, cut
     report.complete = report.complete and report.failure is None
     return report
 

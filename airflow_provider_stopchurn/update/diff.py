@@ -33,6 +33,7 @@ __all__ = [
     "diff_frames",
     "diff_snapshot",
     "first_load",
+    "like_chunks",
     "with_hashes",
 ]
 
@@ -195,9 +196,28 @@ def with_hashes(frame: pl.DataFrame) -> pl.DataFrame:
     """
     data = frame.select(sorted(data_columns(frame)))
     return frame.drop([c for c in (HASH_1, HASH_2) if c in frame.columns]).with_columns(
-        _hash_rows(data, _SEEDS[0]).alias(HASH_1),
-        _hash_rows(data, _SEEDS[1]).alias(HASH_2),
+        like_chunks(_hash_rows(data, _SEEDS[0]).alias(HASH_1), frame),
+        like_chunks(_hash_rows(data, _SEEDS[1]).alias(HASH_2), frame),
     )
+
+
+def like_chunks(series: pl.Series, frame: pl.DataFrame) -> pl.Series:
+    """``series`` (as long as ``frame``) cut into the chunks of ``frame``'s columns, without a copy.
+
+    A SQL source's canonical frame holds one chunk per batch. polars copies a frame whole at every lazy step
+    (select, filter, with_columns) while its columns are chunked differently, so a column added to it (a row hash,
+    createdAt, a position) is first cut like the others: zero-copy slices of its one chunk.
+    """
+    if not frame.width or frame.height != series.len():
+        return series
+    lengths = frame.get_column(frame.columns[0]).chunk_lengths()
+    if series.chunk_lengths() == lengths:
+        return series
+    if len(lengths) <= 1:
+        return series.rechunk()
+    whole = series.rechunk()
+    starts = np.cumsum([0, *lengths[:-1]])
+    return pl.concat([whole.slice(int(start), n) for start, n in zip(starts, lengths, strict=True)], rechunk=False)
 
 
 #: Rows hashed at a time: a row's hash depends on that row alone, and hashing a whole table at once holds
@@ -402,10 +422,13 @@ def diff_snapshot(
     state = matched.get_column("state")
     created_at = created if created is not None else matched.get_column("__sc_old_created")
     columns = [*new_data.columns, CREATED_AT]
-    target = hashed.with_columns(created_at.fill_null(run_ms).cast(pl.Int64).alias(CREATED_AT)).select(
-        [*columns, HASH_1, HASH_2]
+    target = hashed.with_columns(
+        like_chunks(created_at.fill_null(run_ms).cast(pl.Int64).alias(CREATED_AT), hashed)
+    ).select([*columns, HASH_1, HASH_2])
+    index = target.select(pl.first()).with_row_index(TARGET_ROW).get_column(TARGET_ROW)
+    indexed = pl.DataFrame(
+        [like_chunks(index, target), *target.select(columns).get_columns(), like_chunks(matched[BASE_ROW], target)]
     )
-    indexed = target.select(columns).with_row_index(TARGET_ROW).with_columns(matched.get_column(BASE_ROW))
     inserted = indexed.filter(state == 1).sort(keys)  # BASE_ROW: a dirty row a settle kept, else null
     updated = indexed.filter(state == 2).sort(keys)
     gone = gone.select([*keys, BASE_ROW])
@@ -450,8 +473,11 @@ def _one_row_per_key(old: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
 
 def first_load(new_data: pl.DataFrame, *, created: pl.Series | None, run_ms: int) -> pl.DataFrame:
     """The target snapshot of a first load (every row an insert, in source order)."""
-    created_at = created.fill_null(run_ms) if created is not None else pl.lit(run_ms, dtype=pl.Int64)
-    return with_hashes(new_data.with_columns(created_at.cast(pl.Int64).alias(CREATED_AT)))
+    if created is not None:
+        created_at = created.fill_null(run_ms).cast(pl.Int64)
+    else:
+        created_at = pl.repeat(run_ms, new_data.height, dtype=pl.Int64, eager=True)
+    return with_hashes(new_data.with_columns(like_chunks(created_at.alias(CREATED_AT), new_data)))
 
 
 _BOOKKEEPING = frozenset({*META_COLUMNS, TARGET_ROW, BASE_ROW})

@@ -31,6 +31,7 @@ from airflow_provider_stopchurn.update.diff import (
     data_columns,
     diff_snapshot,
     first_load,
+    like_chunks,
 )
 from airflow_provider_stopchurn.update.ids import reconcile_ids
 from airflow_provider_stopchurn.update.window import Window
@@ -43,7 +44,8 @@ _run_log = logging.getLogger("airflow_provider_stopchurn.update.sync")
 PLAN_FORMAT = 2
 UPDATE = "__sc_update"
 _NUMERIC = {"int", "float"}
-_ENCODE_BATCH = 200_000
+#: rows encoded at a time: the row JSON of one batch is held beside the window's updates (about 300 bytes a row)
+_ENCODE_BATCH = 50_000
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class RunPlan:
 
 
 def encoded_window(offset: int, encoded: list[pl.Series], options: SyncOptions) -> Window:
-    updates = encoded[0] if len(encoded) == 1 else pl.concat(encoded)
+    updates = encoded[0] if len(encoded) == 1 else pl.concat(encoded, rechunk=False)
     sizes = updates.str.len_bytes().to_numpy()
     chunks = plan_chunks(sizes, chunk_size=options.chunk_size, max_chunk_bytes=options.max_chunk_bytes)
     return Window(offset, updates, [(offset + a, offset + b) for a, b in chunks], bodies_bytes(sizes, chunks))
@@ -379,10 +381,11 @@ def _empty(
 def _with_updated_at(frame: pl.DataFrame, options: SyncOptions, run_ms: int, op: str) -> pl.DataFrame:
     """The rows with their op and updatedAt: the named column for inserts and updates, else the run's time."""
     if options.updated_at_column is not None and op != "delete":
-        upd = pl.col(options.updated_at_column).cast(pl.Int64).fill_null(run_ms)
+        upd = frame.get_column(options.updated_at_column).cast(pl.Int64).fill_null(run_ms)
     else:
-        upd = pl.lit(run_ms, dtype=pl.Int64)
-    return frame.with_columns(upd.alias(UPDATED_AT), pl.lit(op).alias(OP))
+        upd = pl.repeat(run_ms, frame.height, dtype=pl.Int64, eager=True)
+    ops = pl.repeat(op, frame.height, dtype=pl.String, eager=True)  # both cut like the frame (like_chunks)
+    return frame.with_columns(like_chunks(upd.alias(UPDATED_AT), frame), like_chunks(ops.alias(OP), frame))
 
 
 def _change_parts(
@@ -436,7 +439,7 @@ def _encode(frame: pl.DataFrame, kinds: Mapping[str, str], options: SyncOptions)
                 table_name=options.table_name,
             )
         )
-    return (parts[0] if len(parts) == 1 else pl.concat(parts)).alias(UPDATE)
+    return (parts[0] if len(parts) == 1 else pl.concat(parts, rechunk=False)).alias(UPDATE)
 
 
 def _plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], run_ms: int) -> dict[str, Any]:

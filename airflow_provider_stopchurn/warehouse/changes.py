@@ -3,6 +3,7 @@ change, with its update's parts), in the local path's send order, and its update
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -10,13 +11,17 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from airflow_provider_stopchurn.encode.records import encode_rows, encode_updates
+from airflow_provider_stopchurn.encode.records import encode_rows, encode_updates, json_fragment
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.update.plan import encoded_window, timestamp_column
 from airflow_provider_stopchurn.update.sync import canonical_source
 from airflow_provider_stopchurn.update.window import Window
+from airflow_provider_stopchurn.warehouse import rows as R
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.source import _Run
+
+# the logger name the warehouse sync has always logged under: users and tests filter on it
+log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
 
 __all__ = ["windows"]
 
@@ -31,8 +36,15 @@ def _encode_batch(
     options: SyncOptions,
     key_kinds: Mapping[str, str],
     run_ms: int,
+    layouts: Mapping[str, Sequence[str]] | None = None,
+    keep: R.RowLayout | None = None,
 ) -> tuple[pl.DataFrame, dict[str, str]]:
-    """One batch of changed rows -> plan rows (op, key texts, hash, createdAt, updatedAt, row JSON, sort keys)."""
+    """One batch of changed rows -> plan rows (op, key texts, hash, createdAt, updatedAt, row JSON, sort keys).
+
+    :param layouts: the state table's row layouts, which rebuild a deleted row's JSON from its values.
+    :param keep: the rows go to the state table only (a baseline): each row is written as the state table keeps
+        it by this layout, not as JSON.
+    """
     table = pa.Table.from_batches([batch])
     ops = table.column(S.OP)
     is_delete = pc.equal(ops, "delete")
@@ -45,11 +57,15 @@ def _encode_batch(
         canon = canonical_source(upserts.select(list(columns)), options)
         kinds = dict(canon.kinds)
         frame = canon.frame
-        rows = encode_rows(  # every canonical column: the source's, and the id a composite key is given
-            frame,
-            {c: canon.kinds[c] for c in frame.columns},
-            nest_dotted_columns=options.nest_dotted_columns,
-            decimal_as_string=options.decimal_as_string,
+        rows = (
+            encode_rows(  # every canonical column: the source's, and the id a composite key is given
+                frame,
+                {c: canon.kinds[c] for c in frame.columns},
+                nest_dotted_columns=options.nest_dotted_columns,
+                decimal_as_string=options.decimal_as_string,
+            )
+            if keep is None
+            else _kept_rows(frame, canon.kinds, options, keep)
         )
         meta = pl.from_arrow(upserts.select([*texts, S.NEW_HASH, S.OLD_CREATED, S.OP]))
         assert isinstance(meta, pl.DataFrame)
@@ -86,7 +102,7 @@ def _encode_batch(
                     pl.repeat(None, meta.height, dtype=pl.String, eager=True).alias(_HASH),
                     meta.get_column(S.OLD_CREATED).cast(pl.Int64).alias(_CREATED),
                     pl.repeat(run_ms, meta.height, dtype=pl.Int64, eager=True).alias(_UPDATED),
-                    meta.get_column(S.OLD_ROW).cast(pl.String).alias(_ROW),
+                    R.expand(meta.get_column(S.OLD_ROW).cast(pl.String), layouts or {}).alias(_ROW),
                     *(
                         _sort_key(meta.get_column(t), key_kinds.get(k, "string"), i)
                         for i, (t, k) in enumerate(zip(texts, keys, strict=True))
@@ -97,6 +113,34 @@ def _encode_batch(
     if not parts:
         return _empty_plan(len(keys)), kinds
     return pl.concat([p.select(_empty_plan(len(keys)).columns) for p in parts], how="vertical_relaxed"), kinds
+
+
+def _kept_rows(frame: pl.DataFrame, kinds: Mapping[str, str], options: SyncOptions, keep: R.RowLayout) -> pl.Series:
+    """Each row of a canonical ``frame`` as the state table keeps it by ``keep``, written from its values' JSON
+    texts (no row JSON is made). A row whose values hold a separator, or a batch whose JSON is not written by
+    this layout (checked on its first row), is kept as its JSON text."""
+    nest, decimals = options.nest_dotted_columns, options.decimal_as_string
+    every = {c: kinds[c] for c in frame.columns}
+
+    def as_json(part: pl.DataFrame) -> pl.Series:
+        return encode_rows(part, every, nest_dotted_columns=nest, decimal_as_string=decimals)
+
+    if R.layout(frame.columns, nest_dotted_columns=nest) != keep.texts or frame.height == 0:
+        return as_json(frame)
+    names = R.holes(frame.columns, nest_dotted_columns=nest)
+    values = [json_fragment(c, kinds[c], frame.schema[c], decimal_as_string=decimals) for c in names]
+    kept = frame.select(R.kept_values(values, keep.tag).alias("row")).to_series()
+    clean = kept.str.count_matches("[\x1e\x1f]") == len(names)  # RS once, US between the values
+    first = clean.arg_true()
+    if first.is_empty():
+        return as_json(frame)
+    i = int(first[0])
+    if R.expand(kept.slice(i, 1), {keep.tag: keep.texts}).to_list() != as_json(frame.slice(i, 1)).to_list():
+        log.warning("The state table keeps these rows as JSON text: their JSON is not written by its layout.")
+        return as_json(frame)
+    if bool(clean.all()):
+        return kept
+    return frame.select(pl.when(clean).then(kept).otherwise(as_json(frame)).alias("row")).to_series()
 
 
 def _sort_key(values: pl.Series, kind: str, i: int) -> pl.Series:
@@ -122,10 +166,17 @@ def _empty_plan(keys: int) -> pl.DataFrame:
 
 
 def _plan_frame(
-    run: _Run, batches: Iterator[pa.RecordBatch], key_kinds: Mapping[str, str], first: bool
+    run: _Run,
+    batches: Iterator[pa.RecordBatch],
+    key_kinds: Mapping[str, str],
+    first: bool,
+    layouts: Mapping[str, Sequence[str]] | None = None,
 ) -> pl.DataFrame:
     """Every changed row, in the local path's send order: a first load in source order; else deletes, updates,
-    inserts, each by key."""
+    inserts, each by key.
+
+    :param layouts: the state table's row layouts (a deleted row's JSON is rebuilt with them).
+    """
     frames = []
     kinds = dict(key_kinds)
     options = run.options
@@ -133,7 +184,7 @@ def _plan_frame(
     for batch in batches:
         if columns is None:
             columns = [c for c in batch.schema.names if not c.startswith("__sc_")]
-        frame, batch_kinds = _encode_batch(batch, columns, options, kinds, run.run_ms)
+        frame, batch_kinds = _encode_batch(batch, columns, options, kinds, run.run_ms, layouts)
         for k in options.key_columns:
             kinds.setdefault(k, batch_kinds.get(k, "string"))
         if frame.height:

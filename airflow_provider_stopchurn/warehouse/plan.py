@@ -179,6 +179,8 @@ def _plan_meta(
         "kinds": dict(kinds),
         "key_columns": list(options.key_columns),
         "columns": S.columns_text(schema),
+        # with the kinds (the frame's columns, in order), the constant text of every row's JSON (warehouse/rows.py)
+        "nest_dotted_columns": options.nest_dotted_columns,
         "run_ms": run_ms,
         "session_zone": S.SESSION_ZONE,
         # bounds the chunks a killed delivery can have had in flight (settle tells them from chunks never sent)

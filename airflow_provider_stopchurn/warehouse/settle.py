@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.store import Plan, SnapshotStore
 from airflow_provider_stopchurn.update.settle import (
@@ -32,16 +33,17 @@ from airflow_provider_stopchurn.update.settle import (
     count_unsent,
 )
 from airflow_provider_stopchurn.update.sync import SyncSummary
+from airflow_provider_stopchurn.warehouse import rows as R
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.changes import _CREATED, _HASH, _OP, _ROW, _op_counts
 from airflow_provider_stopchurn.warehouse.databases import Warehouse
 from airflow_provider_stopchurn.warehouse.source import DIFF_LOCATION, PLAN_FORMAT, ROW_HASH, _Run
-from airflow_provider_stopchurn.warehouse.state import _old_key_texts, read_meta
+from airflow_provider_stopchurn.warehouse.state import _old_key_texts, holds_layouts, read_meta
 
 # the logger name the warehouse sync has always logged under: users and tests filter on it
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
 
-__all__ = ["settle_state", "token_order"]
+__all__ = ["row_layout", "settle_state", "token_order"]
 
 _STAGING = "__stopchurn_staging"
 
@@ -85,21 +87,52 @@ class _Commit:
     meta: Mapping[str, Any]
 
 
+def row_layout(warehouse: Warehouse, state: S.StateTable, plan_meta: Mapping[str, Any]) -> R.RowLayout | None:
+    """The layout the rows of a plan (``plan_meta``: its columns' kinds, in the frame's order) are kept by; None
+    where rows are kept as JSON text: a warehouse without transactions (its state table and bookkeeping are
+    swapped one after the other, so a crash between them could leave rows of a layout not yet recorded) or a
+    bookkeeping table without the layouts' column."""
+    if not warehouse.transactions or not holds_layouts(warehouse, state):
+        return None
+    meta = read_meta(warehouse, state)
+    layouts = dict((meta.layouts if meta is not None else None) or {})
+    try:
+        nest = bool(plan_meta.get("nest_dotted_columns", True))
+        texts = R.layout(list(plan_meta.get("kinds") or {}), nest_dotted_columns=nest)
+    except SourceDataError:  # no JSON object of these columns could be written: nothing to keep either
+        return None
+    tag = R.tag_of(texts, layouts)
+    return R.RowLayout(texts, tag, {**layouts, tag: texts})
+
+
 def _commit(
-    run: _Run, commit: _Commit, *, write_state: bool, statements: Sequence[str] = (), record: Any = None
+    run: _Run,
+    commit: _Commit,
+    *,
+    write_state: bool,
+    statements: Sequence[str] = (),
+    record: Any = None,
+    layouts: str | bool | None = True,
 ) -> None:
     """Write ``statements`` and the new token into the warehouse (one transaction where it has them), then
-    ``CURRENT`` with the same token."""
+    ``CURRENT`` with the same token. The bookkeeping row keeps every row layout it kept, and the plan's.
+
+    :param layouts: the layouts' text (:func:`_layouts_text`) when the caller read it before loading a staging
+        table (a failed probe would roll the staging table back on PostgreSQL); True: read here.
+    """
     warehouse, state, lock = run.warehouse, run.state, run.lock
     if lock is not None:
         lock.check()
     if write_state:
+        if layouts is True:
+            layouts = _layouts_text(warehouse, state, row_layout(warehouse, state, commit.meta))
         bookkeeping = state.write_meta(
             token=commit.token,
             plan_id=commit.plan_id,
             columns=str(commit.meta["columns"]),
             rows_sql=state.count_rows(),
             transactions=warehouse.transactions,
+            layouts=layouts or None,
         )
         if warehouse.transactions:
             warehouse.execute([*statements, *bookkeeping])
@@ -120,6 +153,16 @@ def _commit(
         run=record if record is not None else run.record(),
         state={"diff_location": DIFF_LOCATION, "state_table": str(commit.meta["state_table"])},
     )
+
+
+def _layouts_text(warehouse: Warehouse, state: S.StateTable, layout: R.RowLayout | None) -> str | None:
+    """The layouts' text the bookkeeping row is written with (None: no column for them, the JSON text rows)."""
+    if layout is not None:
+        return R.layouts_text(layout.layouts)
+    if not warehouse.transactions or not holds_layouts(warehouse, state):
+        return None
+    meta = read_meta(warehouse, state)  # the plan's columns make no JSON object: the layouts already kept
+    return R.layouts_text((meta.layouts if meta is not None else None) or {})
 
 
 def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the warehouse and its state table
@@ -174,15 +217,19 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
     meta = read_meta(warehouse, state)
     already = meta is not None and meta.token == plan.target_version
     statements: list[str] = []
+    layouts: str | bool | None = True
     if not already:
         keys = list(plan.meta["key_columns"])
-        warehouse.load(_STAGING, _staged(frame, status, len(keys)))
+        # before the staging table is loaded: nothing may roll it back before the statements that read it
+        layout = row_layout(warehouse, state, plan.meta)
+        layouts = _layouts_text(warehouse, state, layout)
+        warehouse.load(_STAGING, _staged(frame, status, len(keys), layout))
         if "session_zone" not in plan.meta and warehouse.transactions:
             # planned before sessions were pinned to UTC: its zoned key texts are in the session's zone then
             texts = {k: S.key_text(i) for i, k in enumerate(keys)}
             statements += _old_key_texts(warehouse, state, S.q(_STAGING), S.columns_of(plan.meta.get("columns")), texts)
         statements += state.apply(_STAGING, transactions=warehouse.transactions)
-    _commit(ctx, commit, write_state=not already, statements=statements, record=record)
+    _commit(ctx, commit, write_state=not already, statements=statements, record=record, layouts=layouts)
     result.version = plan.target_version
     log.info(
         "Settled plan %s of %r into %s: %d of %d chunks acknowledged, %d rows rejected, %d updates sent without an "
@@ -199,8 +246,11 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
     return result
 
 
-def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int) -> pa.Table:
-    """The state table's new rows (``upsert``) and removed keys (``delete``) for a plan's statuses."""
+def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int, layout: R.RowLayout | None = None) -> pa.Table:
+    """The state table's new rows (``upsert``) and removed keys (``delete``) for a plan's statuses.
+
+    :param layout: the plan's row layout: each row is kept as its values (None: as its JSON text).
+    """
     flags = pl.Series("__sc_status", status)
     marked = frame.with_columns(flags).filter(pl.col("__sc_status") != _NOT_APPLIED)
     applied = pl.col("__sc_status") == APPLIED
@@ -219,6 +269,8 @@ def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int) -> pa.Table:
         pl.col(_ROW).alias(S.ROW),
         pl.when(applied & is_delete).then(pl.lit("delete")).otherwise(pl.lit("upsert")).alias(S.ACTION),
     )
+    if layout is not None:
+        out = out.with_columns(R.compact(out.get_column(S.ROW), layout.texts, layout.tag))
     return out.to_arrow().cast(
         pa.schema(
             [

@@ -19,6 +19,7 @@ the next diff sends their current state again, as the local path does (``update/
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -63,8 +64,6 @@ NARROW = frozenset({"postgres", "duckdb"})
 #: Dialects whose state table is indexed on its key. Not DuckDB: its hash joins never use one, and keeping one up
 #: made a 1M-row settle 6x slower (benchmarks/RESULTS-pushdown.md). Not Spark: no indexes.
 INDEXED = frozenset({"postgres"})
-
-
 _QUALIFIED_RENAME = frozenset({"spark", "databricks", "hive"})
 
 
@@ -212,7 +211,8 @@ class StateTable:
             ),
             self.r(
                 f"CREATE TABLE IF NOT EXISTS {self.meta} "
-                '("format" INT, "token" TEXT, "plan_id" TEXT, "columns" TEXT, "key_columns" TEXT, "rows" BIGINT)'
+                '("format" INT, "token" TEXT, "plan_id" TEXT, "columns" TEXT, "key_columns" TEXT, "rows" BIGINT, '
+                '"row_layouts" TEXT)'
             ),
             *([self.create_index()] if self.dialect in INDEXED else []),
         ]
@@ -220,17 +220,21 @@ class StateTable:
     def drop(self) -> list[str]:
         return [self.r(f"DROP TABLE IF EXISTS {t}") for t in (self.qualified, self.meta, self.next, self.meta_next)]
 
-    def read_meta(self) -> str:
-        return self.r(f'SELECT "format", "token", "plan_id", "columns", "key_columns", "rows" FROM {self.meta}')
+    def read_meta(self, *, layouts: bool = True) -> str:
+        """:param layouts: with the row layouts (``warehouse/rows.py``; older bookkeeping tables have none)."""
+        extra = ', "row_layouts"' if layouts else ""
+        return self.r(f'SELECT "format", "token", "plan_id", "columns", "key_columns", "rows"{extra} FROM {self.meta}')
 
     def write_meta(
-        self, *, token: str, plan_id: str | None, columns: str, rows_sql: str, transactions: bool
+        self, *, token: str, plan_id: str | None, columns: str, rows_sql: str, transactions: bool, layouts: str | None
     ) -> list[str]:
+        """:param layouts: the row layouts' text (None: the bookkeeping table has no column for them)."""
         keys = lit(",".join(self.key_columns))
         values = (
             f'SELECT {STATE_FORMAT} AS "format", {lit(token)} AS "token", '
             f'{lit(plan_id) if plan_id else "CAST(NULL AS TEXT)"} AS "plan_id", {lit(columns)} AS "columns", '
             f'{keys} AS "key_columns", ({rows_sql}) AS "rows"'
+            + ("" if layouts is None else f', {lit(layouts)} AS "row_layouts"')
         )
         if transactions:
             return [self.r(f"DELETE FROM {self.meta}"), self.r(f"INSERT INTO {self.meta} {values}")]
@@ -489,12 +493,8 @@ class StateTable:
 
 def columns_text(schema: pa.Schema) -> str:
     """The source's columns and Arrow types, as kept in the state table's bookkeeping row."""
-    import json
-
     return json.dumps({f.name: str(f.type) for f in schema}, sort_keys=False)
 
 
 def columns_of(text: str | None) -> Mapping[str, str]:
-    import json
-
     return dict(json.loads(text)) if text else {}

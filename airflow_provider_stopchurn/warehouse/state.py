@@ -2,10 +2,12 @@
 every run does to it first (finish a swap a crash interrupted, migrate an older format).
 
 **Where state lives.** The state table (``<state_schema>.b<brand>_<table>``) holds per key: the key columns as
-text, the row hash (``warehouse/sql.py``), createdAt and the last delivered row as JSON text (a delete carries it).
-Its bookkeeping table (``..__meta``) holds a token; the snapshot store's ``CURRENT`` holds the same token after every
-commit. The plan (the changed rows with their update JSON), the acknowledgements and the rejected rows stay in the
-snapshot store, exactly as on the local path, so a crash, a rejection or a retry is settled the same way.
+text, the row hash (``warehouse/sql.py``), createdAt and the last delivered row (a delete carries it): its values
+alone where the warehouse has transactions, the constant text around them kept once in the bookkeeping row
+(``warehouse/rows.py``), else its JSON text. Its bookkeeping table (``..__meta``) holds a token; the snapshot
+store's ``CURRENT`` holds the same token after every commit. The plan (the changed rows with their update JSON),
+the acknowledgements and the rejected rows stay in the snapshot store, exactly as on the local path, so a crash,
+a rejection or a retry is settled the same way.
 
 Any disagreement between the two that no crash explains is *drift*: the run stops before reading the source and
 names the ``stopchurn reconcile`` command that repairs it (``warehouse/reconcile.py``).
@@ -22,13 +24,14 @@ from typing import Any
 
 from airflow_provider_stopchurn.exceptions import SnapshotError, StopChurnConfigError
 from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.warehouse import rows as R
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.databases import Warehouse
 
 # the logger name the warehouse sync has always logged under: users and tests filter on it
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
 
-__all__ = ["StateDriftError", "check_state", "drop_scratch", "prepare_state"]
+__all__ = ["StateDriftError", "check_state", "drop_scratch", "holds_layouts", "prepare_state"]
 
 
 class StateDriftError(SnapshotError):
@@ -43,19 +46,48 @@ class _Meta:
     columns: dict[str, str]
     key_columns: tuple[str, ...]
     rows: int
+    #: the row layouts (tag -> constant texts, ``warehouse/rows.py``); None: the bookkeeping table has no column
+    #: for them (made before them, and not yet given one), so every row is kept as its JSON text
+    layouts: dict[str, list[str]] | None = None
 
 
 def read_meta(warehouse: Warehouse, state: S.StateTable) -> _Meta | None:
     """The state table's bookkeeping row, or None when the state table does not exist."""
+    # without transactions every row is kept as JSON text, and the bookkeeping row is written without layouts
+    layouts = warehouse.transactions
     try:
-        rows = warehouse.rows(state.read_meta())
-    except Exception as err:  # the table is missing: every database says it differently
+        rows = warehouse.rows(state.read_meta(layouts=layouts))
+    except Exception as err:  # the table is missing, or made before the row layouts: every database says it its way
         log.debug("No state bookkeeping in %s: %s", state.display, err)
-        return None
+        if not layouts:
+            return None
+        try:
+            rows, layouts = warehouse.rows(state.read_meta(layouts=False)), False
+        except Exception as again:
+            log.debug("No state bookkeeping in %s: %s", state.display, again)
+            return None
     if not rows:
         return None
-    fmt, token, plan_id, columns, keys, count = rows[0]
-    return _Meta(int(fmt), str(token), plan_id, dict(S.columns_of(columns)), tuple(str(keys).split(",")), int(count))
+    fmt, token, plan_id, columns, keys, count, *rest = rows[0]
+    return _Meta(
+        int(fmt),
+        str(token),
+        plan_id,
+        dict(S.columns_of(columns)),
+        tuple(str(keys).split(",")),
+        int(count),
+        R.layouts_of(rest[0]) if layouts else None,
+    )
+
+
+def holds_layouts(warehouse: Warehouse, state: S.StateTable) -> bool:
+    """Whether the bookkeeping table has the row layouts' column (made with it, or given it by
+    :func:`prepare_state`)."""
+    try:
+        warehouse.rows(state.r(f'SELECT "row_layouts" FROM {state.meta} WHERE 1 = 0'))
+    except Exception:
+        return False
+    return True
 
 
 def _table_exists(warehouse: Warehouse, state: S.StateTable, name: str) -> bool:
@@ -117,6 +149,8 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
             if not _table_exists(warehouse, state, name) and _table_exists(warehouse, state, new):
                 log.warning("Finishing the interrupted swap of %s.%s.", state.schema, name)
                 warehouse.execute(swap()[1:])
+    if warehouse.transactions:
+        _add_layouts(warehouse, state)
     meta = read_meta(warehouse, state)
     if meta is not None and meta.format < S.STATE_FORMAT:
         _migrate(warehouse, state, meta)
@@ -134,6 +168,24 @@ def prepare_state(warehouse: Warehouse, state: S.StateTable) -> None:
                 state.display,
                 _first_line(err),
             )
+
+
+def _add_layouts(warehouse: Warehouse, state: S.StateTable) -> None:
+    """Give a bookkeeping table made before the row layouts their column (NULL: no layouts yet), so this run's
+    rows are kept as their values. Its rows stay JSON text, read as they are. Where its owner alone may alter it,
+    the run goes on keeping every row as JSON text, as it did before."""
+    if holds_layouts(warehouse, state) or not _table_exists(warehouse, state, state.name + "__meta"):
+        return
+    log.info("Adding the row layouts' column to %s__meta.", state.display)
+    try:
+        warehouse.execute([state.r(f'ALTER TABLE {state.meta} ADD COLUMN "row_layouts" TEXT')])
+    except Exception as err:
+        log.warning(
+            "Could not add the row layouts' column to %s__meta (rows stay JSON text; its owner may run the "
+            "statement the next run tries again): %s",
+            state.display,
+            _first_line(err),
+        )
 
 
 def drop_scratch(warehouse: Warehouse, state: S.StateTable) -> None:
@@ -226,5 +278,6 @@ def _migrate(warehouse: Warehouse, state: S.StateTable, meta: _Meta) -> None:
         columns=json.dumps(meta.columns),
         rows_sql=state.count_rows(),
         transactions=warehouse.transactions,
+        layouts=None if meta.layouts is None else R.layouts_text(meta.layouts),
     )
     warehouse.execute([*statements, *bookkeeping])

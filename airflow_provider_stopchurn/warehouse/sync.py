@@ -47,7 +47,15 @@ from airflow_provider_stopchurn.warehouse.plan import (
     _plan_meta,
     _source_schema,
 )
-from airflow_provider_stopchurn.warehouse.settle import _STAGING, _Commit, _commit, _staged, _token, settle_state
+from airflow_provider_stopchurn.warehouse.settle import (
+    _STAGING,
+    _Commit,
+    _commit,
+    _staged,
+    _token,
+    row_layout,
+    settle_state,
+)
 from airflow_provider_stopchurn.warehouse.source import DIFF_LOCATION, WarehouseSource, _Run
 from airflow_provider_stopchurn.warehouse.state import _past_half_swaps, _zoned, check_state, prepare_state
 
@@ -153,7 +161,7 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
         key_kinds = _key_kinds(kinds, current, options)
         # closed at once on an error: an open read keeps its connection (and its locks) until garbage collection
         with closing(_change_batches(run, schema.names, diff, first=meta is None)) as batches:
-            frame = _plan_frame(run, batches, key_kinds, meta is None)
+            frame = _plan_frame(run, batches, key_kinds, meta is None, meta.layouts if meta is not None else None)
     finally:
         if scratch is not None and (diff is None or diff.scratch is not None):
             _drop(run, scratch)
@@ -242,13 +250,15 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
     columns = schema.names
     options = replace(run.options, updated_at_column=None)
     kinds: dict[str, str] = {}
+    layout = row_layout(warehouse, state, plan.meta)  # the same layout the commit below records
     sql = state.baseline(run.query, columns, keep_created=keep_created)
     # the rows are written in a few large loads, each while the next rows are read and encoded (bulk.py)
     with NextWriter(warehouse, state, _STAGING) as writer, closing(warehouse.batches(sql)) as batches:
         for batch in batches:
-            frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms)
+            frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms, keep=layout)
             if frame.height:
-                writer.add(_staged(frame, np.full(frame.height, APPLIED, dtype=np.int8), len(options.key_columns)))
+                applied = np.full(frame.height, APPLIED, dtype=np.int8)
+                writer.add(_staged(frame, applied, len(options.key_columns)))  # kept as the layout says already
         writer.finish()
     log.info("Baseline: %d rows written into %s in %d load(s).", writer.rows, state.display, writer.loads)
     commit = _Commit(plan.target_version, plan.base_version, plan.plan_id, plan.meta)
@@ -294,6 +304,8 @@ def _dry_run(run: _Run) -> None:
     with closing(_change_batches(run, schema.names, diff, first=meta is None)) as batches:
         batch = next(iter(batches))
     kinds = _kinds(schema, options)
-    frame, _ = _encode_batch(batch.slice(0, 5), schema.names, options, _key_kinds(kinds, current, options), run.run_ms)
+    key_kinds = _key_kinds(kinds, current, options)
+    layouts = meta.layouts if meta is not None else None
+    frame, _ = _encode_batch(batch.slice(0, 5), schema.names, options, key_kinds, run.run_ms, layouts)
     for window in windows(frame, options):
         summary.samples += [orjson.loads(u) for u in window.updates.to_list()]
