@@ -37,6 +37,7 @@ from airflow_provider_stopchurn.update.plan import approval
 from airflow_provider_stopchurn.update.settle import APPLIED
 from airflow_provider_stopchurn.update.sync import SyncSummary, deliver_and_settle, settle_counted, summary_counts
 from airflow_provider_stopchurn.warehouse import sql as S
+from airflow_provider_stopchurn.warehouse.bulk import NextWriter
 from airflow_provider_stopchurn.warehouse.changes import _encode_batch, _key_kinds, _kinds, _plan_frame, windows
 from airflow_provider_stopchurn.warehouse.plan import (
     _change_batches,
@@ -233,9 +234,10 @@ def _deliver_and_settle(run: _Run, sender: Sender, plan: Plan, frame: pl.DataFra
 # --------------------------------------------------------------------------------------------------------------
 def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str | None, *, keep_created: bool) -> None:
     """Rebuild the state table from the source into a scratch table (every row encoded in the worker, a batch at
-    a time), then swap it in with the new token. A plan marks the swap, so a crash is finished or dropped. Where
-    the swap is one transaction the scratch table is the plan's own (``..__next_<plan>``): a run whose lease was
-    taken meanwhile fills only its own, which the new owner dropped with its plan, never the new owner's."""
+    a time, written in a few large loads), then swap it in with the new token. A plan marks the swap, so a crash is
+    finished or dropped. Where the swap is one transaction the scratch table is the plan's own
+    (``..__next_<plan>``): a run whose lease was taken meanwhile fills only its own, which the new owner dropped
+    with its plan, never the new owner's."""
     warehouse, state = run.warehouse, run.state
     plan = run.store.write_plan(
         target_version=_token(base),
@@ -252,14 +254,16 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
     options = replace(run.options, updated_at_column=None)
     kinds: dict[str, str] = {}
     layout = row_layout(warehouse, state, plan.meta)  # the same layout the commit below records
-    with closing(warehouse.batches(state.baseline(run.query, columns, keep_created=keep_created))) as batches:
+    sql = state.baseline(run.query, columns, keep_created=keep_created)
+    # the rows are written in a few large loads, each while the next rows are read and encoded (bulk.py)
+    with NextWriter(warehouse, state, _STAGING) as writer, closing(warehouse.batches(sql)) as batches:
         for batch in batches:
             frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms, keep=layout)
             if frame.height:
                 applied = np.full(frame.height, APPLIED, dtype=np.int8)
-                staged = _staged(frame, applied, len(options.key_columns))  # kept as the layout says already
-                warehouse.load(_STAGING, staged)
-                warehouse.execute([state.insert_next(_STAGING)])
+                writer.add(_staged(frame, applied, len(options.key_columns)))  # kept as the layout says already
+        writer.finish()
+    log.info("Baseline: %d rows written into %s in %d load(s).", writer.rows, state.display, writer.loads)
     commit = _Commit(plan.target_version, plan.base_version, plan.plan_id, plan.meta)
     if warehouse.transactions:
         _commit(run, commit, write_state=True, statements=state.swap())

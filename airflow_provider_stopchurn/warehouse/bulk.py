@@ -1,0 +1,124 @@
+"""A baseline's rows into the state table's scratch table (``..__next``) in a few large loads.
+
+A baseline reads every source row (with its key texts and row hash, computed in the warehouse), encodes each row's
+JSON in the worker (a delete carries the row exactly as delivered, so the JSON is the worker's encoding, not SQL's)
+and writes the rows back. Written a batch at a time, that was one staging load and one ``INSERT`` per source batch
+(152 on PostgreSQL at 10M rows, 1,002 on Spark, one Spark job each). Here the encoded rows are gathered into loads
+of about :data:`LOAD_BYTES` each, and each load is written (staging load + ``INSERT INTO ..__next``) in a thread
+of its own while the next rows are read and encoded: at most one load is being written and one gathered, so the
+worker holds about two loads, whatever the table's size (DuckDB, which runs in the worker, gets smaller loads).
+
+The scratch table is only swapped in once every load is written: a crash leaves the state table as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pyarrow as pa
+
+from airflow_provider_stopchurn.warehouse import sql as S
+from airflow_provider_stopchurn.warehouse.databases import Warehouse
+
+log = logging.getLogger(__name__)
+
+__all__ = ["IN_PROCESS_LOAD_BYTES", "LOAD_BYTES", "NextWriter", "load_bytes"]
+
+#: The Arrow bytes of one load (the encoded rows: key texts, hash, createdAt, row JSON).
+LOAD_BYTES = 64 * 1024 * 1024
+#: Smaller loads where the database runs inside the worker (DuckDB): a load costs no round trip there, and DuckDB
+#: holds about three times a load's bytes while it writes it, in the worker (1M rows: +680 MB peak with 64 MB loads,
+#: +496 MB with 16 MB ones; benchmarks/RESULTS-pushdown.md).
+IN_PROCESS_LOAD_BYTES = 16 * 1024 * 1024
+_IN_PROCESS = frozenset({"duckdb"})
+
+
+def load_bytes(dialect: str) -> int:
+    """The size of one load into a warehouse of ``dialect``."""
+    return IN_PROCESS_LOAD_BYTES if dialect in _IN_PROCESS else LOAD_BYTES
+
+
+class NextWriter:
+    """Gathers staged rows (``warehouse/settle.py``'s ``_staged`` tables) and writes them into ``state.next`` in
+    loads of about ``size`` bytes (by default :func:`load_bytes` of its dialect), one at a time, in a background
+    thread. Use as a context manager; call :meth:`finish` once every row is added (it raises the error of any
+    load). The warehouse's own connection is only used by the writing thread until :meth:`finish` returns (its
+    reads run on connections of their own)."""
+
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        state: S.StateTable,
+        staging: str,
+        *,
+        size: int | None = None,
+    ) -> None:
+        self._warehouse = warehouse
+        self._state = state
+        self._staging = staging
+        self._load_bytes = size if size is not None else load_bytes(warehouse.dialect)
+        self._parts: list[pa.Table] = []
+        self._gathered = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+        #: loads written so far, and their rows
+        self.loads = 0
+        self.rows = 0
+
+    def __enter__(self) -> NextWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, staged: pa.Table) -> None:
+        """Add encoded rows; a load is started once about the load size is gathered."""
+        if not staged.num_rows:
+            return
+        self._parts.append(staged)
+        self._gathered += staged.nbytes
+        if self._gathered >= self._load_bytes:
+            self._start()
+
+    def finish(self) -> None:
+        """Write what is gathered and wait for every load; raises the error of a load that failed."""
+        self._start()
+        self._wait()
+
+    def close(self) -> None:
+        """Wait for a load still being written (its error, if any, is logged: the caller is raising its own), and
+        stop the thread."""
+        try:
+            self._wait()
+        except Exception as err:
+            log.debug("A load into %s failed while the baseline stopped: %s", self._state.next, err)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _start(self) -> None:
+        if not self._parts:
+            return
+        data = pa.concat_tables(self._parts)
+        self._parts, self._gathered = [], 0
+        self._wait()  # one load at a time: the worker holds the one being written and the one being gathered
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stopchurn-baseline")
+        self._pending = self._pool.submit(self._write(data))
+
+    def _write(self, data: pa.Table) -> Callable[[], None]:
+        def write() -> None:
+            self._warehouse.load(self._staging, data)
+            self._warehouse.execute([self._state.insert_next(self._staging)])
+            self.loads += 1
+            self.rows += data.num_rows
+
+        return write
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
