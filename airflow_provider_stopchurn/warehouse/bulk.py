@@ -4,25 +4,21 @@ A baseline reads every source row (with its key texts and row hash, computed in 
 JSON in the worker (a delete carries the row exactly as delivered, so the JSON is the worker's encoding, not SQL's)
 and writes the rows back. Written a batch at a time, that was one staging load and one ``INSERT`` per source batch
 (152 on PostgreSQL at 10M rows, 1,002 on Spark, one Spark job each). Here the encoded rows are gathered into loads
-of about :data:`LOAD_BYTES` each, and each load is written (staging load + ``INSERT INTO ..__next``) in a thread
-of its own while the next rows are read and encoded: at most one load is being written and one gathered, so the
-worker holds about two loads, whatever the table's size (DuckDB, which runs in the worker, gets smaller loads).
+of about :data:`LOAD_BYTES` each, and each load is written (staging load + ``INSERT INTO ..__next``) before the
+next rows are read: the worker holds about one load, whatever the table's size (DuckDB, which runs in the worker,
+gets smaller loads). The loads are written in the run's own thread, not beside the read: a write in a thread of
+its own could not be broken off by the task's timeout or termination, and on Spark's local driver a read and a
+write at once share one heap.
 
 The scratch table is only swapped in once every load is written: a crash leaves the state table as it was.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-
 import pyarrow as pa
 
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.databases import Warehouse
-
-log = logging.getLogger(__name__)
 
 __all__ = ["IN_PROCESS_LOAD_BYTES", "LOAD_BYTES", "NextWriter", "load_bytes"]
 
@@ -42,10 +38,8 @@ def load_bytes(dialect: str) -> int:
 
 class NextWriter:
     """Gathers staged rows (``warehouse/settle.py``'s ``_staged`` tables) and writes them into ``state.next`` in
-    loads of about ``size`` bytes (by default :func:`load_bytes` of its dialect), one at a time, in a background
-    thread. Use as a context manager; call :meth:`finish` once every row is added (it raises the error of any
-    load). The warehouse's own connection is only used by the writing thread until :meth:`finish` returns (its
-    reads run on connections of their own)."""
+    loads of about ``size`` bytes (by default :func:`load_bytes` of its dialect). Call :meth:`finish` once every
+    row is added (it writes what is left)."""
 
     def __init__(
         self,
@@ -61,8 +55,6 @@ class NextWriter:
         self._load_bytes = size if size is not None else load_bytes(warehouse.dialect)
         self._parts: list[pa.Table] = []
         self._gathered = 0
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
         #: loads written so far, and their rows
         self.loads = 0
         self.rows = 0
@@ -71,54 +63,27 @@ class NextWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._parts, self._gathered = [], 0  # rows of a baseline that stopped are never written
 
     def add(self, staged: pa.Table) -> None:
-        """Add encoded rows; a load is started once about the load size is gathered."""
+        """Add encoded rows; a load is written once about the load size is gathered."""
         if not staged.num_rows:
             return
         self._parts.append(staged)
         self._gathered += staged.nbytes
         if self._gathered >= self._load_bytes:
-            self._start()
+            self._write()
 
     def finish(self) -> None:
-        """Write what is gathered and wait for every load; raises the error of a load that failed."""
-        self._start()
-        self._wait()
+        """Write what is gathered."""
+        self._write()
 
-    def close(self) -> None:
-        """Wait for a load still being written (its error, if any, is logged: the caller is raising its own), and
-        stop the thread."""
-        try:
-            self._wait()
-        except Exception as err:
-            log.debug("A load into %s failed while the baseline stopped: %s", self._state.next, err)
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-
-    def _start(self) -> None:
+    def _write(self) -> None:
         if not self._parts:
             return
         data = pa.concat_tables(self._parts)
         self._parts, self._gathered = [], 0
-        self._wait()  # one load at a time: the worker holds the one being written and the one being gathered
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stopchurn-baseline")
-        self._pending = self._pool.submit(self._write(data))
-
-    def _write(self, data: pa.Table) -> Callable[[], None]:
-        def write() -> None:
-            self._warehouse.load(self._staging, data)
-            self._warehouse.execute([self._state.insert_next(self._staging)])
-            self.loads += 1
-            self.rows += data.num_rows
-
-        return write
-
-    def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        self._warehouse.load(self._staging, data)
+        self._warehouse.execute([self._state.insert_next(self._staging)])
+        self.loads += 1
+        self.rows += data.num_rows

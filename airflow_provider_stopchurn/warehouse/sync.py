@@ -255,7 +255,7 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
     kinds: dict[str, str] = {}
     layout = row_layout(warehouse, state, plan.meta)  # the same layout the commit below records
     sql = state.baseline(run.query, columns, keep_created=keep_created)
-    # the rows are written in a few large loads, each while the next rows are read and encoded (bulk.py)
+    # the rows are written in a few large loads (bulk.py)
     with NextWriter(warehouse, state, _STAGING) as writer, closing(warehouse.batches(sql)) as batches:
         for batch in batches:
             frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms, keep=layout)
