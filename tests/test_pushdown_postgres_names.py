@@ -120,6 +120,15 @@ def _valid_key_indexes(engine: Engine) -> list[bool]:
     return [bool(v) for (v,) in rows]
 
 
+def _synced_without_index(engine: Engine, store: SnapshotStore, sb: Any) -> pd.DataFrame:
+    """A 30-row table synced once, its state table then stripped of its key index (as an older version made it)."""
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    _drop_indexes(engine)
+    return frame
+
+
 def test_an_older_state_tables_index_waits_a_bounded_time_for_a_session_that_locks_the_table(
     engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
 ) -> None:
@@ -127,10 +136,7 @@ def test_an_older_state_tables_index_waits_a_bounded_time_for_a_session_that_loc
     on it: the build gives up after ``lock_timeout`` with a warning, the run delivers, and the next run builds it."""
     sb = stopchurn_sandbox_factory(record=True)
     store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
-    frame = table(30)
-    engine.load(frame)
-    _run(engine, store, sb, 1)
-    _drop_indexes(engine)
+    frame = _synced_without_index(engine, store, sb)
     state = _state(engine).qualified
     moved = churn(frame, 1)
     engine.load(moved)
@@ -240,10 +246,7 @@ def test_an_older_state_tables_index_is_built_while_another_table_is_read_in_a_l
     that gave up would be redone, in full, by every run while such a session is open)."""
     sb = stopchurn_sandbox_factory(record=True)
     store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
-    frame = table(30)
-    engine.load(frame)
-    _run(engine, store, sb, 1)
-    _drop_indexes(engine)
+    frame = _synced_without_index(engine, store, sb)
     engine.execute("CREATE TABLE report AS SELECT 1 AS x")
     moved = churn(frame, 1)
     engine.load(moved)
