@@ -89,8 +89,8 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
     builder = SparkSession.builder
     for key, value in spark_conf(base).items():
         builder = builder.config(key, value)
-    # Python workers (mapInArrow: SparkWarehouse.batches streams with it) run the interpreter PYSPARK_PYTHON names,
-    # read when the context starts (spark.pyspark.python is only read by spark-submit): this one, which has pyarrow
+    # Python workers (UDFs, mapInArrow), if a test starts one, run the interpreter PYSPARK_PYTHON names, read when
+    # the context starts (spark.pyspark.python is only read by spark-submit): this one, which has pyarrow
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     # py4j logs at INFO from __del__ at interpreter exit, after pytest closed its streams ("Logging error")
     logging.getLogger("py4j").setLevel(logging.WARNING)

@@ -1,8 +1,8 @@
-"""A Spark baseline larger than one load (``warehouse/bulk.py``: about 64 MB each) on a local session with the
-suite's settings (512 MB driver, which is also the executor in local mode), in a child process of its own: a
+"""A Spark baseline of several loads (``warehouse/bulk.py``: about 16 MB each on Spark) on a local session with
+the suite's settings (512 MB driver, which is also the executor in local mode), in a child process of its own: a
 session whose heap fills is not reused by other tests, and a run that never ends is stopped by the timeout. Each
-load is written (a Spark job of its own) while the next partitions of the result are read (other Spark jobs), on
-one heap."""
+load is written (a Spark job of its own) between the reads of the result's partitions (other Spark jobs), on one
+heap: with 64 MB loads the heap filled and the baseline stalled."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from spark_session import find_java
 
 pytestmark = pytest.mark.spark
 
-ROWS = 400_000  # about 100 MB of encoded rows: more than one 64 MB load (the run before loads took ~50 s here)
+ROWS = 400_000  # about 100 MB of encoded rows: several loads (the run before loads took ~50 s here)
 
 _CHILD = """
 import os, sys, logging

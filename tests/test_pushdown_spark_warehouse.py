@@ -10,7 +10,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -370,50 +369,8 @@ def test_non_utc_session_is_warned_about(spark: SparkSession, caplog: pytest.Log
         spark.conf.set("spark.sql.session.timeZone", previous)
 
 
-def test_batches_stream_one_partition_at_a_time(warehouse: SparkWarehouse) -> None:
-    """The first batch arrives before Spark computes the later partitions: the result is fetched a partition at a
-    time, never collected whole on the driver. Partitions 1-3 of the query fail when computed, so a reader that
-    collects everything first raises before handing out any batch."""
-    sql = (
-        "SELECT id, CASE WHEN id < 1000 THEN id ELSE CAST(raise_error('partition computed') AS BIGINT) END AS v "
-        "FROM range(0, 4000, 1, 4)"
-    )
-    batches = warehouse.batches(sql)
-    try:
-        first = next(batches)
-        assert first.column("v").to_pylist() == list(range(first.num_rows))
-        with pytest.raises(Exception, match="partition computed"):
-            for _ in range(10):  # partition 0 has at most 1000 rows: the next partition comes within 10 batches
-                next(batches)
-    finally:
-        batches.close()
-
-
-def test_batches_without_python_workers_read_whole(
-    spark: SparkSession, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Spark's Python workers cannot start (an interpreter that does not exist): the result is read whole with
-    ``toArrow()``, with a warning naming PYSPARK_PYTHON, and the rows are the same."""
-    context = spark.sparkContext
-    python = context.pythonExec
-    context.pythonExec = str(tmp_path) + "/no-such-python"
-    warehouse = SparkWarehouse(spark)
-    try:
-        with caplog.at_level(logging.WARNING, logger="airflow_provider_stopchurn.warehouse.spark"):
-            table = _table(list(warehouse.batches("SELECT id, CAST(id AS STRING) AS s FROM range(0, 30, 1, 3)")))
-            again = _table(list(warehouse.batches("SELECT id FROM range(0, 5, 1, 1) WHERE id > 9")))
-    finally:
-        context.pythonExec = python
-        warehouse.close()
-    assert table.column("id").to_pylist() == list(range(30))
-    assert table.column("s").to_pylist() == [str(i) for i in range(30)]
-    assert again.num_rows == 0 and again.schema.names == ["id"]
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "PYSPARK_PYTHON" in warnings[0]
-
-
 def test_batches_keep_duplicate_names_and_zoned_types(warehouse: SparkWarehouse) -> None:
-    """Columns of one name are kept apart, and the streamed batches carry the types ``toArrow()`` gives."""
+    """Columns of one name are kept apart, and the batches carry the types ``toArrow()`` gives."""
     sql = "SELECT 1 AS a, 2 AS a, TIMESTAMP'2024-01-02 03:04:05' AS ts, named_struct('x', 1) AS st FROM range(3)"
     table = _table(list(warehouse.batches(sql)))
     assert table.schema.names == ["a", "a", "ts", "st"]

@@ -24,11 +24,12 @@ __all__ = ["IN_PROCESS_LOAD_BYTES", "LOAD_BYTES", "NextWriter", "load_bytes"]
 
 #: The Arrow bytes of one load (the encoded rows: key texts, hash, createdAt, row JSON).
 LOAD_BYTES = 64 * 1024 * 1024
-#: Smaller loads where the database runs inside the worker (DuckDB): a load costs no round trip there, and DuckDB
-#: holds about three times a load's bytes while it writes it, in the worker (1M rows: +680 MB peak with 64 MB loads,
-#: +496 MB with 16 MB ones; benchmarks/RESULTS-pushdown.md).
+#: Smaller loads where a load passes through memory the warehouse itself computes in: DuckDB runs in the worker and
+#: holds about three times a load's bytes while it writes it (1M rows: +680 MB peak with 64 MB loads, +496 MB with
+#: 16 MB ones; benchmarks/RESULTS-pushdown.md); Spark turns a load into a DataFrame on its driver, which in local
+#: mode is also the executor streaming the result (a 512 MB driver stalled with 64 MB loads).
 IN_PROCESS_LOAD_BYTES = 16 * 1024 * 1024
-_IN_PROCESS = frozenset({"duckdb"})
+_IN_PROCESS = frozenset({"duckdb", "spark"})
 
 
 def load_bytes(dialect: str) -> int:
