@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
     argv = sys.argv[1:]
     if "--save-json" in argv:  # where a copy of the measurements went is not part of the command
         del argv[argv.index("--save-json") : argv.index("--save-json") + 2]
-    command = "python benchmarks/run.py " + " ".join(argv)
+    command = ("python benchmarks/run.py " + " ".join(argv)).replace(str(HERE.parent) + os.sep, "")
     if "spark" in engines and (why := spark_unavailable()):
         print(f"error: the Spark scenario cannot run: {why}. Pass --engines postgres,duckdb.", file=sys.stderr)
         return 2

@@ -288,6 +288,9 @@ def render(
     m = machine()
     scale = f"{args.rows:,} rows" + (f", DuckDB {args.duckdb_rows:,}" if args.which != "huge" else "")
     at_target = args.rows == DEFAULT_ROWS[args.which]
+    checkout = str(HERE.parent) + os.sep  # a results file names paths inside the checkout relative to it
+    command = command.replace(checkout, "")
+    notes = [n.replace(checkout, "") for n in notes]
     out = [
         f"## {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}: `{MAKE[args.which]}` ({scale})",
         "",
