@@ -32,13 +32,19 @@ def _run(engine: Engine, store: SnapshotStore, sb: Any, tick: int, **opts: Any) 
     return run_on(engine, store, make_client(sb), tick, **opts)
 
 
+def _synced(engine: Engine, factory: Any, tmp_path: Path, frame: pd.DataFrame) -> tuple[Any, SnapshotStore]:
+    """``frame`` loaded into ``engine`` and synced once to a recording sandbox: the sandbox and the store."""
+    sb = factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    return sb, store
+
+
 def _synced_once(factory: Any, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Engine, Any, SnapshotStore]:
     """A PostgreSQL source of 30 rows synced once to a recording sandbox."""
     engine = next(engine_fixture("postgres", request, tmp_path))
-    sb = factory(record=True)
-    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
-    engine.load(table(30))
-    _run(engine, store, sb, 1)
+    sb, store = _synced(engine, factory, tmp_path, table(30))
     return engine, sb, store
 
 
@@ -98,11 +104,8 @@ def test_the_counts_the_safeguards_see_are_the_one_query_diffs(
 ) -> None:
     """Inserts, updates, deletes, unchanged rows, and rows a lost acknowledgement left dirty (inserted and
     updated): the narrow diff's counts equal the one-query diff's, with and without ``update_all``."""
-    sb = stopchurn_sandbox_factory(record=True)
-    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
     frame = table(40)
-    engine.load(frame)
-    _run(engine, store, sb, 1)
+    sb, store = _synced(engine, stopchurn_sandbox_factory, tmp_path, frame)
     moved = churn(frame, 1)
     engine.load(moved)
     sb.set_faults(FaultConfig(drop_after_apply_rate=1.0))  # applied, never acknowledged: dirty rows
@@ -152,11 +155,8 @@ def test_a_stale_scratch_table_is_dropped_and_never_read(
 ) -> None:
     """A scratch table left by a killed try (here: one claiming every key changed) is dropped by the next run,
     which diffs into its own."""
-    sb = stopchurn_sandbox_factory(record=True)
-    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
     frame = table(30)
-    engine.load(frame)
-    _run(engine, store, sb, 1)
+    sb, store = _synced(engine, stopchurn_sandbox_factory, tmp_path, frame)
     state = _state(engine)
     stale = state.scratch("0123456789ab")
     engine.execute(
@@ -299,11 +299,8 @@ def test_the_cleanup_drops_only_names_a_run_makes(
 ) -> None:
     """A table in the state schema that merely starts like a scratch table (a user's, or another table's state
     table whose name happens to) is never dropped: only ``<prefix><12 hex digits>`` is a run's."""
-    sb = stopchurn_sandbox_factory(record=True)
-    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
     frame = table(12)
-    engine.load(frame)
-    _run(engine, store, sb, 1)
+    sb, store = _synced(engine, stopchurn_sandbox_factory, tmp_path, frame)
     state = _state(engine)
     keep = [state.scratch_prefix + "keep", state.scratch_prefix + "0123456789ab_x"]
     for name in keep:
