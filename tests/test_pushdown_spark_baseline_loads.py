@@ -16,7 +16,7 @@ from spark_session import find_java
 
 pytestmark = pytest.mark.spark
 
-ROWS = 400_000  # about 100 MB of encoded rows: several loads (the run before loads took ~50 s here)
+ROWS = 120_000  # about 30 MB of encoded rows: two 16 MB loads; small enough for toArrow() on a 512 MB driver
 
 _CHILD = """
 import os, sys, logging
