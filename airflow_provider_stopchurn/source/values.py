@@ -322,6 +322,7 @@ _JSON_BATCH = 250_000
 #: its own (JSON escapes control characters inside strings), so each newline of the dump ends a value.
 _SEPARATOR = orjson.Fragment(b"\n")
 _NEWLINE = ord("\n")
+_SEPARATOR_TEXT = ",\n,"
 
 
 def _dump_each(values: np.ndarray, name: str) -> pl.Series:
@@ -362,24 +363,19 @@ def _cut_at_separators(whole: bytes, n: int) -> pl.Series | None:
     """The ``n`` values of ``whole`` (``[v0,\\n,v1,\\n,...]``, see :func:`_dump_each`) as a String Series, or
     None when ``whole`` holds another count of newlines.
 
-    The separators and brackets are dropped from one copy of the text, and the values' offsets in it are computed
-    from the newlines' positions, so the strings are built by Arrow from two buffers.
+    Arrow reads the values in place from the dump's buffer, each with the ``,\\n,`` that follows it, at offsets
+    computed from the newlines' positions; polars then strips that suffix. With exactly ``n - 1`` newlines, every
+    newline is a separator, so only a separator ends a value so.
     """
     text = np.frombuffer(whole, dtype=np.uint8)
     newlines = np.flatnonzero(text == _NEWLINE)
     if newlines.size != n - 1:
         return None
-    keep = np.ones(text.size, dtype=bool)
-    keep[[0, -1]] = False  # the array's brackets
-    for shift in (-1, 0, 1):  # ",\n," between two values
-        keep[newlines + shift] = False
-    data = text[keep]
     offsets = np.empty(n + 1, dtype=np.int64)
-    offsets[0], offsets[-1] = 0, data.size
-    # value k + 1 starts 2 bytes after newline k, less the bracket and the 3 bytes of each separator before it
-    offsets[1:-1] = newlines - 3 * np.arange(n - 1, dtype=np.int64) - 2
-    array = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
-    return _from_arrow(array)
+    offsets[0], offsets[-1] = 1, text.size - 1  # inside the array's brackets
+    offsets[1:-1] = newlines + 2  # value k + 1 starts after newline k and its comma
+    array = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(whole))
+    return _from_arrow(array).str.strip_suffix(_SEPARATOR_TEXT)
 
 
 def _check_key_collisions(name: str, values: Sequence[Any], parts: Sequence[str]) -> None:
