@@ -86,6 +86,8 @@ KINDS = ("int", "float", "bool", "string", "timestamp", "date", "decimal", "json
 _KEY_KINDS = frozenset({"int", "string", "timestamp", "date"})
 _JSON_SCALARS = (str, int, float, bool, np.generic)
 _JSON_CONVERTIBLE = (_dt.datetime, _dt.date, _dt.time, _dt.timedelta, _decimal.Decimal, _uuid.UUID)
+#: Types of which no value is missing to ``pd.isna`` (exact types: a subclass may define its own NaN).
+_NEVER_MISSING = frozenset({dict, list, tuple, str, int, bool})
 #: Composite ids: the separator of the key parts, and the escape character written before one inside a part.
 _ID_SEPARATOR, _ID_ESCAPE = ":", "\\"
 
@@ -450,9 +452,17 @@ def _convert_mixed(name: str, values: np.ndarray, mask: np.ndarray | None = None
     """Python objects of mixed or container types -> JSON (all UUIDs: their text); ``mask``: the missing values
     (default: pandas' view of missing, None/NaN/NaT)."""
     if mask is None:
-        mask = np.asarray(pd.isna(values), dtype=bool)
-    present = values[~mask]
-    types = set(map(type, present))
+        types = set(map(type, values))
+        if types <= _NEVER_MISSING:  # pd.isna holds none of them missing: skip its pass over every value
+            mask = np.zeros(len(values), dtype=bool)
+            present = values
+        else:
+            mask = np.asarray(pd.isna(values), dtype=bool)
+            present = values[~mask]
+            types = set(map(type, present))
+    else:
+        present = values[~mask]
+        types = set(map(type, present))
     if any(issubclass(t, _BYTES_TYPES) for t in types):
         _raise_bytes(name)
     if types and all(issubclass(t, _uuid.UUID) for t in types):

@@ -299,8 +299,10 @@ _JSON_OPTIONS_ANY_KEYS = _JSON_OPTIONS | orjson.OPT_NON_STR_KEYS
 
 
 def _json_series(name: str, values: np.ndarray, mask: np.ndarray) -> pl.Series:
+    """Canonical JSON text of each value of ``values``, null where ``mask``."""
+    missing = bool(mask.any())
     try:
-        present = _dump_each(values[~mask], name)
+        present = _dump_each(values[~mask] if missing else values, name)
     except (orjson.JSONEncodeError, TypeError) as exc:
         if isinstance(exc.__cause__, _UnsendableError):
             raise SourceDataError(f"Column {name!r} holds {exc.__cause__}. Convert it in the source.") from exc
@@ -309,33 +311,37 @@ def _json_series(name: str, values: np.ndarray, mask: np.ndarray) -> pl.Series:
         raise SourceDataError(
             f"Column {name!r} holds a value that cannot be written as JSON: {exc}. Convert it in the source."
         ) from exc
-    if not mask.any():
+    if not missing:
         return present
     full = pl.repeat(None, len(values), dtype=pl.String, eager=True)
     return full.scatter(np.flatnonzero(~mask), present)
 
 
 _JSON_BATCH = 250_000
+#: Written between the values of one dump (as it is: a fragment). orjson's compact output holds no raw newline of
+#: its own (JSON escapes control characters inside strings), so each newline of the dump ends a value.
+_SEPARATOR = orjson.Fragment(b"\n")
+_NEWLINE = ord("\n")
+_SEPARATOR_TEXT = ",\n,"
 
 
 def _dump_each(values: np.ndarray, name: str) -> pl.Series:
     """Canonical JSON text of each value, with one orjson call for the whole column.
 
-    The values are interleaved with a sentinel string holding a fresh random token, dumped as one JSON array,
-    and split at the sentinels (a value cannot produce the sentinel's text unless it contains the token). If
-    the split does not give one part per value, fall back to one call per value.
+    The values are dumped as one JSON array with a newline between them, and the array's text is cut at the
+    newlines into the column's strings with numpy offsets (no Python object per value). If a value wrote a newline
+    itself (an ``orjson.Fragment`` inside it), fall back to one call per value.
 
     Dicts with keys that are not strings (``{1: "a"}``) make the dump fail; the column is then dumped again
     writing such keys as text, and refused if two keys of one dict became the same text (see
     :func:`_check_key_collisions`).
     """
-    if len(values) > _JSON_BATCH:  # bound the transient copies (values list, JSON text, parts) to one batch
+    if len(values) > _JSON_BATCH:  # bound the transient copies (values list, JSON text, offsets) to one batch
         return pl.concat([_dump_each(values[i : i + _JSON_BATCH], name) for i in range(0, len(values), _JSON_BATCH)])
     n = len(values)
     if n == 0:
         return pl.Series(values=[], dtype=pl.String)
-    token = "\x00" + _uuid.uuid4().hex + "\x00"
-    items: list[Any] = [token] * (2 * n - 1)
+    items: list[Any] = [_SEPARATOR] * (2 * n - 1)
     items[::2] = values.tolist()
     option = _JSON_OPTIONS
     try:
@@ -343,16 +349,36 @@ def _dump_each(values: np.ndarray, name: str) -> pl.Series:
     except orjson.JSONEncodeError:  # a key that is not a string (or a value that fails again below)
         option = _JSON_OPTIONS_ANY_KEYS
         whole = orjson.dumps(items, default=_json_default, option=option)
-    parts = whole[1:-1].split(b"," + orjson.dumps(token) + b",")
-    if len(parts) != n:  # pragma: no cover - a value contained the token
+    del items
+    texts = _cut_at_separators(whole, n)
+    if texts is None:  # a value wrote a newline of its own
         dumps = functools.partial(orjson.dumps, default=_json_default, option=option)
-        parts = list(map(dumps, values))
+        texts = pl.Series(values=list(map(dumps, values)), dtype=pl.Binary).cast(pl.String)
     if option == _JSON_OPTIONS_ANY_KEYS:
-        _check_key_collisions(name, items[::2], parts)
-    return pl.Series(values=parts, dtype=pl.Binary).cast(pl.String)
+        _check_key_collisions(name, values.tolist(), texts.to_list())
+    return texts
 
 
-def _check_key_collisions(name: str, values: Sequence[Any], parts: Sequence[bytes]) -> None:
+def _cut_at_separators(whole: bytes, n: int) -> pl.Series | None:
+    """The ``n`` values of ``whole`` (``[v0,\\n,v1,\\n,...]``, see :func:`_dump_each`) as a String Series, or
+    None when ``whole`` holds another count of newlines.
+
+    Arrow reads the values in place from the dump's buffer, each with the ``,\\n,`` that follows it, at offsets
+    computed from the newlines' positions; polars then strips that suffix. With exactly ``n - 1`` newlines, every
+    newline is a separator, so only a separator ends a value so.
+    """
+    text = np.frombuffer(whole, dtype=np.uint8)
+    newlines = np.flatnonzero(text == _NEWLINE)
+    if newlines.size != n - 1:
+        return None
+    offsets = np.empty(n + 1, dtype=np.int64)
+    offsets[0], offsets[-1] = 1, text.size - 1  # inside the array's brackets
+    offsets[1:-1] = newlines + 2  # value k + 1 starts after newline k and its comma
+    array = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(whole))
+    return _from_arrow(array).str.strip_suffix(_SEPARATOR_TEXT)
+
+
+def _check_key_collisions(name: str, values: Sequence[Any], parts: Sequence[str]) -> None:
     """Refuse values whose dicts hold two keys written as the same JSON key (``1`` and ``"1"``).
 
     Only the values that cannot be dumped with string keys alone hold other keys; their JSON texts are read back
@@ -380,7 +406,7 @@ def _check_key_collisions(name: str, values: Sequence[Any], parts: Sequence[byte
         )
 
 
-def _repeated_keys(text: bytes) -> list[str]:
+def _repeated_keys(text: str) -> list[str]:
     """The keys written more than once in one object of the JSON ``text``."""
     repeated: list[str] = []
 
