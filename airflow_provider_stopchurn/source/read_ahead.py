@@ -89,9 +89,10 @@ class Handoff:
     def cancel_with(self, cancel: Callable[[], None] | None) -> None:
         """Set (or, with None, clear, before the statement is closed) what cancels the running query."""
         with self._cancel_lock:
+            # checked under the lock: a stop that comes later finds the cancel and calls it
+            if cancel is not None and self._stop.is_set():
+                raise _Stopped
             self._cancel = cancel
-        if cancel is not None and self._stop.is_set():  # stopped while the statement was being made
-            raise _Stopped
 
     def _fail(self, error: BaseException) -> None:
         if not self._stop.is_set():

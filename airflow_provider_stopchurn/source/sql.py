@@ -8,7 +8,8 @@ closed) and yields at least one batch, so that an empty result still names its c
 
 Which path a database takes:
 
-* **PostgreSQL**: :func:`read_postgres`, through ADBC (``adbc-driver-postgresql``, in the ``postgres`` extra). The
+* **PostgreSQL**: :func:`read_postgres`, through ADBC (``adbc-driver-postgresql``, in the ``postgres`` extra), on a
+  thread of its own that reads a batch ahead of the engine (:mod:`~airflow_provider_stopchurn.source.read_ahead`). The
   server streams the result in its binary COPY format, which the driver turns into Arrow batches: numeric as exact
   decimal text, json/jsonb as their exact text, uuid, arrays as lists, timestamptz in UTC, intervals with their
   months. The session time zone is set to UTC first (``SET TIME ZONE 'UTC'``), as for MySQL below: a
@@ -217,7 +218,6 @@ def read_postgres(uri: PostgresUri, sql: str | list[str], parameters: Parameters
 
 
 def _postgres_batches(uri: PostgresUri, statements: list[str]) -> Iterator[pa.RecordBatch]:
-    # read on a thread of its own, a batch ahead, while the engine converts the batch before (see read_ahead)
     return read_ahead(lambda handoff: _read_postgres(uri, statements, handoff))
 
 
