@@ -57,10 +57,14 @@ class _Failed:
 
 
 class Handoff:
-    """What the reading thread and the engine share: a bounded queue of batches, a stop flag, the query's cancel."""
+    """What the reading thread and the engine share: a bounded queue of batches, a stop flag, the query's cancel.
+
+    :param depth: batches the queue holds before the thread waits (at least one).
+    """
 
     def __init__(self, depth: int) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        # at least one: a queue of size 0 would have no bound at all
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self._verdict: queue.Queue[bool] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._cancel_lock = threading.Lock()
@@ -73,8 +77,11 @@ class Handoff:
             raise _Stopped
 
     def put(self, batch: pa.RecordBatch) -> None:
-        """Hand one batch over; blocks while :data:`READ_AHEAD` batches wait. Raises :class:`_Stopped` once the
-        engine has stopped (it empties the queue then, so a blocked put returns)."""
+        """Hand one batch over; blocks while the queue is full. Raises :class:`_Stopped` once the engine has
+        stopped (it empties the queue then, so a blocked put returns).
+
+        :param batch: the next batch of the result.
+        """
         self.check()
         self._queue.put(batch)
         self.check()
@@ -87,7 +94,10 @@ class Handoff:
         return self._verdict.get()
 
     def cancel_with(self, cancel: Callable[[], None] | None) -> None:
-        """Set (or, with None, clear, before the statement is closed) what cancels the running query."""
+        """Set (or, with None, clear, before the statement is closed) what cancels the running query.
+
+        :param cancel: a call that is safe from another thread (ADBC's ``adbc_cancel``), or None.
+        """
         with self._cancel_lock:
             # checked under the lock: a stop that comes later finds the cancel and calls it
             if cancel is not None and self._stop.is_set():
@@ -140,6 +150,9 @@ def read_ahead(produce: Callable[[Handoff], None], *, depth: int = READ_AHEAD) -
     ``handoff.finished()`` after the last one (commit when it returns True) and closes what it opened whatever
     happens; it sets ``handoff.cancel_with`` while a query runs. The thread starts when the first batch is asked for.
     An exception of ``produce`` is raised here, unchanged; stopping early stops and cancels the read (see the module).
+
+    :param produce: the read, run on the thread with the :class:`Handoff` it shares with this generator.
+    :param depth: batches kept ready beyond the one the engine holds (at least one).
     """
     handoff = Handoff(depth)
     thread = threading.Thread(target=_run, args=(produce, handoff), name=THREAD_NAME, daemon=True)
