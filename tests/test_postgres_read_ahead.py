@@ -9,6 +9,8 @@ engine took every batch.
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import signal
 import threading
 import time
@@ -68,7 +70,8 @@ def _readers() -> list[threading.Thread]:
 
 def _assert_released(db: Any) -> None:
     assert _readers() == []
-    assert _sessions(db) == []
+    # a closed connection's server process leaves pg_stat_activity a moment after the client said goodbye
+    assert _wait_for(db, lambda sessions: not sessions) == []
 
 
 @pytest.fixture
@@ -182,4 +185,32 @@ def test_an_error_of_the_read_is_raised_as_the_driver_raises_it(uri: PostgresUri
     assert type(through.value) is type(direct.value)
     assert str(through.value) == str(direct.value)
     assert "division by zero" in str(through.value)
+    _assert_released(postgres_database)
+
+
+_TASK = contextvars.ContextVar("task", default="none")
+
+
+def test_the_reader_logs_in_the_callers_context(
+    uri: PostgresUri, postgres_database: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task's logging context (context variables) goes with the read to the reader thread."""
+    caplog.set_level(logging.INFO, logger="airflow_provider_stopchurn.source.sql")
+    seen: list[tuple[str, str]] = []
+
+    class Remember(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            seen.append((record.threadName or "", _TASK.get()))
+            return True
+
+    logger = logging.getLogger("airflow_provider_stopchurn.source.sql")
+    remember = Remember()
+    logger.addFilter(remember)
+    token = _TASK.set("the task's run")
+    try:
+        canonicalize_source(lambda: read_postgres(uri, "SELECT 1 AS id"), key_columns=["id"])
+    finally:
+        _TASK.reset(token)
+        logger.removeFilter(remember)
+    assert seen == [(THREAD_NAME, "the task's run")]
     _assert_released(postgres_database)

@@ -17,6 +17,7 @@ raised it: the same exception, type and message.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
@@ -155,7 +156,9 @@ def read_ahead(produce: Callable[[Handoff], None], *, depth: int = READ_AHEAD) -
     :param depth: batches kept ready beyond the one the engine holds (at least one).
     """
     handoff = Handoff(depth)
-    thread = threading.Thread(target=_run, args=(produce, handoff), name=THREAD_NAME, daemon=True)
+    # the caller's context variables (a task's logging context) go with the read
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(_run, produce, handoff), name=THREAD_NAME, daemon=True)
     thread.start()
     done = False
     try:
