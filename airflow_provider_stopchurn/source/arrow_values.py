@@ -304,11 +304,29 @@ def _uuid_text(storage: pa.Array) -> pl.Series:
 def _json_text_column(name: str, texts: pa.Array) -> pl.Series:
     """JSON texts (json/jsonb) -> canonical JSON text (sorted keys), each number kept at its exact value.
 
+    Each distinct text is converted once (:func:`_canonical_json_texts`) and its canonical text put back in every
+    row that holds it: JSON columns repeat their values (settings, flags, preferences: a few hundred distinct
+    objects in a million rows), and parsing each row into Python cost about a second per million rows. The
+    canonical text is a function of the text alone, so every row gets the bytes it would get on its own.
+    """
+    series = _from_arrow(texts.cast(pa.large_string()))
+    distinct = series.drop_nulls().unique()
+    if distinct.len() > series.len() * _REPEATED_JSON_SHARE:  # mostly distinct: no repeat to save work on
+        return _canonical_json_texts(name, series)
+    return series.replace_strict(distinct, _canonical_json_texts(name, distinct), return_dtype=pl.String)
+
+
+#: Distinct texts as a share of a JSON column's rows above which each row is converted as it comes.
+_REPEATED_JSON_SHARE = 0.5
+
+
+def _canonical_json_texts(name: str, series: pl.Series) -> pl.Series:
+    """JSON texts -> canonical JSON text, row by row in one pass (see :func:`_json_text_column`).
+
     orjson reads a text when that is exact: no long integers, and every number with a fraction or an exponent is
     the shortest text of its double (``0.1``, ``2.5``, ``1e-7``), checked for all texts at once. Other texts are
     read by ``json`` with :func:`_json_number`.
     """
-    series = _from_arrow(texts.cast(pa.large_string()))
     missing = np.asarray(series.is_null().to_numpy(), dtype=bool)
     present = series.drop_nulls()
     inexact = np.asarray(present.str.contains(_LONG_INTEGER).to_numpy(), dtype=bool)

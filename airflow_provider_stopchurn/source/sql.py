@@ -8,7 +8,8 @@ closed) and yields at least one batch, so that an empty result still names its c
 
 Which path a database takes:
 
-* **PostgreSQL**: :func:`read_postgres`, through ADBC (``adbc-driver-postgresql``, in the ``postgres`` extra). The
+* **PostgreSQL**: :func:`read_postgres`, through ADBC (``adbc-driver-postgresql``, in the ``postgres`` extra), on a
+  thread of its own that reads a batch ahead of the engine (:mod:`~airflow_provider_stopchurn.source.read_ahead`). The
   server streams the result in its binary COPY format, which the driver turns into Arrow batches: numeric as exact
   decimal text, json/jsonb as their exact text, uuid, arrays as lists, timestamptz in UTC, intervals with their
   months. The session time zone is set to UTC first (``SET TIME ZONE 'UTC'``), as for MySQL below: a
@@ -58,6 +59,7 @@ import pyarrow as pa
 from airflow_provider_stopchurn.exceptions import SourceConnectionError, SourceDataError
 from airflow_provider_stopchurn.source.arrow_values import _is_binary
 from airflow_provider_stopchurn.source.dbapi_rows import _binary_column, _fetched_batches
+from airflow_provider_stopchurn.source.read_ahead import Handoff, read_ahead
 
 __all__ = ["AIRFLOW_ONLY_EXTRAS", "PostgresUri", "SqlHook", "postgres_uri", "read_dbapi", "read_postgres"]
 
@@ -216,22 +218,35 @@ def read_postgres(uri: PostgresUri, sql: str | list[str], parameters: Parameters
 
 
 def _postgres_batches(uri: PostgresUri, statements: list[str]) -> Iterator[pa.RecordBatch]:
+    return read_ahead(lambda handoff: _read_postgres(uri, statements, handoff))
+
+
+def _read_postgres(uri: PostgresUri, statements: list[str], handoff: Handoff) -> None:
+    """The reading thread's work: connect, run the statements, hand over the batches, commit, close."""
     conn = connect_postgres(uri)
     try:
         with conn.cursor() as cursor:
-            # compare and cast naive timestamps as UTC, the engine's reading of them, whatever the database's zone
-            cursor.execute(_POSTGRES_UTC)
-            for statement in statements[:-1]:
-                log.info("Running statement: %s", statement)
-                cursor.execute(statement)
-            log.info("Running statement: %s", statements[-1])
-            cursor.execute(statements[-1])
-            if not cursor.description:
-                raise _no_result_set()
-            reader = cursor.fetch_record_batch()
-            _check_schema(reader.schema)
-            yield from _at_least_one(reader, reader.schema)
-        conn.commit()
+            handoff.cancel_with(cursor.adbc_cancel)
+            try:
+                # compare and cast naive timestamps as UTC, the engine's reading of them, whatever the database's zone
+                cursor.execute(_POSTGRES_UTC)
+                for statement in statements[:-1]:
+                    handoff.check()
+                    log.info("Running statement: %s", statement)
+                    cursor.execute(statement)
+                handoff.check()
+                log.info("Running statement: %s", statements[-1])
+                cursor.execute(statements[-1])
+                if not cursor.description:
+                    raise _no_result_set()
+                reader = cursor.fetch_record_batch()
+                _check_schema(reader.schema)
+                for batch in _at_least_one(reader, reader.schema):
+                    handoff.put(batch)
+            finally:
+                handoff.cancel_with(None)  # the statement closes next: nothing may cancel through it any more
+        if handoff.finished():
+            conn.commit()
     finally:
         conn.close()
 
