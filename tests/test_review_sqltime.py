@@ -1,16 +1,26 @@
 """Attacks on reading PostgreSQL a batch ahead and converting JSON one distinct text at a time.
 
 Each test pins one behaviour the change must keep: the error a source with invalid JSON text gets is the one of its
-first invalid row (as when every row was parsed on its own), whatever order a hash table lists the distinct texts in.
+first invalid row (as when every row was parsed on its own), whatever order a hash table lists the distinct texts in;
+a task Airflow stops with SIGTERM cancels the query its reader waits on.
 """
 
 from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
 
 import pyarrow as pa
 import pytest
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
+from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator, read_sql
 from airflow_provider_stopchurn.source.arrow_values import convert_arrow_column
+from airflow_provider_stopchurn.source.canonical import canonicalize_source
+from airflow_provider_stopchurn.source.read_ahead import THREAD_NAME
 
 
 def json_column(texts: list[str | None]) -> pa.Array:
@@ -28,3 +38,54 @@ def test_invalid_json_text_is_reported_for_its_first_row_every_time() -> None:
             convert_arrow_column("v", column)
         messages.add(str(error.value))
     assert messages == {"Column 'v' holds text that is not one JSON value: Expecting value: line 1 column 2 (char 1)."}
+
+
+# --- SIGTERM: Airflow 3 calls the operator's on_kill() from its handler and raises nothing in the task's thread ----
+def _sessions(db: Any) -> list[str | None]:
+    """The wait event of every other client session of the test's database."""
+    with db.connect() as conn:
+        rows = conn.execute(
+            "SELECT wait_event FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        ).fetchall()
+    return [wait for (wait,) in rows]
+
+
+def _wait_for(db: Any, done: Any, tries: int = 200) -> list[str | None]:
+    """Poll the server's sessions until ``done(sessions)`` (at most ``tries`` times, 50 ms apart)."""
+    sessions = _sessions(db)
+    for _ in range(tries):
+        if done(sessions):
+            break
+        time.sleep(0.05)
+        sessions = _sessions(db)
+    return sessions
+
+
+@pytest.mark.postgres
+def test_sigterm_cancels_the_query_of_the_running_read(postgres_database: Any, postgres_database_conn_id: str) -> None:
+    operator = StopChurnUpdateOperator(
+        task_id="sync", table_name="account", sql="SELECT 1 AS id", sql_conn_id=postgres_database_conn_id
+    )
+
+    def on_term(_signum: int, _frame: Any) -> None:  # what Airflow 3.3's task runner does on SIGTERM
+        operator.on_kill()
+
+    def terminate() -> None:  # the supervisor stops the task while its query runs on the server
+        _wait_for(postgres_database, lambda waits: "PgSleep" in waits)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    stopper = threading.Thread(target=terminate)
+    stopper.start()
+    try:
+        # the query would hold its session for 20 s (and on the server after the task was killed): it is cancelled
+        with pytest.raises(Exception, match="canceling statement due to user request"):
+            canonicalize_source(
+                lambda: read_sql(postgres_database_conn_id, "SELECT 1 AS id FROM pg_sleep(20)"), key_columns=["id"]
+            )
+    finally:
+        stopper.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert [thread for thread in threading.enumerate() if thread.name == THREAD_NAME] == []
+    assert _wait_for(postgres_database, lambda waits: waits == []) == []

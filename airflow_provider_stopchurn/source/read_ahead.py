@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-__all__ = ["READ_AHEAD", "Handoff", "read_ahead"]
+__all__ = ["READ_AHEAD", "Handoff", "cancel_reads", "read_ahead"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,11 @@ READ_AHEAD = 1
 STOP_WAIT_SECONDS = 30.0
 #: The thread's name, so that a leak is easy to see (and for the tests).
 THREAD_NAME = "stopchurn-source-reader"
+#: The reads running in this process, for :func:`cancel_reads` (Airflow runs one task per process).
+_RUNNING: set[Handoff] = set()
+#: How long :func:`cancel_reads` waits for a read's cancel; it runs in a signal handler, maybe while the same thread
+#: holds the lock (stopping that read, which cancels it anyway).
+_INTERRUPT_WAIT_SECONDS = 1.0
 
 
 class _Stopped(Exception):
@@ -104,6 +109,24 @@ class Handoff:
                 raise _Stopped
             self._cancel = cancel
 
+    def interrupt(self) -> None:
+        """Cancel the running query, if any, without stopping the read: the thread then hands over the driver's
+        error, which the engine raises (see :func:`cancel_reads`)."""
+        if not self._cancel_lock.acquire(timeout=_INTERRUPT_WAIT_SECONDS):
+            return
+        try:
+            self._call_cancel()
+        finally:
+            self._cancel_lock.release()
+
+    def _call_cancel(self) -> None:
+        cancel = self._cancel
+        if cancel is not None:
+            try:
+                cancel()
+            except Exception as exc:  # the query may have ended meanwhile: nothing to cancel
+                log.debug("Cancelling the source query failed: %s", type(exc).__name__)
+
     def _fail(self, error: BaseException) -> None:
         if not self._stop.is_set():
             self._queue.put(_Failed(error))
@@ -128,12 +151,7 @@ class Handoff:
         """Tell the thread to stop, cancel its query and unblock it."""
         self._stop.set()
         with self._cancel_lock:
-            cancel = self._cancel
-            if cancel is not None:
-                try:
-                    cancel()
-                except Exception as exc:  # the query may have ended meanwhile: nothing to cancel
-                    log.debug("Cancelling the source query failed: %s", type(exc).__name__)
+            self._call_cancel()
         with contextlib.suppress(queue.Full):  # the verdict was given already (the thread is committing)
             self._verdict.put_nowait(False)
         while True:  # unblock a put waiting for room
@@ -156,6 +174,7 @@ def read_ahead(produce: Callable[[Handoff], None], *, depth: int = READ_AHEAD) -
     """
     handoff = Handoff(depth)
     thread = threading.Thread(target=_run, args=(produce, handoff), name=THREAD_NAME, daemon=True)
+    _RUNNING.add(handoff)
     thread.start()
     done = False
     try:
@@ -175,6 +194,7 @@ def read_ahead(produce: Callable[[Handoff], None], *, depth: int = READ_AHEAD) -
                 raise item.error
             yield item
     finally:
+        _RUNNING.discard(handoff)
         if not done:
             handoff.stop()
             thread.join(STOP_WAIT_SECONDS)
@@ -184,6 +204,17 @@ def read_ahead(produce: Callable[[Handoff], None], *, depth: int = READ_AHEAD) -
                     "database connection when the driver returns.",
                     STOP_WAIT_SECONDS,
                 )
+
+
+def cancel_reads() -> None:
+    """Cancel the query of every read running in this process; each read then raises the driver's error.
+
+    For an operator's ``on_kill``: on SIGTERM, Airflow 3's task runner calls ``on_kill()`` from its signal handler and
+    raises nothing in the task's thread, so without this the query runs on (on the server, after the task was killed,
+    until it next writes to the closed connection).
+    """
+    for handoff in tuple(_RUNNING):  # a copy: the handler may run while the engine's thread adds or removes one
+        handoff.interrupt()
 
 
 def _run(produce: Callable[[Handoff], None], handoff: Handoff) -> None:
