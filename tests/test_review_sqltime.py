@@ -2,7 +2,8 @@
 
 Each test pins one behaviour the change must keep: the error a source with invalid JSON text gets is the one of its
 first invalid row (as when every row was parsed on its own), whatever order a hash table lists the distinct texts in;
-a task Airflow stops with SIGTERM cancels the query its reader waits on.
+a task Airflow stops with SIGTERM, or a SIGINT (Ctrl-C, or the one Airflow's supervisor forwards), cancels the query
+its reader waits on, as the driver cancels it when the engine's thread reads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperat
 from airflow_provider_stopchurn.source.arrow_values import convert_arrow_column
 from airflow_provider_stopchurn.source.canonical import canonicalize_source
 from airflow_provider_stopchurn.source.read_ahead import THREAD_NAME
+from airflow_provider_stopchurn.source.sql import postgres_uri, read_postgres
 
 
 def json_column(texts: list[str | None]) -> pa.Array:
@@ -89,3 +91,38 @@ def test_sigterm_cancels_the_query_of_the_running_read(postgres_database: Any, p
         signal.signal(signal.SIGTERM, previous)
     assert [thread for thread in threading.enumerate() if thread.name == THREAD_NAME] == []
     assert _wait_for(postgres_database, lambda waits: waits == []) == []
+
+
+@pytest.mark.postgres
+def test_sigint_cancels_the_query_of_the_running_read(postgres_database: Any) -> None:
+    """polars (imported by every run) installs its SIGINT handler with SA_RESTART: a thread blocked in a plain wait
+    is not woken by the signal, so the engine's thread must not wait for the reader without a bound. Read in the
+    engine's thread, ADBC cancelled the query on SIGINT itself."""
+    import polars as pl
+
+    pl.DataFrame({"a": [1]}).sum()  # polars' SIGINT handler is in place, as in a task
+    db = postgres_database
+    uri = postgres_uri(host=db.host, port=db.port, login=db.user, password=None, database=db.dbname)
+    outcome: dict[str, bool] = {}
+
+    def interrupt() -> None:  # Ctrl-C, or Airflow's supervisor forwarding the SIGINT it got
+        _wait_for(db, lambda waits: "PgSleep" in waits)
+        os.kill(os.getpid(), signal.SIGINT)
+        outcome["cancelled"] = "PgSleep" not in _wait_for(db, lambda waits: "PgSleep" not in waits)
+        if not outcome["cancelled"]:  # end the 600 s query ourselves, so that the test ends
+            with db.connect() as conn:
+                conn.execute(
+                    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+                    "AND datname = current_database()"
+                )
+
+    interrupter = threading.Thread(target=interrupt)
+    interrupter.start()
+    try:
+        with pytest.raises((KeyboardInterrupt, OSError)):
+            canonicalize_source(lambda: read_postgres(uri, "SELECT 1 AS id FROM pg_sleep(600)"), key_columns=["id"])
+    finally:
+        interrupter.join()
+    assert outcome == {"cancelled": True}, "the query ran on after SIGINT until something else cancelled it"
+    assert [thread for thread in threading.enumerate() if thread.name == THREAD_NAME] == []
+    assert _wait_for(db, lambda waits: waits == []) == []

@@ -42,6 +42,10 @@ _RUNNING: set[Handoff] = set()
 #: How long :func:`cancel_reads` waits for a read's cancel; it runs in a signal handler, maybe while the same thread
 #: holds the lock (stopping that read, which cancels it anyway).
 _INTERRUPT_WAIT_SECONDS = 1.0
+#: How long the engine's thread waits for the reader at a time. polars installs its SIGINT handler with SA_RESTART,
+#: which resumes a wait the signal interrupted: only a wait that returns lets Python raise KeyboardInterrupt (and
+#: then cancel the query), as ADBC's own SIGINT handler did when the engine's thread read.
+_WAKE_SECONDS = 0.2
 
 
 class _Stopped(Exception):
@@ -134,7 +138,9 @@ class Handoff:
     # --- the engine's side ----------------------------------------------------------------------------------
     def take(self) -> Any:
         """The next batch, :class:`_End` or :class:`_Failed`, in the order the thread handed them over."""
-        return self._queue.get()
+        while True:
+            with contextlib.suppress(queue.Empty):  # woken now and then: see _WAKE_SECONDS
+                return self._queue.get(timeout=_WAKE_SECONDS)
 
     def take_left(self) -> Any:
         """What the thread handed over after the end (a failed commit), or None."""
@@ -182,14 +188,14 @@ def read_ahead(produce: Callable[[Handoff], None], *, depth: int = READ_AHEAD) -
             item = handoff.take()
             if isinstance(item, _End):
                 handoff.commit()
-                thread.join()  # the commit's outcome, and the connection closed, before the read counts as done
+                _join(thread)  # the commit's outcome, and the connection closed, before the read counts as done
                 done = True
                 item = handoff.take_left()
                 if isinstance(item, _Failed):  # the commit failed
                     raise item.error
                 return
             if isinstance(item, _Failed):
-                thread.join()  # it has closed its connection: the error is raised with the read over
+                _join(thread)  # it has closed its connection: the error is raised with the read over
                 done = True
                 raise item.error
             yield item
@@ -204,6 +210,12 @@ def read_ahead(produce: Callable[[Handoff], None], *, depth: int = READ_AHEAD) -
                     "database connection when the driver returns.",
                     STOP_WAIT_SECONDS,
                 )
+
+
+def _join(thread: threading.Thread) -> None:
+    """Wait for ``thread`` to end, woken now and then so that a signal can raise here (see _WAKE_SECONDS)."""
+    while thread.is_alive():
+        thread.join(_WAKE_SECONDS)
 
 
 def cancel_reads() -> None:
