@@ -10,8 +10,11 @@ The thread owns everything of the read: it opens the connection, runs the statem
 connection, once. The engine's side is a generator (:func:`read_ahead`); when it stops early (the generator is
 closed, the engine raised, the task's timeout or SIGTERM raised inside it), it tells the thread to stop, cancels the
 query the thread may be waiting on (ADBC's cancel is the one call that is safe from another thread) and waits a
-bounded time for the thread to close its connection. An error of the read is raised by the generator as the read
-raised it: the same exception, type and message.
+bounded time for the thread to close its connection. The engine waits for the thread in short steps, so that a
+signal handler's exception (KeyboardInterrupt on SIGINT too, whose handler polars installs with SA_RESTART) is raised
+at once. Airflow 3 raises nothing on SIGTERM: it calls the operator's ``on_kill``, which :func:`cancel_reads`; the
+read then fails with the driver's error. An error of the read is raised by the generator as the read raised it: the
+same exception, type and message.
 """
 
 from __future__ import annotations
