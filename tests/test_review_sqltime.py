@@ -12,10 +12,15 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import pendulum
 import pyarrow as pa
 import pytest
+from airflow.sdk import DAG
+from airflow_plugin import run_dag, task_states
+from operator_fixtures import sandbox_fixture
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator, read_sql
@@ -23,6 +28,8 @@ from airflow_provider_stopchurn.source.arrow_values import convert_arrow_column
 from airflow_provider_stopchurn.source.canonical import canonicalize_source
 from airflow_provider_stopchurn.source.read_ahead import THREAD_NAME
 from airflow_provider_stopchurn.source.sql import postgres_uri, read_postgres
+
+sandbox = sandbox_fixture(22)
 
 
 def json_column(texts: list[str | None]) -> pa.Array:
@@ -126,3 +133,36 @@ def test_sigint_cancels_the_query_of_the_running_read(postgres_database: Any) ->
     assert outcome == {"cancelled": True}, "the query ran on after SIGINT until something else cancelled it"
     assert [thread for thread in threading.enumerate() if thread.name == THREAD_NAME] == []
     assert _wait_for(db, lambda waits: waits == []) == []
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("airflow_db", "sandbox")
+def test_a_task_airflow_sigterms_while_its_query_runs_fails_and_cancels_it(
+    postgres_database: Any, postgres_database_conn_id: str, tmp_path: Path
+) -> None:
+    """A real task run (``dag.test()`` runs it here, with Airflow's own SIGTERM handler): the supervisor's SIGTERM
+    (the run was marked failed, its heartbeat was lost, the worker shuts down) stops the query, not its end."""
+    with DAG("review_sigterm", schedule=None, start_date=pendulum.datetime(2025, 1, 1)) as dag:
+        StopChurnUpdateOperator(
+            task_id="sync",
+            table_name="account",
+            sql="SELECT 1 AS id FROM pg_sleep(20)",
+            sql_conn_id=postgres_database_conn_id,
+            snapshot_uri=str(tmp_path / "snapshots"),
+            retries=0,
+        )
+
+    def terminate() -> None:
+        _wait_for(postgres_database, lambda waits: "PgSleep" in waits)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    stopper = threading.Thread(target=terminate)
+    stopper.start()
+    try:
+        dagrun = run_dag(dag, logical_date=pendulum.datetime(2025, 1, 1))
+    finally:
+        stopper.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert task_states(dagrun) == {"sync": "failed"}  # before, the query ran its 20 s and the run went on
+    assert _wait_for(postgres_database, lambda waits: waits == []) == []
