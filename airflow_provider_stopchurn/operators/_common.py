@@ -21,6 +21,7 @@ from airflow_provider_stopchurn.hooks._compat import (
 )
 from airflow_provider_stopchurn.operators._source import _SourceArguments
 from airflow_provider_stopchurn.options import RunInfo
+from airflow_provider_stopchurn.source.read_ahead import cancel_reads
 from airflow_provider_stopchurn.store.history import record_refusal
 
 if TYPE_CHECKING:
@@ -184,6 +185,11 @@ class StopChurnBaseOperator(_SourceArguments, BaseOperator):
 
     #: each operator's ``__init__`` passes BaseOperator's arguments through it: ``RETRY_DEFAULTS`` where unset
     _with_retry_defaults = staticmethod(_with_retry_defaults)
+
+    def on_kill(self) -> None:
+        """Cancel the source's running query: Airflow 3 calls this on SIGTERM and raises nothing in the task's
+        thread, so the read then fails with the driver's error instead of running its query to the end."""
+        cancel_reads()
 
     def _set_run_arguments(
         self,

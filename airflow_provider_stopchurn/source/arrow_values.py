@@ -310,7 +310,9 @@ def _json_text_column(name: str, texts: pa.Array) -> pl.Series:
     canonical text is a function of the text alone, so every row gets the bytes it would get on its own.
     """
     series = _from_arrow(texts.cast(pa.large_string()))
-    distinct = series.drop_nulls().unique()
+    # in the order of first occurrence: a column with invalid texts then fails on its first invalid row, as when each
+    # row was parsed on its own, and with the same message on every run (a hash table's order is not stable)
+    distinct = series.drop_nulls().unique(maintain_order=True)
     if distinct.len() > series.len() * _REPEATED_JSON_SHARE:  # mostly distinct: no repeat to save work on
         return _canonical_json_texts(name, series)
     return series.replace_strict(distinct, _canonical_json_texts(name, distinct), return_dtype=pl.String)

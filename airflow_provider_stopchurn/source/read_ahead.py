@@ -10,8 +10,11 @@ The thread owns everything of the read: it opens the connection, runs the statem
 connection, once. The engine's side is a generator (:func:`read_ahead`); when it stops early (the generator is
 closed, the engine raised, the task's timeout or SIGTERM raised inside it), it tells the thread to stop, cancels the
 query the thread may be waiting on (ADBC's cancel is the one call that is safe from another thread) and waits a
-bounded time for the thread to close its connection. An error of the read is raised by the generator as the read
-raised it: the same exception, type and message.
+bounded time for the thread to close its connection. The engine waits for the thread in short steps, so that a
+signal handler's exception (KeyboardInterrupt on SIGINT too, whose handler polars installs with SA_RESTART) is raised
+at once. Airflow 3 raises nothing on SIGTERM: it calls the operator's ``on_kill``, which :func:`cancel_reads`; the
+read then fails with the driver's error. An error of the read is raised by the generator as the read raised it: the
+same exception, type and message.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
-__all__ = ["READ_AHEAD", "Handoff", "read_ahead"]
+__all__ = ["READ_AHEAD", "Handoff", "cancel_reads", "read_ahead"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,15 @@ READ_AHEAD = 1
 STOP_WAIT_SECONDS = 30.0
 #: The thread's name, so that a leak is easy to see (and for the tests).
 THREAD_NAME = "stopchurn-source-reader"
+#: The reads running in this process, for :func:`cancel_reads` (Airflow runs one task per process).
+_RUNNING: set[Handoff] = set()
+#: How long :func:`cancel_reads` waits for a read's cancel; it runs in a signal handler, maybe while the same thread
+#: holds the lock (stopping that read, which cancels it anyway).
+_INTERRUPT_WAIT_SECONDS = 1.0
+#: How long the engine's thread waits for the reader at a time. polars installs its SIGINT handler with SA_RESTART,
+#: which resumes a wait the signal interrupted: only a wait that returns lets Python raise KeyboardInterrupt (and
+#: then cancel the query), as ADBC's own SIGINT handler did when the engine's thread read.
+_WAKE_SECONDS = 0.2
 
 
 class _Stopped(Exception):
@@ -105,6 +117,24 @@ class Handoff:
                 raise _Stopped
             self._cancel = cancel
 
+    def interrupt(self) -> None:
+        """Cancel the running query, if any, without stopping the read: the thread then hands over the driver's
+        error, which the engine raises (see :func:`cancel_reads`)."""
+        if not self._cancel_lock.acquire(timeout=_INTERRUPT_WAIT_SECONDS):
+            return
+        try:
+            self._call_cancel()
+        finally:
+            self._cancel_lock.release()
+
+    def _call_cancel(self) -> None:
+        cancel = self._cancel
+        if cancel is not None:
+            try:
+                cancel()
+            except Exception as exc:  # the query may have ended meanwhile: nothing to cancel
+                log.debug("Cancelling the source query failed: %s", type(exc).__name__)
+
     def _fail(self, error: BaseException) -> None:
         if not self._stop.is_set():
             self._queue.put(_Failed(error))
@@ -112,7 +142,9 @@ class Handoff:
     # --- the engine's side ----------------------------------------------------------------------------------
     def take(self) -> Any:
         """The next batch, :class:`_End` or :class:`_Failed`, in the order the thread handed them over."""
-        return self._queue.get()
+        while True:
+            with contextlib.suppress(queue.Empty):  # woken now and then: see _WAKE_SECONDS
+                return self._queue.get(timeout=_WAKE_SECONDS)
 
     def take_left(self) -> Any:
         """What the thread handed over after the end (a failed commit), or None."""
@@ -129,12 +161,7 @@ class Handoff:
         """Tell the thread to stop, cancel its query and unblock it."""
         self._stop.set()
         with self._cancel_lock:
-            cancel = self._cancel
-            if cancel is not None:
-                try:
-                    cancel()
-                except Exception as exc:  # the query may have ended meanwhile: nothing to cancel
-                    log.debug("Cancelling the source query failed: %s", type(exc).__name__)
+            self._call_cancel()
         with contextlib.suppress(queue.Full):  # the verdict was given already (the thread is committing)
             self._verdict.put_nowait(False)
         while True:  # unblock a put waiting for room
@@ -159,6 +186,7 @@ def read_ahead(produce: Callable[[Handoff], None], *, depth: int = READ_AHEAD) -
     # the caller's context variables (a task's logging context) go with the read
     context = contextvars.copy_context()
     thread = threading.Thread(target=context.run, args=(_run, produce, handoff), name=THREAD_NAME, daemon=True)
+    _RUNNING.add(handoff)
     thread.start()
     done = False
     try:
@@ -166,18 +194,19 @@ def read_ahead(produce: Callable[[Handoff], None], *, depth: int = READ_AHEAD) -
             item = handoff.take()
             if isinstance(item, _End):
                 handoff.commit()
-                thread.join()  # the commit's outcome, and the connection closed, before the read counts as done
+                _join(thread)  # the commit's outcome, and the connection closed, before the read counts as done
                 done = True
                 item = handoff.take_left()
                 if isinstance(item, _Failed):  # the commit failed
                     raise item.error
                 return
             if isinstance(item, _Failed):
-                thread.join()  # it has closed its connection: the error is raised with the read over
+                _join(thread)  # it has closed its connection: the error is raised with the read over
                 done = True
                 raise item.error
             yield item
     finally:
+        _RUNNING.discard(handoff)
         if not done:
             handoff.stop()
             thread.join(STOP_WAIT_SECONDS)
@@ -187,6 +216,23 @@ def read_ahead(produce: Callable[[Handoff], None], *, depth: int = READ_AHEAD) -
                     "database connection when the driver returns.",
                     STOP_WAIT_SECONDS,
                 )
+
+
+def _join(thread: threading.Thread) -> None:
+    """Wait for ``thread`` to end, woken now and then so that a signal can raise here (see _WAKE_SECONDS)."""
+    while thread.is_alive():
+        thread.join(_WAKE_SECONDS)
+
+
+def cancel_reads() -> None:
+    """Cancel the query of every read running in this process; each read then raises the driver's error.
+
+    For an operator's ``on_kill``: on SIGTERM, Airflow 3's task runner calls ``on_kill()`` from its signal handler and
+    raises nothing in the task's thread, so without this the query runs on (on the server, after the task was killed,
+    until it next writes to the closed connection).
+    """
+    for handoff in tuple(_RUNNING):  # a copy: the handler may run while the engine's thread adds or removes one
+        handoff.interrupt()
 
 
 def _run(produce: Callable[[Handoff], None], handoff: Handoff) -> None:
