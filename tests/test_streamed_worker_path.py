@@ -19,6 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
 import pytest
 from helpers_sync import BRAND, T0, TABLE, RecordingSender, make_client, options
@@ -295,3 +296,44 @@ def test_streaming_is_what_runs_for_a_batch_source(tmp_path: Path, monkeypatch: 
     assert committed is None
     assert isinstance(plan, StreamedPlan)
     assert store.read_snapshot(plan.target_version).height == 10
+
+
+def test_a_streamed_plan_holds_the_keys_and_the_changed_rows_not_the_table(tmp_path: Path) -> None:
+    """The streamed churn keeps the key columns (and ``id``) and the changed rows; the target is on disk."""
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    first = Source(_rows(range(2_000)), [500, 1_200])
+    plan, _ = plan_streamed(first.stream()(), store, options(initial_load="baseline"), T0)
+    assert isinstance(plan, StreamedPlan)
+    store.commit(
+        plan.target_version,
+        base_version=None,
+        kinds=plan.kinds,
+        key_columns=plan.key_columns,
+        rows=plan.target_rows,
+        plan_id=None,
+        row_hash=plan.meta["row_hash"],
+    )
+    churn = Source([_row(k, 1) if k % 100 == 0 else _row(k, 0) for k in range(1, 2_010)], [700])
+    plan, _ = plan_streamed(churn.stream()(), store, options(), T0 + 1)
+    assert isinstance(plan, StreamedPlan)
+    assert plan.target.columns == ["id"]  # the whole path's target holds every column and the hashes
+    assert (plan.inserted, plan.updated, plan.deleted) == (10, 19, 1)
+    assert sum(part.frame.height for part in plan.parts) == plan.changes
+    assert store.read_snapshot(plan.target_version).height == 2_009
+
+
+def test_a_snapshot_written_frame_by_frame_is_all_or_nothing(tmp_path: Path) -> None:
+    """A failure while the target is written (the source, the disk) leaves no file and no temporary file."""
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+
+    def frames() -> Iterator[Any]:
+        yield pl.DataFrame({"id": [1, 2]})
+        raise OSError("disk full")
+
+    with pytest.raises(Exception, match="disk full"):
+        store.write_snapshot_frames(frames())
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    version, rows = store.write_snapshot_frames(iter([pl.DataFrame({"id": [1, 2]}), pl.DataFrame({"id": [3]})]))
+    assert rows == 3
+    assert store.read_snapshot(version).get_column("id").to_list() == [1, 2, 3]
+    assert store.read_snapshot_slice(version, 1, 2).get_column("id").to_list() == [2, 3]
