@@ -120,9 +120,9 @@ class PostgresCpu:
     connection's backend)."""
 
     def __init__(self, server: Any) -> None:
-        with server.connect() as conn:
+        with server.connect() as conn:  # the backend ends with its connection: its parent is found while it lives
             backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
-        parent = psutil.Process(backend).parent()
+            parent = psutil.Process(backend).parent()
         if parent is None:
             raise RuntimeError("cannot find the PostgreSQL postmaster")
         self.ps = parent
