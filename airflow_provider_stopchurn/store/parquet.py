@@ -6,12 +6,14 @@ No I/O of its own beyond the file or bytes it is given; :mod:`.backend` decides 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
+from polars.io.plugins import register_io_source
 
 __all__ = ["rows_by_row_group", "write_parquet", "write_parquet_frames"]
 
@@ -66,23 +68,38 @@ def write_parquet(frame: pl.DataFrame, target: Path | io.BytesIO) -> None:
 
 
 def write_parquet_frames(frames: Iterable[pl.DataFrame], target: Path) -> int:
-    """Write ``frames`` (one schema; at least one, possibly empty) to one Parquet file, each as its own row
-    groups, with the settings of :func:`write_parquet`; the file reads back as their concatenation, dtypes
-    included. Returns the rows written."""
-    writer: pq.ParquetWriter | None = None
-    rows = 0
-    try:
-        for frame in frames:
-            table = frame.to_arrow()
-            if writer is None:
-                writer = pq.ParquetWriter(
-                    target, table.schema, compression="zstd", compression_level=1, write_statistics=False
-                )
-            writer.write_table(table, row_group_size=max(table.num_rows, 1))
-            rows += table.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
+    """Write ``frames`` (one schema; at least one, possibly empty) to one Parquet file as they come, with the
+    settings of :func:`write_parquet`; the file reads back as their concatenation, dtypes included. Returns the rows
+    written. An error raised while the frames are made is raised as it is (the file is then incomplete).
+
+    polars' own writer takes them (a source of frames sunk to Parquet): the same writer as :func:`write_parquet`,
+    about half the CPU of pyarrow's writer here.
+    """
+    it = iter(frames)
+    first = next(it, None)
+    if first is None:
         raise ValueError("write_parquet_frames needs at least one frame (an empty one gives the schema)")
+    rows = 0
+    failed: list[BaseException] = []
+
+    def source(
+        with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, batch_size: int | None
+    ) -> Iterator[pl.DataFrame]:
+        nonlocal rows
+        try:
+            for frame in itertools.chain([first], it):
+                rows += frame.height
+                yield frame
+        except BaseException as err:
+            failed.append(err)
+            raise
+
+    try:
+        register_io_source(source, schema=first.schema).sink_parquet(
+            target, compression="zstd", compression_level=1, statistics=False
+        )
+    except Exception:
+        if failed:
+            raise failed[0] from None
+        raise
     return rows

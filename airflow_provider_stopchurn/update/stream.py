@@ -147,7 +147,7 @@ class _Spool:
 
     def add(self, frame: pl.DataFrame, kinds: dict[str, str], keys: tuple[str, ...]) -> None:
         path = self.folder / f"{len(self.files):07d}.arrow"
-        frame.write_ipc(path, compression="lz4")
+        frame.write_ipc(path, compression="uncompressed")  # written once, read once: CPU counts, not bytes
         self.files.append((path, kinds))
         names = [*keys, "id"] if "id" in frame.columns and "id" not in keys else list(keys)
         self.narrow.append((frame.select(names), kinds))
