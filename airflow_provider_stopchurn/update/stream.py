@@ -53,6 +53,7 @@ from airflow_provider_stopchurn.source.canonical import (
 )
 from airflow_provider_stopchurn.source.frame import Canonical, _check_names, _composite_id, _finish
 from airflow_provider_stopchurn.store import CREATED_AT, HASH_1, HASH_2, Committed, SnapshotStore
+from airflow_provider_stopchurn.store.parquet import compacted
 from airflow_provider_stopchurn.update.diff import (
     BASE_ROW,
     ROW_HASH,
@@ -301,8 +302,9 @@ def _churn(
             state = matched.get_column("state")
             indexed = rows.select(columns).with_row_index(TARGET_ROW, offset=offset)
             indexed = indexed.with_columns(matched.get_column(BASE_ROW))
-            inserted.append(indexed.filter(state == 1))
-            updated.append(indexed.filter(state == 2))
+            # copies: rows filtered from a batch would keep the whole batch's text in memory
+            inserted.append(compacted(indexed.filter(state == 1)))
+            updated.append(compacted(indexed.filter(state == 2)))
             offset += batch.height
 
     version, rows = store.write_snapshot_frames(target())
