@@ -44,6 +44,7 @@ from airflow_provider_stopchurn.api.contract import USER_TABLE
 from airflow_provider_stopchurn.exceptions import SnapshotError, StopChurnConfigError
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.source.canonical import (
+    _SMALL_BATCH,
     _is_batch_iterable,
     _joined,
     _retyped,
@@ -237,6 +238,25 @@ def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple
     return keys, held
 
 
+def _small_joined(parts: list[_Batch]) -> list[_Batch]:
+    """Consecutive batches of the same kinds under ``_SMALL_BATCH`` rows joined, as ``canonicalize_arrow`` joins
+    them as they are read (a frame of thousands of small chunks makes every later step slower)."""
+    joined: list[_Batch] = []
+    small: list[_Batch] = []
+    for part in parts:
+        if small and (part[1] != small[0][1] or part[0].height >= _SMALL_BATCH):
+            joined.append(_joined(small))
+            small = []
+        if part[0].height >= _SMALL_BATCH:
+            joined.append(part)
+            continue
+        small.append(part)
+        if sum(frame.height for frame, _ in small) >= _SMALL_BATCH:
+            joined.append(_joined(small))
+            small = []
+    return [*joined, _joined(small)] if small else joined
+
+
 def _source_keys(spool: _Spool, keys: tuple[str, ...]) -> Canonical:
     """The source's key columns (and ``id``) in their final kinds, checked over the whole table as the whole path
     checks them; ``kinds`` are every column's."""
@@ -265,7 +285,7 @@ def plan_streamed(
         spool = _Spool(Path(folder))
         keys, held = _spool_source(data, options, spool)
         if held is not None:  # a small source, held in memory: the whole path, as canonicalize_arrow builds it
-            whole = _finish(*merge_batches(held, keys), keys)
+            whole = _finish(*merge_batches(_small_joined(held), keys), keys)
             del held
             release_freed_memory()
             committed = store.read_committed()
