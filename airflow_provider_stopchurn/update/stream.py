@@ -217,17 +217,16 @@ def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple
         batches = canonical_batches(data, key_columns=options.key_columns, decimal_as_string=options.decimal_as_string)
         for found, part in batches:
             keys = found
-            if held is not None:
+            if held is None:
+                spool.push(part, keys)
+            else:  # a small table takes the whole path, from memory: faster
                 held.append(part)
                 held_bytes += int(part[0].estimated_size())
-                if held_bytes < limit:
-                    continue  # a small table takes the whole path, from memory: faster
-                for earlier in held:  # too large to hold: spooled from now on
-                    spool.push(earlier, keys)
-                held = None
-            else:
-                spool.push(part, keys)
-            release_freed_memory()
+                if held_bytes >= limit:  # too large to hold: spooled from now on
+                    for earlier in held:
+                        spool.push(earlier, keys)
+                    held = None
+            release_freed_memory()  # as canonicalize_arrow does after each batch
         if keys is not None:
             spool.flush(keys)
     finally:
