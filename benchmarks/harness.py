@@ -120,9 +120,9 @@ class PostgresCpu:
     connection's backend)."""
 
     def __init__(self, server: Any) -> None:
-        with server.connect() as conn:
+        with server.connect() as conn:  # the backend ends with its connection: its parent is found while it lives
             backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
-        parent = psutil.Process(backend).parent()
+            parent = psutil.Process(backend).parent()
         if parent is None:
             raise RuntimeError("cannot find the PostgreSQL postmaster")
         self.ps = parent
@@ -395,7 +395,7 @@ def publish(text: str, out: str) -> None:
 
 def engine_phases() -> Phases:
     """Time and measure the engine's steps in this process (a child run's)."""
-    from airflow_provider_stopchurn.update import sync
+    from airflow_provider_stopchurn.update import stream, sync
 
     phases = Phases()
     phases.wrap(
@@ -411,6 +411,11 @@ def engine_phases() -> Phases:
         lambda plan: int(plan.target.estimated_size()),
     )
     phases.wrap(SnapshotStore, "write_snapshot", "write the new snapshot")
+    # the streamed path (sources of record batches): its own steps, the whole path's above left unused
+    phases.wrap(stream, "_spool_source", "streamed: read + canonicalize + spool the source")
+    phases.wrap(stream, "_source_keys", "streamed: keys joined and checked over the table")
+    phases.wrap(stream, "_churn", "streamed: diff on keys + hashes, write the target, gather the changes")
+    phases.wrap(stream, "_first_load", "streamed: hash and write the target")
     phases.wrap(sync, "deliver", "encode + send (deliver)")
     phases.wrap(sync, "settle", "settle + commit")
     return phases

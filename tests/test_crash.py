@@ -26,10 +26,13 @@ from helpers_sync import (
     tree_digest,
 )
 from worker_harness import kill_after, start_worker
+from worker_paths import worker_path  # noqa: F401 - the fixture, run on both worker paths
 
 from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.sync import run_sync
+
+pytestmark = pytest.mark.usefixtures("worker_path")
 
 WORKER = "crash_worker.py"
 ROWS = 1500

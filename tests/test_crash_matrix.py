@@ -17,10 +17,13 @@ import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
 from recovery_scenarios import SCENARIOS, first_table, moved_on
 from worker_harness import run_worker
+from worker_paths import worker_path  # noqa: F401 - the fixture, run on both worker paths
 
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.isolation import SUSPECT_AFTER
 from airflow_provider_stopchurn.update.sync import run_sync
+
+pytestmark = pytest.mark.usefixtures("worker_path")
 
 WORKER = "crash_at_write_worker.py"
 KEY_VAR = "STOPCHURN_CRASH_MATRIX_KEY"

@@ -17,9 +17,12 @@ import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
 from killswitch_fs import KillableMemoryFileSystem, Killed, quiet_upath
 from recovery_scenarios import SCENARIOS, first_table, moved_on
+from worker_paths import worker_path  # noqa: F401 - the fixture, run on both worker paths
 
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.sync import run_sync
+
+pytestmark = pytest.mark.usefixtures("worker_path")
 
 
 def _fresh(sb: Any, scenario: str) -> SnapshotStore:

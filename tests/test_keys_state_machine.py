@@ -14,11 +14,13 @@ import contextlib
 from typing import Any
 
 import pandas as pd
+import pytest
 from fault_strategies import fault_configs
 from helpers_machines import machine_settings, sandbox_and_store
 from helpers_sync import T0, make_client, options, sandbox_rows
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
+from worker_paths import streamed
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.sandbox import FaultConfig
@@ -170,3 +172,9 @@ class Identities(RuleBasedStateMachine):
 
 Identities.TestCase.settings = machine_settings(25, 12)
 test_identities_state_machine = Identities.TestCase
+
+
+def test_identities_state_machine_on_the_streamed_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same machine with every source planned by the streamed worker path."""
+    streamed(monkeypatch)
+    run_state_machine_as_test(Identities, settings=Identities.TestCase.settings)

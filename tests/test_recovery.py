@@ -28,6 +28,7 @@ from helpers_sync import (
     update_requests,
 )
 from sync_world import N, SyncWorld, table
+from worker_paths import worker_path  # noqa: F401 - the fixture, run on both worker paths
 
 from airflow_provider_stopchurn.exceptions import (
     SafeguardError,
@@ -40,6 +41,8 @@ from airflow_provider_stopchurn.exceptions import (
 from airflow_provider_stopchurn.sandbox import FaultConfig
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.sync import run_sync
+
+pytestmark = pytest.mark.usefixtures("worker_path")
 
 
 class World(SyncWorld):

@@ -32,7 +32,8 @@ from helpers_sync import (
     sandbox_rows,
 )
 from hypothesis import strategies as st
-from hypothesis.stateful import precondition, rule
+from hypothesis.stateful import precondition, rule, run_state_machine_as_test
+from worker_paths import streamed
 
 from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.sandbox import FaultConfig
@@ -222,3 +223,9 @@ class Recovery(ChurningSourceMachine):
 
 Recovery.TestCase.settings = machine_settings(40, 10, long_examples=300, long_steps=20)
 test_recovery_state_machine = Recovery.TestCase
+
+
+def test_recovery_state_machine_on_the_streamed_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same machine with every source planned by the streamed worker path."""
+    streamed(monkeypatch)
+    run_state_machine_as_test(Recovery, settings=Recovery.TestCase.settings)

@@ -34,10 +34,7 @@ Arrow types beyond those a DataFrame holds, as ADBC drivers deliver them:
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import GeneratorType
 from typing import Any, TypeAlias
@@ -66,6 +63,7 @@ from airflow_provider_stopchurn.source.frame import (
     _finish,
     canonicalize,
 )
+from airflow_provider_stopchurn.source.memory import release_freed_memory
 from airflow_provider_stopchurn.source.values import _json_series
 
 __all__ = [
@@ -73,6 +71,7 @@ __all__ = [
     "KIND_METADATA",
     "Source",
     "SourceData",
+    "canonical_batches",
     "canonicalize_arrow",
     "canonicalize_batch",
     "canonicalize_source",
@@ -183,21 +182,10 @@ def canonicalize_arrow(
     same messages as the pandas path (rows are counted from 0 over all batches).
     """
     keys: tuple[str, ...] | None = None
-    names: list[str] | None = None
     parts: list[tuple[pl.DataFrame, dict[str, str]]] = []
     small: list[tuple[pl.DataFrame, dict[str, str]]] = []  # consecutive small batches of the same kinds
-    offset = 0
-    for batch in _record_batches(data):
-        if names is None:
-            names = batch.schema.names
-            keys = _check_names(names, key_columns)
-        elif batch.schema.names != names:
-            raise SourceDataError(
-                f"The source's record batches have different columns: {names!r}, then {batch.schema.names!r}."
-            )
-        assert keys is not None
-        part = canonicalize_batch(batch, keys=keys, offset=offset, decimal_as_string=decimal_as_string)
-        offset += batch.num_rows
+    for found, part in canonical_batches(data, key_columns=key_columns, decimal_as_string=decimal_as_string):
+        keys = found
         if small and (part[1] != small[0][1] or part[0].height >= _SMALL_BATCH):
             parts.append(_joined(small))
             small = []
@@ -218,6 +206,34 @@ def canonicalize_arrow(
     canon = _finish(frame, kinds, keys)
     release_freed_memory()
     return canon
+
+
+def canonical_batches(
+    data: pa.Table | pa.RecordBatch | pa.RecordBatchReader | Iterable[pa.RecordBatch],
+    *,
+    key_columns: Sequence[str],
+    decimal_as_string: bool = False,
+) -> Iterator[tuple[tuple[str, ...], tuple[pl.DataFrame, dict[str, str]]]]:
+    """Each record batch of ``data`` as (the checked key columns, (its canonical columns, their kinds)), in order.
+
+    The checks over the whole table (kinds joined, unique keys, ``id``) are the caller's, after the last batch:
+    :func:`merge_batches`, then ``_finish``. Nothing is yielded for data without a batch or a schema.
+    """
+    keys: tuple[str, ...] | None = None
+    names: list[str] | None = None
+    offset = 0
+    for batch in _record_batches(data):
+        if names is None:
+            names = batch.schema.names
+            keys = _check_names(names, key_columns)
+        elif batch.schema.names != names:
+            raise SourceDataError(
+                f"The source's record batches have different columns: {names!r}, then {batch.schema.names!r}."
+            )
+        assert keys is not None
+        part = canonicalize_batch(batch, keys=keys, offset=offset, decimal_as_string=decimal_as_string)
+        offset += batch.num_rows
+        yield keys, part
 
 
 #: Rows under which consecutive batches are joined into one chunk as they are read: a frame of thousands of small
@@ -260,30 +276,6 @@ def _record_batches(data: Any) -> Iterator[pa.RecordBatch]:
         yield _detached(item) if streamed else item
     if not seen and schema is not None:
         yield pa.RecordBatch.from_pylist([], schema=schema)
-
-
-def release_freed_memory() -> None:
-    """Give back to the system the memory a batch's conversion freed (its Python values, Arrow temporaries).
-
-    The C allocator and Arrow's pool keep freed pages for reuse, but the frames built next are polars', whose
-    allocator cannot use them: without this, a 1M-row SQL source left about 100 MB of freed pages resident for
-    the whole run. Costs about a millisecond; does nothing where the C library has no ``malloc_trim``.
-    """
-    pa.default_memory_pool().release_unused()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim  # glibc; musl has none
-    except (OSError, AttributeError):
-        return None
-    return trim
 
 
 def _detached(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -399,12 +391,6 @@ def _plain(column: pa.Array) -> pa.Array:
     if isinstance(column.type, pa.BaseExtensionType):
         column = column.storage
     return column
-
-
-# --- time and intervals ---------------------------------------------------------------------------------------
-
-
-# --- uuid, JSON, containers -----------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------------------------

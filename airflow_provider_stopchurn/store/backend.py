@@ -32,16 +32,16 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from airflow_provider_stopchurn.exceptions import SnapshotError
+from airflow_provider_stopchurn.store.parquet import rows_by_row_group, write_parquet, write_parquet_frames
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,15 @@ class Backend(Protocol):
 
     def read_rows(self, name: str, keys: pl.DataFrame) -> pl.DataFrame:
         """Rows of a Parquet file whose key (the columns of ``keys``) is in ``keys``."""
+        ...
+
+    def write_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> int:
+        """Write a Parquet file from frames of one schema as they come (one row group or more each), visible only
+        once complete and durable before the call returns, as :meth:`write_frame`; returns its rows."""
+        ...
+
+    def read_slice(self, name: str, offset: int, length: int) -> pl.DataFrame:
+        """``length`` rows of a Parquet file from row ``offset`` (only the row groups they lie in are decoded)."""
         ...
 
 
@@ -280,7 +289,7 @@ class LocalBackend:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._temporary(path)
             try:
-                _write_parquet(frame, tmp)
+                write_parquet(frame, tmp)
                 with tmp.open("rb+") as fh:
                     os.fsync(fh.fileno())  # a pointer written after this call must never name a torn file
                 os.replace(tmp, path)
@@ -296,54 +305,28 @@ class LocalBackend:
             raise FileNotFoundError(self.location(name))
         return rows_by_row_group(path, keys)
 
+    def write_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> int:
+        path = self._path(name)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._temporary(path)
+            try:
+                rows = write_parquet_frames(frames, tmp)
+                with tmp.open("rb+") as fh:
+                    os.fsync(fh.fileno())  # as write_frame: a pointer written later never names a torn file
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            _fsync_directory(path.parent)
+        except OSError as err:
+            raise _write_error(self.location(name), err) from err
+        return rows
 
-def rows_by_row_group(source: Path | bytes, keys: pl.DataFrame) -> pl.DataFrame:
-    """Rows of a Parquet file whose key (the columns of ``keys``) is in ``keys``, in file order.
-
-    The wanted keys go through one join against the file's key columns, which yields the rows' positions; then only
-    the row groups holding such a row are decoded, one at a time (a slice of the scan reads only the row groups it
-    overlaps). Joining the keys against each row group apart would hash them once per row group: a delete of most
-    of a large table (as many keys as rows) would cost the row groups' count times the table.
-    """
-    counts = _row_group_rows(source)
-    if not counts:
-        return pl.scan_parquet(source).head(0).collect()
-    names = keys.columns
-    found = (
-        pl.scan_parquet(source)
-        .select(names)
-        .with_row_index(_ROW)
-        .join(keys.lazy(), on=names, how="semi")
-        .select(_ROW)
-        .collect(engine="streaming")
-        .get_column(_ROW)
-        .to_numpy()
-    )
-    found = np.sort(found)  # file order, whatever order the join gave
-    parts = []
-    offset = 0
-    for rows in counts:
-        first, last = np.searchsorted(found, [offset, offset + rows])
-        if last > first:
-            group = pl.scan_parquet(source).slice(offset, rows).collect()
-            parts.append(group[found[first:last] - offset])
-        offset += rows
-    if not parts:
-        return pl.scan_parquet(source).head(0).collect()
-    return pl.concat(parts)
-
-
-_ROW = "__sc_file_row"
-
-
-def _row_group_rows(source: Path | bytes) -> list[int]:
-    """The number of rows of each row group of a Parquet file (read from its footer)."""
-    metadata = pq.read_metadata(io.BytesIO(source) if isinstance(source, bytes) else source)
-    return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-
-
-def _write_parquet(frame: pl.DataFrame, target: Path | io.BytesIO) -> None:
-    frame.write_parquet(target, compression="zstd", compression_level=1, statistics=False)
+    def read_slice(self, name: str, offset: int, length: int) -> pl.DataFrame:
+        path = self._path(name)
+        if not path.is_file():
+            raise FileNotFoundError(self.location(name))
+        return pl.scan_parquet(path).slice(offset, length).collect()
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -488,7 +471,7 @@ class ObjectStoreBackend:
 
     def write_frame(self, name: str, frame: pl.DataFrame) -> None:
         buf = io.BytesIO()
-        _write_parquet(frame, buf)
+        write_parquet(frame, buf)
         self.write_bytes(name, buf.getvalue(), durable=True)
 
     def read_rows(self, name: str, keys: pl.DataFrame) -> pl.DataFrame:
@@ -496,3 +479,17 @@ class ObjectStoreBackend:
         if raw is None:
             raise FileNotFoundError(self.location(name))
         return rows_by_row_group(raw, keys)
+
+    def write_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> int:
+        # written to a local temporary file first, then one PUT of it (an object is visible whole, or not at all)
+        with tempfile.TemporaryDirectory(prefix="stopchurn-") as folder:
+            local = Path(folder) / "snapshot.parquet"
+            rows = write_parquet_frames(frames, local)
+            self.write_bytes(name, local.read_bytes(), durable=True)
+        return rows
+
+    def read_slice(self, name: str, offset: int, length: int) -> pl.DataFrame:
+        raw = self.read_bytes(name)
+        if raw is None:
+            raise FileNotFoundError(self.location(name))
+        return pl.scan_parquet(raw).slice(offset, length).collect()

@@ -7,7 +7,7 @@ the run started from. The rules are in the docstring of :mod:`airflow_provider_s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -118,6 +118,19 @@ class CommittedSnapshots(TableFolder):
         version = new_version()
         self._backend.write_frame(snapshot_name(version), frame)
         return version
+
+    def write_snapshot_frames(self, frames: Iterable[pl.DataFrame]) -> tuple[str, int]:
+        """Write an immutable snapshot file from frames of one schema as they come (the same file as
+        :meth:`write_snapshot` of their concatenation, never held whole); return its version and rows."""
+        version = new_version()
+        rows = self._backend.write_frames(snapshot_name(version), frames)
+        return version, rows
+
+    def read_snapshot_slice(self, version: str, offset: int, length: int) -> pl.DataFrame:
+        """``length`` rows of a snapshot from row ``offset``, decoding only the row groups holding them."""
+        name = snapshot_name(version)
+        with self._reading_frame(name):
+            return self._backend.read_slice(name, offset, length)
 
     def read_snapshot(self, version: str, *, columns: Sequence[str] | None = None) -> pl.DataFrame:
         return self._read_frame(snapshot_name(version), columns)

@@ -30,6 +30,7 @@ __all__ = [
     "ChangeSet",
     "SnapshotDiff",
     "data_columns",
+    "deleted_rows",
     "diff_frames",
     "diff_snapshot",
     "first_load",
@@ -431,18 +432,19 @@ def diff_snapshot(
     )
     inserted = indexed.filter(state == 1).sort(keys)  # BASE_ROW: a dirty row a settle kept, else null
     updated = indexed.filter(state == 2).sort(keys)
-    gone = gone.select([*keys, BASE_ROW])
-    if gone.height:
-        rows = base.rows_with_keys(gone.select(keys)).unique(subset=keys, keep="first", maintain_order=True)
-        deleted = (
-            rows.drop([c for c in (HASH_1, HASH_2) if c in rows.columns])
-            .join(gone, on=keys, how="left", maintain_order="left")
-            .sort(keys)
-        )
-    else:
-        deleted = old.select(BASE_ROW).clear()
+    deleted = deleted_rows(base, gone, old, keys)
     unchanged = new_data.height - inserted.height - updated.height
     return SnapshotDiff(target=target, inserted=inserted, updated=updated, deleted=deleted, unchanged=unchanged)
+
+
+def deleted_rows(base: BaseSnapshot, gone: pl.DataFrame, old: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """The snapshot's rows of the keys no source row has (``gone``), as last delivered, with ``BASE_ROW``; sorted."""
+    gone = gone.select([*keys, BASE_ROW])
+    if not gone.height:
+        return old.select(BASE_ROW).clear()
+    rows = base.rows_with_keys(gone.select(keys)).unique(subset=keys, keep="first", maintain_order=True)
+    rows = rows.drop([c for c in (HASH_1, HASH_2) if c in rows.columns])
+    return rows.join(gone, on=keys, how="left", maintain_order="left").sort(keys)
 
 
 def _one_row_per_key(old: pl.DataFrame, keys: list[str]) -> pl.DataFrame:

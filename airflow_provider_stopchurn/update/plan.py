@@ -34,7 +34,7 @@ from airflow_provider_stopchurn.update.diff import (
     like_chunks,
 )
 from airflow_provider_stopchurn.update.ids import reconcile_ids
-from airflow_provider_stopchurn.update.window import Window
+from airflow_provider_stopchurn.update.window import Rows, Window
 
 log = logging.getLogger(__name__)
 #: an approved mass delete is logged under the run's logger, whose name users filter on
@@ -53,7 +53,7 @@ class _Part:
     """A run of updates of one op, in send order: rows with createdAt (+ positions), encoded with ``kinds``."""
 
     op: str
-    frame: pl.DataFrame
+    frame: Rows
     kinds: Mapping[str, str]
 
 

@@ -191,22 +191,26 @@ def commit_unsent(
     lock: TableLock,
     shape: Mapping[str, Any] | None,
     run: Mapping[str, Any] | None = None,
+    written: tuple[str, int] | None = None,
 ) -> str:
     """Commit ``plan``'s target as the table's snapshot when nothing of it is to be sent (a baseline, or hashes
-    rewritten): write the snapshot file, then point ``CURRENT`` at it under ``lock``. Returns the new version."""
-    version = store.write_snapshot(plan.target)
+    rewritten): write the snapshot file, then point ``CURRENT`` at it under ``lock``. Returns the new version.
+
+    :param written: the version and rows of the target when it is written already (a streamed plan).
+    """
+    version, rows = written if written is not None else (store.write_snapshot(plan.target), plan.target.height)
     store.commit(
         version,
         base_version=base_version,
         kinds=plan.kinds,
         key_columns=plan.key_columns,
-        rows=plan.target.height,
+        rows=rows,
         plan_id=None,
         row_hash=ROW_HASH,
         lock=lock,
         run=run,
         shape=shape,
-        frame=plan.target,
+        frame=plan.target if written is None else None,
     )
     return version
 

@@ -38,6 +38,7 @@ from airflow_provider_stopchurn.update.diff import ROW_HASH
 from airflow_provider_stopchurn.update.isolation import held_error, isolation_for, next_failures, still_rejected
 from airflow_provider_stopchurn.update.plan import RunPlan, approval, make_plan, schema_changes
 from airflow_provider_stopchurn.update.settle import Settled, commit_unsent, preview, settle
+from airflow_provider_stopchurn.update.stream import StreamedPlan, plan_streamed, streams
 from airflow_provider_stopchurn.update.window import Window
 
 log = logging.getLogger(__name__)
@@ -304,9 +305,14 @@ def _plan_and_deliver(
     run_ms: int,
     lock: Any,
 ) -> None:
-    canon = canonical_source(source, options)
-    committed = store.read_committed()
-    plan = make_plan(canon, committed, options, run_ms)
+    data = source() if callable(source) else source
+    if streams(data, options):  # the target snapshot is written as the source is read
+        plan, committed = plan_streamed(data, store, options, run_ms)
+    else:
+        canon = canonical_source(data, options)
+        committed = store.read_committed()
+        plan = make_plan(canon, committed, options, run_ms)
+    written = (plan.target_version, plan.target_rows) if isinstance(plan, StreamedPlan) else None
     _plan_counts(summary, plan, options)
     base_version = committed.version if committed is not None else None
     if plan.changes == 0:
@@ -319,16 +325,21 @@ def _plan_and_deliver(
                 lock=lock,
                 shape=options.shape(),
                 run=summary.run_record(options.run_key, chunks=summary.settled_chunks),
+                written=written,
             )
+        elif written is not None:
+            store.delete_snapshot(written[0])  # the streamed target equals the snapshot: nothing names it
         return
 
-    target_version = store.write_snapshot(plan.target)
+    target_version, target_rows = (
+        written if written is not None else (store.write_snapshot(plan.target), plan.target.height)
+    )
     stored = store.write_plan(
         target_version=target_version,
         base_version=base_version,
         changes=plan.positions,
         chunks=[],
-        meta={**plan.meta, "target_rows": plan.target.height, "total_updates": plan.changes},
+        meta={**plan.meta, "target_rows": target_rows, "total_updates": plan.changes},
     )
     deliver_and_settle(
         store,
@@ -345,7 +356,7 @@ def _plan_and_deliver(
             uncertain=uncertain,
             lock=lock,
             run=lambda s: summary.run_record(options.run_key, s, summary.settled_chunks),
-            target=plan.target,
+            target=None if written is not None else plan.target,  # a streamed target is read when needed
         ),
     )
 

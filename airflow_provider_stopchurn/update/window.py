@@ -7,6 +7,7 @@ chunks before it takes the next, so only one window of update JSON is held at a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import polars as pl
 
@@ -24,4 +25,13 @@ class Window:
     bytes: int
 
 
-__all__ = ["Window"]
+class Rows(Protocol):
+    """Rows a plan encodes a slice at a time: a change frame, or a snapshot file read by row group."""
+
+    @property
+    def height(self) -> int: ...
+
+    def slice(self, offset: int, length: int | None = None) -> pl.DataFrame: ...
+
+
+__all__ = ["Rows", "Window"]

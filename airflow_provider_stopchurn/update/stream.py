@@ -1,0 +1,437 @@
+"""The worker path streamed: the source read a batch at a time, the diff on keys and row hashes, the target snapshot
+written as it is made. No Airflow import.
+
+:func:`plan_streamed` gives the plan ``make_plan(canonical_source(...))`` gives (the same target snapshot, change
+frames, positions and errors), while holding only the key columns (and ``id``), the committed snapshot's keys,
+createdAt and row hashes, one batch, and the changed rows:
+
+1. Each record batch is canonicalized (``canonical_batches``) and spooled to a temporary Arrow IPC file; only its
+   key columns stay in memory. Kinds are final only after the last batch (a later batch may turn a column into
+   ``json``), so the checks over the whole table (kinds joined, unique keys, ``id``) run then, on the keys alone.
+2. The keys are joined with the snapshot's (each source row's position in it); the delete safeguards are checked
+   before anything is written.
+3. The spool is read back a file at a time, retyped to the final kinds as ``merge_batches`` retypes earlier batches,
+   hashed, given its createdAt, and appended to the target snapshot file (a Parquet writer into the store, atomic
+   like ``write_snapshot``); its inserted and updated rows are kept.
+4. Deleted rows are read from the committed snapshot by row group. The rest is the whole path's: ids reconciled,
+   change parts in send order, windows encoded from them.
+
+A first load writes its target the same way; its inserts are encoded from the written file a window at a time.
+
+When: :data:`STREAM_ENV` (``auto`` by default: sources of Arrow record batches, which is what SQL sources are,
+once their canonical batches pass :data:`STREAM_ABOVE_BYTES`; a smaller one is planned whole from memory, faster).
+What is not streamed takes the whole path, with the same result: frames held in memory (pandas, polars; unless
+``always``), dry runs, ``json_columns``, ``created_at_column`` and the ``user`` table (their checks need whole
+columns); and, read from the spool, a source whose columns or kinds differ from the snapshot's, a snapshot hashed
+by another row-hash function, and key columns of another type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import GeneratorType
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from airflow_provider_stopchurn.api.contract import USER_TABLE
+from airflow_provider_stopchurn.exceptions import SnapshotError, StopChurnConfigError
+from airflow_provider_stopchurn.options import SyncOptions
+from airflow_provider_stopchurn.source.canonical import (
+    _SMALL_BATCH,
+    _is_batch_iterable,
+    _joined,
+    _retyped,
+    canonical_batches,
+    canonicalize_source,
+    merge_batches,
+    release_freed_memory,
+)
+from airflow_provider_stopchurn.source.frame import Canonical, _check_names, _composite_id, _finish
+from airflow_provider_stopchurn.store import CREATED_AT, HASH_1, HASH_2, Committed, SnapshotStore
+from airflow_provider_stopchurn.store.parquet import compacted
+from airflow_provider_stopchurn.update.diff import (
+    BASE_ROW,
+    ROW_HASH,
+    TARGET_ROW,
+    SnapshotDiff,
+    _gone,
+    _join_keys,
+    _one_row_per_key,
+    _positions,
+    _states,
+    deleted_rows,
+    with_hashes,
+)
+from airflow_provider_stopchurn.update.ids import reconcile_ids
+from airflow_provider_stopchurn.update.plan import (
+    RunPlan,
+    _change_parts,
+    _keys_retyped,
+    _Part,
+    _plan_meta,
+    check_safeguards,
+    kinds_after,
+    make_plan,
+    schema_changes,
+    timestamp_column,
+)
+
+#: When the worker path streams: ``auto`` (the default) for sources of Arrow record batches (SQL sources, readers,
+#: tables, iterators of batches) once they pass :data:`STREAM_ABOVE_BYTES`; ``always`` for every source from its
+#: first byte (a pandas or polars frame is canonicalized whole, then diffed and written as batches); ``never``: every
+#: source is read whole.
+STREAM_ENV = "STOPCHURN_WORKER_STREAM"
+_MODES = ("auto", "always", "never")
+#: Canonical bytes (polars' estimate) an Arrow source may reach in memory before it is spooled and streamed
+#: (``auto``): a smaller one takes the whole path from memory, which costs less CPU than spooling it (about a
+#: quarter less at 1M rows of 12 columns, 128 MB) and holds at most a few times this beside the keys.
+STREAM_ABOVE_BYTES = 256 * 2**20
+#: Environment variable overriding :data:`STREAM_ABOVE_BYTES` under ``auto`` (a whole number of bytes).
+STREAM_ABOVE_ENV = "STOPCHURN_WORKER_STREAM_ABOVE_BYTES"
+#: Rows a spool file holds at least (consecutive batches of the same kinds are joined), unless the source ends:
+#: each becomes a row group of the target snapshot, and is what the second pass holds at once.
+SPOOL_ROWS = 131_072
+
+
+def stream_mode() -> str:
+    """The mode :data:`STREAM_ENV` names (``auto`` when unset)."""
+    mode = os.environ.get(STREAM_ENV, "").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise StopChurnConfigError(f"{STREAM_ENV}={mode!r} is not one of {', '.join(_MODES)}.")
+    return mode
+
+
+def stream_above_bytes() -> int:
+    """The canonical bytes past which an Arrow source streams under ``auto`` (:data:`STREAM_ABOVE_ENV`)."""
+    raw = os.environ.get(STREAM_ABOVE_ENV, "").strip()
+    if not raw:
+        return STREAM_ABOVE_BYTES
+    if not raw.isdigit():
+        raise StopChurnConfigError(f"{STREAM_ABOVE_ENV}={raw!r} is not a whole number of bytes.")
+    return int(raw)
+
+
+def streams(data: Any, options: SyncOptions) -> bool:
+    """Whether a run over ``data`` (a source already called) takes :func:`plan_streamed`."""
+    mode = stream_mode()
+    if mode == "never" or options.dry_run or options.json_columns or options.table_name == USER_TABLE:
+        return False
+    if options.created_at_column is not None:
+        return False
+    if isinstance(data, pa.Table | pa.RecordBatch | pa.RecordBatchReader) or _is_batch_iterable(data):
+        return True
+    return mode == "always"
+
+
+@dataclass
+class StreamedPlan(RunPlan):
+    """A plan whose target snapshot is written already: ``target`` holds only its key columns and ``id``."""
+
+    target_version: str = ""
+    target_rows: int = 0
+
+
+class SnapshotRows:
+    """The rows of a written snapshot file, read a slice at a time (only the row groups holding it are decoded)."""
+
+    def __init__(self, store: SnapshotStore, version: str, height: int) -> None:
+        self._store = store
+        self._version = version
+        self._height = height
+
+    @property
+    def height(self) -> int:
+        return self._height
+
+    def slice(self, offset: int, length: int | None = None) -> pl.DataFrame:
+        length = self._height - offset if length is None else length
+        return self._store.read_snapshot_slice(self._version, offset, length)
+
+
+#: A canonical batch: its columns and their kinds.
+_Batch = tuple[pl.DataFrame, dict[str, str]]
+
+
+@dataclass
+class _Spool:
+    """Canonical batches in temporary Arrow IPC files, each with its kinds; their key columns kept in memory."""
+
+    folder: Path
+    files: list[tuple[Path, dict[str, str]]] = field(default_factory=list)
+    narrow: list[_Batch] = field(default_factory=list)
+    #: whether the batches come from a canonical frame already checked whole (``id`` included)
+    finished: bool = False
+    #: consecutive batches of the same kinds not yet written, joined into one file of ``SPOOL_ROWS`` or more
+    pending: list[_Batch] = field(default_factory=list)
+
+    def push(self, part: _Batch, keys: tuple[str, ...]) -> None:
+        if self.pending and part[1] != self.pending[0][1]:
+            self.flush(keys)
+        self.pending.append(part)
+        if sum(frame.height for frame, _ in self.pending) >= SPOOL_ROWS:
+            self.flush(keys)
+
+    def flush(self, keys: tuple[str, ...]) -> None:
+        if self.pending:
+            self.add(*_joined(self.pending), keys)
+            self.pending = []
+
+    def add(self, frame: pl.DataFrame, kinds: dict[str, str], keys: tuple[str, ...]) -> None:
+        path = self.folder / f"{len(self.files):07d}.arrow"
+        frame.write_ipc(path, compression="uncompressed")  # written once, read once: CPU counts, not bytes
+        self.files.append((path, kinds))
+        names = [*keys, "id"] if "id" in frame.columns and "id" not in keys else list(keys)
+        self.narrow.append((frame.select(names), kinds))
+
+    def batches(self, kinds: dict[str, str], keys: tuple[str, ...]) -> Iterator[pl.DataFrame]:
+        """The spooled batches in order, in the final ``kinds``, with the derived ``id`` when the source has none."""
+        for path, have in self.files:
+            frame = _retyped(pl.read_ipc(path), have, kinds)
+            if "id" not in frame.columns:  # as _finish derives it
+                derived = pl.col(keys[0]) if len(keys) == 1 else _composite_id(keys, kinds)
+                frame = frame.with_columns(derived.alias("id"))
+            yield frame
+
+
+def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple[str, ...], list[_Batch] | None]:
+    """Canonicalize ``data``; return the key columns, and the canonical batches when the source stayed under
+    :data:`STREAM_ABOVE_BYTES` (``auto``: held in memory, nothing spooled), else None (every batch in ``spool``)."""
+    if not (isinstance(data, pa.Table | pa.RecordBatch | pa.RecordBatchReader) or _is_batch_iterable(data)):
+        canon = canonicalize_source(data, key_columns=options.key_columns, decimal_as_string=options.decimal_as_string)
+        spool.finished = True
+        for offset in range(0, max(canon.frame.height, 1), SPOOL_ROWS):
+            spool.add(canon.frame.slice(offset, SPOOL_ROWS), canon.kinds, canon.key_columns)
+        return canon.key_columns, None
+    limit = 0 if stream_mode() == "always" else stream_above_bytes()
+    keys: tuple[str, ...] | None = None
+    held: list[_Batch] | None = []
+    held_bytes = 0
+    try:
+        batches = canonical_batches(data, key_columns=options.key_columns, decimal_as_string=options.decimal_as_string)
+        for found, part in batches:
+            keys = found
+            if held is None:
+                spool.push(part, keys)
+            else:  # a small table takes the whole path, from memory: faster
+                held.append(part)
+                held_bytes += int(part[0].estimated_size())
+                if held_bytes >= limit:  # too large to hold: spooled from now on
+                    for earlier in held:
+                        spool.push(earlier, keys)
+                    held = None
+            release_freed_memory()  # as canonicalize_arrow does after each batch
+        if keys is not None:
+            spool.flush(keys)
+    finally:
+        if isinstance(data, GeneratorType | pa.RecordBatchReader):
+            data.close()  # a SQL source's generator releases its connection
+    if keys is None:  # no batch and no schema: a source without columns
+        keys = _check_names([], options.key_columns)
+    return keys, held
+
+
+def _small_joined(parts: list[_Batch]) -> list[_Batch]:
+    """Consecutive batches of the same kinds under ``_SMALL_BATCH`` rows joined, as ``canonicalize_arrow`` joins
+    them as they are read (a frame of thousands of small chunks makes every later step slower)."""
+    joined: list[_Batch] = []
+    small: list[_Batch] = []
+    for part in parts:
+        if small and (part[1] != small[0][1] or part[0].height >= _SMALL_BATCH):
+            joined.append(_joined(small))
+            small = []
+        if part[0].height >= _SMALL_BATCH:
+            joined.append(part)
+            continue
+        small.append(part)
+        if sum(frame.height for frame, _ in small) >= _SMALL_BATCH:
+            joined.append(_joined(small))
+            small = []
+    return [*joined, _joined(small)] if small else joined
+
+
+def _source_keys(spool: _Spool, keys: tuple[str, ...]) -> Canonical:
+    """The source's key columns (and ``id``) in their final kinds, checked over the whole table as the whole path
+    checks them; ``kinds`` are every column's."""
+    frame, kinds = merge_batches(spool.narrow, keys)
+    if spool.finished:
+        return Canonical(frame=frame, kinds=kinds, key_columns=keys)
+    return _finish(frame, kinds, keys)
+
+
+def _whole(spool: _Spool, canon: Canonical) -> Canonical:
+    """The whole canonical source, from the spool (what the whole path would have read)."""
+    frames = list(spool.batches(canon.kinds, canon.key_columns))
+    frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
+    return Canonical(frame=frame, kinds=dict(canon.kinds), key_columns=canon.key_columns)
+
+
+def plan_streamed(
+    data: Any, store: SnapshotStore, options: SyncOptions, run_ms: int
+) -> tuple[RunPlan, Committed | None]:
+    """Plan a run over ``data`` (a source already called) as ``make_plan`` would, streaming where it can.
+
+    Returns the plan and the committed snapshot it was diffed against. A :class:`StreamedPlan`'s target is written
+    (``target_version``); any other plan is the whole path's, its target in memory.
+    """
+    with tempfile.TemporaryDirectory(prefix="stopchurn-spool-") as folder:
+        spool = _Spool(Path(folder))
+        keys, held = _spool_source(data, options, spool)
+        if held is not None:  # a small source, held in memory: the whole path, as canonicalize_arrow builds it
+            whole = _finish(*merge_batches(_small_joined(held), keys), keys)
+            del held
+            release_freed_memory()
+            committed = store.read_committed()
+            return make_plan(whole, committed, options, run_ms), committed
+        canon = _source_keys(spool, keys)
+        committed = store.read_committed()
+        # only the kinds are checked here (the column is read when encoding); the frame just has the columns
+        named = pl.DataFrame(schema=dict.fromkeys(canon.kinds, pl.Int64))
+        timestamp_column(Canonical(named, canon.kinds, keys), options.updated_at_column, "updated_at")
+        base_kinds: dict[str, str] = dict(committed.kinds) if committed is not None else {}
+        if committed is not None and (
+            schema_changes(committed, canon, options) or committed.row_hash != ROW_HASH or base_kinds != canon.kinds
+        ):
+            return make_plan(_whole(spool, canon), committed, options, run_ms), committed
+        kinds = kinds_after(canon, base_kinds)
+        meta = _plan_meta(options, kinds, list(keys), run_ms)
+        if committed is None:
+            return _first_load(spool, canon, store, options, run_ms, meta), None
+        plan = _churn(spool, canon, committed, store, options, run_ms, meta)
+        if plan is None:  # key columns of another type: other ids
+            return make_plan(_whole(spool, canon), committed, options, run_ms), committed
+        return plan, committed
+
+
+def _first_load(
+    spool: _Spool, canon: Canonical, store: SnapshotStore, options: SyncOptions, run_ms: int, meta: dict[str, Any]
+) -> StreamedPlan:
+    def target() -> Iterator[pl.DataFrame]:
+        for batch in spool.batches(canon.kinds, canon.key_columns):
+            created = pl.repeat(run_ms, batch.height, dtype=pl.Int64, eager=True)
+            yield with_hashes(batch.with_columns(created.alias(CREATED_AT)))
+
+    version, rows = store.write_snapshot_frames(target())
+    kinds, keys = dict(canon.kinds), list(canon.key_columns)
+    plan = StreamedPlan(canon.frame, kinds, keys, None, meta=meta, target_version=version, target_rows=rows)
+    if options.initial_load == "baseline":
+        plan.baseline, plan.unchanged = True, rows
+    elif rows:
+        plan.parts, plan.inserted = [_Part("insert", SnapshotRows(store, version, rows), kinds)], rows
+    return plan
+
+
+def _churn(
+    spool: _Spool,
+    canon: Canonical,
+    committed: Committed,
+    store: SnapshotStore,
+    options: SyncOptions,
+    run_ms: int,
+    meta: dict[str, Any],
+) -> StreamedPlan | None:
+    """The streamed diff against ``committed`` (same kinds, same row-hash function); None when the key columns'
+    types differ."""
+    keys = list(canon.key_columns)
+    source = canon.frame
+    old = committed.columns([*keys, CREATED_AT, HASH_1, HASH_2]).with_row_index(BASE_ROW)
+    if any(old.schema[k] != source.schema[k] for k in keys):
+        return None
+    new_join, old_join = _join_keys(source, old, keys)
+    new_keys = source.select(new_join)
+    positions = _positions(new_keys, old, old_join)
+    gone = _gone(old, positions)
+    if positions.len() != source.height or (gone.height and gone.select(keys).is_duplicated().any()):
+        old = _one_row_per_key(old, keys)  # the snapshot holds a key twice (see diff_snapshot)
+        positions = _positions(new_keys, old, old_join)
+        gone = _gone(old, positions)
+    del new_keys
+    # raised before the target is written; the deletes are the unmatched keys, each once
+    approved = check_safeguards(gone.height, source.height, committed, options)
+    inserted: list[pl.DataFrame] = []
+    updated: list[pl.DataFrame] = []
+
+    def target() -> Iterator[pl.DataFrame]:
+        offset = 0
+        for batch in spool.batches(canon.kinds, canon.key_columns):
+            hashed = with_hashes(batch)
+            matched = _states(hashed, old, positions.slice(offset, batch.height), None, update_all=False)
+            created = matched.get_column("__sc_old_created").fill_null(run_ms).cast(pl.Int64)
+            columns = [*batch.columns, CREATED_AT]
+            rows = hashed.with_columns(created.alias(CREATED_AT)).select([*columns, HASH_1, HASH_2])
+            yield rows
+            state = matched.get_column("state")
+            indexed = rows.select(columns).with_row_index(TARGET_ROW, offset=offset)
+            indexed = indexed.with_columns(matched.get_column(BASE_ROW))
+            # copies: rows filtered from a batch would keep the whole batch's text in memory
+            inserted.append(compacted(indexed.filter(state == 1)))
+            updated.append(compacted(indexed.filter(state == 2)))
+            offset += batch.height
+
+    version, rows = store.write_snapshot_frames(target())
+    try:
+        plan = _plan_from_diff(
+            SnapshotDiff(
+                target=source,
+                inserted=pl.concat(inserted).sort(keys),
+                updated=pl.concat(updated).sort(keys),
+                deleted=deleted_rows(committed, gone, old, keys),
+                unchanged=source.height - sum(f.height for f in inserted) - sum(f.height for f in updated),
+            ),
+            committed,
+            canon,
+            meta,
+            approved,
+        )
+    except BaseException:
+        with contextlib.suppress(SnapshotError):
+            store.delete_snapshot(version)  # no plan names it
+        raise
+    plan.target_version, plan.target_rows = version, rows
+    return plan
+
+
+def _plan_from_diff(
+    diff: SnapshotDiff,
+    committed: Committed,
+    canon: Canonical,
+    meta: dict[str, Any],
+    approved: dict[str, int] | None,
+) -> StreamedPlan:
+    """The rest of ``make_plan`` after its diff (the snapshot's kinds are the source's, no schema change)."""
+    keys = list(canon.key_columns)
+    kinds = dict(canon.kinds)
+    if approved is not None:
+        meta["approved_deletes"] = approved
+    ids_moved = False
+    if "id" in committed.kinds:
+        diff, ids_moved = reconcile_ids(diff, committed, keys)
+    retyped = _keys_retyped(diff, keys)
+    if ids_moved or retyped:
+        meta["deletes_first"] = True
+    if retyped:
+        meta["keys_retyped"] = True
+    plan = StreamedPlan(diff.target, kinds, keys, None, meta=meta, unchanged=diff.unchanged)
+    if diff.inserted.height + diff.updated.height + diff.deleted.height == 0:
+        return plan  # nothing to send, and the snapshot's kinds and hash function are the source's: no rewrite
+    plan.parts, plan.positions = _change_parts(diff, committed.kinds, kinds)
+    plan.inserted, plan.updated, plan.deleted = diff.inserted.height, diff.updated.height, diff.deleted.height
+    return plan
+
+
+__all__ = [
+    "STREAM_ABOVE_BYTES",
+    "STREAM_ABOVE_ENV",
+    "STREAM_ENV",
+    "SnapshotRows",
+    "StreamedPlan",
+    "plan_streamed",
+    "stream_mode",
+    "streams",
+]
