@@ -1,0 +1,83 @@
+"""The streamed worker path under faults its own parts bring: a spool of customer rows in a temporary folder, and a
+target snapshot read back a window at a time.
+
+A SQL source is spooled, canonicalized, to temporary Arrow files before it is diffed. A run killed outright (the
+OOM killer, SIGKILL) runs no cleanup, so those rows stay on the worker's disk; the next streamed run on that
+host must remove them. A first load's inserts are encoded from the written target snapshot a window at a time; on an
+object store each window must not download the whole snapshot again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from helpers_sync import BRAND, T0, TABLE, make_client, options
+
+from airflow_provider_stopchurn.sandbox import SandboxServer
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.stream import STREAM_ENV
+from airflow_provider_stopchurn.update.sync import run_sync
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: a child that spools a first batch of customer rows (more than one spool file holds), then dies by SIGKILL
+_KILLED_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, tempfile
+    from pathlib import Path
+    import pyarrow as pa
+    tempfile.tempdir = sys.argv[1]
+    from airflow_provider_stopchurn.options import SyncOptions
+    from airflow_provider_stopchurn.store import SnapshotStore
+    from airflow_provider_stopchurn.update.stream import SPOOL_ROWS, plan_streamed
+
+    def batches():
+        rows = SPOOL_ROWS + 10
+        emails = [f"customer{i}@example.com" for i in range(rows)]
+        yield pa.RecordBatch.from_pydict({"id": list(range(rows)), "email": emails})
+        os.kill(os.getpid(), signal.SIGKILL)
+        yield pa.RecordBatch.from_pydict({"id": [-1], "email": ["never"]})
+
+    store = SnapshotStore(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    plan_streamed(batches(), store, SyncOptions(brand_id=int(sys.argv[3]), table_name=sys.argv[4]), 0)
+    """
+)
+
+
+def _batches(keys: range) -> Callable[[], Iterator[pa.RecordBatch]]:
+    def read() -> Iterator[pa.RecordBatch]:
+        yield pa.RecordBatch.from_pydict({"id": list(keys), "email": [f"c{k}@example.com" for k in keys]})
+
+    return read
+
+
+def test_a_spool_left_by_a_killed_run_is_removed_by_the_next_streamed_run(
+    tmp_path: Path, stopchurn_sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    store_root = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), STREAM_ENV: "auto"}
+    args = [str(temporary), str(store_root), str(BRAND), TABLE]
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_CHILD, *args], env=env, capture_output=True, timeout=300, check=False
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
+    left = [p for p in temporary.rglob("*.arrow") if p.stat().st_size]
+    assert left, "the killed run spooled customer rows before it died"
+
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.setenv(STREAM_ENV, "auto")
+    store = SnapshotStore(store_root, BRAND, TABLE)
+    summary = run_sync(_batches(range(5)), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
+    assert summary.inserted == 5
+    assert sorted(p.name for p in temporary.rglob("*") if p.is_file()) == []
