@@ -15,12 +15,18 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
+import fsspec
 import pyarrow as pa
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 from helpers_sync import BRAND, T0, TABLE, make_client, options
+from killswitch_fs import quiet_upath
 
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore
@@ -81,3 +87,37 @@ def test_a_spool_left_by_a_killed_run_is_removed_by_the_next_streamed_run(
     summary = run_sync(_batches(range(5)), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
     assert summary.inserted == 5
     assert sorted(p.name for p in temporary.rglob("*") if p.is_file()) == []
+
+
+class ReadCountingMemoryFileSystem(MemoryFileSystem):
+    """An object store of its own in memory that counts the opens for reading of each snapshot file."""
+
+    protocol = ("readcountmem",)
+    store: ClassVar[dict[str, Any]] = {}
+    pseudo_dirs: ClassVar[list[str]] = [""]
+    snapshot_reads: ClassVar[Counter[str]] = Counter()
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        if "r" in mode and "/snapshots/" in str(path):
+            self.snapshot_reads[str(path)] += 1
+        return super()._open(path, mode, **kwargs)
+
+
+fsspec.register_implementation("readcountmem", ReadCountingMemoryFileSystem, clobber=True)
+
+
+def test_a_streamed_first_load_on_an_object_store_downloads_its_target_once_not_per_window(
+    stopchurn_sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its inserts are encoded a window at a time from the written target: one download of it, not one per window
+    (a 10M-row first load has 40 windows of the default 250,000 rows)."""
+    monkeypatch.setenv(STREAM_ENV, "auto")
+    store = SnapshotStore(quiet_upath(f"readcountmem://stopchurn/{uuid.uuid4().hex}"), BRAND, TABLE)
+    ReadCountingMemoryFileSystem.snapshot_reads.clear()
+    opts = options(window_rows=10, chunk_size=10)
+    summary = run_sync(_batches(range(60)), store, make_client(stopchurn_sandbox), opts, run_ms=T0)
+    assert summary.inserted == 60
+    assert len(stopchurn_sandbox.rows(BRAND, TABLE)) == 60
+    reads = ReadCountingMemoryFileSystem.snapshot_reads
+    assert len(reads) == 1, reads  # the target, now the committed snapshot
+    assert max(reads.values()) <= 2, reads

@@ -350,6 +350,9 @@ class ObjectStoreBackend:
     def __init__(self, directory: Any) -> None:
         self.directory = directory
         self._exclusive_mode: bool | None = None  # does the file system accept open(mode="xb")? None: not tried
+        #: the file :meth:`read_slice` read last (name, bytes): a plan encodes its target a window at a time, and a
+        #: download per window would fetch a large first load's snapshot tens of times. Snapshot files never change.
+        self._sliced: tuple[str, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"ObjectStoreBackend({self.location()!r})"
@@ -423,6 +426,8 @@ class ObjectStoreBackend:
         return self.read_bytes(name) == data
 
     def delete(self, name: str) -> None:
+        if self._sliced is not None and self._sliced[0] == name:
+            self._sliced = None
         try:
             self._path(name).unlink()
         except FileNotFoundError:
@@ -489,7 +494,10 @@ class ObjectStoreBackend:
         return rows
 
     def read_slice(self, name: str, offset: int, length: int) -> pl.DataFrame:
-        raw = self.read_bytes(name)
-        if raw is None:
-            raise FileNotFoundError(self.location(name))
-        return pl.scan_parquet(raw).slice(offset, length).collect()
+        if self._sliced is None or self._sliced[0] != name:
+            self._sliced = None
+            raw = self.read_bytes(name)
+            if raw is None:
+                raise FileNotFoundError(self.location(name))
+            self._sliced = (name, raw)
+        return pl.scan_parquet(self._sliced[1]).slice(offset, length).collect()
