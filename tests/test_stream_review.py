@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import fsspec
+import polars as pl
 import pyarrow as pa
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
@@ -121,3 +122,38 @@ def test_a_streamed_first_load_on_an_object_store_downloads_its_target_once_not_
     reads = ReadCountingMemoryFileSystem.snapshot_reads
     assert len(reads) == 1, reads  # the target, now the committed snapshot
     assert max(reads.values()) <= 2, reads
+
+
+class Terminated(Exception):
+    """What Airflow's SIGTERM handler raises in a task (the task is told to stop)."""
+
+
+def test_sigterm_stops_a_streamed_target_write_before_the_rest_of_the_table_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python runs signal handlers in the main thread only. The target's frames (the spool read back, retyped,
+    hashed) must be made there, not in the Parquet writer's threads: else a SIGTERM (Airflow's ``execution_timeout``,
+    a task stopped by hand) waits for the whole table, past Airflow's grace period, and the run dies by SIGKILL
+    with nothing cleaned up."""
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    made: list[int] = []
+
+    def frames() -> Iterator[pl.DataFrame]:
+        for number in range(20):
+            made.append(number)
+            if number == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield pl.DataFrame({"id": [number], "email": [f"c{number}@example.com"]})
+
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    try:
+        with pytest.raises(Terminated):
+            store.write_snapshot_frames(frames())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert made == [0, 1, 2]
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
