@@ -28,6 +28,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from helpers_sync import BRAND, T0, TABLE, make_client, options
 from killswitch_fs import quiet_upath
+from polars.testing import assert_frame_equal
 
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore
@@ -157,3 +158,123 @@ def test_sigterm_stops_a_streamed_target_write_before_the_rest_of_the_table_is_m
         signal.signal(signal.SIGTERM, previous)
     assert made == [0, 1, 2]
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def _faulted_runs(
+    factory: Callable[..., SandboxServer], monkeypatch: pytest.MonkeyPatch, runs: list[Any], faults: dict[str, Any]
+) -> None:
+    """``runs`` (Sources) on both paths, run 2 against a faulty StopChurn (rejected ids, failing ids, a body
+    limit, lost acknowledgements), the others clean; after each run both paths agree on everything observable."""
+    from test_streamed_worker_path import Side
+
+    from airflow_provider_stopchurn.exceptions import StopChurnError
+    from airflow_provider_stopchurn.sandbox import FaultConfig
+
+    with tempfile.TemporaryDirectory() as folder:
+        sides = [Side(m, SnapshotStore(Path(folder) / m, BRAND, TABLE), factory()) for m in ("never", "auto")]
+        for number, source in enumerate(runs):
+            seen = []
+            for side in sides:
+                monkeypatch.setenv(STREAM_ENV, side.mode)
+                faulty = number == 1
+                side.sandbox.set_faults(FaultConfig(**faults["config"]) if faulty else FaultConfig())
+                side.sandbox.reject_ids(faults["rejected"] if faulty else ())
+                side.sandbox.fail_ids(faults["failing"] if faulty else ())
+                opts = options(chunk_size=4, max_concurrent_requests=1, max_delete_fraction=1.0)
+                try:
+                    summary = run_sync(source.stream(), side.store, make_client(side.sandbox), opts, run_ms=T0 + number)
+                    outcome: Any = {
+                        k: v for k, v in summary.as_dict().items() if k not in ("duration_s", "snapshot_uri")
+                    }
+                except StopChurnError as err:
+                    outcome = (type(err).__name__, str(err).splitlines()[0])
+                committed = side.store.read_committed()
+                seen.append(
+                    (
+                        outcome,
+                        sorted(side.sandbox.rows(BRAND, TABLE), key=repr),
+                        side.store.pending_plan(cleanup=False) is not None,
+                        sorted(map(repr, side.store.read_quarantine())),
+                        None if committed is None else committed.frame,
+                    )
+                )
+            (*whole, whole_frame), (*streamed, streamed_frame) = seen
+            assert streamed == whole, f"run {number}"
+            assert (whole_frame is None) == (streamed_frame is None)
+            if whole_frame is not None:
+                assert_frame_equal(streamed_frame, whole_frame)
+        for side in sides:
+            side.sandbox.stop()
+
+
+FAULTS = {
+    "rejected": {"rejected": {3, 17, 41}, "failing": set(), "config": {}},
+    "failing": {"rejected": set(), "failing": {5}, "config": {}},
+    "lost acks": {"rejected": {17}, "failing": set(), "config": {"seed": 3, "drop_after_apply_rate": 0.4}},
+    "413": {"rejected": {3}, "failing": set(), "config": {"max_body_bytes": 700}},
+    "html 200": {"rejected": set(), "failing": set(), "config": {"seed": 1, "html_ok_rate": 0.5}},
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_streamed_and_whole_paths_settle_a_faulty_delivery_the_same(
+    fault: str, stopchurn_sandbox_factory: Callable[..., SandboxServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_streamed_worker_path import Source, _row
+
+    first = Source([_row(k, 0) for k in range(45)], [10, 30])
+    churn = Source([_row(k, 1 if k % 2 else 0) for k in range(3, 50)][::-1], [7, 7, 20])
+    again = Source([_row(k, 2 if k % 3 else 0) for k in range(2, 52)], [25])
+    _faulted_runs(stopchurn_sandbox_factory, monkeypatch, [first, churn, churn, again], FAULTS[fault])
+
+
+#: a child whose streamed first load dies (``os._exit``, as SIGKILL) just before its target snapshot is published:
+#: the kill switch of ``crash_at_write_worker.py``, on the ``os.replace`` of a snapshot file
+_DIES_BEFORE_PUBLISHING = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    import pyarrow as pa
+    from airflow_provider_stopchurn.options import SyncOptions
+    from airflow_provider_stopchurn.store import SnapshotStore
+    from airflow_provider_stopchurn.update.stream import plan_streamed
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if "snapshots" in str(dst) and str(dst).endswith(".parquet"):
+            os._exit(9)
+        real_replace(src, dst)
+
+    os.replace = replace
+    rows = 50_000
+    batch = pa.RecordBatch.from_pydict({"id": list(range(rows)), "email": [f"c{i}@example.com" for i in range(rows)]})
+    store = SnapshotStore(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    plan_streamed(iter([batch]), store, SyncOptions(brand_id=int(sys.argv[2]), table_name=sys.argv[3]), 0)
+    """
+)
+
+
+def test_a_target_left_half_published_by_a_killed_run_is_removed_by_the_next_run(
+    tmp_path: Path, stopchurn_sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The streamed target is written aside for the whole second pass (minutes for a large table), so a run killed
+    then (OOM, SIGKILL past the grace period) leaves a hidden temporary file of up to the whole table in the
+    store; retries killed the same way would pile them up. The next run that writes a snapshot removes them."""
+    root = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), STREAM_ENV: "auto"}
+    child = subprocess.run(
+        [sys.executable, "-c", _DIES_BEFORE_PUBLISHING, str(root), str(BRAND), TABLE],
+        env=env,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    assert child.returncode == 9, child.stderr.decode()[-2000:]
+    assert [p.name for p in root.rglob("*.tmp")], "the killed run left its target aside"
+
+    monkeypatch.setenv(STREAM_ENV, "auto")
+    store = SnapshotStore(root, BRAND, TABLE)
+    summary = run_sync(_batches(range(5)), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
+    assert summary.inserted == 5
+    assert [p.name for p in root.rglob("*.tmp")] == []

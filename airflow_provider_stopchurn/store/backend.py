@@ -309,6 +309,10 @@ class LocalBackend:
         path = self._path(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # a streamed snapshot lies aside while the whole table is read: a run killed then (OOM, SIGKILL) leaves
+            # it. Snapshots are written under the table's lock, so any such file left here is a dead run's.
+            for left in path.parent.glob(".*.parquet.*.tmp"):
+                left.unlink(missing_ok=True)
             tmp = self._temporary(path)
             try:
                 rows = write_parquet_frames(frames, tmp)
