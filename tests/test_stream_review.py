@@ -9,6 +9,7 @@ object store each window must not download the whole snapshot again.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -27,10 +28,14 @@ import pyarrow as pa
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from helpers_sync import BRAND, T0, TABLE, make_client, options
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from killswitch_fs import quiet_upath
 from polars.testing import assert_frame_equal
+from test_streamed_worker_path import Side, Source, _row
 
-from airflow_provider_stopchurn.sandbox import SandboxServer
+from airflow_provider_stopchurn.exceptions import StopChurnError
+from airflow_provider_stopchurn.sandbox import FaultConfig, SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.stream import STREAM_ENV
 from airflow_provider_stopchurn.update.sync import run_sync
@@ -161,15 +166,14 @@ def test_sigterm_stops_a_streamed_target_write_before_the_rest_of_the_table_is_m
 
 
 def _faulted_runs(
-    factory: Callable[..., SandboxServer], monkeypatch: pytest.MonkeyPatch, runs: list[Any], faults: dict[str, Any]
+    factory: Callable[..., SandboxServer],
+    monkeypatch: pytest.MonkeyPatch,
+    runs: list[Any],
+    faults: dict[str, Any],
+    **kw: Any,
 ) -> None:
     """``runs`` (Sources) on both paths, run 2 against a faulty StopChurn (rejected ids, failing ids, a body
     limit, lost acknowledgements), the others clean; after each run both paths agree on everything observable."""
-    from test_streamed_worker_path import Side
-
-    from airflow_provider_stopchurn.exceptions import StopChurnError
-    from airflow_provider_stopchurn.sandbox import FaultConfig
-
     with tempfile.TemporaryDirectory() as folder:
         sides = [Side(m, SnapshotStore(Path(folder) / m, BRAND, TABLE), factory()) for m in ("never", "auto")]
         for number, source in enumerate(runs):
@@ -180,7 +184,7 @@ def _faulted_runs(
                 side.sandbox.set_faults(FaultConfig(**faults["config"]) if faulty else FaultConfig())
                 side.sandbox.reject_ids(faults["rejected"] if faulty else ())
                 side.sandbox.fail_ids(faults["failing"] if faulty else ())
-                opts = options(chunk_size=4, max_concurrent_requests=1, max_delete_fraction=1.0)
+                opts = options(chunk_size=4, max_concurrent_requests=1, max_delete_fraction=1.0, **kw)
                 try:
                     summary = run_sync(source.stream(), side.store, make_client(side.sandbox), opts, run_ms=T0 + number)
                     outcome: Any = {
@@ -220,8 +224,6 @@ FAULTS = {
 def test_streamed_and_whole_paths_settle_a_faulty_delivery_the_same(
     fault: str, stopchurn_sandbox_factory: Callable[..., SandboxServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from test_streamed_worker_path import Source, _row
-
     first = Source([_row(k, 0) for k in range(45)], [10, 30])
     churn = Source([_row(k, 1 if k % 2 else 0) for k in range(3, 50)][::-1], [7, 7, 20])
     again = Source([_row(k, 2 if k % 3 else 0) for k in range(2, 52)], [25])
@@ -278,3 +280,86 @@ def test_a_target_left_half_published_by_a_killed_run_is_removed_by_the_next_run
     summary = run_sync(_batches(range(5)), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
     assert summary.inserted == 5
     assert [p.name for p in root.rglob("*.tmp")] == []
+
+
+_KINDS = {
+    "int": (pa.int64(), lambda k, s: k * 3 + s),
+    "float": (pa.float64(), lambda k, s: (k + s) / 2),
+    "text": (pa.string(), lambda k, s: f"t{k}-{s}"),
+    "bool": (pa.bool_(), lambda k, s: (k + s) % 2 == 0),
+    "null": (pa.null(), lambda k, s: None),
+    "nulls": (pa.int32(), lambda k, s: None),
+}
+
+
+@st.composite
+def _kind_runs(draw: st.DrawFn) -> tuple[list[Any], dict[str, Any]]:
+    """Three runs of a source whose columns ``x`` and ``y`` change kind from batch to batch (all-NULL batches,
+    integers then floats or text or booleans), keys integers or text (retyped between runs), batches uneven."""
+    runs = []
+    keys = draw(st.sets(st.integers(0, 40), max_size=20))
+    for run in range(3):
+        if run:
+            keys = (keys - draw(st.sets(st.sampled_from(sorted(keys)), max_size=5) if keys else st.just(set()))) | draw(
+                st.sets(st.integers(0, 40), max_size=5)
+            )
+        text_keys = draw(st.booleans()) if run else False
+        order = draw(st.permutations(sorted(keys)))
+        cuts = sorted(draw(st.lists(st.integers(0, len(order)), max_size=4)))
+        kinds = [
+            (draw(st.sampled_from(sorted(_KINDS))), draw(st.sampled_from(sorted(_KINDS)))) for _ in range(len(cuts) + 1)
+        ]
+        seed = draw(st.integers(0, 2))
+        runs.append((order, cuts, kinds, text_keys, seed))
+    policy = {
+        "on_schema_change": draw(st.sampled_from(["fail", "update_all", "rebaseline"])),
+        "initial_load": draw(st.sampled_from(["send", "baseline"])),
+    }
+    return runs, policy
+
+
+class _KindSource:
+    def __init__(self, order: list[int], cuts: list[int], kinds: list[tuple[str, str]], text_keys: bool, seed: int):
+        self.order, self.cuts, self.kinds, self.text_keys, self.seed = order, cuts, kinds, text_keys, seed
+
+    def stream(self) -> Callable[[], Iterator[pa.RecordBatch]]:
+        bounds = [0, *self.cuts, len(self.order)]
+        batches = []
+        for (start, end), (xk, yk) in zip(itertools.pairwise(bounds), self.kinds, strict=True):
+            part = self.order[start:end]
+            key_type = pa.string() if self.text_keys else pa.int64()
+            ids = [str(k) if self.text_keys else k for k in part]
+            (xt, xf), (yt, yf) = _KINDS[xk], _KINDS[yk]
+            batches.append(
+                pa.RecordBatch.from_arrays(
+                    [
+                        pa.array(ids, key_type),
+                        pa.array([xf(k, self.seed) for k in part], xt),
+                        pa.array([yf(k, 0) for k in part], yt),
+                    ],
+                    names=["id", "x", "y"],
+                )
+            )
+
+        def read() -> Iterator[pa.RecordBatch]:
+            yield from batches
+
+        return read
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(drawn=_kind_runs())
+def test_streamed_and_whole_paths_agree_when_kinds_change_between_batches_and_runs(
+    drawn: tuple[list[Any], dict[str, Any]],
+    stopchurn_sandbox_factory: Callable[..., SandboxServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runs, policy = drawn
+    sources = [_KindSource(*run) for run in runs]
+    _faulted_runs(
+        stopchurn_sandbox_factory,
+        monkeypatch,
+        sources,
+        {"rejected": set(), "failing": set(), "config": {}},
+        **policy,
+    )
