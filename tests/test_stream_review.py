@@ -363,3 +363,62 @@ def test_streamed_and_whole_paths_agree_when_kinds_change_between_batches_and_ru
         {"rejected": set(), "failing": set(), "config": {}},
         **policy,
     )
+
+
+#: a child whose streamed first load into an object store dies (``os._exit``, as SIGKILL) as it uploads its target
+#: snapshot: the file it wrote locally before the upload holds the table
+_DIES_UPLOADING = textwrap.dedent(
+    """
+    import os, sys, tempfile
+    import fsspec
+    import pyarrow as pa
+    from fsspec.implementations.memory import MemoryFileSystem
+    from upath import UPath
+    tempfile.tempdir = sys.argv[1]
+    from airflow_provider_stopchurn.options import SyncOptions
+    from airflow_provider_stopchurn.store import SnapshotStore
+    from airflow_provider_stopchurn.update.stream import plan_streamed
+
+    class DiesUploading(MemoryFileSystem):
+        protocol = ("diesuploading",)
+        store = {}
+        pseudo_dirs = [""]
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "r" not in mode and "/snapshots/" in str(path):
+                os._exit(9)
+            return super()._open(path, mode, **kwargs)
+
+    fsspec.register_implementation("diesuploading", DiesUploading, clobber=True)
+    rows = 50_000
+    batch = pa.RecordBatch.from_pydict({"id": list(range(rows)), "email": [f"c{i}@example.com" for i in range(rows)]})
+    store = SnapshotStore(UPath("diesuploading://stopchurn/t"), int(sys.argv[2]), sys.argv[3])
+    plan_streamed(iter([batch]), store, SyncOptions(brand_id=int(sys.argv[2]), table_name=sys.argv[3]), 0)
+    """
+)
+
+
+def test_a_local_copy_left_by_a_run_killed_uploading_its_target_is_removed_by_the_next_run(
+    tmp_path: Path, stopchurn_sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an object store the streamed target is written to a local temporary file, then uploaded: a run killed
+    before the upload ends (OOM, SIGKILL) leaves the table on the worker's disk; the next streamed run removes it."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), STREAM_ENV: "auto"}
+    child = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _DIES_UPLOADING, str(temporary), str(BRAND), TABLE],
+        env=env,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    assert child.returncode == 9, child.stderr.decode()[-2000:]
+    assert [p for p in temporary.rglob("*.parquet") if p.stat().st_size], "the killed run left its target locally"
+
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.setenv(STREAM_ENV, "auto")
+    store = SnapshotStore(tmp_path / "store", BRAND, TABLE)
+    summary = run_sync(_batches(range(5)), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
+    assert summary.inserted == 5
+    assert sorted(p.name for p in temporary.rglob("*") if p.is_file()) == []

@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ import polars as pl
 
 from airflow_provider_stopchurn.exceptions import SnapshotError
 from airflow_provider_stopchurn.store.parquet import rows_by_row_group, write_parquet, write_parquet_frames
+from airflow_provider_stopchurn.store.scratch import scratch_folder
 
 log = logging.getLogger(__name__)
 
@@ -491,8 +491,8 @@ class ObjectStoreBackend:
 
     def write_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> int:
         # written to a local temporary file first, then one PUT of it (an object is visible whole, or not at all)
-        with tempfile.TemporaryDirectory(prefix="stopchurn-") as folder:
-            local = Path(folder) / "snapshot.parquet"
+        with scratch_folder() as folder:  # removed by the next run if this one is killed
+            local = folder / "snapshot.parquet"
             rows = write_parquet_frames(frames, local)
             self.write_bytes(name, local.read_bytes(), durable=True)
         return rows

@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +52,7 @@ from airflow_provider_stopchurn.source.canonical import (
 )
 from airflow_provider_stopchurn.source.frame import Canonical, _check_names, _composite_id, _finish
 from airflow_provider_stopchurn.store import CREATED_AT, HASH_1, HASH_2, Committed, SnapshotStore
+from airflow_provider_stopchurn.store.scratch import scratch_folder
 from airflow_provider_stopchurn.update.diff import (
     BASE_ROW,
     ROW_HASH,
@@ -212,51 +210,6 @@ def _whole(spool: _Spool, canon: Canonical) -> Canonical:
     return Canonical(frame=frame, kinds=dict(canon.kinds), key_columns=canon.key_columns)
 
 
-#: Spool folders are named so in the temporary directory; one is made under another name, then renamed to this
-#: once its owner lock is held, so a sweep never takes a folder whose owner is still starting.
-SPOOL_PREFIX = "stopchurn-spool-"
-_OWNER = "owner.lock"
-
-
-@contextlib.contextmanager
-def _spool_folder() -> Iterator[Path]:
-    """A private temporary folder for the spool, removed on every exit this process lives through.
-
-    A process killed outright (the OOM killer, SIGKILL) runs no cleanup and would leave the source's rows on the
-    worker's disk: the folder holds an exclusive lock on its ``owner.lock`` while its run lives (the system drops it
-    when the process dies), and every streamed run first removes the spools whose lock is free.
-    """
-    _sweep_spools()
-    made = Path(tempfile.mkdtemp(prefix=f".{SPOOL_PREFIX}new-"))
-    try:
-        with (made / _OWNER).open("wb") as owner:
-            if sys.platform != "win32":
-                import fcntl
-
-                fcntl.flock(owner.fileno(), fcntl.LOCK_EX)
-            folder = made.with_name(SPOOL_PREFIX + made.name.removeprefix(f".{SPOOL_PREFIX}new-"))
-            made.rename(folder)
-            made = folder
-            yield folder
-    finally:
-        shutil.rmtree(made, ignore_errors=True)
-
-
-def _sweep_spools() -> None:
-    """Remove the spool folders of runs that died (their owner lock is free); a live run's lock is held."""
-    if sys.platform == "win32":
-        return
-    import fcntl
-
-    for folder in Path(tempfile.gettempdir()).glob(f"{SPOOL_PREFIX}*"):
-        try:
-            with (folder / _OWNER).open("rb") as owner:
-                fcntl.flock(owner.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # held by a live run, another user's, or gone already
-            continue
-
-
 def plan_streamed(
     data: Any, store: SnapshotStore, options: SyncOptions, run_ms: int
 ) -> tuple[RunPlan, Committed | None]:
@@ -265,7 +218,7 @@ def plan_streamed(
     Returns the plan and the committed snapshot it was diffed against. A :class:`StreamedPlan`'s target is written
     (``target_version``); any other plan is the whole path's, its target in memory.
     """
-    with _spool_folder() as folder:
+    with scratch_folder() as folder:
         spool = _Spool(folder)
         keys = _spool_source(data, options, spool)
         canon = _source_keys(spool, keys)
