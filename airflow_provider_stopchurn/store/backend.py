@@ -309,9 +309,7 @@ class LocalBackend:
         path = self._path(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # a streamed snapshot lies aside while the whole table is read: a run killed then (OOM, SIGKILL) leaves
-            # it. Snapshots are written under the table's lock, so any such file left here is a dead run's.
-            for left in path.parent.glob(".*.parquet.*.tmp"):
+            for left in path.parent.glob(".*.parquet.*.tmp"):  # a killed run's (snapshots are written locked)
                 left.unlink(missing_ok=True)
             tmp = self._temporary(path)
             try:
@@ -354,9 +352,7 @@ class ObjectStoreBackend:
     def __init__(self, directory: Any) -> None:
         self.directory = directory
         self._exclusive_mode: bool | None = None  # does the file system accept open(mode="xb")? None: not tried
-        #: the file :meth:`read_slice` read last (name, bytes): a plan encodes its target a window at a time, and a
-        #: download per window would fetch a large first load's snapshot tens of times. Snapshot files never change.
-        self._sliced: tuple[str, bytes] | None = None
+        self._sliced: tuple[str, bytes] | None = None  # read_slice's last file: one download for all windows
 
     def __repr__(self) -> str:
         return f"ObjectStoreBackend({self.location()!r})"
@@ -430,8 +426,6 @@ class ObjectStoreBackend:
         return self.read_bytes(name) == data
 
     def delete(self, name: str) -> None:
-        if self._sliced is not None and self._sliced[0] == name:
-            self._sliced = None
         try:
             self._path(name).unlink()
         except FileNotFoundError:
@@ -498,8 +492,7 @@ class ObjectStoreBackend:
         return rows
 
     def read_slice(self, name: str, offset: int, length: int) -> pl.DataFrame:
-        if self._sliced is None or self._sliced[0] != name:
-            self._sliced = None
+        if self._sliced is None or self._sliced[0] != name:  # snapshot files never change
             raw = self.read_bytes(name)
             if raw is None:
                 raise FileNotFoundError(self.location(name))
