@@ -79,7 +79,7 @@ def test_a_spool_left_by_a_killed_run_is_removed_by_the_next_streamed_run(
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     store_root = tmp_path / "store"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), STREAM_ENV: "auto"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), STREAM_ENV: "always"}
     args = [str(temporary), str(store_root), str(BRAND), TABLE]
     child = subprocess.run(
         [sys.executable, "-c", _KILLED_CHILD, *args], env=env, capture_output=True, timeout=300, check=False
@@ -89,7 +89,7 @@ def test_a_spool_left_by_a_killed_run_is_removed_by_the_next_streamed_run(
     assert left, "the killed run spooled customer rows before it died"
 
     monkeypatch.setattr(tempfile, "tempdir", str(temporary))
-    monkeypatch.setenv(STREAM_ENV, "auto")
+    monkeypatch.setenv(STREAM_ENV, "always")
     store = SnapshotStore(store_root, BRAND, TABLE)
     summary = run_sync(_batches(range(5)), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
     assert summary.inserted == 5
@@ -118,7 +118,7 @@ def test_a_streamed_first_load_on_an_object_store_downloads_its_target_once_not_
 ) -> None:
     """Its inserts are encoded a window at a time from the written target: one download of it, not one per window
     (a 10M-row first load has 40 windows of the default 250,000 rows)."""
-    monkeypatch.setenv(STREAM_ENV, "auto")
+    monkeypatch.setenv(STREAM_ENV, "always")
     store = SnapshotStore(quiet_upath(f"readcountmem://stopchurn/{uuid.uuid4().hex}"), BRAND, TABLE)
     ReadCountingMemoryFileSystem.snapshot_reads.clear()
     opts = options(window_rows=10, chunk_size=10)
@@ -175,7 +175,7 @@ def _faulted_runs(
     """``runs`` (Sources) on both paths, run 2 against a faulty StopChurn (rejected ids, failing ids, a body
     limit, lost acknowledgements), the others clean; after each run both paths agree on everything observable."""
     with tempfile.TemporaryDirectory() as folder:
-        sides = [Side(m, SnapshotStore(Path(folder) / m, BRAND, TABLE), factory()) for m in ("never", "auto")]
+        sides = [Side(m, SnapshotStore(Path(folder) / m, BRAND, TABLE), factory()) for m in ("never", "always")]
         for number, source in enumerate(runs):
             seen = []
             for side in sides:
@@ -264,7 +264,7 @@ def test_a_target_left_half_published_by_a_killed_run_is_removed_by_the_next_run
     then (OOM, SIGKILL past the grace period) leaves a hidden temporary file of up to the whole table in the
     store; retries killed the same way would pile them up. The next run that writes a snapshot removes them."""
     root = tmp_path / "store"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), STREAM_ENV: "auto"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), STREAM_ENV: "always"}
     child = subprocess.run(
         [sys.executable, "-c", _DIES_BEFORE_PUBLISHING, str(root), str(BRAND), TABLE],
         env=env,
@@ -275,7 +275,7 @@ def test_a_target_left_half_published_by_a_killed_run_is_removed_by_the_next_run
     assert child.returncode == 9, child.stderr.decode()[-2000:]
     assert [p.name for p in root.rglob("*.tmp")], "the killed run left its target aside"
 
-    monkeypatch.setenv(STREAM_ENV, "auto")
+    monkeypatch.setenv(STREAM_ENV, "always")
     store = SnapshotStore(root, BRAND, TABLE)
     summary = run_sync(_batches(range(5)), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
     assert summary.inserted == 5
@@ -405,7 +405,7 @@ def test_a_local_copy_left_by_a_run_killed_uploading_its_target_is_removed_by_th
     before the upload ends (OOM, SIGKILL) leaves the table on the worker's disk; the next streamed run removes it."""
     temporary = tmp_path / "tmp"
     temporary.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), STREAM_ENV: "auto"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), STREAM_ENV: "always"}
     child = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", _DIES_UPLOADING, str(temporary), str(BRAND), TABLE],
         env=env,
@@ -417,7 +417,7 @@ def test_a_local_copy_left_by_a_run_killed_uploading_its_target_is_removed_by_th
     assert [p for p in temporary.rglob("*.parquet") if p.stat().st_size], "the killed run left its target locally"
 
     monkeypatch.setattr(tempfile, "tempdir", str(temporary))
-    monkeypatch.setenv(STREAM_ENV, "auto")
+    monkeypatch.setenv(STREAM_ENV, "always")
     store = SnapshotStore(tmp_path / "store", BRAND, TABLE)
     summary = run_sync(_batches(range(5)), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
     assert summary.inserted == 5

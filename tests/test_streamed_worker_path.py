@@ -2,7 +2,8 @@
 
 A source of Arrow record batches is planned batch by batch (``update/stream.py``): spooled, diffed on keys and row
 hashes, its target snapshot written as it is made. Every case here runs one sequence of sources twice, once with
-``STOPCHURN_WORKER_STREAM=never`` (the whole path) and once streamed, each into its own store and sandbox, and
+``STOPCHURN_WORKER_STREAM=never`` (the whole path) and once streamed (``always``: these small tables would take
+the whole path under ``auto``), each into its own store and sandbox, and
 compares, run by run: the plan (target snapshot frame with dtypes, positions, encoded updates, counts, meta), the
 request bodies sent, the summaries, the committed snapshots, the errors, and the sandbox tables. Batch layouts are
 drawn at random: uneven and empty batches, a column that is integers in one batch and text in a later one (json),
@@ -31,7 +32,7 @@ from airflow_provider_stopchurn.exceptions import StopChurnError
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.plan import RunPlan, make_plan
-from airflow_provider_stopchurn.update.stream import STREAM_ENV, StreamedPlan, plan_streamed
+from airflow_provider_stopchurn.update.stream import STREAM_ABOVE_ENV, STREAM_ENV, StreamedPlan, plan_streamed
 from airflow_provider_stopchurn.update.sync import canonical_source, run_sync
 
 PARIS = pa.timestamp("us", tz="Europe/Paris")
@@ -141,9 +142,12 @@ def _outcome(call: Callable[[], Any]) -> tuple[Any, tuple[str, str] | None]:
         return None, (type(err).__name__, str(err))
 
 
-def _assert_same_plans(source: Source, store: SnapshotStore, run_ms: int, **kw: Any) -> bool:
+def _assert_same_plans(
+    source: Source, store: SnapshotStore, run_ms: int, monkeypatch: pytest.MonkeyPatch, mode: str, **kw: Any
+) -> bool:
     """The streamed plan and the whole plan over the same committed snapshot are the same plan; whether the plan
     was streamed (else it fell back to the whole path, or both failed)."""
+    monkeypatch.setenv(STREAM_ENV, mode)
     opts = options(chunk_size=3, **kw)
     committed = store.read_committed()
     whole, whole_error = _outcome(lambda: make_plan(canonical_source(source.stream()(), opts), committed, opts, run_ms))
@@ -188,20 +192,24 @@ def _run_both(sides: list[Side], source: Source, run_ms: int, monkeypatch: pytes
         assert (streamed.kinds, streamed.rows, streamed.row_hash) == (whole.kinds, whole.rows, whole.row_hash)
 
 
-def _sides(factory: Callable[..., SandboxServer], root: Path) -> list[Side]:
-    return [Side(mode, SnapshotStore(root / mode, BRAND, TABLE), factory()) for mode in ("never", "auto")]
+def _sides(factory: Callable[..., SandboxServer], root: Path, mode: str) -> list[Side]:
+    return [Side(m, SnapshotStore(root / m, BRAND, TABLE), factory()) for m in ("never", mode)]
 
 
 def _check_runs(
-    runs: list[Source], factory: Callable[..., SandboxServer], monkeypatch: pytest.MonkeyPatch, **kw: Any
+    runs: list[Source],
+    factory: Callable[..., SandboxServer],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str = "always",
+    **kw: Any,
 ) -> list[bool]:
     """Run ``runs`` on both paths, comparing them run by run; per run, whether its plan was streamed."""
     streamed = []
     with tempfile.TemporaryDirectory() as folder:
-        sides = _sides(factory, Path(folder))
+        sides = _sides(factory, Path(folder), mode)
         try:
             for number, source in enumerate(runs):
-                streamed.append(_assert_same_plans(source, sides[0].store, T0 + number, **kw))
+                streamed.append(_assert_same_plans(source, sides[0].store, T0 + number, monkeypatch, mode, **kw))
                 _run_both(sides, source, T0 + number, monkeypatch, **kw)
         finally:
             for side in sides:
@@ -210,14 +218,21 @@ def _check_runs(
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(runs=sources(), policy=st.sampled_from(["fail", "update_all"]))
+@given(runs=sources(), policy=st.sampled_from(["fail", "update_all"]), above=st.sampled_from([None, 0, 600, 3000]))
 def test_streamed_and_whole_paths_plan_write_and_send_the_same(
     runs: list[Source],
     policy: str,
+    above: int | None,
     stopchurn_sandbox_factory: Callable[..., SandboxServer],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _check_runs(runs, stopchurn_sandbox_factory, monkeypatch, on_schema_change=policy, max_delete_fraction=1.0)
+    """``above``: None streams from the first byte (``always``); a number streams once the batches held pass it
+    (``auto``), so a source starts in memory and is spooled from a batch in its middle."""
+    if above is not None:
+        monkeypatch.setenv(STREAM_ABOVE_ENV, str(above))
+    mode = "always" if above is None else "auto"
+    kw: dict[str, Any] = {"on_schema_change": policy, "max_delete_fraction": 1.0}
+    _check_runs(runs, stopchurn_sandbox_factory, monkeypatch, mode, **kw)
 
 
 def _rows(keys: range, seed: int = 0) -> list[dict[str, Any]]:
@@ -287,19 +302,28 @@ def test_ids_changing_under_a_key_that_is_not_the_id_are_deleted_first_the_same_
     assert _check_runs(runs, stopchurn_sandbox_factory, monkeypatch, **kw) == [True, True]
 
 
-def test_streaming_is_what_runs_for_a_batch_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The switch is real: a batch source plans streamed (target written as it is read), unless told ``never``."""
+def test_a_small_batch_source_takes_the_whole_path_unless_told_always(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``auto`` a batch source streams only past ``STREAM_ABOVE_BYTES``; ``always`` streams it at once."""
     source = Source(_rows(range(10)), [4])
     store = SnapshotStore(tmp_path, BRAND, TABLE)
     monkeypatch.delenv(STREAM_ENV, raising=False)
     plan, committed = plan_streamed(source.stream()(), store, options(), T0)
     assert committed is None
+    assert not isinstance(plan, StreamedPlan)
+    assert plan.target.height == 10
+    monkeypatch.setenv(STREAM_ENV, "always")
+    plan, _ = plan_streamed(source.stream()(), store, options(), T0)
     assert isinstance(plan, StreamedPlan)
     assert store.read_snapshot(plan.target_version).height == 10
 
 
-def test_a_streamed_plan_holds_the_keys_and_the_changed_rows_not_the_table(tmp_path: Path) -> None:
+def test_a_streamed_plan_holds_the_keys_and_the_changed_rows_not_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The streamed churn keeps the key columns (and ``id``) and the changed rows; the target is on disk."""
+    monkeypatch.setenv(STREAM_ENV, "always")
     store = SnapshotStore(tmp_path, BRAND, TABLE)
     first = Source(_rows(range(2_000)), [500, 1_200])
     plan, _ = plan_streamed(first.stream()(), store, options(initial_load="baseline"), T0)

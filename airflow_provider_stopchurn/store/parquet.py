@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from polars.io.plugins import register_io_source
 
-__all__ = ["rows_by_row_group", "write_parquet", "write_parquet_frames"]
+__all__ = ["compacted", "rows_by_row_group", "write_parquet", "write_parquet_frames"]
 
 
 def rows_by_row_group(source: Path | bytes, keys: pl.DataFrame) -> pl.DataFrame:
@@ -50,7 +50,7 @@ def rows_by_row_group(source: Path | bytes, keys: pl.DataFrame) -> pl.DataFrame:
         first, last = np.searchsorted(found, [offset, offset + rows])
         if last > first:
             group = pl.scan_parquet(source).slice(offset, rows).collect()
-            parts.append(group[found[first:last] - offset])
+            parts.append(compacted(group[found[first:last] - offset]))
         offset += rows
     if not parts:
         return pl.scan_parquet(source).head(0).collect()
@@ -64,6 +64,18 @@ def _row_group_rows(source: Path | bytes) -> list[int]:
     """The number of rows of each row group of a Parquet file (read from its footer)."""
     metadata = pq.read_metadata(io.BytesIO(source) if isinstance(source, bytes) else source)
     return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+
+
+def compacted(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with its own copy of the text it holds.
+
+    A few rows taken from a large frame (a filter, a gather) share its text buffers (polars' string views): the
+    rows of every row group or batch they came from would stay in memory with them. Converting through Arrow copies
+    only the text the rows hold.
+    """
+    copied = pl.from_arrow(frame.to_arrow())
+    assert isinstance(copied, pl.DataFrame)
+    return copied.cast(frame.schema) if copied.schema != frame.schema else copied
 
 
 def write_parquet(frame: pl.DataFrame, target: Path | io.BytesIO) -> None:
