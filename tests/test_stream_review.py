@@ -10,6 +10,7 @@ object store each window must not download the whole snapshot again.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -421,4 +422,51 @@ def test_a_local_copy_left_by_a_run_killed_uploading_its_target_is_removed_by_th
     store = SnapshotStore(tmp_path / "store", BRAND, TABLE)
     summary = run_sync(_batches(range(5)), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
     assert summary.inserted == 5
+    assert sorted(p.name for p in temporary.rglob("*") if p.is_file()) == []
+
+
+#: a child whose temporary disk is too small for the spool (a file size limit, as a full disk): the run's error
+_SPOOL_DISK_FULL = textwrap.dedent(
+    """
+    import json, resource, signal, sys, tempfile
+    from pathlib import Path
+    import pyarrow as pa
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+    tempfile.tempdir = sys.argv[1]
+    from airflow_provider_stopchurn.options import SyncOptions
+    from airflow_provider_stopchurn.store import SnapshotStore
+    from airflow_provider_stopchurn.update.stream import plan_streamed
+
+    rows = 200_000
+    emails = [f"customer{i}@example.com" for i in range(rows)]
+    batch = pa.RecordBatch.from_pydict({"id": list(range(rows)), "email": emails})
+    store = SnapshotStore(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    try:
+        plan_streamed(iter([batch]), store, SyncOptions(brand_id=int(sys.argv[3]), table_name=sys.argv[4]), 0)
+    except BaseException as err:
+        print(json.dumps({"type": [c.__name__ for c in type(err).__mro__], "message": str(err)}))
+    """
+)
+
+
+def test_a_full_temporary_disk_is_reported_as_the_spool_that_did_not_fit(tmp_path: Path) -> None:
+    """The whole path writes nothing to the worker's temporary disk; the streamed path spools the whole source there
+    uncompressed. When it does not fit, the run must fail with an error of the provider that says where and what to
+    do, not a bare ``OSError: File too large (os error 27)`` naming no file."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), STREAM_ENV: "always"}
+    child = subprocess.run(
+        [sys.executable, "-c", _SPOOL_DISK_FULL, str(temporary), str(tmp_path / "store"), str(BRAND), TABLE],
+        env=env,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr.decode()[-2000:]
+    raised = json.loads(child.stdout.decode().strip().splitlines()[-1])
+    assert "StopChurnError" in raised["type"], raised
+    assert str(temporary) in raised["message"].splitlines()[0]
+    assert "TMPDIR" in raised["message"]
     assert sorted(p.name for p in temporary.rglob("*") if p.is_file()) == []

@@ -17,7 +17,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["SCRATCH_PREFIX", "scratch_folder"]
+from airflow_provider_stopchurn.exceptions import SnapshotError
+
+__all__ = ["SCRATCH_PREFIX", "scratch_folder", "scratch_write_error"]
 
 #: the names of the folders, in the system's temporary directory (``TMPDIR``)
 SCRATCH_PREFIX = "stopchurn-scratch-"
@@ -42,6 +44,19 @@ def scratch_folder() -> Iterator[Path]:
             yield folder
     finally:
         shutil.rmtree(made, ignore_errors=True)
+
+
+def scratch_write_error(folder: Path, err: OSError) -> SnapshotError:
+    """The error of a write into a scratch folder that failed (most often a full temporary disk).
+
+    The whole worker path writes nothing there; a streamed run writes about the source's canonical size, so the
+    message names the directory and what to change.
+    """
+    return SnapshotError(
+        f"Cannot write the run's temporary files in {folder.parent}: {err.__class__.__name__}: {err}.\n"
+        "A streamed run spools the source there (about its uncompressed size) before it diffs it. Free space there, "
+        "point TMPDIR at a larger disk, or set STOPCHURN_WORKER_STREAM=never to read the source into memory."
+    )
 
 
 def _sweep() -> None:

@@ -54,7 +54,7 @@ from airflow_provider_stopchurn.source.canonical import (
 from airflow_provider_stopchurn.source.frame import Canonical, _check_names, _composite_id, _finish
 from airflow_provider_stopchurn.store import CREATED_AT, HASH_1, HASH_2, Committed, SnapshotStore
 from airflow_provider_stopchurn.store.parquet import compacted
-from airflow_provider_stopchurn.store.scratch import scratch_folder
+from airflow_provider_stopchurn.store.scratch import scratch_folder, scratch_write_error
 from airflow_provider_stopchurn.update.diff import (
     BASE_ROW,
     ROW_HASH,
@@ -184,7 +184,10 @@ class _Spool:
 
     def add(self, frame: pl.DataFrame, kinds: dict[str, str], keys: tuple[str, ...]) -> None:
         path = self.folder / f"{len(self.files):07d}.arrow"
-        frame.write_ipc(path, compression="uncompressed")  # written once, read once: CPU counts, not bytes
+        try:
+            frame.write_ipc(path, compression="uncompressed")  # written once, read once: CPU counts, not bytes
+        except OSError as err:
+            raise scratch_write_error(self.folder, err) from err
         self.files.append((path, kinds))
         names = [*keys, "id"] if "id" in frame.columns and "id" not in keys else list(keys)
         self.narrow.append((frame.select(names), kinds))
