@@ -43,6 +43,7 @@ from airflow_provider_stopchurn.api.contract import USER_TABLE
 from airflow_provider_stopchurn.exceptions import SnapshotError, StopChurnConfigError
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.source.canonical import (
+    _SMALL_BATCH,
     _is_batch_iterable,
     _joined,
     _retyped,
@@ -219,17 +220,16 @@ def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple
         batches = canonical_batches(data, key_columns=options.key_columns, decimal_as_string=options.decimal_as_string)
         for found, part in batches:
             keys = found
-            if held is not None:
+            if held is None:
+                spool.push(part, keys)
+            else:  # a small table takes the whole path, from memory: faster
                 held.append(part)
                 held_bytes += int(part[0].estimated_size())
-                if held_bytes < limit:
-                    continue  # a small table takes the whole path, from memory: faster
-                for earlier in held:  # too large to hold: spooled from now on
-                    spool.push(earlier, keys)
-                held = None
-            else:
-                spool.push(part, keys)
-            release_freed_memory()
+                if held_bytes >= limit:  # too large to hold: spooled from now on
+                    for earlier in held:
+                        spool.push(earlier, keys)
+                    held = None
+            release_freed_memory()  # as canonicalize_arrow does after each batch
         if keys is not None:
             spool.flush(keys)
     finally:
@@ -238,6 +238,25 @@ def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple
     if keys is None:  # no batch and no schema: a source without columns
         keys = _check_names([], options.key_columns)
     return keys, held
+
+
+def _small_joined(parts: list[_Batch]) -> list[_Batch]:
+    """Consecutive batches of the same kinds under ``_SMALL_BATCH`` rows joined, as ``canonicalize_arrow`` joins
+    them as they are read (a frame of thousands of small chunks makes every later step slower)."""
+    joined: list[_Batch] = []
+    small: list[_Batch] = []
+    for part in parts:
+        if small and (part[1] != small[0][1] or part[0].height >= _SMALL_BATCH):
+            joined.append(_joined(small))
+            small = []
+        if part[0].height >= _SMALL_BATCH:
+            joined.append(part)
+            continue
+        small.append(part)
+        if sum(frame.height for frame, _ in small) >= _SMALL_BATCH:
+            joined.append(_joined(small))
+            small = []
+    return [*joined, _joined(small)] if small else joined
 
 
 def _source_keys(spool: _Spool, keys: tuple[str, ...]) -> Canonical:
@@ -268,7 +287,7 @@ def plan_streamed(
         spool = _Spool(folder)
         keys, held = _spool_source(data, options, spool)
         if held is not None:  # a small source, held in memory: the whole path, as canonicalize_arrow builds it
-            whole = _finish(*merge_batches(held, keys), keys)
+            whole = _finish(*merge_batches(_small_joined(held), keys), keys)
             del held
             release_freed_memory()
             committed = store.read_committed()
