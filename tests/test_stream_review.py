@@ -98,16 +98,17 @@ def test_a_spool_left_by_a_killed_run_is_removed_by_the_next_streamed_run(
 
 
 class ReadCountingMemoryFileSystem(MemoryFileSystem):
-    """An object store of its own in memory that counts the opens for reading of each snapshot file."""
+    """An object store of its own in memory that counts the opens of each snapshot file, for reading and writing."""
 
     protocol = ("readcountmem",)
     store: ClassVar[dict[str, Any]] = {}
     pseudo_dirs: ClassVar[list[str]] = [""]
     snapshot_reads: ClassVar[Counter[str]] = Counter()
+    snapshot_writes: ClassVar[Counter[str]] = Counter()
 
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        if "r" in mode and "/snapshots/" in str(path):
-            self.snapshot_reads[str(path)] += 1
+        if "/snapshots/" in str(path):
+            (self.snapshot_reads if "r" in mode else self.snapshot_writes)[str(path)] += 1
         return super()._open(path, mode, **kwargs)
 
 
@@ -470,3 +471,20 @@ def test_a_full_temporary_disk_is_reported_as_the_spool_that_did_not_fit(tmp_pat
     assert str(temporary) in raised["message"].splitlines()[0]
     assert "TMPDIR" in raised["message"]
     assert sorted(p.name for p in temporary.rglob("*") if p.is_file()) == []
+
+
+@pytest.mark.xfail(
+    strict=True, reason="a streamed plan writes its target while it diffs; nothing defers the upload until changes"
+)
+def test_a_streamed_run_that_finds_nothing_changed_uploads_no_snapshot(
+    stopchurn_sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole path writes no snapshot when the source equals the committed one; the streamed path writes the
+    whole target to the object store, then deletes it: an unchanged large table is uploaded on every run."""
+    monkeypatch.setenv(STREAM_ENV, "always")
+    store = SnapshotStore(quiet_upath(f"readcountmem://stopchurn/{uuid.uuid4().hex}"), BRAND, TABLE)
+    run_sync(_batches(range(60)), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
+    ReadCountingMemoryFileSystem.snapshot_writes.clear()
+    summary = run_sync(_batches(range(60)), store, make_client(stopchurn_sandbox), options(), run_ms=T0 + 1)
+    assert (summary.inserted, summary.updated, summary.deleted, summary.unchanged) == (0, 0, 0, 60)
+    assert dict(ReadCountingMemoryFileSystem.snapshot_writes) == {}
