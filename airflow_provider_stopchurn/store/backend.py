@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ import polars as pl
 
 from airflow_provider_stopchurn.exceptions import SnapshotError
 from airflow_provider_stopchurn.store.parquet import rows_by_row_group, write_parquet, write_parquet_frames
+from airflow_provider_stopchurn.store.scratch import scratch_folder
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,8 @@ class LocalBackend:
         path = self._path(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            for left in path.parent.glob(".*.parquet.*.tmp"):  # a killed run's (snapshots are written locked)
+                left.unlink(missing_ok=True)
             tmp = self._temporary(path)
             try:
                 rows = write_parquet_frames(frames, tmp)
@@ -350,6 +352,7 @@ class ObjectStoreBackend:
     def __init__(self, directory: Any) -> None:
         self.directory = directory
         self._exclusive_mode: bool | None = None  # does the file system accept open(mode="xb")? None: not tried
+        self._sliced: tuple[str, bytes] | None = None  # read_slice's last file: one download for all windows
 
     def __repr__(self) -> str:
         return f"ObjectStoreBackend({self.location()!r})"
@@ -482,14 +485,16 @@ class ObjectStoreBackend:
 
     def write_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> int:
         # written to a local temporary file first, then one PUT of it (an object is visible whole, or not at all)
-        with tempfile.TemporaryDirectory(prefix="stopchurn-") as folder:
-            local = Path(folder) / "snapshot.parquet"
+        with scratch_folder() as folder:  # removed by the next run if this one is killed
+            local = folder / "snapshot.parquet"
             rows = write_parquet_frames(frames, local)
             self.write_bytes(name, local.read_bytes(), durable=True)
         return rows
 
     def read_slice(self, name: str, offset: int, length: int) -> pl.DataFrame:
-        raw = self.read_bytes(name)
-        if raw is None:
-            raise FileNotFoundError(self.location(name))
-        return pl.scan_parquet(raw).slice(offset, length).collect()
+        if self._sliced is None or self._sliced[0] != name:  # snapshot files never change
+            raw = self.read_bytes(name)
+            if raw is None:
+                raise FileNotFoundError(self.location(name))
+            self._sliced = (name, raw)
+        return pl.scan_parquet(self._sliced[1]).slice(offset, length).collect()

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import io
 import itertools
+import queue
+import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,33 +88,71 @@ def write_parquet_frames(frames: Iterable[pl.DataFrame], target: Path) -> int:
     written. An error raised while the frames are made is raised as it is (the file is then incomplete).
 
     polars' own writer takes them (a source of frames sunk to Parquet): the same writer as :func:`write_parquet`,
-    about half the CPU of pyarrow's writer here.
+    about half the CPU of pyarrow's writer here. It runs in a thread of its own and pulls the frames from its own
+    threads, so the frames are made here, in the caller's thread, and handed over one at a time: Python runs signal
+    handlers in the main thread only, and a SIGTERM (Airflow stopping the task) must stop the run at the next frame,
+    not after the whole table.
     """
     it = iter(frames)
     first = next(it, None)
     if first is None:
         raise ValueError("write_parquet_frames needs at least one frame (an empty one gives the schema)")
-    rows = 0
+    handoff: queue.Queue[pl.DataFrame | _Stop] = queue.Queue(maxsize=1)
     failed: list[BaseException] = []
 
     def source(
         with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, batch_size: int | None
     ) -> Iterator[pl.DataFrame]:
-        nonlocal rows
-        try:
-            for frame in itertools.chain([first], it):
-                rows += frame.height
-                yield frame
-        except BaseException as err:
-            failed.append(err)
-            raise
+        while not isinstance(item := handoff.get(), _Stop):
+            yield item
+        if item.abort:
+            raise _Aborted("the frames of the file were not all made")
 
+    def sink() -> None:
+        try:
+            register_io_source(source, schema=first.schema).sink_parquet(
+                target, compression="zstd", compression_level=1, statistics=False
+            )
+        except BaseException as err:  # raised in the caller's thread
+            failed.append(err)
+
+    writer = threading.Thread(target=sink, name="stopchurn-parquet-writer", daemon=True)
+    writer.start()
+    rows = 0
+    done = False
     try:
-        register_io_source(source, schema=first.schema).sink_parquet(
-            target, compression="zstd", compression_level=1, statistics=False
-        )
-    except Exception:
-        if failed:
-            raise failed[0] from None
-        raise
+        for frame in itertools.chain([first], it):
+            rows += frame.height
+            if not _hand_over(handoff, frame, writer):
+                break  # the writer failed: its error is raised below, no more frames are made
+        done = True
+    finally:
+        _hand_over(handoff, _Stop(abort=not done), writer)
+        writer.join()
+    if failed:
+        raise failed[0]
     return rows
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """The end of the frames: complete (the file is finished) or not (the writer fails, the file is incomplete)."""
+
+    abort: bool
+
+
+class _Aborted(Exception):
+    """Raised in the writer when the frames stopped before their end (an error where they are made)."""
+
+
+def _hand_over(
+    handoff: queue.Queue[pl.DataFrame | _Stop], item: pl.DataFrame | _Stop, writer: threading.Thread
+) -> bool:
+    """Give ``item`` to the writer; False when the writer has stopped (its error is raised after it is joined)."""
+    while writer.is_alive():
+        try:
+            handoff.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False

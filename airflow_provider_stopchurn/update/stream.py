@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from airflow_provider_stopchurn.source.canonical import (
 from airflow_provider_stopchurn.source.frame import Canonical, _check_names, _composite_id, _finish
 from airflow_provider_stopchurn.store import CREATED_AT, HASH_1, HASH_2, Committed, SnapshotStore
 from airflow_provider_stopchurn.store.parquet import compacted
+from airflow_provider_stopchurn.store.scratch import scratch_folder, scratch_write_error
 from airflow_provider_stopchurn.update.diff import (
     BASE_ROW,
     ROW_HASH,
@@ -185,7 +185,10 @@ class _Spool:
 
     def add(self, frame: pl.DataFrame, kinds: dict[str, str], keys: tuple[str, ...]) -> None:
         path = self.folder / f"{len(self.files):07d}.arrow"
-        frame.write_ipc(path, compression="uncompressed")  # written once, read once: CPU counts, not bytes
+        try:
+            frame.write_ipc(path, compression="uncompressed")  # written once, read once: CPU counts, not bytes
+        except OSError as err:
+            raise scratch_write_error(self.folder, err) from err
         self.files.append((path, kinds))
         names = [*keys, "id"] if "id" in frame.columns and "id" not in keys else list(keys)
         self.narrow.append((frame.select(names), kinds))
@@ -280,8 +283,8 @@ def plan_streamed(
     Returns the plan and the committed snapshot it was diffed against. A :class:`StreamedPlan`'s target is written
     (``target_version``); any other plan is the whole path's, its target in memory.
     """
-    with tempfile.TemporaryDirectory(prefix="stopchurn-spool-") as folder:
-        spool = _Spool(Path(folder))
+    with scratch_folder() as folder:
+        spool = _Spool(folder)
         keys, held = _spool_source(data, options, spool)
         if held is not None:  # a small source, held in memory: the whole path, as canonicalize_arrow builds it
             whole = _finish(*merge_batches(_small_joined(held), keys), keys)
