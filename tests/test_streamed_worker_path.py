@@ -326,17 +326,7 @@ def test_a_streamed_plan_holds_the_keys_and_the_changed_rows_not_the_table(
     monkeypatch.setenv(STREAM_ENV, "always")
     store = SnapshotStore(tmp_path, BRAND, TABLE)
     first = Source(_rows(range(2_000)), [500, 1_200])
-    plan, _ = plan_streamed(first.stream()(), store, options(initial_load="baseline"), T0)
-    assert isinstance(plan, StreamedPlan)
-    store.commit(
-        plan.target_version,
-        base_version=None,
-        kinds=plan.kinds,
-        key_columns=plan.key_columns,
-        rows=plan.target_rows,
-        plan_id=None,
-        row_hash=plan.meta["row_hash"],
-    )
+    _baseline(store, first)
     churn = Source([_row(k, 1) if k % 100 == 0 else _row(k, 0) for k in range(1, 2_010)], [700])
     plan, _ = plan_streamed(churn.stream()(), store, options(), T0 + 1)
     assert isinstance(plan, StreamedPlan)
@@ -363,6 +353,21 @@ def test_a_snapshot_written_frame_by_frame_is_all_or_nothing(tmp_path: Path) -> 
     assert store.read_snapshot_slice(version, 1, 2).get_column("id").to_list() == [2, 3]
 
 
+def _baseline(store: SnapshotStore, source: Source) -> None:
+    """Record ``source`` as the committed snapshot (a streamed baseline: nothing sent)."""
+    plan, _ = plan_streamed(source.stream()(), store, options(initial_load="baseline"), T0)
+    assert isinstance(plan, StreamedPlan)
+    store.commit(
+        plan.target_version,
+        base_version=None,
+        kinds=plan.kinds,
+        key_columns=plan.key_columns,
+        rows=plan.target_rows,
+        plan_id=None,
+        row_hash=plan.meta["row_hash"],
+    )
+
+
 def _text_held(frame: pl.DataFrame) -> int:
     """Bytes of the buffers a frame's columns reference (shared ones included), as Arrow sees them."""
     return sum(
@@ -379,17 +384,7 @@ def test_changed_and_deleted_rows_hold_only_their_own_text(tmp_path: Path, monke
     monkeypatch.setenv(STREAM_ENV, "always")
     store = SnapshotStore(tmp_path, BRAND, TABLE)
     rows = [dict(_row(k, 0), name=f"{k:06d}" + "x" * 400) for k in range(3_000)]
-    plan, _ = plan_streamed(Source(rows, [1_000, 2_000]).stream()(), store, options(initial_load="baseline"), T0)
-    assert isinstance(plan, StreamedPlan)
-    store.commit(
-        plan.target_version,
-        base_version=None,
-        kinds=plan.kinds,
-        key_columns=plan.key_columns,
-        rows=plan.target_rows,
-        plan_id=None,
-        row_hash=plan.meta["row_hash"],
-    )
+    _baseline(store, Source(rows, [1_000, 2_000]))
     churned = [dict(r, name=r["name"] + "!") if r["id"] % 100 == 0 else r for r in rows if r["id"] % 100 != 1]
     plan, _ = plan_streamed(Source(churned, [900, 1_900]).stream()(), store, options(), T0 + 1)
     assert (plan.updated, plan.deleted) == (30, 30)

@@ -33,9 +33,9 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import polars as pl
 
@@ -44,6 +44,7 @@ from airflow_provider_stopchurn.store.parquet import rows_by_row_group, write_pa
 from airflow_provider_stopchurn.store.scratch import scratch_folder
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # errors of os.link that mean "this file system has no hard links", not "the name is taken"
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.ENOSYS, errno.EMLINK}
@@ -284,20 +285,26 @@ class LocalBackend:
         return pl.read_parquet(path, columns=None if columns is None else list(columns))
 
     def write_frame(self, name: str, frame: pl.DataFrame) -> None:
+        self._publish(name, lambda tmp: write_parquet(frame, tmp))
+
+    def _publish(self, name: str, write: Callable[[Path], _T]) -> _T:
+        """``write`` the file aside, make it durable, then rename it into place: a pointer written after this call
+        never names a torn file, and a reader never sees a half one."""
         path = self._path(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._temporary(path)
             try:
-                write_parquet(frame, tmp)
+                result = write(tmp)
                 with tmp.open("rb+") as fh:
-                    os.fsync(fh.fileno())  # a pointer written after this call must never name a torn file
+                    os.fsync(fh.fileno())
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
             _fsync_directory(path.parent)
         except OSError as err:
             raise _write_error(self.location(name), err) from err
+        return result
 
     def read_rows(self, name: str, keys: pl.DataFrame) -> pl.DataFrame:
         path = self._path(name)
@@ -306,23 +313,13 @@ class LocalBackend:
         return rows_by_row_group(path, keys)
 
     def write_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> int:
-        path = self._path(name)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            for left in path.parent.glob(".*.parquet.*.tmp"):  # a killed run's (snapshots are written locked)
+        folder = self._path(name).parent
+        try:  # a killed run's half-written snapshot (snapshots are written under the lock)
+            for left in folder.glob(".*.parquet.*.tmp") if folder.is_dir() else ():
                 left.unlink(missing_ok=True)
-            tmp = self._temporary(path)
-            try:
-                rows = write_parquet_frames(frames, tmp)
-                with tmp.open("rb+") as fh:
-                    os.fsync(fh.fileno())  # as write_frame: a pointer written later never names a torn file
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            _fsync_directory(path.parent)
         except OSError as err:
             raise _write_error(self.location(name), err) from err
-        return rows
+        return self._publish(name, lambda tmp: write_parquet_frames(frames, tmp))
 
     def read_slice(self, name: str, offset: int, length: int) -> pl.DataFrame:
         path = self._path(name)
