@@ -13,11 +13,12 @@ import contextvars
 import logging
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pg_sessions import sessions as server_sessions
+from pg_sessions import wait_for
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.source.canonical import canonicalize_source
@@ -43,27 +44,6 @@ def uri(postgres_database: Any) -> PostgresUri:
     return postgres_uri(host=db.host, port=db.port, login=db.user, password=None, database=db.dbname)
 
 
-def _sessions(db: Any) -> list[tuple[str, str | None]]:
-    """(state, wait_event) of every other client session of the test's database."""
-    with db.connect() as conn:
-        rows = conn.execute(
-            "SELECT state, wait_event FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-        ).fetchall()
-    return [(str(state), wait) for state, wait in rows]
-
-
-def _wait_for(db: Any, done: Any, tries: int = 200) -> list[tuple[str, str | None]]:
-    """Poll the server's sessions until ``done(sessions)`` (at most ``tries`` times, 50 ms apart)."""
-    sessions = _sessions(db)
-    for _ in range(tries):
-        if done(sessions):
-            break
-        time.sleep(0.05)
-        sessions = _sessions(db)
-    return sessions
-
-
 def _readers() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == THREAD_NAME]
 
@@ -71,7 +51,7 @@ def _readers() -> list[threading.Thread]:
 def _assert_released(db: Any) -> None:
     assert _readers() == []
     # a closed connection's server process leaves pg_stat_activity a moment after the client said goodbye
-    assert _wait_for(db, lambda sessions: not sessions) == []
+    assert wait_for(server_sessions, db, lambda sessions: not sessions) == []
 
 
 @pytest.fixture
@@ -97,7 +77,7 @@ def test_the_next_batch_is_read_while_the_engine_holds_one(uri: PostgresUri, pos
     first = next(batches)  # the engine holds this one and asks for nothing more
     try:
         # read one batch at a time, the server would wait for the client (ClientWrite) until the engine asked
-        sessions = _wait_for(postgres_database, lambda s: s and s[0][0] != "active")
+        sessions = wait_for(server_sessions, postgres_database, lambda s: s and s[0][0] != "active")
         assert sessions == [("idle in transaction", "ClientRead")], "the server is still sending: no read-ahead"
         rows = first.num_rows + sum(batch.num_rows for batch in batches)
     finally:
@@ -125,7 +105,7 @@ def test_sigterm_while_the_engine_converts_stops_the_reader(
     def engine() -> Iterator[Any]:
         yield next(batches)
         # the reader has read ahead and waits for room; the task is told to stop while the engine works
-        _wait_for(postgres_database, lambda s: s and s[0][0] != "active")
+        wait_for(server_sessions, postgres_database, lambda s: s and s[0][0] != "active")
         signal.raise_signal(signal.SIGTERM)
         yield from batches  # pragma: no cover - the handler raised
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 from airflow.sdk import DAG
 from airflow_plugin import run_dag, task_states
 from operator_fixtures import sandbox_fixture
+from pg_sessions import wait_for, waits
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.operators.stopchurn import StopChurnUpdateOperator, read_sql
@@ -50,25 +50,6 @@ def test_invalid_json_text_is_reported_for_its_first_row_every_time() -> None:
 
 
 # --- SIGTERM: Airflow 3 calls the operator's on_kill() from its handler and raises nothing in the task's thread ----
-def _sessions(db: Any) -> list[str | None]:
-    """The wait event of every other client session of the test's database."""
-    with db.connect() as conn:
-        rows = conn.execute(
-            "SELECT wait_event FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-        ).fetchall()
-    return [wait for (wait,) in rows]
-
-
-def _wait_for(db: Any, done: Any, tries: int = 200) -> list[str | None]:
-    """Poll the server's sessions until ``done(sessions)`` (at most ``tries`` times, 50 ms apart)."""
-    sessions = _sessions(db)
-    for _ in range(tries):
-        if done(sessions):
-            break
-        time.sleep(0.05)
-        sessions = _sessions(db)
-    return sessions
 
 
 @pytest.mark.postgres
@@ -81,7 +62,7 @@ def test_sigterm_cancels_the_query_of_the_running_read(postgres_database: Any, p
         operator.on_kill()
 
     def terminate() -> None:  # the supervisor stops the task while its query runs on the server
-        _wait_for(postgres_database, lambda waits: "PgSleep" in waits)
+        wait_for(waits, postgres_database, lambda waits: "PgSleep" in waits)
         os.kill(os.getpid(), signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, on_term)
@@ -97,7 +78,7 @@ def test_sigterm_cancels_the_query_of_the_running_read(postgres_database: Any, p
         stopper.join()
         signal.signal(signal.SIGTERM, previous)
     assert [thread for thread in threading.enumerate() if thread.name == THREAD_NAME] == []
-    assert _wait_for(postgres_database, lambda waits: waits == []) == []
+    assert wait_for(waits, postgres_database, lambda waits: waits == []) == []
 
 
 @pytest.mark.postgres
@@ -113,9 +94,9 @@ def test_sigint_cancels_the_query_of_the_running_read(postgres_database: Any) ->
     outcome: dict[str, bool] = {}
 
     def interrupt() -> None:  # Ctrl-C, or Airflow's supervisor forwarding the SIGINT it got
-        _wait_for(db, lambda waits: "PgSleep" in waits)
+        wait_for(waits, db, lambda waits: "PgSleep" in waits)
         os.kill(os.getpid(), signal.SIGINT)
-        outcome["cancelled"] = "PgSleep" not in _wait_for(db, lambda waits: "PgSleep" not in waits)
+        outcome["cancelled"] = "PgSleep" not in wait_for(waits, db, lambda waits: "PgSleep" not in waits)
         if not outcome["cancelled"]:  # end the 600 s query ourselves, so that the test ends
             with db.connect() as conn:
                 conn.execute(
@@ -132,7 +113,7 @@ def test_sigint_cancels_the_query_of_the_running_read(postgres_database: Any) ->
         interrupter.join()
     assert outcome == {"cancelled": True}, "the query ran on after SIGINT until something else cancelled it"
     assert [thread for thread in threading.enumerate() if thread.name == THREAD_NAME] == []
-    assert _wait_for(db, lambda waits: waits == []) == []
+    assert wait_for(waits, db, lambda waits: waits == []) == []
 
 
 @pytest.mark.postgres
@@ -153,7 +134,7 @@ def test_a_task_airflow_sigterms_while_its_query_runs_fails_and_cancels_it(
         )
 
     def terminate() -> None:
-        _wait_for(postgres_database, lambda waits: "PgSleep" in waits)
+        wait_for(waits, postgres_database, lambda waits: "PgSleep" in waits)
         os.kill(os.getpid(), signal.SIGTERM)
 
     previous = signal.getsignal(signal.SIGTERM)
@@ -165,4 +146,4 @@ def test_a_task_airflow_sigterms_while_its_query_runs_fails_and_cancels_it(
         stopper.join()
         signal.signal(signal.SIGTERM, previous)
     assert task_states(dagrun) == {"sync": "failed"}  # before, the query ran its 20 s and the run went on
-    assert _wait_for(postgres_database, lambda waits: waits == []) == []
+    assert wait_for(waits, postgres_database, lambda waits: waits == []) == []
