@@ -230,8 +230,11 @@ def load_reports(paths: list[Path]) -> tuple[dict[str, Any], argparse.Namespace,
         rep.update(one)
         rep["runs"].append({"command": data["command"], "date": data["date"], "wall": data["wall"], "load": load})
         rep["runs"][-1].update(engines=done, failed=failed)
+        # each engine's rows too: a scenario that failed after its baseline still has measurements of that size
         for key in ("rows", "chunk_size", "concurrency", "reps", "duckdb_memory_limit", "spark_driver_memory"):
             values.setdefault(key, args[key])
+        for key in ("duckdb_rows", "spark_rows"):
+            values.setdefault(key, args.get(key))
         for engine, keys in (("duckdb", ("duckdb_rows", "duckdb_memory_limit")), ("spark", ("spark_rows",))):
             if engine in done:
                 values.update({key: args[key] for key in keys})

@@ -4,6 +4,7 @@ miss reports, and the results files (a regenerated report keeps its dated sectio
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ sys.path.insert(0, str(BENCH))
 import results_file  # noqa: E402
 import scale  # noqa: E402
 import scale_rows as R  # noqa: E402
+from pushdown import load_reports  # noqa: E402
 from synthetic import Churn, SqlTable  # noqa: E402
 
 MB, GB = R.MB, R.GB
@@ -250,3 +252,34 @@ def test_a_failed_huge_run_is_one_line_without_the_child_arguments() -> None:
     )
     assert scale.failure_text(err) == "the churn run failed: killed: its RSS reached 9,000 MB, over the cap of 8,192 MB"
     assert scale.failure_text(ValueError("one\ntwo")) == "ValueError: one ... two"
+
+
+def test_a_duckdb_run_that_failed_after_its_baseline_still_gives_the_state_row(tmp_path: Path) -> None:
+    """make bench-large: DuckDB's churn can fail under its memory_limit after its baseline measured the state
+    table; the table is still rendered, with DuckDB's rows named (they were missing from the loaded arguments)."""
+    saved = {
+        "rep": {
+            "failed": {"duckdb": "RuntimeError: OutOfMemoryException"},
+            "duckdb_gen": {"file_bytes": 1000 * MB},
+            "duckdb_state_file_bytes": 3500 * MB,
+        },
+        "args": {
+            "rows": 10_000_000,
+            "duckdb_rows": 100_000_000,
+            "spark_rows": 1_000_000,
+            "chunk_size": 500,
+            "concurrency": 4,
+            "reps": 1,
+            "duckdb_memory_limit": "1GB",
+            "spark_driver_memory": "512m",
+        },
+        "command": "python benchmarks/run.py --pushdown",
+        "date": "2026-12-07 15:31 UTC",
+        "wall": 1.0,
+    }
+    (tmp_path / "pushdown.json").write_text(json.dumps(saved))
+    rep, args, _, _ = load_reports([tmp_path / "pushdown.json"])
+    row = R.state_row(rep, args)
+    assert "DuckDB 2.50x" in row.measured
+    assert "100,000,000 rows" in row.measured
+    assert row.verdict == "MISS"
