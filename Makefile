@@ -94,7 +94,7 @@ bench-events-export: $(STAMP)
 bench-large: $(STAMP)
 	$(PY) benchmarks/scale.py large --duckdb-rows $(PUSHDOWN_DUCKDB_ROWS) --duckdb-memory-limit $(DUCKDB_MEMORY_LIMIT)
 
-# the 50M-row worker path (about 18 GB of free disk and 25 minutes; it refuses to start with less disk)
+# the 50M-row worker path (about 17.5 GB of free disk and 13 minutes on 2 cores; it refuses to start with less disk)
 HUGE_ROWS ?= 50000000
 bench-huge: $(STAMP)
 	$(PY) benchmarks/scale.py huge --rows $(HUGE_ROWS)
