@@ -473,9 +473,6 @@ def test_a_full_temporary_disk_is_reported_as_the_spool_that_did_not_fit(tmp_pat
     assert sorted(p.name for p in temporary.rglob("*") if p.is_file()) == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a streamed plan writes its target while it diffs; nothing defers the upload until changes"
-)
 def test_a_streamed_run_that_finds_nothing_changed_uploads_no_snapshot(
     stopchurn_sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

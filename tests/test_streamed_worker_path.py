@@ -120,8 +120,14 @@ class Side:
 
 
 def _comparable_plan(plan: RunPlan, store: SnapshotStore) -> dict[str, Any]:
-    """What a plan sends and records: the target snapshot, positions, each update encoded, counts and meta."""
-    target = store.read_snapshot(plan.target_version) if isinstance(plan, StreamedPlan) else plan.target
+    """What a plan sends and records: the target snapshot, positions, each update encoded, counts and meta.
+
+    A plan that commits nothing (nothing changed, no baseline, no rewrite) has no target to compare: the whole path
+    writes none, and the streamed path publishes none (the counts compared say both commit nothing)."""
+    if not (plan.changes or plan.baseline or plan.rewrite):
+        target = pl.DataFrame()
+    else:
+        target = store.read_snapshot(plan.target_version) if isinstance(plan, StreamedPlan) else plan.target
     opts = options(chunk_size=3)
     windows = [(w.offset, w.updates.to_list(), w.chunks, w.bytes) for w in plan.windows(opts, T0)]
     return {

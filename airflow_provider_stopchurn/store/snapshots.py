@@ -13,11 +13,16 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import polars as pl
+
 from airflow_provider_stopchurn.exceptions import SnapshotLockedError
+from airflow_provider_stopchurn.store.backend_common import StagedFile
 from airflow_provider_stopchurn.store.committed import CommittedSnapshots
+from airflow_provider_stopchurn.store.folder import new_version, snapshot_name
 from airflow_provider_stopchurn.store.history_files import RunHistory
 from airflow_provider_stopchurn.store.lock import TableLock
 from airflow_provider_stopchurn.store.lock_records import loose_json
@@ -42,6 +47,19 @@ class SnapshotStore(CommittedSnapshots, PlanLedger, Quarantine, RunHistory):
 
     def __repr__(self) -> str:
         return f"SnapshotStore({self.location!r})"
+
+    @contextlib.contextmanager
+    def staged_snapshot(self, frames: Iterable[pl.DataFrame]) -> Iterator[StagedSnapshot]:
+        """Write a snapshot file from frames of one schema as they come (as :meth:`write_snapshot_frames`), but
+        only aside: :meth:`StagedSnapshot.publish` puts it under its version, after which a pointer may name it.
+        Leaving the block without publishing drops it, so a run that finds nothing to change writes nothing to the
+        store.
+
+        :param frames: the snapshot's rows (at least one frame, possibly empty: it gives the schema).
+        """
+        version = new_version()
+        with self._backend.stage_frames(snapshot_name(version), frames) as staged:
+            yield StagedSnapshot(version, staged)
 
     def table_lock(self, holder: str, *, ttl_s: float = 3600.0, heartbeat_s: float | None = None) -> TableLock:
         """A lock on this table for ``holder``, not yet acquired."""
@@ -82,6 +100,27 @@ class SnapshotStore(CommittedSnapshots, PlanLedger, Quarantine, RunHistory):
             self._backend.delete("LOCK")
             return True
         return self.table_lock("stopchurn unlock").break_lease(token)
+
+
+@dataclass(frozen=True)
+class StagedSnapshot:
+    """A snapshot written aside (:meth:`SnapshotStore.staged_snapshot`), not yet in the store's ``snapshots/``."""
+
+    #: the version it is published under
+    version: str
+    file: StagedFile
+
+    @property
+    def rows(self) -> int:
+        return self.file.rows
+
+    @property
+    def published(self) -> bool:
+        return self.file.published
+
+    def publish(self) -> None:
+        """Put it under its version, durable (an object store: uploaded); a second call does nothing."""
+        self.file.publish()
 
 
 def _acquire_waiting(table_lock: TableLock, wait_s: float) -> None:

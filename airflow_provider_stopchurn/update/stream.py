@@ -11,8 +11,8 @@ createdAt and row hashes, one batch, and the changed rows:
 2. The keys are joined with the snapshot's (each source row's position in it); the delete safeguards are checked
    before anything is written.
 3. The spool is read back a file at a time, retyped to the final kinds as ``merge_batches`` retypes earlier batches,
-   hashed, given its createdAt, and appended to the target snapshot file (a Parquet writer into the store, atomic
-   like ``write_snapshot``); its inserted and updated rows are kept.
+   hashed, given its createdAt, and appended to the target snapshot file (written aside, published only when the
+   run sends or commits something, then atomic like ``write_snapshot``); its inserted and updated rows are kept.
 4. Deleted rows are read from the committed snapshot by row group. The rest is the whole path's: ids reconciled,
    change parts in send order, windows encoded from them.
 
@@ -28,7 +28,6 @@ by another row-hash function, and key columns of another type.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import polars as pl
 import pyarrow as pa
 
 from airflow_provider_stopchurn.api.contract import USER_TABLE
-from airflow_provider_stopchurn.exceptions import SnapshotError, StopChurnConfigError
+from airflow_provider_stopchurn.exceptions import StopChurnConfigError
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.source.canonical import (
     _SMALL_BATCH,
@@ -56,6 +55,7 @@ from airflow_provider_stopchurn.source.frame import Canonical, _check_names, _co
 from airflow_provider_stopchurn.store import CREATED_AT, HASH_1, HASH_2, Committed, SnapshotStore
 from airflow_provider_stopchurn.store.parquet import compacted
 from airflow_provider_stopchurn.store.scratch import scratch_folder, scratch_write_error
+from airflow_provider_stopchurn.store.snapshots import StagedSnapshot
 from airflow_provider_stopchurn.update.diff import (
     BASE_ROW,
     ROW_HASH,
@@ -320,14 +320,23 @@ def _first_load(
             created = pl.repeat(run_ms, batch.height, dtype=pl.Int64, eager=True)
             yield with_hashes(batch.with_columns(created.alias(CREATED_AT)))
 
-    version, rows = store.write_snapshot_frames(target())
-    kinds, keys = dict(canon.kinds), list(canon.key_columns)
-    plan = StreamedPlan(canon.frame, kinds, keys, None, meta=meta, target_version=version, target_rows=rows)
-    if options.initial_load == "baseline":
-        plan.baseline, plan.unchanged = True, rows
-    elif rows:
-        plan.parts, plan.inserted = [_Part("insert", SnapshotRows(store, version, rows), kinds)], rows
+    with store.staged_snapshot(target()) as staged:
+        version, rows = staged.version, staged.rows
+        kinds, keys = dict(canon.kinds), list(canon.key_columns)
+        plan = StreamedPlan(canon.frame, kinds, keys, None, meta=meta, target_version=version, target_rows=rows)
+        if options.initial_load == "baseline":
+            plan.baseline, plan.unchanged = True, rows
+        elif rows:
+            plan.parts, plan.inserted = [_Part("insert", SnapshotRows(store, version, rows), kinds)], rows
+        _publish_if_needed(plan, staged)
     return plan
+
+
+def _publish_if_needed(plan: StreamedPlan, staged: StagedSnapshot) -> None:
+    """Publish the target a run will commit (changes to send, a baseline, a rewrite); else it is dropped unwritten,
+    as the whole path writes nothing when nothing changed."""
+    if plan.changes or plan.baseline or plan.rewrite:
+        staged.publish()
 
 
 def _churn(
@@ -377,8 +386,7 @@ def _churn(
             updated.append(compacted(indexed.filter(state == 2)))
             offset += batch.height
 
-    version, rows = store.write_snapshot_frames(target())
-    try:
+    with store.staged_snapshot(target()) as staged:  # dropped unpublished if planning fails: no plan names it
         plan = _plan_from_diff(
             SnapshotDiff(
                 target=source,
@@ -392,11 +400,8 @@ def _churn(
             meta,
             approved,
         )
-    except BaseException:
-        with contextlib.suppress(SnapshotError):
-            store.delete_snapshot(version)  # no plan names it
-        raise
-    plan.target_version, plan.target_rows = version, rows
+        plan.target_version, plan.target_rows = staged.version, staged.rows
+        _publish_if_needed(plan, staged)
     return plan
 
 
