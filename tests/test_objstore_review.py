@@ -1,0 +1,133 @@
+"""A streamed target written aside and published only when a run needs it, against the table's lock and later runs.
+
+The target of a large table takes minutes to upload. A run whose lease is taken over meanwhile (it paused past
+``lock_ttl_s``, or a person broke the lock) must not then write its plan over the new owner's: the ``PLAN`` pointer
+is the ledger of what the owner may have sent, and a run killed after that cannot be settled from the acks it
+recorded if another run's pointer replaced its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+from unittest import mock
+
+import fsspec
+import pandas as pd
+import polars as pl
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
+from killswitch_fs import quiet_upath
+from polars.testing import assert_frame_equal
+
+from airflow_provider_stopchurn.exceptions import SnapshotLockedError
+from airflow_provider_stopchurn.sandbox import SandboxServer
+from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.update.stream import STREAM_ENV
+from airflow_provider_stopchurn.update.sync import run_sync
+
+
+class TakeoverMemory(MemoryFileSystem):
+    """An object store in memory that calls :attr:`on_upload` once, as a snapshot's upload starts."""
+
+    protocol = ("takeovermem",)
+    store: ClassVar[dict[str, Any]] = {}
+    pseudo_dirs: ClassVar[list[str]] = [""]
+    on_upload: ClassVar[Callable[[], None] | None] = None
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        hook = type(self).on_upload
+        if "r" not in mode and "/snapshots/" in str(path) and hook is not None:
+            type(self).on_upload = None
+            hook()
+        return super()._open(path, mode, **kwargs)
+
+
+fsspec.register_implementation("takeovermem", TakeoverMemory, clobber=True)
+
+
+def _table(seed: int, rows: int = 30) -> pd.DataFrame:
+    return pd.DataFrame({"id": range(rows), "email": [f"c{k}-{seed if k % 3 == 0 else 0}@x.io" for k in range(rows)]})
+
+
+def _take_over(store: SnapshotStore, plans: list[str]) -> Callable[[], None]:
+    """Another run breaks the lease and takes the table, and records the plan it starts delivering."""
+
+    def take() -> None:
+        store.break_lock()
+        other = store.table_lock("the run that took over")
+        other.acquire()
+        committed = store.read_committed()
+        assert committed is not None
+        plan = store.write_plan(
+            target_version=committed.version, base_version=committed.version, changes=None, chunks=[], meta={}
+        )
+        plans.append(plan.plan_id)
+
+    return take
+
+
+def _plan_id(store: SnapshotStore) -> str | None:
+    raw = store.backend.read_bytes("PLAN")
+    return None if raw is None else str(json.loads(raw)["plan_id"])
+
+
+@pytest.mark.parametrize("where", ["object store", "local"])
+def test_a_run_that_lost_its_lock_while_publishing_its_target_writes_no_plan_over_the_new_owners(
+    where: str, tmp_path: Path, stopchurn_sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(STREAM_ENV, "always")
+    root: Any = quiet_upath(f"takeovermem://stopchurn/{uuid.uuid4().hex}") if where == "object store" else tmp_path
+    store = SnapshotStore(root, BRAND, TABLE)
+    run_sync(_table(0), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
+    snapshots_before = set(store.backend.list_names("snapshots"))
+    plans: list[str] = []
+    take = _take_over(store, plans)
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        if "snapshots" in str(dst) and not plans:
+            take()
+        real_replace(src, dst)
+
+    TakeoverMemory.on_upload = take if where == "object store" else None
+    with (
+        mock.patch("os.replace", autospec=True, side_effect=replace),
+        pytest.raises(SnapshotLockedError),
+    ):
+        run_sync(_table(1), store, make_client(stopchurn_sandbox), options(), run_ms=T0 + 1)
+    assert plans, "the lock was taken over while the target was published"
+    assert _plan_id(store) == plans[0], "the run that lost the table replaced the new owner's plan"
+    assert set(store.backend.list_names("snapshots")) == snapshots_before, "its target is left named by nothing"
+
+
+@pytest.mark.parametrize("where", ["object store", "local"])
+def test_an_unchanged_run_then_a_changed_one_commits_the_changed_table(
+    where: str, tmp_path: Path, stopchurn_sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unchanged run's target is never published; the next run's must be, and be what CURRENT names."""
+    monkeypatch.setenv(STREAM_ENV, "always")
+    root: Any = quiet_upath(f"takeovermem://stopchurn/{uuid.uuid4().hex}") if where == "object store" else tmp_path
+    store = SnapshotStore(root, BRAND, TABLE)
+    client = make_client(stopchurn_sandbox)
+    run_sync(_table(0), store, client, options(), run_ms=T0)
+    first = store.read_committed()
+    assert first is not None
+    unchanged = run_sync(_table(0), store, client, options(), run_ms=T0 + 1)
+    assert unchanged.inserted + unchanged.updated + unchanged.deleted == 0
+    assert store.read_committed().version == first.version  # type: ignore[union-attr]
+    assert store.backend.list_names("snapshots") == [f"{first.version}.parquet"]
+    changed = run_sync(_table(1, rows=28), store, client, options(), run_ms=T0 + 2)
+    assert (changed.inserted, changed.updated, changed.deleted) == (0, 10, 2)
+    committed = store.read_committed()
+    assert committed is not None and committed.version != first.version
+    assert store.backend.list_names("snapshots") == [f"{committed.version}.parquet"]
+    assert_frame_equal(committed.frame.select("id", "email").sort("id"), pl.from_pandas(_table(1, rows=28)).sort("id"))
+    assert_sandbox_matches(stopchurn_sandbox, _table(1, rows=28))
+    again = run_sync(_table(1, rows=28), store, client, options(), run_ms=T0 + 3)
+    assert again.inserted + again.updated + again.deleted == 0
