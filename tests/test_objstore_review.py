@@ -11,21 +11,23 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 from unittest import mock
 
 import fsspec
+import numpy as np
 import pandas as pd
 import polars as pl
 import pytest
+from deploy_harness import BUCKET
 from fsspec.implementations.memory import MemoryFileSystem
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
 from killswitch_fs import quiet_upath
 from polars.testing import assert_frame_equal
 
-from airflow_provider_stopchurn.exceptions import SnapshotLockedError
+from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.update.stream import STREAM_ENV
@@ -131,3 +133,88 @@ def test_an_unchanged_run_then_a_changed_one_commits_the_changed_table(
     assert_sandbox_matches(stopchurn_sandbox, _table(1, rows=28))
     again = run_sync(_table(1, rows=28), store, client, options(), run_ms=T0 + 3)
     assert again.inserted + again.updated + again.deleted == 0
+
+
+#: a storage credential that must reach no log line or exception
+_S3_SECRET = "s3-secret-" + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 with the bucket :data:`BUCKET`."""
+    from deploy_harness import running_s3
+
+    with running_s3() as url:
+        yield url
+
+
+def _s3_root(endpoint: str) -> Any:
+    from upath import UPath
+
+    return UPath(
+        f"s3://{BUCKET}/{uuid.uuid4().hex}",
+        key="testing",
+        secret=_S3_SECRET,
+        client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"},
+        default_block_size=5 * 2**20,  # S3's smallest part: a target of a few parts is a multipart upload
+        skip_instance_cache=True,
+    )
+
+
+def _wide(rows: int, changed: int = 0) -> pd.DataFrame:
+    """Random 64-bit integers (they do not compress: about 7 MB of Parquet at 120,000 rows); ``changed`` rows
+    differ from the table of ``changed=0``."""
+    rng = np.random.default_rng(22)
+    columns = {f"c{i}": rng.integers(-(2**62), 2**62, size=rows, dtype=np.int64) for i in range(6)}
+    frame = pd.DataFrame({"id": np.arange(rows, dtype=np.int64), **columns})
+    frame.loc[: changed - 1, "c0"] = -1
+    return frame
+
+
+def test_an_s3_multipart_upload_that_fails_part_way_is_aborted_and_leaves_no_object(
+    s3_endpoint: str,
+    stopchurn_sandbox: SandboxServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On S3 a target of several parts is a multipart upload: one that fails after its first part must be aborted
+    (else S3 keeps the parts, billed, out of sight) and never completed as a truncated object, and the error names
+    no credential."""
+    import s3fs
+
+    monkeypatch.setenv(STREAM_ENV, "always")
+    root = _s3_root(s3_endpoint)
+    store = SnapshotStore(root, BRAND, TABLE)
+    client = make_client(stopchurn_sandbox)
+    run_sync(_wide(120_000), store, client, options(initial_load="baseline"), run_ms=T0)
+    first = store.read_committed()
+    assert first is not None
+    real_upload = s3fs.core.S3File._upload_chunk
+    parts: list[bool] = []
+
+    def upload_chunk(self: Any, final: bool = False) -> Any:
+        if "/snapshots/" in str(self.path):
+            if parts:
+                raise ConnectionResetError("Connection reset by peer")
+            parts.append(final)
+        return real_upload(self, final)
+
+    caplog.set_level("DEBUG", logger="airflow_provider_stopchurn")
+    with (
+        mock.patch.object(s3fs.core.S3File, "_upload_chunk", autospec=True, side_effect=upload_chunk),
+        pytest.raises(SnapshotError) as raised,
+    ):
+        run_sync(_wide(120_000, changed=5), store, client, options(), run_ms=T0 + 1)
+    assert parts == [False], "the target went up in several parts"
+    assert _S3_SECRET not in str(raised.value) and _S3_SECRET not in repr(raised.value)
+    assert _S3_SECRET not in "\n".join(f"{r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in caplog.records)
+    uploads = root.fs.call_s3("list_multipart_uploads", Bucket=BUCKET).get("Uploads", [])
+    assert uploads == [], "a multipart upload was left open"
+    assert store.backend.list_names("snapshots") == [f"{first.version}.parquet"]
+    assert store.read_committed().version == first.version  # type: ignore[union-attr]
+
+    summary = run_sync(_wide(120_000, changed=5), store, client, options(), run_ms=T0 + 2)
+    assert (summary.inserted, summary.updated, summary.deleted) == (0, 5, 0)
+    committed = store.read_committed()
+    assert committed is not None and committed.rows == 120_000
+    assert store.backend.list_names("snapshots") == [f"{committed.version}.parquet"]
