@@ -24,7 +24,7 @@ import pytest
 from deploy_harness import BUCKET
 from fsspec.implementations.memory import MemoryFileSystem
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
-from killswitch_fs import quiet_upath
+from killswitch_fs import Killed, quiet_upath
 from polars.testing import assert_frame_equal
 
 from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError
@@ -217,4 +217,31 @@ def test_an_s3_multipart_upload_that_fails_part_way_is_aborted_and_leaves_no_obj
     assert (summary.inserted, summary.updated, summary.deleted) == (0, 5, 0)
     committed = store.read_committed()
     assert committed is not None and committed.rows == 120_000
+    assert store.backend.list_names("snapshots") == [f"{committed.version}.parquet"]
+
+
+@pytest.mark.xfail(
+    strict=True, reason="an upload killed mid-way on a store that shows writes as they happen is never removed"
+)
+def test_an_upload_killed_part_way_leaves_no_object_after_the_next_run(
+    tmp_path: Path, stopchurn_sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store whose objects grow as they are written (a folder, SFTP, memory) shows a killed upload's part under the
+    target's own name. No pointer names it, so no run reads it; but no run removes it either (a run that lived to
+    see its error does), and every such kill adds a part of the table's size."""
+    from test_object_store_upload import FailingDiskObjects
+
+    monkeypatch.setenv(STREAM_ENV, "always")
+    FailingDiskObjects.fail_after, FailingDiskObjects.dead = None, False
+    store = SnapshotStore(quiet_upath(f"failingdiskobjects://{tmp_path}/objects"), BRAND, TABLE)
+    client = make_client(stopchurn_sandbox)
+    run_sync(_table(0), store, client, options(), run_ms=T0)
+    FailingDiskObjects.error, FailingDiskObjects.fail_after = Killed(), 100
+    with pytest.raises(Killed):
+        run_sync(_table(1), store, client, options(), run_ms=T0 + 1)
+    FailingDiskObjects.dead = False  # a new process
+    store.break_lock()
+    run_sync(_table(2), store, client, options(), run_ms=T0 + 2)
+    committed = store.read_committed()
+    assert committed is not None
     assert store.backend.list_names("snapshots") == [f"{committed.version}.parquet"]
