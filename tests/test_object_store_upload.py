@@ -8,6 +8,7 @@ The object store here is an fsspec file system of its own whose objects are file
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import tracemalloc
@@ -23,6 +24,8 @@ import pandas as pd
 import polars as pl
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+from fsspec.spec import AbstractBufferedFile
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
 from killswitch_fs import Killed, quiet_upath
 from polars.testing import assert_frame_equal
@@ -107,8 +110,46 @@ class FailingDiskObjects(DiskObjects):
         super().rm(path, recursive=recursive, maxdepth=maxdepth)
 
 
+class _MultipartFile(AbstractBufferedFile):
+    """A write as S3's multipart upload makes it: parts sent as the buffer fills, the object created whole when the
+    upload completes (on close), never before; the second part fails once ``fail_second_part`` is set."""
+
+    def _initiate_upload(self) -> None:
+        self.parts: list[bytes] = []
+
+    def _upload_chunk(self, final: bool = False) -> bool:
+        self.buffer.seek(0)
+        while part := self.buffer.read(self.blocksize):  # the buffer in parts of the block size, as s3fs sends it
+            if len(self.parts) == 1 and MultipartObjects.fail_second_part is not None:
+                error, MultipartObjects.fail_second_part = MultipartObjects.fail_second_part, None
+                raise error
+            self.parts.append(part)
+        if final:  # the upload completes: the object appears, whole
+            MultipartObjects.store[self.path] = MemoryFile(self.fs, self.path, b"".join(self.parts))
+        return True
+
+
+class MultipartObjects(MemoryFileSystem):
+    """An object store of its own in memory whose objects appear only when their upload completes, as on S3."""
+
+    protocol = ("multipartobjects",)
+    store: ClassVar[dict[str, Any]] = {}
+    pseudo_dirs: ClassVar[list[str]] = [""]
+    fail_second_part: ClassVar[BaseException | None] = None
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        return super()._strip_protocol(str(path).replace("multipartobjects://", "memory://", 1))
+
+    def _open(self, path: Any, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+        if "r" in mode:
+            return super()._open(path, mode, *args, **kwargs)
+        return _MultipartFile(self, self._strip_protocol(path), mode, block_size=2**18)
+
+
 fsspec.register_implementation("diskobjects", DiskObjects, clobber=True)
 fsspec.register_implementation("failingdiskobjects", FailingDiskObjects, clobber=True)
+fsspec.register_implementation("multipartobjects", MultipartObjects, clobber=True)
 
 
 @pytest.fixture
@@ -150,6 +191,39 @@ def test_a_streamed_target_is_uploaded_a_piece_at_a_time_not_read_whole_into_mem
     assert peak < size / 4, (peak, size)  # a bounded piece at a time (the whole file before)
     assert_frame_equal(store.read_snapshot(version), frame)
     assert sorted(p.name for p in scratch.rglob("*") if p.is_file()) == []
+
+
+class Stopped(BaseException):
+    """What a signal handler raises in a task told to stop (Airflow's SIGTERM)."""
+
+
+def _failed_write(store: SnapshotStore, frame: pl.DataFrame) -> type[BaseException] | None:
+    """The type of the error a write raised; the error itself (and the frames it holds) is dropped here."""
+    try:
+        store.write_snapshot_frames(iter([frame]))
+    except (SnapshotError, Stopped) as err:
+        return type(err)
+    return None
+
+
+@pytest.mark.parametrize("how", ["connection reset", "sigterm"])
+def test_a_multipart_upload_stopped_part_way_is_abandoned_not_completed(how: str, scratch: Path) -> None:
+    """Closing the writer of a failed upload completes it: S3 would then show a snapshot of the parts sent so far (or
+    all of them) under its name. The upload must be abandoned instead, even when the writer is collected later."""
+    frame = _incompressible(30_000)  # about 2 MB: several parts of 256 KiB
+    store = SnapshotStore(quiet_upath(f"multipartobjects://stopchurn/{uuid.uuid4().hex}"), BRAND, TABLE)
+    # made here: an error kept by the test (a parameter) would keep the abandoned writer alive through its traceback
+    MultipartObjects.fail_second_part = OSError("Connection reset by peer") if how == "connection reset" else Stopped()
+    assert _failed_write(store, frame) is (SnapshotError if how == "connection reset" else Stopped)
+    assert MultipartObjects.fail_second_part is None, "the upload reached its second part"
+    gc.collect()  # a writer left open would complete the upload when collected (nothing refers to it any more)
+    assert store.backend.list_names("snapshots") == []
+    assert sorted(p.name for p in scratch.rglob("*") if p.is_file()) == []
+
+    version, rows = store.write_snapshot_frames(iter([frame]))  # the next try is whole
+    assert rows == frame.height
+    assert store.backend.list_names("snapshots") == [f"{version}.parquet"]
+    assert_frame_equal(store.read_snapshot(version), frame)
 
 
 def _table(seed: int, rows: int = 40) -> pd.DataFrame:
