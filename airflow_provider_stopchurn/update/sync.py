@@ -16,6 +16,7 @@ pending; the next run settles it first, from the acknowledgements recorded in th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -313,6 +314,13 @@ def _plan_and_deliver(
         committed = store.read_committed()
         plan = make_plan(canon, committed, options, run_ms)
     written = (plan.target_version, plan.target_rows) if isinstance(plan, StreamedPlan) else None
+    try:  # planning (a streamed target's upload) can outlast the lease: a run that lost it writes no PLAN over
+        lock.check()  # the new owner's, the ledger its settle reads
+    except SnapshotError:
+        if written is not None:
+            with contextlib.suppress(SnapshotError):
+                store.delete_snapshot(written[0])  # published, named by nothing
+        raise
     _plan_counts(summary, plan, options)
     base_version = committed.version if committed is not None else None
     if plan.changes == 0:
