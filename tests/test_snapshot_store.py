@@ -744,6 +744,33 @@ def test_exclusive_create_falls_back_without_x_mode(object_storage_path: Callabl
     assert store.read_lock() is None
 
 
+class _CredentialedNoExclusiveMode(_NoExclusiveMode):
+    """The same, printed as an address holding credentials (``s3://key:secret@bucket/...``), as UPath prints one."""
+
+    def __truediv__(self, other: str) -> _CredentialedNoExclusiveMode:
+        return _CredentialedNoExclusiveMode(self._path / other)
+
+    @property
+    def parent(self) -> _CredentialedNoExclusiveMode:
+        return _CredentialedNoExclusiveMode(self._path.parent)
+
+    def __str__(self) -> str:
+        return "s3://AKIAEXAMPLE:s3cr3t-storage-key@bucket/" + str(self._path).split("://", 1)[-1]
+
+
+def test_the_fallback_for_a_store_without_x_mode_logs_no_credential(
+    object_storage_path: Callable[[str], Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = backend_for(
+        _CredentialedNoExclusiveMode(object_storage_path(f"memory://stopchurn-tests/{uuid.uuid4().hex}"))
+    )
+    with caplog.at_level(logging.DEBUG, logger="airflow_provider_stopchurn"):
+        assert backend.create_exclusive("LOCK", b"mine")
+    said = [r.getMessage() for r in caplog.records]
+    assert any("refuses open(mode='xb')" in line and "s3://bucket/" in line for line in said), said
+    assert not any("s3cr3t" in line or "AKIAEXAMPLE" in line for line in said), said
+
+
 def test_a_local_write_is_never_half_visible(tmp_path: Path) -> None:
     backend = backend_for(tmp_path)
     versions = [bytes([65 + i]) * 2_000_000 for i in range(2)]

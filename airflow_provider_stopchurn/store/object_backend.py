@@ -104,7 +104,9 @@ class ObjectStoreBackend:
             except (ValueError, NotImplementedError) as err:
                 if self._exclusive_mode:
                     raise write_error(self.location(name), err) from err
-                log.debug("%s refuses open(mode='xb') (%s); creating by check, write, read back.", path, err)
+                log.debug(
+                    "%s refuses open(mode='xb') (%s); creating by check, write, read back.", self.location(name), err
+                )
                 self._exclusive_mode = False
             except OSError as err:
                 raise write_error(self.location(name), err) from err
