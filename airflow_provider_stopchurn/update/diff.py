@@ -26,6 +26,7 @@ from airflow_provider_stopchurn.update.keys import (
     DIRTY_UPDATE,
     KEY_SEED,
     match_keys,
+    snapshot_states,
 )
 
 __all__ = [
@@ -287,13 +288,12 @@ def change_states(
     The old rows' hashes are gathered one batch of source rows at a time, so no full-height copy of them is held.
 
     :param hashed: source rows with their row hashes (:func:`with_hashes`).
-    :param old: the snapshot's rows (``KeyMatch.old``).
-    :param positions: each of ``hashed``'s rows' position in ``old`` (``KeyMatch.positions``, or a slice).
+    :param old: the snapshot's createdAt and row hashes, by row (``snapshot_states``).
+    :param positions: each of ``hashed``'s rows' row in the snapshot (``KeyMatch.positions``, or a slice of it).
     :param flags: the rows whose columns differ (an exact diff), or None to compare the hashes.
     :param update_all: every key the snapshot has counts as updated (a schema change being sent).
     """
     olds = old.select(
-        pl.col(BASE_ROW),
         pl.col(CREATED_AT).alias("__sc_old_created"),
         pl.col(HASH_1).alias("__sc_old_1"),
         pl.col(HASH_2).alias("__sc_old_2"),
@@ -311,7 +311,11 @@ def change_states(
     parts = []
     for i in range(0, max(hashed.height, 1), _HASH_BATCH):
         rows = positions.slice(i, _HASH_BATCH)
-        batch = [hashed.select(HASH_1, HASH_2).slice(i, _HASH_BATCH), olds.select(pl.all().gather(rows))]
+        batch = [
+            hashed.select(HASH_1, HASH_2).slice(i, _HASH_BATCH),
+            olds.select(pl.all().gather(rows)),
+            rows.alias(BASE_ROW).to_frame(),
+        ]
         if flags is not None:
             batch.append(flags.slice(i, _HASH_BATCH).to_frame())
         part = pl.concat(batch, how="horizontal")
@@ -338,16 +342,16 @@ def diff_snapshot(
     :param update_all: every key present on both sides counts as updated (a schema change being sent).
     """
     keys = list(keys)
-    match = match_keys(new_data, base.columns([*keys, CREATED_AT, HASH_1, HASH_2]), keys)
-    old, positions, gone = match.old, match.positions, match.gone
+    match = match_keys(new_data, base.columns(keys), keys)
+    positions, gone = match.positions, match.gone
+    old = snapshot_states(base.columns([CREATED_AT, HASH_1, HASH_2]), match)
     hashed = with_hashes(new_data)
     flags = None
     if not (update_all or by_hash):
-        pos = positions.name
-        pairs = pl.DataFrame([positions]).with_row_index(TARGET_ROW).filter(pl.col(pos).is_not_null())
+        pairs = pl.DataFrame([positions]).with_row_index(TARGET_ROW).filter(pl.col(BASE_ROW).is_not_null())
         differ = _rows_differ(
             new_data.select(data_columns(new_data))[pairs.get_column(TARGET_ROW)],
-            base.frame.select(data_columns(base.frame))[old.get_column(BASE_ROW).gather(pairs.get_column(pos))],
+            base.frame.select(data_columns(base.frame))[pairs.get_column(BASE_ROW)],
         )
         flags = pl.Series("__sc_differs", [False] * new_data.height, dtype=pl.Boolean)
         flags = flags.scatter(pairs.get_column(TARGET_ROW).to_numpy(), differ)
@@ -364,16 +368,21 @@ def diff_snapshot(
     )
     inserted = indexed.filter(state == 1).sort(keys)  # BASE_ROW: a dirty row a settle kept, else null
     updated = indexed.filter(state == 2).sort(keys)
-    deleted = deleted_rows(base, gone, old, keys)
+    deleted = deleted_rows(base, gone, keys)
     unchanged = new_data.height - inserted.height - updated.height
     return SnapshotDiff(target=target, inserted=inserted, updated=updated, deleted=deleted, unchanged=unchanged)
 
 
-def deleted_rows(base: BaseSnapshot, gone: pl.DataFrame, old: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """The snapshot's rows of the keys no source row has (``gone``), as last delivered, with ``BASE_ROW``; sorted."""
+def deleted_rows(base: BaseSnapshot, gone: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """The snapshot's rows of the keys no source row has, as last delivered, with ``BASE_ROW``; sorted.
+
+    :param base: the committed snapshot.
+    :param gone: those keys, with their ``BASE_ROW`` (``KeyMatch.gone``).
+    :param keys: the key columns.
+    """
     gone = gone.select([*keys, BASE_ROW])
     if not gone.height:
-        return old.select(BASE_ROW).clear()
+        return gone.select(BASE_ROW)
     rows = base.rows_with_keys(gone.select(keys)).unique(subset=keys, keep="first", maintain_order=True)
     rows = rows.drop([c for c in (HASH_1, HASH_2) if c in rows.columns])
     return rows.join(gone, on=keys, how="left", maintain_order="left").sort(keys)

@@ -65,7 +65,7 @@ from airflow_provider_stopchurn.update.diff import (
     deleted_rows,
     with_hashes,
 )
-from airflow_provider_stopchurn.update.keys import BASE_ROW, match_keys
+from airflow_provider_stopchurn.update.keys import BASE_ROW, match_keys, snapshot_states
 from airflow_provider_stopchurn.update.plan import (
     Part,
     RunPlan,
@@ -314,14 +314,15 @@ def _churn(
     types differ."""
     keys = list(canon.key_columns)
     source = canon.frame
-    read = committed.columns([*keys, CREATED_AT, HASH_1, HASH_2])
-    if any(read.schema[k] != source.schema[k] for k in keys):
+    old_keys = committed.columns(keys)
+    if any(old_keys.schema[k] != source.schema[k] for k in keys):
         return None
-    match = match_keys(source, read, keys)
-    del read
-    old, positions, gone = match.old, match.positions, match.gone
+    match = match_keys(source, old_keys, keys)
+    del old_keys  # the join's tables are freed before the snapshot's hashes are read: the step's peak is one of them
     # raised before the target is written; the deletes are the unmatched keys, each once
-    approved = check_safeguards(gone.height, source.height, committed, options)
+    approved = check_safeguards(match.gone.height, source.height, committed, options)
+    positions = match.positions
+    old = snapshot_states(committed.columns([CREATED_AT, HASH_1, HASH_2]), match)
     inserted: list[pl.DataFrame] = []
     updated: list[pl.DataFrame] = []
 
@@ -348,7 +349,7 @@ def _churn(
             target=source,
             inserted=pl.concat(inserted).sort(keys),
             updated=pl.concat(updated).sort(keys),
-            deleted=deleted_rows(committed, gone, old, keys),
+            deleted=deleted_rows(committed, match.gone, keys),
             unchanged=source.height - sum(f.height for f in inserted) - sum(f.height for f in updated),
         )
         # the snapshot's kinds are the source's and no schema change is sent (else the whole path plans it)
