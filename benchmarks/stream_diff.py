@@ -39,6 +39,15 @@ from airflow_provider_stopchurn.update.stream import STREAM_ENV, plan_streamed
 from airflow_provider_stopchurn.update.sync import run_sync
 
 PIECE = 1_000_000
+#: --detail: the streamed plan's steps, the diff step cut into its parts
+DETAIL = {
+    "_spool_source": "read + canonicalize + spool the source",
+    "_source_keys": "keys joined and checked over the table",
+    "match_keys": "diff: the keys matched",
+    "snapshot_states": "diff: the snapshot's createdAt and hashes read",
+    "write_snapshot_frames": "diff: the target hashed and written",
+    "deleted_rows": "diff: the deleted rows read",
+}
 MB = 2**20
 
 
@@ -85,12 +94,15 @@ def churn(folder: Path, detail: bool) -> None:
         from airflow_provider_stopchurn.update import stream
 
         phases = Phases()
-        phases.wrap(stream, "_spool_source", "read + canonicalize + spool the source")
-        phases.wrap(stream, "_source_keys", "keys joined and checked over the table")
-        phases.wrap(stream, "match_keys", "diff: the keys matched")
-        phases.wrap(stream, "snapshot_states", "diff: the snapshot's createdAt and hashes read")
-        phases.wrap(SnapshotStore, "write_snapshot_frames", "diff: the target hashed and written")
-        phases.wrap(stream, "deleted_rows", "diff: the deleted rows read")
+        for owner, name in (
+            (stream, "_spool_source"),
+            (stream, "_source_keys"),
+            (stream, "match_keys"),
+            (stream, "snapshot_states"),
+            (SnapshotStore, "write_snapshot_frames"),
+            (stream, "deleted_rows"),
+        ):
+            phases.wrap(owner, name, DETAIL[name])
     store = SnapshotStore(folder / "store", 1, "bench")
     source = _reader(folder / "churn.arrow")
     (plan, _), got = measured(lambda: plan_streamed(source, store, options(500, 1), RUN_MS + 1), phases)
