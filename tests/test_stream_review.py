@@ -485,3 +485,86 @@ def test_a_streamed_run_that_finds_nothing_changed_uploads_no_snapshot(
     summary = run_sync(_batches(range(60)), store, make_client(stopchurn_sandbox), options(), run_ms=T0 + 1)
     assert (summary.inserted, summary.updated, summary.deleted, summary.unchanged) == (0, 0, 0, 60)
     assert dict(ReadCountingMemoryFileSystem.snapshot_writes) == {}
+
+
+#: a child whose temporary disk fills while it spools (a file size limit, as a full disk): a whole run, its error
+_RUN_ON_A_FULL_DISK = textwrap.dedent(
+    """
+    import json, os, resource, signal, sys, tempfile
+    from pathlib import Path
+    import pyarrow as pa
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+    tempfile.tempdir = sys.argv[1]
+    from airflow_provider_stopchurn.api.client import StopChurnClient
+    from airflow_provider_stopchurn.options import SyncOptions
+    from airflow_provider_stopchurn.store import SnapshotStore
+    from airflow_provider_stopchurn.update.sync import run_sync
+
+    keys = range(int(sys.argv[5]), int(sys.argv[6]))
+    batch = pa.RecordBatch.from_pydict({"id": list(keys), "email": [f"c{k}@example.com" for k in keys]})
+    store = SnapshotStore(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    client = StopChurnClient(os.environ["SANDBOX_URL"], os.environ["SANDBOX_TOKEN"], max_retries=0)
+    try:
+        run_sync(iter([batch]), store, client, SyncOptions(brand_id=int(sys.argv[3]), table_name=sys.argv[4]))
+    except BaseException as err:
+        print(json.dumps({"type": [c.__name__ for c in type(err).__mro__], "message": str(err)}))
+    """
+)
+
+
+@pytest.mark.parametrize("remedy", ["space freed", "STOPCHURN_WORKER_STREAM=never"])
+@pytest.mark.parametrize("committed", [False, True], ids=["first load", "churn"])
+def test_the_run_after_a_full_temporary_disk_syncs_the_source_and_leaves_no_spool(
+    tmp_path: Path,
+    stopchurn_sandbox: SandboxServer,
+    monkeypatch: pytest.MonkeyPatch,
+    committed: bool,
+    remedy: str,
+) -> None:
+    """A streamed run whose spool does not fit fails before anything is sent. Once the user does what its error
+    says (frees the temporary disk, or reads the source into memory), the next run must send exactly the change
+    from what StopChurn holds to the source, leave no spool behind, and need no edit of the store."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.setenv(STREAM_ENV, "always")
+    store = SnapshotStore(tmp_path / "store", BRAND, TABLE)
+    client = make_client(stopchurn_sandbox)
+    if committed:  # keys 0..149_999 delivered; the source then drops the first 1,000 and adds 60,000
+        run_sync(_batches(range(150_000)), store, client, options(), run_ms=T0)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        STREAM_ENV: "always",
+        "SANDBOX_URL": stopchurn_sandbox.url,
+        "SANDBOX_TOKEN": stopchurn_sandbox.token,
+    }
+    args = [str(temporary), str(tmp_path / "store"), str(BRAND), TABLE, "1000", "210000"]
+    child = subprocess.run(
+        [sys.executable, "-c", _RUN_ON_A_FULL_DISK, *args], env=env, capture_output=True, timeout=300, check=False
+    )
+    assert child.returncode == 0, child.stderr.decode()[-2000:]
+    raised = json.loads(child.stdout.decode().strip().splitlines()[-1])
+    assert "SnapshotError" in raised["type"] and "TMPDIR" in raised["message"], raised
+    assert "delete" not in raised["message"].lower()  # no error advises deleting the store
+    assert sorted(p.name for p in temporary.rglob("*") if p.is_file()) == []  # the failed run removed its spool
+    held = stopchurn_sandbox.table(BRAND, TABLE)
+    assert set(held) == (set(range(150_000)) if committed else set())  # nothing was sent
+
+    if remedy != "space freed":
+        monkeypatch.setenv(STREAM_ENV, "never")
+    summary = run_sync(_batches(range(1_000, 210_000)), store, client, options(), run_ms=T0 + 1)
+    assert (summary.inserted, summary.updated, summary.deleted) == (
+        (60_000, 0, 1_000) if committed else (209_000, 0, 0)
+    )
+    held = stopchurn_sandbox.table(BRAND, TABLE)
+    assert set(held) == set(range(1_000, 210_000))
+    assert all(row["email"] == f"c{key}@example.com" for key, row in held.items())
+    assert sorted(p.name for p in temporary.rglob("*") if p.is_file()) == []  # no spool, no local copy
+    assert store.pending_plan() is None
+    assert len(list((tmp_path / "store").rglob("*.parquet"))) == 1  # the committed snapshot alone
+    assert [p.name for p in (tmp_path / "store").rglob("*.tmp")] == []
+    again = run_sync(_batches(range(1_000, 210_000)), store, client, options(), run_ms=T0 + 2)
+    assert (again.inserted, again.updated, again.deleted, again.unchanged) == (0, 0, 0, 209_000)
+    assert sorted(p.name for p in temporary.rglob("*")) == []

@@ -20,6 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -398,3 +399,22 @@ def test_changed_and_deleted_rows_hold_only_their_own_text(tmp_path: Path, monke
     assert all(isinstance(frame, pl.DataFrame) for frame in frames)
     held = sum(_text_held(frame) for frame in frames if isinstance(frame, pl.DataFrame))
     assert held < 200_000  # 60 rows of about 500 bytes, not 3 batches of 400 KB
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["the source keeps the key", "the source drops the key"])
+def test_a_snapshot_holding_a_key_twice_is_planned_the_same_on_both_paths(
+    kept: bool, tmp_path: Path, stopchurn_sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot an older version committed with a key on two rows: both paths pair the key with its first row,
+    marked dirty (sent again), or delete it once; the streamed path matches keys before it reads the hashes."""
+    monkeypatch.setenv(STREAM_ENV, "never")
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    run_sync(Source(_rows(range(30)), [12]).stream(), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
+    committed = store.read_committed()
+    assert committed is not None
+    twice = pl.concat([committed.frame, committed.frame.filter(pl.col("id").is_in([4, 17])).reverse()])
+    pointer = orjson.loads(store.backend.read_bytes("CURRENT") or b"{}")
+    pointer.update(version=store.write_snapshot(twice), rows=twice.height)
+    store.backend.write_bytes("CURRENT", orjson.dumps(pointer), durable=True)
+    rows = _rows(range(2, 34), seed=1) if kept else [r for r in _rows(range(2, 34), seed=1) if r["id"] != 17]
+    assert _assert_same_plans(Source(rows, [9, 20]), store, T0 + 1, monkeypatch, "always", max_delete_fraction=1.0)

@@ -34,13 +34,11 @@ Arrow types beyond those a DataFrame holds, as ADBC drivers deliver them:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import GeneratorType
 from typing import Any, TypeAlias
 
 import numpy as np
-import orjson
 import pandas as pd
 import polars as pl
 import pyarrow as pa
@@ -50,8 +48,6 @@ from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.source.arrow_values import (
     JSON_TEXT_KIND,
     KIND_METADATA,
-    _json_number,
-    _json_text_column,
     convert_arrow_column,
 )
 from airflow_provider_stopchurn.source.frame import (
@@ -59,16 +55,18 @@ from airflow_provider_stopchurn.source.frame import (
     _as_key,
     _check_float_key,
     _check_missing_keys,
-    _check_names,
-    _finish,
     canonicalize,
+    check_names,
+    finish,
 )
+from airflow_provider_stopchurn.source.json_columns import parse_json_columns
 from airflow_provider_stopchurn.source.memory import release_freed_memory
 from airflow_provider_stopchurn.source.values import _json_series
 
 __all__ = [
     "JSON_TEXT_KIND",
     "KIND_METADATA",
+    "Batch",
     "Source",
     "SourceData",
     "canonical_batches",
@@ -76,9 +74,13 @@ __all__ = [
     "canonicalize_batch",
     "canonicalize_source",
     "convert_arrow_column",
+    "is_batch_iterable",
+    "join_batches",
+    "joined_small_batches",
     "merge_batches",
     "parse_json_columns",
     "release_freed_memory",
+    "retyped",
 ]
 
 SourceData: TypeAlias = (
@@ -92,6 +94,8 @@ SourceData: TypeAlias = (
 )
 #: What the engine accepts: the data, or a callable returning it (called once, when the run reads its source).
 Source: TypeAlias = SourceData | Callable[[], SourceData]
+#: A canonical batch: its columns, and their kinds.
+Batch: TypeAlias = tuple[pl.DataFrame, dict[str, str]]
 
 _CANONICAL_DTYPES: Mapping[str, pl.DataType] = {
     "int": pl.Int64(),
@@ -128,7 +132,7 @@ def canonicalize_source(source: Source, *, key_columns: Sequence[str], decimal_a
             return canonicalize_arrow(
                 _polars_to_arrow(data), key_columns=key_columns, decimal_as_string=decimal_as_string
             )
-        if isinstance(data, pa.Table | pa.RecordBatch | pa.RecordBatchReader) or _is_batch_iterable(data):
+        if isinstance(data, pa.Table | pa.RecordBatch | pa.RecordBatchReader) or is_batch_iterable(data):
             return canonicalize_arrow(data, key_columns=key_columns, decimal_as_string=decimal_as_string)
     finally:
         if isinstance(data, GeneratorType | pa.RecordBatchReader):
@@ -136,8 +140,12 @@ def canonicalize_source(source: Source, *, key_columns: Sequence[str], decimal_a
     raise _not_a_source(_type_name(data))
 
 
-def _is_batch_iterable(data: Any) -> bool:
-    """An iterator (any items: checked as they come), or a list/tuple of record batches or tables."""
+def is_batch_iterable(data: Any) -> bool:
+    """Whether ``data`` is read as record batches: an iterator (any items: checked as they come), or a list/tuple
+    of record batches or tables.
+
+    :param data: a source, already called.
+    """
     if isinstance(data, Iterator):
         return True
     return isinstance(data, list | tuple) and all(isinstance(item, pa.RecordBatch | pa.Table) for item in data)
@@ -182,28 +190,21 @@ def canonicalize_arrow(
     same messages as the pandas path (rows are counted from 0 over all batches).
     """
     keys: tuple[str, ...] | None = None
-    parts: list[tuple[pl.DataFrame, dict[str, str]]] = []
-    small: list[tuple[pl.DataFrame, dict[str, str]]] = []  # consecutive small batches of the same kinds
-    for found, part in canonical_batches(data, key_columns=key_columns, decimal_as_string=decimal_as_string):
-        keys = found
-        if small and (part[1] != small[0][1] or part[0].height >= _SMALL_BATCH):
-            parts.append(_joined(small))
-            small = []
-        if part[0].height >= _SMALL_BATCH:
-            parts.append(part)
-        else:
-            small.append(part)
-            if sum(frame.height for frame, _ in small) < _SMALL_BATCH:
-                continue
-            parts.append(_joined(small))
-            small = []
+
+    def converted() -> Iterator[Batch]:
+        nonlocal keys
+        for found, part in canonical_batches(data, key_columns=key_columns, decimal_as_string=decimal_as_string):
+            keys = found
+            yield part
+
+    parts: list[Batch] = []
+    for part in joined_small_batches(converted()):
+        parts.append(part)
         release_freed_memory()
-    if small:
-        parts.append(_joined(small))
     if keys is None:  # no batch and no schema: a source without columns
-        keys = _check_names([], key_columns)
+        keys = check_names([], key_columns)
     frame, kinds = merge_batches(parts, keys)
-    canon = _finish(frame, kinds, keys)
+    canon = finish(frame, kinds, keys)
     release_freed_memory()
     return canon
 
@@ -217,7 +218,8 @@ def canonical_batches(
     """Each record batch of ``data`` as (the checked key columns, (its canonical columns, their kinds)), in order.
 
     The checks over the whole table (kinds joined, unique keys, ``id``) are the caller's, after the last batch:
-    :func:`merge_batches`, then ``_finish``. Nothing is yielded for data without a batch or a schema.
+    :func:`merge_batches`, then :func:`~airflow_provider_stopchurn.source.frame.finish`. Nothing is yielded for data
+    without a batch or a schema.
     """
     keys: tuple[str, ...] | None = None
     names: list[str] | None = None
@@ -225,7 +227,7 @@ def canonical_batches(
     for batch in _record_batches(data):
         if names is None:
             names = batch.schema.names
-            keys = _check_names(names, key_columns)
+            keys = check_names(names, key_columns)
         elif batch.schema.names != names:
             raise SourceDataError(
                 f"The source's record batches have different columns: {names!r}, then {batch.schema.names!r}."
@@ -241,12 +243,38 @@ def canonical_batches(
 _SMALL_BATCH = 10_000
 
 
-def _joined(parts: list[tuple[pl.DataFrame, dict[str, str]]]) -> tuple[pl.DataFrame, dict[str, str]]:
+def join_batches(parts: Sequence[Batch]) -> Batch:
     """Canonical batches of the same kinds as one batch of one chunk (the same frame as joined later, retyped or
-    not: their columns are retyped alike)."""
+    not: their columns are retyped alike).
+
+    :param parts: consecutive canonical batches, all of the first one's kinds.
+    """
     if len(parts) == 1:
         return parts[0]
     return pl.concat([frame for frame, _ in parts], how="vertical", rechunk=True), parts[0][1]
+
+
+def joined_small_batches(parts: Iterable[Batch]) -> Iterator[Batch]:
+    """``parts`` in order, consecutive batches of the same kinds under ``_SMALL_BATCH`` rows joined as they come
+    (:func:`join_batches`); each joined batch is yielded once it reaches ``_SMALL_BATCH`` rows, its kinds end, or a
+    larger batch follows.
+
+    :param parts: canonical batches (:func:`canonical_batches`), in source order.
+    """
+    small: list[Batch] = []  # consecutive small batches of the same kinds
+    for part in parts:
+        if small and (part[1] != small[0][1] or part[0].height >= _SMALL_BATCH):
+            yield join_batches(small)
+            small = []
+        if part[0].height >= _SMALL_BATCH:
+            yield part
+            continue
+        small.append(part)
+        if sum(frame.height for frame, _ in small) >= _SMALL_BATCH:
+            yield join_batches(small)
+            small = []
+    if small:
+        yield join_batches(small)
 
 
 def _record_batches(data: Any) -> Iterator[pa.RecordBatch]:
@@ -333,7 +361,7 @@ def merge_batches(
     for key in keys:  # a key whose batches disagree (integers, then strings) is refused as a mixed column is
         if kinds[key] == "json":
             _as_key(key, pl.Series(key, [], dtype=pl.String), "json")
-    frames = [_retyped(frame, batch_kinds, kinds) for frame, batch_kinds in parts]
+    frames = [retyped(frame, batch_kinds, kinds) for frame, batch_kinds in parts]
     return (frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")), kinds
 
 
@@ -348,7 +376,14 @@ def _join_kinds(a: str, b: str) -> str:
     return "json"
 
 
-def _retyped(frame: pl.DataFrame, have: Mapping[str, str], want: Mapping[str, str]) -> pl.DataFrame:
+def retyped(frame: pl.DataFrame, have: Mapping[str, str], want: Mapping[str, str]) -> pl.DataFrame:
+    """A canonical batch's columns converted from the kinds it was read with to the table's joined kinds, as
+    :func:`merge_batches` converts every batch.
+
+    :param frame: one canonical batch.
+    :param have: its columns' kinds.
+    :param want: the kinds joined over the whole table.
+    """
     changed = [name for name in frame.columns if have[name] != want[name]]
     if not changed:
         return frame
@@ -391,89 +426,3 @@ def _plain(column: pa.Array) -> pa.Array:
     if isinstance(column.type, pa.BaseExtensionType):
         column = column.storage
     return column
-
-
-# --------------------------------------------------------------------------------------------------------------
-# text columns holding JSON (json_columns)
-# --------------------------------------------------------------------------------------------------------------
-#: Keys of the rows with invalid JSON named in the error.
-_BAD_JSON_KEYS_SHOWN = 5
-
-
-def parse_json_columns(canon: Canonical, columns: Sequence[str], *, keys_may_be_json: bool = False) -> Canonical:
-    """``canon`` with the text columns named in ``columns`` parsed as JSON: kind ``json``, canonical JSON text.
-
-    For every kind of source (the same canonical frame follows from pandas, polars and Arrow), after
-    canonicalization: a column of kind ``string`` is parsed (numbers kept exact, keys sorted, so reformatted JSON
-    text is no change); a column that is JSON already (PostgreSQL json/jsonb, MySQL 8's JSON) or holds only NULLs
-    is left as it is. Raises :class:`SourceDataError` for a column the source does not have, a key column (unless
-    ``keys_may_be_json``: events, whose key is the whole event), a column of another kind, or text that is not one
-    JSON value (naming the column and the ``key_columns`` of up to five rows).
-    """
-    if not columns:
-        return canon
-    kinds = dict(canon.kinds)
-    replaced: list[pl.Series] = []
-    for name in dict.fromkeys(columns):
-        kind = kinds.get(name)
-        if kind is None:
-            raise SourceDataError(
-                f"json_columns names {name!r}, which the source does not have (its columns: "
-                f"{', '.join(map(repr, canon.frame.columns))})."
-            )
-        if name in canon.key_columns and not keys_may_be_json:
-            raise SourceDataError(f"json_columns names the key column {name!r}; a key cannot be a JSON value.")
-        if kind in ("json", "null"):
-            continue
-        if kind != "string":
-            raise SourceDataError(
-                f"json_columns names {name!r}, whose values are of kind {kind!r}, not text holding JSON; leave it "
-                "out of json_columns or cast it to text in the source."
-            )
-        texts = canon.frame.get_column(name)
-        _check_json_texts(canon, name, texts)
-        parsed = _json_text_column(name, texts.to_arrow())
-        replaced.append(parsed.alias(name))
-        kinds[name] = "json"
-    if not replaced:
-        return canon
-    return Canonical(frame=canon.frame.with_columns(replaced), kinds=kinds, key_columns=canon.key_columns)
-
-
-def _check_json_texts(canon: Canonical, name: str, texts: pl.Series) -> None:
-    """Raise :class:`SourceDataError` naming ``name`` and up to five keys when any text is not one JSON value."""
-    present = texts.drop_nulls()
-    joined = "[" + (present.str.join(",").item() or "") + "]" if present.len() else "[]"
-    try:
-        if len(orjson.loads(joined)) == present.len():
-            return
-    except orjson.JSONDecodeError:
-        pass
-    bad = [row for row, text in enumerate(texts.to_list()) if text is not None and not _is_json(text)]
-    if not bad:
-        return
-    keys = canon.frame.select(canon.key_columns)[bad[:_BAD_JSON_KEYS_SHOWN]]
-    shown = [row[0] if len(row) == 1 else row for row in keys.rows()]
-    more = f" (and {len(bad) - len(shown)} more)" if len(bad) > len(shown) else ""
-    raise SourceDataError(
-        f"Column {name!r} is in json_columns, but {len(bad)} row(s) hold text that is not valid JSON; keys "
-        f"({', '.join(canon.key_columns)}) {', '.join(map(repr, shown))}{more}. Nothing was sent."
-    )
-
-
-def _is_json(text: str) -> bool:
-    """Whether ``text`` is one JSON value (numbers beyond a double's range too, as json/jsonb hold them; not NaN)."""
-    try:
-        orjson.loads(text)
-        return True
-    except orjson.JSONDecodeError:
-        pass
-    try:  # what orjson refuses but the exact parser reads: numbers such as 1e400
-        json.loads(text, parse_float=_json_number, parse_constant=_no_constant)
-        return True
-    except ValueError:
-        return False
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")

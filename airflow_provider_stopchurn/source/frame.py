@@ -76,7 +76,16 @@ from airflow_provider_stopchurn.source.values import (
     listed,
 )
 
-__all__ = ["KINDS", "Canonical", "canonical_columns", "canonicalize", "check_reserved_names"]
+__all__ = [
+    "KINDS",
+    "Canonical",
+    "canonical_columns",
+    "canonicalize",
+    "check_names",
+    "check_reserved_names",
+    "finish",
+    "with_derived_id",
+]
 
 #: The prefix of every column the engines add to a table (the store's meta columns, and the working columns of the
 #: diff, plans and events): a source column may not start with it.
@@ -108,7 +117,7 @@ def canonicalize(df: pd.DataFrame, *, key_columns: Sequence[str], decimal_as_str
     string). Raises :class:`SourceDataError` for bad column names, unsupported values and invalid keys.
     """
     names = list(df.columns)
-    keys = _check_names(names, key_columns)
+    keys = check_names(names, key_columns)
     series: list[pl.Series] = []
     kinds: dict[str, str] = {}
     for name in names:
@@ -120,13 +129,16 @@ def canonicalize(df: pd.DataFrame, *, key_columns: Sequence[str], decimal_as_str
             converted, kind = _as_key(name, converted, kind)
         series.append(converted.alias(name))
         kinds[name] = kind
-    return _finish(pl.DataFrame(series), kinds, keys)
+    return finish(pl.DataFrame(series), kinds, keys)
 
 
-def _check_names(names: Sequence[Any], key_columns: Sequence[str] | str) -> tuple[str, ...]:
+def check_names(names: Sequence[Any], key_columns: Sequence[str] | str) -> tuple[str, ...]:
     """Check a source's column names and key columns; return the key columns as a tuple.
 
     Column names must be distinct strings, and the key columns (at least one, none repeated) must be among them.
+
+    :param names: the source's column names, in order.
+    :param key_columns: the key column, or the key columns.
     """
     keys = (key_columns,) if isinstance(key_columns, str) else tuple(key_columns)
     if not keys:
@@ -143,22 +155,31 @@ def _check_names(names: Sequence[Any], key_columns: Sequence[str] | str) -> tupl
     return keys
 
 
-def _finish(frame: pl.DataFrame, kinds: dict[str, str], keys: tuple[str, ...]) -> Canonical:
+def finish(frame: pl.DataFrame, kinds: dict[str, str], keys: tuple[str, ...]) -> Canonical:
     """The checks over the whole table (unique keys, the ``id`` column), and the derived ``id`` where none is given.
 
-    ``frame`` holds the converted columns of every row, key columns already through :func:`_as_key`.
+    :param frame: the converted columns of every row, key columns already through ``_as_key``.
+    :param kinds: each column's kind; the derived ``id``'s is added to it.
+    :param keys: the key columns (from :func:`check_names`).
     """
     _check_unique(frame, keys)
     if "id" not in kinds:
-        if len(keys) == 1:
-            frame = frame.with_columns(pl.col(keys[0]).alias("id"))
-            kinds["id"] = kinds[keys[0]]
-        else:
-            frame = frame.with_columns(_composite_id(keys, kinds).alias("id"))
-            kinds["id"] = "string"
+        frame, kinds["id"] = with_derived_id(frame, kinds, keys)
     elif keys != ("id",):  # the key checks cover an id that is the whole key
         _check_id(frame, kinds["id"], keys)
     return Canonical(frame=frame, kinds=kinds, key_columns=keys)
+
+
+def with_derived_id(frame: pl.DataFrame, kinds: Mapping[str, str], keys: tuple[str, ...]) -> tuple[pl.DataFrame, str]:
+    """``frame`` with the ``id`` derived from its keys (the source has none; see the module docstring), and its kind.
+
+    :param frame: canonical rows holding the key columns, in their final kinds.
+    :param kinds: the kinds of the key columns (at least).
+    :param keys: the key columns.
+    """
+    if len(keys) == 1:
+        return frame.with_columns(pl.col(keys[0]).alias("id")), kinds[keys[0]]
+    return frame.with_columns(_composite_id(keys, kinds).alias("id")), "string"
 
 
 def canonical_columns(df: pd.DataFrame, *, decimal_as_string: bool = False) -> tuple[pl.DataFrame, dict[str, str]]:

@@ -19,6 +19,15 @@ import polars as pl
 from polars._typing import PolarsDataType
 
 from airflow_provider_stopchurn.store import CREATED_AT, HASH_1, HASH_2, META_COLUMNS
+from airflow_provider_stopchurn.update.keys import (
+    BASE_ROW,
+    DIRTY_HASH,
+    DIRTY_INSERT,
+    DIRTY_UPDATE,
+    KEY_SEED,
+    match_keys,
+    snapshot_states,
+)
 
 __all__ = [
     "BASE_ROW",
@@ -29,6 +38,7 @@ __all__ = [
     "TARGET_ROW",
     "ChangeSet",
     "SnapshotDiff",
+    "change_states",
     "data_columns",
     "deleted_rows",
     "diff_frames",
@@ -154,17 +164,7 @@ def diff_frames(base: pl.DataFrame | None, new: pl.DataFrame, key_columns: Seque
 # --------------------------------------------------------------------------------------------------------------
 #: Column of a change frame: the row's position in the target snapshot (inserts and updates).
 TARGET_ROW = "__sc_target_row"
-#: Column of a change frame: the row's position in the base (committed) snapshot (updates and deletes).
-BASE_ROW = "__sc_base_row"
-#: A snapshot row whose first hash is ``DIRTY_HASH`` may differ from what StopChurn holds (its request was sent
-#: but never acknowledged, or its values were converted across a schema change): the next diff always sends the
-#: key's current state again. The second hash says how: ``DIRTY_UPDATE`` (StopChurn holds the key) or
-#: ``DIRTY_INSERT`` (StopChurn may not hold it yet; sent as an insert).
-DIRTY_HASH = 0
-DIRTY_UPDATE = 0
-DIRTY_INSERT = 1
-
-_SEEDS = (0x5EED0001, 0x0BADC0DE)
+_SEEDS = (KEY_SEED, 0x0BADC0DE)
 
 
 def _row_hash_id() -> str:
@@ -260,25 +260,6 @@ class BaseSnapshot(Protocol):
     def frame(self) -> pl.DataFrame: ...
 
 
-def _join_keys(new: pl.DataFrame, old: pl.DataFrame, keys: Sequence[str]) -> tuple[list[pl.Expr], list[pl.Expr]]:
-    """Join expressions for both sides.
-
-    A key column whose type changed (``1`` -> ``"1"``) names other rows: StopChurn does not promise that ``1`` and
-    ``"1"`` are one id, so no old key matches a new one (the old rows are deleted, the new ones inserted). The
-    all-null key column of an empty snapshot matches nothing anyway.
-    """
-    new_exprs, old_exprs = [], []
-    for i, k in enumerate(keys):
-        name = f"__sc_k{i}"
-        if new.schema[k] == old.schema[k]:
-            new_exprs.append(pl.col(k).alias(name))
-            old_exprs.append(pl.col(k).alias(name))
-        else:  # tagged texts that cannot be equal
-            new_exprs.append(pl.concat_str(pl.lit("n"), pl.col(k).cast(pl.String)).alias(name))
-            old_exprs.append(pl.concat_str(pl.lit("o"), pl.col(k).cast(pl.String)).alias(name))
-    return new_exprs, old_exprs
-
-
 def _rows_differ(new: pl.DataFrame, base: pl.DataFrame) -> pl.Series:
     """Row-aligned exact comparison (null equals null): which rows differ in any data column."""
     new_cols, base_cols = data_columns(new), data_columns(base)
@@ -299,61 +280,20 @@ def _rows_differ(new: pl.DataFrame, base: pl.DataFrame) -> pl.Series:
     return pl.DataFrame(diffs).select(pl.any_horizontal(pl.all())).to_series()
 
 
-def _positions(new_keys: pl.DataFrame, old: pl.DataFrame, old_join: list[pl.Expr]) -> pl.Series:
-    """Each source row's position in ``old`` (null: a new key); longer than the source when ``old`` holds a key
-    twice that the source has.
-
-    Only keys and positions go through the join, and a large table is joined in parts split by the keys' hash
-    (a key's rows on both sides fall in the same part), so the join's tables are those of one part, not of every
-    key at once. The old rows' values are gathered by position afterwards.
-    """
-    right = old.select(*old_join).with_row_index(_POS)
-    names = new_keys.columns
-    parts = -(-max(new_keys.height, right.height) // _JOIN_PART)
-    if parts <= 1:
-        return new_keys.join(right, on=names, how="left", maintain_order="left").get_column(_POS)
-    new_part = (new_keys.hash_rows(seed=_SEEDS[0]) % parts).to_numpy()
-    old_part = (right.select(names).hash_rows(seed=_SEEDS[0]) % parts).to_numpy()
-    found = np.full(new_keys.height, -1, dtype=np.int64)
-    extra = 0
-    for part in range(parts):
-        rows = np.flatnonzero(new_part == part)
-        joined = new_keys[rows].join(
-            right[np.flatnonzero(old_part == part)], on=names, how="left", maintain_order="left"
-        )
-        if joined.height != rows.size:  # a key held twice: the caller takes the snapshot's keys once each
-            extra += joined.height - rows.size
-            continue
-        found[rows] = joined.get_column(_POS).fill_null(-1).to_numpy()
-    found_s = pl.Series(_POS, found)
-    positions = found_s.to_frame().select(pl.when(found_s >= 0).then(found_s).cast(right.schema[_POS])).to_series()
-    return positions.extend_constant(None, extra) if extra else positions
-
-
-#: Keys joined at a time (see :func:`_positions`).
-_JOIN_PART = 250_000
-
-
-def _gone(old: pl.DataFrame, positions: pl.Series) -> pl.DataFrame:
-    """The old rows no source row matched, found by position (no second join over every source key)."""
-    kept = np.ones(old.height, dtype=bool)
-    kept[positions.drop_nulls().to_numpy()] = False
-    return old.filter(pl.Series(kept))
-
-
-_POS = "__sc_pos"
-
-
-def _states(
+def change_states(
     hashed: pl.DataFrame, old: pl.DataFrame, positions: pl.Series, flags: pl.Series | None, *, update_all: bool
 ) -> pl.DataFrame:
     """Each source row's ``state`` (0 unchanged, 1 insert, 2 update), its key's old createdAt and ``BASE_ROW``.
 
     The old rows' hashes are gathered one batch of source rows at a time, so no full-height copy of them is held.
-    ``flags``: the rows whose columns differ (an exact diff), or None to compare the hashes.
+
+    :param hashed: source rows with their row hashes (:func:`with_hashes`).
+    :param old: the snapshot's createdAt and row hashes, by row (``snapshot_states``).
+    :param positions: each of ``hashed``'s rows' row in the snapshot (``KeyMatch.positions``, or a slice of it).
+    :param flags: the rows whose columns differ (an exact diff), or None to compare the hashes.
+    :param update_all: every key the snapshot has counts as updated (a schema change being sent).
     """
     olds = old.select(
-        pl.col(BASE_ROW),
         pl.col(CREATED_AT).alias("__sc_old_created"),
         pl.col(HASH_1).alias("__sc_old_1"),
         pl.col(HASH_2).alias("__sc_old_2"),
@@ -371,7 +311,11 @@ def _states(
     parts = []
     for i in range(0, max(hashed.height, 1), _HASH_BATCH):
         rows = positions.slice(i, _HASH_BATCH)
-        batch = [hashed.select(HASH_1, HASH_2).slice(i, _HASH_BATCH), olds.select(pl.all().gather(rows))]
+        batch = [
+            hashed.select(HASH_1, HASH_2).slice(i, _HASH_BATCH),
+            olds.select(pl.all().gather(rows)),
+            rows.alias(BASE_ROW).to_frame(),
+        ]
         if flags is not None:
             batch.append(flags.slice(i, _HASH_BATCH).to_frame())
         part = pl.concat(batch, how="horizontal")
@@ -398,28 +342,20 @@ def diff_snapshot(
     :param update_all: every key present on both sides counts as updated (a schema change being sent).
     """
     keys = list(keys)
-    old = base.columns([*keys, CREATED_AT, HASH_1, HASH_2]).with_row_index(BASE_ROW)
-    new_join, old_join = _join_keys(new_data, old, keys)
-    new_keys = new_data.select(new_join)
+    match = match_keys(new_data, base.columns(keys), keys)
+    positions, gone = match.positions, match.gone
+    old = snapshot_states(base.columns([CREATED_AT, HASH_1, HASH_2]), match)
     hashed = with_hashes(new_data)
-    positions = _positions(new_keys, old, old_join)
-    gone = _gone(old, positions)
-    if positions.len() != new_data.height or (gone.height and gone.select(keys).is_duplicated().any()):
-        # the snapshot holds a key twice (an older version committed it so): told by the join's height and the
-        # few unmatched keys, instead of marking repeated keys over the whole snapshot on every run
-        old = _one_row_per_key(old, keys)
-        positions = _positions(new_keys, old, old_join)
-        gone = _gone(old, positions)
     flags = None
     if not (update_all or by_hash):
-        pairs = pl.DataFrame([positions]).with_row_index(TARGET_ROW).filter(pl.col(_POS).is_not_null())
+        pairs = pl.DataFrame([positions]).with_row_index(TARGET_ROW).filter(pl.col(BASE_ROW).is_not_null())
         differ = _rows_differ(
             new_data.select(data_columns(new_data))[pairs.get_column(TARGET_ROW)],
-            base.frame.select(data_columns(base.frame))[old.get_column(BASE_ROW).gather(pairs.get_column(_POS))],
+            base.frame.select(data_columns(base.frame))[pairs.get_column(BASE_ROW)],
         )
         flags = pl.Series("__sc_differs", [False] * new_data.height, dtype=pl.Boolean)
         flags = flags.scatter(pairs.get_column(TARGET_ROW).to_numpy(), differ)
-    matched = _states(hashed, old, positions, flags, update_all=update_all)
+    matched = change_states(hashed, old, positions, flags, update_all=update_all)
     state = matched.get_column("state")
     created_at = created if created is not None else matched.get_column("__sc_old_created")
     columns = [*new_data.columns, CREATED_AT]
@@ -432,45 +368,24 @@ def diff_snapshot(
     )
     inserted = indexed.filter(state == 1).sort(keys)  # BASE_ROW: a dirty row a settle kept, else null
     updated = indexed.filter(state == 2).sort(keys)
-    deleted = deleted_rows(base, gone, old, keys)
+    deleted = deleted_rows(base, gone, keys)
     unchanged = new_data.height - inserted.height - updated.height
     return SnapshotDiff(target=target, inserted=inserted, updated=updated, deleted=deleted, unchanged=unchanged)
 
 
-def deleted_rows(base: BaseSnapshot, gone: pl.DataFrame, old: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """The snapshot's rows of the keys no source row has (``gone``), as last delivered, with ``BASE_ROW``; sorted."""
+def deleted_rows(base: BaseSnapshot, gone: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """The snapshot's rows of the keys no source row has, as last delivered, with ``BASE_ROW``; sorted.
+
+    :param base: the committed snapshot.
+    :param gone: those keys, with their ``BASE_ROW`` (``KeyMatch.gone``).
+    :param keys: the key columns.
+    """
     gone = gone.select([*keys, BASE_ROW])
     if not gone.height:
-        return old.select(BASE_ROW).clear()
+        return gone.select(BASE_ROW)
     rows = base.rows_with_keys(gone.select(keys)).unique(subset=keys, keep="first", maintain_order=True)
     rows = rows.drop([c for c in (HASH_1, HASH_2) if c in rows.columns])
     return rows.join(gone, on=keys, how="left", maintain_order="left").sort(keys)
-
-
-def _one_row_per_key(old: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """The snapshot's keys, each once. A snapshot that holds a key twice (committed by an older version, which
-    could settle a retyped key into it) pairs each such key with its first row, marked dirty, so the key's
-    current state is sent again and the next commit holds it once."""
-    twice = old.select(keys).is_duplicated()
-    if not twice.any():
-        return old
-    return (
-        old.with_columns(twice.alias("__sc_twice"))
-        .unique(subset=keys, keep="first", maintain_order=True)
-        .with_columns(
-            pl.when(pl.col("__sc_twice"))
-            .then(pl.lit(DIRTY_HASH))
-            .otherwise(pl.col(HASH_1))
-            .cast(old.schema[HASH_1])
-            .alias(HASH_1),
-            pl.when(pl.col("__sc_twice"))
-            .then(pl.lit(DIRTY_UPDATE))
-            .otherwise(pl.col(HASH_2))
-            .cast(old.schema[HASH_2])
-            .alias(HASH_2),
-        )
-        .drop("__sc_twice")
-    )
 
 
 def first_load(new_data: pl.DataFrame, *, created: pl.Series | None, run_ms: int) -> pl.DataFrame:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
@@ -34,11 +34,10 @@ from airflow_provider_stopchurn.update.diff import (
     like_chunks,
 )
 from airflow_provider_stopchurn.update.ids import reconcile_ids
+from airflow_provider_stopchurn.update.safeguards import APPROVE_HINT, approval, check_safeguards
 from airflow_provider_stopchurn.update.window import Rows, Window
 
 log = logging.getLogger(__name__)
-#: an approved mass delete is logged under the run's logger, whose name users filter on
-_run_log = logging.getLogger("airflow_provider_stopchurn.update.sync")
 
 #: Version of the plan files this module writes; a pending plan of another version is re-planned.
 PLAN_FORMAT = 2
@@ -49,8 +48,13 @@ _ENCODE_BATCH = 50_000
 
 
 @dataclass(frozen=True)
-class _Part:
-    """A run of updates of one op, in send order: rows with createdAt (+ positions), encoded with ``kinds``."""
+class Part:
+    """A run of updates of one op, in send order: rows with createdAt (+ positions), encoded with ``kinds``.
+
+    :param op: ``delete``, ``update`` or ``insert``.
+    :param frame: the rows (a frame, or rows read a slice at a time).
+    :param kinds: the kinds the rows are encoded with.
+    """
 
     op: str
     frame: Rows
@@ -66,7 +70,7 @@ class RunPlan:
     key_columns: list[str]
     #: per update: OP, BASE_ROW, TARGET_ROW; None for a first load (update i is target row i)
     positions: pl.DataFrame | None
-    parts: list[_Part] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
     inserted: int = 0
     updated: int = 0
     deleted: int = 0
@@ -194,72 +198,6 @@ def timestamp_column(canon: Canonical, name: str | None, role: str) -> pl.Series
     return canon.frame.get_column(name).cast(pl.Int64)
 
 
-# --- safeguards ----------------------------------------------------------------------------------------------
-#: How a person lets one run through the delete guards (the example DAGs pass their param to allow_large_changes).
-APPROVE_HINT = (
-    "To approve it, run once with allow_large_changes=True: in the Airflow UI, press Trigger and switch on "
-    'approve_mass_delete under Run Parameters (a DAG param the task passes as allow_large_changes="{{ '
-    'params.approve_mass_delete }}", as in the example DAGs).'
-)
-
-
-def check_safeguards(
-    deleted: int, source_rows: int, committed: Committed | None, options: SyncOptions
-) -> dict[str, int] | None:
-    """Raise ``SafeguardError`` when the plan deletes too much; return ``{"deletes", "rows_before"}`` when
-    ``allow_large_changes`` lets such a plan through (the approval is recorded), else None."""
-    if committed is None:
-        return None
-    base_rows = committed.rows if committed.rows is not None and committed.rows >= 0 else committed.frame.height
-    if base_rows == 0:
-        return None
-    if source_rows == 0 and not options.allow_empty_source:
-        return _tripped(
-            options,
-            deleted,
-            base_rows,
-            f"The source of brand {options.brand_id} table {options.table_name!r} is empty; nothing was sent.\n"
-            f"The snapshot holds {base_rows} rows: syncing would delete them all.\n"
-            f"{APPROVE_HINT} To allow an empty source on every run, set allow_empty_source=True.",
-        )
-    fraction = deleted / base_rows
-    if fraction > options.max_delete_fraction and not (source_rows == 0 and options.allow_empty_source):
-        return _tripped(
-            options,
-            deleted,
-            base_rows,
-            f"The plan deletes {deleted} of {base_rows} rows ({fraction:.1%}) of brand {options.brand_id} table "
-            f"{options.table_name!r}; nothing was sent.\n"
-            f"That is more than max_delete_fraction={options.max_delete_fraction:.0%}.\n"
-            f"{APPROVE_HINT}",
-        )
-    return None
-
-
-def _tripped(options: SyncOptions, deleted: int, base_rows: int, message: str) -> dict[str, int]:
-    """A delete guard tripped: the approval to record when ``allow_large_changes`` lets the plan through, else
-    raise ``SafeguardError(message)``."""
-    if options.allow_large_changes:
-        return {"deletes": deleted, "rows_before": base_rows}
-    raise SafeguardError(message)
-
-
-def approval(approved: Mapping[str, Any] | None, options: SyncOptions) -> dict[str, Any] | None:
-    """The record of a mass delete ``allow_large_changes`` let through (None when none was), logged as it is made."""
-    if not approved:
-        return None
-    run_id = options.run_info.run_id if options.run_info.run_id is not None else options.run_key
-    _run_log.warning(
-        "Mass delete approved (allow_large_changes) by run %s: the plan deletes %d of %d rows of %r%s.",
-        run_id,
-        approved["deletes"],
-        approved["rows_before"],
-        options.table_name,
-        " (dry run: nothing sent)" if options.dry_run else "",
-    )
-    return {"run_id": run_id, "deletes": int(approved["deletes"]), "rows_before": int(approved["rows_before"])}
-
-
 # --- the plan ------------------------------------------------------------------------------------------------
 def make_plan(canon: Canonical, committed: Committed | None, options: SyncOptions, run_ms: int) -> RunPlan:
     """Diff ``canon`` against ``committed`` under the run's options; raise before anything is sent."""
@@ -268,7 +206,7 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
     timestamp_column(canon, options.updated_at_column, "updated_at")  # validated now, used when encoding
     base_kinds: dict[str, str] = dict(committed.kinds) if committed is not None else {}
     kinds = kinds_after(canon, base_kinds)
-    meta = _plan_meta(options, kinds, keys, run_ms)
+    meta = plan_meta(options, kinds, keys, run_ms)
 
     update_all = False
     schema_change = None
@@ -300,7 +238,7 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
             plan = _empty(target, kinds, keys, meta, baseline=True)
             plan.unchanged = target.height
             return plan
-        parts = [_Part("insert", target, kinds)] if target.height else []
+        parts = [Part("insert", target, kinds)] if target.height else []
         return RunPlan(target, kinds, keys, None, parts, inserted=target.height, meta=meta)
 
     new_data = align(canon, committed)
@@ -309,36 +247,55 @@ def make_plan(canon: Canonical, committed: Committed | None, options: SyncOption
         new_data, committed, keys, created=created, run_ms=run_ms, by_hash=by_hash, update_all=update_all
     )
     approved = check_safeguards(diff.deleted.height, canon.frame.height, committed, options)
+    return plan_from_diff(RunPlan, diff, committed, kinds, keys, meta, approved, schema_change=schema_change)
+
+
+#: A kind of plan (:class:`RunPlan`, or one that adds to it).
+P = TypeVar("P", bound=RunPlan)
+
+
+def plan_from_diff(
+    plan_type: type[P],
+    diff: SnapshotDiff,
+    committed: Committed,
+    kinds: dict[str, str],
+    keys: list[str],
+    meta: dict[str, Any],
+    approved: dict[str, int] | None,
+    *,
+    schema_change: dict[str, Any] | None = None,
+) -> P:
+    """The plan of a diff against ``committed``, its safeguards passed: ids reconciled, the order of deletes, and
+    the change parts in send order (or the empty plan, rewritten only if the snapshot's kinds or hash changed).
+
+    :param plan_type: the plan's class.
+    :param diff: the source against the committed snapshot (``diff_snapshot``, or the streamed diff).
+    :param committed: the committed snapshot diffed against.
+    :param kinds: the plan's kinds (``kinds_after``).
+    :param keys: the key columns.
+    :param meta: the plan's meta (:func:`plan_meta`); the approval and the order of deletes are added to it.
+    :param approved: the mass delete ``check_safeguards`` let through, or None.
+    :param schema_change: the schema change being sent (``update_all``), or None.
+    """
     if approved is not None:
         meta["approved_deletes"] = approved
     ids_moved = False
-    if "id" in base_kinds:  # every snapshot this provider writes has one; StopChurn keys rows by it
+    if "id" in committed.kinds:  # every snapshot this provider writes has one; StopChurn keys rows by it
         diff, ids_moved = reconcile_ids(diff, committed, keys)
     retyped = _keys_retyped(diff, keys)
     if ids_moved or retyped:
         meta["deletes_first"] = True
     if retyped:  # an old id not deleted cannot be tracked beside the new ones: nothing new goes before all are
         meta["keys_retyped"] = True
+    plan = plan_type(diff.target, kinds, keys, None, meta=meta, unchanged=diff.unchanged)
     if diff.inserted.height + diff.updated.height + diff.deleted.height == 0:
-        plan = _empty(diff.target, kinds, keys, meta, baseline=False)
-        plan.unchanged = diff.unchanged
         # nothing to send; the snapshot is rewritten only if its kinds or hash function changed
-        plan.rewrite = not (base_kinds == kinds and committed.row_hash == ROW_HASH)
+        plan.rewrite = not (committed.kinds == kinds and committed.row_hash == ROW_HASH)
         return plan
-    parts, positions = _change_parts(diff, base_kinds, kinds)
-    return RunPlan(
-        diff.target,
-        kinds,
-        keys,
-        positions,
-        parts,
-        inserted=diff.inserted.height,
-        updated=diff.updated.height,
-        deleted=diff.deleted.height,
-        unchanged=diff.unchanged,
-        schema_change=schema_change,
-        meta=meta,
-    )
+    plan.parts, plan.positions = _change_parts(diff, committed.kinds, kinds)
+    plan.inserted, plan.updated, plan.deleted = diff.inserted.height, diff.updated.height, diff.deleted.height
+    plan.schema_change = schema_change
+    return plan
 
 
 def _keys_retyped(diff: SnapshotDiff, keys: list[str]) -> bool:
@@ -390,9 +347,9 @@ def _with_updated_at(frame: pl.DataFrame, options: SyncOptions, run_ms: int, op:
 
 def _change_parts(
     diff: SnapshotDiff, base_kinds: Mapping[str, str], kinds: Mapping[str, str]
-) -> tuple[list[_Part], pl.DataFrame]:
+) -> tuple[list[Part], pl.DataFrame]:
     """The change frames of a diff in send order, and per update its op and positions."""
-    parts: list[_Part] = []
+    parts: list[Part] = []
     positions: list[pl.DataFrame] = []
     null = pl.lit(None, dtype=pl.Int64)
     for op, frame, part_kinds in (
@@ -402,7 +359,7 @@ def _change_parts(
     ):
         if not frame.height:
             continue
-        parts.append(_Part(op, frame, part_kinds))
+        parts.append(Part(op, frame, part_kinds))
         positions.append(
             frame.select(
                 pl.lit(op).alias(OP),
@@ -442,7 +399,14 @@ def _encode(frame: pl.DataFrame, kinds: Mapping[str, str], options: SyncOptions)
     return (parts[0] if len(parts) == 1 else pl.concat(parts, rechunk=False)).alias(UPDATE)
 
 
-def _plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], run_ms: int) -> dict[str, Any]:
+def plan_meta(options: SyncOptions, kinds: Mapping[str, str], keys: list[str], run_ms: int) -> dict[str, Any]:
+    """What a plan file records of the run that made it (``meta``): its table, kinds, keys, time and shape.
+
+    :param options: the run's options.
+    :param kinds: the plan's kinds.
+    :param keys: the key columns.
+    :param run_ms: the run's time (epoch ms).
+    """
     return {
         "plan_format": PLAN_FORMAT,
         "brand_id": options.brand_id,
@@ -475,7 +439,7 @@ def baseline_plan(canon: Canonical, committed: Committed | None, options: SyncOp
         kinds = kinds_after(canon, committed.kinds)
         change = schema_changes(committed, canon, options)
         plan = _baseline(
-            canon, committed, kinds, keys, created, run_ms, _plan_meta(options, kinds, keys, run_ms), change
+            canon, committed, kinds, keys, created, run_ms, plan_meta(options, kinds, keys, run_ms), change
         )
         plan.schema_change = {"policy": "rebaseline", **change} if change else None
         return plan
@@ -486,8 +450,10 @@ def baseline_plan(canon: Canonical, committed: Committed | None, options: SyncOp
 
 
 __all__ = [
+    "APPROVE_HINT",
     "PLAN_FORMAT",
     "UPDATE",
+    "Part",
     "RunPlan",
     "align",
     "approval",
@@ -496,5 +462,7 @@ __all__ = [
     "describe",
     "kind_changes",
     "make_plan",
+    "plan_from_diff",
+    "plan_meta",
     "schema_changes",
 ]

@@ -42,43 +42,38 @@ from airflow_provider_stopchurn.api.contract import USER_TABLE
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.source.canonical import (
-    _SMALL_BATCH,
-    _is_batch_iterable,
-    _joined,
-    _retyped,
+    Batch,
     canonical_batches,
     canonicalize_source,
+    is_batch_iterable,
+    join_batches,
+    joined_small_batches,
     merge_batches,
     release_freed_memory,
+    retyped,
 )
-from airflow_provider_stopchurn.source.frame import Canonical, _check_names, _composite_id, _finish
+from airflow_provider_stopchurn.source.frame import Canonical, check_names, finish, with_derived_id
 from airflow_provider_stopchurn.store import CREATED_AT, HASH_1, HASH_2, Committed, SnapshotStore
 from airflow_provider_stopchurn.store.parquet import compacted
 from airflow_provider_stopchurn.store.scratch import scratch_folder, scratch_write_error
 from airflow_provider_stopchurn.store.snapshots import StagedSnapshot
 from airflow_provider_stopchurn.update.diff import (
-    BASE_ROW,
     ROW_HASH,
     TARGET_ROW,
     SnapshotDiff,
-    _gone,
-    _join_keys,
-    _one_row_per_key,
-    _positions,
-    _states,
+    change_states,
     deleted_rows,
     with_hashes,
 )
-from airflow_provider_stopchurn.update.ids import reconcile_ids
+from airflow_provider_stopchurn.update.keys import BASE_ROW, match_keys, snapshot_states
 from airflow_provider_stopchurn.update.plan import (
+    Part,
     RunPlan,
-    _change_parts,
-    _keys_retyped,
-    _Part,
-    _plan_meta,
     check_safeguards,
     kinds_after,
     make_plan,
+    plan_from_diff,
+    plan_meta,
     schema_changes,
     timestamp_column,
 )
@@ -125,7 +120,7 @@ def streams(data: Any, options: SyncOptions) -> bool:
         return False
     if options.created_at_column is not None:
         return False
-    if isinstance(data, pa.Table | pa.RecordBatch | pa.RecordBatchReader) or _is_batch_iterable(data):
+    if isinstance(data, pa.Table | pa.RecordBatch | pa.RecordBatchReader) or is_batch_iterable(data):
         return True
     return mode == "always"
 
@@ -155,23 +150,19 @@ class SnapshotRows:
         return self._store.read_snapshot_slice(self._version, offset, length)
 
 
-#: A canonical batch: its columns and their kinds.
-_Batch = tuple[pl.DataFrame, dict[str, str]]
-
-
 @dataclass
 class _Spool:
     """Canonical batches in temporary Arrow IPC files, each with its kinds; their key columns kept in memory."""
 
     folder: Path
     files: list[tuple[Path, dict[str, str]]] = field(default_factory=list)
-    narrow: list[_Batch] = field(default_factory=list)
+    narrow: list[Batch] = field(default_factory=list)
     #: whether the batches come from a canonical frame already checked whole (``id`` included)
     finished: bool = False
     #: consecutive batches of the same kinds not yet written, joined into one file of ``SPOOL_ROWS`` or more
-    pending: list[_Batch] = field(default_factory=list)
+    pending: list[Batch] = field(default_factory=list)
 
-    def push(self, part: _Batch, keys: tuple[str, ...]) -> None:
+    def push(self, part: Batch, keys: tuple[str, ...]) -> None:
         if self.pending and part[1] != self.pending[0][1]:
             self.flush(keys)
         self.pending.append(part)
@@ -180,7 +171,7 @@ class _Spool:
 
     def flush(self, keys: tuple[str, ...]) -> None:
         if self.pending:
-            self.add(*_joined(self.pending), keys)
+            self.add(*join_batches(self.pending), keys)
             self.pending = []
 
     def add(self, frame: pl.DataFrame, kinds: dict[str, str], keys: tuple[str, ...]) -> None:
@@ -196,17 +187,16 @@ class _Spool:
     def batches(self, kinds: dict[str, str], keys: tuple[str, ...]) -> Iterator[pl.DataFrame]:
         """The spooled batches in order, in the final ``kinds``, with the derived ``id`` when the source has none."""
         for path, have in self.files:
-            frame = _retyped(pl.read_ipc(path), have, kinds)
-            if "id" not in frame.columns:  # as _finish derives it
-                derived = pl.col(keys[0]) if len(keys) == 1 else _composite_id(keys, kinds)
-                frame = frame.with_columns(derived.alias("id"))
+            frame = retyped(pl.read_ipc(path), have, kinds)
+            if "id" not in frame.columns:  # derived as the whole path derives it
+                frame, _ = with_derived_id(frame, kinds, keys)
             yield frame
 
 
-def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple[str, ...], list[_Batch] | None]:
+def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple[str, ...], list[Batch] | None]:
     """Canonicalize ``data``; return the key columns, and the canonical batches when the source stayed under
     :data:`STREAM_ABOVE_BYTES` (``auto``: held in memory, nothing spooled), else None (every batch in ``spool``)."""
-    if not (isinstance(data, pa.Table | pa.RecordBatch | pa.RecordBatchReader) or _is_batch_iterable(data)):
+    if not (isinstance(data, pa.Table | pa.RecordBatch | pa.RecordBatchReader) or is_batch_iterable(data)):
         canon = canonicalize_source(data, key_columns=options.key_columns, decimal_as_string=options.decimal_as_string)
         spool.finished = True
         for offset in range(0, max(canon.frame.height, 1), SPOOL_ROWS):
@@ -214,7 +204,7 @@ def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple
         return canon.key_columns, None
     limit = 0 if stream_mode() == "always" else stream_above_bytes()
     keys: tuple[str, ...] | None = None
-    held: list[_Batch] | None = []
+    held: list[Batch] | None = []
     held_bytes = 0
     try:
         batches = canonical_batches(data, key_columns=options.key_columns, decimal_as_string=options.decimal_as_string)
@@ -236,27 +226,8 @@ def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple
         if isinstance(data, GeneratorType | pa.RecordBatchReader):
             data.close()  # a SQL source's generator releases its connection
     if keys is None:  # no batch and no schema: a source without columns
-        keys = _check_names([], options.key_columns)
+        keys = check_names([], options.key_columns)
     return keys, held
-
-
-def _small_joined(parts: list[_Batch]) -> list[_Batch]:
-    """Consecutive batches of the same kinds under ``_SMALL_BATCH`` rows joined, as ``canonicalize_arrow`` joins
-    them as they are read (a frame of thousands of small chunks makes every later step slower)."""
-    joined: list[_Batch] = []
-    small: list[_Batch] = []
-    for part in parts:
-        if small and (part[1] != small[0][1] or part[0].height >= _SMALL_BATCH):
-            joined.append(_joined(small))
-            small = []
-        if part[0].height >= _SMALL_BATCH:
-            joined.append(part)
-            continue
-        small.append(part)
-        if sum(frame.height for frame, _ in small) >= _SMALL_BATCH:
-            joined.append(_joined(small))
-            small = []
-    return [*joined, _joined(small)] if small else joined
 
 
 def _source_keys(spool: _Spool, keys: tuple[str, ...]) -> Canonical:
@@ -265,7 +236,7 @@ def _source_keys(spool: _Spool, keys: tuple[str, ...]) -> Canonical:
     frame, kinds = merge_batches(spool.narrow, keys)
     if spool.finished:
         return Canonical(frame=frame, kinds=kinds, key_columns=keys)
-    return _finish(frame, kinds, keys)
+    return finish(frame, kinds, keys)
 
 
 def _whole(spool: _Spool, canon: Canonical) -> Canonical:
@@ -287,7 +258,7 @@ def plan_streamed(
         spool = _Spool(folder)
         keys, held = _spool_source(data, options, spool)
         if held is not None:  # a small source, held in memory: the whole path, as canonicalize_arrow builds it
-            whole = _finish(*merge_batches(_small_joined(held), keys), keys)
+            whole = finish(*merge_batches(list(joined_small_batches(held)), keys), keys)
             del held
             release_freed_memory()
             committed = store.read_committed()
@@ -303,7 +274,7 @@ def plan_streamed(
         ):
             return make_plan(_whole(spool, canon), committed, options, run_ms), committed
         kinds = kinds_after(canon, base_kinds)
-        meta = _plan_meta(options, kinds, list(keys), run_ms)
+        meta = plan_meta(options, kinds, list(keys), run_ms)
         if committed is None:
             return _first_load(spool, canon, store, options, run_ms, meta), None
         plan = _churn(spool, canon, committed, store, options, run_ms, meta)
@@ -327,7 +298,7 @@ def _first_load(
         if options.initial_load == "baseline":
             plan.baseline, plan.unchanged = True, rows
         elif rows:
-            plan.parts, plan.inserted = [_Part("insert", SnapshotRows(store, version, rows), kinds)], rows
+            plan.parts, plan.inserted = [Part("insert", SnapshotRows(store, version, rows), kinds)], rows
         _publish_if_needed(plan, staged)
     return plan
 
@@ -352,20 +323,15 @@ def _churn(
     types differ."""
     keys = list(canon.key_columns)
     source = canon.frame
-    old = committed.columns([*keys, CREATED_AT, HASH_1, HASH_2]).with_row_index(BASE_ROW)
-    if any(old.schema[k] != source.schema[k] for k in keys):
+    old_keys = committed.columns(keys)
+    if any(old_keys.schema[k] != source.schema[k] for k in keys):
         return None
-    new_join, old_join = _join_keys(source, old, keys)
-    new_keys = source.select(new_join)
-    positions = _positions(new_keys, old, old_join)
-    gone = _gone(old, positions)
-    if positions.len() != source.height or (gone.height and gone.select(keys).is_duplicated().any()):
-        old = _one_row_per_key(old, keys)  # the snapshot holds a key twice (see diff_snapshot)
-        positions = _positions(new_keys, old, old_join)
-        gone = _gone(old, positions)
-    del new_keys
+    match = match_keys(source, old_keys, keys)
+    del old_keys  # the join's tables are freed before the snapshot's hashes are read: the step's peak is one of them
     # raised before the target is written; the deletes are the unmatched keys, each once
-    approved = check_safeguards(gone.height, source.height, committed, options)
+    approved = check_safeguards(match.gone.height, source.height, committed, options)
+    positions = match.positions
+    old = snapshot_states(committed.columns([CREATED_AT, HASH_1, HASH_2]), match)
     inserted: list[pl.DataFrame] = []
     updated: list[pl.DataFrame] = []
 
@@ -373,7 +339,7 @@ def _churn(
         offset = 0
         for batch in spool.batches(canon.kinds, canon.key_columns):
             hashed = with_hashes(batch)
-            matched = _states(hashed, old, positions.slice(offset, batch.height), None, update_all=False)
+            matched = change_states(hashed, old, positions.slice(offset, batch.height), None, update_all=False)
             created = matched.get_column("__sc_old_created").fill_null(run_ms).cast(pl.Int64)
             columns = [*batch.columns, CREATED_AT]
             rows = hashed.with_columns(created.alias(CREATED_AT)).select([*columns, HASH_1, HASH_2])
@@ -387,49 +353,17 @@ def _churn(
             offset += batch.height
 
     with store.staged_snapshot(target()) as staged:  # dropped unpublished if planning fails: no plan names it
-        plan = _plan_from_diff(
-            SnapshotDiff(
-                target=source,
-                inserted=pl.concat(inserted).sort(keys),
-                updated=pl.concat(updated).sort(keys),
-                deleted=deleted_rows(committed, gone, old, keys),
-                unchanged=source.height - sum(f.height for f in inserted) - sum(f.height for f in updated),
-            ),
-            committed,
-            canon,
-            meta,
-            approved,
+        diff = SnapshotDiff(
+            target=source,
+            inserted=pl.concat(inserted).sort(keys),
+            updated=pl.concat(updated).sort(keys),
+            deleted=deleted_rows(committed, match.gone, keys),
+            unchanged=source.height - sum(f.height for f in inserted) - sum(f.height for f in updated),
         )
+        # the snapshot's kinds are the source's and no schema change is sent (else the whole path plans it)
+        plan = plan_from_diff(StreamedPlan, diff, committed, dict(canon.kinds), keys, meta, approved)
         plan.target_version, plan.target_rows = staged.version, staged.rows
         _publish_if_needed(plan, staged)
-    return plan
-
-
-def _plan_from_diff(
-    diff: SnapshotDiff,
-    committed: Committed,
-    canon: Canonical,
-    meta: dict[str, Any],
-    approved: dict[str, int] | None,
-) -> StreamedPlan:
-    """The rest of ``make_plan`` after its diff (the snapshot's kinds are the source's, no schema change)."""
-    keys = list(canon.key_columns)
-    kinds = dict(canon.kinds)
-    if approved is not None:
-        meta["approved_deletes"] = approved
-    ids_moved = False
-    if "id" in committed.kinds:
-        diff, ids_moved = reconcile_ids(diff, committed, keys)
-    retyped = _keys_retyped(diff, keys)
-    if ids_moved or retyped:
-        meta["deletes_first"] = True
-    if retyped:
-        meta["keys_retyped"] = True
-    plan = StreamedPlan(diff.target, kinds, keys, None, meta=meta, unchanged=diff.unchanged)
-    if diff.inserted.height + diff.updated.height + diff.deleted.height == 0:
-        return plan  # nothing to send, and the snapshot's kinds and hash function are the source's: no rewrite
-    plan.parts, plan.positions = _change_parts(diff, committed.kinds, kinds)
-    plan.inserted, plan.updated, plan.deleted = diff.inserted.height, diff.updated.height, diff.deleted.height
     return plan
 
 
