@@ -120,10 +120,15 @@ def _streamed(frame: Any) -> Iterator[pa.RecordBatch]:
     """The batches of ``frame`` (already :func:`_relabelled`), one partition at a time (``toLocalIterator`` runs
     a job for the next partition only when it is asked for), each cast to the schema ``toArrow`` gives."""
     schema = frame.limit(0).toArrow().schema  # an empty relation: no job
-    for row in _ipc_frame(frame).toLocalIterator():
+    # mapInArrow resolves its input columns by name, and fails on a name Spark parses (a backtick, a repeated
+    # name): the columns go in by position (toDF renames each attribute), and get their names back here
+    positional = frame.toDF(*(f"_{i}" for i in range(len(schema))))
+    for row in _ipc_frame(positional).toLocalIterator():
         with pa.ipc.open_stream(pa.py_buffer(row[0])) as reader:
             for batch in reader:
-                yield batch if batch.schema.equals(schema) else batch.cast(schema)
+                names = zip(batch.schema, schema.names, strict=True)
+                named = pa.RecordBatch.from_arrays(batch.columns, schema=pa.schema([f.with_name(n) for f, n in names]))
+                yield named if named.schema.equals(schema) else named.cast(schema)
 
 
 def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
