@@ -120,9 +120,13 @@ def _streamed(frame: Any) -> Iterator[pa.RecordBatch]:
     """The batches of ``frame`` (already :func:`_relabelled`), one partition at a time (``toLocalIterator`` runs
     a job for the next partition only when it is asked for), each cast to the schema ``toArrow`` gives."""
     schema = frame.limit(0).toArrow().schema  # an empty relation: no job
+    names = schema.names
+    if len(set(names)) != len(names):  # mapInArrow refuses columns of one name: named by position on the way
+        frame = frame.toDF(*(f"c{i}" for i in range(len(names))))
     for row in _ipc_frame(frame).toLocalIterator():
         with pa.ipc.open_stream(pa.py_buffer(row[0])) as reader:
-            for batch in reader:
+            for part in reader:
+                batch = pa.RecordBatch.from_arrays(part.columns, names=names)
                 yield batch if batch.schema.equals(schema) else batch.cast(schema)
 
 
