@@ -173,7 +173,11 @@ _KINDS = tuple(
         # the narrow diff (a run that may write, on PostgreSQL and DuckDB): written once, counted, joined back
         (r"CREATE (UNLOGGED )?TABLE \S+__diff_\w+ AS", "diff once: full outer join + row hash, changed keys written"),
         (r"__sc_in_state, COUNT", "counts: GROUP BY op over the narrow diff"),
-        (r"__diff_\w+ AS k WHERE", "changed rows: the changed keys joined back to the source and the state"),
+        # PostgreSQL: EXISTS (.. AS k WHERE ..); DuckDB: JOIN (SELECT DISTINCT .. WHERE .. IS NOT NULL) AS k
+        (
+            r"__diff_\w+ (AS k WHERE|WHERE \S+ IS NOT NULL\) AS k)",
+            "changed rows: the changed keys joined back to the source and the state",
+        ),
         (r"DROP TABLE IF EXISTS \S+__diff_", "the narrow diff's scratch table dropped"),
         (r"AS repeated_keys", "key check: NULL and repeated keys (a GROUP BY over the source)"),
         (r"GROUP BY d\.__sc_op", "counts: full outer join with the state table, row hash, GROUP BY op"),

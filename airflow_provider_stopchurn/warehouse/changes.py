@@ -193,6 +193,7 @@ def _plan_frame(
     if not frames:
         return _empty_plan(keys).drop([f"__sc_sort_{i}" for i in range(keys)])
     frame = pl.concat(frames, how="vertical_relaxed")
+    frames.clear()  # the batches' frames are copied into one: not held beside it and its sorted copy
     sort_columns = [f"__sc_sort_{i}" for i in range(keys)]
     if not first:
         rank = pl.col(_OP).replace_strict(_RANK, return_dtype=pl.Int8)

@@ -8,11 +8,15 @@
   one into place; a run that finds a swap stopped between the two finishes it first. ``INSERT INTO``,
   ``INSERT OVERWRITE TABLE`` (from another table), ``DROP TABLE``, ``ALTER TABLE .. RENAME TO`` and
   ``CREATE SCHEMA IF NOT EXISTS`` all work.
-* :meth:`SparkWarehouse.batches` reads with ``DataFrame.toArrow()`` (Spark 4): no Python workers (unlike the
-  streaming ``DataFrame.__arrow_c_stream__``, which runs ``mapInArrow`` in workers that need pyarrow), Spark's
-  own Arrow types (``timestamp`` -> ``timestamp[us, tz=UTC]``). The whole result is collected on the driver first
-  (bounded by ``spark.driver.maxResultSize``), then handed out ``BATCH_ROWS`` rows at a time; the diff only reads
-  changed rows.
+* :meth:`SparkWarehouse.batches` **streams** a result one partition at a time: each partition's Arrow batches
+  are serialized in Spark's Python workers (``mapInArrow``) and fetched with ``toLocalIterator()``, which runs one
+  job per partition as the caller asks for it. So the worker holds one partition's batches, not the whole result
+  (a rebaseline reads every source row). Each batch is cast to the schema ``DataFrame.toArrow()`` gives (Spark's
+  own Arrow types: ``timestamp`` -> ``timestamp[us, tz=UTC]``), so both reads give the same bytes. The Python
+  workers need pyarrow (``PYSPARK_PYTHON`` names their interpreter in local mode). Where they cannot run it (a
+  probe job on first use fails), a warning is logged and results are collected whole with ``toArrow()`` as
+  before (bounded by ``spark.driver.maxResultSize``). ``pyspark.sql.DataFrame.__arrow_c_stream__`` is not used:
+  it fails on any timestamp column (its schema has no time zone).
 * :meth:`SparkWarehouse.load` makes a **temporary view** (single-part name, session-scoped) over
   ``spark.createDataFrame(arrow_table)``; :meth:`SparkWarehouse.close` drops the views it made and leaves the
   session running.
@@ -25,7 +29,7 @@ that changes between runs, changes the hashes. A warning is logged on first use 
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -70,11 +74,11 @@ def _nested_nullable(data_type: Any) -> tuple[Any, bool]:
     return data_type, False
 
 
-def _to_arrow(frame: Any) -> pa.Table:
-    """``frame.toArrow()``, first marking the fields inside struct columns nullable when Spark says they are not:
-    ``toArrow`` casts to Spark's nullability, and pyarrow refuses that cast for a NULL struct whose fields are
-    declared NOT NULL (``SELECT named_struct('a', 1) UNION ALL SELECT NULL``). ``DataFrame.to`` only re-labels
-    the columns (one projection); it cannot take duplicate column names, which are then left as they are."""
+def _relabelled(frame: Any) -> Any:
+    """``frame`` with the fields inside struct columns marked nullable when Spark says they are not: ``toArrow``
+    casts to Spark's nullability, and pyarrow refuses that cast for a NULL struct whose fields are declared NOT
+    NULL (``SELECT named_struct('a', 1) UNION ALL SELECT NULL``). ``DataFrame.to`` only re-labels the columns (one
+    projection); it cannot take duplicate column names, which are then left as they are."""
     from pyspark.sql.types import StructField, StructType
 
     schema = frame.schema
@@ -85,8 +89,46 @@ def _to_arrow(frame: Any) -> pa.Table:
         fields.append(StructField(field.name, inner, field.nullable, field.metadata))
     if changed and len(set(schema.names)) == len(schema.names):
         frame = frame.to(StructType(fields))
-    table: pa.Table = frame.toArrow()
+    return frame
+
+
+def _to_arrow(frame: Any) -> pa.Table:
+    """``frame.toArrow()`` of the :func:`_relabelled` frame: the whole result, collected on the driver."""
+    table: pa.Table = _relabelled(frame).toArrow()
     return table
+
+
+def _ipc_frame(frame: Any) -> Any:
+    """``frame`` as one binary column, each value one Arrow batch of a partition as an IPC stream, made in Spark's
+    Python workers (``mapInArrow``): the batches stay in partition order, rows in their order within each."""
+    from pyspark.sql.types import BinaryType, StructField, StructType
+
+    # a nested function: cloudpickle ships it by value, so the workers need pyarrow, not this package
+    def as_ipc(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+
+        for batch in batches:
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, batch.schema) as writer:
+                writer.write_batch(batch)
+            yield pa.RecordBatch.from_arrays([pa.array([sink.getvalue().to_pybytes()], pa.binary())], ["ipc"])
+
+    return frame.mapInArrow(as_ipc, StructType([StructField("ipc", BinaryType(), False)]))
+
+
+def _streamed(frame: Any) -> Iterator[pa.RecordBatch]:
+    """The batches of ``frame`` (already :func:`_relabelled`), one partition at a time (``toLocalIterator`` runs
+    a job for the next partition only when it is asked for), each cast to the schema ``toArrow`` gives."""
+    schema = frame.limit(0).toArrow().schema  # an empty relation: no job
+    # mapInArrow resolves its input columns by name, and fails on a name Spark parses (a backtick, a repeated
+    # name): the columns go in by position (toDF renames each attribute), and get their names back here
+    positional = frame.toDF(*(f"_{i}" for i in range(len(schema))))
+    for row in _ipc_frame(positional).toLocalIterator():
+        with pa.ipc.open_stream(pa.py_buffer(row[0])) as reader:
+            for batch in reader:
+                names = zip(batch.schema, schema.names, strict=True)
+                named = pa.RecordBatch.from_arrays(batch.columns, schema=pa.schema([f.with_name(n) for f, n in names]))
+                yield named if named.schema.equals(schema) else named.cast(schema)
 
 
 def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
@@ -105,6 +147,8 @@ class SparkWarehouse:
         self._spark = spark
         self._views: set[str] = set()
         self._zone_checked = False
+        #: whether Spark's Python workers can stream results (None: not probed yet; see :meth:`_can_stream`)
+        self._stream: bool | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dialect={self.dialect!r})"
@@ -132,17 +176,41 @@ class SparkWarehouse:
         log.debug("Running query: %s", sql)
         return _to_arrow(self._spark.sql(sql))
 
+    def _can_stream(self) -> bool:
+        """Whether results can be streamed: a one-row ``mapInArrow`` job, run once per warehouse, succeeds."""
+        if self._stream is None:
+            try:
+                self._stream = len(_ipc_frame(self._spark.range(1)).collect()) == 1
+            except Exception as err:  # no Python worker, or one without pyarrow
+                log.warning(
+                    "Spark's Python workers cannot stream Arrow batches (%s); every result is collected whole on "
+                    "the driver instead (toArrow). Give the workers an interpreter with pyarrow (PYSPARK_PYTHON).",
+                    str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+                )
+                self._stream = False
+        return self._stream
+
     def batches(self, sql: str) -> Generator[pa.RecordBatch]:
-        """The result of ``sql`` as Arrow batches of at most ``BATCH_ROWS`` rows; an empty result is one zero-row
-        batch carrying the schema."""
-        table = self._arrow(sql)
+        """The result of ``sql`` as Arrow batches of at most ``BATCH_ROWS`` rows, streamed a partition at a time
+        (see the module docstring); an empty result is one zero-row batch carrying the schema."""
+        self._check_zone()
+        log.debug("Running query: %s", sql)
+        frame = _relabelled(self._spark.sql(sql))
+        if self._can_stream():
+            parts: Iterator[pa.RecordBatch] = _streamed(frame)
+            schema = None
+        else:
+            table: pa.Table = frame.toArrow()
+            parts, schema = iter(table.to_batches()), table.schema
         seen = False
-        for batch in table.to_batches(max_chunksize=BATCH_ROWS):
-            if batch.num_rows:
-                seen = True
-                yield batch
+        for part in parts:
+            schema = part.schema
+            for batch in pa.Table.from_batches([part]).to_batches(max_chunksize=BATCH_ROWS):
+                if batch.num_rows:
+                    seen = True
+                    yield batch
         if not seen:
-            yield _empty_batch(table.schema)
+            yield _empty_batch(schema if schema is not None else frame.limit(0).toArrow().schema)
 
     def rows(self, sql: str) -> list[tuple[Any, ...]]:
         """A small result as tuples, through Arrow like :meth:`batches` (timestamps come back as aware UTC

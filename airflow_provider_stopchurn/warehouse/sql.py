@@ -27,6 +27,7 @@ from airflow_provider_stopchurn.warehouse.sqlparts import (
     PG_IDENTIFIER_BYTES,
     SOURCE,
     _joined,
+    among_keys,
     columns_of,
     columns_text,
     key_text,
@@ -268,10 +269,9 @@ class StateTable:
             by_source = " AND ".join(
                 f"k.{q(key_text(i))} = CAST(s.{q(k)} AS TEXT)" for i, k in enumerate(self.key_columns)
             )
-            by_state = self._match("k")
-            # OFFSET 0: a subquery of its own, or PostgreSQL hashes every row in the scan below the semi-join
-            rows = f"(SELECT s.* FROM {rows} WHERE EXISTS (SELECT 1 FROM {among} AS k WHERE {by_source}) OFFSET 0) AS s"
-            state = f"(SELECT t.* FROM {state} WHERE EXISTS (SELECT 1 FROM {among} AS k WHERE {by_state})) AS t"
+            rows, state = among_keys(
+                self.dialect, among, len(self.key_columns), (rows, by_source), (state, self._match("k"))
+            )
         if narrow:
             in_state = f"CASE WHEN t.{q(self.key_columns[0])} IS NULL THEN 0 ELSE 1 END AS {q(IN_STATE)}"
             # the key checks ride on the same join: a source row with a NULL key matches nothing and is marked (a

@@ -107,6 +107,27 @@ def columns_of(text: str | None) -> Mapping[str, str]:
     return dict(json.loads(text)) if text else {}
 
 
+def among_keys(dialect: str, among: str, keys: int, source: tuple[str, str], state: tuple[str, str]) -> tuple[str, str]:
+    """The source's and the state table's rows (each ``(from clause, match with alias k)``) limited to the keys of
+    the scratch table ``among``: subqueries aliased ``s`` and ``t``.
+
+    DuckDB joins each to the distinct changed keys: it made a correlated ``EXISTS`` a join on the distinct keys of
+    every source row, with the source query materialized whole, which ran out of memory under a ``memory_limit``
+    far below the table. Joined, the source streams once past the changed keys. Elsewhere ``EXISTS``; ``OFFSET 0``
+    makes it a subquery of its own, or PostgreSQL hashes every row in the scan below the semi-join."""
+    (rows, by_source), (table, by_state) = source, state
+    if dialect != "duckdb":
+        exists = f"EXISTS (SELECT 1 FROM {among} AS k WHERE "
+        return f"(SELECT s.* FROM {rows} WHERE {exists}{by_source}) OFFSET 0) AS s", (
+            f"(SELECT t.* FROM {table} WHERE {exists}{by_state})) AS t"
+        )
+    texts = ", ".join(q(key_text(i)) for i in range(keys))
+    changed = f"(SELECT DISTINCT {texts} FROM {among} WHERE {q(key_text(0))} IS NOT NULL) AS k"
+    return f"(SELECT s.* FROM {rows} JOIN {changed} ON {by_source}) AS s", (
+        f"(SELECT t.* FROM {table} JOIN {changed} ON {by_state}) AS t"
+    )
+
+
 def key_text(i: int) -> str:
     """The name of the i-th key's text in the change query and the staging table."""
     return f"__sc_key_{i}"
