@@ -121,8 +121,9 @@ def _streamed(frame: Any) -> Iterator[pa.RecordBatch]:
     a job for the next partition only when it is asked for), each cast to the schema ``toArrow`` gives."""
     schema = frame.limit(0).toArrow().schema  # an empty relation: no job
     names = schema.names
-    if len(set(names)) != len(names):  # mapInArrow refuses columns of one name: named by position on the way
-        frame = frame.toDF(*(f"c{i}" for i in range(len(names))))
+    # named by position on the way: mapInArrow resolves each column by its name, so it refuses two columns of one
+    # name and reads a dotted name (`a.b`) as a struct's field
+    frame = frame.toDF(*(f"c{i}" for i in range(len(names))))
     for row in _ipc_frame(frame).toLocalIterator():
         with pa.ipc.open_stream(pa.py_buffer(row[0])) as reader:
             for part in reader:
