@@ -16,10 +16,10 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from pg_sessions import sessions as server_sessions
-from pg_sessions import wait_for
+from pg_sessions import wait_for, waits
 
 from airflow_provider_stopchurn.source.canonical import canonicalize_source
-from airflow_provider_stopchurn.source.read_ahead import THREAD_NAME
+from airflow_provider_stopchurn.source.read_ahead import THREAD_NAME, cancel_reads
 from airflow_provider_stopchurn.source.sql import PostgresUri, postgres_uri, read_postgres
 
 pytestmark = pytest.mark.postgres
@@ -197,3 +197,32 @@ def test_a_timeout_cancels_a_query_with_numeric_columns(uri: PostgresUri, postgr
         )
     assert [t for t in threading.enumerate() if t.name == THREAD_NAME] == []
     assert wait_for(server_sessions, postgres_database, lambda sessions: not sessions) == []
+
+
+def test_a_cancel_while_the_server_describes_the_query_cancels_the_read(postgres_database: Any) -> None:
+    """``on_kill`` (``cancel_reads``) while the rewrite is being described: the read fails as cancelled, it does not
+    go on to run the query as written. The description waits on a lock another session holds, so the cancel
+    lands in it."""
+    db = postgres_database
+    db.execute("CREATE TABLE locked (id int, n numeric)")
+    uri = postgres_uri(host=db.host, port=db.port, login=db.user, password=None, database=db.dbname)
+    outcome: dict[str, Any] = {}
+    with db.connect(autocommit=False) as holder:
+        holder.execute("LOCK TABLE locked IN ACCESS EXCLUSIVE MODE")
+
+        def cancel_then_release() -> None:
+            outcome["waited"] = wait_for(waits, db, lambda w: "relation" in w)
+            cancel_reads()  # what the operator's on_kill does on SIGTERM
+            # the query as written would wait for the lock again: give it a moment to, then let it finish
+            outcome["after"] = wait_for(waits, db, lambda w: "relation" in w, tries=20)
+            holder.rollback()
+
+        stopper = threading.Thread(target=cancel_then_release)
+        stopper.start()
+        try:
+            with pytest.raises(Exception, match="canceling statement due to user request"):
+                canonicalize_source(lambda: read_postgres(uri, "SELECT * FROM locked"), key_columns=["id"])
+        finally:
+            stopper.join()
+    assert "relation" in outcome["waited"]
+    assert [t for t in threading.enumerate() if t.name == THREAD_NAME] == []

@@ -20,8 +20,9 @@ names no query text). A source of several statements is read as written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -74,7 +75,9 @@ class NumericText:
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
 
-def numeric_as_text(conn: Any, cursor: Any, statements: list[str]) -> NumericText | None:
+def numeric_as_text(
+    conn: Any, cursor: Any, statements: list[str], *, cancelled: Callable[[], bool]
+) -> NumericText | None:
     """The rewrite of the source's query that reads its numeric columns as text, or None to run it as written.
 
     Call it first on a fresh connection (in its first transaction, before anything was run): a statement the server
@@ -85,14 +88,19 @@ def numeric_as_text(conn: Any, cursor: Any, statements: list[str]) -> NumericTex
     :param conn: the ADBC PostgreSQL connection (not in autocommit).
     :param cursor: a cursor of it.
     :param statements: the source's statements, the last one its query.
+    :param cancelled: whether the read was cancelled (a task stopped): a description that failed then failed for
+        that, and its error is raised, as the query's would have been.
     """
     if len(statements) != 1:
         return None
     try:
         return _rewrite(cursor, statements[0])
     except Exception as exc:  # the server could not prepare one of them: the statement runs as written
+        if cancelled():
+            raise
         log.debug("Numeric columns are read as the driver reads them: %s", type(exc).__name__)
-    conn.rollback()
+    with contextlib.suppress(Exception):  # a connection that broke: the query's own execution raises its error
+        conn.rollback()
     return None
 
 

@@ -223,7 +223,7 @@ def _read_postgres(uri: PostgresUri, statements: list[str], handoff: Handoff) ->
         with conn.cursor() as cursor:
             handoff.cancel_with(cursor.adbc_cancel)
             try:
-                rewrite = numeric_as_text(conn, cursor, statements)  # the same batches, read faster
+                rewrite = numeric_as_text(conn, cursor, statements, cancelled=handoff.cancelled)  # read faster
                 # compare and cast naive timestamps as UTC, the engine's reading of them, whatever the database's zone
                 cursor.execute(_POSTGRES_UTC)
                 for statement in statements[:-1]:
