@@ -110,9 +110,35 @@ def test_numeric_columns_arrive_as_the_driver_reads_them(uri: PostgresUri) -> No
     assert read.column("n").chunk(0).storage.to_pylist()[-4:] == ["nan", "inf", "-inf", None]
 
 
-def test_many_batches_of_numeric_columns_arrive_as_the_driver_reads_them(uri: PostgresUri) -> None:
-    read = _read(uri, [WIDE_NUMERIC])
-    driver = _driver_table(uri, [WIDE_NUMERIC]).combine_chunks()
+@pytest.mark.parametrize(
+    "sql",
+    [WIDE_NUMERIC, "SELECT 1 AS id, 2.50::numeric(10, 2) AS n WHERE false"],
+    ids=["many-batches", "no-rows"],
+)
+def test_any_number_of_rows_arrives_as_the_driver_reads_them(uri: PostgresUri, sql: str) -> None:
+    read = _read(uri, [sql])
+    driver = _driver_table(uri, [sql]).combine_chunks()
+    assert read.schema.equals(driver.schema, check_metadata=True)
+    assert read.equals(driver)
+
+
+#: Every kind of column the engine reads from PostgreSQL, beside a numeric one (which makes the source rewritten).
+EVERY_TYPE = (
+    "SELECT i AS id, 1.25::numeric(8, 3) AS n, i::int2 AS small, i::float4 / 3 AS real, i::float8 / 3 AS double, "
+    "'x' || i AS t, ('x' || i)::varchar(5) AS vc, 'ab'::char(3) AS ch, i % 2 = 0 AS flag, "
+    "'2024-01-02 03:04:05.678'::timestamp AS ts, '2024-01-02 03:04:05+02'::timestamptz AS tstz, "
+    "'2024-01-02'::date AS d, '03:04:05.5'::time AS tm, '03:04:05+02'::timetz AS ttz, "
+    "'1 year 2 mons 3 days 04:05:06'::interval AS iv, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid AS u, "
+    "'{\"b\": [1, 2.50]}'::json AS j, '{\"b\": [1, 2.50]}'::jsonb AS jb, ARRAY['a', NULL] AS ta, "
+    "ARRAY[1.50, NULL]::numeric[] AS na, 'happy'::mood AS e "
+    "FROM generate_series(1, 3) AS i"
+)
+
+
+def test_every_kind_of_column_arrives_as_the_driver_reads_it(uri: PostgresUri, postgres_database: Any) -> None:
+    postgres_database.execute("CREATE TYPE mood AS ENUM ('sad', 'happy')")
+    read = _read(uri, [EVERY_TYPE])
+    driver = _driver_table(uri, [EVERY_TYPE]).combine_chunks()
     assert read.schema.equals(driver.schema, check_metadata=True)
     assert read.equals(driver)
 

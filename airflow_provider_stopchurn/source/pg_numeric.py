@@ -42,7 +42,8 @@ class NumericText:
     """A statement rewritten to read numeric columns as text, and how its batches are given back their types.
 
     :param statement: the statement to run in place of the original.
-    :param schema: the original statement's result schema, as the driver describes it.
+    :param schema: the original statement's result schema, as the driver describes it (its numeric fields are
+        used).
     :param numeric: positions of the numeric columns in it.
     """
 
@@ -61,8 +62,19 @@ class NumericText:
         for batch in batches:
             yield self.restore(batch)
 
+    def restored_schema(self, schema: pa.Schema) -> pa.Schema:
+        """The schema of :attr:`statement`'s result with each numeric column's field as the driver gives it.
+
+        :param schema: what the driver read (or described) for :attr:`statement`.
+        """
+        return pa.schema(
+            [self.schema.field(index) if index in self.numeric else field for index, field in enumerate(schema)],
+            metadata=schema.metadata,
+        )
+
     def restore(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """One batch of :attr:`statement` with each numeric column in the driver's numeric type and spelling.
+        """One batch of :attr:`statement` with each numeric column in the driver's numeric type and spelling; the
+        other columns as read.
 
         :param batch: a batch of :attr:`statement`'s result.
         """
@@ -72,7 +84,7 @@ class NumericText:
             else column
             for index, column in enumerate(batch.columns)
         ]
-        return pa.RecordBatch.from_arrays(columns, schema=self.schema)
+        return pa.RecordBatch.from_arrays(columns, schema=self.restored_schema(batch.schema))
 
 
 def numeric_as_text(

@@ -236,7 +236,7 @@ def _read_postgres(uri: PostgresUri, statements: list[str], handoff: Handoff) ->
                 if not cursor.description:
                     raise _no_result_set()
                 reader = cursor.fetch_record_batch()
-                schema = reader.schema if rewrite is None else rewrite.schema
+                schema = reader.schema if rewrite is None else rewrite.restored_schema(reader.schema)
                 _check_schema(schema)
                 for batch in _at_least_one(reader if rewrite is None else rewrite.restored(reader), schema):
                     handoff.put(batch)
