@@ -80,6 +80,7 @@ class Handoff:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self._verdict: queue.Queue[bool] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
+        self._interrupted = threading.Event()
         self._cancel_lock = threading.Lock()
         self._cancel: Callable[[], None] | None = None
 
@@ -120,12 +121,18 @@ class Handoff:
     def interrupt(self) -> None:
         """Cancel the running query, if any, without stopping the read: the thread then hands over the driver's
         error, which the engine raises (see :func:`cancel_reads`)."""
+        self._interrupted.set()  # before the cancel: a failure the cancel causes finds it set
         if not self._cancel_lock.acquire(timeout=_INTERRUPT_WAIT_SECONDS):
             return
         try:
             self._call_cancel()
         finally:
             self._cancel_lock.release()
+
+    def cancelled(self) -> bool:
+        """Whether the query was cancelled (:meth:`interrupt`, :meth:`stop`): a statement that failed since may
+        have failed for that."""
+        return self._interrupted.is_set() or self._stop.is_set()
 
     def _call_cancel(self) -> None:
         cancel = self._cancel

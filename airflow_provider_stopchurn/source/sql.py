@@ -59,6 +59,7 @@ import pyarrow as pa
 from airflow_provider_stopchurn.exceptions import SourceConnectionError, SourceDataError
 from airflow_provider_stopchurn.source.arrow_values import _is_binary
 from airflow_provider_stopchurn.source.dbapi_rows import _binary_column, _fetched_batches
+from airflow_provider_stopchurn.source.pg_numeric import numeric_as_text
 from airflow_provider_stopchurn.source.read_ahead import Handoff, read_ahead
 
 __all__ = ["AIRFLOW_ONLY_EXTRAS", "PostgresUri", "SqlHook", "postgres_uri", "read_dbapi", "read_postgres"]
@@ -156,7 +157,7 @@ def postgres_uri(
     for key, value in (extras or {}).items():
         if key in AIRFLOW_ONLY_EXTRAS or value is None:
             continue
-        parameters[str(key)] = _parameter_text(value)
+        parameters[str(key)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
     secrets = [password or ""] + [parameters.get(name, "") for name in _SECRET_PARAMETERS]
 
     def build(secret: str | None, secret_parameters: Mapping[str, str]) -> str:
@@ -183,12 +184,6 @@ def postgres_uri(
     value = build(password, {})
     redacted = build(_REDACTED if password else None, hidden)
     return PostgresUri(value, redacted, [s for secret in secrets if secret for s in (secret, quote(secret, safe=""))])
-
-
-def _parameter_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return str(value)
 
 
 def _hosts(host: str, port: int | str | None) -> str:
@@ -228,6 +223,7 @@ def _read_postgres(uri: PostgresUri, statements: list[str], handoff: Handoff) ->
         with conn.cursor() as cursor:
             handoff.cancel_with(cursor.adbc_cancel)
             try:
+                rewrite = numeric_as_text(conn, cursor, statements, cancelled=handoff.cancelled)  # read faster
                 # compare and cast naive timestamps as UTC, the engine's reading of them, whatever the database's zone
                 cursor.execute(_POSTGRES_UTC)
                 for statement in statements[:-1]:
@@ -236,12 +232,13 @@ def _read_postgres(uri: PostgresUri, statements: list[str], handoff: Handoff) ->
                     cursor.execute(statement)
                 handoff.check()
                 log.info("Running statement: %s", statements[-1])
-                cursor.execute(statements[-1])
+                cursor.execute(statements[-1] if rewrite is None else rewrite.statement)
                 if not cursor.description:
                     raise _no_result_set()
                 reader = cursor.fetch_record_batch()
-                _check_schema(reader.schema)
-                for batch in _at_least_one(reader, reader.schema):
+                schema = reader.schema if rewrite is None else rewrite.restored_schema(reader.schema)
+                _check_schema(schema)
+                for batch in _at_least_one(reader if rewrite is None else rewrite.restored(reader), schema):
                     handoff.put(batch)
             finally:
                 handoff.cancel_with(None)  # the statement closes next: nothing may cancel through it any more
