@@ -6,9 +6,10 @@ PostgreSQL run (the conversion, the diff and the send wait for it). The server w
 ``numeric::text`` for a fraction of that. So when the last statement's result has numeric columns, the reader runs
 ``SELECT q."a", q."n"::text AS "n", ... FROM (<statement>) AS q`` instead and puts each text column back into the
 type and field the driver gives a numeric column (``arrow.opaque`` numeric over the same string storage, with its
-metadata): the batches the engine gets are those the driver would have given, byte for byte. The only texts that
-differ are the special values, ``NaN``, ``Infinity`` and ``-Infinity``, which the driver writes ``nan``, ``inf`` and
-``-inf``; they are written back.
+metadata): the engine gets the values, types and fields the driver would have given, byte for byte; only where the
+driver cuts its batches may differ (text is shorter than binary numeric on the wire). The only texts that differ are
+the special values, ``NaN``, ``Infinity`` and ``-Infinity``, which the driver writes ``nan``, ``inf`` and ``-inf``;
+they are written back.
 
 Only what is sure is rewritten. The query and its rewrite are both described by the server first (prepared, not
 run), before anything else runs on the connection: when either cannot be (a query with an error, or one a subquery
