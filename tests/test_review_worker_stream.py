@@ -103,7 +103,7 @@ def test_composite_keys_same_on_both_paths(
 ) -> None:
     """Plans, targets, requests, errors and what StopChurn holds are the same on both paths, run after run."""
     kw: dict[str, Any] = {"key_columns": ("k1", "k2"), "on_schema_change": policy, "max_delete_fraction": 1.0}
-    _check_runs(sources, stopchurn_sandbox_factory, monkeypatch, "always", **kw)
+    _check_runs(list[Source](sources), stopchurn_sandbox_factory, monkeypatch, "always", **kw)
 
 
 #: past one join part of the key match
