@@ -61,12 +61,13 @@ def _assert_same(read: pa.Table, driver: pa.Table) -> None:
         "SELECT i AS id, i::numeric AS n FROM generate_series(1, 3) i ORDER BY i DESC LIMIT 2",
         "SELECT DISTINCT ON (i % 2) i AS id, i::numeric AS n FROM generate_series(1, 5) i ORDER BY i % 2, i DESC",
         "VALUES (1, 1.5)",
+        'SELECT 1 AS id, 1.5::numeric AS "ñúmero €", 2.5::numeric AS "a""b", 3.5::numeric AS "' + "x" * 70 + '"',
         "TABLE pg_catalog.pg_am",
         "SELECT i AS id, round(hashtext(i::text)::numeric * 10::numeric ^ ((i % 80) - 40), i % 50) AS n, "
         "hashtext(i::text)::numeric / (i % 97 + 1) AS m, (i % 1000)::numeric(7, -2) AS negative_scale "
         "FROM generate_series(1, 20000) AS i",
     ],
-    ids=["exponents", "digits", "alias-names", "order-limit", "distinct-on", "values", "table", "many"],
+    ids=["exponents", "digits", "alias-names", "order-limit", "distinct-on", "values", "names", "table", "many"],
 )
 def test_numeric_values_arrive_as_the_driver_reads_them(postgres_database: Any, sql: str) -> None:
     uri = _uri(postgres_database)
