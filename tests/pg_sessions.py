@@ -9,14 +9,40 @@ from typing import Any
 Session = tuple[str, str | None]  #: (state, wait_event)
 
 
+def _others(db: Any, columns: str) -> list[Any]:
+    """``columns`` of pg_stat_activity for every other client session of the test's database."""
+    with db.connect() as conn:
+        return list(
+            conn.execute(
+                f"SELECT {columns} FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            ).fetchall()
+        )
+
+
 def sessions(db: Any) -> list[Session]:
     """(state, wait_event) of every other client session of the test's database."""
-    with db.connect() as conn:
-        rows = conn.execute(
-            "SELECT state, wait_event FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-        ).fetchall()
-    return [(str(state), wait) for state, wait in rows]
+    return [(str(state), wait) for state, wait in _others(db, "state, wait_event")]
+
+
+def queries(db: Any) -> list[str]:
+    """The query text of every other client session of the test's database."""
+    return [str(query) for (query,) in _others(db, "query")]
+
+
+def driver_error(uri: Any, sql: str) -> BaseException:
+    """The error ADBC's PostgreSQL driver itself raises reading ``sql``, in this thread (what a read through the
+    engine must raise as it is)."""
+    import adbc_driver_postgresql.dbapi as adbc_postgres
+
+    with adbc_postgres.connect(uri.reveal()) as conn, conn.cursor() as cursor:
+        try:
+            cursor.execute(sql)
+            for _batch in cursor.fetch_record_batch():
+                pass
+        except Exception as err:
+            return err
+    raise AssertionError(f"the driver read {sql!r} without an error")
 
 
 def waits(db: Any) -> list[str | None]:

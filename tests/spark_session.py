@@ -28,6 +28,8 @@ import pytest
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+    from airflow_provider_stopchurn.warehouse.spark import SparkWarehouse
+
 REQUIRE_ENV = "STOPCHURN_REQUIRE_SPARK"
 
 log = logging.getLogger(__name__)
@@ -106,3 +108,15 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
         yield session
     finally:
         session.stop()
+
+
+@pytest.fixture
+def spark_warehouse(spark: SparkSession) -> Iterator[SparkWarehouse]:
+    """A warehouse on the shared session, closed after the test."""
+    from airflow_provider_stopchurn.warehouse.spark import SparkWarehouse
+
+    wh = SparkWarehouse(spark)
+    try:
+        yield wh
+    finally:
+        wh.close()

@@ -15,8 +15,8 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from pg_sessions import driver_error, queries, wait_for, waits
 from pg_sessions import sessions as server_sessions
-from pg_sessions import wait_for, waits
 
 from airflow_provider_stopchurn.source.canonical import canonicalize_source
 from airflow_provider_stopchurn.source.read_ahead import THREAD_NAME, cancel_reads
@@ -79,21 +79,12 @@ def _read(uri: PostgresUri, statements: list[str]) -> pa.Table:
     return pa.Table.from_batches(batches).combine_chunks()
 
 
-def _queries(db: Any) -> list[str]:
-    with db.connect() as conn:
-        rows = conn.execute(
-            "SELECT query FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND backend_type = 'client backend'"
-        ).fetchall()
-    return [str(query) for (query,) in rows]
-
-
 def test_the_server_writes_numeric_columns_as_text(uri: PostgresUri, postgres_database: Any) -> None:
     batches = read_postgres(uri, WIDE_NUMERIC)
     first = next(batches)  # the engine holds this one: the query is still running on the server
     try:
         wait_for(server_sessions, postgres_database, lambda s: s and s[0][0] != "active")
-        (query,) = _queries(postgres_database)
+        (query,) = queries(postgres_database)
         assert 'q."n"::text AS "n"' in query, query
         assert first.schema.field("n").type == pa.opaque(pa.string(), "numeric", "PostgreSQL")
         assert first.num_rows + sum(batch.num_rows for batch in batches) == 20_000
@@ -185,16 +176,11 @@ def test_a_statement_that_cannot_be_rewritten_runs_as_written(
     ],
 )
 def test_an_error_is_the_drivers_own(uri: PostgresUri, postgres_database: Any, sql: str) -> None:
-    import adbc_driver_postgresql.dbapi as adbc_postgres
-
-    with adbc_postgres.connect(uri.reveal()) as conn, conn.cursor() as cursor, pytest.raises(Exception) as direct:
-        cursor.execute(sql)
-        for _batch in cursor.fetch_record_batch():
-            pass
-    with pytest.raises(type(direct.value)) as through:
+    direct = driver_error(uri, sql)
+    with pytest.raises(type(direct)) as through:
         canonicalize_source(lambda: read_postgres(uri, sql), key_columns=["id"])
-    assert type(through.value) is type(direct.value)
-    assert str(through.value) == str(direct.value)
+    assert type(through.value) is type(direct)
+    assert str(through.value) == str(direct)
     assert [t for t in threading.enumerate() if t.name == THREAD_NAME] == []
     assert wait_for(server_sessions, postgres_database, lambda sessions: not sessions) == []
 

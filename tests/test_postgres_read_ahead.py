@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pg_sessions import driver_error, wait_for
 from pg_sessions import sessions as server_sessions
-from pg_sessions import wait_for
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.source.canonical import canonicalize_source
@@ -152,18 +152,12 @@ def test_a_source_closed_early_releases_everything(uri: PostgresUri, postgres_da
 
 
 def test_an_error_of_the_read_is_raised_as_the_driver_raises_it(uri: PostgresUri, postgres_database: Any) -> None:
-    import adbc_driver_postgresql.dbapi as adbc_postgres
-
     sql = "SELECT i AS id, 1 / (i - 15000) AS v, repeat('x', 2000) AS pad FROM generate_series(1, 20000) AS i"
-    # the driver, read in this thread
-    with adbc_postgres.connect(uri.reveal()) as conn, conn.cursor() as cursor, pytest.raises(Exception) as direct:
-        cursor.execute(sql)
-        for _batch in cursor.fetch_record_batch():
-            pass
-    with pytest.raises(type(direct.value)) as through:
+    direct = driver_error(uri, sql)  # the driver, read in this thread
+    with pytest.raises(type(direct)) as through:
         canonicalize_source(lambda: read_postgres(uri, sql), key_columns=["id"])
-    assert type(through.value) is type(direct.value)
-    assert str(through.value) == str(direct.value)
+    assert type(through.value) is type(direct)
+    assert str(through.value) == str(direct)
     assert "division by zero" in str(through.value)
     _assert_released(postgres_database)
 

@@ -30,12 +30,8 @@ UTC = dt.UTC
 
 
 @pytest.fixture
-def warehouse(spark: SparkSession) -> Iterator[SparkWarehouse]:
-    wh = SparkWarehouse(spark)
-    try:
-        yield wh
-    finally:
-        wh.close()
+def warehouse(spark_warehouse: SparkWarehouse) -> SparkWarehouse:
+    return spark_warehouse
 
 
 @pytest.fixture

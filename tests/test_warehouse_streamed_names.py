@@ -3,7 +3,6 @@ columns by position, so a name Spark would parse (a dot, a backtick, a repeated 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -16,15 +15,6 @@ if TYPE_CHECKING:
 
 pytest_plugins = ["spark_session"]
 pytestmark = pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")
-
-
-@pytest.fixture
-def spark_warehouse(spark: SparkSession) -> Iterator[SparkWarehouse]:
-    wh = SparkWarehouse(spark)
-    try:
-        yield wh
-    finally:
-        wh.close()
 
 
 def test_spark_streams_columns_whose_names_spark_would_parse(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,15 +22,6 @@ if TYPE_CHECKING:
 
 pytest_plugins = ["spark_session"]
 pytestmark = pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")
-
-
-@pytest.fixture
-def spark_warehouse(spark: SparkSession) -> Iterator[SparkWarehouse]:
-    wh = SparkWarehouse(spark)
-    try:
-        yield wh
-    finally:
-        wh.close()
 
 
 def _tasks_done(spark: SparkSession, group: str) -> int:

@@ -6,12 +6,17 @@ No I/O of its own; :mod:`.backend` describes the backends and picks one.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from airflow_provider_stopchurn.exceptions import SnapshotError
 
-__all__ = ["StagedFile", "display_location", "name_parts", "read_error", "write_error"]
+if TYPE_CHECKING:
+    import polars as pl
+
+__all__ = ["StagedFile", "StagingBackend", "display_location", "name_parts", "read_error", "write_error"]
 
 
 def display_location(path: object) -> str:
@@ -56,3 +61,16 @@ class StagedFile:
         if not self.published:
             self._publish()
             self.published = True
+
+
+class StagingBackend:
+    """A backend that writes a snapshot aside before it is published: ``write_frames`` is a staging published at
+    once, the same on every backend."""
+
+    def stage_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> AbstractContextManager[StagedFile]:
+        raise NotImplementedError
+
+    def write_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> int:
+        with self.stage_frames(name, frames) as staged:
+            staged.publish()
+        return staged.rows

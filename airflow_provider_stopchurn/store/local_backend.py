@@ -17,7 +17,13 @@ from pathlib import Path
 import polars as pl
 
 from airflow_provider_stopchurn.exceptions import SnapshotError
-from airflow_provider_stopchurn.store.backend_common import StagedFile, name_parts, read_error, write_error
+from airflow_provider_stopchurn.store.backend_common import (
+    StagedFile,
+    StagingBackend,
+    name_parts,
+    read_error,
+    write_error,
+)
 from airflow_provider_stopchurn.store.parquet import rows_by_row_group, write_parquet, write_parquet_frames
 
 __all__ = ["LocalBackend"]
@@ -26,7 +32,7 @@ __all__ = ["LocalBackend"]
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.ENOSYS, errno.EMLINK}
 
 
-class LocalBackend:
+class LocalBackend(StagingBackend):
     """Files in a local directory: atomic replace, fsync for durable writes, hard-link (or ``O_EXCL``) creates."""
 
     is_local = True
@@ -187,11 +193,6 @@ class LocalBackend:
         if not path.is_file():
             raise FileNotFoundError(self.location(name))
         return rows_by_row_group(path, keys)
-
-    def write_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> int:
-        with self.stage_frames(name, frames) as staged:
-            staged.publish()
-        return staged.rows
 
     @contextlib.contextmanager
     def stage_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> Iterator[StagedFile]:

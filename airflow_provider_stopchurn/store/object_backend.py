@@ -18,6 +18,7 @@ import polars as pl
 from airflow_provider_stopchurn.exceptions import SnapshotError
 from airflow_provider_stopchurn.store.backend_common import (
     StagedFile,
+    StagingBackend,
     display_location,
     name_parts,
     read_error,
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 UPLOAD_PIECE = 2**20
 
 
-class ObjectStoreBackend:
+class ObjectStoreBackend(StagingBackend):
     """Objects under a UPath-like directory: one PUT per file, ``"xb"`` (or check-write-read-back) creates."""
 
     is_local = False
@@ -175,11 +176,6 @@ class ObjectStoreBackend:
         if raw is None:
             raise FileNotFoundError(self.location(name))
         return rows_by_row_group(raw, keys)
-
-    def write_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> int:
-        with self.stage_frames(name, frames) as staged:
-            staged.publish()
-        return staged.rows
 
     @contextlib.contextmanager
     def stage_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> Iterator[StagedFile]:
