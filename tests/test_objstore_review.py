@@ -235,9 +235,6 @@ def test_an_upload_killed_part_way_leaves_no_object_after_the_next_run(
     assert store.backend.list_names("snapshots") == [f"{committed.version}.parquet"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a local staged target is swept by any later stage_frames, even the lease owner's in use"
-)
 def test_a_staged_local_target_survives_another_runs_sweep(tmp_path: Path) -> None:
     """A target staged on a local disk stays aside for the whole of its run's planning (minutes for a large table),
     no longer only while it is written. A run whose lease lapsed meanwhile and that reaches its own target's write

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -168,18 +169,17 @@ class LocalBackend(StagingBackend):
         published, it is removed on the way out."""
         path = self._path(name)
         tmp = self._temporary(path)
-        try:
+        with contextlib.ExitStack() as stack:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                rows = write(tmp)
+                stack.enter_context(_owned(tmp))  # held while the file lives aside: a sweep leaves it
+                stack.callback(_unlink_quietly, tmp)
+                rows = write(tmp)  # into the same file (same inode): the lock stays on it
                 with tmp.open("rb+") as fh:
                     os.fsync(fh.fileno())
             except OSError as err:
                 raise write_error(self.location(name), err) from err
             yield StagedFile(rows, lambda: self._rename(tmp, path, name))
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
 
     def _rename(self, tmp: Path, path: Path, name: str) -> None:
         try:
@@ -197,9 +197,9 @@ class LocalBackend(StagingBackend):
     @contextlib.contextmanager
     def stage_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> Iterator[StagedFile]:
         folder = self._path(name).parent
-        try:  # a killed run's half-written snapshot (snapshots are written under the lock)
+        try:  # a killed run's half-written snapshot; a live run's staged one holds its lock and stays
             for left in folder.glob(".*.parquet.*.tmp") if folder.is_dir() else ():
-                left.unlink(missing_ok=True)
+                _remove_if_dead(left)
         except OSError as err:
             raise write_error(self.location(name), err) from err
         with self._aside(name, lambda tmp: write_parquet_frames(frames, tmp)) as staged:
@@ -210,6 +210,52 @@ class LocalBackend(StagingBackend):
         if not path.is_file():
             raise FileNotFoundError(self.location(name))
         return pl.scan_parquet(path).slice(offset, length).collect()
+
+
+def _flock(fd: int, blocking: bool) -> bool:
+    """An exclusive ``flock`` on ``fd``: False when another process holds it (non-blocking) or the file system has
+    none (then no file counts as dead: leftovers stay, a live run's file is never taken)."""
+    if sys.platform == "win32":
+        return False
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _owned(tmp: Path) -> Iterator[None]:
+    """Create ``tmp`` and hold an exclusive lock on it for the block; the system drops the lock when the process
+    dies, so a file whose lock is free was left by a dead run. A sweep that took the name between the create and
+    the lock (it removes what it locks) is seen by the name no longer being this file, and the file is made again."""
+    for _ in range(3):
+        with tmp.open("xb") as fh:
+            if not _flock(fh.fileno(), blocking=True):
+                yield  # no locks here: sweeps leave every file
+                return
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(tmp).st_ino == os.fstat(fh.fileno()).st_ino:
+                    yield
+                    return
+    raise OSError(errno.EAGAIN, f"{tmp.name} was removed as it was made, three times")
+
+
+def _remove_if_dead(left: Path) -> None:
+    """Remove a hidden snapshot file whose run died (its lock is free); one a live run holds stays."""
+    try:
+        with left.open("rb") as fh:
+            if _flock(fh.fileno(), blocking=False):
+                left.unlink(missing_ok=True)  # under its lock: a run making it anew sees the name go
+    except FileNotFoundError:
+        return
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def _fsync_directory(directory: Path) -> None:
