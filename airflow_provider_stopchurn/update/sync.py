@@ -335,9 +335,7 @@ def _plan_and_deliver(
                 run=summary.run_record(options.run_key, chunks=summary.settled_chunks),
                 written=written,
             )
-        elif written is not None:
-            store.delete_snapshot(written[0])  # the streamed target equals the snapshot: nothing names it
-        return
+        return  # a streamed target equal to the snapshot was never published (update/stream.py)
 
     target_version, target_rows = (
         written if written is not None else (store.write_snapshot(plan.target), plan.target.height)
