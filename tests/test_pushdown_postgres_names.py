@@ -263,3 +263,29 @@ def test_an_older_state_tables_index_is_built_while_another_table_is_read_in_a_l
     assert run.error is None, run.error
     assert_sandbox_matches(sb, moved)
     assert indexes == [True]
+
+
+@pytest.mark.parametrize("schema", ["s" * 70, "s" * 62 + "é" + "s" * 5], ids=["ascii", "cut inside a character"])
+def test_a_state_schema_postgres_cuts_at_63_bytes_syncs_on_every_run(
+    schema: str, engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """PostgreSQL cuts a ``state_schema`` of 63 bytes or more to its first 63 (at a character's boundary) where it
+    is an identifier, but not where it is compared as a value (a privilege check, the catalog): every run after the
+    first failed with "schema ... does not exist". Each run now finds the schema the first one made."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    for tick in (1, 2, 3):
+        engine.load(frame)
+        run_warehouse_sync(
+            WarehouseSource("SELECT * FROM src", engine.warehouse(), state_schema=schema),
+            store,
+            make_client(sb),
+            options(chunk_size=7, max_concurrent_requests=1),
+            run_ms=T0 + tick,
+        )
+        assert_sandbox_matches(sb, frame)
+        frame = churn(frame, tick)
+    cut = schema.encode()[: S.PG_IDENTIFIER_BYTES].decode(errors="ignore")
+    ((held,),) = engine.rows(f"SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{cut}'")
+    assert int(held) >= 2  # the state table and its bookkeeping table, in the schema PostgreSQL made
