@@ -208,9 +208,6 @@ def test_an_s3_multipart_upload_that_fails_part_way_is_aborted_and_leaves_no_obj
     assert store.read_committed() is None and store.pending_plan() is None
 
 
-@pytest.mark.xfail(
-    strict=True, reason="an upload killed mid-way on a store that shows writes as they happen is never removed"
-)
 def test_an_upload_killed_part_way_leaves_no_object_after_the_next_run(
     tmp_path: Path, stopchurn_sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

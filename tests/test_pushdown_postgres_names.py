@@ -20,7 +20,7 @@ from test_pushdown import churn, table
 from test_pushdown_narrow import SCHEMA, _drop_indexes, _scratch_tables, _state
 
 from airflow_provider_stopchurn.store import SnapshotStore
-from airflow_provider_stopchurn.warehouse import WarehouseSource, run_warehouse_sync
+from airflow_provider_stopchurn.warehouse import PostgresWarehouse, WarehouseSource, run_warehouse_sync
 from airflow_provider_stopchurn.warehouse import sql as S
 
 pytestmark = pytest.mark.postgres
@@ -263,3 +263,94 @@ def test_an_older_state_tables_index_is_built_while_another_table_is_read_in_a_l
     assert run.error is None, run.error
     assert_sandbox_matches(sb, moved)
     assert indexes == [True]
+
+
+@pytest.mark.parametrize("schema", ["s" * 70, "s" * 62 + "é" + "s" * 5], ids=["ascii", "cut inside a character"])
+def test_a_state_schema_postgres_cuts_at_63_bytes_syncs_on_every_run(
+    schema: str, engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """PostgreSQL cuts a ``state_schema`` of 63 bytes or more to its first 63 (at a character's boundary) where it
+    is an identifier, but not where it is compared as a value (a privilege check, the catalog): every run after the
+    first failed with "schema ... does not exist". Each run now finds the schema the first one made."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    for tick in (1, 2, 3):
+        engine.load(frame)
+        run_warehouse_sync(
+            WarehouseSource("SELECT * FROM src", engine.warehouse(), state_schema=schema),
+            store,
+            make_client(sb),
+            options(chunk_size=7, max_concurrent_requests=1),
+            run_ms=T0 + tick,
+        )
+        assert_sandbox_matches(sb, frame)
+        frame = churn(frame, tick)
+    cut = schema.encode()[: S.PG_IDENTIFIER_BYTES].decode(errors="ignore")
+    ((held,),) = engine.rows(f"SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{cut}'")
+    assert int(held) >= 2  # the state table and its bookkeeping table, in the schema PostgreSQL made
+
+
+class _Killed(Exception):
+    """The worker dying (raised in place of a statement, so nothing after it runs)."""
+
+
+class _KilledAtTheSwap(PostgresWarehouse):
+    """A PostgreSQL warehouse whose worker dies when it is about to swap a baseline's scratch table in."""
+
+    def execute(self, statements: Any) -> None:
+        if any("RENAME TO" in s for s in statements):
+            raise _Killed
+        PostgresWarehouse.execute(self, statements)
+
+
+def _next_tables(engine: Engine) -> list[str]:
+    rows = engine.rows(f"SELECT table_name FROM information_schema.tables WHERE table_schema = '{SCHEMA}'")
+    return sorted(str(t) for (t,) in rows if "__next" in str(t))
+
+
+def test_an_interrupted_baselines_scratch_table_another_session_locks_fails_the_run_in_bounded_time(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """A baseline killed before its swap leaves its plan and its own scratch table; the next run drops that table.
+    A second session reading it (holding a lock the DROP waits for) held that run up for as long as the session
+    lived. The DROP now gives up after ``lock_timeout`` with an error naming the table, the plan stays, and the
+    run after the session ends drops the table and syncs."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    frame = frame.assign(tier="gold")  # a new column: the run rebaselines
+    engine.load(frame)
+    with pytest.raises(_Killed):
+        run_warehouse_sync(
+            WarehouseSource("SELECT * FROM src", _KilledAtTheSwap(engine.uri())),
+            store,
+            make_client(sb),
+            options(on_schema_change="rebaseline"),
+            run_ms=T0 + 2,
+        )
+    store.break_lock()
+    assert store.pending_plan(cleanup=False) is not None
+    (left,) = _next_tables(engine)
+    holder = engine.handle.connect(autocommit=False)
+    try:
+        holder.execute(f'SELECT * FROM "{SCHEMA}"."{left}"')  # its lock is held until the transaction ends
+        run = _Background(lambda: _run(engine, store, sb, 3, on_schema_change="rebaseline"))
+        finished = run.finished_within(PATIENCE_S)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert run.finished_within(PATIENCE_S)
+    assert finished, "the run waited for the other session's lock"
+    assert run.error is not None and left in str(run.error) and "lock" in str(run.error)
+    assert store.pending_plan(cleanup=False) is not None  # kept: the next run drops the table, then goes on
+    store.break_lock()
+    requests = len(sb.received())
+    assert _run(engine, store, sb, 4, on_schema_change="rebaseline").baseline
+    assert _next_tables(engine) == []
+    assert store.pending_plan(cleanup=False) is None
+    assert len(sb.received()) == requests  # a baseline sends nothing
+    again = _run(engine, store, sb, 5)
+    assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)

@@ -865,3 +865,34 @@ def test_read_rows_hashes_the_wanted_keys_once_and_skips_row_groups_without_them
         two = backend.read_rows("f/big.parquet", pl.DataFrame({"id": ["300000", "5", "7"]}))
     assert two.get_column("v").to_list() == [5, 7, 300_000]
     assert len(slices) == 2 and slices[0] == 0, "only the first and the last row group hold a wanted key"
+
+
+@pytest.mark.parametrize("root", ["pathlib", "memory"], indirect=True)
+def test_a_commit_removes_only_the_snapshot_files_no_run_can_still_finish(root: Any) -> None:
+    """A holder's commit removes the snapshot files no pointer names that were made before it took the lock (a
+    run killed between publishing its target and its plan, or mid-upload). It keeps the one it commits, the target
+    of a plan still on record (the next run settles or discards it) and any file made after it took the lock."""
+    store = SnapshotStore(root, BRAND, TABLE)
+    frame = pl.DataFrame({"id": [1, 2]})
+    orphan = store.write_snapshot(frame)  # a dead run's target: no pointer names it
+    with store.lock("run") as lock:
+        time.sleep(0.01)  # the versions' time has microseconds; the lock's acquisition must be after the orphan's
+        planned = store.write_snapshot(frame)
+        store.write_plan(target_version=planned, base_version=None, changes=None, chunks=[(0, 2)], meta={})
+        mine = store.write_snapshot(frame)
+        store.commit(mine, base_version=None, kinds={"id": "int"}, key_columns=["id"], rows=2, plan_id=None, lock=lock)
+    left = set(store.backend.list_names("snapshots"))
+    assert f"{orphan}.parquet" not in left
+    assert {f"{planned}.parquet", f"{mine}.parquet"} <= left
+
+
+@pytest.mark.parametrize("root", ["pathlib"], indirect=True)
+def test_a_commit_without_the_lock_removes_no_unnamed_snapshot_file(root: Any) -> None:
+    """A commit made without the table's lock (an on-call command's) cannot tell a dead run's file from a live
+    one's, so it leaves them all."""
+    store = SnapshotStore(root, BRAND, TABLE)
+    frame = pl.DataFrame({"id": [1]})
+    other = store.write_snapshot(frame)
+    mine = store.write_snapshot(frame)
+    store.commit(mine, base_version=None, kinds={"id": "int"}, key_columns=["id"], rows=1, plan_id=None)
+    assert f"{other}.parquet" in store.backend.list_names("snapshots")

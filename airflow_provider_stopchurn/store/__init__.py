@@ -36,6 +36,9 @@ Crash safety:
 * A PLAN whose ``plan_id`` CURRENT records (a crash between writing CURRENT and removing PLAN) is recognised as
   committed and cleaned up; a PLAN made against a snapshot that is no longer committed is discarded: its
   changes are diffed again (a row may be sent twice, none is lost).
+* A snapshot file no pointer names (its run died after publishing it but before its plan named it, or part way
+  through an upload to a store that shows an object while it is written) is removed by the next commit made under
+  the lock, if it is older than that lock: a newer one may be a run's that took the lock since.
 * An acknowledgement and the rejections in its chunk are one file, so a rejection is never recorded without
   its acknowledgement nor the other way round.
 * The history cannot be appended to in place on an object store, so each record is its own small file, written

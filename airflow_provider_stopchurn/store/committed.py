@@ -7,15 +7,18 @@ the run started from. The rules are in the docstring of :mod:`airflow_provider_s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import polars as pl
 
-from airflow_provider_stopchurn.exceptions import SnapshotError, StopChurnConfigError
-from airflow_provider_stopchurn.store.folder import TableFolder, new_version, snapshot_name
+from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError, StopChurnConfigError
+from airflow_provider_stopchurn.store.folder import TableFolder, new_version, snapshot_name, version_time
 from airflow_provider_stopchurn.store.lock import TableLock
+
+log = logging.getLogger(__name__)
 
 
 class Committed:
@@ -212,6 +215,37 @@ class CommittedSnapshots(TableFolder):
             self._forget_plan(plan_id)
         if current_version is not None and current_version != version:
             self._backend.delete(snapshot_name(str(current_version)))
+        if lock is not None:
+            self._sweep_unnamed(version, lock)
+
+    def _sweep_unnamed(self, version: str, lock: TableLock) -> None:
+        """Delete the snapshot files no pointer names that were made before this run took the lock: a run killed
+        after publishing its target but before its plan named it, or killed part way through an upload to a store
+        that shows an object while it is written (a folder, SFTP). Nothing reads them, and without this nothing
+        would remove them: every such kill would leave a part of the table's size behind.
+
+        Only the lock's holder sweeps, after its commit, and only files older than its lock (by their versions'
+        time): a file made since is a run's that took the lock after this one lost it. Best effort: the commit is
+        done, so a failure here is logged and the next commit sweeps again."""
+        since = lock.acquired_at
+        if since is None:
+            return
+        try:
+            keep = {f"{version}.parquet"}
+            plan = self._read_json("PLAN")  # a plan the next run settles or discards keeps its target until then
+            if plan is not None and plan.get("target_version"):
+                keep.add(f"{plan['target_version']}.parquet")
+            lock.check()
+            for name in self._backend.list_names("snapshots"):
+                made = version_time(name)
+                if name in keep or not name.endswith(".parquet") or made is None or made >= since:
+                    continue
+                log.info("Removing %s: a snapshot file no run finished (its run died before a plan named it).", name)
+                self._backend.delete(f"snapshots/{name}")
+        except SnapshotLockedError:
+            log.info("Left the unfinished snapshot files for the next run: this run no longer holds the lock.")
+        except Exception as err:  # the commit is done: only tidying failed
+            log.warning("Could not remove unfinished snapshot files (the next commit tries again): %s", err)
 
     def _check_unique_keys(self, version: str, key_columns: Sequence[str], frame: pl.DataFrame | None) -> None:
         """Refuse a snapshot file that holds a key twice (a diff against it could not pair rows with keys)."""

@@ -139,6 +139,12 @@ class TableLock:
         return self._lost
 
     @property
+    def acquired_at(self) -> float | None:
+        """When this run took the lock (epoch seconds by its own clock, read before the LOCK was written), or None
+        before it did."""
+        return self._acquired_at
+
+    @property
     def heartbeat_running(self) -> bool:
         return self._beat is not None and self._beat[0].is_alive()
 

@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from airflow_provider_stopchurn.exceptions import SourceDataError
+from airflow_provider_stopchurn.exceptions import SnapshotLockedError, SourceDataError
 from airflow_provider_stopchurn.options import SyncOptions
 from airflow_provider_stopchurn.store import Plan, SnapshotStore
 from airflow_provider_stopchurn.update.settle import (
@@ -38,7 +38,7 @@ from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.changes import _CREATED, _HASH, _OP, _ROW, _op_counts
 from airflow_provider_stopchurn.warehouse.databases import Warehouse
 from airflow_provider_stopchurn.warehouse.source import DIFF_LOCATION, PLAN_FORMAT, ROW_HASH, _Run
-from airflow_provider_stopchurn.warehouse.state import _old_key_texts, holds_layouts, read_meta
+from airflow_provider_stopchurn.warehouse.state import _first_line, _old_key_texts, holds_layouts, read_meta
 
 # the logger name the warehouse sync has always logged under: users and tests filter on it
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
@@ -290,9 +290,17 @@ def _settle_baseline(run: _Run, plan: Plan, commit: _Commit, record: Any, result
     if meta is not None and meta.token == plan.target_version:
         _commit(run, commit, write_state=False, record=record)
         return result
-    run.store.discard_plan(plan)  # the swap never happened: the state table is as it was
     scratch = [run.state.next]
     if run.warehouse.transactions:  # the plan's own scratch table (or ..__next, when planned by an older version)
         scratch.append(run.state.for_plan(plan.plan_id).next)
-    run.warehouse.execute([run.state.r(f"DROP TABLE IF EXISTS {t}") for t in scratch])
+    for table in scratch:  # first: once the plan is gone, no run would look for the plan's own table again
+        try:
+            run.warehouse.execute(run.state.drop_scratch_table(table))
+        except Exception as err:
+            raise SnapshotLockedError(
+                f"Could not drop {table}, the scratch table of a baseline a crash interrupted: {_first_line(err)}\n"
+                f"Another session may hold a lock on it (the run waited at most {S.LOCK_WAIT}). Nothing was sent; "
+                "the next run drops it again, then goes on."
+            ) from err
+    run.store.discard_plan(plan)  # the swap never happened: the state table is as it was
     return result

@@ -33,7 +33,7 @@ class WarehouseSource:
         name = S.state_table_name(options.brand_id, options.table_name, self.warehouse.dialect)
         older = S.state_table_name(options.brand_id, options.table_name)  # before names were shortened
         return S.StateTable(
-            self.state_schema,
+            S.schema_name(self.state_schema, self.warehouse.dialect),
             name,
             tuple(options.key_columns),
             self.warehouse.dialect,

@@ -98,6 +98,15 @@ def state_table_name(brand_id: int, table_name: str, dialect: str = "") -> str:
     return name
 
 
+def schema_name(schema: str, dialect: str) -> str:
+    """``schema`` as the warehouse names it. PostgreSQL cuts an identifier of 63 bytes or more to its first 63 (at
+    a character's boundary) where it is an identifier, but compares the whole text where it is a value (a privilege
+    check, the catalog): the cut name is the one both agree on, and the one every earlier run's tables are in."""
+    if dialect != "postgres":
+        return schema
+    return schema.encode()[:PG_IDENTIFIER_BYTES].decode(errors="ignore")
+
+
 def columns_text(schema: pa.Schema) -> str:
     """The source's columns and Arrow types, as kept in the state table's bookkeeping row."""
     return json.dumps({f.name: str(f.type) for f in schema}, sort_keys=False)
