@@ -65,25 +65,19 @@ def _table(rows: int, *, churned: bool) -> pd.DataFrame:
     return pd.concat([frame, extra], ignore_index=True)
 
 
-def _churn(store: SnapshotStore, sandbox: SandboxServer) -> tuple[int, int, int]:
-    run_sync(_table(700, churned=False), store, make_client(sandbox), options(), run_ms=T0)
-    summary = run_sync(_table(700, churned=True), store, make_client(sandbox), options(), run_ms=T0 + 1)
-    return summary.inserted, summary.updated, summary.deleted
-
-
 def test_a_dataframe_churn_run_downloads_the_committed_snapshot_once_per_part_it_needs(
     tmp_path: Path, stopchurn_sandbox: SandboxServer
 ) -> None:
     """Each read of an object store's snapshot downloads the whole file. A churn run read it five times: the key
     columns twice to check the file (before and after settling a pending plan), the key columns again for the
-    diff, the states, and the deleted rows. The keys the second check read now serve the diff's key match."""
+    diff's key match, the states, and the deleted rows. The keys the second check read now serve the key match."""
     store = SnapshotStore(quiet_upath(f"countingobjects://{tmp_path}/objects"), BRAND, TABLE)
     run_sync(_table(700, churned=False), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
     CountingObjects.snapshot_reads.clear()
     summary = run_sync(_table(700, churned=True), store, make_client(stopchurn_sandbox), options(), run_ms=T0 + 1)
     assert (summary.inserted, summary.updated, summary.deleted) == (2, 120, 100)
-    committed = {path for path in CountingObjects.snapshot_reads}
-    assert len(committed) == 1, committed  # only the committed snapshot is read (the target is written)
+    files = set(CountingObjects.snapshot_reads)
+    assert len(files) == 1, files  # only the committed snapshot is read (the target is written)
     assert len(CountingObjects.snapshot_reads) <= 4, CountingObjects.snapshot_reads
 
 
