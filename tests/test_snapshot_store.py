@@ -21,6 +21,7 @@ from typing import Any
 from unittest import mock
 
 import fsspec
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
@@ -896,3 +897,26 @@ def test_a_commit_without_the_lock_removes_no_unnamed_snapshot_file(root: Any) -
     mine = store.write_snapshot(frame)
     store.commit(mine, base_version=None, kinds={"id": "int"}, key_columns=["id"], rows=1, plan_id=None)
     assert f"{other}.parquet" in store.backend.list_names("snapshots")
+
+
+def test_read_rows_at_decodes_only_the_row_groups_holding_the_positions_and_joins_nothing(backend: Backend) -> None:
+    """The deleted rows of a diff are read at the positions the key match found, on every backend: in file order,
+    only the row groups holding one decoded, and no join of keys against the file."""
+    n = 300_001
+    frame = pl.DataFrame({"id": pl.int_range(n, eager=True).cast(pl.String), "v": pl.int_range(n, eager=True)})
+    backend.write_frame("f/big.parquet", frame)
+    slices: list[int] = []
+    cut = pl.LazyFrame.slice
+
+    def counted_slice(self: pl.LazyFrame, offset: int, length: int | None = None) -> pl.LazyFrame:
+        slices.append(offset)
+        return cut(self, offset, length)
+
+    with (
+        mock.patch.object(pl.LazyFrame, "join", autospec=True) as join,
+        mock.patch.object(pl.LazyFrame, "slice", autospec=True, side_effect=counted_slice),
+    ):
+        rows = backend.read_rows_at("f/big.parquet", np.array([5, 7, 300_000], dtype=np.uint32))
+    assert join.call_count == 0
+    assert rows.equals(frame[[5, 7, 300_000]])
+    assert len(slices) == 2 and slices[0] == 0, "only the first and the last row group hold a position"

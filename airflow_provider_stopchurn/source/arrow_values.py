@@ -144,7 +144,7 @@ def _convert_extension(name: str, column: pa.Array, *, decimal_as_string: bool) 
     t = column.type
     storage = column.storage
     if isinstance(t, pa.JsonType):
-        return _json_text_column(name, storage), "json"
+        return json_text_column(name, storage), "json"
     if isinstance(t, pa.UuidType):
         return _uuid_text(storage), "string"
     if isinstance(t, pa.OpaqueType):
@@ -301,13 +301,17 @@ def _uuid_text(storage: pa.Array) -> pl.Series:
     ).to_series()
 
 
-def _json_text_column(name: str, texts: pa.Array) -> pl.Series:
+def json_text_column(name: str, texts: pa.Array) -> pl.Series:
     """JSON texts (json/jsonb) -> canonical JSON text (sorted keys), each number kept at its exact value.
 
     Each distinct text is converted once (:func:`_canonical_json_texts`) and its canonical text put back in every
     row that holds it: JSON columns repeat their values (settings, flags, preferences: a few hundred distinct
     objects in a million rows), and parsing each row into Python cost about a second per million rows. The
-    canonical text is a function of the text alone, so every row gets the bytes it would get on its own.
+    canonical text is a function of the text alone, so every row gets the bytes it would get on its own. Shared by
+    the Arrow path's JSON columns and ``json_columns``.
+
+    :param name: the column (named in errors).
+    :param texts: the JSON texts (nulls stay null).
     """
     series = _from_arrow(texts.cast(pa.large_string()))
     # in the order of first occurrence: a column with invalid texts then fails on its first invalid row, as when each
@@ -323,11 +327,11 @@ _REPEATED_JSON_SHARE = 0.5
 
 
 def _canonical_json_texts(name: str, series: pl.Series) -> pl.Series:
-    """JSON texts -> canonical JSON text, row by row in one pass (see :func:`_json_text_column`).
+    """JSON texts -> canonical JSON text, row by row in one pass (see :func:`json_text_column`).
 
     orjson reads a text when that is exact: no long integers, and every number with a fraction or an exponent is
     the shortest text of its double (``0.1``, ``2.5``, ``1e-7``), checked for all texts at once. Other texts are
-    read by ``json`` with :func:`_json_number`.
+    read by ``json`` with :func:`json_number`.
     """
     missing = np.asarray(series.is_null().to_numpy(), dtype=bool)
     present = series.drop_nulls()
@@ -362,7 +366,7 @@ def _load_json(name: str, texts: pl.Series, *, exact_numbers: bool) -> np.ndarra
         part = texts.slice(start, _JSON_PARSE_BATCH)
         joined = "[" + (part.str.join(",").item() or "") + "]"
         try:
-            values = json.loads(joined, parse_float=_json_number) if exact_numbers else orjson.loads(joined)
+            values = json.loads(joined, parse_float=json_number) if exact_numbers else orjson.loads(joined)
         except ValueError:
             values = []  # some text is not one JSON value: found below, one by one
         if len(values) != part.len():
@@ -373,13 +377,18 @@ def _load_json(name: str, texts: pl.Series, *, exact_numbers: bool) -> np.ndarra
 
 def _load_one(name: str, text: str, *, exact_numbers: bool) -> Any:
     try:
-        return json.loads(text, parse_float=_json_number if exact_numbers else float)
+        return json.loads(text, parse_float=json_number if exact_numbers else float)
     except ValueError as exc:
         raise SourceDataError(f"Column {name!r} holds text that is not one JSON value: {exc}.") from exc
 
 
-def _json_number(token: str) -> float | _decimal.Decimal:
-    """A JSON number with a fraction or exponent: the float when it is exactly the written value, else the decimal."""
+def json_number(token: str) -> float | _decimal.Decimal:
+    """A JSON number with a fraction or exponent: the float when it is exactly the written value, else the decimal.
+
+    The ``parse_float`` of every exact JSON read (the Arrow path's JSON columns and ``json_columns``' check).
+
+    :param token: the number as written.
+    """
     value = float(token)
     if math.isfinite(value) and _decimal.Decimal(repr(value)) == _decimal.Decimal(token):
         return value
@@ -387,7 +396,7 @@ def _json_number(token: str) -> float | _decimal.Decimal:
 
 
 def _parse_json_value(text: str) -> Any:
-    return json.loads(text, parse_float=_json_number)
+    return json.loads(text, parse_float=json_number)
 
 
 def _container_column(name: str, column: pa.Array) -> pl.Series:

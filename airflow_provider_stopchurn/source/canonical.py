@@ -50,16 +50,9 @@ from airflow_provider_stopchurn.source.arrow_values import (
     KIND_METADATA,
     convert_arrow_column,
 )
-from airflow_provider_stopchurn.source.frame import (
-    Canonical,
-    _as_key,
-    _check_float_key,
-    _check_missing_keys,
-    canonicalize,
-    check_names,
-    finish,
-)
+from airflow_provider_stopchurn.source.frame import Canonical, canonicalize, check_names, finish
 from airflow_provider_stopchurn.source.json_columns import parse_json_columns
+from airflow_provider_stopchurn.source.key_values import as_key, check_float_key, check_missing_keys
 from airflow_provider_stopchurn.source.memory import release_freed_memory
 from airflow_provider_stopchurn.source.values import _json_series
 
@@ -342,7 +335,7 @@ def canonicalize_batch(
             _check_arrow_key(name, column, offset)
         converted, kind = convert_arrow_column(name, column, decimal_as_string=decimal_as_string, field=field)
         if name in keys:
-            converted, kind = _as_key(name, converted, kind)
+            converted, kind = as_key(name, converted, kind)
         series.append(converted.alias(name))
         kinds[name] = kind
     return pl.DataFrame(series), kinds
@@ -360,7 +353,7 @@ def merge_batches(
             kinds[name] = _join_kinds(kinds[name], kind)
     for key in keys:  # a key whose batches disagree (integers, then strings) is refused as a mixed column is
         if kinds[key] == "json":
-            _as_key(key, pl.Series(key, [], dtype=pl.String), "json")
+            as_key(key, pl.Series(key, [], dtype=pl.String), "json")
     frames = [retyped(frame, batch_kinds, kinds) for frame, batch_kinds in parts]
     return (frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")), kinds
 
@@ -414,9 +407,9 @@ def _check_arrow_key(name: str, column: pa.Array, offset: int) -> None:
     column = _plain(column)
     missing = np.asarray(pc.is_null(column, nan_is_null=True).to_numpy(zero_copy_only=False), dtype=bool)
     rows = np.arange(offset, offset + len(column))
-    _check_missing_keys(name, missing, rows)
+    check_missing_keys(name, missing, rows)
     if pa.types.is_floating(column.type):
-        _check_float_key(name, np.asarray(column.to_numpy(zero_copy_only=False), dtype="float64"), rows)
+        check_float_key(name, np.asarray(column.to_numpy(zero_copy_only=False), dtype="float64"), rows)
 
 
 def _plain(column: pa.Array) -> pa.Array:

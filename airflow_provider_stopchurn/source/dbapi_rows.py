@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.source.arrow_values import JSON_TEXT_KIND, KIND_METADATA
-from airflow_provider_stopchurn.source.frame import _convert_mixed
+from airflow_provider_stopchurn.source.frame import convert_mixed
 from airflow_provider_stopchurn.source.values import _BYTES_TYPES
 
 __all__ = ["rows_to_batch"]
@@ -96,7 +96,7 @@ def _column_array(name: str, values: list[Any]) -> tuple[pa.Array, bool]:
     missing = np.fromiter(
         (v is None or (isinstance(v, float) and math.isnan(v)) for v in values), dtype=bool, count=len(values)
     )
-    series, kind = _convert_mixed(name, objects, missing)
+    series, kind = convert_mixed(name, objects, missing)
     return series.to_arrow().cast(pa.large_string()), kind == "json"
 
 

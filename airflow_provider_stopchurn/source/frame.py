@@ -58,6 +58,7 @@ import pyarrow as pa
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
 from airflow_provider_stopchurn.source.arrow_values import convert_arrow_column
+from airflow_provider_stopchurn.source.key_values import as_key, check_float_key, check_missing_keys
 from airflow_provider_stopchurn.source.values import (
     _BYTES_TYPES,
     _JSON_CONTAINERS,
@@ -92,7 +93,6 @@ __all__ = [
 RESERVED_PREFIX = "__sc_"
 KINDS = ("int", "float", "bool", "string", "timestamp", "date", "decimal", "json", "null")
 
-_KEY_KINDS = frozenset({"int", "string", "timestamp", "date"})
 _JSON_SCALARS = (str, int, float, bool, np.generic)
 _JSON_CONVERTIBLE = (_dt.datetime, _dt.date, _dt.time, _dt.timedelta, _decimal.Decimal, _uuid.UUID)
 #: Types of which no value is missing to ``pd.isna`` (exact types: a subclass may define its own NaN).
@@ -126,7 +126,7 @@ def canonicalize(df: pd.DataFrame, *, key_columns: Sequence[str], decimal_as_str
             _check_key_values(name, col, df.index)
         converted, kind = _convert_column(name, col, decimal_as_string=decimal_as_string)
         if name in keys:
-            converted, kind = _as_key(name, converted, kind)
+            converted, kind = as_key(name, converted, kind)
         series.append(converted.alias(name))
         kinds[name] = kind
     return finish(pl.DataFrame(series), kinds, keys)
@@ -158,7 +158,7 @@ def check_names(names: Sequence[Any], key_columns: Sequence[str] | str) -> tuple
 def finish(frame: pl.DataFrame, kinds: dict[str, str], keys: tuple[str, ...]) -> Canonical:
     """The checks over the whole table (unique keys, the ``id`` column), and the derived ``id`` where none is given.
 
-    :param frame: the converted columns of every row, key columns already through ``_as_key``.
+    :param frame: the converted columns of every row, key columns already through ``as_key``.
     :param kinds: each column's kind; the derived ``id``'s is added to it.
     :param keys: the key columns (from :func:`check_names`).
     """
@@ -298,60 +298,14 @@ def _check_id(frame: pl.DataFrame, kind: str, keys: tuple[str, ...]) -> None:
 
 def _check_key_values(name: str, col: pd.Series, index: pd.Index) -> None:
     """Checks that need the raw values (NaN and infinities become null in the canonical frame)."""
-    _check_missing_keys(name, np.asarray(col.isna(), dtype=bool), index)
+    check_missing_keys(name, np.asarray(col.isna(), dtype=bool), index)
     if pd.api.types.is_float_dtype(col.dtype):
-        _check_float_key(name, col.to_numpy(dtype="float64", na_value=np.nan), index)
+        check_float_key(name, col.to_numpy(dtype="float64", na_value=np.nan), index)
     elif pd.api.types.is_object_dtype(col.dtype) and pd.api.types.infer_dtype(col, skipna=False) in (
         "floating",
         "mixed-integer-float",
     ):  # Python floats (with ints), which become a float column: the same checks, before the cast to integers
-        _check_float_key(name, np.asarray(col.to_numpy(dtype=object), dtype="float64"), index)
-
-
-def _check_missing_keys(name: str, null_mask: np.ndarray, rows: pd.Index | np.ndarray) -> None:
-    """Refuse a key column with missing values (``null_mask``); ``rows`` labels each value in the message."""
-    if null_mask.any():
-        raise SourceDataError(
-            f"Key column {name!r} has {int(null_mask.sum())} missing value(s) (null/NaN/NaT) at row(s) "
-            f"{listed(rows[null_mask].tolist())}; every key must be present."
-        )
-
-
-def _check_float_key(name: str, raw: np.ndarray, index: pd.Index | np.ndarray) -> None:
-    """A float key column (nulls refused already) must hold finite whole numbers."""
-    inf_mask = np.isinf(raw)
-    if inf_mask.any():
-        raise SourceDataError(
-            f"Key column {name!r} has infinite (non-finite) value(s) at row(s) {listed(index[inf_mask].tolist())}."
-        )
-    frac_mask = raw != np.floor(raw)
-    if frac_mask.any():
-        raise SourceDataError(
-            f"Key column {name!r} is a float column with non-integral value(s) "
-            f"{listed(raw[frac_mask].tolist())}; float keys must be whole numbers."
-        )
-
-
-def _as_key(name: str, s: pl.Series, kind: str) -> tuple[pl.Series, str]:
-    if s.null_count():  # e.g. infinities in an object column, null after conversion
-        raise SourceDataError(f"Key column {name!r} has {s.null_count()} missing or non-finite value(s).")
-    if kind == "float":
-        values = s.to_numpy()
-        if values.size and (np.abs(values) >= 2.0**63).any():
-            raise SourceDataError(f"Key column {name!r} has float values beyond the 64-bit integer range.")
-        return s.cast(pl.Int64), "int"
-    if kind == "json":
-        raise SourceDataError(
-            f"Key column {name!r} mixes value types (e.g. 1 and '1') or holds JSON values (lists, objects); a key "
-            "column must hold integers or strings of one type. Cast it in the source (e.g. CAST(... AS TEXT))."
-        )
-    if kind == "null" and s.len() == 0:
-        return s, kind  # an empty source: no values to type the key by; compatible with any key kind
-    if kind not in _KEY_KINDS:
-        raise SourceDataError(
-            f"Key column {name!r} has kind {kind!r}; key columns must hold integers or strings (or timestamps/dates)."
-        )
-    return s, kind
+        check_float_key(name, np.asarray(col.to_numpy(dtype=object), dtype="float64"), index)
 
 
 def _check_unique(frame: pl.DataFrame, keys: tuple[str, ...]) -> None:
@@ -459,7 +413,7 @@ def _convert_object(name: str, col: pd.Series, *, decimal_as_string: bool) -> tu
         return _decimal_column(name, text, decimal_as_string=decimal_as_string)
     if inferred == "bytes":
         _raise_bytes(name)
-    return _convert_mixed(name, values)
+    return convert_mixed(name, values)
 
 
 def _text_of(values: np.ndarray, null_mask: np.ndarray) -> pl.Series:
@@ -469,9 +423,15 @@ def _text_of(values: np.ndarray, null_mask: np.ndarray) -> pl.Series:
     return _with_nulls(_from_arrow(pa.array(text, from_pandas=True, type=pa.large_string())), null_mask)
 
 
-def _convert_mixed(name: str, values: np.ndarray, mask: np.ndarray | None = None) -> tuple[pl.Series, str]:
-    """Python objects of mixed or container types -> JSON (all UUIDs: their text); ``mask``: the missing values
-    (default: pandas' view of missing, None/NaN/NaT)."""
+def convert_mixed(name: str, values: np.ndarray, mask: np.ndarray | None = None) -> tuple[pl.Series, str]:
+    """Python objects of mixed or container types -> JSON (all UUIDs: their text), and the kind.
+
+    Shared with the DB-API rows' conversion, which holds such values as Python objects too.
+
+    :param name: the column (named in errors).
+    :param values: the column's objects.
+    :param mask: the missing values (default: pandas' view of missing, None/NaN/NaT).
+    """
     if mask is None:
         types = set(map(type, values))
         if types <= _NEVER_MISSING:  # pd.isna holds none of them missing: skip its pass over every value

@@ -11,7 +11,7 @@ import orjson
 import polars as pl
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
-from airflow_provider_stopchurn.source.arrow_values import _json_number, _json_text_column
+from airflow_provider_stopchurn.source.arrow_values import json_number, json_text_column
 from airflow_provider_stopchurn.source.frame import Canonical
 
 __all__ = ["parse_json_columns"]
@@ -52,7 +52,7 @@ def parse_json_columns(canon: Canonical, columns: Sequence[str], *, keys_may_be_
             )
         texts = canon.frame.get_column(name)
         _check_json_texts(canon, name, texts)
-        parsed = _json_text_column(name, texts.to_arrow())
+        parsed = json_text_column(name, texts.to_arrow())
         replaced.append(parsed.alias(name))
         kinds[name] = "json"
     if not replaced:
@@ -89,7 +89,7 @@ def _is_json(text: str) -> bool:
     except orjson.JSONDecodeError:
         pass
     try:  # what orjson refuses but the exact parser reads: numbers such as 1e400
-        json.loads(text, parse_float=_json_number, parse_constant=_no_constant)
+        json.loads(text, parse_float=json_number, parse_constant=_no_constant)
         return True
     except ValueError:
         return False

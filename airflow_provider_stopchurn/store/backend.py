@@ -36,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import polars as pl
 
 from airflow_provider_stopchurn.store.backend_common import StagedFile, display_location
@@ -97,6 +98,10 @@ class Backend(Protocol):
 
     def read_rows(self, name: str, keys: pl.DataFrame) -> pl.DataFrame:
         """Rows of a Parquet file whose key (the columns of ``keys``) is in ``keys``."""
+        ...
+
+    def read_rows_at(self, name: str, positions: np.ndarray) -> pl.DataFrame:
+        """Rows of a Parquet file at ``positions`` (row numbers, ascending, each once), in file order."""
         ...
 
     def write_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> int:

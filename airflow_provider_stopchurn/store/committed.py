@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from airflow_provider_stopchurn.exceptions import SnapshotError, SnapshotLockedError, StopChurnConfigError
@@ -57,6 +58,8 @@ class Committed:
         self.state = state
         self.shape = shape
         self._frame: pl.DataFrame | None = frame
+        #: the key columns as the check of the file read them, kept for the first caller asking for them
+        self._keys: pl.DataFrame | None = None
 
     @property
     def frame(self) -> pl.DataFrame:
@@ -71,10 +74,33 @@ class Committed:
             return self._frame.join(keys, on=keys.columns, how="semi")
         return self.store.read_rows(self.version, keys)
 
+    def rows_at(self, positions: np.ndarray) -> pl.DataFrame:
+        """The snapshot's rows at ``positions`` (row numbers, ascending, each once), in snapshot order.
+
+        :param positions: the rows' numbers in the snapshot (``BASE_ROW``).
+        """
+        if self._frame is not None:
+            return self._frame[positions]
+        return self.store.read_rows_at(self.version, positions)
+
+    def keep_keys(self, keys: pl.DataFrame) -> None:
+        """Keep the key columns read from the file for the next :meth:`columns` call asking for them.
+
+        :param keys: the snapshot's key columns, as read from its file.
+        """
+        self._keys = keys
+
     def columns(self, names: Sequence[str]) -> pl.DataFrame:
-        """Only some columns of the snapshot (Parquet reads just those)."""
+        """Only some columns of the snapshot (Parquet reads just those).
+
+        The key columns kept by ``read_committed(keep_keys=True)`` are handed to the first call asking for them,
+        then forgotten: the caller alone decides how long they stay in memory.
+        """
         if self._frame is not None:
             return self._frame.select(names)
+        if self._keys is not None and tuple(names) == self.key_columns:
+            keys, self._keys = self._keys, None
+            return keys
         return self.store.read_snapshot(self.version, columns=names)
 
 
@@ -88,8 +114,14 @@ class CommittedSnapshots(TableFolder):
         """
         return self._read_json("CURRENT")
 
-    def read_committed(self) -> Committed | None:
-        """The committed snapshot, or None before the first commit."""
+    def read_committed(self, *, keep_keys: bool = False) -> Committed | None:
+        """The committed snapshot, or None before the first commit.
+
+        The file is checked by reading its key columns. ``keep_keys`` keeps them for the diff that follows (its
+        first ``columns`` call for the key columns), instead of reading them again (on an object store, a second
+        download of the file). Callers that read a large source first leave it False, so the keys are not held
+        while the source is.
+        """
         pointer = self._read_json("CURRENT")
         if pointer is None:
             return None
@@ -113,7 +145,9 @@ class CommittedSnapshots(TableFolder):
             state=pointer.get("state"),
             shape=pointer.get("shape"),
         )
-        committed.columns(list(committed.key_columns))  # fail now, not mid-plan, if the file is unreadable
+        keys = committed.columns(list(committed.key_columns))  # fail now, not mid-plan, if the file is unreadable
+        if keep_keys:
+            committed.keep_keys(keys)
         return committed
 
     def write_snapshot(self, frame: pl.DataFrame) -> str:
@@ -137,6 +171,12 @@ class CommittedSnapshots(TableFolder):
 
     def read_snapshot(self, version: str, *, columns: Sequence[str] | None = None) -> pl.DataFrame:
         return self._read_frame(snapshot_name(version), columns)
+
+    def read_rows_at(self, version: str, positions: np.ndarray) -> pl.DataFrame:
+        """Rows of a snapshot at ``positions`` (ascending, each once), decoding only the row groups holding them."""
+        name = snapshot_name(version)
+        with self._reading_frame(name):
+            return self._backend.read_rows_at(name, positions)
 
     def read_rows(self, version: str, keys: pl.DataFrame) -> pl.DataFrame:
         """Rows of a snapshot whose key is in ``keys``, decoded one row group at a time (never the whole table)."""

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from airflow_provider_stopchurn.exceptions import SnapshotError
@@ -25,7 +26,7 @@ from airflow_provider_stopchurn.store.backend_common import (
     read_error,
     write_error,
 )
-from airflow_provider_stopchurn.store.parquet import rows_by_row_group, write_parquet, write_parquet_frames
+from airflow_provider_stopchurn.store.parquet import rows_at, rows_by_row_group, write_parquet, write_parquet_frames
 
 __all__ = ["LocalBackend"]
 
@@ -193,6 +194,12 @@ class LocalBackend(StagingBackend):
         if not path.is_file():
             raise FileNotFoundError(self.location(name))
         return rows_by_row_group(path, keys)
+
+    def read_rows_at(self, name: str, positions: np.ndarray) -> pl.DataFrame:
+        path = self._path(name)
+        if not path.is_file():
+            raise FileNotFoundError(self.location(name))
+        return rows_at(path, positions)
 
     @contextlib.contextmanager
     def stage_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> Iterator[StagedFile]:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from airflow_provider_stopchurn.exceptions import SnapshotError
@@ -24,7 +25,7 @@ from airflow_provider_stopchurn.store.backend_common import (
     read_error,
     write_error,
 )
-from airflow_provider_stopchurn.store.parquet import rows_by_row_group, write_parquet, write_parquet_frames
+from airflow_provider_stopchurn.store.parquet import rows_at, rows_by_row_group, write_parquet, write_parquet_frames
 from airflow_provider_stopchurn.store.scratch import scratch_folder
 
 __all__ = ["UPLOAD_PIECE", "ObjectStoreBackend"]
@@ -176,6 +177,12 @@ class ObjectStoreBackend(StagingBackend):
         if raw is None:
             raise FileNotFoundError(self.location(name))
         return rows_by_row_group(raw, keys)
+
+    def read_rows_at(self, name: str, positions: np.ndarray) -> pl.DataFrame:
+        raw = self.read_bytes(name)  # the file's bytes, decoded one row group at a time
+        if raw is None:
+            raise FileNotFoundError(self.location(name))
+        return rows_at(raw, positions)
 
     @contextlib.contextmanager
     def stage_frames(self, name: str, frames: Iterable[pl.DataFrame]) -> Iterator[StagedFile]:

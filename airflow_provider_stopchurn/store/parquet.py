@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from polars.io.plugins import register_io_source
 
-__all__ = ["compacted", "rows_by_row_group", "write_parquet", "write_parquet_frames"]
+__all__ = ["compacted", "rows_at", "rows_by_row_group", "write_parquet", "write_parquet_frames"]
 
 
 def rows_by_row_group(source: Path | bytes, keys: pl.DataFrame) -> pl.DataFrame:
@@ -43,14 +43,28 @@ def rows_by_row_group(source: Path | bytes, keys: pl.DataFrame) -> pl.DataFrame:
         .get_column(_ROW)
         .to_numpy()
     )
-    found = np.sort(found)  # file order, whatever order the join gave
+    return _rows_at(source, np.sort(found), counts)  # file order, whatever order the join gave
+
+
+def rows_at(source: Path | bytes, positions: np.ndarray) -> pl.DataFrame:
+    """The rows of a Parquet file at ``positions`` (row numbers, ascending, each once), in file order.
+
+    Only the row groups holding such a row are decoded, one at a time; no column is read to find them.
+
+    :param source: the file, or its bytes.
+    :param positions: the rows' numbers in the file, ascending.
+    """
+    return _rows_at(source, positions, _row_group_rows(source))
+
+
+def _rows_at(source: Path | bytes, positions: np.ndarray, counts: list[int]) -> pl.DataFrame:
     parts = []
     offset = 0
     for rows in counts:
-        first, last = np.searchsorted(found, [offset, offset + rows])
+        first, last = np.searchsorted(positions, [offset, offset + rows])
         if last > first:
             group = pl.scan_parquet(source).slice(offset, rows).collect()
-            parts.append(compacted(group[found[first:last] - offset]))
+            parts.append(compacted(group[positions[first:last] - offset]))
         offset += rows
     if not parts:
         return pl.scan_parquet(source).head(0).collect()

@@ -254,6 +254,7 @@ class BaseSnapshot(Protocol):
     """What the diff reads of the committed snapshot (``snapshot.Committed``)."""
 
     def columns(self, names: Sequence[str]) -> pl.DataFrame: ...
+    def rows_at(self, positions: np.ndarray) -> pl.DataFrame: ...
     def rows_with_keys(self, keys: pl.DataFrame) -> pl.DataFrame: ...
 
     @property
@@ -376,16 +377,20 @@ def diff_snapshot(
 def deleted_rows(base: BaseSnapshot, gone: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
     """The snapshot's rows of the keys no source row has, as last delivered, with ``BASE_ROW``; sorted.
 
+    They are read at their positions (``BASE_ROW``), which the key match found: only the row groups holding them
+    are decoded, and no column is read again to find them.
+
     :param base: the committed snapshot.
-    :param gone: those keys, with their ``BASE_ROW`` (``KeyMatch.gone``).
+    :param gone: those keys, with their ``BASE_ROW`` (``KeyMatch.gone``: each key once).
     :param keys: the key columns.
     """
     gone = gone.select([*keys, BASE_ROW])
     if not gone.height:
         return gone.select(BASE_ROW)
-    rows = base.rows_with_keys(gone.select(keys)).unique(subset=keys, keep="first", maintain_order=True)
+    at = gone.get_column(BASE_ROW).sort()
+    rows = base.rows_at(at.to_numpy())
     rows = rows.drop([c for c in (HASH_1, HASH_2) if c in rows.columns])
-    return rows.join(gone, on=keys, how="left", maintain_order="left").sort(keys)
+    return rows.with_columns(like_chunks(at.alias(BASE_ROW), rows)).sort(keys)
 
 
 def first_load(new_data: pl.DataFrame, *, created: pl.Series | None, run_ms: int) -> pl.DataFrame:

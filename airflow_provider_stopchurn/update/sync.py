@@ -311,7 +311,7 @@ def _plan_and_deliver(
         plan, committed = plan_streamed(data, store, options, run_ms)
     else:
         canon = canonical_source(data, options)
-        committed = store.read_committed()
+        committed = store.read_committed(keep_keys=True)  # the key match takes the keys the file's check read
         plan = make_plan(canon, committed, options, run_ms)
     written = (plan.target_version, plan.target_rows) if isinstance(plan, StreamedPlan) else None
     try:  # planning (a streamed target's upload) can outlast the lease: a run that lost it writes no PLAN over
