@@ -29,7 +29,7 @@ by another row-hash function, and key columns of another type.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import GeneratorType
@@ -207,7 +207,9 @@ def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple
     held: list[Batch] | None = []
     held_bytes = 0
     try:
-        batches = canonical_batches(data, key_columns=options.key_columns, decimal_as_string=options.decimal_as_string)
+        batches = canonical_batches(
+            _in_pieces(data), key_columns=options.key_columns, decimal_as_string=options.decimal_as_string
+        )
         for found, part in batches:
             keys = found
             if held is None:
@@ -228,6 +230,42 @@ def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple
     if keys is None:  # no batch and no schema: a source without columns
         keys = check_names([], options.key_columns)
     return keys, held
+
+
+def _in_pieces(data: Any) -> Any:
+    """``data`` with each record batch longer than :data:`SPOOL_ROWS` cut into slices of that many rows (zero-copy),
+    so that a source handing over its whole table as one batch (a one-chunk ``pa.Table``, a driver that fetched
+    everything at once) is canonicalized, spooled and read back a piece at a time, not whole beside the source.
+
+    A table stays a table and a reader a reader (an empty one keeps its schema); an iterable's items are cut as
+    they come. Row numbers in errors are unchanged: they count the rows before each slice.
+    """
+    if isinstance(data, pa.RecordBatch):
+        data = pa.Table.from_batches([data])
+    if isinstance(data, pa.Table):
+        return pa.Table.from_batches(data.to_batches(max_chunksize=SPOOL_ROWS), schema=data.schema)
+    if isinstance(data, pa.RecordBatchReader):
+        return pa.RecordBatchReader.from_batches(data.schema, _cut(data))
+    if isinstance(data, list | tuple):
+        return [_cut_one(item) for item in data]
+    return (_cut_one(item) for item in data)
+
+
+def _cut(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        if batch.num_rows <= SPOOL_ROWS:
+            yield batch
+        else:
+            yield from (batch.slice(start, SPOOL_ROWS) for start in range(0, batch.num_rows, SPOOL_ROWS))
+
+
+def _cut_one(item: Any) -> Any:
+    """An item of a source's iterable, cut: a long batch becomes a table of slices (the reader takes tables too)."""
+    if isinstance(item, pa.RecordBatch) and item.num_rows > SPOOL_ROWS:
+        return pa.Table.from_batches(list(_cut([item])), schema=item.schema)
+    if isinstance(item, pa.Table):
+        return pa.Table.from_batches(item.to_batches(max_chunksize=SPOOL_ROWS), schema=item.schema)
+    return item
 
 
 def _source_keys(spool: _Spool, keys: tuple[str, ...]) -> Canonical:
