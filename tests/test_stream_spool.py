@@ -5,6 +5,7 @@
   the whole table beside the caller's copy. The peak is measured in a fresh child process (its VmHWM, reset once the
   table is built), with a wide bound: the whole table read back at once costs more than the bound; a batch at a time
   costs a fraction of it.
+- Each batch is hashed as it is spooled (while a SQL source's next batch is read), and only once.
 """
 
 from __future__ import annotations
@@ -13,14 +14,20 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
+import polars as pl
 import pyarrow as pa
+import pyarrow.compute
 import pytest
 from helpers_sync import BRAND, T0, TABLE, options
+from polars.testing import assert_frame_equal
 
 from airflow_provider_stopchurn.exceptions import SourceDataError
-from airflow_provider_stopchurn.store import SnapshotStore
+from airflow_provider_stopchurn.store import HASH_1, HASH_2, SnapshotStore
+from airflow_provider_stopchurn.update.diff import with_hashes
 from airflow_provider_stopchurn.update.stream import SPOOL_ROWS, STREAM_ENV, StreamedPlan, plan_streamed
 
 ROWS = 1_000_000
@@ -112,3 +119,34 @@ def test_a_missing_key_in_a_cut_batch_is_named_by_its_row_in_the_table(
     for source in (batch, iter([batch]), pa.RecordBatchReader.from_batches(batch.schema, [batch])):
         with pytest.raises(SourceDataError, match=f"at row\\(s\\) {SPOOL_ROWS + 3};"):
             plan_streamed(source, store, options(initial_load="baseline"), T0)
+
+
+def test_rows_are_hashed_while_the_source_is_read_and_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each spooled batch is hashed as it is spooled, while a SQL source's next batch is read, not after the last
+    batch; the pass that writes the target uses those hashes and hashes no row again."""
+    monkeypatch.setenv(STREAM_ENV, "always")
+    batches = 3
+    hashed_at_the_end: list[int] = []
+    original = pl.DataFrame.hash_rows
+
+    def rows_hashed(spy: mock.MagicMock) -> int:
+        return sum(call.args[0].height for call in spy.call_args_list)
+
+    with mock.patch.object(pl.DataFrame, "hash_rows", autospec=True, side_effect=original) as spy:
+
+        def source() -> Iterator[pa.RecordBatch]:
+            for b in range(batches):
+                ids = pa.array(range(b * SPOOL_ROWS, (b + 1) * SPOOL_ROWS), pa.int64())
+                yield pa.RecordBatch.from_arrays([ids, pa.compute.cast(ids, pa.string())], names=["id", "name"])
+            hashed_at_the_end.append(rows_hashed(spy))
+
+        store = SnapshotStore(tmp_path, BRAND, TABLE)
+        plan, _ = plan_streamed(source(), store, options(initial_load="baseline"), T0)
+        hashed_in_all = rows_hashed(spy)
+    assert isinstance(plan, StreamedPlan)
+    assert plan.target_rows == batches * SPOOL_ROWS
+    # two seeds: every row twice, all but the last batch before the source ended
+    assert hashed_at_the_end[0] >= 2 * (batches - 1) * SPOOL_ROWS
+    assert hashed_in_all == 2 * batches * SPOOL_ROWS
+    written = store.read_snapshot(plan.target_version)
+    assert_frame_equal(written.select(HASH_1, HASH_2), with_hashes(written.drop(HASH_1, HASH_2)).select(HASH_1, HASH_2))
