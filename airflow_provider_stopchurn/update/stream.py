@@ -5,14 +5,16 @@ written as it is made. No Airflow import.
 frames, positions and errors), while holding only the key columns (and ``id``), the committed snapshot's keys,
 createdAt and row hashes, one batch, and the changed rows:
 
-1. Each record batch is canonicalized (``canonical_batches``) and spooled to a temporary Arrow IPC file; only its
-   key columns stay in memory. Kinds are final only after the last batch (a later batch may turn a column into
-   ``json``), so the checks over the whole table (kinds joined, unique keys, ``id``) run then, on the keys alone.
+1. Each record batch is canonicalized (``canonical_batches``; a batch longer than a spool file is cut first),
+   hashed, and spooled with its row hashes to a temporary Arrow IPC file while a SQL source's next batch is read;
+   only its key columns stay in memory. Kinds are final only after the last batch (a later batch may turn a column
+   into ``json``), so the checks over the whole table (kinds joined, unique keys, ``id``) run then, on the keys alone.
 2. The keys are joined with the snapshot's (each source row's position in it); the delete safeguards are checked
    before anything is written.
-3. The spool is read back a file at a time, retyped to the final kinds as ``merge_batches`` retypes earlier batches,
-   hashed, given its createdAt, and appended to the target snapshot file (written aside, published only when the
-   run sends or commits something, then atomic like ``write_snapshot``); its inserted and updated rows are kept.
+3. The spool is read back a file at a time (mapped, not copied), retyped to the final kinds as ``merge_batches``
+   retypes earlier batches (and hashed again only then), given its createdAt, and appended to the target snapshot
+   file (written aside, published only when the run sends or commits something, then atomic like
+   ``write_snapshot``); its inserted and updated rows are kept.
 4. Deleted rows are read from the committed snapshot by row group. The rest is the whole path's: ids reconciled,
    change parts in send order, windows encoded from them.
 
@@ -29,7 +31,7 @@ by another row-hash function, and key columns of another type.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import GeneratorType
@@ -175,9 +177,14 @@ class _Spool:
             self.pending = []
 
     def add(self, frame: pl.DataFrame, kinds: dict[str, str], keys: tuple[str, ...]) -> None:
+        """Spool one canonical batch with its row hashes, hashed now (while a SQL source's next batch is read)
+        as the second pass would hash it in these kinds; that pass hashes it again only if the kinds change."""
         path = self.folder / f"{len(self.files):07d}.arrow"
+        derived = "id" not in frame.columns
+        hashed = with_hashes(with_derived_id(frame, kinds, keys)[0] if derived else frame)
+        spooled = frame.with_columns(hashed.get_column(HASH_1), hashed.get_column(HASH_2))
         try:
-            frame.write_ipc(path, compression="uncompressed")  # written once, read once: CPU counts, not bytes
+            spooled.write_ipc(path, compression="uncompressed")  # written once, read once: CPU counts, not bytes
         except OSError as err:
             raise scratch_write_error(self.folder, err) from err
         self.files.append((path, kinds))
@@ -185,12 +192,30 @@ class _Spool:
         self.narrow.append((frame.select(names), kinds))
 
     def batches(self, kinds: dict[str, str], keys: tuple[str, ...]) -> Iterator[pl.DataFrame]:
-        """The spooled batches in order, in the final ``kinds``, with the derived ``id`` when the source has none."""
+        """The spooled batches in order, in the final ``kinds``, with the derived ``id`` when the source has none,
+        and their row hashes (``with_hashes``'s columns, last)."""
         for path, have in self.files:
-            frame = retyped(pl.read_ipc(path), have, kinds)
-            if "id" not in frame.columns:  # derived as the whole path derives it
+            frame = _mapped(path)
+            if have != kinds:  # a later batch changed a column's kind: hashed again in the final kinds
+                frame = retyped(frame.drop(HASH_1, HASH_2), have, kinds)
+                if "id" not in frame.columns:
+                    frame, _ = with_derived_id(frame, kinds, keys)
+                yield with_hashes(frame)
+                continue
+            if "id" not in frame.columns:  # derived as the whole path derives it, before the hashes
                 frame, _ = with_derived_id(frame, kinds, keys)
+                frame = frame.select(pl.exclude(HASH_1, HASH_2), HASH_1, HASH_2)
             yield frame
+
+
+def _mapped(path: Path) -> pl.DataFrame:
+    """A spool file as a frame, its columns read in place from the mapped file (no copy: the pages are the page
+    cache's, and leave memory with the frame)."""
+    with pa.memory_map(str(path)) as source:
+        table = pa.ipc.open_file(source).read_all()
+    frame = pl.from_arrow(table, rechunk=False)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
 
 
 def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple[str, ...], list[Batch] | None]:
@@ -207,7 +232,9 @@ def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple
     held: list[Batch] | None = []
     held_bytes = 0
     try:
-        batches = canonical_batches(data, key_columns=options.key_columns, decimal_as_string=options.decimal_as_string)
+        batches = canonical_batches(
+            _in_pieces(data), key_columns=options.key_columns, decimal_as_string=options.decimal_as_string
+        )
         for found, part in batches:
             keys = found
             if held is None:
@@ -230,6 +257,42 @@ def _spool_source(data: Any, options: SyncOptions, spool: _Spool) -> tuple[tuple
     return keys, held
 
 
+def _in_pieces(data: Any) -> Any:
+    """``data`` with each record batch longer than :data:`SPOOL_ROWS` cut into slices of that many rows (zero-copy),
+    so that a source handing over its whole table as one batch (a one-chunk ``pa.Table``, a driver that fetched
+    everything at once) is canonicalized, spooled and read back a piece at a time, not whole beside the source.
+
+    A table stays a table and a reader a reader (an empty one keeps its schema); an iterable's items are cut as
+    they come. Row numbers in errors are unchanged: they count the rows before each slice.
+    """
+    if isinstance(data, pa.RecordBatch):
+        data = pa.Table.from_batches([data])
+    if isinstance(data, pa.Table):
+        return pa.Table.from_batches(data.to_batches(max_chunksize=SPOOL_ROWS), schema=data.schema)
+    if isinstance(data, pa.RecordBatchReader):
+        return pa.RecordBatchReader.from_batches(data.schema, _cut(data))
+    if isinstance(data, list | tuple):
+        return [_cut_one(item) for item in data]
+    return (_cut_one(item) for item in data)
+
+
+def _cut(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        if batch.num_rows <= SPOOL_ROWS:
+            yield batch
+        else:
+            yield from (batch.slice(start, SPOOL_ROWS) for start in range(0, batch.num_rows, SPOOL_ROWS))
+
+
+def _cut_one(item: Any) -> Any:
+    """An item of a source's iterable, cut: a long batch becomes a table of slices (the reader takes tables too)."""
+    if isinstance(item, pa.RecordBatch) and item.num_rows > SPOOL_ROWS:
+        return pa.Table.from_batches(list(_cut([item])), schema=item.schema)
+    if isinstance(item, pa.Table):
+        return pa.Table.from_batches(item.to_batches(max_chunksize=SPOOL_ROWS), schema=item.schema)
+    return item
+
+
 def _source_keys(spool: _Spool, keys: tuple[str, ...]) -> Canonical:
     """The source's key columns (and ``id``) in their final kinds, checked over the whole table as the whole path
     checks them; ``kinds`` are every column's."""
@@ -241,7 +304,7 @@ def _source_keys(spool: _Spool, keys: tuple[str, ...]) -> Canonical:
 
 def _whole(spool: _Spool, canon: Canonical) -> Canonical:
     """The whole canonical source, from the spool (what the whole path would have read)."""
-    frames = list(spool.batches(canon.kinds, canon.key_columns))
+    frames = [frame.drop(HASH_1, HASH_2) for frame in spool.batches(canon.kinds, canon.key_columns)]
     frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
     return Canonical(frame=frame, kinds=dict(canon.kinds), key_columns=canon.key_columns)
 
@@ -287,9 +350,9 @@ def _first_load(
     spool: _Spool, canon: Canonical, store: SnapshotStore, options: SyncOptions, run_ms: int, meta: dict[str, Any]
 ) -> StreamedPlan:
     def target() -> Iterator[pl.DataFrame]:
-        for batch in spool.batches(canon.kinds, canon.key_columns):
-            created = pl.repeat(run_ms, batch.height, dtype=pl.Int64, eager=True)
-            yield with_hashes(batch.with_columns(created.alias(CREATED_AT)))
+        for hashed in spool.batches(canon.kinds, canon.key_columns):
+            created = pl.repeat(run_ms, hashed.height, dtype=pl.Int64, eager=True)
+            yield hashed.with_columns(created.alias(CREATED_AT)).select(pl.exclude(HASH_1, HASH_2), HASH_1, HASH_2)
 
     with store.staged_snapshot(target()) as staged:
         version, rows = staged.version, staged.rows
@@ -337,11 +400,10 @@ def _churn(
 
     def target() -> Iterator[pl.DataFrame]:
         offset = 0
-        for batch in spool.batches(canon.kinds, canon.key_columns):
-            hashed = with_hashes(batch)
-            matched = change_states(hashed, old, positions.slice(offset, batch.height), None, update_all=False)
+        for hashed in spool.batches(canon.kinds, canon.key_columns):
+            matched = change_states(hashed, old, positions.slice(offset, hashed.height), None, update_all=False)
             created = matched.get_column("__sc_old_created").fill_null(run_ms).cast(pl.Int64)
-            columns = [*batch.columns, CREATED_AT]
+            columns = [*hashed.columns[:-2], CREATED_AT]  # the data columns (the hashes are last)
             rows = hashed.with_columns(created.alias(CREATED_AT)).select([*columns, HASH_1, HASH_2])
             yield rows
             state = matched.get_column("state")
@@ -350,7 +412,7 @@ def _churn(
             # copies: rows filtered from a batch would keep the whole batch's text in memory
             inserted.append(compacted(indexed.filter(state == 1)))
             updated.append(compacted(indexed.filter(state == 2)))
-            offset += batch.height
+            offset += hashed.height
 
     with store.staged_snapshot(target()) as staged:  # dropped unpublished if planning fails: no plan names it
         diff = SnapshotDiff(
