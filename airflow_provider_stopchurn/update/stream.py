@@ -196,7 +196,8 @@ class _Spool:
         and their row hashes (``with_hashes``'s columns, last)."""
         for path, have in self.files:
             frame = _mapped(path)
-            if have != kinds:  # a later batch changed a column's kind: hashed again in the final kinds
+            # ``have`` names the batch's columns, ``kinds`` also the ``id`` derived after the last batch
+            if any(kinds[name] != kind for name, kind in have.items()):  # a later batch changed a kind: hashed again
                 frame = retyped(frame.drop(HASH_1, HASH_2), have, kinds)
                 if "id" not in frame.columns:
                     frame, _ = with_derived_id(frame, kinds, keys)
