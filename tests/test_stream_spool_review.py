@@ -4,10 +4,15 @@
   spooled, like a source with an ``id``: the kinds a batch was spooled with name its columns only, the final kinds
   also the derived ``id``. The hashes reused with the derived ``id`` stand for their rows: both paths plan, send and
   commit the same, run after run, kinds moving between batches.
+- A plan taken by the whole path from the spool (a schema change, key columns of another type) holds its rows in
+  its own memory, not in the spool files mapped: the spool, removed when the plan is made, then frees its disk at
+  once, not only when the plan is dropped after the last request was sent.
 """
 
 from __future__ import annotations
 
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +23,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from helpers_sync import BRAND, T0, TABLE, options
+from helpers_sync import BRAND, T0, TABLE, make_client, options
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
@@ -28,6 +33,7 @@ from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import HASH_1, HASH_2, SnapshotStore
 from airflow_provider_stopchurn.update.diff import with_hashes
 from airflow_provider_stopchurn.update.stream import SPOOL_ROWS, STREAM_ENV, StreamedPlan, plan_streamed
+from airflow_provider_stopchurn.update.sync import run_sync
 
 BATCHES = 3
 
@@ -79,3 +85,33 @@ def test_a_source_keyed_without_an_id_is_planned_the_same_on_both_paths(
     keyed = [NoIdSource(r.rows, r.cuts, r.text_from) for r in runs]
     kw: dict[str, Any] = {"key_columns": ("cid",), "on_schema_change": policy, "max_delete_fraction": 1.0}
     _check_runs(list[Source](keyed), stopchurn_sandbox_factory, monkeypatch, "always", **kw)
+
+
+def _spool_mappings(folder: Path) -> list[str]:
+    with open("/proc/self/maps") as maps:
+        return [line.strip() for line in maps if str(folder) in line]
+
+
+def _table(rows: int, value: pa.DataType) -> pa.Table:
+    ids = pa.array(range(rows), pa.int64())
+    return pa.table({"id": ids, "v": ids.cast(value), "name": pc.cast(ids, pa.string())})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_plan_the_whole_path_makes_from_the_spool_holds_no_spool_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stopchurn_sandbox: SandboxServer
+) -> None:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.setenv(STREAM_ENV, "always")
+    store = SnapshotStore(tmp_path / "snapshots", BRAND, TABLE)
+    rows = SPOOL_ROWS * 2
+    run_sync(lambda: _table(rows, pa.int64()), store, make_client(stopchurn_sandbox), options(), run_ms=T0)
+    # ``v`` turns float: a schema change, planned by the whole path from the spool
+    plan, _ = plan_streamed(_table(rows, pa.float64()), store, options(on_schema_change="update_all"), T0 + 1)
+    assert not isinstance(plan, StreamedPlan)
+    assert plan.target.height == rows
+    assert not any(temporary.iterdir())
+    assert _spool_mappings(temporary) == []
+    assert plan.target.get_column("v").sum() == sum(range(rows))
