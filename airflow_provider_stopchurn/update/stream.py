@@ -191,12 +191,17 @@ class _Spool:
         names = [*keys, "id"] if "id" in frame.columns and "id" not in keys else list(keys)
         self.narrow.append((frame.select(names), kinds))
 
-    def batches(self, kinds: dict[str, str], keys: tuple[str, ...]) -> Iterator[pl.DataFrame]:
+    def batches(self, kinds: dict[str, str], keys: tuple[str, ...], *, mapped: bool = True) -> Iterator[pl.DataFrame]:
         """The spooled batches in order, in the final ``kinds``, with the derived ``id`` when the source has none,
-        and their row hashes (``with_hashes``'s columns, last)."""
+        and their row hashes (``with_hashes``'s columns, last).
+
+        :param mapped: read in place from the mapped files (each batch is freed before the spool is removed); else
+            copied, for frames that outlive the spool.
+        """
         for path, have in self.files:
-            frame = _mapped(path)
-            if have != kinds:  # a later batch changed a column's kind: hashed again in the final kinds
+            frame = _mapped(path) if mapped else _in_memory(path)
+            # ``have`` names the batch's columns, ``kinds`` also the ``id`` derived after the last batch
+            if any(kinds[name] != kind for name, kind in have.items()):  # a later batch changed a kind: hashed again
                 frame = retyped(frame.drop(HASH_1, HASH_2), have, kinds)
                 if "id" not in frame.columns:
                     frame, _ = with_derived_id(frame, kinds, keys)
@@ -212,6 +217,16 @@ def _mapped(path: Path) -> pl.DataFrame:
     """A spool file as a frame, its columns read in place from the mapped file (no copy: the pages are the page
     cache's, and leave memory with the frame)."""
     with pa.memory_map(str(path)) as source:
+        table = pa.ipc.open_file(source).read_all()
+    frame = pl.from_arrow(table, rechunk=False)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def _in_memory(path: Path) -> pl.DataFrame:
+    """A spool file as a frame of its own memory: a mapped file's pages would stay on the disk, its name removed,
+    for as long as any of its columns lives."""
+    with pa.OSFile(str(path)) as source:
         table = pa.ipc.open_file(source).read_all()
     frame = pl.from_arrow(table, rechunk=False)
     assert isinstance(frame, pl.DataFrame)
@@ -303,8 +318,9 @@ def _source_keys(spool: _Spool, keys: tuple[str, ...]) -> Canonical:
 
 
 def _whole(spool: _Spool, canon: Canonical) -> Canonical:
-    """The whole canonical source, from the spool (what the whole path would have read)."""
-    frames = [frame.drop(HASH_1, HASH_2) for frame in spool.batches(canon.kinds, canon.key_columns)]
+    """The whole canonical source, from the spool (what the whole path would have read), in memory: the plan made
+    from it outlives the spool."""
+    frames = [frame.drop(HASH_1, HASH_2) for frame in spool.batches(canon.kinds, canon.key_columns, mapped=False)]
     frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
     return Canonical(frame=frame, kinds=dict(canon.kinds), key_columns=canon.key_columns)
 
