@@ -150,3 +150,21 @@ def test_rows_are_hashed_while_the_source_is_read_and_once(tmp_path: Path, monke
     assert hashed_in_all == 2 * batches * SPOOL_ROWS
     written = store.read_snapshot(plan.target_version)
     assert_frame_equal(written.select(HASH_1, HASH_2), with_hashes(written.drop(HASH_1, HASH_2)).select(HASH_1, HASH_2))
+
+
+def test_a_spool_on_a_file_system_that_cannot_map_files_is_read_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some file systems (FUSE mounts) refuse ``mmap``: the spool is then read into memory, and the run plans the
+    same snapshot, instead of failing on a bare ``OSError``."""
+    monkeypatch.setenv(STREAM_ENV, "always")
+    rows = SPOOL_ROWS + 5
+    table = pa.table({"id": pa.array(range(rows), pa.int64()), "v": pa.array([i % 5 for i in range(rows)])})
+    store = SnapshotStore(tmp_path, BRAND, TABLE)
+    refused = OSError(19, "No such device")
+    with mock.patch("pyarrow.memory_map", autospec=True, side_effect=refused) as mapped:
+        plan, _ = plan_streamed(table, store, options(initial_load="baseline"), T0)
+    assert mapped.called
+    assert isinstance(plan, StreamedPlan)
+    written = store.read_snapshot(plan.target_version)
+    assert written.get_column("id").to_list() == list(range(rows))

@@ -215,8 +215,14 @@ class _Spool:
 
 def _mapped(path: Path) -> pl.DataFrame:
     """A spool file as a frame, its columns read in place from the mapped file (no copy: the pages are the page
-    cache's, and leave memory with the frame)."""
-    with pa.memory_map(str(path)) as source:
+    cache's, and leave memory with the frame). A file system that cannot map files (some FUSE mounts) has it read."""
+    try:
+        mapped = pa.memory_map(str(path))
+    except OSError:
+        if not path.is_file():
+            raise
+        return _in_memory(path)
+    with mapped as source:
         table = pa.ipc.open_file(source).read_all()
     frame = pl.from_arrow(table, rechunk=False)
     assert isinstance(frame, pl.DataFrame)
