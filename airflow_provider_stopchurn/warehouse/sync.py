@@ -37,8 +37,15 @@ from airflow_provider_stopchurn.update.plan import approval
 from airflow_provider_stopchurn.update.settle import APPLIED
 from airflow_provider_stopchurn.update.sync import SyncSummary, deliver_and_settle, settle_counted, summary_counts
 from airflow_provider_stopchurn.warehouse import sql as S
-from airflow_provider_stopchurn.warehouse.bulk import NextWriter
-from airflow_provider_stopchurn.warehouse.changes import _encode_batch, _key_kinds, _kinds, _plan_frame, windows
+from airflow_provider_stopchurn.warehouse.bulk import NextWriter, load_bytes
+from airflow_provider_stopchurn.warehouse.changes import (
+    _encode_batch,
+    _key_kinds,
+    _kinds,
+    _parts,
+    _plan_frame,
+    windows,
+)
 from airflow_provider_stopchurn.warehouse.plan import (
     _change_batches,
     _check_keys,
@@ -64,6 +71,11 @@ from airflow_provider_stopchurn.warehouse.state import _past_half_swaps, _zoned,
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
 
 __all__ = ["run_warehouse_sync"]
+
+#: The row JSON of one delivery window where the warehouse runs in the worker (DuckDB): its update JSON and request
+#: bodies are held beside the plan and DuckDB's own buffers, so a window of wide rows is cut short of
+#: ``window_rows``. Elsewhere a window is ``window_rows`` rows, as on the local path.
+WINDOW_BYTES = {"duckdb": 32 * 1024 * 1024}
 
 
 def run_warehouse_sync(
@@ -210,7 +222,7 @@ def _deliver_and_settle(run: _Run, sender: Sender, plan: Plan, frame: pl.DataFra
     deliver_and_settle(
         run.store,
         plan,
-        windows(frame, run.options),
+        windows(frame, run.options, WINDOW_BYTES.get(run.warehouse.dialect)),
         sender,
         run.options,
         run.summary,
@@ -258,10 +270,11 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
     # the rows are written in a few large loads (bulk.py)
     with NextWriter(warehouse, state, _STAGING) as writer, closing(warehouse.batches(sql)) as batches:
         for batch in batches:
-            frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms, keep=layout)
-            if frame.height:
-                applied = np.full(frame.height, APPLIED, dtype=np.int8)
-                writer.add(_staged(frame, applied, len(options.key_columns)))  # kept as the layout says already
+            for part in _parts(batch, load_bytes(warehouse.dialect)):  # a batch of wide rows, a part at a time
+                frame, _ = _encode_batch(part, columns, options, kinds, run.run_ms, keep=layout)
+                if frame.height:
+                    applied = np.full(frame.height, APPLIED, dtype=np.int8)
+                    writer.add(_staged(frame, applied, len(options.key_columns)))  # kept as the layout says already
         writer.finish()
     log.info("Baseline: %d rows written into %s in %d load(s).", writer.rows, state.display, writer.loads)
     commit = _Commit(plan.target_version, plan.base_version, plan.plan_id, plan.meta)
