@@ -4,7 +4,7 @@ change, with its update's parts), in the local path's send order, and its update
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import polars as pl
@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from airflow_provider_stopchurn.encode.records import encode_rows, encode_updates, json_fragment
 from airflow_provider_stopchurn.options import SyncOptions
+from airflow_provider_stopchurn.source.sql import BATCH_ROWS
 from airflow_provider_stopchurn.update.plan import encoded_window, timestamp_column
 from airflow_provider_stopchurn.update.sync import canonical_source
 from airflow_provider_stopchurn.update.window import Window
@@ -182,15 +183,14 @@ def _plan_frame(
     kinds = dict(key_kinds)
     options = run.options
     columns: list[str] | None = None
-    for batch in batches:
+    for batch in sized(batches, load_bytes(run.warehouse.dialect)):
         if columns is None:
             columns = [c for c in batch.schema.names if not c.startswith("__sc_")]
-        for part in _parts(batch, load_bytes(run.warehouse.dialect)):
-            frame, batch_kinds = _encode_batch(part, columns, options, kinds, run.run_ms, layouts)
-            for k in options.key_columns:
-                kinds.setdefault(k, batch_kinds.get(k, "string"))
-            if frame.height:
-                frames.append(frame)
+        frame, batch_kinds = _encode_batch(batch, columns, options, kinds, run.run_ms, layouts)
+        for k in options.key_columns:
+            kinds.setdefault(k, batch_kinds.get(k, "string"))
+        if frame.height:
+            frames.append(frame)
     keys = len(options.key_columns)
     sort_columns = [f"__sc_sort_{i}" for i in range(keys)]
     if not frames:
@@ -225,16 +225,25 @@ def _sorted(frame: pl.DataFrame, sort_columns: Sequence[str]) -> pl.DataFrame:
     return pl.DataFrame(list(columns.values()))
 
 
-def _parts(batch: pa.RecordBatch, size: int) -> Iterator[pa.RecordBatch]:
-    """``batch`` in slices of about ``size`` bytes (zero-copy): a batch of wide rows is encoded a part at a time,
-    so the encoding's own copies of it stay about that size (a batch holds a fixed number of rows, whatever
-    their width)."""
-    rows = max(1, int(size * batch.num_rows / max(1, batch.nbytes))) if batch.num_rows else 1
-    if rows >= batch.num_rows:
-        yield batch
-        return
-    for offset in range(0, batch.num_rows, rows):
-        yield batch.slice(offset, rows)
+def sized(batches: Iterable[pa.RecordBatch], size: int, rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """``batches`` re-cut to about ``size`` bytes and at most ``rows`` rows each, in order: a batch of wide rows
+    is sliced (zero-copy), consecutive small ones are joined. So the encoding's own copies of a batch stay about
+    ``size``, whatever the rows' width, and narrow rows are still encoded ``rows`` at a time (each encoding has a
+    fixed cost)."""
+    held: list[pa.RecordBatch] = []
+    held_bytes = held_rows = 0
+    for batch in batches:
+        step = max(1, min(rows, int(size * batch.num_rows / max(1, batch.nbytes)))) if batch.num_rows else 1
+        for offset in range(0, max(batch.num_rows, 1), step):
+            part = batch.slice(offset, step) if step < batch.num_rows else batch
+            if held and (held_bytes + part.nbytes > size or held_rows + part.num_rows > rows):
+                yield held[0] if len(held) == 1 else pa.concat_batches(held)
+                held, held_bytes, held_rows = [], 0, 0
+            held.append(part)
+            held_bytes += part.nbytes
+            held_rows += part.num_rows
+    if held:
+        yield held[0] if len(held) == 1 else pa.concat_batches(held)
 
 
 def window_rows(frame: pl.DataFrame, options: SyncOptions, size: int | None) -> int:

@@ -42,8 +42,8 @@ from airflow_provider_stopchurn.warehouse.changes import (
     _encode_batch,
     _key_kinds,
     _kinds,
-    _parts,
     _plan_frame,
+    sized,
     windows,
 )
 from airflow_provider_stopchurn.warehouse.plan import (
@@ -269,12 +269,11 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
     sql = state.baseline(run.query, columns, keep_created=keep_created)
     # the rows are written in a few large loads (bulk.py)
     with NextWriter(warehouse, state, _STAGING) as writer, closing(warehouse.batches(sql)) as batches:
-        for batch in batches:
-            for part in _parts(batch, load_bytes(warehouse.dialect)):  # a batch of wide rows, a part at a time
-                frame, _ = _encode_batch(part, columns, options, kinds, run.run_ms, keep=layout)
-                if frame.height:
-                    applied = np.full(frame.height, APPLIED, dtype=np.int8)
-                    writer.add(_staged(frame, applied, len(options.key_columns)))  # kept as the layout says already
+        for batch in sized(batches, load_bytes(warehouse.dialect)):  # wide rows a part at a time
+            frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms, keep=layout)
+            if frame.height:
+                applied = np.full(frame.height, APPLIED, dtype=np.int8)
+                writer.add(_staged(frame, applied, len(options.key_columns)))  # kept as the layout says already
         writer.finish()
     log.info("Baseline: %d rows written into %s in %d load(s).", writer.rows, state.display, writer.loads)
     commit = _Commit(plan.target_version, plan.base_version, plan.plan_id, plan.meta)
