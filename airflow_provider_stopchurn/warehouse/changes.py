@@ -257,7 +257,7 @@ def window_rows(frame: pl.DataFrame, options: SyncOptions, size: int | None) -> 
     if row_bytes <= size:
         return rows
     fit = int(size * frame.height / row_bytes) // options.chunk_size * options.chunk_size
-    return max(options.chunk_size, min(rows, fit))
+    return min(rows, max(options.chunk_size, fit))
 
 
 def windows(frame: pl.DataFrame, options: SyncOptions, size: int | None = None) -> Iterator[Window]:
