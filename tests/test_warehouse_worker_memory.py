@@ -152,3 +152,89 @@ def test_a_delivery_window_of_wide_rows_is_cut_to_whole_chunks() -> None:
     assert [w.offset for w in got] == list(range(0, n, 300))
     assert [c for w in got for c in w.chunks] == [(a, a + 100) for a in range(0, n, 100)]
     assert pl.concat([w.updates for w in got]).len() == n
+
+
+class _Killed(BaseException):
+    """The worker dies here (a BaseException, as a kill: nothing in the engine may catch it)."""
+
+
+def _dies_at(step: str, nth: int) -> type:
+    """A DuckDB warehouse that dies at the ``nth`` call of ``step`` that touches the settle's part table."""
+    from airflow_provider_stopchurn.warehouse import DuckDBWarehouse
+
+    class Dying(DuckDBWarehouse):
+        calls = 0
+
+        def _maybe_die(self, text: str) -> None:
+            if "__stopchurn_staging_part" in text:
+                type(self).calls += 1
+                if type(self).calls == nth:
+                    raise _Killed
+
+        def load(self, table: str, data: Any) -> None:
+            if step == "load":
+                self._maybe_die(table)
+            super().load(table, data)
+
+        def execute(self, statements: Any) -> None:
+            if step == "execute":
+                self._maybe_die(" ".join(statements))
+            super().execute(statements)
+
+    return Dying
+
+
+@pytest.mark.parametrize(("step", "nth"), [("load", 1), ("execute", 1), ("execute", 2)])
+def test_a_settle_staged_in_parts_killed_part_way_converges(
+    stopchurn_sandbox_factory: Any, tmp_path: Path, step: str, nth: int
+) -> None:
+    """A settle of more than one part's bytes stages a part at a time; a worker killed between two parts leaves the
+    plan pending, the next run settles it and sends only what changed since, and a third run sends nothing."""
+    import duckdb
+
+    from airflow_provider_stopchurn.options import SyncOptions
+    from airflow_provider_stopchurn.store import SnapshotStore
+    from airflow_provider_stopchurn.warehouse import DuckDBWarehouse, WarehouseSource, run_warehouse_sync
+
+    sb = stopchurn_sandbox_factory()
+    rows = 12_000  # about 2 kB of row JSON each: a 25 MB plan, two parts of DuckDB's 16 MB
+    db = str(tmp_path / "w.duckdb")
+    with duckdb.connect(db) as con:
+        con.execute(
+            "CREATE TABLE src AS SELECT i AS id, repeat(md5(CAST(i AS TEXT)), 64) AS payload "
+            f"FROM range({rows}) AS r(i)"
+        )
+    store = SnapshotStore(tmp_path / "s", 7, "parts")
+
+    def run(warehouse: type, tick: int, **kw: Any) -> Any:
+        con = duckdb.connect(db)
+        try:
+            opts = SyncOptions(brand_id=7, table_name="parts", key_columns=("id",), chunk_size=1_000, **kw)
+            source = WarehouseSource("SELECT * FROM src", warehouse(con))
+            client = StopChurnClient(sb.url, sb.token)
+            try:
+                return run_warehouse_sync(source, store, client, opts, run_ms=1_700_000_000_000 + tick)
+            finally:
+                client.close()
+        finally:
+            con.close()
+
+    from airflow_provider_stopchurn.api.client import StopChurnClient
+
+    first = run(DuckDBWarehouse, 1)
+    assert first.inserted == rows
+    with duckdb.connect(db) as con:
+        con.execute("UPDATE src SET payload = upper(payload)")
+    with pytest.raises(_Killed):
+        run(_dies_at(step, nth), 2)
+    assert store.pending_plan() is not None
+    with duckdb.connect(db) as con:
+        con.execute("UPDATE src SET payload = lower(payload) WHERE id = 0")  # changed again meanwhile
+    after = run(DuckDBWarehouse, 3)
+    assert after.updated == 1  # only the row changed since; the killed run's rows were settled as sent
+    assert store.pending_plan() is None
+    again = run(DuckDBWarehouse, 4)
+    assert again.inserted + again.updated + again.deleted == 0
+    held = {int(r["id"]): r["payload"] for r in sb.rows(7, "parts")}
+    with duckdb.connect(db) as con:
+        assert held == dict(con.execute("SELECT id, payload FROM src").fetchall())
