@@ -122,6 +122,10 @@ def test_batches_are_re_cut_by_bytes_and_keep_every_row_in_order() -> None:
     assert pa.Table.from_batches(out).column("id").to_pylist() == list(range(4000))
     assert all(b.num_rows <= 250 and b.nbytes <= 20_000 for b in out)
     assert len([b for b in out if b.column("id")[0].as_py() < 3000]) == 15  # 30 narrow batches joined in pairs
+    typed = [pa.record_batch({"v": pa.nulls(3)}), pa.record_batch({"v": ["a", "b"]}), pa.record_batch({"v": ["c"]})]
+    joined = list(sized(typed, 10_000))  # batches of other types are never joined: each keeps its own
+    assert [b.schema.field("v").type for b in joined] == [pa.null(), pa.string()]
+    assert [b.num_rows for b in joined] == [3, 3]
     empty = pa.record_batch({"id": pa.array([], pa.int64())})
     assert [b.num_rows for b in sized([empty], 100)] == [0]  # an empty result still names its columns
 

@@ -236,7 +236,9 @@ def sized(batches: Iterable[pa.RecordBatch], size: int, rows: int = BATCH_ROWS) 
         step = max(1, min(rows, int(size * batch.num_rows / max(1, batch.nbytes)))) if batch.num_rows else 1
         for offset in range(0, max(batch.num_rows, 1), step):
             part = batch.slice(offset, step) if step < batch.num_rows else batch
-            if held and (held_bytes + part.nbytes > size or held_rows + part.num_rows > rows):
+            # a batch of other types (a DB-API batch's types come from its own rows) starts a batch of its own
+            full = held_bytes + part.nbytes > size or held_rows + part.num_rows > rows
+            if held and (full or not part.schema.equals(held[0].schema)):
                 yield held[0] if len(held) == 1 else pa.concat_batches(held)
                 held, held_bytes, held_rows = [], 0, 0
             held.append(part)
