@@ -4,7 +4,7 @@ change, with its update's parts), in the local path's send order, and its update
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import polars as pl
@@ -13,11 +13,13 @@ import pyarrow.compute as pc
 
 from airflow_provider_stopchurn.encode.records import encode_rows, encode_updates, json_fragment
 from airflow_provider_stopchurn.options import SyncOptions
+from airflow_provider_stopchurn.source.sql import BATCH_ROWS
 from airflow_provider_stopchurn.update.plan import encoded_window, timestamp_column
 from airflow_provider_stopchurn.update.sync import canonical_source
 from airflow_provider_stopchurn.update.window import Window
 from airflow_provider_stopchurn.warehouse import rows as R
 from airflow_provider_stopchurn.warehouse import sql as S
+from airflow_provider_stopchurn.warehouse.bulk import load_bytes
 from airflow_provider_stopchurn.warehouse.source import _Run
 
 # the logger name the warehouse sync has always logged under: users and tests filter on it
@@ -181,7 +183,7 @@ def _plan_frame(
     kinds = dict(key_kinds)
     options = run.options
     columns: list[str] | None = None
-    for batch in batches:
+    for batch in sized(batches, load_bytes(run.warehouse.dialect)):
         if columns is None:
             columns = [c for c in batch.schema.names if not c.startswith("__sc_")]
         frame, batch_kinds = _encode_batch(batch, columns, options, kinds, run.run_ms, layouts)
@@ -190,22 +192,82 @@ def _plan_frame(
         if frame.height:
             frames.append(frame)
     keys = len(options.key_columns)
-    if not frames:
-        return _empty_plan(keys).drop([f"__sc_sort_{i}" for i in range(keys)])
-    frame = pl.concat(frames, how="vertical_relaxed")
-    frames.clear()  # the batches' frames are copied into one: not held beside it and its sorted copy
     sort_columns = [f"__sc_sort_{i}" for i in range(keys)]
-    if not first:
-        rank = pl.col(_OP).replace_strict(_RANK, return_dtype=pl.Int8)
-        frame = frame.with_columns(rank.alias("__sc_rank")).sort(["__sc_rank", *sort_columns], maintain_order=True)
-        frame = frame.drop("__sc_rank")
-    return frame.drop(sort_columns)
+    if not frames:
+        return _empty_plan(keys).drop(sort_columns)
+    # the batches' frames as the chunks of one frame (no copy), and the list let go: each column below is then
+    # held by that frame alone, and freed once it is copied into its final order
+    frame = pl.concat(frames, how="vertical_relaxed", rechunk=False)
+    frames.clear()
+    if first:  # source order: the frame as read
+        return frame.drop(sort_columns)
+    return _sorted(frame, sort_columns)
 
 
-def windows(frame: pl.DataFrame, options: SyncOptions) -> Iterator[Window]:
-    """The plan's updates, encoded and chunked ``window_rows`` at a time as the local path does."""
-    for offset in range(0, frame.height, options.window_rows):
-        part = frame.slice(offset, options.window_rows)
+def _sorted(frame: pl.DataFrame, sort_columns: Sequence[str]) -> pl.DataFrame:
+    """``frame`` in the send order (deletes, updates, inserts, each by key), without its sort columns.
+
+    The order is found on the narrow columns alone (op rank and sort keys); then one column at a time is copied
+    into it and dropped from ``frame``, so the worker holds the plan once plus one column in flight, not the plan
+    two or three times (the changed rows of a 100M-row table are about 1M: 343 MB each copy)."""
+    rank = pl.col(_OP).replace_strict(_RANK, return_dtype=pl.Int8)
+    order = (
+        frame.select(rank.alias("__sc_rank"), *sort_columns)
+        .with_row_index("__sc_at")
+        .sort(["__sc_rank", *sort_columns], maintain_order=True)
+        .get_column("__sc_at")
+    )
+    frame = frame.drop(sort_columns)
+    columns: dict[str, pl.Series] = {}
+    for name in list(frame.columns):
+        columns[name] = frame.get_column(name).gather(order)
+        frame = frame.drop(name)  # the unsorted column's buffers go with its last reference
+    return pl.DataFrame(list(columns.values()))
+
+
+def sized(batches: Iterable[pa.RecordBatch], size: int, rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """``batches`` re-cut to about ``size`` bytes and at most ``rows`` rows each, in order: a batch of wide rows
+    is sliced (zero-copy), consecutive small ones are joined. So the encoding's own copies of a batch stay about
+    ``size``, whatever the rows' width, and narrow rows are still encoded ``rows`` at a time (each encoding has a
+    fixed cost)."""
+    held: list[pa.RecordBatch] = []
+    held_bytes = held_rows = 0
+    for batch in batches:
+        step = max(1, min(rows, int(size * batch.num_rows / max(1, batch.nbytes)))) if batch.num_rows else 1
+        for offset in range(0, max(batch.num_rows, 1), step):
+            part = batch.slice(offset, step) if step < batch.num_rows else batch
+            # a batch of other types (a DB-API batch's types come from its own rows) starts a batch of its own
+            full = held_bytes + part.nbytes > size or held_rows + part.num_rows > rows
+            if held and (full or not part.schema.equals(held[0].schema)):
+                yield held[0] if len(held) == 1 else pa.concat_batches(held)
+                held, held_bytes, held_rows = [], 0, 0
+            held.append(part)
+            held_bytes += part.nbytes
+            held_rows += part.num_rows
+    if held:
+        yield held[0] if len(held) == 1 else pa.concat_batches(held)
+
+
+def window_rows(frame: pl.DataFrame, options: SyncOptions, size: int | None) -> int:
+    """The rows of one window: ``window_rows``, or fewer so that a window's rows hold about ``size`` bytes of
+    row JSON (a multiple of ``chunk_size``, at least one chunk): the window's update JSON and request bodies are
+    what delivery holds beside the plan."""
+    rows = options.window_rows
+    if size is None or frame.height == 0:
+        return rows
+    row_bytes = int(frame.get_column(_ROW).str.len_bytes().sum() or 0)
+    if row_bytes <= size:
+        return rows
+    fit = int(size * frame.height / row_bytes) // options.chunk_size * options.chunk_size
+    return min(rows, max(options.chunk_size, fit))
+
+
+def windows(frame: pl.DataFrame, options: SyncOptions, size: int | None = None) -> Iterator[Window]:
+    """The plan's updates, encoded and chunked a window at a time as the local path does: ``window_rows`` rows,
+    or fewer where ``size`` bounds a window's bytes (:func:`window_rows`)."""
+    rows = window_rows(frame, options, size)
+    for offset in range(0, frame.height, rows):
+        part = frame.slice(offset, rows)
         updates = encode_updates(
             part.get_column(_OP),
             part.get_column(_ROW),

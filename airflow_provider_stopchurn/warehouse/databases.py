@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DbApiWarehouse", "DuckDBWarehouse", "PostgresWarehouse", "Warehouse"]
 
+#: Rows per Arrow batch read from DuckDB: a few of its vectors (2,048 rows). DuckDB runs in the worker, so a batch is
+#: a copy the worker holds beside DuckDB's own buffers; a fixed row count must stay small when the rows are wide
+#: (2 kB rows: 20 MB a batch, where :data:`BATCH_ROWS` would make it 100 MB).
+DUCKDB_BATCH_ROWS = 10_240
+
 
 @runtime_checkable
 class Warehouse(Protocol):
@@ -252,7 +257,7 @@ class DuckDBWarehouse(_CursorWarehouse):
             relation = reader_conn.sql(sql)
             # DuckDB 2.x names it to_arrow_reader, 1.x fetch_arrow_reader
             read = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
-            yield from _or_empty(read(BATCH_ROWS))
+            yield from _or_empty(read(DUCKDB_BATCH_ROWS))
         finally:
             reader_conn.close()
 

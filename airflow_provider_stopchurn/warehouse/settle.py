@@ -35,6 +35,7 @@ from airflow_provider_stopchurn.update.settle import (
 from airflow_provider_stopchurn.update.sync import SyncSummary
 from airflow_provider_stopchurn.warehouse import rows as R
 from airflow_provider_stopchurn.warehouse import sql as S
+from airflow_provider_stopchurn.warehouse.bulk import load_bytes
 from airflow_provider_stopchurn.warehouse.changes import _CREATED, _HASH, _OP, _ROW, _op_counts
 from airflow_provider_stopchurn.warehouse.databases import Warehouse
 from airflow_provider_stopchurn.warehouse.source import DIFF_LOCATION, PLAN_FORMAT, ROW_HASH, _Run
@@ -46,6 +47,7 @@ log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
 __all__ = ["row_layout", "settle_state", "token_order"]
 
 _STAGING = "__stopchurn_staging"
+_STAGING_PART = "__stopchurn_staging_part"
 
 
 _TOKEN = re.compile(r"(\d{8}T\d{6})(?:\.(\d{9}))?-[0-9a-f]+")
@@ -223,7 +225,7 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
         # before the staging table is loaded: nothing may roll it back before the statements that read it
         layout = row_layout(warehouse, state, plan.meta)
         layouts = _layouts_text(warehouse, state, layout)
-        warehouse.load(_STAGING, _staged(frame, status, len(keys), layout))
+        _load_staging(warehouse, frame, status, len(keys), layout)
         if "session_zone" not in plan.meta and warehouse.transactions:
             # planned before sessions were pinned to UTC: its zoned key texts are in the session's zone then
             texts = {k: S.key_text(i) for i, k in enumerate(keys)}
@@ -244,6 +246,29 @@ def settle_state(  # noqa: PLR0913 - the local settle's arguments plus the wareh
         result.never_sent,
     )
     return result
+
+
+def _load_staging(
+    warehouse: Warehouse, frame: pl.DataFrame, status: np.ndarray, keys: int, layout: R.RowLayout | None
+) -> None:
+    """Load a plan's staged rows (:func:`_staged`) into the staging table. Where the warehouse runs in the worker
+    (DuckDB), a part of about one load's bytes (``bulk.py``) at a time, each appended to the table: staged whole,
+    the plan's rows would be held twice more beside the plan (the staged copy, and DuckDB's scan of it)."""
+    rows = frame.height
+    if warehouse.dialect == "duckdb" and rows:
+        rows = max(1, int(load_bytes(warehouse.dialect) * rows / max(1, frame.estimated_size())))
+    if rows >= frame.height:
+        warehouse.load(_STAGING, _staged(frame, status, keys, layout))
+        return
+    for offset in range(0, frame.height, rows):
+        part = _staged(frame.slice(offset, rows), status[offset : offset + rows], keys, layout)
+        if offset == 0:
+            warehouse.load(_STAGING, part)
+        else:
+            warehouse.load(_STAGING_PART, part)
+            warehouse.execute([f"INSERT INTO {S.q(_STAGING)} SELECT * FROM {S.q(_STAGING_PART)}"])
+        del part  # the next part is staged once this one is in the warehouse
+    warehouse.execute([f"DROP TABLE IF EXISTS {S.q(_STAGING_PART)}"])
 
 
 def _staged(frame: pl.DataFrame, status: np.ndarray, keys: int, layout: R.RowLayout | None = None) -> pa.Table:

@@ -37,8 +37,15 @@ from airflow_provider_stopchurn.update.plan import approval
 from airflow_provider_stopchurn.update.settle import APPLIED
 from airflow_provider_stopchurn.update.sync import SyncSummary, deliver_and_settle, settle_counted, summary_counts
 from airflow_provider_stopchurn.warehouse import sql as S
-from airflow_provider_stopchurn.warehouse.bulk import NextWriter
-from airflow_provider_stopchurn.warehouse.changes import _encode_batch, _key_kinds, _kinds, _plan_frame, windows
+from airflow_provider_stopchurn.warehouse.bulk import NextWriter, load_bytes
+from airflow_provider_stopchurn.warehouse.changes import (
+    _encode_batch,
+    _key_kinds,
+    _kinds,
+    _plan_frame,
+    sized,
+    windows,
+)
 from airflow_provider_stopchurn.warehouse.plan import (
     _change_batches,
     _check_keys,
@@ -64,6 +71,11 @@ from airflow_provider_stopchurn.warehouse.state import _past_half_swaps, _zoned,
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
 
 __all__ = ["run_warehouse_sync"]
+
+#: The row JSON of one delivery window where the warehouse runs in the worker (DuckDB): its update JSON and request
+#: bodies are held beside the plan and DuckDB's own buffers, so a window of wide rows is cut short of
+#: ``window_rows``. Elsewhere a window is ``window_rows`` rows, as on the local path.
+WINDOW_BYTES = {"duckdb": 32 * 1024 * 1024}
 
 
 def run_warehouse_sync(
@@ -210,7 +222,7 @@ def _deliver_and_settle(run: _Run, sender: Sender, plan: Plan, frame: pl.DataFra
     deliver_and_settle(
         run.store,
         plan,
-        windows(frame, run.options),
+        windows(frame, run.options, WINDOW_BYTES.get(run.warehouse.dialect)),
         sender,
         run.options,
         run.summary,
@@ -257,7 +269,7 @@ def _baseline(run: _Run, schema: pa.Schema, plan_meta: dict[str, Any], base: str
     sql = state.baseline(run.query, columns, keep_created=keep_created)
     # the rows are written in a few large loads (bulk.py)
     with NextWriter(warehouse, state, _STAGING) as writer, closing(warehouse.batches(sql)) as batches:
-        for batch in batches:
+        for batch in sized(batches, load_bytes(warehouse.dialect)):  # wide rows a part at a time
             frame, _ = _encode_batch(batch, columns, options, kinds, run.run_ms, keep=layout)
             if frame.height:
                 applied = np.full(frame.height, APPLIED, dtype=np.int8)
