@@ -15,6 +15,15 @@ import sqlglot
 from airflow_provider_stopchurn.exceptions import StopChurnConfigError
 
 SOURCE = "__stopchurn_source"
+#: Output columns of the change query besides the source's own.
+OP = "__sc_op"
+NEW_HASH = "__sc_hash"
+OLD_CREATED = "__sc_old_created"
+OLD_ROW = "__sc_old_row"
+#: 1 when a row of the narrow diff has a row in the state table (the unchanged rows are counted by it)
+IN_STATE = "__sc_in_state"
+#: the source rows of a row of the narrow diff (one changed row or key, or every unchanged row)
+ROWS = "__sc_rows"
 
 
 def q(name: str) -> str:
@@ -107,24 +116,55 @@ def columns_of(text: str | None) -> Mapping[str, str]:
     return dict(json.loads(text)) if text else {}
 
 
-def among_keys(dialect: str, among: str, keys: int, source: tuple[str, str], state: tuple[str, str]) -> tuple[str, str]:
-    """The source's and the state table's rows (each ``(from clause, match with alias k)``) limited to the keys of
-    the scratch table ``among``: subqueries aliased ``s`` and ``t``.
+def narrow_rows(keys: Sequence[str], payload: Sequence[str]) -> str:
+    """The end of the select that fills a narrow diff's scratch table (PostgreSQL) from the diff ``d``: each
+    changed row with its ``keys`` texts and ``payload`` (its columns and hash; all quoted), then one row
+    per value of :data:`IN_STATE` counting the unchanged rows. ``c`` holds the rows, nulled for an unchanged one
+    (a few bytes each), and is read twice: the source is read once. A ``CASE`` keeps its column's type modifiers
+    (``numeric(10,2)``), and so do the NULLs of the count's row (an empty join's): the changed rows read as the
+    one-query change query reads them. One ``CREATE TABLE AS``, not ``INSERT``: PostgreSQL may then hash the rows
+    in parallel workers."""
+    nulled = ", ".join(f"CASE WHEN d.{q(OP)} IS NOT NULL THEN d.{c} END AS {c}" for c in [*keys, *payload])
 
-    DuckDB joins each to the distinct changed keys: it made a correlated ``EXISTS`` a join on the distinct keys of
-    every source row, with the source query materialized whole, which ran out of memory under a ``memory_limit``
-    far below the table. Joined, the source streams once past the changed keys. Elsewhere ``EXISTS``; ``OFFSET 0``
-    makes it a subquery of its own, or PostgreSQL hashes every row in the scan below the semi-join."""
-    (rows, by_source), (table, by_state) = source, state
-    if dialect != "duckdb":
-        exists = f"EXISTS (SELECT 1 FROM {among} AS k WHERE "
-        return f"(SELECT s.* FROM {rows} WHERE {exists}{by_source}) OFFSET 0) AS s", (
-            f"(SELECT t.* FROM {table} WHERE {exists}{by_state})) AS t"
+    def row(alias: str, in_state: str, rows: str) -> str:
+        return ", ".join([*(f"{alias}.{c}" for c in keys), f"{alias}.{q(OP)}", in_state, rows]) + "".join(
+            f", {alias}.{c}" for c in payload
         )
-    texts = ", ".join(q(key_text(i)) for i in range(keys))
-    changed = f"(SELECT DISTINCT {texts} FROM {among} WHERE {q(key_text(0))} IS NOT NULL) AS k"
-    return f"(SELECT s.* FROM {rows} JOIN {changed} ON {by_source}) AS s", (
-        f"(SELECT t.* FROM {table} JOIN {changed} ON {by_state}) AS t"
+
+    unchanged = f"SELECT c.{q(IN_STATE)}, COUNT(*) AS {q(ROWS)} FROM c WHERE c.{q(OP)} IS NULL GROUP BY 1"
+    return (
+        f", c AS MATERIALIZED (SELECT {nulled}, d.{q(OP)}, d.{q(IN_STATE)} FROM d) "
+        f"SELECT {row('c', f'c.{q(IN_STATE)}', f'CAST(1 AS BIGINT) AS {q(ROWS)}')} FROM c WHERE c.{q(OP)} IS NOT NULL "
+        f"UNION ALL SELECT {row('x', f'g.{q(IN_STATE)}', f'g.{q(ROWS)}')} FROM ({unchanged}) AS g "
+        "LEFT JOIN c AS x ON FALSE"
+    )
+
+
+def narrow_grouped(keys: Sequence[str], payload: Sequence[str]) -> str:
+    """The select of a narrow diff's scratch table (DuckDB, which has no ``INSERT`` in a ``WITH``) from the diff
+    ``d``: grouped by key text (NULL for the unchanged rows: one group), op and whether the key is in the state
+    table, with each group's source rows and one row's ``payload``, the changed key's one row (a key of more
+    than one row is refused on the counts, :meth:`~.sql.StateTable.narrow_counts`)."""
+    nulled = ", ".join(f"CASE WHEN d.{q(OP)} IS NULL THEN NULL ELSE d.{k} END AS {k}" for k in keys)
+    kept = ", ".join(f"ANY_VALUE(d.{c}) AS {c}" for c in payload)
+    by = ", ".join(str(i + 1) for i in range(len(keys) + 2))
+    return f"SELECT {nulled}, d.{q(OP)}, d.{q(IN_STATE)}, COUNT(*) AS {q(ROWS)}, {kept} FROM d GROUP BY {by}"
+
+
+def changed_rows(scratch: str, columns: Sequence[str], keys: int, state: tuple[str, str, tuple[str, str]]) -> str:
+    """The changed rows kept in a narrow diff's scratch table, with the one-query change query's columns: the
+    source's, the key texts, the hash, createdAt, the last delivered row (a delete's) and the op.
+
+    :param state: the state table (quoted and qualified), its key texts equal to the scratch table's (``match``:
+        the state aliased ``t``, the scratch table ``d``) and its columns of createdAt and delivered rows: they are
+        looked up by key for the changed rows whose key it holds (through its key index on PostgreSQL)."""
+    table, match, (created, row) = state
+    names = [*(q(c) for c in columns), *(q(key_text(i)) for i in range(keys)), q(NEW_HASH)]
+    listed = ", ".join(f"d.{c}" for c in names)
+    return (
+        f"SELECT {listed}, t.{q(created)} AS {q(OLD_CREATED)}, "
+        f"CASE WHEN d.{q(OP)} = 'delete' THEN t.{q(row)} END AS {q(OLD_ROW)}, d.{q(OP)} FROM {scratch} AS d "
+        f"LEFT JOIN {table} AS t ON d.{q(IN_STATE)} = 1 AND {match} WHERE d.{q(OP)} IS NOT NULL"
     )
 
 
