@@ -33,6 +33,7 @@ from airflow_provider_stopchurn.warehouse.sqlparts import (
     ROWS,
     SOURCE,
     _joined,
+    among_keys,
     changed_rows,
     columns_of,
     columns_text,
@@ -52,13 +53,7 @@ from airflow_provider_stopchurn.warehouse.sqlparts import (
 __all__ = [
     "DIRTY_INSERT",
     "DIRTY_UPDATE",
-    "IN_STATE",
-    "NEW_HASH",
-    "OLD_CREATED",
-    "OLD_ROW",
-    "OP",
     "PG_IDENTIFIER_BYTES",
-    "ROWS",
     "SOURCE",
     "STATE_FORMAT",
     "StateTable",
@@ -91,6 +86,9 @@ NULL_KEY = "null_key"
 #: Dialects whose diff is written once into a scratch table (:meth:`StateTable.diff_into`). Elsewhere (Spark, the
 #: untested DB-API warehouses: no ``information_schema`` to find a killed run's scratch table by) two queries.
 NARROW = frozenset({"postgres", "duckdb"})
+#: Narrow dialects whose scratch table keeps the changed rows' columns: the source query runs once. Not DuckDB: every
+#: row's columns through its join ran out of memory under a ``memory_limit`` far below the table (keys diffed again).
+ONE_PASS = frozenset({"postgres"})
 #: How long a best-effort statement on PostgreSQL (a scratch table's DROP, the key index of an older state table)
 #: waits for a lock another session holds before it gives up (the next run tries again).
 LOCK_WAIT = "5s"
@@ -249,11 +247,13 @@ class StateTable:
             return f"CAST(CAST(t.{q(k)} AS TIMESTAMPTZ) AS TEXT)"  # as _migrate's key_to_utc writes it
         return f"t.{q(k)}"
 
-    def _diff_cte(self, columns: Sequence[str], *, update_all: bool, narrow: bool = False) -> str:
+    def _diff_cte(
+        self, columns: Sequence[str], *, update_all: bool, among: str | None = None, narrow: bool = False
+    ) -> str:
         """``n`` (the source rows with their key texts and hash) and ``d`` (their full outer join with the state
-        table, one op per key; NULL: unchanged). ``narrow``: ``d`` holds the key texts, the op (:data:`NULL_KEY` for
-        a NULL key), whether the key is in the state table, and the columns, hash, createdAt and last delivered row
-        of the changed-rows query (:meth:`diff_into`)."""
+        table, one op per key; NULL: unchanged). ``among``: a scratch table of keys (:meth:`diff_into`, DuckDB) both
+        sides are limited to. ``narrow``: ``d`` holds the key texts, the op (:data:`NULL_KEY` for a NULL key),
+        whether the key is in the state table and (:data:`ONE_PASS`) the source's columns and the hash."""
         texts = ", ".join(f"CAST(s.{q(k)} AS TEXT) AS {q(key_text(i))}" for i, k in enumerate(self.key_columns))
         on = " AND ".join(f"n.{q(key_text(i))} = {self._state_key(k)}" for i, k in enumerate(self.key_columns))
         first_key = q(key_text(0))
@@ -268,6 +268,11 @@ class StateTable:
             f"WHEN {changed} THEN 'update' ELSE NULL END AS {q(OP)}"
         )
         rows, state = f"{q(SOURCE)} AS s", f"{self.qualified} AS t"
+        if among is not None:  # a semi-join on the keys: the hash is computed for the rows that pass only
+            keys = enumerate(self.key_columns)
+            by_source = " AND ".join(f"k.{q(key_text(i))} = CAST(s.{q(k)} AS TEXT)" for i, k in keys)
+            match = (rows, by_source), (state, self._match("k"))
+            rows, state = among_keys(self.dialect, among, len(self.key_columns), *match)
         if narrow:
             in_state = f"CASE WHEN t.{q(self.key_columns[0])} IS NULL THEN 0 ELSE 1 END AS {q(IN_STATE)}"
             # the key checks ride on the same join: a source row with a NULL key matches nothing and is marked (a
@@ -281,7 +286,7 @@ class StateTable:
             # with each row's columns and hash: the changed rows are kept from this one read of the source
             # (diff_into). Not the state's createdAt and last delivered row: they would widen every state row the
             # join hashes (spilled in batches past work_mem), and are looked up by key for the changed rows (changes)
-            data = "".join(f", n.{q(c)}" for c in columns)
+            data = "".join(f", n.{q(c)}" for c in columns) if self.dialect in ONE_PASS else ""
             return (
                 f"WITH n AS (SELECT s.*, {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {rows}), "
                 # OFFSET 0: a subquery of its own, or PostgreSQL computes the op (and the row hash) once for each
@@ -308,16 +313,15 @@ class StateTable:
 
     def changes(self, source: str, columns: Sequence[str], *, update_all: bool, among: str | None = None) -> str:
         """The changed rows only: the source's columns (NULL for deletes), the key texts, the new hash, and the
-        state's createdAt and last delivered row. ``among``: the scratch table of a narrow diff (:meth:`diff_into`),
-        which holds them all: the user's query is not run again, and a row's op, hash and columns come from the one
-        statement that read the source, even when the source moved since."""
-        if among is not None:
+        state's createdAt and last delivered row. ``among``: the scratch table of a narrow diff (:meth:`diff_into`).
+        :data:`ONE_PASS`: it holds them, the user's query is not run again. DuckDB: only its keys are diffed again,
+        as they are now. Either way a row's op, hash and columns come from one statement, even when the source
+        moved since the narrow diff."""
+        if among is not None and self.dialect in ONE_PASS:
             state = (self.qualified, self._match("d"), (CREATED, ROW))
             return self.r(changed_rows(among, columns, len(self.key_columns), state))
-        return self.r(
-            self._diff_cte(columns, update_all=update_all) + f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL",
-            source,
-        )
+        cte = self._diff_cte(columns, update_all=update_all, among=among)  # DuckDB: the changed keys diffed again
+        return self.r(cte + f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL", source)
 
     # --- the narrow diff, written once (NARROW dialects) -----------------------------------------------------
     def short(self) -> str:
@@ -362,17 +366,17 @@ class StateTable:
 
     def diff_into(self, scratch: str, source: str, columns: Sequence[str], *, update_all: bool) -> list[str]:
         """Write the narrow diff into ``scratch``: the one full outer join of the run, with the row hash of every
-        source row. Each changed row is kept with its key texts, op, whether its key is in the state table, its
-        columns, hash and the state's createdAt and (a delete's) last delivered row (:meth:`changes` reads them);
-        the unchanged rows are counted (:data:`ROWS`; key texts, op and columns NULL). So the source is read once
-        for the diff, its key checks and the changed rows: a NULL key is op :data:`NULL_KEY`, a key of more than
-        one source row a changed key of more than one row, or more unchanged rows than unchanged state rows
+        source row. Each changed row is kept with its key texts, op, whether its key is in the state table and
+        (:data:`ONE_PASS`) its columns and hash, which :meth:`changes` reads (DuckDB: one row per changed key); the
+        unchanged rows are counted (:data:`ROWS`; key texts, op and columns NULL). So the source is read once for
+        the diff, its key checks (and the changed rows): a NULL key is op :data:`NULL_KEY`, a key of more than one
+        source row a changed key of more than one row, or more unchanged rows than unchanged state rows
         (:meth:`narrow_counts`)."""
         select = self._diff_cte(columns, update_all=update_all, narrow=True)
         keys = [q(key_text(i)) for i in range(len(self.key_columns))]
+        if self.dialect not in ONE_PASS:  # DuckDB: one row per changed key, and one of the unchanged rows
+            return [f"CREATE TABLE {scratch} AS {self.r(select + narrow_grouped(keys), source)}"]
         payload = [*(q(c) for c in columns), q(NEW_HASH)]
-        if self.dialect != "postgres":  # DuckDB: one row per changed key (its one source row), and the unchanged
-            return [f"CREATE TABLE {scratch} AS {self.r(select + narrow_grouped(keys, payload), source)}"]
         # the join over every row lifts the statement's estimated cost past JIT's inlining and optimizing thresholds,
         # whose compiling of the row hash over every column took 3.8 s at 1M rows; the work per row is in functions
         # (MD5, casts) neither makes faster. Expressions are still compiled, as for any statement.

@@ -116,6 +116,27 @@ def columns_of(text: str | None) -> Mapping[str, str]:
     return dict(json.loads(text)) if text else {}
 
 
+def among_keys(dialect: str, among: str, keys: int, source: tuple[str, str], state: tuple[str, str]) -> tuple[str, str]:
+    """The source's and the state table's rows (each ``(from clause, match with alias k)``) limited to the keys of
+    the scratch table ``among``: subqueries aliased ``s`` and ``t``.
+
+    DuckDB joins each to the distinct changed keys: it made a correlated ``EXISTS`` a join on the distinct keys of
+    every source row, with the source query materialized whole, which ran out of memory under a ``memory_limit``
+    far below the table. Joined, the source streams once past the changed keys. Elsewhere ``EXISTS``; ``OFFSET 0``
+    makes it a subquery of its own, or PostgreSQL hashes every row in the scan below the semi-join."""
+    (rows, by_source), (table, by_state) = source, state
+    if dialect != "duckdb":
+        exists = f"EXISTS (SELECT 1 FROM {among} AS k WHERE "
+        return f"(SELECT s.* FROM {rows} WHERE {exists}{by_source}) OFFSET 0) AS s", (
+            f"(SELECT t.* FROM {table} WHERE {exists}{by_state})) AS t"
+        )
+    texts = ", ".join(q(key_text(i)) for i in range(keys))
+    changed = f"(SELECT DISTINCT {texts} FROM {among} WHERE {q(key_text(0))} IS NOT NULL) AS k"
+    return f"(SELECT s.* FROM {rows} JOIN {changed} ON {by_source}) AS s", (
+        f"(SELECT t.* FROM {table} JOIN {changed} ON {by_state}) AS t"
+    )
+
+
 def narrow_rows(keys: Sequence[str], payload: Sequence[str]) -> str:
     """The end of the select that fills a narrow diff's scratch table (PostgreSQL) from the diff ``d``: each
     changed row with its ``keys`` texts and ``payload`` (its columns and hash; all quoted), then one row
@@ -140,15 +161,12 @@ def narrow_rows(keys: Sequence[str], payload: Sequence[str]) -> str:
     )
 
 
-def narrow_grouped(keys: Sequence[str], payload: Sequence[str]) -> str:
-    """The select of a narrow diff's scratch table (DuckDB, which has no ``INSERT`` in a ``WITH``) from the diff
-    ``d``: grouped by key text (NULL for the unchanged rows: one group), op and whether the key is in the state
-    table, with each group's source rows and one row's ``payload``, the changed key's one row (a key of more
-    than one row is refused on the counts, :meth:`~.sql.StateTable.narrow_counts`)."""
+def narrow_grouped(keys: Sequence[str]) -> str:
+    """The select of a narrow diff's scratch table (DuckDB) from the diff ``d``: grouped by key text (NULL for the
+    unchanged rows: one group), op and whether the key is in the state table, with each group's source rows."""
     nulled = ", ".join(f"CASE WHEN d.{q(OP)} IS NULL THEN NULL ELSE d.{k} END AS {k}" for k in keys)
-    kept = ", ".join(f"ANY_VALUE(d.{c}) AS {c}" for c in payload)
     by = ", ".join(str(i + 1) for i in range(len(keys) + 2))
-    return f"SELECT {nulled}, d.{q(OP)}, d.{q(IN_STATE)}, COUNT(*) AS {q(ROWS)}, {kept} FROM d GROUP BY {by}"
+    return f"SELECT {nulled}, d.{q(OP)}, d.{q(IN_STATE)}, COUNT(*) AS {q(ROWS)} FROM d GROUP BY {by}"
 
 
 def changed_rows(scratch: str, columns: Sequence[str], keys: int, state: tuple[str, str, tuple[str, str]]) -> str:
