@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from helpers_sync import BRAND, T0, TABLE, assert_sandbox_matches, make_client, options
 from pushdown_engines import Engine, engine_fixture, local_engine  # noqa: F401 - local_engine: the engine fixture
@@ -159,3 +160,51 @@ def test_a_source_naming_a_column_twice_is_refused_with_nothing_sent_or_left_and
     summary = _run(engine, QUERY, store, sb, 3)
     assert summary.inserted + summary.updated + summary.deleted > 0
     assert_sandbox_matches(sb, moved)
+
+
+PG_TYPE = b"POSTGRESQL:type"
+TYPED = (
+    "CREATE TABLE typed (id BIGINT, amount NUMERIC(10, 2), code VARCHAR(5), tag CHAR(3), doc JSONB, raw JSON, "
+    "nums INT[], at TIMESTAMPTZ(0), span INTERVAL DAY TO SECOND); "
+    "INSERT INTO typed SELECT i, i / 7.0, 'c' || i % 10, 't', jsonb_build_object('i', i), "
+    "json_build_object('i', i), ARRAY[i, i + 1], TIMESTAMPTZ '2026-01-01 00:00:00+00' + i * INTERVAL '1 hour', "
+    "i * INTERVAL '1 minute' FROM generate_series(1, 40) AS i"
+)
+
+
+@pytest.mark.postgres
+def test_the_scratch_tables_changed_rows_read_with_the_sources_types_and_modifiers(
+    stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """PostgreSQL: the changed rows read from the scratch table carry the Arrow types, PostgreSQL type names and
+    values of the one-query change query: a numeric(10,2), a varchar(5), a char(3), jsonb and json (no equality),
+    an array, a timestamptz(0) and an interval with fields."""
+    engine = next(engine_fixture("postgres", request, tmp_path))
+    engine.execute(TYPED)
+    query = "SELECT * FROM typed"
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    _run(engine, query, store, sb, 1)
+    engine.execute("UPDATE typed SET amount = amount + 1 WHERE id % 4 = 0; DELETE FROM typed WHERE id % 9 = 0")
+    engine.execute("INSERT INTO typed SELECT id + 100, amount, code, tag, doc, raw, nums, at, span FROM typed LIMIT 3")
+    state = S.StateTable("stopchurn_state", S.state_table_name(BRAND, TABLE, "postgres"), ("id",), "postgres")
+    scratch = state.scratch("0123456789ab")
+    warehouse = engine.warehouse()
+    try:
+        columns = ["id", "amount", "code", "tag", "doc", "raw", "nums", "at", "span"]
+        warehouse.execute(state.diff_into(scratch, query, columns, update_all=False))
+        one = pa.Table.from_batches(list(warehouse.batches(state.changes(query, columns, update_all=False))))
+        narrow = pa.Table.from_batches(
+            list(warehouse.batches(state.changes(query, columns, update_all=False, among=scratch)))
+        )
+        for a, b in zip(narrow.schema, one.schema, strict=True):
+            # the type's name (arrow_values reads it); not its modifier: a datum is the same with or without it
+            assert (a.name, a.type, a.metadata.get(PG_TYPE)) == (b.name, b.type, b.metadata.get(PG_TYPE))
+        by = [(S.key_text(0), "ascending")]
+        assert narrow.num_rows == one.num_rows > 0
+        assert narrow.sort_by(by).to_pylist() == one.sort_by(by).to_pylist()
+    finally:
+        warehouse.execute([f"DROP TABLE IF EXISTS {scratch}"])
+        warehouse.close()
+    summary = _run(engine, query, store, sb, 2, max_delete_fraction=1.0)
+    assert (summary.inserted, summary.updated, summary.deleted) == (3, 9, 4)

@@ -141,10 +141,10 @@ def narrow_rows(keys: Sequence[str], payload: Sequence[str]) -> str:
     """The end of the select that fills a narrow diff's scratch table (PostgreSQL) from the diff ``d``: each
     changed row with its ``keys`` texts and ``payload`` (its columns and hash; all quoted), then one row
     per value of :data:`IN_STATE` counting the unchanged rows. ``c`` holds the rows, nulled for an unchanged one
-    (a few bytes each), and is read twice: the source is read once. A ``CASE`` keeps its column's type modifiers
-    (``numeric(10,2)``), and so do the NULLs of the count's row (an empty join's): the changed rows read as the
-    one-query change query reads them. One ``CREATE TABLE AS``, not ``INSERT``: PostgreSQL may then hash the rows
-    in parallel workers."""
+    (a few bytes each), and is read twice: the source is read once. The count's row takes its NULLs from an empty
+    join on ``c``, so each has its column's type. A ``CASE`` drops a type's modifier (``numeric(10,2)`` is kept as
+    ``numeric``): the datum, its Arrow type and its text are the same. One ``CREATE TABLE AS``, not ``INSERT``:
+    PostgreSQL may then hash the rows in parallel workers."""
     nulled = ", ".join(f"CASE WHEN d.{q(OP)} IS NOT NULL THEN d.{c} END AS {c}" for c in [*keys, *payload])
 
     def row(alias: str, in_state: str, rows: str) -> str:
