@@ -24,14 +24,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from airflow_provider_stopchurn.warehouse.sqlparts import (
+    IN_STATE,
+    NEW_HASH,
+    OLD_CREATED,
+    OLD_ROW,
+    OP,
     PG_IDENTIFIER_BYTES,
+    ROWS,
     SOURCE,
     _joined,
     among_keys,
+    changed_rows,
     columns_of,
     columns_text,
     key_text,
     lit,
+    narrow_grouped,
+    narrow_rows,
     q,
     render,
     render_identifier,
@@ -73,21 +82,15 @@ CREATED = "_stopchurn_created_at"
 ROW = "_stopchurn_row"
 DIRTY_INSERT = "dirty:insert"
 DIRTY_UPDATE = "dirty:update"
-#: Output columns of the change query besides the source's own.
-OP = "__sc_op"
-NEW_HASH = "__sc_hash"
-OLD_CREATED = "__sc_old_created"
-OLD_ROW = "__sc_old_row"
 ACTION = "__sc_action"
-#: 1 when a row of the narrow diff has a row in the state table (the unchanged rows are counted by it)
-IN_STATE = "__sc_in_state"
-#: the source rows of a group of the narrow diff (one key, or every unchanged row)
-ROWS = "__sc_rows"
 #: the op of the narrow diff's source rows with a NULL key (the key check, in the same pass)
 NULL_KEY = "null_key"
 #: Dialects whose diff is written once into a scratch table (:meth:`StateTable.diff_into`). Elsewhere (Spark, the
 #: untested DB-API warehouses: no ``information_schema`` to find a killed run's scratch table by) two queries.
 NARROW = frozenset({"postgres", "duckdb"})
+#: Narrow dialects whose scratch table keeps the changed rows' columns: the source query runs once. Not DuckDB: every
+#: row's columns through its join ran out of memory under a ``memory_limit`` far below the table (keys diffed again).
+ONE_PASS = frozenset({"postgres"})
 #: How long a best-effort statement on PostgreSQL (a scratch table's DROP, the key index of an older state table)
 #: waits for a lock another session holds before it gives up (the next run tries again).
 LOCK_WAIT = "5s"
@@ -250,9 +253,9 @@ class StateTable:
         self, columns: Sequence[str], *, update_all: bool, among: str | None = None, narrow: bool = False
     ) -> str:
         """``n`` (the source rows with their key texts and hash) and ``d`` (their full outer join with the state
-        table, one op per key; NULL: unchanged). ``among``: a scratch table of keys (:meth:`diff_into`) both sides
-        are limited to, so only its rows are hashed and joined. ``narrow``: ``d`` holds the key texts, the op and
-        whether the key is in the state table, nothing else."""
+        table, one op per key; NULL: unchanged). ``among``: a scratch table of keys (:meth:`diff_into`, DuckDB) both
+        sides are limited to. ``narrow``: ``d`` holds the key texts, the op (:data:`NULL_KEY` for a NULL key),
+        whether the key is in the state table and (:data:`ONE_PASS`) the source's columns and the hash."""
         texts = ", ".join(f"CAST(s.{q(k)} AS TEXT) AS {q(key_text(i))}" for i, k in enumerate(self.key_columns))
         on = " AND ".join(f"n.{q(key_text(i))} = {self._state_key(k)}" for i, k in enumerate(self.key_columns))
         first_key = q(key_text(0))
@@ -268,12 +271,10 @@ class StateTable:
         )
         rows, state = f"{q(SOURCE)} AS s", f"{self.qualified} AS t"
         if among is not None:  # a semi-join on the keys: the hash is computed for the rows that pass only
-            by_source = " AND ".join(
-                f"k.{q(key_text(i))} = CAST(s.{q(k)} AS TEXT)" for i, k in enumerate(self.key_columns)
-            )
-            rows, state = among_keys(
-                self.dialect, among, len(self.key_columns), (rows, by_source), (state, self._match("k"))
-            )
+            keys = enumerate(self.key_columns)
+            by_source = " AND ".join(f"k.{q(key_text(i))} = CAST(s.{q(k)} AS TEXT)" for i, k in keys)
+            match = (rows, by_source), (state, self._match("k"))
+            rows, state = among_keys(self.dialect, among, len(self.key_columns), *match)
         if narrow:
             in_state = f"CASE WHEN t.{q(self.key_columns[0])} IS NULL THEN 0 ELSE 1 END AS {q(IN_STATE)}"
             # the key checks ride on the same join: a source row with a NULL key matches nothing and is marked (a
@@ -284,11 +285,16 @@ class StateTable:
                 f"WHEN t.{q(HASH)} IS NULL OR t.{q(HASH)} = {lit(DIRTY_INSERT)} THEN 'insert' "
                 f"WHEN {changed} THEN 'update' ELSE NULL END AS {q(OP)}"
             )
+            # with each row's columns and hash: the changed rows are kept from this one read of the source
+            # (diff_into). Not the state's createdAt and last delivered row: they would widen every state row the
+            # join hashes (spilled in batches past work_mem), and are looked up by key for the changed rows (changes)
+            data = "".join(f", n.{q(c)}" for c in columns) if self.dialect in ONE_PASS else ""
             return (
-                f"WITH n AS (SELECT {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {rows}), "
-                # OFFSET 0: a subquery of its own, or PostgreSQL computes the op (and the row hash) once for each of
-                # the grouping keys that use it
-                f"d AS (SELECT {old_texts}, {op}, {in_state} FROM n FULL OUTER JOIN {state} ON {on} OFFSET 0) "
+                f"WITH n AS (SELECT s.*, {texts}, {row_hash_sql(columns)} AS {q(NEW_HASH)} FROM {rows}), "
+                # OFFSET 0: a subquery of its own, or PostgreSQL computes the op (and the row hash) once for each
+                # expression that uses it
+                f"d AS (SELECT {old_texts}, {op}, {in_state}, n.{q(NEW_HASH)}{data} "
+                f"FROM n FULL OUTER JOIN {state} ON {on} OFFSET 0) "
             )
         data = ", ".join(f"n.{q(c)}" for c in columns)
         return (
@@ -309,14 +315,15 @@ class StateTable:
 
     def changes(self, source: str, columns: Sequence[str], *, update_all: bool, among: str | None = None) -> str:
         """The changed rows only: the source's columns (NULL for deletes), the key texts, the new hash, and the
-        state's createdAt and last delivered row. ``among``: only the keys of this scratch table
-        (:meth:`diff_into`), each diffed again as it is now, so a row's op, hash and columns come from one
-        statement even when the source moved since the narrow diff."""
-        return self.r(
-            self._diff_cte(columns, update_all=update_all, among=among)
-            + f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL",
-            source,
-        )
+        state's createdAt and last delivered row. ``among``: the scratch table of a narrow diff (:meth:`diff_into`).
+        :data:`ONE_PASS`: it holds them, the user's query is not run again. DuckDB: only its keys are diffed again,
+        as they are now. Either way a row's op, hash and columns come from one statement, even when the source
+        moved since the narrow diff."""
+        if among is not None and self.dialect in ONE_PASS:
+            state = (self.qualified, self._match("d"), (CREATED, ROW))
+            return self.r(changed_rows(among, columns, len(self.key_columns), state))
+        cte = self._diff_cte(columns, update_all=update_all, among=among)  # DuckDB: the changed keys diffed again
+        return self.r(cte + f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL", source)
 
     # --- the narrow diff, written once (NARROW dialects) -----------------------------------------------------
     def short(self) -> str:
@@ -361,33 +368,32 @@ class StateTable:
 
     def diff_into(self, scratch: str, source: str, columns: Sequence[str], *, update_all: bool) -> list[str]:
         """Write the narrow diff into ``scratch``: the one full outer join of the run, with the row hash of every
-        source row, grouped by key text, op and whether the key is in the state table, with each group's rows
-        (:data:`ROWS`). A changed key is a group of its own; the unchanged rows are one group (key texts and op
-        NULL). So the source is read once for the diff and its key checks: a NULL key is a group of op
-        :data:`NULL_KEY`, a key of more than one source row a changed group of more than one row, or more unchanged
-        rows than unchanged state rows (:meth:`narrow_counts`)."""
+        source row. Each changed row is kept with its key texts, op, whether its key is in the state table and
+        (:data:`ONE_PASS`) its columns and hash, which :meth:`changes` reads (DuckDB: one row per changed key); the
+        unchanged rows are counted (:data:`ROWS`; key texts, op and columns NULL). So the source is read once for
+        the diff, its key checks (and the changed rows): a NULL key is op :data:`NULL_KEY`, a key of more than one
+        source row a changed key of more than one row, or more unchanged rows than unchanged state rows
+        (:meth:`narrow_counts`)."""
         select = self._diff_cte(columns, update_all=update_all, narrow=True)
-        keys = ", ".join(
-            f"CASE WHEN d.{q(OP)} IS NULL THEN NULL ELSE d.{q(key_text(i))} END AS {q(key_text(i))}"
-            for i in range(len(self.key_columns))
-        )
-        by = ", ".join(str(i + 1) for i in range(len(self.key_columns) + 2))
-        select += f"SELECT {keys}, d.{q(OP)}, d.{q(IN_STATE)}, COUNT(*) AS {q(ROWS)} FROM d GROUP BY {by}"
-        # unlogged (PostgreSQL): a scratch table needs no WAL; a crash leaves it empty, and the next run drops it
-        create = "CREATE UNLOGGED TABLE" if self.dialect == "postgres" else "CREATE TABLE"
-        analyze = [f"ANALYZE {scratch}"] if self.dialect == "postgres" else []  # the join back's row count
-        # PostgreSQL: the grouping lifts the statement's estimated cost past JIT's inlining and optimizing
-        # thresholds, whose compiling of the row hash over every column took 3.8 s at 1M rows; the work per row is
-        # in functions (MD5, casts) neither makes faster. Expressions are still compiled, as for any statement.
+        keys = [q(key_text(i)) for i in range(len(self.key_columns))]
+        if self.dialect not in ONE_PASS:  # DuckDB: one row per changed key, and one of the unchanged rows
+            return [f"CREATE TABLE {scratch} AS {self.r(select + narrow_grouped(keys), source)}"]
+        payload = [*(q(c) for c in columns), q(NEW_HASH)]
+        # the join over every row lifts the statement's estimated cost past JIT's inlining and optimizing thresholds,
+        # whose compiling of the row hash over every column took 3.8 s at 1M rows; the work per row is in functions
+        # (MD5, casts) neither makes faster. Expressions are still compiled, as for any statement.
         jit = [f"SET LOCAL jit_{step}_above_cost = -1" for step in ("inline", "optimize")]
-        setup = jit if self.dialect == "postgres" else []
-        return [*setup, f"{create} {scratch} AS {self.r(select, source)}", *analyze]  # a name no other run has
+        # unlogged: a scratch table needs no WAL; a crash leaves it empty, and the next run drops it
+        made = f"CREATE UNLOGGED TABLE {scratch} AS {self.r(select + narrow_rows(keys, payload), source)}"
+        return [*jit, made, f"ANALYZE {scratch}"]  # a name no other run has; analyzed for the look-up of deletes
 
     def narrow_counts(self, scratch: str) -> str:
-        """Per op (NULL: unchanged) and whether its key is in the state table, the groups of the narrow diff (its
-        keys, for a changed op) and their source rows."""
+        """Per op (NULL: unchanged) and whether its key is in the state table, the keys of the narrow diff (for a
+        changed op; one group for the unchanged rows) and their source rows."""
+        keys = "".join(f"d.{q(key_text(i))}, " for i in range(len(self.key_columns)))
         by = f"d.{q(OP)}, d.{q(IN_STATE)}"
-        return self.r(f"SELECT {by}, COUNT(*), SUM(d.{q(ROWS)}) FROM {scratch} AS d GROUP BY {by}")
+        grouped = f"SELECT {keys}{by}, SUM(d.{q(ROWS)}) AS {q(ROWS)} FROM {scratch} AS d GROUP BY {keys}{by}"
+        return self.r(f"SELECT {by}, COUNT(*), SUM(d.{q(ROWS)}) FROM ({grouped}) AS d GROUP BY {by}")
 
     def first_load(self, source: str, columns: Sequence[str]) -> str:
         """Every source row, in the query's order, with its key texts and hash (no state to join)."""
