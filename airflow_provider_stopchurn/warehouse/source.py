@@ -12,6 +12,7 @@ from airflow_provider_stopchurn.update.settle import Settled
 from airflow_provider_stopchurn.update.sync import SyncSummary
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.databases import Warehouse
+from airflow_provider_stopchurn.warehouse.sqlparts import schema_name
 
 __all__ = ["DIFF_LOCATION", "PLAN_FORMAT", "ROW_HASH", "WarehouseSource"]
 
@@ -33,7 +34,7 @@ class WarehouseSource:
         name = S.state_table_name(options.brand_id, options.table_name, self.warehouse.dialect)
         older = S.state_table_name(options.brand_id, options.table_name)  # before names were shortened
         return S.StateTable(
-            S.schema_name(self.state_schema, self.warehouse.dialect),
+            schema_name(self.state_schema, self.warehouse.dialect),
             name,
             tuple(options.key_columns),
             self.warehouse.dialect,
