@@ -23,7 +23,8 @@ from killswitch_fs import quiet_upath
 
 from airflow_provider_stopchurn.sandbox import SandboxServer
 from airflow_provider_stopchurn.store import SnapshotStore
-from airflow_provider_stopchurn.update.sync import run_sync
+from airflow_provider_stopchurn.update.plan import make_plan
+from airflow_provider_stopchurn.update.sync import canonical_source, run_sync
 
 PACKAGE = Path(__file__).resolve().parent.parent / "airflow_provider_stopchurn"
 
@@ -93,6 +94,27 @@ def test_the_deleted_rows_are_read_at_the_positions_the_key_match_found(
         summary = run_sync(_table(700, churned=True), store, make_client(stopchurn_sandbox), options(), run_ms=T0 + 1)
     assert (summary.inserted, summary.updated, summary.deleted) == (2, 120, 100)
     assert scans.call_count == 1  # the one row group holding the deleted rows; no scan of the keys
+
+
+def test_kept_keys_a_plan_never_asks_for_are_not_held_through_the_diff_and_the_delivery(
+    tmp_path: Path, stopchurn_sandbox: SandboxServer
+) -> None:
+    """A run whose key columns changed (``on_schema_change='update_all'``) matches the source by its new key
+    columns, so the snapshot's old key columns, kept by the file's check, are never asked for: they stayed in
+    memory beside the new ones through the key match, and for as long as the run held the committed snapshot (its
+    whole delivery). Whatever the plan reads first takes them or drops them."""
+    store = SnapshotStore(quiet_upath(f"countingobjects://{tmp_path}/objects"), BRAND, TABLE)
+    first = options(key_columns=["tenant", "id"])
+    run_sync(_table(70, churned=False).assign(tenant="t"), store, make_client(stopchurn_sandbox), first, run_ms=T0)
+    opts = options(key_columns=["id"], on_schema_change="update_all")
+    canon = canonical_source(_table(70, churned=True).assign(tenant="t"), opts)
+    committed = store.read_committed(keep_keys=True)
+    assert committed is not None and committed.key_columns == ("tenant", "id")
+    plan = make_plan(canon, committed, opts, T0 + 1)
+    assert (plan.inserted, plan.deleted) == (2, 10)
+    CountingObjects.snapshot_reads.clear()
+    assert committed.columns(["tenant", "id"]).height == 70
+    assert len(CountingObjects.snapshot_reads) == 1, "the old key columns were still held after the plan"
 
 
 def _private_imports(module: Path, origins: set[str]) -> list[str]:

@@ -65,6 +65,7 @@ class Committed:
     def frame(self) -> pl.DataFrame:
         """The whole snapshot (read once, then kept)."""
         if self._frame is None:
+            self._keys = None  # kept keys serve only the next read (see :meth:`columns`)
             self._frame = self.store.read_snapshot(self.version)
         return self._frame
 
@@ -84,7 +85,7 @@ class Committed:
         return self.store.read_rows_at(self.version, positions)
 
     def keep_keys(self, keys: pl.DataFrame) -> None:
-        """Keep the key columns read from the file for the next :meth:`columns` call asking for them.
+        """Keep the key columns read from the file for the next :meth:`columns` call, if it asks for them.
 
         :param keys: the snapshot's key columns, as read from its file.
         """
@@ -93,14 +94,16 @@ class Committed:
     def columns(self, names: Sequence[str]) -> pl.DataFrame:
         """Only some columns of the snapshot (Parquet reads just those).
 
-        The key columns kept by ``read_committed(keep_keys=True)`` are handed to the first call asking for them,
-        then forgotten: the caller alone decides how long they stay in memory.
+        The key columns kept by ``read_committed(keep_keys=True)`` serve only the next call: handed to it if it asks
+        for them, else dropped before it reads (a plan by other key columns never asks for them, and they would stay
+        in memory beside its own for as long as the snapshot is held).
         """
+        kept, self._keys = self._keys, None
         if self._frame is not None:
             return self._frame.select(names)
-        if self._keys is not None and tuple(names) == self.key_columns:
-            keys, self._keys = self._keys, None
-            return keys
+        if kept is not None and tuple(names) == self.key_columns:
+            return kept
+        del kept
         return self.store.read_snapshot(self.version, columns=names)
 
 
@@ -118,9 +121,9 @@ class CommittedSnapshots(TableFolder):
         """The committed snapshot, or None before the first commit.
 
         The file is checked by reading its key columns. ``keep_keys`` keeps them for the diff that follows (its
-        first ``columns`` call for the key columns), instead of reading them again (on an object store, a second
-        download of the file). Callers that read a large source first leave it False, so the keys are not held
-        while the source is.
+        next ``columns`` call, when that asks for the key columns), instead of reading them again (on an object
+        store, a second download of the file). Callers that read a large source first leave it False, so the keys
+        are not held while the source is.
         """
         pointer = self._read_json("CURRENT")
         if pointer is None:
