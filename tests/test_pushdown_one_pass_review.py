@@ -197,3 +197,33 @@ def test_a_role_without_usage_on_a_columns_type_keeps_syncing(
     engine.execute("UPDATE feelings SET note = note || '!' WHERE id % 4 = 0")
     summary = run(2)
     assert summary.updated == 7
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", ["domain", "wide"])
+def test_a_source_the_scratch_table_cannot_hold_keeps_syncing(
+    kind: str, stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A domain without USAGE (the scratch table keeps its base type), and a source of 1,597 columns (a table holds
+    at most 1,600: with the key text, op, flag and count the scratch table's would be 1,601)."""
+    engine = next(engine_fixture("postgres", request, tmp_path))
+    if kind == "domain":
+        engine.execute(
+            "CREATE DOMAIN posint AS INT CHECK (VALUE > 0); REVOKE USAGE ON DOMAIN posint FROM PUBLIC; "
+            "CREATE TABLE wide (id BIGINT, p posint, note TEXT); "
+            "INSERT INTO wide SELECT i, i, 'n' || i FROM generate_series(1, 30) AS i"
+        )
+        query, column = "SELECT * FROM wide", "note"
+    else:
+        extra = ", ".join(f"c{j} INT" for j in range(1595))
+        values = ", ".join("i" for _ in range(1595))
+        engine.execute(
+            f"CREATE TABLE wide (id BIGINT, note TEXT, {extra}); "
+            f"INSERT INTO wide SELECT i, 'n' || i, {values} FROM generate_series(1, 30) AS i"
+        )
+        query, column = "SELECT * FROM wide", "note"
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    assert _run(engine, store, sb, 1, query).inserted == 30
+    engine.execute(f"UPDATE wide SET {column} = {column} || '!' WHERE id % 4 = 0")
+    assert _run(engine, store, sb, 2, query).updated == 7

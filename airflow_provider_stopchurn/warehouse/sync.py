@@ -64,6 +64,8 @@ from airflow_provider_stopchurn.warehouse.state import _past_half_swaps, _zoned,
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
 #: ADBC PostgreSQL names each column's database type in its field metadata.
 _PG_TYPE = b"POSTGRESQL:type"
+#: PostgreSQL's most columns in a table (a query may select more)
+_PG_MAX_COLUMNS = 1600
 
 __all__ = ["run_warehouse_sync"]
 
@@ -194,9 +196,12 @@ def _may_create(run: _Run, schema: pa.Schema) -> bool:
     """Whether the run may make its scratch table in the state schema (a role that may only read and write the
     state table diffs in two queries, as every run did before the scratch table). On PostgreSQL the scratch table
     keeps the source's columns (sql.ONE_PASS): a table with a column of a type the role has no USAGE on (a role
-    may read such a column) cannot be made, so a source with one diffs in two queries too."""
+    may read such a column) cannot be made, nor one of more columns than a table may have (its own besides the
+    source's: the key texts, op, flag, count and hash), so such a source diffs in two queries too."""
     if run.warehouse.dialect != "postgres":  # DuckDB: no privileges (a read-only file never gets this far)
         return True
+    if len(schema) + len(run.options.key_columns) + 4 > _PG_MAX_COLUMNS:
+        return False
     sql = f"SELECT has_schema_privilege({S.lit(run.state.schema)}, 'CREATE')"
     # the type names ADBC gives the columns (a domain's is its base type's, which is all the table keeps); every
     # type of such a name is checked, in whichever schema: at worst a run diffs in two queries for nothing
