@@ -227,3 +227,30 @@ def test_a_source_the_scratch_table_cannot_hold_keeps_syncing(
     assert _run(engine, store, sb, 1, query).inserted == 30
     engine.execute(f"UPDATE wide SET {column} = {column} || '!' WHERE id % 4 = 0")
     assert _run(engine, store, sb, 2, query).updated == 7
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(
+    strict=True, reason="the one-pass scratch table cannot hold a row wider than a heap page (no fallback)"
+)
+def test_a_source_row_wider_than_a_table_row_keeps_syncing(
+    stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A query may return rows wider than a table can store (a join of two wide tables of fixed-width columns:
+    1,200 BIGINTs, 9,600 bytes, past PostgreSQL's 8,160-byte row): it synced when the scratch table held the key
+    texts only."""
+    engine = next(engine_fixture("postgres", request, tmp_path))
+    extra = ", ".join(f"c{j} BIGINT" for j in range(600))
+    values = ", ".join("i" for _ in range(600))
+    for name in ("wa", "wb"):
+        engine.execute(
+            f"CREATE TABLE {name} (id BIGINT, {extra}); "
+            f"INSERT INTO {name} SELECT i, {values} FROM generate_series(1, 30) AS i"
+        )
+    picked = ", ".join([*(f"a.c{j}" for j in range(600)), *(f"b.c{j} AS d{j}" for j in range(600))])
+    query = f"SELECT a.id, {picked} FROM wa AS a JOIN wb AS b ON a.id = b.id"
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    assert _run(engine, store, sb, 1, query).inserted == 30
+    engine.execute("UPDATE wa SET c0 = c0 + 1 WHERE id % 4 = 0")
+    assert _run(engine, store, sb, 2, query).updated == 7
