@@ -179,10 +179,13 @@ def changed_rows(scratch: str, columns: Sequence[str], keys: int, state: tuple[s
     table, match, (created, row) = state
     names = [*(q(c) for c in columns), *(q(key_text(i)) for i in range(keys)), q(NEW_HASH)]
     listed = ", ".join(f"d.{c}" for c in names)
+    # a look-up of its own for each changed row (LIMIT 1: never flattened into a join), through the key index:
+    # joined, PostgreSQL hashed the changed rows and scanned the whole state table (0.29 s at 300,000 rows)
+    found = f"SELECT t.{q(created)}, t.{q(row)} FROM {table} AS t WHERE d.{q(IN_STATE)} = 1 AND {match} LIMIT 1"
     return (
         f"SELECT {listed}, t.{q(created)} AS {q(OLD_CREATED)}, "
         f"CASE WHEN d.{q(OP)} = 'delete' THEN t.{q(row)} END AS {q(OLD_ROW)}, d.{q(OP)} FROM {scratch} AS d "
-        f"LEFT JOIN {table} AS t ON d.{q(IN_STATE)} = 1 AND {match} WHERE d.{q(OP)} IS NOT NULL"
+        f"LEFT JOIN LATERAL ({found}) AS t ON TRUE WHERE d.{q(OP)} IS NOT NULL"
     )
 
 
