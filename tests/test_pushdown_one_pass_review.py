@@ -15,6 +15,7 @@ from pushdown_engines import Engine, engine_fixture
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.warehouse import WarehouseSource, run_warehouse_sync
 from airflow_provider_stopchurn.warehouse import sql as S
+from airflow_provider_stopchurn.warehouse.sqlparts import key_index_valid
 
 PG_TYPE = b"POSTGRESQL:type"
 
@@ -254,3 +255,54 @@ def test_a_source_row_wider_than_a_table_row_keeps_syncing(
     assert _run(engine, store, sb, 1, query).inserted == 30
     engine.execute("UPDATE wa SET c0 = c0 + 1 WHERE id % 4 = 0")
     assert _run(engine, store, sb, 2, query).updated == 7
+
+
+def _rows_read(plan: Any, table: str) -> int:
+    """The rows the scans of ``table`` in an EXPLAIN (ANALYZE, FORMAT JSON) plan read, over all their loops."""
+    node = plan[0]["Plan"] if isinstance(plan, list) else plan
+    own = 0
+    if node.get("Relation Name") == table:
+        own = (node.get("Actual Rows", 0) + node.get("Rows Removed by Filter", 0)) * node.get("Actual Loops", 1)
+    return own + sum(_rows_read(child, table) for child in node.get("Plans", []))
+
+
+@pytest.mark.postgres
+def test_the_changed_rows_look_up_of_a_state_table_without_its_key_index_reads_it_about_once(
+    stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A state table without its key index (made before it had one, run by a role that does not own it, which
+    cannot add it: a case the sync supports) is read about once for the changed rows' createdAt and delivered
+    rows, not once per changed row."""
+    import json
+
+    engine = next(engine_fixture("postgres", request, tmp_path))
+    engine.execute(
+        "CREATE TABLE plain (id BIGINT, a INT, b TEXT); "
+        "INSERT INTO plain SELECT i, i, 'b' || i FROM generate_series(1, 2000) AS i; "
+        "CREATE FUNCTION explained(q TEXT) RETURNS JSON LANGUAGE plpgsql AS "
+        "$$ DECLARE r JSON; BEGIN EXECUTE 'EXPLAIN (ANALYZE, FORMAT JSON) ' || q INTO r; RETURN r; END $$"
+    )
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    query = "SELECT * FROM plain"
+    _run(engine, store, sb, 1, query)
+    name = S.state_table_name(BRAND, TABLE, "postgres")
+    state = S.StateTable("stopchurn_state", name, ("id",), "postgres")
+    index = f"{S.q(state.schema)}.{S.q(state.short() + '__key')}"
+    assert engine.rows(key_index_valid(index)) == [(1,)]  # the look-up through it, as long as it is there
+    for (index_name,) in engine.rows(f"SELECT indexname FROM pg_indexes WHERE tablename = '{name}'"):
+        engine.execute(f'DROP INDEX "stopchurn_state"."{index_name}"')
+    engine.execute("UPDATE plain SET a = a + 1 WHERE id % 4 = 0; DELETE FROM plain WHERE id % 9 = 0")
+    scratch = state.scratch("0123456789ab")
+    warehouse = engine.warehouse()
+    try:
+        warehouse.execute(state.diff_into(scratch, query, ["id", "a", "b"], update_all=False))
+        indexed = bool(warehouse.rows(key_index_valid(index))[0][0])  # as the run decides (plan._change_batches)
+        assert not indexed
+        sql = state.changes(query, ["id", "a", "b"], update_all=False, among=scratch, indexed=indexed)
+        (plan,) = warehouse.rows(f"SELECT CAST(explained({S.lit(sql)}) AS TEXT)")[0]
+    finally:
+        warehouse.execute([f"DROP TABLE IF EXISTS {scratch}"])
+        warehouse.close()
+    read = _rows_read(json.loads(plan) if isinstance(plan, str) else plan, name)
+    assert 0 < read <= 3 * 2000, read
