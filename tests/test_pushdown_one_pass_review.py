@@ -1,4 +1,4 @@
-"""Review of the one-pass warehouse diff (PostgreSQL): the changed rows kept in the narrow diff's scratch table
+"""The one-pass warehouse diff (PostgreSQL): the changed rows kept in the narrow diff's scratch table
 read as the one-query change query reads them, for the types whose text, modifier or catalog entry a ``CASE`` or a
 ``CREATE TABLE AS`` could change, and a run over them sends what the worker path would."""
 
