@@ -311,15 +311,15 @@ class StateTable:
             source,
         )
 
-    def changes(self, source: str, columns: Sequence[str], *, update_all: bool, among: str | None = None) -> str:
-        """The changed rows only: the source's columns (NULL for deletes), the key texts, the new hash, and the
-        state's createdAt and last delivered row. ``among``: the scratch table of a narrow diff (:meth:`diff_into`).
-        :data:`ONE_PASS`: it holds them, the user's query is not run again. DuckDB: only its keys are diffed again,
-        as they are now. Either way a row's op, hash and columns come from one statement, even when the source
-        moved since the narrow diff."""
+    def changes(
+        self, source: str, columns: Sequence[str], *, update_all: bool, among: str | None = None, indexed: bool = True
+    ) -> str:
+        """The changed rows: source columns (NULL for deletes), key texts, new hash, the state's createdAt and last
+        delivered row. ``among``: a narrow diff's scratch table; :data:`ONE_PASS`: it holds them (``indexed``: the
+        state table has its key index), else its keys are diffed again: op, hash and columns from one statement."""
         if among is not None and self.dialect in ONE_PASS:
             state = (self.qualified, self._match("d"), (CREATED, ROW))
-            return self.r(changed_rows(among, columns, len(self.key_columns), state))
+            return self.r(changed_rows(among, columns, len(self.key_columns), state, indexed=indexed))
         cte = self._diff_cte(columns, update_all=update_all, among=among)  # DuckDB: the changed keys diffed again
         return self.r(cte + f"SELECT * FROM d WHERE d.{q(OP)} IS NOT NULL", source)
 

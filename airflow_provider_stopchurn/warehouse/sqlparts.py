@@ -178,26 +178,43 @@ def narrow_grouped(keys: Sequence[str]) -> str:
     return f"SELECT {nulled}, d.{q(OP)}, d.{q(IN_STATE)}, COUNT(*) AS {q(ROWS)} FROM d GROUP BY {by}"
 
 
-def changed_rows(scratch: str, columns: Sequence[str], keys: int, state: tuple[str, str, tuple[str, str]]) -> str:
+def changed_rows(
+    scratch: str, columns: Sequence[str], keys: int, state: tuple[str, str, tuple[str, str]], *, indexed: bool = True
+) -> str:
     """The changed rows kept in a narrow diff's scratch table, with the one-query change query's columns: the
     source's, the key texts, the hash, createdAt, the last delivered row (a delete's) and the op.
 
     :param state: the state table (quoted and qualified), its key texts equal to the scratch table's (``match``:
         the state aliased ``t``, the scratch table ``d``) and its columns of createdAt and delivered rows: they are
-        looked up by key for the changed rows whose key it holds (through its key index on PostgreSQL)."""
+        looked up by key for the changed rows whose key it holds (through its key index on PostgreSQL).
+    :param indexed: the state table has its key index (PostgreSQL). Without it (a role that may not add it) the
+        state table is joined: a look-up per changed row would scan it once each."""
     table, match, (created, row) = state
     names = [*(q(c) for c in columns), *(q(key_text(i)) for i in range(keys)), q(NEW_HASH)]
     listed = ", ".join(f"d.{c}" for c in names)
     # a look-up of its own for each changed row (LIMIT 1: never flattened into a join), through the key index:
     # joined, PostgreSQL hashed the changed rows and scanned the whole state table (0.29 s at 300,000 rows)
     found = f"SELECT t.{q(created)}, t.{q(row)} FROM {table} AS t WHERE d.{q(IN_STATE)} = 1 AND {match} LIMIT 1"
+    joined = (
+        f"LEFT JOIN LATERAL ({found}) AS t ON TRUE"
+        if indexed
+        else f"LEFT JOIN {table} AS t ON d.{q(IN_STATE)} = 1 AND {match}"
+    )
     return (
         f"SELECT {listed}, t.{q(created)} AS {q(OLD_CREATED)}, "
         f"CASE WHEN d.{q(OP)} = 'delete' THEN t.{q(row)} END AS {q(OLD_ROW)}, d.{q(OP)} FROM {scratch} AS d "
-        f"LEFT JOIN LATERAL ({found}) AS t ON TRUE WHERE d.{q(OP)} IS NOT NULL"
+        f"{joined} WHERE d.{q(OP)} IS NOT NULL"
     )
 
 
 def key_text(i: int) -> str:
     """The name of the i-th key's text in the change query and the staging table."""
     return f"__sc_key_{i}"
+
+
+def key_index_valid(index: str) -> str:
+    """A query of one row: 1 when ``index`` (quoted and qualified; PostgreSQL) exists and is valid, else 0."""
+    return (
+        "SELECT COUNT(*) FROM pg_catalog.pg_index AS i "
+        f"WHERE i.indexrelid = to_regclass({lit(index)}) AND i.indisvalid AND i.indisready"
+    )
