@@ -26,20 +26,13 @@ TYPES = {
     "domain_numeric": ("CREATE DOMAIN money2 AS NUMERIC(10, 2)", "money2", "i / 7.0"),
     "domain_varchar": ("CREATE DOMAIN short AS VARCHAR(4)", "short", "'s' || i % 100"),
     "uuid": ("", "UUID", "md5(i::text)::uuid"),
-    "inet": ("", "INET", "('10.0.0.' || i % 250)::inet"),
-    "bit": ("", "BIT(3)", "(i % 8)::bit(3)"),
-    "varbit": ("", "VARBIT(5)", "(i % 8)::bit(3)::varbit"),
     "timestamp": ("", "TIMESTAMP(3)", "TIMESTAMP '2026-01-01' + i * INTERVAL '1.2345 second'"),
     "timetz": ("", "TIMETZ", "TIMETZ '10:00+02' + i * INTERVAL '1 minute'"),
     "time": ("", "TIME(0)", "TIME '10:00' + i * INTERVAL '1 minute'"),
     "date": ("", "DATE", "DATE '2026-01-01' + i"),
     "float4": ("", "REAL", "i / 3.0"),
     "numeric_nan": ("", "NUMERIC", "CASE WHEN i % 5 = 0 THEN 'NaN'::numeric ELSE i / 3.0 END"),
-    "range": ("", "INT4RANGE", "int4range(i, i + 5)"),
     "text_array": ("", "VARCHAR(3)[]", "ARRAY['a' || i % 10, NULL]::varchar(3)[]"),
-    "jsonb_array": ("", "JSONB[]", "ARRAY[jsonb_build_object('i', i)]"),
-    "numeric_array": ("", "NUMERIC(6,3)[]", "ARRAY[i / 7.0]::numeric(6,3)[]"),
-    "xml": ("", "XML", "xmlelement(name a, i)"),
     "oid": ("", "OID", "i::oid"),
     "char_padded": ("", "CHAR(6)", "'ab'"),
 }
@@ -80,8 +73,7 @@ def test_scratch_rows_read_as_the_one_query_rows(
     sb = stopchurn_sandbox_factory(record=True)
     store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
     first = _outcome(lambda: _run(engine, store, sb, 1))
-    if first[0] == "error":
-        pytest.skip(f"the type is refused by a first load: {first[1]}")
+    assert first[0] == "ok", first
     engine.execute("UPDATE typed SET id = id + 1000 WHERE id % 4 = 0; DELETE FROM typed WHERE id % 9 = 0")
     state = S.StateTable("stopchurn_state", S.state_table_name(BRAND, TABLE, "postgres"), ("id",), "postgres")
     scratch = state.scratch("0123456789ab")
@@ -115,7 +107,6 @@ def test_scratch_rows_read_as_the_one_query_rows(
 QUERIES = {
     "unknown_literal": "SELECT id, 'x' AS v, a FROM plain",
     "null_literal": "SELECT id, NULL AS v, a FROM plain",
-    "anonymous_record": "SELECT id, ROW(a, b) AS v FROM plain",
     "aliases_as_names": (
         'SELECT id, a AS c, b AS d, a AS x, b AS g, a AS n, b AS t, a AS s, b AS k, a AS "count" FROM plain'
     ),
@@ -137,8 +128,7 @@ def test_query_columns_the_scratch_table_keeps(
     store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
     query = QUERIES[kind]
     first = _outcome(lambda: _run(engine, store, sb, 1, query))
-    if first[0] == "error":
-        pytest.skip(f"the query is refused by a first load: {first[1]}")
+    assert first[0] == "ok", first
     engine.execute("UPDATE plain SET id = id + 1000, a = a + 1 WHERE id % 4 = 0; DELETE FROM plain WHERE id % 9 = 0")
     second = _outcome(lambda: _run(engine, store, sb, 2, query))
     assert second[0] == "ok", second
@@ -231,9 +221,6 @@ def test_a_source_the_scratch_table_cannot_hold_keeps_syncing(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True, reason="the one-pass scratch table cannot hold a row wider than a heap page (no fallback)"
-)
 def test_a_source_row_wider_than_a_table_row_keeps_syncing(
     stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

@@ -24,7 +24,7 @@ from airflow_provider_stopchurn.warehouse.changes import _OP, _op_counts
 from airflow_provider_stopchurn.warehouse.databases import Warehouse
 from airflow_provider_stopchurn.warehouse.source import DIFF_LOCATION, PLAN_FORMAT, _Run
 from airflow_provider_stopchurn.warehouse.sqlparts import key_index_valid
-from airflow_provider_stopchurn.warehouse.state import _Meta
+from airflow_provider_stopchurn.warehouse.state import _first_line, _Meta
 
 # the logger name the warehouse sync has always logged under: users and tests filter on it
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
@@ -36,6 +36,9 @@ def _instants(types: Mapping[str, str]) -> dict[str, str]:
     return {name: _ZONE.sub("tz=UTC", text) for name, text in types.items()}
 
 
+#: SQLSTATEs of a scratch table that cannot hold the source's rows: a row wider than a page or too many columns
+#: (program limits), a column type the role has no USAGE on; the run then diffs in two queries.
+_SCRATCH_CANNOT_HOLD = frozenset({"54000", "54011", "42501"})
 _ZONE = re.compile(r"tz=[^,\]\)]+")
 
 
@@ -141,9 +144,21 @@ def _decide(
             _check_keys(warehouse, state, query, options)
         (total,) = warehouse.rows(state.r(f"SELECT COUNT(*) FROM {S.q(S.SOURCE)} AS s", query))[0]
         return _Diff(False, True, schema_change, {"unchanged": int(total)})
+    counts = None
     if scratch is not None:
-        counts = _narrow_counts(warehouse, state, scratch, query, columns, update_all=update_all, options=options)
-    else:
+        try:
+            counts = _narrow_counts(warehouse, state, scratch, query, columns, update_all=update_all, options=options)
+        except Exception as err:
+            if getattr(err, "sqlstate", None) not in _SCRATCH_CANNOT_HOLD:
+                raise
+            # rows no table can store here (wider than a page, of a type the role may not use): the two queries
+            log.warning(
+                "The narrow diff's scratch table cannot hold this source (%s); diffing in two queries.",
+                _first_line(err),
+            )
+            scratch = None
+            _check_keys(warehouse, state, query, options)
+    if counts is None:
         raw = warehouse.rows(state.counts(query, columns, update_all=update_all))
         counts = {("unchanged" if op is None else str(op)): int(n) for op, n in raw}
     source_rows = counts.get("insert", 0) + counts.get("update", 0) + counts.get("unchanged", 0)
