@@ -227,16 +227,19 @@ def _sorted(frame: pl.DataFrame, sort_columns: Sequence[str]) -> pl.DataFrame:
 
 def sized(batches: Iterable[pa.RecordBatch], size: int, rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
     """``batches`` re-cut to about ``size`` bytes and at most ``rows`` rows each, in order: a batch of wide rows
-    is sliced (zero-copy), consecutive small ones are joined. So the encoding's own copies of a batch stay about
-    ``size``, whatever the rows' width, and narrow rows are still encoded ``rows`` at a time (each encoding has a
-    fixed cost)."""
+    is sliced (zero-copy), consecutive small ones of one schema (types and field metadata) are joined. So the
+    encoding's own copies of a batch stay about ``size``, whatever the rows' width, and narrow rows are still
+    encoded ``rows`` at a time (each encoding has a fixed cost)."""
     held: list[pa.RecordBatch] = []
     held_bytes = held_rows = 0
     for batch in batches:
         step = max(1, min(rows, int(size * batch.num_rows / max(1, batch.nbytes)))) if batch.num_rows else 1
         for offset in range(0, max(batch.num_rows, 1), step):
             part = batch.slice(offset, step) if step < batch.num_rows else batch
-            if held and (held_bytes + part.nbytes > size or held_rows + part.num_rows > rows):
+            # parts typed apart are never joined: a DB-API warehouse types each fetch from its own values, and
+            # a joined batch would type every row as its first part (or not join at all: a null column)
+            joins = not held or held[0].schema.equals(part.schema, check_metadata=True)
+            if held and (not joins or held_bytes + part.nbytes > size or held_rows + part.num_rows > rows):
                 yield held[0] if len(held) == 1 else pa.concat_batches(held)
                 held, held_bytes, held_rows = [], 0, 0
             held.append(part)
