@@ -6,7 +6,7 @@ leave a state from which the next run makes StopChurn equal to the source, and t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import pytest
@@ -74,7 +74,7 @@ def test_a_failure_in_the_second_window_settles_the_staged_parts(
 class _Recording(KillableDuckDB):
     """Notes the write number of each statement that appends a staged part (the parts of a settle)."""
 
-    parts: list[int] = []
+    parts: ClassVar[list[int]] = []
 
     def execute(self, statements: Any) -> None:
         super().execute(statements)
@@ -87,7 +87,7 @@ def test_killed_at_each_staged_part_of_the_settle_then_converges(
 ) -> None:
     sb = stopchurn_sandbox_factory(record=True)
     engine = Engine("duckdb", tmp_path / "w.duckdb")
-    base, second = _base(), None
+    base = _base()
     second = _churned(base)
 
     def fresh() -> SnapshotStore:
@@ -119,3 +119,33 @@ def test_killed_at_each_staged_part_of_the_settle_then_converges(
         assert store.pending_plan() is None, (n, when)
         again = _run(_Recording(str(engine.handle)), store, make_client(sb), 3)
         assert again.inserted + again.updated + again.deleted == 0, (n, when)
+
+
+def test_wide_rows_in_byte_limited_chunks_send_the_local_paths_bodies(
+    stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """Chunks cut by ``max_chunk_bytes`` (not by ``chunk_size``) run across the 32 MB a DuckDB window holds: a
+    window cut there ends a chunk the local path does not end, and every body after it differs. The bodies must
+    be the local path's, byte for byte (a window may end only where a chunk of the local path ends)."""
+    from helpers_sync import RecordingSender
+
+    from airflow_provider_stopchurn.update.sync import run_sync
+
+    engine = Engine("duckdb", tmp_path / "w.duckdb")
+    ids = pd.RangeIndex(1, 17_001)  # about 2 kB each: 35 MB of row JSON, past one 32 MB window
+    frame = pd.DataFrame({"id": ids, "payload": [f"{i:08d}" * 250 for i in ids]})
+    engine.load(frame)
+    bodies: dict[str, list[bytes]] = {}
+    for path in ("local", "warehouse"):
+        sb = stopchurn_sandbox_factory(record=False)
+        sender = RecordingSender(make_client(sb))
+        store = SnapshotStore(tmp_path / path, BRAND, TABLE)
+        opts = options(chunk_size=500, max_chunk_bytes=61_000, max_concurrent_requests=1)  # 29 rows a body
+        if path == "local":
+            run_sync(engine.read("SELECT * FROM src"), store, sender, opts, run_ms=T0)
+        else:
+            run_warehouse_sync(WarehouseSource("SELECT * FROM src", engine.warehouse()), store, sender, opts, run_ms=T0)
+        bodies[path] = sender.bodies
+    assert len(bodies["local"]) > 500
+    assert [len(b) for b in bodies["warehouse"]] == [len(b) for b in bodies["local"]]
+    assert bodies["warehouse"] == bodies["local"]

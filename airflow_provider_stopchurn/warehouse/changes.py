@@ -267,8 +267,11 @@ def windows(frame: pl.DataFrame, options: SyncOptions, size: int | None = None) 
     """The plan's updates, encoded and chunked a window at a time as the local path does: ``window_rows`` rows,
     or fewer where ``size`` bounds a window's bytes (:func:`window_rows`)."""
     rows = window_rows(frame, options, size)
-    for offset in range(0, frame.height, rows):
-        part = frame.slice(offset, rows)
+    offset = 0
+    while offset < frame.height:
+        # never across a window of the local path (its chunks end there)
+        end = min(offset + rows, (offset // options.window_rows + 1) * options.window_rows, frame.height)
+        part = frame.slice(offset, end - offset)
         updates = encode_updates(
             part.get_column(_OP),
             part.get_column(_ROW),
@@ -276,8 +279,15 @@ def windows(frame: pl.DataFrame, options: SyncOptions, size: int | None = None) 
             part.get_column(_UPDATED),
             brand_id=options.brand_id,
             table_name=options.table_name,
-        )
-        yield encoded_window(offset, [updates.alias("update")], options)
+        ).alias("update")
+        window = encoded_window(offset, [updates], options)
+        if end < frame.height and end % options.window_rows and len(window.chunks) > 1:
+            # cut short of the local path's window: its last chunk may be one the local path makes longer (a
+            # chunk cut by max_chunk_bytes), so it starts the next window and the bodies stay the local path's
+            start = window.chunks[-1][0] - offset
+            window = encoded_window(offset, [updates.slice(0, start)], options)
+        yield window
+        offset = window.chunks[-1][1] if window.chunks else end
 
 
 def _kinds(schema: pa.Schema, options: SyncOptions) -> dict[str, str]:
