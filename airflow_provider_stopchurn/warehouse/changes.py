@@ -236,10 +236,11 @@ def sized(batches: Iterable[pa.RecordBatch], size: int, rows: int = BATCH_ROWS) 
         step = max(1, min(rows, int(size * batch.num_rows / max(1, batch.nbytes)))) if batch.num_rows else 1
         for offset in range(0, max(batch.num_rows, 1), step):
             part = batch.slice(offset, step) if step < batch.num_rows else batch
-            # parts typed apart are never joined: a DB-API warehouse types each fetch from its own values, and
-            # a joined batch would type every row as its first part (or not join at all: a null column)
-            joins = not held or held[0].schema.equals(part.schema, check_metadata=True)
-            if held and (not joins or held_bytes + part.nbytes > size or held_rows + part.num_rows > rows):
+            # a batch of other types (a DB-API batch's types come from its own rows) starts a batch of its own;
+            # so does one of other field metadata (a DB-API column of JSON values is marked so in its batch
+            # only: joined, the rows of one batch would be encoded as the other's kind)
+            full = held_bytes + part.nbytes > size or held_rows + part.num_rows > rows
+            if held and (full or not part.schema.equals(held[0].schema, check_metadata=True)):
                 yield held[0] if len(held) == 1 else pa.concat_batches(held)
                 held, held_bytes, held_rows = [], 0, 0
             held.append(part)
@@ -260,7 +261,7 @@ def window_rows(frame: pl.DataFrame, options: SyncOptions, size: int | None) -> 
     if row_bytes <= size:
         return rows
     fit = int(size * frame.height / row_bytes) // options.chunk_size * options.chunk_size
-    return max(options.chunk_size, min(rows, fit))
+    return min(rows, max(options.chunk_size, fit))
 
 
 def windows(frame: pl.DataFrame, options: SyncOptions, size: int | None = None) -> Iterator[Window]:
