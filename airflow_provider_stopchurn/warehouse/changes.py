@@ -282,10 +282,12 @@ def windows(frame: pl.DataFrame, options: SyncOptions, size: int | None = None) 
             table_name=options.table_name,
         ).alias("update")
         window = encoded_window(offset, [updates], options)
-        if end < frame.height and end % options.window_rows and len(window.chunks) > 1:
-            # cut short of the local path's window: its last chunk may be one the local path makes longer (a
-            # chunk cut by max_chunk_bytes), so it starts the next window and the bodies stay the local path's
-            start = window.chunks[-1][0] - offset
+        first, last = window.chunks[0][0], window.chunks[-1][0]
+        if end < frame.height and end % options.window_rows and last > first and end - last < options.chunk_size:
+            # cut short of the local path's window, its last chunk short of chunk_size: the local path may make
+            # it longer (chunks cut by max_chunk_bytes), so it starts the next window and the bodies stay the
+            # local path's
+            start = last - offset
             window = encoded_window(offset, [updates.slice(0, start)], options)
         yield window
         offset = window.chunks[-1][1] if window.chunks else end
