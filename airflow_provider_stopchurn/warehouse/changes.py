@@ -227,18 +227,20 @@ def _sorted(frame: pl.DataFrame, sort_columns: Sequence[str]) -> pl.DataFrame:
 
 def sized(batches: Iterable[pa.RecordBatch], size: int, rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
     """``batches`` re-cut to about ``size`` bytes and at most ``rows`` rows each, in order: a batch of wide rows
-    is sliced (zero-copy), consecutive small ones are joined. So the encoding's own copies of a batch stay about
-    ``size``, whatever the rows' width, and narrow rows are still encoded ``rows`` at a time (each encoding has a
-    fixed cost)."""
+    is sliced (zero-copy), consecutive small ones of one schema (types and field metadata) are joined. So the
+    encoding's own copies of a batch stay about ``size``, whatever the rows' width, and narrow rows are still
+    encoded ``rows`` at a time (each encoding has a fixed cost)."""
     held: list[pa.RecordBatch] = []
     held_bytes = held_rows = 0
     for batch in batches:
         step = max(1, min(rows, int(size * batch.num_rows / max(1, batch.nbytes)))) if batch.num_rows else 1
         for offset in range(0, max(batch.num_rows, 1), step):
             part = batch.slice(offset, step) if step < batch.num_rows else batch
-            # a batch of other types (a DB-API batch's types come from its own rows) starts a batch of its own
+            # a batch of other types (a DB-API batch's types come from its own rows) starts a batch of its own;
+            # so does one of other field metadata (a DB-API column of JSON values is marked so in its batch
+            # only: joined, the rows of one batch would be encoded as the other's kind)
             full = held_bytes + part.nbytes > size or held_rows + part.num_rows > rows
-            if held and (full or not part.schema.equals(held[0].schema)):
+            if held and (full or not part.schema.equals(held[0].schema, check_metadata=True)):
                 yield held[0] if len(held) == 1 else pa.concat_batches(held)
                 held, held_bytes, held_rows = [], 0, 0
             held.append(part)
@@ -266,8 +268,11 @@ def windows(frame: pl.DataFrame, options: SyncOptions, size: int | None = None) 
     """The plan's updates, encoded and chunked a window at a time as the local path does: ``window_rows`` rows,
     or fewer where ``size`` bounds a window's bytes (:func:`window_rows`)."""
     rows = window_rows(frame, options, size)
-    for offset in range(0, frame.height, rows):
-        part = frame.slice(offset, rows)
+    offset = 0
+    while offset < frame.height:
+        # never across a window of the local path (its chunks end there)
+        end = min(offset + rows, (offset // options.window_rows + 1) * options.window_rows, frame.height)
+        part = frame.slice(offset, end - offset)
         updates = encode_updates(
             part.get_column(_OP),
             part.get_column(_ROW),
@@ -275,8 +280,17 @@ def windows(frame: pl.DataFrame, options: SyncOptions, size: int | None = None) 
             part.get_column(_UPDATED),
             brand_id=options.brand_id,
             table_name=options.table_name,
-        )
-        yield encoded_window(offset, [updates.alias("update")], options)
+        ).alias("update")
+        window = encoded_window(offset, [updates], options)
+        first, last = window.chunks[0][0], window.chunks[-1][0]
+        if end < frame.height and end % options.window_rows and last > first and end - last < options.chunk_size:
+            # cut short of the local path's window, its last chunk short of chunk_size: the local path may make
+            # it longer (chunks cut by max_chunk_bytes), so it starts the next window and the bodies stay the
+            # local path's
+            start = last - offset
+            window = encoded_window(offset, [updates.slice(0, start)], options)
+        yield window
+        offset = window.chunks[-1][1] if window.chunks else end
 
 
 def _kinds(schema: pa.Schema, options: SyncOptions) -> dict[str, str]:
