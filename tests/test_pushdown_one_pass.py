@@ -187,24 +187,33 @@ def test_the_scratch_tables_changed_rows_read_with_the_sources_types_and_modifie
     _run(engine, query, store, sb, 1)
     engine.execute("UPDATE typed SET amount = amount + 1 WHERE id % 4 = 0; DELETE FROM typed WHERE id % 9 = 0")
     engine.execute("INSERT INTO typed SELECT id + 100, amount, code, tag, doc, raw, nums, at, span FROM typed LIMIT 3")
+    columns = ["id", "amount", "code", "tag", "doc", "raw", "nums", "at", "span"]
+    assert_scratch_rows_read_as_the_one_query_rows(engine, query, columns)
+    summary = _run(engine, query, store, sb, 2, max_delete_fraction=1.0)
+    assert (summary.inserted, summary.updated, summary.deleted) == (3, 9, 4)
+
+
+def assert_scratch_rows_read_as_the_one_query_rows(engine: Any, query: str, columns: list[str]) -> None:
+    """The changed rows read from a narrow diff's scratch table carry the Arrow types, PostgreSQL type names (not
+    their modifiers: a datum is the same with or without one) and values of the one-query change query."""
     state = S.StateTable("stopchurn_state", S.state_table_name(BRAND, TABLE, "postgres"), ("id",), "postgres")
     scratch = state.scratch("0123456789ab")
     warehouse = engine.warehouse()
     try:
-        columns = ["id", "amount", "code", "tag", "doc", "raw", "nums", "at", "span"]
         warehouse.execute(state.diff_into(scratch, query, columns, update_all=False))
         one = pa.Table.from_batches(list(warehouse.batches(state.changes(query, columns, update_all=False))))
         narrow = pa.Table.from_batches(
             list(warehouse.batches(state.changes(query, columns, update_all=False, among=scratch)))
         )
         for a, b in zip(narrow.schema, one.schema, strict=True):
-            # the type's name (arrow_values reads it); not its modifier: a datum is the same with or without it
-            assert (a.name, a.type, a.metadata.get(PG_TYPE)) == (b.name, b.type, b.metadata.get(PG_TYPE))
+            assert (a.name, a.type, (a.metadata or {}).get(PG_TYPE)) == (
+                b.name,
+                b.type,
+                (b.metadata or {}).get(PG_TYPE),
+            )
         by = [(S.key_text(0), "ascending")]
         assert narrow.num_rows == one.num_rows > 0
         assert narrow.sort_by(by).to_pylist() == one.sort_by(by).to_pylist()
     finally:
         warehouse.execute([f"DROP TABLE IF EXISTS {scratch}"])
         warehouse.close()
-    summary = _run(engine, query, store, sb, 2, max_delete_fraction=1.0)
-    assert (summary.inserted, summary.updated, summary.deleted) == (3, 9, 4)

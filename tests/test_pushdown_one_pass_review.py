@@ -7,17 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pytest
 from helpers_sync import BRAND, T0, TABLE, make_client, options
 from pushdown_engines import Engine, engine_fixture
+from test_pushdown_one_pass import assert_scratch_rows_read_as_the_one_query_rows
 
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.warehouse import WarehouseSource, run_warehouse_sync
 from airflow_provider_stopchurn.warehouse import sql as S
 from airflow_provider_stopchurn.warehouse.sqlparts import key_index_valid
-
-PG_TYPE = b"POSTGRESQL:type"
 
 #: (type DDL, column type, value expression of i)
 TYPES = {
@@ -75,30 +73,7 @@ def test_scratch_rows_read_as_the_one_query_rows(
     first = _outcome(lambda: _run(engine, store, sb, 1))
     assert first[0] == "ok", first
     engine.execute("UPDATE typed SET id = id + 1000 WHERE id % 4 = 0; DELETE FROM typed WHERE id % 9 = 0")
-    state = S.StateTable("stopchurn_state", S.state_table_name(BRAND, TABLE, "postgres"), ("id",), "postgres")
-    scratch = state.scratch("0123456789ab")
-    warehouse = engine.warehouse()
-    query = "SELECT * FROM typed"
-    columns = ["id", "v"]
-    try:
-        made = _outcome(lambda: warehouse.execute(state.diff_into(scratch, query, columns, update_all=False)))
-        assert made[0] == "ok", made
-        one = pa.Table.from_batches(list(warehouse.batches(state.changes(query, columns, update_all=False))))
-        narrow = pa.Table.from_batches(
-            list(warehouse.batches(state.changes(query, columns, update_all=False, among=scratch)))
-        )
-        for a, b in zip(narrow.schema, one.schema, strict=True):
-            assert (a.name, a.type, (a.metadata or {}).get(PG_TYPE)) == (
-                b.name,
-                b.type,
-                (b.metadata or {}).get(PG_TYPE),
-            )
-        by = [(S.key_text(0), "ascending")]
-        assert narrow.num_rows == one.num_rows > 0
-        assert narrow.sort_by(by).to_pylist() == one.sort_by(by).to_pylist()
-    finally:
-        warehouse.execute([f"DROP TABLE IF EXISTS {scratch}"])
-        warehouse.close()
+    assert_scratch_rows_read_as_the_one_query_rows(engine, "SELECT * FROM typed", ["id", "v"])
     second = _outcome(lambda: _run(engine, store, sb, 2))
     assert second[0] == "ok", second
 
