@@ -75,6 +75,23 @@ def _waiting(engine: Engine, run: _Background, others: int) -> None:
         time.sleep(0.05)
 
 
+def _while_another_session_reads(engine: Engine, table: str, target: Any) -> _Background:
+    """``target`` run in the background while a second session holds a lock on ``table`` (it read from it in a
+    transaction left open), which ends once the run ended or :data:`PATIENCE_S` passed; the run must have ended
+    without waiting for the lock."""
+    holder = engine.handle.connect(autocommit=False)
+    try:
+        holder.execute(f"SELECT * FROM {table}")  # its lock is held until the transaction ends
+        run = _Background(target)
+        finished = run.finished_within(PATIENCE_S)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert run.finished_within(PATIENCE_S)
+    assert finished, "the run waited for the other session's lock"
+    return run
+
+
 def test_a_stale_scratch_table_another_session_locks_is_left_with_a_warning(
     engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -89,17 +106,8 @@ def test_a_stale_scratch_table_another_session_locks_is_left_with_a_warning(
     engine.execute(f"CREATE TABLE {stale} AS SELECT 1 AS x")
     moved = churn(frame, 1)
     engine.load(moved)
-    holder = engine.handle.connect(autocommit=False)
-    try:
-        holder.execute(f"SELECT * FROM {stale}")  # its lock is held until the transaction ends
-        with caplog.at_level(logging.WARNING, logger="airflow_provider_stopchurn.warehouse.engine"):
-            run = _Background(lambda: _run(engine, store, sb, 2))
-            finished = run.finished_within(PATIENCE_S)
-    finally:
-        holder.rollback()
-        holder.close()
-    assert run.finished_within(PATIENCE_S)
-    assert finished, "the run waited for the other session's lock"
+    with caplog.at_level(logging.WARNING, logger="airflow_provider_stopchurn.warehouse.engine"):
+        run = _while_another_session_reads(engine, stale, lambda: _run(engine, store, sb, 2))
     assert run.error is None, run.error
     assert_sandbox_matches(sb, moved)
     assert any(
@@ -334,16 +342,8 @@ def test_an_interrupted_baselines_scratch_table_another_session_locks_fails_the_
     store.break_lock()
     assert store.pending_plan(cleanup=False) is not None
     (left,) = _next_tables(engine)
-    holder = engine.handle.connect(autocommit=False)
-    try:
-        holder.execute(f'SELECT * FROM "{SCHEMA}"."{left}"')  # its lock is held until the transaction ends
-        run = _Background(lambda: _run(engine, store, sb, 3, on_schema_change="rebaseline"))
-        finished = run.finished_within(PATIENCE_S)
-    finally:
-        holder.rollback()
-        holder.close()
-    assert run.finished_within(PATIENCE_S)
-    assert finished, "the run waited for the other session's lock"
+    rebaseline = lambda: _run(engine, store, sb, 3, on_schema_change="rebaseline")  # noqa: E731
+    run = _while_another_session_reads(engine, f'"{SCHEMA}"."{left}"', rebaseline)
     assert run.error is not None and left in str(run.error) and "lock" in str(run.error)
     assert store.pending_plan(cleanup=False) is not None  # kept: the next run drops the table, then goes on
     store.break_lock()
