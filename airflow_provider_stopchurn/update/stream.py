@@ -199,7 +199,7 @@ class _Spool:
             copied, for frames that outlive the spool.
         """
         for path, have in self.files:
-            frame = _mapped(path) if mapped else _in_memory(path)
+            frame = _read_spool(path, mapped=mapped)
             # ``have`` names the batch's columns, ``kinds`` also the ``id`` derived after the last batch
             if any(kinds[name] != kind for name, kind in have.items()):  # a later batch changed a kind: hashed again
                 frame = retyped(frame.drop(HASH_1, HASH_2), have, kinds)
@@ -213,27 +213,20 @@ class _Spool:
             yield frame
 
 
-def _mapped(path: Path) -> pl.DataFrame:
-    """A spool file as a frame, its columns read in place from the mapped file (no copy: the pages are the page
-    cache's, and leave memory with the frame). A file system that cannot map files (some FUSE mounts) has it read."""
-    try:
-        mapped = pa.memory_map(str(path))
-    except OSError:
-        if not path.is_file():
-            raise
-        return _in_memory(path)
-    with mapped as source:
-        table = pa.ipc.open_file(source).read_all()
-    frame = pl.from_arrow(table, rechunk=False)
-    assert isinstance(frame, pl.DataFrame)
-    return frame
-
-
-def _in_memory(path: Path) -> pl.DataFrame:
-    """A spool file as a frame of its own memory: a mapped file's pages would stay on the disk, its name removed,
-    for as long as any of its columns lives."""
-    with pa.OSFile(str(path)) as source:
-        table = pa.ipc.open_file(source).read_all()
+def _read_spool(path: Path, *, mapped: bool = True) -> pl.DataFrame:
+    """A spool file as a frame. ``mapped``: its columns read in place from the mapped file (no copy: the pages are
+    the page cache's, and leave memory with the frame); a file system that cannot map files (some FUSE mounts) has
+    it read. Else a frame of its own memory: a mapped file's pages would stay on the disk, its name removed, for as
+    long as any of its columns lives."""
+    source: Any = None
+    if mapped:
+        try:
+            source = pa.memory_map(str(path))
+        except OSError:
+            if not path.is_file():
+                raise
+    with source if source is not None else pa.OSFile(str(path)) as opened:
+        table = pa.ipc.open_file(opened).read_all()
     frame = pl.from_arrow(table, rechunk=False)
     assert isinstance(frame, pl.DataFrame)
     return frame
@@ -286,10 +279,8 @@ def _in_pieces(data: Any) -> Any:
     A table stays a table and a reader a reader (an empty one keeps its schema); an iterable's items are cut as
     they come. Row numbers in errors are unchanged: they count the rows before each slice.
     """
-    if isinstance(data, pa.RecordBatch):
-        data = pa.Table.from_batches([data])
-    if isinstance(data, pa.Table):
-        return pa.Table.from_batches(data.to_batches(max_chunksize=SPOOL_ROWS), schema=data.schema)
+    if isinstance(data, pa.RecordBatch | pa.Table):
+        return _cut_table(data)
     if isinstance(data, pa.RecordBatchReader):
         return pa.RecordBatchReader.from_batches(data.schema, _cut(data))
     if isinstance(data, list | tuple):
@@ -299,18 +290,19 @@ def _in_pieces(data: Any) -> Any:
 
 def _cut(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     for batch in batches:
-        if batch.num_rows <= SPOOL_ROWS:
-            yield batch
-        else:
-            yield from (batch.slice(start, SPOOL_ROWS) for start in range(0, batch.num_rows, SPOOL_ROWS))
+        yield from _cut_table(batch).to_batches() if batch.num_rows > SPOOL_ROWS else [batch]
+
+
+def _cut_table(data: pa.RecordBatch | pa.Table) -> pa.Table:
+    """``data`` as a table of slices of at most :data:`SPOOL_ROWS` rows."""
+    table = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+    return pa.Table.from_batches(table.to_batches(max_chunksize=SPOOL_ROWS), schema=table.schema)
 
 
 def _cut_one(item: Any) -> Any:
     """An item of a source's iterable, cut: a long batch becomes a table of slices (the reader takes tables too)."""
-    if isinstance(item, pa.RecordBatch) and item.num_rows > SPOOL_ROWS:
-        return pa.Table.from_batches(list(_cut([item])), schema=item.schema)
-    if isinstance(item, pa.Table):
-        return pa.Table.from_batches(item.to_batches(max_chunksize=SPOOL_ROWS), schema=item.schema)
+    if isinstance(item, pa.Table) or (isinstance(item, pa.RecordBatch) and item.num_rows > SPOOL_ROWS):
+        return _cut_table(item)
     return item
 
 

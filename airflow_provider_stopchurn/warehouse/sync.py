@@ -69,10 +69,6 @@ from airflow_provider_stopchurn.warehouse.state import _past_half_swaps, _zoned,
 
 # the logger name the warehouse sync has always logged under: users and tests filter on it
 log = logging.getLogger("airflow_provider_stopchurn.warehouse.engine")
-#: ADBC PostgreSQL names each column's database type in its field metadata.
-_PG_TYPE = b"POSTGRESQL:type"
-#: PostgreSQL's most columns in a table (a query may select more)
-_PG_MAX_COLUMNS = 1600
 
 __all__ = ["run_warehouse_sync"]
 
@@ -157,7 +153,7 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
     schema = _source_schema(warehouse, state, run.query, options)
     # the narrow diff's scratch table, named by this run: a killed try's is never read, and is dropped by the
     # next run (prepare_state)
-    narrow = meta is not None and warehouse.transactions and warehouse.dialect in S.NARROW and _may_create(run, schema)
+    narrow = meta is not None and warehouse.transactions and warehouse.dialect in S.NARROW and _may_create(run)
     scratch = state.scratch(uuid.uuid4().hex[:12]) if narrow else None  # 12 hex digits: drop_scratch matches them
     # else the narrow diff checks the keys in its own pass (plan._decide), where a key's text is as unique as it is
     if scratch is None or not _keys_unique_as_text(schema, options.key_columns):
@@ -204,26 +200,14 @@ def _plan_and_deliver(run: _Run, sender: Sender) -> None:
     _deliver_and_settle(run, sender, plan, frame)
 
 
-def _may_create(run: _Run, schema: pa.Schema) -> bool:
+def _may_create(run: _Run) -> bool:
     """Whether the run may make its scratch table in the state schema (a role that may only read and write the
-    state table diffs in two queries, as every run did before the scratch table). On PostgreSQL the scratch table
-    keeps the source's columns (sql.ONE_PASS): a table with a column of a type the role has no USAGE on (a role
-    may read such a column) cannot be made, nor one of more columns than a table may have (its own besides the
-    source's: the key texts, op, flag, count and hash), so such a source diffs in two queries too."""
+    state table diffs in two queries, as every run did before the scratch table). A source the scratch table cannot
+    hold (a column type the role has no USAGE on, too many columns, rows wider than a page) is found when the table
+    is made, and diffs in two queries too (``plan._decide``)."""
     if run.warehouse.dialect != "postgres":  # DuckDB: no privileges (a read-only file never gets this far)
         return True
-    if len(schema) + len(run.options.key_columns) + 4 > _PG_MAX_COLUMNS:
-        return False
     sql = f"SELECT has_schema_privilege({S.lit(run.state.schema)}, 'CREATE')"
-    # the type names ADBC gives the columns (a domain's is its base type's, which is all the table keeps); every
-    # type of such a name is checked, in whichever schema: at worst a run diffs in two queries for nothing
-    names = sorted({(f.metadata or {}).get(_PG_TYPE, b"").decode() for f in schema} - {""})
-    if names:
-        listed = ", ".join(S.lit(n) for n in names)
-        sql += (
-            " AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type AS y "
-            f"WHERE y.typname IN ({listed}) AND NOT has_type_privilege(y.oid, 'USAGE'))"
-        )
     return bool(run.warehouse.rows(sql)[0][0])
 
 
