@@ -354,3 +354,36 @@ def test_an_interrupted_baselines_scratch_table_another_session_locks_fails_the_
     assert len(sb.received()) == requests  # a baseline sends nothing
     again = _run(engine, store, sb, 5)
     assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
+
+
+def test_an_interrupted_baselines_scratch_table_locked_then_freed_lets_the_next_run_sync_without_help(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """The run the other session's lock failed leaves no LOCK and its plan; the run after the session ended drops
+    the table and syncs, with nobody breaking a lock by hand between them."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    frame = frame.assign(tier="gold")
+    engine.load(frame)
+    with pytest.raises(_Killed):
+        run_warehouse_sync(
+            WarehouseSource("SELECT * FROM src", _KilledAtTheSwap(engine.uri())),
+            store,
+            make_client(sb),
+            options(on_schema_change="rebaseline"),
+            run_ms=T0 + 2,
+        )
+    store.break_lock()  # the killed worker's lease (its process is this test's, so it would look alive)
+    (left,) = _next_tables(engine)
+    rebaseline = lambda: _run(engine, store, sb, 3, on_schema_change="rebaseline")  # noqa: E731
+    run = _while_another_session_reads(engine, f'"{SCHEMA}"."{left}"', rebaseline)
+    assert run.error is not None
+    assert store.read_lock() is None, "the failed run released its lock"
+    assert store.pending_plan(cleanup=False) is not None
+    assert _run(engine, store, sb, 4, on_schema_change="rebaseline").baseline
+    assert _next_tables(engine) == [] and store.pending_plan(cleanup=False) is None
+    again = _run(engine, store, sb, 5)
+    assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
