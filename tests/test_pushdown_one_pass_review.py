@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_sync import BRAND, T0, TABLE, make_client, options
+from helpers_sync import BRAND, T0, TABLE, make_client, options, update_requests
 from pushdown_engines import Engine, engine_fixture
 from test_pushdown_one_pass import assert_scratch_rows_read_as_the_one_query_rows
 
@@ -268,3 +268,44 @@ def test_the_changed_rows_look_up_of_a_state_table_without_its_key_index_reads_i
         warehouse.close()
     read = _rows_read(json.loads(plan) if isinstance(plan, str) else plan, name)
     assert 0 < read <= 3 * 2000, read
+
+
+@pytest.mark.postgres
+def test_a_source_the_role_may_not_read_is_reported_as_such_not_as_a_scratch_table_it_cannot_hold(
+    stopchurn_sandbox_factory: Any, request: pytest.FixtureRequest, tmp_path: Path, caplog: Any
+) -> None:
+    """A 42501 from the source itself (SELECT revoked) is not a scratch table that cannot hold the rows: the run
+    fails with nothing sent and says nothing of a fallback, and once SELECT is granted again the next run syncs."""
+    import logging
+
+    from airflow_provider_stopchurn.source.sql import postgres_uri
+    from airflow_provider_stopchurn.warehouse.databases import PostgresWarehouse
+
+    engine = next(engine_fixture("postgres", request, tmp_path))
+    engine.execute(
+        "CREATE TABLE feelings (id BIGINT, note TEXT); "
+        "INSERT INTO feelings SELECT i, 'n' || i FROM generate_series(1, 30) AS i; "
+        "DROP ROLE IF EXISTS sc_reader; CREATE ROLE sc_reader LOGIN; "
+        "CREATE SCHEMA IF NOT EXISTS stopchurn_state; GRANT USAGE, CREATE ON SCHEMA stopchurn_state TO sc_reader; "
+        "GRANT SELECT ON feelings TO sc_reader; "
+        "DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO sc_reader', current_database()); END $$"
+    )
+    server = engine.handle
+    uri = postgres_uri(host=server.host, port=server.port, login="sc_reader", password=None, database=server.dbname)
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+
+    def run(tick: int) -> Any:
+        source = WarehouseSource("SELECT * FROM feelings", PostgresWarehouse(uri))
+        return run_warehouse_sync(source, store, make_client(sb), options(chunk_size=4), run_ms=T0 + tick)
+
+    assert run(1).inserted == 30
+    engine.execute("UPDATE feelings SET note = note || '!' WHERE id % 4 = 0; REVOKE SELECT ON feelings FROM sc_reader")
+    sent = update_requests(sb)
+    with caplog.at_level(logging.WARNING), pytest.raises(Exception) as raised:
+        run(2)
+    assert "feelings" in str(raised.value)
+    assert update_requests(sb) == sent
+    assert "cannot hold this source" not in caplog.text, "a source the role may not read is no scratch table issue"
+    engine.execute("GRANT SELECT ON feelings TO sc_reader")
+    assert run(3).updated == 7

@@ -19,6 +19,7 @@ from pushdown_engines import Engine, engine_fixture
 from test_pushdown import churn, table
 from test_pushdown_narrow import SCHEMA, _drop_indexes, _scratch_tables, _state
 
+from airflow_provider_stopchurn.exceptions import SnapshotLockedError
 from airflow_provider_stopchurn.store import SnapshotStore
 from airflow_provider_stopchurn.warehouse import PostgresWarehouse, WarehouseSource, run_warehouse_sync
 from airflow_provider_stopchurn.warehouse import sql as S
@@ -354,3 +355,69 @@ def test_an_interrupted_baselines_scratch_table_another_session_locks_fails_the_
     assert len(sb.received()) == requests  # a baseline sends nothing
     again = _run(engine, store, sb, 5)
     assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
+
+
+def test_an_interrupted_baselines_scratch_table_locked_then_freed_lets_the_next_run_sync_without_help(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """The run the other session's lock failed leaves no LOCK and its plan; the run after the session ended drops
+    the table and syncs, with nobody breaking a lock by hand between them."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    frame = frame.assign(tier="gold")
+    engine.load(frame)
+    with pytest.raises(_Killed):
+        run_warehouse_sync(
+            WarehouseSource("SELECT * FROM src", _KilledAtTheSwap(engine.uri())),
+            store,
+            make_client(sb),
+            options(on_schema_change="rebaseline"),
+            run_ms=T0 + 2,
+        )
+    store.break_lock()  # the killed worker's lease (its process is this test's, so it would look alive)
+    (left,) = _next_tables(engine)
+    rebaseline = lambda: _run(engine, store, sb, 3, on_schema_change="rebaseline")  # noqa: E731
+    run = _while_another_session_reads(engine, f'"{SCHEMA}"."{left}"', rebaseline)
+    assert run.error is not None
+    assert store.read_lock() is None, "the failed run released its lock"
+    assert store.pending_plan(cleanup=False) is not None
+    assert _run(engine, store, sb, 4, on_schema_change="rebaseline").baseline
+    assert _next_tables(engine) == [] and store.pending_plan(cleanup=False) is None
+    again = _run(engine, store, sb, 5)
+    assert (again.inserted, again.updated, again.deleted) == (0, 0, 0)
+
+
+def test_an_interrupted_baselines_scratch_table_that_cannot_be_dropped_for_another_cause_is_not_called_locked(
+    engine: Engine, stopchurn_sandbox_factory: Any, tmp_path: Path
+) -> None:
+    """The leftover scratch table of an interrupted baseline that a view depends on: its DROP fails at once, not
+    for a lock. The run says why (not "another session may hold a lock", a retryable error the user would wait
+    on); once the view is gone the next run drops the table and syncs."""
+    sb = stopchurn_sandbox_factory(record=True)
+    store = SnapshotStore(tmp_path / "s", BRAND, TABLE)
+    frame = table(30)
+    engine.load(frame)
+    _run(engine, store, sb, 1)
+    engine.load(frame.assign(tier="gold"))
+    with pytest.raises(_Killed):
+        run_warehouse_sync(
+            WarehouseSource("SELECT * FROM src", _KilledAtTheSwap(engine.uri())),
+            store,
+            make_client(sb),
+            options(on_schema_change="rebaseline"),
+            run_ms=T0 + 2,
+        )
+    store.break_lock()
+    (left,) = _next_tables(engine)
+    engine.execute(f'CREATE VIEW public.peek AS SELECT * FROM "{SCHEMA}"."{left}"')
+    with pytest.raises(Exception) as raised:
+        _run(engine, store, sb, 3, on_schema_change="rebaseline")
+    assert not isinstance(raised.value, SnapshotLockedError), str(raised.value)
+    assert "peek" in str(raised.value) or "depend" in str(raised.value)
+    assert store.pending_plan(cleanup=False) is not None
+    engine.execute("DROP VIEW public.peek")
+    assert _run(engine, store, sb, 4, on_schema_change="rebaseline").baseline
+    assert _next_tables(engine) == [] and store.pending_plan(cleanup=False) is None

@@ -920,3 +920,30 @@ def test_read_rows_at_decodes_only_the_row_groups_holding_the_positions_and_join
     assert join.call_count == 0
     assert rows.equals(frame[[5, 7, 300_000]])
     assert len(slices) == 2 and slices[0] == 0, "only the first and the last row group hold a position"
+
+
+@pytest.mark.parametrize("root", ["pathlib", "memory"], indirect=True)
+def test_a_commit_by_a_run_whose_lock_was_taken_over_sweeps_nothing_of_the_new_holders(root: Any) -> None:
+    """A run whose lock was broken and taken by a run on a host whose clock is an hour behind (its target's version
+    time is older than the first run's lock): the first run's commit is refused, and the new holder's target and
+    plan stay for it to deliver and commit."""
+    store = SnapshotStore(root, BRAND, TABLE)
+    frame = pl.DataFrame({"id": [1, 2]})
+    first = store.table_lock("first")
+    first.acquire()
+    time.sleep(0.01)
+    mine = store.write_snapshot(frame)
+    assert store.break_lock()  # broken by hand while the first run still works
+    with store.lock("second") as second:
+        behind = datetime.fromtimestamp(time.time() - 3600, UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-0badc10c"
+        store.backend.write_frame(f"snapshots/{behind}.parquet", frame)
+        store.write_plan(target_version=behind, base_version=None, changes=None, chunks=[(0, 2)], meta={})
+        with pytest.raises(SnapshotLockedError):
+            store.commit(
+                mine, base_version=None, kinds={"id": "int"}, key_columns=["id"], rows=2, plan_id=None, lock=first
+            )
+        assert f"{behind}.parquet" in store.backend.list_names("snapshots")
+        store.commit(
+            behind, base_version=None, kinds={"id": "int"}, key_columns=["id"], rows=2, plan_id=None, lock=second
+        )
+    assert store.read_committed() is not None and store.read_committed().version == behind  # type: ignore[union-attr]

@@ -48,6 +48,8 @@ __all__ = ["row_layout", "settle_state", "token_order"]
 
 _STAGING = "__stopchurn_staging"
 _STAGING_PART = "__stopchurn_staging_part"
+#: PostgreSQL's SQLSTATE of a statement that gave up waiting for a lock (``lock_timeout``)
+_LOCK_NOT_AVAILABLE = "55P03"
 
 
 _TOKEN = re.compile(r"(\d{8}T\d{6})(?:\.(\d{9}))?-[0-9a-f]+")
@@ -322,6 +324,8 @@ def _settle_baseline(run: _Run, plan: Plan, commit: _Commit, record: Any, result
         try:
             run.warehouse.execute(run.state.drop_scratch_table(table))
         except Exception as err:
+            if getattr(err, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise  # not a lock (a view depending on it, a privilege): its own error, and the plan stays
             raise SnapshotLockedError(
                 f"Could not drop {table}, the scratch table of a baseline a crash interrupted: {_first_line(err)}\n"
                 f"Another session may hold a lock on it (the run waited at most {S.LOCK_WAIT}). Nothing was sent; "
